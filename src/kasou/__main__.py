@@ -1,0 +1,3 @@
+from kasou.cli.main import main
+
+main()

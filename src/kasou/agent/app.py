@@ -1,0 +1,156 @@
+"""The host agent's HTTP API (FastAPI). Only the control plane calls it.
+
+Routes are under ``/agent/v1``. On a single host it listens on a unix socket
+that only root can open; that socket's permissions are its authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import PlainTextResponse
+
+from kasou import __version__
+from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
+from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
+from kasou.errors import NotFound
+from kasou.hypervisor.base import Driver, LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.wire import install_error_handlers
+
+
+class Agent:
+    """The agent's state: the driver, the local disks and how this host is named."""
+
+    def __init__(
+        self,
+        host: str,
+        driver: Driver,
+        disks: LocalDisks,
+        accelerator: str,
+        accelerator_reason: str,
+        qemu_version: str,
+        images: Callable[[], list[str]],
+    ) -> None:
+        self.host = host
+        self.driver = driver
+        self.disks = disks
+        self.accelerator = accelerator
+        self.accelerator_reason = accelerator_reason
+        self.qemu_version = qemu_version
+        self.images = images
+
+    async def host_info(self) -> HostInfo:
+        total, avail = memory_mib()
+        running = [
+            v for v in await self.driver.list() if v.state not in (RuntimeState.EXITED, RuntimeState.CRASHED)
+        ]
+        return HostInfo(
+            name=self.host,
+            cpus=cpu_count(),
+            memory_total_mib=total,
+            memory_available_mib=avail,
+            load_1m=round(load_1m(), 2),
+            accelerator=self.accelerator,
+            accelerator_reason=self.accelerator_reason,
+            qemu_version=self.qemu_version,
+            agent_version=__version__,
+            vms_running=len(running),
+        )
+
+
+def create_agent_app(agent: Agent) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await agent.driver.attach_all()
+        try:
+            yield
+        finally:
+            # The VMs keep running: the agent only stops watching them.
+            await agent.driver.close()
+
+    app = FastAPI(title="kasou host agent", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    d = agent.driver
+
+    @app.get("/agent/v1/host")
+    async def host() -> HostInfo:
+        return await agent.host_info()
+
+    @app.get("/agent/v1/images")
+    async def images() -> list[str]:
+        return agent.images()
+
+    @app.get("/agent/v1/vms")
+    async def list_vms() -> list[RuntimeInfo]:
+        return await d.list()
+
+    @app.get("/agent/v1/vms/{name}")
+    async def get_vm(name: str) -> RuntimeInfo:
+        info = await d.info(name)
+        if info is None:
+            raise NotFound(f"VM {name!r} is unknown on host {agent.host}")
+        return info
+
+    @app.post("/agent/v1/vms/{name}/start")
+    async def start(name: str, spec: LaunchSpec) -> RuntimeInfo:
+        if spec.name != name:
+            raise NotFound(f"spec is for {spec.name!r}, not {name!r}")
+        return await d.start(spec)
+
+    async def _act(name: str, op: Callable[[str], Any]) -> RuntimeInfo:
+        await op(name)
+        info = await d.info(name)
+        assert info is not None
+        return info
+
+    @app.post("/agent/v1/vms/{name}/powerdown")
+    async def powerdown(name: str) -> RuntimeInfo:
+        return await _act(name, d.powerdown)
+
+    @app.post("/agent/v1/vms/{name}/stop")
+    async def stop(name: str) -> RuntimeInfo:
+        return await _act(name, d.stop)
+
+    @app.post("/agent/v1/vms/{name}/reset")
+    async def reset(name: str) -> RuntimeInfo:
+        return await _act(name, d.reset)
+
+    @app.post("/agent/v1/vms/{name}/pause")
+    async def pause(name: str) -> RuntimeInfo:
+        return await _act(name, d.pause)
+
+    @app.post("/agent/v1/vms/{name}/resume")
+    async def resume(name: str) -> RuntimeInfo:
+        return await _act(name, d.resume)
+
+    @app.delete("/agent/v1/vms/{name}")
+    async def forget(name: str) -> dict[str, bool]:
+        await d.forget(name)
+        return {"ok": True}
+
+    @app.get("/agent/v1/vms/{name}/console", response_class=PlainTextResponse)
+    async def console(name: str, max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024)) -> str:
+        return await d.console_log(name, max_bytes)
+
+    @app.post("/agent/v1/disks")
+    async def create_disk(req: DiskCreate) -> DiskInfo:
+        return await agent.disks.create(req)
+
+    @app.get("/agent/v1/disks/info")
+    async def disk_info(path: str) -> DiskInfo:
+        return await agent.disks.info(path)
+
+    @app.post("/agent/v1/disks/delete")
+    async def delete_disk(body: dict[str, str]) -> dict[str, bool]:
+        return {"existed": await agent.disks.delete(body.get("path", ""))}
+
+    @app.get("/agent/v1/ping")
+    async def ping() -> dict[str, str]:
+        await asyncio.sleep(0)
+        return {"host": agent.host}
+
+    return app

@@ -1,0 +1,93 @@
+"""The control plane's client of a host agent (async httpx, bounded calls)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from kasou.agent.hostinfo import HostInfo
+from kasou.agent.storage import DiskCreate, DiskInfo
+from kasou.errors import AgentUnavailable, OperationTimeout
+from kasou.hypervisor.base import LaunchSpec, RuntimeInfo
+from kasou.wire import raise_for_response
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class AgentClient:
+    """Talks to the agent of one host, over a unix socket or TCP."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        uds: str | None = None,
+        base_url: str = "http://agent",
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.host = host
+        if transport is None and uds is not None:
+            transport = httpx.AsyncHTTPTransport(uds=uds)
+        self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=DEFAULT_TIMEOUT)
+
+    async def _call(
+        self, method: str, path: str, timeout: float = DEFAULT_TIMEOUT, **kw: Any
+    ) -> httpx.Response:
+        try:
+            resp = await self._http.request(method, "/agent/v1" + path, timeout=timeout, **kw)
+        except httpx.TimeoutException:
+            raise OperationTimeout(
+                f"the agent of host {self.host} gave no answer in {timeout:.0f} s"
+            ) from None
+        except httpx.TransportError as e:
+            raise AgentUnavailable(f"the agent of host {self.host} is not reachable: {e}") from None
+        raise_for_response(resp)
+        return resp
+
+    async def host_info(self) -> HostInfo:
+        return HostInfo.model_validate((await self._call("GET", "/host")).json())
+
+    async def images(self) -> list[str]:
+        return list((await self._call("GET", "/images")).json())
+
+    async def list(self) -> list[RuntimeInfo]:
+        return [RuntimeInfo.model_validate(x) for x in (await self._call("GET", "/vms")).json()]
+
+    async def info(self, name: str) -> RuntimeInfo:
+        return RuntimeInfo.model_validate((await self._call("GET", f"/vms/{name}")).json())
+
+    async def start(self, spec: LaunchSpec) -> RuntimeInfo:
+        resp = await self._call("POST", f"/vms/{spec.name}/start", timeout=90, json=spec.model_dump())
+        return RuntimeInfo.model_validate(resp.json())
+
+    async def action(self, name: str, action: str) -> RuntimeInfo:
+        """One of powerdown, stop, reset, pause, resume."""
+        resp = await self._call("POST", f"/vms/{name}/{action}", timeout=60)
+        return RuntimeInfo.model_validate(resp.json())
+
+    async def forget(self, name: str) -> None:
+        await self._call("DELETE", f"/vms/{name}")
+
+    async def console(self, name: str, max_bytes: int = 65536) -> str:
+        return (await self._call("GET", f"/vms/{name}/console", params={"max_bytes": max_bytes})).text
+
+    async def create_disk(self, req: DiskCreate) -> DiskInfo:
+        resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())
+        return DiskInfo.model_validate(resp.json())
+
+    async def disk_info(self, path: str) -> DiskInfo:
+        return DiskInfo.model_validate((await self._call("GET", "/disks/info", params={"path": path})).json())
+
+    async def delete_disk(self, path: str) -> bool:
+        return bool((await self._call("POST", "/disks/delete", json={"path": path})).json()["existed"])
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        try:
+            await self._call("GET", "/ping", timeout=timeout)
+            return True
+        except (AgentUnavailable, OperationTimeout):
+            return False
+
+    async def close(self) -> None:
+        await self._http.aclose()

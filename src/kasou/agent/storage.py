@@ -1,0 +1,164 @@
+"""Local disk images of one host, made and removed with ``qemu-img``.
+
+Disks are thin qcow2 files under the host's disk directory: a full (thin) copy
+of an image, an overlay on a template's disk (a linked clone) or a blank disk.
+A failed creation leaves no file behind. Paths outside the disk directory are
+never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
+from kasou.model.spec import format_size
+
+QEMU_IMG_TIMEOUT = 600.0  # a full copy of a large image can take minutes
+
+
+class DiskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    disk_id: str
+    size_bytes: int | None = None
+    source: Literal["blank", "image", "overlay"] = "blank"
+    image: str | None = None  # for source=image
+    backing: str | None = None  # for source=overlay: a disk path on this host
+
+
+class DiskInfo(BaseModel):
+    path: str
+    format: str
+    size_bytes: int
+    allocated_bytes: int
+    backing: str | None = None
+
+
+async def _run(*argv: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise OperationTimeout(f"{argv[0]} {argv[1]} did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+        msg = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise KasouError(msg.removeprefix("qemu-img: "))
+    return out.decode()
+
+
+class LocalDisks:
+    def __init__(self, disks_dir: Path, images_dir: Path) -> None:
+        self.disks_dir = disks_dir
+        self.images_dir = images_dir
+
+    def _inside(self, path: str | Path) -> Path:
+        p = Path(path).resolve()
+        root = self.disks_dir.resolve()
+        if root not in p.parents:
+            raise InvalidSpec(f"{path} is not a disk of this host")
+        return p
+
+    async def create(self, req: DiskCreate) -> DiskInfo:
+        vm_dir = self.disks_dir / req.vm
+        path = vm_dir / f"{req.disk_id}.qcow2"
+        if path.exists():
+            raise AlreadyExists(f"disk {path} already exists")
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if req.source == "image":
+                await self._from_image(req, path)
+            elif req.source == "overlay":
+                if req.backing is None:
+                    raise InvalidSpec("an overlay disk needs a backing disk")
+                backing = self._inside(req.backing)
+                if not backing.exists():
+                    raise NotFound(f"the template disk {backing} is missing on this host")
+                size = [] if req.size_bytes is None else [str(req.size_bytes)]
+                await _run(
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    str(backing),
+                    str(path),
+                    *size,
+                )
+            else:
+                if req.size_bytes is None:
+                    raise InvalidSpec("a blank disk needs a size")
+                await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(req.size_bytes))
+            return await self.info(path)
+        except BaseException as e:
+            path.unlink(missing_ok=True)
+            _rmdir_if_empty(vm_dir)
+            if isinstance(e, KasouError) and type(e) is KasouError:
+                raise ImageError(f"cannot create disk {req.disk_id} of VM {req.vm!r}: {e.message}") from None
+            raise
+
+    async def _from_image(self, req: DiskCreate, path: Path) -> None:
+        from kasou.image import load_image
+
+        if req.image is None:
+            raise InvalidSpec("an image disk needs an image name")
+        art = load_image(self.images_dir, req.image)
+        if req.size_bytes is not None and req.size_bytes < art.disk_size_bytes:
+            raise InvalidSpec(
+                f"disk size {format_size(req.size_bytes)} is smaller than image {req.image!r} "
+                f"({format_size(art.disk_size_bytes)})",
+                field="disk",
+            )
+        # A thin copy: convert skips zero clusters, so a 64 MiB image costs what it holds.
+        await _run(
+            "qemu-img", "convert", "-q", "-f", art.disk_format, "-O", "qcow2", str(art.disk), str(path)
+        )
+        if req.size_bytes is not None and req.size_bytes > art.disk_size_bytes:
+            await _run("qemu-img", "resize", "-q", "-f", "qcow2", str(path), str(req.size_bytes))
+
+    async def info(self, path: str | Path) -> DiskInfo:
+        p = self._inside(path)
+        if not p.exists():
+            raise NotFound(f"disk {p} does not exist")
+        data: dict[str, Any] = json.loads(
+            await _run("qemu-img", "info", "--output=json", "-U", str(p), timeout=30)
+        )
+        return DiskInfo(
+            path=str(p),
+            format=str(data.get("format", "qcow2")),
+            size_bytes=int(data.get("virtual-size", 0)),
+            allocated_bytes=int(data.get("actual-size", 0)),
+            backing=data.get("full-backing-filename") or data.get("backing-filename"),
+        )
+
+    async def delete(self, path: str | Path) -> bool:
+        p = self._inside(path)
+        existed = p.exists()
+        p.unlink(missing_ok=True)
+        _rmdir_if_empty(p.parent)
+        return existed
+
+    async def delete_vm(self, vm: str) -> None:
+        d = self.disks_dir / vm
+        if d.resolve().parent == self.disks_dir.resolve():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _rmdir_if_empty(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        d.rmdir()

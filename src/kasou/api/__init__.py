@@ -1,0 +1,1 @@
+"""The REST API: FastAPI over the control plane. The CLI and the web UI are its clients."""

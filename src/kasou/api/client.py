@@ -1,0 +1,72 @@
+"""The API's Python client (sync httpx), used by the CLI and by scripts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from kasou.errors import AgentUnavailable, KasouError, OperationTimeout
+from kasou.wire import raise_for_response
+
+
+class Client:
+    def __init__(self, base_url: str, token: str, *, http: httpx.Client | None = None, timeout: float = 30.0):
+        self.base_url = base_url
+        self._http = http or httpx.Client(base_url=base_url, timeout=timeout)
+        self._http.headers["Authorization"] = f"Bearer {token}"
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TimeoutException:
+            raise OperationTimeout(f"the kasou API at {self.base_url} did not answer in time") from None
+        except httpx.TransportError:
+            raise AgentUnavailable(
+                f"the kasou API at {self.base_url} is not reachable; is kasou up?"
+            ) from None
+        raise_for_response(resp)
+        return resp
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self._call("GET", path, **kw).json()
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self._call("POST", path, **kw).json()
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self._call("DELETE", path, **kw).json()
+
+    def text(self, path: str, **kw: Any) -> str:
+        return self._call("GET", path, **kw).text
+
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float = 600.0,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = 0.1,
+    ) -> dict[str, Any]:
+        """Follow a job to its end; raise its error if it failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(f"/v1/jobs/{job_id}")
+            if on_progress is not None:
+                on_progress(job)
+            if job["state"] == "succeeded":
+                return dict(job)
+            if job["state"] == "failed":
+                from kasou.errors import from_dict
+
+                raise from_dict(job.get("error") or {"message": f"job {job_id} failed"})
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"job {job_id} ({job['kind']}) did not finish within {timeout:.0f} s")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+__all__ = ["Client", "KasouError"]

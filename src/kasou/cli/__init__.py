@@ -1,0 +1,1 @@
+"""The ``kasou`` command line."""

@@ -1,0 +1,523 @@
+"""The ``kasou`` command line. VM commands are clients of the REST API.
+
+Errors print one line (``error: ...``) on stderr and exit with status 1.
+Long operations show a progress bar on a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kasou import __version__, services
+from kasou.api.auth import read_token
+from kasou.api.client import Client
+from kasou.config import Paths, api_url
+from kasou.errors import InvalidSpec, KasouError
+from kasou.model.spec import format_size
+
+app = typer.Typer(
+    name="kasou",
+    help="kasou (仮想): virtualization for hospital information systems.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
+host_app = typer.Typer(help="Virtual hosts.", no_args_is_help=True)
+image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
+job_app = typer.Typer(help="Jobs (long operations).", no_args_is_help=True)
+api_app = typer.Typer(help="The REST API.", no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+app.add_typer(host_app, name="host")
+app.add_typer(image_app, name="image")
+app.add_typer(job_app, name="job")
+app.add_typer(api_app, name="api")
+
+out = Console()
+err = Console(stderr=True)
+
+# Tests may swap the client factory (to talk to an in-process app).
+client_factory: Callable[[], Client] | None = None
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def client() -> Client:
+    if client_factory is not None:
+        return client_factory()
+    paths = Paths.from_env()
+    return Client(api_url(), read_token(paths.token_file))
+
+
+def print_json(data: Any) -> None:
+    # Plain print: machine output must not be wrapped or coloured.
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def progress_bar(title: str) -> Iterator[Callable[[float, str], None]]:
+    """A progress bar on a terminal; nothing when the output is piped."""
+    if not out.is_terminal:
+        yield lambda _f, _s: None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
+        console=out, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(title, total=1.0, step="")
+
+        def update(fraction: float, step: str) -> None:
+            bar.update(task, completed=fraction, step=step)
+
+        yield update
+
+
+def follow(c: Client, job: dict[str, Any], title: str, timeout: float = 900) -> dict[str, Any]:
+    with progress_bar(title) as update:
+        return c.wait_job(job["id"], timeout, lambda j: update(j.get("progress", 0.0), j.get("step", "")))
+
+
+def parse_int(value: str, what: str) -> int:
+    try:
+        return int(value.strip())
+    except (ValueError, AttributeError):
+        raise InvalidSpec(f"{what} must be a whole number, not {value!r}", field=what) from None
+
+
+# -- services -------------------------------------------------------------------------
+
+
+@app.command()
+def up() -> None:
+    """Start the single-host services (host agent, API) in the background."""
+    result = services.up(Paths.from_env())
+    for svc, what in result.items():
+        out.print(f"{svc}: {what}", markup=False, highlight=False)
+
+
+@app.command()
+def down(
+    vms: bool = typer.Option(False, "--vms", help="Shut the running VMs down too (gracefully)."),
+) -> None:
+    """Stop the single-host services. Running VMs keep running unless --vms is given."""
+    paths = Paths.from_env()
+    if vms and services.service_pid(paths, "api") is not None:
+        c = client()
+        jobs = []
+        for vm in c.get("/v1/vms"):
+            if vm["state"] in ("running", "paused"):
+                action = "shutdown" if vm["state"] == "running" else "stop"
+                jobs.append((vm["name"], c.post(f"/v1/vms/{vm['name']}/actions/{action}")["job"]))
+        for name, job in jobs:
+            c.wait_job(job["id"], 180)
+            out.print(f"vm {name}: stopped", markup=False, highlight=False)
+    for svc, what in services.down(paths).items():
+        out.print(f"{svc}: {what}", markup=False, highlight=False)
+
+
+@app.command()
+def status() -> None:
+    """Show whether the single-host services run."""
+    for svc, pid in services.status(Paths.from_env()).items():
+        out.print(f"{svc}: " + (f"running (pid {pid})" if pid else "not running"), markup=False)
+
+
+@app.command(hidden=True)
+def agent(
+    listen: str = typer.Option(None, help="unix:PATH or HOST:PORT (default: the home's socket)"),
+) -> None:
+    """Run this host's agent in the foreground."""
+    from kasou.api.server import run_agent
+
+    run_agent(Paths.from_env(), listen)
+
+
+@app.command(hidden=True)
+def serve(address: str = typer.Option(None, help="HOST:PORT for the API (default: KASOU_API)")) -> None:
+    """Run the control plane and REST API in the foreground."""
+    from kasou.api.server import run_api
+
+    run_api(Paths.from_env(), address)
+
+
+@app.command()
+def version() -> None:
+    """Print kasou's version."""
+    out.print(__version__)
+
+
+# -- host -----------------------------------------------------------------------------
+
+
+@host_app.command("check")
+def host_check(
+    as_json: bool = typer.Option(False, "--json"),
+    refresh: bool = typer.Option(
+        False, "--refresh", help="Probe KVM again instead of using this boot's answer."
+    ),
+) -> None:
+    """The accelerator this host will use and why, the QEMU version, CPUs and free memory."""
+    from kasou.agent.hostinfo import cpu_count, memory_mib
+    from kasou.hypervisor.qemu import accel
+
+    paths = Paths.from_env()
+    with progress_bar("probing the accelerator") as update:
+        update(0.1, "booting a probe guest under KVM")
+        d = asyncio.run(accel.decide(paths.images, refresh=refresh))
+    total, avail = memory_mib()
+    data = {
+        "accelerator": d.accelerator,
+        "reason": d.reason,
+        "kvm_device": d.kvm_device,
+        "kvm_probe_seconds": d.probe_seconds,
+        "qemu_version": d.qemu_version,
+        "cpus": cpu_count(),
+        "memory_total_mib": total,
+        "memory_free_mib": avail,
+    }
+    if as_json:
+        print_json(data)
+        return
+    for k, v in data.items():
+        out.print(f"{k:18} {v}", markup=False, highlight=False)
+
+
+@host_app.command("list")
+def host_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The hosts of this environment, with capacity and load."""
+    hosts = client().get("/v1/hosts")
+    if as_json:
+        print_json(hosts)
+        return
+    t = Table("name", "CPUs", "memory", "available", "load", "VMs", "accelerator")
+    for h in hosts:
+        t.add_row(
+            h["name"], str(h["cpus"]), f"{h['memory_total_mib']} MiB", f"{h['memory_available_mib']} MiB",
+            str(h["load_1m"]), str(h["vms_running"]), h["accelerator"],
+        )  # fmt: skip
+    out.print(t)
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(
+    name: str, force: bool = typer.Option(False, "--force", help="Rebuild even if cached.")
+) -> None:
+    """Build a guest image from Debian packages (cached after the first build)."""
+    from kasou.image import build_image
+
+    paths = Paths.from_env()
+    with progress_bar(f"building image {name}") as update:
+        art = build_image(paths.images, name, force=force, progress=lambda s, f: update(f, s))
+    out.print(f"image {art.name}: {art.root}", markup=False, highlight=False)
+
+
+@image_app.command("list")
+def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The images built on this host."""
+    from kasou.image import KNOWN_IMAGES, load_image
+
+    paths = Paths.from_env()
+    found = []
+    for n in KNOWN_IMAGES:
+        try:
+            found.append(load_image(paths.images, n).to_dict())
+        except KasouError:
+            continue
+    if as_json:
+        print_json(found)
+        return
+    for a in found:
+        out.print(f"{a['name']}  {a['root']}", markup=False, highlight=False)
+
+
+# -- VMs ------------------------------------------------------------------------------
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    image: str = typer.Option(None, "--image", help="Guest image to copy (e.g. tiny)."),
+    template: str = typer.Option(None, "--from", help="Template to make a linked clone of."),
+    vcpus: str = typer.Option("1", "--vcpus"),
+    memory: str = typer.Option("128", "--memory", help="Memory in MiB."),
+    disk: str = typer.Option(None, "--disk", help="Disk size, e.g. 1G (default: the image's size)."),
+    start: bool = typer.Option(False, "--start", help="Start it once created."),
+    description: str = typer.Option("", "--description"),
+    wait: bool = typer.Option(True, "--wait/--no-wait"),
+) -> None:
+    """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
+    body = {
+        "name": name,
+        "image": image,
+        "template": template,
+        "vcpus": parse_int(vcpus, "vcpus"),
+        "memory_mib": parse_int(memory, "memory"),
+        "disk": disk,
+        "start": start,
+        "description": description,
+    }
+    c = client()
+    res = c.post("/v1/vms", json=body)
+    if wait:
+        follow(c, res["job"], f"creating {name}")
+    what = "created and started" if start else "created"
+    out.print(f"vm {name}: {what} on {res['vm']['host']}", markup=False, highlight=False)
+
+
+def _action(name: str, action: str, wait: bool, timeout: float | None = None) -> None:
+    c = client()
+    params = {} if timeout is None else {"timeout": timeout}
+    res = c.post(f"/v1/vms/{name}/actions/{action}", params=params)
+    if not wait:
+        out.print(f"vm {name}: {action} job {res['job']['id']}", markup=False, highlight=False)
+        return
+    job = follow(c, res["job"], f"{action} {name}")
+    state = (job.get("result") or {}).get("state", "done")
+    out.print(f"vm {name}: {state}", markup=False, highlight=False)
+
+
+WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish.")
+
+
+@vm_app.command("start")
+def vm_start(name: str, wait: bool = WAIT) -> None:
+    """Start a VM."""
+    _action(name, "start", wait)
+
+
+@vm_app.command("shutdown")
+def vm_shutdown(
+    name: str,
+    timeout: float = typer.Option(None, "--timeout", help="Seconds to wait before a hard stop (default 60)."),
+    wait: bool = WAIT,
+) -> None:
+    """Shut a VM down gracefully (ACPI power button), then stop it hard after a timeout."""
+    _action(name, "shutdown", wait, timeout)
+
+
+@vm_app.command("stop")
+def vm_stop(name: str, wait: bool = WAIT) -> None:
+    """Stop a VM at once (like pulling the plug)."""
+    _action(name, "stop", wait)
+
+
+@vm_app.command("reboot")
+def vm_reboot(name: str, wait: bool = WAIT) -> None:
+    """Reset a VM (a hard reset of the virtual machine)."""
+    _action(name, "reboot", wait)
+
+
+@vm_app.command("pause")
+def vm_pause(name: str, wait: bool = WAIT) -> None:
+    """Pause a VM's vCPUs."""
+    _action(name, "pause", wait)
+
+
+@vm_app.command("resume")
+def vm_resume(name: str, wait: bool = WAIT) -> None:
+    """Resume a paused VM."""
+    _action(name, "resume", wait)
+
+
+@vm_app.command("delete")
+def vm_delete(
+    name: str,
+    keep_disks: bool = typer.Option(False, "--keep-disks", help="Keep the disk files."),
+    force: bool = typer.Option(False, "--force", help="Stop it first if it runs."),
+    wait: bool = WAIT,
+) -> None:
+    """Delete a VM: its process, its disks (unless --keep-disks) and its record."""
+    c = client()
+    res = c.delete(f"/v1/vms/{name}", params={"keep_disks": keep_disks, "force": force})
+    if wait:
+        follow(c, res["job"], f"deleting {name}")
+    out.print(f"vm {name}: deleted", markup=False, highlight=False)
+
+
+@vm_app.command("template")
+def vm_template(name: str) -> None:
+    """Freeze a stopped VM as a template for linked clones (kasou vm create --from NAME)."""
+    client().post(f"/v1/vms/{name}/template")
+    out.print(f"vm {name}: is now a template", markup=False, highlight=False)
+
+
+def _uptime(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+@vm_app.command("list")
+def vm_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """All VMs with their state, host and guest uptime."""
+    vms = client().get("/v1/vms")
+    if as_json:
+        print_json(vms)
+        return
+    t = Table("name", "state", "host", "vCPU", "memory", "disk", "ready", "uptime")
+    for v in vms:
+        disk = format_size(v["disks"][0]["size_bytes"]) if v["disks"] else "-"
+        t.add_row(
+            v["name"], v["state"], v["host"] or "-", str(v["vcpus"]), f"{v['memory_mib']} MiB", disk,
+            "yes" if v["guest_ready"] else "no", _uptime(v["uptime_s"]),
+        )  # fmt: skip
+    out.print(t)
+
+
+@vm_app.command("show")
+def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One VM in detail."""
+    v = client().get(f"/v1/vms/{name}")
+    if as_json:
+        print_json(v)
+        return
+    rows = [
+        ("name", v["name"]),
+        ("state", v["state"]),
+        ("host", v["host"] or "-"),
+        ("vcpus", v["vcpus"]),
+        ("memory", f"{v['memory_mib']} MiB"),
+        ("image", v["image"] or "-"),
+        ("template", v["template"] or "-"),
+        ("guest ready", "yes" if v["guest_ready"] else "no"),
+        ("guest uptime", _uptime(v["uptime_s"])),
+        ("accelerator", v["accelerator"] or "-"),
+    ]
+    for d in v["disks"]:
+        linked = f" (linked clone of {d['backing']})" if d["linked"] else ""
+        rows.append((d["id"], f"{format_size(d['size_bytes'])} {d['format']} {d['path']}{linked}"))
+    for n in v["nics"]:
+        rows.append((n["id"], f"{n['mac']} on {n['network']}"))
+    if v["job"]:
+        rows.append(("job", v["job"]))
+    if v["last_error"]:
+        rows.append(("last error", v["last_error"]))
+    for k, val in rows:
+        out.print(f"{k:13} {val}", markup=False, highlight=False)
+
+
+@vm_app.command("log")
+def vm_log(
+    name: str, max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show.")
+) -> None:
+    """The VM's serial console output."""
+    sys.stdout.write(client().text(f"/v1/vms/{name}/console", params={"max_bytes": max_bytes}))
+
+
+@vm_app.command("history")
+def vm_history(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The VM's uptime ledger: every state transition with its time and host."""
+    events = client().get(f"/v1/vms/{name}/history")
+    if as_json:
+        print_json(events)
+        return
+    for e in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+        out.print(
+            f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False
+        )
+
+
+# -- jobs and the API -----------------------------------------------------------------
+
+
+@job_app.command("show")
+def job_show(job_id: str) -> None:
+    """One job."""
+    print_json(client().get(f"/v1/jobs/{job_id}"))
+
+
+@job_app.command("list")
+def job_list(vm: str = typer.Option(None, "--vm"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Recent jobs."""
+    jobs = client().get("/v1/jobs", params={"vm": vm} if vm else {})
+    if as_json:
+        print_json(jobs)
+        return
+    for j in jobs:
+        error = (j.get("error") or {}).get("message", "")
+        out.print(f"{j['id']}  {j['kind']:9} {j['vm'] or '-':16} {j['state']:9} {error}", markup=False)
+
+
+@api_app.command("openapi")
+def api_openapi() -> None:
+    """Print the API's OpenAPI document (the checked-in copy is src/kasou/api/openapi.json)."""
+    from kasou.api.spec import openapi_document
+
+    print_json(openapi_document())
+
+
+@app.command()
+def demo(
+    name: str = typer.Option("sample", help="Name of the sample VM."),
+    timeout: float = typer.Option(120, help="Seconds to wait for the guest to be ready."),
+) -> None:
+    """The main job on one host: start kasou, build the tiny image, boot a sample VM."""
+    from kasou.image import build_image
+
+    paths = Paths.from_env()
+    for svc, what in services.up(paths).items():
+        out.print(f"{svc}: {what}", markup=False, highlight=False)
+    with progress_bar("building image tiny") as update:
+        build_image(paths.images, "tiny", progress=lambda s, f: update(f, s))
+    c = client()
+    existing = {v["name"]: v for v in c.get("/v1/vms")}
+    if name not in existing:
+        res = c.post(
+            "/v1/vms", json={"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 128, "start": True}
+        )
+        follow(c, res["job"], f"creating {name}")
+    elif existing[name]["state"] in ("stopped", "crashed"):
+        follow(c, c.post(f"/v1/vms/{name}/actions/start")["job"], f"starting {name}")
+    deadline = time.monotonic() + timeout
+    with progress_bar(f"waiting for {name} to boot") as update:
+        while True:
+            v = c.get(f"/v1/vms/{name}")
+            if v["guest_ready"]:
+                break
+            if time.monotonic() > deadline:
+                fail(f"VM {name} did not report ready within {timeout:.0f} s; see: kasou vm log {name}")
+            update(min(0.95, 1 - (deadline - time.monotonic()) / timeout), v["state"])
+            time.sleep(0.2)
+    out.print(
+        f"vm {name}: running on {v['host']}, guest ready, uptime {v['uptime_s']} s "
+        f"({v['accelerator']}); try: kasou vm list, kasou vm log {name}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KasouError as e:
+        err.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("error: interrupted", markup=False, highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Where kasou keeps its files, and the settings read from the environment.
+
+``KASOU_HOME`` selects the state directory (default ``/var/lib/kasou``) and
+``KASOU_API`` the API address (default ``127.0.0.1:8470``), so several
+independent environments can run side by side on one machine. Guest images are
+immutable build products shared by every environment of the machine
+(``KASOU_IMAGES``, default ``/var/lib/kasou/images``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = Path("/var/lib/kasou")
+DEFAULT_IMAGES = Path("/var/lib/kasou/images")
+DEFAULT_API = "127.0.0.1:8470"
+
+
+def api_url(address: str | None = None) -> str:
+    """Turn ``KASOU_API`` (``host:port`` or a full URL) into a base URL."""
+    addr = address or os.environ.get("KASOU_API") or DEFAULT_API
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr.rstrip("/")
+
+
+def api_listen(address: str | None = None) -> tuple[str, int]:
+    """The (host, port) the API server listens on, from the same setting."""
+    url = api_url(address)
+    hostport = url.split("://", 1)[1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or 8470)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every path kasou uses on one host, derived from its home directory."""
+
+    home: Path
+    images: Path
+
+    @classmethod
+    def from_env(cls, home: str | Path | None = None) -> Paths:
+        h = Path(home or os.environ.get("KASOU_HOME") or DEFAULT_HOME)
+        images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
+        return cls(home=h.absolute(), images=images.absolute())
+
+    @property
+    def state_db(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def run(self) -> Path:
+        """Runtime files of services and VMs (sockets, pid files)."""
+        return self.home / "run"
+
+    @property
+    def vm_run(self) -> Path:
+        """Per-VM runtime directories. Unix socket paths must fit in 107 bytes, so a
+        deep home directory gets its VM sockets under /run/kasou/<hash of home>."""
+        d = self.run / "vms"
+        if len(str(d)) + 1 + 63 + len("/serial.sock") > 107:
+            d = Path("/run/kasou") / hashlib.sha1(str(self.home).encode()).hexdigest()[:12] / "vms"
+        return d
+
+    @property
+    def disks(self) -> Path:
+        return self.home / "disks"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "log"
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "api.token"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run / "agent.sock"
+
+    def pidfile(self, service: str) -> Path:
+        return self.run / f"{service}.pid"
+
+    def ensure(self) -> None:
+        """Create the directories, private to root (they hold tokens and disks)."""
+        for d in (self.home, self.run, self.vm_run, self.disks, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+
+def host_name() -> str:
+    """This host's name in kasou (``KASOU_HOST_NAME`` or the system host name)."""
+    return os.environ.get("KASOU_HOST_NAME") or socket.gethostname().split(".")[0]

@@ -1,0 +1,92 @@
+"""What the control plane keeps in the store, and under which keys."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from kasou.model.spec import DiskSpec, NicSpec
+from kasou.model.state import VMState
+
+
+def vm_key(name: str) -> str:
+    return f"vms/{name}"
+
+
+def job_key(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def ledger_prefix(name: str) -> str:
+    return f"ledger/{name}/"
+
+
+class VMRecord(BaseModel):
+    name: str
+    uuid: str
+    vcpus: int
+    memory_mib: int
+    image: str | None = None  # boot image (kernel and initramfs)
+    template: str | None = None  # linked clone of this template
+    description: str = ""
+    disks: list[DiskSpec] = []
+    nics: list[NicSpec] = []
+    state: VMState = VMState.CREATING
+    host: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    state_since: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    job: str | None = None  # the job that holds the VM now
+    last_error: str | None = None
+
+    def with_state(self, state: VMState, **changes: Any) -> VMRecord:
+        upd = {"state": state, **changes}
+        if state != self.state:
+            upd["state_since"] = time.time()
+        return self.model_copy(update=upd)
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class JobRecord(BaseModel):
+    id: str
+    kind: str
+    vm: str | None = None
+    state: JobState = JobState.PENDING
+    progress: float = 0.0
+    step: str = ""
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class LedgerEvent(StrEnum):
+    DEFINED = "defined"
+    STARTED = "started"
+    MIGRATED = "migrated"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    RESTARTED = "restarted"
+
+
+class LedgerEntry(BaseModel):
+    time: float
+    event: LedgerEvent
+    host: str | None = None
+    detail: str = ""

@@ -1,0 +1,97 @@
+"""Placement: which host takes a VM, and why not when none can.
+
+Pure functions over host loads, so they are fast (thousands of hosts) and
+tested without any hypervisor. Rules: memory is never overcommitted (plus a
+fixed per-VM overhead for QEMU itself and a reserve for the host), vCPUs may
+be overcommitted up to a ratio (default 4:1), hosts in maintenance or not up
+take nothing, and VMs of one anti-affinity group never share a host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kasou.errors import InsufficientResources
+
+# QEMU's own memory beside the guest's RAM (TCG code cache 64 MiB, device state, heap).
+VM_OVERHEAD_MIB = 96
+DEFAULT_VCPU_RATIO = 4.0
+
+
+def host_reserve_mib(total_mib: int) -> int:
+    """Memory kept for the host's own system and kasou's services: 5 %, at least 512 MiB."""
+    return max(512, total_mib // 20)
+
+
+@dataclass
+class HostLoad:
+    name: str
+    cpus: int
+    memory_total_mib: int
+    memory_used_mib: int = 0  # by VMs placed here (guest RAM + overhead)
+    vcpus_used: int = 0
+    schedulable: bool = True  # up, and not in maintenance
+    groups: set[str] = field(default_factory=set)  # anti-affinity groups present here
+
+    @property
+    def memory_capacity_mib(self) -> int:
+        return self.memory_total_mib - host_reserve_mib(self.memory_total_mib)
+
+    @property
+    def memory_free_mib(self) -> int:
+        return self.memory_capacity_mib - self.memory_used_mib
+
+    def add(self, memory_mib: int, vcpus: int, group: str | None = None) -> None:
+        self.memory_used_mib += memory_mib + VM_OVERHEAD_MIB
+        self.vcpus_used += vcpus
+        if group:
+            self.groups.add(group)
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    memory_mib: int
+    vcpus: int
+    group: str | None = None  # anti-affinity group
+
+
+def why_not(host: HostLoad, req: Request, vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> str | None:
+    """The reason ``host`` cannot take ``req``, or None if it can."""
+    if not host.schedulable:
+        return f"{host.name} is not accepting VMs"
+    need = req.memory_mib + VM_OVERHEAD_MIB
+    if need > host.memory_free_mib:
+        return f"{host.name} has {max(0, host.memory_free_mib)} MiB free, {req.name} needs {need} MiB"
+    if req.vcpus > host.cpus:
+        return f"{host.name} has {host.cpus} CPUs, {req.name} wants {req.vcpus} vCPUs"
+    if host.vcpus_used + req.vcpus > host.cpus * vcpu_ratio:
+        return f"{host.name} would exceed its vCPU overcommit of {vcpu_ratio:g}:1"
+    if req.group and req.group in host.groups:
+        return f"{host.name} already runs a VM of anti-affinity group {req.group!r}"
+    return None
+
+
+def place(req: Request, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> HostLoad:
+    """Pick the host with the most free memory that can take ``req``; explain a refusal."""
+    best: HostLoad | None = None
+    for h in hosts:
+        if why_not(h, req, vcpu_ratio) is None and (best is None or h.memory_free_mib > best.memory_free_mib):
+            best = h
+    if best is not None:
+        return best
+    need = req.memory_mib + VM_OVERHEAD_MIB
+    candidates = [h for h in hosts if h.schedulable]
+    if not candidates:
+        raise InsufficientResources(f"no host is accepting VMs; {req.name} cannot be placed")
+    largest = max(candidates, key=lambda h: h.memory_free_mib)
+    if all(need > h.memory_free_mib for h in candidates):
+        raise InsufficientResources(
+            f"no host has {need} MiB free for {req.name} "
+            f"({req.memory_mib} MiB + {VM_OVERHEAD_MIB} MiB overhead); "
+            f"largest free: {largest.name} {max(0, largest.memory_free_mib)} MiB",
+            needed_mib=need,
+            largest_free_mib=largest.memory_free_mib,
+        )
+    reasons = "; ".join(r for h in candidates if (r := why_not(h, req, vcpu_ratio)))
+    raise InsufficientResources(f"no host can take {req.name}: {reasons}")

@@ -1,0 +1,710 @@
+"""The VM operations of the control plane, each in Ganeti's phases.
+
+1. check the arguments (pure, :mod:`kasou.model`),
+2. check the prerequisites against the store and the hosts, with no side
+   effect: a refusal here is an immediate 4xx and changes nothing,
+3. claim the VM (a compare-and-swap on its record, so two operations never
+   run on one VM at once),
+4. execute as a job, whose failure path undoes what it did.
+
+A background reconciler compares every record with what its host's agent
+reports, so a VM whose QEMU died is ``crashed`` and in the ledger within
+seconds, with no one asking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from kasou.agent.client import AgentClient
+from kasou.agent.storage import DiskCreate
+from kasou.control import scheduler
+from kasou.control.jobs import JobContext, Jobs
+from kasou.control.ledger import Ledger
+from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
+from kasou.errors import (
+    AgentUnavailable,
+    AlreadyExists,
+    InsufficientResources,
+    InvalidSpec,
+    KasouError,
+    NotFound,
+    OperationTimeout,
+    StoreConflict,
+    WrongState,
+)
+from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.model.spec import DiskSpec, NicSpec, VMCreate, random_mac, validate_name
+from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHUTDOWN_TIMEOUT = 60.0
+RECONCILE_EVERY_S = 2.0
+
+
+class DiskView(BaseModel):
+    id: str
+    size_bytes: int
+    format: str
+    path: str | None
+    backing: str | None
+    linked: bool
+
+
+class VMView(BaseModel):
+    """A VM as the API and the CLI show it: the record and its host's live view, merged."""
+
+    name: str
+    state: VMState
+    host: str | None
+    vcpus: int
+    memory_mib: int
+    image: str | None
+    template: str | None
+    description: str
+    disks: list[DiskView]
+    nics: list[NicSpec]
+    guest_ready: bool
+    uptime_s: float | None  # the guest's own uptime, from its heartbeat
+    heartbeat_age_s: float | None
+    accelerator: str | None
+    started_at: float | None
+    created_at: float
+    state_since: float
+    job: str | None
+    last_error: str | None
+    host_reachable: bool
+
+
+class Agents:
+    """The agents of the hosts this control plane knows, by host name."""
+
+    def __init__(self, clients: dict[str, AgentClient]) -> None:
+        self._clients = clients
+
+    def names(self) -> list[str]:
+        return sorted(self._clients)
+
+    def get(self, host: str | None) -> AgentClient:
+        if host is None or host not in self._clients:
+            raise AgentUnavailable(f"host {host!r} is not known to the control plane")
+        return self._clients[host]
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+
+
+class VMService:
+    def __init__(
+        self,
+        store: Any,
+        agents: Agents,
+        jobs: Jobs,
+        ledger: Ledger,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        vcpu_ratio: float = scheduler.DEFAULT_VCPU_RATIO,
+    ) -> None:
+        self.store = store
+        self.agents = agents
+        self.jobs = jobs
+        self.ledger = ledger
+        self.shutdown_timeout = shutdown_timeout
+        self.vcpu_ratio = vcpu_ratio
+        self._reconciler: asyncio.Task[None] | None = None
+
+    # -- records ---------------------------------------------------------------------
+
+    async def _record(self, name: str) -> VMRecord:
+        validate_name(name)
+        e = await self.store.get(vm_key(name))
+        if e is None:
+            raise NotFound(f"no VM named {name!r}")
+        return VMRecord.model_validate(e.value)
+
+    async def _records(self) -> list[VMRecord]:
+        return [VMRecord.model_validate(e.value) for e in await self.store.range("vms/")]
+
+    async def _update(self, name: str, fn: Callable[[VMRecord], VMRecord | None]) -> VMRecord | None:
+        """Read-modify-write a record with compare-and-swap; ``fn`` may raise to refuse."""
+        for _ in range(20):
+            e = await self.store.get(vm_key(name))
+            if e is None:
+                raise NotFound(f"no VM named {name!r}")
+            rec = VMRecord.model_validate(e.value)
+            new = fn(rec)
+            if new is None or new == rec:
+                return rec
+            try:
+                await self.store.put(vm_key(name), new.model_dump(mode="json"), expect_rev=e.mod_rev)
+                return new
+            except StoreConflict:
+                await asyncio.sleep(0.01)
+        raise StoreConflict(f"the record of VM {name!r} keeps changing; try again")
+
+    async def _set(self, name: str, **changes: Any) -> VMRecord:
+        def apply(r: VMRecord) -> VMRecord:
+            state = changes.pop("state", r.state)
+            return r.with_state(state, **changes)
+
+        rec = await self._update(name, apply)
+        assert rec is not None
+        return rec
+
+    # -- the live view ---------------------------------------------------------------
+
+    async def _runtime(self, host: str | None) -> dict[str, RuntimeInfo] | None:
+        try:
+            return {i.name: i for i in await self.agents.get(host).list()}
+        except (AgentUnavailable, OperationTimeout):
+            return None
+
+    def _view(self, rec: VMRecord, rt: RuntimeInfo | None, reachable: bool) -> VMView:
+        live = rt is not None and rt.state in (
+            RuntimeState.RUNNING,
+            RuntimeState.PAUSED,
+            RuntimeState.SHUTTING_DOWN,
+        )
+        return VMView(
+            name=rec.name,
+            state=rec.state,
+            host=rec.host,
+            vcpus=rec.vcpus,
+            memory_mib=rec.memory_mib,
+            image=rec.image,
+            template=rec.template,
+            description=rec.description,
+            disks=[
+                DiskView(
+                    id=d.id,
+                    size_bytes=d.size_bytes,
+                    format=d.format,
+                    path=d.path,
+                    backing=d.backing,
+                    linked=d.linked,
+                )
+                for d in rec.disks
+            ],
+            nics=rec.nics,
+            guest_ready=bool(live and rt and rt.guest_ready),
+            uptime_s=rt.guest_uptime_s if live and rt else None,
+            heartbeat_age_s=rt.heartbeat_age_s if live and rt else None,
+            accelerator=rt.accelerator if live and rt else None,
+            started_at=rec.started_at if rec.state in ACTIVE_STATES else None,
+            created_at=rec.created_at,
+            state_since=rec.state_since,
+            job=rec.job,
+            last_error=rec.last_error,
+            host_reachable=reachable,
+        )
+
+    async def list_all(self) -> list[VMView]:
+        records = await self._records()
+        runtime: dict[str | None, dict[str, RuntimeInfo] | None] = {}
+        for host in {r.host for r in records}:
+            runtime[host] = await self._runtime(host)
+        out = []
+        for rec in records:
+            rt_host = runtime.get(rec.host)
+            rt = rt_host.get(rec.name) if rt_host is not None else None
+            if rt_host is not None:
+                rec = await self._reconcile(rec, rt)
+            out.append(self._view(rec, rt, rt_host is not None))
+        return out
+
+    async def get(self, name: str) -> VMView:
+        rec = await self._record(name)
+        rt_host = await self._runtime(rec.host)
+        rt = rt_host.get(name) if rt_host is not None else None
+        if rt_host is not None:
+            rec = await self._reconcile(rec, rt)
+        return self._view(rec, rt, rt_host is not None)
+
+    async def _reconcile(self, rec: VMRecord, rt: RuntimeInfo | None) -> VMRecord:
+        """Bring a record in line with its host's report, when no job holds the VM."""
+        if rec.job is not None:
+            return rec
+        gone = rt is None or rt.state in (RuntimeState.EXITED, RuntimeState.CRASHED)
+        if rec.state in ACTIVE_STATES and gone:
+            crashed = rt is None or rt.state == RuntimeState.CRASHED
+            reason = (rt.exit_reason if rt else None) or "its QEMU process is gone"
+            new_state = VMState.CRASHED if crashed else VMState.STOPPED
+            if not await self._transition(rec, new_state):
+                return rec
+            event = LedgerEvent.CRASHED if crashed else LedgerEvent.STOPPED
+            detail = reason if crashed else f"the guest powered off ({reason})"
+            await self.ledger.record(rec.name, event, rec.host, detail)
+            with contextlib.suppress(KasouError):
+                await self.agents.get(rec.host).forget(rec.name)
+            return await self._record(rec.name)
+        if rt is None or gone:
+            return rec
+        if rec.state == VMState.RUNNING and rt.state == RuntimeState.PAUSED:
+            if await self._transition(rec, VMState.PAUSED):
+                await self.ledger.record(rec.name, LedgerEvent.PAUSED, rec.host, "paused by the hypervisor")
+        elif rec.state == VMState.PAUSED and rt.state == RuntimeState.RUNNING:
+            if await self._transition(rec, VMState.RUNNING):
+                await self.ledger.record(rec.name, LedgerEvent.RESUMED, rec.host, "resumed by the hypervisor")
+        elif rec.state in (VMState.STOPPED, VMState.CRASHED):
+            # A process the record does not know of (a start interrupted by a restart): adopt it.
+            state = VMState.PAUSED if rt.state == RuntimeState.PAUSED else VMState.RUNNING
+            if await self._transition(rec, state, started_at=rt.started_at):
+                await self.ledger.record(rec.name, LedgerEvent.STARTED, rec.host, "found running on its host")
+        else:
+            return rec
+        return await self._record(rec.name)
+
+    async def _transition(self, seen: VMRecord, state: VMState, **changes: Any) -> bool:
+        """Move a record to ``state`` only if nobody changed it since ``seen`` (no double ledger entries)."""
+        done = False
+
+        def apply(r: VMRecord) -> VMRecord | None:
+            nonlocal done
+            if r.state != seen.state or r.job is not None:
+                return None
+            done = True
+            return r.with_state(state, **changes)
+
+        await self._update(seen.name, apply)
+        return done
+
+    async def reconcile_all(self) -> None:
+        records = await self._records()
+        for host in {r.host for r in records}:
+            rt_host = await self._runtime(host)
+            if rt_host is None:
+                continue
+            for rec in records:
+                if rec.host == host:
+                    with contextlib.suppress(NotFound, StoreConflict):
+                        await self._reconcile(rec, rt_host.get(rec.name))
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed")
+            await asyncio.sleep(RECONCILE_EVERY_S)
+
+    async def startup(self) -> None:
+        """After a restart of the control plane: fail stale jobs, release and tidy their VMs."""
+        await self.jobs.recover()
+        for rec in await self._records():
+            if rec.state == VMState.CREATING:
+                await self._undo_create(rec.name, rec.host, [d.path for d in rec.disks if d.path])
+            elif rec.job is not None:
+                state = VMState.STOPPED if rec.state == VMState.DELETING else rec.state
+                await self._set(rec.name, job=None, state=state)
+        self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
+
+    async def close(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        await self.jobs.close()
+
+    # -- hosts and placement ---------------------------------------------------------
+
+    async def host_loads(self, exclude: str | None = None) -> list[scheduler.HostLoad]:
+        records = await self._records()
+        loads = []
+        for host in self.agents.names():
+            try:
+                info = await self.agents.get(host).host_info()
+            except (AgentUnavailable, OperationTimeout):
+                continue
+            load = scheduler.HostLoad(host, info.cpus, info.memory_total_mib)
+            for r in records:
+                if r.host == host and r.name != exclude and r.state in ACTIVE_STATES:
+                    load.add(r.memory_mib, r.vcpus)
+            loads.append(load)
+        return loads
+
+    async def _check_fits_some_host(self, vcpus: int, memory_mib: int) -> list[scheduler.HostLoad]:
+        loads = await self.host_loads()
+        if not loads:
+            raise AgentUnavailable("no host agent answers; is kasou up?")
+        most_cpus = max(loads, key=lambda h: h.cpus)
+        if vcpus > most_cpus.cpus:
+            raise InvalidSpec(
+                f"vcpus {vcpus} is more than any host has ({most_cpus.name}: {most_cpus.cpus} CPUs)",
+                field="vcpus",
+            )
+        biggest = max(loads, key=lambda h: h.memory_capacity_mib)
+        if memory_mib + scheduler.VM_OVERHEAD_MIB > biggest.memory_capacity_mib:
+            raise InvalidSpec(
+                f"memory_mib {memory_mib} is more than any host can give a VM "
+                f"({biggest.name}: {biggest.memory_capacity_mib - scheduler.VM_OVERHEAD_MIB} MiB)",
+                field="memory_mib",
+            )
+        return loads
+
+    async def _admit(self, rec: VMRecord) -> None:
+        """Refuse a start the VM's host cannot carry (memory is never overcommitted)."""
+        loads = {h.name: h for h in await self.host_loads(exclude=rec.name)}
+        host = loads.get(rec.host or "")
+        if host is None:
+            raise AgentUnavailable(f"the agent of host {rec.host} does not answer")
+        why = scheduler.why_not(host, scheduler.Request(rec.name, rec.memory_mib, rec.vcpus), self.vcpu_ratio)
+        if why is not None:
+            raise InsufficientResources(f"cannot start VM {rec.name!r}: {why}")
+        info = await self.agents.get(rec.host).host_info()
+        need = rec.memory_mib + scheduler.VM_OVERHEAD_MIB
+        if need > info.memory_available_mib:
+            raise InsufficientResources(
+                f"cannot start VM {rec.name!r}: host {rec.host} has "
+                f"{info.memory_available_mib} MiB available right now, the VM needs {need} MiB"
+            )
+
+    # -- claims ----------------------------------------------------------------------
+
+    async def _claim(self, name: str, action: Action, job_id: str) -> VMRecord:
+        def apply(r: VMRecord) -> VMRecord:
+            if r.job is not None:
+                raise WrongState(f"VM {name!r} is busy with job {r.job}; try again when it ends", job=r.job)
+            check_action(name, action, r.state)
+            return r.model_copy(update={"job": job_id})
+
+        rec = await self._update(name, apply)
+        assert rec is not None
+        return rec
+
+    async def _release(self, job: JobRecord) -> None:
+        def apply(r: VMRecord) -> VMRecord | None:
+            if r.job != job.id:
+                return None
+            err = job.error["message"] if job.error else None
+            return r.model_copy(update={"job": None, "last_error": err})
+
+        if job.vm is not None:
+            with contextlib.suppress(NotFound):
+                await self._update(job.vm, apply)
+
+    async def _submit(self, kind: str, name: str, fn: Callable[[JobContext], Any], job_id: str) -> JobRecord:
+        return await self.jobs.submit(kind, name, fn, on_done=self._release, job_id=job_id)
+
+    # -- create ----------------------------------------------------------------------
+
+    async def create(self, spec: VMCreate) -> tuple[VMView, JobRecord]:
+        """Define a VM (and start it if asked). Returns at once; the disks are made by a job."""
+        spec.check()
+        if await self.store.get(vm_key(spec.name)) is not None:
+            raise AlreadyExists(f"a VM named {spec.name!r} already exists")
+        loads = await self._check_fits_some_host(spec.vcpus, spec.memory_mib)
+        template: VMRecord | None = None
+        if spec.template is not None:
+            try:
+                template = await self._record(spec.template)
+            except NotFound:
+                raise InvalidSpec(f"unknown template {spec.template!r}", field="template") from None
+            if template.state != VMState.TEMPLATE:
+                raise InvalidSpec(
+                    f"{spec.template!r} is not a template; "
+                    f"make it one with: kasou vm template {spec.template}",
+                    field="template",
+                )
+            host = template.host  # a linked clone lives where its template's disks are
+            image = template.image
+        else:
+            image = spec.image
+            req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus)
+            if spec.start:
+                host = scheduler.place(req, loads, self.vcpu_ratio).name
+            else:
+                host = max(loads, key=lambda h: h.memory_free_mib).name
+            images = await self.agents.get(host).images()
+            if image not in images:
+                built = ", ".join(images) or "none"
+                raise InvalidSpec(
+                    f"unknown image {image!r} (built: {built}; build one with: kasou image build tiny)",
+                    field="image",
+                )
+        job_id = _job_id()
+        rec = VMRecord(
+            name=spec.name,
+            uuid=str(uuid.uuid4()),
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            image=image,
+            template=spec.template,
+            description=spec.description,
+            nics=[NicSpec(id="net0", mac=random_mac())],
+            state=VMState.CREATING,
+            host=host,
+            job=job_id,
+        )
+        if spec.start:
+            await self._admit(rec)
+        try:
+            await self.store.create(vm_key(spec.name), rec.model_dump(mode="json"))
+        except StoreConflict:
+            raise AlreadyExists(f"a VM named {spec.name!r} already exists") from None
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            made: list[str] = []
+            try:
+                await ctx.progress(0.1, "creating disk")
+                agent = self.agents.get(host)
+                if template is not None:
+                    base = template.disks[0]
+                    dreq = DiskCreate(
+                        vm=spec.name,
+                        disk_id="disk0",
+                        size_bytes=spec.disk_bytes,
+                        source="overlay",
+                        backing=base.path,
+                    )
+                else:
+                    dreq = DiskCreate(
+                        vm=spec.name, disk_id="disk0", size_bytes=spec.disk_bytes, source="image", image=image
+                    )
+                info = await agent.create_disk(dreq)
+                made.append(info.path)
+                disk = DiskSpec(
+                    id="disk0",
+                    size_bytes=info.size_bytes,
+                    format=info.format,
+                    path=info.path,
+                    backing=info.backing if template is not None else None,
+                    linked=template is not None,
+                )
+                cur = await self._set(spec.name, state=VMState.STOPPED, disks=[disk])
+                await self.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec))
+                if spec.start:
+                    await ctx.progress(0.5, "starting")
+                    await self._do_start(cur)
+                await ctx.progress(1.0, "done")
+                return {"vm": spec.name, "host": host}
+            except BaseException:
+                await self._undo_create(spec.name, host, made)
+                raise
+
+        job = await self._submit("create", spec.name, run, job_id)
+        return self._view(rec, None, True), job
+
+    async def _undo_create(self, name: str, host: str | None, disk_paths: list[str]) -> None:
+        """Leave nothing of a failed create: no process, no disk, no record, no ledger."""
+        with contextlib.suppress(KasouError):
+            agent = self.agents.get(host)
+            with contextlib.suppress(KasouError):
+                info = await agent.info(name)
+                if info.state not in (RuntimeState.EXITED, RuntimeState.CRASHED):
+                    await agent.action(name, "stop")
+            with contextlib.suppress(KasouError):
+                await agent.forget(name)
+            for p in disk_paths:
+                with contextlib.suppress(KasouError):
+                    await agent.delete_disk(p)
+        await self.store.delete(vm_key(name))
+        await self.ledger.forget(name)
+
+    # -- start and the power actions -------------------------------------------------
+
+    def _launch_spec(self, rec: VMRecord) -> LaunchSpec:
+        return LaunchSpec(
+            name=rec.name,
+            uuid=rec.uuid,
+            vcpus=rec.vcpus,
+            memory_mib=rec.memory_mib,
+            image=rec.image,
+            disks=[LaunchDisk(id=d.id, path=d.path or "", format=d.format) for d in rec.disks],
+            nics=rec.nics,
+        )
+
+    async def _do_start(
+        self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = ""
+    ) -> None:
+        await self._admit(rec)
+        await self._set(rec.name, state=VMState.STARTING)
+        try:
+            info = await self.agents.get(rec.host).start(self._launch_spec(rec))
+        except BaseException:
+            await self._set(rec.name, state=rec.state if rec.state != VMState.STARTING else VMState.STOPPED)
+            raise
+        await self._set(
+            rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None
+        )
+        await self.ledger.record(rec.name, event, rec.host, detail)
+
+    async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:
+        """start, shutdown, stop, reboot, pause or resume, as a job."""
+        if action in (Action.DELETE, Action.TEMPLATE):
+            raise InvalidSpec(f"{action.value} is not a power action")
+        job_id = _job_id()
+        rec = await self._record(name)
+        if action == Action.STOP and rec.job is not None:
+            return await self._preempting_stop(rec, job_id)
+        if action == Action.START:
+            check_action(name, action, rec.state)
+            await self._admit(rec)
+        rec = await self._claim(name, action, job_id)
+        fn = {
+            Action.START: self._job_start,
+            Action.SHUTDOWN: self._job_shutdown,
+            Action.STOP: self._job_stop,
+            Action.REBOOT: self._job_reboot,
+            Action.PAUSE: self._job_pause,
+            Action.RESUME: self._job_resume,
+        }[action]
+        limit = self.shutdown_timeout if timeout is None else timeout
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            await fn(ctx, rec, limit)
+            return {"vm": name, "state": (await self._record(name)).state.value}
+
+        return await self._submit(action.value, name, run, job_id)
+
+    async def _preempting_stop(self, rec: VMRecord, job_id: str) -> JobRecord:
+        """A stop while a graceful shutdown waits: pull the plug; the shutdown job records the stop."""
+        busy = await self.jobs.get(rec.job or "")
+        if busy.kind != "shutdown" or busy.done:
+            raise WrongState(f"VM {rec.name!r} is busy with job {busy.id} ({busy.kind})", job=busy.id)
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            await self.agents.get(rec.host).action(rec.name, "stop")
+            return {"vm": rec.name, "preempted": busy.id}
+
+        return await self.jobs.submit("stop", rec.name, run, job_id=job_id)
+
+    async def _job_start(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
+        await ctx.progress(0.2, "starting QEMU")
+        await self._do_start(rec)
+
+    async def _job_shutdown(self, ctx: JobContext, rec: VMRecord, timeout: float) -> None:
+        agent = self.agents.get(rec.host)
+        await ctx.progress(0.05, "pressing the power button")
+        await agent.action(rec.name, "powerdown")
+        await self._set(rec.name, state=VMState.SHUTTING_DOWN)
+        t0 = time.monotonic()
+        detail = "graceful shutdown"
+        while True:
+            info = await agent.info(rec.name)
+            if info.state in (RuntimeState.EXITED, RuntimeState.CRASHED):
+                if info.exit_reason == "stopped":
+                    detail = "stopped at once during a graceful shutdown"
+                break
+            waited = time.monotonic() - t0
+            if waited >= timeout:
+                await ctx.progress(0.95, "the guest did not power off; stopping it")
+                await agent.action(rec.name, "stop")
+                detail = f"the guest did not power off within {timeout:.0f} s; stopped hard"
+                break
+            await ctx.progress(
+                0.05 + 0.9 * waited / timeout, f"waiting for the guest to power off ({waited:.0f} s)"
+            )
+            await asyncio.sleep(0.25)
+        await self._stopped(rec, detail)
+
+    async def _stopped(self, rec: VMRecord, detail: str) -> None:
+        with contextlib.suppress(KasouError):
+            await self.agents.get(rec.host).forget(rec.name)
+        await self._set(rec.name, state=VMState.STOPPED, started_at=None)
+        await self.ledger.record(rec.name, LedgerEvent.STOPPED, rec.host, detail)
+
+    async def _job_stop(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
+        await ctx.progress(0.2, "stopping")
+        await self.agents.get(rec.host).action(rec.name, "stop")
+        await self._stopped(rec, "stopped at once")
+
+    async def _job_reboot(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
+        await ctx.progress(0.2, "resetting")
+        await self.agents.get(rec.host).action(rec.name, "reset")
+        await self.ledger.record(rec.name, LedgerEvent.RESTARTED, rec.host, "reset by request")
+
+    async def _job_pause(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
+        await self.agents.get(rec.host).action(rec.name, "pause")
+        await self._set(rec.name, state=VMState.PAUSED)
+        await self.ledger.record(rec.name, LedgerEvent.PAUSED, rec.host)
+
+    async def _job_resume(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
+        await self.agents.get(rec.host).action(rec.name, "resume")
+        await self._set(rec.name, state=VMState.RUNNING)
+        await self.ledger.record(rec.name, LedgerEvent.RESUMED, rec.host)
+
+    # -- delete and templates --------------------------------------------------------
+
+    async def delete(self, name: str, keep_disks: bool = False, force: bool = False) -> JobRecord:
+        rec = await self._record(name)
+        clones = [r.name for r in await self._records() if r.template == name]
+        if clones:
+            raise WrongState(f"template {name!r} still has linked clones: {', '.join(sorted(clones))}")
+        if rec.job is None and not (force and rec.state in ACTIVE_STATES):
+            check_action(name, Action.DELETE, rec.state)
+        job_id = _job_id()
+
+        def apply(r: VMRecord) -> VMRecord:
+            if r.job is not None:
+                raise WrongState(f"VM {name!r} is busy with job {r.job}; try again when it ends", job=r.job)
+            if not (force and r.state in ACTIVE_STATES):
+                check_action(name, Action.DELETE, r.state)
+            return r.model_copy(update={"job": job_id})
+
+        await self._update(name, apply)
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            cur = await self._record(name)
+            agent = self.agents.get(cur.host)
+            if cur.state in ACTIVE_STATES:
+                await ctx.progress(0.1, "stopping")
+                await agent.action(name, "stop")
+                await self.ledger.record(name, LedgerEvent.STOPPED, cur.host, "stopped to be deleted")
+            await self._set(name, state=VMState.DELETING)
+            await ctx.progress(0.4, "removing disks")
+            with contextlib.suppress(NotFound):
+                await agent.forget(name)
+            if not keep_disks:
+                for d in cur.disks:
+                    if d.path:
+                        await agent.delete_disk(d.path)
+            await self.store.delete(vm_key(name))
+            await self.ledger.forget(name)
+            return {
+                "vm": name,
+                "deleted": True,
+                "kept_disks": [d.path for d in cur.disks] if keep_disks else [],
+            }
+
+        return await self._submit("delete", name, run, job_id)
+
+    async def make_template(self, name: str) -> VMView:
+        def apply(r: VMRecord) -> VMRecord:
+            if r.job is not None:
+                raise WrongState(f"VM {name!r} is busy with job {r.job}", job=r.job)
+            check_action(name, Action.TEMPLATE, r.state)
+            return r.with_state(VMState.TEMPLATE)
+
+        await self._update(name, apply)
+        return await self.get(name)
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def console_log(self, name: str, max_bytes: int = 65536) -> str:
+        rec = await self._record(name)
+        return await self.agents.get(rec.host).console(name, max_bytes)
+
+    async def history(self, name: str) -> list[LedgerEntry]:
+        await self._record(name)
+        return await self.ledger.history(name)
+
+
+def _job_id() -> str:
+    return "j" + secrets.token_hex(5)
+
+
+def _defined_detail(spec: VMCreate) -> str:
+    src = f"linked clone of {spec.template}" if spec.template else f"image {spec.image}"
+    return f"{spec.vcpus} vCPU, {spec.memory_mib} MiB, {src}"

@@ -1,0 +1,1 @@
+"""The QEMU driver: command lines, the QMP monitor, process supervision."""

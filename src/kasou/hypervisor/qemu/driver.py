@@ -1,0 +1,428 @@
+"""The QEMU driver: runs each VM as a daemonized ``qemu-system-x86_64`` driven over QMP.
+
+QEMU runs with ``-daemonize``, so a VM never belongs to the agent's process
+group: killing the agent (even SIGKILL) leaves every VM running. Each VM has a
+runtime directory (sockets, pid file, the launch spec, an exit record); after
+a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
+files and checks the pid really is that guest's QEMU. A VM whose process is
+gone without an exit record is reported as crashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kasou.errors import Conflict, KasouError, MonitorError, NotFound, QemuStartError
+from kasou.hypervisor.base import Driver, LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.hypervisor.qemu import process
+from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
+from kasou.hypervisor.qemu.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # QEMU initialises and daemonizes in well under a second; 60 s is a hung host
+QUIT_TIMEOUT = 10.0
+HEARTBEAT_FRESH_S = 5.0
+
+_ACTIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
+
+
+@dataclass
+class _Vm:
+    name: str
+    files: RuntimeFiles
+    pid: int
+    started_at: float | None
+    accelerator: str | None
+    state: RuntimeState = RuntimeState.RUNNING
+    monitor: Monitor | None = None
+    heartbeat_task: asyncio.Task[None] | None = None
+    last_heartbeat: float | None = None  # monotonic
+    guest_uptime: float | None = None
+    guest_ready: bool = False
+    exit_reason: str | None = None
+    expect_exit: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def info(self) -> RuntimeInfo:
+        age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
+        uptime = self.guest_uptime
+        if uptime is not None and age is not None and age < HEARTBEAT_FRESH_S and self.state in _ACTIVE:
+            uptime += age  # the guest's clock went on since its last line
+        return RuntimeInfo(
+            name=self.name,
+            state=self.state,
+            pid=self.pid if self.state in _ACTIVE else None,
+            started_at=self.started_at,
+            accelerator=self.accelerator,
+            guest_ready=self.guest_ready and self.state in _ACTIVE,
+            guest_uptime_s=None if uptime is None else round(uptime, 2),
+            heartbeat_age_s=None if age is None else round(age, 2),
+            exit_reason=self.exit_reason,
+        )
+
+
+class QemuDriver(Driver):
+    """Runs VMs as QEMU processes on this host."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        serial_log_dir: Path,
+        images_dir: Path,
+        accelerator: str,
+        qemu_binary: str = "qemu-system-x86_64",
+    ) -> None:
+        self.run_dir = run_dir
+        self.serial_log_dir = serial_log_dir
+        self.images_dir = images_dir
+        self.accelerator = accelerator
+        self.qemu_binary = qemu_binary
+        self._vms: dict[str, _Vm] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- files -----------------------------------------------------------------------
+
+    def _files(self, name: str) -> RuntimeFiles:
+        return RuntimeFiles(dir=self.run_dir / name, serial_log=self.serial_log_dir / f"{name}.log")
+
+    def _boot_files(self, image: str | None) -> BootFiles | None:
+        if image is None:
+            return None
+        from kasou.image import load_image  # the image layer sits beside the driver
+
+        art = load_image(self.images_dir, image)
+        return BootFiles(kernel=art.kernel, initrd=art.initrd, kernel_args=art.kernel_args)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            yield
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def attach_all(self) -> list[str]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.serial_log_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_reaper()
+        found = []
+        for d in sorted(self.run_dir.iterdir()):
+            if not (d / "launch.json").exists() or d.name in self._vms:
+                continue
+            files = self._files(d.name)
+            pid = _read_pid(files.pidfile)
+            if pid is not None and process.is_guest(pid, d.name):
+                vm = _Vm(d.name, files, pid, process.started_at(pid), _launch_accel(files))
+                self._vms[d.name] = vm
+                try:
+                    await self._monitor(vm)
+                    status = await vm.monitor.execute("query-status") if vm.monitor else {}
+                    vm.state = _state_of(status)
+                except KasouError as e:
+                    log.warning("VM %s runs but its monitor does not answer: %s", d.name, e)
+                self._start_heartbeat(vm)
+                found.append(d.name)
+            else:
+                state, reason = _read_exit(files)
+                vm = _Vm(d.name, files, pid or 0, None, _launch_accel(files))
+                vm.state = state or RuntimeState.CRASHED
+                vm.exit_reason = reason or "its process ended while the agent was away"
+                self._vms[d.name] = vm
+        return found
+
+    async def start(self, spec: LaunchSpec) -> RuntimeInfo:
+        async with self._lock(spec.name):
+            self._ensure_reaper()
+            current = self._vms.get(spec.name)
+            if current is not None and current.state in _ACTIVE and process.alive(current.pid):
+                raise Conflict(f"VM {spec.name!r} already runs on this host (pid {current.pid})")
+            files = self._files(spec.name)
+            stray = _read_pid(files.pidfile)
+            if stray is not None and process.is_guest(stray, spec.name):
+                raise Conflict(f"VM {spec.name!r} already runs on this host (pid {stray})")
+            boot = self._boot_files(spec.image)
+            argv = build_argv(spec, files, self.accelerator, boot, self.qemu_binary)
+            shutil.rmtree(files.dir, ignore_errors=True)
+            files.dir.mkdir(parents=True, mode=0o700)
+            files.serial_log.parent.mkdir(parents=True, exist_ok=True)
+            files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
+            pid: int | None = None
+            try:
+                pid = await self._spawn(spec.name, argv, files)
+                vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator)
+                vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
+                await self._monitor(vm)
+                self._vms[spec.name] = vm
+                self._start_heartbeat(vm)
+                return vm.info()
+            except BaseException:
+                # Nothing half-done: no process, no runtime files, no record in memory.
+                if pid is not None:
+                    await process.kill_hard(pid)
+                failed = self._vms.pop(spec.name, None)
+                if failed is not None:
+                    await self._detach(failed)
+                shutil.rmtree(files.dir, ignore_errors=True)
+                raise
+
+    async def _spawn(self, name: str, argv: list[str], files: RuntimeFiles) -> int:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise QemuStartError(f"{argv[0]} is not installed on this host") from None
+        try:
+            _out, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            stray = _read_pid(files.pidfile)
+            if stray is not None:
+                await process.kill_hard(stray)
+            raise QemuStartError(f"QEMU for VM {name!r} did not start within {START_TIMEOUT:.0f} s") from None
+        if proc.returncode != 0:
+            lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"exit status {proc.returncode}"
+            why = why.split(": ", 1)[1] if why.startswith(argv[0]) and ": " in why else why
+            raise QemuStartError(f"QEMU refused to start VM {name!r}: {why}")
+        pid = _read_pid(files.pidfile)
+        if pid is None or not process.alive(pid):
+            raise QemuStartError(f"QEMU for VM {name!r} exited right after starting")
+        return pid
+
+    async def _monitor(self, vm: _Vm) -> None:
+        mon = Monitor(vm.name, vm.files.qmp, on_event=lambda ev, data: self._on_event(vm, ev, data))
+        await mon.connect()
+        vm.monitor = mon
+
+    def _on_event(self, vm: _Vm, event: str, data: dict[str, Any]) -> None:
+        if event == "SHUTDOWN":
+            reason = str(data.get("reason", "shutdown"))
+            vm.expect_exit = True
+            vm.exit_reason = reason
+            with contextlib.suppress(OSError):
+                vm.files.exit.write_text(json.dumps({"reason": reason, "time": time.time()}))
+        elif event == "STOP" and vm.state == RuntimeState.RUNNING:
+            vm.state = RuntimeState.PAUSED
+        elif event == "RESUME" and vm.state == RuntimeState.PAUSED:
+            vm.state = RuntimeState.RUNNING
+        elif event == "RESET":
+            vm.guest_ready = False
+            vm.guest_uptime = None
+            vm.last_heartbeat = None
+
+    def _start_heartbeat(self, vm: _Vm) -> None:
+        vm.heartbeat_task = asyncio.create_task(self._read_heartbeat(vm), name=f"heartbeat-{vm.name}")
+
+    async def _read_heartbeat(self, vm: _Vm) -> None:
+        """Read ``hb <uptime>`` lines the guest writes on its virtio-serial port."""
+        while vm.state in _ACTIVE:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(vm.files.heartbeat)), 5.0
+                )
+            except (TimeoutError, OSError):
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        break
+                    parts = line.decode(errors="replace").split()
+                    if len(parts) == 2 and parts[0] == "hb":
+                        with contextlib.suppress(ValueError):
+                            vm.guest_uptime = float(parts[1])
+                            vm.last_heartbeat = time.monotonic()
+                            vm.guest_ready = True
+            except (OSError, ValueError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            await asyncio.sleep(0.2)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap(), name="qemu-reaper")
+
+    async def _reap(self) -> None:
+        """Notice processes that ended: exited on request, or crashed."""
+        while True:
+            for vm in list(self._vms.values()):
+                if vm.state in _ACTIVE and not process.alive(vm.pid):
+                    self._mark_gone(vm)
+                    await self._detach(vm)
+            await asyncio.sleep(0.25)
+
+    def _mark_gone(self, vm: _Vm) -> None:
+        reason = vm.exit_reason or _read_exit(vm.files)[1]
+        if vm.expect_exit or reason:
+            vm.state = RuntimeState.EXITED
+            vm.exit_reason = reason or "stopped"
+        else:
+            vm.state = RuntimeState.CRASHED
+            vm.exit_reason = "the QEMU process ended unexpectedly"
+        with contextlib.suppress(OSError):
+            vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
+
+    async def _detach(self, vm: _Vm) -> None:
+        if vm.heartbeat_task is not None:
+            vm.heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await vm.heartbeat_task
+            vm.heartbeat_task = None
+        if vm.monitor is not None:
+            await vm.monitor.close()
+            vm.monitor = None
+
+    # -- operations ------------------------------------------------------------------
+
+    def _running(self, name: str) -> _Vm:
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _ACTIVE:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        return vm
+
+    async def _qmp(self, vm: _Vm, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if vm.monitor is None or not vm.monitor.connected:
+            await self._monitor(vm)
+        assert vm.monitor is not None
+        return await vm.monitor.execute(command, arguments)
+
+    async def powerdown(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            vm.expect_exit = True
+            await self._qmp(vm, "system_powerdown")
+            vm.state = RuntimeState.SHUTTING_DOWN
+
+    async def stop(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None:
+                raise NotFound(f"VM {name!r} is not running on this host")
+            if vm.state not in _ACTIVE:
+                return
+            vm.expect_exit = True
+            vm.exit_reason = vm.exit_reason or "stopped"
+            with contextlib.suppress(KasouError):
+                await self._qmp(vm, "quit")
+            if not await process.wait_gone(vm.pid, QUIT_TIMEOUT / 2):
+                await process.kill_hard(vm.pid, QUIT_TIMEOUT)
+            if process.alive(vm.pid):
+                raise QemuStartError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
+            self._mark_gone(vm)
+            await self._detach(vm)
+
+    async def reset(self, name: str) -> None:
+        async with self._lock(name):
+            await self._qmp(self._running(name), "system_reset")
+
+    async def pause(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            await self._qmp(vm, "stop")
+            vm.state = RuntimeState.PAUSED
+
+    async def resume(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            await self._qmp(vm, "cont")
+            vm.state = RuntimeState.RUNNING
+
+    async def info(self, name: str) -> RuntimeInfo | None:
+        vm = self._vms.get(name)
+        if vm is not None and vm.state in _ACTIVE and not process.alive(vm.pid):
+            self._mark_gone(vm)
+            await self._detach(vm)
+        return vm.info() if vm is not None else None
+
+    async def list(self) -> list[RuntimeInfo]:
+        out = []
+        for name in sorted(self._vms):
+            info = await self.info(name)
+            if info is not None:
+                out.append(info)
+        return out
+
+    async def forget(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is not None and vm.state in _ACTIVE and process.alive(vm.pid):
+                raise Conflict(f"VM {name!r} still runs; stop it first")
+            if vm is not None:
+                await self._detach(vm)
+            self._vms.pop(name, None)
+            shutil.rmtree(self._files(name).dir, ignore_errors=True)
+
+    async def console_log(self, name: str, max_bytes: int = 65536) -> str:
+        path = self._files(name).serial_log
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            raise NotFound(f"VM {name!r} has no console output on this host") from None
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for vm in list(self._vms.values()):
+            await self._detach(vm)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _read_exit(files: RuntimeFiles) -> tuple[RuntimeState | None, str | None]:
+    """The exit record: (EXITED or CRASHED, reason), or (None, None) if there is none."""
+    try:
+        data = json.loads(files.exit.read_text())
+    except (FileNotFoundError, ValueError):
+        return None, None
+    state = RuntimeState.CRASHED if data.get("state") == "crashed" else RuntimeState.EXITED
+    return state, str(data.get("reason") or "exited")
+
+
+def _launch_accel(files: RuntimeFiles) -> str | None:
+    try:
+        return json.loads(files.launch.read_text()).get("accelerator")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _state_of(status: Any) -> RuntimeState:
+    s = status.get("status") if isinstance(status, dict) else None
+    if s == "running":
+        return RuntimeState.RUNNING
+    return RuntimeState.PAUSED
+
+
+__all__ = ["MonitorError", "QemuDriver"]

@@ -1,0 +1,167 @@
+"""Start and stop the single-host services (agent, API) in the background, idempotently.
+
+The services are ordinary processes in their own sessions; their pid files are
+checked against /proc so a reused pid is never signalled. Stopping them never
+stops a VM (QEMU runs daemonized, outside their process groups).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from kasou.api.auth import ensure_token
+from kasou.config import Paths, api_url
+from kasou.errors import KasouError, OperationTimeout
+from kasou.hypervisor.qemu import process
+
+AGENT_START_TIMEOUT = 90.0  # the first start of a boot probes KVM (up to 15 s) before listening
+API_START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+SERVICES = ("agent", "api")
+
+
+def _command(service: str, api: str) -> list[str]:
+    if service == "agent":
+        return [sys.executable, "-m", "kasou", "agent"]
+    return [sys.executable, "-m", "kasou", "serve", "--address", api]
+
+
+def service_pid(paths: Paths, service: str) -> int | None:
+    """The pid of a running service of this home, or None."""
+    try:
+        pid = int(paths.pidfile(service).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    args = process.cmdline(pid) if process.alive(pid) else []
+    verb = "agent" if service == "agent" else "serve"
+    if "kasou" in args and verb in args:
+        return pid
+    return None
+
+
+def _agent_ok(paths: Paths) -> bool:
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(paths.agent_socket)), timeout=3) as c:
+            return c.get("http://agent/agent/v1/ping").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _api_ok(url: str, token: str) -> bool:
+    try:
+        r = httpx.get(url + "/v1/version", headers={"Authorization": f"Bearer {token}"}, timeout=3)
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        return " | ".join(text[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def _spawn(paths: Paths, service: str, api: str) -> int:
+    log = paths.logs / f"{service}.log"
+    env = dict(os.environ, KASOU_HOME=str(paths.home), KASOU_IMAGES=str(paths.images))
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            _command(service, api),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # not in the caller's process group: a Ctrl-C there does not reach it
+            close_fds=True,
+        )
+    paths.pidfile(service).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _wait(ok: Callable[[], bool], pid: int, timeout: float, service: str, paths: Paths) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        if not process.alive(pid):
+            why = _tail(paths.logs / f"{service}.log") or "no log output"
+            raise KasouError(f"the {service} exited while starting: {why}")
+        time.sleep(0.1)
+    raise OperationTimeout(
+        f"the {service} did not answer within {timeout:.0f} s; see {paths.logs}/{service}.log"
+    )
+
+
+def up(paths: Paths, api: str | None = None) -> dict[str, str]:
+    """Start whatever is not running yet. Returns what was done per service."""
+    paths.ensure()
+    token = ensure_token(paths.token_file)
+    url = api_url(api)
+    address = url.split("://", 1)[1]
+    done = {}
+    pid = service_pid(paths, "agent")
+    if pid is not None and _agent_ok(paths):
+        done["agent"] = f"already running (pid {pid})"
+    else:
+        if pid is not None:
+            _terminate(pid)
+        pid = _spawn(paths, "agent", address)
+        _wait(lambda: _agent_ok(paths), pid, AGENT_START_TIMEOUT, "agent", paths)
+        done["agent"] = f"started (pid {pid})"
+    pid = service_pid(paths, "api")
+    if pid is not None and _api_ok(url, token):
+        done["api"] = f"already running (pid {pid}) at {url}"
+    else:
+        if pid is not None:
+            _terminate(pid)
+        pid = _spawn(paths, "api", address)
+        _wait(lambda: _api_ok(url, token), pid, API_START_TIMEOUT, "api", paths)
+        done["api"] = f"started (pid {pid}) at {url}"
+    return done
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while process.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while process.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def down(paths: Paths) -> dict[str, str]:
+    """Stop the API, then the agent. VMs keep running."""
+    done = {}
+    for service in ("api", "agent"):
+        pid = service_pid(paths, service)
+        if pid is None:
+            done[service] = "not running"
+        else:
+            _terminate(pid)
+            done[service] = f"stopped (pid {pid})"
+        paths.pidfile(service).unlink(missing_ok=True)
+    return done
+
+
+def status(paths: Paths) -> dict[str, int | None]:
+    return {s: service_pid(paths, s) for s in SERVICES}
