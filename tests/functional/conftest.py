@@ -1,0 +1,109 @@
+"""A whole kasou (API, control plane, agent) in one process, with the fake driver.
+
+Disks are real qcow2 files made by ``qemu-img`` in a temporary directory; the
+"tiny" image is a stand-in of 1 MiB. No QEMU guest runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from kasou.agent.app import Agent, create_agent_app
+from kasou.agent.client import AgentClient
+from kasou.agent.storage import LocalDisks
+from kasou.api.app import Services, create_app
+from kasou.control.vms import Agents
+from kasou.hypervisor.fake import FakeDriver
+from kasou.store.sqlite import SqliteStore
+
+TOKEN = "test-token"
+
+
+def make_fake_image(images: Path) -> None:
+    root = images / "tiny"
+    root.mkdir(parents=True)
+    (root / "vmlinuz").write_bytes(b"kernel")
+    (root / "initramfs.img").write_bytes(b"initrd")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(root / "disk.raw"), "1M"], check=True)
+    manifest = {
+        "manifest_version": 1,
+        "name": "tiny",
+        "kernel": "vmlinuz",
+        "initrd": "initramfs.img",
+        "disk": "disk.raw",
+        "disk_format": "raw",
+        "disk_size_bytes": 1024 * 1024,
+        "kernel_args": "console=ttyS0",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@dataclass
+class Env:
+    api: TestClient
+    driver: FakeDriver
+    services: Services
+    tmp: Path
+
+    def wait(self, job: dict) -> dict:
+        """Follow a job to its end and return its final record."""
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            j = self.api.get(f"/v1/jobs/{job['id']}").json()
+            if j["state"] in ("succeeded", "failed"):
+                return j
+            time.sleep(0.01)
+        raise AssertionError(f"job {job['id']} did not finish")
+
+    def create(self, name: str, **kw: object) -> dict:
+        body = {"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 128, **kw}
+        r = self.api.post("/v1/vms", json=body)
+        assert r.status_code == 202, r.text
+        job = self.wait(r.json()["job"])
+        assert job["state"] == "succeeded", job
+        return self.api.get(f"/v1/vms/{name}").json()
+
+    def act(self, name: str, action: str, **params: object) -> dict:
+        r = self.api.post(f"/v1/vms/{name}/actions/{action}", params=params)
+        assert r.status_code == 202, r.text
+        return self.wait(r.json()["job"])
+
+    def disk_files(self) -> list[Path]:
+        return sorted((self.tmp / "disks").rglob("*.qcow2"))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    images = tmp_path / "images"
+    make_fake_image(images)
+    driver = FakeDriver()
+    agent = Agent(
+        host="host1",
+        driver=driver,
+        disks=LocalDisks(tmp_path / "disks", images),
+        accelerator="tcg",
+        accelerator_reason="test",
+        qemu_version="7.2",
+        images=lambda: ["tiny"],
+    )
+    agent_client = AgentClient("host1", transport=httpx.ASGITransport(app=create_agent_app(agent)))
+    holder: dict[str, Services] = {}
+
+    async def factory() -> Services:
+        svc = Services.build(SqliteStore(tmp_path / "state.db"), Agents({"host1": agent_client}), shutdown_timeout=2)
+        holder["svc"] = svc
+        return svc
+
+    app = create_app(factory, TOKEN)
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        yield Env(api, driver, holder["svc"], tmp_path)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kasou.hypervisor.base import LaunchDisk, LaunchSpec
+from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
+from kasou.model.spec import NicSpec
+
+
+def spec(**kw: object) -> LaunchSpec:
+    base = dict(
+        name="emr1",
+        uuid="00000000-0000-0000-0000-000000000001",
+        vcpus=2,
+        memory_mib=256,
+        image="tiny",
+        disks=[LaunchDisk(id="disk0", path="/d/emr1/disk0.qcow2")],
+        nics=[NicSpec(id="net0", mac="52:54:00:aa:bb:cc")],
+    )
+    base.update(kw)
+    return LaunchSpec(**base)  # type: ignore[arg-type]
+
+
+FILES = RuntimeFiles(dir=Path("/run/k/emr1"), serial_log=Path("/log/emr1.log"))
+BOOT = BootFiles(Path("/img/vmlinuz"), Path("/img/initrd"), "console=ttyS0 quiet")
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_basic_shape() -> None:
+    argv = build_argv(spec(), FILES, "tcg", BOOT)
+    assert argv[0] == "qemu-system-x86_64"
+    assert opt(argv, "-name") == ["guest=emr1,debug-threads=on"]
+    assert opt(argv, "-accel") == ["tcg,tb-size=64"]
+    assert opt(argv, "-m") == ["256"]
+    assert opt(argv, "-smp") == ["2"]
+    assert "-daemonize" in argv
+    assert opt(argv, "-qmp") == ["unix:/run/k/emr1/qmp.sock,server=on,wait=off"]
+    assert opt(argv, "-vnc") == ["unix:/run/k/emr1/vnc.sock"]  # never a TCP port
+    assert opt(argv, "-append") == ["console=ttyS0 quiet"]
+    assert any("name=org.kasou.heartbeat" in a for a in opt(argv, "-device"))
+    assert "-S" not in argv
+
+
+def test_disks_and_nics() -> None:
+    argv = build_argv(spec(), FILES, "kvm", BOOT)
+    assert opt(argv, "-accel") == ["kvm"]
+    bd = opt(argv, "-blockdev")
+    assert bd[0].startswith("driver=file,filename=/d/emr1/disk0.qcow2,node-name=disk0-file")
+    assert bd[1].startswith("driver=qcow2,file=disk0-file,node-name=disk0")
+    assert "virtio-blk-pci,drive=disk0,id=disk0-dev" in opt(argv, "-device")
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,id=net0-dev" in opt(argv, "-device")
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    argv = build_argv(spec(disks=[LaunchDisk(id="disk0", path="/d/a,b.qcow2")]), FILES, "tcg", BOOT)
+    assert "filename=/d/a,,b.qcow2," in opt(argv, "-blockdev")[0]
+
+
+def test_paused_and_extra_kernel_args_and_no_boot() -> None:
+    argv = build_argv(spec(paused=True, kernel_args_extra="kasou.writer=0"), FILES, "tcg", BOOT)
+    assert "-S" in argv
+    assert opt(argv, "-append") == ["console=ttyS0 quiet kasou.writer=0"]
+    assert "-kernel" not in build_argv(spec(), FILES, "tcg", None)
+
+
+def test_unknown_accelerator() -> None:
+    with pytest.raises(ValueError):
+        build_argv(spec(), FILES, "hvf", BOOT)
