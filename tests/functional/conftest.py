@@ -100,7 +100,9 @@ def env(tmp_path: Path) -> Iterator[Env]:
     holder: dict[str, Services] = {}
 
     async def factory() -> Services:
-        svc = Services.build(SqliteStore(tmp_path / "state.db"), Agents({"host1": agent_client}), shutdown_timeout=2)
+        svc = Services.build(
+            SqliteStore(tmp_path / "state.db"), Agents({"host1": agent_client}), shutdown_timeout=2
+        )
         holder["svc"] = svc
         return svc
 

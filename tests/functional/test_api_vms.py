@@ -51,7 +51,12 @@ def test_graceful_shutdown_times_out_into_hard_stop(env: Env) -> None:
 
 @pytest.mark.parametrize(
     ("action", "state_setup", "status"),
-    [("start", "running", 409), ("resume", "running", 409), ("pause", "stopped", 409), ("shutdown", "stopped", 409)],
+    [
+        ("start", "running", 409),
+        ("resume", "running", 409),
+        ("pause", "stopped", 409),
+        ("shutdown", "stopped", 409),
+    ],
 )
 def test_wrong_state_is_409_and_changes_nothing(env: Env, action: str, state_setup: str, status: int) -> None:
     env.create("pharm1", start=state_setup == "running")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install what kasou needs on a Debian 12 host, idempotently: QEMU and the tools
+# the tiny guest image is built with (Debian packages), and a virtual environment
+# in .venv with kasou and its Python dependencies. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "error: run as root (kasou manages QEMU processes, disks and, later, network devices)" >&2
+  exit 1
+fi
+
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates)
+PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
+python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# The tiny image downloads Debian's cloud kernel package: apt's lists must exist.
+lists=$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' 2>/dev/null | head -n1)
+if [ ${#missing[@]} -gt 0 ] || [ -z "$lists" ]; then
+  echo "installing Debian packages: ${missing[*]:-(refreshing package lists)}"
+  apt-get update -qq
+  if [ ${#missing[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+# The virtual environment, reinstalled only when pyproject.toml changes.
+stamp=.venv/.kasou-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing Python packages into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c 'import kasou, qemu.qmp, fastapi, typer' 
+  echo "$want" > "$stamp"
+fi

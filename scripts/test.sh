@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything, then run kasou's whole test suite: lint, types, unit,
+# functional, and the integration tests that boot real QEMU guests.
+# Extra arguments go to pytest (e.g. -m "not qemu" for the fast part only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== ruff"
+ruff check src tests bench
+echo "== mypy"
+mypy
+echo "== tiny guest image"
+kasou image build tiny
+echo "== pytest"
+exec pytest -p no:cacheprovider "$@"
