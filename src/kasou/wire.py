@@ -8,15 +8,14 @@ answer back into the same exception class.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kasou import errors as E
+
+if TYPE_CHECKING:  # the server side imports FastAPI; clients (the CLI) must not pay for it
+    from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,10 @@ def error_body(error: E.KasouError) -> dict[str, Any]:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Make a FastAPI app answer kasou's errors, bad requests and 404s in kasou's JSON shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(E.KasouError)
     async def _kasou(_req: Request, exc: E.KasouError) -> JSONResponse:

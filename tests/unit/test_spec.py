@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kasou.errors import InvalidSpec
-from kasou.model.spec import NAME_MAX, VMCreate, format_size, parse_size, validate_name
+from kasou.model.spec import NAME_MAX, VMCreate, validate_name
+from kasou.model.units import format_size, parse_size
 
 SAFE = string.ascii_letters + string.digits + "-_."
 

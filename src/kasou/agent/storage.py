@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
-from kasou.model.spec import format_size
+from kasou.model.units import format_size
 
 QEMU_IMG_TIMEOUT = 600.0  # a full copy of a large image can take minutes
 

@@ -24,7 +24,7 @@ from kasou.api.auth import read_token
 from kasou.api.client import Client
 from kasou.config import Paths, api_url
 from kasou.errors import InvalidSpec, KasouError
-from kasou.model.spec import format_size
+from kasou.model.units import format_size
 
 app = typer.Typer(
     name="kasou",

@@ -1,9 +1,7 @@
-"""The hypervisor layer: one driver interface, a QEMU driver and a fake for tests.
+"""The hypervisor layer: one driver interface (:mod:`.base`), a QEMU driver (:mod:`.qemu`)
+and a fake for tests (:mod:`.fake`).
 
 Process ids, QMP socket paths and QEMU node names stay inside this layer; the
-host agent speaks only in :class:`LaunchSpec` and :class:`RuntimeInfo`.
+host agent speaks only in ``LaunchSpec`` and ``RuntimeInfo``. (No eager imports
+here: the CLI imports small parts of this package and must start fast.)
 """
-
-from kasou.hypervisor.base import Driver, LaunchDisk, LaunchSpec, RuntimeInfo, RuntimeState
-
-__all__ = ["Driver", "LaunchDisk", "LaunchSpec", "RuntimeInfo", "RuntimeState"]

@@ -1,23 +1,4 @@
-"""The model: specs, states and their validation. No I/O happens here."""
+"""The model: specs (:mod:`.spec`), sizes (:mod:`.units`) and states (:mod:`.state`).
 
-from kasou.model.spec import (
-    DiskSpec,
-    NicSpec,
-    VMCreate,
-    format_size,
-    parse_size,
-    validate_name,
-)
-from kasou.model.state import Action, VMState, check_action
-
-__all__ = [
-    "Action",
-    "DiskSpec",
-    "NicSpec",
-    "VMCreate",
-    "VMState",
-    "check_action",
-    "format_size",
-    "parse_size",
-    "validate_name",
-]
+No I/O happens here. (No eager imports: the CLI must start fast.)
+"""
