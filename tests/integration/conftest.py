@@ -24,14 +24,12 @@ import pytest
 
 from kasou.config import DEFAULT_IMAGES, Paths
 
-pytestmark = pytest.mark.qemu
-
 KASOU = [sys.executable, "-m", "kasou"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in str(item.fspath):
+        if "integration" in str(item.fspath) and item.get_closest_marker("etcd") is None:
             item.add_marker(pytest.mark.qemu)
 
 

@@ -27,8 +27,12 @@ INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0);
 
 
 def _prefix_end(prefix: str) -> str:
-    # Keys are ASCII paths; the range [prefix, prefix + U+FFFF) holds every key under it.
-    return prefix + "\uffff"
+    # Every key under ``prefix`` sorts below the prefix with its last character
+    # incremented (SQLite compares text as UTF-8 bytes, which keeps code point order).
+    # The empty prefix means every key: compare against a bound no key reaches.
+    if not prefix:
+        return "\U0010ffff" * 64
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class SqliteStore(Store):

@@ -1,0 +1,199 @@
+"""Start and stop a real N-member etcd cluster on 127.0.0.1, for tests and the lab.
+
+etcd has no service manager on the lab machine: this class is how kasou starts it::
+
+    with EtcdCluster(tmp / "etcd", members=3) as cluster:
+        store = EtcdStore(cluster.endpoints)
+        ...
+        cluster.kill(0)  # SIGKILL one member: quorum holds with 2 of 3
+
+Every member is an ``etcd`` process in its own session, logging to
+``<data_dir>/<name>.log`` with its data in ``<data_dir>/<name>.etcd``. :meth:`stop`
+ends them by pid (SIGTERM, then SIGKILL) and removes ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from kasou.errors import OperationTimeout, StoreError
+
+HOST = "127.0.0.1"
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports the kernel considers free right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class EtcdCluster:
+    """``members`` etcd processes forming one cluster on loopback."""
+
+    def __init__(self, data_dir: Path, members: int = 3, base_port: int | None = None) -> None:
+        if members < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        self.data_dir = Path(data_dir)
+        self.members = members
+        # member i: client port ports[2i], peer port ports[2i + 1]
+        if base_port is None:
+            self._ports = _free_ports(2 * members)
+        else:
+            self._ports = list(range(base_port, base_port + 2 * members))
+        self.names = [f"m{i}" for i in range(members)]
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * members
+        self._token = f"kasou-lab-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The client URLs, one per member (dead members included)."""
+        return [f"http://{HOST}:{self._ports[2 * i]}" for i in range(self.members)]
+
+    @property
+    def peer_urls(self) -> list[str]:
+        return [f"http://{HOST}:{self._ports[2 * i + 1]}" for i in range(self.members)]
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The pid of each member, None for one not started or already reaped."""
+        return [None if p is None or p.poll() is not None else p.pid for p in self._procs]
+
+    def log_path(self, index: int) -> Path:
+        return self.data_dir / f"{self.names[index]}.log"
+
+    def start(self, timeout: float = 30) -> list[str]:
+        """Start every member; return the client URLs once each member reports itself healthy.
+
+        Raises StoreError if etcd is not installed or a member exits, OperationTimeout if the
+        cluster is not healthy within ``timeout`` seconds; in both cases nothing is left running.
+        """
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise StoreError("etcd is not installed (apt-get install etcd-server etcd-client)")
+        if any(p is not None for p in self._procs):
+            raise StoreError("this etcd cluster was started already")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        initial = ",".join(f"{n}={u}" for n, u in zip(self.names, self.peer_urls, strict=True))
+        # etcd also reads its flags from ETCD_* variables: do not let the caller's leak in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        try:
+            for i, name in enumerate(self.names):
+                args = [
+                    binary,
+                    "--name", name,
+                    "--data-dir", str(self.data_dir / f"{name}.etcd"),
+                    "--listen-client-urls", self.endpoints[i],
+                    "--advertise-client-urls", self.endpoints[i],
+                    "--listen-peer-urls", self.peer_urls[i],
+                    "--initial-advertise-peer-urls", self.peer_urls[i],
+                    "--initial-cluster", initial,
+                    "--initial-cluster-state", "new",
+                    "--initial-cluster-token", self._token,
+                    "--logger", "zap",
+                    "--log-outputs", "stderr",
+                ]  # fmt: skip
+                with open(self.log_path(i), "ab") as log:
+                    self._procs[i] = subprocess.Popen(
+                        args,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env=env,
+                    )
+            self._wait_healthy(timeout)
+        except BaseException:
+            self._terminate()
+            raise
+        return self.endpoints
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(range(self.members))
+        with httpx.Client(timeout=1.0) as client:
+            while pending:
+                for i in sorted(pending):
+                    proc = self._procs[i]
+                    if proc is not None and proc.poll() is not None:
+                        raise StoreError(
+                            f"etcd member {self.names[i]} exited with status {proc.returncode}: "
+                            f"{self._log_tail(i)}"
+                        )
+                    try:
+                        r = client.get(f"{self.endpoints[i]}/health")
+                        if r.status_code == 200 and r.json().get("health") == "true":
+                            pending.discard(i)
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                if not pending:
+                    return
+                if time.monotonic() > deadline:
+                    names = ", ".join(self.names[i] for i in sorted(pending))
+                    raise OperationTimeout(f"etcd members {names} not healthy after {timeout:g}s")
+                time.sleep(0.1)
+
+    def _log_tail(self, index: int, lines: int = 3) -> str:
+        try:
+            tail = self.log_path(index).read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return "(no log)"
+        return " | ".join(tail) or "(empty log)"
+
+    def kill(self, member_index: int) -> None:
+        """SIGKILL one member (to test losing it, or quorum) and reap it."""
+        proc = self._procs[member_index]
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def _terminate(self, grace: float = 5.0) -> None:
+        # One member at a time: SIGTERM to all at once makes each wait for peers that are
+        # leaving too (7 s); one by one, each exits in milliseconds.
+        for p in self._procs:
+            if p is None or p.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def stop(self) -> None:
+        """Stop every member (SIGTERM, SIGKILL after 5 s; by pid, one by one) and remove ``data_dir``."""
+        self._terminate()
+        self._procs = [None] * self.members
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdCluster:
+        if all(p is None for p in self._procs):
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
