@@ -120,6 +120,7 @@ class Libvirt:
         self.art = load_image(images_dir(), "tiny")
         self.accel = accelerator
         self.started_daemon: int | None = None
+        self.started_logd: int | None = None
         self.dir = Path("/var/lib/libvirt/images/kasou-bench")
 
     def setup(self) -> None:
@@ -131,13 +132,19 @@ class Libvirt:
             )  # fmt: skip
         for d in ("/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt/qemu", "/var/cache/libvirt"):
             Path(d).mkdir(parents=True, exist_ok=True)
+        # Debian's qemu.conf runs guests as user and group libvirt-qemu (in group kvm).
+        for group in ("kvm", "libvirt-qemu"):
+            if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
+                subprocess.run(["groupadd", "-r", group], check=True)
         if subprocess.run(["getent", "passwd", "libvirt-qemu"], capture_output=True).returncode != 0:
-            subprocess.run(["getent", "group", "kvm"], capture_output=True).returncode == 0 or subprocess.run(
-                ["groupadd", "-r", "kvm"], check=True
-            )
             subprocess.run(
-                ["useradd", "-r", "-g", "kvm", "-d", "/var/lib/libvirt", "libvirt-qemu"], check=True
+                ["useradd", "-r", "-g", "libvirt-qemu", "-G", "kvm", "-d", "/var/lib/libvirt", "libvirt-qemu"],
+                check=True,
             )
+        if not Path("/run/libvirt/virtlogd-sock").exists():
+            subprocess.run(["virtlogd", "-d"], check=True)  # libvirt logs each guest's console through it
+            out = subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True, text=True).stdout.split()
+            self.started_logd = int(out[0]) if out else None
         if not self._answers():
             subprocess.run(["libvirtd", "-d"], check=True)
             deadline = time.monotonic() + 30
@@ -204,8 +211,9 @@ class Libvirt:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        if self.started_daemon:
-            kill_pids([self.started_daemon])
+        for pid in (self.started_daemon, self.started_logd):
+            if pid:
+                kill_pids([pid])
 
 
 def main() -> None:

@@ -77,7 +77,15 @@ class Paths:
 
     @property
     def token_file(self) -> Path:
-        return self.home / "api.token"
+        """The API token (``KASOU_TOKEN_FILE``: one token shared by a cluster's hosts)."""
+        env = os.environ.get("KASOU_TOKEN_FILE")
+        return Path(env) if env else self.home / "api.token"
+
+    @property
+    def shared(self) -> Path | None:
+        """Shared storage every host sees at the same path (``KASOU_SHARED_DIR``), if any."""
+        env = os.environ.get("KASOU_SHARED_DIR")
+        return Path(env).absolute() if env else None
 
     @property
     def agent_socket(self) -> Path:
@@ -96,3 +104,9 @@ class Paths:
 def host_name() -> str:
     """This host's name in kasou (``KASOU_HOST_NAME`` or the system host name)."""
     return os.environ.get("KASOU_HOST_NAME") or socket.gethostname().split(".")[0]
+
+
+def etcd_endpoints() -> list[str]:
+    """``KASOU_ETCD``: comma-separated etcd client URLs. Empty: the embedded SQLite store."""
+    raw = os.environ.get("KASOU_ETCD", "")
+    return [u.strip().rstrip("/") for u in raw.split(",") if u.strip()]

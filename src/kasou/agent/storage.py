@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ class DiskCreate(BaseModel):
     source: Literal["blank", "image", "overlay"] = "blank"
     image: str | None = None  # for source=image
     backing: str | None = None  # for source=overlay: a disk path on this host
+    shared: bool = False  # make it in the shared storage every host sees
 
 
 class DiskInfo(BaseModel):
@@ -43,9 +43,7 @@ class DiskInfo(BaseModel):
 
 
 async def _run(*argv: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -60,19 +58,25 @@ async def _run(*argv: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
 
 
 class LocalDisks:
-    def __init__(self, disks_dir: Path, images_dir: Path) -> None:
+    def __init__(self, disks_dir: Path, images_dir: Path, shared_dir: Path | None = None) -> None:
         self.disks_dir = disks_dir
         self.images_dir = images_dir
+        self.shared_dir = shared_dir
+
+    def _roots(self) -> list[Path]:
+        return [d.resolve() for d in (self.disks_dir, self.shared_dir) if d is not None]
 
     def _inside(self, path: str | Path) -> Path:
         p = Path(path).resolve()
-        root = self.disks_dir.resolve()
-        if root not in p.parents:
+        if not any(root in p.parents for root in self._roots()):
             raise InvalidSpec(f"{path} is not a disk of this host")
         return p
 
     async def create(self, req: DiskCreate) -> DiskInfo:
-        vm_dir = self.disks_dir / req.vm
+        if req.shared and self.shared_dir is None:
+            raise InvalidSpec("this host has no shared storage (KASOU_SHARED_DIR)", field="storage")
+        base = self.shared_dir if req.shared and self.shared_dir is not None else self.disks_dir
+        vm_dir = base / req.vm
         path = vm_dir / f"{req.disk_id}.qcow2"
         if path.exists():
             raise AlreadyExists(f"disk {path} already exists")
@@ -125,9 +129,7 @@ class LocalDisks:
                 field="disk",
             )
         # A thin copy: convert skips zero clusters, so a 64 MiB image costs what it holds.
-        await _run(
-            "qemu-img", "convert", "-q", "-f", art.disk_format, "-O", "qcow2", str(art.disk), str(path)
-        )
+        await _run("qemu-img", "convert", "-q", "-f", art.disk_format, "-O", "qcow2", str(art.disk), str(path))
         if req.size_bytes is not None and req.size_bytes > art.disk_size_bytes:
             await _run("qemu-img", "resize", "-q", "-f", "qcow2", str(path), str(req.size_bytes))
 
@@ -135,9 +137,7 @@ class LocalDisks:
         p = self._inside(path)
         if not p.exists():
             raise NotFound(f"disk {p} does not exist")
-        data: dict[str, Any] = json.loads(
-            await _run("qemu-img", "info", "--output=json", "-U", str(p), timeout=30)
-        )
+        data: dict[str, Any] = json.loads(await _run("qemu-img", "info", "--output=json", "-U", str(p), timeout=30))
         return DiskInfo(
             path=str(p),
             format=str(data.get("format", "qcow2")),
@@ -152,11 +152,6 @@ class LocalDisks:
         p.unlink(missing_ok=True)
         _rmdir_if_empty(p.parent)
         return existed
-
-    async def delete_vm(self, vm: str) -> None:
-        d = self.disks_dir / vm
-        if d.resolve().parent == self.disks_dir.resolve():
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _rmdir_if_empty(d: Path) -> None:

@@ -6,23 +6,29 @@ Errors are kasou's JSON shape, mapped to HTTP in :mod:`kasou.wire`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import httpx
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict
 
 from kasou import __version__
-from kasou.agent.hostinfo import HostInfo
 from kasou.api.auth import check_bearer
+from kasou.control.hosts import Agents, HostView
 from kasou.control.jobs import Jobs
+from kasou.control.leader import Leadership
 from kasou.control.ledger import Ledger
+from kasou.control.migration import Migrations
 from kasou.control.records import JobRecord, LedgerEntry
-from kasou.control.vms import Agents, VMService, VMView
-from kasou.errors import AgentUnavailable, OperationTimeout
+from kasou.control.report import UptimeRow, uptime_row
+from kasou.control.vms import VMService, VMView
+from kasou.errors import AgentUnavailable
 from kasou.model.spec import VMCreate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
@@ -36,15 +42,31 @@ class Services:
     jobs: Jobs
     ledger: Ledger
     vms: VMService
+    migrations: Migrations
+    leadership: Leadership | None = None  # None: a single host, always in charge
+    _election: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, store: Store, agents: Agents, shutdown_timeout: float = 60.0) -> Services:
         jobs = Jobs(store)
         ledger = Ledger(store)
-        return cls(store, agents, jobs, ledger, VMService(store, agents, jobs, ledger, shutdown_timeout))
+        vms = VMService(store, agents, jobs, ledger, shutdown_timeout)
+        return cls(store, agents, jobs, ledger, vms, Migrations(vms))
+
+    async def start(self) -> None:
+        if self.leadership is None:
+            await self.vms.startup()
+        else:
+            self._election = asyncio.create_task(self.leadership.run(), name="leader-election")
 
     async def close(self) -> None:
+        if self._election is not None:
+            self._election.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._election
         await self.vms.close()
+        if self.leadership is not None:
+            await self.leadership.resign()
         await self.agents.close()
         await self.store.close()
 
@@ -58,6 +80,18 @@ class JobAccepted(BaseModel):
     job: JobRecord
 
 
+class MaybeJob(BaseModel):
+    job: JobRecord | None
+
+
+class MigrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str | None = None
+    downtime_ms: int = 100  # checked by the control plane: 1 .. 60000
+    auto_converge: bool = True
+
+
 PowerAction = Action  # the path parameter; delete and template have their own routes
 
 
@@ -67,7 +101,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         svc = await services_factory()
-        await svc.vms.startup()
+        await svc.start()
         state["svc"] = svc
         try:
             yield
@@ -82,6 +116,28 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     )
     install_error_handlers(app)
 
+    @app.middleware("http")
+    async def forward_to_leader(request: Request, call_next: Any) -> Response:
+        """In a cluster, changes are made by the leader: forward them there."""
+        svc_ = state.get("svc")
+        lead = svc_.leadership if svc_ is not None else None
+        if lead is None or lead.is_leader or request.method in ("GET", "HEAD"):
+            return cast(Response, await call_next(request))
+        if not request.url.path.startswith("/v1/"):
+            return cast(Response, await call_next(request))
+        if not lead.leader_url:
+            err = AgentUnavailable("no control plane leader is elected yet; try again in a few seconds")
+            return JSONResponse(err.to_dict(), status_code=503)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        url = lead.leader_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            async with httpx.AsyncClient(timeout=120) as c:
+                r = await c.request(request.method, url, content=await request.body(), headers=headers)
+        except httpx.HTTPError as e:
+            err = AgentUnavailable(f"the control plane leader {lead.leader_host} does not answer: {e}")
+            return JSONResponse(err.to_dict(), status_code=503)
+        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+
     async def authorized(request: Request) -> None:
         check_bearer(request.headers.get("authorization"), token)
 
@@ -95,14 +151,25 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return {"version": __version__}
 
     @v1.get("/hosts")
-    async def hosts() -> list[HostInfo]:
-        out = []
-        for name in svc().agents.names():
-            try:
-                out.append(await svc().agents.get(name).host_info())
-            except (AgentUnavailable, OperationTimeout):
-                continue
-        return out
+    async def hosts() -> list[HostView]:
+        return await svc().migrations.host_views()
+
+    @v1.post("/hosts/{name}/maintenance", status_code=202)
+    async def maintenance(name: str, on: bool = True) -> MaybeJob:
+        return MaybeJob(job=await svc().migrations.maintenance(name, on))
+
+    @v1.post("/vms/{name}/migrate", status_code=202)
+    async def migrate(name: str, body: MigrateRequest | None = None) -> JobAccepted:
+        req = body or MigrateRequest()
+        job = await svc().migrations.migrate(name, req.to, req.downtime_ms, req.auto_converge)
+        return JobAccepted(job=job)
+
+    @v1.get("/reports/uptime")
+    async def report_uptime() -> list[UptimeRow]:
+        rows = []
+        for vm in await svc().vms.list_all():
+            rows.append(uptime_row(vm.name, await svc().ledger.history(vm.name)))
+        return rows
 
     @v1.get("/vms")
     async def list_vms() -> list[VMView]:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from typing import Any
 
 import uvicorn
 
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
+from kasou.agent.registration import Registration
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, api_listen, host_name
-from kasou.control.vms import Agents
+from kasou.config import Paths, api_listen, etcd_endpoints, host_name
+from kasou.control.hosts import Agents
+from kasou.control.leader import Leadership
 from kasou.hypervisor.qemu import accel
 from kasou.hypervisor.qemu.driver import QemuDriver
+from kasou.store.etcd import EtcdStore
 from kasou.store.sqlite import SqliteStore
 
 
@@ -51,7 +56,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
     agent = Agent(
         host=host_name(),
         driver=driver,
-        disks=LocalDisks(paths.disks, paths.images),
+        disks=LocalDisks(paths.disks, paths.images, paths.shared),
         accelerator=decision.accelerator,
         accelerator_reason=decision.reason,
         qemu_version=decision.qemu_version,
@@ -60,7 +65,19 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
     app = create_agent_app(agent)
     if listen and not listen.startswith("unix:"):
         host, _, port = listen.rpartition(":")
-        uvicorn.run(app, host=host or "127.0.0.1", port=int(port), log_level="warning")
+        host = host or "127.0.0.1"
+        config = uvicorn.Config(app, host=host, port=int(port), log_level="warning")
+        endpoints = etcd_endpoints()
+        if not endpoints:
+            uvicorn.Server(config).run()
+            return
+        record = {
+            "agent_url": f"http://{host}:{port}",
+            "disks_dir": str(paths.disks),
+            "shared_dir": str(paths.shared) if paths.shared else None,
+            "accelerator": decision.accelerator,
+        }
+        asyncio.run(_serve_registered(config, EtcdStore(endpoints), record))
         return
     sock = listen[len("unix:") :] if listen else str(paths.agent_socket)
     if os.path.exists(sock):
@@ -72,17 +89,40 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         os.umask(old)
 
 
+async def _serve_registered(config: uvicorn.Config, store: EtcdStore, record: dict[str, Any]) -> None:
+    """Serve the agent while keeping this host registered in the cluster (its liveness lease)."""
+    reg = Registration(store, host_name(), record)
+    task = asyncio.create_task(reg.run(), name="registration")
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        # The lease is not revoked: an agent that stops (or restarts) leaves its VMs running,
+        # and the host only counts as gone once its lease runs out.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+
 def run_api(paths: Paths, address: str | None = None) -> None:
     """Run the control plane and the REST API in the foreground (``kasou serve``)."""
     paths.ensure()
     _logging(paths, "api")
     token = ensure_token(paths.token_file)
 
-    async def factory() -> Services:
-        store = SqliteStore(paths.state_db)
-        host = host_name()
-        agents = Agents({host: AgentClient(host, uds=str(paths.agent_socket))})
-        return Services.build(store, agents)
-
     host, port = api_listen(address)
+    endpoints = etcd_endpoints()
+
+    async def factory() -> Services:
+        me = host_name()
+        if not endpoints:
+            agents = Agents({me: AgentClient(me, uds=str(paths.agent_socket))})
+            return Services.build(SqliteStore(paths.state_db), agents)
+        store = EtcdStore(endpoints)
+        svc = Services.build(store, Agents(store=store))
+        svc.leadership = Leadership(
+            store, me, f"http://{host}:{port}", on_elected=svc.vms.startup, on_deposed=svc.vms.suspend
+        )
+        return svc
+
     uvicorn.run(create_app(factory, token), host=host, port=port, log_level="warning")

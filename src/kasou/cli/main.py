@@ -166,9 +166,7 @@ def version() -> None:
 @host_app.command("check")
 def host_check(
     as_json: bool = typer.Option(False, "--json"),
-    refresh: bool = typer.Option(
-        False, "--refresh", help="Probe KVM again instead of using this boot's answer."
-    ),
+    refresh: bool = typer.Option(False, "--refresh", help="Probe KVM again instead of using this boot's answer."),
 ) -> None:
     """The accelerator this host will use and why, the QEMU version, CPUs and free memory."""
     from kasou.agent.hostinfo import cpu_count, memory_mib
@@ -198,27 +196,45 @@ def host_check(
 
 @host_app.command("list")
 def host_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The hosts of this environment, with capacity and load."""
+    """The hosts of this environment: state, capacity and load."""
     hosts = client().get("/v1/hosts")
     if as_json:
         print_json(hosts)
         return
-    t = Table("name", "CPUs", "memory", "available", "load", "VMs", "accelerator")
+    t = Table("name", "state", "CPUs", "vCPUs used", "memory for VMs", "used", "free", "VMs", "load")
     for h in hosts:
         t.add_row(
-            h["name"], str(h["cpus"]), f"{h['memory_total_mib']} MiB", f"{h['memory_available_mib']} MiB",
-            str(h["load_1m"]), str(h["vms_running"]), h["accelerator"],
+            h["name"], h["state"], str(h["cpus"]), str(h["vcpus_used"]), f"{h['memory_capacity_mib']} MiB",
+            f"{h['memory_used_mib']} MiB", f"{h['memory_free_mib']} MiB", str(h["vms_running"]), str(h["load_1m"]),
         )  # fmt: skip
     out.print(t)
+
+
+@host_app.command("maintenance")
+def host_maintenance(
+    name: str,
+    off: bool = typer.Option(False, "--off", help="Return the host to service."),
+    wait: bool = typer.Option(True, "--wait/--no-wait"),
+) -> None:
+    """Empty a host by live-migrating its VMs elsewhere, and place nothing there (--off returns it)."""
+    c = client()
+    res = c.post(f"/v1/hosts/{name}/maintenance", params={"on": not off})
+    if off:
+        out.print(f"host {name}: back in service", markup=False, highlight=False)
+        return
+    if wait and res["job"]:
+        job = follow(c, res["job"], f"emptying {name}", timeout=3600)
+        moved = (job.get("result") or {}).get("moved", [])
+        out.print(f"host {name}: in maintenance, {len(moved)} VMs moved", markup=False, highlight=False)
+    else:
+        out.print(f"host {name}: entering maintenance (job {res['job']['id']})", markup=False, highlight=False)
 
 
 # -- images ---------------------------------------------------------------------------
 
 
 @image_app.command("build")
-def image_build(
-    name: str, force: bool = typer.Option(False, "--force", help="Rebuild even if cached.")
-) -> None:
+def image_build(name: str, force: bool = typer.Option(False, "--force", help="Rebuild even if cached.")) -> None:
     """Build a guest image from Debian packages (cached after the first build)."""
     from kasou.image import build_image
 
@@ -260,6 +276,7 @@ def vm_create(
     disk: str = typer.Option(None, "--disk", help="Disk size, e.g. 1G (default: the image's size)."),
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     description: str = typer.Option("", "--description"),
+    shared: bool = typer.Option(False, "--shared", help="Put the disk on the shared storage every host sees."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -272,6 +289,7 @@ def vm_create(
         "disk": disk,
         "start": start,
         "description": description,
+        "storage": "shared" if shared else "local",
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -351,6 +369,30 @@ def vm_delete(
     out.print(f"vm {name}: deleted", markup=False, highlight=False)
 
 
+@vm_app.command("migrate")
+def vm_migrate(
+    name: str,
+    to: str = typer.Option(None, "--to", help="Destination host (default: the scheduler's choice)."),
+    downtime_ms: str = typer.Option("100", "--downtime-ms", help="Longest pause the guest may see."),
+    wait: bool = WAIT,
+) -> None:
+    """Live-migrate a running VM to another host (its disks too, unless they are on shared storage)."""
+    c = client()
+    body = {"to": to, "downtime_ms": parse_int(downtime_ms, "downtime_ms")}
+    res = c.post(f"/v1/vms/{name}/migrate", json=body)
+    if not wait:
+        out.print(f"vm {name}: migrate job {res['job']['id']}", markup=False, highlight=False)
+        return
+    job = follow(c, res["job"], f"migrating {name}", timeout=1800)
+    r = job.get("result") or {}
+    out.print(
+        f"vm {name}: migrated {r.get('from')} -> {r.get('to')} ({r.get('storage')} storage, "
+        f"downtime {r.get('downtime_ms')} ms, total {r.get('total_ms')} ms)",
+        markup=False,
+        highlight=False,
+    )
+
+
 @vm_app.command("template")
 def vm_template(name: str) -> None:
     """Freeze a stopped VM as a template for linked clones (kasou vm create --from NAME)."""
@@ -418,9 +460,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @vm_app.command("log")
-def vm_log(
-    name: str, max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show.")
-) -> None:
+def vm_log(name: str, max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show.")) -> None:
     """The VM's serial console output."""
     sys.stdout.write(client().text(f"/v1/vms/{name}/console", params={"max_bytes": max_bytes}))
 
@@ -434,9 +474,29 @@ def vm_history(name: str, as_json: bool = typer.Option(False, "--json")) -> None
         return
     for e in events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
-        out.print(
-            f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False
-        )
+        out.print(f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False)
+
+
+# -- reports -------------------------------------------------------------------------
+
+report_app = typer.Typer(help="Reports.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("uptime")
+def report_uptime(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per VM: time since its last real stop, and how often it stopped (a migration is not a stop)."""
+    rows = client().get("/v1/reports/uptime")
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("name", "running", "uptime", "stops", "crashes", "migrations")
+    for r in rows:
+        t.add_row(
+            r["name"], "yes" if r["running"] else "no", _uptime(r["uptime_s"]), str(r["stops"]), str(r["crashes"]),
+            str(r["migrations"]),
+        )  # fmt: skip
+    out.print(t)
 
 
 # -- jobs and the API -----------------------------------------------------------------
@@ -484,9 +544,7 @@ def demo(
     c = client()
     existing = {v["name"]: v for v in c.get("/v1/vms")}
     if name not in existing:
-        res = c.post(
-            "/v1/vms", json={"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 128, "start": True}
-        )
+        res = c.post("/v1/vms", json={"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 128, "start": True})
         follow(c, res["job"], f"creating {name}")
     elif existing[name]["state"] in ("stopped", "crashed"):
         follow(c, c.post(f"/v1/vms/{name}/actions/start")["job"], f"starting {name}")

@@ -88,9 +88,7 @@ class Jobs:
         self._tasks[rec.id] = task
         return rec.model_copy()
 
-    async def _run(
-        self, rec: JobRecord, fn: JobFn, on_done: Callable[[JobRecord], Awaitable[None]] | None
-    ) -> None:
+    async def _run(self, rec: JobRecord, fn: JobFn, on_done: Callable[[JobRecord], Awaitable[None]] | None) -> None:
         ctx = JobContext(self, rec)
         rec.state = JobState.RUNNING
         rec.started_at = time.time()

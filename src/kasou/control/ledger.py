@@ -13,10 +13,12 @@ class Ledger:
         self.store = store
         self._last_ns = 0
 
-    async def record(self, vm: str, event: LedgerEvent, host: str | None, detail: str = "") -> LedgerEntry:
+    async def record(
+        self, vm: str, event: LedgerEvent, host: str | None, detail: str = "", from_host: str | None = None
+    ) -> LedgerEntry:
         now_ns = max(time.time_ns(), self._last_ns + 1)  # strictly increasing keys keep the order exact
         self._last_ns = now_ns
-        entry = LedgerEntry(time=now_ns / 1e9, event=event, host=host, detail=detail)
+        entry = LedgerEntry(time=now_ns / 1e9, event=event, host=host, detail=detail, from_host=from_host)
         await self.store.put(f"{ledger_prefix(vm)}{now_ns:020d}", entry.model_dump(mode="json"))
         return entry
 

@@ -88,5 +88,6 @@ class LedgerEvent(StrEnum):
 class LedgerEntry(BaseModel):
     time: float
     event: LedgerEvent
-    host: str | None = None
+    host: str | None = None  # where the VM is after the event
     detail: str = ""
+    from_host: str | None = None  # for migrated: where it came from

@@ -25,9 +25,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kasou.agent.client import AgentClient
 from kasou.agent.storage import DiskCreate
 from kasou.control import scheduler
+from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
@@ -59,6 +59,7 @@ class DiskView(BaseModel):
     path: str | None
     backing: str | None
     linked: bool
+    shared: bool = False
 
 
 class VMView(BaseModel):
@@ -84,25 +85,6 @@ class VMView(BaseModel):
     job: str | None
     last_error: str | None
     host_reachable: bool
-
-
-class Agents:
-    """The agents of the hosts this control plane knows, by host name."""
-
-    def __init__(self, clients: dict[str, AgentClient]) -> None:
-        self._clients = clients
-
-    def names(self) -> list[str]:
-        return sorted(self._clients)
-
-    def get(self, host: str | None) -> AgentClient:
-        if host is None or host not in self._clients:
-            raise AgentUnavailable(f"host {host!r} is not known to the control plane")
-        return self._clients[host]
-
-    async def close(self) -> None:
-        for c in self._clients.values():
-            await c.close()
 
 
 class VMService:
@@ -192,6 +174,7 @@ class VMService:
                     path=d.path,
                     backing=d.backing,
                     linked=d.linked,
+                    shared=d.shared,
                 )
                 for d in rec.disks
             ],
@@ -209,6 +192,7 @@ class VMService:
         )
 
     async def list_all(self) -> list[VMView]:
+        await self.agents.refresh()
         records = await self._records()
         runtime: dict[str | None, dict[str, RuntimeInfo] | None] = {}
         for host in {r.host for r in records}:
@@ -223,6 +207,7 @@ class VMService:
         return out
 
     async def get(self, name: str) -> VMView:
+        await self.agents.refresh()
         rec = await self._record(name)
         rt_host = await self._runtime(rec.host)
         rt = rt_host.get(name) if rt_host is not None else None
@@ -310,24 +295,32 @@ class VMService:
                 await self._set(rec.name, job=None, state=state)
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
 
-    async def close(self) -> None:
+    async def suspend(self) -> None:
+        """Stop the background work (this control plane is no longer the leader)."""
         if self._reconciler is not None:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
+            self._reconciler = None
+
+    async def close(self) -> None:
+        await self.suspend()
         await self.jobs.close()
 
     # -- hosts and placement ---------------------------------------------------------
 
     async def host_loads(self, exclude: str | None = None) -> list[scheduler.HostLoad]:
+        """Every host that is up, with what its running VMs use (``exclude``: leave one VM out)."""
+        await self.agents.refresh()
         records = await self._records()
+        maintenance = await maintenance_hosts(self.store)
         loads = []
         for host in self.agents.names():
             try:
                 info = await self.agents.get(host).host_info()
             except (AgentUnavailable, OperationTimeout):
                 continue
-            load = scheduler.HostLoad(host, info.cpus, info.memory_total_mib)
+            load = scheduler.HostLoad(host, info.cpus, info.memory_total_mib, schedulable=host not in maintenance)
             for r in records:
                 if r.host == host and r.name != exclude and r.state in ACTIVE_STATES:
                     load.add(r.memory_mib, r.vcpus)
@@ -413,8 +406,7 @@ class VMService:
                 raise InvalidSpec(f"unknown template {spec.template!r}", field="template") from None
             if template.state != VMState.TEMPLATE:
                 raise InvalidSpec(
-                    f"{spec.template!r} is not a template; "
-                    f"make it one with: kasou vm template {spec.template}",
+                    f"{spec.template!r} is not a template; make it one with: kasou vm template {spec.template}",
                     field="template",
                 )
             host = template.host  # a linked clone lives where its template's disks are
@@ -470,7 +462,12 @@ class VMService:
                     )
                 else:
                     dreq = DiskCreate(
-                        vm=spec.name, disk_id="disk0", size_bytes=spec.disk_bytes, source="image", image=image
+                        vm=spec.name,
+                        disk_id="disk0",
+                        size_bytes=spec.disk_bytes,
+                        source="image",
+                        image=image,
+                        shared=spec.storage == "shared",
                     )
                 info = await agent.create_disk(dreq)
                 made.append(info.path)
@@ -481,6 +478,7 @@ class VMService:
                     path=info.path,
                     backing=info.backing if template is not None else None,
                     linked=template is not None,
+                    shared=dreq.shared,
                 )
                 cur = await self._set(spec.name, state=VMState.STOPPED, disks=[disk])
                 await self.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec))
@@ -525,9 +523,7 @@ class VMService:
             nics=rec.nics,
         )
 
-    async def _do_start(
-        self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = ""
-    ) -> None:
+    async def _do_start(self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = "") -> None:
         await self._admit(rec)
         await self._set(rec.name, state=VMState.STARTING)
         try:
@@ -535,14 +531,12 @@ class VMService:
         except BaseException:
             await self._set(rec.name, state=rec.state if rec.state != VMState.STARTING else VMState.STOPPED)
             raise
-        await self._set(
-            rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None
-        )
+        await self._set(rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None)
         await self.ledger.record(rec.name, event, rec.host, detail)
 
     async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:
         """start, shutdown, stop, reboot, pause or resume, as a job."""
-        if action in (Action.DELETE, Action.TEMPLATE):
+        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE):
             raise InvalidSpec(f"{action.value} is not a power action")
         job_id = _job_id()
         rec = await self._record(name)
@@ -603,9 +597,7 @@ class VMService:
                 await agent.action(rec.name, "stop")
                 detail = f"the guest did not power off within {timeout:.0f} s; stopped hard"
                 break
-            await ctx.progress(
-                0.05 + 0.9 * waited / timeout, f"waiting for the guest to power off ({waited:.0f} s)"
-            )
+            await ctx.progress(0.05 + 0.9 * waited / timeout, f"waiting for the guest to power off ({waited:.0f} s)")
             await asyncio.sleep(0.25)
         await self._stopped(rec, detail)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -33,9 +33,7 @@ def validate_name(name: object, what: str = "name") -> str:
     if not name:
         raise InvalidSpec(f"{what} must not be empty", field=what)
     if len(name) > NAME_MAX:
-        raise InvalidSpec(
-            f"{what} is {len(name)} characters long; at most {NAME_MAX} are allowed", field=what
-        )
+        raise InvalidSpec(f"{what} is {len(name)} characters long; at most {NAME_MAX} are allowed", field=what)
     if ".." in name:
         raise InvalidSpec(f"{what} {name!r} must not contain '..'", field=what)
     if not _NAME_RE.match(name):
@@ -67,6 +65,7 @@ class DiskSpec(BaseModel):
     path: str | None = None  # on the VM's host; set once the disk exists
     backing: str | None = None  # backing file (image or template disk), if any
     linked: bool = False  # an overlay on a template: the template must outlive it
+    shared: bool = False  # on storage every host sees (migration moves no disk data)
 
 
 class NicSpec(BaseModel):
@@ -98,6 +97,7 @@ class VMCreate(BaseModel):
     disk: str | int | None = None  # size of the data disk, e.g. "1G"
     start: bool = False
     description: str = Field("", max_length=500)
+    storage: Literal["local", "shared"] = "local"  # shared: the disk lives where every host sees it
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:

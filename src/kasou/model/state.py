@@ -19,6 +19,7 @@ class VMState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     SHUTTING_DOWN = "shutting_down"  # ACPI power button pressed, waiting for the guest
+    MIGRATING = "migrating"  # running, and moving to another host
     CRASHED = "crashed"  # its QEMU died without being asked to
     DELETING = "deleting"
     TEMPLATE = "template"  # frozen: a base for linked clones, never started
@@ -33,6 +34,7 @@ class Action(StrEnum):
     RESUME = "resume"
     DELETE = "delete"
     TEMPLATE = "template"
+    MIGRATE = "migrate"
 
 
 _ALLOWED: dict[Action, frozenset[VMState]] = {
@@ -44,6 +46,7 @@ _ALLOWED: dict[Action, frozenset[VMState]] = {
     Action.RESUME: frozenset({VMState.PAUSED}),
     Action.DELETE: frozenset({VMState.STOPPED, VMState.CRASHED, VMState.TEMPLATE}),
     Action.TEMPLATE: frozenset({VMState.STOPPED}),
+    Action.MIGRATE: frozenset({VMState.RUNNING}),
 }
 
 _HINT: dict[Action, str] = {
@@ -55,10 +58,11 @@ _HINT: dict[Action, str] = {
     Action.RESUME: "only a paused VM can be resumed",
     Action.DELETE: "stop it first",
     Action.TEMPLATE: "only a stopped VM can become a template",
+    Action.MIGRATE: "only a running VM can be live-migrated",
 }
 
 # States from which a process exists on a host (or may, while it is changing).
-ACTIVE_STATES = frozenset({VMState.STARTING, VMState.RUNNING, VMState.PAUSED, VMState.SHUTTING_DOWN})
+ACTIVE_STATES = frozenset({VMState.STARTING, VMState.RUNNING, VMState.PAUSED, VMState.SHUTTING_DOWN, VMState.MIGRATING})
 
 
 def allowed(action: Action, state: VMState) -> bool:

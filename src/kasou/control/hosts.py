@@ -1,0 +1,105 @@
+"""The hosts the control plane knows: their agents, whether they are up, and maintenance.
+
+On one host the directory is fixed (the local agent on its unix socket). In a
+cluster it follows the ``hosts/<name>`` records the agents keep alive in etcd
+(see :mod:`kasou.agent.registration`): a host whose record is gone is down.
+Maintenance is the control plane's own flag, ``hostflags/<name>``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from kasou.agent.client import AgentClient
+from kasou.errors import AgentUnavailable
+from kasou.store.base import Store
+
+REFRESH_EVERY_S = 0.5
+
+
+class HostView(BaseModel):
+    name: str
+    state: str  # up, down, maintenance
+    address: str | None = None
+    cpus: int = 0
+    memory_total_mib: int = 0
+    memory_capacity_mib: int = 0  # what VMs may use (total minus the host's reserve)
+    memory_used_mib: int = 0  # by running VMs, with QEMU's overhead
+    memory_free_mib: int = 0
+    vcpus_used: int = 0
+    vms_running: int = 0
+    load_1m: float = 0.0
+    accelerator: str | None = None
+    maintenance: bool = False
+
+
+class Agents:
+    """Agent clients by host name; static on one host, discovered from the store in a cluster."""
+
+    def __init__(self, clients: dict[str, AgentClient] | None = None, store: Store | None = None) -> None:
+        self._clients: dict[str, AgentClient] = dict(clients or {})
+        self._urls: dict[str, str] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+        self._store = store
+        self._up: set[str] = set(self._clients)
+        self._known: set[str] = set(self._clients)
+        self._refreshed = 0.0
+
+    @property
+    def clustered(self) -> bool:
+        return self._store is not None
+
+    async def refresh(self, force: bool = False) -> None:
+        if self._store is None or (not force and time.monotonic() - self._refreshed < REFRESH_EVERY_S):
+            return
+        self._refreshed = time.monotonic()
+        up = set()
+        for e in await self._store.range("hosts/"):
+            name = str(e.value.get("name") or e.key.split("/", 1)[1])
+            url = str(e.value.get("agent_url", ""))
+            self._records[name] = e.value
+            if name not in self._clients or self._urls.get(name) != url:
+                old = self._clients.get(name)
+                if old is not None:
+                    await old.close()
+                self._clients[name] = AgentClient(name, base_url=url)
+                self._urls[name] = url
+            up.add(name)
+        self._up = up
+        self._known |= up
+
+    def names(self) -> list[str]:
+        """Hosts that are up."""
+        return sorted(self._up)
+
+    def known(self) -> list[str]:
+        """Every host seen since this control plane started, up or not."""
+        return sorted(self._known)
+
+    def is_up(self, host: str | None) -> bool:
+        return host in self._up
+
+    def record(self, host: str) -> dict[str, Any]:
+        return self._records.get(host, {})
+
+    def get(self, host: str | None) -> AgentClient:
+        if host is None or host not in self._clients:
+            raise AgentUnavailable(f"host {host!r} is not known to the control plane")
+        if host not in self._up:
+            raise AgentUnavailable(f"host {host} is down (its agent's lease has expired)")
+        return self._clients[host]
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+
+
+def flags_key(host: str) -> str:
+    return f"hostflags/{host}"
+
+
+async def maintenance_hosts(store: Store) -> set[str]:
+    return {e.key.split("/", 1)[1] for e in await store.range("hostflags/") if e.value.get("maintenance")}

@@ -1,0 +1,309 @@
+"""Live migration and maintenance mode: VMs move between hosts and never stop.
+
+A migration is a protocol of small agent steps (Ganeti's tasklet), each of
+which can fail on its own:
+
+1. the destination prepares an incoming QEMU, paused (``-S``); with local disks
+   it also creates empty disks and exports them over NBD;
+2. the source starts the migration (with local disks: ``blockdev-mirror`` in
+   write-blocking mode to the exports first, then the memory);
+3. the control plane follows ``query-migrate`` until it completes;
+4. only then does the destination run (``cont``): the point of no return;
+5. the source's QEMU (paused after the migration) ends, and with local disks
+   its disk files go.
+
+A failure before step 4 aborts both sides: the migration and mirrors are
+cancelled on the source (which keeps running) and the incoming QEMU and its
+disks are removed on the destination. So exactly one copy runs at every moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+from kasou.control import scheduler
+from kasou.control.hosts import HostView, flags_key, maintenance_hosts
+from kasou.control.jobs import JobContext
+from kasou.control.records import JobRecord, LedgerEvent, VMRecord
+from kasou.control.vms import VMService
+from kasou.errors import (
+    Conflict,
+    HypervisorError,
+    InsufficientResources,
+    InvalidSpec,
+    KasouError,
+    NotFound,
+    OperationTimeout,
+    WrongState,
+)
+from kasou.hypervisor.base import LaunchDisk
+from kasou.model.spec import validate_name
+from kasou.model.state import Action, VMState, check_action
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOWNTIME_MS = 100
+MIGRATION_TIMEOUT_S = 900.0
+MAINTENANCE_PARALLEL = 2  # migrations at once while a host empties: enough to be quick, few enough to converge
+
+
+class Migrations:
+    def __init__(self, vms: VMService) -> None:
+        self.vms = vms
+        self.agents = vms.agents
+        self.store = vms.store
+
+    # -- hosts -----------------------------------------------------------------------
+
+    async def _check_host(self, host: str, what: str = "host") -> None:
+        validate_name(host, what)
+        await self.agents.refresh(force=True)
+        if host not in self.agents.known():
+            raise NotFound(f"no host named {host!r}")
+
+    async def host_views(self) -> list[HostView]:
+        await self.agents.refresh(force=True)
+        loads = {h.name: h for h in await self.vms.host_loads()}
+        maintenance = await maintenance_hosts(self.store)
+        records = await self.vms._records()
+        out = []
+        for name in self.agents.known():
+            load = loads.get(name)
+            up = self.agents.is_up(name) and load is not None
+            view = HostView(
+                name=name,
+                state="down" if not up else ("maintenance" if name in maintenance else "up"),
+                address=str(self.agents.record(name).get("agent_url") or "") or None,
+                maintenance=name in maintenance,
+                vms_running=sum(1 for r in records if r.host == name and r.state in _RUNNING),
+            )
+            if load is not None:
+                view.cpus = load.cpus
+                view.memory_total_mib = load.memory_total_mib
+                view.memory_capacity_mib = load.memory_capacity_mib
+                view.memory_used_mib = load.memory_used_mib
+                view.memory_free_mib = load.memory_free_mib
+                view.vcpus_used = load.vcpus_used
+                with contextlib.suppress(KasouError):
+                    info = await self.agents.get(name).host_info()
+                    view.load_1m = info.load_1m
+                    view.accelerator = info.accelerator
+            out.append(view)
+        return out
+
+    # -- migration -------------------------------------------------------------------
+
+    async def migrate(
+        self, name: str, to: str | None = None, downtime_ms: int = DEFAULT_DOWNTIME_MS, auto_converge: bool = True
+    ) -> JobRecord:
+        """Live-migrate a running VM (to ``to``, or where the scheduler puts it)."""
+        if not 1 <= downtime_ms <= 60000:
+            raise InvalidSpec(f"downtime_ms must be between 1 and 60000, not {downtime_ms}", field="downtime_ms")
+        rec = await self.vms._record(name)
+        target = await self._choose_target(rec, to)
+        job_id = "j" + secrets.token_hex(5)
+        rec = await self.vms._claim(name, Action.MIGRATE, job_id)
+        await self.vms._set(name, state=VMState.MIGRATING)
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            return await self._migrate(ctx, rec, target, downtime_ms, auto_converge)
+
+        return await self.vms._submit("migrate", name, run, job_id)
+
+    async def _choose_target(self, rec: VMRecord, to: str | None, exclude: set[str] | None = None) -> str:
+        if to is not None:
+            await self._check_host(to)
+            if to == rec.host:
+                raise InvalidSpec(f"VM {rec.name!r} already runs on {to}; choose another host", field="to")
+        if rec.job is not None:
+            raise WrongState(f"VM {rec.name!r} is busy with job {rec.job}; try again when it ends", job=rec.job)
+        check_action(rec.name, Action.MIGRATE, rec.state)
+        loads = [h for h in await self.vms.host_loads(exclude=rec.name) if h.name != rec.host]
+        if exclude:
+            loads = [h for h in loads if h.name not in exclude]
+        req = scheduler.Request(rec.name, rec.memory_mib, rec.vcpus)
+        if to is not None:
+            load = next((h for h in loads if h.name == to), None)
+            if load is None:
+                raise Conflict(f"host {to} is not up; it cannot take VM {rec.name!r}")
+            why = scheduler.why_not(load, req, self.vms.vcpu_ratio)
+            if why is not None:
+                raise InsufficientResources(f"cannot migrate {rec.name!r} to {to}: {why}")
+            return to
+        if not loads:
+            raise InsufficientResources(f"there is no other host to migrate {rec.name!r} to")
+        return scheduler.place(req, loads, self.vms.vcpu_ratio).name
+
+    async def _migrate(
+        self, ctx: JobContext, rec: VMRecord, target: str, downtime_ms: int, auto_converge: bool
+    ) -> dict[str, Any]:
+        name, source = rec.name, rec.host
+        # Any: the migration steps of the agent client are typed where they are defined.
+        src: Any = self.agents.get(source)
+        dst: Any = self.agents.get(target)
+        copy = not all(d.shared for d in rec.disks)
+        spec = self.vms._launch_spec(rec)
+        new_paths: dict[str, str] = {}
+        if copy:
+            disks_dir = str(self.agents.record(target).get("disks_dir") or "")
+            if not disks_dir:
+                raise HypervisorError(f"host {target} did not say where its disks live; is its agent current?")
+            disks = []
+            for d in rec.disks:
+                path = d.path if d.shared else f"{disks_dir}/{name}/{d.id}.qcow2"
+                new_paths[d.id] = path or ""
+                disks.append(LaunchDisk(id=d.id, path=path or "", format=d.format, size_bytes=d.size_bytes))  # type: ignore[call-arg]
+            spec = spec.model_copy(update={"disks": disks})
+        storage = "copy" if copy else "shared"
+        incoming = None
+        started = False
+        t0 = time.monotonic()
+        try:
+            await ctx.progress(0.02, f"preparing {target}")
+            incoming = await dst.prepare_incoming(spec, storage)
+            await ctx.progress(0.05, f"migrating to {target}")
+            await src.migrate_out(name, incoming, downtime_ms=downtime_ms, auto_converge=auto_converge)
+            started = True
+            status = None
+            while True:
+                status = await src.migration_status(name)
+                if status.status == "completed":
+                    break
+                if status.status in ("failed", "cancelled", "cancelling"):
+                    why = status.error or "no reason given"
+                    raise HypervisorError(f"the migration of {name!r} {status.status}: {why}")
+                if time.monotonic() - t0 > MIGRATION_TIMEOUT_S:
+                    limit = MIGRATION_TIMEOUT_S
+                    raise OperationTimeout(f"the migration of {name!r} did not finish within {limit:.0f} s")
+                await ctx.progress(0.05 + 0.85 * status.progress, f"{status.status} ({status.progress:.0%})")
+                await asyncio.sleep(0.05)
+            await ctx.progress(0.92, f"starting on {target}")
+            await dst.finish_incoming(name)
+        except BaseException as e:
+            await self._abort(name, src if started or incoming else None, dst if incoming else None)
+            await self.vms._set(name, state=VMState.RUNNING)
+            if isinstance(e, KasouError):
+                why = f"migration of {name!r} to {target} failed, it still runs on {source}: {e.message}"
+                raise type(e)(why) from None
+            raise
+        # The destination runs: from here on the source copy must only go away.
+        moved = [d.model_copy(update={"path": new_paths.get(d.id, d.path)}) for d in rec.disks]
+        await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved)
+        detail = f"from {source} to {target}"
+        if status is not None and status.downtime_ms is not None:
+            detail += f", downtime {status.downtime_ms} ms, total {status.total_ms} ms"
+        await self.vms.ledger.record(name, LedgerEvent.MIGRATED, target, detail, from_host=source)
+        await ctx.progress(0.96, f"cleaning up {source}")
+        await self._finish_source(name, source, [d.path for d in rec.disks if copy and not d.shared and d.path])
+        return {
+            "vm": name,
+            "from": source,
+            "to": target,
+            "storage": storage,
+            "downtime_ms": status.downtime_ms if status else None,
+            "total_ms": status.total_ms if status else None,
+            "state": VMState.RUNNING.value,
+        }
+
+    async def _abort(self, name: str, src: Any, dst: Any) -> None:
+        if src is not None:
+            try:
+                await src.abort_out(name)
+            except KasouError as e:
+                log.error("aborting the migration of %s on its source failed: %s", name, e.message)
+        if dst is not None:
+            try:
+                await dst.abort_incoming(name)
+            except KasouError as e:
+                log.error("removing the incoming copy of %s failed: %s", name, e.message)
+
+    async def _finish_source(self, name: str, source: str | None, old_disks: list[str]) -> None:
+        src: Any = self.agents.get(source)
+        try:
+            await src.finish_out(name)
+        except KasouError as e:
+            # The source copy is paused (post-migration) and must not stay: stop it hard.
+            log.error("finishing %s on %s failed (%s); stopping the source copy", name, source, e.message)
+            with contextlib.suppress(KasouError):
+                await src.action(name, "stop")
+            with contextlib.suppress(KasouError):
+                await src.forget(name)
+        for path in old_disks:
+            try:
+                await src.delete_disk(path)
+            except KasouError as e:
+                log.error("could not delete %s on %s after migrating %s: %s", path, source, name, e.message)
+
+    # -- maintenance -----------------------------------------------------------------
+
+    async def maintenance(self, host: str, on: bool = True) -> JobRecord | None:
+        """Empty ``host`` by live migration and keep it out of placement (``on=False`` returns it)."""
+        await self._check_host(host)
+        if not on:
+            await self.store.put(flags_key(host), {"maintenance": False, "since": time.time()})
+            return None
+        records = [r for r in await self.vms._records() if r.host == host and r.state in _RUNNING]
+        busy = [r.name for r in records if r.job is not None]
+        if busy:
+            raise WrongState(f"cannot empty {host}: VMs are busy with other jobs: {', '.join(busy)}")
+        plan = await self._plan_evacuation(host, records)
+        await self.store.put(flags_key(host), {"maintenance": True, "since": time.time()})
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            return await self._evacuate(ctx, host, plan)
+
+        return await self.vms.jobs.submit("maintenance", None, run)
+
+    async def _plan_evacuation(self, host: str, records: list[VMRecord]) -> dict[str, str]:
+        """Where each VM goes, decided up front: refuse before moving anything if they cannot all fit."""
+        loads = [h for h in await self.vms.host_loads() if h.name != host]
+        plan: dict[str, str] = {}
+        for r in sorted(records, key=lambda r: -r.memory_mib):
+            req = scheduler.Request(r.name, r.memory_mib, r.vcpus)
+            try:
+                target = scheduler.place(req, loads, self.vms.vcpu_ratio)
+            except InsufficientResources as e:
+                raise InsufficientResources(
+                    f"cannot put {host} in maintenance: the other hosts cannot take its VMs ({e.message})"
+                ) from None
+            target.add(r.memory_mib, r.vcpus)
+            plan[r.name] = target.name
+        return plan
+
+    async def _evacuate(self, ctx: JobContext, host: str, plan: dict[str, str]) -> dict[str, Any]:
+        total = len(plan)
+        done: list[str] = []
+        failed: dict[str, str] = {}
+        sem = asyncio.Semaphore(MAINTENANCE_PARALLEL)
+
+        async def move(name: str, target: str) -> None:
+            async with sem:
+                try:
+                    job = await self.migrate(name, to=target)
+                    rec = await self.vms.jobs.wait(job.id, MIGRATION_TIMEOUT_S + 60)
+                    if rec.error:
+                        failed[name] = rec.error.get("message", "failed")
+                    else:
+                        done.append(name)
+                except KasouError as e:
+                    failed[name] = e.message
+                await ctx.progress(len(done) / max(total, 1), f"{len(done)}/{total} VMs moved off {host}")
+
+        await ctx.progress(0.0, f"moving {total} VMs off {host}")
+        await asyncio.gather(*(move(n, t) for n, t in plan.items()))
+        if failed:
+            first = next(iter(failed.items()))
+            raise HypervisorError(
+                f"{len(failed)} of {total} VMs could not leave {host} (e.g. {first[0]}: {first[1]}); "
+                f"it stays in maintenance",
+                failed=failed,
+            )
+        return {"host": host, "moved": sorted(done), "plan": plan}
+
+
+_RUNNING = (VMState.RUNNING, VMState.PAUSED, VMState.MIGRATING, VMState.STARTING, VMState.SHUTTING_DOWN)
