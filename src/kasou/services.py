@@ -98,9 +98,7 @@ def _wait(ok: Callable[[], bool], pid: int, timeout: float, service: str, paths:
             why = _tail(paths.logs / f"{service}.log") or "no log output"
             raise KasouError(f"the {service} exited while starting: {why}")
         time.sleep(0.1)
-    raise OperationTimeout(
-        f"the {service} did not answer within {timeout:.0f} s; see {paths.logs}/{service}.log"
-    )
+    raise OperationTimeout(f"the {service} did not answer within {timeout:.0f} s; see {paths.logs}/{service}.log")
 
 
 def up(paths: Paths, api: str | None = None) -> dict[str, str]:

@@ -20,7 +20,7 @@ from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
-from kasou.control.vms import Agents
+from kasou.control.hosts import Agents
 from kasou.hypervisor.fake import FakeDriver
 from kasou.store.sqlite import SqliteStore
 

@@ -24,9 +24,7 @@ class Client:
         except httpx.TimeoutException:
             raise OperationTimeout(f"the kasou API at {self.base_url} did not answer in time") from None
         except httpx.TransportError:
-            raise AgentUnavailable(
-                f"the kasou API at {self.base_url} is not reachable; is kasou up?"
-            ) from None
+            raise AgentUnavailable(f"the kasou API at {self.base_url} is not reachable; is kasou up?") from None
         raise_for_response(resp)
         return resp
 

@@ -127,9 +127,7 @@ class EtcdStore(Store):
         reply, _ = await self._call_ex(path, body, retry=retry)
         return reply
 
-    async def _call_ex(
-        self, path: str, body: dict[str, Any], *, retry: _Retry
-    ) -> tuple[dict[str, Any], bool]:
+    async def _call_ex(self, path: str, body: dict[str, Any], *, retry: _Retry) -> tuple[dict[str, Any], bool]:
         """Like :meth:`_call`; also says whether an earlier attempt may have been applied.
 
         ``retry`` says what to do when a member got the request but did not answer in time:
@@ -342,9 +340,7 @@ class EtcdStore(Store):
             return True
         kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
         return bool(
-            kvs
-            and _int(kvs[0].get("lease")) == lease_id
-            and self._entry(kvs[0]).value.get("leader") == candidate
+            kvs and _int(kvs[0].get("lease")) == lease_id and self._entry(kvs[0]).value.get("leader") == candidate
         )
 
     async def leader(self, name: str) -> str | None:

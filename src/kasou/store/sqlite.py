@@ -110,9 +110,7 @@ class SqliteStore(Store):
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(
-                    "DELETE FROM kv WHERE key >= ? AND key < ?", (prefix, _prefix_end(prefix))
-                )
+                cur = self._db.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (prefix, _prefix_end(prefix)))
                 self._next_rev()
                 self._db.execute("COMMIT")
                 return cur.rowcount

@@ -70,16 +70,12 @@ def kvm_device_usable() -> tuple[bool, str]:
     return True, "/dev/kvm opens"
 
 
-async def probe_kvm(
-    images_dir: Path, timeout: float = PROBE_TIMEOUT, binary: str = "qemu-system-x86_64"
-) -> float:
+async def probe_kvm(images_dir: Path, timeout: float = PROBE_TIMEOUT, binary: str = "qemu-system-x86_64") -> float:
     """Boot the tiny guest under KVM; return the seconds to readiness or raise TimeoutError/RuntimeError."""
     from kasou.image import load_image
 
     art = load_image(images_dir, "tiny")
-    tmp = Path(
-        tempfile.mkdtemp(prefix="kasou-kvm-probe-", dir="/run" if os.access("/run", os.W_OK) else None)
-    )
+    tmp = Path(tempfile.mkdtemp(prefix="kasou-kvm-probe-", dir="/run" if os.access("/run", os.W_OK) else None))
     pid: int | None = None
     try:
         disk = tmp / "probe.qcow2"
@@ -117,9 +113,7 @@ async def probe_kvm(
         )
         _o, err = await asyncio.wait_for(proc.communicate(), timeout)
         if proc.returncode != 0:
-            raise RuntimeError(
-                err.decode(errors="replace").strip().splitlines()[-1] if err else "QEMU failed"
-            )
+            raise RuntimeError(err.decode(errors="replace").strip().splitlines()[-1] if err else "QEMU failed")
         pid = int(files.pidfile.read_text())
         while time.monotonic() - t0 < timeout:
             if files.serial_log.exists() and READY_LINE in files.serial_log.read_text(errors="replace"):

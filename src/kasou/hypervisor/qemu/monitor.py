@@ -75,9 +75,7 @@ class Monitor:
         except Exception:
             return
 
-    async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0
-    ) -> Any:
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         """Run one QMP command; bounded; errors become MonitorError / OperationTimeout."""
         if not self.connected:
             raise MonitorError(f"the QMP monitor of VM {self.vm_name!r} is not connected")
@@ -90,9 +88,7 @@ class Monitor:
                 command=command,
             ) from None
         except TimeoutError:
-            raise OperationTimeout(
-                f"QMP {command} on VM {self.vm_name!r} gave no answer in {timeout:.0f} s"
-            ) from None
+            raise OperationTimeout(f"QMP {command} on VM {self.vm_name!r} gave no answer in {timeout:.0f} s") from None
         except (QMPError, OSError, EOFError) as e:
             raise MonitorError(f"QMP {command} on VM {self.vm_name!r} failed: {e}", command=command) from None
 
