@@ -39,10 +39,15 @@ class HostView(BaseModel):
 class Agents:
     """Agent clients by host name; static on one host, discovered from the store in a cluster."""
 
-    def __init__(self, clients: dict[str, AgentClient] | None = None, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        clients: dict[str, AgentClient] | None = None,
+        store: Store | None = None,
+        records: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self._clients: dict[str, AgentClient] = dict(clients or {})
         self._urls: dict[str, str] = {}
-        self._records: dict[str, dict[str, Any]] = {}
+        self._records: dict[str, dict[str, Any]] = dict(records or {})
         self._store = store
         self._up: set[str] = set(self._clients)
         self._known: set[str] = set(self._clients)
