@@ -22,6 +22,7 @@ from rich.table import Table
 from kasou import __version__, services
 from kasou.api.auth import read_token
 from kasou.api.client import Client
+from kasou.cli.lab import lab_app
 from kasou.config import Paths, api_url
 from kasou.errors import InvalidSpec, KasouError
 from kasou.model.units import format_size
@@ -43,6 +44,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(image_app, name="image")
 app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
+app.add_typer(lab_app, name="lab")
 
 out = Console()
 err = Console(stderr=True)

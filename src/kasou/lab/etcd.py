@@ -1,4 +1,4 @@
-"""Start and stop a real N-member etcd cluster on 127.0.0.1, for tests and the lab.
+"""Start and stop a real N-member etcd cluster (on 127.0.0.1 by default), for tests and the lab.
 
 etcd has no service manager on the lab machine: this class is how kasou starts it::
 
@@ -10,6 +10,13 @@ etcd has no service manager on the lab machine: this class is how kasou starts i
 Every member is an ``etcd`` process in its own session, logging to
 ``<data_dir>/<name>.log`` with its data in ``<data_dir>/<name>.etcd``. :meth:`stop`
 ends them by pid (SIGTERM, then SIGKILL) and removes ``data_dir``.
+
+``host`` picks the address every member listens on (the lab uses its bridge address,
+10.88.0.1, so every lab host's network namespace reaches it); ``base_port`` fixes the
+ports (member i: client ``base_port + 2i``, peer ``base_port + 2i + 1``). ``start(members=...)``
+starts only some members, e.g. to restart the dead ones of a cluster whose other members
+another process started: a member restarted on its existing data directory rejoins the
+cluster (etcd ignores the ``--initial-cluster*`` flags then).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -32,13 +40,13 @@ from kasou.errors import OperationTimeout, StoreError
 HOST = "127.0.0.1"
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports the kernel considers free right now."""
+def _free_ports(count: int, host: str = HOST) -> list[int]:
+    """``count`` distinct ports the kernel considers free on ``host`` right now."""
     socks = []
     try:
         for _ in range(count):
             s = socket.socket()
-            s.bind((HOST, 0))
+            s.bind((host, 0))
             socks.append(s)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
@@ -47,16 +55,17 @@ def _free_ports(count: int) -> list[int]:
 
 
 class EtcdCluster:
-    """``members`` etcd processes forming one cluster on loopback."""
+    """``members`` etcd processes forming one cluster, all listening on ``host``."""
 
-    def __init__(self, data_dir: Path, members: int = 3, base_port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, members: int = 3, base_port: int | None = None, host: str = HOST) -> None:
         if members < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self.data_dir = Path(data_dir)
         self.members = members
+        self.host = host
         # member i: client port ports[2i], peer port ports[2i + 1]
         if base_port is None:
-            self._ports = _free_ports(2 * members)
+            self._ports = _free_ports(2 * members, host)
         else:
             self._ports = list(range(base_port, base_port + 2 * members))
         self.names = [f"m{i}" for i in range(members)]
@@ -66,11 +75,11 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         """The client URLs, one per member (dead members included)."""
-        return [f"http://{HOST}:{self._ports[2 * i]}" for i in range(self.members)]
+        return [f"http://{self.host}:{self._ports[2 * i]}" for i in range(self.members)]
 
     @property
     def peer_urls(self) -> list[str]:
-        return [f"http://{HOST}:{self._ports[2 * i + 1]}" for i in range(self.members)]
+        return [f"http://{self.host}:{self._ports[2 * i + 1]}" for i in range(self.members)]
 
     @property
     def pids(self) -> list[int | None]:
@@ -80,23 +89,29 @@ class EtcdCluster:
     def log_path(self, index: int) -> Path:
         return self.data_dir / f"{self.names[index]}.log"
 
-    def start(self, timeout: float = 30) -> list[str]:
-        """Start every member; return the client URLs once each member reports itself healthy.
+    def start(self, timeout: float = 30, members: Iterable[int] | None = None) -> list[str]:
+        """Start every member (or only the indices in ``members``); return the client URLs once
+        each member of the cluster, started here or not, reports itself healthy.
 
         Raises StoreError if etcd is not installed or a member exits, OperationTimeout if the
-        cluster is not healthy within ``timeout`` seconds; in both cases nothing is left running.
+        cluster is not healthy within ``timeout`` seconds; in both cases nothing started by this
+        call is left running.
         """
         binary = shutil.which("etcd")
         if binary is None:
             raise StoreError("etcd is not installed (apt-get install etcd-server etcd-client)")
-        if any(p is not None for p in self._procs):
+        indices = sorted(set(range(self.members) if members is None else members))
+        if any(i not in range(self.members) for i in indices):
+            raise ValueError(f"member indices must be in 0..{self.members - 1}")
+        if any(self._procs[i] is not None for i in indices):
             raise StoreError("this etcd cluster was started already")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         initial = ",".join(f"{n}={u}" for n, u in zip(self.names, self.peer_urls, strict=True))
         # etcd also reads its flags from ETCD_* variables: do not let the caller's leak in.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
         try:
-            for i, name in enumerate(self.names):
+            for i in indices:
+                name = self.names[i]
                 args = [
                     binary,
                     "--name", name,
@@ -122,7 +137,7 @@ class EtcdCluster:
                     )
             self._wait_healthy(timeout)
         except BaseException:
-            self._terminate()
+            self._terminate(only=indices)
             raise
         return self.endpoints
 
@@ -135,8 +150,7 @@ class EtcdCluster:
                     proc = self._procs[i]
                     if proc is not None and proc.poll() is not None:
                         raise StoreError(
-                            f"etcd member {self.names[i]} exited with status {proc.returncode}: "
-                            f"{self._log_tail(i)}"
+                            f"etcd member {self.names[i]} exited with status {proc.returncode}: {self._log_tail(i)}"
                         )
                     try:
                         r = client.get(f"{self.endpoints[i]}/health")
@@ -167,10 +181,11 @@ class EtcdCluster:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    def _terminate(self, grace: float = 5.0) -> None:
+    def _terminate(self, grace: float = 5.0, only: Iterable[int] | None = None) -> None:
         # One member at a time: SIGTERM to all at once makes each wait for peers that are
         # leaving too (7 s); one by one, each exits in milliseconds.
-        for p in self._procs:
+        indices = range(self.members) if only is None else only
+        for p in (self._procs[i] for i in indices):
             if p is None or p.poll() is not None:
                 continue
             with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,705 @@
+"""``kasou lab``: a real multi-host kasou environment on one machine.
+
+Every virtual host is a network namespace running the production services; every
+packet between hosts crosses a veth link, so cutting a link is a real partition and
+killing a host's processes is a real power loss. Root only.
+
+Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
+
+    root namespace
+      bridge klab0            10.88.0.1/24; etcd listens here (every host reaches it)
+      etcd m0, m1, m2         http://10.88.0.1:2379, :2381, :2383 (peers :2380, :2382, :2384)
+      veth klab-h1 ──┐        port of klab0; "partition h1" sets it down
+      veth klab-h2 ──┤ ...
+    netns klab-h{i}            host h{i}, i = 1..N
+      eth0 10.88.0.{10+i}/24, lo up, default route via 10.88.0.1
+      kasou agent --listen 10.88.0.{10+i}:8471
+      kasou serve --address 10.88.0.{10+i}:8470
+      QEMU processes started by that agent (they inherit its namespace)
+
+    LAB/lab.json              state: every name, address and pid made (so down, kill, partition
+                              and a re-run of up work after a crash, and are idempotent)
+    LAB/api.token             the one API token of the lab (0600)
+    LAB/shared/               the lab's "shared storage": every host sees the same directory
+    LAB/etcd/                 member data (m0.etcd, ...) and logs (m0.log, ...)
+    LAB/h{i}/home/            the host's KASOU_HOME
+    LAB/h{i}/log/             agent.log, api.log (the services' output)
+
+Each service runs as ``ip netns exec klab-h{i} <python> -m kasou ...`` in its own session,
+with ``KASOU_HOME``, ``KASOU_HOST_NAME=h{i}``, ``KASOU_IMAGES`` (the caller's),
+``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``
+and ``KASOU_API`` (its own API URL); ``KASOU_ACCEL`` passes through only if the caller set it.
+
+``up`` is a repair as well as a start: run again, it recreates what is missing, restarts
+dead services and etcd members (on their data) and heals cut links. If it fails it undoes
+what that run made (all of the lab, if it made the lab) and says why in one line. ``down``
+SIGKILLs every process of the lab by pid (the recorded ones, every process in a host's
+namespace, every QEMU or etcd whose command line names a lab path), then deletes the
+namespaces, links, bridge and ``LAB``; it works on a half-made lab too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kasou.api.auth import ensure_token
+from kasou.config import DEFAULT_IMAGES, Paths
+from kasou.errors import InvalidSpec, KasouError, NotFound
+from kasou.hypervisor.qemu import process
+from kasou.lab import net
+from kasou.lab.etcd import EtcdCluster
+from kasou.lab.net import LabError
+
+DEFAULT_LAB_DIR = Path("/var/lib/kasou/lab")
+STATE_FILE = "lab.json"
+BRIDGE = "klab0"
+SUBNET = "10.88.0"
+GATEWAY = f"{SUBNET}.1"
+PREFIXLEN = 24
+API_PORT = 8470
+AGENT_PORT = 8471
+ETCD_MEMBERS = 3
+ETCD_BASE_PORT = 2379
+MAX_HOSTS = 50
+SERVICE_TIMEOUT = 90.0  # the first agent start of a boot probes KVM (15 s) before it listens
+ETCD_TIMEOUT = 30.0
+GONE_TIMEOUT = 10.0
+SERVICES = ("agent", "api")
+
+
+def lab_dir() -> Path:
+    return Path(os.environ.get("KASOU_LAB_DIR") or DEFAULT_LAB_DIR).absolute()
+
+
+@dataclass
+class LabHost:
+    name: str
+    index: int
+    netns: str
+    veth: str
+    address: str
+    dir: str
+    agent_pid: int | None = None
+    api_pid: int | None = None
+
+    @property
+    def home(self) -> Path:
+        return Path(self.dir) / "home"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.dir) / "log"
+
+    @property
+    def agent_listen(self) -> str:
+        return f"{self.address}:{AGENT_PORT}"
+
+    @property
+    def api_address(self) -> str:
+        return f"{self.address}:{API_PORT}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.agent_listen}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_address}"
+
+    def pid(self, service: str) -> int | None:
+        return self.agent_pid if service == "agent" else self.api_pid
+
+    def set_pid(self, service: str, pid: int | None) -> None:
+        if service == "agent":
+            self.agent_pid = pid
+        else:
+            self.api_pid = pid
+
+    def argv(self, service: str) -> list[str]:
+        if service == "agent":
+            return ["agent", "--listen", self.agent_listen]
+        return ["serve", "--address", self.api_address]
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_url: str
+    peer_url: str
+    pid: int | None = None
+
+
+@dataclass
+class LabState:
+    dir: str
+    images: str
+    hosts: list[LabHost]
+    etcd: list[EtcdMember]
+    bridge: str = BRIDGE
+    created: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LabState:
+        return cls(
+            dir=d["dir"], images=d["images"], bridge=d.get("bridge", BRIDGE), created=d.get("created", 0.0),
+            hosts=[LabHost(**h) for h in d["hosts"]], etcd=[EtcdMember(**m) for m in d["etcd"]],
+        )  # fmt: skip
+
+    def host(self, name: str) -> LabHost:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        names = ", ".join(h.name for h in self.hosts)
+        raise NotFound(f"the lab has no host {name!r} (its hosts: {names})")
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def _is_service(h: LabHost, service: str, pid: int | None) -> bool:
+    """True if ``pid`` is this host's ``service`` (guards against a reused pid)."""
+    if pid is None or not process.alive(pid):
+        return False
+    args = process.cmdline(pid)
+    want = h.argv(service)
+    return "kasou" in args and all(a in args for a in want)
+
+
+def _is_etcd(data_dir: Path, pid: int | None) -> bool:
+    if pid is None or not process.alive(pid):
+        return False
+    args = process.cmdline(pid)
+    return bool(args) and os.path.basename(args[0]) == "etcd" and str(data_dir) in args
+
+
+def _marked_processes(marks: list[str], binaries: tuple[str, ...] = ("qemu", "etcd")) -> list[int]:
+    """QEMU (or etcd) processes whose command line names one of ``marks`` (a lab path)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        args = process.cmdline(int(d.name))
+        if not args or not os.path.basename(args[0]).startswith(binaries):
+            continue
+        if any(m in a for a in args[1:] for m in marks):
+            out.append(int(d.name))
+    return out
+
+
+def _kill(pids: set[int], timeout: float = GONE_TIMEOUT) -> list[int]:
+    """SIGKILL every pid, wait (bounded) until they are gone; the pids that still live."""
+    pids.discard(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if process.alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if process.alive(p)]
+    return left
+
+
+def _terminate(pid: int, grace: float = 5.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while process.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.alive(pid):
+        _kill({pid})
+
+
+def _tail(path: Path) -> str:
+    """The last telling line of a log (a traceback's last line is its exception)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    lines = [ln.strip() for ln in text if ln.strip().strip("^~ ")]
+    return lines[-1] if lines else "empty log"
+
+
+def probe(h: LabHost, service: str, token: str | None, timeout: float = 2.0) -> int | None:
+    """HTTP status of the service's health URL, asked from inside the host's namespace (so it
+    answers whether or not the host is partitioned); None if nothing answers."""
+    port = AGENT_PORT if service == "agent" else API_PORT
+    path = "/agent/v1/ping" if service == "agent" else "/v1/version"
+    auth = f"Authorization: Bearer {token}\r\n" if token and service == "api" else ""
+    request = f"GET {path} HTTP/1.1\r\nHost: {h.address}:{port}\r\n{auth}Connection: close\r\n\r\n"
+    if not net.netns_exists(h.netns):
+        return None
+    try:
+        sock = net.socket_in(h.netns, timeout)
+    except (OSError, TimeoutError, RuntimeError):
+        return None
+    data = b""
+    with sock:
+        try:
+            sock.connect((h.address, port))
+            sock.sendall(request.encode())
+            while b"\r\n" not in data and len(data) < 4096:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            return None
+    status = data.split(b"\r\n", 1)[0].split()
+    if len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].isdigit():
+        return int(status[1])
+    return None
+
+
+# -- the lab --------------------------------------------------------------------------------------
+
+
+class Lab:
+    """The lab in one directory. Every method that changes it takes the directory's lock."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.dir = Path(directory or lab_dir()).absolute()
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def token_file(self) -> Path:
+        return self.dir / "api.token"
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.dir / "shared"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.dir / "etcd"
+
+    # -- state
+
+    def load(self) -> LabState | None:
+        try:
+            return LabState.from_dict(json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise LabError(f"the lab state {self.state_file} is unreadable ({e}); remove the lab by hand") from e
+
+    def require(self) -> LabState:
+        st = self.load()
+        if st is None:
+            raise LabError(f"there is no lab at {self.dir} (start one with: kasou lab up)")
+        return st
+
+    def _save(self, st: LabState) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(st), indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LabError(f"another kasou lab command is working on {self.dir}") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _plan(self, count: int) -> LabState:
+        hosts = [
+            LabHost(
+                name=f"h{i}",
+                index=i,
+                netns=f"klab-h{i}",
+                veth=f"klab-h{i}",
+                address=f"{SUBNET}.{10 + i}",
+                dir=str(self.dir / f"h{i}"),
+            )
+            for i in range(1, count + 1)
+        ]
+        cluster = self._cluster()
+        members = [
+            EtcdMember(name=n, client_url=c, peer_url=p)
+            for n, c, p in zip(cluster.names, cluster.endpoints, cluster.peer_urls, strict=True)
+        ]
+        images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES).absolute()
+        return LabState(dir=str(self.dir), images=str(images), hosts=hosts, etcd=members)
+
+    def _cluster(self) -> EtcdCluster:
+        return EtcdCluster(self.etcd_dir, members=ETCD_MEMBERS, base_port=ETCD_BASE_PORT, host=GATEWAY)
+
+    def _token(self) -> str | None:
+        try:
+            return self.token_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    # -- up
+
+    def up(self, count: int, timeout: float = SERVICE_TIMEOUT) -> list[str]:
+        """Make (or repair) a lab of ``count`` hosts; one report line per piece."""
+        _preflight()
+        if not 1 <= count <= MAX_HOSTS:
+            raise InvalidSpec(f"--hosts must be between 1 and {MAX_HOSTS}, not {count}", field="hosts")
+        made_dir = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        with self._locked():
+            st = self.load()
+            fresh = st is None
+            if st is not None and len(st.hosts) != count:
+                raise LabError(
+                    f"the lab at {self.dir} has {len(st.hosts)} hosts, not {count}; "
+                    "remove it first with: kasou lab down"
+                )
+            if st is None:
+                st = self._plan(count)
+                try:
+                    self._check_free(st)
+                except LabError:
+                    if made_dir:
+                        shutil.rmtree(self.dir, ignore_errors=True)
+                    raise
+                self._save(st)
+            undo: list[Callable[[], Any]] = []
+            try:
+                return self._build(st, undo, timeout)
+            except BaseException as e:
+                undone = self._undo(st, fresh, undo)
+                if not isinstance(e, Exception):
+                    raise
+                why = e.message if isinstance(e, KasouError) else f"{type(e).__name__}: {e}"
+                raise LabError(f"lab up failed: {why} ({undone})") from e
+
+    def _undo(self, st: LabState, fresh: bool, undo: list[Callable[[], Any]]) -> str:
+        """After a failed up: remove the lab it made, or undo what a repairing run made."""
+        if fresh:
+            try:
+                self._teardown(st)
+            except Exception as e:
+                msg = e.message if isinstance(e, KasouError) else str(e)
+                return f"and could not remove all of it: {msg}"
+            return "removed what it had made"
+        for step in reversed(undo):
+            with contextlib.suppress(Exception):
+                step()
+        with contextlib.suppress(Exception):
+            self._save(st)
+        return "undid what this run had made"
+
+    def _check_free(self, st: LabState) -> None:
+        """A new lab must not take over another lab's bridge, links or namespaces."""
+        taken = [n for n in [st.bridge, *(h.veth for h in st.hosts)] if net.link_exists(n)]
+        taken += [f"netns {h.netns}" for h in st.hosts if net.netns_exists(h.netns)]
+        if taken:
+            raise LabError(
+                f"{', '.join(taken)} {'exists' if len(taken) == 1 else 'exist'} already, but the lab at "
+                f"{self.dir} did not make {'it' if len(taken) == 1 else 'them'} (a lab of another "
+                "KASOU_LAB_DIR? remove it with kasou lab down there)"
+            )
+
+    def _build(self, st: LabState, undo: list[Callable[[], Any]], timeout: float) -> list[str]:
+        t0 = time.monotonic()
+        report = []
+        token = ensure_token(self.token_file)
+        os.chmod(self.token_file, 0o600)
+        self.shared_dir.mkdir(exist_ok=True)
+        if net.ensure_bridge(st.bridge, GATEWAY, PREFIXLEN):
+            undo.append(functools.partial(net.delete_link, st.bridge))
+        report.append(f"bridge {st.bridge}: {GATEWAY}/{PREFIXLEN}")
+        for h in st.hosts:
+            if net.ensure_netns(h.netns):
+                undo.append(functools.partial(net.remove_netns, h.netns))
+            if net.ensure_host_link(h.veth, h.netns, st.bridge, h.address, PREFIXLEN, GATEWAY):
+                undo.append(functools.partial(net.delete_link, h.veth))
+            for d in (h.home, h.log_dir):
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+
+        t_etcd = time.monotonic()
+        self._etcd_up(st, undo)
+        members = ", ".join(f"{m.name} {m.client_url} (pid {m.pid})" for m in st.etcd)
+        report.append(f"etcd: {members}; healthy after {time.monotonic() - t_etcd:.1f} s")
+
+        started: dict[tuple[str, str], int] = {}
+        for h in st.hosts:
+            for service in SERVICES:
+                if _is_service(h, service, h.pid(service)):
+                    continue
+                pid = self._spawn(st, h, service)
+                h.set_pid(service, pid)
+                started[(h.name, service)] = pid
+                undo.append(functools.partial(_kill, {pid}))
+                self._save(st)
+        t_services = time.monotonic()
+        self._wait_answering(st, token, timeout)
+        report.append(f"services: all answer after {time.monotonic() - t_services:.1f} s")
+        for h in st.hosts:
+            what = {s: ("started" if (h.name, s) in started else "running") + f" pid {h.pid(s)}" for s in SERVICES}
+            report.append(
+                f"{h.name} {h.address} (netns {h.netns}): agent {what['agent']} {h.agent_url}, "
+                f"api {what['api']} {h.api_url}"
+            )
+        report.append(f"lab up: {len(st.hosts)} hosts in {time.monotonic() - t0:.1f} s ({self.dir})")
+        return report
+
+    def _etcd_up(self, st: LabState, undo: list[Callable[[], Any]]) -> None:
+        cluster = self._cluster()
+        dead = [i for i, m in enumerate(st.etcd) if not _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
+        # start() also waits for the members that run already to be healthy
+        cluster.start(timeout=ETCD_TIMEOUT, members=dead)
+        for i in dead:
+            pid = cluster.pids[i]
+            st.etcd[i].pid = pid
+            if pid is not None:
+                undo.append(functools.partial(_terminate, pid))
+        self._save(st)
+
+    def _env(self, st: LabState, h: LabHost) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("KASOU_TOKEN", "KASOU_API")}
+        env.update(
+            KASOU_HOME=str(h.home),
+            KASOU_HOST_NAME=h.name,
+            KASOU_IMAGES=st.images,
+            KASOU_SHARED_DIR=str(self.shared_dir),
+            KASOU_ETCD=",".join(m.client_url for m in st.etcd),
+            KASOU_TOKEN_FILE=str(self.token_file),
+            KASOU_API=h.api_url,
+        )
+        return env
+
+    def _spawn(self, st: LabState, h: LabHost, service: str) -> int:
+        ip = shutil.which("ip")
+        if ip is None:
+            raise LabError("the ip command is missing (apt-get install iproute2)")
+        argv = [ip, "netns", "exec", h.netns, sys.executable, "-m", "kasou", *h.argv(service)]
+        with open(h.log_dir / f"{service}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(st, h),
+                cwd=h.dir,
+                start_new_session=True,
+                close_fds=True,
+            )
+        return proc.pid  # ip netns exec execs the command: this is kasou's pid
+
+    def _wait_answering(self, st: LabState, token: str, timeout: float, only: str | None = None) -> None:
+        pending = [(h, s) for h in st.hosts for s in SERVICES if only in (None, h.name)]
+        deadline = time.monotonic() + timeout
+        while pending:
+            for h, s in list(pending):
+                if probe(h, s, token) == 200:
+                    pending.remove((h, s))
+                elif not _is_service(h, s, h.pid(s)):
+                    raise LabError(f"the {s} of {h.name} exited: {_tail(h.log_dir / f'{s}.log')}")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                h, s = pending[0]
+                raise LabError(f"the {s} of {h.name} did not answer within {timeout:.0f} s; see {h.log_dir}/{s}.log")
+            time.sleep(0.25)
+
+    # -- a host's power and its link
+
+    def kill(self, name: str) -> list[int]:
+        """Power loss of one host: SIGKILL its services, its QEMUs, everything in its namespace.
+        The namespace stays (the host is off). Returns the pids killed."""
+        with self._locked():
+            st = self.require()
+            h = st.host(name)
+            pids = self._host_processes(st, h)
+            left = _kill(set(pids))
+            h.agent_pid = h.api_pid = None
+            self._save(st)
+        if left:
+            raise LabError(f"processes of {name} outlived SIGKILL for {GONE_TIMEOUT:.0f} s: {left}")
+        return sorted(pids)
+
+    def _host_processes(self, st: LabState, h: LabHost) -> set[int]:
+        pids = set(net.pids_in_netns(h.netns))
+        for s in SERVICES:
+            pid = h.pid(s)
+            if pid is not None and _is_service(h, s, pid):
+                pids.add(pid)
+        paths = Paths(home=h.home, images=Path(st.images))
+        pids.update(_marked_processes([f"{h.home}/", f"{paths.vm_run}/"], binaries=("qemu",)))
+        pids.discard(os.getpid())
+        return pids
+
+    def revive(self, name: str, timeout: float = SERVICE_TIMEOUT) -> list[str]:
+        """Start a killed host's services again (its link stays as it is)."""
+        _preflight()
+        with self._locked():
+            st = self.require()
+            h = st.host(name)
+            if not net.netns_exists(h.netns):
+                raise LabError(f"the network namespace {h.netns} is gone; repair the lab with: kasou lab up")
+            token = ensure_token(self.token_file)
+            report = []
+            for s in SERVICES:
+                if _is_service(h, s, h.pid(s)):
+                    report.append(f"{h.name} {s}: running (pid {h.pid(s)})")
+                    continue
+                h.set_pid(s, self._spawn(st, h, s))
+                self._save(st)
+                report.append(f"{h.name} {s}: started (pid {h.pid(s)})")
+            self._wait_answering(st, token, timeout, only=h.name)
+            return report
+
+    def partition(self, name: str, heal: bool = False) -> str:
+        """Cut (or restore) the host's only link: its root-side veth goes down (up)."""
+        with self._locked():
+            st = self.require()
+            h = st.host(name)
+            net.set_link(h.veth, up=heal)
+        return f"{h.name}: link {h.veth} {'up (healed)' if heal else 'down (partitioned)'}"
+
+    # -- status and env
+
+    def status(self) -> dict[str, Any]:
+        st = self.require()
+        token = self._token()
+        hosts = []
+        for h in st.hosts:
+            up = net.link_up(h.veth)
+            entry: dict[str, Any] = {
+                "name": h.name,
+                "address": h.address,
+                "netns": h.netns,
+                "netns_exists": net.netns_exists(h.netns),
+                "link": "missing" if up is None else ("up" if up else "down"),
+                "home": str(h.home),
+            }
+            for s in SERVICES:
+                alive = _is_service(h, s, h.pid(s))
+                entry[s] = {
+                    "pid": h.pid(s),
+                    "alive": alive,
+                    "answers": alive and probe(h, s, token, timeout=1.0) == 200,
+                    "url": h.agent_url if s == "agent" else h.api_url,
+                }
+            hosts.append(entry)
+        members = []
+        with httpx.Client(timeout=1.0) as c:
+            for m in st.etcd:
+                alive = _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)
+                healthy = False
+                if alive:
+                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                        healthy = c.get(f"{m.client_url}/health").json().get("health") == "true"
+                members.append({**asdict(m), "alive": alive, "healthy": healthy})
+        return {
+            "dir": str(self.dir),
+            "bridge": {"name": st.bridge, "address": f"{GATEWAY}/{PREFIXLEN}", "up": net.link_up(st.bridge)},
+            "hosts": hosts,
+            "etcd": members,
+        }
+
+    def env(self, name: str) -> list[str]:
+        st = self.require()
+        h = st.host(name)
+        token = self._token()
+        if token is None:
+            raise LabError(f"the lab has no API token at {self.token_file}")
+        return [f"export KASOU_API={h.api_url}", f"export KASOU_TOKEN={token}"]
+
+    # -- down
+
+    def down(self) -> list[str]:
+        if not self.dir.exists():
+            strays = net.link_names("klab") + [n for n in _netns_names() if n.startswith("klab-")]
+            if strays:
+                raise LabError(
+                    f"there is no lab at {self.dir}, but {', '.join(strays)} exist (a lab of another KASOU_LAB_DIR?)"
+                )
+            return [f"no lab at {self.dir}"]
+        with self._locked():
+            st = self.load()
+            if st is None:  # a directory from an up that died before recording anything
+                shutil.rmtree(self.dir)
+                return [f"removed {self.dir} (no lab recorded in it)"]
+            return self._teardown(st)
+
+    def _teardown(self, st: LabState) -> list[str]:
+        report: list[str] = []
+        errors: list[str] = []
+        pids: set[int] = set()
+        for h in st.hosts:
+            pids |= self._host_processes(st, h)
+        left = _kill(pids)
+        if left:
+            errors.append(f"processes outlived SIGKILL: {left}")
+        report.append(f"killed {len(pids)} host processes (services, QEMUs)")
+        etcd = [m.pid for m in st.etcd if _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
+        for pid in etcd:  # one by one: each member then exits in milliseconds
+            if pid is not None:
+                _terminate(pid)
+        stray = set(_marked_processes([f"{self.dir}/"]))
+        if stray:
+            left = _kill(stray)
+            if left:
+                errors.append(f"processes outlived SIGKILL: {left}")
+        report.append(f"stopped {len(etcd)} etcd members")
+        removed = []
+        for h in st.hosts:
+            steps = [
+                (h.veth, functools.partial(net.delete_link, h.veth)),
+                (f"netns {h.netns}", functools.partial(net.remove_netns, h.netns)),
+            ]
+            for what, step in steps:
+                try:
+                    if step():
+                        removed.append(what)
+                except (OSError, KasouError) as e:
+                    errors.append(f"{what}: {e}")
+        try:
+            if net.delete_link(st.bridge):
+                removed.append(st.bridge)
+        except (OSError, KasouError) as e:
+            errors.append(f"{st.bridge}: {e}")
+        report.append("removed " + (", ".join(removed) or "no links or namespaces"))
+        for h in st.hosts:
+            run = Paths(home=h.home, images=Path(st.images)).vm_run
+            if not run.is_relative_to(h.home) and run.parent.parent == Path("/run/kasou"):
+                shutil.rmtree(run.parent, ignore_errors=True)
+        if errors:
+            raise LabError(f"lab down is incomplete ({'; '.join(errors)}); the state is kept in {self.dir}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        report.append(f"removed {self.dir}")
+        return report
+
+
+def _netns_names() -> list[str]:
+    from pyroute2 import netns
+
+    return list(netns.listnetns())
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        raise LabError("kasou lab needs root (network namespaces, a bridge, veth links)")
+    for tool, package in (("ip", "iproute2"), ("etcd", "etcd-server")):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} is not installed (apt-get install {package})")
