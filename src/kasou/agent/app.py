@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query
@@ -17,8 +18,18 @@ from fastapi.responses import PlainTextResponse
 from kasou import __version__
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
-from kasou.errors import NotFound
-from kasou.hypervisor.base import Driver, LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.errors import InvalidSpec, NotFound
+from kasou.hypervisor.base import (
+    AbortRequest,
+    Driver,
+    IncomingInfo,
+    IncomingRequest,
+    LaunchSpec,
+    MigrateRequest,
+    MigrationStatus,
+    RuntimeInfo,
+    RuntimeState,
+)
 from kasou.wire import install_error_handlers
 
 
@@ -34,6 +45,7 @@ class Agent:
         accelerator_reason: str,
         qemu_version: str,
         images: Callable[[], list[str]],
+        migration_address: str = "127.0.0.1",
     ) -> None:
         self.host = host
         self.driver = driver
@@ -42,6 +54,7 @@ class Agent:
         self.accelerator_reason = accelerator_reason
         self.qemu_version = qemu_version
         self.images = images
+        self.migration_address = migration_address  # where this host listens for incoming migrations
 
     async def host_info(self) -> HostInfo:
         total, avail = memory_mib()
@@ -135,6 +148,50 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.get("/agent/v1/vms/{name}/console", response_class=PlainTextResponse)
     async def console(name: str, max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024)) -> str:
         return await d.console_log(name, max_bytes)
+
+    # -- live migration (the control plane runs the steps; see Driver) ---------------
+
+    @app.post("/agent/v1/vms/{name}/incoming")
+    async def prepare_incoming(name: str, req: IncomingRequest) -> IncomingInfo:
+        if req.spec.name != name:
+            raise NotFound(f"spec is for {req.spec.name!r}, not {name!r}")
+        if req.storage == "copy":
+            root = agent.disks.disks_dir.resolve()
+            for disk in req.spec.disks:
+                if root not in Path(disk.path).resolve().parents:
+                    raise InvalidSpec(f"{disk.path} is not a disk path of host {agent.host}", field="disks")
+        return await d.prepare_incoming(req.spec, req.storage, req.listen_host or agent.migration_address)
+
+    @app.post("/agent/v1/vms/{name}/migrate")
+    async def migrate_out(name: str, req: MigrateRequest) -> MigrationStatus:
+        await d.migrate_out(name, req.incoming, req.downtime_ms, req.auto_converge, req.bandwidth_mib_s)
+        return await d.migration_status(name)
+
+    @app.get("/agent/v1/vms/{name}/migration")
+    async def migration_status(name: str) -> MigrationStatus:
+        return await d.migration_status(name)
+
+    @app.post("/agent/v1/vms/{name}/incoming/finish")
+    async def finish_incoming(name: str) -> RuntimeInfo:
+        return await d.finish_incoming(name)
+
+    @app.post("/agent/v1/vms/{name}/migrate/finish")
+    async def finish_out(name: str) -> dict[str, bool]:
+        await d.finish_out(name)
+        return {"ok": True}
+
+    @app.post("/agent/v1/vms/{name}/migrate/abort")
+    async def abort_out(name: str, req: AbortRequest | None = None) -> RuntimeInfo:
+        await d.abort_out(name, force=req.force if req is not None else False)
+        info = await d.info(name)
+        if info is None:
+            raise NotFound(f"VM {name!r} is unknown on host {agent.host}")
+        return info
+
+    @app.post("/agent/v1/vms/{name}/incoming/abort")
+    async def abort_incoming(name: str) -> dict[str, bool]:
+        await d.abort_incoming(name)
+        return {"ok": True}
 
     @app.post("/agent/v1/disks")
     async def create_disk(req: DiskCreate) -> DiskInfo:

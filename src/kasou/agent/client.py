@@ -9,7 +9,16 @@ import httpx
 from kasou.agent.hostinfo import HostInfo
 from kasou.agent.storage import DiskCreate, DiskInfo
 from kasou.errors import AgentUnavailable, OperationTimeout
-from kasou.hypervisor.base import LaunchSpec, RuntimeInfo
+from kasou.hypervisor.base import (
+    AbortRequest,
+    IncomingInfo,
+    IncomingRequest,
+    LaunchSpec,
+    MigrateRequest,
+    MigrationStatus,
+    MigrationStorage,
+    RuntimeInfo,
+)
 from kasou.wire import raise_for_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -71,6 +80,54 @@ class AgentClient:
 
     async def console(self, name: str, max_bytes: int = 65536) -> str:
         return (await self._call("GET", f"/vms/{name}/console", params={"max_bytes": max_bytes})).text
+
+    # -- live migration: each a bounded step; see the Driver's methods of the same names --
+
+    async def prepare_incoming(
+        self, spec: LaunchSpec, storage: MigrationStorage = "shared", listen_host: str | None = None
+    ) -> IncomingInfo:
+        """On the destination; with copy storage this makes the (empty) disks first."""
+        body = IncomingRequest(spec=spec, storage=storage, listen_host=listen_host)
+        resp = await self._call("POST", f"/vms/{spec.name}/incoming", timeout=300, json=body.model_dump())
+        return IncomingInfo.model_validate(resp.json())
+
+    async def migrate_out(
+        self,
+        name: str,
+        incoming: IncomingInfo,
+        downtime_ms: int = 100,
+        auto_converge: bool = True,
+        bandwidth_mib_s: int | None = None,
+    ) -> MigrationStatus:
+        """On the source; returns once the migration started (its first status)."""
+        body = MigrateRequest(
+            incoming=incoming,
+            downtime_ms=downtime_ms,
+            auto_converge=auto_converge,
+            bandwidth_mib_s=bandwidth_mib_s,
+        )
+        resp = await self._call("POST", f"/vms/{name}/migrate", timeout=60, json=body.model_dump())
+        return MigrationStatus.model_validate(resp.json())
+
+    async def migration_status(self, name: str) -> MigrationStatus:
+        resp = await self._call("GET", f"/vms/{name}/migration", timeout=60)
+        return MigrationStatus.model_validate(resp.json())
+
+    async def finish_incoming(self, name: str) -> RuntimeInfo:
+        resp = await self._call("POST", f"/vms/{name}/incoming/finish", timeout=60)
+        return RuntimeInfo.model_validate(resp.json())
+
+    async def finish_out(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/migrate/finish", timeout=60)
+
+    async def abort_out(self, name: str, force: bool = False) -> RuntimeInfo:
+        """On the source: the VM goes on running there (see Driver.abort_out for ``force``)."""
+        body = AbortRequest(force=force)
+        resp = await self._call("POST", f"/vms/{name}/migrate/abort", timeout=60, json=body.model_dump())
+        return RuntimeInfo.model_validate(resp.json())
+
+    async def abort_incoming(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/incoming/abort", timeout=60)
 
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())

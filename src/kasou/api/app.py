@@ -90,6 +90,13 @@ class MigrateRequest(BaseModel):
     to: str | None = None
     downtime_ms: int = 100  # checked by the control plane: 1 .. 60000
     auto_converge: bool = True
+    bandwidth_mib_s: int | None = None  # cap the migration stream (None: QEMU's default)
+
+
+class ClusterView(BaseModel):
+    clustered: bool
+    leader: str | None  # the host whose control plane is active
+    hosts: list[str]  # hosts that are up
 
 
 PowerAction = Action  # the path parameter; delete and template have their own routes
@@ -161,7 +168,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     @v1.post("/vms/{name}/migrate", status_code=202)
     async def migrate(name: str, body: MigrateRequest | None = None) -> JobAccepted:
         req = body or MigrateRequest()
-        job = await svc().migrations.migrate(name, req.to, req.downtime_ms, req.auto_converge)
+        job = await svc().migrations.migrate(name, req.to, req.downtime_ms, req.auto_converge, req.bandwidth_mib_s)
         return JobAccepted(job=job)
 
     @v1.get("/reports/uptime")
@@ -216,6 +223,19 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     @v1.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobRecord:
         return await svc().jobs.get(job_id)
+
+    @v1.post("/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> JobRecord:
+        return await svc().jobs.cancel(job_id)
+
+    @v1.get("/cluster")
+    async def cluster() -> ClusterView:
+        lead = svc().leadership
+        if lead is None:
+            names = svc().agents.names()
+            return ClusterView(clustered=False, leader=names[0] if names else None, hosts=names)
+        await svc().agents.refresh(force=True)
+        return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names())
 
     app.include_router(v1)
 

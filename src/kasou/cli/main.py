@@ -157,6 +157,17 @@ def serve(address: str = typer.Option(None, help="HOST:PORT for the API (default
 
 
 @app.command()
+def cluster(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The virtual environment: the hosts that are up and whose control plane leads."""
+    c = client().get("/v1/cluster")
+    if as_json:
+        print_json(c)
+        return
+    kind = "cluster (etcd)" if c["clustered"] else "single host (SQLite)"
+    out.print(f"{kind}; leader: {c['leader'] or '-'}; hosts up: {', '.join(c['hosts'])}", markup=False)
+
+
+@app.command()
 def version() -> None:
     """Print kasou's version."""
     out.print(__version__)
@@ -376,11 +387,14 @@ def vm_migrate(
     name: str,
     to: str = typer.Option(None, "--to", help="Destination host (default: the scheduler's choice)."),
     downtime_ms: str = typer.Option("100", "--downtime-ms", help="Longest pause the guest may see."),
+    bandwidth: str = typer.Option(None, "--bandwidth", help="Cap the migration stream, MiB/s."),
     wait: bool = WAIT,
 ) -> None:
     """Live-migrate a running VM to another host (its disks too, unless they are on shared storage)."""
     c = client()
-    body = {"to": to, "downtime_ms": parse_int(downtime_ms, "downtime_ms")}
+    body: dict[str, Any] = {"to": to, "downtime_ms": parse_int(downtime_ms, "downtime_ms")}
+    if bandwidth is not None:
+        body["bandwidth_mib_s"] = parse_int(bandwidth, "bandwidth")
     res = c.post(f"/v1/vms/{name}/migrate", json=body)
     if not wait:
         out.print(f"vm {name}: migrate job {res['job']['id']}", markup=False, highlight=False)
@@ -422,8 +436,9 @@ def vm_list(as_json: bool = typer.Option(False, "--json")) -> None:
     t = Table("name", "state", "host", "vCPU", "memory", "disk", "ready", "uptime")
     for v in vms:
         disk = format_size(v["disks"][0]["size_bytes"]) if v["disks"] else "-"
+        state = v["state"] if v["host_reachable"] else f"{v['state']} (host unreachable)"
         t.add_row(
-            v["name"], v["state"], v["host"] or "-", str(v["vcpus"]), f"{v['memory_mib']} MiB", disk,
+            v["name"], state, v["host"] or "-", str(v["vcpus"]), f"{v['memory_mib']} MiB", disk,
             "yes" if v["guest_ready"] else "no", _uptime(v["uptime_s"]),
         )  # fmt: skip
     out.print(t)
@@ -508,6 +523,13 @@ def report_uptime(as_json: bool = typer.Option(False, "--json")) -> None:
 def job_show(job_id: str) -> None:
     """One job."""
     print_json(client().get(f"/v1/jobs/{job_id}"))
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str) -> None:
+    """Cancel a running job (a cancelled migration leaves the VM running where it was)."""
+    j = client().post(f"/v1/jobs/{job_id}/cancel")
+    out.print(f"job {job_id}: {j['state']}", markup=False, highlight=False)
 
 
 @job_app.command("list")

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kasou.control.records import JobRecord, JobState, job_key
-from kasou.errors import KasouError, NotFound, OperationTimeout
+from kasou.errors import Conflict, KasouError, NotFound, OperationTimeout
 from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,19 @@ class Jobs:
             recs = [r for r in recs if r.vm == vm]
         recs.sort(key=lambda r: r.created_at)
         return recs[-limit:]
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a running job; its own undo path runs (a cancelled migration stays on its source)."""
+        rec = await self.get(job_id)
+        task = self._tasks.get(job_id)
+        if rec.done:
+            raise Conflict(f"job {job_id} has already ended ({rec.state.value})")
+        if task is None:
+            raise Conflict(f"job {job_id} runs on another control plane; cancel it there")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), 120)
+        return await self.get(job_id)
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         deadline = time.monotonic() + timeout

@@ -41,7 +41,7 @@ from kasou.errors import (
     OperationTimeout,
     WrongState,
 )
-from kasou.hypervisor.base import LaunchDisk
+from kasou.hypervisor.base import LaunchDisk, RuntimeState
 from kasou.model.spec import validate_name
 from kasou.model.state import Action, VMState, check_action
 
@@ -99,11 +99,18 @@ class Migrations:
     # -- migration -------------------------------------------------------------------
 
     async def migrate(
-        self, name: str, to: str | None = None, downtime_ms: int = DEFAULT_DOWNTIME_MS, auto_converge: bool = True
+        self,
+        name: str,
+        to: str | None = None,
+        downtime_ms: int = DEFAULT_DOWNTIME_MS,
+        auto_converge: bool = True,
+        bandwidth_mib_s: int | None = None,
     ) -> JobRecord:
         """Live-migrate a running VM (to ``to``, or where the scheduler puts it)."""
         if not 1 <= downtime_ms <= 60000:
             raise InvalidSpec(f"downtime_ms must be between 1 and 60000, not {downtime_ms}", field="downtime_ms")
+        if bandwidth_mib_s is not None and not 1 <= bandwidth_mib_s <= 100000:
+            raise InvalidSpec(f"bandwidth_mib_s must be between 1 and 100000, not {bandwidth_mib_s}")
         rec = await self.vms._record(name)
         target = await self._choose_target(rec, to)
         job_id = "j" + secrets.token_hex(5)
@@ -111,7 +118,7 @@ class Migrations:
         await self.vms._set(name, state=VMState.MIGRATING)
 
         async def run(ctx: JobContext) -> dict[str, Any]:
-            return await self._migrate(ctx, rec, target, downtime_ms, auto_converge)
+            return await self._migrate(ctx, rec, target, downtime_ms, auto_converge, bandwidth_mib_s)
 
         return await self.vms._submit("migrate", name, run, job_id)
 
@@ -140,7 +147,13 @@ class Migrations:
         return scheduler.place(req, loads, self.vms.vcpu_ratio).name
 
     async def _migrate(
-        self, ctx: JobContext, rec: VMRecord, target: str, downtime_ms: int, auto_converge: bool
+        self,
+        ctx: JobContext,
+        rec: VMRecord,
+        target: str,
+        downtime_ms: int,
+        auto_converge: bool,
+        bandwidth_mib_s: int | None = None,
     ) -> dict[str, Any]:
         name, source = rec.name, rec.host
         # Any: the migration steps of the agent client are typed where they are defined.
@@ -157,24 +170,26 @@ class Migrations:
             for d in rec.disks:
                 path = d.path if d.shared else f"{disks_dir}/{name}/{d.id}.qcow2"
                 new_paths[d.id] = path or ""
-                disks.append(LaunchDisk(id=d.id, path=path or "", format=d.format, size_bytes=d.size_bytes))  # type: ignore[call-arg]
+                disks.append(LaunchDisk(id=d.id, path=path or "", format=d.format, size_bytes=d.size_bytes))
             spec = spec.model_copy(update={"disks": disks})
         storage = "copy" if copy else "shared"
         incoming = None
-        started = False
+        started = finishing = False
+        status = None
         t0 = time.monotonic()
         try:
             await ctx.progress(0.02, f"preparing {target}")
             incoming = await dst.prepare_incoming(spec, storage)
             await ctx.progress(0.05, f"migrating to {target}")
-            await src.migrate_out(name, incoming, downtime_ms=downtime_ms, auto_converge=auto_converge)
-            started = True
-            status = None
+            started = True  # from here the source may hold migration state to undo
+            await src.migrate_out(
+                name, incoming, downtime_ms=downtime_ms, auto_converge=auto_converge, bandwidth_mib_s=bandwidth_mib_s
+            )
             while True:
                 status = await src.migration_status(name)
                 if status.status == "completed":
                     break
-                if status.status in ("failed", "cancelled", "cancelling"):
+                if status.status in ("failed", "cancelled", "cancelling", "none"):
                     why = status.error or "no reason given"
                     raise HypervisorError(f"the migration of {name!r} {status.status}: {why}")
                 if time.monotonic() - t0 > MIGRATION_TIMEOUT_S:
@@ -183,14 +198,22 @@ class Migrations:
                 await ctx.progress(0.05 + 0.85 * status.progress, f"{status.status} ({status.progress:.0%})")
                 await asyncio.sleep(0.05)
             await ctx.progress(0.92, f"starting on {target}")
+            finishing = True
             await dst.finish_incoming(name)
         except BaseException as e:
-            await self._abort(name, src if started or incoming else None, dst if incoming else None)
-            await self.vms._set(name, state=VMState.RUNNING)
-            if isinstance(e, KasouError):
-                why = f"migration of {name!r} to {target} failed, it still runs on {source}: {e.message}"
-                raise type(e)(why) from None
-            raise
+            if finishing and await self._runs_on(dst, name):
+                pass  # the destination runs after all (only its answer was lost): carry on below
+            else:
+                kept = await self._abort(name, src if started else None, dst if incoming else None, finishing)
+                await self.vms._set(
+                    name,
+                    state=VMState.RUNNING if kept else VMState.PAUSED,
+                    last_error=None if kept else "a failed migration left it paused",
+                )
+                if isinstance(e, KasouError):
+                    where = f"it still runs on {source}" if kept else f"it is paused on {source}; check {target}"
+                    raise type(e)(f"migration of {name!r} to {target} failed, {where}: {e.message}") from None
+                raise
         # The destination runs: from here on the source copy must only go away.
         moved = [d.model_copy(update={"path": new_paths.get(d.id, d.path)}) for d in rec.disks]
         await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved)
@@ -210,17 +233,33 @@ class Migrations:
             "state": VMState.RUNNING.value,
         }
 
-    async def _abort(self, name: str, src: Any, dst: Any) -> None:
-        if src is not None:
-            try:
-                await src.abort_out(name)
-            except KasouError as e:
-                log.error("aborting the migration of %s on its source failed: %s", name, e.message)
+    async def _runs_on(self, agent: Any, name: str) -> bool:
+        with contextlib.suppress(KasouError):
+            return bool((await agent.info(name)).state == RuntimeState.RUNNING)
+        return False
+
+    async def _abort(self, name: str, src: Any, dst: Any, finishing: bool) -> bool:
+        """Undo a migration that did not reach its destination. True if the source runs on.
+
+        The destination goes first: once the source reported completion it may be
+        resumed only when the incoming copy is certainly gone (``force``), so that
+        two copies can never run.
+        """
+        dst_gone = dst is None
         if dst is not None:
             try:
                 await dst.abort_incoming(name)
+                dst_gone = True
             except KasouError as e:
                 log.error("removing the incoming copy of %s failed: %s", name, e.message)
+        if src is None:
+            return True
+        try:
+            await src.abort_out(name, force=dst_gone)
+            return True
+        except KasouError as e:
+            log.error("aborting the migration of %s on its source failed: %s", name, e.message)
+            return await self._runs_on(src, name) and not finishing
 
     async def _finish_source(self, name: str, source: str | None, old_disks: list[str]) -> None:
         src: Any = self.agents.get(source)

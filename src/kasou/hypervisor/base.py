@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kasou.model.spec import NicSpec
 
@@ -22,6 +23,9 @@ class LaunchDisk(BaseModel):
     path: str
     format: str = "qcow2"
     readonly: bool = False
+    size_bytes: int | None = Field(
+        default=None, gt=0
+    )  # virtual size; needed to make the copy of a migrating disk
 
 
 class LaunchSpec(BaseModel):
@@ -46,6 +50,7 @@ class RuntimeState(StrEnum):
     SHUTTING_DOWN = "shutting_down"  # powerdown asked, guest not gone yet
     EXITED = "exited"  # the process ended on request or by the guest's own power-off
     CRASHED = "crashed"  # the process ended without anyone asking
+    INCOMING = "incoming"  # a paused QEMU waiting for (or holding) a migrated VM; never runs the guest
 
 
 class RuntimeInfo(BaseModel):
@@ -60,6 +65,73 @@ class RuntimeInfo(BaseModel):
     guest_uptime_s: float | None = None
     heartbeat_age_s: float | None = None
     exit_reason: str | None = None
+
+
+MigrationStorage = Literal["shared", "copy"]
+
+
+class IncomingInfo(BaseModel):
+    """Where a destination host waits for a migrating VM: from ``prepare_incoming`` to ``migrate_out``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: MigrationStorage = "shared"
+    migration_uri: str  # QEMU's migration URI, e.g. tcp:10.0.0.2:49152
+    nbd_host: str | None = None  # copy storage: the destination's NBD server
+    nbd_port: int | None = None
+    exports: dict[str, str] = {}  # disk id -> NBD export name (copy storage)
+
+    @model_validator(mode="after")
+    def _copy_needs_nbd(self) -> IncomingInfo:
+        if self.storage == "copy" and (self.nbd_host is None or self.nbd_port is None):
+            raise ValueError("copy storage needs nbd_host and nbd_port")
+        return self
+
+
+class MigrationStatus(BaseModel):
+    """A migration seen from the source (QEMU's ``query-migrate``, plus the disk copy before it).
+
+    ``status`` is QEMU's (``setup``, ``active``, ``device``, ``completed``, ``failed``,
+    ``cancelling``, ``cancelled``, ...), ``mirroring`` while the disks are copied
+    before the memory, or ``none``. ``completed`` means memory, device state and
+    every disk are on the destination and the source is paused for good.
+    """
+
+    status: str
+    progress: float = 0.0  # 0..1: disk bytes then memory bytes, transferred / total
+    downtime_ms: int | None = None  # the guest's pause at the switch-over (once completed)
+    total_ms: int | None = None
+    setup_ms: int | None = None
+    error: str | None = None
+
+
+class IncomingRequest(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/incoming``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: LaunchSpec
+    storage: MigrationStorage = "shared"
+    listen_host: str | None = None  # None: the agent's migration address
+
+
+class MigrateRequest(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/migrate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    incoming: IncomingInfo
+    downtime_ms: int = Field(default=100, ge=1, le=60_000)
+    auto_converge: bool = True
+    bandwidth_mib_s: int | None = Field(default=None, ge=1)
+
+
+class AbortRequest(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/migrate/abort``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = False
 
 
 class Driver(abc.ABC):
@@ -105,6 +177,75 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def console_log(self, name: str, max_bytes: int = 65536) -> str:
         """The tail of the VM's serial console output."""
+
+    # -- live migration, in small steps the control plane orchestrates ------------------
+    #
+    #   destination: prepare_incoming ........................ finish_incoming
+    #   source:                    migrate_out, migration_status ...           finish_out
+    #
+    # Both copies never run at once: the destination stays paused until
+    # finish_incoming, which the control plane calls only after the source
+    # reported "completed" (the source is then paused for good). Either side
+    # can be abandoned with abort_out / abort_incoming before that.
+
+    @abc.abstractmethod
+    async def prepare_incoming(
+        self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str
+    ) -> IncomingInfo:
+        """On the destination: start a paused QEMU that waits for the VM on ``listen_host``.
+
+        With ``storage="copy"`` it first makes each disk of ``spec`` (empty, of
+        ``size_bytes``, at the path the spec names; an existing file is refused)
+        and exports it writable over NBD for the source to copy into. The VM shows
+        state ``incoming`` until finished or aborted. On failure it leaves nothing.
+        """
+
+    @abc.abstractmethod
+    async def migrate_out(
+        self,
+        name: str,
+        incoming: IncomingInfo,
+        downtime_ms: int = 100,
+        auto_converge: bool = True,
+        bandwidth_mib_s: int | None = None,
+    ) -> None:
+        """On the source: start sending the VM to ``incoming``; returns once started, not finished.
+
+        Copy storage first mirrors every disk to the destination's exports (status
+        ``mirroring``), then sends memory and device state once the copies are in sync.
+        """
+
+    @abc.abstractmethod
+    async def migration_status(self, name: str) -> MigrationStatus:
+        """On the source: how far the migration is (``none`` if there is none)."""
+
+    @abc.abstractmethod
+    async def finish_incoming(self, name: str) -> RuntimeInfo:
+        """On the destination, after the source reported ``completed``: let the guest run here."""
+
+    @abc.abstractmethod
+    async def finish_out(self, name: str) -> None:
+        """On the source, after the destination runs: end the paused source QEMU and forget it.
+
+        Refused unless the migration completed. Its disks stay (copy storage: the
+        control plane deletes them through the disk API).
+        """
+
+    @abc.abstractmethod
+    async def abort_out(self, name: str, force: bool = False) -> None:
+        """On the source: cancel the migration; the VM goes on running here.
+
+        Once this host reported ``completed``, the destination may already run the
+        guest: then it is refused unless ``force`` (the caller knows the destination
+        copy is gone, e.g. after ``abort_incoming`` there).
+        """
+
+    @abc.abstractmethod
+    async def abort_incoming(self, name: str) -> None:
+        """On the destination: end the waiting QEMU, its runtime files and the disks it made.
+
+        Refused for a VM that already runs here; nothing happens for an unknown VM.
+        """
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

@@ -2,25 +2,80 @@
 
 It keeps the same contract as the QEMU driver (states, errors, never two copies
 of one VM) and lets a test make a VM crash or a start fail.
+
+Live migration works between fake drivers of one process (one per fake host):
+``prepare_incoming`` registers the destination under its migration URI, the
+source finds it there. A migration answers ``migration_polls`` status calls with
+``mirroring``/``active`` and then ``completed``; ``fail_next_migration`` makes the
+next one fail. With copy storage the destination's disk files are really made
+(``qemu-img create``) and removed again by an abort.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
-from kasou.errors import Conflict, NotFound, QemuStartError
-from kasou.hypervisor.base import Driver, LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.errors import (
+    AlreadyExists,
+    Conflict,
+    HypervisorError,
+    InvalidSpec,
+    NotFound,
+    QemuStartError,
+    WrongState,
+)
+from kasou.hypervisor.base import (
+    Driver,
+    IncomingInfo,
+    LaunchSpec,
+    MigrationStatus,
+    MigrationStorage,
+    RuntimeInfo,
+    RuntimeState,
+)
 
-_ACTIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
+_GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
+_ACTIVE = (*_GUEST, RuntimeState.INCOMING)
+
+
+@dataclass
+class _Out:
+    incoming: IncomingInfo
+    was_running: bool
+    polls_left: int
+    status: str
+    error: str | None = None
+    reported_completed: bool = False
+
+
+@dataclass
+class _In:
+    info: IncomingInfo
+    created: list[str]
+    arrived: RuntimeInfo | None = None  # the source's view when the migration completed
 
 
 class FakeDriver(Driver):
+    #: Destinations waiting in this process: migration URI -> (driver, VM name).
+    _listening: ClassVar[dict[str, tuple[FakeDriver, str]]] = {}
+    _next_port: ClassVar[int] = 49152
+
     def __init__(self, accelerator: str = "tcg") -> None:
         self.accelerator = accelerator
         self.vms: dict[str, RuntimeInfo] = {}
         self.specs: dict[str, LaunchSpec] = {}
         self.fail_next_start: str | None = None  # the message of a start that should fail
         self.powerdown_exits = True  # a guest that honours the ACPI power button
+        self.migration_polls = 1  # status calls answered "mirroring"/"active" before "completed"
+        self.fail_next_migration: str | None = None  # the error of the next migration from here
+        self.outgoing: dict[str, _Out] = {}
+        self.incoming: dict[str, _In] = {}
         self._next_pid = 1000
 
     def crash(self, name: str) -> None:
@@ -59,6 +114,10 @@ class FakeDriver(Driver):
         info = self.vms.get(name)
         if info is None or info.state not in _ACTIVE:
             raise NotFound(f"VM {name!r} is not running on this host")
+        if info.state == RuntimeState.INCOMING:
+            raise WrongState(f"VM {name!r} is arriving by migration on this host; it does not run here yet")
+        if name in self.outgoing:
+            raise WrongState(f"VM {name!r} is migrating to another host; finish or abort that first")
         return info
 
     def _set(self, name: str, state: RuntimeState, **extra: object) -> None:
@@ -106,3 +165,171 @@ class FakeDriver(Driver):
         if name not in self.specs:
             raise NotFound(f"VM {name!r} has no console output on this host")
         return f"KASOU-READY\nfake console of {name}\n"[-max_bytes:]
+
+    # -- live migration ----------------------------------------------------------------
+
+    async def prepare_incoming(
+        self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str
+    ) -> IncomingInfo:
+        cur = self.vms.get(spec.name)
+        if cur is not None and cur.state in _ACTIVE:
+            raise Conflict(f"VM {spec.name!r} already runs on this host (pid {cur.pid})")
+        created: list[str] = []
+        if storage == "copy":
+            for d in spec.disks:
+                if d.readonly:
+                    raise InvalidSpec(f"read-only disk {d.id} cannot be copied; use shared storage")
+                if d.size_bytes is None:
+                    raise InvalidSpec(f"disk {d.id} needs size_bytes to be copied", field="disks")
+                if Path(d.path).exists():
+                    raise AlreadyExists(f"disk {d.path} already exists on this host")
+            for d in spec.disks:
+                created.append(d.path)
+                _make_disk(Path(d.path), d.format, d.size_bytes or 0)
+        FakeDriver._next_port += 2
+        port = FakeDriver._next_port
+        info = IncomingInfo(
+            storage=storage,
+            migration_uri=f"tcp:{listen_host}:{port}",
+            nbd_host=listen_host if storage == "copy" else None,
+            nbd_port=port + 1 if storage == "copy" else None,
+            exports={d.id: d.id for d in spec.disks} if storage == "copy" else {},
+        )
+        self._next_pid += 1
+        self.vms[spec.name] = RuntimeInfo(
+            name=spec.name,
+            state=RuntimeState.INCOMING,
+            pid=self._next_pid,
+            started_at=time.time(),
+            accelerator=self.accelerator,
+        )
+        self.specs[spec.name] = spec
+        self.incoming[spec.name] = _In(info, created)
+        FakeDriver._listening[info.migration_uri] = (self, spec.name)
+        return info
+
+    async def migrate_out(
+        self,
+        name: str,
+        incoming: IncomingInfo,
+        downtime_ms: int = 100,
+        auto_converge: bool = True,
+        bandwidth_mib_s: int | None = None,
+    ) -> None:
+        info = self._active(name)
+        if incoming.migration_uri not in FakeDriver._listening:
+            raise HypervisorError(f"cannot connect to {incoming.migration_uri}: nobody waits there")
+        status = "mirroring" if incoming.storage == "copy" else "active"
+        was_running = info.state == RuntimeState.RUNNING
+        self.outgoing[name] = _Out(incoming, was_running, self.migration_polls, status)
+
+    async def migration_status(self, name: str) -> MigrationStatus:
+        info = self.vms.get(name)
+        if info is None or info.state not in _ACTIVE:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        out = self.outgoing.get(name)
+        if out is None:
+            return MigrationStatus(status="none")
+        dest = FakeDriver._listening.get(out.incoming.migration_uri)
+        if out.status in ("mirroring", "active"):
+            if self.fail_next_migration is not None:
+                out.status, out.error, self.fail_next_migration = "failed", self.fail_next_migration, None
+                if dest is not None:  # a destination QEMU exits when its incoming migration breaks
+                    dest[0]._set(
+                        dest[1], RuntimeState.CRASHED, pid=None, exit_reason="incoming migration failed"
+                    )
+            elif out.polls_left > 0:
+                out.polls_left -= 1
+                if out.status == "mirroring" and out.polls_left < self.migration_polls / 2:
+                    out.status = "active"
+            else:
+                out.status = "completed"
+                self._set(name, RuntimeState.PAUSED)
+                if dest is not None:
+                    dest[0].incoming[dest[1]].arrived = self.vms[name]
+        if out.status == "completed":
+            out.reported_completed = True
+            return MigrationStatus(status="completed", progress=1.0, downtime_ms=1, total_ms=50, setup_ms=1)
+        if out.status == "failed":
+            return MigrationStatus(status="failed", error=out.error)
+        progress = 0.25 if out.status == "mirroring" else 0.5
+        return MigrationStatus(status=out.status, progress=progress, total_ms=20, setup_ms=1)
+
+    async def finish_incoming(self, name: str) -> RuntimeInfo:
+        info = self.vms.get(name)
+        arriving = self.incoming.get(name)
+        if info is not None and info.state in _GUEST and arriving is None:
+            return info
+        if info is None or info.state != RuntimeState.INCOMING or arriving is None:
+            raise NotFound(f"VM {name!r} is not arriving on this host")
+        if arriving.arrived is None:
+            raise WrongState(f"the incoming migration of VM {name!r} is not complete here")
+        FakeDriver._listening.pop(arriving.info.migration_uri, None)
+        del self.incoming[name]
+        self._set(
+            name,
+            RuntimeState.RUNNING,
+            guest_ready=True,
+            guest_uptime_s=arriving.arrived.guest_uptime_s,
+            heartbeat_age_s=0.0,
+        )
+        return self.vms[name]
+
+    async def finish_out(self, name: str) -> None:
+        if name not in self.vms:
+            return
+        out = self.outgoing.get(name)
+        if out is None or out.status != "completed":
+            raise WrongState(f"VM {name!r} has no completed migration to finish here")
+        del self.outgoing[name]
+        self.vms.pop(name, None)
+        self.specs.pop(name, None)
+
+    async def abort_out(self, name: str, force: bool = False) -> None:
+        info = self.vms.get(name)
+        if info is None or info.state not in _GUEST:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        out = self.outgoing.get(name)
+        if out is None:
+            return
+        if out.reported_completed and not force:
+            raise WrongState(
+                f"the migration of VM {name!r} completed and the destination may run it; "
+                "abort there first, then abort here with force"
+            )
+        dest = FakeDriver._listening.get(out.incoming.migration_uri)
+        if dest is not None and out.status in ("active", "completed"):
+            with contextlib.suppress(KeyError):  # its QEMU exits when the stream breaks
+                dest[0]._set(dest[1], RuntimeState.CRASHED, pid=None, exit_reason="incoming migration failed")
+        del self.outgoing[name]
+        if out.was_running:
+            self._set(name, RuntimeState.RUNNING)
+
+    async def abort_incoming(self, name: str) -> None:
+        info = self.vms.get(name)
+        if info is None:
+            return
+        arriving = self.incoming.get(name)
+        if info.state in _GUEST or arriving is None:
+            raise WrongState(f"VM {name!r} is not arriving on this host; there is no migration to abort")
+        FakeDriver._listening.pop(arriving.info.migration_uri, None)
+        for path in arriving.created:
+            Path(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(path).parent.rmdir()
+        del self.incoming[name]
+        self.vms.pop(name, None)
+        self.specs.pop(name, None)
+
+
+def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.which("qemu-img") is None:
+        path.write_bytes(b"")
+        return
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", fmt, str(path), str(size_bytes)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )

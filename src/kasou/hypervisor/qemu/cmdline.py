@@ -5,6 +5,8 @@ disks over ``-blockdev`` (node names ``<id>-file`` / ``<id>``), virtio-net
 NICs, a VGA display on a VNC unix socket (never a TCP port), the serial console
 on a unix socket with a log file, a virtio-serial port
 ``org.kasou.heartbeat`` for the guest's heartbeat, and QMP on a unix socket.
+The destination of a live migration runs the very same command line plus
+``-incoming defer -S`` (see :mod:`kasou.hypervisor.qemu.migration`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class RuntimeFiles:
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 
+    @property
+    def migration(self) -> Path:
+        """The state of a live migration in progress (either side), for an agent restart."""
+        return self.dir / "migration.json"
+
 
 @dataclass(frozen=True)
 class BootFiles:
@@ -81,8 +88,13 @@ def build_argv(
     accelerator: str,
     boot: BootFiles | None,
     qemu_binary: str = "qemu-system-x86_64",
+    incoming: str | None = None,
 ) -> list[str]:
-    """The full argv for one VM, daemonized, with every channel on a unix socket."""
+    """The full argv for one VM, daemonized, with every channel on a unix socket.
+
+    ``incoming`` (e.g. ``"defer"``) makes it the paused destination of a live
+    migration: ``-incoming`` and ``-S``, so the guest never runs here until told to.
+    """
     argv = [
         qemu_binary,
         "-name", f"guest={spec.name},debug-threads=on",
@@ -129,7 +141,9 @@ def build_argv(
             "-netdev", f"user,id={nic.id}",
             "-device", f"virtio-net-pci,netdev={nic.id},mac={nic.mac},id={nic.id}-dev",
         ]  # fmt: skip
-    if spec.paused:
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    if spec.paused or incoming is not None:
         argv.append("-S")
     return argv
 

@@ -6,6 +6,9 @@ runtime directory (sockets, pid file, the launch spec, an exit record); after
 a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
 files and checks the pid really is that guest's QEMU. A VM whose process is
 gone without an exit record is reported as crashed.
+
+Live migration (both sides) is at the end of the class; its QMP steps and
+helpers are in :mod:`kasou.hypervisor.qemu.migration`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kasou.errors import Conflict, KasouError, MonitorError, NotFound, QemuStartError
-from kasou.hypervisor.base import Driver, LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.errors import (
+    AlreadyExists,
+    Conflict,
+    HypervisorError,
+    InvalidSpec,
+    KasouError,
+    MonitorError,
+    NotFound,
+    QemuStartError,
+    WrongState,
+)
+from kasou.hypervisor.base import (
+    Driver,
+    IncomingInfo,
+    LaunchSpec,
+    MigrationStatus,
+    MigrationStorage,
+    RuntimeInfo,
+    RuntimeState,
+)
+from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
 from kasou.hypervisor.qemu.monitor import Monitor
@@ -34,7 +56,9 @@ START_TIMEOUT = 60.0  # QEMU initialises and daemonizes in well under a second; 
 QUIT_TIMEOUT = 10.0
 HEARTBEAT_FRESH_S = 5.0
 
-_ACTIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
+_GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)  # the guest lives here
+_ACTIVE = (*_GUEST, RuntimeState.INCOMING)  # a QEMU process of the VM runs here
+MIGRATED = "migrated"  # the exit reason of a source QEMU after a completed migration
 
 
 @dataclass
@@ -53,11 +77,13 @@ class _Vm:
     exit_reason: str | None = None
     expect_exit: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    outgoing: mig.Outgoing | None = None  # this host sends the VM away
+    incoming: mig.Incoming | None = None  # this host waits for the VM
 
     def info(self) -> RuntimeInfo:
         age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
         uptime = self.guest_uptime
-        if uptime is not None and age is not None and age < HEARTBEAT_FRESH_S and self.state in _ACTIVE:
+        if uptime is not None and age is not None and age < HEARTBEAT_FRESH_S and self.state in _GUEST:
             uptime += age  # the guest's clock went on since its last line
         return RuntimeInfo(
             name=self.name,
@@ -65,7 +91,7 @@ class _Vm:
             pid=self.pid if self.state in _ACTIVE else None,
             started_at=self.started_at,
             accelerator=self.accelerator,
-            guest_ready=self.guest_ready and self.state in _ACTIVE,
+            guest_ready=self.guest_ready and self.state in _GUEST,
             guest_uptime_s=None if uptime is None else round(uptime, 2),
             heartbeat_age_s=None if age is None else round(age, 2),
             exit_reason=self.exit_reason,
@@ -132,6 +158,7 @@ class QemuDriver(Driver):
                     vm.state = _state_of(status)
                 except KasouError as e:
                     log.warning("VM %s runs but its monitor does not answer: %s", d.name, e)
+                self._restore_migration(vm)
                 self._start_heartbeat(vm)
                 found.append(d.name)
             else:
@@ -139,43 +166,61 @@ class QemuDriver(Driver):
                 vm = _Vm(d.name, files, pid or 0, None, _launch_accel(files))
                 vm.state = state or RuntimeState.CRASHED
                 vm.exit_reason = reason or "its process ended while the agent was away"
+                saved = mig.load(files.migration)
+                vm.incoming = saved if isinstance(saved, mig.Incoming) else None
                 self._vms[d.name] = vm
         return found
 
     async def start(self, spec: LaunchSpec) -> RuntimeInfo:
         async with self._lock(spec.name):
-            self._ensure_reaper()
-            current = self._vms.get(spec.name)
-            if current is not None and current.state in _ACTIVE and process.alive(current.pid):
-                raise Conflict(f"VM {spec.name!r} already runs on this host (pid {current.pid})")
-            files = self._files(spec.name)
-            stray = _read_pid(files.pidfile)
-            if stray is not None and process.is_guest(stray, spec.name):
-                raise Conflict(f"VM {spec.name!r} already runs on this host (pid {stray})")
+            self._check_free(spec.name)
             boot = self._boot_files(spec.image)
-            argv = build_argv(spec, files, self.accelerator, boot, self.qemu_binary)
+            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary)
+            state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
+            async with self._launch(spec, argv, state) as vm:
+                pass
+            return vm.info()
+
+    def _check_free(self, name: str) -> None:
+        """Refuse a second QEMU for a VM that runs here (known, or found by its pid file)."""
+        self._ensure_reaper()
+        current = self._vms.get(name)
+        if current is not None and current.state in _ACTIVE and process.alive(current.pid):
+            raise Conflict(f"VM {name!r} already runs on this host (pid {current.pid})")
+        stray = _read_pid(self._files(name).pidfile)
+        if stray is not None and process.is_guest(stray, name):
+            raise Conflict(f"VM {name!r} already runs on this host (pid {stray})")
+
+    @contextlib.asynccontextmanager
+    async def _launch(self, spec: LaunchSpec, argv: list[str], state: RuntimeState) -> AsyncIterator[_Vm]:
+        """Spawn QEMU and connect its monitor; the body finishes the set-up; the VM counts once it is done.
+
+        On any failure (here or in the body): no process, no runtime files, no record in memory.
+        """
+        files = self._files(spec.name)
+        shutil.rmtree(files.dir, ignore_errors=True)
+        files.dir.mkdir(parents=True, mode=0o700)
+        files.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
+        pid: int | None = None
+        vm: _Vm | None = None
+        try:
+            pid = await self._spawn(spec.name, argv, files)
+            vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state)
+            await self._monitor(vm)
+            yield vm
+            self._vms[spec.name] = vm
+            self._start_heartbeat(vm)
+        except BaseException:
+            if pid is not None:
+                await process.kill_hard(pid)
+            if vm is not None:
+                await self._detach(vm)
+            failed = self._vms.pop(spec.name, None)
+            if failed is not None:
+                await self._detach(failed)
             shutil.rmtree(files.dir, ignore_errors=True)
-            files.dir.mkdir(parents=True, mode=0o700)
-            files.serial_log.parent.mkdir(parents=True, exist_ok=True)
-            files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
-            pid: int | None = None
-            try:
-                pid = await self._spawn(spec.name, argv, files)
-                vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator)
-                vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
-                await self._monitor(vm)
-                self._vms[spec.name] = vm
-                self._start_heartbeat(vm)
-                return vm.info()
-            except BaseException:
-                # Nothing half-done: no process, no runtime files, no record in memory.
-                if pid is not None:
-                    await process.kill_hard(pid)
-                failed = self._vms.pop(spec.name, None)
-                if failed is not None:
-                    await self._detach(failed)
-                shutil.rmtree(files.dir, ignore_errors=True)
-                raise
+            raise
 
     async def _spawn(self, name: str, argv: list[str], files: RuntimeFiles) -> int:
         try:
@@ -216,6 +261,8 @@ class QemuDriver(Driver):
         if event == "SHUTDOWN":
             reason = str(data.get("reason", "shutdown"))
             vm.expect_exit = True
+            if vm.exit_reason == MIGRATED:
+                return  # its exit record says so already
             vm.exit_reason = reason
             with contextlib.suppress(OSError):
                 vm.files.exit.write_text(json.dumps({"reason": reason, "time": time.time()}))
@@ -281,6 +328,8 @@ class QemuDriver(Driver):
         else:
             vm.state = RuntimeState.CRASHED
             vm.exit_reason = "the QEMU process ended unexpectedly"
+            if vm.incoming is not None:
+                vm.exit_reason = "the QEMU waiting for the incoming migration ended (the migration failed)"
         with contextlib.suppress(OSError):
             vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
 
@@ -297,9 +346,14 @@ class QemuDriver(Driver):
     # -- operations ------------------------------------------------------------------
 
     def _running(self, name: str) -> _Vm:
+        """The VM whose guest lives here, for an operation on it (not while it migrates)."""
         vm = self._vms.get(name)
         if vm is None or vm.state not in _ACTIVE:
             raise NotFound(f"VM {name!r} is not running on this host")
+        if vm.state == RuntimeState.INCOMING:
+            raise WrongState(f"VM {name!r} is arriving by migration on this host; it does not run here yet")
+        if vm.outgoing is not None:
+            raise WrongState(f"VM {name!r} is migrating to another host; finish or abort that first")
         return vm
 
     async def _qmp(self, vm: _Vm, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -385,6 +439,259 @@ class QemuDriver(Driver):
         except FileNotFoundError:
             raise NotFound(f"VM {name!r} has no console output on this host") from None
 
+    # -- live migration ----------------------------------------------------------------
+
+    def _exec(self, vm: _Vm) -> mig.Execute:
+        async def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            return await self._qmp(vm, command, arguments)
+
+        return execute
+
+    def _save_migration(self, vm: _Vm) -> None:
+        with contextlib.suppress(OSError):
+            mig.save(vm.files.migration, vm.outgoing or vm.incoming)
+
+    def _restore_migration(self, vm: _Vm) -> None:
+        """After an agent restart: pick up a migration this host was part of."""
+        saved = mig.load(vm.files.migration)
+        if isinstance(saved, mig.Incoming) and vm.state == RuntimeState.PAUSED:
+            vm.incoming, vm.state = saved, RuntimeState.INCOMING
+        elif isinstance(saved, mig.Outgoing):
+            vm.outgoing = saved
+            if saved.phase == "mirroring":
+                task = self._mirror_then_migrate(vm, saved)
+                saved.task = asyncio.create_task(task, name=f"mirror-{vm.name}")
+
+    async def prepare_incoming(
+        self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str
+    ) -> IncomingInfo:
+        async with self._lock(spec.name):
+            self._check_free(spec.name)
+            if storage == "copy":
+                for d in spec.disks:
+                    if d.readonly:
+                        raise InvalidSpec(f"read-only disk {d.id} cannot be copied; use shared storage")
+                    if d.size_bytes is None:
+                        raise InvalidSpec(f"disk {d.id} needs size_bytes to be copied", field="disks")
+                    if Path(d.path).exists():
+                        raise AlreadyExists(f"disk {d.path} already exists on this host")
+            boot = self._boot_files(spec.image)
+            files = self._files(spec.name)
+            argv = build_argv(spec, files, self.accelerator, boot, self.qemu_binary, incoming="defer")
+            created: list[str] = []
+            try:
+                for d in spec.disks if storage == "copy" else []:
+                    assert d.size_bytes is not None
+                    Path(d.path).parent.mkdir(parents=True, exist_ok=True)
+                    created.append(d.path)
+                    await mig.create_disk(Path(d.path), d.format, d.size_bytes)
+                async with self._launch(spec, argv, RuntimeState.INCOMING) as vm:
+                    execute = self._exec(vm)
+                    nbd_port, exports = None, {}
+                    if storage == "copy":
+                        nbd_port = await mig.start_nbd_server(execute, listen_host)
+                        exports = await mig.export_disks(execute, [d.id for d in spec.disks])
+                    uri = await mig.start_incoming(execute, listen_host)
+                    info = IncomingInfo(
+                        storage=storage,
+                        migration_uri=uri,
+                        nbd_host=listen_host if nbd_port is not None else None,
+                        nbd_port=nbd_port,
+                        exports=exports,
+                    )
+                    vm.incoming = mig.Incoming(info, created)
+                    self._save_migration(vm)
+                return info
+            except BaseException:
+                _remove_disks(created)
+                raise
+
+    async def migrate_out(
+        self,
+        name: str,
+        incoming: IncomingInfo,
+        downtime_ms: int = 100,
+        auto_converge: bool = True,
+        bandwidth_mib_s: int | None = None,
+    ) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            execute = self._exec(vm)
+            now = await execute("query-migrate")
+            if mig.is_active(str(now.get("status", "none"))):
+                raise Conflict(f"VM {name!r} is already migrating")
+            spec = _launch_spec(vm.files)
+            disks = [d.id for d in spec.disks] if spec is not None and incoming.storage == "copy" else []
+            if incoming.storage == "copy" and spec is None:
+                raise HypervisorError(f"the launch record of VM {name!r} is missing; cannot copy its disks")
+            running = (await execute("query-status")).get("status") == "running"
+            await mig.set_parameters(execute, downtime_ms, auto_converge, bandwidth_mib_s)
+            ram = spec.memory_mib * mig.MiB if spec is not None else 0
+            out = mig.Outgoing(incoming=incoming, disks=disks, was_running=running, ram_bytes=ram)
+            if disks:
+                await mig.start_mirrors(execute, incoming, disks, bandwidth_mib_s)
+                out.phase = "mirroring"
+                out.task = asyncio.create_task(self._mirror_then_migrate(vm, out), name=f"mirror-{name}")
+            else:
+                await execute("migrate", {"uri": incoming.migration_uri})
+            vm.outgoing = out
+            self._save_migration(vm)
+
+    async def _mirror_then_migrate(self, vm: _Vm, out: mig.Outgoing) -> None:
+        """Background part of a copy-storage migrate_out: once the disks are in sync, send the memory."""
+        execute = self._exec(vm)
+        try:
+            await mig.wait_mirrors_ready(execute, out.disks)
+            async with self._lock(vm.name):
+                if vm.outgoing is not out:
+                    return
+                await execute("migrate", {"uri": out.incoming.migration_uri})
+                out.phase = "migrating"
+                out.mirror_ms = int((time.time() - out.started) * 1000)
+                self._save_migration(vm)
+        except Exception as e:  # recorded for migration_status; abort_out cleans up
+            out.phase, out.error = "failed", e.message if isinstance(e, KasouError) else repr(e)
+            self._save_migration(vm)
+
+    async def migration_status(self, name: str) -> MigrationStatus:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None or vm.state not in _ACTIVE:
+                raise NotFound(f"VM {name!r} is not running on this host")
+            execute = self._exec(vm)
+            out = vm.outgoing
+            if out is None:
+                if vm.state == RuntimeState.INCOMING:  # the destination's own view
+                    return mig.status_from(await execute("query-migrate"))
+                return MigrationStatus(status="none")  # QEMU's last one was finished or aborted
+            before = out.to_json()
+            query = await execute("query-migrate")
+            jobs = await execute("query-block-jobs") if out.disks else []
+            status = str(query.get("status", "none"))
+            if out.phase == "migrating" and out.disks and not out.reported_completed:
+                why = mig.mirror_failure(jobs, out.disks)
+                if why is not None and mig.is_active(status):
+                    await mig.cancel_migration(execute)  # the destination's disks would be stale
+                    out.phase, out.error = "failed", why
+                elif why is None and status == "completed":
+                    try:
+                        await mig.finish_mirrors(execute, out.disks, force=False)
+                    except KasouError as e:
+                        out.phase, out.error = "failed", e.message
+                elif why is not None and status == "completed":
+                    out.phase, out.error = "failed", why
+            mirror_ms = out.mirror_ms
+            if out.phase == "mirroring":
+                mirror_ms = int((time.time() - out.started) * 1000)
+            result = mig.status_from(
+                query,
+                phase=out.phase,
+                mirror_jobs=jobs,
+                disk_ids=out.disks,
+                ram_bytes=out.ram_bytes,
+                mirror_ms=mirror_ms,
+                error=out.error,
+            )
+            if result.status == "completed":
+                out.reported_completed = True
+            if out.to_json() != before:
+                self._save_migration(vm)
+            return result
+
+    async def finish_incoming(self, name: str) -> RuntimeInfo:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is not None and vm.state in _GUEST and vm.incoming is None:
+                return vm.info()  # finished already
+            if vm is None or vm.state != RuntimeState.INCOMING or vm.incoming is None:
+                raise NotFound(f"VM {name!r} is not arriving on this host")
+            execute = self._exec(vm)
+            await mig.wait_incoming_done(execute)  # the source is paused for good only then
+            if vm.incoming.info.storage == "copy":
+                with contextlib.suppress(MonitorError):  # not running (e.g. after a retry)
+                    await execute("nbd-server-stop")
+            await execute("cont")
+            vm.state, vm.incoming = RuntimeState.RUNNING, None
+            self._save_migration(vm)
+            return vm.info()
+
+    async def finish_out(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None:
+                return  # finished already
+            if vm.state not in _ACTIVE:
+                raise WrongState(f"VM {name!r} is not running on this host")
+            out = vm.outgoing
+            execute = self._exec(vm)
+            query = await execute("query-migrate")
+            if out is None or query.get("status") != "completed" or out.phase == "failed":
+                raise WrongState(f"VM {name!r} has no completed migration to finish here")
+            with contextlib.suppress(KasouError):
+                await mig.finish_mirrors(execute, out.disks, force=False)
+            await mig.remove_nbd_nodes(execute, out.disks)
+            vm.expect_exit, vm.exit_reason = True, MIGRATED
+            with contextlib.suppress(OSError):
+                record = {"reason": MIGRATED, "state": "exited", "time": time.time()}
+                vm.files.exit.write_text(json.dumps(record))
+            with contextlib.suppress(KasouError):
+                await execute("quit")
+            if not await process.wait_gone(vm.pid, QUIT_TIMEOUT / 2):
+                await process.kill_hard(vm.pid, QUIT_TIMEOUT)
+            if process.alive(vm.pid):
+                raise HypervisorError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
+            self._mark_gone(vm)
+            await self._detach(vm)
+            self._vms.pop(name, None)
+            shutil.rmtree(vm.files.dir, ignore_errors=True)
+
+    async def abort_out(self, name: str, force: bool = False) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None or vm.state not in _GUEST:
+                raise NotFound(f"VM {name!r} is not running on this host")
+            out = vm.outgoing
+            if out is None:
+                return  # nothing to abort
+            if out.reported_completed and not force:
+                raise WrongState(
+                    f"the migration of VM {name!r} completed and the destination may run it; "
+                    "abort there first, then abort here with force"
+                )
+            if out.task is not None:
+                out.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await out.task
+            execute = self._exec(vm)
+            await mig.cancel_migration(execute)
+            await mig.finish_mirrors(execute, out.disks, force=True)
+            await mig.remove_nbd_nodes(execute, out.disks)
+            if out.was_running and (await execute("query-status")).get("status") != "running":
+                await execute("cont")  # left paused by the switch-over (postmigrate) or a failure
+            if out.was_running:
+                vm.state = RuntimeState.RUNNING
+            vm.outgoing = None
+            self._save_migration(vm)
+
+    async def abort_incoming(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None:
+                return  # nothing here
+            if vm.state in _GUEST or vm.incoming is None:
+                raise WrongState(f"VM {name!r} is not arriving on this host; there is no migration to abort")
+            if vm.state == RuntimeState.INCOMING:
+                vm.expect_exit, vm.exit_reason = True, "incoming migration aborted"
+                await process.kill_hard(vm.pid, QUIT_TIMEOUT)
+                if process.alive(vm.pid):
+                    raise HypervisorError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
+                self._mark_gone(vm)
+            await self._detach(vm)
+            self._vms.pop(name, None)
+            _remove_disks(vm.incoming.created if vm.incoming else [])
+            shutil.rmtree(vm.files.dir, ignore_errors=True)
+            vm.files.serial_log.unlink(missing_ok=True)
+
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
@@ -415,6 +722,21 @@ def _launch_accel(files: RuntimeFiles) -> str | None:
     try:
         return json.loads(files.launch.read_text()).get("accelerator")
     except (FileNotFoundError, ValueError):
+        return None
+
+
+def _remove_disks(paths: list[str]) -> None:
+    """Remove disk files made for an incoming migration, and their directory once it is empty."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(path).parent.rmdir()
+
+
+def _launch_spec(files: RuntimeFiles) -> LaunchSpec | None:
+    try:
+        return LaunchSpec.model_validate(json.loads(files.launch.read_text())["spec"])
+    except (FileNotFoundError, ValueError, KeyError):
         return None
 
 

@@ -1,0 +1,220 @@
+"""A 3-host lab (hosts in network namespaces, etcd, the production agent and control plane),
+with real tiny guests: live migration, maintenance, the ledger, a control plane taking over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.qemu
+
+KASOU = [sys.executable, "-m", "kasou"]
+
+
+class Lab:
+    def __init__(self, lab_dir: Path, env: dict[str, str]) -> None:
+        self.dir = lab_dir
+        self.base_env = env
+
+    def run(
+        self, *args: str, host: str = "h2", check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        env = dict(self.base_env)
+        env.update(self.host_env(host))
+        r = subprocess.run([*KASOU, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"kasou {' '.join(args)} (via {host}) failed: {r.stderr.strip()}")
+        return r
+
+    def host_env(self, host: str) -> dict[str, str]:
+        out = subprocess.run(
+            [*KASOU, "lab", "env", host], env=self.base_env, capture_output=True, text=True, check=True
+        )
+        env = {}
+        for line in out.stdout.splitlines():
+            line = line.removeprefix("export ").strip()
+            k, _, v = line.partition("=")
+            env[k] = v.strip("'\"")
+        return env
+
+    def json(self, *args: str, host: str = "h2") -> Any:
+        return json.loads(self.run(*args, "--json", host=host).stdout)
+
+    def vm(self, name: str, host: str = "h2") -> dict[str, Any]:
+        return dict(self.json("vm", "show", name, host=host))
+
+    def wait(self, what: str, cond: Any, timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            v = cond()
+            if v:
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.3)
+
+    def ready(self, name: str, host: str = "h2") -> dict[str, Any]:
+        return dict(self.wait(f"{name} ready", lambda: (v := self.vm(name, host))["guest_ready"] and v))
+
+    def serial(self, host: str, vm: str) -> list[str]:
+        p = self.dir / host / "home" / "log" / "serial" / f"{vm}.log"
+        try:
+            return p.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def seqs(self, host: str, vm: str) -> list[int]:
+        return [int(ln.split()[1]) for ln in self.serial(host, vm) if ln.startswith("seq ")]
+
+
+@pytest.fixture(scope="module")
+def lab(tiny_image: Path) -> Iterator[Lab]:
+    lab_dir = Path(tempfile.mkdtemp(prefix="kasou-lab-", dir="/tmp"))
+    env = dict(os.environ, KASOU_LAB_DIR=str(lab_dir), KASOU_IMAGES=str(tiny_image))
+    for k in ("KASOU_API", "KASOU_TOKEN", "KASOU_HOME"):
+        env.pop(k, None)
+    try:
+        subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=env, check=True, capture_output=True, timeout=180)
+        yield Lab(lab_dir, env)
+    finally:
+        subprocess.run([*KASOU, "lab", "down"], env=env, capture_output=True, timeout=180)
+
+
+def test_cluster_hosts_and_placement(lab: Lab) -> None:
+    hosts = lab.json("host", "list")
+    assert [h["name"] for h in hosts] == ["h1", "h2", "h3"]
+    assert all(h["state"] == "up" for h in hosts)
+    info = json.loads(lab.run("api", "openapi").stdout)  # the CLI works against any host
+    assert "/v1/vms/{name}/migrate" in info["paths"]
+
+
+def test_migrate_shared_storage_keeps_the_guest_running(lab: Lab) -> None:
+    lab.run("vm", "create", "emr", "--image", "tiny", "--shared", "--start")
+    before = lab.ready("emr")
+    src = before["host"]
+    dst = next(h for h in ("h1", "h2", "h3") if h != src)
+    lab.wait("writes", lambda: len(lab.seqs(src, "emr")) >= 10)
+    r = lab.run("vm", "migrate", "emr", "--to", dst)
+    assert f"-> {dst}" in r.stdout
+    after = lab.ready("emr")
+    assert after["host"] == dst and after["state"] == "running"
+    assert after["uptime_s"] > before["uptime_s"], "the guest's own uptime keeps increasing"
+    # The writer's counter continues without a gap: the destination's first seq follows the source's last.
+    src_seqs = lab.seqs(src, "emr")
+    dst_seqs = lab.wait("writes on the destination", lambda: lab.seqs(dst, "emr"))
+    assert dst_seqs[0] == src_seqs[-1] + 1
+    hist = lab.json("vm", "history", "emr")
+    assert [e["event"] for e in hist] == ["defined", "started", "migrated"]
+    assert hist[-1]["host"] == dst and hist[-1]["from_host"] == src
+    report = {r["name"]: r for r in lab.json("report", "uptime")}
+    assert report["emr"]["stops"] == 0 and report["emr"]["migrations"] == 1
+
+
+def test_migrate_local_disk_copies_it(lab: Lab) -> None:
+    lab.run("vm", "create", "lab1", "--image", "tiny", "--start")
+    v = lab.ready("lab1")
+    src = v["host"]
+    dst = next(h for h in ("h3", "h1", "h2") if h != src)
+    lab.wait("writes", lambda: len(lab.seqs(src, "lab1")) >= 10)
+    lab.run("vm", "migrate", "lab1", "--to", dst)
+    after = lab.ready("lab1")
+    assert after["host"] == dst
+    assert f"/{dst}/home/disks/" in after["disks"][0]["path"]
+    assert not Path(v["disks"][0]["path"]).exists(), "the source copy of the disk is removed"
+    dst_seqs = lab.wait("writes on the destination", lambda: lab.seqs(dst, "lab1"))
+    assert dst_seqs[0] == lab.seqs(src, "lab1")[-1] + 1
+
+
+def test_migration_bad_input_changes_nothing(lab: Lab) -> None:
+    lab.run("vm", "create", "rx", "--image", "tiny", "--shared", "--start")
+    v = lab.ready("rx")
+    for args, text in (
+        (["--to", "nosuch"], "no host named"),
+        (["--to", v["host"]], "already runs on"),
+        (["--to", "../h1"], "may contain only"),
+        (["--downtime-ms", "0"], "downtime_ms"),
+    ):
+        r = lab.run("vm", "migrate", "rx", *args, check=False)
+        assert r.returncode == 1 and text in r.stderr, (args, r.stderr)
+    assert lab.vm("rx")["host"] == v["host"]
+    lab.run("vm", "stop", "rx")
+    r = lab.run("vm", "migrate", "rx", check=False)
+    assert r.returncode == 1 and "only a running VM" in r.stderr
+    assert [e["event"] for e in lab.json("vm", "history", "rx")] == ["defined", "started", "stopped"]
+    lab.run("vm", "delete", "rx")
+
+
+def test_aborted_migration_stays_on_the_source(lab: Lab) -> None:
+    lab.run("vm", "create", "slow", "--image", "tiny", "--start")
+    v = lab.ready("slow")
+    src = v["host"]
+    r = lab.run("vm", "migrate", "slow", "--bandwidth", "2", "--no-wait")
+    job = r.stdout.split()[-1]
+    lab.wait("migration running", lambda: lab.json("job", "list", "--vm", "slow")[-1]["progress"] > 0.05, timeout=60)
+    # A second migration of the same VM while one runs is refused.
+    r2 = lab.run("vm", "migrate", "slow", check=False)
+    assert r2.returncode == 1 and "busy" in r2.stderr
+    lab.run("job", "cancel", job)
+    after = lab.ready("slow")
+    assert after["host"] == src and after["state"] == "running"
+    assert [e["event"] for e in lab.json("vm", "history", "slow")] == ["defined", "started"]
+    n = len(lab.seqs(src, "slow"))
+    lab.wait("the guest keeps writing on the source", lambda: len(lab.seqs(src, "slow")) > n + 5)
+    lab.run("vm", "delete", "slow", "--force")
+
+
+def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
+    names = [f"m{i}" for i in range(6)]
+    for n in names:
+        lab.run("vm", "create", n, "--image", "tiny", "--shared", "--start")
+    uptimes = {n: lab.ready(n)["uptime_s"] for n in names}
+    for host in ("h1", "h2", "h3"):
+        lab.run("host", "maintenance", host, timeout=900)
+        vms = {v["name"]: v for v in lab.json("vm", "list")}
+        assert all(vms[n]["host"] != host for n in names), f"{host} still has VMs"
+        hosts = {h["name"]: h for h in lab.json("host", "list")}
+        assert hosts[host]["state"] == "maintenance"
+        lab.run("host", "maintenance", host, "--off")
+        for n in names:
+            v = lab.ready(n)
+            assert v["state"] == "running"
+            assert v["uptime_s"] >= uptimes[n], f"{n}'s guest uptime went back"
+            uptimes[n] = v["uptime_s"]
+    report = {r["name"]: r for r in lab.json("report", "uptime")}
+    for n in names:
+        assert report[n]["stops"] == 0
+    for n in names:
+        lab.run("vm", "delete", n, "--force")
+
+
+def test_control_plane_host_killed_another_takes_over(lab: Lab) -> None:
+    leader = lab.json("cluster")["leader"]
+    assert leader in ("h1", "h2", "h3")
+    survivor = next(h for h in ("h1", "h2", "h3") if h != leader)
+    subprocess.run([*KASOU, "lab", "kill", leader], env=lab.base_env, check=True, capture_output=True, timeout=60)
+    try:
+        t0 = time.monotonic()
+        new = lab.wait(
+            "a new leader",
+            lambda: (c := lab.json("cluster", host=survivor))["leader"] not in (None, leader) and c,
+            timeout=60,
+        )
+        took = time.monotonic() - t0
+        assert new["leader"] != leader
+        assert took < 30, f"takeover took {took:.1f} s"
+        lab.run("vm", "create", "after", "--image", "tiny", "--start", host=survivor)
+        v = lab.ready("after", host=survivor)
+        assert v["host"] != leader
+        lab.run("vm", "delete", "after", "--force", host=survivor)
+    finally:
+        subprocess.run([*KASOU, "lab", "revive", leader], env=lab.base_env, capture_output=True, timeout=180)
