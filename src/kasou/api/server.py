@@ -61,6 +61,8 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         accelerator_reason=decision.reason,
         qemu_version=decision.qemu_version,
         images=images,
+        # Migration streams and NBD exports listen on the address the agent serves on.
+        migration_address=_listen_host(listen) or "127.0.0.1",
     )
     app = create_agent_app(agent)
     if listen and not listen.startswith("unix:"):
@@ -87,6 +89,12 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         uvicorn.run(app, uds=sock, log_level="warning")
     finally:
         os.umask(old)
+
+
+def _listen_host(listen: str | None) -> str | None:
+    if not listen or listen.startswith("unix:"):
+        return None
+    return listen.rpartition(":")[0].strip("[]") or None
 
 
 async def _serve_registered(config: uvicorn.Config, store: EtcdStore, record: dict[str, Any]) -> None:
