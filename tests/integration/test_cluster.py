@@ -141,7 +141,7 @@ def test_migration_bad_input_changes_nothing(lab: Lab) -> None:
     for args, text in (
         (["--to", "nosuch"], "no host named"),
         (["--to", v["host"]], "already runs on"),
-        (["--to", "../h1"], "may contain only"),
+        (["--to", "../h1"], "must not contain"),
         (["--downtime-ms", "0"], "downtime_ms"),
     ):
         r = lab.run("vm", "migrate", "rx", *args, check=False)
@@ -173,13 +173,16 @@ def test_aborted_migration_stays_on_the_source(lab: Lab) -> None:
     lab.run("vm", "delete", "slow", "--force")
 
 
+@pytest.mark.timeout(1200)
 def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
     names = [f"m{i}" for i in range(6)]
     for n in names:
         lab.run("vm", "create", n, "--image", "tiny", "--shared", "--start")
     uptimes = {n: lab.ready(n)["uptime_s"] for n in names}
     for host in ("h1", "h2", "h3"):
+        t0 = time.monotonic()
         lab.run("host", "maintenance", host, timeout=900)
+        print(f"maintenance of {host}: emptied in {time.monotonic() - t0:.1f} s")
         vms = {v["name"]: v for v in lab.json("vm", "list")}
         assert all(vms[n]["host"] != host for n in names), f"{host} still has VMs"
         hosts = {h["name"]: h for h in lab.json("host", "list")}

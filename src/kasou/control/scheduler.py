@@ -9,6 +9,7 @@ take nothing, and VMs of one anti-affinity group never share a host.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from kasou.errors import InsufficientResources
@@ -95,3 +96,42 @@ def place(req: Request, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_
         )
     reasons = "; ".join(r for h in candidates if (r := why_not(h, req, vcpu_ratio)))
     raise InsufficientResources(f"no host can take {req.name}: {reasons}")
+
+
+class Placer:
+    """Many placements in a row (evacuations, planning) in O(log hosts) each.
+
+    Same policy as :func:`place` (most free memory first, every rule checked),
+    with the hosts kept in a max-heap on free memory. Each placement is added to
+    its host's load.
+    """
+
+    def __init__(self, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> None:
+        self.hosts = hosts
+        self.vcpu_ratio = vcpu_ratio
+        self._heap = [(-h.memory_free_mib, i, h) for i, h in enumerate(hosts) if h.schedulable]
+        heapq.heapify(self._heap)
+
+    def place(self, req: Request) -> HostLoad:
+        need = req.memory_mib + VM_OVERHEAD_MIB
+        skipped = []
+        chosen: HostLoad | None = None
+        while self._heap:
+            neg_free, i, h = heapq.heappop(self._heap)
+            if -neg_free != h.memory_free_mib:  # stale entry: its host changed since
+                heapq.heappush(self._heap, (-h.memory_free_mib, i, h))
+                continue
+            if why_not(h, req, self.vcpu_ratio) is None:
+                chosen = h
+                h.add(req.memory_mib, req.vcpus, req.group)
+                heapq.heappush(self._heap, (-h.memory_free_mib, i, h))
+                break
+            skipped.append((neg_free, i, h))
+            if need > h.memory_free_mib:
+                break  # the rest have even less free memory
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        if chosen is None:
+            place(req, self.hosts, self.vcpu_ratio)  # raises with the explanation
+            raise InsufficientResources(f"no host can take {req.name}")
+        return chosen
