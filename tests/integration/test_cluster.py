@@ -178,7 +178,10 @@ def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
     names = [f"m{i}" for i in range(6)]
     for n in names:
         lab.run("vm", "create", n, "--image", "tiny", "--shared", "--start")
-    uptimes = {n: lab.ready(n)["uptime_s"] for n in names}
+    vms = lab.wait(
+        "all guests ready", lambda: (vs := lab.json("vm", "list")) and all(x["guest_ready"] for x in vs) and vs
+    )
+    uptimes = {v["name"]: v["uptime_s"] for v in vms}
     for host in ("h1", "h2", "h3"):
         t0 = time.monotonic()
         lab.run("host", "maintenance", host, timeout=900)
@@ -188,11 +191,12 @@ def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
         hosts = {h["name"]: h for h in lab.json("host", "list")}
         assert hosts[host]["state"] == "maintenance"
         lab.run("host", "maintenance", host, "--off")
-        for n in names:
-            v = lab.ready(n)
+        for v in lab.wait(
+            "all guests ready", lambda: (vs := lab.json("vm", "list")) and all(x["guest_ready"] for x in vs) and vs
+        ):
             assert v["state"] == "running"
-            assert v["uptime_s"] >= uptimes[n], f"{n}'s guest uptime went back"
-            uptimes[n] = v["uptime_s"]
+            assert v["uptime_s"] >= uptimes[v["name"]], f"{v['name']}'s guest uptime went back"
+            uptimes[v["name"]] = v["uptime_s"]
     report = {r["name"]: r for r in lab.json("report", "uptime")}
     for n in names:
         assert report[n]["stops"] == 0
