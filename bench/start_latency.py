@@ -82,9 +82,7 @@ class Bare:
             name=name, uuid=str(uuid.uuid4()), vcpus=1, memory_mib=128, image="tiny",
             disks=[LaunchDisk(id="disk0", path=str(disk))],
         )  # fmt: skip
-        argv = build_argv(
-            spec, files, self.accel, BootFiles(self.art.kernel, self.art.initrd, self.art.kernel_args)
-        )
+        argv = build_argv(spec, files, self.accel, BootFiles(self.art.kernel, self.art.initrd, self.art.kernel_args))
         subprocess.run(argv, check=True, capture_output=True, timeout=60)
         return wait_line(files.serial_log, READY, TIMEOUT)
 
@@ -288,9 +286,7 @@ def main() -> None:
 
             # Resident memory of kasou's services with N running VMs.
             names = [f"m{i}" for i in range(args.vms)]
-            jobs = [
-                client.post("/v1/vms", json={"name": n, "image": "tiny", "start": True})["job"] for n in names
-            ]
+            jobs = [client.post("/v1/vms", json={"name": n, "image": "tiny", "start": True})["job"] for n in names]
             for j in jobs:
                 client.wait_job(j["id"], 120)
             for n in names:
