@@ -178,9 +178,12 @@ def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
     names = [f"m{i}" for i in range(6)]
     for n in names:
         lab.run("vm", "create", n, "--image", "tiny", "--shared", "--start")
-    vms = lab.wait(
-        "all guests ready", lambda: (vs := lab.json("vm", "list")) and all(x["guest_ready"] for x in vs) and vs
-    )
+
+    def ours() -> list[dict[str, Any]]:
+        vs = [x for x in lab.json("vm", "list") if x["name"] in names]
+        return vs if len(vs) == len(names) and all(x["guest_ready"] for x in vs) else []
+
+    vms = lab.wait("all guests ready", ours)
     uptimes = {v["name"]: v["uptime_s"] for v in vms}
     for host in ("h1", "h2", "h3"):
         t0 = time.monotonic()
@@ -191,9 +194,7 @@ def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
         hosts = {h["name"]: h for h in lab.json("host", "list")}
         assert hosts[host]["state"] == "maintenance"
         lab.run("host", "maintenance", host, "--off")
-        for v in lab.wait(
-            "all guests ready", lambda: (vs := lab.json("vm", "list")) and all(x["guest_ready"] for x in vs) and vs
-        ):
+        for v in lab.wait("all guests ready", ours):
             assert v["state"] == "running"
             assert v["uptime_s"] >= uptimes[v["name"]], f"{v['name']}'s guest uptime went back"
             uptimes[v["name"]] = v["uptime_s"]
