@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from _common import KASOU, ensure_image
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the lab is taken down
     ap = argparse.ArgumentParser()
     ap.add_argument("--vms", type=int, default=10)
     args = ap.parse_args()

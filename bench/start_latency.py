@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,7 @@ class Libvirt:
         self.accel = accelerator
         self.started_daemon: int | None = None
         self.started_logd: int | None = None
+        self.failures: list[str] = []  # runs libvirt did not finish (virsh create hanging is not unknown here)
         self.dir = Path("/var/lib/libvirt/images/kasou-bench")
 
     def setup(self) -> None:
@@ -180,11 +182,16 @@ class Libvirt:
         xml = self.dir / f"{name}.xml"
         xml.write_text(self._xml(name, disk, log))
         t0 = time.monotonic()
-        subprocess.run(["virsh", "-c", "qemu:///system", "create", str(xml)], check=True, capture_output=True)
         try:
+            subprocess.run(
+                ["virsh", "-c", "qemu:///system", "create", str(xml)], check=True, capture_output=True, timeout=60
+            )
             return wait_line(log, READY, TIMEOUT) - t0
+        except (subprocess.SubprocessError, TimeoutError) as e:
+            self.failures.append(f"{name}: {e}")
+            return float("nan")
         finally:
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True, timeout=60)
             disk.unlink(missing_ok=True)
 
     def _xml(self, name: str, disk: Path, log: Path) -> str:
@@ -215,6 +222,8 @@ class Libvirt:
 
 
 def main() -> None:
+    # A SIGTERM (e.g. from timeout) must still run the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--no-libvirt", action="store_true")
@@ -271,6 +280,8 @@ def main() -> None:
                 fn(1000)
             res = interleave(args.runs, runners)
 
+            for k in res:  # a run libvirt failed is reported, not counted
+                res[k] = [x for x in res[k] if x == x]
             print("\nwall time to the guest's readiness line (seconds)")
             print(f"{'':22}{'median':>8}{'min':>8}{'max':>8}")
             for k, xs in res.items():
@@ -283,6 +294,8 @@ def main() -> None:
                 lvm = median(res["libvirt create"])
                 bm = median(res["bare create+start"])
                 print(f"ratio libvirt/bare:             {lvm / bm:.3f}  (libvirt adds {lvm - bm:+.2f} s)")
+                if lv.failures:
+                    print(f"libvirt runs that failed or hung (not counted): {len(lv.failures)}: {lv.failures[0]}")
 
             # Resident memory of kasou's services with N running VMs.
             names = [f"m{i}" for i in range(args.vms)]
