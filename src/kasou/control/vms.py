@@ -255,7 +255,9 @@ class VMService:
 
         def apply(r: VMRecord) -> VMRecord | None:
             nonlocal done
-            if r.state != seen.state or r.job is not None:
+            # The runtime report was read for ``seen``: if the VM changed since (a job ran,
+            # it moved to another host, it restarted), that report says nothing about it now.
+            if (r.state, r.host, r.started_at, r.job) != (seen.state, seen.host, seen.started_at, None):
                 return None
             done = True
             return r.with_state(state, **changes)
