@@ -196,7 +196,11 @@ def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
         lab.run("host", "maintenance", host, "--off")
         for v in lab.wait("all guests ready", ours):
             assert v["state"] == "running"
-            assert v["uptime_s"] >= uptimes[v["name"]], f"{v['name']}'s guest uptime went back"
+            if v["uptime_s"] < uptimes[v["name"]]:
+                n = v["name"]
+                boots = {h: [ln for ln in lab.serial(h, n) if ln.startswith("recovered")] for h in ("h1", "h2", "h3")}
+                hist = lab.json("vm", "history", n)
+                raise AssertionError(f"{n}'s guest uptime went back: {v} boots={boots} history={hist}")
             uptimes[v["name"]] = v["uptime_s"]
     report = {r["name"]: r for r in lab.json("report", "uptime")}
     for n in names:
