@@ -173,6 +173,7 @@ def test_aborted_migration_stays_on_the_source(lab: Lab) -> None:
     lab.run("vm", "delete", "slow", "--force")
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(1200)
 def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
     names = [f"m{i}" for i in range(6)]
