@@ -110,3 +110,13 @@ def etcd_endpoints() -> list[str]:
     """``KASOU_ETCD``: comma-separated etcd client URLs. Empty: the embedded SQLite store."""
     raw = os.environ.get("KASOU_ETCD", "")
     return [u.strip().rstrip("/") for u in raw.split(",") if u.strip()]
+
+
+def vcpu_ratio_setting() -> float:
+    """``KASOU_VCPU_RATIO``: how many vCPUs a host may carry per CPU (default 4, as 4:1)."""
+    raw = os.environ.get("KASOU_VCPU_RATIO", "").strip()
+    try:
+        value = float(raw) if raw else 4.0
+    except ValueError:
+        return 4.0
+    return value if 0 < value <= 64 else 4.0

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kasou import __version__
 from kasou.api.auth import check_bearer
+from kasou.config import vcpu_ratio_setting
 from kasou.control.hosts import Agents, HostView
 from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
@@ -47,10 +48,12 @@ class Services:
     _election: asyncio.Task[None] | None = None
 
     @classmethod
-    def build(cls, store: Store, agents: Agents, shutdown_timeout: float = 60.0) -> Services:
+    def build(
+        cls, store: Store, agents: Agents, shutdown_timeout: float = 60.0, vcpu_ratio: float | None = None
+    ) -> Services:
         jobs = Jobs(store)
         ledger = Ledger(store)
-        vms = VMService(store, agents, jobs, ledger, shutdown_timeout)
+        vms = VMService(store, agents, jobs, ledger, shutdown_timeout, vcpu_ratio or vcpu_ratio_setting())
         return cls(store, agents, jobs, ledger, vms, Migrations(vms))
 
     async def start(self) -> None:
