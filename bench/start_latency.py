@@ -290,7 +290,7 @@ def main() -> None:
             # One warm-up round (page cache, the agent's first QMP connection), not counted.
             for fn in runners.values():
                 fn(1000)
-            res = interleave(args.runs, runners)
+            res = interleave(args.runs, runners) if runners else {}
             if args.memory_only:
                 res = {}
 
