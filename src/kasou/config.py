@@ -4,7 +4,8 @@
 ``KASOU_API`` the API address (default ``127.0.0.1:8470``), so several
 independent environments can run side by side on one machine. Guest images are
 immutable build products shared by every environment of the machine
-(``KASOU_IMAGES``, default ``/var/lib/kasou/images``).
+(``KASOU_IMAGES``, default ``/var/lib/kasou/images``). ``KASOU_UPLINK`` names the
+interface that carries the VM networks off the host (their VLANs tagged on it).
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ class Paths:
 def host_name() -> str:
     """This host's name in kasou (``KASOU_HOST_NAME`` or the system host name)."""
     return os.environ.get("KASOU_HOST_NAME") or socket.gethostname().split(".")[0]
+
+
+def uplink() -> str | None:
+    """``KASOU_UPLINK``: the interface that carries VM networks off this host (e.g. ``eth1``), if any."""
+    return os.environ.get("KASOU_UPLINK", "").strip() or None
 
 
 def etcd_endpoints() -> list[str]:

@@ -199,7 +199,7 @@ def lab() -> Iterator[Lab]:
 
 def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab: Lab) -> None:
     print(f"lab up --hosts 3: {lab.up_seconds:.1f} s\n{lab.up_output}")
-    assert set(klab_links()) == {"klab0", "klab-h1", "klab-h2", "klab-h3"}
+    assert set(klab_links()) == {"klab0", "klab-vm", *(f"klab-{h}" for h in HOSTS), *(f"klabv-{h}" for h in HOSTS)}
     assert {f"klab-{h}" for h in HOSTS} <= set(netns_list())
     with httpx.Client(timeout=3) as c:
         for h in HOSTS:
@@ -211,7 +211,7 @@ def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab:
             assert c.get(f"{api}/v1/version").status_code == 401
     st = lab.status()
     for h in st["hosts"]:
-        assert h["netns_exists"] and h["link"] == "up", h
+        assert h["netns_exists"] and h["link"] == "up" and h["vm_link"] == "up", h
         assert h["agent"]["alive"] and h["agent"]["answers"], h
         assert h["api"]["alive"] and h["api"]["answers"], h
     assert [m["healthy"] for m in st["etcd"]] == [True, True, True]

@@ -6,6 +6,7 @@ import pytest
 
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
+from kasou.hypervisor.qemu.network import tap_name
 from kasou.model.spec import NicSpec
 
 
@@ -71,3 +72,25 @@ def test_paused_and_extra_kernel_args_and_no_boot() -> None:
 def test_unknown_accelerator() -> None:
     with pytest.raises(ValueError):
         build_argv(spec(), FILES, "hvf", BOOT)
+
+
+def test_nic_on_a_network_is_a_prepared_tap() -> None:
+    nics = [
+        NicSpec(id="net0", mac="52:54:00:aa:bb:cc", network="clinical", vlan=10),
+        NicSpec(id="net1", mac="52:54:00:aa:bb:cd"),
+    ]
+    argv = build_argv(spec(nics=nics), FILES, "tcg", BOOT)
+    tap = tap_name("emr1", "net0")
+    assert opt(argv, "-netdev") == [f"tap,id=net0,ifname={tap},script=no,downscript=no", "user,id=net1"]
+    devices = opt(argv, "-device")
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,id=net0-dev" in devices
+    assert "virtio-net-pci,netdev=net1,mac=52:54:00:aa:bb:cd,id=net1-dev" in devices
+
+
+def test_incoming_side_uses_the_same_tap_and_mac() -> None:
+    nics = [NicSpec(id="net0", mac="52:54:00:aa:bb:cc", network="imaging", vlan=20)]
+    here = build_argv(spec(nics=nics), FILES, "tcg", BOOT)
+    there = build_argv(spec(nics=nics), FILES, "tcg", BOOT, incoming="defer")
+    assert opt(here, "-netdev") == opt(there, "-netdev")
+    assert opt(here, "-device") == opt(there, "-device")
+    assert opt(there, "-incoming") == ["defer"]

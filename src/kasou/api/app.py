@@ -26,11 +26,12 @@ from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
 from kasou.control.ledger import Ledger
 from kasou.control.migration import Migrations
+from kasou.control.networks import Networks, NetworkView
 from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.vms import VMService, VMView
 from kasou.errors import AgentUnavailable
-from kasou.model.spec import VMCreate, validate_name
+from kasou.model.spec import NetworkCreate, VMCreate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
 from kasou.wire import install_error_handlers
@@ -46,6 +47,10 @@ class Services:
     migrations: Migrations
     leadership: Leadership | None = None  # None: a single host, always in charge
     _election: asyncio.Task[None] | None = None
+
+    @property
+    def networks(self) -> Networks:
+        return self.vms.networks
 
     @classmethod
     def build(
@@ -216,6 +221,23 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     @v1.get("/vms/{name}/history")
     async def history(name: str) -> list[LedgerEntry]:
         return await svc().vms.history(name)
+
+    @v1.get("/networks")
+    async def list_networks() -> list[NetworkView]:
+        return await svc().networks.list()
+
+    @v1.post("/networks", status_code=201)
+    async def create_network(body: dict[str, Any] = Body(...)) -> NetworkView:
+        return await svc().networks.create(NetworkCreate.parse(body))
+
+    @v1.get("/networks/{name}")
+    async def get_network(name: str) -> NetworkView:
+        return await svc().networks.get(name)
+
+    @v1.delete("/networks/{name}")
+    async def delete_network(name: str) -> NetworkView:
+        """Refused (409) while a VM has a NIC on it."""
+        return await svc().networks.delete(name)
 
     @v1.get("/jobs")
     async def list_jobs(vm: str | None = None, limit: int = Query(50, ge=1, le=1000)) -> list[JobRecord]:

@@ -16,11 +16,12 @@ from kasou.agent.registration import Registration
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, api_listen, etcd_endpoints, host_name
+from kasou.config import Paths, api_listen, etcd_endpoints, host_name, uplink
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
 from kasou.hypervisor.qemu import accel
 from kasou.hypervisor.qemu.driver import QemuDriver
+from kasou.hypervisor.qemu.network import HostNetwork
 from kasou.store.etcd import EtcdStore
 from kasou.store.sqlite import SqliteStore
 
@@ -51,7 +52,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
 
     driver = QemuDriver(
         run_dir=paths.vm_run, serial_log_dir=paths.logs / "serial", images_dir=paths.images,
-        accelerator=decision.accelerator,
+        accelerator=decision.accelerator, network=HostNetwork(uplink()),
     )  # fmt: skip
     agent = Agent(
         host=host_name(),

@@ -65,7 +65,7 @@ def lab_up(
     hosts: int = typer.Option(3, "--hosts", "-n", help="How many hosts (h1..hN)."),
     timeout: float = typer.Option(90, "--timeout", help="Seconds to wait for the services to answer."),
 ) -> None:
-    """Create (or repair) the lab: bridge klab0, hosts h1..hN in network namespaces, etcd, services."""
+    """Create (or repair) the lab: bridges klab0 and klab-vm, hosts h1..hN in network namespaces, etcd, services."""
     for line in _lab().up(hosts, timeout=timeout):
         _say(line)
 
@@ -86,7 +86,8 @@ def lab_status(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _say(json.dumps(st, indent=2))
         return
-    _say(f"lab {st['dir']}  bridge {st['bridge']['name']} {st['bridge']['address']}")
+    br, vm_br = st["bridge"], st["vm_bridge"]
+    _say(f"lab {st['dir']}  bridge {br['name']} {br['address']}, VM bridge {vm_br['name']}")
     for h in st["hosts"]:
         svc = []
         for s in ("agent", "api"):
@@ -94,7 +95,8 @@ def lab_status(as_json: bool = typer.Option(False, "--json")) -> None:
             state = "answers" if x["answers"] else ("alive" if x["alive"] else "down")
             svc.append(f"{s} {state}" + (f" (pid {x['pid']})" if x["alive"] else ""))
         ns = h["netns"] if h["netns_exists"] else f"{h['netns']} (missing)"
-        _say(f"{h['name']:4} {h['address']:12} netns {ns:12} link {h['link']:7} " + ", ".join(svc))
+        link = f"link {h['link']:7} vm link {h['vm_link']:7}"
+        _say(f"{h['name']:4} {h['address']:12} netns {ns:12} {link} " + ", ".join(svc))
     for m in st["etcd"]:
         state = "healthy" if m["healthy"] else ("alive" if m["alive"] else "down")
         _say(f"etcd {m['name']:3} {m['client_url']:24} {state}" + (f" (pid {m['pid']})" if m["alive"] else ""))
@@ -125,7 +127,7 @@ def lab_partition(
     host: str = typer.Argument(..., help="h1, h2, ..."),
     heal: bool = typer.Option(False, "--heal", help="Restore the link instead of cutting it."),
 ) -> None:
-    """Cut the host's only network link (its veth goes down), or restore it with --heal."""
+    """Cut the host's management link (its veth goes down; VM traffic keeps its own), or restore it with --heal."""
     _say(_lab().partition(host, heal=heal))
 
 

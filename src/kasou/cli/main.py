@@ -25,6 +25,7 @@ from kasou.api.client import Client
 from kasou.cli.lab import lab_app
 from kasou.config import Paths, api_url
 from kasou.errors import InvalidSpec, KasouError
+from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
 app = typer.Typer(
@@ -39,7 +40,12 @@ host_app = typer.Typer(help="Virtual hosts.", no_args_is_help=True)
 image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs (long operations).", no_args_is_help=True)
 api_app = typer.Typer(help="The REST API.", no_args_is_help=True)
+network_app = typer.Typer(
+    help="VM networks (segments such as clinical, imaging, mgmt): a bridge per host, optionally on an 802.1Q VLAN.",
+    no_args_is_help=True,
+)
 app.add_typer(vm_app, name="vm")
+app.add_typer(network_app, name="network")
 app.add_typer(host_app, name="host")
 app.add_typer(image_app, name="image")
 app.add_typer(job_app, name="job")
@@ -290,6 +296,7 @@ def vm_create(
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     description: str = typer.Option("", "--description"),
     shared: bool = typer.Option(False, "--shared", help="Put the disk on the shared storage every host sees."),
+    network: str = typer.Option("user", "--network", help="Network of its NIC (default: user, QEMU's NAT)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -303,6 +310,7 @@ def vm_create(
         "start": start,
         "description": description,
         "storage": "shared" if shared else "local",
+        "network": network,
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -467,7 +475,8 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         linked = f" (linked clone of {d['backing']})" if d["linked"] else ""
         rows.append((d["id"], f"{format_size(d['size_bytes'])} {d['format']} {d['path']}{linked}"))
     for n in v["nics"]:
-        rows.append((n["id"], f"{n['mac']} on {n['network']}"))
+        vlan = f" (VLAN {n['vlan']})" if n.get("vlan") is not None else ""
+        rows.append((n["id"], f"{n['mac']} on {n['network']}{vlan}"))
     if v["job"]:
         rows.append(("job", v["job"]))
     if v["last_error"]:
@@ -492,6 +501,46 @@ def vm_history(name: str, as_json: bool = typer.Option(False, "--json")) -> None
     for e in events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         out.print(f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False)
+
+
+# -- networks -------------------------------------------------------------------------
+
+
+@network_app.command("create")
+def network_create(
+    name: str,
+    vlan: str = typer.Option(None, "--vlan", help="802.1Q VLAN id, 1-4094 (default: untagged)."),
+    description: str = typer.Option("", "--description"),
+) -> None:
+    """Define a network. Hosts make its bridge (kb-NAME) when a VM on it starts there."""
+    body: dict[str, Any] = {"name": name, "description": description}
+    if vlan is not None:
+        body["vlan"] = parse_int(vlan, "vlan")
+    n = client().post("/v1/networks", json=body)
+    where = f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
+    out.print(f"network {n['name']}: created ({where})", markup=False, highlight=False)
+
+
+@network_app.command("list")
+def network_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The networks, their VLANs and the VMs on each (user, QEMU's NAT, is always there)."""
+    nets = client().get("/v1/networks")
+    if as_json:
+        print_json(nets)
+        return
+    t = Table("name", "VLAN", "VMs", "description")
+    for n in nets:
+        vms = ", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")
+        t.add_row(n["name"], "-" if n["vlan"] is None else str(n["vlan"]), vms or "-", n["description"])
+    out.print(t)
+
+
+@network_app.command("delete")
+def network_delete(name: str) -> None:
+    """Delete a network no VM uses."""
+    validate_name(name, "network")  # here, not in the URL: "a/b" would be a path of its own
+    client().delete(f"/v1/networks/{name}")
+    out.print(f"network {name}: deleted", markup=False, highlight=False)
 
 
 # -- reports -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from kasou.control import scheduler
 from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
+from kasou.control.networks import Networks
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.errors import (
     AgentUnavailable,
@@ -103,6 +104,7 @@ class VMService:
         self.ledger = ledger
         self.shutdown_timeout = shutdown_timeout
         self.vcpu_ratio = vcpu_ratio
+        self.networks = Networks(store)
         self._reconciler: asyncio.Task[None] | None = None
 
     # -- records ---------------------------------------------------------------------
@@ -399,6 +401,7 @@ class VMService:
         spec.check()
         if await self.store.get(vm_key(spec.name)) is not None:
             raise AlreadyExists(f"a VM named {spec.name!r} already exists")
+        vlan = await self.networks.resolve(spec.network)
         loads = await self._check_fits_some_host(spec.vcpus, spec.memory_mib)
         template: VMRecord | None = None
         if spec.template is not None:
@@ -436,7 +439,7 @@ class VMService:
             image=image,
             template=spec.template,
             description=spec.description,
-            nics=[NicSpec(id="net0", mac=random_mac())],
+            nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
             state=VMState.CREATING,
             host=host,
             job=job_id,
@@ -447,6 +450,9 @@ class VMService:
             await self.store.create(vm_key(spec.name), rec.model_dump(mode="json"))
         except StoreConflict:
             raise AlreadyExists(f"a VM named {spec.name!r} already exists") from None
+        if not await self.networks.usable(spec.network):  # deleted since it was resolved above
+            await self.store.delete(vm_key(spec.name))
+            raise InvalidSpec(f"network {spec.network!r} was deleted meanwhile", field="network")
 
         async def run(ctx: JobContext) -> dict[str, Any]:
             made: list[str] = []
@@ -483,7 +489,7 @@ class VMService:
                     shared=dreq.shared,
                 )
                 cur = await self._set(spec.name, state=VMState.STOPPED, disks=[disk])
-                await self.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec))
+                await self.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec, vlan))
                 if spec.start:
                     await ctx.progress(0.5, "starting")
                     await self._do_start(cur)
@@ -699,6 +705,7 @@ def _job_id() -> str:
     return "j" + secrets.token_hex(5)
 
 
-def _defined_detail(spec: VMCreate) -> str:
+def _defined_detail(spec: VMCreate, vlan: int | None = None) -> str:
     src = f"linked clone of {spec.template}" if spec.template else f"image {spec.image}"
-    return f"{spec.vcpus} vCPU, {spec.memory_mib} MiB, {src}"
+    net = f", network {spec.network}" + (f" (VLAN {vlan})" if vlan is not None else "")
+    return f"{spec.vcpus} vCPU, {spec.memory_mib} MiB, {src}{net}"

@@ -11,8 +11,13 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
       etcd m0, m1, m2         http://10.88.0.1:2379, :2381, :2383 (peers :2380, :2382, :2384)
       veth klab-h1 ──┐        port of klab0; "partition h1" sets it down
       veth klab-h2 ──┤ ...
+      bridge klab-vm          the VM traffic switch: no address, a plain bridge (a trunk: it
+                              forwards the hosts' 802.1Q-tagged frames as they are)
+      veth klabv-h1 ──┐       port of klab-vm
+      veth klabv-h2 ──┤ ...
     netns klab-h{i}            host h{i}, i = 1..N
       eth0 10.88.0.{10+i}/24, lo up, default route via 10.88.0.1
+      vmnet0                  up, no address: the host's uplink for VM networks (KASOU_UPLINK)
       kasou agent --listen 10.88.0.{10+i}:8471
       kasou serve --address 10.88.0.{10+i}:8470
       QEMU processes started by that agent (they inherit its namespace)
@@ -27,8 +32,11 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
 
 Each service runs as ``ip netns exec klab-h{i} <python> -m kasou ...`` in its own session,
 with ``KASOU_HOME``, ``KASOU_HOST_NAME=h{i}``, ``KASOU_IMAGES`` (the caller's),
-``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``
-and ``KASOU_API`` (its own API URL); ``KASOU_ACCEL`` passes through only if the caller set it.
+``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``,
+``KASOU_API`` (its own API URL) and ``KASOU_UPLINK=vmnet0``; ``KASOU_ACCEL`` passes through only if
+the caller set it. The agents make the VM networks' bridges, VLAN ports and taps inside their own
+namespaces, which go with them; a VM's private addresses never leave the lab's namespaces and
+its ``klab-vm`` bridge.
 
 ``up`` is a repair as well as a start: run again, it recreates what is missing, restarts
 dead services and etcd members (on their data) and heals cut links. If it fails it undoes
@@ -68,6 +76,8 @@ from kasou.lab.net import LabError
 DEFAULT_LAB_DIR = Path("/var/lib/kasou/lab")
 STATE_FILE = "lab.json"
 BRIDGE = "klab0"
+VM_BRIDGE = "klab-vm"  # VM traffic between the hosts (their uplinks); no address
+VM_UPLINK = "vmnet0"  # each host's end of its VM link, its KASOU_UPLINK
 SUBNET = "10.88.0"
 GATEWAY = f"{SUBNET}.1"
 PREFIXLEN = 24
@@ -96,6 +106,7 @@ class LabHost:
     dir: str
     agent_pid: int | None = None
     api_pid: int | None = None
+    vm_veth: str = ""  # root side of the host's VM link (klabv-h{i})
 
     @property
     def home(self) -> Path:
@@ -152,12 +163,14 @@ class LabState:
     etcd: list[EtcdMember]
     bridge: str = BRIDGE
     created: float = field(default_factory=time.time)
+    vm_bridge: str = VM_BRIDGE
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabState:
+        hosts = [LabHost(**{"vm_veth": f"klabv-{h['name']}", **h}) for h in d["hosts"]]
         return cls(
             dir=d["dir"], images=d["images"], bridge=d.get("bridge", BRIDGE), created=d.get("created", 0.0),
-            hosts=[LabHost(**h) for h in d["hosts"]], etcd=[EtcdMember(**m) for m in d["etcd"]],
+            hosts=hosts, etcd=[EtcdMember(**m) for m in d["etcd"]], vm_bridge=d.get("vm_bridge", VM_BRIDGE),
         )  # fmt: skip
 
     def host(self, name: str) -> LabHost:
@@ -333,6 +346,7 @@ class Lab:
                 veth=f"klab-h{i}",
                 address=f"{SUBNET}.{10 + i}",
                 dir=str(self.dir / f"h{i}"),
+                vm_veth=f"klabv-h{i}",
             )
             for i in range(1, count + 1)
         ]
@@ -408,7 +422,8 @@ class Lab:
 
     def _check_free(self, st: LabState) -> None:
         """A new lab must not take over another lab's bridge, links or namespaces."""
-        taken = [n for n in [st.bridge, *(h.veth for h in st.hosts)] if net.link_exists(n)]
+        links = [st.bridge, st.vm_bridge, *(h.veth for h in st.hosts), *(h.vm_veth for h in st.hosts)]
+        taken = [n for n in links if net.link_exists(n)]
         taken += [f"netns {h.netns}" for h in st.hosts if net.netns_exists(h.netns)]
         if taken:
             raise LabError(
@@ -426,11 +441,16 @@ class Lab:
         if net.ensure_bridge(st.bridge, GATEWAY, PREFIXLEN):
             undo.append(functools.partial(net.delete_link, st.bridge))
         report.append(f"bridge {st.bridge}: {GATEWAY}/{PREFIXLEN}")
+        if net.ensure_bridge(st.vm_bridge):
+            undo.append(functools.partial(net.delete_link, st.vm_bridge))
+        report.append(f"bridge {st.vm_bridge}: VM traffic, each host's {VM_UPLINK} on it")
         for h in st.hosts:
             if net.ensure_netns(h.netns):
                 undo.append(functools.partial(net.remove_netns, h.netns))
             if net.ensure_host_link(h.veth, h.netns, st.bridge, h.address, PREFIXLEN, GATEWAY):
                 undo.append(functools.partial(net.delete_link, h.veth))
+            if net.ensure_vm_link(h.vm_veth, h.netns, st.vm_bridge, VM_UPLINK):
+                undo.append(functools.partial(net.delete_link, h.vm_veth))
             for d in (h.home, h.log_dir):
                 d.mkdir(parents=True, exist_ok=True)
                 os.chmod(d, 0o700)
@@ -484,6 +504,7 @@ class Lab:
             KASOU_ETCD=",".join(m.client_url for m in st.etcd),
             KASOU_TOKEN_FILE=str(self.token_file),
             KASOU_API=h.api_url,
+            KASOU_UPLINK=VM_UPLINK,
         )
         return env
 
@@ -569,7 +590,7 @@ class Lab:
             return report
 
     def partition(self, name: str, heal: bool = False) -> str:
-        """Cut (or restore) the host's only link: its root-side veth goes down (up)."""
+        """Cut (or restore) the host's management link: its root-side veth goes down (up). Its VM link stays."""
         with self._locked():
             st = self.require()
             h = st.host(name)
@@ -584,12 +605,14 @@ class Lab:
         hosts = []
         for h in st.hosts:
             up = net.link_up(h.veth)
+            vm_up = net.link_up(h.vm_veth)
             entry: dict[str, Any] = {
                 "name": h.name,
                 "address": h.address,
                 "netns": h.netns,
                 "netns_exists": net.netns_exists(h.netns),
                 "link": "missing" if up is None else ("up" if up else "down"),
+                "vm_link": "missing" if vm_up is None else ("up" if vm_up else "down"),
                 "home": str(h.home),
             }
             for s in SERVICES:
@@ -613,6 +636,7 @@ class Lab:
         return {
             "dir": str(self.dir),
             "bridge": {"name": st.bridge, "address": f"{GATEWAY}/{PREFIXLEN}", "up": net.link_up(st.bridge)},
+            "vm_bridge": {"name": st.vm_bridge, "up": net.link_up(st.vm_bridge)},
             "hosts": hosts,
             "etcd": members,
         }
@@ -666,6 +690,7 @@ class Lab:
         for h in st.hosts:
             steps = [
                 (h.veth, functools.partial(net.delete_link, h.veth)),
+                (h.vm_veth, functools.partial(net.delete_link, h.vm_veth)),
                 (f"netns {h.netns}", functools.partial(net.remove_netns, h.netns)),
             ]
             for what, step in steps:
@@ -674,11 +699,12 @@ class Lab:
                         removed.append(what)
                 except (OSError, KasouError) as e:
                     errors.append(f"{what}: {e}")
-        try:
-            if net.delete_link(st.bridge):
-                removed.append(st.bridge)
-        except (OSError, KasouError) as e:
-            errors.append(f"{st.bridge}: {e}")
+        for bridge in (st.bridge, st.vm_bridge):
+            try:
+                if net.delete_link(bridge):
+                    removed.append(bridge)
+            except (OSError, KasouError) as e:
+                errors.append(f"{bridge}: {e}")
         report.append("removed " + (", ".join(removed) or "no links or namespaces"))
         for h in st.hosts:
             run = Paths(home=h.home, images=Path(st.images)).vm_run

@@ -149,8 +149,8 @@ def delete_link(ifname: str) -> bool:
     return True
 
 
-def ensure_bridge(ifname: str, address: str, prefixlen: int) -> bool:
-    """A bridge with ``address/prefixlen``, up. True if the bridge was created."""
+def ensure_bridge(ifname: str, address: str | None = None, prefixlen: int = 24) -> bool:
+    """A bridge, up, with ``address/prefixlen`` if one is given. True if the bridge was created."""
     created = False
     with IPRoute() as ipr:
         try:
@@ -160,9 +160,10 @@ def ensure_bridge(ifname: str, address: str, prefixlen: int) -> bool:
                 created = True
                 idx = _index(ipr, ifname)
                 assert idx is not None
-            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.addr("dump", index=idx)}
-            if (address, prefixlen) not in have:
-                ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+            if address is not None:
+                have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.addr("dump", index=idx)}
+                if (address, prefixlen) not in have:
+                    ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
             ipr.link("set", index=idx, state="up")
         except NetlinkError as e:
             raise _fail(f"cannot set up bridge {ifname}", e) from e
@@ -221,3 +222,37 @@ def _has_link_in(ns: str, ifname: str) -> bool:
         return False
     with IPRoute(netns=ns, flags=0) as nsr:
         return _index(nsr, ifname) is not None
+
+
+def ensure_vm_link(veth: str, ns: str, bridge: str, inside: str = "vmnet0") -> bool:
+    """A second, address-less link for VM traffic: veth ``veth`` (root side, a port of ``bridge``,
+    up) to ``inside`` in namespace ``ns``, up. The host's agent uses ``inside`` as its uplink and
+    tags VLANs on it. True if the veth pair was created."""
+    created = False
+    with IPRoute() as ipr:
+        try:
+            br = _index(ipr, bridge)
+            if br is None:
+                raise LabError(f"there is no bridge {bridge}")
+            idx = _index(ipr, veth)
+            if idx is not None and not _has_link_in(ns, inside):
+                ipr.link("del", index=idx)  # a stale root side whose peer is elsewhere
+                idx = None
+            if idx is None:
+                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": inside, "net_ns_fd": ns})
+                created = True
+                idx = _index(ipr, veth)
+                assert idx is not None
+            ipr.link("set", index=idx, master=br)
+            ipr.link("set", index=idx, state="up")
+        except NetlinkError as e:
+            raise _fail(f"cannot set up the VM link {veth} of {ns}", e) from e
+    try:
+        with IPRoute(netns=ns, flags=0) as nsr:
+            idx = _index(nsr, inside)
+            if idx is None:
+                raise LabError(f"{inside} is missing in network namespace {ns}")
+            nsr.link("set", index=idx, state="up")
+    except NetlinkError as e:
+        raise _fail(f"cannot set {inside} up in network namespace {ns}", e) from e
+    return created

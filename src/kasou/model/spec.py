@@ -14,35 +14,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from kasou.errors import InvalidSpec
+from kasou.model.names import NAME_MAX as NAME_MAX
+from kasou.model.names import validate_name
 from kasou.model.units import parse_size
 
-NAME_MAX = 63
-# A name becomes part of file names, QEMU's -name and (later) tap devices and
-# DNS labels: so letters, digits, '-', '_' and '.', starting with a letter or digit.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+USER_NETWORK = "user"  # QEMU's user-mode NAT: needs nothing on the host; not a stored network
+VLAN_MIN, VLAN_MAX = 1, 4094  # 0 and 4095 are reserved by 802.1Q
 
 MIN_MEMORY_MIB = 32
 MAX_MEMORY_MIB = 4 * 1024 * 1024  # 4 TiB: a sanity bound; the host check is separate
 MAX_VCPUS = 255
-
-
-def validate_name(name: object, what: str = "name") -> str:
-    """Return ``name`` if it is a safe kasou name, else raise InvalidSpec."""
-    if not isinstance(name, str):
-        raise InvalidSpec(f"{what} must be a string", field=what)
-    if not name:
-        raise InvalidSpec(f"{what} must not be empty", field=what)
-    if len(name) > NAME_MAX:
-        raise InvalidSpec(f"{what} is {len(name)} characters long; at most {NAME_MAX} are allowed", field=what)
-    if ".." in name:
-        raise InvalidSpec(f"{what} {name!r} must not contain '..'", field=what)
-    if not _NAME_RE.match(name):
-        raise InvalidSpec(
-            f"{what} {name!r} may contain only letters, digits, '-', '_' and '.', "
-            "and must start with a letter or digit",
-            field=what,
-        )
-    return name
 
 
 def random_mac() -> str:
@@ -69,11 +50,14 @@ class DiskSpec(BaseModel):
 
 
 class NicSpec(BaseModel):
+    """One NIC of a VM. Its MAC, network and VLAN are fixed at creation and travel with the VM."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str  # net0, ...
     mac: str
-    network: str = "user"
+    network: str = USER_NETWORK
+    vlan: int | None = None  # the network's 802.1Q VLAN when the VM was created (None: untagged)
 
     @field_validator("mac")
     @classmethod
@@ -98,16 +82,12 @@ class VMCreate(BaseModel):
     start: bool = False
     description: str = Field("", max_length=500)
     storage: Literal["local", "shared"] = "local"  # shared: the disk lives where every host sees it
+    network: str = USER_NETWORK  # the network of its NIC: "user" (NAT) or a network made with POST /v1/networks
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
         """Validate raw input into a spec, raising InvalidSpec with one line."""
-        try:
-            spec = cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "request"
-            raise InvalidSpec(f"{field}: {err['msg']}", field=field) from None
+        spec: VMCreate = _parse(cls, data)
         spec.check()
         return spec
 
@@ -131,7 +111,66 @@ class VMCreate(BaseModel):
             validate_name(self.template, "template")
         if self.disk is not None:
             parse_size(self.disk, "disk")
+        validate_name(self.network, "network")
 
     @property
     def disk_bytes(self) -> int | None:
         return None if self.disk is None else parse_size(self.disk, "disk")
+
+
+def _parse(cls: type[Any], data: Any) -> Any:
+    """Validate raw input into a model, raising InvalidSpec with one line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        raise InvalidSpec(f"{field}: {err['msg']}", field=field) from None
+
+
+def validate_vlan(vlan: object) -> int | None:
+    """Return ``vlan`` if it is None or an 802.1Q VLAN id a network may use, else raise InvalidSpec."""
+    if vlan is None:
+        return None
+    if isinstance(vlan, bool) or not isinstance(vlan, int):
+        raise InvalidSpec(f"vlan must be a whole number between {VLAN_MIN} and {VLAN_MAX}", field="vlan")
+    if not VLAN_MIN <= vlan <= VLAN_MAX:
+        raise InvalidSpec(f"vlan must be between {VLAN_MIN} and {VLAN_MAX}, not {vlan}", field="vlan")
+    return vlan
+
+
+class NetworkCreate(BaseModel):
+    """A named VM network (a hospital segment: clinical, imaging, mgmt), optionally on an 802.1Q VLAN.
+
+    What ``kasou network create`` and ``POST /v1/networks`` take. On each host it becomes a
+    Linux bridge; with an uplink, VLAN V reaches the wire tagged (see
+    :mod:`kasou.hypervisor.qemu.network`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    vlan: StrictInt | None = None
+    description: str = Field("", max_length=500)
+
+    @classmethod
+    def parse(cls, data: Any) -> NetworkCreate:
+        spec: NetworkCreate = _parse(cls, data)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        validate_network_name(self.name)
+        validate_vlan(self.vlan)
+
+
+def validate_network_name(name: object) -> str:
+    """A network name: a safe kasou name other than the built-in ``user``."""
+    validate_name(name, "network")
+    assert isinstance(name, str)
+    if name == USER_NETWORK:
+        raise InvalidSpec(
+            f"network name {USER_NETWORK!r} is taken by the built-in NAT network; choose another name",
+            field="network",
+        )
+    return name

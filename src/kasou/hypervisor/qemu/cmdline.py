@@ -2,7 +2,8 @@
 
 Every VM gets: ``-name guest=NAME``, q35, its vCPUs and memory, virtio-blk
 disks over ``-blockdev`` (node names ``<id>-file`` / ``<id>``), virtio-net
-NICs, a VGA display on a VNC unix socket (never a TCP port), the serial console
+NICs (QEMU's user-mode NAT, or a tap the driver made beforehand on the network's
+bridge), a VGA display on a VNC unix socket (never a TCP port), the serial console
 on a unix socket with a log file, a virtio-serial port
 ``org.kasou.heartbeat`` for the guest's heartbeat, and QMP on a unix socket.
 The destination of a live migration runs the very same command line plus
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kasou.hypervisor.base import LaunchSpec
+from kasou.hypervisor.qemu.network import tap_name
+from kasou.model.spec import USER_NETWORK
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
 
@@ -135,10 +138,12 @@ def build_argv(
             "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev",
         ]  # fmt: skip
     for nic in spec.nics:
-        if nic.network != "user":
-            raise ValueError(f"network {nic.network!r} is not available on a single host yet")
+        if nic.network == USER_NETWORK:
+            netdev = f"user,id={nic.id}"
+        else:  # the tap exists already, on its network's bridge (see kasou.hypervisor.qemu.network)
+            netdev = f"tap,id={nic.id},ifname={tap_name(spec.name, nic.id)},script=no,downscript=no"
         argv += [
-            "-netdev", f"user,id={nic.id}",
+            "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev={nic.id},mac={nic.mac},id={nic.id}-dev",
         ]  # fmt: skip
     if incoming is not None:

@@ -49,6 +49,7 @@ from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
 from kasou.hypervisor.qemu.monitor import Monitor
+from kasou.hypervisor.qemu.network import HostNetwork, tap_nics
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class _Vm:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     outgoing: mig.Outgoing | None = None  # this host sends the VM away
     incoming: mig.Incoming | None = None  # this host waits for the VM
+    taps: list[str] = field(default_factory=list)  # ids of the NICs that have a tap here (not on "user")
 
     def info(self) -> RuntimeInfo:
         age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
@@ -108,8 +110,10 @@ class QemuDriver(Driver):
         images_dir: Path,
         accelerator: str,
         qemu_binary: str = "qemu-system-x86_64",
+        network: HostNetwork | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.network = network or HostNetwork()  # bridges and taps of NICs on named networks
         self.serial_log_dir = serial_log_dir
         self.images_dir = images_dir
         self.accelerator = accelerator
@@ -117,6 +121,7 @@ class QemuDriver(Driver):
         self._vms: dict[str, _Vm] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unplugging: set[asyncio.Task[None]] = set()
 
     # -- files -----------------------------------------------------------------------
 
@@ -149,8 +154,10 @@ class QemuDriver(Driver):
                 continue
             files = self._files(d.name)
             pid = _read_pid(files.pidfile)
+            launched = _launch_spec(files)
+            taps = [n.id for n in tap_nics(launched.nics)] if launched is not None else []
             if pid is not None and process.is_guest(pid, d.name):
-                vm = _Vm(d.name, files, pid, process.started_at(pid), _launch_accel(files))
+                vm = _Vm(d.name, files, pid, process.started_at(pid), _launch_accel(files), taps=taps)
                 self._vms[d.name] = vm
                 try:
                     await self._monitor(vm)
@@ -169,6 +176,7 @@ class QemuDriver(Driver):
                 saved = mig.load(files.migration)
                 vm.incoming = saved if isinstance(saved, mig.Incoming) else None
                 self._vms[d.name] = vm
+                await self._unplug(d.name, taps)  # its QEMU ended while the agent was away
         return found
 
     async def start(self, spec: LaunchSpec) -> RuntimeInfo:
@@ -204,9 +212,12 @@ class QemuDriver(Driver):
         files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
         pid: int | None = None
         vm: _Vm | None = None
+        taps = [n.id for n in tap_nics(spec.nics)]
         try:
+            if taps:  # QEMU opens the taps by name: they must be on their bridges first
+                await asyncio.to_thread(self.network.plug, spec.name, spec.nics)
             pid = await self._spawn(spec.name, argv, files)
-            vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state)
+            vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state, taps=taps)
             await self._monitor(vm)
             yield vm
             self._vms[spec.name] = vm
@@ -219,6 +230,7 @@ class QemuDriver(Driver):
             failed = self._vms.pop(spec.name, None)
             if failed is not None:
                 await self._detach(failed)
+            await self._unplug(spec.name, taps)
             shutil.rmtree(files.dir, ignore_errors=True)
             raise
 
@@ -316,8 +328,7 @@ class QemuDriver(Driver):
         while True:
             for vm in list(self._vms.values()):
                 if vm.state in _ACTIVE and not process.alive(vm.pid):
-                    self._mark_gone(vm)
-                    await self._detach(vm)
+                    await self._ended(vm, locked=False)
             await asyncio.sleep(0.25)
 
     def _mark_gone(self, vm: _Vm) -> None:
@@ -332,6 +343,38 @@ class QemuDriver(Driver):
                 vm.exit_reason = "the QEMU waiting for the incoming migration ended (the migration failed)"
         with contextlib.suppress(OSError):
             vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
+
+    async def _ended(self, vm: _Vm, locked: bool = True) -> None:
+        """Its QEMU is gone: record why, stop watching it and remove its taps.
+
+        ``locked``: the caller holds the VM's lock. Otherwise (the reaper, a status read) the taps
+        go in a task that waits for the lock, so they are never pulled from under a start of the
+        same VM that has just made them anew.
+        """
+        self._mark_gone(vm)
+        await self._detach(vm)
+        if locked:
+            await self._unplug(vm.name, vm.taps)
+        elif vm.taps:
+            task = asyncio.create_task(self._unplug_when_free(vm), name=f"unplug-{vm.name}")
+            self._unplugging.add(task)
+            task.add_done_callback(self._unplugging.discard)
+
+    async def _unplug_when_free(self, vm: _Vm) -> None:
+        async with self._lock(vm.name):
+            current = self._vms.get(vm.name)
+            if current is not None and current is not vm and current.state in _ACTIVE:
+                return  # started again meanwhile: the taps are its new QEMU's
+            await self._unplug(vm.name, vm.taps)
+
+    async def _unplug(self, name: str, taps: list[str]) -> None:
+        """Delete the taps of a VM whose QEMU is gone (bridges stay); a failure is logged, never raised."""
+        if not taps:
+            return
+        try:
+            await asyncio.to_thread(self.network.unplug, name, taps)
+        except Exception as e:
+            log.error("could not remove the taps of VM %s: %s", name, e.message if isinstance(e, KasouError) else e)
 
     async def _detach(self, vm: _Vm) -> None:
         if vm.heartbeat_task is not None:
@@ -384,8 +427,7 @@ class QemuDriver(Driver):
                 await process.kill_hard(vm.pid, QUIT_TIMEOUT)
             if process.alive(vm.pid):
                 raise QemuStartError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
-            self._mark_gone(vm)
-            await self._detach(vm)
+            await self._ended(vm)
 
     async def reset(self, name: str) -> None:
         async with self._lock(name):
@@ -406,8 +448,7 @@ class QemuDriver(Driver):
     async def info(self, name: str) -> RuntimeInfo | None:
         vm = self._vms.get(name)
         if vm is not None and vm.state in _ACTIVE and not process.alive(vm.pid):
-            self._mark_gone(vm)
-            await self._detach(vm)
+            await self._ended(vm, locked=False)
         return vm.info() if vm is not None else None
 
     async def list(self) -> list[RuntimeInfo]:
@@ -425,6 +466,9 @@ class QemuDriver(Driver):
                 raise Conflict(f"VM {name!r} still runs; stop it first")
             if vm is not None:
                 await self._detach(vm)
+            launched = _launch_spec(self._files(name))
+            taps = vm.taps if vm is not None else [n.id for n in tap_nics(launched.nics)] if launched else []
+            await self._unplug(name, taps)
             self._vms.pop(name, None)
             shutil.rmtree(self._files(name).dir, ignore_errors=True)
 
@@ -640,8 +684,7 @@ class QemuDriver(Driver):
                 await process.kill_hard(vm.pid, QUIT_TIMEOUT)
             if process.alive(vm.pid):
                 raise HypervisorError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
-            self._mark_gone(vm)
-            await self._detach(vm)
+            await self._ended(vm)
             self._vms.pop(name, None)
             shutil.rmtree(vm.files.dir, ignore_errors=True)
 
@@ -687,6 +730,7 @@ class QemuDriver(Driver):
                     raise HypervisorError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
                 self._mark_gone(vm)
             await self._detach(vm)
+            await self._unplug(name, vm.taps)
             self._vms.pop(name, None)
             _remove_disks(vm.incoming.created if vm.incoming else [])
             shutil.rmtree(vm.files.dir, ignore_errors=True)
@@ -699,6 +743,10 @@ class QemuDriver(Driver):
                 await self._reaper
         for vm in list(self._vms.values()):
             await self._detach(vm)
+        for task in list(self._unplugging):  # a VM found dead by the next attach_all is unplugged then
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _read_pid(path: Path) -> int | None:
