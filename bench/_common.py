@@ -114,3 +114,13 @@ def interleave(n: int, runners: dict[str, Callable[[int], float]]) -> dict[str, 
         for name in order:
             out[name].append(runners[name](i))
     return out
+
+
+def lab_env(env: dict[str, str], host: str) -> dict[str, str]:
+    """``env`` plus what ``kasou lab env HOST`` exports (the host's API address and the lab token)."""
+    out = subprocess.run([*KASOU, "lab", "env", host], env=env, capture_output=True, text=True, check=True).stdout
+    merged = dict(env)
+    for line in out.splitlines():
+        k, _, v = line.removeprefix("export ").partition("=")
+        merged[k.strip()] = v.strip().strip("'\"")
+    return merged

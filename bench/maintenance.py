@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import KASOU, ensure_image
+from _common import KASOU, ensure_image, lab_env
 
 
 def main() -> None:
@@ -36,10 +36,7 @@ def main() -> None:
     env = dict(os.environ, KASOU_LAB_DIR=str(lab_dir))
     try:
         subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=env, check=True, capture_output=True, timeout=180)
-        out = subprocess.run([*KASOU, "lab", "env", "h1"], env=env, capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            k, _, v = line.removeprefix("export ").partition("=")
-            env[k.strip()] = v.strip().strip("'\"")
+        env = lab_env(env, "h1")
 
         def kasou(*a: str) -> str:
             return subprocess.run(

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qemu.qmp import QMPClient
 
-from _common import KASOU, READY, ensure_image, images_dir, kill_pids, median, qemu_pids, wait_line
+from _common import KASOU, READY, ensure_image, images_dir, kill_pids, lab_env, median, qemu_pids, wait_line
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
 from kasou.image import load_image
@@ -98,10 +98,7 @@ def main() -> None:
     res: dict[str, list[tuple[float, float]]] = {}
     try:
         subprocess.run([*KASOU, "lab", "up", "--hosts", "2"], env=env, check=True, capture_output=True, timeout=180)
-        out = subprocess.run([*KASOU, "lab", "env", "h1"], env=env, capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            k, _, v = line.removeprefix("export ").partition("=")
-            env[k.strip()] = v.strip().strip("'\"")
+        env = lab_env(env, "h1")
 
         def kasou(*a: str) -> str:
             return subprocess.run([*KASOU, *a], env=env, capture_output=True, text=True, check=True, timeout=600).stdout
