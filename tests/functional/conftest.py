@@ -100,12 +100,56 @@ def env(tmp_path: Path) -> Iterator[Env]:
     holder: dict[str, Services] = {}
 
     async def factory() -> Services:
-        svc = Services.build(
-            SqliteStore(tmp_path / "state.db"), Agents({"host1": agent_client}), shutdown_timeout=2
-        )
+        svc = Services.build(SqliteStore(tmp_path / "state.db"), Agents({"host1": agent_client}), shutdown_timeout=2)
         holder["svc"] = svc
         return svc
 
     app = create_app(factory, TOKEN)
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
         yield Env(api, driver, holder["svc"], tmp_path)
+
+
+@dataclass
+class Cluster:
+    """Several hosts (each an agent with its own fake driver and disks) behind one API."""
+
+    api: TestClient
+    drivers: dict[str, FakeDriver]
+    tmp: Path
+
+    def wait(self, job: dict) -> dict:
+        return Env.wait(self, job)  # type: ignore[arg-type]
+
+    def create(self, name: str, **kw: object) -> dict:
+        return Env.create(self, name, **kw)  # type: ignore[arg-type]
+
+    def host_of(self, name: str) -> str:
+        return str(self.api.get(f"/v1/vms/{name}").json()["host"])
+
+
+def make_cluster(tmp_path: Path, hosts: list[str]) -> Iterator[Cluster]:
+    images = tmp_path / "images"
+    make_fake_image(images)
+    shared = tmp_path / "shared"
+    drivers: dict[str, FakeDriver] = {}
+    clients = {}
+    for i, host in enumerate(hosts, 1):
+        drivers[host] = FakeDriver()
+        agent = Agent(
+            host=host, driver=drivers[host], disks=LocalDisks(tmp_path / host / "disks", images, shared),
+            accelerator="tcg", accelerator_reason="test", qemu_version="7.2", images=lambda: ["tiny"],
+            migration_address=f"10.0.0.{i}",
+        )  # fmt: skip
+        clients[host] = AgentClient(host, transport=httpx.ASGITransport(app=create_agent_app(agent)))
+
+    async def factory() -> Services:
+        return Services.build(SqliteStore(tmp_path / "state.db"), Agents(clients), shutdown_timeout=2)
+
+    with TestClient(create_app(factory, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        yield Cluster(api, drivers, tmp_path)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three hosts: h1, h2, h3."""
+    yield from make_cluster(tmp_path, ["h1", "h2", "h3"])

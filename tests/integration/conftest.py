@@ -109,9 +109,7 @@ class Kasou:
             time.sleep(every)
 
     def wait_ready(self, name: str, timeout: float = 90) -> dict[str, Any]:
-        return dict(
-            self.wait_for(f"{name} guest ready", lambda: (v := self.vm(name))["guest_ready"] and v, timeout)
-        )
+        return dict(self.wait_for(f"{name} guest ready", lambda: (v := self.vm(name))["guest_ready"] and v, timeout))
 
     def log(self, name: str) -> str:
         return self.run("vm", "log", name).stdout

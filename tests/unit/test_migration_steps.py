@@ -217,9 +217,7 @@ async def test_wait_incoming_done() -> None:
         query_status={"status": "paused"},
     )
     await mig.wait_incoming_done(q)
-    bad = Qmp(
-        query_migrate={"status": "failed", "error-desc": "load failed"}, query_status={"status": "inmigrate"}
-    )
+    bad = Qmp(query_migrate={"status": "failed", "error-desc": "load failed"}, query_status={"status": "inmigrate"})
     with pytest.raises(HypervisorError, match="load failed"):
         await mig.wait_incoming_done(bad)
     stuck = Qmp(query_migrate={"status": "active"}, query_status={"status": "inmigrate"})

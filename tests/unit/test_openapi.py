@@ -10,9 +10,7 @@ from kasou.api.spec import CHECKED_IN, openapi_document
 def test_checked_in_spec_is_current() -> None:
     current = openapi_document()
     assert CHECKED_IN.exists(), "run: kasou api openapi > src/kasou/api/openapi.json"
-    assert json.loads(CHECKED_IN.read_text()) == current, (
-        "run: kasou api openapi > src/kasou/api/openapi.json"
-    )
+    assert json.loads(CHECKED_IN.read_text()) == current, "run: kasou api openapi > src/kasou/api/openapi.json"
 
 
 def test_every_v1_route_needs_the_token() -> None:

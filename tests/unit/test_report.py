@@ -11,7 +11,12 @@ def ev(t: float, e: LedgerEvent) -> LedgerEntry:
 def test_migration_is_not_a_stop() -> None:
     row = uptime_row(
         "emr",
-        [ev(0, LedgerEvent.DEFINED), ev(10, LedgerEvent.STARTED), ev(20, LedgerEvent.MIGRATED), ev(30, LedgerEvent.MIGRATED)],
+        [
+            ev(0, LedgerEvent.DEFINED),
+            ev(10, LedgerEvent.STARTED),
+            ev(20, LedgerEvent.MIGRATED),
+            ev(30, LedgerEvent.MIGRATED),
+        ],
         now=100,
     )
     assert row.running and row.running_since == 10 and row.uptime_s == 90

@@ -96,9 +96,7 @@ async def test_compare_and_swap(store: Store) -> None:
 
 
 async def test_concurrent_creates_one_wins(store: Store) -> None:
-    results = await asyncio.gather(
-        *(store.create("lock", {"owner": i}) for i in range(8)), return_exceptions=True
-    )
+    results = await asyncio.gather(*(store.create("lock", {"owner": i}) for i in range(8)), return_exceptions=True)
     wins = [r for r in results if isinstance(r, int)]
     assert len(wins) == 1
     assert all(isinstance(r, StoreConflict) for r in results if not isinstance(r, int))

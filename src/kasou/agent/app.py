@@ -58,9 +58,7 @@ class Agent:
 
     async def host_info(self) -> HostInfo:
         total, avail = memory_mib()
-        running = [
-            v for v in await self.driver.list() if v.state not in (RuntimeState.EXITED, RuntimeState.CRASHED)
-        ]
+        running = [v for v in await self.driver.list() if v.state not in (RuntimeState.EXITED, RuntimeState.CRASHED)]
         return HostInfo(
             name=self.host,
             cpus=cpu_count(),

@@ -40,15 +40,11 @@ class AgentClient:
             transport = httpx.AsyncHTTPTransport(uds=uds)
         self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=DEFAULT_TIMEOUT)
 
-    async def _call(
-        self, method: str, path: str, timeout: float = DEFAULT_TIMEOUT, **kw: Any
-    ) -> httpx.Response:
+    async def _call(self, method: str, path: str, timeout: float = DEFAULT_TIMEOUT, **kw: Any) -> httpx.Response:
         try:
             resp = await self._http.request(method, "/agent/v1" + path, timeout=timeout, **kw)
         except httpx.TimeoutException:
-            raise OperationTimeout(
-                f"the agent of host {self.host} gave no answer in {timeout:.0f} s"
-            ) from None
+            raise OperationTimeout(f"the agent of host {self.host} gave no answer in {timeout:.0f} s") from None
         except httpx.TransportError as e:
             raise AgentUnavailable(f"the agent of host {self.host} is not reachable: {e}") from None
         raise_for_response(resp)

@@ -297,6 +297,9 @@ def vm_create(
     description: str = typer.Option("", "--description"),
     shared: bool = typer.Option(False, "--shared", help="Put the disk on the shared storage every host sees."),
     network: str = typer.Option("user", "--network", help="Network of its NIC (default: user, QEMU's NAT)."),
+    anti_affinity: str = typer.Option(
+        None, "--anti-affinity", help="Group whose VMs never run on one host (e.g. emr-db for the two EMR databases)."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -311,6 +314,7 @@ def vm_create(
         "description": description,
         "storage": "shared" if shared else "local",
         "network": network,
+        "anti_affinity": anti_affinity,
     }
     c = client()
     res = c.post("/v1/vms", json=body)

@@ -133,7 +133,7 @@ class Migrations:
         loads = [h for h in await self.vms.host_loads(exclude=rec.name) if h.name != rec.host]
         if exclude:
             loads = [h for h in loads if h.name not in exclude]
-        req = scheduler.Request(rec.name, rec.memory_mib, rec.vcpus)
+        req = scheduler.Request.of(rec)
         if to is not None:
             load = next((h for h in loads if h.name == to), None)
             if load is None:
@@ -303,14 +303,14 @@ class Migrations:
         loads = [h for h in await self.vms.host_loads() if h.name != host]
         plan: dict[str, str] = {}
         for r in sorted(records, key=lambda r: -r.memory_mib):
-            req = scheduler.Request(r.name, r.memory_mib, r.vcpus)
+            req = scheduler.Request.of(r)
             try:
                 target = scheduler.place(req, loads, self.vms.vcpu_ratio)
             except InsufficientResources as e:
                 raise InsufficientResources(
                     f"cannot put {host} in maintenance: the other hosts cannot take its VMs ({e.message})"
                 ) from None
-            target.add(r.memory_mib, r.vcpus)
+            target.add(r.memory_mib, r.vcpus, r.anti_affinity)
             plan[r.name] = target.name
         return plan
 

@@ -32,6 +32,7 @@ class VMRecord(BaseModel):
     image: str | None = None  # boot image (kernel and initramfs)
     template: str | None = None  # linked clone of this template
     description: str = ""
+    anti_affinity: str | None = None  # never on one host with another running VM of this group
     disks: list[DiskSpec] = []
     nics: list[NicSpec] = []
     state: VMState = VMState.CREATING

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import Any
 
 from kasou.errors import InsufficientResources
 
@@ -55,6 +56,11 @@ class Request:
     memory_mib: int
     vcpus: int
     group: str | None = None  # anti-affinity group
+
+    @classmethod
+    def of(cls, vm: Any) -> Request:
+        """The request of a stored VM (anything with name, memory_mib, vcpus, anti_affinity)."""
+        return cls(vm.name, vm.memory_mib, vm.vcpus, getattr(vm, "anti_affinity", None))
 
 
 def why_not(host: HostLoad, req: Request, vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> str | None:

@@ -74,6 +74,7 @@ class VMView(BaseModel):
     image: str | None
     template: str | None
     description: str
+    anti_affinity: str | None
     disks: list[DiskView]
     nics: list[NicSpec]
     guest_ready: bool
@@ -168,6 +169,7 @@ class VMService:
             image=rec.image,
             template=rec.template,
             description=rec.description,
+            anti_affinity=rec.anti_affinity,
             disks=[
                 DiskView(
                     id=d.id,
@@ -327,7 +329,7 @@ class VMService:
             load = scheduler.HostLoad(host, info.cpus, info.memory_total_mib, schedulable=host not in maintenance)
             for r in records:
                 if r.host == host and r.name != exclude and r.state in ACTIVE_STATES:
-                    load.add(r.memory_mib, r.vcpus)
+                    load.add(r.memory_mib, r.vcpus, r.anti_affinity)
             loads.append(load)
         return loads
 
@@ -356,7 +358,7 @@ class VMService:
         host = loads.get(rec.host or "")
         if host is None:
             raise AgentUnavailable(f"the agent of host {rec.host} does not answer")
-        why = scheduler.why_not(host, scheduler.Request(rec.name, rec.memory_mib, rec.vcpus), self.vcpu_ratio)
+        why = scheduler.why_not(host, scheduler.Request.of(rec), self.vcpu_ratio)
         if why is not None:
             raise InsufficientResources(f"cannot start VM {rec.name!r}: {why}")
         info = await self.agents.get(rec.host).host_info()
@@ -418,10 +420,13 @@ class VMService:
             image = template.image
         else:
             image = spec.image
-            req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus)
-            if spec.start:
+            req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
+            try:
                 host = scheduler.place(req, loads, self.vcpu_ratio).name
-            else:
+            except InsufficientResources:
+                if spec.start:
+                    raise
+                # a VM defined but not started needs only disk space now; it is admitted when started
                 host = max(loads, key=lambda h: h.memory_free_mib).name
             images = await self.agents.get(host).images()
             if image not in images:
@@ -439,6 +444,7 @@ class VMService:
             image=image,
             template=spec.template,
             description=spec.description,
+            anti_affinity=spec.anti_affinity,
             nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
             state=VMState.CREATING,
             host=host,

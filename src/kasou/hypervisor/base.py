@@ -23,9 +23,7 @@ class LaunchDisk(BaseModel):
     path: str
     format: str = "qcow2"
     readonly: bool = False
-    size_bytes: int | None = Field(
-        default=None, gt=0
-    )  # virtual size; needed to make the copy of a migrating disk
+    size_bytes: int | None = Field(default=None, gt=0)  # virtual size; needed to make the copy of a migrating disk
 
 
 class LaunchSpec(BaseModel):
@@ -189,9 +187,7 @@ class Driver(abc.ABC):
     # can be abandoned with abort_out / abort_incoming before that.
 
     @abc.abstractmethod
-    async def prepare_incoming(
-        self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str
-    ) -> IncomingInfo:
+    async def prepare_incoming(self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str) -> IncomingInfo:
         """On the destination: start a paused QEMU that waits for the VM on ``listen_host``.
 
         With ``storage="copy"`` it first makes each disk of ``spec`` (empty, of

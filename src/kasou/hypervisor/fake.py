@@ -81,9 +81,7 @@ class FakeDriver(Driver):
     def crash(self, name: str) -> None:
         """Test hook: the VM's process dies by itself."""
         info = self.vms[name]
-        self.vms[name] = info.model_copy(
-            update={"state": RuntimeState.CRASHED, "pid": None, "exit_reason": "killed"}
-        )
+        self.vms[name] = info.model_copy(update={"state": RuntimeState.CRASHED, "pid": None, "exit_reason": "killed"})
 
     async def attach_all(self) -> list[str]:
         return [n for n, i in self.vms.items() if i.state in _ACTIVE]
@@ -168,9 +166,7 @@ class FakeDriver(Driver):
 
     # -- live migration ----------------------------------------------------------------
 
-    async def prepare_incoming(
-        self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str
-    ) -> IncomingInfo:
+    async def prepare_incoming(self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str) -> IncomingInfo:
         cur = self.vms.get(spec.name)
         if cur is not None and cur.state in _ACTIVE:
             raise Conflict(f"VM {spec.name!r} already runs on this host (pid {cur.pid})")
@@ -235,9 +231,7 @@ class FakeDriver(Driver):
             if self.fail_next_migration is not None:
                 out.status, out.error, self.fail_next_migration = "failed", self.fail_next_migration, None
                 if dest is not None:  # a destination QEMU exits when its incoming migration breaks
-                    dest[0]._set(
-                        dest[1], RuntimeState.CRASHED, pid=None, exit_reason="incoming migration failed"
-                    )
+                    dest[0]._set(dest[1], RuntimeState.CRASHED, pid=None, exit_reason="incoming migration failed")
             elif out.polls_left > 0:
                 out.polls_left -= 1
                 if out.status == "mirroring" and out.polls_left < self.migration_polls / 2:

@@ -83,6 +83,7 @@ class VMCreate(BaseModel):
     description: str = Field("", max_length=500)
     storage: Literal["local", "shared"] = "local"  # shared: the disk lives where every host sees it
     network: str = USER_NETWORK  # the network of its NIC: "user" (NAT) or a network made with POST /v1/networks
+    anti_affinity: str | None = None  # VMs of one group never run on one host (e.g. the two EMR databases)
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -112,6 +113,8 @@ class VMCreate(BaseModel):
         if self.disk is not None:
             parse_size(self.disk, "disk")
         validate_name(self.network, "network")
+        if self.anti_affinity is not None:
+            validate_name(self.anti_affinity, "anti_affinity")
 
     @property
     def disk_bytes(self) -> int | None:

@@ -294,9 +294,7 @@ class QemuDriver(Driver):
         """Read ``hb <uptime>`` lines the guest writes on its virtio-serial port."""
         while vm.state in _ACTIVE:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(vm.files.heartbeat)), 5.0
-                )
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(vm.files.heartbeat)), 5.0)
             except (TimeoutError, OSError):
                 await asyncio.sleep(0.5)
                 continue
@@ -506,9 +504,7 @@ class QemuDriver(Driver):
                 task = self._mirror_then_migrate(vm, saved)
                 saved.task = asyncio.create_task(task, name=f"mirror-{vm.name}")
 
-    async def prepare_incoming(
-        self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str
-    ) -> IncomingInfo:
+    async def prepare_incoming(self, spec: LaunchSpec, storage: MigrationStorage, listen_host: str) -> IncomingInfo:
         async with self._lock(spec.name):
             self._check_free(spec.name)
             if storage == "copy":

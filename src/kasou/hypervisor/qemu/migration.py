@@ -331,9 +331,7 @@ async def export_disks(execute: Execute, disk_ids: Sequence[str]) -> dict[str, s
 
 async def start_incoming(execute: Execute, host: str) -> str:
     """``migrate-incoming`` on a free port of ``host``; returns the URI for the source."""
-    await execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "late-block-activate", "state": True}]}
-    )
+    await execute("migrate-set-capabilities", {"capabilities": [{"capability": "late-block-activate", "state": True}]})
     uris: list[str] = []
 
     async def listen(port: int) -> None:
@@ -344,9 +342,7 @@ async def start_incoming(execute: Execute, host: str) -> str:
     return uris[-1]
 
 
-async def set_parameters(
-    execute: Execute, downtime_ms: int, auto_converge: bool, bandwidth_mib_s: int | None
-) -> None:
+async def set_parameters(execute: Execute, downtime_ms: int, auto_converge: bool, bandwidth_mib_s: int | None) -> None:
     """Set every tunable explicitly: a QEMU keeps them from an earlier (aborted) attempt."""
     caps = [{"capability": "auto-converge", "state": auto_converge}]
     await execute("migrate-set-capabilities", {"capabilities": caps})
@@ -486,7 +482,5 @@ async def wait_incoming_done(execute: Execute, timeout: float = INCOMING_SETTLE_
         if status in ("failed", "cancelled"):
             raise HypervisorError(f"the incoming migration {status}: {q.get('error-desc') or 'no detail'}")
         if loop.time() > deadline:
-            raise OperationTimeout(
-                f"the incoming migration is not complete here (status {status}, run state {run})"
-            )
+            raise OperationTimeout(f"the incoming migration is not complete here (status {status}, run state {run})")
         await asyncio.sleep(0.05)
