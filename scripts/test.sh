@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"
 ruff check src tests bench
+ruff format --check src tests bench
 echo "== mypy"
 mypy
 echo "== tiny guest image"
