@@ -40,6 +40,7 @@ class LaunchSpec(BaseModel):
     disks: list[LaunchDisk] = []
     nics: list[NicSpec] = []
     paused: bool = False  # start with the vCPUs stopped (-S)
+    ha: bool = False  # HA-protected: the host's guard kills it when the host loses its cluster lease
 
 
 class RuntimeState(StrEnum):
