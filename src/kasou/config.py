@@ -126,3 +126,49 @@ def vcpu_ratio_setting() -> float:
     except ValueError:
         return 4.0
     return value if 0 < value <= 64 else 4.0
+
+
+@dataclass(frozen=True)
+class HaTimes:
+    """The timeouts of high availability; docs/architecture.md explains the defaults.
+
+    A host holds a lease of ``lease_ttl_s`` in etcd and renews it every ``renew_every_s``.
+    Its guard kills its HA VMs once ``fence_after_s`` (TTL minus margin) pass without a
+    renewal, so they are gone ``fence_margin_s`` before the lease can expire; the control
+    plane restarts them elsewhere only ``fence_margin_s`` after it saw the lease expire.
+    """
+
+    lease_ttl_s: float = 6.0
+    fence_margin_s: float = 2.0
+    heartbeat_timeout_s: float = 30.0  # VM monitoring: a guest silent this long is reset
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.lease_ttl_s / 6
+
+    @property
+    def fence_after_s(self) -> float:
+        return self.lease_ttl_s - self.fence_margin_s
+
+
+def _float_env(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name}={raw} must be between {low:g} and {high:g}")
+    return value
+
+
+def ha_times() -> HaTimes:
+    """``KASOU_HA_LEASE_TTL`` (s, default 6), ``KASOU_HA_FENCE_MARGIN`` (s, default 2),
+    ``KASOU_HA_HEARTBEAT_TIMEOUT`` (s, default 30). The margin must leave at least two
+    renewals before the fence: margin <= TTL / 2."""
+    ttl = _float_env("KASOU_HA_LEASE_TTL", 6.0, 3.0, 300.0)
+    margin = _float_env("KASOU_HA_FENCE_MARGIN", 2.0, 0.5, ttl / 2)
+    hb = _float_env("KASOU_HA_HEARTBEAT_TIMEOUT", 30.0, 5.0, 3600.0)
+    return HaTimes(ttl, margin, hb)

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
+from kasou.config import HaTimes
 from kasou.control.hosts import Agents
 from kasou.hypervisor.fake import FakeDriver
 from kasou.store.sqlite import SqliteStore
@@ -116,6 +118,26 @@ class Cluster:
     api: TestClient
     drivers: dict[str, FakeDriver]
     tmp: Path
+    holder: dict[str, Services]
+
+    @property
+    def services(self) -> Services:
+        return self.holder["svc"]
+
+    def fail_host(self, host: str) -> None:
+        """The host's lease expires: the control plane no longer counts it as up (its VMs stay in its driver)."""
+        self.services.agents._up.discard(host)
+
+    def wait_for(self, what: str, check: Any, timeout: float = 15) -> Any:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
 
     def wait(self, job: dict) -> dict:
         return Env.wait(self, job)  # type: ignore[arg-type]
@@ -142,11 +164,18 @@ def make_cluster(tmp_path: Path, hosts: list[str]) -> Iterator[Cluster]:
         )  # fmt: skip
         clients[host] = AgentClient(host, transport=httpx.ASGITransport(app=create_agent_app(agent)))
 
+    holder: dict[str, Services] = {}
+
     async def factory() -> Services:
-        return Services.build(SqliteStore(tmp_path / "state.db"), Agents(clients), shutdown_timeout=2)
+        svc = Services.build(
+            SqliteStore(tmp_path / "state.db"), Agents(clients), shutdown_timeout=2,
+            ha=HaTimes(lease_ttl_s=6, fence_margin_s=0.2, heartbeat_timeout_s=5),
+        )  # fmt: skip
+        holder["svc"] = svc
+        return svc
 
     with TestClient(create_app(factory, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"}) as api:
-        yield Cluster(api, drivers, tmp_path)
+        yield Cluster(api, drivers, tmp_path, holder)
 
 
 @pytest.fixture

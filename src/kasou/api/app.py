@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kasou import __version__
 from kasou.api.auth import check_bearer
-from kasou.config import vcpu_ratio_setting
+from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
 from kasou.control.hosts import Agents, HostView
 from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
@@ -31,7 +31,7 @@ from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.vms import VMService, VMView
 from kasou.errors import AgentUnavailable
-from kasou.model.spec import NetworkCreate, VMCreate, validate_name
+from kasou.model.spec import NetworkCreate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
 from kasou.wire import install_error_handlers
@@ -54,11 +54,18 @@ class Services:
 
     @classmethod
     def build(
-        cls, store: Store, agents: Agents, shutdown_timeout: float = 60.0, vcpu_ratio: float | None = None
+        cls,
+        store: Store,
+        agents: Agents,
+        shutdown_timeout: float = 60.0,
+        vcpu_ratio: float | None = None,
+        ha: HaTimes | None = None,
     ) -> Services:
         jobs = Jobs(store)
         ledger = Ledger(store)
-        vms = VMService(store, agents, jobs, ledger, shutdown_timeout, vcpu_ratio or vcpu_ratio_setting())
+        vms = VMService(
+            store, agents, jobs, ledger, shutdown_timeout, vcpu_ratio or vcpu_ratio_setting(), ha or ha_times()
+        )
         return cls(store, agents, jobs, ledger, vms, Migrations(vms))
 
     async def start(self) -> None:
@@ -199,6 +206,10 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     @v1.get("/vms/{name}")
     async def get_vm(name: str) -> VMView:
         return await svc().vms.get(name)
+
+    @v1.patch("/vms/{name}")
+    async def update_vm(name: str, body: dict[str, Any] = Body(...)) -> VMView:
+        return await svc().vms.update(name, VMUpdate.parse(body))
 
     @v1.delete("/vms/{name}", status_code=202)
     async def delete_vm(name: str, keep_disks: bool = False, force: bool = False) -> JobAccepted:

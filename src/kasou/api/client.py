@@ -34,6 +34,9 @@ class Client:
     def post(self, path: str, **kw: Any) -> Any:
         return self._call("POST", path, **kw).json()
 
+    def patch(self, path: str, **kw: Any) -> Any:
+        return self._call("PATCH", path, **kw).json()
+
     def delete(self, path: str, **kw: Any) -> Any:
         return self._call("DELETE", path, **kw).json()
 

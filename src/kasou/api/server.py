@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import subprocess
+import sys
 from typing import Any
 
 import uvicorn
 
+from kasou.agent import guard
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
-from kasou.agent.registration import Registration
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, api_listen, etcd_endpoints, host_name, uplink
+from kasou.config import Paths, api_listen, etcd_endpoints, ha_times, host_name, uplink
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
 from kasou.hypervisor.qemu import accel
@@ -80,7 +83,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
             "shared_dir": str(paths.shared) if paths.shared else None,
             "accelerator": decision.accelerator,
         }
-        asyncio.run(_serve_registered(config, EtcdStore(endpoints), record))
+        asyncio.run(_serve_guarded(config, paths, record))
         return
     sock = listen[len("unix:") :] if listen else str(paths.agent_socket)
     if os.path.exists(sock):
@@ -98,19 +101,53 @@ def _listen_host(listen: str | None) -> str | None:
     return listen.rpartition(":")[0].strip("[]") or None
 
 
-async def _serve_registered(config: uvicorn.Config, store: EtcdStore, record: dict[str, Any]) -> None:
-    """Serve the agent while keeping this host registered in the cluster (its liveness lease)."""
-    reg = Registration(store, host_name(), record)
-    task = asyncio.create_task(reg.run(), name="registration")
+GUARD_CHECK_EVERY_S = 2.0
+
+
+def start_guard(paths: Paths) -> int | None:
+    """Start this host's guard (lease and self-fencing) unless one runs; its pid, or None if it ran."""
+    if guard.guard_running(paths):
+        return None
+    log_file = paths.logs / "guard.log"
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kasou", "agent-guard"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,  # it outlives the agent: an agent restart keeps the lease
+        )  # fmt: skip
+    return proc.pid
+
+
+async def _serve_guarded(config: uvicorn.Config, paths: Paths, record: dict[str, Any]) -> None:
+    """Serve the agent while this host's guard keeps it in the cluster (and restart the guard if it dies)."""
+    tmp = guard.record_file(paths).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, guard.record_file(paths))
+
+    async def keep_guard() -> None:
+        while True:
+            pid = start_guard(paths)
+            if pid is not None:
+                logging.getLogger("kasou.agent").warning("started the host guard (pid %d)", pid)
+            await asyncio.sleep(GUARD_CHECK_EVERY_S)
+
+    task = asyncio.create_task(keep_guard(), name="guard")
     try:
         await uvicorn.Server(config).serve()
     finally:
-        # The lease is not revoked: an agent that stops (or restarts) leaves its VMs running,
-        # and the host only counts as gone once its lease runs out.
+        # The guard is left running: an agent that stops (or restarts) leaves its VMs and its lease alone.
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await store.close()
+
+
+def run_guard(paths: Paths) -> None:
+    """Run this host's guard in the foreground (``kasou agent-guard``, started by the agent)."""
+    _logging(paths, "guard")
+    endpoints = etcd_endpoints()
+    if not endpoints:
+        raise SystemExit("the host guard needs the cluster store: set KASOU_ETCD")
+    guard.run_guard(paths, host_name(), endpoints, ha_times())
 
 
 def run_api(paths: Paths, address: str | None = None) -> None:

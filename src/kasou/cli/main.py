@@ -154,6 +154,14 @@ def agent(
     run_agent(Paths.from_env(), listen)
 
 
+@app.command("agent-guard", hidden=True)
+def agent_guard() -> None:
+    """Run this host's guard (cluster lease, self-fencing); the agent starts it."""
+    from kasou.api.server import run_guard
+
+    run_guard(Paths.from_env())
+
+
 @app.command(hidden=True)
 def serve(address: str = typer.Option(None, help="HOST:PORT for the API (default: KASOU_API)")) -> None:
     """Run the control plane and REST API in the foreground."""
@@ -300,6 +308,8 @@ def vm_create(
     anti_affinity: str = typer.Option(
         None, "--anti-affinity", help="Group whose VMs never run on one host (e.g. emr-db for the two EMR databases)."
     ),
+    ha: bool = typer.Option(False, "--ha", help="High availability: restart it elsewhere if its host fails."),
+    priority: str = typer.Option("50", "--priority", help="HA restart order, 0..100, highest first."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -315,6 +325,8 @@ def vm_create(
         "storage": "shared" if shared else "local",
         "network": network,
         "anti_affinity": anti_affinity,
+        "ha": ha,
+        "priority": parse_int(priority, "priority"),
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -471,6 +483,8 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("memory", f"{v['memory_mib']} MiB"),
         ("image", v["image"] or "-"),
         ("template", v["template"] or "-"),
+        ("HA", f"on, priority {v['priority']}" if v["ha"] else "off"),
+        ("anti-affinity", v["anti_affinity"] or "-"),
         ("guest ready", "yes" if v["guest_ready"] else "no"),
         ("guest uptime", _uptime(v["uptime_s"])),
         ("accelerator", v["accelerator"] or "-"),
@@ -487,6 +501,30 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         rows.append(("last error", v["last_error"]))
     for k, val in rows:
         out.print(f"{k:13} {val}", markup=False, highlight=False)
+
+
+@vm_app.command("set")
+def vm_set(
+    name: str,
+    ha: str = typer.Option(None, "--ha", help="on or off: restart it elsewhere if its host fails."),
+    priority: str = typer.Option(None, "--priority", help="HA restart order, 0..100, highest first."),
+    description: str = typer.Option(None, "--description"),
+) -> None:
+    """Change a VM's HA setting, restart priority or description."""
+    body: dict[str, Any] = {}
+    if ha is not None:
+        if ha not in ("on", "off"):
+            fail(f"--ha takes on or off, not {ha!r}")
+        body["ha"] = ha == "on"
+    if priority is not None:
+        body["priority"] = parse_int(priority, "priority")
+    if description is not None:
+        body["description"] = description
+    v = client().patch(f"/v1/vms/{name}", json=body)
+    ha_text = f"HA on, priority {v['priority']}" if v["ha"] else "HA off"
+    out.print(f"vm {name}: {ha_text}", markup=False, highlight=False)
+    if v["ha"] and v["state"] in ("running", "paused") and not v["ha_armed"]:
+        out.print(f"vm {name}: HA protects it from its next start or migration", markup=False, highlight=False)
 
 
 @vm_app.command("log")

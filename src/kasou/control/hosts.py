@@ -2,7 +2,7 @@
 
 On one host the directory is fixed (the local agent on its unix socket). In a
 cluster it follows the ``hosts/<name>`` records the agents keep alive in etcd
-(see :mod:`kasou.agent.registration`): a host whose record is gone is down.
+(kept by the host guard, :mod:`kasou.agent.guard`): a host whose record is gone is down.
 Maintenance is the control plane's own flag, ``hostflags/<name>``.
 """
 

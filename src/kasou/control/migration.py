@@ -216,7 +216,7 @@ class Migrations:
                 raise
         # The destination runs: from here on the source copy must only go away.
         moved = [d.model_copy(update={"path": new_paths.get(d.id, d.path)}) for d in rec.disks]
-        await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved)
+        await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved, ha_armed=spec.ha)
         detail = f"from {source} to {target}"
         if status is not None and status.downtime_ms is not None:
             detail += f", downtime {status.downtime_ms} ms, total {status.total_ms} ms"

@@ -33,6 +33,9 @@ class VMRecord(BaseModel):
     template: str | None = None  # linked clone of this template
     description: str = ""
     anti_affinity: str | None = None  # never on one host with another running VM of this group
+    ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
+    priority: int = 50  # HA restart order, highest first (0..100)
+    ha_armed: bool = False  # its running QEMU was launched HA-protected (its host's guard fences it)
     disks: list[DiskSpec] = []
     nics: list[NicSpec] = []
     state: VMState = VMState.CREATING
@@ -84,6 +87,7 @@ class LedgerEvent(StrEnum):
     STOPPED = "stopped"
     CRASHED = "crashed"
     RESTARTED = "restarted"
+    FENCED = "fenced"  # its host lost the cluster and killed it (self-fencing) before it ran elsewhere
 
 
 class LedgerEntry(BaseModel):

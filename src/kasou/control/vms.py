@@ -26,7 +26,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from kasou.agent.storage import DiskCreate
+from kasou.config import HaTimes
 from kasou.control import scheduler
+from kasou.control.ha import HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
@@ -44,7 +46,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeInfo, RuntimeState
-from kasou.model.spec import DiskSpec, NicSpec, VMCreate, random_mac, validate_name
+from kasou.model.spec import DiskSpec, NicSpec, VMCreate, VMUpdate, random_mac, validate_name
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ class VMView(BaseModel):
     template: str | None
     description: str
     anti_affinity: str | None
+    ha: bool
+    priority: int
+    ha_armed: bool  # its running QEMU is HA-protected now (HA set on a running VM counts from its next start)
     disks: list[DiskView]
     nics: list[NicSpec]
     guest_ready: bool
@@ -98,6 +103,7 @@ class VMService:
         ledger: Ledger,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         vcpu_ratio: float = scheduler.DEFAULT_VCPU_RATIO,
+        ha_times: HaTimes | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -105,6 +111,7 @@ class VMService:
         self.ledger = ledger
         self.shutdown_timeout = shutdown_timeout
         self.vcpu_ratio = vcpu_ratio
+        self.ha = HaManager(self, ha_times or HaTimes())
         self.networks = Networks(store)
         self._reconciler: asyncio.Task[None] | None = None
 
@@ -170,6 +177,9 @@ class VMService:
             template=rec.template,
             description=rec.description,
             anti_affinity=rec.anti_affinity,
+            ha=rec.ha,
+            priority=rec.priority,
+            ha_armed=rec.ha_armed and rec.state in ACTIVE_STATES,
             disks=[
                 DiskView(
                     id=d.id,
@@ -271,14 +281,32 @@ class VMService:
 
     async def reconcile_all(self) -> None:
         records = await self._records()
-        for host in {r.host for r in records}:
+        await self.agents.refresh()
+        runtimes: dict[str, dict[str, RuntimeInfo]] = {}
+        for host in {r.host for r in records if r.host} | set(self.agents.names()):
             rt_host = await self._runtime(host)
             if rt_host is None:
                 continue
+            runtimes[host] = rt_host
             for rec in records:
                 if rec.host == host:
                     with contextlib.suppress(NotFound, StoreConflict):
                         await self._reconcile(rec, rt_host.get(rec.name))
+            await self._tidy_leftovers(host, rt_host, {r.name: r for r in records})
+        await self.ha.tick(runtimes)
+
+    async def _tidy_leftovers(self, host: str, rt_host: dict[str, RuntimeInfo], records: dict[str, VMRecord]) -> None:
+        """Forget dead QEMUs a host still reports for VMs that now live elsewhere (fenced, failed over)."""
+        for name, rt in rt_host.items():
+            rec = records.get(name)
+            if rec is None or rec.host == host or rec.job is not None:
+                continue
+            if rt.state in (RuntimeState.EXITED, RuntimeState.CRASHED):
+                with contextlib.suppress(KasouError):
+                    await self.agents.get(host).forget(name)
+                    log.info("forgot the dead copy of %s on %s (the VM runs on %s)", name, host, rec.host)
+            elif rt.state != RuntimeState.INCOMING:
+                log.error("VM %s runs on %s but its record says %s: not touching it", name, host, rec.host)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -352,8 +380,9 @@ class VMService:
             )
         return loads
 
-    async def _admit(self, rec: VMRecord) -> None:
-        """Refuse a start the VM's host cannot carry (memory is never overcommitted)."""
+    async def _admit(self, rec: VMRecord, ha_check: bool = True) -> None:
+        """Refuse a start the VM's host cannot carry (memory is never overcommitted), or one that
+        would leave too little room to restart some host's HA VMs (``ha_check``; not for HA's own restarts)."""
         loads = {h.name: h for h in await self.host_loads(exclude=rec.name)}
         host = loads.get(rec.host or "")
         if host is None:
@@ -368,6 +397,8 @@ class VMService:
                 f"cannot start VM {rec.name!r}: host {rec.host} has "
                 f"{info.memory_available_mib} MiB available right now, the VM needs {need} MiB"
             )
+        if ha_check and rec.host is not None:
+            await self.ha.check_admission(rec, rec.host)
 
     # -- claims ----------------------------------------------------------------------
 
@@ -395,6 +426,17 @@ class VMService:
 
     async def _submit(self, kind: str, name: str, fn: Callable[[JobContext], Any], job_id: str) -> JobRecord:
         return await self.jobs.submit(kind, name, fn, on_done=self._release, job_id=job_id)
+
+    # -- settings --------------------------------------------------------------------
+
+    async def update(self, name: str, upd: VMUpdate) -> VMView:
+        """Change a VM's HA setting, restart priority or description."""
+        rec = await self._record(name)
+        changes = upd.model_dump(exclude_none=True)
+        if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
+            await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
+        await self._update(name, lambda r: r.model_copy(update=changes))
+        return await self.get(name)
 
     # -- create ----------------------------------------------------------------------
 
@@ -445,6 +487,8 @@ class VMService:
             template=spec.template,
             description=spec.description,
             anti_affinity=spec.anti_affinity,
+            ha=spec.ha,
+            priority=spec.priority,
             nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
             state=VMState.CREATING,
             host=host,
@@ -535,17 +579,23 @@ class VMService:
             image=rec.image,
             disks=[LaunchDisk(id=d.id, path=d.path or "", format=d.format) for d in rec.disks],
             nics=rec.nics,
+            ha=rec.ha,
         )
 
-    async def _do_start(self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = "") -> None:
-        await self._admit(rec)
+    async def _do_start(
+        self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = "", admit_ha: bool = True
+    ) -> None:
+        await self._admit(rec, ha_check=admit_ha)
         await self._set(rec.name, state=VMState.STARTING)
         try:
             info = await self.agents.get(rec.host).start(self._launch_spec(rec))
         except BaseException:
             await self._set(rec.name, state=rec.state if rec.state != VMState.STARTING else VMState.STOPPED)
             raise
-        await self._set(rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None)
+        await self._set(
+            rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None,
+            ha_armed=rec.ha,
+        )  # fmt: skip
         await self.ledger.record(rec.name, event, rec.host, detail)
 
     async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:

@@ -68,6 +68,33 @@ class NicSpec(BaseModel):
         return v
 
 
+PRIORITY_MIN, PRIORITY_MAX = 0, 100
+
+
+def check_priority(value: int) -> None:
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise InvalidSpec(f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, not {value}", field="priority")
+
+
+class VMUpdate(BaseModel):
+    """What ``kasou vm set`` and ``PATCH /v1/vms/{name}`` may change on a defined VM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ha: bool | None = None
+    priority: StrictInt | None = None
+    description: str | None = Field(None, max_length=500)
+
+    @classmethod
+    def parse(cls, data: Any) -> VMUpdate:
+        spec: VMUpdate = _parse(cls, data)
+        if spec.priority is not None:
+            check_priority(spec.priority)
+        if spec.ha is None and spec.priority is None and spec.description is None:
+            raise InvalidSpec("nothing to change: give ha, priority or description", field="ha")
+        return spec
+
+
 class VMCreate(BaseModel):
     """The request to define a VM: what ``kasou vm create`` and ``POST /v1/vms`` take."""
 
@@ -84,6 +111,8 @@ class VMCreate(BaseModel):
     storage: Literal["local", "shared"] = "local"  # shared: the disk lives where every host sees it
     network: str = USER_NETWORK  # the network of its NIC: "user" (NAT) or a network made with POST /v1/networks
     anti_affinity: str | None = None  # VMs of one group never run on one host (e.g. the two EMR databases)
+    ha: bool = False  # high availability: restart elsewhere if its host fails, reset if its guest hangs
+    priority: StrictInt = Field(50)  # HA restart order, highest first
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -115,6 +144,7 @@ class VMCreate(BaseModel):
         validate_name(self.network, "network")
         if self.anti_affinity is not None:
             validate_name(self.anti_affinity, "anti_affinity")
+        check_priority(self.priority)
 
     @property
     def disk_bytes(self) -> int | None:

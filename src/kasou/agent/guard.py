@@ -1,0 +1,362 @@
+"""The host guard: this host's cluster lease, and self-fencing when the lease cannot be renewed.
+
+A host is alive for the cluster while its record ``hosts/<name>`` exists in etcd,
+attached to a lease the guard renews every ``renew_every_s``. When the guard
+cannot renew for ``fence_after_s`` (the TTL minus the fence margin), it kills
+every HA-protected QEMU of the host with SIGKILL, and keeps killing any that
+appear until it holds a lease again. The lease cannot expire before
+``fence_after_s + fence_margin_s`` after the last renewal *sent*, and the control
+plane restarts the VMs only ``fence_margin_s`` after it saw the lease expire: so
+the copy here is dead at least two margins before another one starts.
+
+The guard is its own small process (``kasou agent guard``), not a task of the
+agent, so an agent restart (an upgrade) never touches the lease nor the VMs. The
+agent starts it when it is not running (one per host, by a lock file) and tells
+it which VMs are HA-protected through marker files (``<run>/ha/<vm>``). The
+deadline check runs in a thread of its own, so a slow etcd call cannot delay
+the fence.
+
+Quorum loss is not isolation: when no etcd member can have a leader (every
+member either answers "no leader" or refuses connections, so fewer than a quorum
+are unaccounted for), no lease can expire and nobody can restart anything, so
+the guard holds its fence: losing quorum stops changes, not VMs. When a leader
+is elected again etcd extends every lease by its TTL, and renewal resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kasou.config import HaTimes, Paths
+from kasou.errors import KasouError
+from kasou.hypervisor.qemu import process
+from kasou.store.etcd import EtcdStore
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 0.1  # how often the fence thread looks at the deadline
+PROBE_TIMEOUT_S = 0.7
+
+
+def host_key(name: str) -> str:
+    return f"hosts/{name}"
+
+
+class Protected:
+    """The HA-protected VMs of this host, from the QEMU driver's run directories.
+
+    The driver writes each VM's launch spec (``launch.json``, with ``ha``) before its
+    QEMU starts, and QEMU its pid file; a pid counts only if it is that VM's QEMU.
+    """
+
+    def __init__(self, paths: Paths) -> None:
+        self.vm_run = paths.vm_run
+
+    def names(self) -> list[str]:
+        out = []
+        try:
+            dirs = sorted(self.vm_run.iterdir())
+        except FileNotFoundError:
+            return []
+        for d in dirs:
+            try:
+                spec = json.loads((d / "launch.json").read_text()).get("spec") or {}
+            except (OSError, ValueError):
+                continue
+            if spec.get("ha"):
+                out.append(d.name)
+        return out
+
+    def pid(self, name: str) -> int | None:
+        try:
+            return int((self.vm_run / name / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> dict[str, int]:
+        out = {}
+        for name in self.names():
+            pid = self.pid(name)
+            if pid is not None and process.is_guest(pid, name):
+                out[name] = pid
+        return out
+
+    def kill_all(self, reason: str) -> list[str]:
+        """SIGKILL every running HA QEMU here; note why beside each. Returns the VMs killed."""
+        killed = []
+        for name, pid in self.running().items():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(name)
+            with contextlib.suppress(OSError):
+                note = {"time": time.time(), "reason": reason}
+                (self.vm_run / name / "fenced.json").write_text(json.dumps(note))
+        deadline = time.monotonic() + 2.0
+        for name in killed:
+            gone = self.pid(name)
+            while gone is not None and process.alive(gone) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return killed
+
+
+def fenced_note(vm_dir: Path) -> str | None:
+    """Why the guard killed the VM whose run directory this is, if it did."""
+    try:
+        note = json.loads((vm_dir / "fenced.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return f"fenced by its host's guard: {note.get('reason', 'lease lost')}"
+
+
+class HostGuard:
+    """Keeps ``hosts/<host>`` alive in etcd and fences this host's HA VMs when it cannot."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        host: str,
+        paths: Paths,
+        times: HaTimes,
+        record: Callable[[], dict[str, Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.paths = paths
+        self.times = times
+        self.record = record
+        self.clock = clock
+        self.protected = Protected(paths)
+        self.lease: int | None = None
+        self._lock = threading.Lock()
+        self._deadline: float | None = None  # fence after this (monotonic); None: no lease held
+        self._hold_until = 0.0  # quorum is lost everywhere: do not fence before this
+        self._stop = threading.Event()
+        self.fences = 0
+        self._published: dict[str, Any] | None = None
+
+    # -- the fence thread ---------------------------------------------------------------------
+
+    def _should_fence(self, now: float) -> bool:
+        with self._lock:
+            lapsed = self._deadline is None or now > self._deadline
+            return lapsed and now > self._hold_until
+
+    def check(self) -> list[str]:
+        """One look at the deadline: fence if it has passed. The thread calls this every 0.1 s."""
+        if not self._should_fence(self.clock()):
+            return []
+        killed = self.protected.kill_all(f"host {self.host} could not renew its cluster lease")
+        if killed:
+            self.fences += 1
+            log.error("host %s: lease not renewed in time; fenced %s", self.host, ", ".join(killed))
+        return killed
+
+    def _fence_loop(self) -> None:
+        while not self._stop.wait(CHECK_EVERY_S):
+            try:
+                self.check()
+            except Exception:  # the fence must outlive any surprise
+                log.exception("fence check failed")
+
+    # -- renewal ----------------------------------------------------------------------------------
+
+    def _arm(self, sent_at: float) -> None:
+        with self._lock:
+            self._deadline = sent_at + self.times.fence_after_s
+
+    def _disarm(self) -> None:
+        with self._lock:
+            self._deadline = None
+
+    def _state_file(self) -> Path:
+        return self.paths.run / "guard.json"
+
+    def _save_lease(self) -> None:
+        self._state_file().write_text(json.dumps({"lease": self.lease, "host": self.host}))
+
+    def _load_lease(self) -> int | None:
+        try:
+            data = json.loads(self._state_file().read_text())
+            return int(data["lease"]) if data.get("host") == self.host else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def _register(self) -> None:
+        # A new lease means the old one expired: whatever ran under it may run elsewhere now.
+        self._disarm()
+        killed = await asyncio.to_thread(self.protected.kill_all, "its host's cluster lease had expired")
+        if killed:
+            log.error("host %s: lease had expired; fenced %s before rejoining", self.host, ", ".join(killed))
+        sent = self.clock()
+        self.lease = await self.store.grant_lease(self.times.lease_ttl_s)
+        self._save_lease()
+        await self._publish(self.record())
+        self._arm(sent)
+        log.info("host %s registered (lease %x, ttl %g s)", self.host, self.lease or 0, self.times.lease_ttl_s)
+
+    async def _publish(self, record: dict[str, Any]) -> None:
+        value = {**record, "name": self.host, "registered_at": time.time(), "lease": self.lease}
+        await self.store.put(host_key(self.host), value, lease=self.lease)
+        self._published = record
+
+    async def renew_once(self) -> None:
+        """Renew the lease (or get one). On failure, decide whether the fence may wait."""
+        sent = self.clock()
+        try:
+            if self.lease is None:
+                await self._register()
+                return
+            await self.store.keepalive(self.lease)
+            self._arm(sent)
+            current = self.record()
+            if current != self._published:  # the agent's address or offer changed
+                await self._publish(current)
+            with self._lock:
+                self._hold_until = 0.0
+        except KasouError as e:
+            if e.details.get("lease") is not None:  # the lease is gone for good: fence, rejoin
+                log.error("host %s: %s", self.host, e.message)
+                self.lease = None
+                with self._lock:
+                    self._hold_until = 0.0
+                return
+            log.warning("host %s: lease renewal failed: %s", self.host, e.message)
+            if await self.quorum_lost_everywhere():
+                with self._lock:
+                    self._hold_until = self.clock() + 2 * self.times.renew_every_s + PROBE_TIMEOUT_S
+
+    async def quorum_lost_everywhere(self) -> bool:
+        """True only if fewer than a quorum of etcd members could be part of a working cluster."""
+        results = await asyncio.gather(*(probe_member(e) for e in self.store.endpoints))
+        unknown = sum(1 for r in results if r == "unknown")
+        quorum = len(results) // 2 + 1
+        if unknown < quorum:
+            log.warning("host %s: etcd has no quorum (%s); holding the fence", self.host, ", ".join(results))
+            return True
+        return False
+
+    async def run(self) -> None:
+        """Renew until cancelled; the fence thread runs beside."""
+        # A restarted guard goes on with its lease if it still lives. Until a renewal succeeds
+        # there is no deadline, so the fence thread (started after this first try) fences at once.
+        self.lease = self._load_lease()
+        await self.renew_once()
+        thread = threading.Thread(target=self._fence_loop, name="fence", daemon=True)
+        thread.start()
+        try:
+            while True:
+                await self.renew_once()
+                await asyncio.sleep(self.times.renew_every_s)
+        finally:
+            self._stop.set()
+
+    async def withdraw(self) -> None:
+        """Leave the cluster at once (the host is being shut down cleanly, its VMs stopped)."""
+        if self.lease is not None:
+            with contextlib.suppress(KasouError):
+                await self.store.revoke(self.lease)
+            self.lease = None
+            with contextlib.suppress(FileNotFoundError):
+                self._state_file().unlink()
+
+
+async def probe_member(endpoint: str) -> str:
+    """``no-leader`` (it answers and has none), ``dead`` (connection refused), or ``unknown``."""
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as c:
+            r = await c.post(f"{endpoint.rstrip('/')}/v3/maintenance/status", json={})
+        data = r.json()
+    except httpx.ConnectError as e:
+        return "dead" if _refused(e) else "unknown"
+    except (httpx.HTTPError, ValueError):
+        return "unknown"
+    if not isinstance(data, dict):
+        return "unknown"
+    if "error" in data or str(data.get("leader", "0")) in ("0", ""):
+        return "no-leader"
+    return "unknown"
+
+
+def _refused(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == errno.ECONNREFUSED:
+            return True
+        if "Connection refused" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# -- one guard per host ------------------------------------------------------------------------------
+
+
+def record_file(paths: Paths) -> Path:
+    return paths.run / "guard-record.json"
+
+
+def lock_file(paths: Paths) -> Path:
+    return paths.run / "guard.lock"
+
+
+def guard_running(paths: Paths) -> bool:
+    """True if a guard holds this host's lock."""
+    try:
+        fd = os.open(lock_file(paths), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def run_guard(paths: Paths, host: str, endpoints: list[str], times: HaTimes) -> None:
+    """The guard process: hold the host's lock, then renew and fence until killed."""
+    paths.ensure()
+    fd = os.open(lock_file(paths), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"a guard already runs for {paths.home}") from None
+    with contextlib.suppress(OSError):
+        os.nice(-10)  # the lease must be renewed even on a host whose CPUs are saturated
+
+    def record() -> dict[str, Any]:
+        try:
+            return dict(json.loads(record_file(paths).read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    async def main() -> None:
+        store = EtcdStore(endpoints, timeout=times.renew_every_s)
+        guard = HostGuard(store, host, paths, times, record)
+        try:
+            await guard.run()
+        finally:
+            await store.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,248 @@
+"""High availability: restart the VMs of a failed host elsewhere, restart dead QEMUs, reset hung guests.
+
+Runs with the control plane's leader, on every reconcile tick.
+
+*Host failure.* A host is failed when its lease record ``hosts/<name>`` is gone
+(its guard could not renew it for a whole TTL). Its guard killed its HA VMs at
+least ``fence_margin_s`` before the lease could expire (:mod:`kasou.agent.guard`);
+this side waits another ``fence_margin_s`` after it first saw the record gone,
+then restarts them, highest priority first, each on the host the scheduler
+picks (the placements of one round count against each other). A VM needs its
+disk where it restarts: shared disks are seen by every host; a VM whose disk was
+local to the failed host waits, saying why, until that host returns.
+
+*VM monitoring.* An HA VM whose QEMU died on a host that is up (it is
+``crashed`` in its record) is started again on its host; an HA VM whose guest
+sent no heartbeat for ``heartbeat_timeout_s`` (it did before: it is hung) is
+reset. Each such repair is in the ledger.
+
+*Admission (N+1).* While any VM is HA-protected, a start that would leave too
+little free capacity to restart the HA VMs of any one host on the others is
+refused, with the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from kasou.config import HaTimes
+from kasou.control import scheduler
+from kasou.control.records import LedgerEvent, VMRecord
+from kasou.errors import InsufficientResources, KasouError, NotFound, StoreConflict
+from kasou.hypervisor.base import RuntimeInfo, RuntimeState
+from kasou.model.state import ACTIVE_STATES, VMState
+
+if TYPE_CHECKING:
+    from kasou.control.vms import VMService
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = 10.0  # between two attempts to restart one VM that failed to start
+
+
+def n_plus_one_violation(
+    loads: list[scheduler.HostLoad], placed: dict[str, list[scheduler.Request]], vcpu_ratio: float
+) -> str | None:
+    """Why the HA VMs of some host could not all restart on the others if it failed, or None.
+
+    ``loads``: every up host with all its running VMs (and any VM about to start) counted;
+    ``placed``: the HA VMs on each host.
+    """
+    if len(loads) < 2:
+        return None  # one host: nowhere to fail over to, nothing to keep free
+    for failed in loads:
+        victims = placed.get(failed.name, [])
+        if not victims:
+            continue
+        others = [
+            scheduler.HostLoad(h.name, h.cpus, h.memory_total_mib, h.memory_used_mib, h.vcpus_used,
+                               h.schedulable, set(h.groups))
+            for h in loads if h.name != failed.name
+        ]  # fmt: skip
+        placer = scheduler.Placer(others, vcpu_ratio)
+        for req in sorted(victims, key=lambda r: -r.memory_mib):
+            try:
+                placer.place(req)
+            except InsufficientResources:
+                need = sum(r.memory_mib + scheduler.VM_OVERHEAD_MIB for r in victims)
+                free = sum(max(0, h.memory_free_mib) for h in loads if h.name != failed.name)
+                return (
+                    f"the HA VMs of {failed.name} ({need} MiB) could not all restart on the other hosts "
+                    f"if it failed ({free} MiB free there; {req.name} would not fit)"
+                )
+    return None
+
+
+class HaManager:
+    def __init__(self, vms: VMService, times: HaTimes, clock: Any = time.monotonic) -> None:
+        self.vms = vms
+        self.times = times
+        self.clock = clock
+        self.gone_since: dict[str, float] = {}  # host -> when this control plane first saw it without lease
+        self._reset_at: dict[str, float] = {}
+        self._tried_at: dict[str, float] = {}
+        self._waiting_note: dict[str, str] = {}
+
+    # -- admission ----------------------------------------------------------------------------
+
+    async def check_admission(self, rec: VMRecord, host: str) -> None:
+        """Refuse starting ``rec`` on ``host`` if the HA VMs of some host could no longer fail over."""
+        records = await self.vms._records()
+        if not rec.ha and not any(r.ha and r.state in ACTIVE_STATES for r in records):
+            return
+        loads = await self.vms.host_loads(exclude=rec.name)
+        target = next((h for h in loads if h.name == host), None)
+        if target is None:
+            return
+        target.add(rec.memory_mib, rec.vcpus, rec.anti_affinity)
+        placed: dict[str, list[scheduler.Request]] = {}
+        for r in records:
+            if r.ha and r.state in ACTIVE_STATES and r.name != rec.name and r.host:
+                placed.setdefault(r.host, []).append(scheduler.Request.of(r))
+        if rec.ha:
+            placed.setdefault(host, []).append(scheduler.Request.of(rec))
+        why = n_plus_one_violation(loads, placed, self.vms.vcpu_ratio)
+        if why is not None:
+            raise InsufficientResources(f"cannot start VM {rec.name!r}: HA keeps room for one host's failure: {why}")
+
+    # -- the tick -----------------------------------------------------------------------------
+
+    async def tick(self, runtimes: dict[str, dict[str, RuntimeInfo]]) -> None:
+        """One round: failed hosts, dead QEMUs, hung guests. ``runtimes``: what each up host reports."""
+        agents = self.vms.agents
+        records = await self.vms._records()
+        now = self.clock()
+        up = set(agents.names())
+        for host in {r.host for r in records if r.host} - up:
+            self.gone_since.setdefault(host, now)
+        for host in list(self.gone_since):
+            if host in up:
+                del self.gone_since[host]
+        due = {h for h, t in self.gone_since.items() if now - t >= self.times.fence_margin_s}
+        # A running VM is failed over only if its QEMU was launched HA-protected: only then did the guard fence it.
+        victims = [
+            r for r in records
+            if r.ha and r.ha_armed and r.job is None and r.host in due and r.state in ACTIVE_STATES
+        ]  # fmt: skip
+        victims += [
+            r for r in records
+            if r.ha and r.job is None and r.state == VMState.CRASHED and r.host in due
+        ]  # fmt: skip
+        if victims:
+            await self._fail_over(sorted(victims, key=lambda r: (-r.priority, r.name)))
+        for r in records:
+            if not r.ha or r.job is not None or r.host not in up:
+                continue
+            if r.state == VMState.CRASHED:
+                await self._restart_in_place(r)
+            elif r.state == VMState.RUNNING:
+                rt = runtimes.get(r.host or "", {}).get(r.name)
+                if rt is not None and rt.state == RuntimeState.RUNNING:
+                    await self._watch_heartbeat(r, rt)
+
+    async def _fail_over(self, victims: list[VMRecord]) -> None:
+        loads = await self.vms.host_loads()
+        placer = scheduler.Placer([h for h in loads if h.schedulable], self.vms.vcpu_ratio)
+        for rec in victims:
+            if self.clock() - self._tried_at.get(rec.name, -1e9) < RESTART_BACKOFF_S:
+                continue
+            failed = rec.host or "?"
+            if any(not d.shared for d in rec.disks):
+                self._note_once(rec, f"its disk is on the failed host {failed}; it restarts when {failed} returns")
+                continue
+            try:
+                target = placer.place(scheduler.Request.of(rec))
+            except InsufficientResources as e:
+                self._note_once(rec, f"no host can take it now: {e.message}")
+                continue
+            self._tried_at[rec.name] = self.clock()
+            await self._restart_elsewhere(rec, failed, target.name)
+
+    def _note_once(self, rec: VMRecord, why: str) -> None:
+        if self._waiting_note.get(rec.name) != why:
+            self._waiting_note[rec.name] = why
+            log.warning("HA cannot restart %s yet: %s", rec.name, why)
+
+    async def _restart_elsewhere(self, rec: VMRecord, failed: str, target: str) -> None:
+        """Claim the VM, note the failure and the fence, and start it on ``target``, as a job."""
+        vms = self.vms
+        job_id = f"ha-{int(time.time() * 1000):x}-{rec.name}"[:40]
+        down_since = time.time() - (self.clock() - self.gone_since.get(failed, self.clock())) - self.times.lease_ttl_s
+
+        def claim(r: VMRecord) -> VMRecord:
+            if r.job is not None or r.host != failed or (r.state not in ACTIVE_STATES and r.state != VMState.CRASHED):
+                raise StoreConflict(f"VM {r.name} changed meanwhile")
+            return r.model_copy(update={"job": job_id})
+
+        try:
+            await vms._update(rec.name, claim)
+        except (StoreConflict, NotFound):
+            return
+
+        async def run(ctx: Any) -> dict[str, Any]:
+            if rec.state != VMState.CRASHED:
+                await vms.ledger.record(rec.name, LedgerEvent.CRASHED, failed,
+                                        f"host {failed} failed: its cluster lease expired")  # fmt: skip
+            await vms.ledger.record(
+                rec.name, LedgerEvent.FENCED, failed,
+                f"host {failed}'s guard kills its HA VMs {self.times.fence_margin_s:g} s before its lease expires",
+            )  # fmt: skip
+            await ctx.progress(0.3, f"starting on {target}")
+            moved = await vms._set(rec.name, host=target, state=VMState.STOPPED, started_at=None)
+            try:
+                await vms._do_start(moved, LedgerEvent.RESTARTED, f"on {target} after host {failed} failed",
+                                    admit_ha=False)  # fmt: skip
+            except BaseException:
+                with contextlib.suppress(KasouError):
+                    await vms._set(rec.name, state=VMState.CRASHED)
+                raise
+            down = time.time() - down_since
+            log.warning("HA restarted %s on %s (host %s failed; down about %.0f s)", rec.name, target, failed, down)
+            return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1)}
+
+        await vms._submit("ha-restart", rec.name, run, job_id)
+
+    async def _restart_in_place(self, rec: VMRecord) -> None:
+        """An HA VM whose QEMU died on a healthy host: start it there again."""
+        if self.clock() - self._tried_at.get(rec.name, -1e9) < RESTART_BACKOFF_S:
+            return
+        self._tried_at[rec.name] = self.clock()
+        vms = self.vms
+        job_id = f"ha-{int(time.time() * 1000):x}-{rec.name}"[:40]
+
+        def claim(r: VMRecord) -> VMRecord:
+            if r.job is not None or r.state != VMState.CRASHED or r.host != rec.host:
+                raise StoreConflict(f"VM {r.name} changed meanwhile")
+            return r.model_copy(update={"job": job_id})
+
+        try:
+            await vms._update(rec.name, claim)
+        except (StoreConflict, NotFound):
+            return
+
+        async def run(ctx: Any) -> dict[str, Any]:
+            await ctx.progress(0.3, f"starting on {rec.host}")
+            await vms._do_start(rec, LedgerEvent.RESTARTED, "its QEMU process had died", admit_ha=False)
+            return {"vm": rec.name, "host": rec.host}
+
+        await vms._submit("ha-restart", rec.name, run, job_id)
+
+    async def _watch_heartbeat(self, rec: VMRecord, rt: RuntimeInfo) -> None:
+        """Reset a guest that stopped sending heartbeats (it sent some before, so it is hung)."""
+        age = rt.heartbeat_age_s
+        if age is None or age < self.times.heartbeat_timeout_s:
+            return
+        if self.clock() - self._reset_at.get(rec.name, -1e9) < 2 * self.times.heartbeat_timeout_s:
+            return  # give the guest time to boot after the last reset
+        self._reset_at[rec.name] = self.clock()
+        try:
+            await self.vms.agents.get(rec.host).action(rec.name, "reset")
+        except KasouError as e:
+            log.warning("VM monitoring could not reset %s: %s", rec.name, e.message)
+            return
+        await self.vms.ledger.record(rec.name, LedgerEvent.CRASHED, rec.host,
+                                     f"guest hung: no heartbeat for {age:.0f} s")  # fmt: skip
+        await self.vms.ledger.record(rec.name, LedgerEvent.RESTARTED, rec.host, "reset by VM monitoring")

@@ -1,0 +1,162 @@
+"""The host guard: renewal, self-fencing of HA VMs only, quorum loss, rejoining after an expired lease."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kasou.agent import guard as guard_mod
+from kasou.agent.guard import HostGuard
+from kasou.config import HaTimes, Paths
+from kasou.errors import StoreError
+from kasou.hypervisor.qemu import process
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Store:
+    endpoints = ["http://e1", "http://e2", "http://e3"]
+
+    def __init__(self) -> None:
+        self.fail: str | None = None  # "network" or "expired"
+        self.leases = 0
+        self.kv: dict[str, Any] = {}
+
+    async def grant_lease(self, ttl: float) -> int:
+        if self.fail == "network":
+            raise StoreError("no etcd endpoint answered")
+        self.leases += 1
+        return self.leases
+
+    async def put(self, key: str, value: dict[str, Any], lease: int | None = None) -> int:
+        if self.fail == "network":
+            raise StoreError("no etcd endpoint answered")
+        self.kv[key] = (value, lease)
+        return 1
+
+    async def keepalive(self, lease: int) -> float:
+        if self.fail == "network":
+            raise StoreError("no etcd endpoint answered")
+        if self.fail == "expired":
+            raise StoreError("expired", lease=lease)
+        return 6.0
+
+
+def _vm(paths: Paths, name: str, ha: bool) -> subprocess.Popen[bytes]:
+    d = paths.vm_run / name
+    d.mkdir(parents=True)
+    (d / "launch.json").write_text(json.dumps({"spec": {"name": name, "ha": ha}}))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"guest={name}"])
+    (d / "qemu.pid").write_text(str(proc.pid))
+    return proc
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[HostGuard, Store, Clock, dict[str, subprocess.Popen[bytes]]]]:
+    paths = Paths(home=tmp_path / "home", images=tmp_path / "images")
+    paths.ensure()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    store, clock = Store(), Clock()
+    g = HostGuard(store, "h1", paths, HaTimes(6, 2), lambda: {"agent_url": "http://x"}, clock=clock)  # type: ignore[arg-type]
+    yield g, store, clock, procs
+    for p in procs.values():
+        p.kill()
+        p.wait()
+
+
+async def join(g: HostGuard, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """The host joins the cluster, then runs an HA VM (emr) and one without HA (diet)."""
+    await g.renew_once()
+    procs["emr"] = _vm(g.paths, "emr", True)
+    procs["diet"] = _vm(g.paths, "diet", False)
+
+
+def _alive(p: subprocess.Popen[bytes]) -> bool:
+    p.poll()
+    return process.alive(p.pid)
+
+
+async def test_renewed_lease_fences_nothing(setup: Any) -> None:
+    g, store, clock, procs = setup
+    await join(g, procs)
+    assert store.kv["hosts/h1"][1] == 1
+    for _ in range(10):
+        clock.t += 1
+        await g.renew_once()
+        assert g.check() == []
+    assert _alive(procs["emr"]) and _alive(procs["diet"])
+
+
+async def test_no_renewal_for_ttl_minus_margin_kills_only_ha_vms(setup: Any, monkeypatch: Any) -> None:
+    g, store, clock, procs = setup
+
+    async def reachable(endpoint: str) -> str:
+        return "unknown"  # a member that may well have a leader: this host is cut off
+
+    monkeypatch.setattr(guard_mod, "probe_member", reachable)
+    await join(g, procs)
+    store.fail = "network"
+    clock.t += 3.9
+    await g.renew_once()
+    assert g.check() == []  # 3.9 s < 6 - 2
+    clock.t += 0.2
+    assert g.check() == ["emr"]
+    assert not _alive(procs["emr"]) and _alive(procs["diet"])
+    assert "could not renew" in json.loads((g.paths.vm_run / "emr" / "fenced.json").read_text())["reason"]
+
+
+async def test_quorum_lost_everywhere_holds_the_fence(setup: Any, monkeypatch: Any) -> None:
+    g, store, clock, procs = setup
+    answers = iter(["no-leader", "dead", "dead"] * 10)
+
+    async def no_quorum(endpoint: str) -> str:
+        return next(answers)
+
+    monkeypatch.setattr(guard_mod, "probe_member", no_quorum)
+    await join(g, procs)
+    store.fail = "network"
+    for _ in range(10):
+        clock.t += 1
+        await g.renew_once()
+        assert g.check() == []
+    assert _alive(procs["emr"])
+
+
+async def test_one_unknown_member_with_two_dead_still_holds_but_two_unknown_fence(setup: Any, monkeypatch: Any) -> None:
+    g, store, clock, procs = setup
+    answers = iter(["unknown", "unknown", "no-leader"] * 10)
+
+    async def cut_off(endpoint: str) -> str:
+        return next(answers)
+
+    monkeypatch.setattr(guard_mod, "probe_member", cut_off)
+    await join(g, procs)
+    store.fail = "network"
+    clock.t += 5
+    await g.renew_once()
+    assert g.check() == ["emr"]
+
+
+async def test_an_expired_lease_fences_before_rejoining(setup: Any) -> None:
+    g, store, clock, procs = setup
+    await join(g, procs)
+    store.fail = "expired"
+    clock.t += 1
+    await g.renew_once()  # the lease is gone for good
+    assert g.lease is None
+    store.fail = None
+    await g.renew_once()  # rejoin: kills first
+    assert not _alive(procs["emr"]) and _alive(procs["diet"])
+    assert g.lease == 2 and store.kv["hosts/h1"][1] == 2
