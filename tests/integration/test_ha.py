@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kasou.lab.watch import DoubleRunWatch, qemu_copies
 from tests.integration.test_cluster import KASOU, Lab
 
 pytestmark = pytest.mark.qemu
@@ -31,58 +31,6 @@ def lab(tiny_image: Path) -> Iterator[Lab]:
         yield Lab(lab_dir, env)
     finally:
         subprocess.run([*KASOU, "lab", "down"], env=env, capture_output=True, timeout=180)
-
-
-def _has_vcpus(pid: str) -> bool:
-    try:
-        return any((t / "comm").read_text().startswith("CPU ") for t in Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-
-
-def qemu_copies(names: list[str]) -> dict[str, int]:
-    """How many QEMUs of each VM run on this machine, in any namespace. Only a QEMU with vCPU
-    threads counts: while one daemonizes, its parent (same command line) has none."""
-    counts = dict.fromkeys(names, 0)
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if not args or b"qemu-system" not in args[0]:
-            continue
-        for a in args:
-            if a.startswith(b"guest="):
-                n = a[6:].split(b",")[0].decode()
-                if n in counts and _has_vcpus(pid):
-                    counts[n] += 1
-    return counts
-
-
-class DoubleRunWatch:
-    """Samples every VM's QEMU processes every 50 ms in the background; remembers any double run."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.doubles: list[dict[str, int]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            c = qemu_copies(self.names)
-            if any(v > 1 for v in c.values()):
-                self.doubles.append(c)
-
-    def __enter__(self) -> DoubleRunWatch:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(5)
 
 
 def place_on(lab: Lab, names: list[str], host: str, via: str) -> None:

@@ -1,0 +1,170 @@
+"""HA failover on a 3-host lab: the host of an HA guest is killed (power loss), again and again.
+
+For each kill: the time from the kill to the guest's readiness line on another
+host, split into detection (the control plane sees the host down: its lease
+expired), fence wait (until the restart job starts: the fence margin) and boot
+(QEMU start and the guest's boot, until ``KASOU-READY``). Every run also checks
+that no acknowledged write was lost (``recovered N`` >= the last ``seq N``
+before the kill) and that no two QEMUs of the guest ever ran at once.
+Default HA timeouts. Prints each run, then the medians and the worst.
+
+    .venv/bin/python bench/failover.py [--runs 10]
+"""
+
+# ruff: noqa: B023 - the lambdas are awaited at once, inside the loop
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import KASOU, READY, ensure_image, lab_env, median
+from kasou.api.client import Client
+from kasou.config import api_url
+from kasou.lab.watch import DoubleRunWatch
+
+VM = "emr"
+
+
+def serial(lab_dir: Path, host: str) -> list[str]:
+    try:
+        return (lab_dir / host / "home" / "log" / "serial" / f"{VM}.log").read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def count(lab_dir: Path, host: str, prefix: str) -> int:
+    return sum(1 for ln in serial(lab_dir, host) if ln.startswith(prefix))
+
+
+def last_value(lab_dir: Path, host: str, prefix: str) -> int:
+    vals = [int(ln.split()[1]) for ln in serial(lab_dir, host) if ln.startswith(prefix) and len(ln.split()) > 1]
+    return vals[-1] if vals else -1
+
+
+def wait(what: str, cond, timeout: float = 180, every: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the lab is taken down
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    ensure_image()
+    lab_dir = Path(tempfile.mkdtemp(prefix="kasou-bench-lab-", dir="/tmp"))
+    base = dict(os.environ, KASOU_LAB_DIR=str(lab_dir))
+    hosts = ["h1", "h2", "h3"]
+    rows: list[dict[str, float]] = []
+    lost = 0
+    doubles = 0
+    try:
+        subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=base, check=True, capture_output=True, timeout=180)
+
+        def client(via: str) -> Client:
+            env = lab_env(base, via)
+            return Client(api_url(env["KASOU_API"]), env["KASOU_TOKEN"], timeout=10)
+
+        def kasou(via: str, *a: str) -> str:
+            r = subprocess.run([*KASOU, *a], env=lab_env(base, via), capture_output=True, text=True, timeout=600)
+            if r.returncode != 0:
+                raise SystemExit(f"kasou {' '.join(a)}: {r.stderr.strip()}")
+            return r.stdout
+
+        kasou("h1", "vm", "create", VM, "--image", "tiny", "--shared", "--ha", "--start")
+        for i in range(args.runs):
+            leader = json.loads(kasou("h1", "cluster", "--json"))["leader"]
+            via = next(h for h in hosts if h != leader)
+            api = client(via)
+            vm = wait("the guest ready", lambda: (v := api.get(f"/v1/vms/{VM}"))["guest_ready"] and v)
+            victim = vm["host"]
+            if victim == leader:  # keep the control plane up: measure a host failure, not a takeover
+                target = next(h for h in hosts if h not in (leader,))
+                kasou(via, "vm", "migrate", VM, "--to", target)
+                victim = target
+                via = next(h for h in hosts if h not in (victim,))
+                api = client(via)
+            seq0 = last_value(lab_dir, victim, "seq ")
+            wait("fresh writes", lambda: last_value(lab_dir, victim, "seq ") >= seq0 + 3, timeout=60)
+            ready_before = {h: count(lab_dir, h, READY) for h in hosts}
+            with DoubleRunWatch([VM]) as watch:
+                t_kill = time.time()
+                subprocess.run([*KASOU, "lab", "kill", victim], env=base, check=True, capture_output=True, timeout=60)
+                last_seq = last_value(lab_dir, victim, "seq ")
+                t_detect = t_restart = None
+                new_host = None
+                deadline = time.monotonic() + 180
+                while time.monotonic() < deadline:
+                    now = time.time()
+                    if t_detect is None:
+                        hs = {h["name"]: h["state"] for h in api.get("/v1/hosts")}
+                        if hs.get(victim) == "down":
+                            t_detect = now
+                    if t_restart is None:
+                        jobs = [j for j in api.get("/v1/jobs", params={"vm": VM}) if j["kind"] == "ha-restart"]
+                        fresh = [j for j in jobs if (j.get("started_at") or 0) > t_kill]
+                        if fresh:
+                            t_restart = fresh[-1]["started_at"]
+                    if new_host is None:
+                        h = api.get(f"/v1/vms/{VM}")["host"]
+                        new_host = h if h != victim else None
+                    if new_host is not None and count(lab_dir, new_host, READY) > ready_before[new_host]:
+                        t_ready = time.time()
+                        break
+                    time.sleep(0.02)
+                else:
+                    raise SystemExit("the guest did not come back within 180 s")
+            assert new_host is not None
+            t_detect = t_detect or t_restart or t_ready
+            t_restart = t_restart or t_ready
+            recovered = wait("the recovered line", lambda: last_value(lab_dir, new_host, "recovered ") + 1) - 1
+            ok = recovered >= last_seq
+            lost += not ok
+            doubles += len(watch.doubles)
+            row = {
+                "total": t_ready - t_kill,
+                "detect": t_detect - t_kill,
+                "fence_wait": t_restart - t_detect,
+                "boot": t_ready - t_restart,
+            }
+            rows.append(row)
+            print(
+                f"run {i + 1:2}: {victim} killed -> {new_host}: ready after {row['total']:5.1f} s "
+                f"(detect {row['detect']:4.1f}, fence wait {row['fence_wait']:4.1f}, boot {row['boot']:4.1f}); "
+                f"last seq {last_seq}, recovered {recovered}{'' if ok else '  LOST WRITES'}; "
+                f"double runs seen: {len(watch.doubles)} in {watch.samples} samples",
+                flush=True,
+            )
+            subprocess.run([*KASOU, "lab", "revive", victim], env=base, check=True, capture_output=True, timeout=180)
+            wait(f"{victim} up", lambda: any(h["name"] == victim and h["state"] == "up" for h in api.get("/v1/hosts")))
+        totals = [r["total"] for r in rows]
+        print(
+            f"\nfailover, {len(rows)} host kills (default HA timeouts): median {median(totals):.1f} s, "
+            f"worst {max(totals):.1f} s; medians: detect {median([r['detect'] for r in rows]):.1f} s, "
+            f"fence wait {median([r['fence_wait'] for r in rows]):.1f} s, boot {median([r['boot'] for r in rows]):.1f} s"
+        )
+        print(f"lost writes: {lost} runs; double runs: {doubles} samples")
+    finally:
+        subprocess.run([*KASOU, "lab", "down"], env=base, capture_output=True, timeout=180)
+        shutil.rmtree(lab_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
