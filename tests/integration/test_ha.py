@@ -3,7 +3,9 @@ off, the control plane's host killed. No VM may ever run twice, and no acknowled
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -151,3 +153,85 @@ def test_leader_host_killed_the_new_leader_restarts_its_vms(lab: Lab) -> None:
     finally:
         revive(lab, leader)
     delete_all(lab, ["billing"], via)
+
+
+def _etcd_pids(lab: Lab) -> list[int]:
+    out = subprocess.run([*KASOU, "lab", "status", "--json"], env=lab.base_env, capture_output=True, text=True)
+    return [int(m["pid"]) for m in json.loads(out.stdout)["etcd"] if m.get("alive")]
+
+
+def test_etcd_losing_one_member_changes_nothing_losing_quorum_stops_changes_not_vms(lab: Lab) -> None:
+    victim, via = non_leader(lab)
+    place_on(lab, ["ehr"], victim, via)
+    pids = _etcd_pids(lab)
+    assert len(pids) == 3
+    os.kill(pids[0], signal.SIGKILL)
+    try:
+        lab.run("vm", "create", "probe1", "--image", "tiny", host=via)  # one member down: business as usual
+        assert all(h["state"] == "up" for h in lab.json("host", "list", host=via))
+        lab.run("vm", "delete", "probe1", host=via)
+        with DoubleRunWatch(["ehr"]) as watch:
+            os.kill(pids[1], signal.SIGKILL)  # two of three: no quorum
+            r = lab.run("vm", "create", "probe2", "--image", "tiny", host=via, check=False, timeout=120)
+            assert r.returncode != 0  # changes stop ...
+            time.sleep(15)  # ... for longer than the lease TTL plus both margins
+            assert qemu_copies(["ehr"]) == {"ehr": 1}  # ... but the VM was not fenced
+    finally:
+        subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=lab.base_env, capture_output=True, timeout=180)
+    assert watch.doubles == []
+    lab.wait("the cluster answering again", lambda: lab.run("cluster", host=via, check=False).returncode == 0)
+    v = lab.vm("ehr", host=via)
+    assert v["state"] == "running" and v["host"] == victim
+    events = [e["event"] for e in lab.json("vm", "history", "ehr", host=via)]
+    assert "crashed" not in events and "fenced" not in events, events
+    lab.run("vm", "delete", "probe2", "--force", host=via, check=False)
+    delete_all(lab, ["ehr"], via)
+
+
+BUSY = "while :; do :; done &\n"
+
+
+def _serial_socket(lab: Lab, vm: str) -> Path:
+    for root in (Path("/run/kasou"), lab.dir):
+        found = next(root.rglob(f"{vm}/serial.sock"), None) if root.exists() else None
+        if found is not None:
+            return found
+    raise AssertionError(f"no serial socket of {vm}")
+
+
+def _type(sock: Path, text: str) -> None:
+    import socket as so
+
+    with so.socket(so.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(text.encode())
+        time.sleep(0.3)
+
+
+@pytest.mark.scenario
+def test_saturated_cpus_cause_no_false_failover(lab: Lab) -> None:
+    """Both cores busy with spinning guests for 3 minutes: no host is declared failed, nothing is fenced."""
+    names = [f"busy{i}" for i in range(6)] + ["ha1", "ha2", "ha3"]
+    via = "h1"
+    for n in names:
+        lab.run("vm", "create", n, "--image", "tiny", "--shared", "--ha", "--start", host=via)
+    for n in names:
+        lab.ready(n, host=via)
+    for n in names[:6]:
+        _type(_serial_socket(lab, n), BUSY)
+    down_seen: list[tuple[float, str]] = []
+    t_end = time.monotonic() + 180
+    with DoubleRunWatch(names) as watch:
+        while time.monotonic() < t_end:
+            r = lab.run("host", "list", "--json", host=via, check=False, timeout=60)
+            if r.returncode == 0:
+                down_seen += [(time.monotonic(), h["name"]) for h in json.loads(r.stdout) if h["state"] == "down"]
+            time.sleep(2)
+    load = Path("/proc/loadavg").read_text().split()[0]
+    assert down_seen == [], f"hosts seen down under load (load {load}): {down_seen}"
+    assert watch.doubles == []
+    for n in names:
+        events = [e["event"] for e in lab.json("vm", "history", n, host=via)]
+        assert events[-1] == "started" and "fenced" not in events, (n, events)
+    delete_all(lab, names, via)

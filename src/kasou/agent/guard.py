@@ -238,7 +238,7 @@ class HostGuard:
             log.warning("host %s: lease renewal failed: %s", self.host, e.message)
             if await self.quorum_lost_everywhere():
                 with self._lock:
-                    self._hold_until = self.clock() + 2 * self.times.renew_every_s + PROBE_TIMEOUT_S
+                    self._hold_until = self.clock() + 2 * self.times.renew_every_s + 2 * PROBE_TIMEOUT_S
 
     async def quorum_lost_everywhere(self) -> bool:
         """True only if fewer than a quorum of etcd members could be part of a working cluster."""
