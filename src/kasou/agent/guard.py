@@ -147,6 +147,7 @@ class HostGuard:
         self._hold_until = 0.0  # quorum is lost everywhere: do not fence before this
         self._stop = threading.Event()
         self.fences = 0
+        self.watchdog: Watchdog | None = None
         self._published: dict[str, Any] | None = None
 
     # -- the fence thread ---------------------------------------------------------------------
@@ -170,6 +171,8 @@ class HostGuard:
         while not self._stop.wait(CHECK_EVERY_S):
             try:
                 self.check()
+                if self.watchdog is not None:
+                    self.watchdog.feed()
             except Exception:  # the fence must outlive any surprise
                 log.exception("fence check failed")
 
@@ -305,6 +308,25 @@ def _refused(e: BaseException) -> bool:
     return False
 
 
+class Watchdog:
+    """The kernel's watchdog device (``KASOU_HA_WATCHDOG``, e.g. /dev/watchdog with softdog), fed by the guard.
+
+    It closes the one gap self-fencing has: the guard *and* the agent dead while QEMUs run. If the
+    guard stops feeding, the kernel reboots the host after ``timeout_s`` (set to TTL minus margin),
+    before the lease can expire, as Proxmox's watchdog-mux does.
+    """
+
+    WDIOC_SETTIMEOUT = 0xC0045706
+
+    def __init__(self, device: str, timeout_s: float) -> None:
+        self.fd = os.open(device, os.O_WRONLY)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.fd, self.WDIOC_SETTIMEOUT, int(max(1, timeout_s)).to_bytes(4, "little"))
+
+    def feed(self) -> None:
+        os.write(self.fd, b"\0")
+
+
 # -- one guard per host ------------------------------------------------------------------------------
 
 
@@ -353,6 +375,10 @@ def run_guard(paths: Paths, host: str, endpoints: list[str], times: HaTimes) -> 
     async def main() -> None:
         store = EtcdStore(endpoints, timeout=times.renew_every_s)
         guard = HostGuard(store, host, paths, times, record)
+        device = os.environ.get("KASOU_HA_WATCHDOG", "").strip()
+        if device:
+            guard.watchdog = Watchdog(device, times.fence_after_s)
+            log.info("feeding the watchdog %s (timeout %g s)", device, times.fence_after_s)
         try:
             await guard.run()
         finally:
