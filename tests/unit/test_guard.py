@@ -160,3 +160,26 @@ async def test_an_expired_lease_fences_before_rejoining(setup: Any) -> None:
     await g.renew_once()  # rejoin: kills first
     assert not _alive(procs["emr"]) and _alive(procs["diet"])
     assert g.lease == 2 and store.kv["hosts/h1"][1] == 2
+
+
+async def test_after_quorum_returns_the_guard_has_ttl_minus_margin_from_the_last_proof(
+    setup: Any, monkeypatch: Any
+) -> None:
+    g, store, clock, procs = setup
+    answers = ["no-leader", "dead", "dead"]
+
+    async def probe(endpoint: str) -> str:
+        return answers[Store.endpoints.index(endpoint)]
+
+    monkeypatch.setattr(guard_mod, "probe_member", probe)
+    await join(g, procs)
+    store.fail = "network"
+    clock.t += 20
+    await g.renew_once()  # no quorum anywhere: proof at t
+    proof = clock.t
+    answers[:] = ["unknown", "unknown", "unknown"]  # members restarting: nothing is known
+    clock.t = proof + 3.9
+    await g.renew_once()
+    assert g.check() == []
+    clock.t = proof + 4.1
+    assert g.check() == ["emr"]

@@ -19,8 +19,11 @@ the fence.
 Quorum loss is not isolation: when no etcd member can have a leader (every
 member either answers "no leader" or refuses connections, so fewer than a quorum
 are unaccounted for), no lease can expire and nobody can restart anything, so
-the guard holds its fence: losing quorum stops changes, not VMs. When a leader
-is elected again etcd extends every lease by its TTL, and renewal resumes.
+the guard holds its fence: losing quorum stops changes, not VMs. A probe that
+proves it counts as a renewal sent when the probe was: a leader elected after it
+extends every lease by its TTL (etcd's lessor ``Promote``; this assumes lease
+checkpointing is off, etcd 3.4's default), so the guard again has TTL minus
+margin to renew before it fences.
 """
 
 from __future__ import annotations
@@ -144,7 +147,6 @@ class HostGuard:
         self.lease: int | None = None
         self._lock = threading.Lock()
         self._deadline: float | None = None  # fence after this (monotonic); None: no lease held
-        self._hold_until = 0.0  # quorum is lost everywhere: do not fence before this
         self._stop = threading.Event()
         self.fences = 0
         self.watchdog: Watchdog | None = None
@@ -154,8 +156,7 @@ class HostGuard:
 
     def _should_fence(self, now: float) -> bool:
         with self._lock:
-            lapsed = self._deadline is None or now > self._deadline
-            return lapsed and now > self._hold_until
+            return self._deadline is None or now > self._deadline
 
     def check(self) -> list[str]:
         """One look at the deadline: fence if it has passed. The thread calls this every 0.1 s."""
@@ -180,7 +181,8 @@ class HostGuard:
 
     def _arm(self, sent_at: float) -> None:
         with self._lock:
-            self._deadline = sent_at + self.times.fence_after_s
+            deadline = sent_at + self.times.fence_after_s
+            self._deadline = deadline if self._deadline is None else max(self._deadline, deadline)
 
     def _disarm(self) -> None:
         with self._lock:
@@ -229,19 +231,18 @@ class HostGuard:
             current = self.record()
             if current != self._published:  # the agent's address or offer changed
                 await self._publish(current)
-            with self._lock:
-                self._hold_until = 0.0
         except KasouError as e:
             if e.details.get("lease") is not None:  # the lease is gone for good: fence, rejoin
                 log.error("host %s: %s", self.host, e.message)
                 self.lease = None
-                with self._lock:
-                    self._hold_until = 0.0
+                self._disarm()  # the fence thread kills the HA VMs at once
                 return
             log.warning("host %s: lease renewal failed: %s", self.host, e.message)
+            proof_at = self.clock()
             if await self.quorum_lost_everywhere():
-                with self._lock:
-                    self._hold_until = self.clock() + 2 * self.times.renew_every_s + 2 * PROBE_TIMEOUT_S
+                # No leader could exist when the probe was sent, so any leader comes later, and a new
+                # leader extends every lease by its TTL: the proof counts as a renewal sent then.
+                self._arm(proof_at)
 
     async def quorum_lost_everywhere(self) -> bool:
         """True only if fewer than a quorum of etcd members could be part of a working cluster."""
