@@ -43,8 +43,20 @@ def serial(lab_dir: Path, host: str) -> list[str]:
         return []
 
 
-def count(lab_dir: Path, host: str, prefix: str) -> int:
-    return sum(1 for ln in serial(lab_dir, host) if ln.startswith(prefix))
+def log_size(lab_dir: Path, host: str) -> int:
+    try:
+        return (lab_dir / host / "home" / "log" / "serial" / f"{VM}.log").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def new_text(lab_dir: Path, host: str, offset: int) -> str:
+    """What the guest printed on ``host`` since the log had ``offset`` bytes (QEMU truncates it at start)."""
+    try:
+        data = (lab_dir / host / "home" / "log" / "serial" / f"{VM}.log").read_bytes()
+    except FileNotFoundError:
+        return ""
+    return data[offset if len(data) >= offset else 0 :].decode(errors="replace")
 
 
 def last_value(lab_dir: Path, host: str, prefix: str) -> int:
@@ -99,7 +111,7 @@ def main() -> None:
                 kasou(leader, "vm", "migrate", VM, "--to", victim)
             seq0 = last_value(lab_dir, victim, "seq ")
             wait("fresh writes", lambda: last_value(lab_dir, victim, "seq ") >= seq0 + 3, timeout=60)
-            ready_before = {h: count(lab_dir, h, READY) for h in hosts}
+            sizes = {h: log_size(lab_dir, h) for h in hosts}
             with DoubleRunWatch([VM]) as watch:
                 t_kill = time.time()
                 subprocess.run([*KASOU, "lab", "kill", victim], env=base, check=True, capture_output=True, timeout=60)
@@ -121,7 +133,7 @@ def main() -> None:
                     if new_host is None:
                         h = api.get(f"/v1/vms/{VM}")["host"]
                         new_host = h if h != victim else None
-                    if new_host is not None and count(lab_dir, new_host, READY) > ready_before[new_host]:
+                    if new_host is not None and READY in new_text(lab_dir, new_host, sizes[new_host]):
                         t_ready = time.time()
                         break
                     time.sleep(0.02)
@@ -130,7 +142,10 @@ def main() -> None:
             assert new_host is not None
             t_detect = t_detect or t_restart or t_ready
             t_restart = t_restart or t_ready
-            recovered = wait("the recovered line", lambda: last_value(lab_dir, new_host, "recovered ") + 1) - 1
+            rec_lines = [
+                ln for ln in new_text(lab_dir, new_host, sizes[new_host]).splitlines() if ln.startswith("recovered ")
+            ]
+            recovered = int(rec_lines[-1].split()[1]) if rec_lines else -1
             ok = recovered >= last_seq
             lost += not ok
             doubles += len(watch.doubles)
