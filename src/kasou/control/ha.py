@@ -170,7 +170,8 @@ class HaManager:
         """Claim the VM, note the failure and the fence, and start it on ``target``, as a job."""
         vms = self.vms
         job_id = f"ha-{int(time.time() * 1000):x}-{rec.name}"[:40]
-        down_since = time.time() - (self.clock() - self.gone_since.get(failed, self.clock())) - self.times.lease_ttl_s
+        detected_at = time.time() - (self.clock() - self.gone_since.get(failed, self.clock()))
+        down_since = detected_at - self.times.lease_ttl_s  # about when the host stopped renewing
 
         def claim(r: VMRecord) -> VMRecord:
             if r.job is not None or r.host != failed or (r.state not in ACTIVE_STATES and r.state != VMState.CRASHED):
@@ -201,7 +202,7 @@ class HaManager:
                 raise
             down = time.time() - down_since
             log.warning("HA restarted %s on %s (host %s failed; down about %.0f s)", rec.name, target, failed, down)
-            return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1)}
+            return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1), "detected_at": detected_at}
 
         await vms._submit("ha-restart", rec.name, run, job_id)
 
