@@ -8,11 +8,15 @@ Modelled on Nova's virt driver boundary: the agent asks for VMs by name with a
 from __future__ import annotations
 
 import abc
+import builtins
+import re
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kasou.errors import HypervisorError, InvalidSpec
 from kasou.model.spec import NicSpec
 
 
@@ -133,6 +137,93 @@ class AbortRequest(BaseModel):
     force: bool = False
 
 
+# -- synchronous disk replication ("network RAID-1"; see kasou.hypervisor.qemu.replication) ---------
+
+ReplicaState = Literal["none", "syncing", "in_sync", "degraded"]
+
+#: A disk id that can name QEMU nodes and jobs (``repl-nbd-<id>``: QEMU allows 31 characters) and files.
+_DISK_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,21}$")
+
+
+def validate_disk_id(disk_id: str) -> str:
+    if not _DISK_ID_RE.match(disk_id):
+        raise InvalidSpec(
+            f"disk id {disk_id!r} must start with a letter and have at most 22 letters, digits, '-' or '_'",
+            field="disk_id",
+        )
+    return disk_id
+
+
+class ReplicaTarget(BaseModel):
+    """Where the replica of one disk is served: an NBD export on the replica's host (its agent made it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    disk_id: str
+    nbd_host: str
+    nbd_port: int = Field(gt=0, lt=65536)
+    export: str
+    path: str  # the replica file on the replica's host
+
+
+class ReplicaAttach(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/replicas``: mirror one disk of a running VM into a replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    disk_id: str
+    nbd_host: str
+    nbd_port: int = Field(gt=0, lt=65536)
+    export: str
+    timeout_s: float = Field(default=60.0, ge=0, le=86_400)  # wait this long for "in_sync"; 0: return at once
+
+
+class ReplicaStatus(BaseModel):
+    """The replication of one disk of a running VM, seen from the VM's host.
+
+    ``none``: no replica attached. ``syncing``: the first full copy is under way
+    (``progress`` 0..1). ``in_sync``: every guest write is acknowledged only once
+    both copies have it. ``degraded``: the replica was attached but is not kept in
+    sync any more (its host or daemon is gone, or it stopped answering); the guest
+    goes on writing to its local disk. A degraded replica stays so until detached;
+    the way back is detach, then attach to a fresh replica (a full copy).
+    """
+
+    disk_id: str
+    state: ReplicaState
+    progress: float = 0.0
+    nbd_host: str | None = None
+    nbd_port: int | None = None
+    export: str | None = None
+    since: float | None = None  # epoch seconds the replica was attached
+    error: str | None = None
+
+
+class ReplicaExports(abc.ABC):
+    """The replica side of replication on one host: replica files exported over NBD by a daemon.
+
+    The daemon outlives the agent (as QEMU does) and is found again from ``path``
+    alone. The agent (:mod:`kasou.agent.replicas`) owns the files and their records.
+    """
+
+    @abc.abstractmethod
+    async def start(self, path: Path, export: str, listen_host: str, writethrough: bool) -> int:
+        """Serve the image at ``path`` writable as NBD export ``export`` on a free port of ``listen_host``.
+
+        At most one client at a time; the image is locked so no other process opens
+        it. Returns the port. On failure nothing runs.
+        """
+
+    @abc.abstractmethod
+    def alive(self, path: Path) -> bool:
+        """True while a daemon serves ``path``."""
+
+    @abc.abstractmethod
+    async def stop(self, path: Path) -> None:
+        """End the daemon of ``path`` (bounded); nothing happens if none runs."""
+
+
 class Driver(abc.ABC):
     """A hypervisor backend. Every method is bounded in time and raises KasouError subclasses."""
 
@@ -243,6 +334,36 @@ class Driver(abc.ABC):
 
         Refused for a VM that already runs here; nothing happens for an unknown VM.
         """
+
+    # -- synchronous disk replication (optional: a driver without it refuses) -------------
+    #
+    #   replica host: agent POST /replicas -> replica_exports().start (an NBD export of an empty file)
+    #   VM's host:    attach_replica (mirror, write-blocking) ... replica_status ... detach_replica
+
+    async def attach_replica(
+        self, name: str, disk_id: str, nbd_host: str, nbd_port: int, export: str, timeout_s: float = 60.0
+    ) -> ReplicaStatus:
+        """Mirror disk ``disk_id`` of running VM ``name`` into an NBD export, for as long as the VM runs.
+
+        Every guest write is then acknowledged only once the replica has it too.
+        Waits (at most ``timeout_s``; 0: not at all) for the first full copy to
+        finish, i.e. ``in_sync``. On failure (or timeout) nothing is left attached.
+        The same target again is harmless; another target for an attached disk is
+        refused (detach first).
+        """
+        raise HypervisorError(f"{type(self).__name__} cannot replicate disks")
+
+    async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
+        """The replication state of every disk of running VM ``name``."""
+        raise HypervisorError(f"{type(self).__name__} cannot replicate disks")
+
+    async def detach_replica(self, name: str, disk_id: str) -> None:
+        """Stop mirroring the disk (bounded, also when the replica hangs); nothing happens if none is attached."""
+        raise HypervisorError(f"{type(self).__name__} cannot replicate disks")
+
+    def replica_exports(self) -> ReplicaExports | None:
+        """How this host serves replicas of other hosts' disks (None: it cannot)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

@@ -8,12 +8,15 @@ files and checks the pid really is that guest's QEMU. A VM whose process is
 gone without an exit record is reported as crashed.
 
 Live migration (both sides) is at the end of the class; its QMP steps and
-helpers are in :mod:`kasou.hypervisor.qemu.migration`.
+helpers are in :mod:`kasou.hypervisor.qemu.migration`. Disk replication (the
+VM's side, and the daemons serving replicas) is in
+:mod:`kasou.hypervisor.qemu.replication`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -42,11 +45,15 @@ from kasou.hypervisor.base import (
     LaunchSpec,
     MigrationStatus,
     MigrationStorage,
+    ReplicaExports,
+    ReplicaStatus,
     RuntimeInfo,
     RuntimeState,
 )
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
+from kasou.hypervisor.qemu import replication as repl
+from kasou.hypervisor.qemu import runfiles as rf
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
 from kasou.hypervisor.qemu.monitor import Monitor
 from kasou.hypervisor.qemu.network import HostNetwork, tap_nics
@@ -122,6 +129,9 @@ class QemuDriver(Driver):
         self._reaper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._unplugging: set[asyncio.Task[None]] = set()
+        self._replica_exports = repl.QsdExports()
+        self._replica_watch = repl.StallWatch()
+        self._replica_guard: asyncio.Task[None] | None = None
 
     # -- files -----------------------------------------------------------------------
 
@@ -153,24 +163,26 @@ class QemuDriver(Driver):
             if not (d / "launch.json").exists() or d.name in self._vms:
                 continue
             files = self._files(d.name)
-            pid = _read_pid(files.pidfile)
-            launched = _launch_spec(files)
+            pid = rf.read_pid(files.pidfile)
+            launched = rf.launch_spec(files)
             taps = [n.id for n in tap_nics(launched.nics)] if launched is not None else []
             if pid is not None and process.is_guest(pid, d.name):
-                vm = _Vm(d.name, files, pid, process.started_at(pid), _launch_accel(files), taps=taps)
+                vm = _Vm(d.name, files, pid, process.started_at(pid), rf.launch_accel(files), taps=taps)
                 self._vms[d.name] = vm
                 try:
                     await self._monitor(vm)
                     status = await vm.monitor.execute("query-status") if vm.monitor else {}
-                    vm.state = _state_of(status)
+                    vm.state = rf.state_of(status)
                 except KasouError as e:
                     log.warning("VM %s runs but its monitor does not answer: %s", d.name, e)
                 self._restore_migration(vm)
                 self._start_heartbeat(vm)
+                if repl.load(files.dir):
+                    self._ensure_replica_guard()
                 found.append(d.name)
             else:
-                state, reason = _read_exit(files)
-                vm = _Vm(d.name, files, pid or 0, None, _launch_accel(files))
+                state, reason = rf.read_exit(files)
+                vm = _Vm(d.name, files, pid or 0, None, rf.launch_accel(files))
                 vm.state = state or RuntimeState.CRASHED
                 vm.exit_reason = reason or "its process ended while the agent was away"
                 saved = mig.load(files.migration)
@@ -195,7 +207,7 @@ class QemuDriver(Driver):
         current = self._vms.get(name)
         if current is not None and current.state in _ACTIVE and process.alive(current.pid):
             raise Conflict(f"VM {name!r} already runs on this host (pid {current.pid})")
-        stray = _read_pid(self._files(name).pidfile)
+        stray = rf.read_pid(self._files(name).pidfile)
         if stray is not None and process.is_guest(stray, name):
             raise Conflict(f"VM {name!r} already runs on this host (pid {stray})")
 
@@ -250,7 +262,7 @@ class QemuDriver(Driver):
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            stray = _read_pid(files.pidfile)
+            stray = rf.read_pid(files.pidfile)
             if stray is not None:
                 await process.kill_hard(stray)
             raise QemuStartError(f"QEMU for VM {name!r} did not start within {START_TIMEOUT:.0f} s") from None
@@ -259,7 +271,7 @@ class QemuDriver(Driver):
             why = lines[-1] if lines else f"exit status {proc.returncode}"
             why = why.split(": ", 1)[1] if why.startswith(argv[0]) and ": " in why else why
             raise QemuStartError(f"QEMU refused to start VM {name!r}: {why}")
-        pid = _read_pid(files.pidfile)
+        pid = rf.read_pid(files.pidfile)
         if pid is None or not process.alive(pid):
             raise QemuStartError(f"QEMU for VM {name!r} exited right after starting")
         return pid
@@ -330,7 +342,7 @@ class QemuDriver(Driver):
             await asyncio.sleep(0.25)
 
     def _mark_gone(self, vm: _Vm) -> None:
-        reason = vm.exit_reason or _read_exit(vm.files)[1]
+        reason = vm.exit_reason or rf.read_exit(vm.files)[1]
         if vm.expect_exit or reason:
             vm.state = RuntimeState.EXITED
             vm.exit_reason = reason or "stopped"
@@ -464,7 +476,7 @@ class QemuDriver(Driver):
                 raise Conflict(f"VM {name!r} still runs; stop it first")
             if vm is not None:
                 await self._detach(vm)
-            launched = _launch_spec(self._files(name))
+            launched = rf.launch_spec(self._files(name))
             taps = vm.taps if vm is not None else [n.id for n in tap_nics(launched.nics)] if launched else []
             await self._unplug(name, taps)
             self._vms.pop(name, None)
@@ -543,7 +555,7 @@ class QemuDriver(Driver):
                     self._save_migration(vm)
                 return info
             except BaseException:
-                _remove_disks(created)
+                rf.remove_disks(created)
                 raise
 
     async def migrate_out(
@@ -560,7 +572,9 @@ class QemuDriver(Driver):
             now = await execute("query-migrate")
             if mig.is_active(str(now.get("status", "none"))):
                 raise Conflict(f"VM {name!r} is already migrating")
-            spec = _launch_spec(vm.files)
+            if repl.load(vm.files.dir):
+                raise Conflict(f"VM {name!r} has a disk replica attached; detach it before migrating")
+            spec = rf.launch_spec(vm.files)
             disks = [d.id for d in spec.disks] if spec is not None and incoming.storage == "copy" else []
             if incoming.storage == "copy" and spec is None:
                 raise HypervisorError(f"the launch record of VM {name!r} is missing; cannot copy its disks")
@@ -728,11 +742,68 @@ class QemuDriver(Driver):
             await self._detach(vm)
             await self._unplug(name, vm.taps)
             self._vms.pop(name, None)
-            _remove_disks(vm.incoming.created if vm.incoming else [])
+            rf.remove_disks(vm.incoming.created if vm.incoming else [])
             shutil.rmtree(vm.files.dir, ignore_errors=True)
             vm.files.serial_log.unlink(missing_ok=True)
 
+    # -- disk replication (the QMP steps and the daemons are in replication.py) ----------------
+
+    async def attach_replica(
+        self, name: str, disk_id: str, nbd_host: str, nbd_port: int, export: str, timeout_s: float = 60.0
+    ) -> ReplicaStatus:
+        async with self._lock(name):
+            vm = self._running(name)
+            spec = rf.launch_spec(vm.files)
+            disks = spec.disks if spec is not None else []
+            await repl.attach(self._exec(vm), vm.pid, vm.files.dir, disks, disk_id, nbd_host, nbd_port, export)
+            self._ensure_replica_guard()
+        try:
+            if timeout_s > 0:
+                await repl.wait_in_sync(self._exec(vm), disk_id, timeout_s)
+        except BaseException:
+            with contextlib.suppress(KasouError):
+                await self.detach_replica(name, disk_id)
+            raise
+        return next(s for s in await self.replica_status(name) if s.disk_id == disk_id)
+
+    async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _GUEST:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        spec = rf.launch_spec(vm.files)
+        return await repl.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
+
+    async def detach_replica(self, name: str, disk_id: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None or vm.state not in _GUEST:
+                return  # its QEMU (and with it the mirror) is gone
+            await repl.detach(self._exec(vm), vm.pid, vm.files.dir, disk_id)
+            self._replica_watch.forget(name, disk_id)
+
+    def replica_exports(self) -> ReplicaExports:
+        return self._replica_exports
+
+    def _ensure_replica_guard(self) -> None:
+        if self._replica_guard is None or self._replica_guard.done():
+            self._replica_guard = asyncio.create_task(self._guard_replicas(), name="replica-guard")
+
+    async def _guard_replicas(self) -> None:
+        """Cut the connection of a replica that hangs, so the guest's writes go on (see replication.py)."""
+        while True:
+            await asyncio.sleep(repl.GUARD_PERIOD_S)
+            for vm in list(self._vms.values()):
+                if vm.state in _GUEST and (vm.files.dir / repl.RECORD).exists():
+                    try:
+                        await repl.guard(self._exec(vm), vm.name, vm.pid, vm.files.dir, self._replica_watch)
+                    except KasouError as e:
+                        log.warning("cannot watch the replicas of VM %s: %s", vm.name, e.message)
+
     async def close(self) -> None:
+        if self._replica_guard is not None:
+            self._replica_guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replica_guard
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -743,52 +814,6 @@ class QemuDriver(Driver):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _read_exit(files: RuntimeFiles) -> tuple[RuntimeState | None, str | None]:
-    """The exit record: (EXITED or CRASHED, reason), or (None, None) if there is none."""
-    try:
-        data = json.loads(files.exit.read_text())
-    except (FileNotFoundError, ValueError):
-        return None, None
-    state = RuntimeState.CRASHED if data.get("state") == "crashed" else RuntimeState.EXITED
-    return state, str(data.get("reason") or "exited")
-
-
-def _launch_accel(files: RuntimeFiles) -> str | None:
-    try:
-        return json.loads(files.launch.read_text()).get("accelerator")
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _remove_disks(paths: list[str]) -> None:
-    """Remove disk files made for an incoming migration, and their directory once it is empty."""
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            Path(path).parent.rmdir()
-
-
-def _launch_spec(files: RuntimeFiles) -> LaunchSpec | None:
-    try:
-        return LaunchSpec.model_validate(json.loads(files.launch.read_text())["spec"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return None
-
-
-def _state_of(status: Any) -> RuntimeState:
-    s = status.get("status") if isinstance(status, dict) else None
-    if s == "running":
-        return RuntimeState.RUNNING
-    return RuntimeState.PAUSED
 
 
 __all__ = ["MonitorError", "QemuDriver"]
