@@ -17,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 
 from kasou import __version__
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
+from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
 from kasou.errors import InvalidSpec, NotFound
 from kasou.hypervisor.base import (
@@ -27,6 +28,9 @@ from kasou.hypervisor.base import (
     LaunchSpec,
     MigrateRequest,
     MigrationStatus,
+    ReplicaAttach,
+    ReplicaStatus,
+    ReplicaTarget,
     RuntimeInfo,
     RuntimeState,
 )
@@ -189,6 +193,41 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.post("/agent/v1/vms/{name}/incoming/abort")
     async def abort_incoming(name: str) -> dict[str, bool]:
         await d.abort_incoming(name)
+        return {"ok": True}
+
+    # -- disk replication: this host keeps replicas of other hosts' disks ... -------------
+
+    replicas = Replicas(agent.disks.disks_dir, d.replica_exports(), agent.migration_address)
+
+    @app.post("/agent/v1/replicas")
+    async def create_replica(req: ReplicaCreate) -> ReplicaTarget:
+        return await replicas.create(req)
+
+    @app.get("/agent/v1/replicas")
+    async def list_replicas() -> list[ReplicaInfo]:
+        return await replicas.list()
+
+    @app.delete("/agent/v1/replicas/{vm}")
+    async def delete_replica(vm: str, keep_file: bool = False) -> ReplicaRemoval:
+        return await replicas.delete(vm, keep_file=keep_file)
+
+    @app.post("/agent/v1/replicas/{vm}/promote")
+    async def promote_replica(vm: str) -> ReplicaPromotion:
+        return await replicas.promote(vm)
+
+    # -- ... and mirrors its own VMs' disks into replicas on other hosts (see Driver) -----
+
+    @app.post("/agent/v1/vms/{name}/replicas")
+    async def attach_replica(name: str, req: ReplicaAttach) -> ReplicaStatus:
+        return await d.attach_replica(name, req.disk_id, req.nbd_host, req.nbd_port, req.export, req.timeout_s)
+
+    @app.get("/agent/v1/vms/{name}/replicas")
+    async def replica_status(name: str) -> list[ReplicaStatus]:
+        return await d.replica_status(name)
+
+    @app.delete("/agent/v1/vms/{name}/replicas/{disk_id}")
+    async def detach_replica(name: str, disk_id: str) -> dict[str, bool]:
+        await d.detach_replica(name, disk_id)
         return {"ok": True}
 
     @app.post("/agent/v1/disks")

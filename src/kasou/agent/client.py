@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import httpx
 
 from kasou.agent.hostinfo import HostInfo
+from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval
 from kasou.agent.storage import DiskCreate, DiskInfo
 from kasou.errors import AgentUnavailable, OperationTimeout
 from kasou.hypervisor.base import (
@@ -17,6 +19,9 @@ from kasou.hypervisor.base import (
     MigrateRequest,
     MigrationStatus,
     MigrationStorage,
+    ReplicaAttach,
+    ReplicaStatus,
+    ReplicaTarget,
     RuntimeInfo,
 )
 from kasou.wire import raise_for_response
@@ -124,6 +129,57 @@ class AgentClient:
 
     async def abort_incoming(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/incoming/abort", timeout=60)
+
+    # -- disk replication: the replica side (this host keeps a replica of another host's disk) --
+
+    async def create_replica(
+        self,
+        vm: str,
+        disk_id: str,
+        size_bytes: int,
+        listen_host: str | None = None,
+        writethrough: bool = False,
+    ) -> ReplicaTarget:
+        """Make an empty replica of ``size_bytes`` here and serve it over NBD (idempotent)."""
+        body = ReplicaCreate(
+            vm=vm, disk_id=disk_id, size_bytes=size_bytes, listen_host=listen_host, writethrough=writethrough
+        )
+        resp = await self._call("POST", "/replicas", timeout=180, json=body.model_dump())
+        return ReplicaTarget.model_validate(resp.json())
+
+    async def list_replicas(self) -> builtins.list[ReplicaInfo]:
+        return [ReplicaInfo.model_validate(x) for x in (await self._call("GET", "/replicas")).json()]
+
+    async def delete_replica(self, vm: str, keep_file: bool = False) -> ReplicaRemoval:
+        """Stop serving every replica of ``vm`` here and delete (or keep) their files; idempotent."""
+        resp = await self._call("DELETE", f"/replicas/{vm}", timeout=60, params={"keep_file": keep_file})
+        return ReplicaRemoval.model_validate(resp.json())
+
+    async def promote_replica(self, vm: str) -> ReplicaPromotion:
+        """Stop serving ``vm``'s replicas here; returns the files (by disk id) to start the VM from."""
+        resp = await self._call("POST", f"/replicas/{vm}/promote", timeout=60)
+        return ReplicaPromotion.model_validate(resp.json())
+
+    # -- disk replication: the VM's side (this host runs the VM and mirrors its disk) ----------
+
+    async def attach_replica(self, name: str, target: ReplicaTarget, timeout_s: float = 60.0) -> ReplicaStatus:
+        """Mirror the disk into ``target``; waits up to ``timeout_s`` (0: not at all) until in sync."""
+        body = ReplicaAttach(
+            disk_id=target.disk_id,
+            nbd_host=target.nbd_host,
+            nbd_port=target.nbd_port,
+            export=target.export,
+            timeout_s=timeout_s,
+        )
+        resp = await self._call("POST", f"/vms/{name}/replicas", timeout=timeout_s + 60, json=body.model_dump())
+        return ReplicaStatus.model_validate(resp.json())
+
+    async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
+        resp = await self._call("GET", f"/vms/{name}/replicas")
+        return [ReplicaStatus.model_validate(x) for x in resp.json()]
+
+    async def detach_replica(self, name: str, disk_id: str) -> None:
+        await self._call("DELETE", f"/vms/{name}/replicas/{disk_id}", timeout=60)
 
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())

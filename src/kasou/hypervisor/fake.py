@@ -9,15 +9,23 @@ source finds it there. A migration answers ``migration_polls`` status calls with
 ``mirroring``/``active`` and then ``completed``; ``fail_next_migration`` makes the
 next one fail. With copy storage the destination's disk files are really made
 (``qemu-img create``) and removed again by an abort.
+
+Disk replication works the same way: :class:`FakeExports` (the replica side,
+``replica_exports()``) registers each served replica file in the process, and
+``attach_replica`` finds it there. A replica is ``in_sync`` at once (or after
+``replica_sync_polls`` status calls saying ``syncing``); it turns ``degraded``
+when its export goes away (deleted, promoted, ``FakeExports.kill``) or when a
+test calls ``degrade_replica``.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,8 +44,11 @@ from kasou.hypervisor.base import (
     LaunchSpec,
     MigrationStatus,
     MigrationStorage,
+    ReplicaExports,
+    ReplicaStatus,
     RuntimeInfo,
     RuntimeState,
+    validate_disk_id,
 )
 
 _GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
@@ -61,6 +72,57 @@ class _In:
     arrived: RuntimeInfo | None = None  # the source's view when the migration completed
 
 
+@dataclass
+class _Served:
+    host: str
+    port: int
+    export: str
+    path: Path
+
+
+class FakeExports(ReplicaExports):
+    """Replica daemons of fake hosts: entries in a registry shared by the whole process."""
+
+    #: Served replicas: file path -> where.
+    served: ClassVar[dict[Path, _Served]] = {}
+    _next_port: ClassVar[int] = 20000
+
+    async def start(self, path: Path, export: str, listen_host: str, writethrough: bool) -> int:
+        if path in FakeExports.served:
+            raise Conflict(f"a replica daemon already serves {path}")
+        FakeExports._next_port += 1
+        FakeExports.served[path] = _Served(listen_host, FakeExports._next_port, export, path)
+        return FakeExports._next_port
+
+    def alive(self, path: Path) -> bool:
+        return path in FakeExports.served
+
+    async def stop(self, path: Path) -> None:
+        FakeExports.served.pop(path, None)
+
+    @staticmethod
+    def kill(path: Path) -> None:
+        """Test hook: the daemon of ``path`` dies (its VM's host sees the replica degraded)."""
+        FakeExports.served.pop(path, None)
+
+    @staticmethod
+    def find(host: str, port: int, export: str) -> _Served | None:
+        for s in FakeExports.served.values():
+            if (s.host, s.port, s.export) == (host, port, export):
+                return s
+        return None
+
+
+@dataclass
+class _Replica:
+    host: str
+    port: int
+    export: str
+    since: float = field(default_factory=time.time)
+    polls_left: int = 0
+    error: str | None = None
+
+
 class FakeDriver(Driver):
     #: Destinations waiting in this process: migration URI -> (driver, VM name).
     _listening: ClassVar[dict[str, tuple[FakeDriver, str]]] = {}
@@ -77,6 +139,9 @@ class FakeDriver(Driver):
         self.outgoing: dict[str, _Out] = {}
         self.incoming: dict[str, _In] = {}
         self._next_pid = 1000
+        self.replica_sync_polls = 0  # status calls answered "syncing" before "in_sync"
+        self.replicas: dict[str, dict[str, _Replica]] = {}  # VM -> disk id -> attached replica
+        self._exports = FakeExports()
 
     def crash(self, name: str) -> None:
         """Test hook: the VM's process dies by itself."""
@@ -106,6 +171,7 @@ class FakeDriver(Driver):
         )
         self.vms[spec.name] = info
         self.specs[spec.name] = spec
+        self.replicas.pop(spec.name, None)  # a new process mirrors nothing
         return info
 
     def _active(self, name: str) -> RuntimeInfo:
@@ -213,6 +279,8 @@ class FakeDriver(Driver):
         bandwidth_mib_s: int | None = None,
     ) -> None:
         info = self._active(name)
+        if self.replicas.get(name):
+            raise Conflict(f"VM {name!r} has a disk replica attached; detach it before migrating")
         if incoming.migration_uri not in FakeDriver._listening:
             raise HypervisorError(f"cannot connect to {incoming.migration_uri}: nobody waits there")
         status = "mirroring" if incoming.storage == "copy" else "active"
@@ -314,6 +382,65 @@ class FakeDriver(Driver):
         del self.incoming[name]
         self.vms.pop(name, None)
         self.specs.pop(name, None)
+
+    # -- disk replication ----------------------------------------------------------------
+
+    def degrade_replica(self, name: str, disk_id: str, error: str = "the replica stopped answering") -> None:
+        """Test hook: the replica of a disk is lost (its host died, say); the VM goes on running."""
+        self.replicas[name][disk_id].error = error
+
+    async def attach_replica(
+        self, name: str, disk_id: str, nbd_host: str, nbd_port: int, export: str, timeout_s: float = 60.0
+    ) -> ReplicaStatus:
+        self._active(name)
+        validate_disk_id(disk_id)
+        disk = next((d for d in self.specs[name].disks if d.id == disk_id), None)
+        if disk is None:
+            raise InvalidSpec(f"the VM has no disk {disk_id!r}", field="disk_id")
+        if disk.readonly:
+            raise InvalidSpec(f"disk {disk_id} is read-only; there is nothing to replicate", field="disk_id")
+        attached = self.replicas.setdefault(name, {})
+        cur = attached.get(disk_id)
+        if cur is not None and ((cur.host, cur.port, cur.export) != (nbd_host, nbd_port, export) or cur.error):
+            raise Conflict(f"disk {disk_id} already has a replica at {cur.host}:{cur.port}; detach it first")
+        if cur is None:
+            if FakeExports.find(nbd_host, nbd_port, export) is None:
+                raise HypervisorError(f"cannot reach the replica of disk {disk_id} at {nbd_host}:{nbd_port}")
+            polls = 0 if timeout_s > 0 else self.replica_sync_polls
+            attached[disk_id] = _Replica(nbd_host, nbd_port, export, polls_left=polls)
+        return next(s for s in await self.replica_status(name) if s.disk_id == disk_id)
+
+    async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
+        info = self.vms.get(name)
+        if info is None or info.state not in _GUEST:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        attached = self.replicas.get(name, {})
+        ids = [d.id for d in self.specs[name].disks]
+        out = []
+        for d in ids + sorted(set(attached) - set(ids)):
+            r = attached.get(d)
+            if r is None:
+                out.append(ReplicaStatus(disk_id=d, state="none"))
+                continue
+            if r.error is None and FakeExports.find(r.host, r.port, r.export) is None:
+                r.error = "a write to the replica failed: Input/output error"
+            st = ReplicaStatus(
+                disk_id=d, state="in_sync", progress=1.0, nbd_host=r.host, nbd_port=r.port, export=r.export
+            )
+            st.since = r.since
+            if r.error is not None:
+                st = st.model_copy(update={"state": "degraded", "progress": 0.0, "error": r.error})
+            elif r.polls_left > 0:
+                r.polls_left -= 1
+                st = st.model_copy(update={"state": "syncing", "progress": 0.5})
+            out.append(st)
+        return out
+
+    async def detach_replica(self, name: str, disk_id: str) -> None:
+        self.replicas.get(name, {}).pop(disk_id, None)
+
+    def replica_exports(self) -> ReplicaExports:
+        return self._exports
 
 
 def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:

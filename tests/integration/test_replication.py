@@ -1,0 +1,337 @@
+"""Synchronous disk replication with real QEMU, qemu-storage-daemon and the tiny guest, through the agents.
+
+Two "hosts" in one process, each a QemuDriver behind its own agent app (httpx
+ASGI transport): A runs the VM, B keeps the replica. Run under the machine's
+QEMU lock: ``flock /tmp/kasou-qemu.lock .venv/bin/pytest tests/integration/test_replication.py``.
+Every test kills its QEMUs and daemons by pid and removes its files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+
+from kasou.agent.app import Agent, create_agent_app
+from kasou.agent.client import AgentClient
+from kasou.agent.storage import LocalDisks
+from kasou.config import DEFAULT_IMAGES
+from kasou.errors import HypervisorError, InvalidSpec
+from kasou.hypervisor.base import LaunchDisk, LaunchSpec, ReplicaStatus, RuntimeState
+from kasou.hypervisor.qemu import replication as repl
+from kasou.hypervisor.qemu.driver import QemuDriver
+from tests.integration.conftest import pid_alive
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+
+NAME = "repl1"
+DISK_SIZE = 64 * 1024 * 1024
+T = TypeVar("T")
+
+
+@dataclass
+class Host:
+    name: str
+    root: Path
+    driver: QemuDriver
+    client: AgentClient
+
+    @property
+    def disks(self) -> Path:
+        return self.root / "disks"
+
+    def log(self) -> str:
+        p = self.root / "log" / f"{NAME}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def seqs(self) -> list[int]:
+        return seqs(self.log())
+
+
+def seqs(text: str) -> list[int]:
+    out = []
+    for ln in text.splitlines():
+        parts = ln.split()
+        if len(parts) == 2 and parts[0] == "seq" and parts[1].isdigit():
+            out.append(int(parts[1]))
+    return out
+
+
+def pids_under(root: Path) -> list[int]:
+    """QEMU and qemu-storage-daemon processes whose command line names ``root``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if (
+            args
+            and ("qemu-system" in args[0] or "qemu-storage-daemon" in args[0])
+            and any(str(root) in a for a in args)
+        ):
+            out.append(int(d.name))
+    return out
+
+
+async def wait_for(what: str, cond: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def make_host(root: Path, name: str, images: Path) -> Host:
+    driver = QemuDriver(root / "run", root / "log", images, "tcg")
+    agent = Agent(
+        host=name,
+        driver=driver,
+        disks=LocalDisks(root / "disks", images),
+        accelerator="tcg",
+        accelerator_reason="test",
+        qemu_version="7.2",
+        images=lambda: ["tiny"],
+        migration_address="127.0.0.1",
+    )
+    client = AgentClient(name, transport=httpx.ASGITransport(app=create_agent_app(agent)))
+    return Host(name, root, driver, client)
+
+
+@dataclass
+class Pair:
+    root: Path
+    a: Host
+    b: Host
+    image_disk: Path
+
+    def spec(self, disk: Path) -> LaunchSpec:
+        return LaunchSpec(
+            name=NAME,
+            uuid="5eb1a5e0-0000-4000-8000-0000000000a1",
+            vcpus=1,
+            memory_mib=128,
+            image="tiny",
+            disks=[LaunchDisk(id="disk0", path=str(disk), size_bytes=DISK_SIZE)],
+        )
+
+    async def restart_agent(self, which: str) -> Host:
+        """The agent of a host restarts: a new driver and app over the same files (QEMU and daemons stay)."""
+        old: Host = getattr(self, which)
+        await old.driver.close()
+        await old.client.close()
+        new = make_host(old.root, old.name, old.driver.images_dir)
+        await new.driver.attach_all()
+        setattr(self, which, new)
+        return new
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    if os.geteuid() != 0:
+        pytest.skip("real-QEMU tests run as root")
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon is not installed")
+    from kasou.image import load_image
+
+    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
+    try:
+        art = load_image(images, "tiny")
+    except Exception as e:
+        pytest.skip(f"the tiny image is not built: {e}")
+    root = Path(tempfile.mkdtemp(prefix="kasou-repl-", dir="/tmp"))  # short: unix socket paths
+    p = Pair(root, make_host(root / "a", "host-a", images), make_host(root / "b", "host-b", images), art.disk)
+    await p.a.driver.attach_all()
+    await p.b.driver.attach_all()
+    try:
+        yield p
+    finally:
+        for h in (p.a, p.b):
+            await h.driver.close()
+            await h.client.close()
+        pids = pids_under(root)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # a daemon a test stopped
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not any(pid_alive(x) for x in pids)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def boot(p: Pair) -> Path:
+    """The VM runs on A from its own disk and has written a few lines."""
+    disk = p.a.disks / NAME / "disk0.qcow2"
+    disk.parent.mkdir(parents=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(p.image_disk), str(disk)], check=True, timeout=60
+    )
+    await p.a.client.start(p.spec(disk))
+
+    async def writing() -> bool:
+        info = await p.a.client.info(NAME)
+        assert info.state == RuntimeState.RUNNING, info
+        return info.guest_ready and len(p.a.seqs()) >= 3
+
+    await wait_for("the guest on A to write", writing, 90)
+    return disk
+
+
+async def replicate(p: Pair) -> tuple[ReplicaStatus, Path]:
+    t = await p.b.client.create_replica(NAME, "disk0", DISK_SIZE)
+    t0 = time.monotonic()
+    st = await p.a.client.attach_replica(NAME, t, timeout_s=60)
+    print(f"\n[replication] in sync {time.monotonic() - t0:.2f} s after attach ({DISK_SIZE >> 20} MiB disk)")
+    assert st.state == "in_sync" and st.progress == 1.0 and st.error is None, st
+    return st, Path(t.path)
+
+
+async def writes_go_on(h: Host, more: int = 10, timeout: float = 30) -> None:
+    n = (h.seqs() or [0])[-1]
+
+    async def advanced() -> bool:
+        info = await h.client.info(NAME)
+        assert info.state == RuntimeState.RUNNING, info
+        return (h.seqs() or [0])[-1] >= n + more
+
+    await wait_for(f"the guest on {h.name} to write {more} more lines", advanced, timeout)
+
+
+def nbd_greets(port: int, wait: float = 1.5) -> bool:
+    """Whether the NBD server on ``port`` starts a handshake with a new client within ``wait`` s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.settimeout(wait)
+        try:
+            return s.recv(8) == b"NBDMAGIC"
+        except TimeoutError:
+            return False
+
+
+async def test_failover_to_the_replica(pair: Pair) -> None:
+    """Kill the VM's QEMU: the replica, promoted, boots with every write the guest saw acknowledged."""
+    p = pair
+    await boot(p)
+
+    # Attaching to a wrong export or a replica of another size fails and leaves nothing attached.
+    t = await p.b.client.create_replica(NAME, "disk0", 2 * DISK_SIZE)
+    with pytest.raises(HypervisorError):
+        await p.a.client.attach_replica(NAME, t.model_copy(update={"export": "nobody"}))
+    with pytest.raises(InvalidSpec):
+        await p.a.client.attach_replica(NAME, t)
+    assert [s.state for s in await p.a.client.replica_status(NAME)] == ["none"]
+    await p.b.client.delete_replica(NAME)
+
+    st, replica = await replicate(p)
+    assert [s.state for s in await p.a.client.replica_status(NAME)] == ["in_sync"]
+    assert st.nbd_port is not None
+
+    # The kernel drops QEMU's NBD connection if the replica's host stops acknowledging (10 s).
+    pid_a = (await p.a.client.info(NAME)).pid
+    assert pid_a is not None
+    [fd] = repl.socket_fds(pid_a, "127.0.0.1", st.nbd_port)
+    with repl._borrow(pid_a, fd) as conn:
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == repl.TCP_USER_TIMEOUT_MS
+
+    # The replica takes one writer, and its file is locked against any other process.
+    assert not nbd_greets(st.nbd_port)
+    r = subprocess.run(["qemu-img", "info", str(replica)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "lock" in r.stderr, r.stderr
+
+    await writes_go_on(p.a)
+    os.kill(pid_a, signal.SIGKILL)  # the VM's host dies
+    while pid_alive(pid_a):
+        await asyncio.sleep(0.01)
+    last = p.a.seqs()[-1]  # every "seq N" was printed after the guest's fsync returned
+
+    promoted = await p.b.client.promote_replica(NAME)
+    assert promoted.disks == {"disk0": str(replica)}
+    assert not [r for r in await p.b.client.list_replicas() if r.daemon_alive]
+    await p.b.client.start(p.spec(replica))
+
+    async def recovered() -> int | None:
+        for ln in p.b.log().splitlines():
+            if ln.startswith("recovered "):
+                return int(ln.split()[1])
+        return None
+
+    n = await wait_for("the guest on B to read its disk", recovered, 90)
+    print(f"[replication] last write acknowledged on A: {last}; recovered on B: {n}")
+    assert n >= last, f"the replica lost acknowledged writes: recovered {n} < {last}"
+    await writes_go_on(p.b, 3)
+    assert p.b.seqs()[0] == n + 1
+    await p.b.client.action(NAME, "stop")
+    assert (await p.b.client.delete_replica(NAME, keep_file=True)).kept == [str(replica)]
+
+
+async def test_degraded_rebuild_and_a_hung_replica(pair: Pair) -> None:
+    """The replica's daemon dies, then another hangs: the guest writes on; a rebuild brings it back in sync."""
+    p = pair
+    await boot(p)
+    _, replica = await replicate(p)
+
+    # Both agents restart: the daemon and the mirror go on, and are found again.
+    await p.restart_agent("a")
+    await p.restart_agent("b")
+    assert [s.state for s in await p.a.client.replica_status(NAME)] == ["in_sync"]
+    [listed] = await p.b.client.list_replicas()
+    assert listed.daemon_alive and listed.path == str(replica)
+
+    # 1. The daemon is killed: the job ends with the error, the guest never notices.
+    qsd = int(repl.QsdExports.pidfile(replica).read_text())
+    os.kill(qsd, signal.SIGKILL)
+
+    async def degraded() -> ReplicaStatus | None:
+        [s] = await p.a.client.replica_status(NAME)
+        return s if s.state == "degraded" else None
+
+    t0 = time.monotonic()
+    s = await wait_for("the replica to be reported degraded", degraded, 15)
+    print(f"[replication] daemon killed: degraded after {time.monotonic() - t0:.2f} s ({s.error})")
+    assert s.error and "Input/output error" in s.error
+    await writes_go_on(p.a)
+    assert not (await p.b.client.list_replicas())[0].daemon_alive
+
+    # 2. Rebuild: detach, a fresh replica, a full copy.
+    await p.a.client.detach_replica(NAME, "disk0")
+    assert [s.state for s in await p.a.client.replica_status(NAME)] == ["none"]
+    assert (await p.b.client.delete_replica(NAME)).removed == [str(replica)]
+    _, replica = await replicate(p)
+    await writes_go_on(p.a, 5)
+
+    # 3. The new daemon hangs (SIGSTOP: TCP still acknowledges, NBD never answers): guest writes
+    # block until the guard cuts the connection; then they go on and the replica is degraded.
+    qsd = int(repl.QsdExports.pidfile(replica).read_text())
+    os.kill(qsd, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        s = await wait_for("the guard to give up on the hung replica", degraded, repl.STALL_S + 15)
+        print(f"[replication] daemon hung: degraded after {time.monotonic() - t0:.2f} s ({s.error})")
+        assert s.error and "did not answer" in s.error
+        await writes_go_on(p.a)
+        await p.a.client.detach_replica(NAME, "disk0")
+    finally:
+        os.kill(qsd, signal.SIGCONT)
+    assert (await p.b.client.delete_replica(NAME)).removed == [str(replica)]
+    assert not pid_alive(qsd) and pids_under(p.root / "b") == []
+    assert [s.state for s in await p.a.client.replica_status(NAME)] == ["none"]
+    await writes_go_on(p.a, 3)
