@@ -168,7 +168,9 @@ def make_cluster(tmp_path: Path, hosts: list[str]) -> Iterator[Cluster]:
 
     async def factory() -> Services:
         svc = Services.build(
-            SqliteStore(tmp_path / "state.db"), Agents(clients), shutdown_timeout=2,
+            SqliteStore(tmp_path / "state.db"),
+            Agents(clients, records={h: {"disks_dir": str(tmp_path / h / "disks")} for h in hosts}),
+            shutdown_timeout=2,
             ha=HaTimes(lease_ttl_s=6, fence_margin_s=0.2, heartbeat_timeout_s=5),
         )  # fmt: skip
         holder["svc"] = svc

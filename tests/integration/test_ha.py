@@ -84,7 +84,7 @@ def revive(lab: Lab, host: str) -> None:
     subprocess.run([*KASOU, "lab", "revive", host], env=lab.base_env, capture_output=True, timeout=180)
     lab.wait(
         f"{host} up again",
-        lambda: any(h["name"] == host and h["state"] == "up" for h in lab.json("host", "list", host="h1")),
+        lambda: any(h["name"] == host and h["state"] == "up" for h in lab.json("host", "list", host=host)),
     )
 
 

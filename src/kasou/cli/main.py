@@ -304,6 +304,9 @@ def vm_create(
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     description: str = typer.Option("", "--description"),
     shared: bool = typer.Option(False, "--shared", help="Put the disk on the shared storage every host sees."),
+    replicated: bool = typer.Option(
+        False, "--replicated", help="Keep a synchronous copy of the disk on another host (network RAID-1)."
+    ),
     network: str = typer.Option("user", "--network", help="Network of its NIC (default: user, QEMU's NAT)."),
     anti_affinity: str = typer.Option(
         None, "--anti-affinity", help="Group whose VMs never run on one host (e.g. emr-db for the two EMR databases)."
@@ -322,7 +325,7 @@ def vm_create(
         "disk": disk,
         "start": start,
         "description": description,
-        "storage": "shared" if shared else "local",
+        "storage": "shared" if shared else ("replicated" if replicated else "local"),
         "network": network,
         "anti_affinity": anti_affinity,
         "ha": ha,
@@ -485,6 +488,10 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("template", v["template"] or "-"),
         ("HA", f"on, priority {v['priority']}" if v["ha"] else "off"),
         ("anti-affinity", v["anti_affinity"] or "-"),
+        (
+            "storage",
+            v["storage"] + (f" (replica on {v['replica']['host']}: {v['replica']['state']})" if v["replica"] else ""),
+        ),
         ("guest ready", "yes" if v["guest_ready"] else "no"),
         ("guest uptime", _uptime(v["uptime_s"])),
         ("accelerator", v["accelerator"] or "-"),

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 10.0  # between two attempts to restart one VM that failed to start
+HOST_CHECK_EVERY_S = 0.5  # how often the leader looks for hosts whose lease is gone
 
 
 def n_plus_one_violation(
@@ -110,10 +111,28 @@ class HaManager:
 
     # -- the tick -----------------------------------------------------------------------------
 
+    async def check_hosts(self) -> None:
+        """Failed hosts: note when each was first seen without its lease; fail over what is due.
+        Runs every ``HOST_CHECK_EVERY_S`` (faster than the reconciler: it bounds the detection time)."""
+        await self.vms.agents.refresh()
+        await self._check_hosts(await self.vms._records())
+
     async def tick(self, runtimes: dict[str, dict[str, RuntimeInfo]]) -> None:
-        """One round: failed hosts, dead QEMUs, hung guests. ``runtimes``: what each up host reports."""
-        agents = self.vms.agents
+        """One reconcile round: failed hosts, dead QEMUs, hung guests. ``runtimes``: what each up host reports."""
         records = await self.vms._records()
+        up = await self._check_hosts(records)
+        for r in records:
+            if not r.ha or r.job is not None or r.host not in up:
+                continue
+            if r.state == VMState.CRASHED:
+                await self._restart_in_place(r)
+            elif r.state == VMState.RUNNING:
+                rt = runtimes.get(r.host or "", {}).get(r.name)
+                if rt is not None and rt.state == RuntimeState.RUNNING:
+                    await self._watch_heartbeat(r, rt)
+
+    async def _check_hosts(self, records: list[VMRecord]) -> set[str]:
+        agents = self.vms.agents
         now = self.clock()
         up = set(agents.names())
         for host in {r.host for r in records if r.host} - up:
@@ -133,15 +152,7 @@ class HaManager:
         ]  # fmt: skip
         if victims:
             await self._fail_over(sorted(victims, key=lambda r: (-r.priority, r.name)))
-        for r in records:
-            if not r.ha or r.job is not None or r.host not in up:
-                continue
-            if r.state == VMState.CRASHED:
-                await self._restart_in_place(r)
-            elif r.state == VMState.RUNNING:
-                rt = runtimes.get(r.host or "", {}).get(r.name)
-                if rt is not None and rt.state == RuntimeState.RUNNING:
-                    await self._watch_heartbeat(r, rt)
+        return up
 
     async def _fail_over(self, victims: list[VMRecord]) -> None:
         loads = await self.vms.host_loads()
@@ -151,6 +162,13 @@ class HaManager:
                 continue
             failed = rec.host or "?"
             if any(not d.shared for d in rec.disks):
+                rep = rec.replica
+                if rec.replicated and rep is not None and rep.host != failed and self.vms.agents.is_up(rep.host):
+                    if rep.state != "in_sync":
+                        log.warning("HA: %s restarts from a replica that was %s", rec.name, rep.state)
+                    self._tried_at[rec.name] = self.clock()
+                    await self._restart_elsewhere(rec, failed, rep.host, promote=True)
+                    continue
                 self._note_once(rec, f"its disk is on the failed host {failed}; it restarts when {failed} returns")
                 continue
             try:
@@ -166,7 +184,7 @@ class HaManager:
             self._waiting_note[rec.name] = why
             log.warning("HA cannot restart %s yet: %s", rec.name, why)
 
-    async def _restart_elsewhere(self, rec: VMRecord, failed: str, target: str) -> None:
+    async def _restart_elsewhere(self, rec: VMRecord, failed: str, target: str, promote: bool = False) -> None:
         """Claim the VM, note the failure and the fence, and start it on ``target``, as a job."""
         vms = self.vms
         job_id = f"ha-{int(time.time() * 1000):x}-{rec.name}"[:40]
@@ -191,10 +209,19 @@ class HaManager:
                 rec.name, LedgerEvent.FENCED, failed,
                 f"host {failed}'s guard kills its HA VMs {self.times.fence_margin_s:g} s before its lease expires",
             )  # fmt: skip
+            changes: dict[str, Any] = {}
+            if promote:  # the replica's files become the VM's disks on the replica's host
+                await ctx.progress(0.2, f"promoting the disk replica on {target}")
+                paths = await vms.replication.promote(rec)
+                changes = {
+                    "disks": [d.model_copy(update={"path": paths.get(d.id, d.path)}) for d in rec.disks],
+                    "replica": None,
+                }
             await ctx.progress(0.3, f"starting on {target}")
-            moved = await vms._set(rec.name, host=target, state=VMState.STOPPED, started_at=None)
+            moved = await vms._set(rec.name, host=target, state=VMState.STOPPED, started_at=None, **changes)
+            how = " from its disk replica" if promote else ""
             try:
-                await vms._do_start(moved, LedgerEvent.RESTARTED, f"on {target} after host {failed} failed",
+                await vms._do_start(moved, LedgerEvent.RESTARTED, f"on {target}{how} after host {failed} failed",
                                     admit_ha=False)  # fmt: skip
             except BaseException:
                 with contextlib.suppress(KasouError):

@@ -156,6 +156,9 @@ class Migrations:
         bandwidth_mib_s: int | None = None,
     ) -> dict[str, Any]:
         name, source = rec.name, rec.host
+        if rec.replica is not None:  # QEMU cannot carry the mirror across: a new replica follows the move
+            await ctx.progress(0.01, "detaching the disk replica")
+            await self.vms.replication.drop(rec)
         # Any: the migration steps of the agent client are typed where they are defined.
         src: Any = self.agents.get(source)
         dst: Any = self.agents.get(target)

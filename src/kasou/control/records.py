@@ -24,6 +24,15 @@ def ledger_prefix(name: str) -> str:
     return f"ledger/{name}/"
 
 
+class ReplicaRecord(BaseModel):
+    """Where a replicated VM's second copy lives, and how it is doing."""
+
+    host: str
+    state: str = "syncing"  # syncing, in_sync, degraded
+    paths: dict[str, str] = {}  # disk id -> the replica file on that host
+    since: float = Field(default_factory=time.time)
+
+
 class VMRecord(BaseModel):
     name: str
     uuid: str
@@ -35,6 +44,8 @@ class VMRecord(BaseModel):
     anti_affinity: str | None = None  # never on one host with another running VM of this group
     ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
     priority: int = 50  # HA restart order, highest first (0..100)
+    replicated: bool = False  # its local disks have a synchronous replica on another host while it runs
+    replica: ReplicaRecord | None = None
     ha_armed: bool = False  # its running QEMU was launched HA-protected (its host's guard fences it)
     disks: list[DiskSpec] = []
     nics: list[NicSpec] = []

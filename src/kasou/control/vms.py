@@ -28,12 +28,13 @@ from pydantic import BaseModel
 from kasou.agent.storage import DiskCreate
 from kasou.config import HaTimes
 from kasou.control import scheduler
-from kasou.control.ha import HaManager
+from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
 from kasou.control.networks import Networks
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
+from kasou.control.replication import Replication
 from kasou.errors import (
     AgentUnavailable,
     AlreadyExists,
@@ -65,6 +66,12 @@ class DiskView(BaseModel):
     shared: bool = False
 
 
+class ReplicaView(BaseModel):
+    host: str
+    state: str  # syncing, in_sync, degraded
+    since: float
+
+
 class VMView(BaseModel):
     """A VM as the API and the CLI show it: the record and its host's live view, merged."""
 
@@ -79,6 +86,8 @@ class VMView(BaseModel):
     anti_affinity: str | None
     ha: bool
     priority: int
+    storage: str  # local, shared or replicated
+    replica: ReplicaView | None
     ha_armed: bool  # its running QEMU is HA-protected now (HA set on a running VM counts from its next start)
     disks: list[DiskView]
     nics: list[NicSpec]
@@ -112,8 +121,10 @@ class VMService:
         self.shutdown_timeout = shutdown_timeout
         self.vcpu_ratio = vcpu_ratio
         self.ha = HaManager(self, ha_times or HaTimes())
+        self.replication = Replication(self)
         self.networks = Networks(store)
         self._reconciler: asyncio.Task[None] | None = None
+        self._host_checker: asyncio.Task[None] | None = None
 
     # -- records ---------------------------------------------------------------------
 
@@ -180,6 +191,10 @@ class VMService:
             ha=rec.ha,
             priority=rec.priority,
             ha_armed=rec.ha_armed and rec.state in ACTIVE_STATES,
+            storage="replicated" if rec.replicated else ("shared" if rec.disks and rec.disks[0].shared else "local"),
+            replica=ReplicaView(host=rec.replica.host, state=rec.replica.state, since=rec.replica.since)
+            if rec.replica is not None
+            else None,
             disks=[
                 DiskView(
                     id=d.id,
@@ -294,6 +309,7 @@ class VMService:
                         await self._reconcile(rec, rt_host.get(rec.name))
             await self._tidy_leftovers(host, rt_host, {r.name: r for r in records})
         await self.ha.tick(runtimes)
+        await self.replication.tick(await self._records())
 
     async def _tidy_leftovers(self, host: str, rt_host: dict[str, RuntimeInfo], records: dict[str, VMRecord]) -> None:
         """Forget dead QEMUs a host still reports for VMs that now live elsewhere (fenced, failed over)."""
@@ -307,6 +323,16 @@ class VMService:
                     log.info("forgot the dead copy of %s on %s (the VM runs on %s)", name, host, rec.host)
             elif rt.state != RuntimeState.INCOMING:
                 log.error("VM %s runs on %s but its record says %s: not touching it", name, host, rec.host)
+
+    async def _host_check_loop(self) -> None:
+        while True:
+            try:
+                await self.ha.check_hosts()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("host check failed")
+            await asyncio.sleep(HOST_CHECK_EVERY_S)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -328,14 +354,16 @@ class VMService:
                 state = VMState.STOPPED if rec.state == VMState.DELETING else rec.state
                 await self._set(rec.name, job=None, state=state)
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
+        self._host_checker = asyncio.create_task(self._host_check_loop(), name="ha-host-check")
 
     async def suspend(self) -> None:
         """Stop the background work (this control plane is no longer the leader)."""
-        if self._reconciler is not None:
-            self._reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciler
-            self._reconciler = None
+        for task in (self._reconciler, self._host_checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reconciler = self._host_checker = None
 
     async def close(self) -> None:
         await self.suspend()
@@ -489,6 +517,7 @@ class VMService:
             anti_affinity=spec.anti_affinity,
             ha=spec.ha,
             priority=spec.priority,
+            replicated=spec.storage == "replicated",
             nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
             state=VMState.CREATING,
             host=host,
@@ -720,6 +749,7 @@ class VMService:
                 await self.ledger.record(name, LedgerEvent.STOPPED, cur.host, "stopped to be deleted")
             await self._set(name, state=VMState.DELETING)
             await ctx.progress(0.4, "removing disks")
+            await self.replication.drop(cur.model_copy(update={"state": VMState.DELETING}))
             with contextlib.suppress(NotFound):
                 await agent.forget(name)
             if not keep_disks:

@@ -108,7 +108,8 @@ class VMCreate(BaseModel):
     disk: str | int | None = None  # size of the data disk, e.g. "1G"
     start: bool = False
     description: str = Field("", max_length=500)
-    storage: Literal["local", "shared"] = "local"  # shared: the disk lives where every host sees it
+    # shared: the disk lives where every host sees it; replicated: local, with a synchronous copy on another host
+    storage: Literal["local", "shared", "replicated"] = "local"
     network: str = USER_NETWORK  # the network of its NIC: "user" (NAT) or a network made with POST /v1/networks
     anti_affinity: str | None = None  # VMs of one group never run on one host (e.g. the two EMR databases)
     ha: bool = False  # high availability: restart elsewhere if its host fails, reset if its guest hangs

@@ -1,0 +1,78 @@
+"""Replicated disks through the API, with fake hosts: a replica elsewhere, rebuilt when lost, promoted by HA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kasou.hypervisor.fake import FakeExports
+from tests.functional.conftest import Cluster
+
+
+def _vm(cluster: Cluster, name: str) -> dict[str, Any]:
+    return dict(cluster.api.get(f"/v1/vms/{name}").json())
+
+
+def _in_sync(cluster: Cluster, name: str, not_on: set[str] | None = None) -> dict[str, Any]:
+    def check() -> Any:
+        v = _vm(cluster, name)
+        r = v["replica"]
+        ok = r is not None and r["state"] == "in_sync" and r["host"] != v["host"] and r["host"] not in (not_on or set())
+        return ok and v
+
+    return dict(cluster.wait_for(f"{name}'s replica in sync", check))
+
+
+def test_a_replicated_vm_gets_a_replica_on_another_host(cluster: Cluster) -> None:
+    cluster.create("emr", start=True, storage="replicated")
+    v = _in_sync(cluster, "emr")
+    assert v["storage"] == "replicated"
+    attached = cluster.drivers[v["host"]].replicas["emr"]
+    assert set(attached) == {"disk0"}
+    assert any(p.name == "disk0.replica.qcow2" and "emr" in str(p) for p in FakeExports.served)
+
+
+def test_a_lost_replica_is_reported_degraded_and_rebuilt_elsewhere(cluster: Cluster) -> None:
+    cluster.create("emr", start=True, storage="replicated")
+    v = _in_sync(cluster, "emr")
+    old = v["replica"]["host"]
+    cluster.drivers[v["host"]].degrade_replica("emr", "disk0")
+    cluster.wait_for("degraded", lambda: (_vm(cluster, "emr")["replica"] or {}).get("state") == "degraded" or
+                     (_vm(cluster, "emr")["replica"] or {}).get("host") not in (None, old))  # fmt: skip
+    v = _in_sync(cluster, "emr", not_on={old})
+    assert v["state"] == "running"
+
+
+def test_ha_restarts_a_replicated_vm_from_its_replica(cluster: Cluster) -> None:
+    cluster.create("emr", start=True, storage="replicated", ha=True)
+    v = _in_sync(cluster, "emr")
+    primary, replica_host = v["host"], v["replica"]["host"]
+    cluster.fail_host(primary)
+    cluster.wait_for("the restart", lambda: _vm(cluster, "emr")["host"] == replica_host
+                     and _vm(cluster, "emr")["state"] == "running")  # fmt: skip
+    v = _vm(cluster, "emr")
+    assert v["disks"][0]["path"].endswith("disk0.replica.qcow2")  # started from the promoted copy
+    history = cluster.api.get("/v1/vms/emr/history").json()
+    assert "from its disk replica" in history[-1]["detail"]
+    third = ({"h1", "h2", "h3"} - {primary, replica_host}).pop()
+    v = _in_sync(cluster, "emr")  # a new replica, on the one host left that is up
+    assert v["replica"]["host"] == third
+
+
+def test_migration_drops_the_replica_and_a_new_one_follows(cluster: Cluster) -> None:
+    cluster.create("emr", start=True, storage="replicated")
+    v = _in_sync(cluster, "emr")
+    target = ({"h1", "h2", "h3"} - {v["host"]}).pop()
+    r = cluster.api.post("/v1/vms/emr/migrate", json={"to": target})
+    job = cluster.wait(r.json()["job"])
+    assert job["state"] == "succeeded", job["error"]
+    v = _in_sync(cluster, "emr")
+    assert v["host"] == target
+
+
+def test_delete_removes_the_replica(cluster: Cluster) -> None:
+    cluster.create("emr", start=True, storage="replicated")
+    _in_sync(cluster, "emr")
+    r = cluster.api.delete("/v1/vms/emr", params={"force": True})
+    assert cluster.wait(r.json()["job"])["state"] == "succeeded"
+    assert not list(cluster.tmp.rglob("*.replica.qcow2"))
+    assert not any("emr" in str(p) and str(cluster.tmp) in str(p) for p in FakeExports.served)
