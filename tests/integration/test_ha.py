@@ -210,6 +210,7 @@ def _type(sock: Path, text: str) -> None:
 
 
 @pytest.mark.scenario
+@pytest.mark.timeout(1200)
 def test_saturated_cpus_cause_no_false_failover(lab: Lab) -> None:
     """Both cores busy with spinning guests for 3 minutes: no host is declared failed, nothing is fenced."""
     names = [f"busy{i}" for i in range(6)] + ["ha1", "ha2", "ha3"]
