@@ -9,23 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from kasou.agent.app import Agent, create_agent_app
-from kasou.agent.client import AgentClient
-from kasou.agent.storage import LocalDisks
-from kasou.api.app import Services, create_app
 from kasou.api.client import Client
 from kasou.cli import main as cli
-from kasou.control.hosts import Agents
 from kasou.control.networks import network_key
 from kasou.errors import KasouError
 from kasou.hypervisor.fake import FakeDriver
-from kasou.store.sqlite import SqliteStore
-from tests.functional.conftest import TOKEN, Env, make_fake_image
+from tests.functional.conftest import TOKEN, Env, make_cluster
 
 
 def make(env: Env, name: str, vlan: int | None = None, description: str = "") -> dict[str, Any]:
@@ -236,25 +229,8 @@ def test_cli_errors_are_one_line_and_change_nothing(env: Env, run: Any, args: tu
 
 @pytest.fixture
 def two_hosts(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, FakeDriver]]]:
-    images = tmp_path / "images"
-    make_fake_image(images)
-    shared = tmp_path / "shared"
-    drivers: dict[str, FakeDriver] = {}
-    clients = {}
-    for host in ("h1", "h2"):
-        drivers[host] = FakeDriver()
-        agent = Agent(
-            host=host, driver=drivers[host], disks=LocalDisks(tmp_path / host / "disks", images, shared),
-            accelerator="tcg", accelerator_reason="test", qemu_version="7.2", images=lambda: ["tiny"],
-            migration_address=f"10.0.0.{len(clients) + 1}",
-        )  # fmt: skip
-        clients[host] = AgentClient(host, transport=httpx.ASGITransport(app=create_agent_app(agent)))
-
-    async def factory() -> Services:
-        return Services.build(SqliteStore(tmp_path / "state.db"), Agents(clients), shutdown_timeout=2)
-
-    with TestClient(create_app(factory, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"}) as api:
-        yield api, drivers
+    for c in make_cluster(tmp_path, ["h1", "h2"]):
+        yield c.api, c.drivers
 
 
 def _wait(api: TestClient, job: dict[str, Any]) -> dict[str, Any]:

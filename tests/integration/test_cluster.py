@@ -77,9 +77,9 @@ class Lab:
         return [int(ln.split()[1]) for ln in self.serial(host, vm) if ln.startswith("seq ")]
 
 
-@pytest.fixture(scope="module")
-def lab(tiny_image: Path) -> Iterator[Lab]:
-    lab_dir = Path(tempfile.mkdtemp(prefix="kasou-lab-", dir="/tmp"))
+def make_lab(tiny_image: Path, prefix: str = "kasou-lab-") -> Iterator[Lab]:
+    """A 3-host lab in its own directory, taken down (every process, namespace and file) at the end."""
+    lab_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     env = dict(os.environ, KASOU_LAB_DIR=str(lab_dir), KASOU_IMAGES=str(tiny_image))
     for k in ("KASOU_API", "KASOU_TOKEN", "KASOU_HOME"):
         env.pop(k, None)
@@ -88,6 +88,11 @@ def lab(tiny_image: Path) -> Iterator[Lab]:
         yield Lab(lab_dir, env)
     finally:
         subprocess.run([*KASOU, "lab", "down"], env=env, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def lab(tiny_image: Path) -> Iterator[Lab]:
+    yield from make_lab(tiny_image)
 
 
 def test_cluster_hosts_and_placement(lab: Lab) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kasou.lab.watch import DoubleRunWatch, qemu_copies
-from tests.integration.test_cluster import KASOU, Lab
+from tests.integration.test_cluster import KASOU, Lab, make_lab
 
 pytestmark = pytest.mark.qemu
 
@@ -24,15 +23,7 @@ HOSTS = ("h1", "h2", "h3")
 
 @pytest.fixture(scope="module")
 def lab(tiny_image: Path) -> Iterator[Lab]:
-    lab_dir = Path(tempfile.mkdtemp(prefix="kasou-halab-", dir="/tmp"))
-    env = dict(os.environ, KASOU_LAB_DIR=str(lab_dir), KASOU_IMAGES=str(tiny_image))
-    for k in ("KASOU_API", "KASOU_TOKEN", "KASOU_HOME"):
-        env.pop(k, None)
-    try:
-        subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=env, check=True, capture_output=True, timeout=180)
-        yield Lab(lab_dir, env)
-    finally:
-        subprocess.run([*KASOU, "lab", "down"], env=env, capture_output=True, timeout=180)
+    yield from make_lab(tiny_image, "kasou-halab-")
 
 
 def place_on(lab: Lab, names: list[str], host: str, via: str) -> None:

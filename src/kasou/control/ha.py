@@ -184,21 +184,29 @@ class HaManager:
             self._waiting_note[rec.name] = why
             log.warning("HA cannot restart %s yet: %s", rec.name, why)
 
-    async def _restart_elsewhere(self, rec: VMRecord, failed: str, target: str, promote: bool = False) -> None:
-        """Claim the VM, note the failure and the fence, and start it on ``target``, as a job."""
-        vms = self.vms
+    async def _claim(self, rec: VMRecord, still: Any) -> str | None:
+        """Hold the VM with a new HA job if no job holds it and ``still(record)`` holds; the job id, or None."""
         job_id = f"ha-{int(time.time() * 1000):x}-{rec.name}"[:40]
-        detected_at = time.time() - (self.clock() - self.gone_since.get(failed, self.clock()))
-        down_since = detected_at - self.times.lease_ttl_s  # about when the host stopped renewing
 
         def claim(r: VMRecord) -> VMRecord:
-            if r.job is not None or r.host != failed or (r.state not in ACTIVE_STATES and r.state != VMState.CRASHED):
+            if r.job is not None or not still(r):
                 raise StoreConflict(f"VM {r.name} changed meanwhile")
             return r.model_copy(update={"job": job_id})
 
         try:
-            await vms._update(rec.name, claim)
+            await self.vms._update(rec.name, claim)
         except (StoreConflict, NotFound):
+            return None
+        return job_id
+
+    async def _restart_elsewhere(self, rec: VMRecord, failed: str, target: str, promote: bool = False) -> None:
+        """Claim the VM, note the failure and the fence, and start it on ``target``, as a job."""
+        vms = self.vms
+        detected_at = time.time() - (self.clock() - self.gone_since.get(failed, self.clock()))
+        down_since = detected_at - self.times.lease_ttl_s  # about when the host stopped renewing
+        job_id = await self._claim(rec, lambda r: r.host == failed and (r.state in ACTIVE_STATES or
+                                                                        r.state == VMState.CRASHED))  # fmt: skip
+        if job_id is None:
             return
 
         async def run(ctx: Any) -> dict[str, Any]:
@@ -239,16 +247,8 @@ class HaManager:
             return
         self._tried_at[rec.name] = self.clock()
         vms = self.vms
-        job_id = f"ha-{int(time.time() * 1000):x}-{rec.name}"[:40]
-
-        def claim(r: VMRecord) -> VMRecord:
-            if r.job is not None or r.state != VMState.CRASHED or r.host != rec.host:
-                raise StoreConflict(f"VM {r.name} changed meanwhile")
-            return r.model_copy(update={"job": job_id})
-
-        try:
-            await vms._update(rec.name, claim)
-        except (StoreConflict, NotFound):
+        job_id = await self._claim(rec, lambda r: r.state == VMState.CRASHED and r.host == rec.host)
+        if job_id is None:
             return
 
         async def run(ctx: Any) -> dict[str, Any]:
