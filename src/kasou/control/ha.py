@@ -24,6 +24,7 @@ refused, with the numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -58,11 +59,7 @@ def n_plus_one_violation(
         victims = placed.get(failed.name, [])
         if not victims:
             continue
-        others = [
-            scheduler.HostLoad(h.name, h.cpus, h.memory_total_mib, h.memory_used_mib, h.vcpus_used,
-                               h.schedulable, set(h.groups))
-            for h in loads if h.name != failed.name
-        ]  # fmt: skip
+        others = [dataclasses.replace(h, groups=set(h.groups)) for h in loads if h.name != failed.name]
         placer = scheduler.Placer(others, vcpu_ratio)
         for req in sorted(victims, key=lambda r: -r.memory_mib):
             try:
@@ -89,12 +86,15 @@ class HaManager:
 
     # -- admission ----------------------------------------------------------------------------
 
-    async def check_admission(self, rec: VMRecord, host: str) -> None:
-        """Refuse starting ``rec`` on ``host`` if the HA VMs of some host could no longer fail over."""
+    async def check_admission(self, rec: VMRecord, host: str, loads: list[scheduler.HostLoad] | None = None) -> None:
+        """Refuse starting ``rec`` on ``host`` if the HA VMs of some host could no longer fail over.
+        ``loads``: every up host's load without ``rec`` (read here if not given); it is not changed."""
         records = await self.vms._records()
         if not rec.ha and not any(r.ha and r.state in ACTIVE_STATES for r in records):
             return
-        loads = await self.vms.host_loads(exclude=rec.name)
+        if loads is None:
+            loads = await self.vms.host_loads(exclude=rec.name)
+        loads = [dataclasses.replace(h, groups=set(h.groups)) for h in loads]
         target = next((h for h in loads if h.name == host), None)
         if target is None:
             return
@@ -118,9 +118,9 @@ class HaManager:
         await self._check_hosts(await self.vms._records())
 
     async def tick(self, runtimes: dict[str, dict[str, RuntimeInfo]]) -> None:
-        """One reconcile round: failed hosts, dead QEMUs, hung guests. ``runtimes``: what each up host reports."""
+        """One reconcile round: dead QEMUs, hung guests. ``runtimes``: what each up host reports."""
         records = await self.vms._records()
-        up = await self._check_hosts(records)
+        up = set(self.vms.agents.names())  # failed hosts are check_hosts' business, every 0.5 s
         for r in records:
             if not r.ha or r.job is not None or r.host not in up:
                 continue
@@ -131,7 +131,7 @@ class HaManager:
                 if rt is not None and rt.state == RuntimeState.RUNNING:
                     await self._watch_heartbeat(r, rt)
 
-    async def _check_hosts(self, records: list[VMRecord]) -> set[str]:
+    async def _check_hosts(self, records: list[VMRecord]) -> None:
         agents = self.vms.agents
         now = self.clock()
         up = set(agents.names())
@@ -152,7 +152,6 @@ class HaManager:
         ]  # fmt: skip
         if victims:
             await self._fail_over(sorted(victims, key=lambda r: (-r.priority, r.name)))
-        return up
 
     async def _fail_over(self, victims: list[VMRecord]) -> None:
         loads = await self.vms.host_loads()

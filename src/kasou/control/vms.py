@@ -411,7 +411,8 @@ class VMService:
     async def _admit(self, rec: VMRecord, ha_check: bool = True) -> None:
         """Refuse a start the VM's host cannot carry (memory is never overcommitted), or one that
         would leave too little room to restart some host's HA VMs (``ha_check``; not for HA's own restarts)."""
-        loads = {h.name: h for h in await self.host_loads(exclude=rec.name)}
+        all_loads = await self.host_loads(exclude=rec.name)
+        loads = {h.name: h for h in all_loads}
         host = loads.get(rec.host or "")
         if host is None:
             raise AgentUnavailable(f"the agent of host {rec.host} does not answer")
@@ -426,7 +427,7 @@ class VMService:
                 f"{info.memory_available_mib} MiB available right now, the VM needs {need} MiB"
             )
         if ha_check and rec.host is not None:
-            await self.ha.check_admission(rec, rec.host)
+            await self.ha.check_admission(rec, rec.host, all_loads)
 
     # -- claims ----------------------------------------------------------------------
 
