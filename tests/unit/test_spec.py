@@ -37,7 +37,9 @@ def test_any_accepted_name_is_path_and_shell_safe(name: str) -> None:
     assert 1 <= len(name) <= NAME_MAX
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "../x", "..", "a b", "x;y", "$(id)", "a" * 64, "-x", ".hidden", "é"])
+@pytest.mark.parametrize(
+    "bad", ["", "a/b", "../x", "..", "a b", "x;y", "$(id)", "a" * 64, "-x", ".hidden", "é", "x\n", "0\n"]
+)
 def test_bad_names(bad: str) -> None:
     with pytest.raises(InvalidSpec):
         validate_name(bad)

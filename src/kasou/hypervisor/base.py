@@ -146,7 +146,7 @@ _DISK_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,21}$")
 
 
 def validate_disk_id(disk_id: str) -> str:
-    if not _DISK_ID_RE.match(disk_id):
+    if not _DISK_ID_RE.fullmatch(disk_id):
         raise InvalidSpec(
             f"disk id {disk_id!r} must start with a letter and have at most 22 letters, digits, '-' or '_'",
             field="disk_id",

@@ -25,7 +25,7 @@ def validate_name(name: object, what: str = "name") -> str:
         raise InvalidSpec(f"{what} is {len(name)} characters long; at most {NAME_MAX} are allowed", field=what)
     if ".." in name:
         raise InvalidSpec(f"{what} {name!r} must not contain '..'", field=what)
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidSpec(
             f"{what} {name!r} may contain only letters, digits, '-', '_' and '.', "
             "and must start with a letter or digit",

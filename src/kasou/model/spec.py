@@ -63,7 +63,7 @@ class NicSpec(BaseModel):
     @classmethod
     def _mac(cls, v: str) -> str:
         v = v.lower()
-        if not _MAC_RE.match(v) or int(v[:2], 16) & 1:
+        if not _MAC_RE.fullmatch(v) or int(v[:2], 16) & 1:
             raise ValueError(f"{v!r} is not a unicast MAC address")
         return v
 

@@ -115,7 +115,7 @@ def tap_alias(vm: str, nic_id: str) -> str:
 
 def validate_ifname(name: str, what: str = UPLINK_ENV) -> str:
     """An existing interface's name as the kernel allows it (here: a conservative subset)."""
-    if not _IFNAME_RE.match(name) or name in (".", ".."):
+    if not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidSpec(f"{what} {name!r} is not an interface name (at most 15 letters, digits, '.', '-', '_')")
     return name
 
