@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from kasou.api.client import Client
+from kasou.cli import common
 from kasou.cli import main as cli
 from kasou.control.networks import network_key
 from kasou.errors import KasouError
@@ -166,11 +167,11 @@ def run(env: Env) -> Iterator[Any]:
     def invoke(*args: str) -> Any:
         return runner.invoke(cli.app, list(args), catch_exceptions=True)
 
-    cli.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
     try:
         yield invoke
     finally:
-        cli.client_factory = None
+        common.client_factory = None
 
 
 def error_of(result: Any) -> str:

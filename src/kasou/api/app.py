@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from kasou import __version__
 from kasou.api.auth import check_bearer
 from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
+from kasou.control.events import Event, Severity
 from kasou.control.hosts import Agents, HostView
 from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
@@ -249,6 +250,18 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     async def delete_network(name: str) -> NetworkView:
         """Refused (409) while a VM has a NIC on it."""
         return await svc().networks.delete(name)
+
+    @v1.get("/events")
+    async def list_events(
+        subject: str | None = None, severity: Severity | None = None, limit: int = Query(200, ge=1, le=5000)
+    ) -> list[Event]:
+        """What an operator must hear of (degraded disks, pools low on space, failed backups), oldest first."""
+        return await svc().vms.events.list(subject, severity, limit)
+
+    @v1.get("/events/active")
+    async def active_events() -> list[Event]:
+        """Conditions raised and not over yet."""
+        return await svc().vms.events.active()
 
     @v1.get("/jobs")
     async def list_jobs(vm: str | None = None, limit: int = Query(50, ge=1, le=1000)) -> list[JobRecord]:

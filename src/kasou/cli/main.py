@@ -7,24 +7,19 @@ Long operations show a progress bar on a terminal.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kasou import __version__, services
-from kasou.api.auth import read_token
-from kasou.api.client import Client
+from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
+from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
-from kasou.config import Paths, api_url
-from kasou.errors import InvalidSpec, KasouError
+from kasou.config import Paths
+from kasou.errors import KasouError
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
@@ -51,60 +46,7 @@ app.add_typer(image_app, name="image")
 app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
-
-out = Console()
-err = Console(stderr=True)
-
-# Tests may swap the client factory (to talk to an in-process app).
-client_factory: Callable[[], Client] | None = None
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def client() -> Client:
-    if client_factory is not None:
-        return client_factory()
-    paths = Paths.from_env()
-    return Client(api_url(), read_token(paths.token_file))
-
-
-def print_json(data: Any) -> None:
-    # Plain print: machine output must not be wrapped or coloured.
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-@contextmanager
-def progress_bar(title: str) -> Iterator[Callable[[float, str], None]]:
-    """A progress bar on a terminal; nothing when the output is piped."""
-    if not out.is_terminal:
-        yield lambda _f, _s: None
-        return
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
-        console=out, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(title, total=1.0, step="")
-
-        def update(fraction: float, step: str) -> None:
-            bar.update(task, completed=fraction, step=step)
-
-        yield update
-
-
-def follow(c: Client, job: dict[str, Any], title: str, timeout: float = 900) -> dict[str, Any]:
-    with progress_bar(title) as update:
-        return c.wait_job(job["id"], timeout, lambda j: update(j.get("progress", 0.0), j.get("step", "")))
-
-
-def parse_int(value: str, what: str) -> int:
-    try:
-        return int(value.strip())
-    except (ValueError, AttributeError):
-        raise InvalidSpec(f"{what} must be a whole number, not {value!r}", field=what) from None
-
+app.add_typer(event_app, name="event")
 
 # -- services -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from kasou.agent.storage import DiskCreate
 from kasou.config import HaTimes
 from kasou.control import scheduler
+from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.jobs import JobContext, Jobs
@@ -123,6 +124,7 @@ class VMService:
         self.ha = HaManager(self, ha_times or HaTimes())
         self.replication = Replication(self)
         self.networks = Networks(store)
+        self.events = Events(store)
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
 

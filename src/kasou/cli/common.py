@@ -1,0 +1,80 @@
+"""What every ``kasou`` command module shares: the API client, the consoles, JSON output, progress bars.
+
+Sub-apps (``kasou pool``, ``kasou disk``, ...) live in modules of their own and import these;
+:mod:`kasou.cli.main` adds them with ``app.add_typer``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kasou.api.auth import read_token
+from kasou.api.client import Client
+from kasou.config import Paths, api_url
+from kasou.errors import InvalidSpec
+
+out = Console()
+err = Console(stderr=True)
+
+# Tests may swap the client factory (to talk to an in-process app): kasou.cli.common.client_factory
+client_factory: Callable[[], Client] | None = None
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def client() -> Client:
+    if client_factory is not None:
+        return client_factory()
+    paths = Paths.from_env()
+    return Client(api_url(), read_token(paths.token_file))
+
+
+def print_json(data: Any) -> None:
+    # Plain print: machine output must not be wrapped or coloured.
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def progress_bar(title: str) -> Iterator[Callable[[float, str], None]]:
+    """A progress bar on a terminal; nothing when the output is piped."""
+    if not out.is_terminal:
+        yield lambda _f, _s: None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
+        console=out, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(title, total=1.0, step="")
+
+        def update(fraction: float, step: str) -> None:
+            bar.update(task, completed=fraction, step=step)
+
+        yield update
+
+
+def follow(c: Client, job: dict[str, Any], title: str, timeout: float = 900) -> dict[str, Any]:
+    with progress_bar(title) as update:
+        return c.wait_job(job["id"], timeout, lambda j: update(j.get("progress", 0.0), j.get("step", "")))
+
+
+def parse_int(value: str, what: str) -> int:
+    try:
+        return int(value.strip())
+    except (ValueError, AttributeError):
+        raise InvalidSpec(f"{what} must be a whole number, not {value!r}", field=what) from None
+
+
+def say(line: str) -> None:
+    """One plain line of output (no markup, no highlighting)."""
+    out.print(line, markup=False, highlight=False)

@@ -1,0 +1,94 @@
+"""Events: what an operator must hear of without asking (a degraded disk, a pool running out of space,
+a backup that failed or did not run).
+
+Each event is kept in the store under ``events/<time in ns>`` (so the list is in order) and written
+to the log. Repeated conditions are raised once: :meth:`Events.raise_once` keeps a key per condition
+until :meth:`Events.clear` says it is over, so a pool that stays full does not flood the list.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+from kasou.store.base import Store
+
+log = logging.getLogger(__name__)
+
+Severity = Literal["info", "warning", "error"]
+EVENTS_PREFIX = "events/"
+ACTIVE_PREFIX = "events-active/"  # conditions raised and not over yet: key -> the event
+KEEP = 5000  # the oldest events beyond this many are dropped
+
+
+class Event(BaseModel):
+    time: float
+    severity: Severity
+    kind: str  # e.g. disk_degraded, pool_low_space, backup_failed
+    subject: str  # what it is about: "vm/emr", "pool/fast", "host/h1"
+    message: str
+
+
+_LOG_LEVEL = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class Events:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._last_ns = 0
+
+    async def emit(self, kind: str, subject: str, message: str, severity: Severity = "warning") -> Event:
+        """Record one event (and log it)."""
+        now_ns = max(time.time_ns(), self._last_ns + 1)
+        self._last_ns = now_ns
+        ev = Event(time=now_ns / 1e9, severity=severity, kind=kind, subject=subject, message=message)
+        await self.store.put(f"{EVENTS_PREFIX}{now_ns:020d}", ev.model_dump(mode="json"))
+        log.log(_LOG_LEVEL[severity], "%s %s: %s", kind, subject, message)
+        if now_ns % 100 == 0:  # now and then, keep the list bounded
+            await self._trim()
+        return ev
+
+    async def raise_once(
+        self, key: str, kind: str, subject: str, message: str, severity: Severity = "warning"
+    ) -> Event | None:
+        """Emit the event unless the condition ``key`` is already raised; None if it was."""
+        if await self.store.get(ACTIVE_PREFIX + key) is not None:
+            return None
+        ev = await self.emit(kind, subject, message, severity)
+        await self.store.put(ACTIVE_PREFIX + key, ev.model_dump(mode="json"))
+        return ev
+
+    async def clear(self, key: str, kind: str | None = None, message: str | None = None) -> bool:
+        """The condition ``key`` is over; with ``kind`` and ``message`` that is an info event. True if it was raised."""
+        entry = await self.store.get(ACTIVE_PREFIX + key)
+        if entry is None:
+            return False
+        await self.store.delete(ACTIVE_PREFIX + key)
+        if kind is not None and message is not None:
+            await self.emit(kind, Event.model_validate(entry.value).subject, message, "info")
+        return True
+
+    async def active(self) -> list[Event]:
+        """The conditions raised and not over yet."""
+        return [Event.model_validate(e.value) for e in await self.store.range(ACTIVE_PREFIX)]
+
+    async def list(self, subject: str | None = None, severity: Severity | None = None, limit: int = 200) -> list[Event]:
+        """The latest ``limit`` events, oldest first, optionally of one subject or at least one severity."""
+        order = ["info", "warning", "error"]
+        out = []
+        for e in await self.store.range(EVENTS_PREFIX):
+            ev = Event.model_validate(e.value)
+            if subject is not None and ev.subject != subject:
+                continue
+            if severity is not None and order.index(ev.severity) < order.index(severity):
+                continue
+            out.append(ev)
+        return out[-limit:]
+
+    async def _trim(self) -> None:
+        entries = await self.store.range(EVENTS_PREFIX)
+        for e in entries[: max(0, len(entries) - KEEP)]:
+            await self.store.delete(e.key)
