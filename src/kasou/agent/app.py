@@ -18,6 +18,7 @@ from fastapi.responses import PlainTextResponse
 from kasou import __version__
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
+from kasou.agent.snapshots import AgentSnapshots
 from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
 from kasou.errors import InvalidSpec, NotFound
 from kasou.hypervisor.base import (
@@ -33,6 +34,14 @@ from kasou.hypervisor.base import (
     ReplicaTarget,
     RuntimeInfo,
     RuntimeState,
+)
+from kasou.hypervisor.snapshots import (
+    SnapshotMerge,
+    SnapshotMerged,
+    SnapshotRestore,
+    SnapshotRevert,
+    SnapshotTake,
+    SnapshotTaken,
 )
 from kasou.wire import install_error_handlers
 
@@ -229,6 +238,27 @@ def create_agent_app(agent: Agent) -> FastAPI:
     async def detach_replica(name: str, disk_id: str) -> dict[str, bool]:
         await d.detach_replica(name, disk_id)
         return {"ok": True}
+
+    # -- snapshots: external qcow2 overlays (kasou.agent.snapshots) --------------------------
+
+    snaps = AgentSnapshots(d, agent.disks)
+
+    @app.post("/agent/v1/vms/{name}/snapshots")
+    async def take_snapshot(name: str, req: SnapshotTake) -> SnapshotTaken:
+        return await snaps.take(name, req)
+
+    @app.post("/agent/v1/vms/{name}/snapshots/merge")
+    async def merge_snapshot(name: str, req: SnapshotMerge) -> SnapshotMerged:
+        return await snaps.merge(name, req)
+
+    @app.post("/agent/v1/vms/{name}/snapshots/revert")
+    async def revert_snapshot(name: str, req: SnapshotRevert) -> dict[str, bool]:
+        await snaps.revert(name, req)
+        return {"ok": True}
+
+    @app.post("/agent/v1/vms/{name}/restore")
+    async def restore(name: str, req: SnapshotRestore) -> RuntimeInfo:
+        return await snaps.restore(name, req)
 
     @app.post("/agent/v1/disks")
     async def create_disk(req: DiskCreate) -> DiskInfo:

@@ -24,6 +24,14 @@ from kasou.hypervisor.base import (
     ReplicaTarget,
     RuntimeInfo,
 )
+from kasou.hypervisor.snapshots import (
+    SnapshotMerge,
+    SnapshotMerged,
+    SnapshotRestore,
+    SnapshotRevert,
+    SnapshotTake,
+    SnapshotTaken,
+)
 from kasou.wire import raise_for_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -180,6 +188,26 @@ class AgentClient:
 
     async def detach_replica(self, name: str, disk_id: str) -> None:
         await self._call("DELETE", f"/vms/{name}/replicas/{disk_id}", timeout=60)
+
+    # -- snapshots (kasou.agent.snapshots): the VM's own host, running or stopped ----------------
+
+    async def take_snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
+        resp = await self._call("POST", f"/vms/{name}/snapshots", timeout=720, json=req.model_dump())
+        return SnapshotTaken.model_validate(resp.json())
+
+    async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
+        resp = await self._call(
+            "POST", f"/vms/{name}/snapshots/merge", timeout=req.timeout_s + 60, json=req.model_dump()
+        )
+        return SnapshotMerged.model_validate(resp.json())
+
+    async def revert_snapshot(self, name: str, req: SnapshotRevert) -> None:
+        await self._call("POST", f"/vms/{name}/snapshots/revert", timeout=120, json=req.model_dump())
+
+    async def restore(self, name: str, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
+        body = SnapshotRestore(spec=spec.model_dump(), state_path=state_path)
+        resp = await self._call("POST", f"/vms/{name}/restore", timeout=720, json=body.model_dump())
+        return RuntimeInfo.model_validate(resp.json())
 
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kasou.errors import HypervisorError, InvalidSpec
+from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.model.spec import NicSpec
 
 
@@ -364,6 +365,23 @@ class Driver(abc.ABC):
     def replica_exports(self) -> ReplicaExports | None:
         """How this host serves replicas of other hosts' disks (None: it cannot)."""
         return None
+
+    # -- snapshots of a running VM (external qcow2 overlays; see kasou.hypervisor.snapshots) --------
+
+    async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
+        """Put an empty overlay on each disk of running VM ``name`` at one instant (and save its memory).
+
+        Overlay and state file paths are the agent's choice (``req``). On failure nothing is left.
+        """
+        raise HypervisorError(f"{type(self).__name__} cannot take snapshots")
+
+    async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
+        """Commit layers of running VM ``name`` into their backing files while the guest runs."""
+        raise HypervisorError(f"{type(self).__name__} cannot merge snapshots")
+
+    async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
+        """Start a VM from a saved memory state (its disks as they were then); it runs on from that instant."""
+        raise HypervisorError(f"{type(self).__name__} cannot restore a memory state")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

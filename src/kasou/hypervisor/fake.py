@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import shutil
 import subprocess
 import time
@@ -49,6 +50,17 @@ from kasou.hypervisor.base import (
     RuntimeInfo,
     RuntimeState,
     validate_disk_id,
+)
+from kasou.hypervisor.snapshots import (
+    SnapshotLayers,
+    SnapshotMerge,
+    SnapshotMerged,
+    SnapshotTake,
+    SnapshotTaken,
+    commit_offline,
+    create_overlay,
+    memory_path,
+    overlay_path,
 )
 
 _GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
@@ -142,6 +154,7 @@ class FakeDriver(Driver):
         self.replica_sync_polls = 0  # status calls answered "syncing" before "in_sync"
         self.replicas: dict[str, dict[str, _Replica]] = {}  # VM -> disk id -> attached replica
         self._exports = FakeExports()
+        self.fail_next_snapshot: str | None = None  # the error of the next live snapshot
 
     def crash(self, name: str) -> None:
         """Test hook: the VM's process dies by itself."""
@@ -441,6 +454,49 @@ class FakeDriver(Driver):
 
     def replica_exports(self) -> ReplicaExports:
         return self._exports
+
+    # -- snapshots: real overlay files (qemu-img), the "memory" a small JSON file ----------------
+
+    async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
+        info = self._active(name)
+        if req.memory and info.state != RuntimeState.RUNNING:
+            raise WrongState(f"VM {name!r} is not running; a memory snapshot needs a running guest (resume it first)")
+        if self.fail_next_snapshot is not None:
+            msg, self.fail_next_snapshot = self.fail_next_snapshot, None
+            raise HypervisorError(f"QEMU refused the snapshot of VM {name!r}: {msg}")
+        layers = []
+        for d in req.disks:
+            ov = overlay_path(d.path, d.id, req.snapshot)
+            await create_overlay(d.path, ov)
+            layers.append(SnapshotLayers(id=d.id, base=d.path, overlay=str(ov)))
+        state = memory_path(req.disks[0].path, req.snapshot) if req.memory and req.disks else None
+        if state is not None:
+            state.write_text(json.dumps({"guest_uptime_s": info.guest_uptime_s}))
+        paths = {x.id: x.overlay for x in layers}
+        spec = self.specs[name]
+        spec.disks = [dk.model_copy(update={"path": paths.get(dk.id, dk.path)}) for dk in spec.disks]
+        mem = state.stat().st_size if state is not None else 0
+        return SnapshotTaken(
+            snapshot=req.snapshot, disks=layers, memory_path=str(state) if state else None, memory_bytes=mem,
+            size_bytes=mem, live=True, paused_ms=1 if state else 0,
+        )  # fmt: skip
+
+    async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
+        self._active(name)
+        spec = self.specs[name]
+        active = {dk.id: dk.path for dk in spec.disks}
+        for d in req.disks:
+            await commit_offline(d.top, d.base, d.child)
+            if active.get(d.id) == d.top:
+                active[d.id] = d.base
+        spec.disks = [dk.model_copy(update={"path": active[dk.id]}) for dk in spec.disks]
+        return SnapshotMerged(disks=active, live=True)
+
+    async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
+        saved = json.loads(Path(state_path).read_text())
+        info = await self.start(spec)
+        self._set(spec.name, info.state, guest_uptime_s=saved.get("guest_uptime_s"))
+        return self.vms[spec.name]
 
 
 def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:

@@ -135,7 +135,10 @@ def build_argv(
             "-blockdev",
             f"driver={disk.format},file={disk.id}-file,node-name={disk.id},"
             f"read-only={'on' if disk.readonly else 'off'}",
-            "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev",
+            # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
+            # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
+            "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev"
+            + (",werror=stop,rerror=stop" if disk.mirror else ""),
         ]  # fmt: skip
     for nic in spec.nics:
         if nic.network == USER_NETWORK:

@@ -54,9 +54,11 @@ from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
+from kasou.hypervisor.qemu import snapshots as snap
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
 from kasou.hypervisor.qemu.monitor import Monitor
 from kasou.hypervisor.qemu.network import HostNetwork, tap_nics
+from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 
 log = logging.getLogger(__name__)
 
@@ -783,6 +785,29 @@ class QemuDriver(Driver):
 
     def replica_exports(self) -> ReplicaExports:
         return self._replica_exports
+
+    # -- snapshots (the QMP steps are in snapshots.py) -------------------------------------------
+
+    async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
+        async with self._lock(name):
+            vm = self._running(name)
+            return await snap.take_live(self._exec(vm), vm.files, name, req)
+
+    async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
+        async with self._lock(name):
+            vm = self._running(name)
+            return await snap.merge_live(self._exec(vm), vm.files, name, req)
+
+    async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
+        async with self._lock(spec.name):
+            self._check_free(spec.name)
+            boot = self._boot_files(spec.image)
+            uri = snap.restore_uri(state_path)
+            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary, incoming=uri)
+            async with self._launch(spec, argv, RuntimeState.PAUSED) as vm:
+                await snap.finish_restore(self._exec(vm), spec.paused)
+                vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
+            return vm.info()
 
     def _ensure_replica_guard(self) -> None:
         if self._replica_guard is None or self._replica_guard.done():
