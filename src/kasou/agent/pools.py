@@ -1,0 +1,108 @@
+"""The storage pools a host knows of, and how full they are on this host.
+
+The control plane tells the agent each pool's directory (with every usage query and disk
+creation); the agent keeps the list in ``pools.json`` so that its disk API (which never touches a
+path outside a disk directory) accepts the pools' directories after a restart too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from kasou.model.pools import DEFAULT_POOL, validate_pool_path
+from kasou.model.spec import validate_name
+
+
+class PoolRef(BaseModel):
+    name: str
+    path: str | None = None  # None: the built-in pool, this host's disk directory
+
+
+class PoolUsage(BaseModel):
+    """One pool on this host, measured now."""
+
+    name: str
+    path: str
+    exists: bool
+    writable: bool
+    fs_total_bytes: int = 0
+    fs_free_bytes: int = 0
+    allocated_bytes: int = 0  # what the files under the pool's directory hold
+    error: str | None = None
+
+
+class PoolRegistry:
+    def __init__(self, file: Path, default_dir: Path) -> None:
+        self.file = file
+        self.default_dir = default_dir
+
+    def _load(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.file.read_text())
+            return {str(k): str(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def path_of(self, ref: PoolRef) -> Path:
+        if ref.name == DEFAULT_POOL or ref.path is None:
+            return self.default_dir
+        return Path(ref.path)
+
+    def register(self, refs: list[PoolRef]) -> None:
+        """Remember these pools' directories (validated: names and absolute, normalised paths)."""
+        known = self._load()
+        changed = False
+        for ref in refs:
+            validate_name(ref.name, "pool")
+            if ref.name == DEFAULT_POOL or ref.path is None:
+                continue
+            path = validate_pool_path(ref.path)
+            if known.get(ref.name) != path:
+                known[ref.name], changed = path, True
+        if changed:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(self.file)
+
+    def forget(self, name: str) -> None:
+        known = self._load()
+        if known.pop(name, None) is not None:
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(self.file)
+
+    def roots(self) -> list[Path]:
+        return [Path(p) for p in self._load().values()]
+
+
+def usage(name: str, path: Path, create: bool = True) -> PoolUsage:
+    """statvfs of the pool's file system and the bytes its files hold (sparse files count what they hold)."""
+    if create:
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        return PoolUsage(name=name, path=str(path), exists=False, writable=False, error=f"{path} is not a directory")
+    try:
+        st = os.statvfs(path)
+    except OSError as e:
+        return PoolUsage(name=name, path=str(path), exists=True, writable=False, error=str(e))
+    allocated = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                allocated += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return PoolUsage(
+        name=name,
+        path=str(path),
+        exists=True,
+        writable=os.access(path, os.W_OK),
+        fs_total_bytes=st.f_blocks * st.f_frsize,
+        fs_free_bytes=st.f_bavail * st.f_frsize,
+        allocated_bytes=allocated,
+    )
