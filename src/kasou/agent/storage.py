@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from kasou.agent.pools import PoolRef, PoolRegistry
 from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
 from kasou.model.units import format_size
 
@@ -28,10 +29,13 @@ class DiskCreate(BaseModel):
     vm: str
     disk_id: str
     size_bytes: int | None = None
-    source: Literal["blank", "image", "overlay"] = "blank"
+    source: Literal["blank", "image", "overlay", "copy"] = "blank"
     image: str | None = None  # for source=image
     backing: str | None = None  # for source=overlay: a disk path on this host
     shared: bool = False  # make it in the shared storage every host sees
+    pool: str | None = None  # make it in this storage pool (its directory: pool_path)
+    pool_path: str | None = None  # None: the built-in pool, this host's disk directory
+    copy_of: str | None = None  # for source=copy: a disk of this host to copy (a mirror's rebuild, offline)
 
 
 class DiskInfo(BaseModel):
@@ -58,13 +62,17 @@ async def _run(*argv: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:
 
 
 class LocalDisks:
-    def __init__(self, disks_dir: Path, images_dir: Path, shared_dir: Path | None = None) -> None:
+    def __init__(
+        self, disks_dir: Path, images_dir: Path, shared_dir: Path | None = None, pools: PoolRegistry | None = None
+    ) -> None:
         self.disks_dir = disks_dir
         self.images_dir = images_dir
         self.shared_dir = shared_dir
+        self.pools = pools or PoolRegistry(disks_dir.parent / "pools.json", disks_dir)
 
     def _roots(self) -> list[Path]:
-        return [d.resolve() for d in (self.disks_dir, self.shared_dir) if d is not None]
+        dirs = [self.disks_dir, self.shared_dir, *self.pools.roots()]
+        return [d.resolve() for d in dirs if d is not None]
 
     def _inside(self, path: str | Path) -> Path:
         p = Path(path).resolve()
@@ -76,6 +84,10 @@ class LocalDisks:
         if req.shared and self.shared_dir is None:
             raise InvalidSpec("this host has no shared storage (KASOU_SHARED_DIR)", field="storage")
         base = self.shared_dir if req.shared and self.shared_dir is not None else self.disks_dir
+        if req.pool is not None:
+            ref = PoolRef(name=req.pool, path=req.pool_path)
+            self.pools.register([ref])
+            base = self.pools.path_of(ref)
         vm_dir = base / req.vm
         path = vm_dir / f"{req.disk_id}.qcow2"
         if path.exists():
@@ -104,6 +116,13 @@ class LocalDisks:
                     str(path),
                     *size,
                 )
+            elif req.source == "copy":
+                if req.copy_of is None:
+                    raise InvalidSpec("a copy needs the disk to copy")
+                src = self._inside(req.copy_of)
+                if not src.exists():
+                    raise NotFound(f"the disk to copy, {src}, is missing on this host")
+                await _run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2", str(src), str(path))
             else:
                 if req.size_bytes is None:
                     raise InvalidSpec("a blank disk needs a size")
@@ -132,6 +151,10 @@ class LocalDisks:
         await _run("qemu-img", "convert", "-q", "-f", art.disk_format, "-O", "qcow2", str(art.disk), str(path))
         if req.size_bytes is not None and req.size_bytes > art.disk_size_bytes:
             await _run("qemu-img", "resize", "-q", "-f", "qcow2", str(path), str(req.size_bytes))
+
+    def check_disk_path(self, path: str | Path) -> Path:
+        """``path`` if it is inside a disk directory or pool of this host, else InvalidSpec."""
+        return self._inside(path)
 
     async def info(self, path: str | Path) -> DiskInfo:
         p = self._inside(path)

@@ -35,6 +35,23 @@ def random_mac() -> str:
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
+MirrorState = Literal["syncing", "in_sync", "degraded"]
+
+
+class MirrorCopy(BaseModel):
+    """The second copy of a mirrored disk (RAID-1 across two pools of one host)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str  # the pool of the second copy (while degraded: of the copy that was lost)
+    path: str | None = None  # None while degraded: the disk runs on one copy
+    state: MirrorState = "syncing"
+    clean: bool = False  # both copies were equal when the VM last stopped (its next start copies nothing)
+    failed: str | None = None  # the file of a copy that failed (removed at the rebuild)
+    error: str | None = None
+    since: float | None = None
+
+
 class DiskSpec(BaseModel):
     """One virtual disk of a VM as recorded in the store."""
 
@@ -47,6 +64,8 @@ class DiskSpec(BaseModel):
     backing: str | None = None  # backing file (image or template disk), if any
     linked: bool = False  # an overlay on a template: the template must outlive it
     shared: bool = False  # on storage every host sees (migration moves no disk data)
+    pool: str = "default"  # the storage pool of its file (the copy it runs on)
+    mirror: MirrorCopy | None = None  # RAID-1: its second copy in another pool
 
 
 class NicSpec(BaseModel):
@@ -114,6 +133,8 @@ class VMCreate(BaseModel):
     anti_affinity: str | None = None  # VMs of one group never run on one host (e.g. the two EMR databases)
     ha: bool = False  # high availability: restart elsewhere if its host fails, reset if its guest hangs
     priority: StrictInt = Field(50)  # HA restart order, highest first
+    pool: str | None = None  # the storage pool of its disk (default: the built-in pool, or --mirror's first)
+    mirror: list[str] | None = None  # RAID-1: two pools, each holding a copy kept in sync
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -146,6 +167,25 @@ class VMCreate(BaseModel):
         if self.anti_affinity is not None:
             validate_name(self.anti_affinity, "anti_affinity")
         check_priority(self.priority)
+        if self.pool is not None:
+            validate_name(self.pool, "pool")
+        if self.mirror is not None:
+            if len(self.mirror) != 2:
+                raise InvalidSpec(f"mirror takes two pools, not {len(self.mirror)}", field="mirror")
+            for p in self.mirror:
+                validate_name(p, "pool")
+            if self.mirror[0] == self.mirror[1]:
+                raise InvalidSpec(f"the two copies of a mirror must be in two pools, not twice in {self.mirror[0]!r}",
+                                  field="mirror")  # fmt: skip
+            if self.pool is not None and self.pool != self.mirror[0]:
+                raise InvalidSpec("give either a pool or a mirror's two pools (the first holds the disk)", field="pool")
+            if self.storage != "local":
+                raise InvalidSpec(f"a mirrored disk cannot also be {self.storage}: give one of the two", field="mirror")
+            if self.template is not None:
+                raise InvalidSpec("a linked clone (--from) cannot be mirrored: its template's disk is shared",
+                                  field="mirror")  # fmt: skip
+        if self.pool is not None and self.storage != "local":
+            raise InvalidSpec(f"give either a pool or storage {self.storage!r}", field="pool")
 
     @property
     def disk_bytes(self) -> int | None:
