@@ -112,6 +112,9 @@ class Migrations:
         if bandwidth_mib_s is not None and not 1 <= bandwidth_mib_s <= 100000:
             raise InvalidSpec(f"bandwidth_mib_s must be between 1 and 100000, not {bandwidth_mib_s}")
         rec = await self.vms._record(name)
+        if rec.snapshots:  # their layers live on this host; a copy migration would move the active layer only
+            raise WrongState(f"VM {name!r} has snapshots; delete them before migrating it (kasou snapshot delete)")
+        _check_no_mirror(rec)
         target = await self._choose_target(rec, to)
         job_id = "j" + secrets.token_hex(5)
         rec = await self.vms._claim(name, Action.MIGRATE, job_id)
@@ -293,6 +296,8 @@ class Migrations:
         busy = [r.name for r in records if r.job is not None]
         if busy:
             raise WrongState(f"cannot empty {host}: VMs are busy with other jobs: {', '.join(busy)}")
+        for r in records:
+            _check_no_mirror(r, f"cannot empty {host}: ")
         plan = await self._plan_evacuation(host, records)
         await self.store.put(flags_key(host), {"maintenance": True, "since": time.time()})
 
@@ -349,3 +354,13 @@ class Migrations:
 
 
 _RUNNING = (VMState.RUNNING, VMState.PAUSED, VMState.MIGRATING, VMState.STARTING, VMState.SHUTTING_DOWN)
+
+
+def _check_no_mirror(rec: VMRecord, prefix: str = "") -> None:
+    """Mirrored disks keep their copies on one host's pools: such a VM does not live-migrate yet."""
+    mirrored = [d.id for d in rec.disks if d.mirror is not None]
+    if mirrored:
+        raise WrongState(
+            f"{prefix}VM {rec.name!r} has mirrored disks ({', '.join(mirrored)}), which do not live-migrate yet; "
+            "shut it down for the maintenance instead (it starts again with both copies where they are)"
+        )
