@@ -18,6 +18,7 @@ from kasou import __version__, services
 from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
 from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
+from kasou.cli.snapshot import snapshot_app
 from kasou.config import Paths
 from kasou.errors import KasouError
 from kasou.model.names import validate_name
@@ -47,6 +48,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
+app.add_typer(snapshot_app, name="snapshot")
 
 # -- services -------------------------------------------------------------------------
 

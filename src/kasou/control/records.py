@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from kasou.model.snapshots import SnapshotRecord
 from kasou.model.spec import DiskSpec, NicSpec
 from kasou.model.state import VMState
 
@@ -48,6 +49,7 @@ class VMRecord(BaseModel):
     replica: ReplicaRecord | None = None
     ha_armed: bool = False  # its running QEMU was launched HA-protected (its host's guard fences it)
     disks: list[DiskSpec] = []
+    snapshots: list[SnapshotRecord] = []  # oldest first; disks[].path is the newest one's overlay
     nics: list[NicSpec] = []
     state: VMState = VMState.CREATING
     host: str | None = None

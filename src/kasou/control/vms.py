@@ -36,6 +36,7 @@ from kasou.control.ledger import Ledger
 from kasou.control.networks import Networks
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.control.replication import Replication
+from kasou.control.snapshots import Snapshots
 from kasou.errors import (
     AgentUnavailable,
     AlreadyExists,
@@ -123,6 +124,7 @@ class VMService:
         self.vcpu_ratio = vcpu_ratio
         self.ha = HaManager(self, ha_times or HaTimes())
         self.replication = Replication(self)
+        self.snapshots = Snapshots(self)
         self.networks = Networks(store)
         self.events = Events(store)
         self._reconciler: asyncio.Task[None] | None = None
@@ -756,6 +758,7 @@ class VMService:
             with contextlib.suppress(NotFound):
                 await agent.forget(name)
             if not keep_disks:
+                await self.snapshots.delete_files(cur)
                 for d in cur.disks:
                     if d.path:
                         await agent.delete_disk(d.path)
