@@ -73,6 +73,12 @@ class Paths:
         return self.home / "disks"
 
     @property
+    def backups(self) -> Path:
+        """The backup target directory (``KASOU_BACKUP_DIR``; in production a mount of another machine)."""
+        env = os.environ.get("KASOU_BACKUP_DIR")
+        return Path(env).absolute() if env else self.home / "backups"
+
+    @property
     def logs(self) -> Path:
         return self.home / "log"
 
@@ -172,3 +178,17 @@ def ha_times() -> HaTimes:
     margin = _float_env("KASOU_HA_FENCE_MARGIN", 2.0, 0.5, ttl / 2)
     hb = _float_env("KASOU_HA_HEARTBEAT_TIMEOUT", 30.0, 5.0, 3600.0)
     return HaTimes(ttl, margin, hb)
+
+
+def backup_keep_default() -> int:
+    """``KASOU_BACKUP_KEEP``: backup generations kept per VM unless its own setting says otherwise (default 7)."""
+    raw = os.environ.get("KASOU_BACKUP_KEEP", "").strip()
+    if not raw:
+        return 7
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"KASOU_BACKUP_KEEP={raw!r} is not a whole number") from None
+    if not 1 <= value <= 1000:
+        raise ValueError(f"KASOU_BACKUP_KEEP={raw} must be between 1 and 1000")
+    return value

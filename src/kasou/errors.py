@@ -13,7 +13,8 @@ carries a one-line ``message`` meant for a person, a machine-readable
      │    └── ImageNotFound
      ├── Conflict               exists already, or the wrong state (HTTP 409)
      │    ├── AlreadyExists
-     │    └── WrongState
+     │    ├── WrongState
+     │    └── BackupCorrupt     a backup file fails its verification; nothing is restored from it
      ├── InsufficientResources  the host cannot take it (HTTP 507 → 409 family)
      ├── Unauthorized           no or a wrong token (HTTP 401)
      ├── HypervisorError        QEMU refused or died (HTTP 502)
@@ -69,6 +70,10 @@ class AlreadyExists(Conflict):
 
 class WrongState(Conflict):
     code = "wrong_state"
+
+
+class BackupCorrupt(Conflict):
+    code = "backup_corrupt"
 
 
 class InsufficientResources(KasouError):

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Query
 from fastapi.responses import PlainTextResponse
 
 from kasou import __version__
+from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
@@ -59,6 +60,7 @@ class Agent:
         qemu_version: str,
         images: Callable[[], list[str]],
         migration_address: str = "127.0.0.1",
+        backup_dir: Path | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -68,6 +70,7 @@ class Agent:
         self.qemu_version = qemu_version
         self.images = images
         self.migration_address = migration_address  # where this host listens for incoming migrations
+        self.backup_dir = backup_dir or disks.disks_dir.parent / "backups"  # KASOU_BACKUP_DIR
 
     async def host_info(self) -> HostInfo:
         total, avail = memory_mib()
@@ -259,6 +262,8 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.post("/agent/v1/vms/{name}/restore")
     async def restore(name: str, req: SnapshotRestore) -> RuntimeInfo:
         return await snaps.restore(name, req)
+
+    add_backup_routes(app, BackupFiles(d, agent.disks, agent.backup_dir))  # kasou.agent.backups
 
     @app.post("/agent/v1/disks")
     async def create_disk(req: DiskCreate) -> DiskInfo:

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from kasou.agent.backups import BackupCreate, BackupMade, BackupPrune, BackupRestore
 from kasou.agent.hostinfo import HostInfo
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval
 from kasou.agent.storage import DiskCreate, DiskInfo
@@ -208,6 +209,25 @@ class AgentClient:
         body = SnapshotRestore(spec=spec.model_dump(), state_path=state_path)
         resp = await self._call("POST", f"/vms/{name}/restore", timeout=720, json=body.model_dump())
         return RuntimeInfo.model_validate(resp.json())
+
+    # -- backups (kasou.agent.backups): long ones get the backup's own time limit ---------------
+
+    async def create_backup(self, name: str, req: BackupCreate) -> BackupMade:
+        resp = await self._call("POST", f"/vms/{name}/backups", timeout=req.timeout_s + 600, json=req.model_dump())
+        return BackupMade.model_validate(resp.json())
+
+    async def verify_backup(self, path: str, digest: str) -> None:
+        await self._call("POST", "/backups/verify", timeout=1800, json={"path": path, "digest": digest})
+
+    async def restore_backup(self, req: BackupRestore) -> DiskInfo:
+        resp = await self._call("POST", "/backups/restore", timeout=3600, json=req.model_dump())
+        return DiskInfo.model_validate(resp.json())
+
+    async def prune_backup(self, req: BackupPrune) -> None:
+        await self._call("POST", "/backups/prune", timeout=3600, json=req.model_dump())
+
+    async def delete_backup(self, path: str) -> bool:
+        return bool((await self._call("POST", "/backups/delete", json={"path": path})).json()["existed"])
 
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())

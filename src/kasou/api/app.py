@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kasou import __version__
 from kasou.api.auth import check_bearer
+from kasou.api.backups import backup_router
 from kasou.api.snapshots import snapshot_router
 from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
 from kasou.control.events import Event, Severity
@@ -288,6 +289,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names())
 
     v1.include_router(snapshot_router(svc))
+    v1.include_router(backup_router(svc))
     app.include_router(v1)
 
     @app.get("/", include_in_schema=False)

@@ -67,6 +67,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         images=images,
         # Migration streams and NBD exports listen on the address the agent serves on.
         migration_address=_listen_host(listen) or "127.0.0.1",
+        backup_dir=paths.backups,
     )
     app = create_agent_app(agent)
     if listen and not listen.startswith("unix:"):

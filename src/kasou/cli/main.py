@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from kasou import __version__, services
+from kasou.cli.backup import backup_app
 from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
 from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
@@ -48,6 +49,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
+app.add_typer(backup_app, name="backup")
 app.add_typer(snapshot_app, name="snapshot")
 
 # -- services -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from kasou.agent.storage import DiskCreate
 from kasou.config import HaTimes
 from kasou.control import scheduler
+from kasou.control.backups import Backups
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
@@ -127,6 +128,7 @@ class VMService:
         self.snapshots = Snapshots(self)
         self.networks = Networks(store)
         self.events = Events(store)
+        self.backups = Backups(self)  # kasou.control.backups
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
 
@@ -314,6 +316,7 @@ class VMService:
             await self._tidy_leftovers(host, rt_host, {r.name: r for r in records})
         await self.ha.tick(runtimes)
         await self.replication.tick(await self._records())
+        await self.backups.tick()  # due scheduled backups
 
     async def _tidy_leftovers(self, host: str, rt_host: dict[str, RuntimeInfo], records: dict[str, VMRecord]) -> None:
         """Forget dead QEMUs a host still reports for VMs that now live elsewhere (fenced, failed over)."""

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kasou.errors import HypervisorError, InvalidSpec
+from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.model.spec import NicSpec
 
@@ -382,6 +383,17 @@ class Driver(abc.ABC):
     async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
         """Start a VM from a saved memory state (its disks as they were then); it runs on from that instant."""
         raise HypervisorError(f"{type(self).__name__} cannot restore a memory state")
+
+    # -- backups of a running VM (optional; see kasou.hypervisor.backups) -------------------------
+
+    async def backup_disks(
+        self, name: str, backup_id: str, disks: builtins.list[BackupDisk], timeout_s: float = 1800.0
+    ) -> builtins.list[BackupDiskResult]:
+        """Back up disks of running VM ``name`` at one point in time into new qcow2 files (full or incremental).
+
+        The guest goes on running. On failure no target file, block node, job or new bitmap is left.
+        """
+        raise HypervisorError(f"{type(self).__name__} cannot back up running VMs")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

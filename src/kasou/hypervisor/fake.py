@@ -39,6 +39,8 @@ from kasou.errors import (
     QemuStartError,
     WrongState,
 )
+from kasou.hypervisor import imagefiles
+from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.base import (
     Driver,
     IncomingInfo,
@@ -155,6 +157,8 @@ class FakeDriver(Driver):
         self.replicas: dict[str, dict[str, _Replica]] = {}  # VM -> disk id -> attached replica
         self._exports = FakeExports()
         self.fail_next_snapshot: str | None = None  # the error of the next live snapshot
+        self.fail_next_backup: str | None = None  # the error of the next backup of a running VM
+        self.bitmaps: dict[str, dict[str, str]] = {}  # VM -> disk id -> the backup bitmap it keeps
 
     def crash(self, name: str) -> None:
         """Test hook: the VM's process dies by itself."""
@@ -451,6 +455,53 @@ class FakeDriver(Driver):
 
     async def detach_replica(self, name: str, disk_id: str) -> None:
         self.replicas.get(name, {}).pop(disk_id, None)
+
+    # -- backups: real qemu-img files; the dirty bitmaps are names kept in memory -----------
+
+    async def backup_disks(
+        self, name: str, backup_id: str, disks: builtins.list[BackupDisk], timeout_s: float = 1800.0
+    ) -> builtins.list[BackupDiskResult]:
+        """Copies the disk files as a stopped VM's backup does (an incremental by content against its backing)."""
+        self._active(name)
+        spec = self.specs[name]
+        if self.fail_next_backup is not None:
+            msg, self.fail_next_backup = self.fail_next_backup, None
+            raise HypervisorError(f"the backup failed: {msg}")
+        held = self.bitmaps.setdefault(name, {})
+        out: builtins.list[BackupDiskResult] = []
+        done: builtins.list[Path] = []
+        try:
+            for d in disks:
+                src = next(x for x in spec.disks if x.id == d.disk_id)
+                incremental = d.backing is not None and d.base_bitmap is not None
+                persistent = await imagefiles.bitmaps(src.path) if incremental and src.format == "qcow2" else []
+                incremental = incremental and (held.get(d.disk_id) == d.base_bitmap or d.base_bitmap in persistent)
+                target = Path(d.target)
+                done.append(target)
+                if incremental:
+                    assert d.backing is not None
+                    await imagefiles.offline_incremental(src.path, src.format, target, Path(d.backing).name)
+                else:
+                    await imagefiles.convert(src.path, target, src.format)
+                note = "" if incremental or d.backing is None else "full backup instead of incremental: no dirty bitmap"
+                out.append(
+                    BackupDiskResult(
+                        disk_id=d.disk_id, kind="incremental" if incremental else "full", target=d.target,
+                        backing=d.backing if incremental else None, bitmap=d.new_bitmap,
+                        bytes_copied=Path(d.target).stat().st_size, note=note,
+                    )
+                )  # fmt: skip
+        except BaseException:
+            for t in done:
+                t.unlink(missing_ok=True)
+            raise
+        for d in disks:
+            held[d.disk_id] = d.new_bitmap
+        return out
+
+    def drop_bitmaps(self, name: str) -> None:
+        """Test hook: the VM's dirty bitmaps are gone (its disk was replaced)."""
+        self.bitmaps.pop(name, None)
 
     def replica_exports(self) -> ReplicaExports:
         return self._exports

@@ -39,6 +39,7 @@ from kasou.errors import (
     QemuStartError,
     WrongState,
 )
+from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.base import (
     Driver,
     IncomingInfo,
@@ -50,6 +51,7 @@ from kasou.hypervisor.base import (
     RuntimeInfo,
     RuntimeState,
 )
+from kasou.hypervisor.qemu import backups as qbackups
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu import replication as repl
@@ -823,6 +825,12 @@ class QemuDriver(Driver):
                         await repl.guard(self._exec(vm), vm.name, vm.pid, vm.files.dir, self._replica_watch)
                     except KasouError as e:
                         log.warning("cannot watch the replicas of VM %s: %s", vm.name, e.message)
+
+    async def backup_disks(
+        self, name: str, backup_id: str, disks: builtins.list[BackupDisk], timeout_s: float = 1800.0
+    ) -> builtins.list[BackupDiskResult]:
+        async with self._lock(name):  # the QMP steps are in kasou.hypervisor.qemu.backups
+            return await qbackups.run(self._exec(self._running(name)), backup_id, disks, timeout_s)
 
     async def close(self) -> None:
         if self._replica_guard is not None:

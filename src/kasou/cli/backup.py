@@ -1,0 +1,115 @@
+"""``kasou backup``: backups kept in generations (create, list, restore as a new VM, schedule and retention)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
+from kasou.model.names import validate_name
+from kasou.model.units import format_size
+
+backup_app = typer.Typer(
+    help="Backups of VMs kept in generations (full and incremental), restored as new VMs.", no_args_is_help=True
+)
+
+
+def _vm(name: str) -> str:
+    validate_name(name)  # here, not in the URL: "a/b" would be a path of its own
+    return name
+
+
+@backup_app.command("create")
+def backup_create(
+    vm: str,
+    incremental: bool = typer.Option(
+        False, "--incremental", help="Copy only what changed since the latest generation (else a full backup)."
+    ),
+    wait: bool = typer.Option(True, "--wait/--no-wait"),
+) -> None:
+    """Back a VM up now (it keeps running); the new generation is verified before it counts."""
+    c = client()
+    res = c.post(f"/v1/vms/{_vm(vm)}/backups", json={"incremental": incremental})
+    if not wait:
+        say(f"vm {vm}: backup job {res['job']['id']}")
+        return
+    job = follow(c, res["job"], f"backing up {vm}", timeout=7200)
+    r: dict[str, Any] = job.get("result") or {}
+    line = (
+        f"vm {vm}: backup generation {r.get('generation')} ({r.get('kind')}, "
+        f"{format_size(int(r.get('file_bytes', 0)))} written)"
+    )
+    if r.get("pruned"):
+        line += f"; retention pruned generation {', '.join(str(g) for g in r['pruned'])}"
+    say(line)
+    if r.get("note"):
+        say(f"note: {r['note']}")
+
+
+@backup_app.command("list")
+def backup_list(vm: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The VM's backup generations, oldest first."""
+    gens = client().get(f"/v1/vms/{_vm(vm)}/backups")
+    if as_json:
+        print_json(gens)
+        return
+    t = Table("generation", "kind", "based on", "taken", "host", "disk", "file", "note")
+    for g in gens:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["created_at"]))
+        kind = g["kind"] + (" (scheduled)" if g["scheduled"] else "")
+        t.add_row(
+            str(g["generation"]), kind, str(g["based_on"] or "-"), when, g["host"], format_size(g["size_bytes"]),
+            format_size(g["file_bytes"]), g["note"],
+        )  # fmt: skip
+    out.print(t)
+
+
+@backup_app.command("restore")
+def backup_restore(
+    vm: str,
+    generation: str,
+    as_name: str = typer.Option(..., "--as", help="The new VM's name (it must not exist)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait"),
+) -> None:
+    """Make a new (stopped) VM from a generation; a backup that fails verification is refused."""
+    gen = parse_int(generation, "generation")
+    validate_name(as_name)
+    c = client()
+    res = c.post(f"/v1/vms/{_vm(vm)}/backups/{gen}/restore", json={"as": as_name})
+    if not wait:
+        say(f"vm {as_name}: restore job {res['job']['id']}")
+        return
+    follow(c, res["job"], f"restoring {vm} generation {gen}", timeout=7200)
+    say(f"vm {as_name}: restored from generation {gen} of {vm} on {res['vm']['host']} (stopped)")
+
+
+@backup_app.command("schedule")
+def backup_schedule(
+    vm: str,
+    daily: str = typer.Option(None, "--daily", help="Back it up every day at HH:MM (the host's local time)."),
+    keep: str = typer.Option(None, "--keep", help="Keep this many generations (default: KASOU_BACKUP_KEEP, 7)."),
+    off: bool = typer.Option(False, "--off", help="No scheduled backups any more (retention stays)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show or set a VM's daily backup schedule and its retention."""
+    path = f"/v1/vms/{_vm(vm)}/backup-policy"
+    if daily is None and keep is None and not off:
+        p = client().get(path)
+    else:
+        if daily is not None and off:
+            fail("give either --daily or --off, not both")
+        body: dict[str, Any] = {"off": off}
+        if daily is not None:
+            body["daily"] = daily
+        if keep is not None:
+            body["keep"] = parse_int(keep, "keep")
+        p = client().patch(path, json=body)
+    if as_json:
+        print_json(p)
+        return
+    when = f"daily at {p['daily']}" if p["daily"] else "no schedule"
+    keep_text = f"keeps {p['keep']} generations" + (" (the default)" if p["keep_is_default"] else "")
+    say(f"vm {vm}: backups {when}, {keep_text}")

@@ -1,0 +1,487 @@
+"""Backups in the control plane: generations per VM, retention, restore as a new VM, and daily schedules.
+
+Records (in the store, so every control plane of a cluster sees them)::
+
+    backups/<vm>/<generation>   one generation: its files (one per disk) with their content digests
+    backup-policy/<vm>          the VM's schedule (daily at HH:MM) and retention (keep N)
+
+Rules:
+
+* A backup is a job that holds its VM (like every operation), on a running,
+  paused or stopped VM. ``incremental`` is honoured when the previous generation
+  is on the VM's host and the disk's dirty bitmap carries that generation's name;
+  otherwise the backup is full and says why (the job result and the record's
+  ``note``). A stopped VM's incremental compares its disk with the previous
+  generation (no bitmap needed).
+* Every generation is verified on its host before it is recorded (``qemu-img
+  check`` and its content digest); a failed backup leaves no file and no record,
+  and is an ``error`` event.
+* Retention keeps the newest N generations (the VM's ``keep``, else
+  ``KASOU_BACKUP_KEEP``, default 7), pruned after each backup: the oldest is merged
+  into the next one, which becomes self-contained and still matches its digest.
+* Restore makes a new VM (new name, UUID and MAC; the same vCPUs, memory, image
+  and networks) whose disks are the generation's content, checked against the
+  recorded digest first: a damaged backup is refused and nothing is made.
+* Backups outlive their VM: deleting a VM keeps its generations (restore still works).
+* The leader runs due schedules (checked every reconcile tick). A backup that
+  could not start within the grace time after its slot is a ``backup_missed``
+  event; one that starts late (the control plane was down at the time) runs with a
+  ``backup_late`` warning; a failed one is ``backup_failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kasou.agent.backups import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource
+from kasou.config import backup_keep_default
+from kasou.control.jobs import JobContext
+from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
+from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
+from kasou.hypervisor.backups import bitmap_name
+from kasou.model.spec import DiskSpec, NicSpec, random_mac, validate_name
+from kasou.model.state import VMState
+
+if TYPE_CHECKING:
+    from kasou.control.vms import VMService, VMView
+
+log = logging.getLogger(__name__)
+
+_BACKUP_STATES = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STOPPED})
+_DAILY_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+GRACE_S = 3600.0  # a scheduled backup that cannot start within this long after its slot is missed
+
+
+def backups_prefix(vm: str) -> str:
+    return f"backups/{vm}/"
+
+
+def backup_key(vm: str, generation: int) -> str:
+    return f"backups/{vm}/{generation:08d}"
+
+
+def policy_key(vm: str) -> str:
+    return f"backup-policy/{vm}"
+
+
+class BackupDiskRecord(BaseModel):
+    disk_id: str
+    path: str
+    backing: str | None  # the previous generation's file (an incremental), None: self-contained
+    kind: Literal["full", "incremental"]
+    size_bytes: int
+    file_bytes: int
+    bytes_copied: int
+    digest: str
+    note: str = ""
+
+
+class BackupRecord(BaseModel):
+    vm: str
+    generation: int
+    id: str
+    host: str
+    kind: Literal["full", "incremental"]  # incremental if any disk is
+    created_at: float
+    duration_s: float
+    running: bool  # taken from the running VM (a crash-consistent point in time) or from a stopped one
+    scheduled: bool = False
+    bitmap: str | None  # the dirty bitmap that records writes since this generation
+    note: str = ""
+    disks: list[BackupDiskRecord]
+    # what a restore makes (the VM may be gone by then)
+    vcpus: int
+    memory_mib: int
+    image: str | None
+    nics: list[NicSpec]
+
+
+class BackupView(BaseModel):
+    vm: str
+    generation: int
+    kind: Literal["full", "incremental"]
+    based_on: int | None  # the generation an incremental's files rest on (None: self-contained)
+    created_at: float
+    host: str
+    running: bool
+    scheduled: bool
+    size_bytes: int  # the disks' virtual size
+    file_bytes: int  # what its files take in the backup directory
+    bytes_copied: int
+    duration_s: float
+    note: str
+    disks: list[BackupDiskRecord]
+
+
+class BackupPolicy(BaseModel):
+    daily: str | None = None  # HH:MM, the host's local time; None: no schedule
+    keep: int | None = None  # generations kept; None: KASOU_BACKUP_KEEP
+    set_at: float = Field(default_factory=time.time)
+    last_slot: float | None = None  # the latest scheduled slot handled (run, or reported missed)
+
+
+class PolicyView(BaseModel):
+    vm: str
+    daily: str | None
+    keep: int
+    keep_is_default: bool
+    next_run: float | None
+
+
+class PolicyUpdate(BaseModel):
+    """Body of ``PATCH /v1/vms/{name}/backup-policy``: omitted fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    daily: str | None = None  # HH:MM
+    off: bool = False  # no schedule (keeps ``keep``)
+    keep: int | None = None
+
+
+# -- pure helpers (unit-tested) -----------------------------------------------------------
+
+
+def parse_daily(value: str) -> tuple[int, int]:
+    m = _DAILY_RE.fullmatch(value.strip())
+    if m is None:
+        raise InvalidSpec(f"--daily takes a time of day as HH:MM (00:00 to 23:59), not {value!r}", field="daily")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_keep(keep: int) -> int:
+    if not 1 <= keep <= 1000:
+        raise InvalidSpec(f"retention must keep between 1 and 1000 generations, not {keep}", field="keep")
+    return keep
+
+
+def last_slot(daily: str, now: float) -> float:
+    """The latest moment at ``daily`` (local time) that is not after ``now``."""
+    h, m = parse_daily(daily)
+    at = datetime.fromtimestamp(now)
+    slot = at.replace(hour=h, minute=m, second=0, microsecond=0)
+    if slot > at:
+        slot -= timedelta(days=1)
+    return slot.timestamp()
+
+
+def to_prune(generations: list[int], keep: int) -> list[int]:
+    """The generations retention drops, oldest first."""
+    ordered = sorted(generations)
+    return ordered[: max(0, len(ordered) - keep)]
+
+
+def plan_sources(rec: VMRecord, prev: BackupRecord | None, incremental: bool) -> tuple[list[BackupSource], str]:
+    """What to ask the agent for each disk; and why an incremental request cannot be one (or "")."""
+    why = ""
+    if incremental and prev is None:
+        why = "full backup: there is no earlier generation"
+    elif incremental and prev is not None and prev.host != rec.host:
+        why = f"full backup: the previous generation is on host {prev.host}, the VM is on {rec.host}"
+    use = prev if incremental and not why else None
+    out = []
+    for d in rec.disks:
+        old = next((x for x in use.disks if x.disk_id == d.id), None) if use is not None else None
+        out.append(
+            BackupSource(
+                disk_id=d.id, path=d.path or "", format=d.format,
+                backing=old.path if old is not None else None,
+                base_bitmap=use.bitmap if old is not None and use is not None else None,
+            )
+        )  # fmt: skip
+    return out, why
+
+
+def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
+    based = [g for d in r.disks if d.backing is not None and (g := by_path.get(d.backing)) is not None]
+    return BackupView(
+        vm=r.vm, generation=r.generation, kind=r.kind, based_on=min(based) if based else None,
+        created_at=r.created_at, host=r.host, running=r.running, scheduled=r.scheduled,
+        size_bytes=sum(d.size_bytes for d in r.disks), file_bytes=sum(d.file_bytes for d in r.disks),
+        bytes_copied=sum(d.bytes_copied for d in r.disks), duration_s=r.duration_s, note=r.note, disks=r.disks,
+    )  # fmt: skip
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+class Backups:
+    def __init__(self, vms: VMService, clock: Callable[[], float] = time.time) -> None:
+        self.vms = vms
+        self.clock = clock
+        self.grace_s = GRACE_S
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, vm: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm, asyncio.Lock())
+
+    @property
+    def store(self) -> Any:
+        return self.vms.store
+
+    async def records(self, vm: str) -> builtins.list[BackupRecord]:
+        """The VM's generations, oldest first."""
+        return [BackupRecord.model_validate(e.value) for e in await self.store.range(backups_prefix(vm))]
+
+    async def _known(self, vm: str) -> builtins.list[BackupRecord]:
+        """The generations of a VM that exists or has backups; an unknown VM is NotFound."""
+        validate_name(vm)
+        recs = await self.records(vm)
+        if not recs and await self.store.get(vm_key(vm)) is None:
+            raise NotFound(f"no VM named {vm!r}")
+        return recs
+
+    async def list(self, vm: str) -> builtins.list[BackupView]:
+        recs = await self._known(vm)
+        by_path = {d.path: r.generation for r in recs for d in r.disks}
+        return [view(r, by_path) for r in recs]
+
+    async def _emit(self, kind: str, vm: str, message: str, severity: Literal["info", "warning", "error"]) -> None:
+        with contextlib.suppress(Exception):  # an event that cannot be stored is still in the log
+            await self.vms.events.emit(kind, f"vm/{vm}", message, severity)
+
+    # -- policy ---------------------------------------------------------------------------
+
+    async def _policy(self, vm: str) -> BackupPolicy:
+        e = await self.store.get(policy_key(vm))
+        return BackupPolicy.model_validate(e.value) if e is not None else BackupPolicy(set_at=0.0)
+
+    def _policy_view(self, vm: str, p: BackupPolicy) -> PolicyView:
+        nxt = None
+        if p.daily is not None:
+            nxt = last_slot(p.daily, self.clock()) + 86400
+        return PolicyView(vm=vm, daily=p.daily, keep=p.keep or backup_keep_default(), keep_is_default=p.keep is None,
+                          next_run=nxt)  # fmt: skip
+
+    async def get_policy(self, vm: str) -> PolicyView:
+        await self.vms._record(vm)
+        return self._policy_view(vm, await self._policy(vm))
+
+    async def set_policy(self, vm: str, upd: PolicyUpdate) -> PolicyView:
+        if upd.keep is not None:
+            check_keep(upd.keep)
+        if upd.daily is not None:
+            if upd.off:
+                raise InvalidSpec("give either --daily or --off, not both", field="daily")
+            parse_daily(upd.daily)
+        await self.vms._record(vm)
+        p = await self._policy(vm)
+        changes: dict[str, Any] = {}
+        if upd.keep is not None:
+            changes["keep"] = upd.keep
+        if upd.off:
+            changes["daily"] = None
+        elif upd.daily is not None and upd.daily != p.daily:
+            changes.update(daily=upd.daily.strip(), set_at=self.clock(), last_slot=None)
+        p = p.model_copy(update=changes)
+        await self.store.put(policy_key(vm), p.model_dump(mode="json"))
+        return self._policy_view(vm, p)
+
+    # -- create ---------------------------------------------------------------------------
+
+    async def create(self, vm: str, incremental: bool = False, scheduled: bool = False) -> JobRecord:
+        """Back the VM up (a job holding the VM)."""
+        rec = await self.vms._record(vm)
+        job_id = "j" + secrets.token_hex(5)
+
+        def claim(r: VMRecord) -> VMRecord:
+            if r.job is not None:
+                raise WrongState(f"VM {vm!r} is busy with job {r.job}; try again when it ends", job=r.job)
+            if r.state not in _BACKUP_STATES:
+                raise WrongState(f"VM {vm!r} is {r.state.value}; only a running, paused or stopped VM is backed up")
+            if not r.disks or r.host is None:
+                raise WrongState(f"VM {vm!r} has no disk to back up")
+            return r.model_copy(update={"job": job_id})
+
+        await self.vms._update(vm, claim)
+        del rec
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            try:
+                return await self._run(ctx, vm, incremental, scheduled)
+            except BaseException as e:
+                msg = e.message if isinstance(e, KasouError) else f"{type(e).__name__}: {e}"
+                what = "scheduled backup" if scheduled else "backup"
+                await self._emit("backup_failed", vm, f"{what} of VM {vm} failed: {msg}", "error")
+                raise
+
+        return await self.vms._submit("backup", vm, run, job_id)
+
+    async def _run(self, ctx: JobContext, vm: str, incremental: bool, scheduled: bool) -> dict[str, Any]:
+        rec = await self.vms._record(vm)
+        assert rec.host is not None
+        agent = self.vms.agents.get(rec.host)
+        async with self._lock(vm):
+            recs = await self.records(vm)
+            prev = recs[-1] if recs else None
+            sources, why = plan_sources(rec, prev, incremental)
+            gen = (prev.generation if prev else 0) + 1
+            bid = secrets.token_hex(4)
+            await ctx.progress(0.1, f"backing up (generation {gen})")
+            t0 = time.monotonic()
+            made: BackupMade = await agent.create_backup(vm, BackupCreate(generation=gen, backup_id=bid, disks=sources))
+            notes = [why] if why else []
+            notes += [f"{f.disk_id}: {f.note}" for f in made.files if f.note]
+            kind: Literal["full", "incremental"] = (
+                "incremental" if any(f.kind == "incremental" for f in made.files) else "full"
+            )
+            record = BackupRecord(
+                vm=vm, generation=gen, id=bid, host=rec.host, kind=kind, created_at=time.time(),
+                duration_s=round(time.monotonic() - t0, 3), running=made.running, scheduled=scheduled,
+                bitmap=bitmap_name(bid) if all(f.bitmap for f in made.files) else None, note="; ".join(notes),
+                disks=[BackupDiskRecord(disk_id=f.disk_id, path=f.path, backing=f.backing, kind=f.kind,
+                                        size_bytes=f.size_bytes, file_bytes=f.file_bytes, bytes_copied=f.bytes_copied,
+                                        digest=f.digest, note=f.note) for f in made.files],
+                vcpus=rec.vcpus, memory_mib=rec.memory_mib, image=rec.image, nics=rec.nics,
+            )  # fmt: skip
+            try:
+                await self.store.create(backup_key(vm, gen), record.model_dump(mode="json"))
+            except BaseException:
+                for f in made.files:  # no record: no file
+                    with contextlib.suppress(KasouError):
+                        await agent.delete_backup(f.path)
+                raise
+            await ctx.progress(0.8, "retention")
+            pruned = await self._prune(vm, await self._keep(vm))
+        return {
+            "vm": vm, "generation": gen, "kind": kind, "note": record.note, "pruned": pruned,
+            "bytes_copied": sum(d.bytes_copied for d in record.disks),
+            "file_bytes": sum(d.file_bytes for d in record.disks), "copy_s": made.copy_s, "verify_s": made.verify_s,
+        }  # fmt: skip
+
+    async def _keep(self, vm: str) -> int:
+        return (await self._policy(vm)).keep or backup_keep_default()
+
+    async def _prune(self, vm: str, keep: int) -> builtins.list[int]:
+        """Drop generations beyond ``keep`` (the caller holds the VM's lock)."""
+        recs = await self.records(vm)
+        by_gen = {r.generation: r for r in recs}
+        dropped = []
+        for gen in to_prune(list(by_gen), keep):
+            old = by_gen[gen]
+            later = [r for r in recs if r.generation > gen]
+            child = later[0] if later else None
+            agent = self.vms.agents.get(old.host)
+            for d in old.disks:
+                cd = next((x for x in child.disks if x.backing == d.path), None) if child is not None else None
+                await agent.prune_backup(
+                    BackupPrune(path=d.path, child=cd.path if cd else None, child_digest=cd.digest if cd else None)
+                )
+                if child is not None and cd is not None:
+                    child = child.model_copy(
+                        update={
+                            "disks": [x.model_copy(update={"backing": None}) if x is cd else x for x in child.disks]
+                        }
+                    )
+                    await self.store.put(backup_key(vm, child.generation), child.model_dump(mode="json"))
+                    recs = [child if r.generation == child.generation else r for r in recs]
+            await self.store.delete(backup_key(vm, gen))
+            dropped.append(gen)
+        return dropped
+
+    # -- restore --------------------------------------------------------------------------
+
+    async def restore(self, vm: str, generation: int, new_name: str) -> tuple[VMView, JobRecord]:
+        """A new VM from one generation (a job); checks first, so bad input changes nothing."""
+        validate_name(new_name)
+        recs = await self._known(vm)
+        src = next((r for r in recs if r.generation == generation), None)
+        if src is None:
+            have = ", ".join(str(r.generation) for r in recs) or "none"
+            raise NotFound(f"VM {vm!r} has no backup generation {generation} (it has: {have})")
+        if await self.store.get(vm_key(new_name)) is not None:
+            raise AlreadyExists(f"a VM named {new_name!r} already exists")
+        if src.host not in self.vms.agents.names():
+            raise WrongState(f"the backup is on host {src.host}, which is not up")
+        job_id = "j" + secrets.token_hex(5)
+        nics = [n.model_copy(update={"mac": random_mac()}) for n in src.nics]
+        rec = VMRecord(
+            name=new_name, uuid=str(uuid.uuid4()), vcpus=src.vcpus, memory_mib=src.memory_mib, image=src.image,
+            description=f"restored from backup generation {generation} of VM {vm}", nics=nics,
+            state=VMState.CREATING, host=src.host, job=job_id,
+        )  # fmt: skip
+        try:
+            await self.store.create(vm_key(new_name), rec.model_dump(mode="json"))
+        except StoreConflict:
+            raise AlreadyExists(f"a VM named {new_name!r} already exists") from None
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            made: list[str] = []
+            agent = self.vms.agents.get(src.host)
+            try:
+                disks = []
+                async with self._lock(vm):
+                    cur = next((r for r in await self.records(vm) if r.generation == generation), None)
+                    if cur is None:
+                        raise NotFound(f"backup generation {generation} of VM {vm!r} was pruned meanwhile")
+                    for i, d in enumerate(cur.disks):
+                        await ctx.progress(0.1 + 0.8 * i / len(cur.disks), f"verifying and restoring {d.disk_id}")
+                        info = await agent.restore_backup(
+                            BackupRestore(vm=new_name, disk_id=d.disk_id, path=d.path, digest=d.digest)
+                        )
+                        made.append(info.path)
+                        disks.append(DiskSpec(id=d.disk_id, size_bytes=info.size_bytes, format=info.format,
+                                              path=info.path))  # fmt: skip
+                await self.vms._set(new_name, state=VMState.STOPPED, disks=disks)
+                detail = f"restored from backup generation {generation} of VM {vm}"
+                await self.vms.ledger.record(new_name, LedgerEvent.DEFINED, src.host, detail)
+                return {"vm": new_name, "from": vm, "generation": generation, "host": src.host}
+            except BaseException:
+                await self.vms._undo_create(new_name, src.host, made)
+                raise
+
+        job = await self.vms._submit("restore", new_name, run, job_id)
+        return self.vms._view(rec, None, True), job
+
+    # -- schedules (the leader, every reconcile tick) -------------------------------------
+
+    async def tick(self) -> None:
+        now = self.clock()
+        for e in await self.store.range("backup-policy/"):
+            vm = e.key.removeprefix("backup-policy/")
+            p = BackupPolicy.model_validate(e.value)
+            if p.daily is None:
+                continue
+            slot = last_slot(p.daily, now)
+            if slot <= p.set_at or (p.last_slot is not None and p.last_slot >= slot):
+                continue
+            late = now - slot
+            when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
+            try:
+                job = await self.create(vm, incremental=True, scheduled=True)
+            except NotFound:
+                await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: the VM "
+                                 "no longer exists; its schedule is removed", "error")  # fmt: skip
+                await self.store.delete(policy_key(vm))
+                continue
+            except KasouError as err:
+                if late <= self.grace_s and isinstance(err, WrongState) and "busy" in err.message:
+                    continue  # try again next tick
+                await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: "
+                                 f"{err.message}", "error")  # fmt: skip
+                await self._mark(vm, slot)
+                continue
+            await self._mark(vm, slot)
+            if late > self.grace_s:
+                await self._emit("backup_late", vm, f"scheduled backup of VM {vm} due {when} was missed "
+                                 f"(the control plane was not running); it runs now, {late / 3600:.1f} h late "
+                                 f"(job {job.id})", "warning")  # fmt: skip
+
+    async def _mark(self, vm: str, slot: float) -> None:
+        e = await self.store.get(policy_key(vm))
+        if e is None:
+            return
+        p = BackupPolicy.model_validate(e.value).model_copy(update={"last_slot": slot})
+        with contextlib.suppress(StoreConflict):
+            await self.store.put(policy_key(vm), p.model_dump(mode="json"), expect_rev=e.mod_rev)
