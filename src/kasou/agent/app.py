@@ -16,8 +16,10 @@ from fastapi import FastAPI, Query
 from fastapi.responses import PlainTextResponse
 
 from kasou import __version__
+from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
+from kasou.agent.pools import PoolRef, PoolUsage
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
 from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
@@ -30,6 +32,8 @@ from kasou.hypervisor.base import (
     LaunchSpec,
     MigrateRequest,
     MigrationStatus,
+    MirrorAttach,
+    MirrorStatus,
     ReplicaAttach,
     ReplicaStatus,
     ReplicaTarget,
@@ -110,6 +114,15 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.get("/agent/v1/images")
     async def images() -> list[str]:
         return agent.images()
+
+    @app.get("/agent/v1/images/{image}")
+    async def image_info(image: str) -> dict[str, int | str]:
+        """An image's disk: its virtual size and what its file holds (a new disk's size, and its start)."""
+        from kasou.image import load_image
+
+        art = load_image(agent.disks.images_dir, image)
+        held = art.disk.stat().st_blocks * 512
+        return {"name": image, "disk_size_bytes": art.disk_size_bytes, "allocated_bytes": held}
 
     @app.get("/agent/v1/vms")
     async def list_vms() -> list[RuntimeInfo]:
@@ -264,6 +277,33 @@ def create_agent_app(agent: Agent) -> FastAPI:
         return await snaps.restore(name, req)
 
     add_backup_routes(app, BackupFiles(d, agent.disks, agent.backup_dir))  # kasou.agent.backups
+
+    # -- storage pools and mirrored disks ---------------------------------------------------
+
+    @app.post("/agent/v1/pools/usage")
+    async def pool_usage(refs: list[PoolRef]) -> list[PoolUsage]:
+        """Register these pools (their directories become disk directories here) and measure each."""
+        agent.disks.pools.register(refs)
+        return [await asyncio.to_thread(pools.usage, r.name, agent.disks.pools.path_of(r)) for r in refs]
+
+    @app.delete("/agent/v1/pools/{pool}")
+    async def forget_pool(pool: str) -> dict[str, bool]:
+        agent.disks.pools.forget(pool)
+        return {"ok": True}
+
+    @app.post("/agent/v1/vms/{name}/mirrors")
+    async def attach_mirror(name: str, req: MirrorAttach) -> MirrorStatus:
+        agent.disks.check_disk_path(req.target)
+        return await d.attach_mirror(name, req.disk_id, req.target, req.sync)
+
+    @app.get("/agent/v1/vms/{name}/mirrors")
+    async def mirror_status(name: str) -> list[MirrorStatus]:
+        return await d.mirror_status(name)
+
+    @app.delete("/agent/v1/vms/{name}/mirrors/{disk_id}")
+    async def detach_mirror(name: str, disk_id: str) -> dict[str, bool]:
+        await d.detach_mirror(name, disk_id)
+        return {"ok": True}
 
     @app.post("/agent/v1/disks")
     async def create_disk(req: DiskCreate) -> DiskInfo:

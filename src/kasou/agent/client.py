@@ -9,6 +9,7 @@ import httpx
 
 from kasou.agent.backups import BackupCreate, BackupMade, BackupPrune, BackupRestore
 from kasou.agent.hostinfo import HostInfo
+from kasou.agent.pools import PoolRef, PoolUsage
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval
 from kasou.agent.storage import DiskCreate, DiskInfo
 from kasou.errors import AgentUnavailable, OperationTimeout
@@ -20,6 +21,8 @@ from kasou.hypervisor.base import (
     MigrateRequest,
     MigrationStatus,
     MigrationStorage,
+    MirrorAttach,
+    MirrorStatus,
     ReplicaAttach,
     ReplicaStatus,
     ReplicaTarget,
@@ -228,6 +231,27 @@ class AgentClient:
 
     async def delete_backup(self, path: str) -> bool:
         return bool((await self._call("POST", "/backups/delete", json={"path": path})).json()["existed"])
+
+    async def image_info(self, image: str) -> dict[str, Any]:
+        data: dict[str, Any] = (await self._call("GET", f"/images/{image}")).json()
+        return data
+
+    async def pool_usage(self, refs: builtins.list[PoolRef]) -> builtins.list[PoolUsage]:
+        resp = await self._call("POST", "/pools/usage", timeout=60, json=[r.model_dump() for r in refs])
+        return [PoolUsage.model_validate(u) for u in resp.json()]
+
+    async def forget_pool(self, pool: str) -> None:
+        await self._call("DELETE", f"/pools/{pool}")
+
+    async def attach_mirror(self, name: str, req: MirrorAttach) -> MirrorStatus:
+        resp = await self._call("POST", f"/vms/{name}/mirrors", timeout=60, json=req.model_dump())
+        return MirrorStatus.model_validate(resp.json())
+
+    async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
+        return [MirrorStatus.model_validate(m) for m in (await self._call("GET", f"/vms/{name}/mirrors")).json()]
+
+    async def detach_mirror(self, name: str, disk_id: str) -> None:
+        await self._call("DELETE", f"/vms/{name}/mirrors/{disk_id}", timeout=30)
 
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())

@@ -22,6 +22,7 @@ from kasou import __version__
 from kasou.api.auth import check_bearer
 from kasou.api.backups import backup_router
 from kasou.api.snapshots import snapshot_router
+from kasou.api.storage import storage_routes
 from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
 from kasou.control.events import Event, Severity
 from kasou.control.hosts import Agents, HostView
@@ -289,6 +290,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names())
 
     v1.include_router(snapshot_router(svc))
+    v1.include_router(storage_routes(svc))
     v1.include_router(backup_router(svc))
     app.include_router(v1)
 

@@ -20,6 +20,7 @@ from kasou.cli.common import client, err, fail, follow, out, parse_int, print_js
 from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
 from kasou.cli.snapshot import snapshot_app
+from kasou.cli.storage import disk_app, pool_app
 from kasou.config import Paths
 from kasou.errors import KasouError
 from kasou.model.names import validate_name
@@ -50,6 +51,8 @@ app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
 app.add_typer(backup_app, name="backup")
+app.add_typer(pool_app, name="pool")
+app.add_typer(disk_app, name="disk")
 app.add_typer(snapshot_app, name="snapshot")
 
 # -- services -------------------------------------------------------------------------
@@ -259,6 +262,10 @@ def vm_create(
     ),
     ha: bool = typer.Option(False, "--ha", help="High availability: restart it elsewhere if its host fails."),
     priority: str = typer.Option("50", "--priority", help="HA restart order, 0..100, highest first."),
+    pool: str = typer.Option(None, "--pool", help="Storage pool of its disk (default: the built-in pool)."),
+    mirror: str = typer.Option(
+        None, "--mirror", help="RAID-1: POOL_A,POOL_B, a copy of the disk in each, every write in both."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -276,6 +283,8 @@ def vm_create(
         "anti_affinity": anti_affinity,
         "ha": ha,
         "priority": parse_int(priority, "priority"),
+        "pool": pool,
+        "mirror": [p.strip() for p in mirror.split(",")] if mirror is not None else None,
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -444,7 +453,12 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     ]
     for d in v["disks"]:
         linked = f" (linked clone of {d['backing']})" if d["linked"] else ""
-        rows.append((d["id"], f"{format_size(d['size_bytes'])} {d['format']} {d['path']}{linked}"))
+        rows.append((d["id"], f"{format_size(d['size_bytes'])} {d['format']} {d['path']}{linked} (pool {d['pool']})"))
+        m = d.get("mirror")
+        if m:
+            where = m["path"] or f"lost: {m['failed'] or '-'}"
+            why = f" - {m['error']}" if m.get("error") and m["state"] == "degraded" else ""
+            rows.append((f"{d['id']} mirror", f"{m['state']}: pool {m['pool']}, {where}{why}"))
     for n in v["nics"]:
         vlan = f" (VLAN {n['vlan']})" if n.get("vlan") is not None else ""
         rows.append((n["id"], f"{n['mac']} on {n['network']}{vlan}"))

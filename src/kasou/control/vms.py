@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -34,7 +34,9 @@ from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
+from kasou.control.mirrors import Mirrors, launch_disk
 from kasou.control.networks import Networks
+from kasou.control.pools import PoolRecord, Pools
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.control.replication import Replication
 from kasou.control.snapshots import Snapshots
@@ -49,14 +51,16 @@ from kasou.errors import (
     StoreConflict,
     WrongState,
 )
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeInfo, RuntimeState
-from kasou.model.spec import DiskSpec, NicSpec, VMCreate, VMUpdate, random_mac, validate_name
+from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.model.pools import DEFAULT_POOL
+from kasou.model.spec import DiskSpec, MirrorCopy, NicSpec, VMCreate, VMUpdate, random_mac, validate_name
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
 RECONCILE_EVERY_S = 2.0
+POOL_CHECK_EVERY_TICKS = 15  # pools are measured every 30 s (a walk of their files)
 
 
 class DiskView(BaseModel):
@@ -67,6 +71,8 @@ class DiskView(BaseModel):
     backing: str | None
     linked: bool
     shared: bool = False
+    pool: str = "default"
+    mirror: MirrorCopy | None = None  # a mirrored disk's second copy: pool, path, state (syncing, in_sync, degraded)
 
 
 class ReplicaView(BaseModel):
@@ -129,6 +135,9 @@ class VMService:
         self.networks = Networks(store)
         self.events = Events(store)
         self.backups = Backups(self)  # kasou.control.backups
+        self.pools = Pools(self)
+        self.mirrors = Mirrors(self)
+        self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
 
@@ -210,6 +219,8 @@ class VMService:
                     backing=d.backing,
                     linked=d.linked,
                     shared=d.shared,
+                    pool=d.pool,
+                    mirror=d.mirror,
                 )
                 for d in rec.disks
             ],
@@ -317,6 +328,10 @@ class VMService:
         await self.ha.tick(runtimes)
         await self.replication.tick(await self._records())
         await self.backups.tick()  # due scheduled backups
+        await self.mirrors.tick()
+        self._ticks += 1
+        if self._ticks % POOL_CHECK_EVERY_TICKS == 1:
+            await self.pools.tick()
 
     async def _tidy_leftovers(self, host: str, rt_host: dict[str, RuntimeInfo], records: dict[str, VMRecord]) -> None:
         """Forget dead QEMUs a host still reports for VMs that now live elsewhere (fenced, failed over)."""
@@ -533,15 +548,25 @@ class VMService:
         )
         if spec.start:
             await self._admit(rec)
+        pools, room = await self._disk_pools(spec, host, image)
+        await room.__aenter__()  # a pool without room for the disk refuses the create here, with its numbers
         try:
-            await self.store.create(vm_key(spec.name), rec.model_dump(mode="json"))
-        except StoreConflict:
-            raise AlreadyExists(f"a VM named {spec.name!r} already exists") from None
-        if not await self.networks.usable(spec.network):  # deleted since it was resolved above
-            await self.store.delete(vm_key(spec.name))
-            raise InvalidSpec(f"network {spec.network!r} was deleted meanwhile", field="network")
+            try:
+                await self.store.create(vm_key(spec.name), rec.model_dump(mode="json"))
+            except StoreConflict:
+                raise AlreadyExists(f"a VM named {spec.name!r} already exists") from None
+            if not await self.networks.usable(spec.network):  # deleted since it was resolved above
+                await self.store.delete(vm_key(spec.name))
+                raise InvalidSpec(f"network {spec.network!r} was deleted meanwhile", field="network")
+        except BaseException:
+            await room.__aexit__(None, None, None)
+            raise
 
         async def run(ctx: JobContext) -> dict[str, Any]:
+            async with _release_after(room):
+                return await make(ctx)
+
+        async def make(ctx: JobContext) -> dict[str, Any]:
             made: list[str] = []
             try:
                 await ctx.progress(0.1, "creating disk")
@@ -562,10 +587,21 @@ class VMService:
                         size_bytes=spec.disk_bytes,
                         source="image",
                         image=image,
-                        shared=spec.storage == "shared",
+                        shared=spec.storage == "shared" or pools[0].shared,
+                        pool=pools[0].name if pools[0].path is not None else None,
+                        pool_path=pools[0].path,
                     )
                 info = await agent.create_disk(dreq)
                 made.append(info.path)
+                mirror = None
+                if len(pools) == 2:  # RAID-1: the second copy is made the same way, so the two start equal
+                    await ctx.progress(0.3, f"creating the disk's second copy in pool {pools[1].name}")
+                    second = await agent.create_disk(dreq.model_copy(update={
+                        "pool": pools[1].name, "pool_path": pools[1].path, "shared": pools[1].shared,
+                    }))  # fmt: skip
+                    made.append(second.path)
+                    mirror = MirrorCopy(pool=pools[1].name, path=second.path, state="in_sync", clean=True,
+                                        since=time.time())  # fmt: skip
                 disk = DiskSpec(
                     id="disk0",
                     size_bytes=info.size_bytes,
@@ -574,6 +610,8 @@ class VMService:
                     backing=info.backing if template is not None else None,
                     linked=template is not None,
                     shared=dreq.shared,
+                    pool=pools[0].name,
+                    mirror=mirror,
                 )
                 cur = await self._set(spec.name, state=VMState.STOPPED, disks=[disk])
                 await self.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec, vlan))
@@ -588,6 +626,24 @@ class VMService:
 
         job = await self._submit("create", spec.name, run, job_id)
         return self._view(rec, None, True), job
+
+    async def _disk_pools(
+        self, spec: VMCreate, host: str | None, image: str | None
+    ) -> tuple[list[PoolRecord], contextlib.AbstractAsyncContextManager[None]]:
+        """The pools of the new VM's disk (two if mirrored) and the room held in them, checked now."""
+        names = spec.mirror or [spec.pool or DEFAULT_POOL]
+        try:
+            pools = [await self.pools.get_record(n) for n in names]
+        except NotFound as e:
+            raise InvalidSpec(e.message, field="mirror" if spec.mirror else "pool") from None
+        if len(pools) == 2 and pools[0].shared != pools[1].shared:
+            raise InvalidSpec("both copies of a mirror must be on shared pools or both on local ones", field="mirror")
+        if spec.storage == "shared" or spec.template is not None or host is None or image is None:
+            return pools, contextlib.nullcontext()  # the shared directory, or an overlay on its template's disk
+        info = await self.agents.get(host).image_info(image)
+        size = max(spec.disk_bytes or 0, int(info["disk_size_bytes"]))
+        room = self.pools.reserve([(p.name, host, size, int(info["allocated_bytes"])) for p in pools])
+        return pools, room
 
     async def _undo_create(self, name: str, host: str | None, disk_paths: list[str]) -> None:
         """Leave nothing of a failed create: no process, no disk, no record, no ledger."""
@@ -614,7 +670,7 @@ class VMService:
             vcpus=rec.vcpus,
             memory_mib=rec.memory_mib,
             image=rec.image,
-            disks=[LaunchDisk(id=d.id, path=d.path or "", format=d.format) for d in rec.disks],
+            disks=[launch_disk(rec, d) for d in rec.disks],
             nics=rec.nics,
             ha=rec.ha,
         )
@@ -633,6 +689,7 @@ class VMService:
             rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None,
             ha_armed=rec.ha,
         )  # fmt: skip
+        await self.mirrors.started(rec.name)
         await self.ledger.record(rec.name, event, rec.host, detail)
 
     async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:
@@ -681,6 +738,7 @@ class VMService:
 
     async def _job_shutdown(self, ctx: JobContext, rec: VMRecord, timeout: float) -> None:
         agent = self.agents.get(rec.host)
+        await self.mirrors.before_stop(rec)
         await ctx.progress(0.05, "pressing the power button")
         await agent.action(rec.name, "powerdown")
         await self._set(rec.name, state=VMState.SHUTTING_DOWN)
@@ -710,6 +768,7 @@ class VMService:
 
     async def _job_stop(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
         await ctx.progress(0.2, "stopping")
+        await self.mirrors.before_stop(rec)
         await self.agents.get(rec.host).action(rec.name, "stop")
         await self._stopped(rec, "stopped at once")
 
@@ -765,6 +824,9 @@ class VMService:
                 for d in cur.disks:
                     if d.path:
                         await agent.delete_disk(d.path)
+                for p in self.mirrors.files(cur):  # second copies, and copies that failed
+                    with contextlib.suppress(KasouError):
+                        await agent.delete_disk(p)
             await self.store.delete(vm_key(name))
             await self.ledger.forget(name)
             return {
@@ -794,6 +856,15 @@ class VMService:
     async def history(self, name: str) -> list[LedgerEntry]:
         await self._record(name)
         return await self.ledger.history(name)
+
+
+@contextlib.asynccontextmanager
+async def _release_after(room: contextlib.AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+    """Hold the room taken in a pool (entered already) until the body ends."""
+    try:
+        yield
+    finally:
+        await room.__aexit__(None, None, None)
 
 
 def _job_id() -> str:

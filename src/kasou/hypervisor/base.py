@@ -30,6 +30,8 @@ class LaunchDisk(BaseModel):
     format: str = "qcow2"
     readonly: bool = False
     size_bytes: int | None = Field(default=None, gt=0)  # virtual size; needed to make the copy of a migrating disk
+    mirror: str | None = None  # RAID-1: the second copy (a qcow2 of the same size in another pool), kept in sync
+    mirror_sync: Literal["none", "full"] = "full"  # none: both copies are known equal (a clean stop in sync)
 
 
 class LaunchSpec(BaseModel):
@@ -202,6 +204,35 @@ class ReplicaStatus(BaseModel):
     error: str | None = None
 
 
+class MirrorStatus(BaseModel):
+    """A mirrored disk (RAID-1 on one host) of a running VM: the replicas' status model, with local paths.
+
+    ``none``: no second copy. ``syncing``: the second copy is being filled (``progress``).
+    ``in_sync``: every guest write reaches both copies before the guest sees it done.
+    ``degraded``: the disk runs on one copy (``error`` says why; ``failed`` is the copy that was
+    lost); :meth:`Driver.attach_mirror` gives it a new second copy.
+    """
+
+    disk_id: str
+    state: ReplicaState
+    progress: float = 0.0
+    path: str | None = None  # the copy the guest runs on now
+    second: str | None = None  # the second copy
+    failed: str | None = None
+    since: float | None = None
+    error: str | None = None
+
+
+class MirrorAttach(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/mirrors``: give a disk of a running VM a (new) second copy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    disk_id: str
+    target: str  # an existing qcow2 of the disk's size (made with the disk API in the second pool)
+    sync: Literal["none", "full"] = "full"
+
+
 class ReplicaExports(abc.ABC):
     """The replica side of replication on one host: replica files exported over NBD by a daemon.
 
@@ -362,6 +393,22 @@ class Driver(abc.ABC):
     async def detach_replica(self, name: str, disk_id: str) -> None:
         """Stop mirroring the disk (bounded, also when the replica hangs); nothing happens if none is attached."""
         raise HypervisorError(f"{type(self).__name__} cannot replicate disks")
+
+    # -- mirrored disks (RAID-1 on one host; optional: a driver without it refuses) --------------
+
+    async def attach_mirror(
+        self, name: str, disk_id: str, target: str, sync: Literal["none", "full"] = "full"
+    ) -> MirrorStatus:
+        """Mirror disk ``disk_id`` of running VM ``name`` into ``target``; returns at once (``syncing``)."""
+        raise HypervisorError(f"{type(self).__name__} cannot mirror disks")
+
+    async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
+        """The mirror state of every disk of running VM ``name``."""
+        raise HypervisorError(f"{type(self).__name__} cannot mirror disks")
+
+    async def detach_mirror(self, name: str, disk_id: str) -> None:
+        """Stop mirroring the disk and close its second copy; nothing happens if it has none."""
+        raise HypervisorError(f"{type(self).__name__} cannot mirror disks")
 
     def replica_exports(self) -> ReplicaExports | None:
         """How this host serves replicas of other hosts' disks (None: it cannot)."""

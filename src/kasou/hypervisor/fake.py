@@ -47,6 +47,7 @@ from kasou.hypervisor.base import (
     LaunchSpec,
     MigrationStatus,
     MigrationStorage,
+    MirrorStatus,
     ReplicaExports,
     ReplicaStatus,
     RuntimeInfo,
@@ -155,6 +156,8 @@ class FakeDriver(Driver):
         self._next_pid = 1000
         self.replica_sync_polls = 0  # status calls answered "syncing" before "in_sync"
         self.replicas: dict[str, dict[str, _Replica]] = {}  # VM -> disk id -> attached replica
+        self.mirrors: dict[str, dict[str, MirrorStatus]] = {}  # VM -> disk id -> its mirror
+        self.mirror_syncs: list[tuple[str, str, str]] = []  # (VM, disk, sync) of every mirror attached
         self._exports = FakeExports()
         self.fail_next_snapshot: str | None = None  # the error of the next live snapshot
         self.fail_next_backup: str | None = None  # the error of the next backup of a running VM
@@ -189,6 +192,16 @@ class FakeDriver(Driver):
         self.vms[spec.name] = info
         self.specs[spec.name] = spec
         self.replicas.pop(spec.name, None)  # a new process mirrors nothing
+        self.mirrors[spec.name] = {}
+        for d in spec.disks:
+            if d.mirror:
+                ok = Path(d.mirror).exists()
+                self.mirror_syncs.append((spec.name, d.id, d.mirror_sync))
+                self.mirrors[spec.name][d.id] = MirrorStatus(
+                    disk_id=d.id, state="in_sync" if ok else "degraded", progress=1.0 if ok else 0.0, path=d.path,
+                    second=d.mirror if ok else None, failed=None if ok else d.mirror, since=time.time(),
+                    error=None if ok else f"the second copy {d.mirror} could not be opened",
+                )  # fmt: skip
         return info
 
     def _active(self, name: str) -> RuntimeInfo:
@@ -505,6 +518,45 @@ class FakeDriver(Driver):
 
     def replica_exports(self) -> ReplicaExports:
         return self._exports
+
+    # -- mirrored disks: states only (the copies are the files the disk API made) ---------------
+
+    def fail_mirror_copy(self, name: str, disk_id: str, which: str = "second", why: str = "I/O error") -> None:
+        """Test hook: one copy of a mirrored disk fails; the first one makes the disk switch to the second."""
+        st = self.mirrors[name][disk_id]
+        if which == "second":
+            self.mirrors[name][disk_id] = st.model_copy(
+                update={"state": "degraded", "second": None, "failed": st.second, "error": why}
+            )
+        else:
+            self.mirrors[name][disk_id] = st.model_copy(
+                update={"state": "degraded", "path": st.second, "second": None, "failed": st.path, "error": why}
+            )
+
+    async def attach_mirror(self, name: str, disk_id: str, target: str, sync: str = "full") -> MirrorStatus:
+        self._active(name)
+        validate_disk_id(disk_id)
+        disk = next((d for d in self.specs[name].disks if d.id == disk_id), None)
+        if disk is None:
+            raise InvalidSpec(f"the VM has no disk {disk_id!r}", field="disk_id")
+        cur = self.mirrors.setdefault(name, {}).get(disk_id)
+        if cur is not None and cur.state != "degraded" and cur.second not in (None, target):
+            raise Conflict(f"disk {disk_id} is mirrored to {cur.second} already; detach that copy first")
+        if not Path(target).exists():
+            raise InvalidSpec(f"the second copy {target} does not exist", field="mirror")
+        path = cur.path if cur is not None else disk.path
+        st = MirrorStatus(disk_id=disk_id, state="in_sync", progress=1.0, path=path, second=target, since=time.time())
+        self.mirrors[name][disk_id] = st
+        self.mirror_syncs.append((name, disk_id, sync))
+        return st
+
+    async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
+        self._active(name)
+        known = self.mirrors.get(name, {})
+        return [known.get(d.id) or MirrorStatus(disk_id=d.id, state="none") for d in self.specs[name].disks]
+
+    async def detach_mirror(self, name: str, disk_id: str) -> None:
+        self.mirrors.get(name, {}).pop(disk_id, None)
 
     # -- snapshots: real overlay files (qemu-img), the "memory" a small JSON file ----------------
 

@@ -46,6 +46,7 @@ from kasou.hypervisor.base import (
     LaunchSpec,
     MigrationStatus,
     MigrationStorage,
+    MirrorStatus,
     ReplicaExports,
     ReplicaStatus,
     RuntimeInfo,
@@ -53,7 +54,7 @@ from kasou.hypervisor.base import (
 )
 from kasou.hypervisor.qemu import backups as qbackups
 from kasou.hypervisor.qemu import migration as mig
-from kasou.hypervisor.qemu import process
+from kasou.hypervisor.qemu import mirrors, process
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
 from kasou.hypervisor.qemu import snapshots as snap
@@ -181,7 +182,7 @@ class QemuDriver(Driver):
                     log.warning("VM %s runs but its monitor does not answer: %s", d.name, e)
                 self._restore_migration(vm)
                 self._start_heartbeat(vm)
-                if repl.load(files.dir):
+                if repl.load(files.dir) or mirrors.load(files.dir):
                     self._ensure_replica_guard()
                 found.append(d.name)
             else:
@@ -199,11 +200,36 @@ class QemuDriver(Driver):
         async with self._lock(spec.name):
             self._check_free(spec.name)
             boot = self._boot_files(spec.image)
-            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary)
-            state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
+            mirrored = [d for d in spec.disks if d.mirror]
+            # Mirrored disks get their second copy before the guest runs a single instruction.
+            launch = spec.model_copy(update={"paused": True}) if mirrored else spec
+            argv = build_argv(launch, self._files(spec.name), self.accelerator, boot, self.qemu_binary)
+            state = RuntimeState.PAUSED if launch.paused else RuntimeState.RUNNING
             async with self._launch(spec, argv, state) as vm:
-                pass
+                if mirrored:
+                    await self._attach_mirrors_at_start(vm, spec)
+                    if not spec.paused:
+                        await self._qmp(vm, "cont")
+                        vm.state = RuntimeState.RUNNING
             return vm.info()
+
+    async def _attach_mirrors_at_start(self, vm: _Vm, spec: LaunchSpec) -> None:
+        """Attach each disk's second copy; one that cannot be opened leaves the disk degraded, the VM starts."""
+        for d in spec.disks:
+            if not d.mirror:
+                continue
+            try:
+                await mirrors.attach(self._exec(vm), vm.files.dir, spec.disks, d.id, d.mirror, d.mirror_sync)
+            except KasouError as e:
+                log.error("VM %s disk %s starts on one copy: %s", vm.name, d.id, e.message)
+                records = mirrors.load(vm.files.dir)
+                records[d.id] = mirrors.Mirrored(
+                    disk_id=d.id, source=d.path, target=None, since=time.time(),
+                    error=f"the second copy {d.mirror} could not be opened: {e.message}", failed=d.mirror,
+                    source_ino=mirrors.file_id(d.path),
+                )  # fmt: skip
+                mirrors.save(vm.files.dir, records)
+        self._ensure_replica_guard()
 
     def _check_free(self, name: str) -> None:
         """Refuse a second QEMU for a VM that runs here (known, or found by its pid file)."""
@@ -298,6 +324,10 @@ class QemuDriver(Driver):
             vm.state = RuntimeState.PAUSED
         elif event == "RESUME" and vm.state == RuntimeState.PAUSED:
             vm.state = RuntimeState.RUNNING
+        elif event == "BLOCK_IO_ERROR" and (vm.files.dir / mirrors.RECORD).exists():
+            task = asyncio.create_task(self._recover_io_error(vm), name=f"io-error-{vm.name}")
+            self._unplugging.add(task)  # kept referenced until done (close cancels it)
+            task.add_done_callback(self._unplugging.discard)
         elif event == "RESET":
             vm.guest_ready = False
             vm.guest_uptime = None
@@ -811,15 +841,56 @@ class QemuDriver(Driver):
                 vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
             return vm.info()
 
+    # -- mirrored disks (RAID-1 on one host; the QMP steps are in mirrors.py) ----------------------
+
+    async def attach_mirror(self, name: str, disk_id: str, target: str, sync: str = "full") -> MirrorStatus:
+        async with self._lock(name):
+            vm = self._running(name)
+            spec = rf.launch_spec(vm.files)
+            disks = spec.disks if spec is not None else []
+            mode: mirrors.MirrorSync = "none" if sync == "none" else "full"
+            status = await mirrors.attach(self._exec(vm), vm.files.dir, disks, disk_id, target, mode)
+            self._ensure_replica_guard()
+            return status
+
+    async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _GUEST:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        spec = rf.launch_spec(vm.files)
+        return await mirrors.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
+
+    async def detach_mirror(self, name: str, disk_id: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None or vm.state not in _GUEST:
+                return
+            await mirrors.detach(self._exec(vm), vm.files.dir, disk_id)
+
+    async def _recover_io_error(self, vm: _Vm) -> None:
+        """A disk of ``vm`` paused on an I/O error: switch it to its second copy and resume (mirrors.py)."""
+        try:
+            for line in await mirrors.recover_io_errors(self._exec(vm), vm.files.dir):
+                log.error("VM %s: %s", vm.name, line)
+        except KasouError as e:
+            log.error("VM %s: cannot recover from an I/O error: %s", vm.name, e.message)
+
     def _ensure_replica_guard(self) -> None:
         if self._replica_guard is None or self._replica_guard.done():
             self._replica_guard = asyncio.create_task(self._guard_replicas(), name="replica-guard")
 
     async def _guard_replicas(self) -> None:
-        """Cut the connection of a replica that hangs, so the guest's writes go on (see replication.py)."""
+        """Cut the connection of a replica that hangs, so the guest's writes go on (see replication.py);
+        act on a mirrored disk's copy that vanished or failed (see mirrors.py)."""
         while True:
             await asyncio.sleep(repl.GUARD_PERIOD_S)
             for vm in list(self._vms.values()):
+                if vm.state in _GUEST and (vm.files.dir / mirrors.RECORD).exists():
+                    try:
+                        for line in await mirrors.watch(self._exec(vm), vm.files.dir):
+                            log.error("VM %s: %s", vm.name, line)
+                    except KasouError as e:
+                        log.warning("cannot watch the mirrored disks of VM %s: %s", vm.name, e.message)
                 if vm.state in _GUEST and (vm.files.dir / repl.RECORD).exists():
                     try:
                         await repl.guard(self._exec(vm), vm.name, vm.pid, vm.files.dir, self._replica_watch)
