@@ -188,3 +188,12 @@ def test_a_low_pool_raises_one_warning(env: Env) -> None:
     events = [e for e in env.api.get("/v1/events").json() if e["subject"] == "pool/big"]
     assert [e["kind"] for e in events] == ["pool_low_space"], events
     assert "low on space" in events[0]["message"]
+
+
+def test_a_mirrored_vm_cannot_become_a_template(env: Env) -> None:
+    _pool(env, "a")
+    _pool(env, "b")
+    env.create("emr", mirror=["a", "b"])
+    r = env.api.post("/v1/vms/emr/template")
+    assert r.status_code == 409 and "mirrored" in r.json()["message"], r.text
+    assert _vm(env, "emr")["state"] == "stopped"

@@ -842,6 +842,10 @@ class VMService:
             if r.job is not None:
                 raise WrongState(f"VM {name!r} is busy with job {r.job}", job=r.job)
             check_action(name, Action.TEMPLATE, r.state)
+            if r.snapshots:
+                raise WrongState(f"VM {name!r} has snapshots; delete them before making it a template")
+            if any(d.mirror for d in r.disks):
+                raise WrongState(f"VM {name!r} has mirrored disks; a template's disk is shared, not mirrored")
             return r.with_state(VMState.TEMPLATE)
 
         await self._update(name, apply)
