@@ -16,7 +16,8 @@ carries a one-line ``message`` meant for a person, a machine-readable
      │    ├── WrongState
      │    └── BackupCorrupt     a backup file fails its verification; nothing is restored from it
      ├── InsufficientResources  the host cannot take it (HTTP 507 → 409 family)
-     ├── Unauthorized           no or a wrong token (HTTP 401)
+     ├── Unauthorized           no or a wrong token or password (HTTP 401)
+     ├── Forbidden              signed in, but not allowed to (HTTP 403)
      ├── HypervisorError        QEMU refused or died (HTTP 502)
      │    ├── QemuStartError
      │    ├── MonitorError
@@ -82,6 +83,12 @@ class InsufficientResources(KasouError):
 
 class Unauthorized(KasouError):
     code = "unauthorized"
+
+
+class Forbidden(KasouError):
+    """Signed in, but this user may not do that (or see that VM)."""
+
+    code = "forbidden"
 
 
 class HypervisorError(KasouError):

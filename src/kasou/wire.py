@@ -26,6 +26,7 @@ STATUS: list[tuple[type[E.KasouError], int]] = [
     (E.Conflict, 409),
     (E.InsufficientResources, 409),
     (E.Unauthorized, 401),
+    (E.Forbidden, 403),
     (E.StoreConflict, 409),
     (E.StoreError, 503),
     (E.AgentUnavailable, 503),

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from kasou import __version__
-from kasou.api.auth import check_bearer
+from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
 from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
+from kasou.api.users import user_routes
 from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
 from kasou.control.events import Event, Severity
 from kasou.control.hosts import Agents, HostView
@@ -33,6 +34,7 @@ from kasou.control.migration import Migrations
 from kasou.control.networks import Networks, NetworkView
 from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
+from kasou.control.users import Users
 from kasou.control.vms import VMService, VMView
 from kasou.errors import AgentUnavailable
 from kasou.model.spec import NetworkCreate, VMCreate, VMUpdate, validate_name
@@ -50,6 +52,8 @@ class Services:
     vms: VMService
     migrations: Migrations
     leadership: Leadership | None = None  # None: a single host, always in charge
+    users: Users = field(default=None)  # type: ignore[assignment]  # set by build
+    logout_hooks: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)  # (user, session)
     _election: asyncio.Task[None] | None = None
 
     @property
@@ -70,7 +74,7 @@ class Services:
         vms = VMService(
             store, agents, jobs, ledger, shutdown_timeout, vcpu_ratio or vcpu_ratio_setting(), ha or ha_times()
         )
-        return cls(store, agents, jobs, ledger, vms, Migrations(vms))
+        return cls(store, agents, jobs, ledger, vms, Migrations(vms), users=Users(store))
 
     async def start(self) -> None:
         if self.leadership is None:
@@ -154,7 +158,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         if not lead.leader_url:
             err = AgentUnavailable("no control plane leader is elected yet; try again in a few seconds")
             return JSONResponse(err.to_dict(), status_code=503)
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        forward = ("authorization", "content-type", "cookie", CSRF_HEADER)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in forward}
         url = lead.leader_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             async with httpx.AsyncClient(timeout=120) as c:
@@ -164,11 +169,27 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             return JSONResponse(err.to_dict(), status_code=503)
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
-    async def authorized(request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), token)
-
     def svc() -> Services:
         return state["svc"]
+
+    async def principal(request: Request) -> Principal:
+        """Who asks (the root token, or a signed-in user); kept on the request for the routes."""
+        h, c = request.headers, request.cookies
+        p = await resolve_principal(
+            h.get("authorization"),
+            c.get(SESSION_COOKIE),
+            h.get(CSRF_HEADER),
+            request.method,
+            token,
+            lambda: svc().users,
+        )
+        request.state.principal = p
+        return p
+
+    async def authorized(request: Request) -> None:
+        """The /v1 default: reading needs "read", changing needs "operate" (routes may ask for more)."""
+        p = await principal(request)
+        p.require("read" if request.method in ("GET", "HEAD") else "operate")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
@@ -291,6 +312,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
 
     v1.include_router(snapshot_router(svc))
     v1.include_router(storage_routes(svc))
+    app.include_router(user_routes(svc, principal))
     v1.include_router(backup_router(svc))
     app.include_router(v1)
 

@@ -1,12 +1,19 @@
-"""The API token: made at first start, readable by root only, required on every call."""
+"""Who a request acts for: the API (root) token, made at first start and readable by root only, or a user's session."""
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from kasou.errors import Unauthorized
+from kasou.errors import Forbidden, Unauthorized
+from kasou.model.users import PERMISSIONS, Role
+
+if TYPE_CHECKING:
+    from kasou.control.users import Users
 
 
 def ensure_token(path: Path) -> str:
@@ -44,3 +51,47 @@ def check_bearer(header: str | None, token: str) -> None:
         raise Unauthorized("an API token is required (Authorization: Bearer ...)")
     if not secrets.compare_digest(header[len("Bearer ") :].strip().encode(), token.encode()):
         raise Unauthorized("the API token is not valid")
+
+
+# -- who is asking: the root token, or a signed-in user's session -----------------------------
+
+SESSION_COOKIE = "kasou_session"
+CSRF_HEADER = "x-kasou-csrf"  # a cookie-signed request that changes something must carry it (the web UI does)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The one a request acts for."""
+
+    name: str
+    role: Role
+    via: Literal["token", "session"]
+    session: str | None = None  # the session token (to sign out)
+    pools: tuple[str, ...] = ()  # desktop pools a clinician is entitled to
+
+    def can(self, permission: str) -> bool:
+        return permission in PERMISSIONS[self.role]
+
+    def require(self, permission: str) -> None:
+        if not self.can(permission):
+            raise Forbidden(f"user {self.name!r} ({self.role.value}) may not do this (needs {permission!r})")
+
+
+async def resolve_principal(
+    authorization: str | None,
+    cookie: str | None,
+    csrf: str | None,
+    method: str,
+    token: str,
+    users: Callable[[], Users],
+) -> Principal:
+    """The principal of a request: the root token (an administrator), else a session cookie."""
+    if authorization:
+        check_bearer(authorization, token)
+        return Principal(name="root", role=Role.ADMIN, via="token")
+    if not cookie:
+        raise Unauthorized("an API token is required (Authorization: Bearer ...), or sign in")
+    user = await users().session_user(cookie)
+    if method not in ("GET", "HEAD", "OPTIONS") and csrf != "1":
+        raise Forbidden(f"a signed-in request that changes something must carry the header {CSRF_HEADER}: 1")
+    return Principal(name=user.name, role=user.role, via="session", session=cookie, pools=tuple(user.pools))

@@ -29,16 +29,19 @@ class Client:
         return resp
 
     def get(self, path: str, **kw: Any) -> Any:
-        return self._call("GET", path, **kw).json()
+        return _json(self._call("GET", path, **kw))
 
     def post(self, path: str, **kw: Any) -> Any:
-        return self._call("POST", path, **kw).json()
+        return _json(self._call("POST", path, **kw))
+
+    def put(self, path: str, **kw: Any) -> Any:
+        return _json(self._call("PUT", path, **kw))
 
     def patch(self, path: str, **kw: Any) -> Any:
-        return self._call("PATCH", path, **kw).json()
+        return _json(self._call("PATCH", path, **kw))
 
     def delete(self, path: str, **kw: Any) -> Any:
-        return self._call("DELETE", path, **kw).json()
+        return _json(self._call("DELETE", path, **kw))
 
     def text(self, path: str, **kw: Any) -> str:
         return self._call("GET", path, **kw).text
@@ -71,3 +74,8 @@ class Client:
 
 
 __all__ = ["Client", "KasouError"]
+
+
+def _json(resp: httpx.Response) -> Any:
+    """The answer's JSON; None for an answer with no body (204)."""
+    return resp.json() if resp.content else None

@@ -21,6 +21,7 @@ from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
 from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
+from kasou.cli.users import user_app
 from kasou.config import Paths
 from kasou.errors import KasouError
 from kasou.model.names import validate_name
@@ -53,6 +54,7 @@ app.add_typer(event_app, name="event")
 app.add_typer(backup_app, name="backup")
 app.add_typer(pool_app, name="pool")
 app.add_typer(disk_app, name="disk")
+app.add_typer(user_app, name="user")
 app.add_typer(snapshot_app, name="snapshot")
 
 # -- services -------------------------------------------------------------------------
