@@ -1,0 +1,675 @@
+"""The QEMU driver's core: runs each VM as a daemonized ``qemu-system-x86_64`` driven over QMP.
+
+QEMU runs with ``-daemonize``, so a VM never belongs to the agent's process
+group: killing the agent (even SIGKILL) leaves every VM running. Each VM has a
+runtime directory (sockets, pid file, the launch spec, an exit record); after
+a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
+files and checks the pid really is that guest's QEMU. A VM whose process is
+gone without an exit record is reported as crashed.
+
+This module has the lifecycle and the storage operations (the QMP steps of
+replication, mirrors, snapshots and backups are in their own modules); live
+migration is in :mod:`kasou.hypervisor.qemu.driver_migration`, and
+:class:`kasou.hypervisor.qemu.driver.QemuDriver` puts the two together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kasou.errors import (
+    Conflict,
+    KasouError,
+    MonitorError,
+    NotFound,
+    QemuStartError,
+    WrongState,
+)
+from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
+from kasou.hypervisor.base import (
+    Driver,
+    LaunchSpec,
+    MirrorStatus,
+    ReplicaExports,
+    ReplicaStatus,
+    RuntimeInfo,
+    RuntimeState,
+)
+from kasou.hypervisor.qemu import backups as qbackups
+from kasou.hypervisor.qemu import migration as mig
+from kasou.hypervisor.qemu import mirrors, process
+from kasou.hypervisor.qemu import replication as repl
+from kasou.hypervisor.qemu import runfiles as rf
+from kasou.hypervisor.qemu import snapshots as snap
+from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
+from kasou.hypervisor.qemu.monitor import Monitor
+from kasou.hypervisor.qemu.network import HostNetwork, tap_nics
+from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # QEMU initialises and daemonizes in well under a second; 60 s is a hung host
+QUIT_TIMEOUT = 10.0
+HEARTBEAT_FRESH_S = 5.0
+
+_GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)  # the guest lives here
+_ACTIVE = (*_GUEST, RuntimeState.INCOMING)  # a QEMU process of the VM runs here
+MIGRATED = "migrated"  # the exit reason of a source QEMU after a completed migration
+
+
+@dataclass
+class _Vm:
+    name: str
+    files: RuntimeFiles
+    pid: int
+    started_at: float | None
+    accelerator: str | None
+    state: RuntimeState = RuntimeState.RUNNING
+    monitor: Monitor | None = None
+    heartbeat_task: asyncio.Task[None] | None = None
+    last_heartbeat: float | None = None  # monotonic
+    guest_uptime: float | None = None
+    guest_ready: bool = False
+    exit_reason: str | None = None
+    expect_exit: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    outgoing: mig.Outgoing | None = None  # this host sends the VM away
+    incoming: mig.Incoming | None = None  # this host waits for the VM
+    taps: list[str] = field(default_factory=list)  # ids of the NICs that have a tap here (not on "user")
+
+    def info(self) -> RuntimeInfo:
+        age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
+        uptime = self.guest_uptime
+        if uptime is not None and age is not None and age < HEARTBEAT_FRESH_S and self.state in _GUEST:
+            uptime += age  # the guest's clock went on since its last line
+        return RuntimeInfo(
+            name=self.name,
+            state=self.state,
+            pid=self.pid if self.state in _ACTIVE else None,
+            started_at=self.started_at,
+            accelerator=self.accelerator,
+            guest_ready=self.guest_ready and self.state in _GUEST,
+            guest_uptime_s=None if uptime is None else round(uptime, 2),
+            heartbeat_age_s=None if age is None else round(age, 2),
+            exit_reason=self.exit_reason,
+        )
+
+
+class DriverCore(Driver):
+    """Runs VMs as QEMU processes on this host (all but live migration)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        serial_log_dir: Path,
+        images_dir: Path,
+        accelerator: str,
+        qemu_binary: str = "qemu-system-x86_64",
+        network: HostNetwork | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.network = network or HostNetwork()  # bridges and taps of NICs on named networks
+        self.serial_log_dir = serial_log_dir
+        self.images_dir = images_dir
+        self.accelerator = accelerator
+        self.qemu_binary = qemu_binary
+        self._vms: dict[str, _Vm] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._unplugging: set[asyncio.Task[None]] = set()
+        self._replica_exports = repl.QsdExports()
+        self._replica_watch = repl.StallWatch()
+        self._replica_guard: asyncio.Task[None] | None = None
+
+    # -- files -----------------------------------------------------------------------
+
+    def _files(self, name: str) -> RuntimeFiles:
+        return RuntimeFiles(dir=self.run_dir / name, serial_log=self.serial_log_dir / f"{name}.log")
+
+    def _boot_files(self, image: str | None) -> BootFiles | None:
+        if image is None:
+            return None
+        from kasou.image import load_image  # the image layer sits beside the driver
+
+        art = load_image(self.images_dir, image)
+        return BootFiles(kernel=art.kernel, initrd=art.initrd, kernel_args=art.kernel_args)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            yield
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def attach_all(self) -> list[str]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.serial_log_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_reaper()
+        found = []
+        for d in sorted(self.run_dir.iterdir()):
+            if not (d / "launch.json").exists() or d.name in self._vms:
+                continue
+            files = self._files(d.name)
+            pid = rf.read_pid(files.pidfile)
+            launched = rf.launch_spec(files)
+            taps = [n.id for n in tap_nics(launched.nics)] if launched is not None else []
+            if pid is not None and process.is_guest(pid, d.name):
+                vm = _Vm(d.name, files, pid, process.started_at(pid), rf.launch_accel(files), taps=taps)
+                self._vms[d.name] = vm
+                try:
+                    await self._monitor(vm)
+                    status = await vm.monitor.execute("query-status") if vm.monitor else {}
+                    vm.state = rf.state_of(status)
+                except KasouError as e:
+                    log.warning("VM %s runs but its monitor does not answer: %s", d.name, e)
+                self._restore_migration(vm)
+                self._start_heartbeat(vm)
+                if repl.load(files.dir) or mirrors.load(files.dir):
+                    self._ensure_replica_guard()
+                found.append(d.name)
+            else:
+                state, reason = rf.read_exit(files)
+                vm = _Vm(d.name, files, pid or 0, None, rf.launch_accel(files))
+                vm.state = state or RuntimeState.CRASHED
+                vm.exit_reason = reason or "its process ended while the agent was away"
+                saved = mig.load(files.migration)
+                vm.incoming = saved if isinstance(saved, mig.Incoming) else None
+                self._vms[d.name] = vm
+                await self._unplug(d.name, taps)  # its QEMU ended while the agent was away
+        return found
+
+    async def start(self, spec: LaunchSpec) -> RuntimeInfo:
+        async with self._lock(spec.name):
+            self._check_free(spec.name)
+            boot = self._boot_files(spec.image)
+            mirrored = [d for d in spec.disks if d.mirror]
+            # Mirrored disks get their second copy before the guest runs a single instruction.
+            launch = spec.model_copy(update={"paused": True}) if mirrored else spec
+            argv = build_argv(launch, self._files(spec.name), self.accelerator, boot, self.qemu_binary)
+            state = RuntimeState.PAUSED if launch.paused else RuntimeState.RUNNING
+            async with self._launch(spec, argv, state) as vm:
+                if mirrored:
+                    await self._attach_mirrors_at_start(vm, spec)
+                    if not spec.paused:
+                        await self._qmp(vm, "cont")
+                        vm.state = RuntimeState.RUNNING
+            return vm.info()
+
+    async def _attach_mirrors_at_start(self, vm: _Vm, spec: LaunchSpec) -> None:
+        """Attach each disk's second copy; one that cannot be opened leaves the disk degraded, the VM starts."""
+        for d in spec.disks:
+            if not d.mirror:
+                continue
+            try:
+                await mirrors.attach(self._exec(vm), vm.files.dir, spec.disks, d.id, d.mirror, d.mirror_sync)
+            except KasouError as e:
+                log.error("VM %s disk %s starts on one copy: %s", vm.name, d.id, e.message)
+                records = mirrors.load(vm.files.dir)
+                records[d.id] = mirrors.Mirrored(
+                    disk_id=d.id, source=d.path, target=None, since=time.time(),
+                    error=f"the second copy {d.mirror} could not be opened: {e.message}", failed=d.mirror,
+                    source_ino=mirrors.file_id(d.path),
+                )  # fmt: skip
+                mirrors.save(vm.files.dir, records)
+        self._ensure_replica_guard()
+
+    def _check_free(self, name: str) -> None:
+        """Refuse a second QEMU for a VM that runs here (known, or found by its pid file)."""
+        self._ensure_reaper()
+        current = self._vms.get(name)
+        if current is not None and current.state in _ACTIVE and process.alive(current.pid):
+            raise Conflict(f"VM {name!r} already runs on this host (pid {current.pid})")
+        stray = rf.read_pid(self._files(name).pidfile)
+        if stray is not None and process.is_guest(stray, name):
+            raise Conflict(f"VM {name!r} already runs on this host (pid {stray})")
+
+    @contextlib.asynccontextmanager
+    async def _launch(self, spec: LaunchSpec, argv: list[str], state: RuntimeState) -> AsyncIterator[_Vm]:
+        """Spawn QEMU and connect its monitor; the body finishes the set-up; the VM counts once it is done.
+
+        On any failure (here or in the body): no process, no runtime files, no record in memory.
+        """
+        files = self._files(spec.name)
+        shutil.rmtree(files.dir, ignore_errors=True)
+        files.dir.mkdir(parents=True, mode=0o700)
+        files.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
+        pid: int | None = None
+        vm: _Vm | None = None
+        taps = [n.id for n in tap_nics(spec.nics)]
+        try:
+            if taps:  # QEMU opens the taps by name: they must be on their bridges first
+                await asyncio.to_thread(self.network.plug, spec.name, spec.nics)
+            pid = await self._spawn(spec.name, argv, files)
+            vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state, taps=taps)
+            await self._monitor(vm)
+            yield vm
+            self._vms[spec.name] = vm
+            self._start_heartbeat(vm)
+        except BaseException:
+            if pid is not None:
+                await process.kill_hard(pid)
+            if vm is not None:
+                await self._detach(vm)
+            failed = self._vms.pop(spec.name, None)
+            if failed is not None:
+                await self._detach(failed)
+            await self._unplug(spec.name, taps)
+            shutil.rmtree(files.dir, ignore_errors=True)
+            raise
+
+    async def _spawn(self, name: str, argv: list[str], files: RuntimeFiles) -> int:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise QemuStartError(f"{argv[0]} is not installed on this host") from None
+        try:
+            _out, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            stray = rf.read_pid(files.pidfile)
+            if stray is not None:
+                await process.kill_hard(stray)
+            raise QemuStartError(f"QEMU for VM {name!r} did not start within {START_TIMEOUT:.0f} s") from None
+        if proc.returncode != 0:
+            lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"exit status {proc.returncode}"
+            why = why.split(": ", 1)[1] if why.startswith(argv[0]) and ": " in why else why
+            raise QemuStartError(f"QEMU refused to start VM {name!r}: {why}")
+        pid = rf.read_pid(files.pidfile)
+        if pid is None or not process.alive(pid):
+            raise QemuStartError(f"QEMU for VM {name!r} exited right after starting")
+        return pid
+
+    async def _monitor(self, vm: _Vm) -> None:
+        mon = Monitor(vm.name, vm.files.qmp, on_event=lambda ev, data: self._on_event(vm, ev, data))
+        await mon.connect()
+        vm.monitor = mon
+
+    def _on_event(self, vm: _Vm, event: str, data: dict[str, Any]) -> None:
+        if event == "SHUTDOWN":
+            reason = str(data.get("reason", "shutdown"))
+            vm.expect_exit = True
+            if vm.exit_reason == MIGRATED:
+                return  # its exit record says so already
+            vm.exit_reason = reason
+            with contextlib.suppress(OSError):
+                vm.files.exit.write_text(json.dumps({"reason": reason, "time": time.time()}))
+        elif event == "STOP" and vm.state == RuntimeState.RUNNING:
+            vm.state = RuntimeState.PAUSED
+        elif event == "RESUME" and vm.state == RuntimeState.PAUSED:
+            vm.state = RuntimeState.RUNNING
+        elif event == "BLOCK_IO_ERROR" and (vm.files.dir / mirrors.RECORD).exists():
+            task = asyncio.create_task(self._recover_io_error(vm), name=f"io-error-{vm.name}")
+            self._unplugging.add(task)  # kept referenced until done (close cancels it)
+            task.add_done_callback(self._unplugging.discard)
+        elif event == "RESET":
+            vm.guest_ready = False
+            vm.guest_uptime = None
+            vm.last_heartbeat = None
+
+    def _start_heartbeat(self, vm: _Vm) -> None:
+        vm.heartbeat_task = asyncio.create_task(self._read_heartbeat(vm), name=f"heartbeat-{vm.name}")
+
+    async def _read_heartbeat(self, vm: _Vm) -> None:
+        """Read ``hb <uptime>`` lines the guest writes on its virtio-serial port."""
+        while vm.state in _ACTIVE:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(vm.files.heartbeat)), 5.0)
+            except (TimeoutError, OSError):
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        break
+                    parts = line.decode(errors="replace").split()
+                    if len(parts) == 2 and parts[0] == "hb":
+                        with contextlib.suppress(ValueError):
+                            vm.guest_uptime = float(parts[1])
+                            vm.last_heartbeat = time.monotonic()
+                            vm.guest_ready = True
+            except (OSError, ValueError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            await asyncio.sleep(0.2)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap(), name="qemu-reaper")
+
+    async def _reap(self) -> None:
+        """Notice processes that ended: exited on request, or crashed."""
+        while True:
+            for vm in list(self._vms.values()):
+                if vm.state in _ACTIVE and not process.alive(vm.pid):
+                    await self._ended(vm, locked=False)
+            await asyncio.sleep(0.25)
+
+    def _mark_gone(self, vm: _Vm) -> None:
+        reason = vm.exit_reason or rf.read_exit(vm.files)[1]
+        if vm.expect_exit or reason:
+            vm.state = RuntimeState.EXITED
+            vm.exit_reason = reason or "stopped"
+        else:
+            vm.state = RuntimeState.CRASHED
+            vm.exit_reason = "the QEMU process ended unexpectedly"
+            if vm.incoming is not None:
+                vm.exit_reason = "the QEMU waiting for the incoming migration ended (the migration failed)"
+        with contextlib.suppress(OSError):
+            vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
+
+    async def _ended(self, vm: _Vm, locked: bool = True) -> None:
+        """Its QEMU is gone: record why, stop watching it and remove its taps.
+
+        ``locked``: the caller holds the VM's lock. Otherwise (the reaper, a status read) the taps
+        go in a task that waits for the lock, so they are never pulled from under a start of the
+        same VM that has just made them anew.
+        """
+        self._mark_gone(vm)
+        await self._detach(vm)
+        if locked:
+            await self._unplug(vm.name, vm.taps)
+        elif vm.taps:
+            task = asyncio.create_task(self._unplug_when_free(vm), name=f"unplug-{vm.name}")
+            self._unplugging.add(task)
+            task.add_done_callback(self._unplugging.discard)
+
+    async def _unplug_when_free(self, vm: _Vm) -> None:
+        async with self._lock(vm.name):
+            current = self._vms.get(vm.name)
+            if current is not None and current is not vm and current.state in _ACTIVE:
+                return  # started again meanwhile: the taps are its new QEMU's
+            await self._unplug(vm.name, vm.taps)
+
+    async def _unplug(self, name: str, taps: list[str]) -> None:
+        """Delete the taps of a VM whose QEMU is gone (bridges stay); a failure is logged, never raised."""
+        if not taps:
+            return
+        try:
+            await asyncio.to_thread(self.network.unplug, name, taps)
+        except Exception as e:
+            log.error("could not remove the taps of VM %s: %s", name, e.message if isinstance(e, KasouError) else e)
+
+    async def _detach(self, vm: _Vm) -> None:
+        if vm.heartbeat_task is not None:
+            vm.heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await vm.heartbeat_task
+            vm.heartbeat_task = None
+        if vm.monitor is not None:
+            await vm.monitor.close()
+            vm.monitor = None
+
+    # -- operations ------------------------------------------------------------------
+
+    def _running(self, name: str) -> _Vm:
+        """The VM whose guest lives here, for an operation on it (not while it migrates)."""
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _ACTIVE:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        if vm.state == RuntimeState.INCOMING:
+            raise WrongState(f"VM {name!r} is arriving by migration on this host; it does not run here yet")
+        if vm.outgoing is not None:
+            raise WrongState(f"VM {name!r} is migrating to another host; finish or abort that first")
+        return vm
+
+    async def _qmp(self, vm: _Vm, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if vm.monitor is None or not vm.monitor.connected:
+            await self._monitor(vm)
+        assert vm.monitor is not None
+        return await vm.monitor.execute(command, arguments)
+
+    async def powerdown(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            vm.expect_exit = True
+            await self._qmp(vm, "system_powerdown")
+            vm.state = RuntimeState.SHUTTING_DOWN
+
+    async def stop(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None:
+                raise NotFound(f"VM {name!r} is not running on this host")
+            if vm.state not in _ACTIVE:
+                return
+            vm.expect_exit = True
+            vm.exit_reason = vm.exit_reason or "stopped"
+            with contextlib.suppress(KasouError):
+                await self._qmp(vm, "quit")
+            if not await process.wait_gone(vm.pid, QUIT_TIMEOUT / 2):
+                await process.kill_hard(vm.pid, QUIT_TIMEOUT)
+            if process.alive(vm.pid):
+                raise QemuStartError(f"the QEMU process of VM {name!r} (pid {vm.pid}) will not end")
+            await self._ended(vm)
+
+    async def reset(self, name: str) -> None:
+        async with self._lock(name):
+            await self._qmp(self._running(name), "system_reset")
+
+    async def pause(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            await self._qmp(vm, "stop")
+            vm.state = RuntimeState.PAUSED
+
+    async def resume(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            await self._qmp(vm, "cont")
+            vm.state = RuntimeState.RUNNING
+
+    async def info(self, name: str) -> RuntimeInfo | None:
+        vm = self._vms.get(name)
+        if vm is not None and vm.state in _ACTIVE and not process.alive(vm.pid):
+            await self._ended(vm, locked=False)
+        return vm.info() if vm is not None else None
+
+    async def list(self) -> list[RuntimeInfo]:
+        out = []
+        for name in sorted(self._vms):
+            info = await self.info(name)
+            if info is not None:
+                out.append(info)
+        return out
+
+    async def forget(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is not None and vm.state in _ACTIVE and process.alive(vm.pid):
+                raise Conflict(f"VM {name!r} still runs; stop it first")
+            if vm is not None:
+                await self._detach(vm)
+            launched = rf.launch_spec(self._files(name))
+            taps = vm.taps if vm is not None else [n.id for n in tap_nics(launched.nics)] if launched else []
+            await self._unplug(name, taps)
+            self._vms.pop(name, None)
+            shutil.rmtree(self._files(name).dir, ignore_errors=True)
+
+    async def console_log(self, name: str, max_bytes: int = 65536) -> str:
+        path = self._files(name).serial_log
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            raise NotFound(f"VM {name!r} has no console output on this host") from None
+
+    # -- QMP for the helper modules ------------------------------------------------------
+
+    def _exec(self, vm: _Vm) -> mig.Execute:
+        async def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            return await self._qmp(vm, command, arguments)
+
+        return execute
+
+    def _restore_migration(self, vm: _Vm) -> None:
+        """After an agent restart: pick up a migration this host was part of (see driver_migration)."""
+
+    # -- disk replication (the QMP steps and the daemons are in replication.py) ----------------
+
+    async def attach_replica(
+        self, name: str, disk_id: str, nbd_host: str, nbd_port: int, export: str, timeout_s: float = 60.0
+    ) -> ReplicaStatus:
+        async with self._lock(name):
+            vm = self._running(name)
+            spec = rf.launch_spec(vm.files)
+            disks = spec.disks if spec is not None else []
+            await repl.attach(self._exec(vm), vm.pid, vm.files.dir, disks, disk_id, nbd_host, nbd_port, export)
+            self._ensure_replica_guard()
+        try:
+            if timeout_s > 0:
+                await repl.wait_in_sync(self._exec(vm), disk_id, timeout_s)
+        except BaseException:
+            with contextlib.suppress(KasouError):
+                await self.detach_replica(name, disk_id)
+            raise
+        return next(s for s in await self.replica_status(name) if s.disk_id == disk_id)
+
+    async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _GUEST:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        spec = rf.launch_spec(vm.files)
+        return await repl.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
+
+    async def detach_replica(self, name: str, disk_id: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None or vm.state not in _GUEST:
+                return  # its QEMU (and with it the mirror) is gone
+            await repl.detach(self._exec(vm), vm.pid, vm.files.dir, disk_id)
+            self._replica_watch.forget(name, disk_id)
+
+    def replica_exports(self) -> ReplicaExports:
+        return self._replica_exports
+
+    # -- snapshots (the QMP steps are in snapshots.py) -------------------------------------------
+
+    async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
+        async with self._lock(name):
+            vm = self._running(name)
+            return await snap.take_live(self._exec(vm), vm.files, name, req)
+
+    async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
+        async with self._lock(name):
+            vm = self._running(name)
+            return await snap.merge_live(self._exec(vm), vm.files, name, req)
+
+    async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
+        async with self._lock(spec.name):
+            self._check_free(spec.name)
+            boot = self._boot_files(spec.image)
+            uri = snap.restore_uri(state_path)
+            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary, incoming=uri)
+            async with self._launch(spec, argv, RuntimeState.PAUSED) as vm:
+                await snap.finish_restore(self._exec(vm), spec.paused)
+                vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
+            return vm.info()
+
+    # -- mirrored disks (RAID-1 on one host; the QMP steps are in mirrors.py) ----------------------
+
+    async def attach_mirror(self, name: str, disk_id: str, target: str, sync: str = "full") -> MirrorStatus:
+        async with self._lock(name):
+            vm = self._running(name)
+            spec = rf.launch_spec(vm.files)
+            disks = spec.disks if spec is not None else []
+            mode: mirrors.MirrorSync = "none" if sync == "none" else "full"
+            status = await mirrors.attach(self._exec(vm), vm.files.dir, disks, disk_id, target, mode)
+            self._ensure_replica_guard()
+            return status
+
+    async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _GUEST:
+            raise NotFound(f"VM {name!r} is not running on this host")
+        spec = rf.launch_spec(vm.files)
+        return await mirrors.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
+
+    async def detach_mirror(self, name: str, disk_id: str) -> None:
+        async with self._lock(name):
+            vm = self._vms.get(name)
+            if vm is None or vm.state not in _GUEST:
+                return
+            await mirrors.detach(self._exec(vm), vm.files.dir, disk_id)
+
+    async def _recover_io_error(self, vm: _Vm) -> None:
+        """A disk of ``vm`` paused on an I/O error: switch it to its second copy and resume (mirrors.py)."""
+        try:
+            for line in await mirrors.recover_io_errors(self._exec(vm), vm.files.dir):
+                log.error("VM %s: %s", vm.name, line)
+        except KasouError as e:
+            log.error("VM %s: cannot recover from an I/O error: %s", vm.name, e.message)
+
+    def _ensure_replica_guard(self) -> None:
+        if self._replica_guard is None or self._replica_guard.done():
+            self._replica_guard = asyncio.create_task(self._guard_replicas(), name="replica-guard")
+
+    async def _guard_replicas(self) -> None:
+        """Cut the connection of a replica that hangs, so the guest's writes go on (see replication.py);
+        act on a mirrored disk's copy that vanished or failed (see mirrors.py)."""
+        while True:
+            await asyncio.sleep(repl.GUARD_PERIOD_S)
+            for vm in list(self._vms.values()):
+                if vm.state in _GUEST and (vm.files.dir / mirrors.RECORD).exists():
+                    try:
+                        for line in await mirrors.watch(self._exec(vm), vm.files.dir):
+                            log.error("VM %s: %s", vm.name, line)
+                    except KasouError as e:
+                        log.warning("cannot watch the mirrored disks of VM %s: %s", vm.name, e.message)
+                if vm.state in _GUEST and (vm.files.dir / repl.RECORD).exists():
+                    try:
+                        await repl.guard(self._exec(vm), vm.name, vm.pid, vm.files.dir, self._replica_watch)
+                    except KasouError as e:
+                        log.warning("cannot watch the replicas of VM %s: %s", vm.name, e.message)
+
+    async def backup_disks(
+        self, name: str, backup_id: str, disks: builtins.list[BackupDisk], timeout_s: float = 1800.0
+    ) -> builtins.list[BackupDiskResult]:
+        async with self._lock(name):  # the QMP steps are in kasou.hypervisor.qemu.backups
+            return await qbackups.run(self._exec(self._running(name)), backup_id, disks, timeout_s)
+
+    async def close(self) -> None:
+        if self._replica_guard is not None:
+            self._replica_guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replica_guard
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for vm in list(self._vms.values()):
+            await self._detach(vm)
+        for task in list(self._unplugging):  # a VM found dead by the next attach_all is unplugged then
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+__all__ = ["DriverCore", "MonitorError"]
