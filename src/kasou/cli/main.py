@@ -19,6 +19,7 @@ from kasou.cli.backup import backup_app
 from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
 from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
+from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
 from kasou.cli.users import user_app
@@ -56,6 +57,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(disk_app, name="disk")
 app.add_typer(user_app, name="user")
 app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(plan_app, name="plan")
 
 # -- services -------------------------------------------------------------------------
 
