@@ -19,15 +19,13 @@ import contextlib
 import logging
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from kasou.agent.storage import DiskCreate
 from kasou.config import HaTimes
-from kasou.control import scheduler
+from kasou.control import scheduler, vm_create
 from kasou.control.backups import Backups
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
@@ -36,13 +34,12 @@ from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
 from kasou.control.mirrors import Mirrors, launch_disk
 from kasou.control.networks import Networks
-from kasou.control.pools import PoolRecord, Pools
+from kasou.control.pools import Pools
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.control.replication import Replication
 from kasou.control.snapshots import Snapshots
 from kasou.errors import (
     AgentUnavailable,
-    AlreadyExists,
     InsufficientResources,
     InvalidSpec,
     KasouError,
@@ -52,8 +49,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
-from kasou.model.pools import DEFAULT_POOL
-from kasou.model.spec import DiskSpec, MirrorCopy, NicSpec, VMCreate, VMUpdate, random_mac, validate_name
+from kasou.model.spec import MirrorCopy, NicSpec, VMCreate, VMUpdate, validate_name
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
 log = logging.getLogger(__name__)
@@ -492,174 +488,16 @@ class VMService:
     # -- create ----------------------------------------------------------------------
 
     async def create(self, spec: VMCreate) -> tuple[VMView, JobRecord]:
-        """Define a VM (and start it if asked). Returns at once; the disks are made by a job."""
-        spec.check()
-        if await self.store.get(vm_key(spec.name)) is not None:
-            raise AlreadyExists(f"a VM named {spec.name!r} already exists")
-        vlan = await self.networks.resolve(spec.network)
-        loads = await self._check_fits_some_host(spec.vcpus, spec.memory_mib)
-        template: VMRecord | None = None
-        if spec.template is not None:
-            try:
-                template = await self._record(spec.template)
-            except NotFound:
-                raise InvalidSpec(f"unknown template {spec.template!r}", field="template") from None
-            if template.state != VMState.TEMPLATE:
-                raise InvalidSpec(
-                    f"{spec.template!r} is not a template; make it one with: kasou vm template {spec.template}",
-                    field="template",
-                )
-            host = template.host  # a linked clone lives where its template's disks are
-            image = template.image
-        else:
-            image = spec.image
-            req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
-            try:
-                host = scheduler.place(req, loads, self.vcpu_ratio).name
-            except InsufficientResources:
-                if spec.start:
-                    raise
-                # a VM defined but not started needs only disk space now; it is admitted when started
-                host = max(loads, key=lambda h: h.memory_free_mib).name
-            images = await self.agents.get(host).images()
-            if image not in images:
-                built = ", ".join(images) or "none"
-                raise InvalidSpec(
-                    f"unknown image {image!r} (built: {built}; build one with: kasou image build tiny)",
-                    field="image",
-                )
-        job_id = _job_id()
-        rec = VMRecord(
-            name=spec.name,
-            uuid=str(uuid.uuid4()),
-            vcpus=spec.vcpus,
-            memory_mib=spec.memory_mib,
-            image=image,
-            template=spec.template,
-            description=spec.description,
-            anti_affinity=spec.anti_affinity,
-            ha=spec.ha,
-            priority=spec.priority,
-            replicated=spec.storage == "replicated",
-            nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
-            state=VMState.CREATING,
-            host=host,
-            job=job_id,
-        )
-        if spec.start:
-            await self._admit(rec)
-        pools, room = await self._disk_pools(spec, host, image)
-        await room.__aenter__()  # a pool without room for the disk refuses the create here, with its numbers
-        try:
-            try:
-                await self.store.create(vm_key(spec.name), rec.model_dump(mode="json"))
-            except StoreConflict:
-                raise AlreadyExists(f"a VM named {spec.name!r} already exists") from None
-            if not await self.networks.usable(spec.network):  # deleted since it was resolved above
-                await self.store.delete(vm_key(spec.name))
-                raise InvalidSpec(f"network {spec.network!r} was deleted meanwhile", field="network")
-        except BaseException:
-            await room.__aexit__(None, None, None)
-            raise
+        """Define a VM (and start it if asked). Returns at once; the disks are made by a job (see vm_create)."""
+        return await vm_create.create(self, spec)
 
-        async def run(ctx: JobContext) -> dict[str, Any]:
-            async with _release_after(room):
-                return await make(ctx)
-
-        async def make(ctx: JobContext) -> dict[str, Any]:
-            made: list[str] = []
-            try:
-                await ctx.progress(0.1, "creating disk")
-                agent = self.agents.get(host)
-                if template is not None:
-                    base = template.disks[0]
-                    dreq = DiskCreate(
-                        vm=spec.name,
-                        disk_id="disk0",
-                        size_bytes=spec.disk_bytes,
-                        source="overlay",
-                        backing=base.path,
-                    )
-                else:
-                    dreq = DiskCreate(
-                        vm=spec.name,
-                        disk_id="disk0",
-                        size_bytes=spec.disk_bytes,
-                        source="image",
-                        image=image,
-                        shared=spec.storage == "shared" or pools[0].shared,
-                        pool=pools[0].name if pools[0].path is not None else None,
-                        pool_path=pools[0].path,
-                    )
-                info = await agent.create_disk(dreq)
-                made.append(info.path)
-                mirror = None
-                if len(pools) == 2:  # RAID-1: the second copy is made the same way, so the two start equal
-                    await ctx.progress(0.3, f"creating the disk's second copy in pool {pools[1].name}")
-                    second = await agent.create_disk(dreq.model_copy(update={
-                        "pool": pools[1].name, "pool_path": pools[1].path, "shared": pools[1].shared,
-                    }))  # fmt: skip
-                    made.append(second.path)
-                    mirror = MirrorCopy(pool=pools[1].name, path=second.path, state="in_sync", clean=True,
-                                        since=time.time())  # fmt: skip
-                disk = DiskSpec(
-                    id="disk0",
-                    size_bytes=info.size_bytes,
-                    format=info.format,
-                    path=info.path,
-                    backing=info.backing if template is not None else None,
-                    linked=template is not None,
-                    shared=dreq.shared,
-                    pool=pools[0].name,
-                    mirror=mirror,
-                )
-                cur = await self._set(spec.name, state=VMState.STOPPED, disks=[disk])
-                await self.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec, vlan))
-                if spec.start:
-                    await ctx.progress(0.5, "starting")
-                    await self._do_start(cur)
-                await ctx.progress(1.0, "done")
-                return {"vm": spec.name, "host": host}
-            except BaseException:
-                await self._undo_create(spec.name, host, made)
-                raise
-
-        job = await self._submit("create", spec.name, run, job_id)
-        return self._view(rec, None, True), job
-
-    async def _disk_pools(
-        self, spec: VMCreate, host: str | None, image: str | None
-    ) -> tuple[list[PoolRecord], contextlib.AbstractAsyncContextManager[None]]:
-        """The pools of the new VM's disk (two if mirrored) and the room held in them, checked now."""
-        names = spec.mirror or [spec.pool or DEFAULT_POOL]
-        try:
-            pools = [await self.pools.get_record(n) for n in names]
-        except NotFound as e:
-            raise InvalidSpec(e.message, field="mirror" if spec.mirror else "pool") from None
-        if len(pools) == 2 and pools[0].shared != pools[1].shared:
-            raise InvalidSpec("both copies of a mirror must be on shared pools or both on local ones", field="mirror")
-        if spec.storage == "shared" or spec.template is not None or host is None or image is None:
-            return pools, contextlib.nullcontext()  # the shared directory, or an overlay on its template's disk
-        info = await self.agents.get(host).image_info(image)
-        size = max(spec.disk_bytes or 0, int(info["disk_size_bytes"]))
-        room = self.pools.reserve([(p.name, host, size, int(info["allocated_bytes"])) for p in pools])
-        return pools, room
+    @staticmethod
+    def new_job_id() -> str:
+        return _job_id()
 
     async def _undo_create(self, name: str, host: str | None, disk_paths: list[str]) -> None:
-        """Leave nothing of a failed create: no process, no disk, no record, no ledger."""
-        with contextlib.suppress(KasouError):
-            agent = self.agents.get(host)
-            with contextlib.suppress(KasouError):
-                info = await agent.info(name)
-                if info.state not in (RuntimeState.EXITED, RuntimeState.CRASHED):
-                    await agent.action(name, "stop")
-            with contextlib.suppress(KasouError):
-                await agent.forget(name)
-            for p in disk_paths:
-                with contextlib.suppress(KasouError):
-                    await agent.delete_disk(p)
-        await self.store.delete(vm_key(name))
-        await self.ledger.forget(name)
+        """Leave nothing of a failed create (or restore): no process, no disk, no record, no ledger."""
+        await vm_create.undo_create(self, name, host, disk_paths)
 
     # -- start and the power actions -------------------------------------------------
 
@@ -862,20 +700,5 @@ class VMService:
         return await self.ledger.history(name)
 
 
-@contextlib.asynccontextmanager
-async def _release_after(room: contextlib.AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
-    """Hold the room taken in a pool (entered already) until the body ends."""
-    try:
-        yield
-    finally:
-        await room.__aexit__(None, None, None)
-
-
 def _job_id() -> str:
     return "j" + secrets.token_hex(5)
-
-
-def _defined_detail(spec: VMCreate, vlan: int | None = None) -> str:
-    src = f"linked clone of {spec.template}" if spec.template else f"image {spec.image}"
-    net = f", network {spec.network}" + (f" (VLAN {vlan})" if vlan is not None else "")
-    return f"{spec.vcpus} vCPU, {spec.memory_mib} MiB, {src}{net}"
