@@ -40,6 +40,7 @@ from kasou.errors import AgentUnavailable
 from kasou.model.spec import NetworkCreate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
+from kasou.web import web_routes
 from kasou.wire import install_error_handlers
 
 
@@ -318,6 +319,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
 
     @app.get("/", include_in_schema=False)
     async def root() -> JSONResponse:
-        return JSONResponse({"name": "kasou", "version": __version__, "api": "/v1", "docs": "/docs"})
+        return JSONResponse({"name": "kasou", "version": __version__, "api": "/v1", "docs": "/docs", "ui": "/ui/"})
+
+    app.include_router(web_routes())
 
     return app

@@ -1,0 +1,62 @@
+"""kasou's web UI: static pages served by the API server, talking to the same ``/v1`` API.
+
+No build step and nothing fetched at run time: plain HTML, CSS and ES modules in ``static/``,
+noVNC from Debian's ``novnc`` package (``/usr/share/novnc``). Pages sign in with a session
+cookie (``POST /v1/auth/login``) and send ``x-kasou-csrf: 1`` with every change.
+
+* ``/ui/`` — the operators' dashboard (hosts, VMs, pools, desktops, jobs, events, metrics);
+* ``/ui/console.html?vm=NAME`` — a VM's console (noVNC over the API's websocket proxy);
+* ``/ui/portal.html`` — the desktop portal for clinicians ("open my desktop").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response
+
+from kasou.errors import NotFound
+
+STATIC = Path(__file__).resolve().parent / "static"
+NOVNC = Path(os.environ.get("KASOU_NOVNC_DIR", "/usr/share/novnc"))
+_TYPES = {
+    ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css",
+    ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json", ".ico": "image/x-icon",
+}  # fmt: skip
+#: Every page: no framing by other sites, no inline script from elsewhere, nothing cached that holds data.
+HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self' ws: wss:; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+def _file(root: Path, rel: str) -> Response:
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents or not path.is_file():
+        raise NotFound(f"no such page: {rel}")
+    media = _TYPES.get(path.suffix, "application/octet-stream")
+    return FileResponse(path, media_type=media, headers=HEADERS)
+
+
+def web_routes() -> APIRouter:
+    r = APIRouter(include_in_schema=False)
+
+    @r.get("/ui/")
+    async def index() -> Response:
+        return _file(STATIC, "index.html")
+
+    @r.get("/ui/novnc/{path:path}")
+    async def novnc(path: str) -> Response:
+        return _file(NOVNC, path)
+
+    @r.get("/ui/{path:path}")
+    async def static(path: str) -> Response:
+        return _file(STATIC, path)
+
+    return r
