@@ -15,8 +15,8 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from kasou.cli.common import client, err, fail, follow, out, print_json, say
-from kasou.errors import InvalidSpec, KasouError
+from kasou.cli.common import client, err, follow, out, print_json, say
+from kasou.errors import AlreadyExists, InvalidSpec, KasouError
 
 
 class _DefaultCommandGroup(TyperGroup):
@@ -182,15 +182,15 @@ def plan_apply(
     try:
         plan = json.loads(plan_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        fail(f"plan {plan_file} does not exist")
+        raise InvalidSpec(f"plan {plan_file} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"plan {plan_file} is not readable JSON: {e}")
+        raise InvalidSpec(f"plan {plan_file} is not readable JSON: {e}") from None
     bodies = _bodies(plan, image, disks, network, storage, ha)
     c = client()
     existing = {v["name"] for v in c.get("/v1/vms")}
     clash = [b["name"] for b in bodies if b["name"] in existing]
     if clash:
-        fail(f"{len(clash)} VM name(s) of the plan exist already: {', '.join(clash)}; nothing created")
+        raise AlreadyExists(f"{len(clash)} VM name(s) of the plan exist already: {', '.join(clash)}; nothing created")
     made: list[str] = []
     current = ""
     try:
@@ -201,7 +201,9 @@ def plan_apply(
             follow(c, res["job"], f"creating {current}")
     except KasouError as e:
         undone = _undo(c, made)
-        fail(f"creating {current} failed: {e.message}; removed the {undone} VM(s) this apply had made")
+        raise type(e)(
+            f"creating {current} failed: {e.message}; removed the {undone} VM(s) this apply had made"
+        ) from None
     vms = {v["name"]: v for v in c.get("/v1/vms") if v["name"] in set(made)}
     if as_json:
         print_json([{"name": n, "host": vms.get(n, {}).get("host"), "state": vms.get(n, {}).get("state")}

@@ -138,7 +138,10 @@ class _Row:
         below = value <= low if low_open else value < low
         if below or value > high:
             rel = ">" if low_open else ">="
-            rng = f"{rel} {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            if high == math.inf:
+                rng = f"{rel} {low:g}"
+            else:
+                rng = f"> {low:g} and at most {high:g}" if low_open else f"between {low:g} and {high:g}"
             self.bad(f"{col} must be {rng}, not {self.text(col)}")
             return low
         return value
