@@ -39,12 +39,13 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from kasou.errors import Conflict, HypervisorError, InvalidSpec, KasouError, MonitorError, OperationTimeout
 from kasou.hypervisor.base import LaunchDisk, MirrorStatus, validate_disk_id
+from kasou.hypervisor.qemu import runfiles
 from kasou.hypervisor.qemu.migration import Execute
 from kasou.hypervisor.qemu.replication import job_failure
 
@@ -93,13 +94,7 @@ def load(run_dir: Path) -> dict[str, Mirrored]:
 
 
 def save(run_dir: Path, records: dict[str, Mirrored]) -> None:
-    path = run_dir / RECORD
-    if not records:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({d: asdict(r) for d, r in records.items()}))
-    tmp.replace(path)
+    runfiles.save_records(run_dir / RECORD, records)
 
 
 def file_id(path: str | None) -> tuple[int, int] | None:
@@ -243,18 +238,24 @@ async def _end_job(execute: Execute, disk_id: str) -> None:
     """Cancel the job (force: the second copy is abandoned) and dismiss it, bounded."""
     with contextlib.suppress(MonitorError):
         await execute("block-job-cancel", {"device": job_id(disk_id), "force": True})
+    await _conclude(execute, disk_id, CANCEL_S, f"the mirror of disk {disk_id} did not stop")
+
+
+async def _conclude(execute: Execute, disk_id: str, limit_s: float, late: str) -> dict[str, Any] | None:
+    """Wait (at most ``limit_s``) until the disk's job has ended, then dismiss it; the job as it ended."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     while True:
         job = _job(await execute("query-block-jobs"), disk_id)
         if job is None or job.get("status") == "concluded":
             break
-        if loop.time() - t0 > CANCEL_S:
-            raise OperationTimeout(f"the mirror of disk {disk_id} did not stop within {CANCEL_S:.0f} s")
-        await asyncio.sleep(0.05)
+        if loop.time() - t0 > limit_s:
+            raise OperationTimeout(f"{late} within {limit_s:.0f} s")
+        await asyncio.sleep(0.01)
     if job is not None:
         with contextlib.suppress(MonitorError):
             await execute("job-dismiss", {"id": job_id(disk_id)})
+    return job
 
 
 async def _drop_nodes(execute: Execute, node: str) -> None:
@@ -303,20 +304,9 @@ async def switch_over(execute: Execute, run_dir: Path, disk_id: str, why: str) -
         return False
     old_node = await device_node(execute, disk_id)
     await execute("block-job-complete", {"device": job_id(disk_id)})
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    while True:
-        job = _job(await execute("query-block-jobs"), disk_id)
-        if job is None or job.get("status") == "concluded":
-            break
-        if loop.time() - t0 > PIVOT_S:
-            raise OperationTimeout(f"disk {disk_id} did not switch to its second copy within {PIVOT_S:.0f} s")
-        await asyncio.sleep(0.01)
-    if job is not None:
-        with contextlib.suppress(MonitorError):
-            await execute("job-dismiss", {"id": job_id(disk_id)})
-        if job.get("error"):
-            raise HypervisorError(f"disk {disk_id} could not switch to its second copy: {job['error']}")
+    job = await _conclude(execute, disk_id, PIVOT_S, f"disk {disk_id} did not switch to its second copy")
+    if job is not None and job.get("error"):
+        raise HypervisorError(f"disk {disk_id} could not switch to its second copy: {job['error']}")
     records[disk_id] = Mirrored(
         disk_id=disk_id,
         source=rec.target,

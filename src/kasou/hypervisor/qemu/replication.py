@@ -88,13 +88,13 @@ import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kasou.errors import Conflict, HypervisorError, InvalidSpec, KasouError, MonitorError, OperationTimeout
 from kasou.hypervisor.base import LaunchDisk, ReplicaExports, ReplicaStatus, validate_disk_id
-from kasou.hypervisor.qemu import process
+from kasou.hypervisor.qemu import process, runfiles
 from kasou.hypervisor.qemu.migration import PORT_ATTEMPTS, Execute, free_port
 
 log = logging.getLogger(__name__)
@@ -256,13 +256,7 @@ def load(run_dir: Path) -> dict[str, Attached]:
 
 
 def save(run_dir: Path, records: dict[str, Attached]) -> None:
-    path = run_dir / RECORD
-    if not records:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({d: asdict(r) for d, r in records.items()}))
-    tmp.replace(path)
+    runfiles.save_records(run_dir / RECORD, records)
 
 
 # -- pure helpers -------------------------------------------------------------------------

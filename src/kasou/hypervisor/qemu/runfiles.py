@@ -1,8 +1,10 @@
-"""What a VM's runtime directory on its host says: its pid, exit record and launch spec (pure file reads)."""
+"""What a VM's runtime directory on its host says: its pid, exit record and launch spec, and small records
+(replicas, mirrors) saved there atomically."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,13 @@ def state_of(status: Any) -> RuntimeState:
     if s == "running":
         return RuntimeState.RUNNING
     return RuntimeState.PAUSED
+
+
+def save_records(path: Path, records: dict[str, Any]) -> None:
+    """Write ``{key: dataclass}`` as JSON at ``path`` atomically (a rename); no records: no file."""
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: dataclasses.asdict(r) for k, r in records.items()}))
+    tmp.replace(path)
