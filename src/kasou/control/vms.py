@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from kasou.config import HaTimes
 from kasou.control import scheduler, vm_create
 from kasou.control.backups import Backups
+from kasou.control.desktops import Desktops
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
@@ -133,6 +134,7 @@ class VMService:
         self.backups = Backups(self)  # kasou.control.backups
         self.pools = Pools(self)
         self.mirrors = Mirrors(self)
+        self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
