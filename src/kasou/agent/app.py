@@ -48,6 +48,7 @@ from kasou.hypervisor.snapshots import (
     SnapshotTake,
     SnapshotTaken,
 )
+from kasou.hypervisor.stats import StatsReport, host_stats
 from kasou.wire import install_error_handlers
 
 
@@ -316,6 +317,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.post("/agent/v1/disks/delete")
     async def delete_disk(body: dict[str, str]) -> dict[str, bool]:
         return {"existed": await agent.disks.delete(body.get("path", ""))}
+
+    @app.get("/agent/v1/stats")
+    async def stats() -> StatsReport:
+        """This host's CPU, load and memory, and the counters of every VM running here."""
+        return StatsReport(host=host_stats(agent.host), vms=await d.stats())
 
     @app.get("/agent/v1/ping")
     async def ping() -> dict[str, str]:

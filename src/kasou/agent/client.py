@@ -36,6 +36,7 @@ from kasou.hypervisor.snapshots import (
     SnapshotTake,
     SnapshotTaken,
 )
+from kasou.hypervisor.stats import StatsReport
 from kasou.wire import raise_for_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -262,6 +263,9 @@ class AgentClient:
 
     async def delete_disk(self, path: str) -> bool:
         return bool((await self._call("POST", "/disks/delete", json={"path": path})).json()["existed"])
+
+    async def stats(self, timeout: float = 10.0) -> StatsReport:
+        return StatsReport.model_validate((await self._call("GET", "/stats", timeout=timeout)).json())
 
     async def ping(self, timeout: float = 5.0) -> bool:
         try:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kasou.errors import HypervisorError, InvalidSpec
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
+from kasou.hypervisor.stats import VmStats
 from kasou.model.spec import NicSpec
 
 
@@ -441,6 +442,12 @@ class Driver(abc.ABC):
         The guest goes on running. On failure no target file, block node, job or new bitmap is left.
         """
         raise HypervisorError(f"{type(self).__name__} cannot back up running VMs")
+
+    # -- resource figures (optional; see kasou.hypervisor.stats) -----------------------------------
+
+    async def stats(self) -> builtins.list[VmStats]:
+        """CPU, memory, disk and network counters of every VM whose guest runs here (bounded)."""
+        raise HypervisorError(f"{type(self).__name__} cannot measure VMs")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

@@ -65,6 +65,7 @@ from kasou.hypervisor.snapshots import (
     memory_path,
     overlay_path,
 )
+from kasou.hypervisor.stats import DiskIO, NicIO, VmStats
 
 _GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
 _ACTIVE = (*_GUEST, RuntimeState.INCOMING)
@@ -600,6 +601,32 @@ class FakeDriver(Driver):
         info = await self.start(spec)
         self._set(spec.name, info.state, guest_uptime_s=saved.get("guest_uptime_s"))
         return self.vms[spec.name]
+
+    async def stats(self) -> builtins.list[VmStats]:
+        """Plausible figures that grow with the time each VM has run (a few % CPU, 60 % of memory resident)."""
+        now, out = time.time(), []
+        for name in sorted(self.vms):
+            info, spec = self.vms[name], self.specs.get(name)
+            if info.state not in _GUEST or spec is None:
+                continue
+            t = max(0.0, now - (info.started_at or now))
+            disks = [
+                DiskIO(id=d.id, read_bytes=int(t * 40_000), write_bytes=int(t * 10_000), read_ops=int(t * 10),
+                       write_ops=int(t * 3))
+                for d in spec.disks
+            ]  # fmt: skip
+            nics = [
+                NicIO(id=n.id, device=None, counted=False)
+                if n.network == "user"
+                else NicIO(id=n.id, device=f"kt-{name[:6]}{n.id}", rx_bytes=int(t * 2_000), tx_bytes=int(t * 5_000),
+                           rx_packets=int(t * 20), tx_packets=int(t * 40))
+                for n in spec.nics
+            ]  # fmt: skip
+            rss = spec.memory_mib * 1024 * 1024 * 6 // 10
+            cpu = round(t * 0.05 * spec.vcpus, 3)
+            out.append(VmStats(name=name, state=info.state.value, taken_at=now, cpu_seconds=cpu, rss_bytes=rss,
+                               disks=disks, nics=nics))  # fmt: skip
+        return out
 
 
 def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:

@@ -9,7 +9,7 @@ gone without an exit record is reported as crashed.
 
 The class is put together from :mod:`kasou.hypervisor.qemu.driver_core` (lifecycle,
 replication, mirrors, snapshots, backups) and :mod:`kasou.hypervisor.qemu.driver_migration`
-(live migration, both sides).
+(live migration, both sides) and :mod:`kasou.hypervisor.qemu.stats` (resource figures).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from __future__ import annotations
 from kasou.errors import MonitorError
 from kasou.hypervisor.qemu.driver_core import HEARTBEAT_FRESH_S, MIGRATED, QUIT_TIMEOUT, START_TIMEOUT, _Vm
 from kasou.hypervisor.qemu.driver_migration import MigrationOps
+from kasou.hypervisor.qemu.stats import StatsOps
 
 
-class QemuDriver(MigrationOps):
+class QemuDriver(MigrationOps, StatsOps):
     """Runs VMs as QEMU processes on this host."""
 
 

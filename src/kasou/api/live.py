@@ -1,0 +1,115 @@
+"""Live updates as server-sent events (``text/event-stream``), for the web UI and scripts.
+
+* ``GET /v1/jobs/{job_id}/events``: one ``job`` event (the whole job record as JSON) each time the
+  job changes (state, progress, step), then ``end`` once it has ended. Bounded: after ``timeout``
+  seconds (default 900) a ``timeout`` event ends the stream; the client may open it again.
+* ``GET /v1/events/stream``: each operator event (degraded disk, pool low on space, failed backup,
+  ...) as it is raised (``event``), bounded the same way.
+
+A comment line (``: keep-alive``) goes out every 15 s so proxies keep the connection. Every stream
+needs the "read" permission, like every other ``GET /v1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from kasou.api.auth import Principal
+
+POLL_S = 0.2
+EVENTS_POLL_S = 1.0
+KEEPALIVE_S = 15.0
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+def sse(event: str, data: Any, event_id: int | None = None) -> str:
+    """One server-sent event; ``data`` as compact JSON on a single line."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def live_routes(svc: Callable[[], Any], principal: Callable[[Request], Awaitable[Principal]]) -> APIRouter:
+    async def may_read(request: Request) -> None:
+        (await principal(request)).require("read")
+
+    r = APIRouter(prefix="/v1", dependencies=[Depends(may_read)])
+
+    @r.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "job, end and timeout events"}},
+    )
+    async def job_events(
+        job_id: str, request: Request, timeout: float = Query(900.0, gt=0, le=3600)
+    ) -> StreamingResponse:
+        """The job's record each time it changes, until it ends (``end``) or ``timeout`` seconds pass."""
+        jobs = svc().jobs
+        first = await jobs.get(job_id)  # an unknown job is a 404 before any stream starts
+
+        async def stream() -> AsyncIterator[str]:
+            deadline = time.monotonic() + timeout
+            last, n, beat = "", 0, time.monotonic()
+            rec = first
+            while True:
+                body = rec.model_dump(mode="json")
+                text = json.dumps(body, sort_keys=True)
+                if text != last:
+                    last, n, beat = text, n + 1, time.monotonic()
+                    yield sse("job", body, n)
+                if rec.done:
+                    yield sse("end", {"id": rec.id, "state": rec.state.value}, n + 1)
+                    return
+                if time.monotonic() >= deadline:
+                    yield sse("timeout", {"id": rec.id, "after_s": timeout})
+                    return
+                if time.monotonic() - beat >= KEEPALIVE_S:
+                    beat = time.monotonic()
+                    yield ": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(POLL_S)
+                rec = await jobs.get(job_id)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @r.get(
+        "/events/stream",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "event and timeout events"}},
+    )
+    async def event_stream(request: Request, timeout: float = Query(300.0, gt=0, le=3600)) -> StreamingResponse:
+        """Operator events as they are raised from now on, for ``timeout`` seconds."""
+        events = svc().vms.events
+        seen = {(e.time, e.kind, e.subject) for e in await events.list(None, None, 500)}
+
+        async def stream() -> AsyncIterator[str]:
+            deadline = time.monotonic() + timeout
+            beat = time.monotonic()
+            n = 0
+            yield ": connected\n\n"
+            while time.monotonic() < deadline:
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(EVENTS_POLL_S)
+                for e in await events.list(None, None, 500):
+                    key = (e.time, e.kind, e.subject)
+                    if key not in seen:
+                        seen.add(key)
+                        n += 1
+                        beat = time.monotonic()
+                        yield sse("event", e.model_dump(mode="json"), n)
+                if time.monotonic() - beat >= KEEPALIVE_S:
+                    beat = time.monotonic()
+                    yield ": keep-alive\n\n"
+            yield sse("timeout", {"after_s": timeout})
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    return r
