@@ -1,0 +1,265 @@
+"""The audit chain: append, verify, and every kind of tampering detected and located; on SQLite and etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kasou.control.audit import AuditLog, chain, keys
+from kasou.store.base import Store
+from tests.unit.test_store_contract import Opener, etcd_endpoints, open_store  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestAssertRewriteWarning")
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> AsyncIterator[Store]:  # noqa: F811
+    s = open_store()
+    yield s
+    await s.close()
+
+
+def make_log(store: Store, tmp_path: Path, every: int = 5, **kw: object) -> AuditLog:
+    return AuditLog(store, key_path=tmp_path / "audit.key", host="h1", checkpoint_every=every,
+                    checkpoint_minutes=60, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+async def fill(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        await log.append("POST /v1/vms", actor={"name": "root", "role": "admin", "via": "token"}, source="10.0.0.9",
+                         target=f"vms/vm{i}", status=202, details={"i": i})  # fmt: skip
+
+
+async def raw(store: Store, seq: int) -> dict:
+    e = await store.get(chain.seq_key(seq))
+    assert e is not None
+    return dict(e.value)
+
+
+async def test_append_and_verify(store: Store, tmp_path: Path) -> None:
+    log = make_log(store, tmp_path)
+    assert (await log.verify()).ok
+    await fill(log, 12)
+    rep = await log.verify()
+    assert rep.ok and rep.problem is None, rep
+    assert (rep.records, rep.first_seq, rep.last_seq, rep.checkpoints, rep.last_checkpoint, rep.unsealed) == (
+        12, 1, 12, 2, 10, 2)  # fmt: skip
+    r1, r2 = await raw(store, 1), await raw(store, 2)
+    assert r1["prev_hash"] == chain.GENESIS and r2["prev_hash"] == r1["hash"]
+    assert r1["actor"] == {"name": "root", "role": "admin", "via": "token"} and r1["host"] == "h1"
+    assert r1["time"].endswith("Z") and r1["result"] == {"ok": True, "status": 202, "code": None, "message": ""}
+    assert r1["clock"] in ("synced", "unsynced", "unknown")
+    assert oct((tmp_path / "audit.key").stat().st_mode & 0o777) == "0o600"
+    # A second writer (another API server) on the same store continues the same chain.
+    other = make_log(store, tmp_path)
+    await other.append("login", target="users/bob")
+    await log.append("logout", target="users/bob")  # its cached head is stale: it follows the chain
+    rep = await log.verify()
+    assert rep.ok and rep.last_seq == 14, rep
+    assert log.stats["conflicts"] == 1
+    assert [r["action"] for r in await log.records(action="log")] == ["login", "logout"]
+    assert len(await log.records(target="vms/vm1")) == 3  # vm1, vm10, vm11: a prefix
+    assert len(await log.records(actor="root")) == 12
+
+
+async def test_concurrent_appends_make_one_chain(store: Store, tmp_path: Path) -> None:
+    a, b = make_log(store, tmp_path, every=7), make_log(store, tmp_path, every=7)
+    await asyncio.gather(fill(a, 15), fill(b, 15), fill(a, 5))
+    rep = await a.verify()
+    assert rep.ok and rep.records == 35, rep
+
+
+async def test_secrets_are_redacted(store: Store, tmp_path: Path) -> None:
+    log = make_log(store, tmp_path)
+    await log.append("POST /v1/users", details={"body": {"name": "bob", "password": "hunter2-secret",
+                     "nested": [{"api_token": "tok-123"}], "vnc_ticket": "tkt", "Cookie": "c"}})  # fmt: skip
+    text = str(await raw(store, 1))
+    for secret in ("hunter2-secret", "tok-123", "tkt", "'c'"):
+        assert secret not in text
+    assert (await raw(store, 1))["details"]["body"]["name"] == "bob"
+    await log.append("x", details={"blob": ["y" * 400] * 40})
+    assert (await raw(store, 2))["details"] == {"truncated": True, "keys": ["blob"]}
+
+
+# -- tampering: each kind found, at the right place -------------------------------------------
+
+
+async def tampered(store: Store, tmp_path: Path, n: int = 12) -> AuditLog:
+    log = make_log(store, tmp_path)
+    await fill(log, n)
+    assert (await log.verify()).ok
+    return log
+
+
+async def test_edited_record(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    v = await raw(store, 7)
+    v["actor"]["name"] = "someone-else"
+    await store.put(chain.seq_key(7), v)
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("edited", 7) and "changed" in p.message
+
+
+async def test_edited_record_with_its_hash_recomputed(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    v = await raw(store, 7)
+    v["result"]["ok"] = False
+    v["hash"] = chain.digest(v)
+    await store.put(chain.seq_key(7), v)
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("reordered", 8) and "record 7 was rewritten" in p.message
+
+
+async def test_deleted_record(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    await store.delete(chain.seq_key(4))
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("deleted", 4) and "goes on at 5" in p.message
+
+
+async def test_deleted_first_records(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    await store.delete(chain.seq_key(1))
+    await store.delete(chain.seq_key(2))
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("deleted", 1) and "records 1 to 2" in p.message
+
+
+async def test_swapped_records(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    a, b = await raw(store, 5), await raw(store, 6)
+    await store.put(chain.seq_key(5), b)
+    await store.put(chain.seq_key(6), a)
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("reordered", 5) and "says it is record 6" in p.message
+
+
+async def test_swapped_records_renumbered(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    a, b = await raw(store, 5), await raw(store, 6)
+    a["seq"], b["seq"] = 6, 5
+    a["hash"], b["hash"] = chain.digest(a), chain.digest(b)
+    await store.put(chain.seq_key(5), b)
+    await store.put(chain.seq_key(6), a)
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("reordered", 5) and "prev_hash" in p.message
+
+
+async def test_truncated_tail(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)  # checkpoints at 5 and 10
+    for seq in (9, 10, 11, 12):
+        await store.delete(chain.seq_key(seq))
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("truncated", 9) and "records 9 to 10 were deleted" in p.message
+
+
+async def test_truncation_after_the_last_checkpoint_is_not_seen(store: Store, tmp_path: Path) -> None:
+    """The limit of a chain: records after the last checkpoint can go unnoticed (docs/audit.md says so)."""
+    log = await tampered(store, tmp_path)
+    await store.delete(chain.seq_key(12))
+    rep = await log.verify()
+    assert rep.ok and rep.unsealed == 1
+
+
+async def test_rewritten_chain_fails_the_checkpoint(store: Store, tmp_path: Path) -> None:
+    """Someone rewrites records 3.. and recomputes every hash: the signed checkpoint at 5 no longer matches."""
+    log = await tampered(store, tmp_path)
+    prev = (await raw(store, 2))["hash"]
+    for seq in range(3, 13):
+        v = await raw(store, seq)
+        if seq == 3:
+            v["target"] = "vms/innocent"
+        v["prev_hash"] = prev
+        v["hash"] = prev = chain.digest(v)
+        await store.put(chain.seq_key(seq), v)
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("checkpoint_mismatch", 5) and "rewritten" in p.message
+
+
+async def test_forged_checkpoint(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    e = await store.get(chain.checkpoint_key(10))
+    assert e is not None
+    cp = dict(e.value)
+    cp["hash"] = "ab" * 32
+    await store.put(chain.checkpoint_key(10), cp)
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("bad_signature", 10)
+
+
+async def test_checkpoint_signed_by_another_key(store: Store, tmp_path: Path) -> None:
+    log = await tampered(store, tmp_path)
+    stranger = Ed25519PrivateKey.generate()
+    h = (await raw(store, 12))["hash"]
+    cp = chain.Checkpoint(seq=12, hash=h, time=chain.utc_now(), host="evil", key_id=keys.key_id(stranger.public_key()),
+                          public_key=keys.public_b64(stranger.public_key()), signature=keys.sign(stranger, 12, h))  # fmt: skip
+    await store.put(chain.checkpoint_key(12), cp.model_dump())
+    p = (await log.verify()).problem
+    assert p is not None and (p.kind, p.seq) == ("unknown_key", 12) and "evil" in p.message
+    # Trusting that host's public key (a cluster with a key per host) makes it valid.
+    (tmp_path / keys.TRUSTED_DIR).mkdir()
+    pem = stranger.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / keys.TRUSTED_DIR / "evil.pem").write_bytes(pem)
+    assert (await log.verify()).ok
+
+
+async def test_checkpoint_on_demand_and_time(store: Store, tmp_path: Path) -> None:
+    log = make_log(store, tmp_path, every=1000)
+    assert await log.checkpoint() is None
+    await fill(log, 3)
+    cp = await log.checkpoint()
+    assert cp is not None and cp.seq == 3
+    rep = await log.verify()
+    assert rep.ok and rep.last_checkpoint == 3 and rep.unsealed == 0
+    log.checkpoint_s = 0  # every M minutes: here at once
+    await fill(log, 1)
+    assert (await log.verify()).last_checkpoint == 4
+
+
+async def test_head_found_after_restart(store: Store, tmp_path: Path) -> None:
+    log = make_log(store, tmp_path)
+    await fill(log, 7)  # the hint says 5; two more follow it
+    again = make_log(store, tmp_path)
+    await again.append("after-restart")
+    assert (await again.verify()).ok and (await raw(store, 8))["action"] == "after-restart"
+
+
+def test_key_file_is_private_and_made_once(tmp_path: Path) -> None:
+    p = tmp_path / "k" / "audit.key"
+    k1 = keys.load_or_create(p)
+    k2 = keys.load_or_create(p)
+    assert keys.key_id(k1.public_key()) == keys.key_id(k2.public_key())
+    assert os.stat(p).st_mode & 0o777 == 0o600
+    assert "BEGIN PUBLIC KEY" in keys.public_pem(k1.public_key())
+
+
+async def test_syslog_forwarding_and_failures(tmp_path: Path) -> None:
+    from kasou.store.sqlite import SqliteStore
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    store = SqliteStore(tmp_path / "s.db")
+    log = make_log(store, tmp_path, syslog=f"127.0.0.1:{rx.getsockname()[1]}")
+    await log.append("login", target="users/bob", details={"password": "pw-secret-1"})
+    line = rx.recv(65536).decode()
+    rx.close()
+    assert line.startswith("<") and " kasou " in line and '"action":"login"' in line and "pw-secret-1" not in line
+    assert line.split(">", 1)[1].startswith("1 ")  # RFC 5424 version
+    bad = make_log(store, tmp_path, syslog=str(tmp_path / "no-such-socket"))
+    rec = await bad.append("x")  # the record is kept, the API goes on
+    assert rec.seq == 2 and bad.syslog is not None and bad.syslog.failures == 1
+    from kasou.control.events import Events
+
+    active = await Events(store).active()
+    assert [e.kind for e in active] == ["audit_syslog_failed"]
+    await store.close()
