@@ -101,26 +101,29 @@ def simulate(
     restart_n = np.zeros((runs, n_hosts))
     wait_h = np.zeros((runs, n_hosts))
     if e_max:
-        # Events padded per run: [runs, hosts * e_max] with a validity mask.
-        slots = n_hosts * e_max
-        valid = (np.arange(e_max)[None, None, :] < counts[:, :, None]).reshape(runs, slots)
-        start = rng.uniform(0, years * HOURS_PER_YEAR, size=(runs, slots))
-        dur = rng.exponential(a.host_mttr_h, size=(runs, slots))
-        host_idx = np.repeat(np.arange(n_hosts), e_max)[None, :].repeat(runs, axis=0)
-        # For each event, how many other hosts are down when it starts.
-        others: np.ndarray = np.zeros((runs, slots), dtype=int)
-        chunk = max(1, 2_000_000 // max(1, slots * slots))
+        # The events of each run, packed to the left of a [runs, e_run] array (e_run: most events in one run).
+        per_run = counts.sum(axis=1)
+        e_run = int(per_run.max())
+        valid_slots = (np.arange(e_max)[None, None, :] < counts[:, :, None]).reshape(runs, n_hosts * e_max)
+        r_of, slot = np.nonzero(valid_slots)  # row-major: grouped by run
+        pos = np.arange(r_of.size) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+        host_idx = np.full((runs, e_run), -1)
+        host_idx[r_of, pos] = slot // e_max
+        valid = host_idx >= 0
+        start = np.where(valid, rng.uniform(0, years * HOURS_PER_YEAR, size=(runs, e_run)), np.inf)
+        dur = np.where(valid, rng.exponential(a.host_mttr_h, size=(runs, e_run)), 0.0)
+        # For each event, how many failures of other hosts are under repair when it starts.
+        others: np.ndarray = np.zeros((runs, e_run), dtype=int)
+        chunk = max(1, 4_000_000 // max(1, e_run * e_run))
         for lo in range(0, runs, chunk):
             hi = min(runs, lo + chunk)
             s_i = start[lo:hi, :, None]
             s_j, e_j = start[lo:hi, None, :], (start + dur)[lo:hi, None, :]
-            overlap = (s_j <= s_i) & (s_i < e_j) & valid[lo:hi, None, :] & valid[lo:hi, :, None]
-            overlap &= host_idx[lo:hi, None, :] != host_idx[lo:hi, :, None]
-            # Count distinct other hosts down: events of one host do not overlap each other often; count events.
+            overlap = (s_j <= s_i) & (s_i < e_j) & (host_idx[lo:hi, None, :] != host_idx[lo:hi, :, None])
             others[lo:hi] = overlap.sum(axis=2)
         waits = valid & (others >= reserve)
         restarts = valid & ~waits
-        r_idx = np.repeat(np.arange(runs), slots).reshape(runs, slots)
+        r_idx = np.repeat(np.arange(runs), e_run).reshape(runs, e_run)
         np.add.at(restart_n, (r_idx[restarts], host_idx[restarts]), 1)
         np.add.at(wait_h, (r_idx[waits], host_idx[waits]), dur[waits])
     restart_h = (a.failover_s + a.guest_boot_s) / 3600

@@ -274,18 +274,29 @@ def spread(layout: Layout, items: Sequence[Item], cap: Size) -> Layout | None:
     return [sorted(m) for m in bins.members]
 
 
-def restart_placement(layout: Layout, items: Sequence[Item], cap: Size, failed: Sequence[int]) -> dict[int, int] | None:
+def _loaded(layout: Layout, items: Sequence[Item], cap: Size) -> _Bins:
+    bins = _Bins(items, cap)
+    for members in layout:
+        b = bins.new()
+        for i in members:
+            bins.put(b, i)
+    return bins
+
+
+def restart_placement(
+    layout: Layout, items: Sequence[Item], cap: Size, failed: Sequence[int], loaded: _Bins | None = None
+) -> dict[int, int] | None:
     """Where the VMs of the ``failed`` hosts can restart on the others (item -> host), or None if the
     strategies tried (a failed host's VMs together on one survivor; best fit; most free first) find no way."""
     down = set(failed)
     survivors = [h for h in range(len(layout)) if h not in down]
+    base = _loaded(layout, items, cap) if loaded is None else loaded
 
     def attempt(strategy: str) -> dict[int, int] | None:
         bins = _Bins(items, cap)
-        for members in layout:
-            b = bins.new()
-            for i in members:
-                bins.put(b, i)
+        bins.members = [list(m) for m in base.members]
+        bins.loads = [list(ld) for ld in base.loads]
+        bins.groups = [set(g) for g in base.groups]
         placed: dict[int, int] = {}
         pending: list[int] = []
         if strategy == "block":
@@ -355,15 +366,21 @@ def layout_violations(layout: Layout, items: Sequence[Item], cap: Size) -> list[
     return problems
 
 
-def reserve_violations(layout: Layout, items: Sequence[Item], cap: Size, reserve: int) -> list[str]:
-    """The sets of ``reserve`` failed hosts whose VMs find no restart placement on the others."""
+def reserve_violations(
+    layout: Layout, items: Sequence[Item], cap: Size, reserve: int, first_only: bool = False
+) -> list[str]:
+    """The sets of ``reserve`` failed hosts whose VMs find no restart placement on the others
+    (with ``first_only``, stop at the first)."""
     problems: list[str] = []
+    loaded = _loaded(layout, items, cap)
     k = min(reserve, len(layout))
     if reserve > 0 and len(layout) <= reserve and any(layout):
         return [f"{len(layout)} hosts cannot keep a reserve of {reserve}"]
     for failed in itertools.combinations(range(len(layout)), k):
         if not any(layout[h] for h in failed):
             continue
-        if restart_placement(layout, items, cap, failed) is None:
+        if restart_placement(layout, items, cap, failed, loaded) is None:
             problems.append(f"losing hosts {', '.join(str(h) for h in failed)} leaves no room to restart their VMs")
+            if first_only:
+                break
     return problems

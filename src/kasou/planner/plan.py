@@ -78,7 +78,9 @@ def _pack(vms: list[VM], model: HostModel, prices: PriceSheet, opts: Options) ->
     hosts = packing.with_reserve(layout, opts.reserve, prices.policy.min_hosts)
     balanced = False
     spread = packing.spread(hosts, items, cap)
-    if spread is not None and (not opts.verify or not packing.reserve_violations(spread, items, cap, opts.reserve)):
+    if spread is not None and (
+        not opts.verify or not packing.reserve_violations(spread, items, cap, opts.reserve, first_only=True)
+    ):
         hosts, balanced = spread, True
     problems = packing.layout_violations(hosts, items, cap)
     if opts.verify:
