@@ -30,6 +30,7 @@ def test_every_v1_route_needs_the_token() -> None:
         concrete = path.replace("{name}", "x").replace("{job_id}", "j1").replace("{action}", "start")
         concrete = concrete.replace("{snapshot}", "s1")
         concrete = concrete.replace("{generation}", "1")
+        concrete = concrete.replace("{pool}", "p1")
         for method in methods:
             r = client.request(method.upper(), concrete)
             assert r.status_code == 401, (method, path, r.status_code)

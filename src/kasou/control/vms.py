@@ -327,6 +327,7 @@ class VMService:
         await self.replication.tick(await self._records())
         await self.backups.tick()  # due scheduled backups
         await self.mirrors.tick()
+        await self.desktops.tick()  # ended sessions' desktops returned and reset, K kept pre-started
         self._ticks += 1
         if self._ticks % POOL_CHECK_EVERY_TICKS == 1:
             await self.pools.tick()
