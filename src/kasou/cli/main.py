@@ -17,6 +17,7 @@ from rich.table import Table
 from kasou import __version__, services
 from kasou.cli.backup import backup_app
 from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
+from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.events import event_app
 from kasou.cli.lab import lab_app
 from kasou.cli.plan import plan_app
@@ -54,6 +55,7 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
 app.add_typer(backup_app, name="backup")
 app.add_typer(pool_app, name="pool")
+app.add_typer(desktop_pool_app, name="pool-desktop")
 app.add_typer(disk_app, name="disk")
 app.add_typer(user_app, name="user")
 app.add_typer(snapshot_app, name="snapshot")
