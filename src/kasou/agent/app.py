@@ -18,6 +18,7 @@ from fastapi.responses import PlainTextResponse
 from kasou import __version__
 from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
+from kasou.agent.console import add_console_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.pools import PoolRef, PoolUsage
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
@@ -278,6 +279,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
         return await snaps.restore(name, req)
 
     add_backup_routes(app, BackupFiles(d, agent.disks, agent.backup_dir))  # kasou.agent.backups
+    add_console_routes(app, d)  # the VNC display as a websocket (kasou.agent.console)
 
     # -- storage pools and mirrored disks ---------------------------------------------------
 

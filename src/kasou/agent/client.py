@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import builtins
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
+from httpx_ws import AsyncWebSocketSession, aconnect_ws
 
 from kasou.agent.backups import BackupCreate, BackupMade, BackupPrune, BackupRestore
 from kasou.agent.hostinfo import HostInfo
@@ -266,6 +268,10 @@ class AgentClient:
 
     async def stats(self, timeout: float = 10.0) -> StatsReport:
         return StatsReport.model_validate((await self._call("GET", "/stats", timeout=timeout)).json())
+
+    def vnc(self, name: str) -> AbstractAsyncContextManager[AsyncWebSocketSession]:
+        """The VM's VNC display as a websocket (kasou.agent.console); the caller bounds the connect."""
+        return aconnect_ws(f"/agent/v1/vms/{name}/vnc", self._http, max_message_size_bytes=1024 * 1024)
 
     async def ping(self, timeout: float = 5.0) -> bool:
         try:

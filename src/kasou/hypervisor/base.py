@@ -449,5 +449,11 @@ class Driver(abc.ABC):
         """CPU, memory, disk and network counters of every VM whose guest runs here (bounded)."""
         raise HypervisorError(f"{type(self).__name__} cannot measure VMs")
 
+    # -- the display (optional; the console proxy in kasou.agent.console) -------------------------
+
+    async def vnc_socket(self, name: str) -> Path | None:
+        """The unix socket of running VM ``name``'s VNC display on this host; None if it has none now."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

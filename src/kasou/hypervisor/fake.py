@@ -628,6 +628,30 @@ class FakeDriver(Driver):
                                disks=disks, nics=nics))  # fmt: skip
         return out
 
+    # -- the display: a tiny RFB server per running VM (kasou.hypervisor.fake_rfb) --------------
+
+    async def vnc_socket(self, name: str) -> Path | None:
+        import tempfile
+
+        from kasou.hypervisor.fake_rfb import FakeRfbServer
+
+        rfb: dict[str, FakeRfbServer] = self.__dict__.setdefault("rfb", {})
+        info = self.vms.get(name)
+        if info is None or info.state not in _GUEST:
+            return None
+        if name not in rfb:
+            if "_rfb_dir" not in self.__dict__:
+                self._rfb_dir = Path(tempfile.mkdtemp(prefix="kasou-fake-vnc-"))
+            rfb[name] = FakeRfbServer(self._rfb_dir / f"{name}.sock", name)
+            await rfb[name].start()
+        return rfb[name].path
+
+    async def close(self) -> None:
+        for server in self.__dict__.get("rfb", {}).values():
+            await server.close()
+        if "_rfb_dir" in self.__dict__:
+            shutil.rmtree(self._rfb_dir, ignore_errors=True)
+
 
 def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -521,6 +521,14 @@ class DriverCore(Driver):
         except FileNotFoundError:
             raise NotFound(f"VM {name!r} has no console output on this host") from None
 
+    async def vnc_socket(self, name: str) -> Path | None:
+        """QEMU's VNC display of a running (or paused) guest: ``-vnc unix:<run dir>/<vm>/vnc.sock``."""
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in _GUEST or not process.alive(vm.pid):
+            return None
+        path = self._files(name).vnc
+        return path if path.is_socket() else None
+
     # -- QMP for the helper modules ------------------------------------------------------
 
     def _exec(self, vm: _Vm) -> mig.Execute:

@@ -1,0 +1,103 @@
+"""The agent's side of the web console: a websocket that carries a VM's VNC display (RFB bytes).
+
+``/agent/v1/vms/{name}/vnc`` connects to the VM's VNC unix socket on this host (the driver says
+where) and pipes bytes both ways until either side ends, the connection stays idle for
+``KASOU_CONSOLE_IDLE`` seconds, or the agent stops. Only the control plane reaches the agent (a
+root-only unix socket on one host, the cluster network otherwise); the API server checks who may
+open which console before it connects here (kasou.api.console).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+from kasou.hypervisor.base import Driver
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+READ_CHUNK = 64 * 1024  # one websocket message carries at most this much of the display stream
+#: Close codes (RFC 6455 private range): the VM has no display here, or it did not answer.
+NO_DISPLAY = 4404
+DISPLAY_UNREACHABLE = 4502
+
+
+def console_idle_s() -> float:
+    """A console with no byte either way for this long is closed (default: 15 minutes, the session's idle log-off)."""
+    try:
+        return float(os.environ.get("KASOU_CONSOLE_IDLE", 900))
+    except ValueError:
+        return 900.0
+
+
+async def pipe_socket(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Bytes from the websocket to the socket and back, until one side ends or it stays idle too long."""
+    last = time.monotonic()
+    idle = console_idle_s()
+
+    async def up() -> None:
+        nonlocal last
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data = msg.get("bytes") or (msg.get("text") or "").encode()
+            if data:
+                last = time.monotonic()
+                writer.write(data)
+                await writer.drain()
+
+    async def down() -> None:
+        nonlocal last
+        while True:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                return
+            last = time.monotonic()
+            await ws.send_bytes(data)
+
+    async def watch() -> None:
+        while time.monotonic() - last < idle:
+            await asyncio.sleep(min(5.0, idle / 4))
+
+    tasks = [asyncio.create_task(c) for c in (up(), down(), watch())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, ConnectionError, RuntimeError):
+                await t
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+
+def add_console_routes(app: FastAPI, driver: Driver) -> None:
+    @app.websocket("/agent/v1/vms/{name}/vnc")
+    async def vnc(ws: WebSocket, name: str) -> None:
+        """The VM's VNC display as a websocket of binary messages (RFB as QEMU speaks it)."""
+        await ws.accept()
+        path = await driver.vnc_socket(name)
+        if path is None:
+            await ws.close(NO_DISPLAY, f"VM {name} has no display on this host (is it running?)"[:120])
+            return
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            await ws.close(DISPLAY_UNREACHABLE, f"the display of VM {name} does not answer: {e}"[:120])
+            return
+        log.info("console of %s opened", name)
+        try:
+            await pipe_socket(ws, reader, writer)
+        finally:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await ws.close()
+            log.info("console of %s closed", name)

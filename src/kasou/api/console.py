@@ -1,0 +1,329 @@
+"""The web console: one-time tickets and the websocket proxy from the browser to a VM's VNC display.
+
+::
+
+    browser (noVNC) ──ws /v1/console/ws?ticket=…──► API server ──ws /agent/v1/vms/{vm}/vnc──► agent ──► vnc.sock (QEMU)
+                         session cookie checked       RFB client messages framed,      unix socket or TCP
+                                                      ClientCutText dropped by policy
+
+1. ``POST /v1/vms/{name}/console-ticket`` checks the right: ``console`` (administrators, operators)
+   for any VM; a clinician only for the desktop assigned to them now (``Desktops.user_may_open``).
+   The answer is a random ticket (256 bits) that this API server keeps only as a SHA-256, bound
+   to the user, the session that asked and the VM, valid once and for ``TICKET_TTL_S`` seconds.
+2. ``/v1/console/ws?ticket=…`` takes the ticket (a second use, an expired or unknown ticket is
+   closed with 1008, policy violation, and nothing is connected), checks that the request still
+   carries the session the ticket was issued to (or the root token), and connects to the agent of
+   the VM's host. Bytes then flow both ways; the client's are framed as RFB messages
+   (:mod:`kasou.api.rfb`) so the console's policy can drop clipboard data.
+3. The console ends when either side closes, on sign-out of its session, when its session ends,
+   or after ``KASOU_CONSOLE_IDLE`` seconds without input. Its start and end are events
+   (``console_opened``, ``console_closed``: who, which VM, from where, how long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from httpx_ws import WebSocketDisconnect as AgentDisconnect
+from httpx_ws import WebSocketNetworkError
+from pydantic import BaseModel
+
+from kasou.api.auth import SESSION_COOKIE, Principal, check_bearer
+from kasou.api.rfb import ClientFilter, RfbProtocolError
+from kasou.errors import Conflict, Forbidden, KasouError
+from kasou.model.desktops import ConsolePolicy
+from kasou.model.names import validate_name
+from kasou.model.users import PERMISSIONS
+
+if TYPE_CHECKING:
+    from kasou.api.app import Services
+
+log = logging.getLogger(__name__)
+
+TICKET_TTL_S = 10.0
+MAX_TICKETS = 10_000  # outstanding at once on one API server (expired ones are dropped first)
+AGENT_CONNECT_TIMEOUT_S = 10.0
+SESSION_CHECK_EVERY_S = 30.0  # while a console is in use, its session is checked (and kept alive) this often
+#: Close codes: 1008 policy violation (ticket, session, right), 4409 the VM does not run,
+#: 4503 its display is unreachable.
+POLICY_VIOLATION = 1008
+NOT_RUNNING = 4409
+UNREACHABLE = 4503
+SHOWN_STATES = ("running", "paused", "migrating", "shutting_down")
+
+
+def console_idle_s() -> float:
+    """A console without input for this long is closed (``KASOU_CONSOLE_IDLE``, default 15 minutes)."""
+    try:
+        return float(os.environ.get("KASOU_CONSOLE_IDLE", 900))
+    except ValueError:
+        return 900.0
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Ticket:
+    user: str
+    via: str  # "session" or "token"
+    session: str | None  # the SHA-256 of the session that asked
+    vm: str
+    expires: float  # time.monotonic()
+    policy: ConsolePolicy
+    role: str = ""
+
+
+class ConsoleTicket(BaseModel):
+    ticket: str
+    url: str  # the websocket's path, ticket included
+    vm: str
+    expires_in_s: float
+    policy: ConsolePolicy  # what the console carries besides screen, keyboard and mouse
+
+
+class ConsoleTickets:
+    """Tickets issued by this API server, by their SHA-256 only; each can be taken once."""
+
+    def __init__(self, ttl_s: float | None = None) -> None:
+        self._ttl_s = ttl_s
+        self._by_hash: dict[str, Ticket] = {}
+
+    @property
+    def ttl_s(self) -> float:
+        return self._ttl_s if self._ttl_s is not None else TICKET_TTL_S
+
+    def issue(self, p: Principal, vm: str, policy: ConsolePolicy) -> str:
+        now = time.monotonic()
+        for h in [h for h, t in self._by_hash.items() if t.expires <= now]:
+            del self._by_hash[h]
+        if len(self._by_hash) >= MAX_TICKETS:
+            raise Conflict("too many console tickets are waiting to be used; try again in a few seconds")
+        secret = secrets.token_urlsafe(32)  # 256 bits
+        session = _hash(p.session) if p.session else None
+        self._by_hash[_hash(secret)] = Ticket(p.name, p.via, session, vm, now + self.ttl_s, policy, p.role.value)
+        return secret
+
+    def take(self, secret: str) -> Ticket | None:
+        """The ticket, now used up; None if unknown, used before or expired."""
+        t = self._by_hash.pop(_hash(secret), None) if secret else None
+        if t is None or t.expires <= time.monotonic():
+            return None
+        return t
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+
+@dataclass(eq=False)  # one per websocket, kept in a set by identity
+class LiveConsole:
+    ticket: Ticket
+    source: str
+    started: float = field(default_factory=time.time)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    why: str = ""
+
+
+class Consoles:
+    """The consoles open through this API server (to end them at sign-out) and their tickets."""
+
+    def __init__(self) -> None:
+        self.tickets = ConsoleTickets()
+        self.live: set[LiveConsole] = set()
+
+    async def on_logout(self, user: str, session_token: str) -> None:
+        sid = _hash(session_token)
+        for c in list(self.live):
+            if c.ticket.session == sid:
+                c.why = "signed out"
+                c.stop.set()
+
+
+def console_routes(
+    svc: Callable[[], Services], principal: Callable[[Request], Awaitable[Principal]], token: str
+) -> APIRouter:
+    r = APIRouter()
+    consoles = Consoles()
+    hooked: list[Services] = []
+
+    def hook() -> None:
+        s = svc()
+        if s not in hooked:
+            s.logout_hooks.append(consoles.on_logout)
+            hooked.append(s)
+
+    async def may_open(user: str, role_can_console: bool, vm: str) -> bool:
+        if role_can_console:
+            return True
+        desktops = getattr(svc().vms, "desktops", None)
+        return desktops is not None and bool(await desktops.user_may_open(user, vm))
+
+    @r.post("/v1/vms/{name}/console-ticket")
+    async def console_ticket(name: str, request: Request) -> ConsoleTicket:
+        """A one-time ticket for the websocket of VM ``name``'s console (valid 10 s, for this session only).
+
+        Administrators and operators may open any VM's console; a clinician only their own desktop's.
+        """
+        p = await principal(request)
+        validate_name(name)
+        if not await may_open(p.name, p.can("console"), name):
+            raise Forbidden(f"user {p.name!r} may not open the console of VM {name!r}")
+        vm = await svc().vms.get(name)
+        if vm.state.value not in SHOWN_STATES:
+            raise Conflict(f"VM {name} is {vm.state.value}: its console shows only while it runs")
+        desktops = getattr(svc().vms, "desktops", None)
+        policy = await desktops.console_policy(name) if desktops is not None else ConsolePolicy()
+        hook()
+        secret = consoles.tickets.issue(p, name, policy)
+        return ConsoleTicket(ticket=secret, url=f"/v1/console/ws?ticket={secret}", vm=name,
+                             expires_in_s=consoles.tickets.ttl_s, policy=policy)  # fmt: skip
+
+    async def refuse(ws: WebSocket, code: int, reason: str) -> None:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close(code, reason[:120])
+
+    @r.websocket("/v1/console/ws")
+    async def console_ws(ws: WebSocket, ticket: str = "") -> None:
+        """The console's websocket (binary RFB); see the module's doc."""
+        await ws.accept()
+        origin = ws.headers.get("origin")
+        if origin and urlsplit(origin).netloc != ws.headers.get("host"):
+            return await refuse(ws, POLICY_VIOLATION, "a console opens only from kasou's own pages")
+        t = consoles.tickets.take(ticket)
+        if t is None:
+            return await refuse(ws, POLICY_VIOLATION, "the console ticket is unknown, used or expired")
+        cookie = ws.cookies.get(SESSION_COOKIE)
+        try:
+            if t.via == "session":
+                if not cookie or _hash(cookie) != t.session:
+                    return await refuse(ws, POLICY_VIOLATION, "the console ticket belongs to another session")
+                user = await svc().users.session_user(cookie)
+                if user.name != t.user or not await may_open(user.name, "console" in PERMISSIONS[user.role], t.vm):
+                    return await refuse(ws, POLICY_VIOLATION, f"user {user.name} may not open this console")
+            else:
+                check_bearer(ws.headers.get("authorization"), token)
+            vm = await svc().vms.get(t.vm)
+            if vm.state.value not in SHOWN_STATES:
+                return await refuse(ws, NOT_RUNNING, f"VM {t.vm} is {vm.state.value}")
+            agent = svc().agents.get(vm.host)
+        except KasouError as e:
+            code = POLICY_VIOLATION if e.code in ("unauthorized", "forbidden") else UNREACHABLE
+            return await refuse(ws, code, str(e))
+        source = ws.client.host if ws.client else ""
+        live = LiveConsole(t, source)
+        stats: dict[str, int] = {}
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    async with asyncio.timeout(AGENT_CONNECT_TIMEOUT_S):
+                        display = await stack.enter_async_context(agent.vnc(t.vm))
+                except Exception as e:
+                    log.warning("console of %s: the agent of %s refused or did not answer: %r", t.vm, vm.host, e)
+                    return await refuse(ws, UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
+                consoles.live.add(live)
+                await _event(svc, "console_opened", t, f"{t.user} opened the console of {t.vm} from {source}")
+                stats = await _pipe(ws, display, live, t.policy, cookie if t.via == "session" else None, svc)
+                await refuse(ws, 1000, live.why or "closed")
+        except* (AgentDisconnect, WebSocketNetworkError, ConnectionError):
+            pass  # the display went away as the console closed
+        finally:
+            if live in consoles.live:
+                consoles.live.discard(live)
+                took = time.time() - live.started
+                msg = f"{t.user} closed the console of {t.vm} after {took:.0f} s ({live.why or 'closed'})"
+                if stats.get("dropped_cut_text"):
+                    msg += f"; {stats['dropped_cut_text']} clipboard message(s) kept from the VM by policy"
+                await _event(svc, "console_closed", t, msg)
+        return None
+
+    return r
+
+
+async def _event(svc: Callable[[], Services], kind: str, t: Ticket, message: str) -> None:
+    with contextlib.suppress(Exception):  # an event that cannot be written never breaks a console
+        await svc().vms.events.emit(kind, f"vm/{t.vm}", message, "info")
+
+
+async def _pipe(
+    ws: WebSocket,
+    display: Any,
+    live: LiveConsole,
+    policy: ConsolePolicy,
+    cookie: str | None,
+    svc: Callable[[], Services],
+) -> dict[str, int]:
+    """Browser <-> agent until one ends, the console is stopped, it idles too long or its session ends."""
+    filt = ClientFilter(clipboard=policy.clipboard)
+    last_input = time.monotonic()
+    idle = console_idle_s()
+    stats = {"up": 0, "down": 0, "dropped_cut_text": 0}
+
+    async def up() -> None:
+        nonlocal last_input
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                live.why = live.why or "closed by the browser"
+                return
+            data = msg.get("bytes") or (msg.get("text") or "").encode()
+            try:
+                out = filt.feed(data)
+            except RfbProtocolError as e:
+                live.why = f"refused: {e}"
+                return
+            stats["dropped_cut_text"] = filt.dropped_cut_text
+            if out:
+                last_input = time.monotonic()
+                stats["up"] += len(out)
+                await display.send_bytes(out)
+
+    async def down() -> None:
+        try:
+            while True:
+                data = await display.receive_bytes()
+                stats["down"] += len(data)
+                await ws.send_bytes(data)
+        except AgentDisconnect as e:
+            live.why = live.why or f"the display closed ({e.reason or e.code})"
+
+    async def watch() -> None:
+        checked = time.monotonic()
+        while not live.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.stop.wait(), 1.0)
+            now = time.monotonic()
+            if now - last_input > idle:
+                live.why = f"no input for {idle:.0f} s"
+                return
+            if cookie is not None and now - checked > SESSION_CHECK_EVERY_S:
+                checked = now
+                if last_input < checked - SESSION_CHECK_EVERY_S:
+                    continue  # no input since the last check: the idle limit above decides
+                try:
+                    await svc().users.session_user(cookie)  # in use: the session stays alive (or has ended)
+                except KasouError:
+                    live.why = "the session ended"
+                    return
+
+    tasks = [asyncio.create_task(c) for c in (up(), down(), watch())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError, Exception):
+                await task
+    return stats
