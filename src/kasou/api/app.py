@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from kasou import __version__
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
+from kasou.api.console import console_routes
 from kasou.api.live import live_routes
 from kasou.api.metrics import metrics_routes
 from kasou.api.portal import desktop_pool_routes, portal_routes
@@ -158,6 +159,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         svc_ = state.get("svc")
         lead = svc_.leadership if svc_ is not None else None
         if lead is None or lead.is_leader or request.method in ("GET", "HEAD"):
+            return cast(Response, await call_next(request))
+        if request.url.path.endswith("/console-ticket"):  # kept by the server that proxies its websocket
             return cast(Response, await call_next(request))
         if not request.url.path.startswith("/v1/"):
             return cast(Response, await call_next(request))
@@ -319,6 +322,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     v1.include_router(snapshot_router(svc))
     v1.include_router(storage_routes(svc))
     app.include_router(user_routes(svc, principal))
+    app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))
