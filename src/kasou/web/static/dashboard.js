@@ -1,18 +1,398 @@
-// The dashboard (to be filled in): hosts, VMs, pools, desktops, jobs, events.
-import { get } from "/ui/api.js";
+// The operators' dashboard: hosts, VMs, storage and desktop pools, jobs and events; actions with live job progress;
+// small charts of the last minutes (GET /v1/metrics/history). Refreshes itself every few seconds.
+import { get, post } from "/ui/api.js";
+import { lang, t } from "/ui/i18n.js";
+import "/ui/dashboard-labels.js";
+import { sparkline } from "/ui/charts.js";
+import { trackJob } from "/ui/jobs-live.js";
 
-export async function showDashboard(el, who) {
-  const vms = await get("/v1/vms");
-  el.innerHTML = `<section class="card"><h2>VMs</h2><table id="vms"><tbody></tbody></table></section>`;
-  const tb = el.querySelector("#vms tbody");
-  for (const v of vms) {
-    const tr = document.createElement("tr");
-    tr.dataset.vm = v.name;
-    for (const text of [v.name, v.state, v.host || "-"]) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      tr.appendChild(td);
+const REFRESH_MS = 5000;
+const HEARTBEAT_FRESH_S = 5;
+let root = null;
+let who = null;
+let timer = null;
+let busy = false;
+let again = false; // a refresh was asked for while one ran
+const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null };
+
+const esc = (s) =>
+  String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+const can = (perm) => who && who.permissions.includes(perm);
+
+function bytes(n) {
+  if (n === null || n === undefined || !Number.isFinite(n)) return "—";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i += 1;
+  }
+  return `${v >= 10 || i === 0 ? Math.round(v) : v.toFixed(1)} ${units[i]}`;
+}
+
+function duration(s) {
+  if (s === null || s === undefined) return "—";
+  s = Math.floor(s);
+  const d = Math.floor(s / 86400);
+  const h = Math.floor((s % 86400) / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  if (d > 0) return t("uptime.days", { d, h });
+  if (h > 0) return t("uptime.hours", { h, m });
+  return t("uptime.minutes", { m, s: s % 60 });
+}
+
+const clock = (epoch) => new Date(epoch * 1000).toLocaleTimeString(lang() === "ja" ? "ja-JP" : "en-GB");
+const badge = (state, cls) => `<span class="state ${esc(cls || state)}">${esc(t(`state.${state}`))}</span>`;
+
+function button(act, target, label, extra = "") {
+  const aria = esc(t("act.label", { action: label, target }));
+  return `<button type="button" class="action ${extra}" data-act="${esc(act)}" data-target="${esc(target)}"
+    data-key="${esc(`${act}:${target}`)}" aria-label="${aria}" title="${aria}">${esc(label)}</button>`;
+}
+
+function table(id, heads, rows, caption) {
+  const th = heads.map((h) => `<th scope="col">${esc(t(h))}</th>`).join("");
+  const body = rows.length ? rows.join("") : `<tr><td colspan="${heads.length}" class="muted">${esc(t("dash.none"))}</td></tr>`;
+  return `<table id="${id}" aria-label="${esc(caption)}"><thead><tr>${th}</tr></thead><tbody>${body}</tbody></table>`;
+}
+
+// -- the page's frame --------------------------------------------------------------------------------------
+
+const FRAME = `
+<div class="toolbar"><span class="who"></span><span class="spacer"></span>
+  <span class="updated muted" aria-live="off"></span>
+  <button type="button" class="action" id="refresh" data-i18n="dash.refresh"></button></div>
+<p class="error" id="dash-error" role="alert"></p>
+<section class="card" id="live-card" hidden aria-labelledby="live-h"><h2 id="live-h" data-i18n="dash.live"></h2>
+  <div id="live" aria-live="polite"></div></section>
+<section class="card" aria-labelledby="hosts-h"><h2 id="hosts-h" data-i18n="dash.hosts"></h2><div id="hosts-box"></div></section>
+<section class="card" aria-labelledby="vms-h"><h2 id="vms-h" data-i18n="dash.vms"></h2><div id="vms-box"></div></section>
+<div class="two">
+  <section class="card" aria-labelledby="pools-h"><h2 id="pools-h" data-i18n="dash.pools"></h2><div id="pools-box"></div></section>
+  <section class="card" id="desktops-card" hidden aria-labelledby="desk-h"><h2 id="desk-h" data-i18n="dash.desktops"></h2>
+    <div id="desktops-box"></div></section>
+</div>
+<div class="two">
+  <section class="card" aria-labelledby="jobs-h"><h2 id="jobs-h" data-i18n="dash.jobs"></h2><div id="jobs-box"></div></section>
+  <section class="card" aria-labelledby="events-h"><h2 id="events-h" data-i18n="dash.events"></h2><div id="events-box"></div></section>
+</div>
+<dialog id="confirm" aria-labelledby="confirm-msg"><form method="dialog">
+  <p id="confirm-msg"></p><p id="confirm-extra"></p>
+  <div class="buttons"><button type="submit" value="cancel" class="action" data-i18n="act.cancel"></button>
+  <button type="submit" value="ok" class="action primary" id="confirm-ok" data-i18n="act.confirm"></button></div>
+</form></dialog>`;
+
+export async function showDashboard(el, me) {
+  root = el;
+  who = me;
+  el.innerHTML = FRAME;
+  for (const n of el.querySelectorAll("[data-i18n]")) n.textContent = t(n.dataset.i18n);
+  el.querySelector(".who").textContent = t("dash.signedin", { name: me.name, role: me.role });
+  el.querySelector("#refresh").onclick = () => refresh();
+  el.addEventListener("click", onClick);
+  await refresh();
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refresh();
+  });
+}
+
+async function refresh() {
+  if (busy) {
+    again = true;
+    return;
+  }
+  busy = true;
+  again = false;
+  clearTimeout(timer);
+  const soft = (p, fallback) => p.catch((e) => (e.status === 404 ? fallback : Promise.reject(e)));
+  try {
+    const [hosts, vms, uptime, pools, desktops, jobs, events, hist] = await Promise.all([
+      get("/v1/hosts"),
+      get("/v1/vms"),
+      get("/v1/reports/uptime"),
+      soft(get("/v1/pools"), []),
+      soft(get("/v1/desktop-pools"), null),
+      get("/v1/jobs?limit=12"),
+      get("/v1/events?limit=12"),
+      soft(get("/v1/metrics/history"), null),
+    ]);
+    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist });
+    render();
+    root.querySelector("#dash-error").textContent = "";
+    root.querySelector(".updated").textContent = t("dash.updated", { time: clock(Date.now() / 1000) });
+  } catch (e) {
+    if (e.status === 401) {
+      location.reload(); // the session ended: back to the sign-in form
+      return;
     }
-    tb.appendChild(tr);
+    root.querySelector("#dash-error").textContent = `${t("dash.failed")}: ${e.message}`;
+  } finally {
+    busy = false;
+    timer = setTimeout(refresh, again ? 200 : REFRESH_MS);
+  }
+}
+
+// Re-render every table, keeping the keyboard focus on the same control.
+function render() {
+  const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : null;
+  root.querySelector("#hosts-box").innerHTML = hostsTable();
+  root.querySelector("#vms-box").innerHTML = vmsTable();
+  root.querySelector("#pools-box").innerHTML = poolsTable();
+  const dc = root.querySelector("#desktops-card");
+  dc.hidden = data.desktops === null;
+  if (data.desktops !== null) root.querySelector("#desktops-box").innerHTML = desktopsTable();
+  root.querySelector("#jobs-box").innerHTML = jobsTable();
+  root.querySelector("#events-box").innerHTML = eventsTable();
+  if (focused) {
+    const again = root.querySelector(`[data-key="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+}
+
+// -- hosts ---------------------------------------------------------------------------------------------------
+
+function hostState(h) {
+  if (h.state === "down") return badge("down", "crashed");
+  if (h.maintenance || h.state === "maintenance") return badge("maintenance", "paused");
+  return badge("up", "running");
+}
+
+function hostsTable() {
+  const hist = (data.hist && data.hist.hosts) || {};
+  const rows = data.hosts.map((h) => {
+    const pts = hist[h.name] || [];
+    const cpu = pts.length ? pts[pts.length - 1].cpu_pct : null;
+    const label = cpu === null ? t("chart.collecting") : t("chart.cpu", { pct: cpu.toFixed(0) });
+    const used = h.memory_used_mib;
+    const cap = h.memory_capacity_mib || h.memory_total_mib || 1;
+    const frac = Math.min(100, Math.round((100 * used) / cap));
+    const maint = h.maintenance
+      ? button("maint-off", h.name, t("act.maint_off"))
+      : button("maint-on", h.name, t("act.maint_on"));
+    return `<tr data-host="${esc(h.name)}"><th scope="row">${esc(h.name)}</th><td>${hostState(h)}</td>
+      <td>${esc(h.cpus)} · ${esc(h.accelerator || "")}</td>
+      <td class="chart">${sparkline(pts.map((p) => p.cpu_pct), { max: 100, label })}
+        <span class="figure">${cpu === null ? "" : `${cpu.toFixed(0)}%`}</span></td>
+      <td>${esc(Number(h.load_1m).toFixed(2))}</td>
+      <td><span class="meter" role="meter" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${frac}"
+        aria-label="${esc(t("col.memory"))} ${frac}%"><span style="width:${frac}%"></span></span>
+        ${esc(t("mem.of", { used: bytes(used * 1048576), total: bytes(cap * 1048576) }))}</td>
+      <td>${esc(h.vms_running)}</td><td>${h.maintenance ? t("on") : t("off")}</td>
+      <td>${can("operate") && h.state !== "down" ? maint : ""}</td></tr>`;
+  });
+  return table(
+    "hosts",
+    ["col.name", "col.state", "col.cpu", "col.cpu", "col.load", "col.memory", "col.vms", "col.maintenance", "col.actions"],
+    rows,
+    t("dash.hosts"),
+  );
+}
+
+// -- VMs -----------------------------------------------------------------------------------------------------
+
+function heartbeat(v) {
+  if (v.heartbeat_age_s === null || v.heartbeat_age_s === undefined || !["running", "paused", "migrating"].includes(v.state)) {
+    return `<span class="muted">${esc(t("hb.none"))}</span>`;
+  }
+  const age = Math.round(v.heartbeat_age_s);
+  const fresh = v.heartbeat_age_s < HEARTBEAT_FRESH_S;
+  const word = fresh ? t("hb.fresh", { age }) : t("hb.stale", { age });
+  const guest = v.uptime_s !== null && v.uptime_s !== undefined ? ` · ${duration(v.uptime_s)}` : "";
+  return `<span class="hb ${fresh ? "ok" : "stale"}">${esc(word)}</span><span class="muted">${esc(guest)}</span>`;
+}
+
+function disks(v) {
+  return (v.disks || [])
+    .map((d) => {
+      const m = d.mirror ? ` ${badge(d.mirror.state)}` : "";
+      return `<span class="disk">${esc(d.id)} ${esc(bytes(d.size_bytes))}${esc(d.pool && d.pool !== "default" ? ` @${d.pool}` : "")}${m}</span>`;
+    })
+    .join("<br>");
+}
+
+function vmCharts(v) {
+  const pts = (data.hist && data.hist.vms && data.hist.vms[v.name]) || [];
+  if (!["running", "paused", "migrating", "shutting_down"].includes(v.state)) return ["", ""];
+  const last = pts.length ? pts[pts.length - 1] : null;
+  const label = last ? t("chart.cpu", { pct: last.cpu_pct.toFixed(1) }) : t("chart.collecting");
+  const cpu = `${sparkline(pts.map((p) => p.cpu_pct), { max: Math.max(100, ...pts.map((p) => p.cpu_pct)), label })}
+    <span class="figure">${last ? `${last.cpu_pct.toFixed(1)}%` : ""}</span>
+    <div class="muted small">${last ? esc(bytes(last.rss_bytes)) : ""}</div>`;
+  if (!last) return [cpu, `<span class="muted">${esc(t("chart.collecting"))}</span>`];
+  const note = data.hist.notes && data.hist.notes[v.name];
+  const hasNet = (v.nics || []).some((n) => n.network !== "user");
+  const net = hasNet
+    ? t("io.net", { rx: bytes(last.net_tx_bps), tx: bytes(last.net_rx_bps) })
+    : t("io.nonet");
+  const io = `<div class="small">${esc(t("io.disk", { r: bytes(last.disk_read_bps), w: bytes(last.disk_write_bps) }))}</div>
+    <div class="small muted" title="${esc(note || "")}">${esc(net)}</div>`;
+  return [cpu, io];
+}
+
+function vmActions(v) {
+  const out = [];
+  if (can("operate")) {
+    if (["stopped", "crashed"].includes(v.state)) out.push(button("start", v.name, t("act.start"), "primary"));
+    if (["running", "paused"].includes(v.state)) out.push(button("shutdown", v.name, t("act.shutdown")));
+    if (["running", "paused", "shutting_down", "starting"].includes(v.state)) {
+      out.push(button("stop", v.name, t("act.stop"), "danger"));
+    }
+    if (v.state === "running" && data.hosts.filter((h) => h.state === "up" && !h.maintenance).length > 1) {
+      out.push(button("migrate", v.name, t("act.migrate")));
+    }
+  }
+  if (can("console") && ["running", "paused"].includes(v.state)) {
+    const aria = esc(t("act.label", { action: t("act.console"), target: v.name }));
+    out.push(`<a class="action" href="/ui/console.html?vm=${encodeURIComponent(v.name)}" data-key="console:${esc(v.name)}"
+      aria-label="${aria}" title="${aria}">${esc(t("act.console"))}</a>`);
+  }
+  return out.join(" ");
+}
+
+function vmsTable() {
+  const ledger = Object.fromEntries(data.uptime.map((u) => [u.name, u]));
+  const rows = data.vms
+    .filter((v) => v.state !== "template")
+    .map((v) => {
+      const u = ledger[v.name];
+      const [cpu, io] = vmCharts(v);
+      const st = v.job && !["running", "stopped"].includes(v.state) ? badge(v.state) : badge(v.state);
+      return `<tr data-vm="${esc(v.name)}" data-state="${esc(v.state)}"><th scope="row">${esc(v.name)}
+        ${v.description ? `<div class="muted small">${esc(v.description)}</div>` : ""}</th>
+        <td class="vm-state">${st}${v.last_error && v.state === "crashed" ? `<div class="small error">${esc(v.last_error)}</div>` : ""}</td>
+        <td>${esc(v.host || "—")}</td><td>${esc(v.vcpus)} vCPU · ${esc(bytes(v.memory_mib * 1048576))}</td>
+        <td>${esc(u && u.running ? duration(u.uptime_s) : "—")}${u && u.crashes ? ` <span class="small error">×${esc(u.crashes)}</span>` : ""}</td>
+        <td>${heartbeat(v)}</td>
+        <td>${v.ha ? `${esc(t("yes"))} (${esc(v.priority)})${v.ha_armed ? "" : " *"}` : esc(t("no"))}</td>
+        <td>${disks(v)}</td><td class="chart">${cpu}</td><td>${io}</td><td class="acts">${vmActions(v)}</td></tr>`;
+    });
+  return table(
+    "vms",
+    ["col.name", "col.state", "col.host", "col.size", "col.uptime", "col.heartbeat", "col.ha", "col.disks", "col.cpu", "col.io", "col.actions"],
+    rows,
+    t("dash.vms"),
+  );
+}
+
+// -- pools, desktops, jobs, events ---------------------------------------------------------------------------
+
+function poolsTable() {
+  const rows = data.pools.map((p) => {
+    const hosts = (p.hosts || [])
+      .map((h) => `<div>${esc(h.host)}: ${badge(h.state)} ${esc(bytes(h.free_bytes))} / ${esc(bytes(h.capacity_bytes))}</div>`)
+      .join("");
+    return `<tr data-pool="${esc(p.name)}"><th scope="row">${esc(p.name)}</th><td>${hosts}</td>
+      <td>${esc(p.shared ? t("yes") : t("no"))}</td><td>${esc(p.disks)}</td></tr>`;
+  });
+  return table("pools", ["col.name", "col.free", "col.shared", "col.disks"], rows, t("dash.pools"));
+}
+
+function desktopsTable() {
+  const rows = data.desktops.map(
+    (p) => `<tr data-desktop-pool="${esc(p.name)}"><th scope="row">${esc(p.name)}</th><td>${badge(p.state)}</td>
+      <td>${esc(p.template)}</td><td>${esc(p.size)}</td><td>${esc(p.in_use)}</td><td>${esc(p.free_ready)}</td></tr>`,
+  );
+  return table(
+    "desktop-pools",
+    ["col.name", "col.state", "col.template", "col.desktops", "col.inuse", "col.ready"],
+    rows,
+    t("dash.desktops"),
+  );
+}
+
+function jobsTable() {
+  const rows = [...data.jobs].reverse().map((j) => {
+    const pct = Math.round((j.progress || 0) * 100);
+    const msg = j.state === "failed" && j.error ? j.error.message : j.step;
+    return `<tr data-job="${esc(j.id)}"><td>${esc(clock(j.created_at))}</td><td>${esc(j.kind)}</td><td>${esc(j.vm || "—")}</td>
+      <td>${badge(j.state, j.state === "running" ? "running-job" : j.state)}</td>
+      <td><span class="progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${pct}"
+        aria-label="${esc(j.kind)} ${pct}%"><div style="width:${pct}%"></div></span> ${pct}%</td>
+      <td class="small">${esc(msg)}</td></tr>`;
+  });
+  return table("jobs", ["col.time", "col.kind", "col.vm", "col.state", "col.progress", "col.step"], rows, t("dash.jobs"));
+}
+
+function eventsTable() {
+  const rows = [...data.events].reverse().map(
+    (e) => `<tr><td>${esc(clock(e.time))}</td><td>${badge(e.severity)}</td><td>${esc(e.subject)}</td>
+      <td class="small">${esc(e.message)}</td></tr>`,
+  );
+  return table("events", ["col.time", "col.severity", "col.subject", "col.message"], rows, t("dash.events"));
+}
+
+// -- actions -------------------------------------------------------------------------------------------------
+
+// Ask before a destructive action; resolves with the extra choice (the migration's host) or null if cancelled.
+function confirmDialog(message, hosts) {
+  const dlg = root.querySelector("#confirm");
+  root.querySelector("#confirm-msg").textContent = message;
+  const extra = root.querySelector("#confirm-extra");
+  extra.innerHTML = "";
+  let select = null;
+  if (hosts) {
+    select = document.createElement("select");
+    select.id = "migrate-to";
+    select.setAttribute("aria-label", message);
+    select.add(new Option(t("migrate.auto"), ""));
+    for (const h of hosts) select.add(new Option(h, h));
+    extra.appendChild(select);
+  }
+  return new Promise((resolve) => {
+    dlg.addEventListener(
+      "close",
+      () => resolve(dlg.returnValue === "ok" ? { to: select ? select.value : null } : null),
+      { once: true },
+    );
+    dlg.returnValue = "";
+    dlg.showModal();
+    (select || root.querySelector("#confirm-ok")).focus();
+  });
+}
+
+async function onClick(ev) {
+  const btn = ev.target.closest("button[data-act]");
+  if (!btn) return;
+  const act = btn.dataset.act;
+  const target = btn.dataset.target;
+  let path;
+  let body;
+  let label = t(`act.${act.replace("-", "_")}`);
+  if (act === "start") {
+    path = `/v1/vms/${encodeURIComponent(target)}/actions/start`;
+  } else if (act === "shutdown" || act === "stop") {
+    if (!(await confirmDialog(t(`confirm.${act}`, { vm: target })))) return;
+    path = `/v1/vms/${encodeURIComponent(target)}/actions/${act}`;
+  } else if (act === "migrate") {
+    const vm = data.vms.find((v) => v.name === target);
+    const hosts = data.hosts.filter((h) => h.state === "up" && !h.maintenance && h.name !== (vm && vm.host)).map((h) => h.name);
+    const choice = await confirmDialog(t("confirm.migrate", { vm: target }), hosts);
+    if (!choice) return;
+    path = `/v1/vms/${encodeURIComponent(target)}/migrate`;
+    body = choice.to ? { to: choice.to } : {};
+  } else if (act === "maint-on" || act === "maint-off") {
+    const on = act === "maint-on";
+    if (!(await confirmDialog(t(on ? "confirm.maint_on" : "confirm.maint_off", { host: target })))) return;
+    path = `/v1/hosts/${encodeURIComponent(target)}/maintenance?on=${on}`;
+    label = t(on ? "act.maint_on" : "act.maint_off");
+  } else {
+    return;
+  }
+  btn.disabled = true;
+  const live = root.querySelector("#live");
+  root.querySelector("#live-card").hidden = false;
+  try {
+    const res = await post(path, body);
+    const title = t("act.label", { action: label, target });
+    if (res && res.job) trackJob(live, res.job, title, () => refresh());
+    refresh();
+  } catch (e) {
+    const p = document.createElement("p");
+    p.className = "error";
+    p.setAttribute("role", "alert");
+    p.textContent = `${t("act.label", { action: label, target })} — ${e.message}`;
+    live.prepend(p);
+    btn.disabled = false;
   }
 }

@@ -1,0 +1,76 @@
+"""The operators' dashboard in Debian's real Chromium against kasou running a real tiny guest.
+
+Sign in as an operator through the form, see the VMs, start one from the UI and watch its job's
+progress and its state become running, see its CPU chart, cancel a confirmation, switch to English
+and back; then sign out, and a clinician who signs in is sent to the desktop portal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import shot, sign_in
+from tests.integration.conftest import Kasou
+
+pytestmark = pytest.mark.qemu
+
+
+def test_dashboard_start_a_vm_and_watch_it(kasou: Kasou, base: str, page: Any, make_user: Callable[..., str]) -> None:
+    pw_op = make_user("op1", "operator")
+    pw_nurse = make_user("nurse1", "clinician")
+    kasou.run("vm", "create", "emr1", "--image", "tiny", "--vcpus", "1", "--memory", "128", "--disk", "64M")
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    sign_in(page, base, "op1", pw_op)
+    row = page.locator('#vms tr[data-vm="emr1"]')
+    row.wait_for()
+    assert row.get_attribute("data-state") == "stopped"
+    assert "停止" in row.locator(".vm-state").inner_text()
+    assert page.locator("#vms-h").inner_text() == "仮想マシン"
+    assert page.locator("#hosts tbody tr[data-host]").count() == 1
+    assert "稼働中" in page.locator("#hosts tbody tr[data-host]").inner_text()
+
+    # Start it from the UI: the job shows up with its progress, and the VM becomes running.
+    t0 = time.monotonic()
+    page.click('button[data-act="start"][data-target="emr1"]')
+    job = page.locator("#live .job").first
+    job.wait_for()
+    page.wait_for_selector("#live .job[data-state=succeeded]", timeout=90_000)
+    assert "100%" in job.inner_text() and job.get_attribute("data-job")
+    page.wait_for_selector('#vms tr[data-vm="emr1"][data-state="running"]', timeout=30_000)
+    shown_running = time.monotonic() - t0
+    assert "実行中" in row.locator(".vm-state").inner_text()
+
+    # A CPU chart appears once the collector has two samples of the VM (5 s apart).
+    page.wait_for_selector('#vms tr[data-vm="emr1"] svg.spark polyline', timeout=60_000)
+    assert "CPU" in (row.locator("svg.spark").get_attribute("aria-label") or "")
+    assert page.locator("#hosts svg.spark polyline").count() == 1
+    shot(page, "dashboard-ja")
+
+    # Graceful shutdown asks first; Escape cancels and nothing happens.
+    page.click('button[data-act="shutdown"][data-target="emr1"]')
+    page.wait_for_selector("#confirm[open]")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#confirm:not([open])", state="attached")
+    assert row.get_attribute("data-state") == "running"
+
+    # English and back.
+    page.click("#lang")
+    page.wait_for_function("() => document.querySelector('#vms-h')?.textContent === 'Virtual machines'")
+    assert "Running" in page.locator('#vms tr[data-vm="emr1"] .vm-state').inner_text()
+    shot(page, "dashboard-en")
+    page.click("#lang")
+    page.wait_for_function("() => document.querySelector('#vms-h')?.textContent === '仮想マシン'")
+    assert errors == [], errors
+    print(f"\nstart clicked -> state running shown: {shown_running:.1f} s")
+
+    # Sign out; a clinician who signs in is sent to the desktop portal.
+    page.click("#signout")
+    page.wait_for_selector("#signin:not([hidden])")
+    sign_in(page, base, "nurse1", pw_nurse)
+    page.wait_for_url("**/ui/portal.html*", timeout=30_000)
