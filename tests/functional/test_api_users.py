@@ -93,3 +93,16 @@ def test_users_are_managed_by_administrators(env: Env) -> None:
     r = boss.delete("/v1/users/ope", headers={"x-kasou-csrf": "1"})
     assert r.status_code == 204
     assert env.api.post("/v1/users", json={"name": "boss", "role": "admin", "password": PW}).status_code == 409
+
+
+def test_auditors_read_and_change_nothing(env: Env) -> None:
+    _user(env, "aud", "auditor")
+    aud = _session(env, "aud")
+    me = aud.get("/v1/auth/me").json()
+    assert me["role"] == "auditor" and me["permissions"] == ["audit", "read"]
+    for path in ("/v1/vms", "/v1/reports/uptime", "/v1/audit/records", "/v1/audit/verify"):
+        assert aud.get(path).status_code == 200, path
+    csrf = {"x-kasou-csrf": "1"}
+    assert aud.post("/v1/vms", json={"name": "a", "image": "tiny"}, headers=csrf).status_code == 403
+    assert aud.post("/v1/users", json={"name": "b", "role": "admin", "password": PW}, headers=csrf).status_code == 403
+    assert aud.get("/v1/users").status_code == 403

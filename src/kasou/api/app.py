@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from kasou import __version__
+from kasou.api.audit import FORWARDED_FOR, audit_middleware, audit_routes, mark_forwarded
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
 from kasou.api.console import console_routes
@@ -169,14 +170,19 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             return JSONResponse(err.to_dict(), status_code=503)
         forward = ("authorization", "content-type", "cookie", CSRF_HEADER)
         headers = {k: v for k, v in request.headers.items() if k.lower() in forward}
+        headers[FORWARDED_FOR] = request.client.host if request.client else ""  # the leader audits it, not we
+        mark_forwarded(request)
         url = lead.leader_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             async with httpx.AsyncClient(timeout=120) as c:
                 r = await c.request(request.method, url, content=await request.body(), headers=headers)
         except httpx.HTTPError as e:
+            request.state.audit_forwarded = False  # not handled by the leader: audited here
             err = AgentUnavailable(f"the control plane leader {lead.leader_host} does not answer: {e}")
             return JSONResponse(err.to_dict(), status_code=503)
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+
+    app.middleware("http")(audit_middleware(lambda: state.get("svc")))  # every change recorded (kasou.api.audit)
 
     def svc() -> Services:
         return state["svc"]
@@ -323,6 +329,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     v1.include_router(storage_routes(svc))
     app.include_router(user_routes(svc, principal))
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
+    app.include_router(audit_routes(svc, principal))  # /v1/audit: auditors and administrators
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))

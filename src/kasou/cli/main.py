@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from kasou import __version__, services
+from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
 from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
 from kasou.cli.desktops import desktop_pool_app
@@ -58,6 +59,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(desktop_pool_app, name="pool-desktop")
 app.add_typer(disk_app, name="disk")
 app.add_typer(user_app, name="user")
+app.add_typer(audit_app, name="audit")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")
 

@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kasou.config import HaTimes
-from kasou.control import scheduler
+from kasou.control import audit, scheduler
 from kasou.control.records import LedgerEvent, VMRecord
 from kasou.errors import InsufficientResources, KasouError, NotFound, StoreConflict
 from kasou.hypervisor.base import RuntimeInfo, RuntimeState
@@ -216,6 +216,8 @@ class HaManager:
                 rec.name, LedgerEvent.FENCED, failed,
                 f"host {failed}'s guard kills its HA VMs {self.times.fence_margin_s:g} s before its lease expires",
             )  # fmt: skip
+            await audit.record(vms.store, "ha_fence", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
+                               details={"host": failed, "reason": "its cluster lease expired"})  # fmt: skip
             changes: dict[str, Any] = {}
             if promote:  # the replica's files become the VM's disks on the replica's host
                 await ctx.progress(0.2, f"promoting the disk replica on {target}")
@@ -230,11 +232,15 @@ class HaManager:
             try:
                 await vms._do_start(moved, LedgerEvent.RESTARTED, f"on {target}{how} after host {failed} failed",
                                     admit_ha=False)  # fmt: skip
-            except BaseException:
+            except BaseException as e:
                 with contextlib.suppress(KasouError):
                     await vms._set(rec.name, state=VMState.CRASHED)
+                await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}", ok=False,
+                                   message=str(e)[:300], details={"from": failed, "to": target})  # fmt: skip
                 raise
             down = time.time() - down_since
+            await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
+                               details={"from": failed, "to": target, "promoted_replica": promote})  # fmt: skip
             log.warning("HA restarted %s on %s (host %s failed; down about %.0f s)", rec.name, target, failed, down)
             return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1), "detected_at": detected_at}
 
@@ -253,6 +259,8 @@ class HaManager:
         async def run(ctx: Any) -> dict[str, Any]:
             await ctx.progress(0.3, f"starting on {rec.host}")
             await vms._do_start(rec, LedgerEvent.RESTARTED, "its QEMU process had died", admit_ha=False)
+            await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
+                               details={"host": rec.host, "why": "its QEMU process had died"})  # fmt: skip
             return {"vm": rec.name, "host": rec.host}
 
         await vms._submit("ha-restart", rec.name, run, job_id)
@@ -269,7 +277,11 @@ class HaManager:
             await self.vms.agents.get(rec.host).action(rec.name, "reset")
         except KasouError as e:
             log.warning("VM monitoring could not reset %s: %s", rec.name, e.message)
+            await audit.record(self.vms.store, "ha_reset", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
+                               ok=False, message=e.message, details={"host": rec.host})  # fmt: skip
             return
+        await audit.record(self.vms.store, "ha_reset", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
+                           details={"host": rec.host, "heartbeat_age_s": round(age)})  # fmt: skip
         await self.vms.ledger.record(rec.name, LedgerEvent.CRASHED, rec.host,
                                      f"guest hung: no heartbeat for {age:.0f} s")  # fmt: skip
         await self.vms.ledger.record(rec.name, LedgerEvent.RESTARTED, rec.host, "reset by VM monitoring")

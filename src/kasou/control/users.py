@@ -20,6 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, Field
 
+from kasou.control import audit
 from kasou.errors import AlreadyExists, InvalidSpec, NotFound, StoreConflict, Unauthorized
 from kasou.model.names import validate_name
 from kasou.model.users import Role, UserCreate, check_password
@@ -157,6 +158,9 @@ class Users:
             locked = now + LOCK_S if failures >= LOCK_AFTER else None
             await self.store.put(USERS_PREFIX + name, rec.model_copy(update={
                 "failures": 0 if locked else failures, "locked_until": locked}).model_dump(mode="json"))  # fmt: skip
+            if locked:
+                await audit.record(self.store, "lockout", source=source, target=f"users/{name}", details={
+                    "failures": failures, "locked_s": LOCK_S})  # fmt: skip
             raise wrong from None
         if rec.failures or rec.locked_until:
             rec = rec.model_copy(update={"failures": 0, "locked_until": None})

@@ -4,6 +4,7 @@ Roles (issue 7 adds department scoping and the auditor's reports):
 
 * ``admin``: everything, users included;
 * ``operator``: run, migrate and maintain VMs and hosts, open any console; no user management;
+* ``auditor``: read everything (the audit log and the reports included), change nothing, no console;
 * ``clinician``: the desktop portal only (a desktop of the pools they are entitled to, its console).
 
 The API's root token (``$KASOU_HOME/api.token``) acts as an administrator for scripts on the host.
@@ -26,13 +27,15 @@ PASSWORD_MAX = 1024
 class Role(StrEnum):
     ADMIN = "admin"
     OPERATOR = "operator"
+    AUDITOR = "auditor"
     CLINICIAN = "clinician"
 
 
 #: What each role may do, by permission name. Routes name the permission they need.
 PERMISSIONS: dict[Role, frozenset[str]] = {
-    Role.ADMIN: frozenset({"read", "operate", "console", "users", "portal"}),
+    Role.ADMIN: frozenset({"read", "operate", "console", "users", "portal", "audit"}),
     Role.OPERATOR: frozenset({"read", "operate", "console", "portal"}),
+    Role.AUDITOR: frozenset({"read", "audit"}),  # "audit": read the audit log (kasou.api.audit)
     Role.CLINICIAN: frozenset({"portal"}),
 }
 

@@ -1,0 +1,217 @@
+"""The audit log in the API: the middleware that records every state-changing request, and ``/v1/audit``.
+
+Recorded: every POST, PUT, PATCH and DELETE under ``/v1``, also refused ones (401, 403, 4xx, 5xx), after it
+was handled: who (the principal, when the request got that far), from where (the client's address), what
+(method and path, the query and the JSON body with secrets redacted), on what (``vms/NAME``...) and the
+result (status, kasou's error code and message, the job it started). ``POST /v1/auth/login`` is recorded
+as ``login`` or ``login_failed``, ``/v1/auth/logout`` as ``logout``. Reads (GET, HEAD) are not recorded.
+
+In a cluster a follower forwards a change to the leader: the follower marks the request and does not
+record it; the leader records it once, with the client's address the follower passed on
+(``X-Kasou-Forwarded-For``) and the follower's own address as ``details.forwarded_by``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from kasou.api.auth import Principal
+from kasou.control import audit
+from kasou.control.audit import Checkpoint, VerifyReport
+from kasou.errors import Forbidden
+
+if TYPE_CHECKING:
+    from kasou.api.app import Services
+
+CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+FORWARDED_FOR = "x-kasou-forwarded-for"  # set by a follower that forwards a change to the leader
+BODY_MAX = 64 * 1024  # request and response bodies read for the record at most this long
+NAMED = {"/v1/auth/login": "login", "/v1/auth/logout": "logout"}
+
+
+def mark_forwarded(request: Request) -> None:
+    """A follower forwards this request to the leader, which records it: do not record it here."""
+    request.state.audit_forwarded = True
+
+
+def _target(path: str, body: Any) -> str:
+    parts = [p for p in path.removeprefix("/v1/").split("/") if p]
+    if path == "/v1/auth/login":
+        name = body.get("name") if isinstance(body, dict) else None
+        return f"users/{str(name)[:100]}" if name else "users"
+    if len(parts) >= 2:
+        return "/".join(parts[:2])
+    if parts and isinstance(body, dict) and isinstance(body.get("name"), str):
+        return f"{parts[0]}/{body['name'][:100]}"  # a create: the new thing's name
+    return parts[0] if parts else ""
+
+
+def _json(data: bytes) -> Any:
+    if not data or len(data) > BODY_MAX:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+async def _replay(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def audit_middleware(
+    services: Callable[[], Services | None],
+) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    async def audit_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        svc = services()
+        if request.method not in CHANGING or not path.startswith("/v1/") or svc is None:
+            return await call_next(request)
+        size = request.headers.get("content-length")
+        body = await request.body() if size is not None and size.isdigit() and int(size) <= BODY_MAX else b""
+        try:
+            response = await call_next(request)
+        except Exception as e:
+            await _record(svc, request, body, 500, None, f"{type(e).__name__}")
+            raise
+        if getattr(request.state, "audit_forwarded", False):
+            return response
+        out = b""
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= BODY_MAX:
+            out = b"".join([c if isinstance(c, bytes) else c.encode() async for c in response.body_iterator])  # type: ignore[attr-defined]
+            response.body_iterator = _replay(out)  # type: ignore[attr-defined]
+        await _record(svc, request, body, response.status_code, _json(out), "")
+        return response
+
+    return audit_requests
+
+
+async def _record(svc: Services, request: Request, body: bytes, status: int, answer: Any, crash: str) -> None:
+    path = request.url.path
+    sent = _json(body)
+    ok = status < 400
+    action = NAMED.get(path) or f"{request.method} {path}"
+    if action == "login" and not ok:
+        action = "login_failed"
+    actor: Any = getattr(request.state, "principal", None)
+    if action == "login" and isinstance(answer, dict):
+        actor = {"name": answer.get("name"), "role": answer.get("role"), "via": "session"}
+    details: dict[str, Any] = {}
+    if request.query_params:
+        details["query"] = dict(request.query_params)
+    if isinstance(sent, dict) and action not in ("login", "login_failed"):
+        details["body"] = sent
+    elif body and sent is None:
+        details["body_bytes"] = len(body)
+    source = request.client.host if request.client else ""
+    forwarded = request.headers.get(FORWARDED_FOR)
+    if forwarded:
+        details["forwarded_by"] = source
+        source = forwarded[:100]
+    code, message = None, crash
+    if isinstance(answer, dict):
+        if not ok:
+            code, message = answer.get("code"), str(answer.get("message") or answer.get("detail") or "")
+        job = answer.get("job")
+        if isinstance(job, dict) and isinstance(job.get("id"), str):
+            details["job"] = job["id"]
+    await audit.record(
+        svc.store, action, actor=actor, source=source, target=_target(path, sent), ok=ok, status=status,
+        code=str(code) if code else None, message=message, details=details,
+    )  # fmt: skip
+
+
+# -- /v1/audit --------------------------------------------------------------------------------
+
+CSV_COLUMNS = ["seq", "time", "host", "clock", "actor", "role", "via", "source", "action", "target", "ok", "status",
+               "code", "message", "details", "prev_hash", "hash"]  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text  # no formulas in a spreadsheet
+
+
+def to_csv(records: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in records:
+        a, res = r.get("actor") or {}, r.get("result") or {}
+        row = [r.get("seq"), r.get("time"), r.get("host"), r.get("clock"), a.get("name"), a.get("role"), a.get("via"),
+               r.get("source"), r.get("action"), r.get("target"), res.get("ok"), res.get("status"), res.get("code"),
+               res.get("message"), r.get("details"), r.get("prev_hash"), r.get("hash")]  # fmt: skip
+        w.writerow([_cell(v) for v in row])
+    return buf.getvalue()
+
+
+def audit_routes(svc: Callable[[], Services], principal: Callable[[Request], Awaitable[Principal]]) -> APIRouter:
+    r = APIRouter(prefix="/v1/audit")
+
+    async def auditor(request: Request) -> Principal:
+        """Auditors (permission "audit") and administrators read the audit log."""
+        p = await principal(request)
+        if not (p.can("audit") or p.can("users")):
+            raise Forbidden(f"user {p.name!r} ({p.role.value}) may not read the audit log (needs 'audit')")
+        return p
+
+    def log() -> audit.AuditLog:
+        return audit.for_store(svc().store)
+
+    @r.get("/records", dependencies=[Depends(auditor)])
+    async def audit_records(
+        since: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+        action: str | None = None,
+        limit: int = Query(1000, ge=1, le=100000),
+    ) -> list[dict[str, Any]]:
+        """Records, oldest first (the last ``limit``): since an ISO time, by a user, on a target (or a prefix of
+        it), whose action contains ``action``."""
+        return await log().records(since, actor, target, action, limit)
+
+    @r.get("/verify", dependencies=[Depends(auditor)])
+    async def audit_verify() -> VerifyReport:
+        """Walk the chain and the signed checkpoints; ``problem`` is the first one found (``ok`` when none)."""
+        return await log().verify()
+
+    @r.get("/export", dependencies=[Depends(auditor)], response_class=Response)
+    async def audit_export(format: Literal["csv", "json"] = "json") -> Response:
+        """The whole log: CSV (one row a record) or JSON (records and checkpoints, verifiable elsewhere)."""
+        store = svc().store
+        records = [e.value for e in await store.range(audit.PREFIX)]
+        if format == "csv":
+            return PlainTextResponse(to_csv(records), media_type="text/csv; charset=utf-8")
+        cps = [e.value for e in await store.range(audit.CHECKPOINT_PREFIX)]
+        body = {"records": records, "checkpoints": cps, "public_key": await log().public_key_pem()}
+        return Response(json.dumps(body, ensure_ascii=False, indent=1), media_type="application/json")
+
+    @r.get("/public-key", dependencies=[Depends(auditor)], response_class=PlainTextResponse)
+    async def audit_public_key() -> str:
+        """The site's checkpoint signing public key (PEM), for verifiers elsewhere."""
+        return await log().public_key_pem()
+
+    @r.post("/checkpoint", dependencies=[Depends(auditor)])
+    async def audit_checkpoint() -> Checkpoint | None:
+        """Seal the log as it is now with a signed checkpoint (null while the log is empty)."""
+        return await log().checkpoint()
+
+    @r.get("/status", dependencies=[Depends(auditor)])
+    async def audit_status() -> dict[str, Any]:
+        """This server's counters: records appended, lost races, failures, checkpoints, syslog."""
+        a = log()
+        out: dict[str, Any] = dict(a.stats)
+        if a.syslog is not None:
+            out["syslog"] = {"target": a.syslog.target, "sent": a.syslog.sent, "failures": a.syslog.failures,
+                             "last_error": a.syslog.last_error}  # fmt: skip
+        return out
+
+    return r
