@@ -88,7 +88,7 @@ export async function showDashboard(el, me) {
   who = me;
   el.innerHTML = FRAME;
   for (const n of el.querySelectorAll("[data-i18n]")) n.textContent = t(n.dataset.i18n);
-  el.querySelector(".who").textContent = t("dash.signedin", { name: me.name, role: me.role });
+  el.querySelector(".who").textContent = t("dash.signedin", { name: me.name, role: t(`role.${me.role}`) });
   el.querySelector("#refresh").onclick = () => refresh();
   el.addEventListener("click", onClick);
   await refresh();
@@ -183,7 +183,7 @@ function hostsTable() {
   });
   return table(
     "hosts",
-    ["col.name", "col.state", "col.cpu", "col.cpu", "col.load", "col.memory", "col.vms", "col.maintenance", "col.actions"],
+    ["col.name", "col.state", "col.cpus", "col.cpu", "col.load", "col.memory", "col.vms", "col.maintenance", "col.actions"],
     rows,
     t("dash.hosts"),
   );
@@ -257,7 +257,7 @@ function vmsTable() {
     .map((v) => {
       const u = ledger[v.name];
       const [cpu, io] = vmCharts(v);
-      const st = v.job && !["running", "stopped"].includes(v.state) ? badge(v.state) : badge(v.state);
+      const st = badge(v.state);
       return `<tr data-vm="${esc(v.name)}" data-state="${esc(v.state)}"><th scope="row">${esc(v.name)}
         ${v.description ? `<div class="muted small">${esc(v.description)}</div>` : ""}</th>
         <td class="vm-state">${st}${v.last_error && v.state === "crashed" ? `<div class="small error">${esc(v.last_error)}</div>` : ""}</td>
