@@ -53,7 +53,8 @@ class FakeRfbServer:
                 if not data:
                     break
                 self.received += data
-                if data[:1] == b"\x03":  # FramebufferUpdateRequest: a raw rectangle of the whole screen
+                # A FramebufferUpdateRequest (10 bytes, first or last in what arrived): a raw rectangle of the screen.
+                if data[:1] == b"\x03" or (len(data) >= 10 and data[-10] == 3):
                     rect = struct.pack(">HHHHi", 0, 0, WIDTH, HEIGHT, 0) + b"\x40\x80\xc0\x00" * WIDTH * HEIGHT
                     writer.write(struct.pack(">BxH", 0, 1) + rect)
                     await writer.drain()
