@@ -2,7 +2,7 @@
 
 Sign in as an operator through the form, see the VMs, start one from the UI and watch its job's
 progress and its state become running, see its CPU chart, cancel a confirmation, switch to English
-and back; then sign out, and a clinician who signs in is sent to the desktop portal.
+and back; an administrator also sees the audit trail; a clinician who signs in is sent to the portal.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.browser.conftest import shot, sign_in
@@ -19,9 +20,12 @@ from tests.integration.conftest import Kasou
 pytestmark = pytest.mark.qemu
 
 
-def test_dashboard_start_a_vm_and_watch_it(kasou: Kasou, base: str, page: Any, make_user: Callable[..., str]) -> None:
+def test_dashboard_start_a_vm_and_watch_it(
+    kasou: Kasou, base: str, page: Any, make_user: Callable[..., str], root_api: httpx.Client
+) -> None:
     pw_op = make_user("op1", "operator")
     pw_nurse = make_user("nurse1", "clinician")
+    pw_admin = make_user("adm1", "admin")
     kasou.run("vm", "create", "emr1", "--image", "tiny", "--vcpus", "1", "--memory", "128", "--disk", "64M")
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -52,6 +56,15 @@ def test_dashboard_start_a_vm_and_watch_it(kasou: Kasou, base: str, page: Any, m
     assert page.locator("#hosts svg.spark polyline").count() == 1
     shot(page, "dashboard-ja")
 
+    # The real QEMU's figures behind the chart: CPU and RSS from /proc, disk I/O from QMP, user networking uncounted.
+    (vm,) = root_api.get("/v1/metrics").json()["hosts"][kasou.json("host", "list")[0]["name"]]["vms"]
+    assert vm["name"] == "emr1" and vm["cpu_seconds"] > 0 and vm["rss_bytes"] > 32 * 1024 * 1024
+    assert vm["disks"] and vm["disks"][0]["read_bytes"] > 0 and vm["disks"][0]["write_ops"] > 0, vm
+    assert all(not n["counted"] for n in vm["nics"])  # the tiny VM's NIC is on QEMU user networking
+    assert not vm["nics"] or "user networking" in (vm["note"] or "")
+    prom = root_api.get("/metrics").text
+    assert 'kasou_vm_cpu_seconds_total{vm="emr1"' in prom and "kasou_vm_disk_write_bytes_total{" in prom
+
     # Graceful shutdown asks first; Escape cancels and nothing happens.
     page.click('button[data-act="shutdown"][data-target="emr1"]')
     page.wait_for_selector("#confirm[open]")
@@ -68,6 +81,15 @@ def test_dashboard_start_a_vm_and_watch_it(kasou: Kasou, base: str, page: Any, m
     page.wait_for_function("() => document.querySelector('#vms-h')?.textContent === '仮想マシン'")
     assert errors == [], errors
     print(f"\nstart clicked -> state running shown: {shown_running:.1f} s")
+
+    assert page.locator("#audit-card").is_hidden()  # an operator does not read the audit trail
+
+    # An administrator also sees the latest audit records (the operator's start is one of them).
+    page.click("#signout")
+    page.wait_for_selector("#signin:not([hidden])")
+    sign_in(page, base, "adm1", pw_admin)
+    page.wait_for_selector("#audit-card:not([hidden]) #audit tbody tr[data-seq]")
+    assert "/v1/vms/emr1/actions/start" in page.locator("#audit").inner_text()
 
     # Sign out; a clinician who signs in is sent to the desktop portal.
     page.click("#signout")

@@ -13,7 +13,7 @@ let who = null;
 let timer = null;
 let busy = false;
 let again = false; // a refresh was asked for while one ran
-const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null };
+const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null };
 
 const esc = (s) =>
   String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -77,6 +77,8 @@ const FRAME = `
   <section class="card" aria-labelledby="jobs-h"><h2 id="jobs-h" data-i18n="dash.jobs"></h2><div id="jobs-box"></div></section>
   <section class="card" aria-labelledby="events-h"><h2 id="events-h" data-i18n="dash.events"></h2><div id="events-box"></div></section>
 </div>
+<section class="card" id="audit-card" hidden aria-labelledby="audit-h"><h2 id="audit-h" data-i18n="dash.audit"></h2>
+  <div id="audit-box"></div></section>
 <dialog id="confirm" aria-labelledby="confirm-msg"><form method="dialog">
   <p id="confirm-msg"></p><p id="confirm-extra"></p>
   <div class="buttons"><button type="submit" value="cancel" class="action" data-i18n="act.cancel"></button>
@@ -107,7 +109,8 @@ async function refresh() {
   clearTimeout(timer);
   const soft = (p, fallback) => p.catch((e) => (e.status === 404 ? fallback : Promise.reject(e)));
   try {
-    const [hosts, vms, uptime, pools, desktops, jobs, events, hist] = await Promise.all([
+    const audit = can("audit") ? soft(get("/v1/audit/records?limit=12"), null).catch(() => null) : Promise.resolve(null);
+    const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records] = await Promise.all([
       get("/v1/hosts"),
       get("/v1/vms"),
       get("/v1/reports/uptime"),
@@ -116,8 +119,9 @@ async function refresh() {
       get("/v1/jobs?limit=12"),
       get("/v1/events?limit=12"),
       soft(get("/v1/metrics/history"), null),
+      audit,
     ]);
-    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist });
+    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records });
     render();
     root.querySelector("#dash-error").textContent = "";
     root.querySelector(".updated").textContent = t("dash.updated", { time: clock(Date.now() / 1000) });
@@ -144,6 +148,8 @@ function render() {
   if (data.desktops !== null) root.querySelector("#desktops-box").innerHTML = desktopsTable();
   root.querySelector("#jobs-box").innerHTML = jobsTable();
   root.querySelector("#events-box").innerHTML = eventsTable();
+  root.querySelector("#audit-card").hidden = data.audit === null;
+  if (data.audit !== null) root.querySelector("#audit-box").innerHTML = auditTable();
   if (focused) {
     const again = root.querySelector(`[data-key="${CSS.escape(focused)}"]`);
     if (again) again.focus();
@@ -198,8 +204,8 @@ function heartbeat(v) {
   const age = Math.round(v.heartbeat_age_s);
   const fresh = v.heartbeat_age_s < HEARTBEAT_FRESH_S;
   const word = fresh ? t("hb.fresh", { age }) : t("hb.stale", { age });
-  const guest = v.uptime_s !== null && v.uptime_s !== undefined ? ` · ${duration(v.uptime_s)}` : "";
-  return `<span class="hb ${fresh ? "ok" : "stale"}">${esc(word)}</span><span class="muted">${esc(guest)}</span>`;
+  const guest = v.uptime_s !== null && v.uptime_s !== undefined ? duration(v.uptime_s) : "";
+  return `<span class="hb ${fresh ? "ok" : "stale"}">${esc(word)}</span><div class="small muted">${esc(guest)}</div>`;
 }
 
 function disks(v) {
@@ -307,7 +313,7 @@ function jobsTable() {
     const msg = j.state === "failed" && j.error ? j.error.message : j.step;
     return `<tr data-job="${esc(j.id)}"><td>${esc(clock(j.created_at))}</td><td>${esc(j.kind)}</td><td>${esc(j.vm || "—")}</td>
       <td>${badge(j.state, j.state === "running" ? "running-job" : j.state)}</td>
-      <td><span class="progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${pct}"
+      <td class="nowrap"><span class="progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${pct}"
         aria-label="${esc(j.kind)} ${pct}%"><div style="width:${pct}%"></div></span> ${pct}%</td>
       <td class="small">${esc(msg)}</td></tr>`;
   });
@@ -320,6 +326,19 @@ function eventsTable() {
       <td class="small">${esc(e.message)}</td></tr>`,
   );
   return table("events", ["col.time", "col.severity", "col.subject", "col.message"], rows, t("dash.events"));
+}
+
+// The audit trail's latest records, for those who may read it (administrators, auditors).
+function auditTable() {
+  const rows = [...data.audit].reverse().map((a) => {
+    const ok = a.result && a.result.ok;
+    const actor = a.actor ? `${a.actor.name} (${t(`role.${a.actor.role}`)})` : "—";
+    return `<tr data-seq="${esc(a.seq)}"><td>${esc(clock(Date.parse(a.time) / 1000))}</td><td>${esc(actor)}</td>
+      <td>${esc(a.action)}</td><td>${esc(a.target)}</td>
+      <td>${badge(ok ? "ok" : "failed")}${!ok && a.result ? ` <span class="small">${esc(a.result.message || a.result.code || "")}</span>` : ""}</td>
+      <td class="small muted">${esc(a.source)}</td></tr>`;
+  });
+  return table("audit", ["col.time", "col.actor", "col.action", "col.subject", "col.result", "col.source"], rows, t("dash.audit"));
 }
 
 // -- actions -------------------------------------------------------------------------------------------------
