@@ -29,6 +29,8 @@ def test_dashboard_start_a_vm_and_watch_it(
     kasou.run("vm", "create", "emr1", "--image", "tiny", "--vcpus", "1", "--memory", "128", "--disk", "64M")
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
 
     sign_in(page, base, "op1", pw_op)
     row = page.locator('#vms tr[data-vm="emr1"]')
@@ -49,6 +51,7 @@ def test_dashboard_start_a_vm_and_watch_it(
     page.wait_for_selector('#vms tr[data-vm="emr1"][data-state="running"]', timeout=30_000)
     shown_running = time.monotonic() - t0
     assert "実行中" in row.locator(".vm-state").inner_text()
+    assert any(u.endswith(f"/v1/jobs/{job.get_attribute('data-job')}/events") for u in requested)  # SSE, not polling
 
     # A CPU chart appears once the collector has two samples of the VM (5 s apart).
     page.wait_for_selector('#vms tr[data-vm="emr1"] svg.spark polyline', timeout=60_000)
@@ -62,11 +65,14 @@ def test_dashboard_start_a_vm_and_watch_it(
     assert vm["disks"] and vm["disks"][0]["read_bytes"] > 0 and vm["disks"][0]["write_ops"] > 0, vm
     assert all(not n["counted"] for n in vm["nics"])  # the tiny VM's NIC is on QEMU user networking
     assert not vm["nics"] or "user networking" in (vm["note"] or "")
+    t1 = time.monotonic()
     prom = root_api.get("/metrics").text
+    print(f"\nGET /metrics with one real VM: {(time.monotonic() - t1) * 1000:.0f} ms, {len(prom)} bytes")
     assert 'kasou_vm_cpu_seconds_total{vm="emr1"' in prom and "kasou_vm_disk_write_bytes_total{" in prom
 
-    # Graceful shutdown asks first; Escape cancels and nothing happens.
-    page.click('button[data-act="shutdown"][data-target="emr1"]')
+    # Graceful shutdown asks first (reached with the keyboard); Escape cancels and nothing happens.
+    page.locator('button[data-act="shutdown"][data-target="emr1"]').focus()
+    page.keyboard.press("Enter")
     page.wait_for_selector("#confirm[open]")
     page.keyboard.press("Escape")
     page.wait_for_selector("#confirm:not([open])", state="attached")
