@@ -172,4 +172,5 @@ def run_api(paths: Paths, address: str | None = None) -> None:
         )
         return svc
 
-    uvicorn.run(create_app(factory, token), host=host, port=port, log_level="warning")
+    # Open event streams and consoles would otherwise hold a shutdown until they end: 5 s, then they are cut.
+    uvicorn.run(create_app(factory, token), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

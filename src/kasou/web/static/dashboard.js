@@ -94,9 +94,25 @@ export async function showDashboard(el, me) {
   el.querySelector("#refresh").onclick = () => refresh();
   el.addEventListener("click", onClick);
   await refresh();
+  listenEvents();
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refresh();
   });
+}
+
+// Operator events (a degraded disk, a pool low on space, ...) refresh the page at once (GET /v1/events/stream).
+function listenEvents() {
+  if (!window.EventSource) return;
+  const es = new EventSource("/v1/events/stream?timeout=600");
+  es.addEventListener("event", () => refresh());
+  es.addEventListener("timeout", () => {
+    es.close();
+    listenEvents(); // the stream is bounded: open the next one
+  });
+  es.onerror = () => {
+    es.close();
+    setTimeout(listenEvents, 30000); // the server restarts or the session ended: try again later
+  };
 }
 
 async function refresh() {
