@@ -1,0 +1,57 @@
+"""Every label the dashboard asks for exists in Japanese and in English (a missing one would show its key)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kasou.control.records import JobState
+from kasou.model.state import VMState
+
+STATIC = Path(__file__).resolve().parents[2] / "src" / "kasou" / "web" / "static"
+SHARED = ("app.title", "signin.title", "signout", "lang.switch")
+
+
+def labels() -> dict[str, set[str]]:
+    text = (STATIC / "dashboard-labels.js").read_text() + (STATIC / "i18n.js").read_text()
+    out: dict[str, set[str]] = {"ja": set(), "en": set()}
+    for block in re.split(r"\n\s*(?=(?:ja|en): \{)", text):
+        lang = block.strip()[:2]
+        if lang in out:
+            out[lang] |= set(re.findall(r'"([a-z_]+(?:\.[a-z_0-9]+)*)":', block))
+    return out
+
+
+def used_keys() -> set[str]:
+    keys: set[str] = set()
+    for name in ("dashboard.js", "jobs-live.js"):
+        src = (STATIC / name).read_text()
+        keys |= set(re.findall(r'\bt\("([a-z_]+\.[a-z_.]+|[a-z]+)"', src))
+        keys |= set(re.findall(r'data-i18n="([a-z_.]+)"', src))
+        keys |= set(re.findall(r'\["(col\.[a-z_]+)"', src)) | set(re.findall(r'"(col\.[a-z_]+)"', src))
+    return keys
+
+
+def test_every_used_label_exists_in_both_languages() -> None:
+    have = labels()
+    used = used_keys()
+    assert len(used) > 40
+    for lang in ("ja", "en"):
+        missing = sorted(k for k in used if k not in have[lang])
+        assert not missing, (lang, missing)
+        assert all(k in have[lang] for k in SHARED)
+
+
+def test_every_state_shown_has_words() -> None:
+    have = labels()
+    states = {s.value for s in VMState} | {s.value for s in JobState}
+    states |= {"up", "down", "maintenance", "ok", "low", "full", "missing", "in_sync", "syncing", "degraded"}
+    states |= {"info", "warning", "error"}
+    for lang in ("ja", "en"):
+        missing = sorted(s for s in states if f"state.{s}" not in have[lang])
+        assert not missing, (lang, missing)
+    for lang in ("ja", "en"):
+        roles = {f"role.{r}" for r in ("admin", "operator", "clinician", "auditor")}
+        actions = {f"act.{a}" for a in ("start", "shutdown", "stop", "migrate", "maint_on", "maint_off")}
+        assert roles | actions <= have[lang], (lang, sorted((roles | actions) - have[lang]))
+    assert have["ja"] == have["en"], sorted(have["ja"] ^ have["en"])
