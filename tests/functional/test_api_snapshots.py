@@ -211,3 +211,41 @@ def test_cli_snapshot_create_list_revert_delete(env: Env, run: Any) -> None:
     r = run("snapshot", "create", "emr", "a/b")
     assert isinstance(r.exception, KasouError) and "snapshot 'a/b' may contain only" in r.exception.message
     assert [s["name"] for s in json.loads(run("snapshot", "list", "emr", "--json").output)] == ["s2"]
+
+
+def test_a_snapshot_taken_as_the_control_plane_died_is_settled_at_its_next_start(env: Env) -> None:
+    """The intent is recorded before the agent is asked: a restart adopts layers that exist, drops the rest."""
+    from kasou.control.snapshots import _intent
+    from kasou.hypervisor.snapshots import SnapshotDiskNow, SnapshotTake
+    from kasou.model.snapshots import SnapshotCreate
+
+    env.create("emr", start=True)
+    vms = env.services.vms
+    portal = env.api.portal  # type: ignore[attr-defined]
+    base = disk_path(env, "emr")
+
+    async def died_after_the_agent(name: str, taken: bool) -> None:
+        rec = await vms._record("emr")
+        spec = SnapshotCreate(name=name)
+        await vms._update("emr", lambda r: r.model_copy(update={"snapshots": [*r.snapshots, _intent(rec, spec)]}))
+        if taken:  # the agent took it; the control plane died before recording it
+            req = SnapshotTake(snapshot=name, disks=[SnapshotDiskNow(id=d.id, path=d.path or "") for d in rec.disks])
+            await vms.agents.get(rec.host).take_snapshot("emr", req)
+
+    portal.call(vms.suspend)  # the control plane stops (its background work with it)
+    portal.call(died_after_the_agent, "taken", True)
+    [s] = env.api.get("/v1/vms/emr/snapshots").json()
+    assert s["state"] == "taking"
+    assert env.api.post("/v1/vms/emr/snapshots/taken/revert").status_code == 409  # not usable yet
+    portal.call(vms.startup)  # the next start of the control plane
+    [s] = env.api.get("/v1/vms/emr/snapshots").json()
+    assert s["state"] == "ready" and s["name"] == "taken"
+    overlay = disk_path(env, "emr")
+    assert overlay.endswith("disk0.taken.qcow2") and backing(overlay) == base  # the VM's record follows its layers
+
+    portal.call(vms.suspend)
+    portal.call(died_after_the_agent, "never", False)
+    portal.call(vms.startup)
+    assert [x["name"] for x in env.api.get("/v1/vms/emr/snapshots").json()] == ["taken"]  # the intent is dropped
+    assert disk_path(env, "emr") == overlay
+    portal.call(vms.suspend)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -44,6 +45,8 @@ from kasou.hypervisor.snapshots import (
     SnapshotMergeDisk,
     SnapshotRevert,
     SnapshotTake,
+    memory_path,
+    overlay_path,
 )
 from kasou.model.snapshots import SnapshotCreate, SnapshotDisk, SnapshotRecord, newer_than, validate_snapshot_name
 from kasou.model.state import ACTIVE_STATES, VMState
@@ -168,7 +171,13 @@ class Snapshots:
                 snapshot=spec.name, disks=[SnapshotDiskNow(id=d.id, path=d.path or "") for d in rec.disks],
                 memory=spec.memory,
             )  # fmt: skip
-            taken = await agent.take_snapshot(vm, req)
+            intent = _intent(rec, spec)  # written first: a control plane that dies meanwhile recovers from it
+            await self.vms._update(vm, lambda r: r.model_copy(update={"snapshots": [*r.snapshots, intent]}))
+            try:
+                taken = await agent.take_snapshot(vm, req)
+            except BaseException:
+                await self.vms._update(vm, lambda r: _without_intent(r, spec.name))
+                raise
             snap = SnapshotRecord(
                 name=spec.name, description=spec.description, memory=spec.memory, memory_path=taken.memory_path,
                 memory_bytes=taken.memory_bytes, size_bytes=taken.size_bytes, vm_state=rec.state.value,
@@ -176,9 +185,11 @@ class Snapshots:
             )  # fmt: skip
             overlays = {d.id: d.overlay for d in taken.disks}
             try:
-                await self.vms._update(vm, lambda r: _with_snapshot(r, snap, overlays))
+                await self.vms._update(vm, lambda r: _with_snapshot(_without_intent(r, spec.name), snap, overlays))
             except BaseException:
                 await self._undo_take(rec, taken.disks, taken.memory_path)
+                with contextlib.suppress(KasouError):
+                    await self.vms._update(vm, lambda r: _without_intent(r, spec.name))
                 raise
             await ctx.progress(1.0, "done")
             return {
@@ -187,6 +198,34 @@ class Snapshots:
             }  # fmt: skip
 
         return await self.vms._submit("snapshot", vm, run, job_id)
+
+    async def recover(self, rec: VMRecord) -> None:
+        """At a start of the control plane: settle snapshots left ``taking`` by one that died while taking them.
+
+        If every new layer exists on the VM's host, the agent took the snapshot: the VM runs (or will
+        boot) on those layers, so they are adopted and the snapshot kept. Otherwise nothing was taken
+        (a failed take removes its layers) and the intent is dropped. A host that does not answer
+        leaves the intent for the next start; the snapshot cannot be reverted to meanwhile.
+        """
+        for snap in [s for s in rec.snapshots if s.state == "taking"]:
+            agent = self.vms.agents.get(rec.host)
+            try:
+                present = [await _exists(agent, d.overlay) for d in snap.disks]
+                memory = snap.memory and snap.memory_path is not None and await _exists(agent, snap.memory_path)
+            except KasouError as e:
+                log.error("snapshot %s of VM %s stays unsettled: %s", snap.name, rec.name, e.message)
+                continue
+            if snap.disks and all(present):
+                ready = snap.model_copy(update={"state": "ready", "memory": memory,
+                                                "memory_path": snap.memory_path if memory else None})  # fmt: skip
+                overlays = {d.id: d.overlay for d in snap.disks}
+                adopt = functools.partial(_adopt, name=snap.name, snap=ready, overlays=overlays)
+                await self.vms._update(rec.name, adopt)
+                log.warning("snapshot %s of VM %s was taken as the control plane stopped: kept", snap.name, rec.name)
+            else:
+                await self.vms._update(rec.name, functools.partial(_without_intent, name=snap.name))
+                log.warning("snapshot %s of VM %s was not taken as the control plane stopped: dropped",
+                            snap.name, rec.name)  # fmt: skip
 
     async def _undo_take(self, rec: VMRecord, layers: builtins.list[SnapshotLayers], memory_path: str | None) -> None:
         """The snapshot was taken but could not be recorded: merge its overlays back, remove its state file."""
@@ -276,7 +315,11 @@ class Snapshots:
 
         def check(r: VMRecord) -> None:
             _check_vm(r, "delete a snapshot of")
-            _find(r, snapshot)
+            if _find(r, snapshot).state == "taking":
+                raise WrongState(
+                    f"snapshot {snapshot!r} of VM {vm!r} is still being settled after a restart of the control "
+                    "plane (its host did not answer); try again when the host is back"
+                )
 
         check(await self.vms._record(vm))
         job_id = _job_id()
@@ -324,6 +367,31 @@ class Snapshots:
             if p not in active:
                 with contextlib.suppress(NotFound):
                     await agent.delete_disk(p)
+
+
+def _intent(rec: VMRecord, spec: SnapshotCreate) -> SnapshotRecord:
+    """The snapshot about to be taken, with the paths its layers will have (the agent makes them there)."""
+    disks = [SnapshotDisk(id=d.id, base=d.path or "", overlay=str(overlay_path(d.path or "", d.id, spec.name)))
+             for d in rec.disks]  # fmt: skip
+    state_file = str(memory_path(rec.disks[0].path or "", spec.name)) if spec.memory and rec.disks else None
+    return SnapshotRecord(name=spec.name, description=spec.description, memory=spec.memory, memory_path=state_file,
+                          vm_state=rec.state.value, disks=disks, state="taking")  # fmt: skip
+
+
+def _adopt(r: VMRecord, name: str, snap: SnapshotRecord, overlays: dict[str, str]) -> VMRecord:
+    return _with_snapshot(_without_intent(r, name), snap, overlays)
+
+
+def _without_intent(r: VMRecord, name: str) -> VMRecord:
+    return r.model_copy(update={"snapshots": [s for s in r.snapshots if not (s.name == name and s.state == "taking")]})
+
+
+async def _exists(agent: Any, path: str) -> bool:
+    try:
+        await agent.disk_info(path)
+        return True
+    except NotFound:
+        return False
 
 
 def _with_snapshot(r: VMRecord, snap: SnapshotRecord, overlays: dict[str, str]) -> VMRecord:

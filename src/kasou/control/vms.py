@@ -374,6 +374,9 @@ class VMService:
             elif rec.job is not None:
                 state = VMState.STOPPED if rec.state == VMState.DELETING else rec.state
                 await self._set(rec.name, job=None, state=state)
+            if any(s.state == "taking" for s in rec.snapshots):
+                with contextlib.suppress(KasouError):
+                    await self.snapshots.recover(await self._record(rec.name))
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
         self._host_checker = asyncio.create_task(self._host_check_loop(), name="ha-host-check")
 

@@ -63,7 +63,9 @@ class SnapshotRecord(BaseModel):
     size_bytes: int = 0  # allocated bytes of its disk layers (the bases) plus the memory state
     vm_state: str = "stopped"  # the VM's state when it was taken
     disks: list[SnapshotDisk] = []
-    state: Literal["ready", "deleting"] = "ready"  # deleting: a merge began; its content is no longer whole
+    # taking: recorded before the agent is asked (its layers' paths are known), so a control plane that dies
+    # meanwhile finds out at its next start whether the VM runs on the new layers; deleting: a merge began
+    state: Literal["taking", "ready", "deleting"] = "ready"
     error: str | None = None  # why the last delete failed (retry the delete)
 
 
