@@ -176,9 +176,10 @@ async def attach(
         raise InvalidSpec(f"disk {disk_id} is read-only; there is nothing to mirror", field="disk_id")
     records = load(run_dir)
     rec = records.get(disk_id)
-    if rec is not None and rec.target is not None and rec.error is None:
+    job = _job(await execute("query-block-jobs"), disk_id)
+    if rec is not None and rec.target is not None and rec.error is None and job_failure(job) is None:
         if rec.target == target:
-            return disk_status(disk_id, rec, _job(await execute("query-block-jobs"), disk_id))
+            return disk_status(disk_id, rec, job)
         raise Conflict(f"disk {disk_id} is mirrored to {rec.target} already; detach that copy first")
     if rec is not None:  # a degraded disk: tidy what is left of the failed copy's job first
         await _end_job(execute, disk_id)
@@ -303,10 +304,8 @@ async def switch_over(execute: Execute, run_dir: Path, disk_id: str, why: str) -
     if job is None or not job.get("ready") or job_failure(job) is not None:
         return False
     old_node = await device_node(execute, disk_id)
-    await execute("block-job-complete", {"device": job_id(disk_id)})
-    job = await _conclude(execute, disk_id, PIVOT_S, f"disk {disk_id} did not switch to its second copy")
-    if job is not None and job.get("error"):
-        raise HypervisorError(f"disk {disk_id} could not switch to its second copy: {job['error']}")
+    # The record says what the disk is about to be before QEMU is asked, so a status read meanwhile
+    # (the control plane, every 2 s) never sees a half-done switch; restored if the switch fails.
     records[disk_id] = Mirrored(
         disk_id=disk_id,
         source=rec.target,
@@ -319,6 +318,15 @@ async def switch_over(execute: Execute, run_dir: Path, disk_id: str, why: str) -
         generation=rec.generation,
     )
     save(run_dir, records)
+    try:
+        await execute("block-job-complete", {"device": job_id(disk_id)})
+        job = await _conclude(execute, disk_id, PIVOT_S, f"disk {disk_id} did not switch to its second copy")
+        if job is not None and job.get("error"):
+            raise HypervisorError(f"disk {disk_id} could not switch to its second copy: {job['error']}")
+    except BaseException:
+        records[disk_id] = rec
+        save(run_dir, records)
+        raise
     with contextlib.suppress(MonitorError):  # close the failed copy (its file may be gone)
         await _drop_nodes(execute, old_node)
     return True
@@ -330,9 +338,7 @@ async def give_up_target(execute: Execute, run_dir: Path, disk_id: str, why: str
     rec = records.get(disk_id)
     if rec is None or rec.target is None:
         return
-    await _end_job(execute, disk_id)
-    await _drop_target(execute, rec)
-    records[disk_id] = Mirrored(
+    records[disk_id] = Mirrored(  # recorded first: a status read meanwhile already says why and which copy
         disk_id=disk_id,
         source=rec.source,
         target=None,
@@ -344,6 +350,8 @@ async def give_up_target(execute: Execute, run_dir: Path, disk_id: str, why: str
         generation=rec.generation,
     )
     save(run_dir, records)
+    await _end_job(execute, disk_id)
+    await _drop_target(execute, rec)
 
 
 async def watch(execute: Execute, run_dir: Path) -> list[str]:
