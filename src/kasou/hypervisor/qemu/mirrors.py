@@ -47,7 +47,7 @@ from kasou.errors import Conflict, HypervisorError, InvalidSpec, KasouError, Mon
 from kasou.hypervisor.base import LaunchDisk, MirrorStatus, validate_disk_id
 from kasou.hypervisor.qemu import runfiles
 from kasou.hypervisor.qemu.migration import Execute
-from kasou.hypervisor.qemu.replication import job_failure
+from kasou.hypervisor.qemu.replication import job_failure, node_sizes
 
 RECORD = "mirrors.json"  # in the VM's runtime directory
 PIVOT_S = 10.0  # a ready job switches over at once; bounded all the same
@@ -153,13 +153,6 @@ async def _io_status(execute: Execute) -> dict[str, str]:
     return out
 
 
-async def _sizes(execute: Execute, names: Sequence[str]) -> dict[str, int]:
-    nodes = await execute("query-named-block-nodes", {"flat": True})
-    return {
-        n["node-name"]: int(n.get("image", {}).get("virtual-size", -1)) for n in nodes if n.get("node-name") in names
-    }
-
-
 async def attach(
     execute: Execute, run_dir: Path, disks: Sequence[LaunchDisk], disk_id: str, target: str, sync: MirrorSync
 ) -> MirrorStatus:
@@ -206,7 +199,7 @@ async def attach(
     )
     started = False
     try:
-        sizes = await _sizes(execute, [source_node, node])
+        sizes = await node_sizes(execute, [source_node, node])
         if sizes.get(source_node) != sizes.get(node):
             raise InvalidSpec(
                 f"the second copy holds {sizes.get(node)} bytes but disk {disk_id} has {sizes.get(source_node)}",

@@ -424,7 +424,7 @@ def set_user_timeout(pid: int, host: str, port: int, ms: int = TCP_USER_TIMEOUT_
 # -- QMP steps on the VM's host --------------------------------------------------------------
 
 
-async def _node_sizes(execute: Execute, names: Sequence[str]) -> dict[str, int]:
+async def node_sizes(execute: Execute, names: Sequence[str]) -> dict[str, int]:
     nodes = await execute("query-named-block-nodes", {"flat": True})
     named = (n for n in nodes if n.get("node-name") in names)
     return {n["node-name"]: int(n.get("image", {}).get("virtual-size", -1)) for n in named}
@@ -470,7 +470,7 @@ async def attach(
         raise HypervisorError(f"cannot reach the replica of disk {disk_id} at {nbd_host}:{nbd_port}: {e}") from None
     started = False
     try:
-        sizes = await _node_sizes(execute, [disk_id, node])
+        sizes = await node_sizes(execute, [disk_id, node])
         if sizes.get(disk_id) != sizes.get(node):
             raise InvalidSpec(
                 f"the replica holds {sizes.get(node)} bytes but disk {disk_id} has {sizes.get(disk_id)}",
@@ -559,7 +559,7 @@ async def detach(execute: Execute, pid: int, run_dir: Path, disk_id: str) -> Non
     record = records.get(disk_id)
     await _end_job(execute, pid, disk_id, record)
     node = nbd_node(disk_id)
-    if node in await _node_sizes(execute, [node]):
+    if node in await node_sizes(execute, [node]):
         await execute("blockdev-del", {"node-name": node})
     if records.pop(disk_id, None) is not None:
         save(run_dir, records)
