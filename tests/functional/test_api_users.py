@@ -99,7 +99,7 @@ def test_auditors_read_and_change_nothing(env: Env) -> None:
     _user(env, "aud", "auditor")
     aud = _session(env, "aud")
     me = aud.get("/v1/auth/me").json()
-    assert me["role"] == "auditor" and me["permissions"] == ["audit", "read"]
+    assert me["role"] == "auditor" and me["permissions"] == ["audit", "read", "vm.read"]
     for path in ("/v1/vms", "/v1/reports/uptime", "/v1/audit/records", "/v1/audit/verify"):
         assert aud.get(path).status_code == 200, path
     csrf = {"x-kasou-csrf": "1"}

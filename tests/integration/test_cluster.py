@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,14 @@ def make_lab(tiny_image: Path, prefix: str = "kasou-lab-") -> Iterator[Lab]:
         subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=env, check=True, capture_output=True, timeout=180)
         yield Lab(lab_dir, env)
     finally:
+        keep = os.environ.get("KASOU_TEST_KEEP_LOGS")  # a directory to copy the lab's logs into
+        if keep:
+            shutil.copytree(lab_dir, Path(keep) / lab_dir.name, ignore=_not_logs, dirs_exist_ok=True)
         subprocess.run([*KASOU, "lab", "down"], env=env, capture_output=True, timeout=180)
+
+
+def _not_logs(folder: str, names: list[str]) -> list[str]:
+    return [n for n in names if not (n.endswith(".log") or (Path(folder) / n).is_dir()) or n.endswith(".sock")]
 
 
 @pytest.fixture(scope="module")

@@ -173,8 +173,9 @@ def test_etcd_losing_one_member_changes_nothing_losing_quorum_stops_changes_not_
     lab.wait("the cluster answering again", lambda: lab.run("cluster", host=via, check=False).returncode == 0)
     v = lab.vm("ehr", host=via)
     assert v["state"] == "running" and v["host"] == victim
-    events = [e["event"] for e in lab.json("vm", "history", "ehr", host=via)]
-    assert "crashed" not in events and "fenced" not in events, events
+    history = lab.json("vm", "history", "ehr", host=via)
+    events = [e["event"] for e in history]
+    assert "crashed" not in events and "fenced" not in events, history
     lab.run("vm", "delete", "probe2", "--force", host=via, check=False)
     delete_all(lab, ["ehr"], via)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kasou.errors import Forbidden, Unauthorized
-from kasou.model.users import PERMISSIONS, Role
+from kasou.model.users import PERMISSIONS, SCOPED_ROLES, Role
 
 if TYPE_CHECKING:
     from kasou.control.users import Users
@@ -68,9 +68,19 @@ class Principal:
     via: Literal["token", "session"]
     session: str | None = None  # the session token (to sign out)
     pools: tuple[str, ...] = ()  # desktop pools a clinician is entitled to
+    departments: tuple[str, ...] = ()  # a vendor's departments
+
+    @property
+    def scoped(self) -> bool:
+        """True if the VM permissions hold only for VMs of the principal's departments."""
+        return self.role in SCOPED_ROLES
 
     def can(self, permission: str) -> bool:
         return permission in PERMISSIONS[self.role]
+
+    def sees(self, department: str | None) -> bool:
+        """May this principal's VM permissions act on a VM of ``department``?"""
+        return not self.scoped or (department is not None and department in self.departments)
 
     def require(self, permission: str) -> None:
         if not self.can(permission):
@@ -94,4 +104,5 @@ async def resolve_principal(
     user = await users().session_user(cookie)
     if method not in ("GET", "HEAD", "OPTIONS") and csrf != "1":
         raise Forbidden(f"a signed-in request that changes something must carry the header {CSRF_HEADER}: 1")
-    return Principal(name=user.name, role=user.role, via="session", session=cookie, pools=tuple(user.pools))
+    return Principal(name=user.name, role=user.role, via="session", session=cookie, pools=tuple(user.pools),
+                     departments=tuple(user.departments))  # fmt: skip

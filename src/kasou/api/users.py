@@ -29,6 +29,7 @@ class Me(BaseModel):
     role: Role
     via: str
     pools: list[str]
+    departments: list[str] = []
     permissions: list[str]
 
 
@@ -44,10 +45,17 @@ class PoolsChange(BaseModel):
     pools: list[str]
 
 
+class DepartmentsChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    departments: list[str]
+
+
 def _me(p: Principal) -> Me:
     from kasou.model.users import PERMISSIONS
 
-    return Me(name=p.name, role=p.role, via=p.via, pools=list(p.pools), permissions=sorted(PERMISSIONS[p.role]))
+    return Me(name=p.name, role=p.role, via=p.via, pools=list(p.pools), departments=list(p.departments),
+              permissions=sorted(PERMISSIONS[p.role]))  # fmt: skip
 
 
 def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awaitable[Principal]]) -> APIRouter:
@@ -67,7 +75,8 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
             SESSION_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
             max_age=int(session_max_s()), path="/",
         )  # fmt: skip
-        p = Principal(name=user.name, role=user.role, via="session", session=token, pools=tuple(user.pools))
+        p = Principal(name=user.name, role=user.role, via="session", session=token, pools=tuple(user.pools),
+                      departments=tuple(user.departments))  # fmt: skip
         return _me(p)
 
     @r.post("/auth/logout")
@@ -107,5 +116,10 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
     async def set_pools(user: str, body: PoolsChange) -> UserView:
         """The desktop pools a clinician is entitled to."""
         return await svc().users.set_pools(user, body.pools)
+
+    @r.put("/users/{user}/departments", dependencies=[Depends(admin)])
+    async def set_departments(user: str, body: DepartmentsChange) -> UserView:
+        """A vendor's departments: the VMs tagged with one of them are the vendor's to manage."""
+        return await svc().users.set_departments(user, body.departments)
 
     return r

@@ -260,6 +260,9 @@ def vm_create(
     disk: str = typer.Option(None, "--disk", help="Disk size, e.g. 1G (default: the image's size)."),
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     description: str = typer.Option("", "--description"),
+    department: str = typer.Option(
+        None, "--department", help="Department whose vendor manages it (e.g. lab, pacs, pharmacy)."
+    ),
     shared: bool = typer.Option(False, "--shared", help="Put the disk on the shared storage every host sees."),
     replicated: bool = typer.Option(
         False, "--replicated", help="Keep a synchronous copy of the disk on another host (network RAID-1)."
@@ -286,6 +289,7 @@ def vm_create(
         "disk": disk,
         "start": start,
         "description": description,
+        "department": department,
         "storage": "shared" if shared else ("replicated" if replicated else "local"),
         "network": network,
         "anti_affinity": anti_affinity,
@@ -484,8 +488,9 @@ def vm_set(
     ha: str = typer.Option(None, "--ha", help="on or off: restart it elsewhere if its host fails."),
     priority: str = typer.Option(None, "--priority", help="HA restart order, 0..100, highest first."),
     description: str = typer.Option(None, "--description"),
+    department: str = typer.Option(None, "--department", help="Department whose vendor manages it ('' removes it)."),
 ) -> None:
-    """Change a VM's HA setting, restart priority or description."""
+    """Change a VM's HA setting, restart priority, description or department."""
     body: dict[str, Any] = {}
     if ha is not None:
         if ha not in ("on", "off"):
@@ -495,6 +500,8 @@ def vm_set(
         body["priority"] = parse_int(priority, "priority")
     if description is not None:
         body["description"] = description
+    if department is not None:
+        body["department"] = department
     v = client().patch(f"/v1/vms/{name}", json=body)
     ha_text = f"HA on, priority {v['priority']}" if v["ha"] else "HA off"
     out.print(f"vm {name}: {ha_text}", markup=False, highlight=False)

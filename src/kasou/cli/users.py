@@ -10,7 +10,8 @@ from rich.table import Table
 from kasou.cli.common import client, fail, out, print_json, say
 from kasou.model.names import validate_name
 
-user_app = typer.Typer(help="Users of the web UI and the desktop portal: admin, operator, clinician.",
+user_app = typer.Typer(help="Users of the API, the web UI and the desktop portal: admin, operator, vendor, auditor, "
+                       "clinician.",
                        no_args_is_help=True)  # fmt: skip
 
 
@@ -27,15 +28,16 @@ def _password(stdin: bool) -> str:
 @user_app.command("create")
 def user_create(
     name: str,
-    role: str = typer.Option(..., "--role", help="admin, operator or clinician."),
+    role: str = typer.Option(..., "--role", help="admin, operator, vendor, auditor or clinician."),
     pool: list[str] = typer.Option([], "--pool", help="Desktop pool the user may use (repeat for several)."),
+    department: list[str] = typer.Option([], "--department", help="A vendor's department (repeat for several)."),
     display_name: str = typer.Option("", "--display-name"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
 ) -> None:
     """Add a user (the password is asked for, or read from stdin)."""
     validate_name(name, "user")
     body = {"name": name, "role": role, "password": _password(password_stdin), "pools": pool,
-            "display_name": display_name}  # fmt: skip
+            "departments": department, "display_name": display_name}  # fmt: skip
     u = client().post("/v1/users", json=body)
     say(f"user {u['name']}: created ({u['role']})")
 
@@ -46,9 +48,10 @@ def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(users)
         return
-    t = Table("name", "role", "display name", "desktop pools", "locked")
+    t = Table("name", "role", "display name", "desktop pools", "departments", "locked")
     for u in users:
-        t.add_row(u["name"], u["role"], u["display_name"], ", ".join(u["pools"]) or "-", "yes" if u["locked"] else "")
+        t.add_row(u["name"], u["role"], u["display_name"], ", ".join(u["pools"]) or "-",
+                  ", ".join(u.get("departments", [])) or "-", "yes" if u["locked"] else "")  # fmt: skip
     out.print(t)
 
 
@@ -76,3 +79,13 @@ def user_pools(name: str, pool: list[str] = typer.Option([], "--pool", help="Des
     validate_name(name, "user")
     u = client().put(f"/v1/users/{name}/pools", json={"pools": pool})
     say(f"user {name}: desktop pools {', '.join(u['pools']) or '(none)'}")
+
+
+@user_app.command("departments")
+def user_departments(
+    name: str, department: list[str] = typer.Option([], "--department", help="Department (repeat).")
+) -> None:
+    """Set a vendor's departments (the VMs tagged with one of them are theirs to manage)."""
+    validate_name(name, "user")
+    u = client().put(f"/v1/users/{name}/departments", json={"departments": department})
+    say(f"user {name}: departments {', '.join(u['departments']) or '(none)'}")

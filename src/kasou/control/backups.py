@@ -392,6 +392,13 @@ class Backups:
 
     # -- restore --------------------------------------------------------------------------
 
+    async def _department_of(self, vm: str) -> str | None:
+        """The department of a backup's VM (a restored copy belongs to it too), if the VM still exists."""
+        try:
+            return (await self.vms._record(vm)).department
+        except NotFound:
+            return None
+
     async def restore(self, vm: str, generation: int, new_name: str) -> tuple[VMView, JobRecord]:
         """A new VM from one generation (a job); checks first, so bad input changes nothing."""
         validate_name(new_name)
@@ -409,6 +416,7 @@ class Backups:
         rec = VMRecord(
             name=new_name, uuid=str(uuid.uuid4()), vcpus=src.vcpus, memory_mib=src.memory_mib, image=src.image,
             description=f"restored from backup generation {generation} of VM {vm}", nics=nics,
+            department=await self._department_of(vm),
             state=VMState.CREATING, host=src.host, job=job_id,
         )  # fmt: skip
         try:

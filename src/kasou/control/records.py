@@ -42,6 +42,7 @@ class VMRecord(BaseModel):
     image: str | None = None  # boot image (kernel and initramfs)
     template: str | None = None  # linked clone of this template
     description: str = ""
+    department: str | None = None  # its department's vendor may manage it
     anti_affinity: str | None = None  # never on one host with another running VM of this group
     ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
     priority: int = 50  # HA restart order, highest first (0..100)

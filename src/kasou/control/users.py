@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from kasou.control import audit
 from kasou.errors import AlreadyExists, InvalidSpec, NotFound, StoreConflict, Unauthorized
 from kasou.model.names import validate_name
-from kasou.model.users import Role, UserCreate, check_password
+from kasou.model.users import Role, UserCreate, check_departments, check_password
 from kasou.store.base import Store
 
 USERS_PREFIX = "users/"
@@ -58,6 +58,7 @@ class UserRecord(BaseModel):
     display_name: str = ""
     password_hash: str = Field(repr=False)
     pools: list[str] = []  # desktop pools a clinician is entitled to
+    departments: list[str] = []  # a vendor's departments
     created_at: float = Field(default_factory=time.time)
     failures: int = 0
     locked_until: float | None = None
@@ -68,6 +69,7 @@ class UserView(BaseModel):
     role: Role
     display_name: str
     pools: list[str]
+    departments: list[str] = []
     created_at: float
     locked: bool
 
@@ -85,8 +87,8 @@ def _sid(token: str) -> str:
 
 def view(u: UserRecord) -> UserView:
     locked = u.locked_until is not None and u.locked_until > time.time()
-    return UserView(name=u.name, role=u.role, display_name=u.display_name, pools=u.pools, created_at=u.created_at,
-                    locked=locked)  # fmt: skip
+    return UserView(name=u.name, role=u.role, display_name=u.display_name, pools=u.pools,
+                    departments=u.departments, created_at=u.created_at, locked=locked)  # fmt: skip
 
 
 class Users:
@@ -106,7 +108,7 @@ class Users:
     async def create(self, spec: UserCreate) -> UserView:
         digest = await asyncio.to_thread(_hasher.hash, spec.password)
         rec = UserRecord(name=spec.name, role=spec.role, display_name=spec.display_name, password_hash=digest,
-                         pools=spec.pools)  # fmt: skip
+                         pools=spec.pools, departments=spec.departments)  # fmt: skip
         try:
             await self.store.create(USERS_PREFIX + spec.name, rec.model_dump(mode="json"))
         except StoreConflict:
@@ -131,6 +133,13 @@ class Users:
         for p in pools:
             validate_name(p, "pool")
         rec = (await self.get(name)).model_copy(update={"pools": pools})
+        await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
+        return view(rec)
+
+    async def set_departments(self, name: str, departments: list[str]) -> UserView:
+        rec = await self.get(name)
+        check_departments(rec.role, departments)
+        rec = rec.model_copy(update={"departments": departments})
         await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
         return view(rec)
 

@@ -73,6 +73,7 @@ async def create(svc: VMService, spec: VMCreate) -> tuple[VMView, JobRecord]:
         image=image,
         template=spec.template,
         description=spec.description,
+        department=spec.department,
         anti_affinity=spec.anti_affinity,
         ha=spec.ha,
         priority=spec.priority,

@@ -89,6 +89,7 @@ class VMView(BaseModel):
     image: str | None
     template: str | None
     description: str
+    department: str | None = None
     anti_affinity: str | None
     ha: bool
     priority: int
@@ -200,6 +201,7 @@ class VMService:
             image=rec.image,
             template=rec.template,
             description=rec.description,
+            department=rec.department,
             anti_affinity=rec.anti_affinity,
             ha=rec.ha,
             priority=rec.priority,
@@ -483,9 +485,11 @@ class VMService:
     # -- settings --------------------------------------------------------------------
 
     async def update(self, name: str, upd: VMUpdate) -> VMView:
-        """Change a VM's HA setting, restart priority or description."""
+        """Change a VM's HA setting, restart priority, description or department."""
         rec = await self._record(name)
         changes = upd.model_dump(exclude_none=True)
+        if changes.get("department") == "":
+            changes["department"] = None
         if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
             await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
         await self._update(name, lambda r: r.model_copy(update=changes))

@@ -103,14 +103,17 @@ class VMUpdate(BaseModel):
     ha: bool | None = None
     priority: StrictInt | None = None
     description: str | None = Field(None, max_length=500)
+    department: str | None = None  # the department whose vendor manages it ("" removes the tag)
 
     @classmethod
     def parse(cls, data: Any) -> VMUpdate:
         spec: VMUpdate = _parse(cls, data)
         if spec.priority is not None:
             check_priority(spec.priority)
-        if spec.ha is None and spec.priority is None and spec.description is None:
-            raise InvalidSpec("nothing to change: give ha, priority or description", field="ha")
+        if spec.department:
+            validate_name(spec.department, "department")
+        if spec.ha is None and spec.priority is None and spec.description is None and spec.department is None:
+            raise InvalidSpec("nothing to change: give ha, priority, description or department", field="ha")
         return spec
 
 
@@ -135,6 +138,7 @@ class VMCreate(BaseModel):
     priority: StrictInt = Field(50)  # HA restart order, highest first
     pool: str | None = None  # the storage pool of its disk (default: the built-in pool, or --mirror's first)
     mirror: list[str] | None = None  # RAID-1: two pools, each holding a copy kept in sync
+    department: str | None = None  # e.g. "lab": that department's vendor manages it (kasou.api.permissions)
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -167,6 +171,8 @@ class VMCreate(BaseModel):
         if self.anti_affinity is not None:
             validate_name(self.anti_affinity, "anti_affinity")
         check_priority(self.priority)
+        if self.department is not None:
+            validate_name(self.department, "department")
         if self.pool is not None:
             validate_name(self.pool, "pool")
         if self.mirror is not None:

@@ -1,11 +1,16 @@
 """Users and roles: who may sign in to kasou, and what each role may do.
 
-Roles (issue 7 adds department scoping and the auditor's reports):
+Roles:
 
 * ``admin``: everything, users included;
 * ``operator``: run, migrate and maintain VMs and hosts, open any console; no user management;
+* ``vendor``: a department system's vendor: full control of the VMs tagged with one of their
+  departments (start, stop, snapshots, backups, console), nothing of other departments' VMs (they
+  are not even listed), no host, network, pool or cluster operations;
 * ``auditor``: read everything (the audit log and the reports included), change nothing, no console;
 * ``clinician``: the desktop portal only (a desktop of the pools they are entitled to, its console).
+
+The permission each API route needs is stated in one table, :mod:`kasou.api.permissions`.
 
 The API's root token (``$KASOU_HOME/api.token``) acts as an administrator for scripts on the host.
 """
@@ -27,17 +32,32 @@ PASSWORD_MAX = 1024
 class Role(StrEnum):
     ADMIN = "admin"
     OPERATOR = "operator"
+    VENDOR = "vendor"
     AUDITOR = "auditor"
     CLINICIAN = "clinician"
 
 
 #: What each role may do, by permission name. Routes name the permission they need.
+#:
+#: * ``read``: read everything (hosts, networks, pools, events, metrics, every VM);
+#: * ``vm.read``: read VMs, their jobs, history, snapshots and backups;
+#: * ``operate``: change VMs (create, power, snapshots, backups, rebuild a disk);
+#: * ``hosts``: host, network, storage pool, desktop pool and cluster operations, migration;
+#: * ``console``: open a VM's console; ``users``: manage users; ``audit``: read the audit log;
+#: * ``portal``: the desktop portal.
+#:
+#: A department-scoped role (vendor) holds ``vm.read``, ``operate`` and ``console`` only for VMs
+#: whose ``department`` is one of the user's.
 PERMISSIONS: dict[Role, frozenset[str]] = {
-    Role.ADMIN: frozenset({"read", "operate", "console", "users", "portal", "audit"}),
-    Role.OPERATOR: frozenset({"read", "operate", "console", "portal"}),
-    Role.AUDITOR: frozenset({"read", "audit"}),  # "audit": read the audit log (kasou.api.audit)
+    Role.ADMIN: frozenset({"read", "vm.read", "operate", "hosts", "console", "users", "portal", "audit"}),
+    Role.OPERATOR: frozenset({"read", "vm.read", "operate", "hosts", "console", "portal"}),
+    Role.VENDOR: frozenset({"vm.read", "operate", "console"}),
+    Role.AUDITOR: frozenset({"read", "vm.read", "audit"}),
     Role.CLINICIAN: frozenset({"portal"}),
 }
+
+#: Roles whose VM permissions hold only within their departments.
+SCOPED_ROLES = frozenset({Role.VENDOR})
 
 
 def check_password(password: object) -> str:
@@ -58,6 +78,7 @@ class UserCreate(BaseModel):
     password: str = Field(repr=False)
     display_name: str = Field("", max_length=200)
     pools: list[str] = []  # desktop pools a clinician is entitled to
+    departments: list[str] = []  # a vendor's departments: the VMs tagged with one of them are theirs
 
     @classmethod
     def parse(cls, data: Any) -> UserCreate:
@@ -68,4 +89,17 @@ class UserCreate(BaseModel):
         check_password(spec.password)
         for p in spec.pools:
             validate_name(p, "pool")
+        check_departments(spec.role, spec.departments)
         return spec
+
+
+def check_departments(role: Role, departments: list[str]) -> None:
+    """A vendor has one department or more; other roles have none."""
+    for d in departments:
+        validate_name(d, "department")
+    if role in SCOPED_ROLES and not departments:
+        raise InvalidSpec(f"a {role.value} user needs at least one department (--department)", field="departments")
+    if role not in SCOPED_ROLES and departments:
+        raise InvalidSpec(f"only a vendor user has departments, not a {role.value}", field="departments")
+    if len(set(departments)) != len(departments):
+        raise InvalidSpec("a department is given twice", field="departments")
