@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORWARDED_FOR = "x-kasou-forwarded-for"  # set by a follower that forwards a change to the leader
 BODY_MAX = 64 * 1024  # request and response bodies read for the record at most this long
-NAMED = {"/v1/auth/login": "login", "/v1/auth/logout": "logout"}
+NAMED = {"/v1/auth/login": "login", "/v1/auth/logout": "logout", "/v1/users/break-glass": "break_glass_rotate",
+         "/v1/users/break-glass/acknowledge": "break_glass_acknowledge"}  # fmt: skip
 
 
 def mark_forwarded(request: Request) -> None:
@@ -103,7 +104,7 @@ async def _record(svc: Services, request: Request, body: bytes, status: int, ans
         action = "login_failed"
     actor: Any = getattr(request.state, "principal", None)
     if action == "login" and isinstance(answer, dict):
-        actor = {"name": answer.get("name"), "role": answer.get("role"), "via": "session"}
+        actor = {"name": answer.get("name"), "role": answer.get("role"), "via": answer.get("via") or "session"}
     details: dict[str, Any] = {}
     if request.query_params:
         details["query"] = dict(request.query_params)

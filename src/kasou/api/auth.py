@@ -1,4 +1,5 @@
-"""Who a request acts for: the API (root) token, made at first start and readable by root only, or a user's session."""
+"""Who a request acts for: the API (root) token, made at first start and readable by root only, a user's own
+API token (``ksu_...``, :mod:`kasou.control.tokens`), or a user's session (the break-glass account's included)."""
 
 from __future__ import annotations
 
@@ -65,10 +66,16 @@ class Principal:
 
     name: str
     role: Role
-    via: Literal["token", "session"]
+    via: Literal["token", "session", "break_glass"]  # break_glass: a session of the emergency account
     session: str | None = None  # the session token (to sign out)
     pools: tuple[str, ...] = ()  # desktop pools a clinician is entitled to
     departments: tuple[str, ...] = ()  # a vendor's departments
+    token_id: str | None = None  # a user's API token: its public id
+
+    @property
+    def is_root(self) -> bool:
+        """The root API token (readable by root on a host only)."""
+        return self.via == "token" and self.token_id is None and self.name == "root"
 
     @property
     def scoped(self) -> bool:
@@ -95,14 +102,30 @@ async def resolve_principal(
     token: str,
     users: Callable[[], Users],
 ) -> Principal:
-    """The principal of a request: the root token (an administrator), else a session cookie."""
+    """The principal of a request: the root token (an administrator), a user's API token (that user, no CSRF
+    header: it is not a cookie), else a session cookie."""
     if authorization:
-        check_bearer(authorization, token)
-        return Principal(name="root", role=Role.ADMIN, via="token")
+        return await bearer_principal(authorization, token, users)
     if not cookie:
         raise Unauthorized("an API token is required (Authorization: Bearer ...), or sign in")
     user = await users().session_user(cookie)
     if method not in ("GET", "HEAD", "OPTIONS") and csrf != "1":
         raise Forbidden(f"a signed-in request that changes something must carry the header {CSRF_HEADER}: 1")
-    return Principal(name=user.name, role=user.role, via="session", session=cookie, pools=tuple(user.pools),
-                     departments=tuple(user.departments))  # fmt: skip
+    return Principal(name=user.name, role=user.role, via="break_glass" if user.break_glass else "session",
+                     session=cookie, pools=tuple(user.pools), departments=tuple(user.departments))  # fmt: skip
+
+
+async def bearer_principal(authorization: str, token: str, users: Callable[[], Users]) -> Principal:
+    """The root token, or a user's own API token (while its user exists and is not locked)."""
+    from kasou.control.tokens import looks_like_user_token
+
+    if not authorization.startswith("Bearer "):
+        raise Unauthorized("an API token is required (Authorization: Bearer ...)")
+    presented = authorization[len("Bearer ") :].strip()
+    if secrets.compare_digest(presented.encode(), token.encode()):
+        return Principal(name="root", role=Role.ADMIN, via="token")
+    if not looks_like_user_token(presented):
+        raise Unauthorized("the API token is not valid")
+    user, t = await users().token_user(presented)
+    return Principal(name=user.name, role=user.role, via="token", pools=tuple(user.pools),
+                     departments=tuple(user.departments), token_id=t.id)  # fmt: skip

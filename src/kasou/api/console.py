@@ -12,7 +12,7 @@
    to the user, the session that asked and the VM, valid once and for ``TICKET_TTL_S`` seconds.
 2. ``/v1/console/ws?ticket=…`` takes the ticket (a second use, an expired or unknown ticket is
    closed with 1008, policy violation, and nothing is connected), checks that the request still
-   carries the session the ticket was issued to (or the root token), and connects to the agent of
+   carries the session the ticket was issued to (or the API token), and connects to the agent of
    the VM's host. Bytes then flow both ways; the client's are framed as RFB messages
    (:mod:`kasou.api.rfb`) so the console's policy can drop clipboard data.
 3. The console ends when either side closes, on sign-out of its session, when its session ends,
@@ -39,7 +39,7 @@ from httpx_ws import WebSocketDisconnect as AgentDisconnect
 from httpx_ws import WebSocketNetworkError
 from pydantic import BaseModel
 
-from kasou.api.auth import SESSION_COOKIE, Principal, check_bearer
+from kasou.api.auth import SESSION_COOKIE, Principal, bearer_principal
 from kasou.api.rfb import ClientFilter, RfbProtocolError
 from kasou.errors import Conflict, Forbidden, KasouError
 from kasou.model.desktops import ConsolePolicy
@@ -206,14 +206,16 @@ def console_routes(
             return await refuse(ws, POLICY_VIOLATION, "the console ticket is unknown, used or expired")
         cookie = ws.cookies.get(SESSION_COOKIE)
         try:
-            if t.via == "session":
+            if t.via in ("session", "break_glass"):
                 if not cookie or _hash(cookie) != t.session:
                     return await refuse(ws, POLICY_VIOLATION, "the console ticket belongs to another session")
                 user = await svc().users.session_user(cookie)
                 if user.name != t.user or not await may_open(user.name, "console" in PERMISSIONS[user.role], t.vm):
                     return await refuse(ws, POLICY_VIOLATION, f"user {user.name} may not open this console")
-            else:
-                check_bearer(ws.headers.get("authorization"), token)
+            else:  # the root token, or the API token of the user the ticket was issued to
+                bp = await bearer_principal(ws.headers.get("authorization") or "", token, lambda: svc().users)
+                if bp.name != t.user:
+                    return await refuse(ws, POLICY_VIOLATION, "the console ticket belongs to another token")
             vm = await svc().vms.get(t.vm)
             if vm.state.value not in SHOWN_STATES:
                 return await refuse(ws, NOT_RUNNING, f"VM {t.vm} is {vm.state.value}")
@@ -234,7 +236,7 @@ def console_routes(
                     return await refuse(ws, UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
                 consoles.live.add(live)
                 await _event(svc, "console_opened", t, f"{t.user} opened the console of {t.vm} from {source}")
-                stats = await _pipe(ws, display, live, t.policy, cookie if t.via == "session" else None, svc)
+                stats = await _pipe(ws, display, live, t.policy, cookie if t.via != "token" else None, svc)
                 await refuse(ws, 1000, live.why or "closed")
         except* (AgentDisconnect, WebSocketNetworkError, ConnectionError):
             pass  # the display went away as the console closed

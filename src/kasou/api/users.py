@@ -1,4 +1,5 @@
-"""``/v1/auth`` (sign in and out) and ``/v1/users`` (administrators manage users)."""
+"""``/v1/auth`` (sign in and out, the break-glass account) and ``/v1/users`` (administrators manage users,
+their API tokens and their TOTP second factor)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.api.auth import SESSION_COOKIE, Principal
-from kasou.control.users import UserView, session_max_s
-from kasou.errors import Unauthorized
+from kasou.control.breakglass import Rotated
+from kasou.control.tokens import EXPIRES_MAX_DAYS, LABEL_MAX, TokenCreated, TokenView
+from kasou.control.users import TotpEnrolment, UserView, session_max_s
+from kasou.errors import Forbidden, Unauthorized
 from kasou.model.users import Role, UserCreate
 
 if TYPE_CHECKING:
@@ -22,6 +25,7 @@ class Login(BaseModel):
 
     name: str = Field(max_length=100)
     password: str = Field(max_length=1024, repr=False)
+    totp: str | None = Field(default=None, max_length=16, repr=False)  # the code, for a user with TOTP on
 
 
 class Me(BaseModel):
@@ -51,6 +55,23 @@ class DepartmentsChange(BaseModel):
     departments: list[str]
 
 
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field("", max_length=LABEL_MAX)
+    expires_days: int | None = Field(None, ge=1, le=EXPIRES_MAX_DAYS)  # None: it does not expire
+
+
+class TotpConfirm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    totp: str = Field(max_length=16, repr=False)  # a code from the enrolled device
+
+
+class Acknowledged(BaseModel):
+    acknowledged: int  # break-glass uses whose events ended
+
+
 def _me(p: Principal) -> Me:
     from kasou.model.users import PERMISSIONS
 
@@ -70,13 +91,13 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
     async def login(body: Login, request: Request, response: Response) -> Me:
         """Sign in with a user name and password: sets the session cookie (HttpOnly, SameSite=Strict)."""
         source = request.client.host if request.client else ""
-        token, user = await svc().users.login(body.name, body.password, source)
+        token, user = await svc().users.login(body.name, body.password, source, body.totp)
         response.set_cookie(
             SESSION_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
             max_age=int(session_max_s()), path="/",
         )  # fmt: skip
-        p = Principal(name=user.name, role=user.role, via="session", session=token, pools=tuple(user.pools),
-                      departments=tuple(user.departments))  # fmt: skip
+        p = Principal(name=user.name, role=user.role, via="break_glass" if user.break_glass else "session",
+                      session=token, pools=tuple(user.pools), departments=tuple(user.departments))  # fmt: skip
         return _me(p)
 
     @r.post("/auth/logout")
@@ -84,7 +105,7 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
         """Sign out: the session ends (a clinician's desktop goes back to its pool)."""
         p = await principal(request)
         if p.session is None:
-            raise Unauthorized("signed in with the API token: there is no session to end")
+            raise Unauthorized("signed in with an API token: there is no session to end")
         for hook in svc().logout_hooks:
             await hook(p.name, p.session)
         await svc().users.logout(p.session)
@@ -121,5 +142,56 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
     async def set_departments(user: str, body: DepartmentsChange) -> UserView:
         """A vendor's departments: the VMs tagged with one of them are the vendor's to manage."""
         return await svc().users.set_departments(user, body.departments)
+
+    # -- API tokens for scripts (the token is shown once; the store keeps its SHA-256) ---------
+
+    @r.post("/users/{user}/tokens", status_code=201, dependencies=[Depends(admin)])
+    async def create_token(user: str, body: TokenCreate) -> TokenCreated:
+        """A new API token acting as ``user`` (with the user's role and departments); shown this once."""
+        return await svc().users.create_token(user, body.label, body.expires_days)
+
+    @r.get("/users/{user}/tokens", dependencies=[Depends(admin)])
+    async def list_tokens(user: str) -> list[TokenView]:
+        return await svc().users.list_tokens(user)
+
+    @r.delete("/users/{user}/tokens/{token_id}", status_code=204, dependencies=[Depends(admin)])
+    async def revoke_token(user: str, token_id: str) -> None:
+        await svc().users.revoke_token(user, token_id)
+
+    # -- TOTP second factor ---------------------------------------------------------------------
+
+    @r.post("/users/{user}/totp", dependencies=[Depends(admin)])
+    async def totp_enroll(user: str) -> TotpEnrolment:
+        """A new TOTP secret and its otpauth:// URI, shown this once; confirm it with a code to turn it on."""
+        return await svc().users.totp_enroll(user)
+
+    @r.post("/users/{user}/totp/confirm", dependencies=[Depends(admin)])
+    async def totp_confirm(user: str, body: TotpConfirm) -> UserView:
+        """Turn TOTP on: from now on ``/v1/auth/login`` needs a code (``totp``) for this user."""
+        return await svc().users.totp_confirm(user, body.totp)
+
+    @r.delete("/users/{user}/totp", dependencies=[Depends(admin)])
+    async def totp_disable(user: str) -> UserView:
+        """Turn TOTP off (a lost device); enroll again for a new one."""
+        return await svc().users.totp_disable(user)
+
+    # -- the break-glass (emergency) account ------------------------------------------------------
+
+    @r.post("/users/break-glass")
+    async def break_glass_rotate(request: Request) -> Rotated:
+        """Make or replace the break-glass password (shown this once): the root API token only."""
+        p = await admin(request)
+        if not p.is_root:
+            raise Forbidden("only the root API token (root on a host: kasou user break-glass) sets the "
+                            "break-glass password")  # fmt: skip
+        return await svc().users.break_glass.rotate()
+
+    @r.post("/users/break-glass/acknowledge")
+    async def break_glass_acknowledge(request: Request) -> Acknowledged:
+        """An administrator has looked into the break-glass uses: their operator events end."""
+        p = await admin(request)
+        if p.via == "break_glass":
+            raise Forbidden("the break-glass account cannot acknowledge its own use: another administrator does")
+        return Acknowledged(acknowledged=await svc().users.acknowledge_break_glass(p.name))
 
     return r

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import typer
 from rich.table import Table
@@ -89,3 +90,106 @@ def user_departments(
     validate_name(name, "user")
     u = client().put(f"/v1/users/{name}/departments", json={"departments": department})
     say(f"user {name}: departments {', '.join(u['departments']) or '(none)'}")
+
+
+# -- API tokens for scripts -----------------------------------------------------------------------
+
+token_app = typer.Typer(help="A user's own API tokens for scripts (Authorization: Bearer ksu_...).",
+                        no_args_is_help=True)  # fmt: skip
+user_app.add_typer(token_app, name="token")
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    label: str = typer.Option("", "--label", help="What the token is for (shown in the list)."),
+    expires: int = typer.Option(None, "--expires", min=1, max=3650, help="Days until it expires (default: never)."),
+) -> None:
+    """Make an API token acting as the user (their role and departments); it is printed this once."""
+    validate_name(name, "user")
+    t = client().post(f"/v1/users/{name}/tokens", json={"label": label, "expires_days": expires})
+    until = f"expires {_when(t['expires_at'])}" if t["expires_at"] else "does not expire"
+    say(f"user {name}: API token {t['id']} created ({until}); it is shown only now:")
+    say(t["token"])
+
+
+@token_app.command("list")
+def token_list(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A user's API tokens (never the tokens themselves)."""
+    validate_name(name, "user")
+    tokens = client().get(f"/v1/users/{name}/tokens")
+    if as_json:
+        print_json(tokens)
+        return
+    t = Table("id", "label", "created", "expires", "last used", "state")
+    for x in tokens:
+        t.add_row(x["id"], x["label"], _when(x["created_at"]), _when(x["expires_at"]), _when(x["last_used"]),
+                  "expired" if x["expired"] else "valid")  # fmt: skip
+    out.print(t)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, token_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Revoke one of a user's API tokens: it stops working at once."""
+    validate_name(name, "user")
+    client().delete(f"/v1/users/{name}/tokens/{token_id}")
+    say(f"user {name}: API token {token_id} revoked")
+
+
+# -- TOTP second factor ---------------------------------------------------------------------------
+
+totp_app = typer.Typer(help="The TOTP second factor (RFC 6238: 6 digits, 30 s) for signing in.",
+                       no_args_is_help=True)  # fmt: skip
+user_app.add_typer(totp_app, name="totp")
+
+
+@totp_app.command("enroll")
+def totp_enroll(name: str) -> None:
+    """Make a TOTP secret for the user; it is printed this once (enter it, or the URI as a QR code, in an
+    authenticator app), then turn it on with: kasou user totp confirm NAME CODE."""
+    validate_name(name, "user")
+    e = client().post(f"/v1/users/{name}/totp")
+    say(f"user {name}: TOTP secret (shown only now): {e['secret']}")
+    say(e["uri"])
+    say(f"then: kasou user totp confirm {name} CODE")
+
+
+@totp_app.command("confirm")
+def totp_confirm(name: str, code: str) -> None:
+    """Turn TOTP on with a code from the device: from now on signing in needs a code."""
+    validate_name(name, "user")
+    client().post(f"/v1/users/{name}/totp/confirm", json={"totp": code})
+    say(f"user {name}: TOTP on")
+
+
+@totp_app.command("disable")
+def totp_disable(name: str) -> None:
+    """Turn TOTP off (a lost device): the user signs in with the password alone until enrolled again."""
+    validate_name(name, "user")
+    client().delete(f"/v1/users/{name}/totp")
+    say(f"user {name}: TOTP off")
+
+
+# -- the break-glass (emergency) account ------------------------------------------------------------
+
+
+@user_app.command("break-glass")
+def user_break_glass() -> None:
+    """Make or replace the break-glass password (run as root on a host: it needs the root API token); it
+    is printed this once. Keep it sealed; every use of it is flagged."""
+    r = client().post("/v1/users/break-glass")
+    say(f"break-glass password {'replaced' if r['replaced'] else 'set'} (kept as a hash in {r['file']}); "
+        "it is shown only now:")  # fmt: skip
+    say(r["password"])
+    say("sign in with the user name break-glass")
+
+
+@user_app.command("break-glass-ack")
+def user_break_glass_ack() -> None:
+    """Acknowledge the break-glass uses (after looking into them): their events end."""
+    n = client().post("/v1/users/break-glass/acknowledge")["acknowledged"]
+    say(f"{n} break-glass use{'' if n == 1 else 's'} acknowledged")

@@ -5,6 +5,10 @@ keeps only its SHA-256, so a copy of the store signs no one in. A session ends a
 ``KASOU_SESSION_IDLE`` seconds without a request (automatic log-off, 15 minutes by default) and at
 the latest ``KASOU_SESSION_MAX`` seconds after sign-in (12 hours). Five wrong passwords in a row
 lock the account for five minutes.
+
+Also here: per-user API tokens (:mod:`kasou.control.tokens`), the optional TOTP second factor
+(:mod:`kasou.control.totp`; ``KASOU_REQUIRE_TOTP_FOR_ADMINS=1`` makes it required for administrators)
+and the break-glass account (:mod:`kasou.control.breakglass`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import time
@@ -20,8 +25,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, Field
 
-from kasou.control import audit
-from kasou.errors import AlreadyExists, InvalidSpec, NotFound, StoreConflict, Unauthorized
+from kasou.control import audit, breakglass, totp
+from kasou.control.events import ACTIVE_PREFIX, Events
+from kasou.control.tokens import TokenCreated, TokenRecord, TokenView, UserTokens
+from kasou.errors import AlreadyExists, Conflict, InvalidSpec, NotFound, StoreConflict, Unauthorized
 from kasou.model.names import validate_name
 from kasou.model.users import Role, UserCreate, check_departments, check_password
 from kasou.store.base import Store
@@ -31,6 +38,10 @@ SESSIONS_PREFIX = "sessions/"
 LOCK_AFTER = 5
 LOCK_S = 300.0
 TOUCH_EVERY_S = 20.0  # a session's last use is written at most this often
+BREAK_GLASS_EVENTS = "break-glass/"  # under events-active/: break-glass uses not acknowledged yet
+
+log = logging.getLogger(__name__)
+BREAK_GLASS_ACTOR = audit.Actor(name=breakglass.NAME, role=Role.ADMIN.value, via="break_glass")
 
 
 def _setting(name: str, default: float) -> float:
@@ -48,6 +59,11 @@ def session_max_s() -> float:
     return _setting("KASOU_SESSION_MAX", 12 * 3600.0)
 
 
+def require_totp_for_admins() -> bool:
+    """``KASOU_REQUIRE_TOTP_FOR_ADMINS=1``: an administrator signs in only with a TOTP code."""
+    return os.environ.get("KASOU_REQUIRE_TOTP_FOR_ADMINS", "").strip().lower() in ("1", "yes", "true", "on")
+
+
 _hasher = PasswordHasher()
 _DUMMY = _hasher.hash("kasou-dummy-password")  # verified for unknown names: the same time either way
 
@@ -62,6 +78,15 @@ class UserRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     failures: int = 0
     locked_until: float | None = None
+    totp_secret: str | None = Field(default=None, repr=False)  # the second factor, once confirmed
+    totp_pending: str | None = Field(default=None, repr=False)  # enrolled, not confirmed yet
+    totp_last_step: int = 0  # the last TOTP step a code was accepted for (no replay)
+    break_glass: bool = False  # the break-glass account (never stored as a user)
+
+
+class TotpEnrolment(BaseModel):
+    secret: str = Field(repr=False)  # base32, shown this once
+    uri: str = Field(repr=False)  # otpauth://totp/kasou:NAME?secret=...
 
 
 class UserView(BaseModel):
@@ -72,6 +97,7 @@ class UserView(BaseModel):
     departments: list[str] = []
     created_at: float
     locked: bool
+    totp: bool = False  # signs in with a TOTP code
 
 
 class SessionRecord(BaseModel):
@@ -79,6 +105,7 @@ class SessionRecord(BaseModel):
     created_at: float
     last_used: float
     source: str = ""
+    break_glass: str | None = None  # a break-glass session: the id of the password it signed in with
 
 
 def _sid(token: str) -> str:
@@ -88,19 +115,26 @@ def _sid(token: str) -> str:
 def view(u: UserRecord) -> UserView:
     locked = u.locked_until is not None and u.locked_until > time.time()
     return UserView(name=u.name, role=u.role, display_name=u.display_name, pools=u.pools,
-                    departments=u.departments, created_at=u.created_at, locked=locked)  # fmt: skip
+                    departments=u.departments, created_at=u.created_at, locked=locked,
+                    totp=u.totp_secret is not None)  # fmt: skip
 
 
 class Users:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.tokens = UserTokens(store)
+        self.break_glass = breakglass.BreakGlass()
+        self.events = Events(store)
 
     async def get(self, name: str) -> UserRecord:
+        return (await self._entry(name))[0]
+
+    async def _entry(self, name: str) -> tuple[UserRecord, int]:
         validate_name(name, "user")
         e = await self.store.get(USERS_PREFIX + name)
         if e is None:
             raise NotFound(f"no user named {name!r}")
-        return UserRecord.model_validate(e.value)
+        return UserRecord.model_validate(e.value), e.mod_rev
 
     async def list_all(self) -> list[UserView]:
         return [view(UserRecord.model_validate(e.value)) for e in await self.store.range(USERS_PREFIX)]
@@ -121,6 +155,7 @@ class Users:
         for e in await self.store.range(SESSIONS_PREFIX):
             if e.value.get("user") == name:
                 await self.store.delete(e.key)
+        await self.tokens.revoke_all(name)  # they stop working with the user anyway
 
     async def set_password(self, name: str, password: str) -> None:
         check_password(password)
@@ -145,39 +180,178 @@ class Users:
 
     # -- sign-in --------------------------------------------------------------------------
 
-    async def login(self, name: str, password: str, source: str = "") -> tuple[str, UserRecord]:
-        """Check the password; a new session token and the user. Wrong name or password: one message."""
+    async def login(
+        self, name: str, password: str, source: str = "", code: str | None = None
+    ) -> tuple[str, UserRecord]:
+        """Check the password (and the TOTP code of a user who has one); a new session token and the user.
+
+        A wrong name or password is one message; a missing or wrong TOTP code counts toward the lock-out
+        like a wrong password, and its refusal carries ``details.totp = "required"`` (``"enroll"`` for an
+        administrator without TOTP when ``KASOU_REQUIRE_TOTP_FOR_ADMINS`` is on).
+        """
         wrong = Unauthorized("wrong user name or password")
         if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
             raise wrong
+        if name == breakglass.NAME:
+            return await self._login_break_glass(password, source)
         try:
-            rec = await self.get(name)
+            rec, rev = await self._entry(name)
         except (NotFound, InvalidSpec):
             with contextlib.suppress(VerificationError, InvalidHashError):
                 await asyncio.to_thread(_hasher.verify, _DUMMY, password)
             raise wrong from None
         now = time.time()
         if rec.locked_until is not None and rec.locked_until > now:
-            raise Unauthorized(f"user {name!r} is locked after {LOCK_AFTER} wrong passwords; "
+            raise Unauthorized(f"user {name!r} is locked after {LOCK_AFTER} failed sign-ins; "
                                f"try again in {rec.locked_until - now:.0f} s")  # fmt: skip
         try:
             await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
         except (VerificationError, InvalidHashError):
-            failures = rec.failures + 1
-            locked = now + LOCK_S if failures >= LOCK_AFTER else None
-            await self.store.put(USERS_PREFIX + name, rec.model_copy(update={
-                "failures": 0 if locked else failures, "locked_until": locked}).model_dump(mode="json"))  # fmt: skip
-            if locked:
-                await audit.record(self.store, "lockout", source=source, target=f"users/{name}", details={
-                    "failures": failures, "locked_s": LOCK_S})  # fmt: skip
+            await self._failed(rec, now, source)
             raise wrong from None
-        if rec.failures or rec.locked_until:
-            rec = rec.model_copy(update={"failures": 0, "locked_until": None})
-            await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
+        update: dict[str, object] = {}
+        if rec.totp_secret is not None:
+            step = totp.match(rec.totp_secret, code, rec.totp_last_step, now)
+            if step is None:
+                await self._failed(rec, now, source)
+                if not code:
+                    raise Unauthorized("a TOTP code is needed: enter the code of your authenticator", totp="required")
+                raise Unauthorized("the TOTP code is wrong or was used already", totp="required")
+            update["totp_last_step"] = step
+        elif rec.role == Role.ADMIN and require_totp_for_admins():
+            raise Unauthorized(f"administrators sign in with a TOTP code here and user {name!r} has none: "
+                               f"an administrator enrolls it (kasou user totp enroll {name})",
+                               totp="enroll")  # fmt: skip
+        if rec.failures or rec.locked_until or update:
+            rec = rec.model_copy(update={"failures": 0, "locked_until": None, **update})
+            try:  # conditional: two sign-ins with one code cannot both pass
+                await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"), expect_rev=rev)
+            except StoreConflict:
+                raise Unauthorized("another sign-in of this user happened at the same time: try again",
+                                   **({"totp": "required"} if update else {})) from None  # fmt: skip
         token = secrets.token_urlsafe(32)
         sess = SessionRecord(user=name, created_at=now, last_used=now, source=source[:100])
         await self.store.put(SESSIONS_PREFIX + _sid(token), sess.model_dump(mode="json"))
         return token, rec
+
+    async def _failed(self, rec: UserRecord, now: float, source: str) -> None:
+        """One more failed sign-in; the fifth in a row locks the account (and is audited)."""
+        failures = rec.failures + 1
+        locked = now + LOCK_S if failures >= LOCK_AFTER else None
+        await self.store.put(USERS_PREFIX + rec.name, rec.model_copy(update={
+            "failures": 0 if locked else failures, "locked_until": locked}).model_dump(mode="json"))  # fmt: skip
+        if locked:
+            await audit.record(self.store, "lockout", source=source, target=f"users/{rec.name}", details={
+                "failures": failures, "locked_s": LOCK_S})  # fmt: skip
+
+    # -- the break-glass account ----------------------------------------------------------
+
+    @staticmethod
+    def _break_glass_user() -> UserRecord:
+        return UserRecord(name=breakglass.NAME, role=Role.ADMIN, display_name="break-glass (emergency)",
+                          password_hash="", break_glass=True)  # fmt: skip
+
+    async def _login_break_glass(self, password: str, source: str) -> tuple[str, UserRecord]:
+        bg = await self.break_glass.check(password)
+        where = source or "an unknown address"
+        # Flagged before the session exists: a use that could not be flagged gets no session.
+        log.critical("BREAK-GLASS sign-in from %s: every action of this session is audited", where)
+        await audit.record(self.store, "break_glass_login", actor=BREAK_GLASS_ACTOR, source=source,
+                           target=f"users/{breakglass.NAME}", details={"break_glass": True})  # fmt: skip
+        await self.events.raise_once(
+            f"{BREAK_GLASS_EVENTS}{time.time_ns():020d}", "break_glass_login", f"user/{breakglass.NAME}",
+            f"the break-glass account signed in from {where}: find out why, then an administrator "
+            "acknowledges it (kasou user break-glass-ack)", severity="error",
+        )  # fmt: skip
+        now = time.time()
+        token = secrets.token_urlsafe(32)
+        sess = SessionRecord(user=breakglass.NAME, created_at=now, last_used=now, source=source[:100],
+                             break_glass=bg.id)  # fmt: skip
+        await self.store.put(SESSIONS_PREFIX + _sid(token), sess.model_dump(mode="json"))
+        return token, self._break_glass_user()
+
+    async def acknowledge_break_glass(self, by: str) -> int:
+        """An administrator has looked into the break-glass uses: their events end. How many there were."""
+        n = 0
+        for e in await self.store.range(ACTIVE_PREFIX + BREAK_GLASS_EVENTS):
+            key = e.key.removeprefix(ACTIVE_PREFIX)
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(e.value.get("time", 0))))
+            said = f"break-glass use of {when} acknowledged by {by}"
+            if await self.events.clear(key, "break_glass_acknowledged", said):
+                n += 1
+        return n
+
+    async def break_glass_pending(self) -> int:
+        return len(await self.store.range(ACTIVE_PREFIX + BREAK_GLASS_EVENTS))
+
+    # -- API tokens -----------------------------------------------------------------------
+
+    async def create_token(self, name: str, label: str = "", expires_days: int | None = None) -> TokenCreated:
+        await self.get(name)
+        return await self.tokens.create(name, label, expires_days)
+
+    async def list_tokens(self, name: str) -> list[TokenView]:
+        await self.get(name)
+        return await self.tokens.list(name)
+
+    async def revoke_token(self, name: str, tid: str) -> TokenView:
+        await self.get(name)
+        return await self.tokens.revoke(name, tid)
+
+    async def token_user(self, token: str) -> tuple[UserRecord, TokenRecord]:
+        """The user a token acts for; Unauthorized if it is unknown, expired, or its user is gone or locked."""
+        t = await self.tokens.check(token)
+        try:
+            rec = await self.get(t.user)
+        except NotFound:
+            raise Unauthorized(f"the API token {t.id}'s user {t.user!r} no longer exists") from None
+        if rec.created_at > t.created_at:  # a user of the same name made again: not the token's user
+            raise Unauthorized(f"the API token {t.id}'s user {t.user!r} no longer exists")
+        if rec.locked_until is not None and rec.locked_until > time.time():
+            raise Unauthorized(f"user {t.user!r} is locked after {LOCK_AFTER} failed sign-ins; its API tokens "
+                               "work again once it is unlocked")  # fmt: skip
+        return rec, t
+
+    # -- TOTP -----------------------------------------------------------------------------
+
+    async def _put(self, rec: UserRecord, rev: int) -> None:
+        try:
+            await self.store.put(USERS_PREFIX + rec.name, rec.model_dump(mode="json"), expect_rev=rev)
+        except StoreConflict:
+            raise Conflict(f"user {rec.name!r} changed meanwhile: try again") from None
+
+    async def totp_enroll(self, name: str) -> TotpEnrolment:
+        """A new TOTP secret for ``name``, shown this once; it is used once confirmed with a code."""
+        rec, rev = await self._entry(name)
+        if rec.totp_secret is not None:
+            raise Conflict(f"user {name!r} has TOTP on already; for a new device: kasou user totp disable {name}, "
+                           "then enroll again")  # fmt: skip
+        secret = totp.new_secret()
+        await self._put(rec.model_copy(update={"totp_pending": secret}), rev)
+        return TotpEnrolment(secret=secret, uri=totp.uri(secret, name))
+
+    async def totp_confirm(self, name: str, code: str) -> UserView:
+        """Turn TOTP on with a code from the enrolled device: from now on signing in needs a code."""
+        rec, rev = await self._entry(name)
+        if rec.totp_secret is not None:
+            raise Conflict(f"user {name!r} has TOTP on already")
+        if rec.totp_pending is None:
+            raise Conflict(f"user {name!r} has no TOTP enrolment to confirm: kasou user totp enroll {name}")
+        step = totp.match(rec.totp_pending, code, 0)
+        if step is None:
+            raise InvalidSpec("the TOTP code is not right (is the device's clock right?)", field="code")
+        rec = rec.model_copy(update={"totp_secret": rec.totp_pending, "totp_pending": None, "totp_last_step": step})
+        await self._put(rec, rev)
+        return view(rec)
+
+    async def totp_disable(self, name: str) -> UserView:
+        """Turn TOTP off (a lost device): the user signs in with the password alone until enrolled again."""
+        rec, rev = await self._entry(name)
+        if rec.totp_secret is None and rec.totp_pending is None:
+            raise Conflict(f"user {name!r} has no TOTP")
+        rec = rec.model_copy(update={"totp_secret": None, "totp_pending": None})
+        await self._put(rec, rev)
+        return view(rec)
 
     async def session_user(self, token: str) -> UserRecord:
         """The user of a live session (and the session's last use noted); Unauthorized if it ended."""
@@ -190,8 +364,13 @@ class Users:
         if now - sess.last_used > session_idle_s() or now - sess.created_at > session_max_s():
             await self.store.delete(key)
             raise Unauthorized("the session ended after a time without use: sign in again")
+        if sess.break_glass is not None and self.break_glass.current_id() != sess.break_glass:
+            await self.store.delete(key)
+            raise Unauthorized("the break-glass password was replaced: this session has ended")
         if now - sess.last_used > TOUCH_EVERY_S:
             await self.store.put(key, sess.model_copy(update={"last_used": now}).model_dump(mode="json"))
+        if sess.break_glass is not None:
+            return self._break_glass_user()
         try:
             return await self.get(sess.user)
         except NotFound:

@@ -27,6 +27,8 @@ from kasou.model.names import validate_name
 
 PASSWORD_MIN = 10
 PASSWORD_MAX = 1024
+#: Names no user may have: the root API token acts as "root", the emergency account is "break-glass".
+RESERVED_NAMES = frozenset({"root", "break-glass"})
 
 
 class Role(StrEnum):
@@ -86,6 +88,8 @@ class UserCreate(BaseModel):
 
         spec: UserCreate = _parse(cls, data)
         validate_name(spec.name, "user")
+        if spec.name.lower() in RESERVED_NAMES:
+            raise InvalidSpec(f"the user name {spec.name!r} is reserved", field="name")
         check_password(spec.password)
         for p in spec.pools:
             validate_name(p, "pool")

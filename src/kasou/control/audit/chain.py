@@ -35,7 +35,7 @@ MAX_TRIES = 50  # appends that lose the race this often give up (each loss means
 DETAILS_MAX = 4096  # bytes of canonical JSON; larger details keep only their keys
 TEXT_MAX = 500
 REDACTED = "[redacted]"
-_SECRET = re.compile(r"pass|token|ticket|cookie|secret|authori[sz]ation|session|csrf|credential|private|key$|^key")
+_SECRET = re.compile(r"pass|token|ticket|cookie|secret|authori[sz]ation|session|csrf|credential|private|key$|^key|totp")
 
 
 def seq_key(seq: int) -> str:

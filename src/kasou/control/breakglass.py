@@ -1,0 +1,150 @@
+"""The break-glass (emergency) account: signs in when the normal path fails (every administrator
+locked out, a TOTP device lost, the users in the store damaged).
+
+Its password's argon2id hash is kept in a file of its own, readable by root only (mode 0600):
+``$KASOU_HOME/break-glass.json``, or wherever ``KASOU_BREAK_GLASS_FILE`` says; never in the store, so
+it does not depend on the users there. ``kasou user break-glass`` (``POST /v1/users/break-glass``, with
+the root API token only) makes or replaces it and shows the new password once; replacing it ends the
+sessions signed in with the old one.
+
+Signing in as ``break-glass`` needs no TOTP code and is never locked out, but it is rate-limited: after
+``LIMIT_AFTER`` wrong passwords in a row, one attempt every ``LIMIT_WAIT_S`` seconds. Every use is loud:
+an audit record ``break_glass_login`` (``details.break_glass: true``), an operator event of severity
+error that stays active until an administrator acknowledges it, and a CRITICAL log line; everything
+its session does is recorded with the actor's ``via`` set to ``break_glass``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import stat
+import time
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from pydantic import BaseModel, Field
+
+from kasou.config import Paths
+from kasou.errors import StoreError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+NAME = "break-glass"
+LIMIT_AFTER = 5
+LIMIT_WAIT_S = 30.0
+_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: read aloud and typed under pressure
+_hasher = PasswordHasher()
+
+
+def path() -> Path:
+    env = os.environ.get("KASOU_BREAK_GLASS_FILE", "").strip()
+    return Path(env).absolute() if env else Paths.from_env().home / "break-glass.json"
+
+
+class BreakGlassFile(BaseModel):
+    id: str  # changes at each rotation: the sessions of an older password end
+    password_hash: str = Field(repr=False)
+    rotated_at: float
+
+
+class Rotated(BaseModel):
+    password: str = Field(repr=False)  # shown this once
+    file: str
+    rotated_at: float
+    replaced: bool  # an older break-glass password was replaced (its sessions ended)
+
+
+def new_password() -> str:
+    """Five groups of five letters and digits (~123 bits), easy to read from a sealed envelope."""
+    chars = "".join(secrets.choice(_ALPHABET) for _ in range(25))
+    return "-".join(chars[i : i + 5] for i in range(0, 25, 5))
+
+
+def read() -> BreakGlassFile | None:
+    """The file's content, or None if there is none (or it cannot be read: logged)."""
+    p = path()
+    try:
+        st = p.stat()
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.error("the break-glass file %s cannot be read: %s", p, type(e).__name__)
+        return None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.error("the break-glass file %s is readable by others (mode %o): chmod 600 it", p, st.st_mode & 0o777)
+    try:
+        return BreakGlassFile.model_validate(data)
+    except ValueError:
+        log.error("the break-glass file %s is not valid", p)
+        return None
+
+
+def _write(rec: BreakGlassFile) -> Path:
+    """Write the file atomically (a new file of mode 0600 renamed over the old one)."""
+    p = path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(rec.model_dump(mode="json")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, p)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StoreError(f"cannot write the break-glass file {p}: {e.strerror or type(e).__name__}") from None
+    return p
+
+
+class BreakGlass:
+    """The account's file and its rate limit (kept by the server that checks sign-ins: the leader)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last_failure = 0.0
+        self._lock = asyncio.Lock()
+
+    async def rotate(self) -> Rotated:
+        password = new_password()
+        digest = await asyncio.to_thread(_hasher.hash, password)
+        old = read()
+        rec = BreakGlassFile(id=secrets.token_hex(8), password_hash=digest, rotated_at=time.time())
+        p = await asyncio.to_thread(_write, rec)
+        self.failures = 0
+        return Rotated(password=password, file=str(p), rotated_at=rec.rotated_at, replaced=old is not None)
+
+    def current_id(self) -> str | None:
+        rec = read()
+        return rec.id if rec is not None else None
+
+    async def check(self, password: str) -> BreakGlassFile:
+        """The file if ``password`` is the break-glass password; Unauthorized otherwise (rate-limited)."""
+        async with self._lock:  # one attempt at a time, so the limit holds
+            now = time.time()
+            if self.failures >= LIMIT_AFTER and now - self.last_failure < LIMIT_WAIT_S:
+                raise Unauthorized(f"the break-glass account is rate-limited after {self.failures} wrong passwords; "
+                                   f"try again in {LIMIT_WAIT_S - (now - self.last_failure):.0f} s")  # fmt: skip
+            rec = read()
+            ok = False
+            if rec is not None:
+                with contextlib.suppress(VerificationError, InvalidHashError):
+                    ok = await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
+            if rec is None or not ok:
+                self.failures += 1
+                self.last_failure = time.time()
+                log.warning("break-glass sign-in refused (%d wrong in a row)", self.failures)
+                if rec is None:
+                    raise Unauthorized("the break-glass account is not set up on this server: kasou user break-glass")
+                raise Unauthorized("wrong user name or password")
+            self.failures = 0
+            return rec
