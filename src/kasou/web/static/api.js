@@ -4,6 +4,7 @@ export class ApiError extends Error {
     super((body && body.message) || `HTTP ${status}`);
     this.status = status;
     this.code = body && body.code;
+    this.details = (body && body.details) || {};
   }
 }
 
@@ -32,7 +33,9 @@ export async function me() {
   }
 }
 
-export const login = (name, password) => post("/v1/auth/login", { name, password });
+// totp: the code of a user with the second factor on (the server asks for it: details.totp === "required")
+export const login = (name, password, totp) =>
+  post("/v1/auth/login", totp ? { name, password, totp } : { name, password });
 export const logout = () => post("/v1/auth/logout");
 
 // Follow a job to its end; onUpdate(job) on each change. Resolves with the final job.

@@ -24,13 +24,24 @@ async function main() {
 function showSignin() {
   const form = document.getElementById("signin");
   form.hidden = false;
+  const code = form.totp;
   form.onsubmit = async (ev) => {
     ev.preventDefault();
     try {
-      await login(form.user.value, form.password.value);
+      await login(form.user.value, form.password.value, code.hidden ? undefined : code.value.trim());
       location.reload();
     } catch (e) {
-      document.getElementById("signin-error").textContent = `${t("signin.failed")}: ${e.message}`;
+      const why = e.details && e.details.totp;
+      if (why === "required") {
+        // The server asks for the second factor: show the code field (a missing code counts as a failed try).
+        code.hidden = false;
+        form.querySelector('label[for="totp"]').hidden = false;
+        code.required = true;
+        code.value = "";
+        code.focus();
+      }
+      const text = why === "required" ? t("signin.totp_needed") : why === "enroll" ? t("signin.totp_enroll") : "";
+      document.getElementById("signin-error").textContent = `${t("signin.failed")}: ${text || e.message}`;
     }
   };
 }
