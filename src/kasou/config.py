@@ -25,7 +25,9 @@ def api_url(address: str | None = None) -> str:
     """Turn ``KASOU_API`` (``host:port`` or a full URL) into a base URL."""
     addr = address or os.environ.get("KASOU_API") or DEFAULT_API
     if "://" not in addr:
-        addr = "http://" + addr
+        # Without a scheme: plain HTTP on a loopback address (kasou up's default), HTTPS anywhere else.
+        host = addr.split("/", 1)[0].rpartition(":")[0].strip("[]")
+        addr = ("http://" if host in ("127.0.0.1", "::1", "localhost") else "https://") + addr
     return addr.rstrip("/")
 
 
@@ -35,6 +37,15 @@ def api_listen(address: str | None = None) -> tuple[str, int]:
     hostport = url.split("://", 1)[1].split("/", 1)[0]
     host, _, port = hostport.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port or 8470)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The trust anchor (the site CA, or the hospital's CA bundle) and this host's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,27 @@ class Paths:
     @property
     def agent_socket(self) -> Path:
         return self.run / "agent.sock"
+
+    @property
+    def tls_dir(self) -> Path:
+        """This host's TLS files (``KASOU_TLS_DIR``, default ``HOME/tls``): ``ca.crt``, ``host.crt``, ``host.key``."""
+        env = os.environ.get("KASOU_TLS_DIR")
+        return Path(env).absolute() if env else self.home / "tls"
+
+    def tls_files(self) -> TlsFiles:
+        """The site CA to trust and this host's certificate and key (``KASOU_CA``, ``KASOU_TLS_CERT``,
+        ``KASOU_TLS_KEY`` name the hospital's own files; each defaults to the file in :attr:`tls_dir`)."""
+        d = self.tls_dir
+
+        def pick(var: str, name: str) -> Path:
+            env = os.environ.get(var, "").strip()
+            return Path(env).absolute() if env else d / name
+
+        return TlsFiles(
+            ca=pick("KASOU_CA", "ca.crt"),
+            cert=pick("KASOU_TLS_CERT", "host.crt"),
+            key=pick("KASOU_TLS_KEY", "host.key"),
+        )
 
     def pidfile(self, service: str) -> Path:
         return self.run / f"{service}.pid"

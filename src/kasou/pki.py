@@ -1,0 +1,323 @@
+"""The site's certificates: a small CA of kasou's own (or the hospital's), host certificates, TLS contexts.
+
+One CA per site signs one certificate per host. A host's certificate is both a server
+certificate (its API and its agent) and a client certificate (its control plane calling
+agents and forwarding to the leader), with the host's names and addresses as SANs.
+Keys are ECDSA P-256, written with mode 0600. Files of a host (``KASOU_TLS_DIR``, default
+``$KASOU_HOME/tls``): ``ca.crt`` (the trust anchor), ``host.crt``, ``host.key``; the machine
+that made the CA also keeps ``ca.key`` and the bundles it issued under ``issued/HOST/``.
+A hospital's own CA bundle, certificate and key replace them through ``KASOU_CA``,
+``KASOU_TLS_CERT`` and ``KASOU_TLS_KEY`` (:func:`kasou.config.tls_files`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kasou.config import TlsFiles
+from kasou.errors import InvalidSpec, KasouError
+
+CA_DAYS = 3650
+HOST_DAYS = 825  # renew with `kasou tls issue` (or `kasou tls renew`) before; `kasou tls show` says when
+RENEW_WARN_DAYS = 30
+
+
+class TlsError(KasouError):
+    """A certificate or key is missing, unreadable or does not fit."""
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    path: str
+    subject: str
+    issuer: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    sha256: str
+    dns: list[str]
+    ips: list[str]
+    is_ca: bool
+
+    @property
+    def days_left(self) -> int:
+        return (self.not_after - dt.datetime.now(dt.UTC)).days
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _private_dir(d: Path) -> None:
+    """A directory of keys: made (or kept) private to its owner."""
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret with mode 0600 from its first byte (never readable by others, even briefly)."""
+    _private_dir(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _private_dir(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise TlsError(f"no certificate at {path}") from None
+    except ValueError as e:
+        raise TlsError(f"{path} is not a PEM certificate ({e})") from None
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise TlsError(f"no key at {path}") from None
+    except (ValueError, TypeError) as e:
+        raise TlsError(f"{path} is not an unencrypted PEM key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TlsError(f"{path}: the CA key must be an EC key")
+    return key
+
+
+def init_ca(directory: Path, site: str = "kasou site", days: int = CA_DAYS) -> Path:
+    """Make the site CA (``ca.crt``, ``ca.key`` 0600) in ``directory``; refuses to replace one."""
+    crt, key_path = directory / "ca.crt", directory / "ca.key"
+    if key_path.exists() or crt.exists():
+        raise TlsError(f"a CA exists already in {directory}; remove it first to make a new one")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kasou"), x509.NameAttribute(NameOID.COMMON_NAME, f"{site} CA")]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(key_path, _key_pem(key))
+    _write_public(crt, _cert_pem(cert))
+    return crt
+
+
+def _sans(ips: list[str], dns: list[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for d in dns:
+        if not d or any(c in d for c in " /\\:@") or len(d) > 253:
+            raise InvalidSpec(f"{d!r} is not a DNS name", field="dns")
+        out.append(x509.DNSName(d))
+    for ip in ips:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise InvalidSpec(f"{ip!r} is not an IP address", field="ip") from None
+    return out
+
+
+def issue(
+    ca_dir: Path, host: str, ips: list[str], dns: list[str], out_dir: Path, days: int = HOST_DAYS
+) -> tuple[Path, Path]:
+    """Sign a certificate for ``host`` (server and client use) with the CA in ``ca_dir``.
+
+    Writes ``out_dir/host.crt``, ``out_dir/host.key`` (0600) and a copy of ``ca.crt``: the
+    directory to install as that host's ``KASOU_TLS_DIR``. Issuing again renews (a new key)."""
+    if not host or any(c in host for c in "/\\ ") or host.startswith("."):
+        raise InvalidSpec(f"{host!r} is not a host name", field="host")
+    ca_cert = load_cert(ca_dir / "ca.crt")
+    ca_key = _load_key(ca_dir / "ca.key")
+    names = _sans(ips, sorted({host, *dns}))
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kasou"), x509.NameAttribute(NameOID.COMMON_NAME, host)]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                data_encipherment=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(out_dir / "host.key", _key_pem(key))
+    _write_public(out_dir / "host.crt", _cert_pem(cert))
+    if out_dir.absolute() != ca_dir.absolute():
+        _write_public(out_dir / "ca.crt", _cert_pem(ca_cert))
+    return out_dir / "host.crt", out_dir / "host.key"
+
+
+def sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """(dns names, ip addresses) of a certificate."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return list(ext.get_values_for_type(x509.DNSName)), [str(i) for i in ext.get_values_for_type(x509.IPAddress)]
+
+
+def info(path: Path) -> CertInfo:
+    cert = load_cert(path)
+    dns, ips = sans_of(cert)
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return CertInfo(
+        path=str(path), subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+        not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+        sha256=cert.fingerprint(hashes.SHA256()).hex(":").upper(), dns=dns, ips=ips, is_ca=is_ca,
+    )  # fmt: skip
+
+
+def verify(cert_path: Path, ca_path: Path) -> None:
+    """Raise TlsError unless ``cert_path`` is signed by the CA at ``ca_path`` and valid now."""
+    cert, ca = load_cert(cert_path), load_cert(ca_path)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise TlsError(f"{cert_path} is not signed by the CA {ca_path} ({type(e).__name__})") from None
+    now = _now()
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise TlsError(f"{cert_path} is not valid now (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+
+
+# -- TLS contexts -------------------------------------------------------------------------------
+
+
+def require(files: TlsFiles, what: str) -> TlsFiles:
+    """The files, or a one-line error saying how to make them."""
+    missing = [str(p) for p in (files.ca, files.cert, files.key) if not p.is_file()]
+    if missing:
+        raise TlsError(
+            f"{what} needs this host's certificate; missing {', '.join(missing)} "
+            "(make them with `kasou tls init` or `kasou tls issue`, or set KASOU_CA, KASOU_TLS_CERT, KASOU_TLS_KEY)"
+        )
+    return files
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A client context that trusts only ``ca`` (the site CA or the hospital's bundle) and
+    verifies host names; with ``cert``/``key`` it presents them (mutual TLS)."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        if cert is not None and key is not None:
+            ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"cannot use the TLS files ({ca}, {cert}): {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def host_client_context(files: TlsFiles) -> ssl.SSLContext:
+    """This host's client context for agents and other API servers: the site CA, its own certificate."""
+    require(files, "calling other hosts over TCP")
+    return client_context(files.ca, files.cert, files.key)
+
+
+def server_context(files: TlsFiles, client_certs: str = "required") -> ssl.SSLContext:
+    """A server context with this host's certificate; ``client_certs``: required, optional or none."""
+    require(files, "serving over TCP")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+        ctx.load_verify_locations(cafile=str(files.ca))
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"cannot use the TLS files ({files.cert}, {files.key}): {e}") from None
+    ctx.verify_mode = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL}.get(client_certs, ssl.CERT_NONE)
+    return ctx
+
+
+def renew(ca_dir: Path, cert_dir: Path, days: int = HOST_DAYS) -> tuple[Path, Path]:
+    """Issue the certificate in ``cert_dir`` again (same host name and SANs, a new key and expiry)."""
+    old = load_cert(cert_dir / "host.crt")
+    cn = old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cn:
+        raise TlsError(f"{cert_dir / 'host.crt'} has no common name to renew")
+    dns, ips = sans_of(old)
+    return issue(ca_dir, str(cn[0].value), ips, dns, cert_dir, days)
+
+
+def trust(files: TlsFiles) -> ssl.SSLContext | bool:
+    """What a client of the API verifies its server with: the site CA (or the hospital's bundle) when
+    there is one, else the system's trusted CAs. Never nothing."""
+    return client_context(files.ca) if files.ca.is_file() else True
