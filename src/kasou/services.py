@@ -21,6 +21,7 @@ from kasou.api.auth import ensure_token
 from kasou.config import Paths, api_url
 from kasou.errors import KasouError, OperationTimeout
 from kasou.hypervisor.qemu import process
+from kasou.pki import trust
 
 AGENT_START_TIMEOUT = 90.0  # the first start of a boot probes KVM (up to 15 s) before listening
 API_START_TIMEOUT = 30.0
@@ -30,9 +31,13 @@ SERVICES = ("agent", "api")
 
 
 def _command(service: str, api: str) -> list[str]:
+    """``api`` is KASOU_API as a URL: http:// on a loopback address is served as plain HTTP, explicitly;
+    anything else (https://) with this host's certificate."""
     if service == "agent":
         return [sys.executable, "-m", "kasou", "agent"]
-    return [sys.executable, "-m", "kasou", "serve", "--address", api]
+    scheme, _, address = api.partition("://")
+    plain = ["--plain-http"] if scheme == "http" else []
+    return [sys.executable, "-m", "kasou", "serve", "--address", address, *plain]
 
 
 def service_pid(paths: Paths, service: str) -> int | None:
@@ -56,9 +61,10 @@ def _agent_ok(paths: Paths) -> bool:
         return False
 
 
-def _api_ok(url: str, token: str) -> bool:
+def _api_ok(url: str, token: str, paths: Paths) -> bool:
     try:
-        r = httpx.get(url + "/v1/version", headers={"Authorization": f"Bearer {token}"}, timeout=3)
+        headers = {"Authorization": f"Bearer {token}"}
+        r = httpx.get(url + "/v1/version", headers=headers, timeout=3, verify=trust(paths.tls_files()))
         return r.status_code == 200
     except httpx.HTTPError:
         return False
@@ -106,7 +112,6 @@ def up(paths: Paths, api: str | None = None) -> dict[str, str]:
     paths.ensure()
     token = ensure_token(paths.token_file)
     url = api_url(api)
-    address = url.split("://", 1)[1]
     done = {}
     pid = service_pid(paths, "agent")
     if pid is not None and _agent_ok(paths):
@@ -114,17 +119,17 @@ def up(paths: Paths, api: str | None = None) -> dict[str, str]:
     else:
         if pid is not None:
             _terminate(pid)
-        pid = _spawn(paths, "agent", address)
+        pid = _spawn(paths, "agent", url)
         _wait(lambda: _agent_ok(paths), pid, AGENT_START_TIMEOUT, "agent", paths)
         done["agent"] = f"started (pid {pid})"
     pid = service_pid(paths, "api")
-    if pid is not None and _api_ok(url, token):
+    if pid is not None and _api_ok(url, token, paths):
         done["api"] = f"already running (pid {pid}) at {url}"
     else:
         if pid is not None:
             _terminate(pid)
-        pid = _spawn(paths, "api", address)
-        _wait(lambda: _api_ok(url, token), pid, API_START_TIMEOUT, "api", paths)
+        pid = _spawn(paths, "api", url)
+        _wait(lambda: _api_ok(url, token, paths), pid, API_START_TIMEOUT, "api", paths)
         done["api"] = f"started (pid {pid}) at {url}"
     return done
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -201,14 +202,24 @@ def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab:
     print(f"lab up --hosts 3: {lab.up_seconds:.1f} s\n{lab.up_output}")
     assert set(klab_links()) == {"klab0", "klab-vm", *(f"klab-{h}" for h in HOSTS), *(f"klabv-{h}" for h in HOSTS)}
     assert {f"klab-{h}" for h in HOSTS} <= set(netns_list())
-    with httpx.Client(timeout=3) as c:
-        for h in HOSTS:
-            r = c.get(f"http://{ADDRESS[h]}:{AGENT_PORT}/agent/v1/ping")
+    ca = str(lab.dir / "tls" / "ca.crt")
+    for h in HOSTS:
+        tls = lab.dir / h / "home" / "tls"
+        as_host = ssl.create_default_context(cafile=ca)
+        as_host.load_cert_chain(tls / "host.crt", tls / "host.key")
+        with httpx.Client(timeout=3, verify=as_host) as c:  # the agent wants a host's certificate (mutual TLS)
+            r = c.get(f"https://{ADDRESS[h]}:{AGENT_PORT}/agent/v1/ping")
             assert r.status_code == 200, (h, r.text)
             assert r.json().get("host") == h
-            api = f"http://{ADDRESS[h]}:{API_PORT}"
+        with httpx.Client(timeout=3, verify=ssl.create_default_context(cafile=ca)) as c:
+            with pytest.raises(httpx.TransportError):  # no client certificate: refused in the handshake
+                c.get(f"https://{ADDRESS[h]}:{AGENT_PORT}/agent/v1/ping")
+            api = f"https://{ADDRESS[h]}:{API_PORT}"
             assert c.get(f"{api}/v1/version", headers={"Authorization": f"Bearer {lab.token}"}).status_code == 200
             assert c.get(f"{api}/v1/version").status_code == 401
+        with httpx.Client(timeout=3) as c, pytest.raises(httpx.TransportError):  # plain HTTP is not served
+            c.get(f"http://{ADDRESS[h]}:{API_PORT}/v1/version")
+    assert oct((lab.dir / "tls" / "ca.key").stat().st_mode & 0o777) == "0o600"
     st = lab.status()
     for h in st["hosts"]:
         assert h["netns_exists"] and h["link"] == "up" and h["vm_link"] == "up", h
@@ -284,8 +295,11 @@ def test_kill_is_a_power_loss_and_revive_starts_the_host_again(lab: Lab) -> None
 def test_env_prints_exports_that_drive_a_hosts_api(lab: Lab) -> None:
     lines = lab.run("env", "h2").stdout.splitlines()
     env = dict(ln.removeprefix("export ").split("=", 1) for ln in lines)
-    assert env["KASOU_API"] == f"http://{ADDRESS['h2']}:{API_PORT}"
-    r = httpx.get(env["KASOU_API"] + "/v1/version", headers={"Authorization": f"Bearer {env['KASOU_TOKEN']}"})
+    assert env["KASOU_API"] == f"https://{ADDRESS['h2']}:{API_PORT}"
+    auth = {"Authorization": f"Bearer {env['KASOU_TOKEN']}"}
+    r = httpx.get(
+        env["KASOU_API"] + "/v1/version", headers=auth, verify=ssl.create_default_context(cafile=env["KASOU_CA"])
+    )
     assert r.status_code == 200
     bad = lab.run("env", "h9", check=False)
     assert bad.returncode == 1 and "no host 'h9'" in bad.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import ssl
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -54,11 +55,14 @@ class AgentClient:
         uds: str | None = None,
         base_url: str = "http://agent",
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        """``verify``: for an agent on TCP (https), a context that trusts the site CA and presents this
+        host's certificate (:func:`kasou.pki.host_client_context`); the agent refuses callers without one."""
         self.host = host
         if transport is None and uds is not None:
             transport = httpx.AsyncHTTPTransport(uds=uds)
-        self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=DEFAULT_TIMEOUT)
+        self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=DEFAULT_TIMEOUT, verify=verify)
 
     async def _call(self, method: str, path: str, timeout: float = DEFAULT_TIMEOUT, **kw: Any) -> httpx.Response:
         try:

@@ -174,7 +174,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         mark_forwarded(request)
         url = lead.leader_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            async with httpx.AsyncClient(timeout=120) as c:
+            async with httpx.AsyncClient(timeout=120, verify=lead.tls) as c:  # mutual TLS (kasou.pki)
                 r = await c.request(request.method, url, content=await request.body(), headers=headers)
         except httpx.HTTPError as e:
             request.state.audit_forwarded = False  # not handled by the leader: audited here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +14,18 @@ from kasou.wire import raise_for_response
 
 
 class Client:
-    def __init__(self, base_url: str, token: str, *, http: httpx.Client | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        http: httpx.Client | None = None,
+        timeout: float = 30.0,
+        verify: ssl.SSLContext | bool = True,
+    ):
+        """``verify``: what an https server is checked with (:func:`kasou.pki.trust`: the site CA)."""
         self.base_url = base_url
-        self._http = http or httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = http or httpx.Client(base_url=base_url, timeout=timeout, verify=verify)
         self._http.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -23,7 +33,12 @@ class Client:
             resp = self._http.request(method, path, **kw)
         except httpx.TimeoutException:
             raise OperationTimeout(f"the kasou API at {self.base_url} did not answer in time") from None
-        except httpx.TransportError:
+        except httpx.TransportError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e) or "WRONG_VERSION_NUMBER" in str(e):
+                raise AgentUnavailable(
+                    f"the kasou API at {self.base_url} failed the TLS check ({e}); "
+                    "is KASOU_CA the site CA and KASOU_API https://?"
+                ) from None
             raise AgentUnavailable(f"the kasou API at {self.base_url} is not reachable; is kasou up?") from None
         raise_for_response(resp)
         return resp

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 from typing import Any
@@ -19,12 +21,13 @@ from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, api_listen, etcd_endpoints, ha_times, host_name, uplink
+from kasou.config import Paths, TlsFiles, api_listen, etcd_endpoints, ha_times, host_name, uplink
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
 from kasou.hypervisor.qemu import accel
 from kasou.hypervisor.qemu.driver import QemuDriver
 from kasou.hypervisor.qemu.network import HostNetwork
+from kasou.pki import TlsError, host_client_context, require, server_context
 from kasou.store.etcd import EtcdStore
 from kasou.store.sqlite import SqliteStore
 
@@ -36,8 +39,29 @@ def _logging(paths: Paths, name: str) -> None:
     )
 
 
+def tls_config(files: TlsFiles, client_certs: str) -> dict[str, Any]:
+    """uvicorn's settings to serve HTTPS with this host's certificate (client certificates:
+    ``required`` for agents, ``optional`` for the API, which also serves people's browsers)."""
+    ctx = server_context(files, client_certs)
+
+    def factory(_config: uvicorn.Config, _default: Any) -> ssl.SSLContext:
+        return ctx
+
+    return {"ssl_context_factory": factory}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def run_agent(paths: Paths, listen: str | None = None) -> None:
-    """Run this host's agent in the foreground (``kasou agent``)."""
+    """Run this host's agent in the foreground (``kasou agent``). On TCP it serves mutual TLS only:
+    a caller must present a certificate signed by the site CA (the control planes' host certificates)."""
+    tcp = bool(listen) and not str(listen).startswith("unix:")
+    tls = tls_config(require(paths.tls_files(), "the agent on TCP"), "required") if tcp else {}
     paths.ensure()
     _logging(paths, "agent")
     decision = asyncio.run(accel.decide(paths.images))
@@ -73,13 +97,13 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
     if listen and not listen.startswith("unix:"):
         host, _, port = listen.rpartition(":")
         host = host or "127.0.0.1"
-        config = uvicorn.Config(app, host=host, port=int(port), log_level="warning")
+        config = uvicorn.Config(app, host=host, port=int(port), log_level="warning", **tls)
         endpoints = etcd_endpoints()
         if not endpoints:
             uvicorn.Server(config).run()
             return
         record = {
-            "agent_url": f"http://{host}:{port}",
+            "agent_url": f"https://{_url_host(host)}:{port}",
             "disks_dir": str(paths.disks),
             "shared_dir": str(paths.shared) if paths.shared else None,
             "accelerator": decision.accelerator,
@@ -94,6 +118,10 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         uvicorn.run(app, uds=sock, log_level="warning")
     finally:
         os.umask(old)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _listen_host(listen: str | None) -> str | None:
@@ -151,14 +179,23 @@ def run_guard(paths: Paths) -> None:
     guard.run_guard(paths, host_name(), endpoints, ha_times())
 
 
-def run_api(paths: Paths, address: str | None = None) -> None:
-    """Run the control plane and the REST API in the foreground (``kasou serve``)."""
+def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) -> None:
+    """Run the control plane and the REST API in the foreground (``kasou serve``).
+
+    It serves HTTPS with this host's certificate; plain HTTP only when asked for (``plain_http``)
+    and bound to a loopback address. Client certificates are optional (people's browsers and the
+    CLI have none); the control plane presents its host's certificate to agents and to the leader."""
+    host, port = api_listen(address)
+    if plain_http and not is_loopback(host):
+        raise TlsError(f"plain HTTP is served only on 127.0.0.1, not on {host}; leave out --plain-http to serve HTTPS")
+    files = paths.tls_files()
+    tls = {} if plain_http else tls_config(require(files, "the API on TCP"), "optional")
+    endpoints = etcd_endpoints()
+    peers: ssl.SSLContext | None = host_client_context(files) if endpoints else None
     paths.ensure()
     _logging(paths, "api")
     token = ensure_token(paths.token_file)
-
-    host, port = api_listen(address)
-    endpoints = etcd_endpoints()
+    scheme = "http" if plain_http else "https"
 
     async def factory() -> Services:
         me = host_name()
@@ -166,11 +203,15 @@ def run_api(paths: Paths, address: str | None = None) -> None:
             agents = Agents({me: AgentClient(me, uds=str(paths.agent_socket))})
             return Services.build(SqliteStore(paths.state_db), agents)
         store = EtcdStore(endpoints)
-        svc = Services.build(store, Agents(store=store))
+        svc = Services.build(store, Agents(store=store, tls=peers))
         svc.leadership = Leadership(
-            store, me, f"http://{host}:{port}", on_elected=svc.vms.startup, on_deposed=svc.vms.suspend
-        )
+            store, me, f"{scheme}://{_url_host(host)}:{port}", on_elected=svc.vms.startup,
+            on_deposed=svc.vms.suspend, tls=peers,
+        )  # fmt: skip
         return svc
 
     # Open event streams and consoles would otherwise hold a shutdown until they end: 5 s, then they are cut.
-    uvicorn.run(create_app(factory, token), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(factory, token), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, **tls
+    )
+    uvicorn.Server(config).run()

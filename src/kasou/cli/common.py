@@ -20,6 +20,7 @@ from kasou.api.auth import read_token
 from kasou.api.client import Client
 from kasou.config import Paths, api_url
 from kasou.errors import InvalidSpec
+from kasou.pki import trust
 
 out = Console()
 err = Console(stderr=True)
@@ -37,7 +38,8 @@ def client() -> Client:
     if client_factory is not None:
         return client_factory()
     paths = Paths.from_env()
-    return Client(api_url(), read_token(paths.token_file))
+    # https: the server is verified with the site CA (KASOU_CA or the home's tls/ca.crt), else the system's CAs
+    return Client(api_url(), read_token(paths.token_file), verify=trust(paths.tls_files()))
 
 
 def print_json(data: Any) -> None:

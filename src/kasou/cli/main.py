@@ -24,6 +24,7 @@ from kasou.cli.lab import lab_app
 from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
+from kasou.cli.tls import tls_app
 from kasou.cli.users import user_app
 from kasou.config import Paths
 from kasou.errors import KasouError
@@ -62,6 +63,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(audit_app, name="audit")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")
+app.add_typer(tls_app, name="tls")
 
 # -- services -------------------------------------------------------------------------
 
@@ -120,11 +122,14 @@ def agent_guard() -> None:
 
 
 @app.command(hidden=True)
-def serve(address: str = typer.Option(None, help="HOST:PORT for the API (default: KASOU_API)")) -> None:
+def serve(
+    address: str = typer.Option(None, help="HOST:PORT for the API (default: KASOU_API)"),
+    plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP, on 127.0.0.1 only (default: HTTPS)."),
+) -> None:
     """Run the control plane and REST API in the foreground."""
     from kasou.api.server import run_api
 
-    run_api(Paths.from_env(), address)
+    run_api(Paths.from_env(), address, plain_http)
 
 
 @app.command()

@@ -8,6 +8,7 @@ Maintenance is the control plane's own flag, ``hostflags/<name>``.
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any
 
@@ -44,7 +45,9 @@ class Agents:
         clients: dict[str, AgentClient] | None = None,
         store: Store | None = None,
         records: dict[str, dict[str, Any]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self._tls = tls  # agents on TCP: the site CA, and this host's certificate presented (mutual TLS)
         self._clients: dict[str, AgentClient] = dict(clients or {})
         self._urls: dict[str, str] = {}
         self._records: dict[str, dict[str, Any]] = dict(records or {})
@@ -70,7 +73,9 @@ class Agents:
                 old = self._clients.get(name)
                 if old is not None:
                     await old.close()
-                self._clients[name] = AgentClient(name, base_url=url)
+                self._clients[name] = AgentClient(
+                    name, base_url=url, verify=self._tls if self._tls is not None else True
+                )
                 self._urls[name] = url
             up.add(name)
         self._up = up

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from kasou.errors import KasouError
@@ -32,8 +33,11 @@ class Leadership:
         on_elected: Callable[[], Awaitable[None]],
         on_deposed: Callable[[], Awaitable[None]],
         ttl_s: float = DEFAULT_TTL_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.store = store
+        # Forwarding to the leader: the site CA verifies it, and this host's certificate is presented.
+        self.tls: ssl.SSLContext | bool = tls if tls is not None else True
         self.host = host
         self.api_url = api_url
         self.on_elected = on_elected

@@ -25,6 +25,9 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
     LAB/lab.json              state: every name, address and pid made (so down, kill, partition
                               and a re-run of up work after a crash, and are idempotent)
     LAB/api.token             the one API token of the lab (0600)
+    LAB/tls/                  the lab's site CA (ca.crt, ca.key 0600); each host's certificate (its
+                              name and address as SANs) is in LAB/h{i}/home/tls/: every API serves
+                              HTTPS, every agent mutual TLS, as in production
     LAB/shared/               the lab's "shared storage": every host sees the same directory
     LAB/etcd/                 member data (m0.etcd, ...) and logs (m0.log, ...)
     LAB/h{i}/home/            the host's KASOU_HOME
@@ -33,7 +36,7 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
 Each service runs as ``ip netns exec klab-h{i} <python> -m kasou ...`` in its own session,
 with ``KASOU_HOME``, ``KASOU_HOST_NAME=h{i}``, ``KASOU_IMAGES`` (the caller's),
 ``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``,
-``KASOU_API`` (its own API URL) and ``KASOU_UPLINK=vmnet0``; ``KASOU_ACCEL`` passes through only if
+``KASOU_API`` (its own https URL) and ``KASOU_UPLINK=vmnet0``; ``KASOU_ACCEL`` passes through only if
 the caller set it. The agents make the VM networks' bridges, VLAN ports and taps inside their own
 namespaces, which go with them; a VM's private addresses never leave the lab's namespaces and
 its ``klab-vm`` bridge.
@@ -65,6 +68,7 @@ from typing import Any
 
 import httpx
 
+from kasou import pki
 from kasou.api.auth import ensure_token
 from kasou.config import DEFAULT_IMAGES, Paths
 from kasou.errors import InvalidSpec, KasouError, NotFound
@@ -126,11 +130,15 @@ class LabHost:
 
     @property
     def agent_url(self) -> str:
-        return f"http://{self.agent_listen}"
+        return f"https://{self.agent_listen}"
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.api_address}"
+        return f"https://{self.api_address}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
 
     def pid(self, service: str) -> int | None:
         return self.agent_pid if service == "agent" else self.api_pid
@@ -250,7 +258,8 @@ def _tail(path: Path) -> str:
 
 def probe(h: LabHost, service: str, token: str | None, timeout: float = 2.0) -> int | None:
     """HTTP status of the service's health URL, asked from inside the host's namespace (so it
-    answers whether or not the host is partitioned); None if nothing answers."""
+    answers whether or not the host is partitioned) over TLS as the host itself (its certificate,
+    which the agent requires); None if nothing answers."""
     port = AGENT_PORT if service == "agent" else API_PORT
     path = "/agent/v1/ping" if service == "agent" else "/v1/version"
     auth = f"Authorization: Bearer {token}\r\n" if token and service == "api" else ""
@@ -264,14 +273,16 @@ def probe(h: LabHost, service: str, token: str | None, timeout: float = 2.0) -> 
     data = b""
     with sock:
         try:
+            ctx = pki.client_context(h.tls_dir / "ca.crt", h.tls_dir / "host.crt", h.tls_dir / "host.key")
             sock.connect((h.address, port))
-            sock.sendall(request.encode())
-            while b"\r\n" not in data and len(data) < 4096:
-                chunk = sock.recv(1024)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
+            with ctx.wrap_socket(sock, server_hostname=h.address) as tls:
+                tls.sendall(request.encode())
+                while b"\r\n" not in data and len(data) < 4096:
+                    chunk = tls.recv(1024)
+                    if not chunk:
+                        break
+                    data += chunk
+        except (OSError, KasouError):
             return None
     status = data.split(b"\r\n", 1)[0].split()
     if len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].isdigit():
@@ -295,6 +306,15 @@ class Lab:
     @property
     def token_file(self) -> Path:
         return self.dir / "api.token"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The lab's site CA (the machine that runs the lab plays the site's CA)."""
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.crt"
 
     @property
     def shared_dir(self) -> Path:
@@ -454,6 +474,7 @@ class Lab:
             for d in (h.home, h.log_dir):
                 d.mkdir(parents=True, exist_ok=True)
                 os.chmod(d, 0o700)
+        report.append(self._certificates(st))
 
         t_etcd = time.monotonic()
         self._etcd_up(st, undo)
@@ -482,6 +503,19 @@ class Lab:
         report.append(f"lab up: {len(st.hosts)} hosts in {time.monotonic() - t0:.1f} s ({self.dir})")
         return report
 
+    def _certificates(self, st: LabState) -> str:
+        """The lab's CA and each host's certificate (its name, address and loopback as SANs), made once."""
+        made = []
+        if not self.ca_file.exists():
+            pki.init_ca(self.tls_dir, "kasou lab")
+            made.append("CA")
+        for h in st.hosts:
+            if not (h.tls_dir / "host.key").exists() or not (h.tls_dir / "ca.crt").exists():
+                pki.issue(self.tls_dir, h.name, [h.address, "127.0.0.1"], [], h.tls_dir)
+                os.chmod(h.tls_dir, 0o700)
+                made.append(h.name)
+        return f"tls: site CA {self.ca_file}" + (f" (made: {', '.join(made)})" if made else "")
+
     def _etcd_up(self, st: LabState, undo: list[Callable[[], Any]]) -> None:
         cluster = self._cluster()
         dead = [i for i, m in enumerate(st.etcd) if not _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
@@ -495,7 +529,8 @@ class Lab:
         self._save(st)
 
     def _env(self, st: LabState, h: LabHost) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("KASOU_TOKEN", "KASOU_API")}
+        drop = ("KASOU_TOKEN", "KASOU_API", "KASOU_CA", "KASOU_TLS_CERT", "KASOU_TLS_KEY", "KASOU_TLS_DIR")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
         env.update(
             KASOU_HOME=str(h.home),
             KASOU_HOST_NAME=h.name,
@@ -647,7 +682,7 @@ class Lab:
         token = self._token()
         if token is None:
             raise LabError(f"the lab has no API token at {self.token_file}")
-        return [f"export KASOU_API={h.api_url}", f"export KASOU_TOKEN={token}"]
+        return [f"export KASOU_API={h.api_url}", f"export KASOU_CA={self.ca_file}", f"export KASOU_TOKEN={token}"]
 
     # -- down
 
