@@ -294,6 +294,14 @@ def test_break_glass_rotation_and_rate_limit(env: Env, bg_file: Path, monkeypatc
     assert len(env.api.get("/v1/events/active").json()) == 2  # two uses, neither acknowledged
 
 
+def test_break_glass_file_is_beside_the_store(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KASOU_BREAK_GLASS_FILE", raising=False)
+    r = env.api.post("/v1/users/break-glass").json()
+    assert Path(r["file"]) == env.tmp / "break-glass.json"  # the kasou home: where state.db is
+    assert stat.S_IMODE(os.stat(r["file"]).st_mode) == 0o600
+    assert _login(env, "break-glass", r["password"])[1].status_code == 200
+
+
 # -- the CLI -------------------------------------------------------------------------------------
 
 

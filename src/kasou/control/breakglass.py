@@ -2,10 +2,10 @@
 locked out, a TOTP device lost, the users in the store damaged).
 
 Its password's argon2id hash is kept in a file of its own, readable by root only (mode 0600):
-``$KASOU_HOME/break-glass.json``, or wherever ``KASOU_BREAK_GLASS_FILE`` says; never in the store, so
-it does not depend on the users there. ``kasou user break-glass`` (``POST /v1/users/break-glass``, with
-the root API token only) makes or replaces it and shows the new password once; replacing it ends the
-sessions signed in with the old one.
+``$KASOU_HOME/break-glass.json`` (beside the SQLite store, as the audit key), or wherever
+``KASOU_BREAK_GLASS_FILE`` says; never in the store, so it does not depend on the users there.
+``kasou user break-glass`` (``POST /v1/users/break-glass``, with the root API token only) makes or
+replaces it and shows the new password once; replacing it ends the sessions signed in with the old one.
 
 Signing in as ``break-glass`` needs no TOTP code and is never locked out, but it is rate-limited: after
 ``LIMIT_AFTER`` wrong passwords in a row, one attempt every ``LIMIT_WAIT_S`` seconds. Every use is loud:
@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from kasou.config import Paths
 from kasou.errors import StoreError, Unauthorized
+from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,16 @@ _ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: read aloud and t
 _hasher = PasswordHasher()
 
 
-def path() -> Path:
+def default_path(store: Store | None = None) -> Path:
+    """``KASOU_BREAK_GLASS_FILE``, else beside the SQLite store (the kasou home), else in ``KASOU_HOME``."""
     env = os.environ.get("KASOU_BREAK_GLASS_FILE", "").strip()
-    return Path(env).absolute() if env else Paths.from_env().home / "break-glass.json"
+    if env:
+        return Path(env).absolute()
+    from kasou.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        return Path(store.path).absolute().parent / "break-glass.json"
+    return Paths.from_env().home / "break-glass.json"
 
 
 class BreakGlassFile(BaseModel):
@@ -66,9 +74,8 @@ def new_password() -> str:
     return "-".join(chars[i : i + 5] for i in range(0, 25, 5))
 
 
-def read() -> BreakGlassFile | None:
+def read(p: Path) -> BreakGlassFile | None:
     """The file's content, or None if there is none (or it cannot be read: logged)."""
-    p = path()
     try:
         st = p.stat()
         data = json.loads(p.read_text())
@@ -86,9 +93,8 @@ def read() -> BreakGlassFile | None:
         return None
 
 
-def _write(rec: BreakGlassFile) -> Path:
+def _write(p: Path, rec: BreakGlassFile) -> Path:
     """Write the file atomically (a new file of mode 0600 renamed over the old one)."""
-    p = path()
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -109,22 +115,27 @@ def _write(rec: BreakGlassFile) -> Path:
 class BreakGlass:
     """The account's file and its rate limit (kept by the server that checks sign-ins: the leader)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store
         self.failures = 0
         self.last_failure = 0.0
         self._lock = asyncio.Lock()
 
+    @property
+    def path(self) -> Path:
+        return default_path(self.store)
+
     async def rotate(self) -> Rotated:
         password = new_password()
         digest = await asyncio.to_thread(_hasher.hash, password)
-        old = read()
+        old = read(self.path)
         rec = BreakGlassFile(id=secrets.token_hex(8), password_hash=digest, rotated_at=time.time())
-        p = await asyncio.to_thread(_write, rec)
+        p = await asyncio.to_thread(_write, self.path, rec)
         self.failures = 0
         return Rotated(password=password, file=str(p), rotated_at=rec.rotated_at, replaced=old is not None)
 
     def current_id(self) -> str | None:
-        rec = read()
+        rec = read(self.path)
         return rec.id if rec is not None else None
 
     async def check(self, password: str) -> BreakGlassFile:
@@ -134,7 +145,7 @@ class BreakGlass:
             if self.failures >= LIMIT_AFTER and now - self.last_failure < LIMIT_WAIT_S:
                 raise Unauthorized(f"the break-glass account is rate-limited after {self.failures} wrong passwords; "
                                    f"try again in {LIMIT_WAIT_S - (now - self.last_failure):.0f} s")  # fmt: skip
-            rec = read()
+            rec = read(self.path)
             ok = False
             if rec is not None:
                 with contextlib.suppress(VerificationError, InvalidHashError):

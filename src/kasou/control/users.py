@@ -123,7 +123,7 @@ class Users:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.tokens = UserTokens(store)
-        self.break_glass = breakglass.BreakGlass()
+        self.break_glass = breakglass.BreakGlass(store)
         self.events = Events(store)
 
     async def get(self, name: str) -> UserRecord:
