@@ -235,11 +235,26 @@ class Users:
         return token, rec
 
     async def _failed(self, rec: UserRecord, now: float, source: str) -> None:
-        """One more failed sign-in; the fifth in a row locks the account (and is audited)."""
-        failures = rec.failures + 1
-        locked = now + LOCK_S if failures >= LOCK_AFTER else None
-        await self.store.put(USERS_PREFIX + rec.name, rec.model_copy(update={
-            "failures": 0 if locked else failures, "locked_until": locked}).model_dump(mode="json"))  # fmt: skip
+        """One more failed sign-in; the fifth in a row locks the account (and is audited).
+
+        Written with compare-and-swap on the record as it is now, so a concurrent sign-in's changes (the
+        last TOTP step accepted, other failures) are never written back over."""
+        for _ in range(20):
+            try:
+                rec, rev = await self._entry(rec.name)
+            except NotFound:
+                return
+            failures = rec.failures + 1
+            locked = now + LOCK_S if failures >= LOCK_AFTER else None
+            try:
+                await self.store.put(USERS_PREFIX + rec.name, rec.model_copy(update={
+                    "failures": 0 if locked else failures, "locked_until": locked}).model_dump(mode="json"),
+                    expect_rev=rev)  # fmt: skip
+                break
+            except StoreConflict:
+                continue
+        else:
+            return
         if locked:
             await audit.record(self.store, "lockout", source=source, target=f"users/{rec.name}", details={
                 "failures": failures, "locked_s": LOCK_S})  # fmt: skip
