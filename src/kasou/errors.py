@@ -16,6 +16,7 @@ carries a one-line ``message`` meant for a person, a machine-readable
      │    ├── WrongState
      │    └── BackupCorrupt     a backup file fails its verification; nothing is restored from it
      ├── InsufficientResources  the host cannot take it (HTTP 507 → 409 family)
+     ├── TooLarge               a request body over the API's bound (HTTP 413)
      ├── Unauthorized           no or a wrong token or password (HTTP 401)
      ├── Forbidden              signed in, but not allowed to (HTTP 403)
      ├── HypervisorError        QEMU refused or died (HTTP 502)
@@ -79,6 +80,10 @@ class BackupCorrupt(Conflict):
 
 class InsufficientResources(KasouError):
     code = "insufficient_resources"
+
+
+class TooLarge(KasouError):
+    code = "too_large"
 
 
 class Unauthorized(KasouError):

@@ -7,6 +7,7 @@ answer back into the same exception class.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ STATUS: list[tuple[type[E.KasouError], int]] = [
     (E.NotFound, 404),
     (E.Conflict, 409),
     (E.InsufficientResources, 409),
+    (E.TooLarge, 413),
     (E.Unauthorized, 401),
     (E.Forbidden, 403),
     (E.StoreConflict, 409),
@@ -35,6 +37,10 @@ STATUS: list[tuple[type[E.KasouError], int]] = [
     (E.ImageError, 500),
     (E.KasouError, 500),
 ]
+
+
+# kasou's code for an HTTP error raised by the framework itself (a route that does not exist, a body it cannot read)
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 def status_for(error: E.KasouError) -> int:
@@ -48,12 +54,68 @@ def error_body(error: E.KasouError) -> dict[str, Any]:
     return error.to_dict()
 
 
+#: What a route may answer besides its own success, all in kasou's error shape (documented on every route).
+ERROR_RESPONSES: dict[int, str] = {
+    400: "The request cannot be read (a malformed body)",
+    401: "No or a wrong API token, session or password",
+    403: "Signed in, but not allowed to",
+    404: "No such VM, image, job, host, pool, user...",
+    409: "Exists already, the wrong state, or the host cannot take it",
+    413: "The request body is too large",
+    422: "Invalid input: a name, a size, a count; nothing has happened",
+    502: "QEMU refused or died",
+    503: "The state store or a host agent does not answer",
+    504: "A bounded wait ran out",
+}
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["code", "message", "details"],
+    "properties": {
+        "code": {"type": "string", "title": "Code"},
+        "message": {"type": "string", "title": "Message"},
+        "details": {"type": "object", "title": "Details"},
+    },
+}
+
+
+def document_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """Add kasou's error answers (:data:`ERROR_RESPONSES`, body :data:`ERROR_SCHEMA`) to every operation of an
+    OpenAPI document, in place of FastAPI's own 422 shape, which kasou never sends."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for methods in doc.get("paths", {}).values():
+        for op in methods.values():
+            responses = op.setdefault("responses", {})
+            for status, text in ERROR_RESPONSES.items():
+                responses[str(status)] = {"description": text, "content": ref}
+    text = json.dumps(doc.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}" not in text:
+            schemas.pop(unused, None)
+    return doc
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Make a FastAPI app answer kasou's errors, bad requests and 404s in kasou's JSON shape."""
+    """Make a FastAPI app answer kasou's errors, bad requests and 404s in kasou's JSON shape (and its OpenAPI
+    document say so)."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    build = app.openapi
+    documented: list[bool] = []
+
+    def openapi() -> dict[str, Any]:
+        doc = build()
+        if not documented:
+            document_errors(doc)
+            documented.append(True)
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(E.KasouError)
     async def _kasou(_req: Request, exc: E.KasouError) -> JSONResponse:
@@ -66,11 +128,13 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or "request"
         err = E.InvalidSpec(f"{field}: {first.get('msg', 'invalid')}", field=field)
+        if first.get("type") == "json_invalid":  # loc is the offset: say what is wrong instead
+            err = E.InvalidSpec(f"the body is not valid JSON (at character {field})", field="body")
         return JSONResponse(error_body(err), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        code = HTTP_CODES.get(exc.status_code, "error")
         body = {"code": code, "message": str(exc.detail), "details": {}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

@@ -23,6 +23,7 @@ from kasou.api.audit import FORWARDED_FOR, audit_middleware, audit_routes, mark_
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
 from kasou.api.console import console_routes
+from kasou.api.limits import BodyLimit
 from kasou.api.live import live_routes
 from kasou.api.metrics import metrics_routes
 from kasou.api.portal import desktop_pool_routes, portal_routes
@@ -182,6 +183,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             return JSONResponse(err.to_dict(), status_code=503)
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
+    app.add_middleware(BodyLimit)  # bodies over 1 MiB: 413 (kasou.api.limits), inside the audit so it is recorded
     app.middleware("http")(audit_middleware(lambda: state.get("svc")))  # every change recorded (kasou.api.audit)
 
     def svc() -> Services:

@@ -59,7 +59,7 @@ def _json(data: bytes) -> Any:
         return None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep (kasou.api.limits)
         return None
 
 
