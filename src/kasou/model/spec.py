@@ -11,7 +11,7 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from kasou.errors import InvalidSpec
 from kasou.model.names import NAME_MAX as NAME_MAX
@@ -100,7 +100,7 @@ class VMUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ha: bool | None = None
+    ha: StrictBool | None = None
     priority: StrictInt | None = None
     description: str | None = Field(None, max_length=500)
     department: str | None = None  # the department whose vendor manages it ("" removes the tag)
@@ -128,13 +128,13 @@ class VMCreate(BaseModel):
     image: str | None = None
     template: str | None = None  # --from: a linked clone of this template
     disk: str | int | None = None  # size of the data disk, e.g. "1G"
-    start: bool = False
+    start: StrictBool = False
     description: str = Field("", max_length=500)
     # shared: the disk lives where every host sees it; replicated: local, with a synchronous copy on another host
     storage: Literal["local", "shared", "replicated"] = "local"
     network: str = USER_NETWORK  # the network of its NIC: "user" (NAT) or a network made with POST /v1/networks
     anti_affinity: str | None = None  # VMs of one group never run on one host (e.g. the two EMR databases)
-    ha: bool = False  # high availability: restart elsewhere if its host fails, reset if its guest hangs
+    ha: StrictBool = False  # high availability: restart elsewhere if its host fails, reset if its guest hangs
     priority: StrictInt = Field(50)  # HA restart order, highest first
     pool: str | None = None  # the storage pool of its disk (default: the built-in pool, or --mirror's first)
     mirror: list[str] | None = None  # RAID-1: two pools, each holding a copy kept in sync
