@@ -32,8 +32,8 @@ HOSTILE_SEGMENTS = [
     "vm1%0aSet-Cookie:%20kasou_session=x",
     "'%20OR%20'1'='1",
     "vm1';DROP%20TABLE%20kv;--",
-    "%EF%BD%96%EF%BD%8D%EF%BC%91",  # ｖｍ１ (fullwidth)
-    "vm%D1%96",  # vmі (Cyrillic i)
+    "%EF%BD%96%EF%BD%8D%EF%BC%91",  # "vm1" in fullwidth letters
+    "vm%D1%96",  # "vmi" with a Cyrillic i
     "%E2%80%AEvm1",  # right-to-left override
     "%E9%9B%BB%E5%AD%90%E3%82%AB%E3%83%AB%E3%83%86",  # 電子カルテ
     "a" * 300,
@@ -49,8 +49,8 @@ HOSTILE_NAMES = [
     "vm1\nSet-Cookie: kasou_session=x",
     "' OR '1'='1",
     "vm1';DROP TABLE kv;--",
-    "ｖｍ１",
-    "vmі",
+    "\uff56\uff4d\uff11",  # "vm1" in fullwidth letters
+    "vm\u0456",  # a Cyrillic i
     "\u202evm1",
     "vm1\u200b",  # zero-width space
     "電子カルテ",
@@ -109,7 +109,7 @@ def assert_clear_refusal(r: Any, what: str) -> None:
     assert msg and "\n" not in msg and "\r" not in msg and len(msg) < 600, (what, msg)
     assert "x-injected" not in {k.lower() for k in r.headers}, (what, r.headers)
     assert "set-cookie" not in {k.lower() for k in r.headers}, (what, r.headers)
-    assert "Traceback" not in r.text and "internal" != body["code"], (what, r.text)
+    assert "Traceback" not in r.text and body["code"] != "internal", (what, r.text)
 
 
 @pytest.fixture
