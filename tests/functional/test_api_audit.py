@@ -138,7 +138,7 @@ def test_who_may_read_the_audit_log(env: Env) -> None:
         assert env.api.post("/v1/users", json={"name": name, "role": role, "password": PW}).status_code == 201
     aud, op, nurse = session(env, "aud"), session(env, "ope"), session(env, "nurse")
     me = aud.get("/v1/auth/me").json()
-    assert me["role"] == "auditor" and set(me["permissions"]) == {"read", "audit"}
+    assert me["role"] == "auditor" and set(me["permissions"]) == {"read", "vm.read", "audit"}
     for path in ("/v1/audit/records", "/v1/audit/verify", "/v1/audit/export", "/v1/audit/public-key",
                  "/v1/audit/status", "/v1/reports/uptime", "/v1/vms"):  # fmt: skip
         assert aud.get(path).status_code == 200, path

@@ -17,8 +17,10 @@ import httpx
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
+from starlette.requests import HTTPConnection
 
 from kasou import __version__
+from kasou.api import permissions
 from kasou.api.audit import FORWARDED_FOR, audit_middleware, audit_routes, mark_forwarded
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
@@ -42,7 +44,7 @@ from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.users import Users
 from kasou.control.vms import VMService, VMView
-from kasou.errors import AgentUnavailable
+from kasou.errors import AgentUnavailable, Forbidden, NotFound
 from kasou.model.spec import NetworkCreate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
@@ -147,7 +149,32 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         finally:
             await svc.close()
 
+    async def route_permission(conn: HTTPConnection) -> None:
+        """Every route's permission, from the one table (kasou.api.permissions), before the route runs."""
+        method = "WS" if conn.scope["type"] == "websocket" else conn.scope["method"]
+        await permissions.check(
+            "GET" if method == "HEAD" else method,
+            conn.scope["path"],
+            conn.path_params,
+            lambda: principal(cast(Request, conn)),
+            department_of_vm,
+            vm_of_job,
+        )
+
+    async def department_of_vm(name: str) -> str | None:
+        try:
+            return (await svc().vms._record(name)).department
+        except NotFound:
+            return None
+
+    async def vm_of_job(job_id: str) -> str | None:
+        try:
+            return (await svc().jobs.get(job_id)).vm
+        except NotFound:
+            return None
+
     app = FastAPI(
+        dependencies=[Depends(route_permission)],
         title="kasou",
         version=__version__,
         description="Server and desktop virtualization for hospital information systems.",
@@ -191,6 +218,9 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
 
     async def principal(request: Request) -> Principal:
         """Who asks (the root token, or a signed-in user); kept on the request for the routes."""
+        known = getattr(request.state, "principal", None)
+        if isinstance(known, Principal):
+            return known
         h, c = request.headers, request.cookies
         p = await resolve_principal(
             h.get("authorization"),
@@ -203,12 +233,16 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         request.state.principal = p
         return p
 
-    async def authorized(request: Request) -> None:
-        """The /v1 default: reading needs "read", changing needs "operate" (routes may ask for more)."""
-        p = await principal(request)
-        p.require("read" if request.method in ("GET", "HEAD") else "operate")
+    def me(request: Request) -> Principal:
+        """The principal route_permission found (every /v1 route but sign-in has one)."""
+        return cast(Principal, request.state.principal)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    async def visible(request: Request, vm: str | None) -> bool:
+        """May the principal see VM ``vm`` (a department-scoped one sees their departments' only)?"""
+        p = me(request)
+        return not p.scoped or (vm is not None and p.sees(await department_of_vm(vm)))
+
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/version")
     async def version() -> dict[str, str]:
@@ -229,19 +263,30 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return JobAccepted(job=job)
 
     @v1.get("/reports/uptime")
-    async def report_uptime() -> list[UptimeRow]:
+    async def report_uptime(request: Request) -> list[UptimeRow]:
         rows = []
         for vm in await svc().vms.list_all():
+            if not me(request).sees(vm.department):
+                continue
             rows.append(uptime_row(vm.name, await svc().ledger.history(vm.name)))
         return rows
 
     @v1.get("/vms")
-    async def list_vms() -> list[VMView]:
-        return await svc().vms.list_all()
+    async def list_vms(request: Request) -> list[VMView]:
+        return [v for v in await svc().vms.list_all() if me(request).sees(v.department)]
 
     @v1.post("/vms", status_code=202)
-    async def create_vm(body: dict[str, Any] = Body(...)) -> CreateAccepted:
+    async def create_vm(request: Request, body: dict[str, Any] = Body(...)) -> CreateAccepted:
         spec = VMCreate.parse(body)
+        p = me(request)
+        if p.scoped:
+            if spec.department is None and len(p.departments) == 1:
+                spec = spec.model_copy(update={"department": p.departments[0]})
+            if not p.sees(spec.department):
+                mine = ", ".join(p.departments)
+                raise Forbidden(f"user {p.name!r} may create VMs of their departments only ({mine}): give --department")
+            if spec.template is not None and not await visible(request, spec.template):
+                raise NotFound(f"no template named {spec.template!r}")
         vm, job = await svc().vms.create(spec)
         return CreateAccepted(vm=vm, job=job)
 
@@ -305,10 +350,15 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return await svc().vms.events.active()
 
     @v1.get("/jobs")
-    async def list_jobs(vm: str | None = None, limit: int = Query(50, ge=1, le=1000)) -> list[JobRecord]:
+    async def list_jobs(
+        request: Request, vm: str | None = None, limit: int = Query(50, ge=1, le=1000)
+    ) -> list[JobRecord]:
         if vm is not None:
             validate_name(vm)
-        return await svc().jobs.list(vm, limit)
+        jobs = await svc().jobs.list(vm, limit)
+        if not me(request).scoped:
+            return jobs
+        return [j for j in jobs if j.vm is not None and await visible(request, j.vm)]
 
     @v1.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobRecord:

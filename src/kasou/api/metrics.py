@@ -137,12 +137,9 @@ def metrics_routes(svc: Callable[[], Any], principal: Callable[[Request], Awaita
     async def may_read(request: Request) -> None:
         (await principal(request)).require("read")
 
-    async def may_operate(request: Request) -> None:
-        (await principal(request)).require("operate")
-
     r = APIRouter()
 
-    @r.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(may_operate)])
+    @r.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(may_read)])
     async def prometheus() -> PlainTextResponse:
         """Prometheus text format 0.0.4: hosts (CPU, load, memory) and VMs (CPU, memory, disk and network I/O)."""
         reports = await metrics().current()

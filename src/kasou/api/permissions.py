@@ -1,0 +1,210 @@
+"""The permission every API route needs, in one table, checked before any route runs.
+
+Every HTTP and websocket route of the API is a key of :data:`ROUTES` (method and path template),
+or falls under one of :data:`PREFIXES`; a route in neither is refused to everyone (fail closed),
+and ``tests/functional/test_role_matrix.py`` enumerates the app's routes to prove there is none.
+What each role holds is :data:`kasou.model.users.PERMISSIONS`.
+
+A department-scoped principal (a vendor) holds its VM permissions only for VMs whose
+``department`` is one of theirs: for a route naming a VM (``vm``) or a job (``job``) the check
+looks the VM up, and a VM of another department is answered as if it did not exist (404), so a
+vendor learns nothing of other departments' systems. Routes marked ``lists`` filter what they
+return (or, for a create, check the department asked for) themselves; any other route is refused
+to a scoped principal even if the role holds its permission.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+from kasou.errors import Forbidden, NotFound
+
+if TYPE_CHECKING:
+    from kasou.api.auth import Principal
+
+PUBLIC = "public"  # no sign-in (the sign-in itself; the console websocket, which takes a one-time ticket)
+SIGNED_IN = "signed-in"  # anyone signed in (their own session: who am I, sign out)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a route needs: one of ``anyof`` (a permission, PUBLIC or SIGNED_IN) and its scope."""
+
+    anyof: tuple[str, ...]
+    vm: str | None = None  # the path parameter naming a VM (department scope)
+    job: str | None = None  # the path parameter naming a job (the department of the job's VM)
+    lists: bool = False  # the route itself keeps a scoped principal to their departments' VMs
+
+    @property
+    def public(self) -> bool:
+        return PUBLIC in self.anyof
+
+
+def need(*anyof: str, vm: str | None = None, job: str | None = None, lists: bool = False) -> Need:
+    return Need(anyof, vm, job, lists)
+
+
+#: (method, path template) -> what the route needs. "WS" is a websocket route.
+ROUTES: dict[tuple[str, str], Need] = {
+    # who am I, sign in and out
+    ("POST", "/v1/auth/login"): need(PUBLIC),
+    ("POST", "/v1/auth/logout"): need(SIGNED_IN),
+    ("GET", "/v1/auth/me"): need(SIGNED_IN),
+    ("GET", "/v1/version"): need(SIGNED_IN),
+    # VMs and what belongs to them
+    ("GET", "/v1/vms"): need("vm.read", lists=True),
+    ("POST", "/v1/vms"): need("operate", lists=True),
+    ("GET", "/v1/vms/{name}"): need("vm.read", vm="name"),
+    ("PATCH", "/v1/vms/{name}"): need("operate", vm="name"),
+    ("DELETE", "/v1/vms/{name}"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/actions/{action}"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/template"): need("operate", vm="name"),
+    ("GET", "/v1/vms/{name}/console"): need("vm.read", vm="name"),
+    ("GET", "/v1/vms/{name}/history"): need("vm.read", vm="name"),
+    ("POST", "/v1/vms/{name}/console-ticket"): need("console", "portal", vm="name"),  # portal: own desktop only
+    ("WS", "/v1/console/ws"): need(PUBLIC),  # the one-time ticket made by console-ticket, bound to its session
+    ("GET", "/v1/vms/{name}/snapshots"): need("vm.read", vm="name"),
+    ("POST", "/v1/vms/{name}/snapshots"): need("operate", vm="name"),
+    ("GET", "/v1/vms/{name}/snapshots/{snapshot}"): need("vm.read", vm="name"),
+    ("POST", "/v1/vms/{name}/snapshots/{snapshot}/revert"): need("operate", vm="name"),
+    ("DELETE", "/v1/vms/{name}/snapshots/{snapshot}"): need("operate", vm="name"),
+    ("GET", "/v1/vms/{name}/backups"): need("vm.read", vm="name"),
+    ("POST", "/v1/vms/{name}/backups"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/backups/{generation}/restore"): need("operate", vm="name"),
+    ("GET", "/v1/vms/{name}/backup-policy"): need("vm.read", vm="name"),
+    ("PATCH", "/v1/vms/{name}/backup-policy"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/disks/{disk_id}/rebuild"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/migrate"): need("hosts"),  # the choice of a host is a host operation
+    ("GET", "/v1/reports/uptime"): need("vm.read", lists=True),
+    # jobs
+    ("GET", "/v1/jobs"): need("vm.read", lists=True),
+    ("GET", "/v1/jobs/{job_id}"): need("vm.read", job="job_id"),
+    ("POST", "/v1/jobs/{job_id}/cancel"): need("operate", job="job_id"),
+    ("GET", "/v1/jobs/{job_id}/events"): need("vm.read", job="job_id"),
+    # hosts, cluster, networks, storage and desktop pools
+    ("GET", "/v1/hosts"): need("read"),
+    ("POST", "/v1/hosts/{name}/maintenance"): need("hosts"),
+    ("GET", "/v1/cluster"): need("read"),
+    ("GET", "/v1/networks"): need("read"),
+    ("POST", "/v1/networks"): need("hosts"),
+    ("GET", "/v1/networks/{name}"): need("read"),
+    ("DELETE", "/v1/networks/{name}"): need("hosts"),
+    ("GET", "/v1/pools"): need("read"),
+    ("POST", "/v1/pools"): need("hosts"),
+    ("GET", "/v1/pools/{pool}"): need("read"),
+    ("DELETE", "/v1/pools/{pool}"): need("hosts"),
+    ("GET", "/v1/desktop-pools"): need("read"),
+    ("POST", "/v1/desktop-pools"): need("hosts"),
+    ("GET", "/v1/desktop-pools/{pool}"): need("read"),
+    ("PATCH", "/v1/desktop-pools/{pool}"): need("hosts"),
+    ("DELETE", "/v1/desktop-pools/{pool}"): need("hosts"),
+    # what an operator must hear of, live updates, metrics
+    ("GET", "/v1/events"): need("read"),
+    ("GET", "/v1/events/active"): need("read"),
+    ("GET", "/v1/events/stream"): need("read"),
+    ("GET", "/metrics"): need("read"),
+    ("GET", "/v1/metrics"): need("read"),
+    ("GET", "/v1/metrics/history"): need("read"),
+    # the audit log: auditors and administrators
+    ("GET", "/v1/audit/records"): need("audit", "users"),
+    ("GET", "/v1/audit/verify"): need("audit", "users"),
+    ("GET", "/v1/audit/export"): need("audit", "users"),
+    ("GET", "/v1/audit/public-key"): need("audit", "users"),
+    ("POST", "/v1/audit/checkpoint"): need("audit", "users"),
+    ("GET", "/v1/audit/status"): need("audit", "users"),
+    # the desktop portal: clinicians (and staff who test it)
+    ("GET", "/v1/portal/pools"): need("portal"),
+    ("GET", "/v1/portal/desktop"): need("portal"),
+    ("POST", "/v1/portal/desktop"): need("portal"),
+    ("POST", "/v1/portal/desktop/release"): need("portal"),
+    # the web UI's pages and noVNC's files: no data (the pages sign in through the API)
+    ("GET", "/"): need(PUBLIC),
+    ("GET", "/ui/"): need(PUBLIC),
+    ("GET", "/ui/{path:path}"): need(PUBLIC),
+    ("GET", "/ui/novnc/{path:path}"): need(PUBLIC),
+}
+
+#: Path prefixes whose routes all need the same (checked after :data:`ROUTES`).
+PREFIXES: tuple[tuple[str, Need], ...] = (
+    ("/v1/users", need("users")),  # user management: administrators
+)
+
+#: FastAPI's own pages (the OpenAPI document and its viewers), which carry no data.
+PUBLIC_PAGES = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def need_of(method: str, template: str) -> Need | None:
+    """What the route ``method template`` (e.g. ``GET /v1/vms/{name}``) needs; None if not stated."""
+    found = ROUTES.get((method, template))
+    if found is not None:
+        return found
+    for prefix, n in PREFIXES:
+        if template == prefix or template.startswith(prefix + "/"):
+            return n
+    return None
+
+
+@cache
+def _patterns() -> list[tuple[str, str, re.Pattern[str]]]:
+    out = []
+    for method, template in ROUTES:
+        rx = ""
+        for part in re.split(r"(\{\w+(?::path)?\})", template):
+            if part.startswith("{"):
+                name, _, kind = part[1:-1].partition(":")
+                rx += f"(?P<{name}>.*)" if kind == "path" else f"(?P<{name}>[^/]+)"
+            else:
+                rx += re.escape(part)
+        out.append((method, template, re.compile(rx + "$")))
+    return out
+
+
+def template_of(method: str, path: str) -> str:
+    """The route template a request path falls under (the path itself if none: prefixes decide)."""
+    for m, template, rx in _patterns():
+        if m == method and rx.match(path):
+            return template
+    return path
+
+
+async def check(
+    method: str,
+    path: str,
+    params: dict[str, str],
+    principal: Callable[[], Awaitable[Principal]],
+    department_of_vm: Callable[[str], Awaitable[str | None]],
+    vm_of_job: Callable[[str], Awaitable[str | None]],
+) -> None:
+    """Refuse the request unless its principal holds what the route needs (kasou.errors on refusal).
+
+    ``path`` is the request's path; it is matched against the table's templates.
+    """
+    path = template_of(method, path)
+    n = need_of(method, path)
+    if n is None:
+        raise Forbidden(f"{method} {path} states no permission (kasou.api.permissions): refused to everyone")
+    if n.public:
+        return
+    p = await principal()
+    if SIGNED_IN in n.anyof:
+        return
+    if not any(p.can(x) for x in n.anyof):
+        needs = " or ".join(repr(x) for x in n.anyof)
+        raise Forbidden(f"user {p.name!r} ({p.role.value}) may not do this (needs {needs})")
+    if not p.scoped or n.lists:
+        return
+    vm: str | None = None
+    if n.vm is not None:
+        vm = params.get(n.vm)
+    elif n.job is not None:
+        vm = await vm_of_job(params.get(n.job, ""))
+        if vm is None:
+            raise NotFound(f"no job {params.get(n.job, '')!r}")
+    else:
+        raise Forbidden(f"user {p.name!r} ({p.role.value}) manages only their departments' VMs, not this")
+    if vm is None or not p.sees(await department_of_vm(vm)):
+        raise NotFound(f"no VM named {vm!r}" if n.vm is not None else f"no job {params.get(n.job or '', '')!r}")
