@@ -26,6 +26,8 @@ _UNITS = {
     "tb": 1024**4,
     "tib": 1024**4,
 }
+_TEXT_MAX = 40  # a size written longer is no size (and would overflow a float, or Python's int conversion)
+_SHOWN_MAX = 1024**6  # format_size divides as floats: larger numbers are not shown
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -41,16 +43,19 @@ def parse_size(value: object, what: str = "size") -> int:
     else:
         if not isinstance(value, str):
             raise InvalidSpec(f"{what} must be a size such as 512M or 10G", field=what)
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.match(value) if len(value) <= _TEXT_MAX else None
         unit = m.group(2).lower() if m else ""
         if not m or unit not in _UNITS:
-            raise InvalidSpec(f"{what} {value!r} is not a size; use e.g. 512M, 10G or 1T", field=what)
+            shown = repr(value) if len(value) <= _TEXT_MAX else f"{value[:_TEXT_MAX]!r}..."
+            raise InvalidSpec(f"{what} {shown} is not a size; use e.g. 512M, 10G or 1T", field=what)
         number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
-        n = int(number * _UNITS[unit])
+        n = int(number * _UNITS[unit])  # at most 40 digits: always a finite float
     if n < MIN_DISK_BYTES:
-        raise InvalidSpec(f"{what} {format_size(n)} is below the minimum of 1 MiB", field=what)
+        shown = format_size(n) if n > -_SHOWN_MAX else "(negative)"
+        raise InvalidSpec(f"{what} {shown} is below the minimum of 1 MiB", field=what)
     if n > MAX_DISK_BYTES:
-        raise InvalidSpec(f"{what} {format_size(n)} is above the maximum of 64 TiB", field=what)
+        shown = format_size(n) if n < _SHOWN_MAX else "(over 1 EiB)"
+        raise InvalidSpec(f"{what} {shown} is above the maximum of 64 TiB", field=what)
     # qcow2 images are sized in whole 512-byte sectors; round up, never down.
     return (n + 511) // 512 * 512
 

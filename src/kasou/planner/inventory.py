@@ -209,7 +209,11 @@ def parse_inventory(text: str, source: str = "inventory") -> list[Server]:
     if header_at is None:
         raise InventoryError(source, ["the file has no header line and no servers"])
     reader = csv.reader(io.StringIO("\n".join(cleaned[header_at:])))
-    header = [h.strip().lower() for h in next(reader)]
+    try:  # the csv module's own refusals (a NUL, a field over its 128 KiB limit) are the file's problems too
+        rows = list(reader)
+    except csv.Error as e:
+        raise InventoryError(source, [f"line {header_at + reader.line_num}: {e}"]) from None
+    header = [h.strip().lower() for h in (rows[0] if rows else [])]
     missing = [c for c in REQUIRED if c not in header]
     unknown = [c for c in header if c not in KNOWN]
     dupes = sorted({c for c in header if header.count(c) > 1})
@@ -223,7 +227,7 @@ def parse_inventory(text: str, source: str = "inventory") -> list[Server]:
         raise InventoryError(source, problems)
     servers: list[Server] = []
     seen: dict[str, int] = {}
-    for offset, fields in enumerate(reader, start=1):
+    for offset, fields in enumerate(rows[1:], start=1):
         line = header_at + 1 + offset
         if not fields or all(not f.strip() for f in fields):
             continue
