@@ -1,4 +1,4 @@
-"""The kasou REST API (``/v1``). Every route needs the API token.
+"""The kasou REST API (``/v1``). Every route needs the permission stated in :mod:`kasou.api.permissions`.
 
 Long operations answer ``202`` with a job; ``GET /v1/jobs/{id}`` follows it.
 Errors are kasou's JSON shape, mapped to HTTP in :mod:`kasou.wire`.
