@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -49,9 +50,18 @@ class Store:
     async def keepalive(self, lease: int) -> float:
         if self.fail == "network":
             raise StoreError("no etcd endpoint answered")
-        if self.fail == "expired":
+        if self.fail == "expired":  # etcd deletes a lease's keys as it revokes it
+            self.kv = {k: v for k, v in self.kv.items() if v[1] != lease}
+            raise StoreError("expired", lease=lease)
+        if self.fail == "lagging":  # a member behind the others says "expired"; the keys are there
             raise StoreError("expired", lease=lease)
         return 6.0
+
+    async def get(self, key: str) -> Any:
+        if self.fail == "network":
+            raise StoreError("no etcd endpoint answered")
+        found = self.kv.get(key)
+        return None if found is None else SimpleNamespace(key=key, value=found[0], mod_rev=1)
 
 
 def _vm(paths: Paths, name: str, ha: bool) -> subprocess.Popen[bytes]:
@@ -160,6 +170,20 @@ async def test_an_expired_lease_fences_before_rejoining(setup: Any) -> None:
     await g.renew_once()  # rejoin: kills first
     assert not _alive(procs["emr"]) and _alive(procs["diet"])
     assert g.lease == 2 and store.kv["hosts/h1"][1] == 2
+
+
+async def test_a_lagging_member_saying_expired_fences_nothing(setup: Any) -> None:
+    g, store, clock, procs = setup
+    await join(g, procs)
+    lease = g.lease
+    store.fail = "lagging"
+    clock.t += 1
+    await g.renew_once()  # "expired", but the host's key is still attached to the lease: not believed
+    assert g.lease == lease and g.check() == []
+    store.fail = None
+    clock.t += 1
+    await g.renew_once()
+    assert g.lease == lease and g.check() == [] and _alive(procs["emr"])
 
 
 async def test_after_quorum_returns_the_guard_has_ttl_minus_margin_from_the_last_proof(

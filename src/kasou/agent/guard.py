@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 0.1  # how often the fence thread looks at the deadline
 PROBE_TIMEOUT_S = 0.7
+RETRY_AFTER_FAILURE_S = 0.2  # how soon a failed renewal is tried again
 
 
 def host_key(name: str) -> str:
@@ -151,6 +152,7 @@ class HostGuard:
         self.fences = 0
         self.watchdog: Watchdog | None = None
         self._published: dict[str, Any] | None = None
+        self.renewed = True  # the last renewal succeeded
 
     # -- the fence thread ---------------------------------------------------------------------
 
@@ -228,21 +230,38 @@ class HostGuard:
                 return
             await self.store.keepalive(self.lease)
             self._arm(sent)
+            self.renewed = True
             current = self.record()
             if current != self._published:  # the agent's address or offer changed
                 await self._publish(current)
         except KasouError as e:
-            if e.details.get("lease") is not None:  # the lease is gone for good: fence, rejoin
-                log.error("host %s: %s", self.host, e.message)
+            if e.details.get("lease") is not None:
+                if await self._key_still_on_lease():
+                    # etcd deletes a lease's keys as it revokes it: a member that said "expired"
+                    # while our key is still attached to the lease lags behind. Renew again.
+                    log.warning("host %s: %s, but its key is still attached to it; renewing again",
+                                self.host, e.message)  # fmt: skip
+                    self.renewed = False
+                    return
+                log.error("host %s: %s", self.host, e.message)  # the lease is gone for good: fence, rejoin
                 self.lease = None
                 self._disarm()  # the fence thread kills the HA VMs at once
                 return
+            self.renewed = False
             log.warning("host %s: lease renewal failed: %s", self.host, e.message)
             proof_at = self.clock()
             if await self.quorum_lost_everywhere():
                 # No leader could exist when the probe was sent, so any leader comes later, and a new
                 # leader extends every lease by its TTL: the proof counts as a renewal sent then.
                 self._arm(proof_at)
+
+    async def _key_still_on_lease(self) -> bool:
+        """True if a linearizable read shows this host's key still attached to our lease."""
+        try:
+            e = await self.store.get(host_key(self.host))
+        except Exception:  # cannot tell: the lease may be gone
+            return False
+        return e is not None and e.value.get("lease") == self.lease
 
     async def quorum_lost_everywhere(self) -> bool:
         """True only if fewer than a quorum of etcd members could be part of a working cluster."""
@@ -265,7 +284,9 @@ class HostGuard:
         try:
             while True:
                 await self.renew_once()
-                await asyncio.sleep(self.times.renew_every_s)
+                # After a failure, try again soon: once etcd has a leader again, every lease has
+                # TTL from then on, and the fence waits for no one.
+                await asyncio.sleep(self.times.renew_every_s if self.renewed else RETRY_AFTER_FAILURE_S)
         finally:
             self._stop.set()
 

@@ -292,12 +292,42 @@ class EtcdStore(Store):
         return _int(reply.get("ID"))
 
     async def keepalive(self, lease_id: int) -> float:
-        """Renew the lease; its remaining TTL in seconds. StoreError if it has expired or was revoked."""
-        reply = await self._call("lease/keepalive", {"ID": str(lease_id)})
-        ttl = _int(reply.get("TTL"))
-        if ttl <= 0:
+        """Renew the lease; its remaining TTL in seconds. StoreError if it has expired or was revoked.
+
+        Sent to every member at once (a renewal is idempotent): the first positive TTL wins, so a
+        member that hangs while it restarts or catches up costs no time. "Expired" (TTL 0) is
+        believed only if no member renews it.
+        """
+        body = {"ID": str(lease_id)}
+
+        async def one(endpoint: str) -> tuple[dict[str, Any] | None, str]:
+            try:
+                return await self._call_one(endpoint, "lease/keepalive", body), ""
+            except (_Unsent, _Ambiguous) as e:
+                return None, f"{endpoint}: {e}"
+            except StoreError as e:
+                return None, f"{endpoint}: {e.message}"
+
+        tasks = [asyncio.create_task(one(e)) for e in self.endpoints]
+        failures: list[str] = []
+        expired = False
+        try:
+            for done in asyncio.as_completed(tasks):
+                reply, why = await done
+                if reply is None:
+                    failures.append(why)
+                    continue
+                ttl = _int(reply.get("TTL"))
+                if ttl > 0:
+                    return float(ttl)
+                expired = True
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if expired:
             raise StoreError(f"etcd lease {lease_id:x} has expired or was revoked", lease=lease_id)
-        return float(ttl)
+        raise StoreError(f"no etcd endpoint answered lease/keepalive ({'; '.join(failures)})")
 
     async def revoke(self, lease_id: int) -> None:
         """End the lease now, deleting its keys. A lease that is already gone is not an error."""
