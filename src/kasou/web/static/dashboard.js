@@ -102,7 +102,7 @@ export async function showDashboard(el, me) {
 
 // Operator events (a degraded disk, a pool low on space, ...) refresh the page at once (GET /v1/events/stream).
 function listenEvents() {
-  if (!window.EventSource) return;
+  if (!window.EventSource || !can("read")) return;
   const es = new EventSource("/v1/events/stream?timeout=600");
   es.addEventListener("event", () => refresh());
   es.addEventListener("timeout", () => {
@@ -126,15 +126,17 @@ async function refresh() {
   const soft = (p, fallback) => p.catch((e) => (e.status === 404 ? fallback : Promise.reject(e)));
   try {
     const audit = can("audit") ? soft(get("/v1/audit/records?limit=12"), null).catch(() => null) : Promise.resolve(null);
+    // A department's vendor reads their VMs only: hosts, pools, events and metrics are not theirs.
+    const all = (path, none) => (can("read") ? get(path) : Promise.resolve(none));
     const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records] = await Promise.all([
-      get("/v1/hosts"),
+      all("/v1/hosts", []),
       get("/v1/vms"),
       get("/v1/reports/uptime"),
-      soft(get("/v1/pools"), []),
-      soft(get("/v1/desktop-pools"), null),
+      can("read") ? soft(get("/v1/pools"), []) : Promise.resolve([]),
+      can("read") ? soft(get("/v1/desktop-pools"), null) : Promise.resolve(null),
       get("/v1/jobs?limit=12"),
-      get("/v1/events?limit=12"),
-      soft(get("/v1/metrics/history"), null),
+      all("/v1/events?limit=12", []),
+      can("read") ? soft(get("/v1/metrics/history"), null) : Promise.resolve(null),
       audit,
     ]);
     Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records });
@@ -201,7 +203,7 @@ function hostsTable() {
         aria-label="${esc(t("col.memory"))} ${frac}%"><span style="width:${frac}%"></span></span>
         ${esc(t("mem.of", { used: bytes(used * 1048576), total: bytes(cap * 1048576) }))}</td>
       <td>${esc(h.vms_running)}</td><td>${h.maintenance ? t("on") : t("off")}</td>
-      <td>${can("operate") && h.state !== "down" ? maint : ""}</td></tr>`;
+      <td>${can("hosts") && h.state !== "down" ? maint : ""}</td></tr>`;
   });
   return table(
     "hosts",
@@ -260,7 +262,7 @@ function vmActions(v) {
     if (["running", "paused", "shutting_down", "starting"].includes(v.state)) {
       out.push(button("stop", v.name, t("act.stop"), "danger"));
     }
-    if (v.state === "running" && data.hosts.filter((h) => h.state === "up" && !h.maintenance).length > 1) {
+    if (can("hosts") && v.state === "running" && data.hosts.filter((h) => h.state === "up" && !h.maintenance).length > 1) {
       out.push(button("migrate", v.name, t("act.migrate")));
     }
   }

@@ -7,7 +7,7 @@ async function main() {
   document.getElementById("lang").onclick = switchLang;
   const who = await me();
   if (!who) return showSignin();
-  if (!who.permissions.includes("read")) {
+  if (!who.permissions.includes("read") && !who.permissions.includes("vm.read")) {
     location.href = "/ui/portal.html";
     return;
   }
