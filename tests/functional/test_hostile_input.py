@@ -251,3 +251,14 @@ def test_malformed_bodies_are_one_line_4xx(seeded: Env) -> None:
         r = env.api.post("/v1/vms", content=content, headers={"content-type": ctype})
         assert_clear_refusal(r, f"{ctype} {content[:20]!r}")
     assert state(env) == before
+
+
+def test_web_pages_refuse_traversal_and_nul(env: Env) -> None:
+    """The static pages (not in the OpenAPI document): nothing outside their folders, a NUL is a 404, not a 500."""
+    for path in ("/ui/a%00b", "/ui/novnc/a%00b", "/ui/%00", "/ui/%2e%2e/%2e%2e/etc/passwd", "/ui/..%2f..%2fetc%2fpasswd",
+                 "/ui/novnc/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/ui/%2e%2e/api/openapi.json", "/ui/" + "a" * 5000,
+                 "/ui/index.html%0d%0aX-Injected:%201", "/ui/%ff%fe"):  # fmt: skip
+        r = env.api.get(path)
+        assert r.status_code == 404, (path, r.status_code, r.text[:200])
+        assert_clear_refusal(r, path)
+    assert env.api.get("/ui/index.html").status_code == 200

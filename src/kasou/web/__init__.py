@@ -37,9 +37,13 @@ HEADERS = {
 
 
 def _file(root: Path, rel: str) -> Response:
-    path = (root / rel).resolve()
-    if root.resolve() not in path.parents or not path.is_file():
-        raise NotFound(f"no such page: {rel}")
+    try:
+        path = (root / rel).resolve()
+        found = root.resolve() in path.parents and path.is_file()
+    except (ValueError, OSError):  # a NUL in the name, a name too long for the file system
+        found = False
+    if not found:
+        raise NotFound(f"no such page: {rel[:200]!r}")
     media = _TYPES.get(path.suffix, "application/octet-stream")
     return FileResponse(path, media_type=media, headers=HEADERS)
 
