@@ -88,6 +88,7 @@ class IncomingInfo(BaseModel):
     nbd_host: str | None = None  # copy storage: the destination's NBD server
     nbd_port: int | None = None
     exports: dict[str, str] = {}  # disk id -> NBD export name (copy storage)
+    tls: bool = False  # the streams are TLS (tls-creds-x509, the site CA): the source must connect with TLS
 
     @model_validator(mode="after")
     def _copy_needs_nbd(self) -> IncomingInfo:

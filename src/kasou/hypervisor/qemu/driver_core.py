@@ -117,8 +117,12 @@ class DriverCore(Driver):
         accelerator: str,
         qemu_binary: str = "qemu-system-x86_64",
         network: HostNetwork | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
         self.run_dir = run_dir
+        # QEMU's credentials directory (kasou.hypervisor.qemu.tls.prepare): migration and NBD streams
+        # between hosts are TLS with it; None (a host without TLS files) keeps them plain TCP.
+        self.tls_dir = tls_dir
         self.network = network or HostNetwork()  # bridges and taps of NICs on named networks
         self.serial_log_dir = serial_log_dir
         self.images_dir = images_dir
@@ -128,7 +132,7 @@ class DriverCore(Driver):
         self._reaper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._unplugging: set[asyncio.Task[None]] = set()
-        self._replica_exports = repl.QsdExports()
+        self._replica_exports = repl.QsdExports(tls_dir=tls_dir)
         self._replica_watch = repl.StallWatch()
         self._replica_guard: asyncio.Task[None] | None = None
 
@@ -549,7 +553,8 @@ class DriverCore(Driver):
             vm = self._running(name)
             spec = rf.launch_spec(vm.files)
             disks = spec.disks if spec is not None else []
-            await repl.attach(self._exec(vm), vm.pid, vm.files.dir, disks, disk_id, nbd_host, nbd_port, export)
+            await repl.attach(self._exec(vm), vm.pid, vm.files.dir, disks, disk_id, nbd_host, nbd_port, export,
+                              tls_dir=self.tls_dir)  # fmt: skip
             self._ensure_replica_guard()
         try:
             if timeout_s > 0:

@@ -28,6 +28,7 @@ from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
+from kasou.hypervisor.qemu import tls as qtls
 from kasou.hypervisor.qemu.cmdline import build_argv
 from kasou.hypervisor.qemu.driver_core import _ACTIVE, _GUEST, MIGRATED, QUIT_TIMEOUT, DriverCore, _Vm
 
@@ -73,17 +74,21 @@ class MigrationOps(DriverCore):
                     await mig.create_disk(Path(d.path), d.format, d.size_bytes)
                 async with self._launch(spec, argv, RuntimeState.INCOMING) as vm:
                     execute = self._exec(vm)
+                    creds = None
+                    if self.tls_dir is not None:  # the source must come with a certificate of the site CA
+                        creds = await qtls.ensure_creds(execute, "server", self.tls_dir)
                     nbd_port, exports = None, {}
                     if storage == "copy":
-                        nbd_port = await mig.start_nbd_server(execute, listen_host)
+                        nbd_port = await mig.start_nbd_server(execute, listen_host, creds)
                         exports = await mig.export_disks(execute, [d.id for d in spec.disks])
-                    uri = await mig.start_incoming(execute, listen_host)
+                    uri = await mig.start_incoming(execute, listen_host, creds)
                     info = IncomingInfo(
                         storage=storage,
                         migration_uri=uri,
                         nbd_host=listen_host if nbd_port is not None else None,
                         nbd_port=nbd_port,
                         exports=exports,
+                        tls=creds is not None,
                     )
                     vm.incoming = mig.Incoming(info, created)
                     self._save_migration(vm)
@@ -112,12 +117,21 @@ class MigrationOps(DriverCore):
             disks = [d.id for d in spec.disks] if spec is not None and incoming.storage == "copy" else []
             if incoming.storage == "copy" and spec is None:
                 raise HypervisorError(f"the launch record of VM {name!r} is missing; cannot copy its disks")
+            if incoming.tls and self.tls_dir is None:
+                raise Conflict(f"the destination of VM {name!r} takes the migration over TLS only, "
+                               "but this host has no TLS files (kasou tls issue)")  # fmt: skip
+            if not incoming.tls and self.tls_dir is not None:
+                raise Conflict(f"the destination of VM {name!r} offers plain TCP; this host migrates over TLS only")
             running = (await execute("query-status")).get("status") == "running"
-            await mig.set_parameters(execute, downtime_ms, auto_converge, bandwidth_mib_s)
+            creds = None
+            if self.tls_dir is not None:
+                creds = await qtls.ensure_creds(execute, "client", self.tls_dir)
+            host = qtls.uri_host(incoming.migration_uri)
+            await mig.set_parameters(execute, downtime_ms, auto_converge, bandwidth_mib_s, creds, host)
             ram = spec.memory_mib * mig.MiB if spec is not None else 0
             out = mig.Outgoing(incoming=incoming, disks=disks, was_running=running, ram_bytes=ram)
             if disks:
-                await mig.start_mirrors(execute, incoming, disks, bandwidth_mib_s)
+                await mig.start_mirrors(execute, incoming, disks, bandwidth_mib_s, creds)
                 out.phase = "mirroring"
                 out.task = asyncio.create_task(self._mirror_then_migrate(vm, out), name=f"mirror-{name}")
             else:

@@ -8,11 +8,14 @@ control plane orchestrates)::
     prepare_incoming: [copy: qemu-img create each disk]
       qemu ... -incoming defer -S
       migrate-set-capabilities late-block-activate
-      [copy: nbd-server-start, block-export-add per disk (writable)]
+      [tls: object-add tls-creds-x509 endpoint=server, migrate-set-parameters tls-creds]
+      [copy: nbd-server-start (tls-creds), block-export-add per disk (writable)]
       migrate-incoming tcp:HOST:PORT
                                                 migrate_out:
                                                   migrate-set-capabilities auto-converge
+                                                  [tls: object-add tls-creds-x509 endpoint=client]
                                                   migrate-set-parameters downtime-limit, max-bandwidth
+                                                    [tls: tls-creds, tls-hostname = HOST]
                                                   [copy: blockdev-add nbd client, blockdev-mirror
                                                    sync=full copy-mode=write-blocking, wait ready]
                                                   migrate tcp:HOST:PORT
@@ -26,6 +29,9 @@ The mirrors run in ``write-blocking`` mode: once ready, every guest write is on
 the destination before the guest sees it acknowledged, so the copy is exact at
 the moment the source stops. ``late-block-activate`` keeps the destination off
 the images (and their locks) until ``cont``.
+
+Between hosts with TLS files both streams are TLS with certificates of the site CA checked
+on both ends (:mod:`kasou.hypervisor.qemu.tls`); ``IncomingInfo.tls`` tells the source.
 """
 
 from __future__ import annotations
@@ -311,12 +317,15 @@ async def _on_free_port(host: str, command: Callable[[int], Awaitable[Any]]) -> 
     raise last
 
 
-async def start_nbd_server(execute: Execute, host: str) -> int:
-    """``nbd-server-start`` on a free port of ``host``; returns the port."""
+async def start_nbd_server(execute: Execute, host: str, tls_creds: str | None = None) -> int:
+    """``nbd-server-start`` on a free port of ``host`` (over TLS with ``tls_creds``); returns the port."""
 
     async def start(port: int) -> None:
         addr = {"type": "inet", "data": {"host": host, "port": str(port)}}
-        await execute("nbd-server-start", {"addr": addr})
+        args: dict[str, Any] = {"addr": addr}
+        if tls_creds:
+            args["tls-creds"] = tls_creds  # a client without TLS and a certificate of the site CA is refused
+        await execute("nbd-server-start", args)
 
     return await _on_free_port(host, start)
 
@@ -329,9 +338,11 @@ async def export_disks(execute: Execute, disk_ids: Sequence[str]) -> dict[str, s
     return {d: d for d in disk_ids}
 
 
-async def start_incoming(execute: Execute, host: str) -> str:
-    """``migrate-incoming`` on a free port of ``host``; returns the URI for the source."""
+async def start_incoming(execute: Execute, host: str, tls_creds: str | None = None) -> str:
+    """``migrate-incoming`` on a free port of ``host`` (over TLS with ``tls_creds``); returns the URI for the source."""
     await execute("migrate-set-capabilities", {"capabilities": [{"capability": "late-block-activate", "state": True}]})
+    if tls_creds:
+        await execute("migrate-set-parameters", {"tls-creds": tls_creds})
     uris: list[str] = []
 
     async def listen(port: int) -> None:
@@ -342,18 +353,36 @@ async def start_incoming(execute: Execute, host: str) -> str:
     return uris[-1]
 
 
-async def set_parameters(execute: Execute, downtime_ms: int, auto_converge: bool, bandwidth_mib_s: int | None) -> None:
-    """Set every tunable explicitly: a QEMU keeps them from an earlier (aborted) attempt."""
+async def set_parameters(
+    execute: Execute,
+    downtime_ms: int,
+    auto_converge: bool,
+    bandwidth_mib_s: int | None,
+    tls_creds: str | None = None,
+    tls_hostname: str | None = None,
+) -> None:
+    """Set every tunable explicitly: a QEMU keeps them from an earlier (aborted) attempt.
+
+    With ``tls_creds`` the stream goes over TLS and the destination's certificate must name
+    ``tls_hostname`` (its address in the migration URI)."""
     caps = [{"capability": "auto-converge", "state": auto_converge}]
     await execute("migrate-set-capabilities", {"capabilities": caps})
     bandwidth = (bandwidth_mib_s or DEFAULT_BANDWIDTH_MIB_S) * MiB
-    await execute("migrate-set-parameters", {"downtime-limit": downtime_ms, "max-bandwidth": bandwidth})
+    params: dict[str, Any] = {"downtime-limit": downtime_ms, "max-bandwidth": bandwidth}
+    if tls_creds:
+        params["tls-creds"] = tls_creds
+        params["tls-hostname"] = tls_hostname or ""
+    await execute("migrate-set-parameters", params)
 
 
 async def start_mirrors(
-    execute: Execute, incoming: IncomingInfo, disk_ids: Sequence[str], bandwidth_mib_s: int | None
+    execute: Execute,
+    incoming: IncomingInfo,
+    disk_ids: Sequence[str],
+    bandwidth_mib_s: int | None,
+    tls_creds: str | None = None,
 ) -> None:
-    """Connect to each destination export and start mirroring into it; on failure undo all of it."""
+    """Connect to each destination export (over TLS with ``tls_creds``) and mirror into it; on failure undo all."""
     added: list[str] = []
     started: list[str] = []
     try:
@@ -362,8 +391,10 @@ async def start_mirrors(
             if export is None:
                 raise InvalidSpec(f"the destination exports no disk {d!r}", field="incoming")
             server = {"type": "inet", "host": incoming.nbd_host, "port": str(incoming.nbd_port)}
-            await execute("blockdev-add", {"driver": "nbd", "node-name": nbd_node(d), "server": server,
-                                           "export": export})  # fmt: skip
+            node: dict[str, Any] = {"driver": "nbd", "node-name": nbd_node(d), "server": server, "export": export}
+            if tls_creds:
+                node["tls-creds"], node["tls-hostname"] = tls_creds, incoming.nbd_host
+            await execute("blockdev-add", node)
             added.append(d)
             args: dict[str, Any] = {
                 "job-id": mirror_job(d),

@@ -72,7 +72,10 @@ Guarantees: the replica refuses a second writer (``max-connections=1`` and
 QEMU's image lock on the file); one daemon per replica disk, found again after
 an agent restart by its pid file and command line (``filename=<path>``).
 Live migration keeps no mirror: the control plane detaches before migrating
-and attaches a fresh replica afterwards.
+and attaches a fresh replica afterwards. Between hosts with TLS files the daemon's
+NBD server speaks TLS only (``--object tls-creds-x509`` endpoint server, verify-peer)
+and the VM's QEMU connects with its client credentials and ``tls-hostname`` set to
+the replica's address (:mod:`kasou.hypervisor.qemu.tls`).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ from typing import Any
 from kasou.errors import Conflict, HypervisorError, InvalidSpec, KasouError, MonitorError, OperationTimeout
 from kasou.hypervisor.base import LaunchDisk, ReplicaExports, ReplicaStatus, validate_disk_id
 from kasou.hypervisor.qemu import process, runfiles
+from kasou.hypervisor.qemu import tls as qtls
 from kasou.hypervisor.qemu.migration import PORT_ATTEMPTS, Execute, free_port
 
 log = logging.getLogger(__name__)
@@ -135,15 +139,31 @@ def _opt(value: str) -> str:
 
 
 def qsd_argv(
-    binary: str, path: Path, export: str, host: str, port: int, writethrough: bool, pidfile: Path
+    binary: str,
+    path: Path,
+    export: str,
+    host: str,
+    port: int,
+    writethrough: bool,
+    pidfile: Path,
+    tls_dir: Path | None = None,
 ) -> list[str]:
-    """The daemon serving one replica file: one writer at a time, the file locked, daemonized."""
+    """The daemon serving one replica file: one writer at a time, the file locked, daemonized.
+
+    With ``tls_dir`` (QEMU's credentials, :mod:`kasou.hypervisor.qemu.tls`) the NBD server speaks
+    TLS only and refuses a client without a certificate of the site CA."""
     on = "on" if writethrough else "off"
+    server = f"addr.type=inet,addr.host={host},addr.port={port},max-connections=1"
+    tls: list[str] = []
+    if tls_dir is not None:
+        tls = ["--object", qtls.qsd_object(tls_dir)]
+        server += f",tls-creds={qtls.SERVER_ID}"
     return [
         binary,
+        *tls,
         "--blockdev", f"driver=file,node-name=file,filename={_opt(str(path))},locking=on,discard=unmap",
         "--blockdev", "driver=qcow2,node-name=replica,file=file,discard=unmap",
-        "--nbd-server", f"addr.type=inet,addr.host={host},addr.port={port},max-connections=1",
+        "--nbd-server", server,
         "--export", f"type=nbd,id=replica,node-name=replica,name={_opt(export)},writable=on,writethrough={on}",
         "--pidfile", str(pidfile),
         "--daemonize",
@@ -157,8 +177,9 @@ class _PortTaken(HypervisorError):
 class QsdExports(ReplicaExports):
     """Replica files served by ``qemu-storage-daemon``, one daemon per file, each in its own session."""
 
-    def __init__(self, binary: str = "qemu-storage-daemon") -> None:
+    def __init__(self, binary: str = "qemu-storage-daemon", tls_dir: Path | None = None) -> None:
         self.binary = binary
+        self.tls_dir = tls_dir  # QEMU's credentials: the exports are TLS only
 
     @staticmethod
     def pidfile(path: Path) -> Path:
@@ -189,7 +210,7 @@ class QsdExports(ReplicaExports):
             port = free_port(listen_host)
             try:
                 await self._spawn(qsd_argv(self.binary, path, export, listen_host, port, writethrough,
-                                           self.pidfile(path)), path)  # fmt: skip
+                                           self.pidfile(path), self.tls_dir), path)  # fmt: skip
                 return port
             except _PortTaken as e:  # someone took the port between our choice and the daemon's bind
                 last = e
@@ -439,8 +460,12 @@ async def attach(
     nbd_host: str,
     nbd_port: int,
     export: str,
+    tls_dir: Path | None = None,
 ) -> bool:
     """Connect to the replica and start mirroring into it; False if that very target is attached already.
+
+    With ``tls_dir`` (this host's QEMU credentials) the connection is TLS and the replica's
+    certificate must name ``nbd_host``.
 
     Refused for an unknown or read-only disk, one with another replica, or a
     replica of another size. On failure nothing is left in QEMU or the record.
@@ -463,9 +488,13 @@ async def attach(
         raise Conflict(f"disk {disk_id} has a replication job already; detach it first")
     node = nbd_node(disk_id)
     server = {"type": "inet", "host": nbd_host, "port": str(nbd_port)}
+    args: dict[str, Any] = {"driver": "nbd", "node-name": node, "server": server, "export": export,
+                            "open-timeout": OPEN_TIMEOUT_S, "reconnect-delay": 0}  # fmt: skip
     try:
-        await execute("blockdev-add", {"driver": "nbd", "node-name": node, "server": server, "export": export,
-                                       "open-timeout": OPEN_TIMEOUT_S, "reconnect-delay": 0})  # fmt: skip
+        if tls_dir is not None:
+            args["tls-creds"] = await qtls.ensure_creds(execute, "client", tls_dir)
+            args["tls-hostname"] = nbd_host
+        await execute("blockdev-add", args)
     except MonitorError as e:
         raise HypervisorError(f"cannot reach the replica of disk {disk_id} at {nbd_host}:{nbd_port}: {e}") from None
     started = False
