@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,7 @@ def _vm(paths: Paths, name: str, ha: bool) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[HostGuard, Store, Clock, dict[str, subprocess.Popen[bytes]]]]:
     paths = Paths(home=tmp_path / "home", images=tmp_path / "images")
+    shutil.rmtree(paths.vm_run, ignore_errors=True)  # VM runtime files left by an earlier run of this home
     paths.ensure()
     procs: dict[str, subprocess.Popen[bytes]] = {}
     store, clock = Store(), Clock()
@@ -84,6 +86,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[HostGuard, Store, Clock, dict[str, s
     for p in procs.values():
         p.kill()
         p.wait()
+    shutil.rmtree(paths.vm_run, ignore_errors=True)
 
 
 async def join(g: HostGuard, procs: dict[str, subprocess.Popen[bytes]]) -> None:
