@@ -14,4 +14,4 @@ mypy
 echo "== tiny guest image"
 kasou image build tiny
 echo "== pytest"
-exec pytest -p no:cacheprovider "$@"
+exec pytest -p no:cacheprovider --durations=30 "$@"
