@@ -94,9 +94,24 @@ async def test_ensure_creds_adds_once(tmp_path: Path) -> None:
     assert await qtls.ensure_creds(q, "server", tmp_path) == "kasou-tls-server"
     assert q.names() == ["qom-list", "object-add"]
     assert q.calls[1][1] == qtls.creds_object("server", tmp_path)
-    q = Qmp(qom_list=[{"name": "kasou-tls-client", "type": "child<tls-creds-x509>"}])
+    # One left from before is made again from the files as they are now ...
+    objects = [{"name": "kasou-tls-client", "type": "child<tls-creds-x509>"}]
+
+    def qom_list(_: Any) -> list[dict[str, Any]]:
+        return list(objects)
+
+    def object_del(_: Any) -> dict[str, Any]:
+        objects.clear()
+        return {}
+
+    q = Qmp(qom_list=qom_list, object_del=object_del)
     assert await qtls.ensure_creds(q, "client", tmp_path) == "kasou-tls-client"
-    assert q.names() == ["qom-list"]
+    assert q.names() == ["qom-list", "object-del", "qom-list", "object-add"]
+    # ... unless an NBD server or client still uses it.
+    objects.append({"name": "kasou-tls-client", "type": "child<tls-creds-x509>"})
+    q = Qmp(qom_list=qom_list, object_del=MonitorError("object 'kasou-tls-client' is in use, can not be deleted"))
+    assert await qtls.ensure_creds(q, "client", tmp_path) == "kasou-tls-client"
+    assert q.names() == ["qom-list", "object-del", "qom-list"]
 
 
 async def test_ensure_creds_says_when_qemu_cannot_load_them(tmp_path: Path) -> None:

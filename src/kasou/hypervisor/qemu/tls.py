@@ -25,6 +25,7 @@ sends or accepts these streams in plain TCP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,12 @@ def qsd_object(directory: Path) -> str:
 
 
 async def ensure_creds(execute: Execute, endpoint: str, directory: Path) -> str:
-    """Add the credentials object to a QEMU unless it has it already; returns its id."""
+    """Give a QEMU the credentials object as the files are now; returns its id.
+
+    QEMU reads the files once, when the object is made: one left from an earlier migration or
+    attach is deleted and made again (a certificate renewed since, a new CA). An NBD server,
+    client or migration channel that holds the old one keeps it (QEMU counts references) until
+    it ends; if QEMU refuses the delete, the old one is used."""
     args = creds_object(endpoint, directory)
     oid = str(args["id"])
 
@@ -99,7 +105,10 @@ async def ensure_creds(execute: Execute, endpoint: str, directory: Path) -> str:
         return any(o.get("name") == oid for o in objects or [])
 
     if await present():
-        return oid
+        with contextlib.suppress(MonitorError):  # "in use": keep it
+            await execute("object-del", {"id": oid})
+        if await present():
+            return oid
     try:
         await execute("object-add", args)
     except MonitorError as e:
