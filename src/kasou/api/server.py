@@ -27,6 +27,7 @@ from kasou.control.leader import Leadership
 from kasou.hypervisor.qemu import accel
 from kasou.hypervisor.qemu.driver import QemuDriver
 from kasou.hypervisor.qemu.network import HostNetwork
+from kasou.hypervisor.qemu.tls import prepare as qemu_tls_dir
 from kasou.pki import TlsError, host_client_context, require, server_context
 from kasou.store.etcd import EtcdStore
 from kasou.store.sqlite import SqliteStore
@@ -77,9 +78,11 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
                 continue
         return out
 
+    # With this host's TLS files, QEMU's migration and NBD streams to other hosts are TLS too.
+    qemu_tls = qemu_tls_dir(paths.tls_files(), paths.run)
     driver = QemuDriver(
         run_dir=paths.vm_run, serial_log_dir=paths.logs / "serial", images_dir=paths.images,
-        accelerator=decision.accelerator, network=HostNetwork(uplink()),
+        accelerator=decision.accelerator, network=HostNetwork(uplink()), tls_dir=qemu_tls,
     )  # fmt: skip
     agent = Agent(
         host=host_name(),
