@@ -156,6 +156,17 @@ def etcd_endpoints() -> list[str]:
     return [u.strip().rstrip("/") for u in raw.split(",") if u.strip()]
 
 
+def etcd_metrics_endpoints(members: int) -> list[str | None]:
+    """``KASOU_ETCD_METRICS``: each etcd member's metrics URL (its ``--listen-metrics-urls``), comma-separated
+    in the order of ``KASOU_ETCD``; an empty entry for a member without one. The host guard asks them
+    whether a member has a leader: they answer while a restarting member's client port does not."""
+    raw = os.environ.get("KASOU_ETCD_METRICS", "").strip()
+    urls: list[str | None] = [u.strip().rstrip("/") or None for u in raw.split(",")] if raw else []
+    if len(urls) > members:
+        raise ValueError(f"KASOU_ETCD_METRICS names {len(urls)} URLs for {members} etcd members")
+    return urls + [None] * (members - len(urls))
+
+
 def vcpu_ratio_setting() -> float:
     """``KASOU_VCPU_RATIO``: how many vCPUs a host may carry per CPU (default 4, as 4:1)."""
     raw = os.environ.get("KASOU_VCPU_RATIO", "").strip()

@@ -14,6 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kasou.agent import guard as guard_mod
+from kasou.agent.guard import HostGuard
+from kasou.config import HaTimes, Paths
 from kasou.errors import StoreConflict, StoreError
 from kasou.lab.etcd import EtcdCluster
 from kasou.store.etcd import EtcdStore
@@ -188,3 +191,59 @@ async def test_campaign(cluster: EtcdCluster) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_two_members_restarted_together_never_make_the_guard_fence(cluster: EtcdCluster, tmp_path: Path) -> None:
+    """Quorum lost, then both dead members restarted at once (power back in the server room).
+
+    Their client ports accept connections but answer nothing until they have joined a working
+    cluster; their metrics listeners say "no leader" at once. So the guard's proof of quorum loss
+    goes on until a leader exists, and its deadline stays TTL minus margin ahead of the last proof.
+    """
+    paths = Paths(home=tmp_path / "home", images=tmp_path / "images")
+    paths.ensure()
+    times = HaTimes(6, 2)
+    store = EtcdStore(cluster.endpoints, timeout=times.renew_every_s)
+    g = HostGuard(store, "h1", paths, times, lambda: {"agent_url": "http://x"}, metrics=cluster.metrics_urls)
+    slack: list[float] = []  # how far ahead the fence deadline was, every 0.1 s
+
+    async def renew() -> None:
+        while True:
+            await g.renew_once()
+            await asyncio.sleep(times.renew_every_s if g.renewed else guard_mod.RETRY_AFTER_FAILURE_S)
+
+    async def watch() -> None:
+        while True:
+            with g._lock:
+                deadline = g._deadline
+            slack.append(-1.0 if deadline is None else deadline - time.monotonic())
+            await asyncio.sleep(0.1)
+
+    await g.renew_once()
+    tasks = [asyncio.create_task(renew()), asyncio.create_task(watch())]
+    try:
+        cluster.kill(0)
+        cluster.kill(1)
+        await asyncio.sleep(times.lease_ttl_s + 2)  # longer than the TTL: only the proof holds the fence
+        assert min(slack) > 0
+        await asyncio.to_thread(cluster.start, 30, [0, 1])
+        await asyncio.sleep(2)
+        assert g.renewed and await store.keepalive(g.lease or 0) > 0
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+    print(f"guard deadline ahead of now: min {min(slack):.2f} s over {len(slack)} looks")
+    assert min(slack) > 1.0, "the guard came within a second of fencing"
+
+
+async def test_a_restarting_member_says_no_leader_on_its_metrics_listener(cluster: EtcdCluster) -> None:
+    assert await guard_mod.probe_member(cluster.endpoints[0], cluster.metrics_urls[0]) == "unknown"  # has a leader
+    cluster.kill(0)
+    cluster.kill(1)
+    assert await guard_mod.probe_member(cluster.endpoints[0], cluster.metrics_urls[0]) == "dead"
+    t0 = time.monotonic()
+    while await guard_mod.probe_member(cluster.endpoints[2], cluster.metrics_urls[2]) != "no-leader":
+        assert time.monotonic() - t0 < 10, "the survivor still says it has a leader"
+        await asyncio.sleep(0.2)

@@ -115,7 +115,7 @@ async def test_renewed_lease_fences_nothing(setup: Any) -> None:
 async def test_no_renewal_for_ttl_minus_margin_kills_only_ha_vms(setup: Any, monkeypatch: Any) -> None:
     g, store, clock, procs = setup
 
-    async def reachable(endpoint: str) -> str:
+    async def reachable(endpoint: str, metrics: str | None = None) -> str:
         return "unknown"  # a member that may well have a leader: this host is cut off
 
     monkeypatch.setattr(guard_mod, "probe_member", reachable)
@@ -134,7 +134,7 @@ async def test_quorum_lost_everywhere_holds_the_fence(setup: Any, monkeypatch: A
     g, store, clock, procs = setup
     answers = iter(["no-leader", "dead", "dead"] * 10)
 
-    async def no_quorum(endpoint: str) -> str:
+    async def no_quorum(endpoint: str, metrics: str | None = None) -> str:
         return next(answers)
 
     monkeypatch.setattr(guard_mod, "probe_member", no_quorum)
@@ -151,7 +151,7 @@ async def test_one_unknown_member_with_two_dead_still_holds_but_two_unknown_fenc
     g, store, clock, procs = setup
     answers = iter(["unknown", "unknown", "no-leader"] * 10)
 
-    async def cut_off(endpoint: str) -> str:
+    async def cut_off(endpoint: str, metrics: str | None = None) -> str:
         return next(answers)
 
     monkeypatch.setattr(guard_mod, "probe_member", cut_off)
@@ -195,7 +195,7 @@ async def test_after_quorum_returns_the_guard_has_ttl_minus_margin_from_the_last
     g, store, clock, procs = setup
     answers = ["no-leader", "dead", "dead"]
 
-    async def probe(endpoint: str) -> str:
+    async def probe(endpoint: str, metrics: str | None = None) -> str:
         return answers[Store.endpoints.index(endpoint)]
 
     monkeypatch.setattr(guard_mod, "probe_member", probe)
@@ -210,3 +210,17 @@ async def test_after_quorum_returns_the_guard_has_ttl_minus_margin_from_the_last
     assert g.check() == []
     clock.t = proof + 4.1
     assert g.check() == ["emr"]
+
+
+def test_metrics_urls_follow_the_members(monkeypatch: Any) -> None:
+    from kasou.config import etcd_metrics_endpoints
+
+    monkeypatch.delenv("KASOU_ETCD_METRICS", raising=False)
+    assert etcd_metrics_endpoints(3) == [None, None, None]
+    monkeypatch.setenv("KASOU_ETCD_METRICS", "http://a:2381/, ,http://c:2381")
+    assert etcd_metrics_endpoints(3) == ["http://a:2381", None, "http://c:2381"]
+    monkeypatch.setenv("KASOU_ETCD_METRICS", "http://a:2381")
+    assert etcd_metrics_endpoints(3) == ["http://a:2381", None, None]
+    monkeypatch.setenv("KASOU_ETCD_METRICS", "http://a,http://b")
+    with pytest.raises(ValueError, match="2 URLs for 1 etcd members"):
+        etcd_metrics_endpoints(1)

@@ -19,7 +19,13 @@ the fence.
 Quorum loss is not isolation: when no etcd member can have a leader (every
 member either answers "no leader" or refuses connections, so fewer than a quorum
 are unaccounted for), no lease can expire and nobody can restart anything, so
-the guard holds its fence: losing quorum stops changes, not VMs. A probe that
+the guard holds its fence: losing quorum stops changes, not VMs. Each member is
+asked on its metrics listener (``KASOU_ETCD_METRICS``; ``etcd_server_has_leader``)
+when it has one: a member restarting after quorum loss accepts connections on
+its client port but answers nothing there until it has joined a working
+cluster (etcd serves clients only once ready), so asked there, two members
+restarted together count as unknown and the proof fails until a leader is
+elected, while their metrics listeners say "no leader" from the start. A probe that
 proves it counts as a renewal sent when the probe was: a leader elected after it
 extends every lease by its TTL (etcd's lessor ``Promote``; this assumes lease
 checkpointing is off, etcd 3.4's default), so the guard again has TTL minus
@@ -137,8 +143,10 @@ class HostGuard:
         times: HaTimes,
         record: Callable[[], dict[str, Any]],
         clock: Callable[[], float] = time.monotonic,
+        metrics: list[str | None] | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or []  # each member's metrics URL, in the order of store.endpoints
         self.host = host
         self.paths = paths
         self.times = times
@@ -224,10 +232,15 @@ class HostGuard:
     async def renew_once(self) -> None:
         """Renew the lease (or get one). On failure, decide whether the fence may wait."""
         sent = self.clock()
+        probe: asyncio.Task[bool] | None = None
         try:
             if self.lease is None:
                 await self._register()
                 return
+            if not self.renewed:
+                # Renewals are failing: ask whether etcd lost its quorum at the same time, not after
+                # the keepalive timed out, so each round costs one timeout rather than two.
+                probe = asyncio.create_task(self._prove_no_quorum(sent))
             await self.store.keepalive(self.lease)
             self._arm(sent)
             self.renewed = True
@@ -249,11 +262,24 @@ class HostGuard:
                 return
             self.renewed = False
             log.warning("host %s: lease renewal failed: %s", self.host, e.message)
-            proof_at = self.clock()
-            if await self.quorum_lost_everywhere():
-                # No leader could exist when the probe was sent, so any leader comes later, and a new
-                # leader extends every lease by its TTL: the proof counts as a renewal sent then.
-                self._arm(proof_at)
+            if probe is None:
+                probe = asyncio.create_task(self._prove_no_quorum(self.clock()))
+            await probe
+        finally:
+            if probe is not None and not probe.done():
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
+
+    async def _prove_no_quorum(self, sent: float) -> bool:
+        """Probe etcd's members; if no leader could exist when the probe was ``sent``, arm from then.
+
+        Any leader comes later, and a new leader extends every lease by its TTL: the proof counts
+        as a renewal sent when the probe was. Armed at once, not after the keepalive gives up."""
+        if await self.quorum_lost_everywhere():
+            self._arm(sent)
+            return True
+        return False
 
     async def _key_still_on_lease(self) -> bool:
         """True if a linearizable read shows this host's key still attached to our lease."""
@@ -265,7 +291,9 @@ class HostGuard:
 
     async def quorum_lost_everywhere(self) -> bool:
         """True only if fewer than a quorum of etcd members could be part of a working cluster."""
-        results = await asyncio.gather(*(probe_member(e) for e in self.store.endpoints))
+        metrics = self.metrics + [None] * (len(self.store.endpoints) - len(self.metrics))
+        probes = (probe_member(e, m) for e, m in zip(self.store.endpoints, metrics, strict=False))
+        results = await asyncio.gather(*probes)
         unknown = sum(1 for r in results if r == "unknown")
         quorum = len(results) // 2 + 1
         if unknown < quorum:
@@ -300,8 +328,16 @@ class HostGuard:
                 self._state_file().unlink()
 
 
-async def probe_member(endpoint: str) -> str:
-    """``no-leader`` (it answers and has none), ``dead`` (connection refused), or ``unknown``."""
+async def probe_member(endpoint: str, metrics: str | None = None) -> str:
+    """``no-leader`` (it answers and has none), ``dead`` (connection refused), or ``unknown``.
+
+    With the member's metrics URL, its ``etcd_server_has_leader`` gauge is asked first. A refused
+    metrics port proves nothing (etcd opens it after its raft node starts): the client port decides.
+    """
+    if metrics:
+        verdict = await _probe_metrics(metrics)
+        if verdict != "refused":
+            return verdict
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as c:
             r = await c.post(f"{endpoint.rstrip('/')}/v3/maintenance/status", json={})
@@ -314,6 +350,23 @@ async def probe_member(endpoint: str) -> str:
         return "unknown"
     if "error" in data or str(data.get("leader", "0")) in ("0", ""):
         return "no-leader"
+    return "unknown"
+
+
+async def _probe_metrics(url: str) -> str:
+    """``no-leader``, ``unknown`` (it has a leader, or no clear answer) or ``refused``."""
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as c:
+            r = await c.get(f"{url.rstrip('/')}/metrics")
+    except httpx.ConnectError as e:
+        return "refused" if _refused(e) else "unknown"
+    except httpx.HTTPError:
+        return "unknown"
+    if r.status_code != 200:
+        return "unknown"
+    for line in r.text.splitlines():
+        if line.startswith("etcd_server_has_leader "):
+            return "no-leader" if line.split()[1] in ("0", "0.0") else "unknown"
     return "unknown"
 
 
@@ -377,7 +430,9 @@ def guard_running(paths: Paths) -> bool:
         os.close(fd)
 
 
-def run_guard(paths: Paths, host: str, endpoints: list[str], times: HaTimes) -> None:
+def run_guard(
+    paths: Paths, host: str, endpoints: list[str], times: HaTimes, metrics: list[str | None] | None = None
+) -> None:
     """The guard process: hold the host's lock, then renew and fence until killed."""
     paths.ensure()
     fd = os.open(lock_file(paths), os.O_RDWR | os.O_CREAT, 0o600)
@@ -396,7 +451,7 @@ def run_guard(paths: Paths, host: str, endpoints: list[str], times: HaTimes) -> 
 
     async def main() -> None:
         store = EtcdStore(endpoints, timeout=times.renew_every_s)
-        guard = HostGuard(store, host, paths, times, record)
+        guard = HostGuard(store, host, paths, times, record, metrics=metrics)
         device = os.environ.get("KASOU_HA_WATCHDOG", "").strip()
         if device:
             guard.watchdog = Watchdog(device, times.fence_after_s)

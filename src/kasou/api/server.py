@@ -21,7 +21,16 @@ from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, TlsFiles, api_listen, etcd_endpoints, ha_times, host_name, uplink
+from kasou.config import (
+    Paths,
+    TlsFiles,
+    api_listen,
+    etcd_endpoints,
+    etcd_metrics_endpoints,
+    ha_times,
+    host_name,
+    uplink,
+)
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
 from kasou.hypervisor.qemu import accel
@@ -179,7 +188,11 @@ def run_guard(paths: Paths) -> None:
     endpoints = etcd_endpoints()
     if not endpoints:
         raise SystemExit("the host guard needs the cluster store: set KASOU_ETCD")
-    guard.run_guard(paths, host_name(), endpoints, ha_times())
+    try:
+        metrics = etcd_metrics_endpoints(len(endpoints))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    guard.run_guard(paths, host_name(), endpoints, ha_times(), metrics)
 
 
 def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) -> None:

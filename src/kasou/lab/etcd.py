@@ -13,7 +13,9 @@ ends them by pid (SIGTERM, then SIGKILL) and removes ``data_dir``.
 
 ``host`` picks the address every member listens on (the lab uses its bridge address,
 10.88.0.1, so every lab host's network namespace reaches it); ``base_port`` fixes the
-ports (member i: client ``base_port + 2i``, peer ``base_port + 2i + 1``). ``start(members=...)``
+ports (member i: client ``base_port + 2i``, peer ``base_port + 2i + 1``, metrics
+``base_port + 2n + i``: the metrics listener answers while the client port waits for the
+member to join a working cluster, see :mod:`kasou.agent.guard`). ``start(members=...)``
 starts only some members, e.g. to restart the dead ones of a cluster whose other members
 another process started: a member restarted on its existing data directory rejoins the
 cluster (etcd ignores the ``--initial-cluster*`` flags then).
@@ -63,11 +65,11 @@ class EtcdCluster:
         self.data_dir = Path(data_dir)
         self.members = members
         self.host = host
-        # member i: client port ports[2i], peer port ports[2i + 1]
+        # member i: client port ports[2i], peer port ports[2i + 1], metrics port ports[2n + i]
         if base_port is None:
-            self._ports = _free_ports(2 * members, host)
+            self._ports = _free_ports(3 * members, host)
         else:
-            self._ports = list(range(base_port, base_port + 2 * members))
+            self._ports = list(range(base_port, base_port + 3 * members))
         self.names = [f"m{i}" for i in range(members)]
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * members
         self._token = f"kasou-lab-{uuid.uuid4().hex[:12]}"
@@ -80,6 +82,11 @@ class EtcdCluster:
     @property
     def peer_urls(self) -> list[str]:
         return [f"http://{self.host}:{self._ports[2 * i + 1]}" for i in range(self.members)]
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Each member's metrics listener (``--listen-metrics-urls``), in the order of :attr:`endpoints`."""
+        return [f"http://{self.host}:{self._ports[2 * self.members + i]}" for i in range(self.members)]
 
     @property
     def pids(self) -> list[int | None]:
@@ -103,7 +110,7 @@ class EtcdCluster:
         indices = sorted(set(range(self.members) if members is None else members))
         if any(i not in range(self.members) for i in indices):
             raise ValueError(f"member indices must be in 0..{self.members - 1}")
-        if any(self._procs[i] is not None for i in indices):
+        if any((p := self._procs[i]) is not None and p.poll() is None for i in indices):
             raise StoreError("this etcd cluster was started already")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         initial = ",".join(f"{n}={u}" for n, u in zip(self.names, self.peer_urls, strict=True))
@@ -120,6 +127,7 @@ class EtcdCluster:
                     "--advertise-client-urls", self.endpoints[i],
                     "--listen-peer-urls", self.peer_urls[i],
                     "--initial-advertise-peer-urls", self.peer_urls[i],
+                    "--listen-metrics-urls", self.metrics_urls[i],
                     "--initial-cluster", initial,
                     "--initial-cluster-state", "new",
                     "--initial-cluster-token", self._token,

@@ -8,7 +8,7 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
 
     root namespace
       bridge klab0            10.88.0.1/24; etcd listens here (every host reaches it)
-      etcd m0, m1, m2         http://10.88.0.1:2379, :2381, :2383 (peers :2380, :2382, :2384)
+      etcd m0, m1, m2         http://10.88.0.1:2379, :2381, :2383 (peers :2380, :2382, :2384; metrics :2385-:2387)
       veth klab-h1 ──┐        port of klab0; "partition h1" sets it down
       veth klab-h2 ──┤ ...
       bridge klab-vm          the VM traffic switch: no address, a plain bridge (a trunk: it
@@ -161,6 +161,7 @@ class EtcdMember:
     client_url: str
     peer_url: str
     pid: int | None = None
+    metrics_url: str | None = None
 
 
 @dataclass
@@ -372,8 +373,10 @@ class Lab:
         ]
         cluster = self._cluster()
         members = [
-            EtcdMember(name=n, client_url=c, peer_url=p)
-            for n, c, p in zip(cluster.names, cluster.endpoints, cluster.peer_urls, strict=True)
+            EtcdMember(name=n, client_url=c, peer_url=p, metrics_url=m)
+            for n, c, p, m in zip(
+                cluster.names, cluster.endpoints, cluster.peer_urls, cluster.metrics_urls, strict=True
+            )
         ]
         images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES).absolute()
         return LabState(dir=str(self.dir), images=str(images), hosts=hosts, etcd=members)
@@ -537,6 +540,7 @@ class Lab:
             KASOU_IMAGES=st.images,
             KASOU_SHARED_DIR=str(self.shared_dir),
             KASOU_ETCD=",".join(m.client_url for m in st.etcd),
+            KASOU_ETCD_METRICS=",".join(m.metrics_url or "" for m in st.etcd),
             KASOU_TOKEN_FILE=str(self.token_file),
             KASOU_API=h.api_url,
             KASOU_UPLINK=VM_UPLINK,
