@@ -177,8 +177,14 @@ async def test_full_pool_under_the_running_copy(rig: Rig) -> None:
 
     st = await wait_for("the disk to switch to its second copy", switched, 90)
     assert st.failed == str(a) and "no space" in (st.error or ""), st
-    info = await r.driver.info(NAME)
-    assert info is not None and info.state == RuntimeState.RUNNING
+
+    # The record names the new copy before QEMU is asked to switch (a status read never sees half a
+    # switch), so the guest may be paused on the failed write for the moment the switch takes.
+    async def running() -> bool | None:
+        info = await r.driver.info(NAME)
+        return True if info is not None and info.state == RuntimeState.RUNNING else None
+
+    await wait_for("the guest to run on after the switch", running, 10)
     await r.writes_go_on()
     assert seq_gaps(r.seqs()) == [], "a write was lost or repeated"
     assert "error" not in r.log().lower().replace("kasou-error", ""), "the guest saw an I/O error"

@@ -132,6 +132,7 @@ class DriverCore(Driver):
         self._reaper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._unplugging: set[asyncio.Task[None]] = set()
+        self._mirror_locks: dict[str, asyncio.Lock] = {}  # one repair of a VM's mirrored disks at a time
         self._replica_exports = repl.QsdExports(tls_dir=tls_dir)
         self._replica_watch = repl.StallWatch()
         self._replica_guard: asyncio.Task[None] | None = None
@@ -635,10 +636,15 @@ class DriverCore(Driver):
     async def _recover_io_error(self, vm: _Vm) -> None:
         """A disk of ``vm`` paused on an I/O error: switch it to its second copy and resume (mirrors.py)."""
         try:
-            for line in await mirrors.recover_io_errors(self._exec(vm), vm.files.dir):
-                log.error("VM %s: %s", vm.name, line)
+            async with self._mirror_lock(vm.name):
+                for line in await mirrors.recover_io_errors(self._exec(vm), vm.files.dir):
+                    log.error("VM %s: %s", vm.name, line)
         except KasouError as e:
             log.error("VM %s: cannot recover from an I/O error: %s", vm.name, e.message)
+
+    def _mirror_lock(self, name: str) -> asyncio.Lock:
+        """Serialises the I/O-error recovery and the guard's look at one VM's mirrored disks."""
+        return self._mirror_locks.setdefault(name, asyncio.Lock())
 
     def _ensure_replica_guard(self) -> None:
         if self._replica_guard is None or self._replica_guard.done():
@@ -652,7 +658,9 @@ class DriverCore(Driver):
             for vm in list(self._vms.values()):
                 if vm.state in _GUEST and (vm.files.dir / mirrors.RECORD).exists():
                     try:
-                        for line in await mirrors.watch(self._exec(vm), vm.files.dir):
+                        async with self._mirror_lock(vm.name):
+                            found = await mirrors.watch(self._exec(vm), vm.files.dir)
+                        for line in found:
                             log.error("VM %s: %s", vm.name, line)
                     except KasouError as e:
                         log.warning("cannot watch the mirrored disks of VM %s: %s", vm.name, e.message)

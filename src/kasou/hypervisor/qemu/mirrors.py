@@ -387,6 +387,9 @@ async def recover_io_errors(execute: Execute, run_dir: Path) -> list[str]:
         else:
             stuck.append(d)
     run_state = await execute("query-status")
-    if not stuck and run_state.get("status") == "io-error":
+    # QEMU sends BLOCK_IO_ERROR before it stops the VM (the stop is only requested): the status may
+    # still read "running". A "cont" then cancels the pending stop (QEMU's blk_error_action says so);
+    # waiting for "io-error" instead left the guest paused on its good copy.
+    if not stuck and run_state.get("status") in ("io-error", "running"):
         await execute("cont")
     return done
