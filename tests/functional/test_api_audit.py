@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from kasou.api.audit import sign_forwarded
 from kasou.api.client import Client
 from kasou.cli import common
 from kasou.cli.main import app as cli_app
@@ -155,9 +157,22 @@ def test_who_may_read_the_audit_log(env: Env) -> None:
 
 
 def test_forwarded_request_keeps_the_client_address(env: Env) -> None:
-    env.api.post("/v1/networks", json={"name": "img", "vlan": 20}, headers={"x-kasou-forwarded-for": "10.9.8.7"})
+    signed = sign_forwarded(TOKEN, "10.9.8.7", "POST", "/v1/networks")
+    env.api.post("/v1/networks", json={"name": "img", "vlan": 20}, headers=signed)
     rec = records(env)[-1]
     assert rec["source"] == "10.9.8.7" and rec["details"]["forwarded_by"] == "testclient"
+
+
+def test_a_forwarded_address_without_the_sites_signature_is_not_believed(env: Env) -> None:
+    """Only a follower (it holds the site's API token) may say whose request it forwards."""
+    stale = sign_forwarded(TOKEN, "10.9.8.7", "POST", "/v1/networks", now=time.time() - 600)
+    other_key = sign_forwarded("not-the-token", "10.9.8.7", "POST", "/v1/networks")
+    other_path = sign_forwarded(TOKEN, "10.9.8.7", "POST", "/v1/pools")
+    for n, headers in enumerate(({"x-kasou-forwarded-for": "10.9.8.7"}, stale, other_key, other_path)):
+        env.api.post("/v1/networks", json={"name": f"n{n}", "vlan": 30 + n}, headers=headers)
+        rec = records(env)[-1]
+        assert rec["source"] == "testclient", (n, rec)
+        assert rec["details"]["forwarded_for_unverified"] == "10.9.8.7" and "forwarded_by" not in rec["details"]
 
 
 def test_cli_verify_list_export(env: Env, tmp_path: Path) -> None:

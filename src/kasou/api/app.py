@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 
 from kasou import __version__
 from kasou.api import permissions
-from kasou.api.audit import FORWARDED_FOR, audit_middleware, audit_routes, mark_forwarded
+from kasou.api.audit import audit_middleware, audit_routes, mark_forwarded, sign_forwarded
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
 from kasou.api.console import console_routes
@@ -198,7 +198,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             return JSONResponse(err.to_dict(), status_code=503)
         forward = ("authorization", "content-type", "cookie", CSRF_HEADER)
         headers = {k: v for k, v in request.headers.items() if k.lower() in forward}
-        headers[FORWARDED_FOR] = request.client.host if request.client else ""  # the leader audits it, not we
+        client = request.client.host if request.client else ""
+        headers.update(sign_forwarded(token, client, request.method, request.url.path))  # the leader audits it
         mark_forwarded(request)
         url = lead.leader_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
@@ -211,7 +212,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
     app.add_middleware(BodyLimit)  # bodies over 1 MiB: 413 (kasou.api.limits), inside the audit so it is recorded
-    app.middleware("http")(audit_middleware(lambda: state.get("svc")))  # every change recorded (kasou.api.audit)
+    app.middleware("http")(audit_middleware(lambda: state.get("svc"), token))  # every change recorded (kasou.api.audit)
 
     def svc() -> Services:
         return state["svc"]

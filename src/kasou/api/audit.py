@@ -14,8 +14,11 @@ record it; the leader records it once, with the client's address the follower pa
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,6 +35,34 @@ if TYPE_CHECKING:
 
 CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORWARDED_FOR = "x-kasou-forwarded-for"  # set by a follower that forwards a change to the leader
+FORWARDED_SIG = "x-kasou-forwarded-sig"  # "<unix time>:<HMAC-SHA256 hex>", keyed with the site's API token
+FORWARDED_MAX_AGE_S = 120.0
+
+
+def _forward_mac(key: str, client: str, method: str, path: str, ts: int) -> str:
+    msg = f"{client}\n{method}\n{path}\n{ts}".encode()
+    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def sign_forwarded(key: str, client: str, method: str, path: str, now: float | None = None) -> dict[str, str]:
+    """The headers a follower adds when it forwards a change: the client's address, signed with the
+    API token every host of the site holds, so the leader can tell a follower from anyone with a token."""
+    ts = int(time.time() if now is None else now)
+    return {FORWARDED_FOR: client, FORWARDED_SIG: f"{ts}:{_forward_mac(key, client, method, path, ts)}"}
+
+
+def verified_forwarded(key: str | None, request: Request, now: float | None = None) -> str | None:
+    """The client address a follower passed on, if its signature holds (else None)."""
+    client, sig = request.headers.get(FORWARDED_FOR), request.headers.get(FORWARDED_SIG, "")
+    if not client or not key or ":" not in sig:
+        return None
+    ts_text, mac = sig.split(":", 1)
+    if not ts_text.isdigit() or abs((time.time() if now is None else now) - int(ts_text)) > FORWARDED_MAX_AGE_S:
+        return None
+    good = _forward_mac(key, client, request.method, request.url.path, int(ts_text))
+    return client if hmac.compare_digest(good, mac) else None
+
+
 BODY_MAX = 64 * 1024  # request and response bodies read for the record at most this long
 NAMED = {"/v1/auth/login": "login", "/v1/auth/logout": "logout", "/v1/users/break-glass": "break_glass_rotate",
          "/v1/users/break-glass/acknowledge": "break_glass_acknowledge"}  # fmt: skip
@@ -69,6 +100,7 @@ async def _replay(data: bytes) -> AsyncIterator[bytes]:
 
 def audit_middleware(
     services: Callable[[], Services | None],
+    key: str | None = None,
 ) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
     async def audit_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
@@ -80,7 +112,7 @@ def audit_middleware(
         try:
             response = await call_next(request)
         except Exception as e:
-            await _record(svc, request, body, 500, None, f"{type(e).__name__}")
+            await _record(svc, request, body, 500, None, f"{type(e).__name__}", key)
             raise
         if getattr(request.state, "audit_forwarded", False):
             return response
@@ -89,13 +121,15 @@ def audit_middleware(
         if length is not None and length.isdigit() and int(length) <= BODY_MAX:
             out = b"".join([c if isinstance(c, bytes) else c.encode() async for c in response.body_iterator])  # type: ignore[attr-defined]
             response.body_iterator = _replay(out)  # type: ignore[attr-defined]
-        await _record(svc, request, body, response.status_code, _json(out), "")
+        await _record(svc, request, body, response.status_code, _json(out), "", key)
         return response
 
     return audit_requests
 
 
-async def _record(svc: Services, request: Request, body: bytes, status: int, answer: Any, crash: str) -> None:
+async def _record(
+    svc: Services, request: Request, body: bytes, status: int, answer: Any, crash: str, key: str | None = None
+) -> None:
     path = request.url.path
     sent = _json(body)
     ok = status < 400
@@ -113,10 +147,12 @@ async def _record(svc: Services, request: Request, body: bytes, status: int, ans
     elif body and sent is None:
         details["body_bytes"] = len(body)
     source = request.client.host if request.client else ""
-    forwarded = request.headers.get(FORWARDED_FOR)
+    forwarded = verified_forwarded(key, request)
     if forwarded:
         details["forwarded_by"] = source
         source = forwarded[:100]
+    elif request.headers.get(FORWARDED_FOR):  # claimed by a caller that cannot sign it: noted, not believed
+        details["forwarded_for_unverified"] = request.headers[FORWARDED_FOR][:100]
     code, message = None, crash
     if isinstance(answer, dict):
         if not ok:
