@@ -49,11 +49,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def qemu_pids_of(home: Path) -> list[int]:
-    """QEMU processes started for this home (their command lines name its paths)."""
-    paths = Paths.from_env(home)
-    marks = (str(home), str(paths.vm_run))
-    out = []
+def command_lines() -> Iterator[tuple[int, list[str]]]:
+    """Each process's pid and command line (read from /proc; those gone meanwhile are passed over)."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -61,9 +58,18 @@ def qemu_pids_of(home: Path) -> list[int]:
             args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if args and "qemu-system" in args[0] and any(m in a for a in args for m in marks):
-            out.append(int(d.name))
-    return out
+        yield int(d.name), args
+
+
+def qemu_pids_of(home: Path) -> list[int]:
+    """QEMU processes started for this home (their command lines name its paths)."""
+    paths = Paths.from_env(home)
+    marks = (str(home), str(paths.vm_run))
+    return [
+        pid
+        for pid, args in command_lines()
+        if args and "qemu-system" in args[0] and any(m in a for a in args for m in marks)
+    ]
 
 
 def pid_alive(pid: int) -> bool:

@@ -7,59 +7,45 @@ Run under the machine's QEMU lock:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.backups import BackupCreate, BackupMade, BackupRestore, BackupSource
-from kasou.agent.client import AgentClient
-from kasou.agent.storage import LocalDisks
-from kasou.config import DEFAULT_IMAGES
 from kasou.errors import BackupCorrupt, OperationTimeout
 from kasou.hypervisor.backups import bitmap_name
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec
-from kasou.hypervisor.qemu.driver import QemuDriver
-from tests.integration.conftest import pid_alive
-from tests.integration.test_replication import pids_under, seqs, wait_for
+from kasou.hypervisor.base import LaunchSpec
+from tests.integration.qemu_rig import (
+    AgentHost,
+    end_processes,
+    qcow2_copy,
+    scratch,
+    start_writing,
+    tiny_disk,
+    tiny_spec,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
 NAME = "bk1"
 
 
-@dataclass
-class Host:
-    root: Path
-    driver: QemuDriver
-    client: AgentClient
-    disk: Path
+class Host(AgentHost):
+    @property
+    def disk(self) -> Path:
+        return self.disks / NAME / "disk0.qcow2"
 
     @property
     def backups(self) -> Path:
         return self.root / "backups"
 
-    def seqs(self, name: str = NAME) -> list[int]:
-        p = self.root / "log" / f"{name}.log"
-        return seqs(p.read_text(errors="replace")) if p.exists() else []
-
     def spec(self, name: str = NAME, disk: Path | None = None) -> LaunchSpec:
-        return LaunchSpec(
-            name=name, uuid="5eb1a5e0-0000-4000-8000-00000000b0c1", vcpus=1, memory_mib=128, image="tiny",
-            disks=[LaunchDisk(id="disk0", path=str(disk or self.disk))],
-        )  # fmt: skip
+        return tiny_spec(name, "5eb1a5e0-0000-4000-8000-00000000b0c1", disk or self.disk)
 
     async def backup(
         self, gen: int, prev: BackupMade | None = None, prev_id: str | None = None, **kw: Any
@@ -72,10 +58,6 @@ class Host:
             NAME, BackupCreate(generation=gen, backup_id=f"gen{gen}", disks=[src], **kw)
         )
 
-    async def qmp(self, command: str, args: dict[str, Any] | None = None) -> Any:
-        vm = self.driver._vms[NAME]
-        return await self.driver._qmp(vm, command, args)
-
     async def dirty(self) -> int:
         nodes = await self.qmp("query-named-block-nodes", {"flat": True})
         return int(next(n for n in nodes if n["node-name"] == "disk0")["dirty-bitmaps"][0]["count"])
@@ -87,50 +69,22 @@ class Host:
 
 
 @pytest.fixture
-async def host() -> AsyncIterator[Host]:
-    if os.geteuid() != 0:
-        pytest.skip("real-QEMU tests run as root")
-    from kasou.image import load_image
-
-    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
-    try:
-        art = load_image(images, "tiny")
-    except Exception as e:
-        pytest.skip(f"the tiny image is not built: {e}")
-    root = Path(tempfile.mkdtemp(prefix="kasou-bk-", dir="/tmp"))
-    driver = QemuDriver(root / "run", root / "log", images, "tcg")
-    agent = Agent(
-        host="h1", driver=driver, disks=LocalDisks(root / "disks", images), accelerator="tcg",
-        accelerator_reason="test", qemu_version="7.2", images=lambda: ["tiny"], backup_dir=root / "backups",
-    )  # fmt: skip
-    client = AgentClient("h1", transport=httpx.ASGITransport(app=create_agent_app(agent)))
-    disk = root / "disks" / NAME / "disk0.qcow2"
-    disk.parent.mkdir(parents=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(art.disk), str(disk)], check=True)
-    await driver.attach_all()
-    h = Host(root, driver, client, disk)
+async def host(tiny_image: Path) -> AsyncIterator[Host]:
+    image_disk = tiny_disk(tiny_image)
+    root = scratch("kasou-bk-")
+    h = Host.make(root, "h1", tiny_image, NAME)  # its backups: root / "backups", the agent's default
+    qcow2_copy(image_disk, h.disk, timeout=None)
+    await h.driver.attach_all()
     try:
         yield h
     finally:
-        await driver.close()
-        await client.close()
-        pids = pids_under(root)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await h.close()
+        await end_processes(root, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
 async def boot(h: Host, name: str = NAME, disk: Path | None = None, lines: int = 3) -> None:
-    await h.client.start(h.spec(name, disk))
-
-    async def writing() -> bool:
-        return (await h.client.info(name)).guest_ready and len(h.seqs(name)) >= lines
-
-    await wait_for(f"{name} to write", writing, 90)
+    await start_writing(h, h.spec(name, disk), lines)
 
 
 async def more_lines(h: Host, n: int = 5) -> None:
@@ -146,8 +100,7 @@ async def recovered_of(h: Host, name: str, disk: Path) -> int:
     await h.client.start(h.spec(name, disk))
 
     async def said() -> int | None:
-        p = h.root / "log" / f"{name}.log"
-        for ln in p.read_text(errors="replace").splitlines() if p.exists() else []:
+        for ln in h.log(name).splitlines():
             if ln.startswith("recovered "):
                 return int(ln.split()[1]) or -1
         return None

@@ -7,31 +7,37 @@ and removes its files. The measured numbers are printed (``-s``).
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
-import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from kasou.config import DEFAULT_IMAGES
 from kasou.errors import WrongState
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec, MigrationStatus, RuntimeState
+from kasou.hypervisor.base import LaunchSpec, MigrationStatus, RuntimeState
 from kasou.hypervisor.qemu.driver import QemuDriver
 from tests.integration.conftest import pid_alive
+from tests.integration.qemu_rig import (
+    DISK_SIZE,
+    console_log,
+    end_processes,
+    make_driver,
+    pids_under,
+    qcow2_copy,
+    scratch,
+    seqs,
+    tiny_disk,
+    tiny_spec,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
 
 NAME = "mig1"
-DISK_SIZE = 64 * 1024 * 1024
-T = TypeVar("T")
 
 
 @dataclass
@@ -42,93 +48,31 @@ class Pair:
     image_disk: Path
 
     def spec(self, disk: Path) -> LaunchSpec:
-        return LaunchSpec(
-            name=NAME,
-            uuid="5eb1a5e0-0000-4000-8000-000000000001",
-            vcpus=1,
-            memory_mib=128,
-            image="tiny",
-            disks=[LaunchDisk(id="disk0", path=str(disk), size_bytes=DISK_SIZE)],
-        )
+        return tiny_spec(NAME, "5eb1a5e0-0000-4000-8000-000000000001", disk, size_bytes=DISK_SIZE)
 
     def disk_from_image(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(self.image_disk), str(path)],
-            check=True,
-            timeout=60,
-        )
-        return path
+        return qcow2_copy(self.image_disk, path)
 
     def log(self, d: QemuDriver) -> str:
-        p = d.serial_log_dir / f"{NAME}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-
-def qemu_pids_under(root: Path) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if args and "qemu-system" in args[0] and any(str(root) in a for a in args):
-            out.append(int(d.name))
-    return out
+        return console_log(d.serial_log_dir, NAME)
 
 
 @pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
-    if os.geteuid() != 0:
-        pytest.skip("real-QEMU tests run as root")
-    from kasou.image import load_image
-
-    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
-    try:
-        art = load_image(images, "tiny")
-    except Exception as e:
-        pytest.skip(f"the tiny image is not built: {e}")
-    root = Path(tempfile.mkdtemp(prefix="kasou-mig-", dir="/tmp"))  # short: unix socket paths
-    a = QemuDriver(root / "a" / "run", root / "a" / "log", images, "tcg")
-    b = QemuDriver(root / "b" / "run", root / "b" / "log", images, "tcg")
+async def pair(tiny_image: Path) -> AsyncIterator[Pair]:
+    image_disk = tiny_disk(tiny_image)
+    root = scratch("kasou-mig-")
+    a = make_driver(root / "a", tiny_image)
+    b = make_driver(root / "b", tiny_image)
     await a.attach_all()
     await b.attach_all()
-    pr = Pair(root, a, b, art.disk)
+    pr = Pair(root, a, b, image_disk)
     try:
         yield pr
     finally:
         for d in {a, b, pr.a, pr.b}:
             await d.close()
-        pids = qemu_pids_under(root)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert not any(pid_alive(p) for p in pids)
+        await end_processes(root, storage_daemons=False)
         shutil.rmtree(root, ignore_errors=True)
-
-
-async def wait_for(what: str, cond: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-def seqs(text: str) -> list[int]:
-    out = []
-    for ln in text.splitlines():
-        parts = ln.split()
-        if len(parts) == 2 and parts[0] == "seq" and parts[1].isdigit():
-            out.append(int(parts[1]))
-    return out
 
 
 async def boot(p: Pair, disk: Path) -> float:
@@ -298,7 +242,7 @@ async def test_abort_keeps_the_vm_on_the_source(pair: Pair) -> None:
         assert await p.b.info(NAME) is None
         assert not disk_b.exists() and not disk_b.parent.exists()
         assert not (p.b.run_dir / NAME).exists()
-        assert qemu_pids_under(p.root / "b") == []
+        assert pids_under(p.root / "b", storage_daemons=False) == []
 
     # 1. Abort while the disk is being copied (or, on a fast host, just after).
     inc = await p.b.prepare_incoming(p.spec(disk_b), "copy", "127.0.0.1")
@@ -365,7 +309,7 @@ async def test_agents_restart_then_abort_after_the_switch_over(pair: Pair) -> No
     with pytest.raises(WrongState):
         await p.a.abort_out(NAME)
     await p.b.abort_incoming(NAME)
-    assert await p.b.info(NAME) is None and qemu_pids_under(p.root / "b") == []
+    assert await p.b.info(NAME) is None and pids_under(p.root / "b", storage_daemons=False) == []
     await p.a.abort_out(NAME, force=True)
 
     async def writes() -> bool:

@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
+import json
 import shutil
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kasou.config import DEFAULT_IMAGES
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec, MirrorStatus, RuntimeState
+from kasou.hypervisor.base import LaunchSpec, MirrorStatus, RuntimeState
 from kasou.hypervisor.qemu.driver import QemuDriver
-from tests.integration.test_replication import pids_under, seqs, wait_for
+from tests.integration.qemu_rig import (
+    console_log,
+    end_processes,
+    make_driver,
+    qcow2_copy,
+    scratch,
+    seqs,
+    tiny_disk,
+    tiny_spec,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -38,8 +46,7 @@ class Rig:
     image_disk: Path
 
     def log(self) -> str:
-        p = self.root / "log" / f"{NAME}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
+        return console_log(self.root / "log", NAME)
 
     def seqs(self) -> list[int]:
         return seqs(self.log())
@@ -50,24 +57,18 @@ class Rig:
         return d / f"{NAME}-disk0.qcow2"
 
     def make_copy(self, path: Path) -> Path:
-        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(self.image_disk), str(path)],
-                       check=True, timeout=60)  # fmt: skip
-        return path
+        return qcow2_copy(self.image_disk, path)
 
     def blank(self, path: Path) -> Path:
         size = subprocess.run(["qemu-img", "info", "--output=json", "-f", "raw", str(self.image_disk)],
                               check=True, timeout=30, capture_output=True, text=True).stdout  # fmt: skip
-        import json
-
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(json.loads(size)["virtual-size"])],
                        check=True, timeout=30)  # fmt: skip
         return path
 
     def spec(self, source: Path, second: Path | None, sync: str = "full") -> LaunchSpec:
-        disk = LaunchDisk(id="disk0", path=str(source), mirror=str(second) if second else None,
-                          mirror_sync="none" if sync == "none" else "full")  # fmt: skip
-        return LaunchSpec(name=NAME, uuid="5eb1a5e0-0000-4000-8000-0000000000b1", vcpus=1, memory_mib=128,
-                          image="tiny", disks=[disk])  # fmt: skip
+        mirror, mirror_sync = (str(second) if second else None), ("none" if sync == "none" else "full")
+        return tiny_spec(NAME, "5eb1a5e0-0000-4000-8000-0000000000b1", source, mirror=mirror, mirror_sync=mirror_sync)
 
     async def status(self) -> MirrorStatus:
         return (await self.driver.mirror_status(NAME))[0]
@@ -82,29 +83,19 @@ class Rig:
 
 
 @pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
-    if os.geteuid() != 0:
-        pytest.skip("real-QEMU tests run as root")
-    from kasou.image import load_image
-
-    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
-    try:
-        art = load_image(images, "tiny")
-    except Exception as e:
-        pytest.skip(f"the tiny image is not built: {e}")
-    root = Path(tempfile.mkdtemp(prefix="kasou-mirror-", dir="/tmp"))
-    driver = QemuDriver(root / "run", root / "log", images, "tcg")
+async def rig(tiny_image: Path) -> AsyncIterator[Rig]:
+    image_disk = tiny_disk(tiny_image)
+    root = scratch("kasou-mirror-")
+    driver = make_driver(root, tiny_image)
     await driver.attach_all()
-    r = Rig(root, driver, art.disk)
+    r = Rig(root, driver, image_disk)
     try:
         yield r
     finally:
         with contextlib.suppress(Exception):
             await driver.stop(NAME)
         await driver.close()
-        for pid in pids_under(root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        await end_processes(root, check=False)
         small = root / "small"
         if small.is_mount():
             subprocess.run(["umount", "-l", str(small)], check=False, timeout=30)

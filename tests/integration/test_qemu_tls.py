@@ -11,135 +11,61 @@ Every test kills its QEMUs and daemons by pid and removes its files.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import pytest
 
 from kasou import pki
-from kasou.agent.app import Agent, create_agent_app
-from kasou.agent.client import AgentClient
-from kasou.agent.storage import LocalDisks
-from kasou.config import DEFAULT_IMAGES, TlsFiles
+from kasou.config import TlsFiles
 from kasou.errors import Conflict
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeState
+from kasou.hypervisor.base import RuntimeState
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu import tls as qtls
-from kasou.hypervisor.qemu.driver import QemuDriver
-from tests.integration.conftest import pid_alive
+from tests.integration.qemu_rig import (
+    DISK_SIZE,
+    AgentHost,
+    TwoHosts,
+    boot_on_a,
+    need_storage_daemon,
+    scratch,
+    serving,
+    tiny_disk,
+    wait_for,
+    writes_go_on,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
 NAME = "tls1"
-DISK_SIZE = 64 * 1024 * 1024
-T = TypeVar("T")
 
 
 @dataclass
-class Host:
-    name: str
-    root: Path
-    driver: QemuDriver
-    client: AgentClient
-
-    def seqs(self) -> list[int]:
-        p = self.root / "log" / f"{NAME}.log"
-        out = []
-        for ln in (p.read_text(errors="replace") if p.exists() else "").splitlines():
-            parts = ln.split()
-            if len(parts) == 2 and parts[0] == "seq" and parts[1].isdigit():
-                out.append(int(parts[1]))
-        return out
-
-    async def qmp(self, command: str, args: dict[str, Any] | None = None) -> Any:
-        return await self.driver._exec(self.driver._vms[NAME])(command, args)
-
-
-@dataclass
-class Site:
-    root: Path
-    a: Host
-    b: Host
-    image_disk: Path
+class Site(TwoHosts):
     no_cert: Path  # QEMU's client credentials with the CA but no certificate
     other_site: Path  # QEMU's client credentials of another CA
 
-    def spec(self, disk: Path) -> LaunchSpec:
-        return LaunchSpec(
-            name=NAME,
-            uuid="5eb1a5e0-0000-4000-8000-0000000000c1",
-            vcpus=1,
-            memory_mib=128,
-            image="tiny",
-            disks=[LaunchDisk(id="disk0", path=str(disk), size_bytes=DISK_SIZE)],
-        )
 
-
-def pids_under(root: Path) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if (
-            args
-            and ("qemu-system" in args[0] or "qemu-storage-daemon" in args[0])
-            and any(str(root) in a for a in args)
-        ):
-            out.append(int(d.name))
-    return out
-
-
-def make_host(root: Path, name: str, images: Path, ca: Path) -> Host:
+def make_host(root: Path, name: str, images: Path, ca: Path) -> AgentHost:
     pki.issue(ca, name, ["127.0.0.1"], [], root / "tls")
     files = TlsFiles(ca=root / "tls" / "ca.crt", cert=root / "tls" / "host.crt", key=root / "tls" / "host.key")
     creds = qtls.prepare(files, root)
     assert creds is not None
-    driver = QemuDriver(root / "run", root / "log", images, "tcg", tls_dir=creds)
-    agent = Agent(
-        host=name,
-        driver=driver,
-        disks=LocalDisks(root / "disks", images),
-        accelerator="tcg",
-        accelerator_reason="test",
-        qemu_version="7.2",
-        images=lambda: ["tiny"],
-        migration_address="127.0.0.1",
-    )
-    client = AgentClient(name, transport=httpx.ASGITransport(app=create_agent_app(agent)))
-    return Host(name, root, driver, client)
+    return AgentHost.make(root, name, images, NAME, tls_dir=creds)
 
 
 @pytest.fixture
-async def site() -> AsyncIterator[Site]:
-    if os.geteuid() != 0:
-        pytest.skip("real-QEMU tests run as root")
-    if shutil.which("qemu-storage-daemon") is None:
-        pytest.skip("qemu-storage-daemon is not installed")
-    from kasou.image import load_image
-
-    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
-    try:
-        art = load_image(images, "tiny")
-    except Exception as e:
-        pytest.skip(f"the tiny image is not built: {e}")
-    root = Path(tempfile.mkdtemp(prefix="kasou-tls-", dir="/tmp"))  # short: unix socket paths
+async def site(tiny_image: Path) -> AsyncIterator[Site]:
+    need_storage_daemon()
+    image_disk = tiny_disk(tiny_image)
+    root = scratch("kasou-tls-")
     pki.init_ca(root / "ca")
     pki.init_ca(root / "other-ca", site="another site")
     pki.issue(root / "other-ca", "intruder", ["127.0.0.1"], [], root / "other")
@@ -152,68 +78,15 @@ async def site() -> AsyncIterator[Site]:
     shutil.copy(root / "other" / "host.key", other / "client-key.pem")
     s = Site(
         root,
-        make_host(root / "a", "host-a", images, root / "ca"),
-        make_host(root / "b", "host-b", images, root / "ca"),
-        art.disk,
+        make_host(root / "a", "host-a", tiny_image, root / "ca"),
+        make_host(root / "b", "host-b", tiny_image, root / "ca"),
+        image_disk,
+        "5eb1a5e0-0000-4000-8000-0000000000c1",
         no_cert,
         other,
     )
-    await s.a.driver.attach_all()
-    await s.b.driver.attach_all()
-    try:
+    async with serving(s):
         yield s
-    finally:
-        for h in (s.a, s.b):
-            await h.driver.close()
-            await h.client.close()
-        pids = pids_under(root)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert not any(pid_alive(x) for x in pids)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def wait_for(what: str, cond: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def boot(s: Site) -> Path:
-    disk = s.a.root / "disks" / NAME / "disk0.qcow2"
-    disk.parent.mkdir(parents=True)
-    subprocess.run(
-        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(s.image_disk), str(disk)], check=True, timeout=60
-    )
-    await s.a.client.start(s.spec(disk))
-
-    async def writing() -> bool:
-        info = await s.a.client.info(NAME)
-        assert info.state == RuntimeState.RUNNING, info
-        return info.guest_ready and len(s.a.seqs()) >= 3
-
-    await wait_for("the guest on A to write", writing, 90)
-    return disk
-
-
-async def writes_go_on(h: Host, more: int = 10, timeout: float = 30) -> None:
-    n = (h.seqs() or [0])[-1]
-
-    async def advanced() -> bool:
-        info = await h.client.info(NAME)
-        assert info.state == RuntimeState.RUNNING, info
-        return (h.seqs() or [0])[-1] >= n + more
-
-    await wait_for(f"the guest on {h.name} to write {more} more lines", advanced, timeout)
 
 
 def tls_refused(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> bool:
@@ -247,7 +120,7 @@ def nbd_client(
 
 async def test_migration_over_tls(site: Site) -> None:
     s = site
-    await boot(s)
+    await boot_on_a(s)
     disk_b = s.b.root / "disks" / NAME / "disk0.qcow2"
     inc = await s.b.client.prepare_incoming(s.spec(disk_b), "copy")
     assert inc.tls and inc.storage == "copy" and inc.nbd_port is not None
@@ -294,7 +167,7 @@ async def test_migration_over_tls(site: Site) -> None:
 
 async def test_replica_over_tls(site: Site) -> None:
     s = site
-    await boot(s)
+    await boot_on_a(s)
     t = await s.b.client.create_replica(NAME, "disk0", DISK_SIZE)
     pid = int(Path(t.path).with_suffix(".pid").read_text())
     argv = " ".join(process.cmdline(pid) or [])

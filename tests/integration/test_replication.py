@@ -9,192 +9,60 @@ Every test kills its QEMUs and daemons by pid and removes its files.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
 
-import httpx
 import pytest
 
-from kasou.agent.app import Agent, create_agent_app
-from kasou.agent.client import AgentClient
-from kasou.agent.storage import LocalDisks
-from kasou.config import DEFAULT_IMAGES
 from kasou.errors import HypervisorError, InvalidSpec
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec, ReplicaStatus, RuntimeState
+from kasou.hypervisor.base import ReplicaStatus
 from kasou.hypervisor.qemu import replication as repl
-from kasou.hypervisor.qemu.driver import QemuDriver
 from tests.integration.conftest import pid_alive
+from tests.integration.qemu_rig import (
+    DISK_SIZE,
+    AgentHost,
+    TwoHosts,
+    boot_on_a,
+    need_storage_daemon,
+    pids_under,
+    scratch,
+    serving,
+    tiny_disk,
+    wait_for,
+    writes_go_on,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
 NAME = "repl1"
-DISK_SIZE = 64 * 1024 * 1024
-T = TypeVar("T")
 
 
-@dataclass
-class Host:
-    name: str
-    root: Path
-    driver: QemuDriver
-    client: AgentClient
-
-    @property
-    def disks(self) -> Path:
-        return self.root / "disks"
-
-    def log(self) -> str:
-        p = self.root / "log" / f"{NAME}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def seqs(self) -> list[int]:
-        return seqs(self.log())
-
-
-def seqs(text: str) -> list[int]:
-    out = []
-    for ln in text.splitlines():
-        parts = ln.split()
-        if len(parts) == 2 and parts[0] == "seq" and parts[1].isdigit():
-            out.append(int(parts[1]))
-    return out
-
-
-def pids_under(root: Path) -> list[int]:
-    """QEMU and qemu-storage-daemon processes whose command line names ``root``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if (
-            args
-            and ("qemu-system" in args[0] or "qemu-storage-daemon" in args[0])
-            and any(str(root) in a for a in args)
-        ):
-            out.append(int(d.name))
-    return out
-
-
-async def wait_for(what: str, cond: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-def make_host(root: Path, name: str, images: Path) -> Host:
-    driver = QemuDriver(root / "run", root / "log", images, "tcg")
-    agent = Agent(
-        host=name,
-        driver=driver,
-        disks=LocalDisks(root / "disks", images),
-        accelerator="tcg",
-        accelerator_reason="test",
-        qemu_version="7.2",
-        images=lambda: ["tiny"],
-        migration_address="127.0.0.1",
-    )
-    client = AgentClient(name, transport=httpx.ASGITransport(app=create_agent_app(agent)))
-    return Host(name, root, driver, client)
-
-
-@dataclass
-class Pair:
-    root: Path
-    a: Host
-    b: Host
-    image_disk: Path
-
-    def spec(self, disk: Path) -> LaunchSpec:
-        return LaunchSpec(
-            name=NAME,
-            uuid="5eb1a5e0-0000-4000-8000-0000000000a1",
-            vcpus=1,
-            memory_mib=128,
-            image="tiny",
-            disks=[LaunchDisk(id="disk0", path=str(disk), size_bytes=DISK_SIZE)],
-        )
-
-    async def restart_agent(self, which: str) -> Host:
+class Pair(TwoHosts):
+    async def restart_agent(self, which: str) -> AgentHost:
         """The agent of a host restarts: a new driver and app over the same files (QEMU and daemons stay)."""
-        old: Host = getattr(self, which)
-        await old.driver.close()
-        await old.client.close()
-        new = make_host(old.root, old.name, old.driver.images_dir)
+        old: AgentHost = getattr(self, which)
+        await old.close()
+        new = AgentHost.make(old.root, old.name, old.driver.images_dir, old.vm)
         await new.driver.attach_all()
         setattr(self, which, new)
         return new
 
 
 @pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
-    if os.geteuid() != 0:
-        pytest.skip("real-QEMU tests run as root")
-    if shutil.which("qemu-storage-daemon") is None:
-        pytest.skip("qemu-storage-daemon is not installed")
-    from kasou.image import load_image
-
-    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
-    try:
-        art = load_image(images, "tiny")
-    except Exception as e:
-        pytest.skip(f"the tiny image is not built: {e}")
-    root = Path(tempfile.mkdtemp(prefix="kasou-repl-", dir="/tmp"))  # short: unix socket paths
-    p = Pair(root, make_host(root / "a", "host-a", images), make_host(root / "b", "host-b", images), art.disk)
-    await p.a.driver.attach_all()
-    await p.b.driver.attach_all()
-    try:
+async def pair(tiny_image: Path) -> AsyncIterator[Pair]:
+    need_storage_daemon()
+    image_disk = tiny_disk(tiny_image)
+    root = scratch("kasou-repl-")
+    a = AgentHost.make(root / "a", "host-a", tiny_image, NAME)
+    b = AgentHost.make(root / "b", "host-b", tiny_image, NAME)
+    p = Pair(root, a, b, image_disk, uuid="5eb1a5e0-0000-4000-8000-0000000000a1")
+    async with serving(p):
         yield p
-    finally:
-        for h in (p.a, p.b):
-            await h.driver.close()
-            await h.client.close()
-        pids = pids_under(root)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)  # a daemon a test stopped
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert not any(pid_alive(x) for x in pids)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def boot(p: Pair) -> Path:
-    """The VM runs on A from its own disk and has written a few lines."""
-    disk = p.a.disks / NAME / "disk0.qcow2"
-    disk.parent.mkdir(parents=True)
-    subprocess.run(
-        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(p.image_disk), str(disk)], check=True, timeout=60
-    )
-    await p.a.client.start(p.spec(disk))
-
-    async def writing() -> bool:
-        info = await p.a.client.info(NAME)
-        assert info.state == RuntimeState.RUNNING, info
-        return info.guest_ready and len(p.a.seqs()) >= 3
-
-    await wait_for("the guest on A to write", writing, 90)
-    return disk
 
 
 async def replicate(p: Pair) -> tuple[ReplicaStatus, Path]:
@@ -204,17 +72,6 @@ async def replicate(p: Pair) -> tuple[ReplicaStatus, Path]:
     print(f"\n[replication] in sync {time.monotonic() - t0:.2f} s after attach ({DISK_SIZE >> 20} MiB disk)")
     assert st.state == "in_sync" and st.progress == 1.0 and st.error is None, st
     return st, Path(t.path)
-
-
-async def writes_go_on(h: Host, more: int = 10, timeout: float = 30) -> None:
-    n = (h.seqs() or [0])[-1]
-
-    async def advanced() -> bool:
-        info = await h.client.info(NAME)
-        assert info.state == RuntimeState.RUNNING, info
-        return (h.seqs() or [0])[-1] >= n + more
-
-    await wait_for(f"the guest on {h.name} to write {more} more lines", advanced, timeout)
 
 
 def nbd_greets(port: int, wait: float = 1.5) -> bool:
@@ -230,7 +87,7 @@ def nbd_greets(port: int, wait: float = 1.5) -> bool:
 async def test_failover_to_the_replica(pair: Pair) -> None:
     """Kill the VM's QEMU: the replica, promoted, boots with every write the guest saw acknowledged."""
     p = pair
-    await boot(p)
+    await boot_on_a(p)
 
     # Attaching to a wrong export or a replica of another size fails and leaves nothing attached.
     t = await p.b.client.create_replica(NAME, "disk0", 2 * DISK_SIZE)
@@ -286,7 +143,7 @@ async def test_failover_to_the_replica(pair: Pair) -> None:
 async def test_degraded_rebuild_and_a_hung_replica(pair: Pair) -> None:
     """The replica's daemon dies, then another hangs: the guest writes on; a rebuild brings it back in sync."""
     p = pair
-    await boot(p)
+    await boot_on_a(p)
     _, replica = await replicate(p)
 
     # Both agents restart: the daemon and the mirror go on, and are found again.

@@ -7,14 +7,9 @@ The test kills its QEMUs by pid and removes its files.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,22 +18,30 @@ from pathlib import Path
 import pytest
 
 from kasou.agent.client import AgentClient
-from kasou.config import DEFAULT_IMAGES
 from kasou.errors import WrongState
-from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeState
+from kasou.hypervisor.base import LaunchSpec, RuntimeState
 from kasou.hypervisor.snapshots import SnapshotDiskNow, SnapshotMerge, SnapshotMergeDisk, SnapshotRevert, SnapshotTake
-from tests.integration.conftest import pid_alive
-from tests.integration.test_replication import Host, make_host, pids_under, seqs, wait_for
+from tests.integration.qemu_rig import (
+    AgentHost,
+    end_processes,
+    qcow2_copy,
+    scratch,
+    seqs,
+    start_writing,
+    tiny_disk,
+    tiny_spec,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
-NAME = "repl1"  # the replication test's Host reads the console log of this name
+NAME = "repl1"
 
 
 @dataclass
 class One:
     root: Path
-    host: Host
+    host: AgentHost
     disk: Path
 
     @property
@@ -46,48 +49,21 @@ class One:
         return self.host.client
 
     def spec(self, path: Path) -> LaunchSpec:
-        return LaunchSpec(
-            name=NAME,
-            uuid="5eb1a5e0-0000-4000-8000-00000000005a",
-            vcpus=1,
-            memory_mib=128,
-            image="tiny",
-            disks=[LaunchDisk(id="disk0", path=str(path))],
-        )
+        return tiny_spec(NAME, "5eb1a5e0-0000-4000-8000-00000000005a", path)
 
 
 @pytest.fixture
-async def one() -> AsyncIterator[One]:
-    if os.geteuid() != 0:
-        pytest.skip("real-QEMU tests run as root")
-    from kasou.image import load_image
-
-    images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES)
-    try:
-        art = load_image(images, "tiny")
-    except Exception as e:
-        pytest.skip(f"the tiny image is not built: {e}")
-    root = Path(tempfile.mkdtemp(prefix="kasou-snap-", dir="/tmp"))
-    host = make_host(root / "a", "host-a", images)
+async def one(tiny_image: Path) -> AsyncIterator[One]:
+    image_disk = tiny_disk(tiny_image)
+    root = scratch("kasou-snap-")
+    host = AgentHost.make(root / "a", "host-a", tiny_image, NAME)
     await host.driver.attach_all()
-    disk = host.disks / NAME / "disk0.qcow2"
-    disk.parent.mkdir(parents=True)
-    subprocess.run(
-        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(art.disk), str(disk)], check=True, timeout=60
-    )
+    disk = qcow2_copy(image_disk, host.disks / NAME / "disk0.qcow2")
     try:
         yield One(root, host, disk)
     finally:
-        await host.driver.close()
-        await host.client.close()
-        pids = pids_under(root)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert not any(pid_alive(x) for x in pids)
+        await host.close()
+        await end_processes(root)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -115,13 +91,7 @@ async def writes(o: One, more: int, timeout: float = 60) -> int:
 
 
 async def boot(o: One, path: Path) -> None:
-    await o.client.start(o.spec(path))
-
-    async def ready() -> bool:
-        info = await o.client.info(NAME)
-        return info.guest_ready and len(o.host.seqs()) >= 3
-
-    await wait_for("the guest to write", ready, 90)
+    await start_writing(o.host, o.spec(path), 3, "the guest to write")
 
 
 async def stop(o: One) -> None:
