@@ -47,7 +47,7 @@ from kasou.errors import Conflict, HypervisorError, InvalidSpec, KasouError, Mon
 from kasou.hypervisor.base import LaunchDisk, MirrorStatus, validate_disk_id
 from kasou.hypervisor.qemu import runfiles
 from kasou.hypervisor.qemu.migration import Execute
-from kasou.hypervisor.qemu.replication import job_failure, node_sizes
+from kasou.hypervisor.qemu.replication import job_failure, start_blocking_mirror
 
 RECORD = "mirrors.json"  # in the VM's runtime directory
 PIVOT_S = 10.0  # a ready job switches over at once; bounded all the same
@@ -199,22 +199,9 @@ async def attach(
     )
     started = False
     try:
-        sizes = await node_sizes(execute, [source_node, node])
-        if sizes.get(source_node) != sizes.get(node):
-            raise InvalidSpec(
-                f"the second copy holds {sizes.get(node)} bytes but disk {disk_id} has {sizes.get(source_node)}",
-                field="mirror",
-            )
-        await execute("blockdev-mirror", {
-            "job-id": job_id(disk_id),
-            "device": source_node,
-            "target": node,
-            "sync": sync,
-            "copy-mode": "write-blocking",  # a guest write completes only once both copies have it
-            "on-source-error": "report",
-            "on-target-error": "report",  # a failed second copy ends the job; the guest never sees it
-            "auto-dismiss": False,  # an ended job stays visible (degraded, with its error) until detached
-        })  # fmt: skip
+        await start_blocking_mirror(
+            execute, job_id(disk_id), disk_id, source_node, node, sync, "the second copy", "mirror"
+        )
         started = True
         records[disk_id] = new
         save(run_dir, records)

@@ -499,22 +499,10 @@ async def attach(
         raise HypervisorError(f"cannot reach the replica of disk {disk_id} at {nbd_host}:{nbd_port}: {e}") from None
     started = False
     try:
-        sizes = await node_sizes(execute, [disk_id, node])
-        if sizes.get(disk_id) != sizes.get(node):
-            raise InvalidSpec(
-                f"the replica holds {sizes.get(node)} bytes but disk {disk_id} has {sizes.get(disk_id)}",
-                field="size_bytes",
-            )
-        await execute("blockdev-mirror", {
-            "job-id": job_id(disk_id),
-            "device": disk_id,
-            "target": node,
-            "sync": "full",  # zeroes the target first: a reused file keeps nothing stale
-            "copy-mode": "write-blocking",  # once ready, a guest write completes only when the replica has it
-            "on-source-error": "report",
-            "on-target-error": "report",  # a replica that fails ends the job; the guest never sees it
-            "auto-dismiss": False,  # an ended job stays visible (degraded, with its error) until detached
-        })  # fmt: skip
+        # sync full zeroes the target first: a reused file keeps nothing stale
+        await start_blocking_mirror(
+            execute, job_id(disk_id), disk_id, disk_id, node, "full", "the replica", "size_bytes"
+        )
         started = True
         records[disk_id] = Attached(disk_id, nbd_host, nbd_port, export, time.time())
         save(run_dir, records)
@@ -528,6 +516,30 @@ async def attach(
     if await asyncio.to_thread(set_user_timeout, pid, nbd_host, nbd_port) == 0:
         log.warning("no NBD connection of QEMU pid %d to %s:%d found to bound", pid, nbd_host, nbd_port)
     return True
+
+
+async def start_blocking_mirror(
+    execute: Execute, job: str, disk_id: str, source: str, target: str, sync: str, what: str, field: str
+) -> None:
+    """Start disk ``disk_id``'s write-blocking mirror job ``job`` from node ``source`` to node ``target``
+    (mirrored disks and replicas alike), once both have the same size. Once the job is ready, a
+    guest write completes only when ``target`` has it too; a failed target ends the job, and the
+    guest never sees it; the ended job stays visible (degraded, with its error) until detached."""
+    sizes = await node_sizes(execute, [source, target])
+    if sizes.get(source) != sizes.get(target):
+        raise InvalidSpec(
+            f"{what} holds {sizes.get(target)} bytes but disk {disk_id} has {sizes.get(source)}", field=field
+        )
+    await execute("blockdev-mirror", {
+        "job-id": job,
+        "device": source,
+        "target": target,
+        "sync": sync,
+        "copy-mode": "write-blocking",
+        "on-source-error": "report",
+        "on-target-error": "report",
+        "auto-dismiss": False,
+    })  # fmt: skip
 
 
 async def wait_in_sync(
