@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kasou import pki
 from kasou.agent import guard as guard_mod
 from kasou.agent.guard import HostGuard
-from kasou.config import HaTimes, Paths
+from kasou.config import HaTimes, Paths, TlsFiles
 from kasou.errors import StoreConflict, StoreError
 from kasou.lab.etcd import EtcdCluster
 from kasou.store.etcd import EtcdStore
@@ -247,3 +248,46 @@ async def test_a_restarting_member_says_no_leader_on_its_metrics_listener(cluste
     while await guard_mod.probe_member(cluster.endpoints[2], cluster.metrics_urls[2]) != "no-leader":
         assert time.monotonic() - t0 < 10, "the survivor still says it has a leader"
         await asyncio.sleep(0.2)
+
+
+async def test_etcd_over_mutual_tls_takes_only_the_sites_hosts(tmp_path: Path) -> None:
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    pki.init_ca(tmp_path / "ca", "test site")
+    pki.issue(tmp_path / "ca", "etcd", ["127.0.0.1"], [], tmp_path / "etcd-tls")
+    pki.issue(tmp_path / "ca", "h1", ["127.0.0.1"], [], tmp_path / "h1")
+    pki.init_ca(tmp_path / "other-ca", "another site")
+    pki.issue(tmp_path / "other-ca", "h9", ["127.0.0.1"], [], tmp_path / "h9")
+    ca = tmp_path / "ca" / "ca.crt"
+    etcd_tls = TlsFiles(ca=ca, cert=tmp_path / "etcd-tls" / "host.crt", key=tmp_path / "etcd-tls" / "host.key")
+    cluster = EtcdCluster(tmp_path / "data", members=1, tls=etcd_tls)
+    cluster.start(timeout=30)
+    try:
+        assert all(u.startswith("https://") for u in [*cluster.endpoints, *cluster.metrics_urls])
+        h1 = pki.client_context(ca, tmp_path / "h1" / "host.crt", tmp_path / "h1" / "host.key")
+        store = EtcdStore(cluster.endpoints, timeout=TIMEOUT, tls=h1)
+        try:
+            await store.put("vms/a", {"n": 1})
+            e = await store.get("vms/a")
+            assert e is not None and e.value == {"n": 1}
+            assert await guard_mod._probe_metrics(cluster.metrics_urls[0], h1) == "unknown"  # it has a leader
+        finally:
+            await store.close()
+        for who, ctx in (
+            ("no client certificate", pki.client_context(ca)),
+            (
+                "another CA's certificate",
+                pki.client_context(ca, tmp_path / "h9" / "host.crt", tmp_path / "h9" / "host.key"),
+            ),
+        ):
+            bad = EtcdStore(cluster.endpoints, timeout=TIMEOUT, tls=ctx)
+            try:
+                with pytest.raises(StoreError):
+                    await bad.get("vms/a")
+            finally:
+                await bad.close()
+            print(f"etcd refuses a client with {who}")
+        with pytest.raises(StoreError, match="TLS files"):
+            EtcdStore(cluster.endpoints)
+    finally:
+        cluster.stop()

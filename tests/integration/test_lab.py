@@ -226,7 +226,19 @@ def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab:
         assert h["agent"]["alive"] and h["agent"]["answers"], h
         assert h["api"]["alive"] and h["api"]["answers"], h
     assert [m["healthy"] for m in st["etcd"]] == [True, True, True]
-    assert [m["client_url"] for m in st["etcd"]] == [f"http://10.88.0.1:{p}" for p in (2379, 2381, 2383)]
+    assert [m["client_url"] for m in st["etcd"]] == [f"https://10.88.0.1:{p}" for p in (2379, 2381, 2383)]
+    # etcd is mutual TLS too: the lab's CA, and a client certificate of it
+    etcd = st["etcd"][0]["client_url"]
+    tls = lab.dir / "h1" / "home" / "tls"
+    as_h1 = ssl.create_default_context(cafile=ca)
+    as_h1.load_cert_chain(tls / "host.crt", tls / "host.key")
+    with httpx.Client(timeout=3, verify=as_h1) as c:
+        assert c.get(f"{etcd}/health").json()["health"] == "true"
+    anonymous = ssl.create_default_context(cafile=ca)
+    with httpx.Client(timeout=3, verify=anonymous) as c, pytest.raises(httpx.TransportError):
+        c.get(f"{etcd}/health")  # no client certificate
+    with httpx.Client(timeout=3) as c, pytest.raises(httpx.TransportError):
+        c.get(etcd.replace("https://", "http://") + "/health")  # no plain HTTP
     assert oct((lab.dir / "api.token").stat().st_mode & 0o777) == "0o600"
     assert (lab.dir / "shared").is_dir()
     for h in HOSTS:

@@ -30,6 +30,7 @@ class Clock:
 
 class Store:
     endpoints = ["http://e1", "http://e2", "http://e3"]
+    tls = None
 
     def __init__(self) -> None:
         self.fail: str | None = None  # "network" or "expired"
@@ -115,7 +116,7 @@ async def test_renewed_lease_fences_nothing(setup: Any) -> None:
 async def test_no_renewal_for_ttl_minus_margin_kills_only_ha_vms(setup: Any, monkeypatch: Any) -> None:
     g, store, clock, procs = setup
 
-    async def reachable(endpoint: str, metrics: str | None = None) -> str:
+    async def reachable(endpoint: str, metrics: str | None = None, tls: Any = None) -> str:
         return "unknown"  # a member that may well have a leader: this host is cut off
 
     monkeypatch.setattr(guard_mod, "probe_member", reachable)
@@ -134,7 +135,7 @@ async def test_quorum_lost_everywhere_holds_the_fence(setup: Any, monkeypatch: A
     g, store, clock, procs = setup
     answers = iter(["no-leader", "dead", "dead"] * 10)
 
-    async def no_quorum(endpoint: str, metrics: str | None = None) -> str:
+    async def no_quorum(endpoint: str, metrics: str | None = None, tls: Any = None) -> str:
         return next(answers)
 
     monkeypatch.setattr(guard_mod, "probe_member", no_quorum)
@@ -151,7 +152,7 @@ async def test_one_unknown_member_with_two_dead_still_holds_but_two_unknown_fenc
     g, store, clock, procs = setup
     answers = iter(["unknown", "unknown", "no-leader"] * 10)
 
-    async def cut_off(endpoint: str, metrics: str | None = None) -> str:
+    async def cut_off(endpoint: str, metrics: str | None = None, tls: Any = None) -> str:
         return next(answers)
 
     monkeypatch.setattr(guard_mod, "probe_member", cut_off)
@@ -195,7 +196,7 @@ async def test_after_quorum_returns_the_guard_has_ttl_minus_margin_from_the_last
     g, store, clock, procs = setup
     answers = ["no-leader", "dead", "dead"]
 
-    async def probe(endpoint: str, metrics: str | None = None) -> str:
+    async def probe(endpoint: str, metrics: str | None = None, tls: Any = None) -> str:
         return answers[Store.endpoints.index(endpoint)]
 
     monkeypatch.setattr(guard_mod, "probe_member", probe)

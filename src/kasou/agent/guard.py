@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -292,7 +293,8 @@ class HostGuard:
     async def quorum_lost_everywhere(self) -> bool:
         """True only if fewer than a quorum of etcd members could be part of a working cluster."""
         metrics = self.metrics + [None] * (len(self.store.endpoints) - len(self.metrics))
-        probes = (probe_member(e, m) for e, m in zip(self.store.endpoints, metrics, strict=False))
+        tls = self.store.tls
+        probes = (probe_member(e, m, tls) for e, m in zip(self.store.endpoints, metrics, strict=False))
         results = await asyncio.gather(*probes)
         unknown = sum(1 for r in results if r == "unknown")
         quorum = len(results) // 2 + 1
@@ -328,18 +330,18 @@ class HostGuard:
                 self._state_file().unlink()
 
 
-async def probe_member(endpoint: str, metrics: str | None = None) -> str:
+async def probe_member(endpoint: str, metrics: str | None = None, tls: ssl.SSLContext | None = None) -> str:
     """``no-leader`` (it answers and has none), ``dead`` (connection refused), or ``unknown``.
 
     With the member's metrics URL, its ``etcd_server_has_leader`` gauge is asked first. A refused
     metrics port proves nothing (etcd opens it after its raft node starts): the client port decides.
     """
     if metrics:
-        verdict = await _probe_metrics(metrics)
+        verdict = await _probe_metrics(metrics, tls)
         if verdict != "refused":
             return verdict
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as c:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, verify=tls if tls is not None else True) as c:
             r = await c.post(f"{endpoint.rstrip('/')}/v3/maintenance/status", json={})
         data = r.json()
     except httpx.ConnectError as e:
@@ -353,10 +355,10 @@ async def probe_member(endpoint: str, metrics: str | None = None) -> str:
     return "unknown"
 
 
-async def _probe_metrics(url: str) -> str:
+async def _probe_metrics(url: str, tls: ssl.SSLContext | None) -> str:
     """``no-leader``, ``unknown`` (it has a leader, or no clear answer) or ``refused``."""
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as c:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, verify=tls if tls is not None else True) as c:
             r = await c.get(f"{url.rstrip('/')}/metrics")
     except httpx.ConnectError as e:
         return "refused" if _refused(e) else "unknown"
@@ -431,7 +433,12 @@ def guard_running(paths: Paths) -> bool:
 
 
 def run_guard(
-    paths: Paths, host: str, endpoints: list[str], times: HaTimes, metrics: list[str | None] | None = None
+    paths: Paths,
+    host: str,
+    endpoints: list[str],
+    times: HaTimes,
+    metrics: list[str | None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """The guard process: hold the host's lock, then renew and fence until killed."""
     paths.ensure()
@@ -450,7 +457,7 @@ def run_guard(
             return {}
 
     async def main() -> None:
-        store = EtcdStore(endpoints, timeout=times.renew_every_s)
+        store = EtcdStore(endpoints, timeout=times.renew_every_s, tls=tls)
         guard = HostGuard(store, host, paths, times, record, metrics=metrics)
         device = os.environ.get("KASOU_HA_WATCHDOG", "").strip()
         if device:

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -37,6 +38,8 @@ from types import TracebackType
 
 import httpx
 
+from kasou import pki
+from kasou.config import TlsFiles
 from kasou.errors import OperationTimeout, StoreError
 
 HOST = "127.0.0.1"
@@ -59,7 +62,16 @@ def _free_ports(count: int, host: str = HOST) -> list[int]:
 class EtcdCluster:
     """``members`` etcd processes forming one cluster, all listening on ``host``."""
 
-    def __init__(self, data_dir: Path, members: int = 3, base_port: int | None = None, host: str = HOST) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        members: int = 3,
+        base_port: int | None = None,
+        host: str = HOST,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        """``tls``: a certificate (server and client use, for ``host``) and the CA that signed it:
+        every URL is then ``https://``, and clients and peers must present a certificate of that CA."""
         if members < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self.data_dir = Path(data_dir)
@@ -70,6 +82,8 @@ class EtcdCluster:
             self._ports = _free_ports(3 * members, host)
         else:
             self._ports = list(range(base_port, base_port + 3 * members))
+        self.tls = tls
+        self._scheme = "https" if tls is not None else "http"
         self.names = [f"m{i}" for i in range(members)]
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * members
         self._token = f"kasou-lab-{uuid.uuid4().hex[:12]}"
@@ -77,16 +91,31 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         """The client URLs, one per member (dead members included)."""
-        return [f"http://{self.host}:{self._ports[2 * i]}" for i in range(self.members)]
+        return [f"{self._scheme}://{self.host}:{self._ports[2 * i]}" for i in range(self.members)]
 
     @property
     def peer_urls(self) -> list[str]:
-        return [f"http://{self.host}:{self._ports[2 * i + 1]}" for i in range(self.members)]
+        return [f"{self._scheme}://{self.host}:{self._ports[2 * i + 1]}" for i in range(self.members)]
 
     @property
     def metrics_urls(self) -> list[str]:
         """Each member's metrics listener (``--listen-metrics-urls``), in the order of :attr:`endpoints`."""
-        return [f"http://{self.host}:{self._ports[2 * self.members + i]}" for i in range(self.members)]
+        return [f"{self._scheme}://{self.host}:{self._ports[2 * self.members + i]}" for i in range(self.members)]
+
+    def client_tls(self) -> ssl.SSLContext | bool:
+        """What a client of this cluster verifies with (and presents): for httpx's ``verify``."""
+        if self.tls is None:
+            return True
+        return pki.client_context(self.tls.ca, self.tls.cert, self.tls.key)
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        cert, key, ca = str(self.tls.cert), str(self.tls.key), str(self.tls.ca)
+        return [
+            "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
+            "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca, "--peer-client-cert-auth",
+        ]  # fmt: skip
 
     @property
     def pids(self) -> list[int | None]:
@@ -133,6 +162,7 @@ class EtcdCluster:
                     "--initial-cluster-token", self._token,
                     "--logger", "zap",
                     "--log-outputs", "stderr",
+                    *self._tls_flags(),
                 ]  # fmt: skip
                 with open(self.log_path(i), "ab") as log:
                     self._procs[i] = subprocess.Popen(
@@ -152,7 +182,7 @@ class EtcdCluster:
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pending = set(range(self.members))
-        with httpx.Client(timeout=1.0) as client:
+        with httpx.Client(timeout=1.0, verify=self.client_tls()) as client:
             while pending:
                 for i in sorted(pending):
                     proc = self._procs[i]

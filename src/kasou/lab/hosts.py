@@ -8,7 +8,8 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
 
     root namespace
       bridge klab0            10.88.0.1/24; etcd listens here (every host reaches it)
-      etcd m0, m1, m2         http://10.88.0.1:2379, :2381, :2383 (peers :2380, :2382, :2384; metrics :2385-:2387)
+      etcd m0, m1, m2         https://10.88.0.1:2379, :2381, :2383 (peers :2380, :2382, :2384; metrics
+                              :2385-:2387), mutual TLS with LAB/etcd-tls (signed by the lab CA)
       veth klab-h1 ──┐        port of klab0; "partition h1" sets it down
       veth klab-h2 ──┤ ...
       bridge klab-vm          the VM traffic switch: no address, a plain bridge (a trunk: it
@@ -70,7 +71,7 @@ import httpx
 
 from kasou import pki
 from kasou.api.auth import ensure_token
-from kasou.config import DEFAULT_IMAGES, Paths
+from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles
 from kasou.errors import InvalidSpec, KasouError, NotFound
 from kasou.hypervisor.qemu import process
 from kasou.lab import net
@@ -318,6 +319,12 @@ class Lab:
         return self.tls_dir / "ca.crt"
 
     @property
+    def etcd_tls(self) -> TlsFiles:
+        """The etcd members' certificate (the bridge address as SAN), signed by the lab's CA."""
+        d = self.dir / "etcd-tls"
+        return TlsFiles(ca=d / "ca.crt", cert=d / "host.crt", key=d / "host.key")
+
+    @property
     def shared_dir(self) -> Path:
         return self.dir / "shared"
 
@@ -382,7 +389,9 @@ class Lab:
         return LabState(dir=str(self.dir), images=str(images), hosts=hosts, etcd=members)
 
     def _cluster(self) -> EtcdCluster:
-        return EtcdCluster(self.etcd_dir, members=ETCD_MEMBERS, base_port=ETCD_BASE_PORT, host=GATEWAY)
+        return EtcdCluster(
+            self.etcd_dir, members=ETCD_MEMBERS, base_port=ETCD_BASE_PORT, host=GATEWAY, tls=self.etcd_tls
+        )
 
     def _token(self) -> str | None:
         try:
@@ -517,6 +526,10 @@ class Lab:
                 pki.issue(self.tls_dir, h.name, [h.address, "127.0.0.1"], [], h.tls_dir)
                 os.chmod(h.tls_dir, 0o700)
                 made.append(h.name)
+        if not self.etcd_tls.key.exists() or not self.etcd_tls.ca.exists():
+            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent)
+            os.chmod(self.etcd_tls.key.parent, 0o700)
+            made.append("etcd")
         return f"tls: site CA {self.ca_file}" + (f" (made: {', '.join(made)})" if made else "")
 
     def _etcd_up(self, st: LabState, undo: list[Callable[[], Any]]) -> None:
@@ -664,7 +677,8 @@ class Lab:
                 }
             hosts.append(entry)
         members = []
-        with httpx.Client(timeout=1.0) as c:
+        verify = self._cluster().client_tls() if self.etcd_tls.key.exists() else True
+        with httpx.Client(timeout=1.0, verify=verify) as c:
             for m in st.etcd:
                 alive = _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)
                 healthy = False

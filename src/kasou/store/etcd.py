@@ -56,6 +56,7 @@ import asyncio
 import base64
 import json
 import math
+import ssl
 from typing import Any, Literal
 
 import httpx
@@ -110,15 +111,27 @@ class _Ambiguous(Exception):
 class EtcdStore(Store):
     """A :class:`Store` on an etcd v3 cluster (tested with etcd 3.4)."""
 
-    def __init__(self, endpoints: list[str], *, prefix: str = "/kasou/", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        prefix: str = "/kasou/",
+        timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``tls``: the client context for ``https://`` endpoints (the site CA and this host's
+        certificate: etcd with ``--client-cert-auth`` accepts only the site's hosts)."""
         if not endpoints:
             raise StoreError("the etcd store needs at least one endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
+        if tls is None and any(e.startswith("https://") for e in self.endpoints):
+            raise StoreError("etcd over https needs this host's TLS files (the site CA and its certificate)")
         self.prefix = prefix
         self.timeout = timeout
+        self.tls = tls
         self._pfx = prefix.encode()
         self._preferred = 0  # index of the endpoint that answered last
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), verify=tls if tls is not None else True)
 
     # -- transport -------------------------------------------------------------------------------------
 
