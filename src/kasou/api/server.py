@@ -145,18 +145,23 @@ def _listen_host(listen: str | None) -> str | None:
 GUARD_CHECK_EVERY_S = 2.0
 
 
-def start_guard(paths: Paths) -> int | None:
-    """Start this host's guard (lease and self-fencing) unless one runs; its pid, or None if it ran."""
+def start_guard(paths: Paths, starting: subprocess.Popen[bytes] | None = None) -> subprocess.Popen[bytes] | None:
+    """Start this host's guard (lease and self-fencing) unless one runs; the new process, or None.
+
+    ``starting``: the guard this agent started last. While it lives it is left alone even if it
+    does not hold the lock yet: a loaded host may take seconds to import Python, and a second
+    guard started meanwhile would only find the lock taken and exit."""
+    if starting is not None and starting.poll() is None:
+        return None
     if guard.guard_running(paths):
         return None
     log_file = paths.logs / "guard.log"
     with open(log_file, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "kasou", "agent-guard"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,  # it outlives the agent: an agent restart keeps the lease
         )  # fmt: skip
-    return proc.pid
 
 
 async def _serve_guarded(config: uvicorn.Config, paths: Paths, record: dict[str, Any]) -> None:
@@ -166,10 +171,12 @@ async def _serve_guarded(config: uvicorn.Config, paths: Paths, record: dict[str,
     os.replace(tmp, guard.record_file(paths))
 
     async def keep_guard() -> None:
+        started: subprocess.Popen[bytes] | None = None
         while True:
-            pid = start_guard(paths)
-            if pid is not None:
-                logging.getLogger("kasou.agent").warning("started the host guard (pid %d)", pid)
+            proc = start_guard(paths, started)
+            if proc is not None:
+                started = proc
+                logging.getLogger("kasou.agent").warning("started the host guard (pid %d)", proc.pid)
             await asyncio.sleep(GUARD_CHECK_EVERY_S)
 
     task = asyncio.create_task(keep_guard(), name="guard")
@@ -192,7 +199,14 @@ def run_guard(paths: Paths) -> None:
         metrics = etcd_metrics_endpoints(len(endpoints))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    guard.run_guard(paths, host_name(), endpoints, ha_times(), metrics)
+    guard.run_guard(paths, host_name(), endpoints, ha_times(), metrics, etcd_tls(paths, endpoints))
+
+
+def etcd_tls(paths: Paths, endpoints: list[str]) -> ssl.SSLContext | None:
+    """This host's client context for etcd on ``https://`` (the site CA, its certificate), else None."""
+    if not any(e.startswith("https://") for e in endpoints):
+        return None
+    return host_client_context(paths.tls_files())
 
 
 def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) -> None:
@@ -218,7 +232,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
         if not endpoints:
             agents = Agents({me: AgentClient(me, uds=str(paths.agent_socket))})
             return Services.build(SqliteStore(paths.state_db), agents)
-        store = EtcdStore(endpoints)
+        store = EtcdStore(endpoints, tls=etcd_tls(paths, endpoints))
         svc = Services.build(store, Agents(store=store, tls=peers))
         svc.leadership = Leadership(
             store, me, f"{scheme}://{_url_host(host)}:{port}", on_elected=svc.vms.startup,

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel
@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
 RECONCILE_EVERY_S = 2.0
+# How long a read (vm show/list, the reconciler) waits for one host's report of its VMs. An agent
+# that takes longer (a host cut off before its lease expires, a wedged agent) counts as unreachable
+# for that read: the CLI's 30 s and the reconciler's round must not wait on it.
+RUNTIME_READ_S = 10.0
 POOL_CHECK_EVERY_TICKS = 15  # pools are measured every 30 s (a walk of their files)
 
 
@@ -181,10 +185,17 @@ class VMService:
     # -- the live view ---------------------------------------------------------------
 
     async def _runtime(self, host: str | None) -> dict[str, RuntimeInfo] | None:
+        """What ``host`` reports of its VMs; None if it cannot say within ``RUNTIME_READ_S``."""
         try:
-            return {i.name: i for i in await self.agents.get(host).list()}
-        except (AgentUnavailable, OperationTimeout):
+            async with asyncio.timeout(RUNTIME_READ_S):
+                return {i.name: i for i in await self.agents.get(host).list()}
+        except (AgentUnavailable, OperationTimeout, TimeoutError):
             return None
+
+    async def _runtimes(self, hosts: Iterable[str | None]) -> dict[str | None, dict[str, RuntimeInfo] | None]:
+        """Every host's report at once: one host that hangs costs a read ``RUNTIME_READ_S``, not more."""
+        order = list(hosts)
+        return dict(zip(order, await asyncio.gather(*(self._runtime(h) for h in order)), strict=True))
 
     def _view(self, rec: VMRecord, rt: RuntimeInfo | None, reachable: bool) -> VMView:
         live = rt is not None and rt.state in (
@@ -240,9 +251,7 @@ class VMService:
     async def list_all(self) -> list[VMView]:
         await self.agents.refresh()
         records = await self._records()
-        runtime: dict[str | None, dict[str, RuntimeInfo] | None] = {}
-        for host in {r.host for r in records}:
-            runtime[host] = await self._runtime(host)
+        runtime = await self._runtimes({r.host for r in records})
         out = []
         for rec in records:
             rt_host = runtime.get(rec.host)
@@ -315,9 +324,9 @@ class VMService:
         records = await self._records()
         await self.agents.refresh()
         runtimes: dict[str, dict[str, RuntimeInfo]] = {}
-        for host in {r.host for r in records if r.host} | set(self.agents.names()):
-            rt_host = await self._runtime(host)
-            if rt_host is None:
+        reports = await self._runtimes(sorted({r.host for r in records if r.host} | set(self.agents.names())))
+        for host, rt_host in reports.items():
+            if host is None or rt_host is None:
                 continue
             runtimes[host] = rt_host
             for rec in records:
