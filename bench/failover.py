@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,8 @@ def main() -> None:
 
         def client(via: str) -> Client:
             env = lab_env(base, via)
-            return Client(api_url(env["KASOU_API"]), env["KASOU_TOKEN"], timeout=10)
+            trust = ssl.create_default_context(cafile=env["KASOU_CA"])  # the lab's APIs are HTTPS (its own CA)
+            return Client(api_url(env["KASOU_API"]), env["KASOU_TOKEN"], timeout=10, verify=trust)
 
         def kasou(via: str, *a: str) -> str:
             r = subprocess.run([*KASOU, *a], env=lab_env(base, via), capture_output=True, text=True, timeout=600)
