@@ -1,10 +1,11 @@
-"""Two fake hosts (agent + FakeDriver, in process), for the agent-to-agent tests (migration, replication)."""
+"""Two fake hosts (agent + FakeDriver, in process), for the agent-to-agent tests (migration, replication); a fake QMP."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,3 +46,24 @@ async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
     yield a, b
     await a.client.close()
     await b.client.close()
+
+
+class Qmp:
+    """Records every command; answers from handlers (a callable, a value, or an exception to raise)."""
+
+    def __init__(self, **handlers: Any) -> None:
+        self.calls: list[tuple[str, dict[str, Any] | None]] = []
+        self.handlers = {k.replace("_", "-"): v for k, v in handlers.items()}
+
+    async def __call__(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.calls.append((command, arguments))
+        h = self.handlers.get(command, {})
+        if isinstance(h, BaseException):
+            raise h
+        result = h(arguments) if callable(h) else h
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def names(self) -> list[str]:
+        return [c for c, _ in self.calls]

@@ -10,29 +10,9 @@ import pytest
 from kasou.errors import HypervisorError, InvalidSpec, MonitorError, OperationTimeout
 from kasou.hypervisor.base import IncomingInfo
 from kasou.hypervisor.qemu import migration as mig
+from tests.unit.conftest import Qmp
 
 Handler = Callable[[dict[str, Any] | None], Any]
-
-
-class Qmp:
-    """Records every command; answers from handlers (a callable, a value, or an exception to raise)."""
-
-    def __init__(self, **handlers: Any) -> None:
-        self.calls: list[tuple[str, dict[str, Any] | None]] = []
-        self.handlers = {k.replace("_", "-"): v for k, v in handlers.items()}
-
-    async def __call__(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        self.calls.append((command, arguments))
-        h = self.handlers.get(command, {})
-        if isinstance(h, BaseException):
-            raise h
-        result = h(arguments) if callable(h) else h
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def names(self) -> list[str]:
-        return [c for c, _ in self.calls]
 
 
 COPY = IncomingInfo(

@@ -15,25 +15,7 @@ from kasou.hypervisor.base import IncomingInfo, LaunchDisk
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import tls as qtls
-
-
-class Qmp:
-    """Records every command; answers from handlers (a callable, a value, or an exception to raise)."""
-
-    def __init__(self, **handlers: Any) -> None:
-        self.calls: list[tuple[str, dict[str, Any] | None]] = []
-        self.handlers = {k.replace("_", "-"): v for k, v in handlers.items()}
-
-    async def __call__(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        self.calls.append((command, arguments))
-        h = self.handlers.get(command, {})
-        result = h(arguments) if callable(h) else h
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def names(self) -> list[str]:
-        return [c for c, _ in self.calls]
+from tests.unit.conftest import Qmp
 
 
 @pytest.fixture
