@@ -202,11 +202,12 @@ def run_guard(paths: Paths) -> None:
     guard.run_guard(paths, host_name(), endpoints, ha_times(), metrics, etcd_tls(paths, endpoints))
 
 
-def etcd_tls(paths: Paths, endpoints: list[str]) -> ssl.SSLContext | None:
-    """This host's client context for etcd on ``https://`` (the site CA, its certificate), else None."""
+def etcd_tls(paths: Paths, endpoints: list[str], ctx: ssl.SSLContext | None = None) -> ssl.SSLContext | None:
+    """This host's client context for etcd on ``https://`` (the site CA, its certificate), else None;
+    ``ctx``: that context made already (the control plane's, for agents and the leader)."""
     if not any(e.startswith("https://") for e in endpoints):
         return None
-    return host_client_context(paths.tls_files())
+    return ctx or host_client_context(paths.tls_files())
 
 
 def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) -> None:
@@ -232,7 +233,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
         if not endpoints:
             agents = Agents({me: AgentClient(me, uds=str(paths.agent_socket))})
             return Services.build(SqliteStore(paths.state_db), agents)
-        store = EtcdStore(endpoints, tls=etcd_tls(paths, endpoints))
+        store = EtcdStore(endpoints, tls=etcd_tls(paths, endpoints, peers))
         svc = Services.build(store, Agents(store=store, tls=peers))
         svc.leadership = Leadership(
             store, me, f"{scheme}://{_url_host(host)}:{port}", on_elected=svc.vms.startup,
