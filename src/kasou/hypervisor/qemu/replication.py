@@ -623,14 +623,15 @@ async def guard(execute: Execute, vm: str, pid: int, run_dir: Path, watch: Stall
     cut = []
     for d, rec in records.items():
         if rec.error is None and watch.stalled(vm, d, _job(jobs, d), now):
-            n = await asyncio.to_thread(cut_connections, pid, rec.nbd_host, rec.nbd_port)
             rec.error = (
                 f"the replica at {rec.nbd_host}:{rec.nbd_port} did not answer for {watch.stall_s:.0f} s; "
                 "its connection was cut and the guest writes to its local disk only"
             )
+            # Recorded before the cut: a status read meanwhile would otherwise report only the
+            # failed job's "Input/output error", not why the connection went.
+            save(run_dir, records)
+            n = await asyncio.to_thread(cut_connections, pid, rec.nbd_host, rec.nbd_port)
             log.error("VM %s disk %s: %s (%d connection(s) cut)", vm, d, rec.error, n)
             watch.forget(vm, d)
             cut.append(d)
-    if cut:
-        save(run_dir, records)
     return cut
