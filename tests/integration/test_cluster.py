@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.qemu_rig import seqs
+
 pytestmark = pytest.mark.qemu
 
 KASOU = [sys.executable, "-m", "kasou"]
@@ -67,15 +69,26 @@ class Lab:
     def ready(self, name: str, host: str = "h2") -> dict[str, Any]:
         return dict(self.wait(f"{name} ready", lambda: (v := self.vm(name, host))["guest_ready"] and v))
 
-    def serial(self, host: str, vm: str) -> list[str]:
+    def serial(self, host: str, vm: str) -> str:
         p = self.dir / host / "home" / "log" / "serial" / f"{vm}.log"
         try:
-            return p.read_text(errors="replace").splitlines()
+            return p.read_text(errors="replace")
         except FileNotFoundError:
-            return []
+            return ""
 
     def seqs(self, host: str, vm: str) -> list[int]:
-        return [int(ln.split()[1]) for ln in self.serial(host, vm) if ln.startswith("seq ")]
+        return seqs(self.serial(host, vm))
+
+    def assert_counter_continues(self, vm: str, src: str, dst: str) -> None:
+        """The writer's counter goes on without a gap or a repeat from the source's log into the destination's.
+
+        A line the guest was printing at the switch-over is cut in two, its end in the destination's log,
+        so the two logs are read as one stream.
+        """
+        self.wait("writes on the destination", lambda: self.seqs(dst, vm))
+        both = seqs(self.serial(src, vm) + self.serial(dst, vm))
+        assert both == list(range(both[0], both[0] + len(both))), "the counter skipped or repeated"
+        assert self.seqs(dst, vm)[-1] > self.seqs(src, vm)[-1]
 
 
 def make_lab(tiny_image: Path, prefix: str = "kasou-lab-") -> Iterator[Lab]:
@@ -122,10 +135,7 @@ def test_migrate_shared_storage_keeps_the_guest_running(lab: Lab) -> None:
     after = lab.ready("emr")
     assert after["host"] == dst and after["state"] == "running"
     assert after["uptime_s"] > before["uptime_s"], "the guest's own uptime keeps increasing"
-    # The writer's counter continues without a gap: the destination's first seq follows the source's last.
-    src_seqs = lab.seqs(src, "emr")
-    dst_seqs = lab.wait("writes on the destination", lambda: lab.seqs(dst, "emr"))
-    assert dst_seqs[0] == src_seqs[-1] + 1
+    lab.assert_counter_continues("emr", src, dst)
     hist = lab.json("vm", "history", "emr")
     assert [e["event"] for e in hist] == ["defined", "started", "migrated"]
     assert hist[-1]["host"] == dst and hist[-1]["from_host"] == src
@@ -144,8 +154,7 @@ def test_migrate_local_disk_copies_it(lab: Lab) -> None:
     assert after["host"] == dst
     assert f"/{dst}/home/disks/" in after["disks"][0]["path"]
     assert not Path(v["disks"][0]["path"]).exists(), "the source copy of the disk is removed"
-    dst_seqs = lab.wait("writes on the destination", lambda: lab.seqs(dst, "lab1"))
-    assert dst_seqs[0] == lab.seqs(src, "lab1")[-1] + 1
+    lab.assert_counter_continues("lab1", src, dst)
 
 
 def test_migration_bad_input_changes_nothing(lab: Lab) -> None:
@@ -212,7 +221,10 @@ def test_maintenance_of_each_host_stops_nothing(lab: Lab) -> None:
             assert v["state"] == "running"
             if v["uptime_s"] < uptimes[v["name"]]:
                 n = v["name"]
-                boots = {h: [ln for ln in lab.serial(h, n) if ln.startswith("recovered")] for h in ("h1", "h2", "h3")}
+                boots = {
+                    h: [ln for ln in lab.serial(h, n).splitlines() if ln.startswith("recovered")]
+                    for h in ("h1", "h2", "h3")
+                }
                 hist = lab.json("vm", "history", n)
                 raise AssertionError(f"{n}'s guest uptime went back: {v} boots={boots} history={hist}")
             uptimes[v["name"]] = v["uptime_s"]

@@ -50,7 +50,7 @@ def last_seq(lab: Lab, host: str, vm: str) -> int:
 
 
 def recovered_after_restart(lab: Lab, host: str, vm: str) -> int | None:
-    lines = [ln for ln in lab.serial(host, vm) if ln.startswith("recovered ")]
+    lines = [ln for ln in lab.serial(host, vm).splitlines() if ln.startswith("recovered ")]
     return int(lines[-1].split()[1]) if lines else None
 
 
