@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from kasou.api.client import Client
 from kasou.cli import common
 from kasou.cli.main import app as cli_app
-from kasou.control import totp
+from kasou.control import breakglass, totp
 from kasou.control.tokens import TOKENS_PREFIX
+from kasou.errors import Unauthorized
 from tests.functional.conftest import TOKEN, Env
 
 PW = "correct horse battery"
@@ -196,9 +197,41 @@ def test_totp_enroll_confirm_and_sign_in(env: Env) -> None:
     assert secret not in env.api.get("/v1/users").text and env.api.get("/v1/users").json()[0]["totp"] is True
     text = json.dumps(_records(env))
     assert secret not in text and code not in text
+    # Nor is it in the store in the clear: sealed with the site's secrets key, a 0600 file beside the store.
+    stored = env.api.portal.call(users.get, "boss").totp_secret
+    assert stored.startswith("sealed:v1:") and secret not in stored
+    assert users.sealer.open(stored, "the TOTP secret of user 'boss'") == secret
+    assert (users.sealer.path.stat().st_mode & 0o777) == 0o600 and users.sealer.path.parent == env.tmp
     # A lost device: an administrator turns it off; the password alone works again.
     assert env.api.delete("/v1/users/boss/totp").json()["totp"] is False
     assert _login(env, "boss")[1].status_code == 200
+
+
+def test_a_secret_kept_before_sealing_still_works_and_is_sealed_at_sign_in(env: Env) -> None:
+    _user(env, "old", "admin")
+    now = _fresh_step()
+    secret = totp.new_secret()
+    users = env.services.users
+
+    async def plain() -> None:  # as a record written before secrets were sealed
+        rec, rev = await users._entry("old")
+        await users._put(rec.model_copy(update={"totp_secret": secret}), rev)
+
+    env.api.portal.call(plain)
+    assert _login(env, "old")[1].status_code == 401
+    assert _login(env, "old", code=totp.code_at(secret, now))[1].status_code == 200
+    stored = env.api.portal.call(users.get, "old").totp_secret
+    assert stored.startswith("sealed:v1:") and secret not in stored
+    # Copied into another user's record, a sealed secret does not open (it names its user).
+    _user(env, "thief", "admin")
+
+    async def copy() -> None:
+        rec, rev = await users._entry("thief")
+        await users._put(rec.model_copy(update={"totp_secret": stored}), rev)
+
+    env.api.portal.call(copy)
+    r = _login(env, "thief", code=totp.code_at(secret, now + 30))[1]
+    assert r.status_code >= 500 and "altered" in r.json()["message"], r.text
 
 
 def test_missing_or_wrong_codes_lock_the_account(env: Env) -> None:
@@ -299,10 +332,19 @@ def test_break_glass_rotation_and_rate_limit(env: Env, bg_file: Path, monkeypatc
         assert _login(env, "break-glass", "wrong-password")[1].status_code == 401
     r = _login(env, "break-glass", new)[1]
     assert r.status_code == 401 and "rate-limited" in r.json()["message"]
-    env.services.users.break_glass.last_failure -= 60  # the wait is over; TOTP required does not apply to it
+    # The count is in the store: a restarted server (or a new leader) goes on with it.
+    store = env.services.store
+    assert breakglass.BreakGlass(store) is not env.services.users.break_glass
+    with pytest.raises(Unauthorized, match="rate-limited"):
+        env.api.portal.call(breakglass.BreakGlass(store).check, new)
+    limit = env.api.portal.call(store.get, breakglass.LIMIT_KEY).value
+    assert limit["failures"] == 5
+    # The wait is over; TOTP required does not apply to it.
+    env.api.portal.call(store.put, breakglass.LIMIT_KEY, {**limit, "last_failure": limit["last_failure"] - 60})
     monkeypatch.setenv("KASOU_REQUIRE_TOTP_FOR_ADMINS", "1")
     assert _login(env, "break-glass", new)[1].status_code == 200
     assert len(env.api.get("/v1/events/active").json()) == 2  # two uses, neither acknowledged
+    assert env.api.portal.call(store.get, breakglass.LIMIT_KEY) is None  # a right password clears the count
 
 
 def test_break_glass_file_is_beside_the_store(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 from kasou.api.auth import ensure_token
+from kasou.control import sealed
 from kasou.control.audit.keys import load_or_create
 from tests.functional.conftest import TOKEN, Env
 
@@ -128,6 +129,8 @@ def test_files_holding_secrets_are_0600(env: Env, tmp_path: Path) -> None:
         assert _mode(tmp_path / "home" / "api.token") == 0o600
         load_or_create(tmp_path / "home" / "audit.key")
         assert _mode(tmp_path / "home" / "audit.key") == 0o600
+        sealed.load_or_create(tmp_path / "home" / "secrets.key")
+        assert _mode(tmp_path / "home" / "secrets.key") == 0o600
     finally:
         os.umask(old)
     # What the running API wrote into its home: the audit key at its first checkpoint.

@@ -8,7 +8,9 @@ Its password's argon2id hash is kept in a file of its own, readable by root only
 replaces it and shows the new password once; replacing it ends the sessions signed in with the old one.
 
 Signing in as ``break-glass`` needs no TOTP code and is never locked out, but it is rate-limited: after
-``LIMIT_AFTER`` wrong passwords in a row, one attempt every ``LIMIT_WAIT_S`` seconds. Every use is loud:
+``LIMIT_AFTER`` wrong passwords in a row, one attempt every ``LIMIT_WAIT_S`` seconds. The count is kept
+in the store (``LIMIT_KEY``), so neither a restart nor a change of leader starts it afresh; when the
+store cannot be read or written the server's memory keeps it. Every use is loud:
 an audit record ``break_glass_login`` (``details.break_glass: true``), an operator event of severity
 error that stays active until an administrator acknowledges it, and a CRITICAL log line; everything
 its session does is recorded with the actor's ``via`` set to ``break_glass``.
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 NAME = "break-glass"
 LIMIT_AFTER = 5
 LIMIT_WAIT_S = 30.0
+LIMIT_KEY = "auth/break-glass-limit"  # {"failures": N, "last_failure": UNIX TIME}
 _ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: read aloud and typed under pressure
 _hasher = PasswordHasher()
 
@@ -113,7 +116,7 @@ def _write(p: Path, rec: BreakGlassFile) -> Path:
 
 
 class BreakGlass:
-    """The account's file and its rate limit (kept by the server that checks sign-ins: the leader)."""
+    """The account's file and its rate limit (checked by the server that checks sign-ins: the leader)."""
 
     def __init__(self, store: Store | None = None) -> None:
         self.store = store
@@ -132,15 +135,42 @@ class BreakGlass:
         rec = BreakGlassFile(id=secrets.token_hex(8), password_hash=digest, rotated_at=time.time())
         p = await asyncio.to_thread(_write, self.path, rec)
         self.failures = 0
+        await self._save_limit()
         return Rotated(password=password, file=str(p), rotated_at=rec.rotated_at, replaced=old is not None)
 
     def current_id(self) -> str | None:
         rec = read(self.path)
         return rec.id if rec is not None else None
 
+    async def _load_limit(self) -> None:
+        if self.store is None:
+            return
+        try:
+            e = await self.store.get(LIMIT_KEY)
+        except StoreError as err:
+            log.warning("break-glass: the rate limit is kept in memory (the store: %s)", err)
+            return
+        self.failures, self.last_failure = 0, 0.0  # the store's count is the one
+        if e is not None and isinstance(e.value, dict):
+            with contextlib.suppress(TypeError, ValueError):
+                self.failures = int(e.value.get("failures", 0))
+                self.last_failure = float(e.value.get("last_failure", 0.0))
+
+    async def _save_limit(self) -> None:
+        if self.store is None:
+            return
+        try:
+            if self.failures:
+                await self.store.put(LIMIT_KEY, {"failures": self.failures, "last_failure": self.last_failure})
+            else:
+                await self.store.delete(LIMIT_KEY)
+        except StoreError as err:
+            log.warning("break-glass: the rate limit is kept in memory (the store: %s)", err)
+
     async def check(self, password: str) -> BreakGlassFile:
         """The file if ``password`` is the break-glass password; Unauthorized otherwise (rate-limited)."""
         async with self._lock:  # one attempt at a time, so the limit holds
+            await self._load_limit()
             now = time.time()
             if self.failures >= LIMIT_AFTER and now - self.last_failure < LIMIT_WAIT_S:
                 raise Unauthorized(f"the break-glass account is rate-limited after {self.failures} wrong passwords; "
@@ -153,9 +183,12 @@ class BreakGlass:
             if rec is None or not ok:
                 self.failures += 1
                 self.last_failure = time.time()
+                await self._save_limit()
                 log.warning("break-glass sign-in refused (%d wrong in a row)", self.failures)
                 if rec is None:
                     raise Unauthorized("the break-glass account is not set up on this server: kasou user break-glass")
                 raise Unauthorized("wrong user name or password")
-            self.failures = 0
+            if self.failures:
+                self.failures = 0
+                await self._save_limit()
             return rec

@@ -5,7 +5,8 @@ accepted once: the user's record keeps the last step a code was accepted for, an
 step is accepted after it (no replay within the window, nor of an older code).
 
 The secret (160 random bits) is shown once, at enrolment, as base32 and as an ``otpauth://`` URI;
-it is kept in the user's record in the store and never returned or logged again.
+it is kept in the user's record in the store, sealed with the site's secrets key (:mod:`kasou.control.sealed`),
+and never returned or logged again.
 """
 
 from __future__ import annotations

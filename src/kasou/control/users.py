@@ -20,12 +20,13 @@ import logging
 import os
 import secrets
 import time
+from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, Field
 
-from kasou.control import audit, breakglass, totp
+from kasou.control import audit, breakglass, sealed, totp
 from kasou.control.events import ACTIVE_PREFIX, Events
 from kasou.control.tokens import TokenCreated, TokenRecord, TokenView, UserTokens
 from kasou.errors import AlreadyExists, Conflict, InvalidSpec, NotFound, StoreConflict, Unauthorized
@@ -78,8 +79,10 @@ class UserRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     failures: int = 0
     locked_until: float | None = None
-    totp_secret: str | None = Field(default=None, repr=False)  # the second factor, once confirmed
-    totp_pending: str | None = Field(default=None, repr=False)  # enrolled, not confirmed yet
+    # The second factor, once confirmed, and one enrolled but not confirmed yet: sealed with the site's
+    # secrets key (kasou.control.sealed); a record written before sealing holds them plain.
+    totp_secret: str | None = Field(default=None, repr=False)
+    totp_pending: str | None = Field(default=None, repr=False)
     totp_last_step: int = 0  # the last TOTP step a code was accepted for (no replay)
     break_glass: bool = False  # the break-glass account (never stored as a user)
 
@@ -119,9 +122,14 @@ def view(u: UserRecord) -> UserView:
                     totp=u.totp_secret is not None)  # fmt: skip
 
 
+def _what(name: str, field: str) -> str:
+    return f"the {'pending ' if field == 'totp_pending' else ''}TOTP secret of user {name!r}"
+
+
 class Users:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, secrets_key: Path | None = None) -> None:
         self.store = store
+        self.sealer = sealed.Sealer(secrets_key or sealed.default_key_path(store))
         self.tokens = UserTokens(store)
         self.break_glass = breakglass.BreakGlass(store)
         self.events = Events(store)
@@ -211,13 +219,16 @@ class Users:
             raise wrong from None
         update: dict[str, object] = {}
         if rec.totp_secret is not None:
-            step = totp.match(rec.totp_secret, code, rec.totp_last_step, now)
+            secret = await asyncio.to_thread(self._open, rec, "totp_secret")
+            step = totp.match(secret, code, rec.totp_last_step, now)
             if step is None:
                 await self._failed(rec, now, source)
                 if not code:
                     raise Unauthorized("a TOTP code is needed: enter the code of your authenticator", totp="required")
                 raise Unauthorized("the TOTP code is wrong or was used already", totp="required")
             update["totp_last_step"] = step
+            if not sealed.Sealer.is_sealed(rec.totp_secret):  # written before sealing: sealed now
+                update["totp_secret"] = self._seal(name, "totp_secret", secret)
         elif rec.role == Role.ADMIN and require_totp_for_admins():
             raise Unauthorized(f"administrators sign in with a TOTP code here and user {name!r} has none: "
                                f"an administrator enrolls it (kasou user totp enroll {name})",
@@ -329,6 +340,14 @@ class Users:
 
     # -- TOTP -----------------------------------------------------------------------------
 
+    def _seal(self, name: str, field: str, secret: str) -> str:
+        return self.sealer.seal(secret, _what(name, field))
+
+    def _open(self, rec: UserRecord, field: str) -> str:
+        value = getattr(rec, field)
+        assert value is not None
+        return self.sealer.open(value, _what(rec.name, field))
+
     async def _put(self, rec: UserRecord, rev: int) -> None:
         try:
             await self.store.put(USERS_PREFIX + rec.name, rec.model_dump(mode="json"), expect_rev=rev)
@@ -342,7 +361,8 @@ class Users:
             raise Conflict(f"user {name!r} has TOTP on already; for a new device: kasou user totp disable {name}, "
                            "then enroll again")  # fmt: skip
         secret = totp.new_secret()
-        await self._put(rec.model_copy(update={"totp_pending": secret}), rev)
+        pending = await asyncio.to_thread(self._seal, name, "totp_pending", secret)
+        await self._put(rec.model_copy(update={"totp_pending": pending}), rev)
         return TotpEnrolment(secret=secret, uri=totp.uri(secret, name))
 
     async def totp_confirm(self, name: str, code: str) -> UserView:
@@ -352,10 +372,12 @@ class Users:
             raise Conflict(f"user {name!r} has TOTP on already")
         if rec.totp_pending is None:
             raise Conflict(f"user {name!r} has no TOTP enrolment to confirm: kasou user totp enroll {name}")
-        step = totp.match(rec.totp_pending, code, 0)
+        secret = await asyncio.to_thread(self._open, rec, "totp_pending")
+        step = totp.match(secret, code, 0)
         if step is None:
             raise InvalidSpec("the TOTP code is not right (is the device's clock right?)", field="code")
-        rec = rec.model_copy(update={"totp_secret": rec.totp_pending, "totp_pending": None, "totp_last_step": step})
+        kept = self._seal(name, "totp_secret", secret)
+        rec = rec.model_copy(update={"totp_secret": kept, "totp_pending": None, "totp_last_step": step})
         await self._put(rec, rev)
         return view(rec)
 
