@@ -2,7 +2,8 @@
 
 Sign in as an operator through the form, see the VMs, start one from the UI and watch its job's
 progress and its state become running, see its CPU chart, cancel a confirmation, switch to English
-and back; an administrator also sees the audit trail; a clinician who signs in is sent to the portal.
+and back; an administrator also sees the audit trail; a clinician who signs in is sent to the portal,
+and on the account page changes their password and sets up their TOTP second factor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kasou.control import totp
 from tests.browser.conftest import shot, sign_in
 from tests.integration.conftest import Kasou
 
@@ -102,3 +104,34 @@ def test_dashboard_start_a_vm_and_watch_it(
     page.wait_for_selector("#signin:not([hidden])")
     sign_in(page, base, "nurse1", pw_nurse)
     page.wait_for_url("**/ui/portal.html*", timeout=30_000)
+
+    # The clinician changes their own password and sets up their own second factor on the account page.
+    new_pw = "a-new-password-2026"
+    page.click("#account")
+    page.wait_for_url("**/ui/account.html*", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('totp-state').textContent.length > 0")
+    assert page.locator("#back").get_attribute("href") == "/ui/portal.html"
+    page.fill("#current", pw_nurse)
+    page.fill("#new1", new_pw)
+    page.fill("#new2", new_pw)
+    page.click("#password-form button[type=submit]")
+    page.wait_for_selector("#password-result.ok")
+    page.fill("#totp-password", new_pw)
+    page.click("#totp-start button[type=submit]")
+    page.wait_for_selector("#totp-confirm:not([hidden])")
+    secret = page.locator("#totp-secret").inner_text().replace(" ", "")
+    assert f"secret={secret}" in page.locator("#totp-uri").inner_text()
+    page.fill("#totp-code", totp.code_at(secret, time.time()))
+    page.click("#totp-confirm button[type=submit]")
+    page.wait_for_selector("#totp-result.ok")
+    shot(page, "account-ja")
+    assert errors == [], errors
+    assert (
+        root_api.get("/v1/users").json()
+        and next(u for u in root_api.get("/v1/users").json() if u["name"] == "nurse1")["totp"] is True
+    )
+    # Signing in now needs the new password and a code: the form asks for the code.
+    r = httpx.post(f"{base}/v1/auth/login", json={"name": "nurse1", "password": pw_nurse})
+    assert r.status_code == 401
+    r = httpx.post(f"{base}/v1/auth/login", json={"name": "nurse1", "password": new_pw})
+    assert r.status_code == 401 and r.json()["details"]["totp"] == "required"

@@ -207,6 +207,42 @@ def test_totp_enroll_confirm_and_sign_in(env: Env) -> None:
     assert _login(env, "boss")[1].status_code == 200
 
 
+def test_users_change_their_own_password_and_set_up_their_own_totp(env: Env) -> None:
+    new = "a new horse battery"
+    _user(env, "nurse1", "clinician")
+    a, r = _login(env, "nurse1")
+    assert r.status_code == 200
+    b = _login(env, "nurse1")[0]  # signed in on another PC too
+
+    def change(current: str, password: str) -> Any:
+        return a.post("/v1/auth/me/password", json={"current_password": current, "password": password}, headers=CSRF)
+
+    # A wrong current password is refused and counts toward the lock-out; a bad new one changes nothing.
+    r = change("not my password", new)
+    assert r.status_code == 401 and "current password is wrong" in r.json()["message"]
+    assert env.api.portal.call(env.services.users.get, "nurse1").failures == 1
+    assert change(PW, "short").status_code == 422 and change(PW, PW).status_code == 422
+    r = change(PW, new)
+    assert r.status_code == 200 and r.json() == {"ok": True, "sessions_ended": 1}, r.text
+    assert a.get("/v1/auth/me").status_code == 200 and b.get("/v1/auth/me").status_code == 401
+    assert _login(env, "nurse1")[1].status_code == 401 and _login(env, "nurse1", new)[1].status_code == 200
+    text = json.dumps(_records(env))
+    assert "/v1/auth/me/password" in text and PW not in text and new not in text
+    # The user's own second factor: the password first, then a code from the device turns it on.
+    assert a.post("/v1/auth/me/totp", json={"password": PW}, headers=CSRF).status_code == 401
+    e = a.post("/v1/auth/me/totp", json={"password": new}, headers=CSRF).json()
+    now = _fresh_step()
+    r = a.post("/v1/auth/me/totp/confirm", json={"totp": totp.code_at(e["secret"], now)}, headers=CSRF)
+    assert r.status_code == 200 and r.json()["totp"] is True, r.text
+    assert _login(env, "nurse1", new)[1].json()["details"]["totp"] == "required"
+    assert _login(env, "nurse1", new, code=totp.code_at(e["secret"], now + 30))[1].status_code == 200
+    # On already: enrolling again is refused (a lost device goes through an administrator).
+    assert a.post("/v1/auth/me/totp", json={"password": new}, headers=CSRF).status_code == 409
+    # The root token is no user with a password.
+    r = env.api.post("/v1/auth/me/password", json={"current_password": PW, "password": new})
+    assert r.status_code == 403 and "not a user kept in the store" in r.json()["message"]
+
+
 def test_a_secret_kept_before_sealing_still_works_and_is_sealed_at_sign_in(env: Env) -> None:
     _user(env, "old", "admin")
     now = _fresh_step()

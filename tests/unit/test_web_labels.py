@@ -55,3 +55,18 @@ def test_every_state_shown_has_words() -> None:
         actions = {f"act.{a}" for a in ("start", "shutdown", "stop", "migrate", "maint_on", "maint_off")}
         assert roles | actions <= have[lang], (lang, sorted((roles | actions) - have[lang]))
     assert have["ja"] == have["en"], sorted(have["ja"] ^ have["en"])
+
+
+def test_the_account_page_has_words_in_both_languages() -> None:
+    text = (STATIC / "account.js").read_text() + (STATIC / "i18n.js").read_text()
+    have: dict[str, set[str]] = {"ja": set(), "en": set()}
+    for block in re.split(r"\n\s*(?=(?:ja|en): \{)", text):
+        lang = block.strip()[:2]
+        if lang in have:
+            have[lang] |= set(re.findall(r'"([a-z_]+(?:\.[a-z_0-9]+)*)":', block))
+    used = set(re.findall(r'data-i18n="([a-z_.]+)"', (STATIC / "account.html").read_text()))
+    used |= set(re.findall(r'\bt\("([a-z_.]+)"', (STATIC / "account.js").read_text()))
+    used |= set(re.findall(r'"(account\.totp_o(?:n|ff))"', (STATIC / "account.js").read_text()))
+    assert len(used) > 15
+    for lang in ("ja", "en"):
+        assert not sorted(used - have[lang]), (lang, sorted(used - have[lang]))

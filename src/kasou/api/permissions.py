@@ -54,6 +54,9 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/auth/login"): need(PUBLIC),
     ("POST", "/v1/auth/logout"): need(SIGNED_IN),
     ("GET", "/v1/auth/me"): need(SIGNED_IN),
+    ("POST", "/v1/auth/me/password"): need(SIGNED_IN),  # one's own, with the current password
+    ("POST", "/v1/auth/me/totp"): need(SIGNED_IN),
+    ("POST", "/v1/auth/me/totp/confirm"): need(SIGNED_IN),
     ("GET", "/v1/version"): need(SIGNED_IN),
     # VMs and what belongs to them
     ("GET", "/v1/vms"): need("vm.read", lists=True),

@@ -3,6 +3,7 @@ their API tokens and their TOTP second factor)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,7 @@ from kasou.api.auth import SESSION_COOKIE, Principal
 from kasou.control.breakglass import Rotated
 from kasou.control.tokens import EXPIRES_MAX_DAYS, LABEL_MAX, TokenCreated, TokenView
 from kasou.control.users import TotpEnrolment, UserView, session_max_s
-from kasou.errors import Forbidden, Unauthorized
+from kasou.errors import Forbidden, NotFound, Unauthorized
 from kasou.model.users import Role, UserCreate
 
 if TYPE_CHECKING:
@@ -35,12 +36,31 @@ class Me(BaseModel):
     pools: list[str]
     departments: list[str] = []
     permissions: list[str]
+    totp: bool | None = None  # the user has the TOTP second factor on (None: no user kept in the store)
 
 
 class PasswordChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     password: str = Field(max_length=1024, repr=False)
+
+
+class OwnPasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: str = Field(max_length=1024, repr=False)
+    password: str = Field(max_length=1024, repr=False)
+
+
+class PasswordChanged(BaseModel):
+    ok: bool
+    sessions_ended: int  # the user's other sessions, now signed out
+
+
+class Reauth(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    password: str = Field(max_length=1024, repr=False)  # the user's current password
 
 
 class PoolsChange(BaseModel):
@@ -114,7 +134,42 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
 
     @r.get("/auth/me")
     async def me(request: Request) -> Me:
-        return _me(await principal(request))
+        p = await principal(request)
+        out = _me(p)
+        if not p.is_root and p.via != "break_glass":
+            with contextlib.suppress(NotFound):
+                out.totp = (await svc().users.get(p.name)).totp_secret is not None
+        return out
+
+    async def a_user(request: Request) -> Principal:
+        """The signed-in user acting on their own credentials (not the root token nor the break-glass account)."""
+        p = await principal(request)
+        if p.is_root or p.via == "break_glass":
+            raise Forbidden(f"{p.name!r} is not a user kept in the store: it has no password or second factor "
+                            "to change here")  # fmt: skip
+        return p
+
+    @r.post("/auth/me/password")
+    async def change_own_password(body: OwnPasswordChange, request: Request) -> PasswordChanged:
+        """Change one's own password (the current one first); the user's other sessions end."""
+        p = await a_user(request)
+        source = request.client.host if request.client else ""
+        ended = await svc().users.change_own_password(p.name, body.current_password, body.password, p.session,
+                                                      source)  # fmt: skip
+        return PasswordChanged(ok=True, sessions_ended=ended)
+
+    @r.post("/auth/me/totp")
+    async def totp_enroll_own(body: Reauth, request: Request) -> TotpEnrolment:
+        """Set up one's own TOTP second factor (the password first): the secret and URI, shown this once."""
+        p = await a_user(request)
+        source = request.client.host if request.client else ""
+        return await svc().users.totp_enroll_own(p.name, body.password, source)
+
+    @r.post("/auth/me/totp/confirm")
+    async def totp_confirm_own(body: TotpConfirm, request: Request) -> UserView:
+        """Turn one's own TOTP on with a code from the device just set up."""
+        p = await a_user(request)
+        return await svc().users.totp_confirm(p.name, body.totp)
 
     @r.get("/users", dependencies=[Depends(admin)])
     async def list_users() -> list[UserView]:

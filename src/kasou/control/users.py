@@ -172,6 +172,41 @@ class Users:
         rec = rec.model_copy(update={"password_hash": digest, "failures": 0, "locked_until": None})
         await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
 
+    async def change_own_password(self, name: str, current: str, password: str, keep: str | None = None,
+                                  source: str = "") -> int:  # fmt: skip
+        """A user changes their password, giving the current one (a wrong one counts toward the lock-out).
+
+        The user's other sessions end (a session someone else holds is shut out); ``keep`` is the session
+        the change came from. The number of sessions ended."""
+        rec, rev = await self._entry(name)
+        await self._recheck(rec, current, source)
+        check_password(password)
+        if password == current:
+            raise InvalidSpec("the new password is the same as the current one", field="password")
+        digest = await asyncio.to_thread(_hasher.hash, password)
+        await self._put(rec.model_copy(update={"password_hash": digest, "failures": 0, "locked_until": None}), rev)
+        kept = _sid(keep) if keep is not None else None
+        ended = 0
+        for e in await self.store.range(SESSIONS_PREFIX):
+            if e.value.get("user") == name and e.key.removeprefix(SESSIONS_PREFIX) != kept:
+                await self.store.delete(e.key)
+                ended += 1
+        return ended
+
+    async def _recheck(self, rec: UserRecord, password: str, source: str) -> None:
+        """A signed-in user proves they are at the keyboard with their password before changing a credential."""
+        now = time.time()
+        if rec.locked_until is not None and rec.locked_until > now:
+            raise Unauthorized(f"user {rec.name!r} is locked after {LOCK_AFTER} failed sign-ins; "
+                               f"try again in {rec.locked_until - now:.0f} s")  # fmt: skip
+        if not isinstance(password, str) or len(password) > 1024:
+            raise Unauthorized("the current password is wrong")
+        try:
+            await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
+        except (VerificationError, InvalidHashError):
+            await self._failed(rec, now, source)
+            raise Unauthorized("the current password is wrong") from None
+
     async def set_pools(self, name: str, pools: list[str]) -> UserView:
         for p in pools:
             validate_name(p, "pool")
@@ -364,6 +399,12 @@ class Users:
         pending = await asyncio.to_thread(self._seal, name, "totp_pending", secret)
         await self._put(rec.model_copy(update={"totp_pending": pending}), rev)
         return TotpEnrolment(secret=secret, uri=totp.uri(secret, name))
+
+    async def totp_enroll_own(self, name: str, password: str, source: str = "") -> TotpEnrolment:
+        """A user sets up their own second factor (the password again first); confirmed as an administrator's."""
+        rec, _rev = await self._entry(name)
+        await self._recheck(rec, password, source)
+        return await self.totp_enroll(name)
 
     async def totp_confirm(self, name: str, code: str) -> UserView:
         """Turn TOTP on with a code from the enrolled device: from now on signing in needs a code."""

@@ -6,7 +6,8 @@ cookie (``POST /v1/auth/login``) and send ``x-kasou-csrf: 1`` with every change.
 
 * ``/ui/`` — the operators' dashboard (hosts, VMs, pools, desktops, jobs, events, metrics);
 * ``/ui/console.html?vm=NAME`` — a VM's console (noVNC over the API's websocket proxy);
-* ``/ui/portal.html`` — the desktop portal for clinicians ("open my desktop").
+* ``/ui/portal.html`` — the desktop portal for clinicians ("open my desktop");
+* ``/ui/account.html`` — one's own account: change the password, set up the TOTP second factor.
 """
 
 from __future__ import annotations

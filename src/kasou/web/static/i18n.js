@@ -11,6 +11,7 @@ const DICT = {
     "signin.totp_needed": "認証アプリに表示されている6桁の確認コードを入力してください",
     "signin.totp_enroll": "管理者は確認コード（TOTP）が必要です。他の管理者に登録を依頼してください",
     "signout": "サインアウト",
+    "account": "アカウント",
     "lang.switch": "English",
   },
   en: {
@@ -24,6 +25,7 @@ const DICT = {
     "signin.totp_needed": "enter the 6-digit code your authenticator app shows",
     "signin.totp_enroll": "administrators need a TOTP code here; ask another administrator to enroll you",
     "signout": "Sign out",
+    "account": "Account",
     "lang.switch": "日本語",
   },
 };

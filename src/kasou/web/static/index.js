@@ -11,6 +11,7 @@ async function main() {
     location.href = "/ui/portal.html";
     return;
   }
+  document.getElementById("account").hidden = false;
   const out = document.getElementById("signout");
   out.hidden = false;
   out.onclick = async () => {
