@@ -76,3 +76,15 @@ def test_delete_removes_the_replica(cluster: Cluster) -> None:
     assert cluster.wait(r.json()["job"])["state"] == "succeeded"
     assert not list(cluster.tmp.rglob("*.replica.qcow2"))
     assert not any("emr" in str(p) and str(cluster.tmp) in str(p) for p in FakeExports.served)
+
+
+def test_a_migrated_disk_of_a_local_pool_is_recorded_in_the_destinations_built_in_pool(cluster: Cluster) -> None:
+    r = cluster.api.post("/v1/pools", json={"name": "ssd", "path": str(cluster.tmp / "ssd")})
+    assert r.status_code == 201, r.text
+    v = cluster.create("lab1", start=True, pool="ssd")
+    assert v["disks"][0]["pool"] == "ssd" and v["disks"][0]["path"].startswith(str(cluster.tmp / "ssd"))
+    target = ({"h1", "h2", "h3"} - {v["host"]}).pop()
+    job = cluster.wait(cluster.api.post("/v1/vms/lab1/migrate", json={"to": target}).json()["job"])
+    assert job["state"] == "succeeded", job["error"]
+    d = cluster.api.get("/v1/vms/lab1").json()["disks"][0]
+    assert d["pool"] == "default" and not d["path"].startswith(str(cluster.tmp / "ssd")), d

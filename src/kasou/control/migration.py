@@ -42,6 +42,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchDisk, RuntimeState
+from kasou.model.pools import DEFAULT_POOL
 from kasou.model.spec import validate_name
 from kasou.model.state import Action, VMState, check_action
 
@@ -221,7 +222,9 @@ class Migrations:
                     raise type(e)(f"migration of {name!r} to {target} failed, {where}: {e.message}") from None
                 raise
         # The destination runs: from here on the source copy must only go away.
-        moved = [d.model_copy(update={"path": new_paths.get(d.id, d.path)}) for d in rec.disks]
+        # A copied disk is in the destination's built-in pool now, whichever local pool it was in.
+        moved = [d.model_copy(update={"path": new_paths[d.id], "pool": DEFAULT_POOL})
+                 if copy and not d.shared and d.id in new_paths else d for d in rec.disks]  # fmt: skip
         await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved, ha_armed=spec.ha)
         detail = f"from {source} to {target}"
         if status is not None and status.downtime_ms is not None:
