@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from kasou.hypervisor.fake import FakeExports
@@ -88,3 +89,45 @@ def test_a_migrated_disk_of_a_local_pool_is_recorded_in_the_destinations_built_i
     assert job["state"] == "succeeded", job["error"]
     d = cluster.api.get("/v1/vms/lab1").json()["disks"][0]
     assert d["pool"] == "default" and not d["path"].startswith(str(cluster.tmp / "ssd")), d
+
+
+def test_a_mirrored_vm_migrates_and_gets_a_new_second_copy_on_its_new_host(cluster: Cluster) -> None:
+    for p in ("a", "b"):
+        assert cluster.api.post("/v1/pools", json={"name": p, "path": str(cluster.tmp / p)}).status_code == 201
+    v = cluster.create("pacs", start=True, mirror=["a", "b"])
+    assert v["disks"][0]["mirror"]["state"] == "in_sync", v["disks"]
+    old_first, old_second = v["disks"][0]["path"], v["disks"][0]["mirror"]["path"]
+    target = ({"h1", "h2", "h3"} - {v["host"]}).pop()
+    job = cluster.wait(cluster.api.post("/v1/vms/pacs/migrate", json={"to": target}).json()["job"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["result"]["mirrors"] == {"disk0": "in_sync"}, job["result"]
+    v = cluster.api.get("/v1/vms/pacs").json()
+    d = v["disks"][0]
+    assert v["host"] == target and v["state"] == "running"
+    assert d["pool"] == "default" and d["mirror"]["pool"] == "b" and d["mirror"]["state"] == "in_sync", d
+    assert d["mirror"]["path"].startswith(str(cluster.tmp / "b")) and Path(d["mirror"]["path"]).exists()
+    assert not Path(old_first).exists() or old_first == d["path"]
+    assert old_second == d["mirror"]["path"]  # the same file name, made anew on the new host
+    assert cluster.api.get("/v1/events/active").json() == []  # a planned move raises no degraded disk
+    # Host maintenance moves it too.
+    r = cluster.api.post(f"/v1/hosts/{target}/maintenance", json={"on": True})
+    assert r.status_code == 202, r.text
+    assert cluster.wait(r.json()["job"])["state"] == "succeeded"
+    v = cluster.api.get("/v1/vms/pacs").json()
+    assert v["host"] != target and v["disks"][0]["mirror"]["state"] == "in_sync", v["disks"]
+
+
+def test_a_mirrored_vm_whose_migration_fails_gets_its_second_copy_back_on_its_host(cluster: Cluster) -> None:
+    for p in ("a", "b"):
+        assert cluster.api.post("/v1/pools", json={"name": p, "path": str(cluster.tmp / p)}).status_code == 201
+    v = cluster.create("pacs", start=True, mirror=["a", "b"])
+    source, first = v["host"], v["disks"][0]["path"]
+    cluster.drivers[source].fail_next_migration = "the network broke"
+    target = ({"h1", "h2", "h3"} - {source}).pop()
+    job = cluster.wait(cluster.api.post("/v1/vms/pacs/migrate", json={"to": target}).json()["job"])
+    assert job["state"] == "failed" and "the network broke" in job["error"]["message"], job
+    v = cluster.api.get("/v1/vms/pacs").json()
+    d = v["disks"][0]
+    assert v["host"] == source and v["state"] == "running" and d["path"] == first and d["pool"] == "a"
+    assert d["mirror"]["state"] == "in_sync" and d["mirror"]["pool"] == "b" and Path(d["mirror"]["path"]).exists()
+    assert not list((cluster.tmp / target / "disks").rglob("*.qcow2"))  # nothing left on the destination

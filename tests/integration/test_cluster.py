@@ -157,6 +157,32 @@ def test_migrate_local_disk_copies_it(lab: Lab) -> None:
     lab.assert_counter_continues("lab1", src, dst)
 
 
+def test_migrate_a_mirrored_vm_it_gets_a_new_second_copy(lab: Lab) -> None:
+    for pool in ("ma", "mb"):
+        lab.run("pool", "create", pool, "--path", str(lab.dir / f"pool-{pool}"))
+    lab.run("vm", "create", "pacs", "--image", "tiny", "--mirror", "ma,mb", "--start")
+    v = lab.ready("pacs")
+    src, second = v["host"], v["disks"][0]["mirror"]["path"]
+    dst = next(h for h in ("h2", "h3", "h1") if h != src)
+    lab.wait("writes", lambda: len(lab.seqs(src, "pacs")) >= 10)
+    r = lab.run("vm", "migrate", "pacs", "--to", dst)
+    assert f"-> {dst}" in r.stdout
+    after = lab.ready("pacs")
+    d = after["disks"][0]
+    assert after["host"] == dst and f"/{dst}/home/disks/" in d["path"] and d["pool"] == "default", d
+    assert d["mirror"]["state"] == "in_sync" and d["mirror"]["pool"] == "mb" and d["mirror"]["path"] == second, d
+    assert not Path(v["disks"][0]["path"]).exists(), "the source's copy of the disk is removed"
+    lab.assert_counter_continues("pacs", src, dst)
+    assert [e["kind"] for e in lab.json("event", "list", "--subject", "vm/pacs")] == []  # planned: no alarm
+    n = lab.seqs(dst, "pacs")[-1]
+    lab.wait("writes on both copies", lambda: lab.seqs(dst, "pacs")[-1] >= n + 10)
+    lab.run("vm", "stop", "pacs")
+    cmp = subprocess.run(["qemu-img", "compare", "-q", d["path"], second], timeout=60)
+    assert cmp.returncode == 0, "the two copies differ after a clean stop"
+    lab.run("vm", "delete", "pacs", "--force")
+    assert not Path(d["path"]).exists() and not Path(second).exists()
+
+
 def test_migration_bad_input_changes_nothing(lab: Lab) -> None:
     lab.run("vm", "create", "rx", "--image", "tiny", "--shared", "--start")
     v = lab.ready("rx")

@@ -115,7 +115,6 @@ class Migrations:
         rec = await self.vms._record(name)
         if rec.snapshots:  # their layers live on this host; a copy migration would move the active layer only
             raise WrongState(f"VM {name!r} has snapshots; delete them before migrating it (kasou snapshot delete)")
-        _check_no_mirror(rec)
         target = await self._choose_target(rec, to)
         job_id = "j" + secrets.token_hex(5)
         rec = await self.vms._claim(name, Action.MIGRATE, job_id)
@@ -163,6 +162,16 @@ class Migrations:
         if rec.replica is not None:  # QEMU cannot carry the mirror across: a new replica follows the move
             await ctx.progress(0.01, "detaching the disk replica")
             await self.vms.replication.drop(rec)
+        # Mirrored disks likewise: their second copies end here and new ones are filled after the move.
+        remirror: dict[str, list[str]] = {}
+        if any(d.mirror is not None for d in rec.disks):
+            await ctx.progress(0.01, "ending the mirrored disks' second copies (new ones follow the move)")
+            try:
+                rec, remirror = await self.vms.mirrors.drop_for_migration(rec)
+            except BaseException:
+                await self._mirrors_back(ctx, name, rec)
+                raise
+        mirrored = {d.id for d in rec.disks if d.mirror is not None}
         # Any: the migration steps of the agent client are typed where they are defined.
         src: Any = self.agents.get(source)
         dst: Any = self.agents.get(target)
@@ -179,6 +188,14 @@ class Migrations:
                 new_paths[d.id] = path or ""
                 disks.append(LaunchDisk(id=d.id, path=path or "", format=d.format, size_bytes=d.size_bytes))
             spec = spec.model_copy(update={"disks": disks})
+        if mirrored:  # the destination's devices pause on an I/O error as the source's do
+            spec = spec.model_copy(
+                update={
+                    "disks": [
+                        ld.model_copy(update={"stop_on_error": True}) if ld.id in mirrored else ld for ld in spec.disks
+                    ]
+                }
+            )
         storage = "copy" if copy else "shared"
         incoming = None
         started = finishing = False
@@ -217,6 +234,9 @@ class Migrations:
                     state=VMState.RUNNING if kept else VMState.PAUSED,
                     last_error=None if kept else "a failed migration left it paused",
                 )
+                if kept and remirror:  # it runs on where it was: its disks get their second copies there again
+                    with contextlib.suppress(KasouError):
+                        await self.vms.mirrors.remirror(ctx, name, remirror)
                 if isinstance(e, KasouError):
                     where = f"it still runs on {source}" if kept else f"it is paused on {source}; check {target}"
                     raise type(e)(f"migration of {name!r} to {target} failed, {where}: {e.message}") from None
@@ -232,7 +252,9 @@ class Migrations:
         await self.vms.ledger.record(name, LedgerEvent.MIGRATED, target, detail, from_host=source)
         await ctx.progress(0.96, f"cleaning up {source}")
         await self._finish_source(name, source, [d.path for d in rec.disks if copy and not d.shared and d.path])
+        mirrors = await self.vms.mirrors.remirror(ctx, name, remirror) if remirror else {}
         return {
+            **({"mirrors": mirrors} if mirrors else {}),
             "vm": name,
             "from": source,
             "to": target,
@@ -241,6 +263,17 @@ class Migrations:
             "total_ms": status.total_ms if status else None,
             "state": VMState.RUNNING.value,
         }
+
+    async def _mirrors_back(self, ctx: JobContext, name: str, rec: VMRecord) -> None:
+        """Ending the second copies failed part-way: give every mirrored disk that lost its copy a new one."""
+        with contextlib.suppress(KasouError):
+            now = await self.vms._record(name)
+            before = {d.id: d for d in rec.disks}
+            wants = {d.id: [d.mirror.pool, before[d.id].pool] for d in now.disks
+                     if d.mirror is not None and d.mirror.path is None and d.mirror.state == "syncing"
+                     and d.id in before}  # fmt: skip
+            if wants:
+                await self.vms.mirrors.remirror(ctx, name, wants)
 
     async def _runs_on(self, agent: Any, name: str) -> bool:
         with contextlib.suppress(KasouError):
@@ -299,8 +332,6 @@ class Migrations:
         busy = [r.name for r in records if r.job is not None]
         if busy:
             raise WrongState(f"cannot empty {host}: VMs are busy with other jobs: {', '.join(busy)}")
-        for r in records:
-            _check_no_mirror(r, f"cannot empty {host}: ")
         plan = await self._plan_evacuation(host, records)
         await self.store.put(flags_key(host), {"maintenance": True, "since": time.time()})
 
@@ -357,13 +388,3 @@ class Migrations:
 
 
 _RUNNING = (VMState.RUNNING, VMState.PAUSED, VMState.MIGRATING, VMState.STARTING, VMState.SHUTTING_DOWN)
-
-
-def _check_no_mirror(rec: VMRecord, prefix: str = "") -> None:
-    """Mirrored disks keep their copies on one host's pools: such a VM does not live-migrate yet."""
-    mirrored = [d.id for d in rec.disks if d.mirror is not None]
-    if mirrored:
-        raise WrongState(
-            f"{prefix}VM {rec.name!r} has mirrored disks ({', '.join(mirrored)}), which do not live-migrate yet; "
-            "shut it down for the maintenance instead (it starts again with both copies where they are)"
-        )

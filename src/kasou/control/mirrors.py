@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from kasou.model.units import format_size
 
 if TYPE_CHECKING:
     from kasou.control.vms import VMService
+
+log = logging.getLogger(__name__)
 
 MIN_REBUILD_MIB_S = 5.0  # the slowest copy rate a rebuild waits for (a 100 GiB disk: about 6 hours)
 STALL_S = 120.0  # a rebuild whose copy makes no progress this long is given up
@@ -286,6 +289,83 @@ class Mirrors:
                                        f"{limit:.0f} s")  # fmt: skip
             await ctx.progress(0.05 + 0.9 * st.progress, f"copying ({100 * st.progress:.0f} %)")
             await asyncio.sleep(0.2)
+
+    # -- live migration ----------------------------------------------------------------------
+    #
+    # QEMU cannot carry a mirror job across a migration (the disk's copy to the destination is a
+    # mirror job of its own). So, as a replicated disk's replica does, the second copy is given up
+    # before the move and a new one is filled where the VM runs afterwards: for that while (the copy
+    # and the fill) the disk runs on one copy, in state "syncing", and an I/O error there pauses the VM.
+
+    async def drop_for_migration(self, rec: VMRecord) -> tuple[VMRecord, dict[str, list[str]]]:
+        """End the second copies of ``rec``'s mirrored disks before it migrates.
+
+        Returns the record as it is now and, per disk that had a second copy, the pools its new copy
+        may go in (the second copy's pool first, then the pool the disk ran on)."""
+        agent = self.vms.agents.get(rec.host)
+        wants: dict[str, list[str]] = {}
+        files: list[str] = []
+        for d in rec.disks:
+            if d.mirror is None:
+                continue
+            if d.mirror.path is not None:
+                await agent.detach_mirror(rec.name, d.id)
+                wants[d.id] = [d.mirror.pool, d.pool]
+                files.append(d.mirror.path)
+            if d.mirror.failed and d.mirror.failed != d.path:
+                files.append(d.mirror.failed)
+
+        def apply(r: VMRecord) -> VMRecord:
+            disks = []
+            for d in r.disks:
+                if d.mirror is not None and d.id in wants:
+                    d = d.model_copy(update={"mirror": d.mirror.model_copy(update={
+                        "path": None, "state": "syncing", "clean": False, "failed": None, "error": None,
+                        "since": time.time()})})  # fmt: skip
+                elif d.mirror is not None and d.mirror.failed:
+                    d = d.model_copy(update={"mirror": d.mirror.model_copy(update={"failed": None})})
+                disks.append(d)
+            return r.model_copy(update={"disks": disks})
+
+        rec = await self.vms._update(rec.name, apply) or rec
+        for f in files:  # the copies given up (they would be stale), and the files of copies that failed
+            try:
+                await agent.delete_disk(f)
+            except KasouError as e:
+                log.warning("could not delete %s on %s before migrating %s: %s", f, rec.host, rec.name, e.message)
+        return rec, wants
+
+    async def remirror(self, ctx: JobContext, name: str, wants: dict[str, list[str]]) -> dict[str, str]:
+        """A new second copy of each disk in ``wants`` where the VM runs now (after a migration, or after
+        one that failed, on its source). A disk that cannot get one is left degraded, with an event.
+        Returns, per disk, its mirror's state or why it is degraded."""
+        out: dict[str, str] = {}
+        for disk_id, pools in wants.items():
+            rec = await self.vms._record(name)
+            d = next((x for x in rec.disks if x.id == disk_id), None)
+            if d is None or d.mirror is None:
+                continue
+            pool = next((p for p in pools if p != d.pool), pools[0])
+            try:
+                target = await self.vms.pools.get_record(pool)
+                assert rec.host is not None
+                async with self.vms.pools.reserve([(target.name, rec.host, d.size_bytes, 0)]):
+                    await self._rebuild(ctx, name, disk_id, target.name, target.path)
+                out[disk_id] = "in_sync"
+            except KasouError as e:
+                why = f"no new second copy in pool {pool} on {rec.host}: {e.message}"
+                log.error("disk %s of %s: %s", disk_id, name, why)
+                out[disk_id] = why
+
+                def degraded(r: VMRecord, disk_id: str = disk_id, pool: str = pool, why: str = why) -> VMRecord:
+                    disks = [x.model_copy(update={"mirror": MirrorCopy(pool=pool, path=None, state="degraded",
+                                                                       error=why, since=time.time())})
+                             if x.id == disk_id else x for x in r.disks]  # fmt: skip
+                    return r.model_copy(update={"disks": disks})
+
+                with contextlib.suppress(NotFound):
+                    await self._events(await self.vms._update(name, degraded) or rec)
+        return out
 
     # -- delete ------------------------------------------------------------------------------
 

@@ -33,6 +33,10 @@ class LaunchDisk(BaseModel):
     size_bytes: int | None = Field(default=None, gt=0)  # virtual size; needed to make the copy of a migrating disk
     mirror: str | None = None  # RAID-1: the second copy (a qcow2 of the same size in another pool), kept in sync
     mirror_sync: Literal["none", "full"] = "full"  # none: both copies are known equal (a clean stop in sync)
+    # A mirrored disk's device pauses the VM on an I/O error (the driver then switches to the other copy):
+    # implied by ``mirror``; set alone for a mirrored disk that starts without its second copy yet (the
+    # destination of a live migration, which gets a new one once it runs).
+    stop_on_error: bool = False
 
 
 class LaunchSpec(BaseModel):

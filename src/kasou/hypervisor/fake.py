@@ -312,6 +312,8 @@ class FakeDriver(Driver):
         info = self._active(name)
         if self.replicas.get(name):
             raise Conflict(f"VM {name!r} has a disk replica attached; detach it before migrating")
+        if any(m.second for m in self.mirrors.get(name, {}).values()):  # as QEMU: a disk's node is busy
+            raise Conflict(f"VM {name!r} has a mirrored disk's second copy attached; detach it before migrating")
         if incoming.migration_uri not in FakeDriver._listening:
             raise HypervisorError(f"cannot connect to {incoming.migration_uri}: nobody waits there")
         status = "mirroring" if incoming.storage == "copy" else "active"

@@ -138,7 +138,7 @@ def build_argv(
             # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
             # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
             "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev"
-            + (",werror=stop,rerror=stop" if disk.mirror else ""),
+            + (",werror=stop,rerror=stop" if disk.mirror or disk.stop_on_error else ""),
         ]  # fmt: skip
     for nic in spec.nics:
         if nic.network == USER_NETWORK:
