@@ -2,7 +2,10 @@
 
 For an idle 128 MiB tiny guest and for one that dirties memory (a loop writing
 32 MiB in its RAM, typed on its serial console), prints QEMU's reported downtime
-and the total time, medians over --runs, and the ratio kasou/bare.
+and the total time, medians over --runs, and the ratio kasou/bare. Then a guest
+on a local disk (copied with the memory) and one on a mirrored disk (copied, and
+a new second copy filled on the new host before the job ends): the CLI's wall
+time and the ratio mirrored/local.
 
     .venv/bin/python bench/migration.py [--runs 5]
 """
@@ -123,12 +126,34 @@ def main() -> None:
                     asyncio.run(bare_once(tmp, i + (100 if dirty else 0), dirty))
                 )
             kasou("vm", "delete", "m", "--force")
+        # Local disks: copied with the memory; a mirrored disk also gets a new second copy on the new host.
+        for pool in ("ma", "mb"):
+            kasou("pool", "create", pool, "--path", str(lab_dir / f"pool-{pool}"))
+        for label, extra in (("local disk", []), ("mirrored disk", ["--mirror", "ma,mb"])):
+            kasou("vm", "create", "d", "--image", "tiny", *extra, "--start")
+            host = json.loads(kasou("vm", "show", "d", "--json"))["host"]
+            wait_line(lab_dir / host / "home" / "log" / "serial" / "d.log", READY, 120)
+            for _ in range(args.runs):
+                t0 = time.monotonic()
+                kasou("vm", "migrate", "d")
+                wall = (time.monotonic() - t0) * 1000
+                v = json.loads(kasou("vm", "show", "d", "--json"))
+                mirror = v["disks"][0]["mirror"]
+                assert mirror is None or mirror["state"] == "in_sync", mirror  # back in sync when the job ends
+                r = json.loads(kasou("job", "list", "--vm", "d", "--json"))[-1]["result"]
+                res.setdefault(f"kasou {label} (CLI wall)", []).append((float(r["downtime_ms"]), wall))
+            kasou("vm", "delete", "d", "--force")
         print(f"{'':28}{'downtime ms':>12}{'total ms':>10}   (medians of {args.runs})")
         for k, xs in res.items():
             print(f"{k:28}{median([x[0] for x in xs]):12.1f}{median([x[1] for x in xs]):10.1f}")
         for label in ("idle", "dirtying"):
             k, b = res[f"kasou {label}"], res[f"bare {label}"]
             print(f"ratio kasou/bare total ({label}): {median([x[1] for x in k]) / median([x[1] for x in b]):.2f}")
+        m, loc = res["kasou mirrored disk (CLI wall)"], res["kasou local disk (CLI wall)"]
+        print(
+            f"ratio mirrored/local disk, CLI wall (the mirrored one includes filling the new second copy): "
+            f"{median([x[1] for x in m]) / median([x[1] for x in loc]):.2f}"
+        )
     finally:
         subprocess.run([*KASOU, "lab", "down"], env=env, capture_output=True, timeout=180)
         kill_pids(qemu_pids(str(tmp)))
