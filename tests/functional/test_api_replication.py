@@ -79,7 +79,7 @@ def test_delete_removes_the_replica(cluster: Cluster) -> None:
     assert not any("emr" in str(p) and str(cluster.tmp) in str(p) for p in FakeExports.served)
 
 
-def test_a_migrated_disk_of_a_local_pool_is_recorded_in_the_destinations_built_in_pool(cluster: Cluster) -> None:
+def test_a_migrated_disk_of_a_local_pool_stays_in_that_pool(cluster: Cluster) -> None:
     r = cluster.api.post("/v1/pools", json={"name": "ssd", "path": str(cluster.tmp / "ssd")})
     assert r.status_code == 201, r.text
     v = cluster.create("lab1", start=True, pool="ssd")
@@ -88,7 +88,12 @@ def test_a_migrated_disk_of_a_local_pool_is_recorded_in_the_destinations_built_i
     job = cluster.wait(cluster.api.post("/v1/vms/lab1/migrate", json={"to": target}).json()["job"])
     assert job["state"] == "succeeded", job["error"]
     d = cluster.api.get("/v1/vms/lab1").json()["disks"][0]
-    assert d["pool"] == "default" and not d["path"].startswith(str(cluster.tmp / "ssd")), d
+    assert d["pool"] == "ssd" and d["path"] == str(cluster.tmp / "ssd" / "lab1" / "disk0-2.qcow2"), d
+    assert not Path(v["disks"][0]["path"]).exists()  # under another name than the source's, which is gone
+    # Back again: the name turns back.
+    job = cluster.wait(cluster.api.post("/v1/vms/lab1/migrate", json={"to": v["host"]}).json()["job"])
+    assert job["state"] == "succeeded", job["error"]
+    assert cluster.api.get("/v1/vms/lab1").json()["disks"][0]["path"] == v["disks"][0]["path"]
 
 
 def test_a_mirrored_vm_migrates_and_gets_a_new_second_copy_on_its_new_host(cluster: Cluster) -> None:
@@ -104,7 +109,8 @@ def test_a_mirrored_vm_migrates_and_gets_a_new_second_copy_on_its_new_host(clust
     v = cluster.api.get("/v1/vms/pacs").json()
     d = v["disks"][0]
     assert v["host"] == target and v["state"] == "running"
-    assert d["pool"] == "default" and d["mirror"]["pool"] == "b" and d["mirror"]["state"] == "in_sync", d
+    assert d["pool"] == "a" and d["path"].endswith("/a/pacs/disk0-2.qcow2"), d
+    assert d["mirror"]["pool"] == "b" and d["mirror"]["state"] == "in_sync", d
     assert d["mirror"]["path"].startswith(str(cluster.tmp / "b")) and Path(d["mirror"]["path"]).exists()
     assert not Path(old_first).exists() or old_first == d["path"]
     assert old_second == d["mirror"]["path"]  # the same file name, made anew on the new host

@@ -169,7 +169,8 @@ def test_migrate_a_mirrored_vm_it_gets_a_new_second_copy(lab: Lab) -> None:
     assert f"-> {dst}" in r.stdout
     after = lab.ready("pacs")
     d = after["disks"][0]
-    assert after["host"] == dst and f"/{dst}/home/disks/" in d["path"] and d["pool"] == "default", d
+    assert after["host"] == dst and d["path"] == str(lab.dir / "pool-ma" / "pacs" / "disk0-2.qcow2"), d
+    assert d["pool"] == "ma", d
     assert d["mirror"]["state"] == "in_sync" and d["mirror"]["pool"] == "mb" and d["mirror"]["path"] == second, d
     assert not Path(v["disks"][0]["path"]).exists(), "the source's copy of the disk is removed"
     lab.assert_counter_continues("pacs", src, dst)

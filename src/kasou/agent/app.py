@@ -184,10 +184,9 @@ def create_agent_app(agent: Agent) -> FastAPI:
     async def prepare_incoming(name: str, req: IncomingRequest) -> IncomingInfo:
         if req.spec.name != name:
             raise NotFound(f"spec is for {req.spec.name!r}, not {name!r}")
-        if req.storage == "copy":
-            root = agent.disks.disks_dir.resolve()
+        if req.storage == "copy":  # its disk directory, or a pool the control plane told it of
             for disk in req.spec.disks:
-                if root not in Path(disk.path).resolve().parents:
+                if not agent.disks.is_disk_path(disk.path):
                     raise InvalidSpec(f"{disk.path} is not a disk path of host {agent.host}", field="disks")
         return await d.prepare_incoming(req.spec, req.storage, req.listen_host or agent.migration_address)
 

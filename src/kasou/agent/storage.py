@@ -74,11 +74,15 @@ class LocalDisks:
         dirs = [self.disks_dir, self.shared_dir, *self.pools.roots()]
         return [d.resolve() for d in dirs if d is not None]
 
-    def _inside(self, path: str | Path) -> Path:
+    def is_disk_path(self, path: str | Path) -> bool:
+        """Is ``path`` in this host's disk directory, its shared storage or a pool it knows of?"""
         p = Path(path).resolve()
-        if not any(root in p.parents for root in self._roots()):
+        return any(root in p.parents for root in self._roots())
+
+    def _inside(self, path: str | Path) -> Path:
+        if not self.is_disk_path(path):
             raise InvalidSpec(f"{path} is not a disk of this host")
-        return p
+        return Path(path).resolve()
 
     async def create(self, req: DiskCreate) -> DiskInfo:
         if req.shared and self.shared_dir is None:

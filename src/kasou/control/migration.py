@@ -24,6 +24,7 @@ import contextlib
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from kasou.control import scheduler
@@ -158,6 +159,48 @@ class Migrations:
         auto_converge: bool,
         bandwidth_mib_s: int | None = None,
     ) -> dict[str, Any]:
+        copy = not all(d.shared for d in rec.disks)
+        new_paths, room = await self._destination_disks(rec, target) if copy else ({}, [])
+        async with self.vms.pools.reserve(room):  # the pools' room on the destination, checked before anything
+            return await self._move(ctx, rec, target, copy, new_paths, downtime_ms, auto_converge, bandwidth_mib_s)
+
+    async def _destination_disks(
+        self, rec: VMRecord, target: str
+    ) -> tuple[dict[str, str], list[tuple[str, str, int, int]]]:
+        """Where each disk goes on ``target`` (a shared one stays), and the room that takes in local pools.
+
+        A disk of a local pool goes into that pool's directory on the destination, under another file
+        name than the source's (``disk0.qcow2`` and ``disk0-2.qcow2`` in turn): on storage that both hosts
+        happen to see (a lab on one machine, a pool path mounted by mistake on both) they never collide."""
+        disks_dir = str(self.agents.record(target).get("disks_dir") or "")
+        if not disks_dir:
+            raise HypervisorError(f"host {target} did not say where its disks live; is its agent current?")
+        paths: dict[str, str] = {}
+        room: list[tuple[str, str, int, int]] = []
+        for d in rec.disks:
+            if d.shared:
+                paths[d.id] = d.path or ""
+                continue
+            pool = await self.vms.pools.get_record(d.pool) if d.pool != DEFAULT_POOL else None
+            if pool is None or pool.path is None or pool.shared:
+                paths[d.id] = f"{disks_dir}/{rec.name}/{d.id}.qcow2"
+                continue
+            stem = f"{d.id}-2" if Path(d.path or "").name == f"{d.id}.qcow2" else d.id
+            paths[d.id] = f"{pool.path}/{rec.name}/{stem}.qcow2"
+            room.append((pool.name, target, d.size_bytes, 0))
+        return paths, room
+
+    async def _move(
+        self,
+        ctx: JobContext,
+        rec: VMRecord,
+        target: str,
+        copy: bool,
+        new_paths: dict[str, str],
+        downtime_ms: int,
+        auto_converge: bool,
+        bandwidth_mib_s: int | None,
+    ) -> dict[str, Any]:
         name, source = rec.name, rec.host
         if rec.replica is not None:  # QEMU cannot carry the mirror across: a new replica follows the move
             await ctx.progress(0.01, "detaching the disk replica")
@@ -175,18 +218,10 @@ class Migrations:
         # Any: the migration steps of the agent client are typed where they are defined.
         src: Any = self.agents.get(source)
         dst: Any = self.agents.get(target)
-        copy = not all(d.shared for d in rec.disks)
         spec = self.vms._launch_spec(rec)
-        new_paths: dict[str, str] = {}
         if copy:
-            disks_dir = str(self.agents.record(target).get("disks_dir") or "")
-            if not disks_dir:
-                raise HypervisorError(f"host {target} did not say where its disks live; is its agent current?")
-            disks = []
-            for d in rec.disks:
-                path = d.path if d.shared else f"{disks_dir}/{name}/{d.id}.qcow2"
-                new_paths[d.id] = path or ""
-                disks.append(LaunchDisk(id=d.id, path=path or "", format=d.format, size_bytes=d.size_bytes))
+            disks = [LaunchDisk(id=d.id, path=new_paths[d.id], format=d.format, size_bytes=d.size_bytes)
+                     for d in rec.disks]  # fmt: skip
             spec = spec.model_copy(update={"disks": disks})
         if mirrored:  # the destination's devices pause on an I/O error as the source's do
             spec = spec.model_copy(
@@ -242,9 +277,7 @@ class Migrations:
                     raise type(e)(f"migration of {name!r} to {target} failed, {where}: {e.message}") from None
                 raise
         # The destination runs: from here on the source copy must only go away.
-        # A copied disk is in the destination's built-in pool now, whichever local pool it was in.
-        moved = [d.model_copy(update={"path": new_paths[d.id], "pool": DEFAULT_POOL})
-                 if copy and not d.shared and d.id in new_paths else d for d in rec.disks]  # fmt: skip
+        moved = [d.model_copy(update={"path": new_paths[d.id]}) if copy else d for d in rec.disks]
         await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved, ha_armed=spec.ha)
         detail = f"from {source} to {target}"
         if status is not None and status.downtime_ms is not None:
