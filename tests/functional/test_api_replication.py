@@ -137,3 +137,17 @@ def test_a_mirrored_vm_whose_migration_fails_gets_its_second_copy_back_on_its_ho
     assert v["host"] == source and v["state"] == "running" and d["path"] == first and d["pool"] == "a"
     assert d["mirror"]["state"] == "in_sync" and d["mirror"]["pool"] == "b" and Path(d["mirror"]["path"]).exists()
     assert not list((cluster.tmp / target / "disks").rglob("*.qcow2"))  # nothing left on the destination
+
+
+def test_a_migration_to_a_host_whose_pool_has_no_room_is_refused_with_nothing_changed(cluster: Cluster) -> None:
+    r = cluster.api.post("/v1/pools", json={"name": "ssd", "path": str(cluster.tmp / "ssd"), "capacity": "1G"})
+    assert r.status_code == 201, r.text
+    a = cluster.create("a", start=True, pool="ssd", disk="700M")
+    b = cluster.create("b", start=True, pool="ssd", disk="700M")
+    assert a["host"] != b["host"]  # one host's pool holds one of them
+    before = cluster.api.get("/v1/vms/a").json()
+    r = cluster.api.post("/v1/vms/a/migrate", json={"to": b["host"]})
+    assert r.status_code == 409 and "ssd" in r.json()["message"], r.text
+    after = cluster.api.get("/v1/vms/a").json()
+    assert {k: after[k] for k in ("host", "state", "disks")} == {k: before[k] for k in ("host", "state", "disks")}
+    assert not list((cluster.tmp / "ssd" / "a").glob("disk0-2*"))

@@ -117,6 +117,9 @@ class Migrations:
         if rec.snapshots:  # their layers live on this host; a copy migration would move the active layer only
             raise WrongState(f"VM {name!r} has snapshots; delete them before migrating it (kasou snapshot delete)")
         target = await self._choose_target(rec, to)
+        if not all(d.shared for d in rec.disks):  # a local pool without room on the destination: refused now
+            async with self.vms.pools.reserve((await self._destination_disks(rec, target))[1]):
+                pass
         job_id = "j" + secrets.token_hex(5)
         rec = await self.vms._claim(name, Action.MIGRATE, job_id)
         await self.vms._set(name, state=VMState.MIGRATING)
@@ -160,9 +163,18 @@ class Migrations:
         bandwidth_mib_s: int | None = None,
     ) -> dict[str, Any]:
         copy = not all(d.shared for d in rec.disks)
-        new_paths, room = await self._destination_disks(rec, target) if copy else ({}, [])
-        async with self.vms.pools.reserve(room):  # the pools' room on the destination, checked before anything
-            return await self._move(ctx, rec, target, copy, new_paths, downtime_ms, auto_converge, bandwidth_mib_s)
+        try:
+            new_paths, room = await self._destination_disks(rec, target) if copy else ({}, [])
+            async with self.vms.pools.reserve(room):  # the pools' room on the destination, held while it moves
+                return await self._move(ctx, rec, target, copy, new_paths, downtime_ms, auto_converge,
+                                        bandwidth_mib_s)  # fmt: skip
+        except BaseException:
+            # Failed before anything moved (the room, the second copies): it runs on where it was.
+            with contextlib.suppress(KasouError):
+                cur = await self.vms._record(rec.name)
+                if cur.state == VMState.MIGRATING and cur.host == rec.host:
+                    await self.vms._set(rec.name, state=VMState.RUNNING)
+            raise
 
     async def _destination_disks(
         self, rec: VMRecord, target: str
