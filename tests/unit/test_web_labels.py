@@ -12,8 +12,9 @@ STATIC = Path(__file__).resolve().parents[2] / "src" / "kasou" / "web" / "static
 SHARED = ("app.title", "signin.title", "signout", "lang.switch")
 
 
-def labels() -> dict[str, set[str]]:
-    text = (STATIC / "dashboard-labels.js").read_text() + (STATIC / "i18n.js").read_text()
+def labels(*files: str) -> dict[str, set[str]]:
+    """The label keys each language has in these files (default: the dashboard's and the shared ones)."""
+    text = "".join((STATIC / f).read_text() for f in files or ("dashboard-labels.js", "i18n.js"))
     out: dict[str, set[str]] = {"ja": set(), "en": set()}
     for block in re.split(r"\n\s*(?=(?:ja|en): \{)", text):
         lang = block.strip()[:2]
@@ -58,12 +59,7 @@ def test_every_state_shown_has_words() -> None:
 
 
 def test_the_account_page_has_words_in_both_languages() -> None:
-    text = (STATIC / "account.js").read_text() + (STATIC / "i18n.js").read_text()
-    have: dict[str, set[str]] = {"ja": set(), "en": set()}
-    for block in re.split(r"\n\s*(?=(?:ja|en): \{)", text):
-        lang = block.strip()[:2]
-        if lang in have:
-            have[lang] |= set(re.findall(r'"([a-z_]+(?:\.[a-z_0-9]+)*)":', block))
+    have = labels("account.js", "i18n.js")
     used = set(re.findall(r'data-i18n="([a-z_.]+)"', (STATIC / "account.html").read_text()))
     used |= set(re.findall(r'\bt\("([a-z_.]+)"', (STATIC / "account.js").read_text()))
     used |= set(re.findall(r'"(account\.totp_o(?:n|ff))"', (STATIC / "account.js").read_text()))

@@ -48,14 +48,9 @@ _hasher = PasswordHasher()
 
 def default_path(store: Store | None = None) -> Path:
     """``KASOU_BREAK_GLASS_FILE``, else beside the SQLite store (the kasou home), else in ``KASOU_HOME``."""
-    env = os.environ.get("KASOU_BREAK_GLASS_FILE", "").strip()
-    if env:
-        return Path(env).absolute()
-    from kasou.store.sqlite import SqliteStore
+    from kasou.store.sqlite import site_file
 
-    if isinstance(store, SqliteStore):
-        return Path(store.path).absolute().parent / "break-glass.json"
-    return Paths.from_env().home / "break-glass.json"
+    return site_file("break-glass.json", "KASOU_BREAK_GLASS_FILE", store, Paths.from_env().home)
 
 
 class BreakGlassFile(BaseModel):

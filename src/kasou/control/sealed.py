@@ -35,14 +35,9 @@ NONCE_BYTES = 12
 
 
 def default_key_path(store: Store | None = None) -> Path:
-    env = os.environ.get("KASOU_SECRETS_KEY")
-    if env:
-        return Path(env).absolute()
-    from kasou.store.sqlite import SqliteStore
+    from kasou.store.sqlite import site_file
 
-    if isinstance(store, SqliteStore):
-        return Path(store.path).absolute().parent / "secrets.key"
-    return Paths.from_env().token_file.absolute().with_name("secrets.key")
+    return site_file("secrets.key", "KASOU_SECRETS_KEY", store, Paths.from_env().token_file.absolute().parent)
 
 
 def key_id(key: bytes) -> str:

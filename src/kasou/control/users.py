@@ -195,17 +195,23 @@ class Users:
 
     async def _recheck(self, rec: UserRecord, password: str, source: str) -> None:
         """A signed-in user proves they are at the keyboard with their password before changing a credential."""
+        wrong = Unauthorized("the current password is wrong")
+        if not isinstance(password, str) or len(password) > 1024:
+            raise wrong
+        await self._check_password(rec, password, source, wrong)
+
+    async def _check_password(self, rec: UserRecord, password: str, source: str, wrong: Unauthorized) -> float:
+        """Refuse a locked user, and a wrong password (``wrong``, counted toward the lock-out). The time checked."""
         now = time.time()
         if rec.locked_until is not None and rec.locked_until > now:
             raise Unauthorized(f"user {rec.name!r} is locked after {LOCK_AFTER} failed sign-ins; "
                                f"try again in {rec.locked_until - now:.0f} s")  # fmt: skip
-        if not isinstance(password, str) or len(password) > 1024:
-            raise Unauthorized("the current password is wrong")
         try:
             await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
         except (VerificationError, InvalidHashError):
             await self._failed(rec, now, source)
-            raise Unauthorized("the current password is wrong") from None
+            raise wrong from None
+        return now
 
     async def set_pools(self, name: str, pools: list[str]) -> UserView:
         for p in pools:
@@ -243,15 +249,7 @@ class Users:
             with contextlib.suppress(VerificationError, InvalidHashError):
                 await asyncio.to_thread(_hasher.verify, _DUMMY, password)
             raise wrong from None
-        now = time.time()
-        if rec.locked_until is not None and rec.locked_until > now:
-            raise Unauthorized(f"user {name!r} is locked after {LOCK_AFTER} failed sign-ins; "
-                               f"try again in {rec.locked_until - now:.0f} s")  # fmt: skip
-        try:
-            await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
-        except (VerificationError, InvalidHashError):
-            await self._failed(rec, now, source)
-            raise wrong from None
+        now = await self._check_password(rec, password, source, wrong)
         update: dict[str, object] = {}
         if rec.totp_secret is not None:
             secret = await asyncio.to_thread(self._open, rec, "totp_secret")

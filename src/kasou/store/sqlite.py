@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -125,3 +126,14 @@ class SqliteStore(Store):
     async def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def site_file(name: str, env: str, store: Store | None, elsewhere: Path) -> Path:
+    """Where a site file (a key, the break-glass hash) is: the path in the environment variable ``env``,
+    else beside the SQLite store (one host: its kasou home), else ``name`` in ``elsewhere``."""
+    value = os.environ.get(env, "").strip()
+    if value:
+        return Path(value).absolute()
+    if isinstance(store, SqliteStore):
+        return Path(store.path).absolute().parent / name
+    return elsewhere / name

@@ -28,14 +28,9 @@ TRUSTED_DIR = "audit-trusted"
 
 
 def default_key_path(store: Store | None = None) -> Path:
-    env = os.environ.get("KASOU_AUDIT_KEY")
-    if env:
-        return Path(env).absolute()
-    from kasou.store.sqlite import SqliteStore
+    from kasou.store.sqlite import site_file
 
-    if isinstance(store, SqliteStore):
-        return Path(store.path).absolute().parent / "audit.key"
-    return Paths.from_env().home / "audit.key"
+    return site_file("audit.key", "KASOU_AUDIT_KEY", store, Paths.from_env().home)
 
 
 def _raw(public: Ed25519PublicKey) -> bytes:
