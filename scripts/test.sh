@@ -11,6 +11,8 @@ ruff check src tests bench
 ruff format --check src tests bench
 echo "== mypy"
 mypy
+echo "== layers (import-linter: docs/architecture.md, 'What may import what')"
+lint-imports --no-logo --no-cache
 echo "== tiny guest image"
 kasou image build tiny
 echo "== pytest"
