@@ -9,7 +9,7 @@ import re
 from fastapi.testclient import TestClient
 
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
-from kasou.hypervisor.fake import FakeDriver
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import Env
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*)\})? (\S+)$')

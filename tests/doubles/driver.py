@@ -630,12 +630,12 @@ class FakeDriver(Driver):
                                disks=disks, nics=nics))  # fmt: skip
         return out
 
-    # -- the display: a tiny RFB server per running VM (kasou.hypervisor.fake_rfb) --------------
+    # -- the display: a tiny RFB server per running VM (tests.doubles.rfb) --------------
 
     async def vnc_socket(self, name: str) -> Path | None:
         import tempfile
 
-        from kasou.hypervisor.fake_rfb import FakeRfbServer
+        from tests.doubles.rfb import FakeRfbServer
 
         rfb: dict[str, FakeRfbServer] = self.__dict__.setdefault("rfb", {})
         info = self.vms.get(name)
