@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 from fastapi.testclient import TestClient
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import make_fake_image
 
 from kasou.agent.app import Agent, create_agent_app
@@ -30,7 +31,6 @@ from kasou.api import audit as api_audit
 from kasou.api.app import Services, create_app
 from kasou.control.audit import AuditLog
 from kasou.control.hosts import Agents
-from kasou.hypervisor.fake import FakeDriver
 from kasou.store.sqlite import SqliteStore
 
 TOKEN = "bench-token"

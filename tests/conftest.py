@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.hypervisor.fake import FakeExports
+from tests.doubles.driver import FakeExports
 
 
 @pytest.fixture(autouse=True)

@@ -23,8 +23,8 @@ from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
 from kasou.config import HaTimes
 from kasou.control.hosts import Agents
-from kasou.hypervisor.fake import FakeDriver
 from kasou.store.sqlite import SqliteStore
+from tests.doubles.driver import FakeDriver
 
 TOKEN = "test-token"
 

@@ -26,8 +26,8 @@ from kasou.api import console as console_mod
 from kasou.api.app import Services, create_app
 from kasou.control import users as users_mod
 from kasou.control.hosts import Agents
-from kasou.hypervisor.fake import FakeDriver
 from kasou.store.sqlite import SqliteStore
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, make_fake_image
 
 ROOT = {"Authorization": f"Bearer {TOKEN}"}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
-from kasou.hypervisor.fake import FakeDriver
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import Env
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*)\})? (\S+)$')
@@ -139,11 +140,14 @@ def test_metrics_history_has_rates_after_two_samples(env: Env) -> None:
     assert [v["name"] for v in cur["hosts"]["host1"]["vms"]] == ["emr1"]
 
 
-def test_fake_driver_stats_are_plausible() -> None:
+def test_fake_driver_stats_are_plausible(tmp_path: Path) -> None:
+    disk = tmp_path / "disk0.qcow2"
+    disk.touch()  # the fake, as QEMU, refuses to start a VM whose disk is not there
+
     async def run() -> None:
         d = FakeDriver()
         spec = LaunchSpec(name="pacs", uuid="u", vcpus=2, memory_mib=512,
-                          disks=[LaunchDisk(id="disk0", path="/nonexistent")])  # fmt: skip
+                          disks=[LaunchDisk(id="disk0", path=str(disk))])  # fmt: skip
         await d.start(spec)
         d.vms["pacs"] = d.vms["pacs"].model_copy(update={"started_at": d.vms["pacs"].started_at - 100})
         (s,) = await d.stats()

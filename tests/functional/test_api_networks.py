@@ -18,7 +18,7 @@ from kasou.cli import common
 from kasou.cli import main as cli
 from kasou.control.networks import network_key
 from kasou.errors import KasouError
-from kasou.hypervisor.fake import FakeDriver
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, Env, make_cluster
 
 

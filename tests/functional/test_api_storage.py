@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kasou.hypervisor.fake import FakeDriver
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import Env
 
 

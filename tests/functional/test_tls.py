@@ -27,8 +27,8 @@ from kasou.api.server import run_api, tls_config
 from kasou.config import Paths, TlsFiles
 from kasou.control.hosts import Agents
 from kasou.errors import AgentUnavailable
-from kasou.hypervisor.fake import FakeDriver
 from kasou.store.sqlite import SqliteStore
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, make_fake_image
 
 

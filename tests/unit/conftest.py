@@ -13,7 +13,7 @@ import pytest
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
-from kasou.hypervisor.fake import FakeDriver
+from tests.doubles.driver import FakeDriver
 
 
 @dataclass

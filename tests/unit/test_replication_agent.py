@@ -9,7 +9,7 @@ import pytest
 
 from kasou.errors import Conflict, HypervisorError, InvalidSpec, NotFound
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, ReplicaTarget
-from kasou.hypervisor.fake import FakeExports
+from tests.doubles.driver import FakeExports
 from tests.unit.conftest import Host
 
 MiB = 1024 * 1024

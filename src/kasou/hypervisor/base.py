@@ -1,8 +1,10 @@
-"""The driver interface every hypervisor backend implements (QEMU, fake).
+"""The driver interface every hypervisor backend implements (QEMU; the tests' fake in ``tests/doubles``).
 
 Modelled on Nova's virt driver boundary: the agent asks for VMs by name with a
 :class:`LaunchSpec` and gets back :class:`RuntimeInfo`; how the backend does it
-(command lines, monitors, pids) never leaves the driver.
+(command lines, monitors, pids) never leaves the driver. What the docstrings below promise is
+checked against both the QEMU driver and the fake by one contract suite
+(``tests/contract/test_driver_contract.py``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ snapshot's content, never written again while S exists::
 
 Running VMs are the driver's (:meth:`kasou.hypervisor.base.Driver.snapshot` and
 ``merge_snapshot``); for stopped VMs the agent uses the ``qemu-img`` steps below
-(the fake driver uses them too, to keep real files in functional tests).
+(the tests' fake driver uses them too, to keep real files in functional tests).
 """
 
 from __future__ import annotations

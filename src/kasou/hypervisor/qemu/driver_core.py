@@ -66,6 +66,7 @@ HEARTBEAT_FRESH_S = 5.0
 _GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)  # the guest lives here
 _ACTIVE = (*_GUEST, RuntimeState.INCOMING)  # a QEMU process of the VM runs here
 MIGRATED = "migrated"  # the exit reason of a source QEMU after a completed migration
+STOPPED = "stopped"  # the exit reason of a QEMU ended by stop (the control plane tells it from a guest's power-off)
 
 
 @dataclass
@@ -314,8 +315,8 @@ class DriverCore(Driver):
         if event == "SHUTDOWN":
             reason = str(data.get("reason", "shutdown"))
             vm.expect_exit = True
-            if vm.exit_reason == MIGRATED:
-                return  # its exit record says so already
+            if vm.exit_reason in (MIGRATED, STOPPED):
+                return  # ended on request, and the record says so (QEMU's own reason would be "host-qmp-quit")
             vm.exit_reason = reason
             with contextlib.suppress(OSError):
                 vm.files.exit.write_text(json.dumps({"reason": reason, "time": time.time()}))
@@ -378,7 +379,7 @@ class DriverCore(Driver):
         reason = vm.exit_reason or rf.read_exit(vm.files)[1]
         if vm.expect_exit or reason:
             vm.state = RuntimeState.EXITED
-            vm.exit_reason = reason or "stopped"
+            vm.exit_reason = reason or STOPPED
         else:
             vm.state = RuntimeState.CRASHED
             vm.exit_reason = "the QEMU process ended unexpectedly"
@@ -463,7 +464,7 @@ class DriverCore(Driver):
             if vm.state not in _ACTIVE:
                 return
             vm.expect_exit = True
-            vm.exit_reason = vm.exit_reason or "stopped"
+            vm.exit_reason = vm.exit_reason or STOPPED
             with contextlib.suppress(KasouError):
                 await self._qmp(vm, "quit")
             if not await process.wait_gone(vm.pid, QUIT_TIMEOUT / 2):

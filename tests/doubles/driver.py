@@ -1,7 +1,8 @@
 """A driver with no hypervisor behind it, for fast functional tests of everything above.
 
 It keeps the same contract as the QEMU driver (states, errors, never two copies
-of one VM) and lets a test make a VM crash or a start fail.
+of one VM), checked by the contract tests that run against both
+(``tests/contract/test_driver_contract.py``), and lets a test make a VM crash or a start fail.
 
 Live migration works between fake drivers of one process (one per fake host):
 ``prepare_incoming`` registers the destination under its migration URI, the
@@ -60,6 +61,7 @@ from kasou.hypervisor.snapshots import (
     SnapshotMerged,
     SnapshotTake,
     SnapshotTaken,
+    allocated,
     commit_offline,
     create_overlay,
     memory_path,
@@ -166,11 +168,11 @@ class FakeDriver(Driver):
 
     def crash(self, name: str) -> None:
         """Test hook: the VM's process dies by itself."""
-        info = self.vms[name]
-        self.vms[name] = info.model_copy(update={"state": RuntimeState.CRASHED, "pid": None, "exit_reason": "killed"})
+        self._set(name, RuntimeState.CRASHED, pid=None, exit_reason="killed")
 
     async def attach_all(self) -> list[str]:
-        return [n for n, i in self.vms.items() if i.state in _ACTIVE]
+        """As QEMU's after an agent restart: the VMs found anew. A fake host keeps its VMs in memory: none."""
+        return []
 
     async def start(self, spec: LaunchSpec) -> RuntimeInfo:
         cur = self.vms.get(spec.name)
@@ -179,16 +181,19 @@ class FakeDriver(Driver):
         if self.fail_next_start is not None:
             msg, self.fail_next_start = self.fail_next_start, None
             raise QemuStartError(f"QEMU refused to start VM {spec.name!r}: {msg}")
+        _check_disks(spec)
         self._next_pid += 1
+        # A VM started paused has not run a single instruction: its guest is not ready (as QEMU's -S).
+        booted = not spec.paused
         info = RuntimeInfo(
             name=spec.name,
             state=RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING,
             pid=self._next_pid,
             started_at=time.time(),
             accelerator=self.accelerator,
-            guest_ready=True,
-            guest_uptime_s=0.0,
-            heartbeat_age_s=0.0,
+            guest_ready=booted,
+            guest_uptime_s=0.0 if booted else None,
+            heartbeat_age_s=0.0 if booted else None,
         )
         self.vms[spec.name] = info
         self.specs[spec.name] = spec
@@ -216,6 +221,8 @@ class FakeDriver(Driver):
         return info
 
     def _set(self, name: str, state: RuntimeState, **extra: object) -> None:
+        if state not in _GUEST:  # as QEMU's: no guest runs (any more, or yet) in this process
+            extra.setdefault("guest_ready", False)
         self.vms[name] = self.vms[name].model_copy(update={"state": state, **extra})
 
     async def powerdown(self, name: str) -> None:
@@ -232,16 +239,20 @@ class FakeDriver(Driver):
             self._set(name, RuntimeState.EXITED, pid=None, exit_reason="stopped")
 
     async def reset(self, name: str) -> None:
-        self._active(name)
-        self._set(name, RuntimeState.RUNNING, guest_uptime_s=0.0)
+        """The machine resets; a paused VM stays paused (QEMU's ``system_reset`` leaves the vCPUs as they are)."""
+        info = self._active(name)
+        self._set(name, info.state, guest_uptime_s=0.0)
 
     async def pause(self, name: str) -> None:
         self._active(name)
         self._set(name, RuntimeState.PAUSED)
 
     async def resume(self, name: str) -> None:
-        self._active(name)
-        self._set(name, RuntimeState.RUNNING)
+        info = self._active(name)
+        if info.guest_ready:
+            self._set(name, RuntimeState.RUNNING)
+        else:  # started paused: the guest boots now (at once, for a fake)
+            self._set(name, RuntimeState.RUNNING, guest_ready=True, guest_uptime_s=0.0, heartbeat_age_s=0.0)
 
     async def info(self, name: str) -> RuntimeInfo | None:
         return self.vms.get(name)
@@ -279,6 +290,8 @@ class FakeDriver(Driver):
             for d in spec.disks:
                 created.append(d.path)
                 _make_disk(Path(d.path), d.format, d.size_bytes or 0)
+        else:
+            _check_disks(spec)  # the waiting QEMU opens the shared disks
         FakeDriver._next_port += 2
         port = FakeDriver._next_port
         info = IncomingInfo(
@@ -596,7 +609,7 @@ class FakeDriver(Driver):
             if active.get(d.id) == d.top:
                 active[d.id] = d.base
         spec.disks = [dk.model_copy(update={"path": active[dk.id]}) for dk in spec.disks]
-        return SnapshotMerged(disks=active, live=True)
+        return SnapshotMerged(disks=active, live=True, base_bytes={d.id: await allocated(d.base) for d in req.disks})
 
     async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
         saved = json.loads(Path(state_path).read_text())
@@ -630,12 +643,12 @@ class FakeDriver(Driver):
                                disks=disks, nics=nics))  # fmt: skip
         return out
 
-    # -- the display: a tiny RFB server per running VM (kasou.hypervisor.fake_rfb) --------------
+    # -- the display: a tiny RFB server per running VM (tests.doubles.rfb) --------------
 
     async def vnc_socket(self, name: str) -> Path | None:
         import tempfile
 
-        from kasou.hypervisor.fake_rfb import FakeRfbServer
+        from tests.doubles.rfb import FakeRfbServer
 
         rfb: dict[str, FakeRfbServer] = self.__dict__.setdefault("rfb", {})
         info = self.vms.get(name)
@@ -653,6 +666,15 @@ class FakeDriver(Driver):
             await server.close()
         if "_rfb_dir" in self.__dict__:
             shutil.rmtree(self._rfb_dir, ignore_errors=True)
+
+
+def _check_disks(spec: LaunchSpec) -> None:
+    """QEMU opens every disk of a VM as it starts: one that is not there is a failed start."""
+    for d in spec.disks:
+        if not Path(d.path).exists():
+            raise QemuStartError(
+                f"QEMU refused to start VM {spec.name!r}: Could not open '{d.path}': No such file or directory"
+            )
 
 
 def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:
