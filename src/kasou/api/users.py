@@ -126,8 +126,10 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
         limiter.take(source)  # counted as failed until it succeeds: attempts sent at once cannot slip past
         try:
             token, user = await svc().users.login(body.name, body.password, source, body.totp)
-        except Unauthorized:
-            raise  # a refused sign-in: it stays counted
+        except Unauthorized as e:
+            if not body.totp and e.details.get("totp") in ("required", "enroll"):
+                limiter.give_back(source)  # the right password, asked for its code (the web UI's first step)
+            raise  # any other refused sign-in stays counted
         except BaseException:
             limiter.give_back(source)  # not a refused sign-in (the store failed...): not held against the address
             raise
