@@ -17,6 +17,7 @@ carries a one-line ``message`` meant for a person, a machine-readable
      │    └── BackupCorrupt     a backup file fails its verification; nothing is restored from it
      ├── InsufficientResources  the host cannot take it (HTTP 507 → 409 family)
      ├── TooLarge               a request body over the API's bound (HTTP 413)
+     ├── RateLimited            too many failed tries from one place: wait (HTTP 429, Retry-After)
      ├── Unauthorized           no or a wrong token or password (HTTP 401)
      ├── Forbidden              signed in, but not allowed to (HTTP 403)
      ├── HypervisorError        QEMU refused or died (HTTP 502)
@@ -84,6 +85,12 @@ class InsufficientResources(KasouError):
 
 class TooLarge(KasouError):
     code = "too_large"
+
+
+class RateLimited(KasouError):
+    """Too many failed attempts from one source: ``details.retry_after_s`` says when to try again."""
+
+    code = "rate_limited"
 
 
 class Unauthorized(KasouError):

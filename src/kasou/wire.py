@@ -27,6 +27,7 @@ STATUS: list[tuple[type[E.KasouError], int]] = [
     (E.Conflict, 409),
     (E.InsufficientResources, 409),
     (E.TooLarge, 413),
+    (E.RateLimited, 429),
     (E.Unauthorized, 401),
     (E.Forbidden, 403),
     (E.StoreConflict, 409),
@@ -40,7 +41,8 @@ STATUS: list[tuple[type[E.KasouError], int]] = [
 
 
 # kasou's code for an HTTP error raised by the framework itself (a route that does not exist, a body it cannot read)
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+              429: "rate_limited"}  # fmt: skip
 
 
 def status_for(error: E.KasouError) -> int:
@@ -52,6 +54,14 @@ def status_for(error: E.KasouError) -> int:
 
 def error_body(error: E.KasouError) -> dict[str, Any]:
     return error.to_dict()
+
+
+def error_headers(error: E.KasouError) -> dict[str, str] | None:
+    """HTTP headers an error's answer carries: ``Retry-After`` (seconds) for a rate-limited request."""
+    wait = error.details.get("retry_after_s")
+    if isinstance(error, E.RateLimited) and isinstance(wait, int):
+        return {"Retry-After": str(max(1, wait))}
+    return None
 
 
 #: What a route may answer besides its own success, all in kasou's error shape (documented on every route).
@@ -119,7 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(E.KasouError)
     async def _kasou(_req: Request, exc: E.KasouError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=status_for(exc))
+        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=error_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -427,3 +428,72 @@ def test_cli_tokens_totp_break_glass(env: Env, bg_file: Path) -> None:
         assert r.exit_code == 0 and "1 break-glass use acknowledged" in r.output
     finally:
         common.client_factory = None
+
+
+# -- concurrent guesses ----------------------------------------------------------------------------
+
+
+def _at_once(env: Env, attempts: list[tuple[dict[str, Any], str]]) -> list[httpx.Response]:
+    """Sign-in attempts sent all at once, each ``(body, source address)`` from its own client."""
+
+    async def one(body: dict[str, Any], source: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=env.api.app, client=(source, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            return await c.post("/v1/auth/login", json=body)
+
+    async def gather() -> list[httpx.Response]:
+        return list(await asyncio.gather(*(one(b, s) for b, s in attempts)))
+
+    return env.api.portal.call(gather)
+
+
+def test_concurrent_wrong_totp_codes_lock_the_account_and_it_stays_locked(env: Env) -> None:
+    _user(env, "ope", "operator")
+    now = _fresh_step()
+    secret = _enroll(env, "ope", now)
+    good = totp.code_at(secret, now)
+    wrong = next(c for c in ("000000", "111111", "222222") if c not in {good, totp.code_at(secret, now + 30)})
+    rs = _at_once(env, [({"name": "ope", "password": PW, "totp": wrong}, f"10.6.0.{i}") for i in range(50)])
+    assert all(r.status_code == 401 for r in rs), [r.text for r in rs]
+    msgs = [r.json()["message"] for r in rs]
+    assert sum("TOTP code is wrong" in m for m in msgs) <= 5, msgs
+    assert sum("locked" in m for m in msgs) >= 45, msgs
+    users = env.services.users
+    until = env.api.portal.call(users.get, "ope").locked_until
+    assert until is not None and until > time.time() + 250
+    rs = _at_once(env, [({"name": "ope", "password": PW, "totp": wrong}, f"10.7.0.{i}") for i in range(3)])
+    assert all("locked" in r.json()["message"] for r in rs)
+    assert env.api.portal.call(users.get, "ope").locked_until == until
+    assert env.api.get("/v1/users").json()[0]["locked"] is True
+    (r,) = _at_once(env, [({"name": "ope", "password": PW, "totp": good}, "10.8.0.1")])
+    assert r.status_code == 401 and "locked" in r.json()["message"], r.text
+
+
+def test_concurrent_break_glass_guesses_stay_within_the_limit(env: Env, bg_file: Path) -> None:
+    """Two API servers (two BreakGlass objects on one store) take guesses at once: the limit is one count."""
+    right = env.api.post("/v1/users/break-glass").json()["password"]
+    store = env.services.store
+    servers = [breakglass.BreakGlass(store), breakglass.BreakGlass(store)]
+
+    async def guess(i: int) -> str:
+        try:
+            await servers[i % 2].check(f"wrong-{i:02d}-password-abcde")
+        except Unauthorized as e:
+            return e.message
+        return "signed in"
+
+    async def gather() -> list[str]:
+        return list(await asyncio.gather(*(guess(i) for i in range(50))))
+
+    msgs = env.api.portal.call(gather)
+    assert "signed in" not in msgs
+    assert msgs.count("wrong user name or password") <= breakglass.LIMIT_AFTER, msgs
+    assert sum("rate-limited" in m for m in msgs) >= 50 - breakglass.LIMIT_AFTER
+    limit = env.api.portal.call(store.get, breakglass.LIMIT_KEY).value
+    assert limit["failures"] >= breakglass.LIMIT_AFTER
+    # The right password waits too, on either server, and over the API.
+    for s in servers:
+        with pytest.raises(Unauthorized, match="rate-limited"):
+            env.api.portal.call(s.check, right)
+    (r,) = _at_once(env, [({"name": "break-glass", "password": right}, "10.9.0.1")])
+    assert r.status_code == 401 and "rate-limited" in r.json()["message"], r.text

@@ -9,29 +9,43 @@ as ``login`` or ``login_failed``, ``/v1/auth/logout`` as ``logout``. Reads (GET,
 In a cluster a follower forwards a change to the leader: the follower marks the request and does not
 record it; the leader records it once, with the client's address the follower passed on
 (``X-Kasou-Forwarded-For``) and the follower's own address as ``details.forwarded_by``.
+
+The body recorded is the one :class:`kasou.api.limits.BodyLimit` read (sent with a length or chunked); one
+over :data:`BODY_MAX` is recorded by its size only. Anonymous failures (a refused request that never got as far
+as a principal: a wrong or missing token, a failed sign-in) are bounded so that a flood cannot grow the log
+without end: :data:`ANON_BURST` of them from one address in :data:`ANON_WINDOW_S` seconds (and
+:data:`ANON_TOTAL` from all addresses) are recorded one by one; the rest become one ``anonymous_failures``
+record an address when the window ends ("N more anonymous failures from ADDR in the last M s", with the
+actions and targets tried), at most :data:`ANON_SOURCES` addresses one by one and the others in one record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import hmac
 import io
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from kasou.api.auth import Principal
+from kasou.api.limits import BODY_SCOPE_KEY
 from kasou.control import audit
 from kasou.control.audit import Checkpoint, VerifyReport
 from kasou.errors import Forbidden
 
 if TYPE_CHECKING:
     from kasou.api.app import Services
+
+log = logging.getLogger(__name__)
 
 CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORWARDED_FOR = "x-kasou-forwarded-for"  # set by a follower that forwards a change to the leader
@@ -98,21 +112,137 @@ async def _replay(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+def _client_source(request: Request, key: str | None) -> tuple[str, dict[str, Any]]:
+    """The client's address (a follower's signed ``X-Kasou-Forwarded-For`` believed, an unsigned one only noted)
+    and what the record says about it."""
+    source = request.client.host if request.client else ""
+    notes: dict[str, Any] = {}
+    forwarded = verified_forwarded(key, request)
+    if forwarded:
+        notes["forwarded_by"] = source
+        source = forwarded[:100]
+    elif request.headers.get(FORWARDED_FOR):  # claimed by a caller that cannot sign it: noted, not believed
+        notes["forwarded_for_unverified"] = request.headers[FORWARDED_FOR][:100]
+    return source, notes
+
+
+def client_source(request: Request) -> str:
+    """The address a change came from, as the audit record has it (the client's, also behind a follower)."""
+    known = getattr(request.state, "client_source", None)
+    if isinstance(known, str):
+        return known
+    return request.client.host if request.client else ""
+
+
+# -- anonymous failures: bounded ---------------------------------------------------------------
+
+ANON_WINDOW_S = 60.0
+ANON_BURST = 10  # anonymous failures from one address recorded one by one in a window (as many as sign-ins allow)
+ANON_TOTAL = 100  # ... and from all addresses
+ANON_SOURCES = 50  # addresses whose other failures get an aggregate record each; the rest share one
+ANON_NAMED = 10  # distinct actions and targets named in an aggregate record
+OTHERS = "(other addresses)"
+
+
+@dataclass
+class _Held:
+    """The anonymous failures of one address not recorded one by one in the current window."""
+
+    count: int = 0
+    actions: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, int] = field(default_factory=dict)
+    sources: set[str] = field(default_factory=set)  # for OTHERS: the addresses summed up in it
+
+    def add(self, action: str, target: str, source: str) -> None:
+        self.count += 1
+        for seen, what in ((self.actions, action), (self.targets, target)):
+            if what in seen or len(seen) < ANON_NAMED:
+                seen[what] = seen.get(what, 0) + 1
+        if len(self.sources) < 1000:
+            self.sources.add(source)
+
+
+class AnonymousFailures:
+    """Which anonymous failures are recorded one by one, and the count of the others, window by window."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None  # the current window's start (monotonic)
+        self.seen: dict[str, int] = {}  # address -> failures recorded one by one in the window
+        self.recorded = 0
+        self.held: dict[str, _Held] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _roll(self, now: float) -> tuple[float, dict[str, _Held]]:
+        """End the window if its time is over: its length and what it held (to record)."""
+        if self.started is None or now - self.started < ANON_WINDOW_S:
+            return 0.0, {}
+        length, held = now - self.started, self.held
+        self.started, self.seen, self.recorded, self.held = None, {}, 0, {}
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return length, held
+
+    def admit(self, source: str, action: str, target: str, now: float, svc: Services) -> bool:
+        """True: record this failure in full; False: it is counted for its address's aggregate record."""
+        if self.started is None:
+            self.started = now
+        n = self.seen.get(source, 0)
+        if n < ANON_BURST and self.recorded < ANON_TOTAL and (source in self.seen or len(self.seen) < 10_000):
+            self.seen[source] = n + 1
+            self.recorded += 1
+            return True
+        key = source if source in self.held or len(self.held) < ANON_SOURCES else OTHERS
+        self.held.setdefault(key, _Held()).add(action, target, source)
+        if self._timer is None:  # the aggregate is written when the window ends, even if nothing else comes
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self.started + ANON_WINDOW_S - now) + 0.05
+            self._timer = loop.call_later(delay, self._spawn_flush, svc)
+        return False
+
+    def _spawn_flush(self, svc: Services) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush(svc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self, svc: Services, now: float | None = None) -> None:
+        """Record the aggregates of a window that has ended (nothing if it has not)."""
+        length, held = self._roll(time.monotonic() if now is None else now)
+        for source, h in held.items():
+            where = f"{len(h.sources)} other addresses" if source == OTHERS else source
+            details: dict[str, Any] = {"count": h.count, "window_s": round(length, 1), "actions": h.actions,
+                                       "targets": h.targets}  # fmt: skip
+            if source == OTHERS:
+                details["addresses"] = sorted(h.sources)[:ANON_NAMED]
+            await audit.record(
+                svc.store, "anonymous_failures", source="" if source == OTHERS else source, ok=False,
+                message=f"{h.count} more anonymous failures from {where} in the last {length:.0f} s",
+                details=details,
+            )  # fmt: skip
+
+
 def audit_middleware(
     services: Callable[[], Services | None],
     key: str | None = None,
 ) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    anonymous = AnonymousFailures()
+
     async def audit_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
         svc = services()
+        if svc is not None and anonymous.started is not None:
+            await anonymous.flush(svc)  # a window that has ended: its aggregates first
         if request.method not in CHANGING or not path.startswith("/v1/") or svc is None:
             return await call_next(request)
-        size = request.headers.get("content-length")
-        body = await request.body() if size is not None and size.isdigit() and int(size) <= BODY_MAX else b""
+        source, notes = _client_source(request, key)
+        request.state.client_source = source
         try:
             response = await call_next(request)
         except Exception as e:
-            await _record(svc, request, body, 500, None, f"{type(e).__name__}", key)
+            body = request.scope.get(BODY_SCOPE_KEY, b"")
+            await _record(svc, request, body, 500, None, f"{type(e).__name__}", source, notes, anonymous)
             raise
         if getattr(request.state, "audit_forwarded", False):
             return response
@@ -121,14 +251,23 @@ def audit_middleware(
         if length is not None and length.isdigit() and int(length) <= BODY_MAX:
             out = b"".join([c if isinstance(c, bytes) else c.encode() async for c in response.body_iterator])  # type: ignore[attr-defined]
             response.body_iterator = _replay(out)  # type: ignore[attr-defined]
-        await _record(svc, request, body, response.status_code, _json(out), "", key)
+        body = request.scope.get(BODY_SCOPE_KEY, b"")  # as kasou.api.limits read it: with a length or chunked
+        await _record(svc, request, body, response.status_code, _json(out), "", source, notes, anonymous)
         return response
 
     return audit_requests
 
 
 async def _record(
-    svc: Services, request: Request, body: bytes, status: int, answer: Any, crash: str, key: str | None = None
+    svc: Services,
+    request: Request,
+    body: bytes,
+    status: int,
+    answer: Any,
+    crash: str,
+    source: str,
+    notes: dict[str, Any],
+    anonymous: AnonymousFailures,
 ) -> None:
     path = request.url.path
     sent = _json(body)
@@ -139,6 +278,9 @@ async def _record(
     actor: Any = getattr(request.state, "principal", None)
     if action == "login" and isinstance(answer, dict):
         actor = {"name": answer.get("name"), "role": answer.get("role"), "via": answer.get("via") or "session"}
+    target = _target(path, sent)
+    if actor is None and not ok and not anonymous.admit(source, action, target, time.monotonic(), svc):
+        return  # one more anonymous failure: in its address's aggregate record
     details: dict[str, Any] = {}
     if request.query_params:
         details["query"] = dict(request.query_params)
@@ -146,13 +288,7 @@ async def _record(
         details["body"] = sent
     elif body and sent is None:
         details["body_bytes"] = len(body)
-    source = request.client.host if request.client else ""
-    forwarded = verified_forwarded(key, request)
-    if forwarded:
-        details["forwarded_by"] = source
-        source = forwarded[:100]
-    elif request.headers.get(FORWARDED_FOR):  # claimed by a caller that cannot sign it: noted, not believed
-        details["forwarded_for_unverified"] = request.headers[FORWARDED_FOR][:100]
+    details.update(notes)
     code, message = None, crash
     if isinstance(answer, dict):
         if not ok:
@@ -161,7 +297,7 @@ async def _record(
         if isinstance(job, dict) and isinstance(job.get("id"), str):
             details["job"] = job["id"]
     await audit.record(
-        svc.store, action, actor=actor, source=source, target=_target(path, sent), ok=ok, status=status,
+        svc.store, action, actor=actor, source=source, target=target, ok=ok, status=status,
         code=str(code) if code else None, message=message, details=details,
     )  # fmt: skip
 

@@ -7,20 +7,30 @@ is read here whole and handed on. The answer is kasou's error shape, ``{"code": 
 body (or one without a content type, which FastAPI reads as JSON) has its nesting measured before anything
 parses it: Python's parser fails with a RecursionError some thousand levels down, so a body nested deeper
 than kasou ever needs is ``422`` here, with one line. Registered in :mod:`kasou.api.app` inside the audit
-middleware, so a refused change is still recorded.
+middleware, so a refused change is still recorded; the body read here is left in the request's scope
+(:data:`BODY_SCOPE_KEY`) for the audit record, whether it came with a length or chunked.
+
+Also here: :class:`SignInLimiter`, the bound on failed sign-ins from one source address (``429`` with
+``Retry-After``), kept in the memory of the API server that checks sign-ins.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
+import os
 import re
+import time
+from collections import OrderedDict
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kasou.errors import InvalidSpec, KasouError, TooLarge
+from kasou.errors import InvalidSpec, KasouError, RateLimited, TooLarge
 from kasou.wire import error_body, status_for
 
 BODY_MAX = 1024 * 1024
+BODY_SCOPE_KEY = "kasou.body"  # the body as read here, for the audit record (kasou.api.audit)
 DEPTH_MAX = 32  # kasou's own bodies are 3 deep at most (a VM spec's mirror list)
 _TOKEN = re.compile(rb'[\[\]{}"\\]')  # what nesting depends on: brackets, quotes, backslashes
 
@@ -89,6 +99,7 @@ class BodyLimit:
         except _BodyTooLarge:
             await _refuse(send, self.limit)
             return
+        scope[BODY_SCOPE_KEY] = body
         if body and _json_like(scope) and json_depth(body, DEPTH_MAX) > DEPTH_MAX:
             msg = f"the JSON body is nested more than {DEPTH_MAX} levels deep"
             await _send_error(send, InvalidSpec(msg, field="body"))
@@ -143,3 +154,89 @@ async def _send_error(send: Send, err: KasouError) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status_for(err), "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+# -- failed sign-ins from one source address ----------------------------------------------------------
+
+SIGNIN_RATE_DEFAULT = 10.0  # failed sign-ins a minute from one address (and as many at once)
+SOURCES_MAX = 10_000  # addresses remembered; beyond, those with their full allowance are forgotten first
+
+
+def signin_rate() -> float:
+    """``KASOU_SIGNIN_RATE``: failed sign-ins a minute allowed from one source address (0: no bound)."""
+    try:
+        rate = float(os.environ.get("KASOU_SIGNIN_RATE", SIGNIN_RATE_DEFAULT))
+    except ValueError:
+        return SIGNIN_RATE_DEFAULT
+    return rate if math.isfinite(rate) and rate >= 0 else SIGNIN_RATE_DEFAULT
+
+
+def source_key(address: str) -> str:
+    """The source a limit counts for: the address, or its /64 for IPv6 (one host usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:100]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class SignInLimiter:
+    """Failed sign-ins per source address, a token bucket: ``rate`` of them at once, then ``rate`` a minute.
+
+    A sign-in takes a token *before* it is checked and gives it back when it succeeds, so attempts sent all at
+    once cannot pass the bound before the first of them fails. An address without a token is refused at once
+    (:class:`~kasou.errors.RateLimited`: 429 with ``Retry-After``), before any user is looked at, so it charges
+    no account's lock-out either. Kept in memory: sign-ins are checked by one API server (the leader, to which
+    followers forward them with the client's address); a restart or a new leader starts the counts afresh."""
+
+    def __init__(self, rate: float | None = None) -> None:
+        self._rate = rate
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, when)
+
+    @property
+    def rate(self) -> float:
+        return signin_rate() if self._rate is None else self._rate
+
+    def _tokens(self, key: str, now: float, rate: float) -> float:
+        tokens, when = self._buckets.get(key, (rate, now))
+        return min(rate, tokens + max(0.0, now - when) * rate / 60.0)
+
+    def take(self, address: str, now: float | None = None) -> None:
+        """One attempt from ``address``; RateLimited if it has none left."""
+        rate = self.rate
+        if rate <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        key = source_key(address)
+        tokens = self._tokens(key, now, rate)
+        if tokens < 1.0:
+            wait = math.ceil((1.0 - tokens) * 60.0 / rate)
+            raise RateLimited(f"too many failed sign-ins from {key}: try again in {wait} s", retry_after_s=wait)
+        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets.move_to_end(key)
+        self._trim(now, rate)
+
+    def give_back(self, address: str, now: float | None = None) -> None:
+        """The attempt succeeded (or was not a sign-in attempt after all): its token returns."""
+        rate = self.rate
+        key = source_key(address)
+        if rate <= 0 or key not in self._buckets:
+            return
+        now = time.monotonic() if now is None else now
+        tokens = min(rate, self._tokens(key, now, rate) + 1.0)
+        if tokens >= rate:
+            del self._buckets[key]  # its full allowance: nothing to remember
+        else:
+            self._buckets[key] = (tokens, now)
+
+    def _trim(self, now: float, rate: float) -> None:
+        if len(self._buckets) <= SOURCES_MAX:
+            return
+        for key in [k for k in self._buckets if self._tokens(k, now, rate) >= rate]:
+            del self._buckets[key]
+        while len(self._buckets) > SOURCES_MAX:
+            self._buckets.popitem(last=False)  # the longest unused

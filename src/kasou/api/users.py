@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from kasou.api.audit import client_source
 from kasou.api.auth import SESSION_COOKIE, Principal
+from kasou.api.limits import SignInLimiter
 from kasou.control.breakglass import Rotated
 from kasou.control.tokens import EXPIRES_MAX_DAYS, LABEL_MAX, TokenCreated, TokenView
 from kasou.control.users import TotpEnrolment, UserView, session_max_s
@@ -55,6 +57,11 @@ class OwnPasswordChange(BaseModel):
 class PasswordChanged(BaseModel):
     ok: bool
     sessions_ended: int  # the user's other sessions, now signed out
+
+
+class SignedOut(BaseModel):
+    ok: bool
+    sessions_ended: int  # the user's sessions, now ended
 
 
 class Reauth(BaseModel):
@@ -107,11 +114,26 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
         p.require("users")
         return p
 
-    @r.post("/auth/login")
+    limiter = SignInLimiter()  # failed sign-ins per source address (kasou.api.limits)
+    too_many = {"description": "Too many failed sign-ins from this address: wait Retry-After seconds",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}  # fmt: skip
+
+    @r.post("/auth/login", responses={429: too_many})
     async def login(body: Login, request: Request, response: Response) -> Me:
-        """Sign in with a user name and password: sets the session cookie (HttpOnly, SameSite=Strict)."""
-        source = request.client.host if request.client else ""
-        token, user = await svc().users.login(body.name, body.password, source, body.totp)
+        """Sign in with a user name and password: sets the session cookie (HttpOnly, SameSite=Strict). Failed
+        sign-ins from one address are bounded (``KASOU_SIGNIN_RATE`` a minute): past it, 429 and Retry-After."""
+        source = client_source(request)
+        limiter.take(source)  # counted as failed until it succeeds: attempts sent at once cannot slip past
+        try:
+            token, user = await svc().users.login(body.name, body.password, source, body.totp)
+        except Unauthorized as e:
+            if not body.totp and e.details.get("totp") in ("required", "enroll"):
+                limiter.give_back(source)  # the right password, asked for its code (the web UI's first step)
+            raise  # any other refused sign-in stays counted
+        except BaseException:
+            limiter.give_back(source)  # not a refused sign-in (the store failed...): not held against the address
+            raise
+        limiter.give_back(source)
         response.set_cookie(
             SESSION_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
             max_age=int(session_max_s()), path="/",
@@ -153,7 +175,7 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
     async def change_own_password(body: OwnPasswordChange, request: Request) -> PasswordChanged:
         """Change one's own password (the current one first); the user's other sessions end."""
         p = await a_user(request)
-        source = request.client.host if request.client else ""
+        source = client_source(request)
         ended = await svc().users.change_own_password(p.name, body.current_password, body.password, p.session,
                                                       source)  # fmt: skip
         return PasswordChanged(ok=True, sessions_ended=ended)
@@ -162,7 +184,7 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
     async def totp_enroll_own(body: Reauth, request: Request) -> TotpEnrolment:
         """Set up one's own TOTP second factor (the password first): the secret and URI, shown this once."""
         p = await a_user(request)
-        source = request.client.host if request.client else ""
+        source = client_source(request)
         return await svc().users.totp_enroll_own(p.name, body.password, source)
 
     @r.post("/auth/me/totp/confirm")
@@ -184,9 +206,15 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
         await svc().users.delete(user)
 
     @r.post("/users/{user}/password", dependencies=[Depends(admin)])
-    async def set_password(user: str, body: PasswordChange) -> dict[str, bool]:
-        await svc().users.set_password(user, body.password)
-        return {"ok": True}
+    async def set_password(user: str, body: PasswordChange) -> PasswordChanged:
+        """Set a user's password: the account is unlocked and every session of the user ends."""
+        ended = await svc().users.set_password(user, body.password)
+        return PasswordChanged(ok=True, sessions_ended=ended)
+
+    @r.post("/users/{user}/signout", dependencies=[Depends(admin)])
+    async def signout(user: str) -> SignedOut:
+        """End every session of a user (a stolen session, a user who left); their API tokens are not touched."""
+        return SignedOut(ok=True, sessions_ended=await svc().users.signout(user))
 
     @r.put("/users/{user}/pools", dependencies=[Depends(admin)])
     async def set_pools(user: str, body: PoolsChange) -> UserView:

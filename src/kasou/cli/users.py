@@ -69,10 +69,19 @@ def user_delete(name: str) -> None:
 def user_passwd(
     name: str, password_stdin: bool = typer.Option(False, "--password-stdin", help="Read it from stdin.")
 ) -> None:
-    """Set a user's password (and unlock the account)."""
+    """Set a user's password (and unlock the account); every session of the user ends."""
     validate_name(name, "user")
-    client().post(f"/v1/users/{name}/password", json={"password": _password(password_stdin)})
-    say(f"user {name}: password set")
+    r = client().post(f"/v1/users/{name}/password", json={"password": _password(password_stdin)})
+    n = r.get("sessions_ended", 0)
+    say(f"user {name}: password set; {n} session{'' if n == 1 else 's'} ended")
+
+
+@user_app.command("signout")
+def user_signout(name: str) -> None:
+    """End every session of a user (web UI, portal; their consoles close). API tokens are revoked separately."""
+    validate_name(name, "user")
+    n = client().post(f"/v1/users/{name}/signout")["sessions_ended"]
+    say(f"user {name}: {n} session{'' if n == 1 else 's'} ended")
 
 
 @user_app.command("pools")

@@ -9,8 +9,9 @@ replaces it and shows the new password once; replacing it ends the sessions sign
 
 Signing in as ``break-glass`` needs no TOTP code and is never locked out, but it is rate-limited: after
 ``LIMIT_AFTER`` wrong passwords in a row, one attempt every ``LIMIT_WAIT_S`` seconds. The count is kept
-in the store (``LIMIT_KEY``), so neither a restart nor a change of leader starts it afresh; when the
-store cannot be read or written the server's memory keeps it. Every use is loud:
+in the store (``LIMIT_KEY``), so neither a restart nor a change of leader starts it afresh; each attempt
+is counted there before its password is checked (compare-and-swap), so attempts sent at once cannot get
+past it; when the store cannot be read or written the server's memory keeps it. Every use is loud:
 an audit record ``break_glass_login`` (``details.break_glass: true``), an operator event of severity
 error that stays active until an administrator acknowledges it, and a CRITICAL log line; everything
 its session does is recorded with the actor's ``via`` set to ``break_glass``.
@@ -33,7 +34,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, Field
 
 from kasou.config import Paths
-from kasou.errors import StoreError, Unauthorized
+from kasou.errors import StoreConflict, StoreError, Unauthorized
 from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ NAME = "break-glass"
 LIMIT_AFTER = 5
 LIMIT_WAIT_S = 30.0
 LIMIT_KEY = "auth/break-glass-limit"  # {"failures": N, "last_failure": UNIX TIME}
+CAS_TRIES = 50  # compare-and-swap rounds on the count before an attempt gives up
 _ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: read aloud and typed under pressure
 _hasher = PasswordHasher()
 
@@ -111,13 +113,17 @@ def _write(p: Path, rec: BreakGlassFile) -> Path:
 
 
 class BreakGlass:
-    """The account's file and its rate limit (checked by the server that checks sign-ins: the leader)."""
+    """The account's file and its rate limit (checked by the server that checks sign-ins: the leader).
+
+    An attempt is counted as failed *before* its password is checked, with one compare-and-swap on the count in
+    the store (which also refuses an attempt while the limit holds), and the count ends when the password is
+    right. So attempts sent all at once, to one server or to several, are each counted, and no more than
+    ``LIMIT_AFTER`` passwords are checked before the wait applies."""
 
     def __init__(self, store: Store | None = None) -> None:
         self.store = store
-        self.failures = 0
+        self.failures = 0  # the count when the store cannot be used (and the last one seen there)
         self.last_failure = 0.0
-        self._lock = asyncio.Lock()
 
     @property
     def path(self) -> Path:
@@ -129,61 +135,77 @@ class BreakGlass:
         old = read(self.path)
         rec = BreakGlassFile(id=secrets.token_hex(8), password_hash=digest, rotated_at=time.time())
         p = await asyncio.to_thread(_write, self.path, rec)
-        self.failures = 0
-        await self._save_limit()
+        await self._clear()
         return Rotated(password=password, file=str(p), rotated_at=rec.rotated_at, replaced=old is not None)
 
     def current_id(self) -> str | None:
         rec = read(self.path)
         return rec.id if rec is not None else None
 
-    async def _load_limit(self) -> None:
-        if self.store is None:
-            return
-        try:
-            e = await self.store.get(LIMIT_KEY)
-        except StoreError as err:
-            log.warning("break-glass: the rate limit is kept in memory (the store: %s)", err)
-            return
-        self.failures, self.last_failure = 0, 0.0  # the store's count is the one
-        if e is not None and isinstance(e.value, dict):
-            with contextlib.suppress(TypeError, ValueError):
-                self.failures = int(e.value.get("failures", 0))
-                self.last_failure = float(e.value.get("last_failure", 0.0))
+    def _refuse_if_limited(self, failures: int, last_failure: float, now: float) -> None:
+        if failures >= LIMIT_AFTER and now - last_failure < LIMIT_WAIT_S:
+            raise Unauthorized(f"the break-glass account is rate-limited after {failures} wrong passwords; "
+                               f"try again in {LIMIT_WAIT_S - (now - last_failure):.0f} s")  # fmt: skip
 
-    async def _save_limit(self) -> None:
+    def _charge_in_memory(self, now: float) -> None:
+        self._refuse_if_limited(self.failures, self.last_failure, now)
+        self.failures += 1
+        self.last_failure = now
+
+    async def _charge(self) -> None:
+        """Count one attempt as failed, refusing it while the limit holds (compare-and-swap in the store)."""
+        for _ in range(CAS_TRIES):
+            now = time.time()
+            if self.store is None:
+                self._charge_in_memory(now)
+                return
+            try:
+                e = await self.store.get(LIMIT_KEY)
+            except StoreError as err:
+                log.warning("break-glass: the rate limit is kept in memory (the store: %s)", err)
+                self._charge_in_memory(now)
+                return
+            failures, last = 0, 0.0
+            if e is not None and isinstance(e.value, dict):
+                with contextlib.suppress(TypeError, ValueError):
+                    failures = int(e.value.get("failures", 0))
+                    last = float(e.value.get("last_failure", 0.0))
+            self._refuse_if_limited(failures, last, now)
+            try:
+                await self.store.put(LIMIT_KEY, {"failures": failures + 1, "last_failure": now},
+                                     expect_rev=e.mod_rev if e is not None else 0)  # fmt: skip
+            except StoreConflict:
+                continue
+            except StoreError as err:
+                log.warning("break-glass: the rate limit is kept in memory (the store: %s)", err)
+                self._charge_in_memory(now)
+                return
+            self.failures, self.last_failure = failures + 1, now
+            return
+        raise Unauthorized("the break-glass account is being tried from several places at once; try again")
+
+    async def _clear(self) -> None:
+        """The right password (or a new one): the count ends."""
+        self.failures, self.last_failure = 0, 0.0
         if self.store is None:
             return
         try:
-            if self.failures:
-                await self.store.put(LIMIT_KEY, {"failures": self.failures, "last_failure": self.last_failure})
-            else:
-                await self.store.delete(LIMIT_KEY)
+            await self.store.delete(LIMIT_KEY)
         except StoreError as err:
-            log.warning("break-glass: the rate limit is kept in memory (the store: %s)", err)
+            log.warning("break-glass: the rate limit could not be cleared in the store: %s", err)
 
     async def check(self, password: str) -> BreakGlassFile:
         """The file if ``password`` is the break-glass password; Unauthorized otherwise (rate-limited)."""
-        async with self._lock:  # one attempt at a time, so the limit holds
-            await self._load_limit()
-            now = time.time()
-            if self.failures >= LIMIT_AFTER and now - self.last_failure < LIMIT_WAIT_S:
-                raise Unauthorized(f"the break-glass account is rate-limited after {self.failures} wrong passwords; "
-                                   f"try again in {LIMIT_WAIT_S - (now - self.last_failure):.0f} s")  # fmt: skip
-            rec = read(self.path)
-            ok = False
-            if rec is not None:
-                with contextlib.suppress(VerificationError, InvalidHashError):
-                    ok = await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
-            if rec is None or not ok:
-                self.failures += 1
-                self.last_failure = time.time()
-                await self._save_limit()
-                log.warning("break-glass sign-in refused (%d wrong in a row)", self.failures)
-                if rec is None:
-                    raise Unauthorized("the break-glass account is not set up on this server: kasou user break-glass")
-                raise Unauthorized("wrong user name or password")
-            if self.failures:
-                self.failures = 0
-                await self._save_limit()
-            return rec
+        await self._charge()
+        rec = read(self.path)
+        ok = False
+        if rec is not None:
+            with contextlib.suppress(VerificationError, InvalidHashError):
+                ok = await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
+        if rec is None or not ok:
+            log.warning("break-glass sign-in refused (%d wrong in a row)", self.failures)
+            if rec is None:
+                raise Unauthorized("the break-glass account is not set up on this server: kasou user break-glass")
+            raise Unauthorized("wrong user name or password")
+        await self._clear()
+        return rec

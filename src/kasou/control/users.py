@@ -3,8 +3,11 @@
 A session is a random token (256 bits) held in an HttpOnly, SameSite=Strict cookie; the store
 keeps only its SHA-256, so a copy of the store signs no one in. A session ends after
 ``KASOU_SESSION_IDLE`` seconds without a request (automatic log-off, 15 minutes by default) and at
-the latest ``KASOU_SESSION_MAX`` seconds after sign-in (12 hours). Five wrong passwords in a row
-lock the account for five minutes.
+the latest ``KASOU_SESSION_MAX`` seconds after sign-in (12 hours), and when an administrator sets the
+user's password or signs the user out. Five wrong passwords in a row lock the account for five minutes:
+each attempt is counted before its password is checked (one compare-and-swap on the user's record), so
+attempts sent all at once cannot get past the count, and a failure never shortens a lock. A name no user
+has is answered and locked the same way (counted in memory), so the answers tell no one which names exist.
 
 Also here: per-user API tokens (:mod:`kasou.control.tokens`), the optional TOTP second factor
 (:mod:`kasou.control.totp`; ``KASOU_REQUIRE_TOTP_FOR_ADMINS=1`` makes it required for administrators)
@@ -20,6 +23,8 @@ import logging
 import os
 import secrets
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -29,7 +34,7 @@ from pydantic import BaseModel, Field
 from kasou.control import audit, breakglass, sealed, totp
 from kasou.control.events import ACTIVE_PREFIX, Events
 from kasou.control.tokens import TokenCreated, TokenRecord, TokenView, UserTokens
-from kasou.errors import AlreadyExists, Conflict, InvalidSpec, NotFound, StoreConflict, Unauthorized
+from kasou.errors import AlreadyExists, Conflict, InvalidSpec, NotFound, StoreConflict, StoreError, Unauthorized
 from kasou.model.names import validate_name
 from kasou.model.users import Role, UserCreate, check_departments, check_password
 from kasou.store.base import Store
@@ -67,6 +72,22 @@ def require_totp_for_admins() -> bool:
 
 _hasher = PasswordHasher()
 _DUMMY = _hasher.hash("kasou-dummy-password")  # verified for unknown names: the same time either way
+WRONG = "wrong user name or password"
+CAS_TRIES = 50  # compare-and-swap rounds on one user's record before giving up (attempts all at once)
+GHOSTS_MAX = 10_000  # names no user has whose failed sign-ins are counted (in memory, the oldest forgotten)
+UNKNOWN_KEY = "auth/unknown-name"  # {"last_failure": UNIX TIME}: written at each sign-in for a name no user has
+
+
+def _verify(digest: str, password: str) -> bool:
+    """Is ``password`` the one hashed in ``digest`` (argon2id)? False for a damaged hash too. Slow: in a thread."""
+    try:
+        return bool(_hasher.verify(digest, password))
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+class _Refused(Exception):
+    """A settlement refused by its caller's check (a TOTP code no longer valid)."""
 
 
 class UserRecord(BaseModel):
@@ -133,6 +154,7 @@ class Users:
         self.tokens = UserTokens(store)
         self.break_glass = breakglass.BreakGlass(store)
         self.events = Events(store)
+        self._ghosts: OrderedDict[str, tuple[int, float | None]] = OrderedDict()  # unknown names: failures, lock
 
     async def get(self, name: str) -> UserRecord:
         return (await self._entry(name))[0]
@@ -165,12 +187,32 @@ class Users:
                 await self.store.delete(e.key)
         await self.tokens.revoke_all(name)  # they stop working with the user anyway
 
-    async def set_password(self, name: str, password: str) -> None:
+    async def set_password(self, name: str, password: str) -> int:
+        """An administrator sets a user's password: the account is unlocked and every session of the user ends
+        (someone who had the old password is shut out). The number of sessions ended."""
         check_password(password)
-        rec = await self.get(name)
+        await self.get(name)
         digest = await asyncio.to_thread(_hasher.hash, password)
-        rec = rec.model_copy(update={"password_hash": digest, "failures": 0, "locked_until": None})
-        await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
+        await self._update(name, lambda r: r.model_copy(update={"password_hash": digest, "failures": 0,
+                                                                "locked_until": None}))  # fmt: skip
+        return await self.end_sessions(name)
+
+    async def signout(self, name: str) -> int:
+        """An administrator ends every session of ``name`` (the break-glass account's too). How many ended."""
+        if name != breakglass.NAME:
+            await self.get(name)
+        return await self.end_sessions(name)
+
+    async def end_sessions(self, name: str, keep: str | None = None) -> int:
+        """End the sessions of user ``name`` but the one of token ``keep``; how many ended. A desktop of an ended
+        session goes back to its pool at the pool's next round, a console closes at its next check."""
+        kept = _sid(keep) if keep is not None else None
+        ended = 0
+        for e in await self.store.range(SESSIONS_PREFIX):
+            mine = e.value.get("user") == name and e.key.removeprefix(SESSIONS_PREFIX) != kept
+            if mine and await self.store.delete(e.key):
+                ended += 1
+        return ended
 
     async def change_own_password(self, name: str, current: str, password: str, keep: str | None = None,
                                   source: str = "") -> int:  # fmt: skip
@@ -178,54 +220,113 @@ class Users:
 
         The user's other sessions end (a session someone else holds is shut out); ``keep`` is the session
         the change came from. The number of sessions ended."""
-        rec, rev = await self._entry(name)
-        await self._recheck(rec, current, source)
+        await self._recheck(name, current, source)
         check_password(password)
         if password == current:
             raise InvalidSpec("the new password is the same as the current one", field="password")
         digest = await asyncio.to_thread(_hasher.hash, password)
+        rec, rev = await self._entry(name)
         await self._put(rec.model_copy(update={"password_hash": digest, "failures": 0, "locked_until": None}), rev)
-        kept = _sid(keep) if keep is not None else None
-        ended = 0
-        for e in await self.store.range(SESSIONS_PREFIX):
-            if e.value.get("user") == name and e.key.removeprefix(SESSIONS_PREFIX) != kept:
-                await self.store.delete(e.key)
-                ended += 1
-        return ended
+        return await self.end_sessions(name, keep)
 
-    async def _recheck(self, rec: UserRecord, password: str, source: str) -> None:
+    async def _recheck(self, name: str, password: str, source: str) -> None:
         """A signed-in user proves they are at the keyboard with their password before changing a credential."""
         wrong = Unauthorized("the current password is wrong")
         if not isinstance(password, str) or len(password) > 1024:
             raise wrong
-        await self._check_password(rec, password, source, wrong)
+        rec, lock = await self._charge(name)
+        if not await asyncio.to_thread(_verify, rec.password_hash, password):
+            await self._failed(rec, lock, source)
+            raise wrong
+        await self._settle(name, lock, lambda r: {})
 
-    async def _check_password(self, rec: UserRecord, password: str, source: str, wrong: Unauthorized) -> float:
-        """Refuse a locked user, and a wrong password (``wrong``, counted toward the lock-out). The time checked."""
+    # -- the lock-out ---------------------------------------------------------------------
+    #
+    # An attempt is counted as failed *before* its password is checked (the charge: one compare-and-swap on
+    # the user's record, which also refuses a locked user), and the count is given back once it succeeds (the
+    # settlement). So attempts sent all at once are each counted, the one that reaches LOCK_AFTER locks the
+    # account for every later one, and no more than LOCK_AFTER passwords are ever checked in a row. A lock is
+    # only ever set by a charge and cleared by a right password's settlement, or by an administrator; a
+    # failure never writes over a lock (it was counted when charged).
+
+    @staticmethod
+    def _locked(name: str, left: float) -> Unauthorized:
+        return Unauthorized(f"user {name!r} is locked after {LOCK_AFTER} failed sign-ins; try again in {left:.0f} s")
+
+    async def _charge(self, name: str) -> tuple[UserRecord, float | None]:
+        """Count one attempt of ``name`` as failed, refusing a locked user: the record as it was, and the lock this
+        charge set (None if it set none). NotFound for no such user."""
+        for _ in range(CAS_TRIES):
+            rec, rev = await self._entry(name)
+            now = time.time()
+            if rec.locked_until is not None and rec.locked_until > now:
+                raise self._locked(rec.name, rec.locked_until - now)
+            failures = rec.failures + 1
+            lock = now + LOCK_S if failures >= LOCK_AFTER else None
+            counted = rec.model_copy(update={"failures": 0 if lock else failures, "locked_until": lock})
+            try:
+                await self.store.put(USERS_PREFIX + rec.name, counted.model_dump(mode="json"), expect_rev=rev)
+            except StoreConflict:
+                continue
+            return rec, lock
+        raise Unauthorized(f"too many sign-ins of user {name!r} at the same time: try again")
+
+    async def _settle(
+        self, name: str, lock: float | None, more: Callable[[UserRecord], dict[str, object] | None]
+    ) -> UserRecord:
+        """A right password: the failures counted end (and the lock this attempt's own charge set, if any; a lock
+        another attempt set stays). ``more(record)`` adds changes, or returns None to refuse the attempt after
+        all (it then stays counted as failed): Unauthorized. The record written."""
+        for _ in range(CAS_TRIES):
+            rec, rev = await self._entry(name)
+            extra = more(rec)
+            if extra is None:
+                raise _Refused
+            update: dict[str, object] = dict(extra)
+            ours = lock is not None and rec.locked_until == lock  # the lock this attempt's own charge set
+            if ours or rec.locked_until is None or rec.locked_until <= time.time():
+                update.update(failures=0, locked_until=None)
+            new = rec.model_copy(update=update)
+            try:
+                await self.store.put(USERS_PREFIX + name, new.model_dump(mode="json"), expect_rev=rev)
+            except StoreConflict:
+                continue
+            return new
+        raise Unauthorized(f"too many sign-ins of user {name!r} at the same time: try again")
+
+    async def _failed(self, rec: UserRecord, lock: float | None, source: str) -> None:
+        """An attempt failed (it was counted when charged); the one whose charge locked the account is audited."""
+        if lock is not None:
+            await audit.record(self.store, "lockout", source=source, target=f"users/{rec.name}", details={
+                "failures": LOCK_AFTER, "locked_s": LOCK_S})  # fmt: skip
+
+    async def _ghost_attempt(self, name: str, password: str) -> None:
+        """An attempt for a name no user has: answered as a real user's wrong password would be, lock included,
+        and after as long (the password is checked against a dummy hash). Always raises Unauthorized."""
         now = time.time()
-        if rec.locked_until is not None and rec.locked_until > now:
-            raise Unauthorized(f"user {rec.name!r} is locked after {LOCK_AFTER} failed sign-ins; "
-                               f"try again in {rec.locked_until - now:.0f} s")  # fmt: skip
-        try:
-            await asyncio.to_thread(_hasher.verify, rec.password_hash, password)
-        except (VerificationError, InvalidHashError):
-            await self._failed(rec, now, source)
-            raise wrong from None
-        return now
+        failures, until = self._ghosts.pop(name, (0, None))
+        if until is not None and until > now:
+            self._ghosts[name] = (failures, until)
+            raise self._locked(name, until - now)
+        failures += 1
+        lock = now + LOCK_S if failures >= LOCK_AFTER else None
+        self._ghosts[name] = (0 if lock else failures, lock)
+        while len(self._ghosts) > GHOSTS_MAX:
+            self._ghosts.popitem(last=False)
+        # As a real user's attempt writes its count: one write (of one key, whatever the name), then the hash.
+        with contextlib.suppress(StoreError):
+            await self.store.put(UNKNOWN_KEY, {"last_failure": now})
+        await asyncio.to_thread(_verify, _DUMMY, password)
+        raise Unauthorized(WRONG)
 
     async def set_pools(self, name: str, pools: list[str]) -> UserView:
         for p in pools:
             validate_name(p, "pool")
-        rec = (await self.get(name)).model_copy(update={"pools": pools})
-        await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
-        return view(rec)
+        return view(await self._update(name, lambda r: r.model_copy(update={"pools": pools})))
 
     async def set_departments(self, name: str, departments: list[str]) -> UserView:
-        rec = await self.get(name)
-        check_departments(rec.role, departments)
-        rec = rec.model_copy(update={"departments": departments})
-        await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"))
-        return view(rec)
+        check_departments((await self.get(name)).role, departments)
+        return view(await self._update(name, lambda r: r.model_copy(update={"departments": departments})))
 
     # -- sign-in --------------------------------------------------------------------------
 
@@ -234,74 +335,57 @@ class Users:
     ) -> tuple[str, UserRecord]:
         """Check the password (and the TOTP code of a user who has one); a new session token and the user.
 
-        A wrong name or password is one message; a missing or wrong TOTP code counts toward the lock-out
-        like a wrong password, and its refusal carries ``details.totp = "required"`` (``"enroll"`` for an
-        administrator without TOTP when ``KASOU_REQUIRE_TOTP_FOR_ADMINS`` is on).
+        A wrong name or password is one message, and a name no user has locks like a real one (no telling
+        which names exist); a missing or wrong TOTP code counts toward the lock-out like a wrong password,
+        and its refusal carries ``details.totp = "required"`` (``"enroll"`` for an administrator without
+        TOTP when ``KASOU_REQUIRE_TOTP_FOR_ADMINS`` is on).
         """
-        wrong = Unauthorized("wrong user name or password")
+        wrong = Unauthorized(WRONG)
         if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
             raise wrong
         if name == breakglass.NAME:
             return await self._login_break_glass(password, source)
         try:
-            rec, rev = await self._entry(name)
+            rec, lock = await self._charge(name)
         except (NotFound, InvalidSpec):
-            with contextlib.suppress(VerificationError, InvalidHashError):
-                await asyncio.to_thread(_hasher.verify, _DUMMY, password)
-            raise wrong from None
-        now = await self._check_password(rec, password, source, wrong)
-        update: dict[str, object] = {}
+            await self._ghost_attempt(name, password)
+            raise wrong from None  # (never reached: the ghost attempt raises)
+        if not await asyncio.to_thread(_verify, rec.password_hash, password):
+            await self._failed(rec, lock, source)
+            raise wrong
+        now = time.time()
         if rec.totp_secret is not None:
             secret = await asyncio.to_thread(self._open, rec, "totp_secret")
-            step = totp.match(secret, code, rec.totp_last_step, now)
-            if step is None:
-                await self._failed(rec, now, source)
+
+            def accept(r: UserRecord) -> dict[str, object] | None:
+                """The code's step, if it is later than the last one accepted (checked on the record as it is
+                now: two sign-ins with one code cannot both pass)."""
+                step = totp.match(secret, code, r.totp_last_step, now)
+                if step is None or r.totp_secret is None:
+                    return None
+                update: dict[str, object] = {"totp_last_step": step}
+                if not sealed.Sealer.is_sealed(r.totp_secret):  # written before sealing: sealed now
+                    update["totp_secret"] = self._seal(name, "totp_secret", secret)
+                return update
+
+            try:
+                rec = await self._settle(name, lock, accept)
+            except _Refused:
+                await self._failed(rec, lock, source)
                 if not code:
-                    raise Unauthorized("a TOTP code is needed: enter the code of your authenticator", totp="required")
-                raise Unauthorized("the TOTP code is wrong or was used already", totp="required")
-            update["totp_last_step"] = step
-            if not sealed.Sealer.is_sealed(rec.totp_secret):  # written before sealing: sealed now
-                update["totp_secret"] = self._seal(name, "totp_secret", secret)
-        elif rec.role == Role.ADMIN and require_totp_for_admins():
-            raise Unauthorized(f"administrators sign in with a TOTP code here and user {name!r} has none: "
-                               f"an administrator enrolls it (kasou user totp enroll {name})",
-                               totp="enroll")  # fmt: skip
-        if rec.failures or rec.locked_until or update:
-            rec = rec.model_copy(update={"failures": 0, "locked_until": None, **update})
-            try:  # conditional: two sign-ins with one code cannot both pass
-                await self.store.put(USERS_PREFIX + name, rec.model_dump(mode="json"), expect_rev=rev)
-            except StoreConflict:
-                raise Unauthorized("another sign-in of this user happened at the same time: try again",
-                                   **({"totp": "required"} if update else {})) from None  # fmt: skip
+                    raise Unauthorized("a TOTP code is needed: enter the code of your authenticator",
+                                       totp="required") from None  # fmt: skip
+                raise Unauthorized("the TOTP code is wrong or was used already", totp="required") from None
+        else:
+            rec = await self._settle(name, lock, lambda r: {})
+            if rec.role == Role.ADMIN and require_totp_for_admins():
+                raise Unauthorized(f"administrators sign in with a TOTP code here and user {name!r} has none: "
+                                   f"an administrator enrolls it (kasou user totp enroll {name})",
+                                   totp="enroll")  # fmt: skip
         token = secrets.token_urlsafe(32)
         sess = SessionRecord(user=name, created_at=now, last_used=now, source=source[:100])
         await self.store.put(SESSIONS_PREFIX + _sid(token), sess.model_dump(mode="json"))
         return token, rec
-
-    async def _failed(self, rec: UserRecord, now: float, source: str) -> None:
-        """One more failed sign-in; the fifth in a row locks the account (and is audited).
-
-        Written with compare-and-swap on the record as it is now, so a concurrent sign-in's changes (the
-        last TOTP step accepted, other failures) are never written back over."""
-        for _ in range(20):
-            try:
-                rec, rev = await self._entry(rec.name)
-            except NotFound:
-                return
-            failures = rec.failures + 1
-            locked = now + LOCK_S if failures >= LOCK_AFTER else None
-            try:
-                await self.store.put(USERS_PREFIX + rec.name, rec.model_copy(update={
-                    "failures": 0 if locked else failures, "locked_until": locked}).model_dump(mode="json"),
-                    expect_rev=rev)  # fmt: skip
-                break
-            except StoreConflict:
-                continue
-        else:
-            return
-        if locked:
-            await audit.record(self.store, "lockout", source=source, target=f"users/{rec.name}", details={
-                "failures": failures, "locked_s": LOCK_S})  # fmt: skip
 
     # -- the break-glass account ----------------------------------------------------------
 
@@ -339,9 +423,6 @@ class Users:
             if await self.events.clear(key, "break_glass_acknowledged", said):
                 n += 1
         return n
-
-    async def break_glass_pending(self) -> int:
-        return len(await self.store.range(ACTIVE_PREFIX + BREAK_GLASS_EVENTS))
 
     # -- API tokens -----------------------------------------------------------------------
 
@@ -381,6 +462,19 @@ class Users:
         assert value is not None
         return self.sealer.open(value, _what(rec.name, field))
 
+    async def _update(self, name: str, change: Callable[[UserRecord], UserRecord]) -> UserRecord:
+        """Change user ``name``'s record with compare-and-swap (a concurrent sign-in's count is never written
+        over); the record written."""
+        for _ in range(CAS_TRIES):
+            rec, rev = await self._entry(name)
+            new = change(rec)
+            try:
+                await self.store.put(USERS_PREFIX + name, new.model_dump(mode="json"), expect_rev=rev)
+            except StoreConflict:
+                continue
+            return new
+        raise Conflict(f"user {name!r} changed meanwhile: try again")
+
     async def _put(self, rec: UserRecord, rev: int) -> None:
         try:
             await self.store.put(USERS_PREFIX + rec.name, rec.model_dump(mode="json"), expect_rev=rev)
@@ -400,8 +494,7 @@ class Users:
 
     async def totp_enroll_own(self, name: str, password: str, source: str = "") -> TotpEnrolment:
         """A user sets up their own second factor (the password again first); confirmed as an administrator's."""
-        rec, _rev = await self._entry(name)
-        await self._recheck(rec, password, source)
+        await self._recheck(name, password, source)
         return await self.totp_enroll(name)
 
     async def totp_confirm(self, name: str, code: str) -> UserView:
