@@ -55,6 +55,7 @@ from kasou.hypervisor.base import (
     RuntimeState,
     validate_disk_id,
 )
+from kasou.hypervisor.qemu.migration import create_disk
 from kasou.hypervisor.snapshots import (
     SnapshotLayers,
     SnapshotMerge,
@@ -104,6 +105,9 @@ class FakeExports(ReplicaExports):
     #: Served replicas: file path -> where.
     served: ClassVar[dict[Path, _Served]] = {}
     _next_port: ClassVar[int] = 20000
+
+    async def create(self, path: Path, size_bytes: int) -> None:
+        await create_disk(path, "qcow2", size_bytes)  # a real image file, as QEMU's exports make
 
     async def start(self, path: Path, export: str, listen_host: str, writethrough: bool) -> int:
         if path in FakeExports.served:

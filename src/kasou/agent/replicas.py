@@ -191,10 +191,7 @@ class Replicas:
         export = f"kasou-{info.vm}-{info.disk_id}-{secrets.token_hex(4)}"  # a stale client never finds it
         try:
             if fresh:
-                # Imported here: the control plane imports this module's models and never QEMU's code.
-                from kasou.hypervisor.qemu.migration import create_disk
-
-                await create_disk(path, "qcow2", info.size_bytes)
+                await exports.create(path, info.size_bytes)
             port = await exports.start(path, export, info.nbd_host, info.writethrough)
             info = info.model_copy(update={"nbd_port": port, "export": export, "daemon_alive": True})
             try:

@@ -249,6 +249,10 @@ class ReplicaExports(abc.ABC):
     """
 
     @abc.abstractmethod
+    async def create(self, path: Path, size_bytes: int) -> None:
+        """Make an empty qcow2 image of ``size_bytes`` at ``path`` for a replica (bounded; nothing left on failure)."""
+
+    @abc.abstractmethod
     async def start(self, path: Path, export: str, listen_host: str, writethrough: bool) -> int:
         """Serve the image at ``path`` writable as NBD export ``export`` on a free port of ``listen_host``.
 

@@ -99,7 +99,7 @@ from kasou.errors import Conflict, HypervisorError, InvalidSpec, KasouError, Mon
 from kasou.hypervisor.base import LaunchDisk, ReplicaExports, ReplicaStatus, validate_disk_id
 from kasou.hypervisor.qemu import process, runfiles
 from kasou.hypervisor.qemu import tls as qtls
-from kasou.hypervisor.qemu.migration import PORT_ATTEMPTS, Execute, free_port
+from kasou.hypervisor.qemu.migration import PORT_ATTEMPTS, Execute, create_disk, free_port
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ class QsdExports(ReplicaExports):
     def __init__(self, binary: str = "qemu-storage-daemon", tls_dir: Path | None = None) -> None:
         self.binary = binary
         self.tls_dir = tls_dir  # QEMU's credentials: the exports are TLS only
+
+    async def create(self, path: Path, size_bytes: int) -> None:
+        await create_disk(path, "qcow2", size_bytes)
 
     @staticmethod
     def pidfile(path: Path) -> Path:
