@@ -97,6 +97,7 @@ def test_a_reused_name_does_not_reach_the_old_vms_backups_log_jobs_or_history(en
 
 def test_another_departments_vm_of_a_reused_name_sees_no_old_log_jobs_or_history(env: Env) -> None:
     env.create("lis", department="lab")
+    assert env.api.patch("/v1/vms/lis/backup-policy", json={"daily": "02:30", "keep": 3}).status_code == 200
     assert env.act("lis", "start")["state"] == "succeeded"
     old_jobs = [j["id"] for j in env.api.get("/v1/jobs", params={"vm": "lis"}).json()]
     delete(env, "lis")  # never backed up: the name is free again
@@ -113,6 +114,8 @@ def test_another_departments_vm_of_a_reused_name_sees_no_old_log_jobs_or_history
     assert not set(old_jobs) & {j["id"] for j in pharmacy.get("/v1/jobs").json()}
     assert not set(old_jobs) & {j["id"] for j in pharmacy.get("/v1/jobs", params={"vm": "lis"}).json()}
     assert [h["event"] for h in pharmacy.get("/v1/vms/lis/history").json()] == ["defined"]
+    policy = pharmacy.get("/v1/vms/lis/backup-policy").json()  # the lab's schedule is not the new VM's
+    assert (policy["daily"], policy["keep_is_default"]) == (None, True), policy
     # Once started, the log is the new VM's own.
     r = pharmacy.post("/v1/vms/lis/actions/start", headers=CSRF)
     assert r.status_code == 202 and env.wait(r.json()["job"])["state"] == "succeeded"
@@ -219,3 +222,45 @@ def test_a_name_another_department_uses_answers_as_if_unknown(env: Env) -> None:
     # An administrator is told plainly.
     r = env.api.post("/v1/vms", json={"name": "lis", "image": "tiny"})
     assert r.status_code == 409 and r.json()["message"] == "a VM named 'lis' already exists"
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------
+
+
+def test_cli_network_departments_and_a_deleted_vms_backups(env: Env) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from kasou.api.client import Client
+    from kasou.cli import common
+    from kasou.cli import main as cli
+    from tests.functional.conftest import TOKEN
+
+    runner = CliRunner()
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
+    try:
+
+        def run(*args: str) -> Any:
+            return runner.invoke(cli.app, list(args), catch_exceptions=True)
+
+        r = run("network", "create", "labnet", "--vlan", "10", "--department", "lab")
+        assert r.exit_code == 0 and r.output.strip() == "network labnet: created (VLAN 10; for departments lab only)"
+        r = run("network", "set", "labnet", "--department", "lab", "--department", "micro")
+        assert r.exit_code == 0 and r.output.strip() == "network labnet: for departments lab, micro only", r.output
+        assert "lab, micro" in run("network", "list").output
+        assert run("network", "set", "labnet").exit_code != 0  # neither option: nothing changed
+        r = run("network", "set", "labnet", "--all-departments")
+        assert r.exit_code == 0 and r.output.strip() == "network labnet: for every department"
+        old = env.create("lis", department="lab")
+        assert old["uuid"] in run("vm", "show", "lis").output
+        assert backup(env, "lis")["state"] == "succeeded"
+        delete(env, "lis")
+        env.create("lis", department="lab")
+        assert json.loads(run("backup", "list", "lis", "--json").output) == []
+        gens = json.loads(run("backup", "list", "lis", "--uuid", old["uuid"], "--json").output)
+        assert [(g["generation"], g["vm_uuid"]) for g in gens] == [(1, old["uuid"])]
+        r = run("backup", "restore", "lis", "1", "--as", "lis-old", "--uuid", old["uuid"])
+        assert r.exit_code == 0 and "restored from generation 1 of lis" in r.output, r.output
+    finally:
+        common.client_factory = None

@@ -143,6 +143,7 @@ class BackupView(BaseModel):
 class BackupPolicy(BaseModel):
     daily: str | None = None  # HH:MM, the host's local time; None: no schedule
     keep: int | None = None  # generations kept; None: KASOU_BACKUP_KEEP
+    vm_uuid: str | None = None  # the VM it was set for: a later VM of the name does not inherit it
     set_at: float = Field(default_factory=time.time)
     last_slot: float | None = None  # the latest scheduled slot handled (run, or reported missed)
 
@@ -308,9 +309,13 @@ class Backups:
 
     # -- policy ---------------------------------------------------------------------------
 
-    async def _policy(self, vm: str) -> BackupPolicy:
-        e = await self.store.get(policy_key(vm))
-        return BackupPolicy.model_validate(e.value) if e is not None else BackupPolicy(set_at=0.0)
+    async def _policy(self, owner: VMRecord) -> BackupPolicy:
+        """The VM's policy (one an earlier VM of the name left is not its)."""
+        e = await self.store.get(policy_key(owner.name))
+        p = BackupPolicy.model_validate(e.value) if e is not None else None
+        if p is None or p.vm_uuid not in (None, owner.uuid):
+            return BackupPolicy(set_at=0.0)
+        return p
 
     def _policy_view(self, vm: str, p: BackupPolicy) -> PolicyView:
         nxt = None
@@ -320,8 +325,7 @@ class Backups:
                           next_run=nxt)  # fmt: skip
 
     async def get_policy(self, vm: str) -> PolicyView:
-        await self.vms._record(vm)
-        return self._policy_view(vm, await self._policy(vm))
+        return self._policy_view(vm, await self._policy(await self.vms._record(vm)))
 
     async def set_policy(self, vm: str, upd: PolicyUpdate) -> PolicyView:
         if upd.keep is not None:
@@ -330,9 +334,9 @@ class Backups:
             if upd.off:
                 raise InvalidSpec("give either --daily or --off, not both", field="daily")
             parse_daily(upd.daily)
-        await self.vms._record(vm)
-        p = await self._policy(vm)
-        changes: dict[str, Any] = {}
+        owner = await self.vms._record(vm)
+        p = await self._policy(owner)
+        changes: dict[str, Any] = {"vm_uuid": owner.uuid}
         if upd.keep is not None:
             changes["keep"] = upd.keep
         if upd.off:
@@ -410,15 +414,15 @@ class Backups:
                         await agent.delete_backup(f.path)
                 raise
             await ctx.progress(0.8, "retention")
-            pruned = await self._prune(rec, await self._keep(vm))
+            pruned = await self._prune(rec, await self._keep(rec))
         return {
             "vm": vm, "generation": gen, "kind": kind, "note": record.note, "pruned": pruned,
             "bytes_copied": sum(d.bytes_copied for d in record.disks),
             "file_bytes": sum(d.file_bytes for d in record.disks), "copy_s": made.copy_s, "verify_s": made.verify_s,
         }  # fmt: skip
 
-    async def _keep(self, vm: str) -> int:
-        return (await self._policy(vm)).keep or backup_keep_default()
+    async def _keep(self, owner: VMRecord) -> int:
+        return (await self._policy(owner)).keep or backup_keep_default()
 
     async def _prune(self, owner: VMRecord, keep: int) -> builtins.list[int]:
         """Drop the VM's generations beyond ``keep`` (the caller holds the VM's lock)."""
@@ -528,6 +532,9 @@ class Backups:
             late = now - slot
             when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
             try:
+                cur = await self._current(vm)
+                if cur is None or p.vm_uuid not in (None, cur.uuid):  # its VM is gone (a new one may hold the name)
+                    raise NotFound(f"no VM named {vm!r}")
                 job = await self.create(vm, incremental=True, scheduled=True)
             except NotFound:
                 await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: the VM "
