@@ -223,6 +223,21 @@ def ha_times() -> HaTimes:
     return HaTimes(ttl, margin, hb)
 
 
+def vendor_max_priority() -> int:
+    """``KASOU_VENDOR_MAX_PRIORITY``: the highest HA restart priority a vendor may give their VMs (0..100,
+    default 50); an administrator may set any."""
+    raw = os.environ.get("KASOU_VENDOR_MAX_PRIORITY", "").strip()
+    if not raw:
+        return 50
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"KASOU_VENDOR_MAX_PRIORITY={raw!r} is not a whole number") from None
+    if not 0 <= value <= 100:
+        raise ValueError(f"KASOU_VENDOR_MAX_PRIORITY={raw} must be between 0 and 100")
+    return value
+
+
 def backup_keep_default() -> int:
     """``KASOU_BACKUP_KEEP``: backup generations kept per VM unless its own setting says otherwise (default 7)."""
     raw = os.environ.get("KASOU_BACKUP_KEEP", "").strip()

@@ -154,6 +154,7 @@ class FakeDriver(Driver):
         self.accelerator = accelerator
         self.vms: dict[str, RuntimeInfo] = {}
         self.specs: dict[str, LaunchSpec] = {}
+        self.logs: dict[str, str] = {}  # VM name -> the uuid of the VM whose serial log this host keeps
         self.fail_next_start: str | None = None  # the message of a start that should fail
         self.powerdown_exits = True  # a guest that honours the ACPI power button
         self.migration_polls = 1  # status calls answered "mirroring"/"active" before "completed"
@@ -201,6 +202,7 @@ class FakeDriver(Driver):
         )
         self.vms[spec.name] = info
         self.specs[spec.name] = spec
+        self.logs[spec.name] = spec.uuid  # like QEMU, a new process starts its log afresh
         self.replicas.pop(spec.name, None)  # a new process mirrors nothing
         self.mirrors[spec.name] = {}
         for d in spec.disks:
@@ -271,8 +273,9 @@ class FakeDriver(Driver):
         self.vms.pop(name, None)
         self.specs.pop(name, None)
 
-    async def console_log(self, name: str, max_bytes: int = 65536) -> str:
-        if name not in self.specs:
+    async def console_log(self, name: str, max_bytes: int = 65536, uuid: str | None = None) -> str:
+        # Like QEMU's log file, the log outlives the process and ``forget``.
+        if name not in self.logs or (uuid is not None and self.logs[name] != uuid):
             raise NotFound(f"VM {name!r} has no console output on this host")
         return f"KASOU-READY\nfake console of {name}\n"[-max_bytes:]
 
@@ -314,6 +317,7 @@ class FakeDriver(Driver):
             accelerator=self.accelerator,
         )
         self.specs[spec.name] = spec
+        self.logs[spec.name] = spec.uuid
         self.incoming[spec.name] = _In(info, created)
         FakeDriver._listening[info.migration_uri] = (self, spec.name)
         return info
@@ -432,6 +436,7 @@ class FakeDriver(Driver):
         del self.incoming[name]
         self.vms.pop(name, None)
         self.specs.pop(name, None)
+        self.logs.pop(name, None)  # QEMU's driver removes the log of an aborted arrival
 
     # -- disk replication ----------------------------------------------------------------
 

@@ -175,8 +175,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
         return {"ok": True}
 
     @app.get("/agent/v1/vms/{name}/console", response_class=PlainTextResponse)
-    async def console(name: str, max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024)) -> str:
-        return await d.console_log(name, max_bytes)
+    async def console(
+        name: str, max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024), uuid: str | None = Query(None)
+    ) -> str:
+        """The VM's serial console log; with ``uuid``, only if the VM of that uuid wrote it."""
+        return await d.console_log(name, max_bytes, uuid)
 
     # -- live migration (the control plane runs the steps; see Driver) ---------------
 

@@ -98,8 +98,11 @@ class AgentClient:
     async def forget(self, name: str) -> None:
         await self._call("DELETE", f"/vms/{name}")
 
-    async def console(self, name: str, max_bytes: int = 65536) -> str:
-        return (await self._call("GET", f"/vms/{name}/console", params={"max_bytes": max_bytes})).text
+    async def console(self, name: str, max_bytes: int = 65536, uuid: str | None = None) -> str:
+        params: dict[str, str | int] = {"max_bytes": max_bytes}
+        if uuid is not None:
+            params["uuid"] = uuid
+        return (await self._call("GET", f"/vms/{name}/console", params=params)).text
 
     # -- live migration: each a bounded step; see the Driver's methods of the same names --
 

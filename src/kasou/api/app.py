@@ -32,7 +32,7 @@ from kasou.api.portal import desktop_pool_routes, portal_routes
 from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
 from kasou.api.users import user_routes
-from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
+from kasou.config import HaTimes, ha_times, vcpu_ratio_setting, vendor_max_priority
 from kasou.control.events import Event, Severity
 from kasou.control.hosts import Agents, HostView
 from kasou.control.jobs import Jobs
@@ -45,7 +45,7 @@ from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.users import Users
 from kasou.control.vms import VMService, VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
-from kasou.model.spec import NetworkCreate, VMCreate, VMUpdate, validate_name
+from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
 from kasou.web import web_routes
@@ -158,7 +158,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             conn.path_params,
             lambda: principal(cast(Request, conn)),
             department_of_vm,
-            vm_of_job,
+            department_of_job,
         )
 
     async def department_of_vm(name: str) -> str | None:
@@ -167,11 +167,13 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         except NotFound:
             return None
 
-    async def vm_of_job(job_id: str) -> str | None:
+    async def department_of_job(job_id: str) -> tuple[bool, str | None]:
+        """Whether the job exists, and the department it belongs to (its own, not its VM name's now)."""
         try:
-            return (await svc().jobs.get(job_id)).vm
+            job = await svc().jobs.get(job_id)
         except NotFound:
-            return None
+            return False, None
+        return True, await svc().jobs.department_of(job)
 
     app = FastAPI(
         dependencies=[Depends(route_permission)],
@@ -269,18 +271,29 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         for vm in await svc().vms.list_all():
             if not me(request).sees(vm.department):
                 continue
-            rows.append(uptime_row(vm.name, await svc().ledger.history(vm.name)))
+            rows.append(uptime_row(vm.name, await svc().vms.history(vm.name)))
         return rows
 
     @v1.get("/vms")
     async def list_vms(request: Request) -> list[VMView]:
         return [v for v in await svc().vms.list_all() if me(request).sees(v.department)]
 
+    def check_priority_ceiling(p: Principal, priority: int) -> None:
+        """A vendor's VMs go no higher in the HA restart order than the ceiling (KASOU_VENDOR_MAX_PRIORITY)."""
+        ceiling = vendor_max_priority()
+        if p.scoped and priority > ceiling:
+            raise Forbidden(
+                f"user {p.name!r} ({p.role.value}) may set an HA priority up to {ceiling}, not {priority}; "
+                "an administrator sets a higher one"
+            )
+
     @v1.post("/vms", status_code=202)
     async def create_vm(request: Request, body: dict[str, Any] = Body(...)) -> CreateAccepted:
         spec = VMCreate.parse(body)
         p = me(request)
+        scope: tuple[str, ...] | None = None
         if p.scoped:
+            scope = p.departments
             if spec.department is None and len(p.departments) == 1:
                 spec = spec.model_copy(update={"department": p.departments[0]})
             if not p.sees(spec.department):
@@ -288,7 +301,10 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
                 raise Forbidden(f"user {p.name!r} may create VMs of their departments only ({mine}): give --department")
             if spec.template is not None and not await visible(request, spec.template):
                 raise NotFound(f"no template named {spec.template!r}")
-        vm, job = await svc().vms.create(spec)
+            if "priority" not in spec.model_fields_set:  # the default, under the ceiling
+                spec = spec.model_copy(update={"priority": min(spec.priority, vendor_max_priority())})
+            check_priority_ceiling(p, spec.priority)
+        vm, job = await svc().vms.create(spec, scope)
         return CreateAccepted(vm=vm, job=job)
 
     @v1.get("/vms/{name}")
@@ -296,8 +312,17 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return await svc().vms.get(name)
 
     @v1.patch("/vms/{name}")
-    async def update_vm(name: str, body: dict[str, Any] = Body(...)) -> VMView:
-        return await svc().vms.update(name, VMUpdate.parse(body))
+    async def update_vm(request: Request, name: str, body: dict[str, Any] = Body(...)) -> VMView:
+        upd = VMUpdate.parse(body)
+        p = me(request)
+        if p.scoped:
+            if upd.department is not None and (upd.department or None) != await department_of_vm(name):
+                raise Forbidden(
+                    f"user {p.name!r} ({p.role.value}) may not change a VM's department; an administrator does"
+                )
+            if upd.priority is not None:
+                check_priority_ceiling(p, upd.priority)
+        return await svc().vms.update(name, upd)
 
     @v1.delete("/vms/{name}", status_code=202)
     async def delete_vm(name: str, keep_disks: bool = False, force: bool = False) -> JobAccepted:
@@ -333,6 +358,12 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     async def get_network(name: str) -> NetworkView:
         return await svc().networks.get(name)
 
+    @v1.patch("/networks/{name}")
+    async def update_network(name: str, body: dict[str, Any] = Body(...)) -> NetworkView:
+        """Which departments' VMs may use the network (``departments``: a list, or null for every department);
+        refused (409) while a VM of a department left out is on it."""
+        return await svc().networks.update(name, NetworkUpdate.parse(body))
+
     @v1.delete("/networks/{name}")
     async def delete_network(name: str) -> NetworkView:
         """Refused (409) while a VM has a NIC on it."""
@@ -359,7 +390,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         jobs = await svc().jobs.list(vm, limit)
         if not me(request).scoped:
             return jobs
-        return [j for j in jobs if j.vm is not None and await visible(request, j.vm)]
+        return [j for j in jobs if me(request).sees(await svc().jobs.department_of(j))]  # the job's own department
 
     @v1.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobRecord:

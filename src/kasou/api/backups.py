@@ -1,6 +1,11 @@
 """The REST API's backup routes (``/v1/vms/{name}/backups...``), included in the token-guarded ``/v1`` router.
 
 Create and restore are jobs (``202`` with the job); the list and the policy answer at once.
+
+Generations belong to the VM that was backed up (its uuid and department): the list and restore
+of a name reach the generations of the VM that holds the name now; an earlier, deleted VM's are
+reached with its ``uuid`` by users not confined to departments (administrators, operators,
+auditors). A vendor reaches only generations of their departments (:mod:`kasou.control.backups`).
 """
 
 from __future__ import annotations
@@ -8,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.control.backups import BackupView, PolicyUpdate, PolicyView
 from kasou.control.records import JobRecord
 from kasou.control.vms import VMView
+from kasou.errors import Forbidden
 
 if TYPE_CHECKING:
     from kasou.api.app import Services
@@ -29,6 +35,7 @@ class RestoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     as_: str = Field(alias="as")  # the new VM's name
+    uuid: str | None = None  # a generation of the (deleted) VM with this uuid, not of the one holding the name now
 
 
 class BackupJob(BaseModel):
@@ -40,13 +47,24 @@ class RestoreAccepted(BaseModel):
     job: JobRecord
 
 
+def _scope(request: Request, uuid: str | None) -> tuple[str, ...] | None:
+    """The departments the principal is confined to (None: not confined); a confined one gives no ``uuid``."""
+    p = request.state.principal
+    if not p.scoped:
+        return None
+    if uuid is not None:
+        raise Forbidden(f"user {p.name!r} ({p.role.value}) reaches the backups of the VM that holds the name only")
+    return tuple(p.departments)
+
+
 def backup_router(svc: Callable[[], Services]) -> APIRouter:
     r = APIRouter()
 
     @r.get("/vms/{name}/backups")
-    async def list_backups(name: str) -> list[BackupView]:
-        """The VM's backup generations, oldest first (also after the VM was deleted)."""
-        return await svc().vms.backups.list(name)
+    async def list_backups(request: Request, name: str, uuid: str | None = Query(None)) -> list[BackupView]:
+        """The VM's backup generations, oldest first (also after the VM was deleted); ``uuid``: those of
+        an earlier VM of that name."""
+        return await svc().vms.backups.list(name, uuid, _scope(request, uuid))
 
     @r.post("/vms/{name}/backups", status_code=202)
     async def create_backup(name: str, body: BackupRequest | None = None) -> BackupJob:
@@ -55,9 +73,10 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
         return BackupJob(job=await svc().vms.backups.create(name, incremental=req.incremental))
 
     @r.post("/vms/{name}/backups/{generation}/restore", status_code=202)
-    async def restore_backup(name: str, generation: int, body: RestoreRequest) -> RestoreAccepted:
+    async def restore_backup(request: Request, name: str, generation: int, body: RestoreRequest) -> RestoreAccepted:
         """A new (stopped) VM ``{"as": NEWNAME}`` from the generation, refused if its files fail verification."""
-        vm, job = await svc().vms.backups.restore(name, generation, body.as_)
+        scope = _scope(request, body.uuid)
+        vm, job = await svc().vms.backups.restore(name, generation, body.as_, body.uuid, scope)
         return RestoreAccepted(vm=vm, job=job)
 
     @r.get("/vms/{name}/backup-policy")

@@ -6,9 +6,11 @@ and ``tests/functional/test_role_matrix.py`` enumerates the app's routes to prov
 What each role holds is :data:`kasou.model.users.PERMISSIONS`.
 
 A department-scoped principal (a vendor) holds its VM permissions only for VMs whose
-``department`` is one of theirs: for a route naming a VM (``vm``) or a job (``job``) the check
-looks the VM up, and a VM of another department is answered as if it did not exist (404), so a
-vendor learns nothing of other departments' systems. Routes marked ``lists`` filter what they
+``department`` is one of theirs: for a route naming a VM (``vm``) the check looks the VM up, for
+one naming a job (``job``) it takes the department the job itself carries (the department of its
+VM when it was submitted: a later VM of the same name owns none of an earlier one's jobs), and a
+VM or job of another department is answered as if it did not exist (404), so a vendor learns
+nothing of other departments' systems. Routes marked ``lists`` filter what they
 return (or, for a create, check the department asked for) themselves; any other route is refused
 to a scoped principal even if the role holds its permission.
 """
@@ -36,7 +38,7 @@ class Need:
 
     anyof: tuple[str, ...]
     vm: str | None = None  # the path parameter naming a VM (department scope)
-    job: str | None = None  # the path parameter naming a job (the department of the job's VM)
+    job: str | None = None  # the path parameter naming a job (the department the job carries)
     lists: bool = False  # the route itself keeps a scoped principal to their departments' VMs
 
     @property
@@ -95,6 +97,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/networks"): need("read"),
     ("POST", "/v1/networks"): need("hosts"),
     ("GET", "/v1/networks/{name}"): need("read"),
+    ("PATCH", "/v1/networks/{name}"): need("hosts"),  # which departments' VMs may use it
     ("DELETE", "/v1/networks/{name}"): need("hosts"),
     ("GET", "/v1/pools"): need("read"),
     ("POST", "/v1/pools"): need("hosts"),
@@ -180,11 +183,12 @@ async def check(
     params: dict[str, str],
     principal: Callable[[], Awaitable[Principal]],
     department_of_vm: Callable[[str], Awaitable[str | None]],
-    vm_of_job: Callable[[str], Awaitable[str | None]],
+    department_of_job: Callable[[str], Awaitable[tuple[bool, str | None]]],
 ) -> None:
     """Refuse the request unless its principal holds what the route needs (kasou.errors on refusal).
 
     ``path`` is the request's path; it is matched against the table's templates.
+    ``department_of_job`` answers (the job exists, the department it belongs to).
     """
     path = template_of(method, path)
     n = need_of(method, path)
@@ -200,14 +204,14 @@ async def check(
         raise Forbidden(f"user {p.name!r} ({p.role.value}) may not do this (needs {needs})")
     if not p.scoped or n.lists:
         return
-    vm: str | None = None
     if n.vm is not None:
         vm = params.get(n.vm)
+        if vm is None or not p.sees(await department_of_vm(vm)):
+            raise NotFound(f"no VM named {vm!r}")
     elif n.job is not None:
-        vm = await vm_of_job(params.get(n.job, ""))
-        if vm is None:
-            raise NotFound(f"no job {params.get(n.job, '')!r}")
+        job = params.get(n.job, "")
+        found, department = await department_of_job(job)
+        if not found or not p.sees(department):
+            raise NotFound(f"no job {job!r}")
     else:
         raise Forbidden(f"user {p.name!r} ({p.role.value}) manages only their departments' VMs, not this")
-    if vm is None or not p.sees(await department_of_vm(vm)):
-        raise NotFound(f"no VM named {vm!r}" if n.vm is not None else f"no job {params.get(n.job or '', '')!r}")

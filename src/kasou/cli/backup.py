@@ -49,10 +49,15 @@ def backup_create(
         say(f"note: {r['note']}")
 
 
+_UUID_HELP = "Those of the earlier (deleted) VM of that name with this uuid (administrators and operators)."
+
+
 @backup_app.command("list")
-def backup_list(vm: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """The VM's backup generations, oldest first."""
-    gens = client().get(f"/v1/vms/{_vm(vm)}/backups")
+def backup_list(
+    vm: str, uuid: str = typer.Option(None, "--uuid", help=_UUID_HELP), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """The VM's backup generations, oldest first (of the VM that holds the name now, unless --uuid)."""
+    gens = client().get(f"/v1/vms/{_vm(vm)}/backups", params={"uuid": uuid} if uuid else None)
     if as_json:
         print_json(gens)
         return
@@ -72,13 +77,19 @@ def backup_restore(
     vm: str,
     generation: str,
     as_name: str = typer.Option(..., "--as", help="The new VM's name (it must not exist)."),
+    uuid: str = typer.Option(
+        None, "--uuid", help="A generation of the earlier (deleted) VM of that name with this uuid."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Make a new (stopped) VM from a generation; a backup that fails verification is refused."""
     gen = parse_int(generation, "generation")
     validate_name(as_name)
     c = client()
-    res = c.post(f"/v1/vms/{_vm(vm)}/backups/{gen}/restore", json={"as": as_name})
+    body: dict[str, Any] = {"as": as_name}
+    if uuid:
+        body["uuid"] = uuid
+    res = c.post(f"/v1/vms/{_vm(vm)}/backups/{gen}/restore", json=body)
     if not wait:
         say(f"vm {as_name}: restore job {res['job']['id']}")
         return

@@ -452,6 +452,8 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         return
     rows = [
         ("name", v["name"]),
+        ("uuid", v["uuid"]),
+        ("department", v["department"] or "-"),
         ("state", v["state"]),
         ("host", v["host"] or "-"),
         ("vcpus", v["vcpus"]),
@@ -540,14 +542,41 @@ def network_create(
     name: str,
     vlan: str = typer.Option(None, "--vlan", help="802.1Q VLAN id, 1-4094 (default: untagged)."),
     description: str = typer.Option("", "--description"),
+    department: list[str] = typer.Option(
+        None, "--department", help="Only VMs of this department may use it (repeat for more; default: every one)."
+    ),
 ) -> None:
     """Define a network. Hosts make its bridge (kb-NAME) when a VM on it starts there."""
     body: dict[str, Any] = {"name": name, "description": description}
     if vlan is not None:
         body["vlan"] = parse_int(vlan, "vlan")
+    if department:
+        body["departments"] = list(department)
     n = client().post("/v1/networks", json=body)
     where = f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
-    out.print(f"network {n['name']}: created ({where})", markup=False, highlight=False)
+    out.print(f"network {n['name']}: created ({where}{_for_departments(n)})", markup=False, highlight=False)
+
+
+def _for_departments(n: dict[str, Any]) -> str:
+    deps = n.get("departments")
+    return f"; for departments {', '.join(deps)} only" if deps else ""
+
+
+@network_app.command("set")
+def network_set(
+    name: str,
+    department: list[str] = typer.Option(
+        None, "--department", help="Only VMs of this department may use it (repeat for more)."
+    ),
+    every: bool = typer.Option(False, "--all-departments", help="VMs of every department may use it."),
+) -> None:
+    """Set which departments' VMs may use a network (refused while a VM of a department left out is on it)."""
+    validate_name(name, "network")  # here, not in the URL: "a/b" would be a path of its own
+    if bool(department) == every:
+        fail("give --department (once or more) or --all-departments")
+    n = client().patch(f"/v1/networks/{name}", json={"departments": None if every else list(department)})
+    who = "every department" if n["departments"] is None else f"departments {', '.join(n['departments'])} only"
+    out.print(f"network {name}: for {who}", markup=False, highlight=False)
 
 
 @network_app.command("list")
@@ -557,10 +586,11 @@ def network_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(nets)
         return
-    t = Table("name", "VLAN", "VMs", "description")
+    t = Table("name", "VLAN", "departments", "VMs", "description")
     for n in nets:
         vms = ", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")
-        t.add_row(n["name"], "-" if n["vlan"] is None else str(n["vlan"]), vms or "-", n["description"])
+        deps = ", ".join(n.get("departments") or []) or "all"
+        t.add_row(n["name"], "-" if n["vlan"] is None else str(n["vlan"]), deps, vms or "-", n["description"])
     out.print(t)
 
 

@@ -23,6 +23,14 @@ Rules:
   and networks) whose disks are the generation's content, checked against the
   recorded digest first: a damaged backup is refused and nothing is made.
 * Backups outlive their VM: deleting a VM keeps its generations (restore still works).
+* A generation belongs to the VM that was backed up: it carries that VM's uuid and department.
+  The generations of a name are those of the VM that holds the name now; generations of an
+  earlier, deleted VM of the same name are reached by its uuid (``of_uuid``), by users who are not
+  confined to departments only, or by name once no VM holds it. A department-scoped user (a
+  vendor) reaches only generations of their departments. A name whose generations belong to
+  another department cannot be taken by a new VM of that department (``VMService.check_name_free``).
+  Generations recorded before kasou kept the uuid count as the current VM's if they are not
+  older than it; their department is unknown, which keeps vendors off the name.
 * The leader runs due schedules (checked every reconcile tick). A backup that
   could not start within the grace time after its slot is a ``backup_missed``
   event; one that starts late (the control plane was down at the time) runs with a
@@ -55,6 +63,8 @@ from kasou.model.spec import DiskSpec, NicSpec, random_mac, validate_name
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from kasou.control.vms import VMService, VMView
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,7 @@ log = logging.getLogger(__name__)
 _BACKUP_STATES = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STOPPED})
 _DAILY_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
 GRACE_S = 3600.0  # a scheduled backup that cannot start within this long after its slot is missed
+UNKNOWN_DEPARTMENT = "?"  # the department of a generation recorded before kasou kept it (never a valid name)
 
 
 def backups_prefix(vm: str) -> str:
@@ -90,7 +101,9 @@ class BackupDiskRecord(BaseModel):
 
 class BackupRecord(BaseModel):
     vm: str
-    generation: int
+    generation: int  # unique among the generations of the name, whichever VM they belong to
+    vm_uuid: str | None = None  # the VM backed up (None: recorded before kasou kept it)
+    department: str | None = None  # that VM's department when it was backed up
     id: str
     host: str
     kind: Literal["full", "incremental"]  # incremental if any disk is
@@ -111,6 +124,8 @@ class BackupRecord(BaseModel):
 class BackupView(BaseModel):
     vm: str
     generation: int
+    vm_uuid: str | None  # the VM it belongs to (None: recorded before kasou kept it)
+    department: str | None
     kind: Literal["full", "incremental"]
     based_on: int | None  # the generation an incremental's files rest on (None: self-contained)
     created_at: float
@@ -128,6 +143,7 @@ class BackupView(BaseModel):
 class BackupPolicy(BaseModel):
     daily: str | None = None  # HH:MM, the host's local time; None: no schedule
     keep: int | None = None  # generations kept; None: KASOU_BACKUP_KEEP
+    vm_uuid: str | None = None  # the VM it was set for: a later VM of the name does not inherit it
     set_at: float = Field(default_factory=time.time)
     last_slot: float | None = None  # the latest scheduled slot handled (run, or reported missed)
 
@@ -182,6 +198,11 @@ def to_prune(generations: list[int], keep: int) -> list[int]:
     return ordered[: max(0, len(ordered) - keep)]
 
 
+def belongs(r: BackupRecord, vm: VMRecord) -> bool:
+    """Is generation ``r`` one of VM ``vm``'s (an unmarked old one: if it is not older than the VM)?"""
+    return r.vm_uuid == vm.uuid or (r.vm_uuid is None and r.created_at >= vm.created_at)
+
+
 def plan_sources(rec: VMRecord, prev: BackupRecord | None, incremental: bool) -> tuple[list[BackupSource], str]:
     """What to ask the agent for each disk; and why an incremental request cannot be one (or "")."""
     why = ""
@@ -206,8 +227,9 @@ def plan_sources(rec: VMRecord, prev: BackupRecord | None, incremental: bool) ->
 def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
     based = [g for d in r.disks if d.backing is not None and (g := by_path.get(d.backing)) is not None]
     return BackupView(
-        vm=r.vm, generation=r.generation, kind=r.kind, based_on=min(based) if based else None,
-        created_at=r.created_at, host=r.host, running=r.running, scheduled=r.scheduled,
+        vm=r.vm, generation=r.generation, vm_uuid=r.vm_uuid, department=r.department, kind=r.kind,
+        based_on=min(based) if based else None, created_at=r.created_at, host=r.host, running=r.running,
+        scheduled=r.scheduled,
         size_bytes=sum(d.size_bytes for d in r.disks), file_bytes=sum(d.file_bytes for d in r.disks),
         bytes_copied=sum(d.bytes_copied for d in r.disks), duration_s=r.duration_s, note=r.note, disks=r.disks,
     )  # fmt: skip
@@ -234,18 +256,52 @@ class Backups:
         """The VM's generations, oldest first."""
         return [BackupRecord.model_validate(e.value) for e in await self.store.range(backups_prefix(vm))]
 
-    async def _known(self, vm: str) -> builtins.list[BackupRecord]:
-        """The generations of a VM that exists or has backups; an unknown VM is NotFound."""
+    async def _current(self, vm: str) -> VMRecord | None:
+        e = await self.store.get(vm_key(vm))
+        return VMRecord.model_validate(e.value) if e is not None else None
+
+    async def _generations(
+        self, vm: str, of_uuid: str | None = None, scope: Collection[str] | None = None
+    ) -> builtins.list[BackupRecord]:
+        """The generations of the VM that holds the name ``vm`` now (with ``of_uuid``: of that VM, deleted
+        or not; with no VM of that name: all of the name's), of the departments ``scope`` (None: all).
+        An unknown VM is NotFound. Unmarked old generations get the current VM's uuid and department."""
         validate_name(vm)
+        if of_uuid is not None:
+            try:
+                uuid.UUID(of_uuid)
+            except ValueError:
+                raise InvalidSpec(f"uuid: {of_uuid[:64]!r} is not a VM uuid", field="uuid") from None
         recs = await self.records(vm)
-        if not recs and await self.store.get(vm_key(vm)) is None:
+        cur = await self._current(vm)
+        if cur is not None:
+            recs = [
+                r.model_copy(update={"vm_uuid": cur.uuid, "department": cur.department})
+                if r.vm_uuid is None and belongs(r, cur) else r for r in recs
+            ]  # fmt: skip
+        if of_uuid is not None:
+            recs = [r for r in recs if r.vm_uuid == of_uuid]
+            if not recs:
+                raise NotFound(f"no backups of a VM with uuid {of_uuid!r} under the name {vm!r}")
+        elif cur is not None:
+            recs = [r for r in recs if r.vm_uuid == cur.uuid]
+        elif not recs:
             raise NotFound(f"no VM named {vm!r}")
+        if scope is not None:
+            recs = [r for r in recs if r.department in scope]
         return recs
 
-    async def list(self, vm: str) -> builtins.list[BackupView]:
-        recs = await self._known(vm)
+    async def list(
+        self, vm: str, of_uuid: str | None = None, scope: Collection[str] | None = None
+    ) -> builtins.list[BackupView]:
+        """The generations of the VM of that name (see :meth:`_generations`), oldest first."""
+        recs = await self._generations(vm, of_uuid, scope)
         by_path = {d.path: r.generation for r in recs for d in r.disks}
         return [view(r, by_path) for r in recs]
+
+    async def departments_of_name(self, vm: str) -> set[str | None]:
+        """The departments of the VMs whose generations carry the name (``UNKNOWN_DEPARTMENT``: an unmarked one)."""
+        return {r.department if r.vm_uuid is not None else UNKNOWN_DEPARTMENT for r in await self.records(vm)}
 
     async def _emit(self, kind: str, vm: str, message: str, severity: Literal["info", "warning", "error"]) -> None:
         with contextlib.suppress(Exception):  # an event that cannot be stored is still in the log
@@ -253,9 +309,13 @@ class Backups:
 
     # -- policy ---------------------------------------------------------------------------
 
-    async def _policy(self, vm: str) -> BackupPolicy:
-        e = await self.store.get(policy_key(vm))
-        return BackupPolicy.model_validate(e.value) if e is not None else BackupPolicy(set_at=0.0)
+    async def _policy(self, owner: VMRecord) -> BackupPolicy:
+        """The VM's policy (one an earlier VM of the name left is not its)."""
+        e = await self.store.get(policy_key(owner.name))
+        p = BackupPolicy.model_validate(e.value) if e is not None else None
+        if p is None or p.vm_uuid not in (None, owner.uuid):
+            return BackupPolicy(set_at=0.0)
+        return p
 
     def _policy_view(self, vm: str, p: BackupPolicy) -> PolicyView:
         nxt = None
@@ -265,8 +325,7 @@ class Backups:
                           next_run=nxt)  # fmt: skip
 
     async def get_policy(self, vm: str) -> PolicyView:
-        await self.vms._record(vm)
-        return self._policy_view(vm, await self._policy(vm))
+        return self._policy_view(vm, await self._policy(await self.vms._record(vm)))
 
     async def set_policy(self, vm: str, upd: PolicyUpdate) -> PolicyView:
         if upd.keep is not None:
@@ -275,9 +334,9 @@ class Backups:
             if upd.off:
                 raise InvalidSpec("give either --daily or --off, not both", field="daily")
             parse_daily(upd.daily)
-        await self.vms._record(vm)
-        p = await self._policy(vm)
-        changes: dict[str, Any] = {}
+        owner = await self.vms._record(vm)
+        p = await self._policy(owner)
+        changes: dict[str, Any] = {"vm_uuid": owner.uuid}
         if upd.keep is not None:
             changes["keep"] = upd.keep
         if upd.off:
@@ -323,10 +382,11 @@ class Backups:
         assert rec.host is not None
         agent = self.vms.agents.get(rec.host)
         async with self._lock(vm):
-            recs = await self.records(vm)
+            every = await self.records(vm)
+            recs = [r for r in every if belongs(r, rec)]  # an earlier VM of that name is another VM
             prev = recs[-1] if recs else None
             sources, why = plan_sources(rec, prev, incremental)
-            gen = (prev.generation if prev else 0) + 1
+            gen = max((r.generation for r in every), default=0) + 1
             bid = secrets.token_hex(4)
             await ctx.progress(0.1, f"backing up (generation {gen})")
             t0 = time.monotonic()
@@ -337,7 +397,8 @@ class Backups:
                 "incremental" if any(f.kind == "incremental" for f in made.files) else "full"
             )
             record = BackupRecord(
-                vm=vm, generation=gen, id=bid, host=rec.host, kind=kind, created_at=time.time(),
+                vm=vm, generation=gen, vm_uuid=rec.uuid, department=rec.department, id=bid, host=rec.host, kind=kind,
+                created_at=time.time(),
                 duration_s=round(time.monotonic() - t0, 3), running=made.running, scheduled=scheduled,
                 bitmap=bitmap_name(bid) if all(f.bitmap for f in made.files) else None, note="; ".join(notes),
                 disks=[BackupDiskRecord(disk_id=f.disk_id, path=f.path, backing=f.backing, kind=f.kind,
@@ -353,19 +414,20 @@ class Backups:
                         await agent.delete_backup(f.path)
                 raise
             await ctx.progress(0.8, "retention")
-            pruned = await self._prune(vm, await self._keep(vm))
+            pruned = await self._prune(rec, await self._keep(rec))
         return {
             "vm": vm, "generation": gen, "kind": kind, "note": record.note, "pruned": pruned,
             "bytes_copied": sum(d.bytes_copied for d in record.disks),
             "file_bytes": sum(d.file_bytes for d in record.disks), "copy_s": made.copy_s, "verify_s": made.verify_s,
         }  # fmt: skip
 
-    async def _keep(self, vm: str) -> int:
-        return (await self._policy(vm)).keep or backup_keep_default()
+    async def _keep(self, owner: VMRecord) -> int:
+        return (await self._policy(owner)).keep or backup_keep_default()
 
-    async def _prune(self, vm: str, keep: int) -> builtins.list[int]:
-        """Drop generations beyond ``keep`` (the caller holds the VM's lock)."""
-        recs = await self.records(vm)
+    async def _prune(self, owner: VMRecord, keep: int) -> builtins.list[int]:
+        """Drop the VM's generations beyond ``keep`` (the caller holds the VM's lock)."""
+        vm = owner.name
+        recs = [r for r in await self.records(vm) if belongs(r, owner)]
         by_gen = {r.generation: r for r in recs}
         dropped = []
         for gen in to_prune(list(by_gen), keep):
@@ -392,23 +454,25 @@ class Backups:
 
     # -- restore --------------------------------------------------------------------------
 
-    async def _department_of(self, vm: str) -> str | None:
-        """The department of a backup's VM (a restored copy belongs to it too), if the VM still exists."""
-        try:
-            return (await self.vms._record(vm)).department
-        except NotFound:
-            return None
+    async def restore(
+        self,
+        vm: str,
+        generation: int,
+        new_name: str,
+        of_uuid: str | None = None,
+        scope: Collection[str] | None = None,
+    ) -> tuple[VMView, JobRecord]:
+        """A new VM from one generation (a job); checks first, so bad input changes nothing.
 
-    async def restore(self, vm: str, generation: int, new_name: str) -> tuple[VMView, JobRecord]:
-        """A new VM from one generation (a job); checks first, so bad input changes nothing."""
+        The generation is one of :meth:`_generations` (``of_uuid``, ``scope`` as there); the new VM
+        belongs to the department the generation carries."""
         validate_name(new_name)
-        recs = await self._known(vm)
+        recs = await self._generations(vm, of_uuid, scope)
         src = next((r for r in recs if r.generation == generation), None)
         if src is None:
             have = ", ".join(str(r.generation) for r in recs) or "none"
             raise NotFound(f"VM {vm!r} has no backup generation {generation} (it has: {have})")
-        if await self.store.get(vm_key(new_name)) is not None:
-            raise AlreadyExists(f"a VM named {new_name!r} already exists")
+        await self.vms.check_name_free(new_name, src.department, scope)
         if src.host not in self.vms.agents.names():
             raise WrongState(f"the backup is on host {src.host}, which is not up")
         job_id = "j" + secrets.token_hex(5)
@@ -416,12 +480,13 @@ class Backups:
         rec = VMRecord(
             name=new_name, uuid=str(uuid.uuid4()), vcpus=src.vcpus, memory_mib=src.memory_mib, image=src.image,
             description=f"restored from backup generation {generation} of VM {vm}", nics=nics,
-            department=await self._department_of(vm),
+            department=src.department,
             state=VMState.CREATING, host=src.host, job=job_id,
         )  # fmt: skip
         try:
             await self.store.create(vm_key(new_name), rec.model_dump(mode="json"))
         except StoreConflict:
+            await self.vms.check_name_free(new_name, src.department, scope)  # as the caller may hear it
             raise AlreadyExists(f"a VM named {new_name!r} already exists") from None
 
         async def run(ctx: JobContext) -> dict[str, Any]:
@@ -467,6 +532,9 @@ class Backups:
             late = now - slot
             when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
             try:
+                cur = await self._current(vm)
+                if cur is None or p.vm_uuid not in (None, cur.uuid):  # its VM is gone (a new one may hold the name)
+                    raise NotFound(f"no VM named {vm!r}")
                 job = await self.create(vm, incremental=True, scheduled=True)
             except NotFound:
                 await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: the VM "

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kasou.control.records import JobRecord, JobState, job_key
+from kasou.control.records import JobRecord, JobState, VMRecord, job_key, vm_key
 from kasou.errors import Conflict, KasouError, NotFound, OperationTimeout
 from kasou.store.base import Store
 
@@ -83,6 +83,11 @@ class Jobs:
         job_id: str | None = None,
     ) -> JobRecord:
         rec = JobRecord(id=job_id or "j" + secrets.token_hex(5), kind=kind, vm=vm)
+        if vm is not None:  # the job belongs to this VM (its uuid) and its department, for good
+            e = await self.store.get(vm_key(vm))
+            if e is not None:
+                owner = VMRecord.model_validate(e.value)
+                rec.vm_uuid, rec.department = owner.uuid, owner.department
         await self._save(rec)
         task = asyncio.create_task(self._run(rec, fn, on_done), name=f"job-{rec.id}-{kind}")
         self._tasks[rec.id] = task
@@ -126,6 +131,17 @@ class Jobs:
         if e is None:
             raise NotFound(f"no job {job_id!r}")
         return JobRecord.model_validate(e.value)
+
+    async def department_of(self, rec: JobRecord) -> str | None:
+        """The department a job belongs to: the one it carries; for a job made before kasou kept it, its VM's
+        if that VM is the one that holds the name now (created before the job), else none."""
+        if rec.vm_uuid is not None or rec.vm is None:
+            return rec.department
+        e = await self.store.get(vm_key(rec.vm))
+        if e is None:
+            return None
+        owner = VMRecord.model_validate(e.value)
+        return owner.department if owner.created_at <= rec.created_at else None
 
     async def list(self, vm: str | None = None, limit: int = 50) -> list[JobRecord]:
         recs = [JobRecord.model_validate(e.value) for e in await self.store.range("jobs/")]

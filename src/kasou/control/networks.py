@@ -1,11 +1,15 @@
 """Named VM networks (hospital segments such as clinical, imaging, mgmt), kept under ``networks/<name>``.
 
-A network is a name, an optional 802.1Q VLAN and a description. The control plane keeps the
-records and their rules: names are unique, a VLAN carries one network, and a network cannot be
-deleted while a VM has a NIC on it. The built-in ``user`` network (QEMU's NAT) has no record.
-Hosts make the bridges, VLAN ports and taps when a VM on the network starts there
-(:mod:`kasou.hypervisor.qemu.network`); a VM's NIC records its network and VLAN when it is
-created, so both travel with it.
+A network is a name, an optional 802.1Q VLAN, a description and, if an administrator set one, the
+departments whose VMs may use it (unset: every department). The control plane keeps the records
+and their rules: names are unique, a VLAN carries one network, a network cannot be deleted while
+a VM has a NIC on it, and a VM of a department the network does not list cannot be put on it (a
+VM without a department, which only administrators and operators manage, may use any network).
+To a department-scoped user (a vendor) a network their departments may not use does not exist:
+it is "unknown", and the list of networks in that error names only the ones they may use.
+The built-in ``user`` network (QEMU's NAT) has no record. Hosts make the bridges, VLAN ports
+and taps when a VM on the network starts there (:mod:`kasou.hypervisor.qemu.network`); a VM's
+NIC records its network and VLAN when it is created, so both travel with it.
 
 A delete and a VM create cannot race into a VM on a deleted network: the delete first marks
 the record ``deleting`` (compare-and-swap), then looks for VMs on it; a create first writes its
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Collection
 
 from pydantic import BaseModel, Field
 
 from kasou.control.records import VMRecord
 from kasou.errors import AlreadyExists, Conflict, InvalidSpec, NotFound, StoreConflict, WrongState
-from kasou.model.spec import USER_NETWORK, NetworkCreate, validate_name
+from kasou.model.spec import USER_NETWORK, NetworkCreate, NetworkUpdate, validate_name
 from kasou.store.base import Entry, Store
 
 
@@ -37,6 +42,15 @@ class NetworkRecord(BaseModel):
     description: str = ""
     created_at: float = Field(default_factory=time.time)
     deleting: bool = False  # a delete is checking that no VM uses it; VM creates refuse it meanwhile
+    departments: list[str] | None = None  # the departments whose VMs may use it; None: every department
+
+    def allows(self, department: str | None) -> bool:
+        """May a VM of ``department`` have a NIC on it (a VM without one may: administrators manage it)?"""
+        return self.departments is None or department is None or department in self.departments
+
+    def visible_to(self, scope: Collection[str] | None) -> bool:
+        """Does a user confined to the departments ``scope`` (None: not confined) know of it?"""
+        return scope is None or self.departments is None or any(d in self.departments for d in scope)
 
 
 class NetworkView(BaseModel):
@@ -46,6 +60,7 @@ class NetworkView(BaseModel):
     vlan: int | None
     description: str
     created_at: float
+    departments: list[str] | None = None  # the departments whose VMs may use it (None: every department)
     vms: list[str]  # the VMs with a NIC on it (a delete is refused while there are any)
 
 
@@ -72,6 +87,7 @@ class Networks:
             vlan=rec.vlan,
             description=rec.description,
             created_at=rec.created_at,
+            departments=rec.departments,
             vms=users.get(rec.name, []),
         )
 
@@ -83,7 +99,7 @@ class Networks:
                 raise AlreadyExists(f"a network named {spec.name!r} already exists")
             if spec.vlan is not None and other.vlan == spec.vlan:
                 raise Conflict(f"VLAN {spec.vlan} already carries network {other.name!r}; a VLAN carries one network")
-        rec = NetworkRecord(name=spec.name, vlan=spec.vlan, description=spec.description)
+        rec = NetworkRecord(name=spec.name, vlan=spec.vlan, description=spec.description, departments=spec.departments)
         try:
             rev = await self.store.create(network_key(spec.name), rec.model_dump(mode="json"))
         except StoreConflict:
@@ -141,21 +157,61 @@ class Networks:
         await self.store.delete(network_key(name))
         return self._view(rec, {})
 
-    async def resolve(self, name: str) -> int | None:
-        """The VLAN of the network a new NIC goes on (None: untagged, or ``user``); refuses an unknown one."""
+    async def update(self, name: str, upd: NetworkUpdate) -> NetworkView:
+        """Set which departments' VMs may use the network; refused while a VM of another one is on it."""
+        e, rec = await self._entry(name)
+        new = rec.model_copy(update={"departments": upd.departments})
+        outside = sorted(
+            f"{r.name} ({r.department})"
+            for r in (VMRecord.model_validate(x.value) for x in await self.store.range("vms/"))
+            if any(n.network == name for n in r.nics) and not new.allows(r.department)
+        )
+        if outside:
+            shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+            raise WrongState(f"network {name!r} carries VMs of other departments: {shown}; move or delete them first")
+        try:
+            await self.store.put(network_key(name), new.model_dump(mode="json"), expect_rev=e.mod_rev)
+        except StoreConflict:
+            raise Conflict(f"network {name!r} changed meanwhile; try again") from None
+        return self._view(new, await self._users())
+
+    async def resolve(
+        self, name: str, department: str | None = None, scope: Collection[str] | None = None
+    ) -> int | None:
+        """The VLAN of the network a new NIC of a VM of ``department`` goes on (None: untagged, or ``user``);
+        refuses an unknown one, and one the department may not use. ``scope``: the departments the asking
+        user is confined to (None: not confined); a network they may not use is unknown to them."""
         validate_name(name, "network")
         if name == USER_NETWORK:
             return None
         e = await self.store.get(network_key(name))
         rec = NetworkRecord.model_validate(e.value) if e is not None else None
-        if rec is None or rec.deleting:
-            known = sorted(r.name for _, r in await self._entries() if not r.deleting)
+        if rec is None or rec.deleting or not rec.visible_to(scope):
+            known = sorted(r.name for _, r in await self._entries() if not r.deleting and r.visible_to(scope))
             listing = f"networks: {', '.join([USER_NETWORK, *known])}"
+            make = "" if scope is not None else f"; make one with: kasou network create {name} [--vlan N]"
+            raise InvalidSpec(f"unknown network {name!r} ({listing}{make})", field="network")
+        self.check_allows(rec, department)
+        return rec.vlan
+
+    @staticmethod
+    def check_allows(rec: NetworkRecord, department: str | None) -> None:
+        if not rec.allows(department):
+            only = ", ".join(rec.departments or [])
             raise InvalidSpec(
-                f"unknown network {name!r} ({listing}; make one with: kasou network create {name} [--vlan N])",
+                f"network {rec.name!r} is for departments {only} only; a VM of department {department!r} "
+                f"cannot use it (an administrator changes that with: kasou network set {rec.name} --department ...)",
                 field="network",
             )
-        return rec.vlan
+
+    async def check_department(self, names: Collection[str], department: str | None) -> None:
+        """Refuse moving a VM with NICs on ``names`` to ``department`` if one of them does not allow it."""
+        for name in names:
+            if name == USER_NETWORK:
+                continue
+            e = await self.store.get(network_key(name))
+            if e is not None:
+                self.check_allows(NetworkRecord.model_validate(e.value), department)
 
     async def usable(self, name: str) -> bool:
         """After a VM record naming ``name`` was written: is the network still there (not being deleted)?"""

@@ -36,7 +36,7 @@ class ReplicaRecord(BaseModel):
 
 class VMRecord(BaseModel):
     name: str
-    uuid: str
+    uuid: str  # made at create: what belongs to the VM (backups, jobs, ledger, console log) carries it
     vcpus: int
     memory_mib: int
     image: str | None = None  # boot image (kernel and initramfs)
@@ -78,6 +78,10 @@ class JobRecord(BaseModel):
     id: str
     kind: str
     vm: str | None = None
+    # The VM's uuid and department when the job was submitted: a department-scoped user reaches the job by
+    # these, not by whichever VM holds the name now (None in records made before kasou kept them).
+    vm_uuid: str | None = None
+    department: str | None = None
     state: JobState = JobState.PENDING
     progress: float = 0.0
     step: str = ""
@@ -110,3 +114,4 @@ class LedgerEntry(BaseModel):
     host: str | None = None  # where the VM is after the event
     detail: str = ""
     from_host: str | None = None  # for migrated: where it came from
+    uuid: str | None = None  # the VM's uuid (None in entries made before kasou kept it)

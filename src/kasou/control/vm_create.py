@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import TYPE_CHECKING, Any
 
 from kasou.agent.storage import DiskCreate
@@ -27,12 +27,14 @@ if TYPE_CHECKING:
     from kasou.control.vms import VMService, VMView
 
 
-async def create(svc: VMService, spec: VMCreate) -> tuple[VMView, JobRecord]:
-    """Define a VM (and start it if asked). Returns at once; the disks are made by a job."""
+async def create(svc: VMService, spec: VMCreate, scope: Collection[str] | None = None) -> tuple[VMView, JobRecord]:
+    """Define a VM (and start it if asked). Returns at once; the disks are made by a job.
+
+    ``scope``: the departments the asking user is confined to (None: not confined)."""
     spec.check()
-    if await svc.store.get(vm_key(spec.name)) is not None:
-        raise AlreadyExists(f"a VM named {spec.name!r} already exists")
-    vlan = await svc.networks.resolve(spec.network)
+    await svc.check_name_free(spec.name, spec.department, scope)
+    vlan = await svc.networks.resolve(spec.network, spec.department, scope)
+    await svc.check_group(spec.anti_affinity, spec.department, scope)
     loads = await svc._check_fits_some_host(spec.vcpus, spec.memory_mib)
     template: VMRecord | None = None
     if spec.template is not None:
@@ -91,6 +93,7 @@ async def create(svc: VMService, spec: VMCreate) -> tuple[VMView, JobRecord]:
         try:
             await svc.store.create(vm_key(spec.name), rec.model_dump(mode="json"))
         except StoreConflict:
+            await svc.check_name_free(spec.name, spec.department, scope)  # says it as the caller may hear it
             raise AlreadyExists(f"a VM named {spec.name!r} already exists") from None
         if not await svc.networks.usable(spec.network):  # deleted since it was resolved above
             await svc.store.delete(vm_key(spec.name))

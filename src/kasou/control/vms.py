@@ -19,14 +19,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from pydantic import BaseModel
 
 from kasou.config import HaTimes
 from kasou.control import scheduler, vm_create
-from kasou.control.backups import Backups
+from kasou.control.backups import UNKNOWN_DEPARTMENT, Backups
 from kasou.control.desktops import Desktops
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
@@ -41,6 +41,8 @@ from kasou.control.replication import Replication
 from kasou.control.snapshots import Snapshots
 from kasou.errors import (
     AgentUnavailable,
+    AlreadyExists,
+    Conflict,
     InsufficientResources,
     InvalidSpec,
     KasouError,
@@ -86,6 +88,7 @@ class VMView(BaseModel):
     """A VM as the API and the CLI show it: the record and its host's live view, merged."""
 
     name: str
+    uuid: str  # made at create; what belongs to the VM (backups, jobs, history, console log) carries it
     state: VMState
     host: str | None
     vcpus: int
@@ -205,6 +208,7 @@ class VMService:
         )
         return VMView(
             name=rec.name,
+            uuid=rec.uuid,
             state=rec.state,
             host=rec.host,
             vcpus=rec.vcpus,
@@ -499,6 +503,8 @@ class VMService:
         changes = upd.model_dump(exclude_none=True)
         if changes.get("department") == "":
             changes["department"] = None
+        if "department" in changes and changes["department"] != rec.department:
+            await self.networks.check_department({n.network for n in rec.nics}, changes["department"])
         if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
             await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
         await self._update(name, lambda r: r.model_copy(update=changes))
@@ -506,9 +512,48 @@ class VMService:
 
     # -- create ----------------------------------------------------------------------
 
-    async def create(self, spec: VMCreate) -> tuple[VMView, JobRecord]:
-        """Define a VM (and start it if asked). Returns at once; the disks are made by a job (see vm_create)."""
-        return await vm_create.create(self, spec)
+    async def create(self, spec: VMCreate, scope: Collection[str] | None = None) -> tuple[VMView, JobRecord]:
+        """Define a VM (and start it if asked). Returns at once; the disks are made by a job (see vm_create).
+
+        ``scope``: the departments the asking user is confined to (a vendor's), None if not confined."""
+        return await vm_create.create(self, spec, scope)
+
+    async def check_name_free(self, name: str, department: str | None, scope: Collection[str] | None) -> None:
+        """Refuse a new VM's name if a VM holds it, or if backups of an earlier VM of another department
+        still carry it. To a user confined to ``scope``, a name held by what they cannot see is only "not
+        available" (409 ``conflict``), the same whether a VM or backups hold it and whoever's they are."""
+        e = await self.store.get(vm_key(name))
+        if e is not None:
+            if scope is not None and VMRecord.model_validate(e.value).department not in scope:
+                raise Conflict(name_unavailable(name))
+            raise AlreadyExists(f"a VM named {name!r} already exists")
+        owners = await self.backups.departments_of_name(name)
+        if scope is None:
+            owners.discard(UNKNOWN_DEPARTMENT)  # generations that do not say: only confined users are kept off
+        others = sorted({d or "" for d in owners} - {department or ""})
+        if others:
+            if scope is not None and not set(others) <= set(scope):
+                raise Conflict(name_unavailable(name))
+            raise Conflict(
+                f"the name {name!r} has backups of an earlier VM of department {others[0] or '(none)'!r}; a VM of "
+                "another department cannot take it (choose another name)"
+            )
+
+    async def check_group(self, group: str | None, department: str | None, scope: Collection[str] | None) -> None:
+        """A department-scoped user's VM joins only an anti-affinity group of its own department (a group
+        belongs to the department of its first member); to them another department's group is "not available"."""
+        if group is None or scope is None:
+            return
+        members = sorted((r for r in await self._records() if r.anti_affinity == group), key=lambda r: r.created_at)
+        if not members or members[0].department == department:
+            return
+        owner = members[0].department
+        if owner is not None and owner in scope:
+            raise Conflict(
+                f"anti-affinity group {group!r} belongs to department {owner!r}; a VM of department "
+                f"{department!r} cannot join it (choose another group name)"
+            )
+        raise Conflict(f"anti-affinity group {group!r} is not available; choose another group name")
 
     @staticmethod
     def new_job_id() -> str:
@@ -711,12 +756,18 @@ class VMService:
     # -- reading ---------------------------------------------------------------------
 
     async def console_log(self, name: str, max_bytes: int = 65536) -> str:
+        """The VM's serial console output: its own only (a log an earlier VM of that name left is not shown)."""
         rec = await self._record(name)
-        return await self.agents.get(rec.host).console(name, max_bytes)
+        return await self.agents.get(rec.host).console(name, max_bytes, uuid=rec.uuid)
 
     async def history(self, name: str) -> list[LedgerEntry]:
-        await self._record(name)
-        return await self.ledger.history(name)
+        """The ledger of the VM that holds the name now."""
+        return await self.ledger.history(name, await self._record(name))
+
+
+def name_unavailable(name: str) -> str:
+    """What a department-scoped user hears of a name held by what they may not see (it reveals nothing)."""
+    return f"the name {name!r} is not available; choose another name"
 
 
 def _job_id() -> str:

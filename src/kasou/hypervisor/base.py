@@ -310,8 +310,10 @@ class Driver(abc.ABC):
         """Drop what is remembered of an exited or crashed VM (its runtime files)."""
 
     @abc.abstractmethod
-    async def console_log(self, name: str, max_bytes: int = 65536) -> str:
-        """The tail of the VM's serial console output."""
+    async def console_log(self, name: str, max_bytes: int = 65536, uuid: str | None = None) -> str:
+        """The tail of the VM's serial console output (it outlives the process and ``forget``); with
+        ``uuid``, only if the log was written by the VM of that uuid (NotFound otherwise), so a new VM
+        never shows what an earlier VM of the same name left."""
 
     # -- live migration, in small steps the control plane orchestrates ------------------
     #

@@ -232,6 +232,7 @@ class NetworkCreate(BaseModel):
     name: str
     vlan: StrictInt | None = None
     description: str = Field("", max_length=500)
+    departments: list[str] | None = None  # the departments whose VMs may use it (None: every department)
 
     @classmethod
     def parse(cls, data: Any) -> NetworkCreate:
@@ -242,6 +243,33 @@ class NetworkCreate(BaseModel):
     def check(self) -> None:
         validate_network_name(self.name)
         validate_vlan(self.vlan)
+        check_network_departments(self.departments)
+
+
+class NetworkUpdate(BaseModel):
+    """What ``kasou network set`` and ``PATCH /v1/networks/{name}`` change: who may use the network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    departments: list[str] | None  # the departments whose VMs may use it; None: every department
+
+    @classmethod
+    def parse(cls, data: Any) -> NetworkUpdate:
+        spec: NetworkUpdate = _parse(cls, data)
+        check_network_departments(spec.departments)
+        return spec
+
+
+def check_network_departments(departments: list[str] | None) -> None:
+    """A network's departments: None (every department) or one department or more, each once."""
+    if departments is None:
+        return
+    if not departments:
+        raise InvalidSpec("give at least one department, or none at all for every department", field="departments")
+    for d in departments:
+        validate_name(d, "department")
+    if len(set(departments)) != len(departments):
+        raise InvalidSpec("a department is given twice", field="departments")
 
 
 def validate_network_name(name: object) -> str:

@@ -30,6 +30,11 @@ class RuntimeFiles:
     serial_log: Path
 
     @property
+    def serial_owner(self) -> Path:
+        """Beside the serial log: the uuid of the VM that wrote it (the log outlives the run directory)."""
+        return self.serial_log.with_name(self.serial_log.name + ".owner")
+
+    @property
     def qmp(self) -> Path:
         return self.dir / "qmp.sock"
 

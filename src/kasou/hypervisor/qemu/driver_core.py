@@ -143,6 +143,16 @@ class DriverCore(Driver):
     def _files(self, name: str) -> RuntimeFiles:
         return RuntimeFiles(dir=self.run_dir / name, serial_log=self.serial_log_dir / f"{name}.log")
 
+    @staticmethod
+    def _log_owner(files: RuntimeFiles) -> str | None:
+        """The uuid of the VM that wrote the serial log (for a log from before kasou marked it: the VM of
+        the run directory, if there is one)."""
+        try:
+            return files.serial_owner.read_text().strip()
+        except FileNotFoundError:
+            launched = rf.launch_spec(files)
+            return launched.uuid if launched is not None else None
+
     def _boot_files(self, image: str | None) -> BootFiles | None:
         if image is None:
             return None
@@ -251,6 +261,9 @@ class DriverCore(Driver):
         shutil.rmtree(files.dir, ignore_errors=True)
         files.dir.mkdir(parents=True, mode=0o700)
         files.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        if self._log_owner(files) != spec.uuid:  # an earlier VM's log never becomes this one's
+            files.serial_log.unlink(missing_ok=True)
+        files.serial_owner.write_text(spec.uuid)  # QEMU starts the log afresh (logappend=off): it is this VM's
         files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
         pid: int | None = None
         vm: _Vm | None = None
@@ -516,8 +529,11 @@ class DriverCore(Driver):
             self._vms.pop(name, None)
             shutil.rmtree(self._files(name).dir, ignore_errors=True)
 
-    async def console_log(self, name: str, max_bytes: int = 65536) -> str:
-        path = self._files(name).serial_log
+    async def console_log(self, name: str, max_bytes: int = 65536, uuid: str | None = None) -> str:
+        files = self._files(name)
+        path = files.serial_log
+        if uuid is not None and self._log_owner(files) != uuid:
+            raise NotFound(f"VM {name!r} has no console output on this host")
         try:
             with path.open("rb") as f:
                 f.seek(0, os.SEEK_END)

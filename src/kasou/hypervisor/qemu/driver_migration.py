@@ -293,3 +293,4 @@ class MigrationOps(DriverCore):
             rf.remove_disks(vm.incoming.created if vm.incoming else [])
             shutil.rmtree(vm.files.dir, ignore_errors=True)
             vm.files.serial_log.unlink(missing_ok=True)
+            vm.files.serial_owner.unlink(missing_ok=True)
