@@ -14,4 +14,5 @@ mypy
 echo "== tiny guest image"
 kasou image build tiny
 echo "== pytest"
-exec pytest -p no:cacheprovider --durations=30 "$@"
+# -rfEs: the summary lists every failure, error and skip with its reason
+exec pytest -p no:cacheprovider -rfEs --durations=30 "$@"
