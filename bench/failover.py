@@ -7,9 +7,11 @@ restart job starts: the fence margin and the reconcile tick) and boot (QEMU star
 and the guest's boot, until ``KASOU-READY``). Every run also checks
 that no acknowledged write was lost (``recovered N`` >= the last ``seq N``
 before the kill) and that no two QEMUs of the guest ever ran at once.
-Default HA timeouts. Prints each run, then the medians and the worst.
+Default HA timeouts. Prints each run, then the medians and the worst, and records them in
+``bench/results/failover.json`` (``--out``), which the planner's availability model reads
+(kasou.planner.availability: the median of detection + fence wait).
 
-    .venv/bin/python bench/failover.py [--runs 10]
+    .venv/bin/python bench/failover.py [--runs 10] [--out bench/results/failover.json]
 """
 
 # ruff: noqa: B023 - the lambdas are awaited at once, inside the loop
@@ -17,6 +19,7 @@ Default HA timeouts. Prints each run, then the medians and the worst.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -32,10 +35,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import KASOU, READY, ensure_image, lab_env, median
 from kasou.api.client import Client
-from kasou.config import api_url
+from kasou.config import HaTimes, api_url
 from kasou.lab.watch import DoubleRunWatch
 
 VM = "emr"
+RESULT = Path(__file__).resolve().parent / "results" / "failover.json"
+
+
+def commit() -> str | None:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                       capture_output=True, text=True, timeout=10)  # fmt: skip
+    return (r.stdout.strip() or None) if r.returncode == 0 else None
+
+
+def record(out: Path, rows: list[dict[str, float]], lost: int, doubles: int, accelerators: list[str]) -> None:
+    """The run's figures as JSON (seconds), for bench/README.md and the planner's availability model."""
+    keys = ("total", "detect", "fence_wait", "boot", "to_restart")
+    result = {
+        "bench": "bench/failover.py",
+        "what": "an HA guest's host killed (power loss) on a 3-host lab; seconds from the kill: detect (the "
+        "control plane sees the host's lease gone), fence_wait (until the restart job starts), boot (QEMU "
+        "start and the tiny guest's boot to its readiness line), to_restart = detect + fence_wait",
+        "recorded": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit(),
+        "accelerator": ",".join(sorted(set(accelerators))) or None,
+        "ha_times": {"lease_ttl_s": HaTimes().lease_ttl_s, "fence_margin_s": HaTimes().fence_margin_s},
+        "kills": len(rows),
+        "median_s": {k: round(median([r[k] for r in rows]), 2) for k in keys},
+        "worst_s": {k: round(max(r[k] for r in rows), 2) for k in keys},
+        "runs": [{k: round(r[k], 2) for k in keys} for r in rows],
+        "lost_writes": lost,
+        "double_runs": doubles,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"recorded in {out}")
 
 
 def serial(lab_dir: Path, host: str) -> list[str]:
@@ -81,12 +115,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the lab is taken down
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=RESULT, help="where to record the result (JSON)")
     args = ap.parse_args()
     ensure_image()
     lab_dir = Path(tempfile.mkdtemp(prefix="kasou-bench-lab-", dir="/tmp"))
     base = dict(os.environ, KASOU_LAB_DIR=str(lab_dir))
     hosts = ["h1", "h2", "h3"]
     rows: list[dict[str, float]] = []
+    accelerators: list[str] = []
     lost = 0
     doubles = 0
     try:
@@ -103,7 +139,15 @@ def main() -> None:
                 raise SystemExit(f"kasou {' '.join(a)}: {r.stderr.strip()}")
             return r.stdout
 
-        kasou("h1", "vm", "create", VM, "--image", "tiny", "--shared", "--ha", "--start")
+        for attempt in range(30):  # a lab just up may not have every agent registered yet
+            r = subprocess.run([*KASOU, "vm", "create", VM, "--image", "tiny", "--shared", "--ha", "--start"],
+                               env=lab_env(base, "h1"), capture_output=True, text=True, timeout=600)  # fmt: skip
+            if r.returncode == 0:
+                break
+            if "no host agent answers" not in r.stderr or attempt == 29:
+                raise SystemExit(f"kasou vm create: {r.stderr.strip()}")
+            time.sleep(1)
+        accelerators += [str(h.get("accelerator")) for h in client("h1").get("/v1/hosts") if h.get("accelerator")]
         for i in range(args.runs):
             leader = json.loads(kasou("h1", "cluster", "--json"))["leader"]
             api = client(leader)  # the leader's host is never the one killed: this measures a host failure
@@ -120,12 +164,18 @@ def main() -> None:
                 subprocess.run([*KASOU, "lab", "kill", victim], env=base, check=True, capture_output=True, timeout=60)
                 last_seq = last_value(lab_dir, victim, "seq ")
                 t_detect = t_restart = None
+                failed_jobs: set[str] = set()
                 new_host = None
                 deadline = time.monotonic() + 180
                 while time.monotonic() < deadline:
                     if t_restart is None:
                         jobs = [j for j in api.get("/v1/jobs", params={"vm": VM}) if j["kind"] == "ha-restart"]
-                        fresh = [j for j in jobs if (j.get("started_at") or 0) > t_kill and j.get("result")]
+                        since = [j for j in jobs if (j.get("started_at") or 0) > t_kill]
+                        for j in since:
+                            if j.get("state") == "failed" and j["id"] not in failed_jobs:
+                                failed_jobs.add(j["id"])
+                                print(f"  an ha-restart job failed: {j.get('error')}", flush=True)
+                        fresh = [j for j in since if (j.get("result") or {}).get("detected_at")]
                         if fresh:
                             t_restart = fresh[-1]["started_at"]
                             t_detect = fresh[-1]["result"]["detected_at"]  # the control plane saw the lease gone
@@ -153,6 +203,7 @@ def main() -> None:
                 "detect": t_detect - t_kill,
                 "fence_wait": t_restart - t_detect,
                 "boot": t_ready - t_restart,
+                "to_restart": t_restart - t_kill,
             }
             rows.append(row)
             print(
@@ -171,6 +222,7 @@ def main() -> None:
             f"fence wait {median([r['fence_wait'] for r in rows]):.1f} s, boot {median([r['boot'] for r in rows]):.1f} s"
         )
         print(f"lost writes: {lost} runs; double runs: {doubles} samples")
+        record(args.out, rows, lost, doubles, accelerators)
     finally:
         subprocess.run([*KASOU, "lab", "down"], env=base, capture_output=True, timeout=180)
         shutil.rmtree(lab_dir, ignore_errors=True)

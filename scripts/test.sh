@@ -16,4 +16,5 @@ lint-imports --no-logo --no-cache
 echo "== tiny guest image"
 kasou image build tiny
 echo "== pytest"
-exec pytest -p no:cacheprovider --durations=30 "$@"
+# -rfEs: the summary lists every failure, error and skip with its reason
+exec pytest -p no:cacheprovider -rfEs --durations=30 "$@"

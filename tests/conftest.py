@@ -6,9 +6,12 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kasou.lab import etcd as etcd_module
+from kasou.lab.etcd import EtcdCluster
 from tests.doubles.driver import FakeExports
 
 
@@ -32,3 +35,99 @@ def _runtime_dirs_removed() -> Iterator[None]:
     if RUN_ROOT.is_dir():
         for name in set(os.listdir(RUN_ROOT)) - before:
             shutil.rmtree(RUN_ROOT / name, ignore_errors=True)
+
+
+# -- KASOU_REQUIRE_ALL=1 (CI): the real tests must run ------------------------------------------
+#
+# A test that boots real QEMU or a lab (marker ``qemu``), starts etcd (marker ``etcd``) or drives
+# Chromium (anything under tests/browser) may skip on a developer's machine that lacks root, etcd
+# or Chromium. With KASOU_REQUIRE_ALL=1, which .ci/run sets, such a skip, whatever raised it
+# (pytest.skip in the test or a fixture, a skipif mark, importorskip), is a failure instead, and so
+# is a test module under tests/integration or tests/browser that skips as a whole at collection.
+
+REQUIRED_MARKERS = ("qemu", "etcd")
+BROWSER_DIR = ("tests", "browser")
+REQUIRED_DIRS = (("tests", "integration"), BROWSER_DIR)
+
+
+def _all_required() -> bool:
+    return os.environ.get("KASOU_REQUIRE_ALL", "") == "1"
+
+
+def _top_dirs(config: pytest.Config, path: Path) -> tuple[str, ...]:
+    try:
+        return path.relative_to(config.rootpath).parts[:2]
+    except ValueError:
+        return ()
+
+
+def must_run(item: pytest.Item) -> bool:
+    """True for a test that may not skip when KASOU_REQUIRE_ALL=1."""
+    if any(item.get_closest_marker(m) for m in REQUIRED_MARKERS):
+        return True
+    return _top_dirs(item.config, item.path) == BROWSER_DIR
+
+
+def _skip_reason(longrepr: Any) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and _all_required() and must_run(item):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} skipped ({_skip_reason(report.longrepr)}), but KASOU_REQUIRE_ALL=1: "
+            "real-QEMU, etcd and browser tests must run here"
+        )
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    report = yield
+    if report.skipped and _all_required() and _top_dirs(collector.config, collector.path) in REQUIRED_DIRS:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{collector.nodeid} skipped ({_skip_reason(report.longrepr)}), but KASOU_REQUIRE_ALL=1: "
+            "real-QEMU, etcd and browser tests must run here"
+        )
+    return report
+
+
+# -- every test that starts etcd is marked etcd ------------------------------------------------
+#
+# The fast run (-m "not qemu and not etcd") must not start etcd, and CI must count a skip of such
+# a test as a failure; so starting an EtcdCluster from a test without the marker is itself an
+# error. (Tests that bring up a lab start etcd through `kasou lab up`; tests/integration/conftest.py
+# marks every test that uses a lab.)
+
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _etcd_only_in_etcd_tests() -> Iterator[None]:
+    start = EtcdCluster.start
+
+    def guarded(self: EtcdCluster, *args: Any, **kwargs: Any) -> Any:
+        # (where etcd cannot be found, start refuses before running anything: a unit test of that)
+        installed = etcd_module.shutil.which("etcd") is not None
+        if installed and _running and _running[-1].get_closest_marker("etcd") is None:
+            raise AssertionError(f"{_running[-1].nodeid} starts etcd but is not marked etcd (pytest.mark.etcd)")
+        return start(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EtcdCluster, "start", guarded)
+        yield

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
+from kasou import pki
 from kasou.api.auth import ensure_token
 from kasou.control import sealed
 from kasou.control.audit.keys import load_or_create
@@ -146,7 +147,6 @@ def test_files_holding_secrets_are_0600(env: Env, tmp_path: Path) -> None:
 
 
 def test_tls_keys_are_0600(tmp_path: Path) -> None:
-    pki = pytest.importorskip("kasou.pki")
     old = os.umask(0o022)
     try:
         pki.init_ca(tmp_path / "ca")

@@ -1,11 +1,15 @@
 """Real kasou on real QEMU: each test gets its own KASOU_HOME, API port and services.
 
 Every test ends every process it started, by pid (services, and any QEMU whose
-command line names the test's home), and removes its files.
+command line names the test's home), and removes its files. A module whose tests use a lab
+(the ``lab`` fixture, which runs ``kasou lab up``) first takes down a lab an earlier run left on
+the machine (``end_leftover_labs``): a leftover is removed, never a reason to skip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -23,14 +27,109 @@ from typing import Any
 import pytest
 
 from kasou.config import DEFAULT_IMAGES, Paths
+from kasou.lab import net
+from kasou.lab.hosts import STATE_FILE, Lab, lab_dir
 
 KASOU = [sys.executable, "-m", "kasou"]
+LAB_PREFIX = "klab"  # the lab's bridges and links (klab0, klab-vm, klab-h1, klabv-h1) and namespaces (klab-h1)
+LAB_BRIDGE_ADDRESS = "10.88.0.1"  # where a lab's etcd members listen
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in str(item.fspath) and item.get_closest_marker("etcd") is None:
+        if "integration" not in str(item.fspath):
+            continue
+        if "lab" in getattr(item, "fixturenames", ()):  # a lab runs etcd and boots QEMU guests
+            item.add_marker(pytest.mark.etcd)
             item.add_marker(pytest.mark.qemu)
+        elif item.get_closest_marker("etcd") is None:
+            item.add_marker(pytest.mark.qemu)
+
+
+# -- a lab left behind by an earlier run --------------------------------------------------------
+
+
+def lab_leftovers() -> list[str]:
+    """The lab links and namespaces on this machine (klab*, netns klab-*)."""
+    namespaces = [n for n in net_namespaces() if n.startswith(f"{LAB_PREFIX}-")]
+    return net.link_names(LAB_PREFIX) + [f"netns {n}" for n in namespaces]
+
+
+def net_namespaces() -> list[str]:
+    from pyroute2 import netns
+
+    return sorted(netns.listnetns())
+
+
+def _leftover_lab_dirs() -> list[Path]:
+    """Directories whose recorded lab may be the one left behind: the default one, those the
+    processes of the lab's namespaces and its etcd members name, and the test suite's own."""
+    found: list[Path] = [lab_dir()]
+    for ns in net_namespaces():
+        if ns.startswith(f"{LAB_PREFIX}-"):
+            for pid in net.pids_in_netns(ns):
+                with contextlib.suppress(OSError):
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    for kv in env:
+                        if kv.startswith(b"KASOU_TOKEN_FILE="):
+                            found.append(Path(kv.split(b"=", 1)[1].decode(errors="replace")).parent)
+    for _pid, args in command_lines():
+        if args and os.path.basename(args[0]) == "etcd" and any(LAB_BRIDGE_ADDRESS in a for a in args):
+            for flag, value in itertools.pairwise(args):
+                if flag == "--data-dir":
+                    found.append(Path(value).parent.parent)  # <lab>/etcd/<member>.etcd
+    found += [p.parent for p in Path("/tmp").glob(f"kasou-*lab*/{STATE_FILE}")]
+    found += [p.parent for p in Path("/tmp").glob(f"kasou-*lab*/lab/{STATE_FILE}")]
+    return list(dict.fromkeys(d for d in found if (d / STATE_FILE).is_file()))
+
+
+def end_leftover_labs() -> list[str]:
+    """Take down a lab that an earlier run (a killed test, a developer's ``kasou lab up``) left on
+    this machine, so that a new lab can start: ``kasou lab down`` (the lab's own teardown) in every
+    directory that recorded one; then, for the links and namespaces no recorded lab claims, what
+    that teardown does by hand: SIGKILL the processes in the namespaces and the lab's etcd members
+    (by pid), delete the namespaces and the links. Returns what it did; fails if anything is left."""
+    if not lab_leftovers():
+        return []
+    done = []
+    for d in _leftover_lab_dirs():
+        try:
+            done += [f"lab down in {d}: {line}" for line in Lab(d).down()]
+        except Exception as e:  # the next steps remove what this one could not
+            done.append(f"lab down in {d} failed: {e}")
+    pids = {pid for ns in net_namespaces() if ns.startswith(f"{LAB_PREFIX}-") for pid in net.pids_in_netns(ns)}
+    pids |= {
+        pid
+        for pid, args in command_lines()
+        if args and os.path.basename(args[0]) == "etcd" and any(LAB_BRIDGE_ADDRESS in a for a in args)
+    }
+    pids.discard(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pids:
+        done.append(f"killed {len(pids)} stray lab processes: {sorted(pids)}")
+    for ns in net_namespaces():
+        if ns.startswith(f"{LAB_PREFIX}-") and net.remove_netns(ns):
+            done.append(f"deleted netns {ns}")
+    for link in net.link_names(LAB_PREFIX):
+        if net.delete_link(link):
+            done.append(f"deleted link {link}")
+    left = lab_leftovers()
+    assert not left, f"a lab left on this machine could not be taken down ({', '.join(left)}): {done}"
+    return done
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leftover_lab(request: pytest.FixtureRequest) -> None:
+    """Before a module that uses a lab: a lab left on the machine is taken down, not skipped for."""
+    items = [i for i in request.session.items if i.module is request.module]
+    if os.geteuid() == 0 and any("lab" in getattr(i, "fixturenames", ()) for i in items):
+        for line in end_leftover_labs():
+            print(f"leftover lab: {line}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ of drives that loses data only if the second fails within the rebuild window (th
 planned stops for hardware maintenance and reboots for OS patches.
 
 After, each host: failures as above; the VMs of a failed host are restarted elsewhere by kasou's HA
-(down for the measured detection and fence wait plus the guest's boot) unless more hosts than the
+(down for the detection and fence wait plus the guest's boot) unless more hosts than the
 reserve are down at that moment, when they wait for the repair. Disks are two copies (mirrored or
 replicated) with a shorter rebuild window. Host maintenance moves VMs by live migration: no stop.
 OS patches still reboot the guest (shorter than a physical reboot).
@@ -14,20 +14,80 @@ OS patches still reboot the guest (shorter than a physical reboot).
 Downtime counts only while a system is needed: all of it for 24h-clinical systems, the
 business-hours and batch shares of the week for the others (planned work on those is scheduled
 outside their hours, so it costs them nothing either way).
+
+The detection and fence wait (:func:`failover`) is, in this order: ``failover_s`` of the price
+sheet if it sets one; else the median ``to_restart`` that ``bench/failover.py`` recorded in
+``bench/results/failover.json`` of the source tree (labelled measured, with its date and run
+count); else an assumption derived from kasou's default HA times, labelled as such.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kasou.config import HaTimes
 from kasou.planner.inventory import BATCH, BUSINESS_HOURS, CLINICAL_24H, CRITICALITIES, Server
 from kasou.planner.prices import Availability
 
 HOURS_PER_YEAR = 8760.0
+
+#: What bench/failover.py records (in a source tree; an installed kasou has none and assumes).
+FAILOVER_RESULT = Path(__file__).resolve().parents[3] / "bench" / "results" / "failover.json"
+#: Without a recorded run: the lease TTL, the fence margin, and about 1 s of expiry and host checks
+#: (docs/architecture.md, "Why these numbers").
+_HA = HaTimes()
+ASSUMED_FAILOVER_S = _HA.lease_ttl_s + _HA.fence_margin_s + 1.0
+
+
+@dataclass(frozen=True)
+class Failover:
+    """The detection and fence wait after a host failure, and how it is known."""
+
+    seconds: float
+    source: str
+    measured: bool
+
+
+def _shown(path: Path) -> str:
+    return "bench/results/failover.json" if path == FAILOVER_RESULT else str(path)
+
+
+def failover(a: Availability, result: Path = FAILOVER_RESULT) -> Failover:
+    """From the price sheet if it sets ``failover_s``, else the recorded bench result, else assumed."""
+    if a.failover_s is not None:
+        return Failover(a.failover_s, "from the price sheet (failover_s)", measured=False)
+    assumed = (
+        f"an assumption, not measured: lease TTL {_HA.lease_ttl_s:g} s + fence margin {_HA.fence_margin_s:g} s "
+        "+ 1 s of checks"
+    )
+    try:
+        data = json.loads(result.read_text())
+        seconds = float(data["median_s"]["to_restart"])
+        if not 0 < seconds < 3600:
+            raise ValueError(seconds)
+    except FileNotFoundError:
+        return Failover(ASSUMED_FAILOVER_S, f"{assumed} (no {_shown(result)}; run bench/failover.py)", False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Failover(ASSUMED_FAILOVER_S, f"{assumed} ({_shown(result)} is unusable: {e!r})", False)
+    when = str(data.get("recorded") or "?")[:10]
+    how = ", ".join(str(x) for x in (data.get("accelerator"), data.get("commit") and f"commit {data['commit']}") if x)
+    source = (
+        f"measured: median of {data.get('kills', '?')} host kills, bench/failover.py, {when}"
+        f"{f' ({how})' if how else ''}, {_shown(result)}"
+    )
+    return Failover(seconds, source, measured=True)
+
+
+def restart_seconds(a: Availability, result: Path = FAILOVER_RESULT) -> float:
+    """How long a failed host's VMs are down when they restart elsewhere: failover and boot."""
+    return failover(a, result).seconds + a.guest_boot_s
 
 
 def _share(crit: str, a: Availability) -> float:
@@ -126,7 +186,8 @@ def simulate(
         r_idx = np.repeat(np.arange(runs), e_run).reshape(runs, e_run)
         np.add.at(restart_n, (r_idx[restarts], host_idx[restarts]), 1)
         np.add.at(wait_h, (r_idx[waits], host_idx[waits]), dur[waits])
-    restart_h = (a.failover_s + a.guest_boot_s) / 3600
+    restart_s = restart_seconds(a)
+    restart_h = restart_s / 3600
     host_down = restart_n * restart_h + wait_h  # [runs, hosts]: hours each VM of the host is down
     lost_after = _disk_losses(rng, (runs, n), years, a, a.mirror_rebuild_h)
     planned_after = years * a.os_reboots_per_year * a.vm_reboot_min / 60
@@ -162,7 +223,7 @@ def simulate(
         "planned_stops_avoided": round(n * years * a.hw_stops_per_year),
         "expected_host_failures": round(host_rate * n_hosts, 2),
         "expected_server_failures": round(float(hw.mean(axis=0).sum()), 2),
-        "restart_s": a.failover_s + a.guest_boot_s,
+        "restart_s": restart_s,
         "seconds": round(seconds, 3),
         "runs_per_s": round(runs / seconds) if seconds > 0 else None,
     }
@@ -177,7 +238,8 @@ def _histogram(values: np.ndarray) -> list[float]:
     return [round(float(c) / values.size, 4) for c in counts]
 
 
-def assumptions(a: Availability) -> list[str]:
+def assumptions(a: Availability, result: Path = FAILOVER_RESULT) -> list[str]:
+    f = failover(a, result)
     return [
         f"{a.runs} Monte Carlo runs over the cycle (seeded: the same inputs give the same figures).",
         f"Physical servers and hosts: MTBF {a.server_mtbf_h:,.0f} h / {a.host_mtbf_h:,.0f} h, {a.aging_per_year:.0%} "
@@ -185,7 +247,7 @@ def assumptions(a: Availability) -> list[str]:
         f"Drives: {a.disk_afr:.1%} a year; data lost only if the second copy fails within the rebuild "
         f"({a.raid_rebuild_h:g} h physical RAID-1, {a.mirror_rebuild_h:g} h kasou mirror), then {a.restore_h:g} h "
         "restore.",
-        f"kasou HA restart: {a.failover_s:g} s detection and fence wait (measured, bench/failover.py) + "
+        f"kasou HA restart: {f.seconds:g} s detection and fence wait ({f.source}) + "
         f"{a.guest_boot_s:g} s guest and application start; a failure beyond the reserve waits for the repair.",
         f"Planned: {a.hw_stops_per_year:g} hardware stop(s) a year of {a.hw_stop_h:g} h per physical server, none "
         f"after (live migration); {a.os_reboots_per_year:g} OS patch reboots a year, {a.physical_reboot_min:g} min "

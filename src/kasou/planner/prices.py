@@ -105,7 +105,7 @@ class Availability:
     raid_rebuild_h: float = 24
     mirror_rebuild_h: float = 6
     restore_h: float = 12
-    failover_s: float = 9.2
+    failover_s: float | None = None  # None: the recorded bench/failover.py result (planner.availability)
     guest_boot_s: float = 180
     hw_stops_per_year: float = 1
     hw_stop_h: float = 3
