@@ -64,14 +64,18 @@ def n_plus_one_violation(
         for req in sorted(victims, key=lambda r: -r.memory_mib):
             try:
                 placer.place(req)
-            except InsufficientResources:
-                need = sum(r.memory_mib + scheduler.VM_OVERHEAD_MIB for r in victims)
-                free = sum(max(0, h.memory_free_mib) for h in loads if h.name != failed.name)
+            except InsufficientResources as e:
+                mib = sum(r.memory_mib + scheduler.VM_OVERHEAD_MIB for r in victims)
+                vcpus = sum(r.vcpus for r in victims)
                 return (
-                    f"the HA VMs of {failed.name} ({need} MiB) could not all restart on the other hosts "
-                    f"if it failed ({free} MiB free there; {req.name} would not fit)"
+                    f"the HA VMs of {failed.name} ({_n(len(victims), 'VM')}: {_n(vcpus, 'vCPU')}, {mib} MiB) "
+                    f"could not all restart on the other hosts if it failed: {e.message}"
                 )
     return None
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 's'}"
 
 
 class HaManager:
