@@ -33,6 +33,8 @@ async def create(svc: VMService, spec: VMCreate) -> tuple[VMView, JobRecord]:
     if await svc.store.get(vm_key(spec.name)) is not None:
         raise AlreadyExists(f"a VM named {spec.name!r} already exists")
     vlan = await svc.networks.resolve(spec.network)
+    if spec.ha:  # in a cluster HA restarts it on another host: refused for a disk only its own host reaches
+        await svc.ha.check_storage(spec.name, spec.storage, spec.mirror or [spec.pool or DEFAULT_POOL], spec.template)
     loads = await svc._check_fits_some_host(spec.vcpus, spec.memory_mib)
     template: VMRecord | None = None
     if spec.template is not None:
