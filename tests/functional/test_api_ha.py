@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.functional.conftest import Cluster, make_cluster
+from tests.functional.conftest import Cluster, Env, make_cluster
 
 
 def _events(cluster: Cluster, name: str) -> list[tuple[str, str | None]]:
@@ -199,3 +199,18 @@ def test_a_vcpu_bound_ha_refusal_names_vcpus_with_numbers(cluster_2cpu: Cluster)
     msg = r.json()["message"]
     assert "vCPU" in msg and "8 of 8" in msg and "MiB free" not in msg, msg
     assert cluster.api.get("/v1/vms/ris").status_code == 404
+
+
+def test_on_one_host_ha_on_a_local_disk_means_a_restart_on_that_host(env: Env) -> None:
+    v = env.create("emr", start=True, ha=True)  # one host: nothing to restart it elsewhere, nothing refused
+    assert v["ha"] and not v["ha_armed"] and "one host" in v["ha_blocked"], v
+    env.driver.crash("emr")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        events = [e["event"] for e in env.api.get("/v1/vms/emr/history").json()]
+        if events[-2:] == ["crashed", "restarted"]:
+            break
+        time.sleep(0.05)
+    assert events[-2:] == ["crashed", "restarted"], events
+    r = env.api.patch("/v1/vms/emr", json={"ha": False})
+    assert r.status_code == 200 and env.api.patch("/v1/vms/emr", json={"ha": True}).status_code == 200
