@@ -16,7 +16,7 @@ from kasou.cli import main as cli
 from kasou.errors import KasouError
 from kasou.planner import Options, PriceSheet, make_plan, parse_prices
 from kasou.planner.inventory import Server
-from tests.functional.conftest import TOKEN, Env
+from tests.functional.conftest import TOKEN, Cluster, Env
 
 SMALL = parse_prices(
     '[policy]\nmin_memory_gib = 1\nmin_vcpus = 1\nmin_hosts = 1\n[[host_models]]\nname = "lab"\ncores = 4\n'
@@ -99,3 +99,19 @@ def test_bad_plans_are_refused_before_anything(env: Env, run: Any, tmp_path: Pat
     r = run("plan", "apply", str(path))
     assert isinstance(r.exception, KasouError) and "unknown plan version" in r.exception.message
     assert vm_names(env) == []
+
+
+def test_ha_with_local_disks_in_a_cluster_is_refused_before_anything(cluster: Cluster, tmp_path: Path) -> None:
+    runner = CliRunner()
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=cluster.api)
+    try:
+        path = write_plan(tmp_path, [server("emr"), server("lab")])
+        r = runner.invoke(cli.app, ["plan", "apply", str(path)], catch_exceptions=True)
+        assert isinstance(r.exception, KasouError), r.output
+        assert "--storage replicated" in r.exception.message and "nothing created" in r.exception.message
+        assert cluster.api.get("/v1/vms").json() == []
+        r = runner.invoke(cli.app, ["plan", "apply", str(path), "--storage", "shared", "--no-disks"])
+        assert r.exit_code == 0, r.output
+        assert all(v["ha"] and v["storage"] == "shared" for v in cluster.api.get("/v1/vms").json())
+    finally:
+        common.client_factory = None

@@ -26,22 +26,37 @@ def lab(tiny_image: Path) -> Iterator[Lab]:
     yield from make_lab(tiny_image, "kasou-halab-")
 
 
-def place_on(lab: Lab, names: list[str], host: str, via: str) -> None:
-    """Start HA VMs on ``host``: they are defined while the other hosts are in maintenance, so
-    placement picks it; they start once the others are back (N+1 admission counts on them)."""
+def place_on(lab: Lab, names: list[str], host: str, via: str, plain: tuple[str, ...] = ()) -> None:
+    """Start HA VMs (and ``plain`` ones: local disk, no HA) on ``host``: they are defined while the other
+    hosts are in maintenance, so placement picks it; they start once the others are back (N+1 admission
+    counts on them)."""
     others = [h for h in HOSTS if h != host]
     for h in others:
         lab.run("host", "maintenance", h, host=via)
     try:
         for n in names:
             lab.run("vm", "create", n, "--image", "tiny", "--shared", "--ha", host=via)
+        for n in plain:
+            lab.run("vm", "create", n, "--image", "tiny", host=via)
     finally:
         for h in others:
             lab.run("host", "maintenance", h, "--off", host=via)
-    for n in names:
+    for n in [*names, *plain]:
         lab.run("vm", "start", n, host=via)
-    for n in names:
+    for n in [*names, *plain]:
         assert lab.ready(n, host=via)["host"] == host
+
+
+def critical(lab: Lab, kind: str, subject: str, via: str) -> list[dict[str, str]]:
+    events = lab.json("event", "list", "--severity", "critical", host=via)
+    return [e for e in events if e["kind"] == kind and e["subject"] == subject]
+
+
+def test_ha_on_a_local_disk_is_refused_with_the_way_out(lab: Lab) -> None:
+    r = lab.run("vm", "create", "a0", "--image", "tiny", "--ha", "--start", host="h1", check=False)
+    assert r.returncode != 0
+    assert "local" in r.stderr and "--replicated" in r.stderr and "--shared" in r.stderr, r.stderr
+    assert "a0" not in [v["name"] for v in lab.json("vm", "list", host="h1")]
 
 
 def last_seq(lab: Lab, host: str, vm: str) -> int:
@@ -87,7 +102,7 @@ def delete_all(lab: Lab, names: list[str], via: str) -> None:
 def test_killed_host_ha_vms_restart_elsewhere_with_no_lost_write(lab: Lab) -> None:
     victim, via = non_leader(lab)
     names = ["emr", "pacs", "lab", "pharm"]
-    place_on(lab, names, victim, via)
+    place_on(lab, names, victim, via, plain=("plain",))
     lab.wait("writes on every guest", lambda: all(last_seq(lab, victim, n) >= 3 for n in names), timeout=60)
     with DoubleRunWatch(names) as watch:
         subprocess.run([*KASOU, "lab", "kill", victim], env=lab.base_env, check=True, capture_output=True, timeout=60)
@@ -104,10 +119,18 @@ def test_killed_host_ha_vms_restart_elsewhere_with_no_lost_write(lab: Lab) -> No
                 events = [e["event"] for e in lab.json("vm", "history", n, host=via)]
                 assert events[-3:] == ["crashed", "fenced", "restarted"], events
             print(f"failover of 4 VMs: {took:.1f} s to all guests ready")
+            # the operator hears of the host and of the VM nothing restarts; that VM's state is unknown
+            assert critical(lab, "host_down", f"host/{victim}", via)
+            assert lab.wait("the VM-left-behind event", lambda: critical(lab, "vm_host_down", "vm/plain", via))
+            plain = lab.vm("plain", host=via)
+            assert plain["state"] == "unknown" and plain["host"] == victim and not plain["host_reachable"], plain
         finally:
             revive(lab, victim)
     assert watch.doubles == []
-    delete_all(lab, names, via)
+    lab.wait("the host-down event over", lambda: not [
+        e for e in lab.json("event", "list", "--active", host=via) if e["subject"] in (f"host/{victim}", "vm/plain")
+    ])  # fmt: skip
+    delete_all(lab, [*names, "plain"], via)
 
 
 def test_partitioned_host_fences_before_restart_and_rejoins_empty(lab: Lab) -> None:

@@ -76,3 +76,14 @@ def test_placer_agrees_with_place_and_is_fast() -> None:
     for i in range(10000):
         p.place(Request(f"vm{i}", 4096, 2))
     assert time.perf_counter() - t0 < 10  # the benchmark measures the real figure
+
+
+def test_a_vcpu_refusal_names_vcpus_with_numbers() -> None:
+    h = HostLoad("h1", cpus=2, memory_total_mib=16384)
+    for _ in range(8):
+        h.add(128, 1)
+    why = why_not(h, Request("ris", 128, 1))
+    assert why is not None and "8 of 8 vCPUs" in why and "2 CPUs" in why and "4:1" in why, why
+    with pytest.raises(InsufficientResources) as e:
+        place(Request("ris", 128, 1), [h])
+    assert "8 of 8 vCPUs" in e.value.message and "MiB free" not in e.value.message, e.value.message

@@ -47,7 +47,7 @@ def test_every_state_shown_has_words() -> None:
     have = labels()
     states = {s.value for s in VMState} | {s.value for s in JobState}
     states |= {"up", "down", "maintenance", "ok", "low", "full", "missing", "in_sync", "syncing", "degraded"}
-    states |= {"info", "warning", "error"}
+    states |= {"info", "warning", "error", "critical"}
     for lang in ("ja", "en"):
         missing = sorted(s for s in states if f"state.{s}" not in have[lang])
         assert not missing, (lang, missing)

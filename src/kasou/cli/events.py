@@ -10,14 +10,15 @@ from rich.table import Table
 from kasou.cli.common import client, out, print_json
 
 event_app = typer.Typer(
-    help="Events: degraded disks, pools low on space, failed or missed backups.", no_args_is_help=True
+    help="Events: hosts down, VMs left without a restart, degraded disks, pools low on space, failed backups.",
+    no_args_is_help=True,
 )
 
 
 @event_app.command("list")
 def event_list(
     subject: str = typer.Option(None, "--subject", help="Only events about this, e.g. vm/emr or pool/fast."),
-    severity: str = typer.Option(None, "--severity", help="At least this severity: info, warning or error."),
+    severity: str = typer.Option(None, "--severity", help="At least this severity: info, warning, error or critical."),
     active: bool = typer.Option(False, "--active", help="Only conditions raised and not over yet."),
     limit: int = typer.Option(200, "--limit", min=1, max=5000),
     as_json: bool = typer.Option(False, "--json"),

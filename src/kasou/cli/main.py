@@ -276,7 +276,12 @@ def vm_create(
     anti_affinity: str = typer.Option(
         None, "--anti-affinity", help="Group whose VMs never run on one host (e.g. emr-db for the two EMR databases)."
     ),
-    ha: bool = typer.Option(False, "--ha", help="High availability: restart it elsewhere if its host fails."),
+    ha: bool = typer.Option(
+        False,
+        "--ha",
+        help="High availability: restart it elsewhere if its host fails (in a cluster it needs "
+        "--replicated or --shared); restart it if its QEMU dies, reset it if its guest hangs.",
+    ),
     priority: str = typer.Option("50", "--priority", help="HA restart order, 0..100, highest first."),
     pool: str = typer.Option(None, "--pool", help="Storage pool of its disk (default: the built-in pool)."),
     mirror: str = typer.Option(
@@ -454,13 +459,13 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("name", v["name"]),
         ("uuid", v["uuid"]),
         ("department", v["department"] or "-"),
-        ("state", v["state"]),
+        ("state", v["state"] if v["host_reachable"] else f"{v['state']} (host {v['host']} unreachable)"),
         ("host", v["host"] or "-"),
         ("vcpus", v["vcpus"]),
         ("memory", f"{v['memory_mib']} MiB"),
         ("image", v["image"] or "-"),
         ("template", v["template"] or "-"),
-        ("HA", f"on, priority {v['priority']}" if v["ha"] else "off"),
+        ("HA", _ha_text(v)),
         ("anti-affinity", v["anti_affinity"] or "-"),
         (
             "storage",
@@ -492,7 +497,11 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
 @vm_app.command("set")
 def vm_set(
     name: str,
-    ha: str = typer.Option(None, "--ha", help="on or off: restart it elsewhere if its host fails."),
+    ha: str = typer.Option(
+        None,
+        "--ha",
+        help="on or off: restart it elsewhere if its host fails (in a cluster: replicated or shared disks only).",
+    ),
     priority: str = typer.Option(None, "--priority", help="HA restart order, 0..100, highest first."),
     description: str = typer.Option(None, "--description"),
     department: str = typer.Option(None, "--department", help="Department whose vendor manages it ('' removes it)."),
@@ -512,8 +521,17 @@ def vm_set(
     v = client().patch(f"/v1/vms/{name}", json=body)
     ha_text = f"HA on, priority {v['priority']}" if v["ha"] else "HA off"
     out.print(f"vm {name}: {ha_text}", markup=False, highlight=False)
-    if v["ha"] and v["state"] in ("running", "paused") and not v["ha_armed"]:
-        out.print(f"vm {name}: HA protects it from its next start or migration", markup=False, highlight=False)
+    if v["ha"] and v.get("ha_blocked"):
+        out.print(f"vm {name}: not restarted elsewhere now: {v['ha_blocked']}", markup=False, highlight=False)
+
+
+def _ha_text(v: dict[str, Any]) -> str:
+    if not v["ha"]:
+        return "off"
+    if v.get("ha_blocked"):
+        return f"on, priority {v['priority']}; not restarted elsewhere now: {v['ha_blocked']}"
+    armed = "; armed (restarted elsewhere if its host fails)" if v["ha_armed"] else ""
+    return f"on, priority {v['priority']}{armed}"
 
 
 @vm_app.command("log")

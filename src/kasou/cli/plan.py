@@ -175,7 +175,12 @@ def plan_apply(
     disks: bool = typer.Option(True, "--disks/--no-disks", help="Give each VM a data disk of its planned size."),
     network: str = typer.Option("user", "--network", help="The network of every VM's NIC."),
     storage: str = typer.Option("local", "--storage", help="local, shared or replicated disks."),
-    ha: bool = typer.Option(True, "--ha/--no-ha", help="High availability (restart priority from criticality)."),
+    ha: bool = typer.Option(
+        True,
+        "--ha/--no-ha",
+        help="High availability (restart priority from criticality); in a cluster it needs "
+        "--storage replicated or shared.",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Define the planned VMs (stopped) with their sizes and anti-affinity groups; all or nothing."""
@@ -187,6 +192,11 @@ def plan_apply(
         raise InvalidSpec(f"plan {plan_file} is not readable JSON: {e}") from None
     bodies = _bodies(plan, image, disks, network, storage, ha)
     c = client()
+    if ha and storage == "local" and len(c.get("/v1/hosts")) > 1:
+        raise InvalidSpec(
+            "in a cluster HA restarts a VM on another host when its host fails, and a local disk is on its own "
+            "host alone: give --storage replicated or --storage shared, or --no-ha; nothing created"
+        )
     existing = {v["name"] for v in c.get("/v1/vms")}
     clash = [b["name"] for b in bodies if b["name"] in existing]
     if clash:

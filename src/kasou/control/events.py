@@ -1,5 +1,5 @@
 """Events: what an operator must hear of without asking (a degraded disk, a pool running out of space,
-a backup that failed or did not run).
+a backup that failed or did not run, and, critical, a host down or a VM it left without a restart).
 
 Each event is kept in the store under ``events/<time in ns>`` (so the list is in order) and written
 to the log. Repeated conditions are raised once: :meth:`Events.raise_once` keeps a key per condition
@@ -18,7 +18,8 @@ from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
 
-Severity = Literal["info", "warning", "error"]
+Severity = Literal["info", "warning", "error", "critical"]
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error", "critical")  # in rising order
 EVENTS_PREFIX = "events/"
 ACTIVE_PREFIX = "events-active/"  # conditions raised and not over yet: key -> the event
 KEEP = 5000  # the oldest events beyond this many are dropped
@@ -27,12 +28,12 @@ KEEP = 5000  # the oldest events beyond this many are dropped
 class Event(BaseModel):
     time: float
     severity: Severity
-    kind: str  # e.g. disk_degraded, pool_low_space, backup_failed
+    kind: str  # e.g. disk_degraded, pool_low_space, backup_failed, host_down, vm_not_restarted
     subject: str  # what it is about: "vm/emr", "pool/fast", "host/h1"
     message: str
 
 
-_LOG_LEVEL = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LOG_LEVEL = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
 class Events:
@@ -71,13 +72,17 @@ class Events:
             await self.emit(kind, Event.model_validate(entry.value).subject, message, "info")
         return True
 
+    async def active_keys(self, prefix: str = "") -> list[str]:
+        """The keys of the conditions raised and not over yet that start with ``prefix``."""
+        return [e.key.removeprefix(ACTIVE_PREFIX) for e in await self.store.range(ACTIVE_PREFIX + prefix)]
+
     async def active(self) -> list[Event]:
         """The conditions raised and not over yet."""
         return [Event.model_validate(e.value) for e in await self.store.range(ACTIVE_PREFIX)]
 
     async def list(self, subject: str | None = None, severity: Severity | None = None, limit: int = 200) -> list[Event]:
         """The latest ``limit`` events, oldest first, optionally of one subject or at least one severity."""
-        order = ["info", "warning", "error"]
+        order = list(SEVERITIES)
         out = []
         for e in await self.store.range(EVENTS_PREFIX):
             ev = Event.model_validate(e.value)

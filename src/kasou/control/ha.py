@@ -8,8 +8,18 @@ least ``fence_margin_s`` before the lease could expire (:mod:`kasou.agent.guard`
 this side waits another ``fence_margin_s`` after it first saw the record gone,
 then restarts them, highest priority first, each on the host the scheduler
 picks (the placements of one round count against each other). A VM needs its
-disk where it restarts: shared disks are seen by every host; a VM whose disk was
-local to the failed host waits, saying why, until that host returns.
+disk where it restarts: shared disks are seen by every host, a replicated VM
+restarts on its replica's host. So in a cluster ``ha`` is refused for a VM whose
+disk only its own host reaches (:meth:`HaManager.check_storage`), and a VM shows
+``ha_armed`` only while a restart elsewhere is possible now
+(:meth:`HaManager.restart_blocker`). On a single host HA means a restart on that
+host (after a crash, a hang, or the host's own restart).
+
+*Operator events* (critical, :mod:`kasou.control.events`): a host going down; an
+HA VM that cannot be restarted (and why: its disk is local to the failed host, no
+host has room, the restart failed); a VM left on the failed host with nothing to
+restart it (not HA). Each is raised once and over when the host returns or the
+VM is restarted.
 
 *VM monitoring.* An HA VM whose QEMU died on a host that is up (it is
 ``crashed`` in its record) is started again on its host; an HA VM whose guest
@@ -32,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 from kasou.config import HaTimes
 from kasou.control import audit, scheduler
 from kasou.control.records import LedgerEvent, VMRecord
-from kasou.errors import InsufficientResources, KasouError, NotFound, StoreConflict
+from kasou.errors import InsufficientResources, InvalidSpec, KasouError, NotFound, StoreConflict
 from kasou.hypervisor.base import RuntimeInfo, RuntimeState
 from kasou.model.state import ACTIVE_STATES, VMState
 
 if TYPE_CHECKING:
+    from kasou.control.hosts import Agents
     from kasou.control.vms import VMService
 
 log = logging.getLogger(__name__)
@@ -64,14 +75,29 @@ def n_plus_one_violation(
         for req in sorted(victims, key=lambda r: -r.memory_mib):
             try:
                 placer.place(req)
-            except InsufficientResources:
-                need = sum(r.memory_mib + scheduler.VM_OVERHEAD_MIB for r in victims)
-                free = sum(max(0, h.memory_free_mib) for h in loads if h.name != failed.name)
+            except InsufficientResources as e:
+                mib = sum(r.memory_mib + scheduler.VM_OVERHEAD_MIB for r in victims)
+                vcpus = sum(r.vcpus for r in victims)
                 return (
-                    f"the HA VMs of {failed.name} ({need} MiB) could not all restart on the other hosts "
-                    f"if it failed ({free} MiB free there; {req.name} would not fit)"
+                    f"the HA VMs of {failed.name} ({_n(len(victims), 'VM')}: {_n(vcpus, 'vCPU')}, {mib} MiB) "
+                    f"could not all restart on the other hosts if it failed: {e.message}"
                 )
     return None
+
+
+WAY_OUT = (
+    "give it a disk another host reaches: --replicated (storage: replicated, a synchronous copy on a second host) "
+    "or --shared (storage: shared, or a pool every host sees)"
+)
+
+
+def restarts_elsewhere(agents: Agents) -> bool:
+    """Whether HA means a restart on another host here: in a cluster (more than one host), not on a single host."""
+    return agents.clustered or len(agents.known()) > 1
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 's'}"
 
 
 class HaManager:
@@ -83,6 +109,109 @@ class HaManager:
         self._reset_at: dict[str, float] = {}
         self._tried_at: dict[str, float] = {}
         self._waiting_note: dict[str, str] = {}
+        self._host_up: dict[str, bool] = {}  # host -> up when last looked at (host events on a change)
+        self._raised: set[str] = set()  # event conditions this control plane raised and has not cleared
+
+    # -- where a restart is possible --------------------------------------------------------
+
+    async def check_storage(self, name: str, storage: str, pools: list[str], template: str | None) -> None:
+        """Refuse ``ha`` for a new VM whose disk only its own host would reach (in a cluster)."""
+        if not restarts_elsewhere(self.vms.agents) or storage == "replicated":
+            return
+        if storage == "shared" and template is None:
+            return
+        if template is None:
+            try:
+                records = [await self.vms.pools.get_record(p) for p in pools]
+            except NotFound:
+                return  # the create refuses the unknown pool itself
+            if records and all(p.shared for p in records):
+                return
+        what = "a linked clone's disk is local to its template's host" if template else "its disk would be local"
+        raise InvalidSpec(
+            f"HA restarts VM {name!r} on another host when its host fails, but {what}, so no other host "
+            f"could start it: {WAY_OUT}",
+            field="ha",
+        )
+
+    def check_setting(self, rec: VMRecord) -> None:
+        """Refuse turning ``ha`` on for a VM whose disk only its own host reaches (in a cluster)."""
+        if not restarts_elsewhere(self.vms.agents) or rec.replicated or all(d.shared for d in rec.disks):
+            return
+        raise InvalidSpec(
+            f"HA restarts VM {rec.name!r} on another host when its host fails, but its disk is local to "
+            f"{rec.host}, so no other host could start it; its disk cannot be moved there in place: create the VM "
+            f"again (or restore a backup of it) and {WAY_OUT}",
+            field="ha",
+        )
+
+    def restart_blocker(self, rec: VMRecord, maintenance: set[str]) -> str | None:
+        """Why HA could not restart ``rec`` on another host if its host failed now, or None if it could."""
+        agents = self.vms.agents
+        if not rec.ha:
+            return "HA is off"
+        if not restarts_elsewhere(agents):
+            return "kasou runs on one host: HA restarts it on this host when its QEMU dies or its guest hangs"
+        if not rec.ha_armed:
+            return "its QEMU was started before HA was set: HA protects it from its next start or migration"
+        if any(not d.shared for d in rec.disks):
+            rep = rec.replica
+            if not rec.replicated:
+                return f"its disk is local to {rec.host}"
+            if rep is None or rep.host == rec.host:
+                return "its disk has no replica on another host yet"
+            if not agents.is_up(rep.host):
+                return f"the host of its disk replica, {rep.host}, is down"
+            if rep.state != "in_sync":
+                return f"its disk replica on {rep.host} is {rep.state}"
+            return None
+        if not any(h != rec.host and h not in maintenance for h in agents.names()):
+            return "no other host is up and out of maintenance"
+        return None
+
+    # -- operator events --------------------------------------------------------------------
+
+    async def _raise(self, key: str, kind: str, subject: str, message: str) -> None:
+        if key in self._raised:
+            return
+        self._raised.add(key)
+        await self.vms.events.raise_once(key, kind, subject, message, "critical")
+
+    async def _clear(self, key: str, kind: str | None = None, message: str | None = None) -> None:
+        self._raised.discard(key)
+        await self.vms.events.clear(key, kind, message)
+
+    async def _host_events(self, up: set[str], known: set[str]) -> None:
+        """A host that went down is a critical event; one that came back ends it (and its VMs' events)."""
+        for host in sorted(known):
+            is_up = host in up
+            if self._host_up.get(host) == is_up:
+                continue
+            self._host_up[host] = is_up
+            if not is_up:
+                await self._raise(
+                    f"host-down/{host}", "host_down", f"host/{host}",
+                    f"host {host} is down: its cluster lease expired (power, crash or network cut); HA restarts "
+                    "its HA VMs elsewhere, its other VMs are out of reach until it returns",
+                )  # fmt: skip
+            else:
+                await self._clear(f"host-down/{host}", "host_up", f"host {host} is up again")
+                for key in await self.vms.events.active_keys(f"vm-left/{host}/"):
+                    await self._clear(key)
+
+    async def _left_behind(self, records: list[VMRecord], due: set[str], restarting: set[str]) -> None:
+        """Every VM on a failed host that nothing restarts elsewhere is a critical event (HA VMs: _cannot_restart)."""
+        for r in records:
+            if r.host not in due or r.state not in ACTIVE_STATES or r.name in restarting or r.job is not None:
+                continue
+            if r.ha and r.ha_armed:
+                continue  # HA restarts it, or says why it cannot
+            why = "it is not HA" if not r.ha else "HA was set after it started (its host could not fence it)"
+            await self._raise(
+                f"vm-left/{r.host}/{r.name}", "vm_host_down", f"vm/{r.name}",
+                f"VM {r.name} was {r.state.value} on host {r.host}, which is down; {why}, so nothing restarts it "
+                f"elsewhere: it is out of reach until {r.host} returns",
+            )  # fmt: skip
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -135,7 +264,9 @@ class HaManager:
         agents = self.vms.agents
         now = self.clock()
         up = set(agents.names())
-        for host in {r.host for r in records if r.host} - up:
+        vm_hosts = {r.host for r in records if r.host}
+        await self._host_events(up, set(agents.known()) | vm_hosts)
+        for host in vm_hosts - up:
             self.gone_since.setdefault(host, now)
         for host in list(self.gone_since):
             if host in up:
@@ -152,6 +283,7 @@ class HaManager:
         ]  # fmt: skip
         if victims:
             await self._fail_over(sorted(victims, key=lambda r: (-r.priority, r.name)))
+        await self._left_behind(records, due, {r.name for r in victims})
 
     async def _fail_over(self, victims: list[VMRecord]) -> None:
         loads = await self.vms.host_loads()
@@ -168,20 +300,27 @@ class HaManager:
                     self._tried_at[rec.name] = self.clock()
                     await self._restart_elsewhere(rec, failed, rep.host, promote=True)
                     continue
-                self._note_once(rec, f"its disk is on the failed host {failed}; it restarts when {failed} returns")
+                if rec.replicated:
+                    why = "its disk replica is not on a host that is up"
+                else:
+                    why = "its disk is local to the failed host (no replica, not on shared storage)"
+                await self._cannot_restart(rec, failed, f"{why}; it restarts when {failed} returns")
                 continue
             try:
                 target = placer.place(scheduler.Request.of(rec))
             except InsufficientResources as e:
-                self._note_once(rec, f"no host can take it now: {e.message}")
+                await self._cannot_restart(rec, failed, f"no host can take it now: {e.message}")
                 continue
             self._tried_at[rec.name] = self.clock()
             await self._restart_elsewhere(rec, failed, target.name)
 
-    def _note_once(self, rec: VMRecord, why: str) -> None:
+    async def _cannot_restart(self, rec: VMRecord, failed: str, why: str) -> None:
+        """Say (once per reason in the log, once per failure as a critical event) why ``rec`` waits."""
         if self._waiting_note.get(rec.name) != why:
             self._waiting_note[rec.name] = why
             log.warning("HA cannot restart %s yet: %s", rec.name, why)
+        await self._raise(f"vm-left/{failed}/{rec.name}", "vm_not_restarted", f"vm/{rec.name}",
+                          f"HA cannot restart VM {rec.name}, whose host {failed} is down: {why}")  # fmt: skip
 
     async def _claim(self, rec: VMRecord, still: Any) -> str | None:
         """Hold the VM with a new HA job if no job holds it and ``still(record)`` holds; the job id, or None."""
@@ -237,11 +376,19 @@ class HaManager:
                     await vms._set(rec.name, state=VMState.CRASHED)
                 await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}", ok=False,
                                    message=str(e)[:300], details={"from": failed, "to": target})  # fmt: skip
+                with contextlib.suppress(KasouError):
+                    await self._cannot_restart(rec, failed, f"its restart on {target} failed ({str(e)[:200]}); "
+                                                            f"HA tries again in {RESTART_BACKOFF_S:g} s")  # fmt: skip
                 raise
             down = time.time() - down_since
             await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
                                details={"from": failed, "to": target, "promoted_replica": promote})  # fmt: skip
             log.warning("HA restarted %s on %s (host %s failed; down about %.0f s)", rec.name, target, failed, down)
+            self._waiting_note.pop(rec.name, None)
+            await self._clear(f"vm-left/{failed}/{rec.name}")
+            await vms.events.emit("vm_restarted", f"vm/{rec.name}",
+                                  f"HA restarted VM {rec.name} on {target}{how} after host {failed} failed "
+                                  f"(down about {down:.0f} s)")  # fmt: skip
             return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1), "detected_at": detected_at}
 
         await vms._submit("ha-restart", rec.name, run, job_id)

@@ -64,16 +64,20 @@ class Request:
 
 
 def why_not(host: HostLoad, req: Request, vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> str | None:
-    """The reason ``host`` cannot take ``req``, or None if it can."""
+    """The reason ``host`` cannot take ``req``, naming the resource that binds with its numbers, or None."""
     if not host.schedulable:
-        return f"{host.name} is not accepting VMs"
+        return f"{host.name} is not accepting VMs (down or in maintenance)"
     need = req.memory_mib + VM_OVERHEAD_MIB
     if need > host.memory_free_mib:
-        return f"{host.name} has {max(0, host.memory_free_mib)} MiB free, {req.name} needs {need} MiB"
+        return f"{host.name} has {max(0, host.memory_free_mib)} MiB of memory free, {req.name} needs {need} MiB"
     if req.vcpus > host.cpus:
         return f"{host.name} has {host.cpus} CPUs, {req.name} wants {req.vcpus} vCPUs"
-    if host.vcpus_used + req.vcpus > host.cpus * vcpu_ratio:
-        return f"{host.name} would exceed its vCPU overcommit of {vcpu_ratio:g}:1"
+    vcpu_cap = int(host.cpus * vcpu_ratio)
+    if host.vcpus_used + req.vcpus > vcpu_cap:
+        return (
+            f"{host.name} has {host.vcpus_used} of {vcpu_cap} vCPUs in use "
+            f"({host.cpus} CPUs at {vcpu_ratio:g}:1), {req.name} needs {req.vcpus}"
+        )
     if req.group and req.group in host.groups:
         return f"{host.name} already runs a VM of anti-affinity group {req.group!r}"
     return None
@@ -87,21 +91,27 @@ def place(req: Request, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_
             best = h
     if best is not None:
         return best
+    raise refusal(req, hosts, vcpu_ratio)
+
+
+def refusal(req: Request, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> InsufficientResources:
+    """Why none of ``hosts`` can take ``req``: the resource that binds (memory, CPUs, vCPUs, anti-affinity),
+    with its numbers; one reason per host when they differ."""
     need = req.memory_mib + VM_OVERHEAD_MIB
     candidates = [h for h in hosts if h.schedulable]
     if not candidates:
-        raise InsufficientResources(f"no host is accepting VMs; {req.name} cannot be placed")
+        return InsufficientResources(f"no host is accepting VMs (down or in maintenance); {req.name} cannot be placed")
     largest = max(candidates, key=lambda h: h.memory_free_mib)
     if all(need > h.memory_free_mib for h in candidates):
-        raise InsufficientResources(
-            f"no host has {need} MiB free for {req.name} "
+        return InsufficientResources(
+            f"no host has {need} MiB of memory free for {req.name} "
             f"({req.memory_mib} MiB + {VM_OVERHEAD_MIB} MiB overhead); "
             f"largest free: {largest.name} {max(0, largest.memory_free_mib)} MiB",
             needed_mib=need,
             largest_free_mib=largest.memory_free_mib,
         )
     reasons = "; ".join(r for h in candidates if (r := why_not(h, req, vcpu_ratio)))
-    raise InsufficientResources(f"no host can take {req.name}: {reasons}")
+    return InsufficientResources(f"no host can take {req.name}: {reasons}")
 
 
 class Placer:
@@ -138,6 +148,5 @@ class Placer:
         for entry in skipped:
             heapq.heappush(self._heap, entry)
         if chosen is None:
-            place(req, self.hosts, self.vcpu_ratio)  # raises with the explanation
-            raise InsufficientResources(f"no host can take {req.name}")
+            raise refusal(req, self.hosts, self.vcpu_ratio)
         return chosen

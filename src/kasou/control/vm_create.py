@@ -35,6 +35,8 @@ async def create(svc: VMService, spec: VMCreate, scope: Collection[str] | None =
     await svc.check_name_free(spec.name, spec.department, scope)
     vlan = await svc.networks.resolve(spec.network, spec.department, scope)
     await svc.check_group(spec.anti_affinity, spec.department, scope)
+    if spec.ha:  # in a cluster HA restarts it on another host: refused for a disk only its own host reaches
+        await svc.ha.check_storage(spec.name, spec.storage, spec.mirror or [spec.pool or DEFAULT_POOL], spec.template)
     loads = await svc._check_fits_some_host(spec.vcpus, spec.memory_mib)
     template: VMRecord | None = None
     if spec.template is not None:

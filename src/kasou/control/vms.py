@@ -102,7 +102,8 @@ class VMView(BaseModel):
     priority: int
     storage: str  # local, shared or replicated
     replica: ReplicaView | None
-    ha_armed: bool  # its running QEMU is HA-protected now (HA set on a running VM counts from its next start)
+    ha_armed: bool  # HA could restart it on another host if its host failed now (see ha_blocked)
+    ha_blocked: str | None = None  # an HA VM that is not armed: why (disk local, replica not in sync, ...)
     disks: list[DiskView]
     nics: list[NicSpec]
     guest_ready: bool
@@ -200,16 +201,20 @@ class VMService:
         order = list(hosts)
         return dict(zip(order, await asyncio.gather(*(self._runtime(h) for h in order)), strict=True))
 
-    def _view(self, rec: VMRecord, rt: RuntimeInfo | None, reachable: bool) -> VMView:
+    def _view(
+        self, rec: VMRecord, rt: RuntimeInfo | None, reachable: bool, maintenance: set[str] | None = None
+    ) -> VMView:
         live = rt is not None and rt.state in (
             RuntimeState.RUNNING,
             RuntimeState.PAUSED,
             RuntimeState.SHUTTING_DOWN,
         )
+        active = rec.state in ACTIVE_STATES
+        blocked = self.ha.restart_blocker(rec, maintenance or set()) if rec.ha and active else None
         return VMView(
             name=rec.name,
             uuid=rec.uuid,
-            state=rec.state,
+            state=rec.state if reachable or not active else VMState.UNKNOWN,  # its host does not answer
             host=rec.host,
             vcpus=rec.vcpus,
             memory_mib=rec.memory_mib,
@@ -220,7 +225,8 @@ class VMService:
             anti_affinity=rec.anti_affinity,
             ha=rec.ha,
             priority=rec.priority,
-            ha_armed=rec.ha_armed and rec.state in ACTIVE_STATES,
+            ha_armed=rec.ha_armed and active and blocked is None,
+            ha_blocked=blocked,
             storage="replicated" if rec.replicated else ("shared" if rec.disks and rec.disks[0].shared else "local"),
             replica=ReplicaView(host=rec.replica.host, state=rec.replica.state, since=rec.replica.since)
             if rec.replica is not None
@@ -256,13 +262,14 @@ class VMService:
         await self.agents.refresh()
         records = await self._records()
         runtime = await self._runtimes({r.host for r in records})
+        maintenance = await maintenance_hosts(self.store)
         out = []
         for rec in records:
             rt_host = runtime.get(rec.host)
             rt = rt_host.get(rec.name) if rt_host is not None else None
             if rt_host is not None:
                 rec = await self._reconcile(rec, rt)
-            out.append(self._view(rec, rt, rt_host is not None))
+            out.append(self._view(rec, rt, rt_host is not None, maintenance))
         return out
 
     async def get(self, name: str) -> VMView:
@@ -272,7 +279,7 @@ class VMService:
         rt = rt_host.get(name) if rt_host is not None else None
         if rt_host is not None:
             rec = await self._reconcile(rec, rt)
-        return self._view(rec, rt, rt_host is not None)
+        return self._view(rec, rt, rt_host is not None, await maintenance_hosts(self.store))
 
     async def _reconcile(self, rec: VMRecord, rt: RuntimeInfo | None) -> VMRecord:
         """Bring a record in line with its host's report, when no job holds the VM."""
@@ -505,6 +512,8 @@ class VMService:
             changes["department"] = None
         if "department" in changes and changes["department"] != rec.department:
             await self.networks.check_department({n.network for n in rec.nics}, changes["department"])
+        if upd.ha and not rec.ha:
+            self.ha.check_setting(rec)  # in a cluster: refused for a VM whose disk no other host reaches
         if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
             await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
         await self._update(name, lambda r: r.model_copy(update=changes))

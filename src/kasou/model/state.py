@@ -2,7 +2,8 @@
 
 The store records the *intended* state; the host agent reports what QEMU
 really does, and the control plane reconciles the two (a VM recorded as
-running whose QEMU is gone is ``crashed``).
+running whose QEMU is gone is ``crashed``; one whose host does not answer is
+shown ``unknown``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class VMState(StrEnum):
     CRASHED = "crashed"  # its QEMU died without being asked to
     DELETING = "deleting"
     TEMPLATE = "template"  # frozen: a base for linked clones, never started
+    # Shown, never stored: the VM was recorded as running (or paused, ...) on a host that does not answer
+    # (down, cut off): whether it still runs there nobody can say.
+    UNKNOWN = "unknown"
 
 
 class Action(StrEnum):
@@ -74,6 +78,8 @@ def check_action(name: str, action: Action, state: VMState) -> None:
     if not allowed(action, state):
         if state == VMState.TEMPLATE and action != Action.DELETE:
             hint = "it is a template; create a VM from it with --from"
+        elif state == VMState.UNKNOWN:
+            hint = "its host does not answer"
         else:
             hint = _HINT[action].format(state=state.value)
         raise WrongState(
