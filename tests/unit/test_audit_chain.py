@@ -434,3 +434,21 @@ async def test_a_changed_interval_is_no_false_alarm(store: Store, tmp_path: Path
     (tmp_path / ANCHORS).unlink()
     p = (await later.verify()).problem
     assert p is not None and (p.kind, p.seq) == ("checkpoint_missing", 12) and "every 3 records" in p.message
+
+
+async def test_an_anchor_that_cannot_be_written_is_an_event(tmp_path: Path) -> None:
+    from kasou.control.events import Events
+    from kasou.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.db")
+    (tmp_path / "not-a-dir").write_text("")
+    log = make_log(store, tmp_path, anchor_path=tmp_path / "not-a-dir" / ANCHORS)
+    await fill(log, 5)  # the checkpoint at 5 is in the store, its anchor line is not
+    assert log.stats["anchor_failures"] == 1 and log.stats["checkpoints"] == 1
+    assert [e.kind for e in await Events(store).active()] == ["audit_anchor_failed"]
+    log.anchor_path = tmp_path / ANCHORS  # the mount is back
+    await fill(log, 5)
+    assert [e.kind for e in await Events(store).active()] == []
+    rep = await log.verify()
+    assert rep.ok and rep.anchors == 1 and rep.last_anchor == 10, rep
+    await store.close()
