@@ -109,10 +109,19 @@ def browser_context() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser_context: Any) -> Any:
-    """The context's first page (1280x800)."""
+def page(browser_context: Any) -> Iterator[Any]:
+    """The context's first page (1280x800). The test fails if any page of the context reports a
+    Content-Security-Policy violation (kasou.web's headers must leave the UI and noVNC working)."""
+    violations: list[str] = []
+
+    def note(msg: Any) -> None:
+        if "Content Security Policy" in msg.text or "Content-Security-Policy" in msg.text:
+            violations.append(msg.text)
+
+    browser_context.on("console", note)
     pages = browser_context.pages
-    return pages[0] if pages else browser_context.new_page()
+    yield pages[0] if pages else browser_context.new_page()
+    assert not violations, violations
 
 
 def sign_in(page: Any, base: str, user: str, password: str = PASSWORD, lang: str = "ja") -> None:

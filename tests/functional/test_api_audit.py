@@ -205,3 +205,31 @@ def test_cli_verify_list_export(env: Env, tmp_path: Path) -> None:
         assert r.exit_code == 1 and json.loads(r.stdout)["problem"]["kind"] == "edited"
     finally:
         common.client_factory = None
+
+
+def test_cli_verify_holds_the_store_against_the_anchor_file(env: Env) -> None:
+    """`kasou audit checkpoint` anchors the checkpoint beside the store (0600); deleting the records after it
+    together with every checkpoint in the store is then found by `kasou audit verify`."""
+    runner = CliRunner()
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
+    try:
+        env.create("lab1")
+        for text in ("EMR", "LIS", "RIS"):
+            assert env.api.patch("/v1/vms/lab1", json={"description": text}).status_code == 200
+        r = runner.invoke(cli_app, ["audit", "checkpoint"])
+        assert r.exit_code == 0 and "checkpoint at 4" in r.output, r.output
+        anchor = env.tmp / "audit-anchors.jsonl"
+        assert anchor.stat().st_mode & 0o777 == 0o600 and len(anchor.read_text().splitlines()) == 1
+        sealed = json.loads(anchor.read_text())["seq"]
+        r = runner.invoke(cli_app, ["audit", "verify", "--json"])
+        rep = json.loads(r.stdout)
+        assert r.exit_code == 0 and (rep["anchor_file"], rep["anchors"], rep["last_anchor"]) == (str(anchor), 1, 4)
+        store = env.services.store
+        for e in env.api.portal.call(store.range, chain.CHECKPOINT_PREFIX):
+            env.api.portal.call(store.delete, e.key)
+        for seq in range(sealed - 1, sealed + 3):
+            env.api.portal.call(store.delete, chain.seq_key(seq))
+        r = runner.invoke(cli_app, ["audit", "verify"])
+        assert r.exit_code == 1 and f"truncated at seq {sealed - 1}" in r.output, r.output
+    finally:
+        common.client_factory = None

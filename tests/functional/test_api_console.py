@@ -244,3 +244,92 @@ def test_sign_out_closes_the_sessions_consoles(env: Env) -> None:
             for _ in range(10):
                 ws.receive_bytes()
         assert e.value.code == 1000 and "signed out" in (e.value.reason or "")
+
+
+def audit_records(env: Env, action: str) -> list[dict[str, Any]]:
+    r = env.api.get("/v1/audit/records", params={"action": action}, headers=ROOT)
+    assert r.status_code == 200, r.text
+    return list(r.json())
+
+
+def wait_for_record(env: Env, action: str, n: int = 1) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        recs = audit_records(env, action)
+        if len(recs) >= n:
+            return recs
+        time.sleep(0.05)
+    raise AssertionError(f"no {action} record")
+
+
+def test_console_sessions_are_in_the_audit_chain(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Who opened which VM's console, from where, for how long, how many bytes: records in the hash chain
+    (console_open, console_close), for an operator's console and a clinician's desktop alike."""
+    env.vm("emr1")
+    env.vm("ward-01")
+    op = env.user("nurse-it", "operator")
+    t = env.ticket("emr1", op)
+    with env.api.websocket_connect(f"/v1/console/ws?ticket={t}", headers=op) as ws:
+        rfb_handshake(ws)
+        ws.send_bytes(struct.pack(">BBxxI", 4, 1, 0x61))
+        received(env, "emr1", 8)
+        opened = wait_for_record(env, "console_open")
+    closed = wait_for_record(env, "console_close")
+    o, c = opened[-1], closed[-1]
+    assert o["actor"] == {"name": "nurse-it", "role": "operator", "via": "session"} and c["actor"] == o["actor"]
+    assert (o["target"], o["source"], o["result"]["ok"]) == ("vms/emr1", "testclient", True)
+    assert (c["target"], c["source"], c["result"]["ok"]) == ("vms/emr1", "testclient", True)
+    assert c["details"]["console"] == o["details"]["console"] and c["details"]["duration_s"] >= 0
+    assert c["details"]["bytes_from_client"] >= 8 and c["details"]["bytes_to_client"] > 12
+    assert c["details"]["reason"]
+    assert env.api.get("/v1/audit/verify", headers=ROOT).json()["ok"] is True
+
+    async def may_open(user: str, vm: str) -> bool:
+        return (user, vm) == ("dr-sato", "ward-01")
+
+    doc = env.user("dr-sato", "clinician")
+    monkeypatch.setattr(env.services.vms.desktops, "user_may_open", may_open)
+    t = env.ticket("ward-01", doc)
+    with env.api.websocket_connect(f"/v1/console/ws?ticket={t}", headers=doc) as ws:
+        assert ws.receive_bytes() == b"RFB 003.008\n"
+    recs = wait_for_record(env, "console_close", 2)
+    assert recs[-1]["actor"]["name"] == "dr-sato" and recs[-1]["target"] == "vms/ward-01"
+    # A ticket presented with another user's session: refused, and recorded as a refused console_open.
+    t = env.ticket("emr1", op)
+    assert env.refused(f"/v1/console/ws?ticket={t}", doc) == 1008
+    refused = audit_records(env, "console_open")[-1]
+    assert refused["result"]["ok"] is False and refused["actor"]["name"] == "nurse-it"
+    assert "another session" in refused["result"]["message"]
+
+
+def token_user(env: Env, name: str, role: str = "operator") -> tuple[str, dict[str, str]]:
+    """A user with an API token: its id and the headers that carry the token."""
+    r = env.api.post("/v1/users", json={"name": name, "role": role, "password": PASSWORD}, headers=ROOT)
+    assert r.status_code == 201, r.text
+    r = env.api.post(f"/v1/users/{name}/tokens", json={"label": "script"}, headers=ROOT)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"]), {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+@pytest.mark.parametrize("end", ["revoke", "delete"])
+def test_a_token_console_ends_when_its_token_is_revoked(env: Env, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """A console opened with a user's API token is re-checked like a session's: revoking the token (or
+    deleting its user) closes it within the re-check period, even while the console is in use."""
+    monkeypatch.setattr(console_mod, "SESSION_CHECK_EVERY_S", 0.5)
+    env.vm("emr1")
+    tid, bearer = token_user(env, "script-op")
+    t = env.ticket("emr1", bearer)
+    with env.api.websocket_connect(f"/v1/console/ws?ticket={t}", headers=bearer) as ws:
+        rfb_handshake(ws)
+        if end == "revoke":
+            r = env.api.delete(f"/v1/users/script-op/tokens/{tid}", headers=ROOT)
+        else:
+            r = env.api.delete("/v1/users/script-op", headers=ROOT)
+        assert r.status_code == 204, r.text
+        started = time.monotonic()
+        with pytest.raises(WebSocketDisconnect) as e:
+            while time.monotonic() - started < 5:
+                ws.send_bytes(struct.pack(">BBHHHH", 3, 0, 0, 0, 64, 48))  # in use: update requests
+                ws.receive_bytes()
+                time.sleep(0.05)
+    assert e.value.code == 1008 and "token" in (e.value.reason or ""), e.value.reason

@@ -96,8 +96,9 @@ def state(env: Env) -> dict[str, Any]:
 
 
 def files(env: Env) -> set[str]:
-    """Files in the home but the store's own and the audit log's signing key (made at its first checkpoint)."""
-    skip = ("state.db", "audit.key")
+    """Files in the home but the store's own and the audit log's signing key and anchor file (made at its first
+    checkpoint)."""
+    skip = ("state.db", "audit.key", "audit-anchors.jsonl")
     return {str(p.relative_to(env.tmp)) for p in env.tmp.rglob("*") if not p.name.startswith(skip)}
 
 

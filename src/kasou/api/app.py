@@ -48,7 +48,7 @@ from kasou.errors import AgentUnavailable, Forbidden, NotFound
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
 from kasou.store.base import Store
-from kasou.web import web_routes
+from kasou.web import SecurityHeaders, web_routes
 from kasou.wire import install_error_handlers
 
 
@@ -181,6 +181,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         version=__version__,
         description="Server and desktop virtualization for hospital information systems.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load their code from a CDN: not on the session cookie's origin
+        redoc_url=None,
     )
     install_error_handlers(app)
 
@@ -423,8 +425,10 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
 
     @app.get("/", include_in_schema=False)
     async def root() -> JSONResponse:
-        return JSONResponse({"name": "kasou", "version": __version__, "api": "/v1", "docs": "/docs", "ui": "/ui/"})
+        return JSONResponse({"name": "kasou", "version": __version__, "api": "/v1", "openapi": "/openapi.json",
+                             "ui": "/ui/"})  # fmt: skip
 
     app.include_router(web_routes())
+    app.add_middleware(SecurityHeaders)  # CSP, nosniff, no framing, no referrer on every answer (kasou.web)
 
     return app

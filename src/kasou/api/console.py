@@ -16,8 +16,11 @@
    the VM's host. Bytes then flow both ways; the client's are framed as RFB messages
    (:mod:`kasou.api.rfb`) so the console's policy can drop clipboard data.
 3. The console ends when either side closes, on sign-out of its session, when its session ends,
-   or after ``KASOU_CONSOLE_IDLE`` seconds without input. Its start and end are events
-   (``console_opened``, ``console_closed``: who, which VM, from where, how long).
+   when its API token is revoked or its user deleted or no longer allowed to open it (checked every
+   ``SESSION_CHECK_EVERY_S``), or after ``KASOU_CONSOLE_IDLE`` seconds without input. Its start and end
+   are records in the audit chain (``console_open``, ``console_close``: who, which VM, from where, how
+   long, how many bytes each way; a ticket refused at the websocket is a ``console_open`` that failed)
+   and operator events (``console_opened``, ``console_closed``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pydantic import BaseModel
 
 from kasou.api.auth import SESSION_COOKIE, Principal, bearer_principal
 from kasou.api.rfb import ClientFilter, RfbProtocolError
+from kasou.control import audit
 from kasou.errors import Conflict, Forbidden, KasouError
 from kasou.model.desktops import ConsolePolicy
 from kasou.model.names import validate_name
@@ -134,6 +138,8 @@ class LiveConsole:
     started: float = field(default_factory=time.time)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     why: str = ""
+    ended_by_check: bool = False  # its session, token or right ended (closed with 1008)
+    id: str = field(default_factory=lambda: secrets.token_hex(8))  # pairs its console_open and console_close
 
 
 class Consoles:
@@ -205,26 +211,58 @@ def console_routes(
         if t is None:
             return await refuse(ws, POLICY_VIOLATION, "the console ticket is unknown, used or expired")
         cookie = ws.cookies.get(SESSION_COOKIE)
+        authorization = ws.headers.get("authorization") or ""
+        source = ws.client.host if ws.client else ""
+        live = LiveConsole(t, source)
+
+        async def refused(code: int, reason: str) -> None:
+            await _audit(svc, "console_open", live, ok=False, message=reason)
+            await refuse(ws, code, reason)
+
+        async def still_allowed(in_use: bool) -> str | None:
+            """Why the console must end now (None: it goes on): its session ended or its token was revoked,
+            its user was deleted or may no longer open this VM. ``in_use``: a session is kept alive."""
+            users = svc().users
+            try:
+                if t.via in ("session", "break_glass"):
+                    assert cookie is not None
+                    if in_use:
+                        user = await users.session_user(cookie)  # checked, and the session stays alive
+                    else:  # checked without keeping it alive: the idle limits decide that
+                        sess = await users.session_of(cookie)
+                        if sess is None:
+                            return "the session ended"
+                        if sess.break_glass is not None:
+                            return None  # the break-glass account is no user record: its session decides
+                        user = await users.get(sess.user)
+                    name, can = user.name, "console" in PERMISSIONS[user.role]
+                else:
+                    bp = await bearer_principal(authorization, token, lambda: users)
+                    name, can = bp.name, bp.can("console")
+            except KasouError:
+                return "the session ended" if t.via != "token" else "the API token was revoked or its user removed"
+            if not await may_open(name, can, t.vm):
+                return f"user {name} may no longer open the console of {t.vm}"
+            return None
+
         try:
             if t.via in ("session", "break_glass"):
                 if not cookie or _hash(cookie) != t.session:
-                    return await refuse(ws, POLICY_VIOLATION, "the console ticket belongs to another session")
+                    return await refused(POLICY_VIOLATION, "the console ticket belongs to another session")
                 user = await svc().users.session_user(cookie)
                 if user.name != t.user or not await may_open(user.name, "console" in PERMISSIONS[user.role], t.vm):
-                    return await refuse(ws, POLICY_VIOLATION, f"user {user.name} may not open this console")
+                    return await refused(POLICY_VIOLATION, f"user {user.name} may not open this console")
             else:  # the root token, or the API token of the user the ticket was issued to
-                bp = await bearer_principal(ws.headers.get("authorization") or "", token, lambda: svc().users)
+                bp = await bearer_principal(authorization, token, lambda: svc().users)
                 if bp.name != t.user:
-                    return await refuse(ws, POLICY_VIOLATION, "the console ticket belongs to another token")
+                    return await refused(POLICY_VIOLATION, "the console ticket belongs to another token")
             vm = await svc().vms.get(t.vm)
             if vm.state.value not in SHOWN_STATES:
-                return await refuse(ws, NOT_RUNNING, f"VM {t.vm} is {vm.state.value}")
+                return await refused(NOT_RUNNING, f"VM {t.vm} is {vm.state.value}")
             agent = svc().agents.get(vm.host)
         except KasouError as e:
             code = POLICY_VIOLATION if e.code in ("unauthorized", "forbidden") else UNREACHABLE
-            return await refuse(ws, code, str(e))
-        source = ws.client.host if ws.client else ""
-        live = LiveConsole(t, source)
+            return await refused(code, str(e))
         stats: dict[str, int] = {}
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -233,11 +271,13 @@ def console_routes(
                         display = await stack.enter_async_context(agent.vnc(t.vm))
                 except Exception as e:
                     log.warning("console of %s: the agent of %s refused or did not answer: %r", t.vm, vm.host, e)
-                    return await refuse(ws, UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
+                    return await refused(UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
                 consoles.live.add(live)
+                live.started = time.time()
+                await _audit(svc, "console_open", live, ok=True)
                 await _event(svc, "console_opened", t, f"{t.user} opened the console of {t.vm} from {source}")
-                stats = await _pipe(ws, display, live, t.policy, cookie if t.via != "token" else None, svc)
-                await refuse(ws, 1000, live.why or "closed")
+                stats = await _pipe(ws, display, live, t.policy, still_allowed)
+                await refuse(ws, POLICY_VIOLATION if live.ended_by_check else 1000, live.why or "closed")
         except* (AgentDisconnect, WebSocketNetworkError, ConnectionError):
             pass  # the display went away as the console closed
         finally:
@@ -247,10 +287,34 @@ def console_routes(
                 msg = f"{t.user} closed the console of {t.vm} after {took:.0f} s ({live.why or 'closed'})"
                 if stats.get("dropped_cut_text"):
                     msg += f"; {stats['dropped_cut_text']} clipboard message(s) kept from the VM by policy"
+                await _audit(svc, "console_close", live, ok=True, details={
+                    "duration_s": round(took, 1), "bytes_from_client": stats.get("up", 0),
+                    "bytes_to_client": stats.get("down", 0), "reason": live.why or "closed",
+                    "clipboard_dropped": stats.get("dropped_cut_text", 0),
+                })  # fmt: skip
                 await _event(svc, "console_closed", t, msg)
         return None
 
     return r
+
+
+async def _audit(
+    svc: Callable[[], Services],
+    action: str,
+    live: LiveConsole,
+    ok: bool,
+    message: str = "",
+    details: dict[str, Any] | None = None,
+) -> None:
+    """A console_open / console_close record in the audit chain (never raises: kasou.control.audit.record)."""
+    t = live.ticket
+    actor = {"name": t.user, "role": t.role or "?", "via": t.via}
+    with contextlib.suppress(Exception):
+        await audit.record(
+            svc().store, action, actor=actor, source=live.source, target=f"vms/{t.vm}", ok=ok,
+            status=None if ok else POLICY_VIOLATION, message=message,
+            details={"console": live.id, "clipboard": t.policy.clipboard, **(details or {})},
+        )  # fmt: skip
 
 
 async def _event(svc: Callable[[], Services], kind: str, t: Ticket, message: str) -> None:
@@ -263,10 +327,11 @@ async def _pipe(
     display: Any,
     live: LiveConsole,
     policy: ConsolePolicy,
-    cookie: str | None,
-    svc: Callable[[], Services],
+    still_allowed: Callable[[bool], Awaitable[str | None]],
 ) -> dict[str, int]:
-    """Browser <-> agent until one ends, the console is stopped, it idles too long or its session ends."""
+    """Browser <-> agent until one ends, the console is stopped, it idles too long, or its session or token
+    ends (``still_allowed``, every ``SESSION_CHECK_EVERY_S``: with True when there was input since the
+    last check, so that a session in use stays alive)."""
     filt = ClientFilter(clipboard=policy.clipboard)
     last_input = time.monotonic()
     idle = console_idle_s()
@@ -302,21 +367,20 @@ async def _pipe(
 
     async def watch() -> None:
         checked = time.monotonic()
+        every = SESSION_CHECK_EVERY_S
         while not live.stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(live.stop.wait(), 1.0)
+                await asyncio.wait_for(live.stop.wait(), min(1.0, every))
             now = time.monotonic()
             if now - last_input > idle:
                 live.why = f"no input for {idle:.0f} s"
                 return
-            if cookie is not None and now - checked > SESSION_CHECK_EVERY_S:
+            if now - checked > every:
+                in_use = last_input >= checked
                 checked = now
-                if last_input < checked - SESSION_CHECK_EVERY_S:
-                    continue  # no input since the last check: the idle limit above decides
-                try:
-                    await svc().users.session_user(cookie)  # in use: the session stays alive (or has ended)
-                except KasouError:
-                    live.why = "the session ended"
+                why = await still_allowed(in_use)
+                if why is not None:
+                    live.why, live.ended_by_check = why, True
                     return
 
     tasks = [asyncio.create_task(c) for c in (up(), down(), watch())]

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from kasou.config import (
 )
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
+from kasou.errors import InvalidSpec
 from kasou.hypervisor.qemu import accel
 from kasou.hypervisor.qemu.driver import QemuDriver
 from kasou.hypervisor.qemu.network import HostNetwork
@@ -58,6 +60,48 @@ def tls_config(files: TlsFiles, client_certs: str) -> dict[str, Any]:
         return ctx
 
     return {"ssl_context_factory": factory}
+
+
+TRUSTED_PROXIES_ENV = "KASOU_TRUSTED_PROXIES"
+
+
+def uvicorn_settings() -> dict[str, Any]:
+    """uvicorn's proxy settings for every server kasou runs. uvicorn believes ``X-Forwarded-For`` (and
+    ``-Proto``) from 127.0.0.1 by default, so anyone on the host could name any client address, the one
+    the audit log records: kasou believes it from nobody, unless ``KASOU_TRUSTED_PROXIES`` lists the
+    addresses or networks of reverse proxies in front of the API (comma-separated). Between kasou's own
+    hosts the client's address travels signed (``X-Kasou-Forwarded-For``, :mod:`kasou.api.audit`)."""
+    raw = os.environ.get(TRUSTED_PROXIES_ENV, "").strip()
+    if not raw:
+        return {"proxy_headers": False}
+    proxies = [p.strip() for p in raw.split(",") if p.strip()]
+    for p in proxies:
+        try:
+            ipaddress.ip_network(p)  # an address, or a network such as 10.1.0.0/16
+        except ValueError:
+            raise InvalidSpec(f"{TRUSTED_PROXIES_ENV}: {p!r} is no IP address or network (e.g. 10.0.0.5, 10.1.0.0/16)",
+                              field=TRUSTED_PROXIES_ENV) from None  # fmt: skip
+    return {"proxy_headers": True, "forwarded_allow_ips": proxies}
+
+
+def serve_unix(app: Any, path: str) -> None:
+    """Serve ``app`` on the unix socket ``path``, connectable by its owner (root) only: mode 0600 from the
+    bind on, since the socket's mode is all the authentication the agent has there. (uvicorn binding it
+    itself would chmod it 0666.)"""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    config = uvicorn.Config(app, uds=path, log_level="warning", **uvicorn_settings())
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def is_loopback(host: str) -> bool:
@@ -109,7 +153,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
     if listen and not listen.startswith("unix:"):
         host, _, port = listen.rpartition(":")
         host = host or "127.0.0.1"
-        config = uvicorn.Config(app, host=host, port=int(port), log_level="warning", **tls)
+        config = uvicorn.Config(app, host=host, port=int(port), log_level="warning", **tls, **uvicorn_settings())
         endpoints = etcd_endpoints()
         if not endpoints:
             uvicorn.Server(config).run()
@@ -122,14 +166,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         }
         asyncio.run(_serve_guarded(config, paths, record))
         return
-    sock = listen[len("unix:") :] if listen else str(paths.agent_socket)
-    if os.path.exists(sock):
-        os.unlink(sock)
-    old = os.umask(0o077)  # the socket is root's only: its mode is the agent's authentication
-    try:
-        uvicorn.run(app, uds=sock, log_level="warning")
-    finally:
-        os.umask(old)
+    serve_unix(app, listen[len("unix:") :] if listen else str(paths.agent_socket))
 
 
 def _url_host(host: str) -> str:
@@ -217,6 +254,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
     and bound to a loopback address. Client certificates are optional (people's browsers and the
     CLI have none); the control plane presents its host's certificate to agents and to the leader."""
     host, port = api_listen(address)
+    proxies = uvicorn_settings()  # a bad KASOU_TRUSTED_PROXIES is refused before anything starts
     if plain_http and not is_loopback(host):
         raise TlsError(f"plain HTTP is served only on 127.0.0.1, not on {host}; leave out --plain-http to serve HTTPS")
     files = paths.tls_files()
@@ -243,6 +281,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
 
     # Open event streams and consoles would otherwise hold a shutdown until they end: 5 s, then they are cut.
     config = uvicorn.Config(
-        create_app(factory, token), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, **tls
-    )
+        create_app(factory, token), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, **tls,
+        **proxies,
+    )  # fmt: skip
     uvicorn.Server(config).run()

@@ -16,14 +16,20 @@ audit_app = typer.Typer(help="The audit log: verify its chain, list and export r
 
 @audit_app.command("verify")
 def audit_verify(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Walk the hash chain and the signed checkpoints; exit 0 only when the log is intact."""
+    """Walk the hash chain and the signed checkpoints, and hold the store against the checkpoints anchored
+    outside it (the anchor file); exit 0 only when the log is intact."""
     rep = client().get("/v1/audit/verify")
     if as_json:
         print_json(rep)
     elif rep["ok"]:
         say(f"intact: {rep['records']} records ({rep['first_seq'] or '-'}..{rep['last_seq'] or '-'}), "
             f"{rep['checkpoints']} signed checkpoints, the last at {rep['last_checkpoint'] or '-'}; "
-            f"{rep['unsealed']} records after it")  # fmt: skip
+            f"{rep['anchors']} anchored in {rep['anchor_file']}, the last at {rep['last_anchor'] or '-'}; "
+            f"{rep['unsealed']} records after the last")  # fmt: skip
+        if rep["checkpoints"] and not rep["anchors"]:
+            warning = (f"warning: no checkpoint is anchored in {rep['anchor_file']} (a new anchor file, or it was "
+                       "removed): the store was held against nothing outside it")  # fmt: skip
+            err.print(warning, markup=False, highlight=False)
     if not rep["ok"]:
         p = rep["problem"]
         if not as_json:

@@ -3,7 +3,9 @@
 Records live in the store under ``audit/<seq>`` (12 digits), each holding the SHA-256 of the previous
 one, so an edited, deleted or reordered record breaks the chain at that point; every
 ``KASOU_AUDIT_CHECKPOINT_EVERY`` records (100) or ``KASOU_AUDIT_CHECKPOINT_MINUTES`` (10) an Ed25519
-signature over (seq, hash) is stored under ``audit-checkpoints/<seq>``. ``docs/audit.md`` has the format.
+signature over (seq, hash, interval) is stored under ``audit-checkpoints/<seq>`` and anchored outside the
+store (an append-only file, syslog: :mod:`kasou.control.audit.anchors`), which ``verify`` holds the store
+against. ``docs/audit.md`` has the format and what an attacker with the store, the key or both can do.
 
 What is recorded: every state-changing API request (POST, PUT, PATCH, DELETE under ``/v1``, also those
 refused), sign-in, failed sign-in, lock-out, HA actions, console sessions. Reads are not recorded.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import datetime as dt
@@ -19,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from kasou.config import host_name
-from kasou.control.audit import keys
+from kasou.control.audit import anchors, keys
 from kasou.control.audit.syslog import SyslogForwarder
 from kasou.errors import StoreConflict, StoreError
 from kasou.store.base import Store
@@ -28,8 +27,10 @@ log = logging.getLogger(__name__)
 
 PREFIX = "audit/"  # audit/<seq, 12 digits>: the records
 CHECKPOINT_PREFIX = "audit-checkpoints/"  # audit-checkpoints/<seq>: signed (seq, hash)
-HEAD_KEY = "audit-head"  # a hint where the log ended at the last checkpoint (never trusted by verify)
+HEAD_KEY = "audit-head"  # a hint where the log ended at the last checkpoint, and its interval (never trusted by verify)
 SEQ_DIGITS = 12
+LOCAL_SYSLOG = "/dev/log"
+CHECKPOINT_MSG_ID = "audit-checkpoint"
 GENESIS = "0" * 64  # the prev_hash of record 1
 MAX_TRIES = 50  # appends that lose the race this often give up (each loss means another record went in)
 DETAILS_MAX = 4096  # bytes of canonical JSON; larger details keep only their keys
@@ -135,11 +136,20 @@ class Checkpoint(BaseModel):
     host: str
     key_id: str
     public_key: str  # raw Ed25519 public key, base64 (informative: trust comes from the verifier's key files)
-    signature: str  # base64 Ed25519 signature over keys.signed_message(seq, hash)
+    signature: str  # base64 Ed25519 signature over keys.signed_message(seq, hash, every)
+    every: int | None = None  # the writer's count interval from here on (signed; None in older checkpoints)
 
 
 ProblemKind = Literal[
-    "malformed", "deleted", "reordered", "edited", "truncated", "checkpoint_mismatch", "bad_signature", "unknown_key"
+    "malformed",
+    "deleted",
+    "reordered",
+    "edited",
+    "truncated",
+    "checkpoint_mismatch",
+    "checkpoint_missing",
+    "bad_signature",
+    "unknown_key",
 ]
 
 
@@ -159,6 +169,9 @@ class VerifyReport(BaseModel):
     last_checkpoint: int | None
     unsealed: int  # records after the last checkpoint (a truncation of those cannot be detected)
     problem: Problem | None
+    anchor_file: str | None = None  # the file outside the store that the log was held against
+    anchors: int = 0  # checkpoints anchored there
+    last_anchor: int | None = None
 
 
 # -- the clock --------------------------------------------------------------------------------
@@ -210,20 +223,28 @@ class AuditLog:
         checkpoint_every: int | None = None,
         checkpoint_minutes: float | None = None,
         syslog: str | None = None,
+        anchor_path: Path | None = None,
     ) -> None:
         self.store = store
         self.key_path = key_path or keys.default_key_path(store)
+        self.anchor_path = anchor_path or anchors.default_anchor_path(store)
         self.host = host or host_name()
-        self.checkpoint_every = int(checkpoint_every or _setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100))
+        self.checkpoint_every = max(1, int(checkpoint_every or _setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100)))
         self.checkpoint_s = 60 * (checkpoint_minutes or _setting("KASOU_AUDIT_CHECKPOINT_MINUTES", 10))
         target = syslog if syslog is not None else os.environ.get("KASOU_AUDIT_SYSLOG", "")
         self.syslog = SyslogForwarder(target) if target else None
+        # Checkpoints go to syslog too: the configured one, else the host's own (/dev/log) if it has one.
+        local = not target and os.path.exists(LOCAL_SYSLOG)
+        self.checkpoint_syslog = self.syslog or (SyslogForwarder(LOCAL_SYSLOG) if local else None)
         self._syslog_raised = False
+        self._anchor_raised = False
         self._lock = asyncio.Lock()
         self._head: tuple[int, str] | None = None  # (seq, hash) of the last record this process knows
+        self._declared = False  # whether this process has checked that the log knows its interval
         self._last_checkpoint = time.monotonic()
         self._key: Any = None
-        self.stats = {"appended": 0, "conflicts": 0, "failures": 0, "checkpoints": 0, "checkpoint_failures": 0}
+        self.stats = {"appended": 0, "conflicts": 0, "failures": 0, "checkpoints": 0, "checkpoint_failures": 0,
+                      "anchor_failures": 0}  # fmt: skip
 
     # -- appending --
 
@@ -295,12 +316,42 @@ class AuditLog:
                 self._head = None
                 self.stats["failures"] += 1
                 raise StoreError(f"could not append to the audit log: {MAX_TRIES} other records went in first")
-            if (seq + 1) % self.checkpoint_every == 0 or time.monotonic() - self._last_checkpoint >= self.checkpoint_s:
-                await self._checkpoint_quietly(seq + 1, value["hash"])
+            new = seq + 1
+            seal = new % self.checkpoint_every == 0 or time.monotonic() - self._last_checkpoint >= self.checkpoint_s
+            if not self._declared:
+                seal = await self._interval_changed(new) or seal
+            if seal:
+                await self._checkpoint_quietly(new, value["hash"])
+            elif new % self.checkpoint_every == 1 and new > 1:
+                await self._repair_quietly(new - 1, prev)
         rec = AuditRecord.model_validate(value)
         if self.syslog is not None:
             await self._forward_syslog(value)
         return rec
+
+    async def _interval_changed(self, seq: int) -> bool:
+        """Once a process: whether the log's last checkpoint declared another interval than this writer keeps
+        (or none), so that record ``seq`` is sealed at once, declaring this one: verify then asks for a
+        checkpoint at every multiple of the interval declared before each stretch of the log."""
+        self._declared = True
+        try:
+            hint = await self.store.get(HEAD_KEY)
+        except StoreError:
+            return False
+        if hint is None:
+            return False  # no checkpoint yet: the first one declares the interval for the records before it too
+        return bool(hint.value.get("every") != self.checkpoint_every)  # also one made before intervals were declared
+
+    async def _repair_quietly(self, seq: int, h: str) -> None:
+        """The checkpoint at ``seq`` (a multiple of the interval) if it is missing: its writer failed or
+        died between the record and its checkpoint."""
+        try:
+            if await self.store.get(checkpoint_key(seq)) is None:
+                log.warning("the audit checkpoint at %d is missing: writing it now", seq)
+                await self._write_checkpoint(seq, h)
+        except Exception as e:
+            self.stats["checkpoint_failures"] += 1
+            log.error("audit checkpoint at %d failed: %s", seq, e)
 
     async def _checkpoint_quietly(self, seq: int, h: str) -> None:
         try:
@@ -313,14 +364,57 @@ class AuditLog:
         if self._key is None:
             self._key = await asyncio.to_thread(keys.load_or_create, self.key_path)
         pub = self._key.public_key()
+        every = self.checkpoint_every
         cp = Checkpoint(seq=seq, hash=h, time=utc_now(), host=self.host, key_id=keys.key_id(pub),
-                        public_key=keys.public_b64(pub), signature=keys.sign(self._key, seq, h))  # fmt: skip
-        with contextlib.suppress(StoreConflict):  # another server sealed the same record
+                        public_key=keys.public_b64(pub), signature=keys.sign(self._key, seq, h, every),
+                        every=every)  # fmt: skip
+        try:
             await self.store.create(checkpoint_key(seq), cp.model_dump())
-        await self.store.put(HEAD_KEY, {"seq": seq, "hash": h})
+        except StoreConflict:  # another server sealed the same record (and anchored it)
+            pass
+        else:
+            await self._anchor(cp)
+        await self.store.put(HEAD_KEY, {"seq": seq, "hash": h, "every": every})
         self._last_checkpoint = time.monotonic()
         self.stats["checkpoints"] += 1
         return cp
+
+    async def _anchor(self, cp: Checkpoint) -> None:
+        """The checkpoint outside the store: a line in the anchor file, a message to syslog. A failure is
+        logged, counted and raised as an event; the checkpoint in the store stands."""
+        value = cp.model_dump()
+        if self.checkpoint_syslog is not None:
+            self.checkpoint_syslog.send({**value, "action": "audit_checkpoint"}, msg_id=CHECKPOINT_MSG_ID)
+        try:
+            await asyncio.to_thread(anchors.append, self.anchor_path, value)
+        except OSError as e:
+            self.stats["anchor_failures"] += 1
+            log.error("could not anchor the audit checkpoint %d in %s: %s", cp.seq, self.anchor_path, e)
+            self._anchor_raised = True
+            await self._raise_quietly(
+                "audit-anchor", "audit_anchor_failed", "audit/anchor",
+                f"audit checkpoint {cp.seq} could not be written to the anchor file {self.anchor_path} "
+                f"({self.stats['anchor_failures']} so far; it stays in the store): {e}",
+            )  # fmt: skip
+            return
+        if self._anchor_raised:
+            self._anchor_raised = False
+            again = f"audit checkpoints reach {self.anchor_path} again"
+            await self._raise_quietly("audit-anchor", "audit_anchor_ok", again)
+
+    async def _raise_quietly(self, key: str, kind: str, target_or_message: str, message: str | None = None) -> None:
+        """An operator event (raised once), or with no ``message`` the clearing of it; never raises."""
+        from kasou.control.events import Events
+
+        ev = Events(self.store)
+        try:
+            if message is None:
+                await ev.clear(key, kind, target_or_message)
+            else:
+                await ev.clear(key)
+                await ev.raise_once(key, kind, target_or_message, message)
+        except Exception as e:
+            log.error("could not note %s as an event: %s", kind, e)
 
     async def checkpoint(self) -> Checkpoint | None:
         """Seal the log as it is now (None if it is empty)."""
@@ -345,23 +439,16 @@ class AuditLog:
             await self._event_quietly(clear=False)
 
     async def _event_quietly(self, clear: bool) -> None:
-        from kasou.control.events import Events
-
         assert self.syslog is not None
-        ev = Events(self.store)
-        try:
-            if clear:
-                again = f"audit records reach syslog {self.syslog.target} again"
-                await ev.clear("audit-syslog", "audit_syslog_ok", again)
-            else:
-                await ev.clear("audit-syslog")
-                await ev.raise_once(
-                    "audit-syslog", "audit_syslog_failed", "audit/syslog",
-                    f"audit records could not be sent to syslog {self.syslog.target} "
-                    f"({self.syslog.failures} so far; they stay in the store): {self.syslog.last_error}",
-                )  # fmt: skip
-        except Exception as e:
-            log.error("could not note the syslog failure as an event: %s", e)
+        if clear:
+            await self._raise_quietly("audit-syslog", "audit_syslog_ok",
+                                      f"audit records reach syslog {self.syslog.target} again")  # fmt: skip
+        else:
+            await self._raise_quietly(
+                "audit-syslog", "audit_syslog_failed", "audit/syslog",
+                f"audit records could not be sent to syslog {self.syslog.target} "
+                f"({self.syslog.failures} so far; they stay in the store): {self.syslog.last_error}",
+            )  # fmt: skip
 
     # -- reading --
 
@@ -396,11 +483,17 @@ class AuditLog:
         return keys.public_pem(self._key.public_key())
 
     async def verify(self) -> VerifyReport:
+        """The chain, the checkpoints in the store, a checkpoint at every multiple of the interval, and the
+        store held against the anchor file."""
         trusted = await asyncio.to_thread(keys.trusted_keys, self.key_path)
+        anchored = await asyncio.to_thread(anchors.read, self.anchor_path)
         return verify_entries(
             [(e.key, e.value) for e in await self.store.range(PREFIX)],
             [(e.key, e.value) for e in await self.store.range(CHECKPOINT_PREFIX)],
             trusted,
+            anchored=anchored,
+            anchor_file=str(self.anchor_path),
+            every=self.checkpoint_every,
         )
 
 
@@ -425,8 +518,13 @@ def verify_entries(
     records: list[tuple[str, dict[str, Any]]],
     checkpoints: list[tuple[str, dict[str, Any]]],
     trusted: dict[str, Any],
+    anchored: list[anchors.Anchor] | None = None,
+    anchor_file: str | None = None,
+    every: int | None = None,
 ) -> VerifyReport:
-    """Walk the chain (records in key order) and the checkpoints; the first problem, by sequence number."""
+    """Walk the chain (records in key order), the checkpoints in the store, the checkpoints ``anchored``
+    outside it (None: no anchor file) and, with ``every`` (the verifier's interval, used until a checkpoint
+    declares one), a checkpoint at every multiple of the interval; the first problem, by sequence number."""
     problem: Problem | None = None
     prev, expected = GENESIS, 1
     hashes: dict[int, str] = {}
@@ -469,8 +567,24 @@ def verify_entries(
             break
         prev, hashes[seq], last_seq, expected = h, h, seq, seq + 1
     checked_upto = problem.seq if problem is not None else None
+    found: list[Problem] = [problem] if problem is not None else []
+    declared: dict[int, int] = {}  # seq -> the interval a valid checkpoint declares from there on
+    stored: set[int] = set()
     last_cp: int | None = None
-    cp_problem: Problem | None = None
+    ends = f"ends at {last_seq}" if last_seq else "is empty"
+
+    def signed(cp: Checkpoint, where: str) -> Problem | None:
+        pub = trusted.get(cp.key_id)
+        if pub is None:
+            return Problem(kind="unknown_key", seq=cp.seq, message=f"{where} is signed by key {cp.key_id} "
+                           f"(host {cp.host}), which this verifier does not trust")  # fmt: skip
+        if not keys.check(pub, cp.seq, cp.hash, cp.signature, cp.every):
+            forged = f"{where}'s signature is not valid: the checkpoint was forged or changed"
+            return Problem(kind="bad_signature", seq=cp.seq, message=forged)
+        if cp.every is not None and cp.every >= 1:
+            declared[cp.seq] = cp.every
+        return None
+
     for key, v in checkpoints:
         seq = _key_seq(key, CHECKPOINT_PREFIX)
         try:
@@ -478,46 +592,79 @@ def verify_entries(
         except ValueError:
             cp = None
         if seq is None or cp is None or cp.seq != seq:
-            cp_problem = Problem(kind="malformed", seq=seq or 0, message=f"the checkpoint {key!r} is malformed")
+            found.append(Problem(kind="malformed", seq=seq or 0, message=f"the checkpoint {key!r} is malformed"))
             break
-        pub = trusted.get(cp.key_id)
-        if pub is None:
-            cp_problem = Problem(
-                kind="unknown_key",
-                seq=seq,
-                message=f"checkpoint {seq} is signed by key {cp.key_id} (host {cp.host}), "
-                f"which this verifier does not trust",
-            )
-            break
-        if not keys.check(pub, cp.seq, cp.hash, cp.signature):
-            cp_problem = Problem(
-                kind="bad_signature",
-                seq=seq,
-                message=f"checkpoint {seq}'s signature is not valid: the checkpoint was forged or changed",
-            )
+        bad = signed(cp, f"checkpoint {seq}")
+        if bad is not None:
+            found.append(bad)
             break
         last_cp = seq
+        stored.add(seq)
         if checked_upto is not None and seq >= checked_upto:
             continue  # the chain is already broken before it: that is the problem to report
         if last_seq is None or seq > last_seq:
-            ends = f"ends at {last_seq}" if last_seq else "is empty"
-            cp_problem = Problem(
-                kind="truncated",
-                seq=(last_seq or 0) + 1,
+            found.append(Problem(
+                kind="truncated", seq=(last_seq or 0) + 1,
                 message=f"checkpoint {seq} seals records up to {seq} but the log {ends}: records "
                 f"{(last_seq or 0) + 1} to {seq} were deleted",
-            )
+            ))  # fmt: skip
             break
         if hashes.get(seq) != cp.hash:
-            cp_problem = Problem(
-                kind="checkpoint_mismatch",
-                seq=seq,
+            found.append(Problem(
+                kind="checkpoint_mismatch", seq=seq,
                 message=f"record {seq} does not match the signed checkpoint {seq}: the log up to {seq} was rewritten",
-            )
+            ))  # fmt: skip
             break
-    if cp_problem is not None and (problem is None or cp_problem.seq < problem.seq):
-        problem = cp_problem
+    last_anchor: int | None = None
+    for a in anchored or []:
+        where = f"line {a.line} of the anchor file {anchor_file}"
+        try:
+            cp = Checkpoint.model_validate(a.value) if a.value is not None else None
+        except ValueError:
+            cp = None
+        if cp is None:
+            found.append(Problem(kind="malformed", seq=0, message=f"{where} is not a checkpoint"))
+            break
+        bad = signed(cp, f"the checkpoint {cp.seq} at {where}")
+        if bad is not None:
+            found.append(bad)
+            break
+        last_anchor = max(cp.seq, last_anchor or 0)
+        if checked_upto is not None and cp.seq >= checked_upto:
+            continue
+        if last_seq is None or cp.seq > last_seq:
+            found.append(Problem(
+                kind="truncated", seq=(last_seq or 0) + 1,
+                message=f"checkpoint {cp.seq} is anchored at {where} but the log {ends}: records "
+                f"{(last_seq or 0) + 1} to {cp.seq} were deleted",
+            ))  # fmt: skip
+            break
+        if hashes.get(cp.seq) != cp.hash:
+            found.append(Problem(
+                kind="checkpoint_mismatch", seq=cp.seq,
+                message=f"record {cp.seq} does not match the checkpoint {cp.seq} anchored at {where}: "
+                f"the log up to {cp.seq} was rewritten",
+            ))  # fmt: skip
+            break
+        if cp.seq not in stored:
+            found.append(Problem(
+                kind="checkpoint_missing", seq=cp.seq,
+                message=f"checkpoint {cp.seq} is anchored at {where} but missing from the store: "
+                "checkpoints were deleted",
+            ))  # fmt: skip
+            break
+    limit = (checked_upto - 1) if checked_upto is not None else (last_seq or 0)
+    missing = _missing_checkpoint(limit, stored, declared, every)
+    if missing is not None:
+        seq, n = missing
+        found.append(Problem(
+            kind="checkpoint_missing", seq=seq,
+            message=f"no signed checkpoint at record {seq}, although one is written every {n} records: "
+            f"checkpoints were deleted from the store (or its writer stopped between the record and its checkpoint)",
+        ))  # fmt: skip
+    problem = min(found, key=lambda p: p.seq) if found else None  # the first by seq; on a tie the first found
     first = _key_seq(records[0][0], PREFIX) if records else None
+    sealed = max(last_cp or 0, last_anchor or 0)
     return VerifyReport(
         ok=problem is None,
         records=len(records),
@@ -526,6 +673,33 @@ def verify_entries(
         head_hash=str(records[-1][1].get("hash")) if records else None,
         checkpoints=len(checkpoints),
         last_checkpoint=last_cp,
-        unsealed=(last_seq or 0) - (last_cp or 0) if problem is None else 0,
+        unsealed=(last_seq or 0) - sealed if problem is None else 0,
         problem=problem,
+        anchor_file=anchor_file,
+        anchors=len(anchored or []),
+        last_anchor=last_anchor,
     )
+
+
+def _missing_checkpoint(
+    limit: int, stored: set[int], declared: dict[int, int], every: int | None
+) -> tuple[int, int] | None:
+    """The first multiple of the interval up to record ``limit`` without a checkpoint in the store, and that
+    interval. The interval of a stretch is the one its last preceding checkpoint declared; before the first
+    one, the first declared; with none declared, ``every`` (None: no such check)."""
+    points = sorted(declared.items())
+    n = points[0][1] if points else every
+    if n is None:
+        return None
+    lo = 0
+    for at, nxt in [*points, (limit, n)]:
+        hi = min(at, limit)
+        m = (lo // n + 1) * n
+        while m <= hi:
+            if m not in stored:
+                return m, n
+            m += n
+        if at >= limit:
+            return None
+        lo, n = at, nxt
+    return None

@@ -112,18 +112,20 @@ def trusted_keys(path: Path) -> dict[str, Ed25519PublicKey]:
     return out
 
 
-def signed_message(seq: int, digest: str) -> bytes:
-    """What a checkpoint signs: the sequence number and the hash of that record (domain-separated)."""
-    return f"kasou-audit-checkpoint\n{seq}\n{digest}".encode()
+def signed_message(seq: int, digest: str, every: int | None = None) -> bytes:
+    """What a checkpoint signs: the sequence number and the hash of that record (domain-separated), and the
+    checkpoint interval its writer keeps from there on (checkpoints made before it was signed lack it)."""
+    text = f"kasou-audit-checkpoint\n{seq}\n{digest}"
+    return (text if every is None else f"{text}\nevery={every}").encode()
 
 
-def sign(key: Ed25519PrivateKey, seq: int, digest: str) -> str:
-    return base64.b64encode(key.sign(signed_message(seq, digest))).decode()
+def sign(key: Ed25519PrivateKey, seq: int, digest: str, every: int | None = None) -> str:
+    return base64.b64encode(key.sign(signed_message(seq, digest, every))).decode()
 
 
-def check(public: Ed25519PublicKey, seq: int, digest: str, signature: str) -> bool:
+def check(public: Ed25519PublicKey, seq: int, digest: str, signature: str, every: int | None = None) -> bool:
     try:
-        public.verify(base64.b64decode(signature, validate=True), signed_message(seq, digest))
+        public.verify(base64.b64decode(signature, validate=True), signed_message(seq, digest, every))
     except (InvalidSignature, ValueError):
         return False
     return True

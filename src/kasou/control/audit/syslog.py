@@ -1,5 +1,6 @@
 """Forwarding audit records to syslog (``KASOU_AUDIT_SYSLOG=host:port`` over UDP, or a socket path such as
-``/dev/log``), one RFC 5424 line per record whose message is the record's JSON.
+``/dev/log``), one RFC 5424 line per record whose message is the record's JSON (message id ``audit``);
+signed checkpoints the same way with the message id ``audit-checkpoint``.
 
 Sending never blocks the API: the socket is non-blocking and a record that cannot be sent is dropped and
 counted (the store keeps it; ``kasou audit export`` can resend the whole log).
@@ -45,10 +46,10 @@ def parse_target(target: str) -> str | tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def rfc5424(rec: dict[str, Any]) -> str:
+def rfc5424(rec: dict[str, Any], msg_id: str = MSG_ID) -> str:
     """The part after ``<PRI>``: version, time, host, app, process id, message id, no structured data, the JSON."""
     body = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return f"1 {rec.get('time', '-')} {rec.get('host') or '-'} {APP_NAME} {os.getpid()} {MSG_ID} - {body}"
+    return f"1 {rec.get('time', '-')} {rec.get('host') or '-'} {APP_NAME} {os.getpid()} {msg_id} - {body}"
 
 
 class SyslogForwarder:
@@ -65,14 +66,14 @@ class SyslogForwarder:
             self._handler = _Handler(self.address)
         return self._handler
 
-    def send(self, rec: dict[str, Any]) -> bool:
-        """Send one record; False (and counted) if it could not be sent."""
+    def send(self, rec: dict[str, Any], msg_id: str = MSG_ID) -> bool:
+        """Send one record (or checkpoint: ``msg_id`` audit-checkpoint); False (and counted) if it could not be sent."""
         outcome = rec.get("result") or {}
         level = logging.INFO if outcome.get("ok", True) else logging.WARNING
         try:
             h = self._open()
             h.last_error = None
-            lr = logging.LogRecord("kasou.audit", level, __file__, 0, rfc5424(rec), None, None)
+            lr = logging.LogRecord("kasou.audit", level, __file__, 0, rfc5424(rec, msg_id), None, None)
             h.emit(lr)
             err = h.last_error
         except OSError as e:
