@@ -7,6 +7,8 @@ that only root can open; that socket's permissions are its authentication.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
-from kasou.agent.pools import PoolRef, PoolUsage
+from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
 from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
@@ -52,6 +54,8 @@ from kasou.hypervisor.snapshots import (
 from kasou.hypervisor.stats import StatsReport, host_stats
 from kasou.wire import install_error_handlers
 
+log = logging.getLogger("kasou.agent")
+
 
 class Agent:
     """The agent's state: the driver, the local disks and how this host is named."""
@@ -78,6 +82,18 @@ class Agent:
         self.migration_address = migration_address  # where this host listens for incoming migrations
         self.backup_dir = backup_dir or disks.disks_dir.parent / "backups"  # KASOU_BACKUP_DIR
 
+    def private_dirs(self) -> list[Path]:
+        """The directories that hold guests' data: disks, shared storage, the pools it knows, backups."""
+        dirs = [self.disks.disks_dir, self.disks.shared_dir, *self.disks.pools.roots(), self.backup_dir]
+        return [d for d in dirs if d is not None]
+
+    def make_private(self) -> None:
+        """Each of its directories 0700: one that is group- or world-accessible is fixed and logged; one that
+        cannot be fixed is an error (the agent does not start)."""
+        for d in self.private_dirs():
+            if d.is_dir() and (old := make_private(d)) is not None:
+                log.warning("%s was mode %s: made it 0700 (guests' disks and backups are root's only)", d, oct(old))
+
     async def host_info(self) -> HostInfo:
         total, avail = memory_mib()
         running = [v for v in await self.driver.list() if v.state not in (RuntimeState.EXITED, RuntimeState.CRASHED)]
@@ -98,12 +114,17 @@ class Agent:
 def create_agent_app(agent: Agent) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await agent.driver.attach_all()
+        umask = os.umask(PRIVATE_UMASK)  # every mode: what it, QEMU and qemu-img make is root's only
         try:
-            yield
+            agent.make_private()
+            await agent.driver.attach_all()
+            try:
+                yield
+            finally:
+                # The VMs keep running: the agent only stops watching them.
+                await agent.driver.close()
         finally:
-            # The VMs keep running: the agent only stops watching them.
-            await agent.driver.close()
+            os.umask(umask)
 
     app = FastAPI(title="kasou host agent", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
