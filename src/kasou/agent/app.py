@@ -2,6 +2,9 @@
 
 Routes are under ``/agent/v1``. On a single host it listens on a unix socket
 that only root can open; that socket's permissions are its authentication.
+On TCP it serves mutual TLS, and answers only kasou hosts (:mod:`kasou.peers`): a
+certificate of the site CA that carries kasou's host marker or names a host of the
+registry; anything else the CA signed gets 403.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from kasou.hypervisor.snapshots import (
     SnapshotTaken,
 )
 from kasou.hypervisor.stats import StatsReport, host_stats
+from kasou.peers import KasouPeers, KnownHosts
 from kasou.wire import install_error_handlers
 
 log = logging.getLogger("kasou.agent")
@@ -71,6 +75,7 @@ class Agent:
         images: Callable[[], list[str]],
         migration_address: str = "127.0.0.1",
         backup_dir: Path | None = None,
+        known_hosts: KnownHosts | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -81,6 +86,8 @@ class Agent:
         self.images = images
         self.migration_address = migration_address  # where this host listens for incoming migrations
         self.backup_dir = backup_dir or disks.disks_dir.parent / "backups"  # KASOU_BACKUP_DIR
+        # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
+        self.known_hosts: KnownHosts = known_hosts or _no_hosts
 
     def private_dirs(self) -> list[Path]:
         """The directories that hold guests' data: disks, shared storage, the pools it knows, backups."""
@@ -111,6 +118,10 @@ class Agent:
         )
 
 
+async def _no_hosts() -> list[str]:
+    return []
+
+
 def create_agent_app(agent: Agent) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +139,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
     app = FastAPI(title="kasou host agent", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(KasouPeers, known_hosts=agent.known_hosts)  # over TLS: kasou hosts only
     d = agent.driver
 
     @app.get("/agent/v1/host")

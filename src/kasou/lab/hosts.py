@@ -527,7 +527,8 @@ class Lab:
                 os.chmod(h.tls_dir, 0o700)
                 made.append(h.name)
         if not self.etcd_tls.key.exists() or not self.etcd_tls.ca.exists():
-            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent)
+            # etcd is not a kasou host: its certificate lacks the host marker, so agents do not answer it
+            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent, kasou_host=False)
             os.chmod(self.etcd_tls.key.parent, 0o700)
             made.append("etcd")
         return f"tls: site CA {self.ca_file}" + (f" (made: {', '.join(made)})" if made else "")
