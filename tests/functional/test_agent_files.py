@@ -79,3 +79,21 @@ def test_an_agent_that_cannot_make_its_directory_private_does_not_start(
     monkeypatch.setattr(os, "chmod", refuse)
     with pytest.raises(Exception, match=r"shared.*0700|0700.*shared"), TestClient(create_agent_app(agent)):
         pass
+
+
+def test_an_agent_takes_pools_only_under_the_storage_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A control plane (or anyone who reaches the agent) cannot make /root or /etc/cron.d a disk directory."""
+    agent = cluster_agent(tmp_path)
+    monkeypatch.setenv("KASOU_STORAGE_ROOTS", str(tmp_path / "pools"))
+    # a pools.json of before: entries outside the roots give no disk directory
+    (tmp_path / "home" / "pools.json").write_text(json.dumps({"ssd": str(tmp_path / "pools" / "ssd"), "r": "/root"}))
+    with TestClient(create_agent_app(agent)) as c:
+        for path in ("/root", "/etc/cron.d", "/var/lib/kasou", str(tmp_path / "home"), str(tmp_path / "elsewhere")):
+            r = c.post("/agent/v1/pools/usage", json=[{"name": "x", "path": path}])
+            assert r.status_code == 422 and path in r.json()["message"], r.text
+            body = {"vm": "emr", "disk_id": "disk0", "size_bytes": 1 << 20, "pool": "x", "pool_path": path}
+            assert c.post("/agent/v1/disks", json=body).status_code == 422
+        assert not agent.disks.is_disk_path("/root/.ssh/authorized_keys")
+        assert c.post("/agent/v1/disks/delete", json={"path": "/root/.bashrc"}).status_code == 422
+        assert agent.disks.is_disk_path(tmp_path / "pools" / "ssd" / "emr" / "disk0.qcow2")
+        assert json.loads((tmp_path / "home" / "pools.json").read_text()).keys() == {"ssd", "r"}  # nothing added

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import stat
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from kasou.errors import KasouError
+from kasou.errors import InvalidSpec, KasouError
 from kasou.model.pools import DEFAULT_POOL, validate_pool_path
 from kasou.model.spec import validate_name
+
+log = logging.getLogger(__name__)
 
 PRIVATE_UMASK = 0o077  # every agent: the files it and its QEMU and qemu-img make are root's only
 PRIVATE_DIR = 0o700
@@ -60,6 +63,7 @@ class PoolRegistry:
     def __init__(self, file: Path, default_dir: Path) -> None:
         self.file = file
         self.default_dir = default_dir
+        self._refused: set[tuple[str, str]] = set()
 
     def _load(self) -> dict[str, str]:
         try:
@@ -98,7 +102,17 @@ class PoolRegistry:
             tmp.replace(self.file)
 
     def roots(self) -> list[Path]:
-        return [Path(p) for p in self._load().values()]
+        """The pools' directories; one that is no longer allowed (outside the storage roots, over a system
+        or kasou directory: a pools.json of before) is left out, and said so once."""
+        out = []
+        for name, p in self._load().items():
+            try:
+                out.append(Path(validate_pool_path(p)))
+            except InvalidSpec as e:
+                if (name, p) not in self._refused:
+                    self._refused.add((name, p))
+                    log.warning("pool %s is not a disk directory here: %s", name, e.message)
+        return out
 
 
 def usage(name: str, path: Path, create: bool = True) -> PoolUsage:
