@@ -19,6 +19,7 @@ from pathlib import Path
 DEFAULT_HOME = Path("/var/lib/kasou")
 DEFAULT_IMAGES = Path("/var/lib/kasou/images")
 DEFAULT_API = "127.0.0.1:8470"
+DEFAULT_STORAGE_ROOTS = ("/srv", "/var/lib/kasou-pools", "/mnt", "/media")
 
 
 def api_url(address: str | None = None) -> str:
@@ -250,3 +251,22 @@ def backup_keep_default() -> int:
     if not 1 <= value <= 1000:
         raise ValueError(f"KASOU_BACKUP_KEEP={raw} must be between 1 and 1000")
     return value
+
+
+def storage_roots() -> list[str]:
+    """``KASOU_STORAGE_ROOTS``: the directories storage pools may be made under (absolute paths separated
+    by ``:`` or ``,``); default ``/srv``, ``/var/lib/kasou-pools``, ``/mnt``, ``/media``."""
+    raw = os.environ.get("KASOU_STORAGE_ROOTS", "").strip()
+    if not raw:
+        return list(DEFAULT_STORAGE_ROOTS)
+    roots = []
+    for part in raw.replace(",", ":").split(":"):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.startswith("/") or ".." in part.split("/") or "\n" in part:
+            raise ValueError(f"KASOU_STORAGE_ROOTS: {part!r} is not an absolute directory path")
+        roots.append(os.path.normpath(part))
+    if not roots:
+        raise ValueError("KASOU_STORAGE_ROOTS names no directory")
+    return roots

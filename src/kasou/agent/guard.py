@@ -45,7 +45,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ import httpx
 from kasou.config import HaTimes, Paths
 from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
+from kasou.peers import registry_names
 from kasou.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -470,3 +471,31 @@ def run_guard(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+REGISTRY_FRESH_S = 5.0
+
+
+def host_registry(
+    endpoints: list[str], tls: ssl.SSLContext | None = None, fresh_s: float = REGISTRY_FRESH_S
+) -> Callable[[], Awaitable[list[str]]]:
+    """The names and agent addresses of the hosts registered in etcd (``hosts/<name>``), read at most every
+    ``fresh_s`` seconds: whom an agent answers when a peer's certificate lacks kasou's host marker
+    (a hospital's own certificates, :mod:`kasou.peers`). When etcd does not answer, the last list read."""
+    cache: dict[str, Any] = {"at": -fresh_s, "names": []}
+
+    async def names() -> list[str]:
+        if time.monotonic() - cache["at"] < fresh_s:
+            return list(cache["names"])
+        store = EtcdStore(endpoints, timeout=3.0, tls=tls)
+        try:
+            entries = await store.range("hosts/")
+            cache["names"] = registry_names((e.key.split("/", 1)[1], e.value) for e in entries)
+            cache["at"] = time.monotonic()
+        except KasouError as e:
+            log.warning("cannot read the host registry (%s); using the last one read", e)
+        finally:
+            await store.close()
+        return list(cache["names"])
+
+    return names

@@ -37,7 +37,8 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
 Each service runs as ``ip netns exec klab-h{i} <python> -m kasou ...`` in its own session,
 with ``KASOU_HOME``, ``KASOU_HOST_NAME=h{i}``, ``KASOU_IMAGES`` (the caller's),
 ``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``,
-``KASOU_API`` (its own https URL) and ``KASOU_UPLINK=vmnet0``; ``KASOU_ACCEL`` passes through only if
+``KASOU_API`` (its own https URL), ``KASOU_UPLINK=vmnet0`` and ``KASOU_STORAGE_ROOTS`` (the caller's, and
+``LAB``: pools in the lab's directory); ``KASOU_ACCEL`` passes through only if
 the caller set it. The agents make the VM networks' bridges, VLAN ports and taps inside their own
 namespaces, which go with them; a VM's private addresses never leave the lab's namespaces and
 its ``klab-vm`` bridge.
@@ -71,7 +72,7 @@ import httpx
 
 from kasou import pki
 from kasou.api.auth import ensure_token
-from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles
+from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles, storage_roots
 from kasou.errors import InvalidSpec, KasouError, NotFound
 from kasou.hypervisor.qemu import process
 from kasou.lab import net
@@ -527,7 +528,8 @@ class Lab:
                 os.chmod(h.tls_dir, 0o700)
                 made.append(h.name)
         if not self.etcd_tls.key.exists() or not self.etcd_tls.ca.exists():
-            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent)
+            # etcd is not a kasou host: its certificate lacks the host marker, so agents do not answer it
+            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent, kasou_host=False)
             os.chmod(self.etcd_tls.key.parent, 0o700)
             made.append("etcd")
         return f"tls: site CA {self.ca_file}" + (f" (made: {', '.join(made)})" if made else "")
@@ -557,6 +559,8 @@ class Lab:
             KASOU_TOKEN_FILE=str(self.token_file),
             KASOU_API=h.api_url,
             KASOU_UPLINK=VM_UPLINK,
+            # pools may be made in the lab's directory (LAB/pool-x), beside the caller's storage roots
+            KASOU_STORAGE_ROOTS=":".join([*storage_roots(), str(self.dir)]),
         )
         return env
 
