@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from kasou.hypervisor.fake import FakeDriver
 
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.storage import LocalDisks
+from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import make_fake_image
 
 
