@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, api_url
+from kasou.config import Paths, api_url, check_settings
 from kasou.errors import KasouError, OperationTimeout
 from kasou.hypervisor.qemu import process
 from kasou.pki import trust
@@ -109,6 +109,7 @@ def _wait(ok: Callable[[], bool], pid: int, timeout: float, service: str, paths:
 
 def up(paths: Paths, api: str | None = None) -> dict[str, str]:
     """Start whatever is not running yet. Returns what was done per service."""
+    check_settings()  # a bad KASOU_* value is refused here, before anything starts
     paths.ensure()
     token = ensure_token(paths.token_file)
     url = api_url(api)

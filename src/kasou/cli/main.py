@@ -26,7 +26,7 @@ from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
 from kasou.cli.tls import tls_app
 from kasou.cli.users import user_app
-from kasou.config import Paths
+from kasou.config import Paths, check_settings
 from kasou.errors import KasouError
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -110,6 +110,7 @@ def agent(
     """Run this host's agent in the foreground."""
     from kasou.api.server import run_agent
 
+    check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_agent(Paths.from_env(), listen)
 
 
@@ -118,6 +119,7 @@ def agent_guard() -> None:
     """Run this host's guard (cluster lease, self-fencing); the agent starts it."""
     from kasou.api.server import run_guard
 
+    check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_guard(Paths.from_env())
 
 
@@ -129,6 +131,7 @@ def serve(
     """Run the control plane and REST API in the foreground."""
     from kasou.api.server import run_api
 
+    check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_api(Paths.from_env(), address, plain_http)
 
 
