@@ -2,6 +2,12 @@
 
 Every command has a timeout; QMP errors become :class:`~kasou.errors.MonitorError`
 carrying QEMU's ``error_class``.
+
+Events (a pause on an I/O error, a block job's end) reach the handler from a task that
+never ends silently: a failure of the event stream is logged with the VM's name and the
+stream is read again; after :data:`EVENT_FAILURES` failures within
+:data:`EVENT_FAILURE_WINDOW_S` it gives up, logs that at CRITICAL and the monitor is no
+longer :attr:`Monitor.healthy`, so its owner connects a new one while QEMU lives.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
+EVENT_FAILURES = 5  # failures of the event stream within the window below before it is given up
+EVENT_FAILURE_WINDOW_S = 60.0
+
 
 class Monitor:
     """One QMP connection to one QEMU process."""
@@ -35,10 +44,18 @@ class Monitor:
         self._client = QMPClient(vm_name)
         self._on_event = on_event
         self._events_task: asyncio.Task[None] | None = None
+        self.events_error: str | None = None  # why the event stream was given up, if it was
 
     @property
     def connected(self) -> bool:
         return self._client.runstate == Runstate.RUNNING
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, and (with a handler) its events still arrive."""
+        if not self.connected:
+            return False
+        return self._on_event is None or (self._events_task is not None and not self._events_task.done())
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect and negotiate capabilities, retrying while QEMU sets up its socket."""
@@ -61,19 +78,42 @@ class Monitor:
 
     async def _pump_events(self) -> None:
         assert self._on_event is not None
+        loop = asyncio.get_running_loop()
+        failures: list[float] = []
+        while True:
+            try:
+                async for event in self._client.events:
+                    await self._deliver(event)
+                raise RuntimeError("the event stream ended")  # qemu.qmp's never does by itself
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                now = loop.time()
+                failures = [t for t in failures if now - t < EVENT_FAILURE_WINDOW_S] + [now]
+                if len(failures) >= EVENT_FAILURES:
+                    self.events_error = f"{type(e).__name__}: {e}"
+                    log.critical(
+                        "QMP events of VM %s given up after %d failures in %.0f s (last: %s): its I/O-error "
+                        "pauses and block-job events are not seen until its monitor is connected again",
+                        self.vm_name, len(failures), EVENT_FAILURE_WINDOW_S, self.events_error,
+                    )  # fmt: skip
+                    return
+                log.error(
+                    "QMP event stream of VM %s failed (%s: %s); reading it again", self.vm_name, type(e).__name__, e
+                )
+                await asyncio.sleep(0.1 * len(failures))
+
+    async def _deliver(self, event: Any) -> None:
+        assert self._on_event is not None
         try:
-            async for event in self._client.events:
-                try:
-                    data = event.get("data")
-                    result = self._on_event(str(event["event"]), data if isinstance(data, dict) else {})
-                    if asyncio.iscoroutine(result):
-                        await result
-                except Exception:  # a handler's bug must not kill the pump
-                    log.exception("QMP event handler failed for %s", self.vm_name)
+            data = event.get("data")
+            result = self._on_event(str(event["event"]), data if isinstance(data, dict) else {})
+            if asyncio.iscoroutine(result):
+                await result
         except asyncio.CancelledError:
             raise
-        except Exception:
-            return
+        except Exception:  # a handler's bug must not kill the pump
+            log.exception("QMP event handler failed for VM %s", self.vm_name)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         """Run one QMP command; bounded; errors become MonitorError / OperationTimeout."""
