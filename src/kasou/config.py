@@ -276,6 +276,32 @@ def backup_keep_default() -> int:
     return int_setting("KASOU_BACKUP_KEEP", 7, 1, 1000)
 
 
+@dataclass(frozen=True)
+class MaintenanceRetry:
+    """How a maintenance (emptying a host) retries a VM's move that failed: up to ``attempts`` moves per
+    VM, waiting ``backoff_s`` before the second and twice as long before each next one (at most
+    ``backoff_max_s``), and no new attempt once ``total_s`` have passed since the host began to empty."""
+
+    attempts: int = 3
+    total_s: float = 1800.0
+    backoff_s: float = 10.0
+    backoff_max_s: float = 120.0
+
+    def backoff(self, failed_attempts: int) -> float:
+        """The wait after the ``failed_attempts``-th failed move of one VM."""
+        return float(min(self.backoff_max_s, self.backoff_s * 2 ** max(0, failed_attempts - 1)))
+
+
+def maintenance_retry() -> MaintenanceRetry:
+    """``KASOU_MAINTENANCE_ATTEMPTS`` (moves per VM, default 3), ``KASOU_MAINTENANCE_RETRY_S`` (the bound
+    on the whole, default 1800 s), ``KASOU_MAINTENANCE_BACKOFF_S`` (the first wait, default 10 s)."""
+    return MaintenanceRetry(
+        attempts=int_setting("KASOU_MAINTENANCE_ATTEMPTS", 3, 1, 20),
+        total_s=float_setting("KASOU_MAINTENANCE_RETRY_S", 1800.0, 0.0, 86400.0),
+        backoff_s=float_setting("KASOU_MAINTENANCE_BACKOFF_S", 10.0, 0.0, 600.0),
+    )
+
+
 ACCEL_CHOICES = ("kvm", "tcg", "auto")
 
 
@@ -297,6 +323,7 @@ def check_settings() -> None:
     ha_times()
     vcpu_ratio_setting()
     backup_keep_default()
+    maintenance_retry()
     accel_setting()
     etcd_metrics_endpoints(len(etcd_endpoints()))
     for name, default in (

@@ -35,6 +35,9 @@ BAD: list[tuple[str, str, dict[str, str]]] = [
     ("KASOU_AUDIT_CHECKPOINT_MINUTES", "x", {}),
     ("KASOU_AUDIT_CHECKPOINT_EVERY", "0", {}),
     ("KASOU_REQUIRE_TOTP_FOR_ADMINS", "maybe", {}),
+    ("KASOU_MAINTENANCE_ATTEMPTS", "0", {}),
+    ("KASOU_MAINTENANCE_RETRY_S", "forever", {}),
+    ("KASOU_MAINTENANCE_BACKOFF_S", "-1", {}),
 ]
 IDS = [f"{n}={v}" for n, v, _ in BAD]
 

@@ -216,8 +216,13 @@ def host_maintenance(
         return
     if wait and res["job"]:
         job = follow(c, res["job"], f"emptying {name}", timeout=3600)
-        moved = (job.get("result") or {}).get("moved", [])
-        out.print(f"host {name}: in maintenance, {len(moved)} VMs moved", markup=False, highlight=False)
+        result = job.get("result") or {}
+        moved = result.get("moved", [])
+        retried = result.get("retried") or {}
+        again = f" ({len(retried)} after more than one attempt)" if retried else ""
+        out.print(f"host {name}: in maintenance, {len(moved)} VMs moved{again}", markup=False, highlight=False)
+        for w in result.get("warnings") or []:
+            err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
     else:
         out.print(f"host {name}: entering maintenance (job {res['job']['id']})", markup=False, highlight=False)
 
@@ -409,6 +414,8 @@ def vm_migrate(
         markup=False,
         highlight=False,
     )
+    for w in r.get("warnings") or []:  # e.g. its old copy could not be ended: an operator must act
+        err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
 
 
 @vm_app.command("template")
