@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from kasou.errors import OperationTimeout
 from kasou.hypervisor.base import RuntimeState
 from kasou.hypervisor.qemu import monitor as qmon
 from kasou.hypervisor.qemu.driver import QemuDriver
@@ -28,6 +29,7 @@ class FakeQmp:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.paused = False
+        self.delay: dict[str, float] = {}  # command -> seconds before its answer
         self.connections = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.AbstractServer | None = None
@@ -48,6 +50,7 @@ class FakeQmp:
             await self._send(writer, {"QMP": {"version": version, "capabilities": []}})
             async for msg in self._messages(reader):
                 ret: Any = {}
+                await asyncio.sleep(self.delay.get(msg.get("execute", ""), 0.0))
                 if msg.get("execute") == "query-status":
                     ret = {"status": "paused" if self.paused else "running", "running": not self.paused}
                 await self._send(writer, {"return": ret, **({"id": msg["id"]} if "id" in msg else {})})
@@ -173,3 +176,59 @@ async def test_a_dropped_monitor_of_a_live_qemu_is_connected_again(
         assert any("emr1" in m and "connecting again" in m for m in logged), logged
     finally:
         await driver.close()
+
+
+# -- time-outs sized per command and by the host's load ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [("query-status", "query"), ("x-debug-query-block-graph", "query"), ("cont", "run"), ("quit", "run"),
+     ("object-add", "change"), ("blockdev-add", "change"), ("blockdev-mirror", "change"), ("migrate", "change"),
+     ("nbd-server-start", "change"), ("job-dismiss", "change")],
+)  # fmt: skip
+def test_command_classes(command: str, kind: str) -> None:
+    assert qmon.command_class(command) == kind
+
+
+def test_load_stretch_is_load_per_cpu_between_one_and_the_cap() -> None:
+    assert qmon.load_stretch(0.0, 2) == 1.0  # idle: the base
+    assert qmon.load_stretch(1.5, 2) == 1.0  # below one per CPU: the base
+    assert qmon.load_stretch(6.0, 2) == 3.0
+    assert qmon.load_stretch(50.0, 2) == qmon.QMP_LOAD_STRETCH_MAX  # the lab under load: capped
+    assert qmon.load_stretch(4.0, 0) == 4.0  # no CPU count: taken as one
+
+
+def test_qmp_timeout_by_class_and_load() -> None:
+    """The lab at load ~50 on 2 CPUs: object-add had a flat 10 s and timed out; it gets 20 s x 8 now."""
+    assert qmon.qmp_timeout("query-status") == 10.0
+    assert qmon.qmp_timeout("object-add") == 20.0
+    assert qmon.qmp_timeout("object-add", load_1m=6.0, cpus=2) == 60.0
+    assert qmon.qmp_timeout("object-add", load_1m=50.0, cpus=2) == qmon.QMP_TIMEOUT_MAX_S
+    assert qmon.qmp_timeout("query-migrate", load_1m=50.0, cpus=2) == 80.0
+    assert qmon.qmp_timeout("anything", load_1m=50.0, cpus=2, kind="connect") == 80.0
+    for load in (0.0, 1.0, 10.0, 1000.0):  # never below the base, never beyond the bound
+        for cmd in ("query-status", "cont", "object-add"):
+            t = qmon.qmp_timeout(cmd, load, 2)
+            assert qmon.QMP_BASE_TIMEOUT_S[qmon.command_class(cmd)] <= t <= qmon.QMP_TIMEOUT_MAX_S
+
+
+def test_host_load_reads_this_host() -> None:
+    load, cpus = qmon.host_load()
+    assert load >= 0.0 and cpus >= 1
+
+
+async def test_execute_waits_longer_on_a_loaded_host(fake_qmp: FakeQmp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that answers late: past its base time-out on an idle host, within it stretched by the load."""
+    monkeypatch.setattr(qmon, "QMP_BASE_TIMEOUT_S", {**qmon.QMP_BASE_TIMEOUT_S, "change": 0.2})
+    fake_qmp.delay["object-add"] = 0.5
+    mon = Monitor("emr1", fake_qmp.path)
+    await mon.connect(timeout=5)
+    try:
+        monkeypatch.setattr(qmon, "host_load", lambda: (0.0, 2))
+        with pytest.raises(OperationTimeout, match=r"QMP object-add on VM 'emr1' gave no answer in 0 s"):
+            await mon.execute("object-add", {"qom-type": "x", "id": "a"})
+        monkeypatch.setattr(qmon, "host_load", lambda: (50.0, 2))  # 0.2 s x 8
+        assert await mon.execute("object-add", {"qom-type": "x", "id": "b"}) == {}
+    finally:
+        await mon.close()
