@@ -125,15 +125,6 @@ class Protected:
         return killed
 
 
-def fenced_note(vm_dir: Path) -> str | None:
-    """Why the guard killed the VM whose run directory this is, if it did."""
-    try:
-        note = json.loads((vm_dir / "fenced.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return f"fenced by its host's guard: {note.get('reason', 'lease lost')}"
-
-
 class HostGuard:
     """Keeps ``hosts/<host>`` alive in etcd and fences this host's HA VMs when it cannot."""
 
@@ -320,15 +311,6 @@ class HostGuard:
                 await asyncio.sleep(self.times.renew_every_s if self.renewed else RETRY_AFTER_FAILURE_S)
         finally:
             self._stop.set()
-
-    async def withdraw(self) -> None:
-        """Leave the cluster at once (the host is being shut down cleanly, its VMs stopped)."""
-        if self.lease is not None:
-            with contextlib.suppress(KasouError):
-                await self.store.revoke(self.lease)
-            self.lease = None
-            with contextlib.suppress(FileNotFoundError):
-                self._state_file().unlink()
 
 
 async def probe_member(endpoint: str, metrics: str | None = None, tls: ssl.SSLContext | None = None) -> str:
