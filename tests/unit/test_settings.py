@@ -38,6 +38,10 @@ BAD: list[tuple[str, str, dict[str, str]]] = [
     ("KASOU_MAINTENANCE_ATTEMPTS", "0", {}),
     ("KASOU_MAINTENANCE_RETRY_S", "forever", {}),
     ("KASOU_MAINTENANCE_BACKOFF_S", "-1", {}),
+    ("KASOU_VENDOR_MAX_PRIORITY", "101", {}),
+    ("KASOU_VENDOR_MAX_PRIORITY", "high", {}),
+    ("KASOU_STORAGE_ROOTS", "srv:relative", {}),
+    ("KASOU_SIGNIN_RATE", "lots", {}),
 ]
 IDS = [f"{n}={v}" for n, v, _ in BAD]
 
