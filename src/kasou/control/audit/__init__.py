@@ -29,20 +29,20 @@ import logging
 import weakref
 from typing import Any
 
-from kasou.control.audit.chain import (
+from kasou.control.audit.chain import AuditLog
+from kasou.control.audit.records import (
     CHECKPOINT_PREFIX,
     PREFIX,
     SYSTEM_HA,
     Actor,
-    AuditLog,
     AuditRecord,
     Checkpoint,
     Problem,
     Result,
     VerifyReport,
     redact,
-    verify_entries,
 )
+from kasou.control.audit.verify import verify_entries
 from kasou.store.base import Store
 
 __all__ = [

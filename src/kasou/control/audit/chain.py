@@ -1,206 +1,46 @@
-"""The audit log itself: hash-chained records in the store, signed checkpoints, verification."""
+"""The audit log itself: hash-chained records appended to the store, signed checkpoints and their anchors.
+
+The record format is :mod:`kasou.control.audit.records`; verification, :mod:`kasou.control.audit.verify`."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import datetime as dt
-import hashlib
-import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel
+from typing import Any
 
 from kasou.config import host_name
 from kasou.control.audit import anchors, keys
+from kasou.control.audit.records import (
+    CHECKPOINT_MSG_ID,
+    CHECKPOINT_PREFIX,
+    GENESIS,
+    HEAD_KEY,
+    LOCAL_SYSLOG,
+    MAX_TRIES,
+    PREFIX,
+    TEXT_MAX,
+    Actor,
+    AuditRecord,
+    Checkpoint,
+    Result,
+    VerifyReport,
+    checkpoint_key,
+    clock_state,
+    digest,
+    seq_key,
+    small_details,
+    utc_now,
+)
 from kasou.control.audit.syslog import SyslogForwarder
+from kasou.control.audit.verify import verify_entries
 from kasou.errors import StoreConflict, StoreError
 from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
-
-PREFIX = "audit/"  # audit/<seq, 12 digits>: the records
-CHECKPOINT_PREFIX = "audit-checkpoints/"  # audit-checkpoints/<seq>: signed (seq, hash)
-HEAD_KEY = "audit-head"  # a hint where the log ended at the last checkpoint, and its interval (never trusted by verify)
-SEQ_DIGITS = 12
-LOCAL_SYSLOG = "/dev/log"
-CHECKPOINT_MSG_ID = "audit-checkpoint"
-GENESIS = "0" * 64  # the prev_hash of record 1
-MAX_TRIES = 50  # appends that lose the race this often give up (each loss means another record went in)
-DETAILS_MAX = 4096  # bytes of canonical JSON; larger details keep only their keys
-TEXT_MAX = 500
-REDACTED = "[redacted]"
-_SECRET = re.compile(r"pass|token|ticket|cookie|secret|authori[sz]ation|session|csrf|credential|private|key$|^key|totp")
-
-
-def seq_key(seq: int) -> str:
-    return f"{PREFIX}{seq:0{SEQ_DIGITS}d}"
-
-
-def checkpoint_key(seq: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{seq:0{SEQ_DIGITS}d}"
-
-
-def canonical(value: dict[str, Any]) -> bytes:
-    """The bytes a record's hash covers: sorted keys, no spaces, UTF-8; ``hash`` itself left out."""
-    body = {k: v for k, v in value.items() if k != "hash"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def digest(value: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(value)).hexdigest()
-
-
-def redact(value: Any, depth: int = 0) -> Any:
-    """A copy without secrets: values under secret-sounding keys replaced, long strings and lists cut."""
-    if depth > 6:
-        return "..."
-    if isinstance(value, dict):
-        out = {}
-        for k, v in list(value.items())[:50]:
-            ks = str(k)[:100]
-            out[ks] = REDACTED if _SECRET.search(ks.lower()) else redact(v, depth + 1)
-        return out
-    if isinstance(value, list | tuple):
-        return [redact(v, depth + 1) for v in list(value)[:50]]
-    if isinstance(value, str):
-        return value[:TEXT_MAX]
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return str(value)
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return str(value)[:TEXT_MAX]
-
-
-def small_details(details: dict[str, Any] | None) -> dict[str, Any]:
-    d = redact(details or {})
-    if len(json.dumps(d, ensure_ascii=False)) > DETAILS_MAX:
-        return {"truncated": True, "keys": sorted(d)[:50]}
-    return d
-
-
-# -- the record -------------------------------------------------------------------------------
-
-
-class Actor(BaseModel):
-    name: str
-    role: str
-    via: str  # token, session, or what a system actor is (ha)
-
-    @classmethod
-    def of(cls, who: Any) -> Actor | None:
-        """From an Actor, a Principal (anything with name, role, via) or a dict; None stays None."""
-        if who is None or isinstance(who, Actor):
-            return who
-        if isinstance(who, dict):
-            return cls(name=str(who.get("name", "?")), role=str(who.get("role", "?")), via=str(who.get("via", "?")))
-        role = getattr(who, "role", "?")
-        return cls(name=str(who.name), role=str(getattr(role, "value", role)), via=str(getattr(who, "via", "?")))
-
-
-SYSTEM_HA = Actor(name="kasou", role="system", via="ha")
-
-
-class Result(BaseModel):
-    ok: bool
-    status: int | None = None  # the HTTP status, for requests
-    code: str | None = None  # kasou's error code
-    message: str = ""
-
-
-class AuditRecord(BaseModel):
-    seq: int
-    time: str  # ISO 8601, UTC, microseconds
-    host: str  # the host that wrote it (and whose clock ``time`` is)
-    clock: str  # synced, unsynced or unknown: the kernel's view of that clock's synchronisation
-    actor: Actor | None
-    source: str  # the client's address ("" for the system)
-    action: str  # "POST /v1/vms", or a named action: login, login_failed, lockout, console_open, ha_restart...
-    target: str  # "vms/emr1", "users/bob", "hosts/h1"
-    result: Result
-    details: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-
-class Checkpoint(BaseModel):
-    seq: int
-    hash: str
-    time: str
-    host: str
-    key_id: str
-    public_key: str  # raw Ed25519 public key, base64 (informative: trust comes from the verifier's key files)
-    signature: str  # base64 Ed25519 signature over keys.signed_message(seq, hash, every)
-    every: int | None = None  # the writer's count interval from here on (signed; None in older checkpoints)
-
-
-ProblemKind = Literal[
-    "malformed",
-    "deleted",
-    "reordered",
-    "edited",
-    "truncated",
-    "checkpoint_mismatch",
-    "checkpoint_missing",
-    "bad_signature",
-    "unknown_key",
-]
-
-
-class Problem(BaseModel):
-    kind: ProblemKind
-    seq: int
-    message: str
-
-
-class VerifyReport(BaseModel):
-    ok: bool
-    records: int
-    first_seq: int | None
-    last_seq: int | None
-    head_hash: str | None
-    checkpoints: int
-    last_checkpoint: int | None
-    unsealed: int  # records after the last checkpoint (a truncation of those cannot be detected)
-    problem: Problem | None
-    anchor_file: str | None = None  # the file outside the store that the log was held against
-    anchors: int = 0  # checkpoints anchored there
-    last_anchor: int | None = None
-
-
-# -- the clock --------------------------------------------------------------------------------
-
-_clock_cache: tuple[float, str] = (-1e9, "unknown")
-
-
-def clock_state() -> str:
-    """``synced`` when the kernel says NTP keeps the clock synchronised (adjtimex), ``unsynced``, or ``unknown``."""
-    global _clock_cache
-    now = time.monotonic()
-    if now - _clock_cache[0] < 60:
-        return _clock_cache[1]
-    state = "unknown"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        buf = ctypes.create_string_buffer(512)  # struct timex with modes = 0: read only
-        rc = libc.adjtimex(buf)
-        if rc >= 0:
-            state = "unsynced" if rc == 5 else "synced"  # TIME_ERROR: the clock is not synchronised
-    except (OSError, AttributeError):
-        pass
-    _clock_cache = (now, state)
-    return state
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
 
 # -- the log ----------------------------------------------------------------------------------
 
@@ -507,199 +347,3 @@ def parse_time(text: str) -> float:
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return t.timestamp()
-
-
-def _key_seq(key: str, prefix: str) -> int | None:
-    rest = key[len(prefix) :]
-    return int(rest) if rest.isdigit() and len(rest) == SEQ_DIGITS else None
-
-
-def verify_entries(
-    records: list[tuple[str, dict[str, Any]]],
-    checkpoints: list[tuple[str, dict[str, Any]]],
-    trusted: dict[str, Any],
-    anchored: list[anchors.Anchor] | None = None,
-    anchor_file: str | None = None,
-    every: int | None = None,
-) -> VerifyReport:
-    """Walk the chain (records in key order), the checkpoints in the store, the checkpoints ``anchored``
-    outside it (None: no anchor file) and, with ``every`` (the verifier's interval, used until a checkpoint
-    declares one), a checkpoint at every multiple of the interval; the first problem, by sequence number."""
-    problem: Problem | None = None
-    prev, expected = GENESIS, 1
-    hashes: dict[int, str] = {}
-    last_seq: int | None = None
-    for key, v in records:
-        seq = _key_seq(key, PREFIX)
-        if seq is None:
-            problem = Problem(kind="malformed", seq=expected, message=f"a key {key!r} that is no record's")
-            break
-        if seq != expected:
-            gone = f"record {expected}" if seq == expected + 1 else f"records {expected} to {seq - 1}"
-            problem = Problem(kind="deleted", seq=expected, message=f"{gone} missing: the log goes on at {seq}")
-            break
-        if v.get("seq") != seq:
-            problem = Problem(
-                kind="reordered",
-                seq=seq,
-                message=f"the record stored as {seq} says it is record {v.get('seq')}: records were moved",
-            )
-            break
-        try:
-            h = digest(v)
-        except (TypeError, ValueError) as e:
-            problem = Problem(kind="malformed", seq=seq, message=f"record {seq} cannot be hashed: {e}")
-            break
-        if h != v.get("hash"):
-            problem = Problem(
-                kind="edited",
-                seq=seq,
-                message=f"record {seq} was changed after it was written: its content does not match its hash",
-            )
-            break
-        if v.get("prev_hash") != prev:
-            problem = Problem(
-                kind="reordered",
-                seq=seq,
-                message=f"record {seq} does not follow record {seq - 1} (prev_hash mismatch): records "
-                f"were reordered or replaced, or record {seq - 1} was rewritten with a new hash",
-            )
-            break
-        prev, hashes[seq], last_seq, expected = h, h, seq, seq + 1
-    checked_upto = problem.seq if problem is not None else None
-    found: list[Problem] = [problem] if problem is not None else []
-    declared: dict[int, int] = {}  # seq -> the interval a valid checkpoint declares from there on
-    stored: set[int] = set()
-    last_cp: int | None = None
-    ends = f"ends at {last_seq}" if last_seq else "is empty"
-
-    def signed(cp: Checkpoint, where: str) -> Problem | None:
-        pub = trusted.get(cp.key_id)
-        if pub is None:
-            return Problem(kind="unknown_key", seq=cp.seq, message=f"{where} is signed by key {cp.key_id} "
-                           f"(host {cp.host}), which this verifier does not trust")  # fmt: skip
-        if not keys.check(pub, cp.seq, cp.hash, cp.signature, cp.every):
-            forged = f"{where}'s signature is not valid: the checkpoint was forged or changed"
-            return Problem(kind="bad_signature", seq=cp.seq, message=forged)
-        if cp.every is not None and cp.every >= 1:
-            declared[cp.seq] = cp.every
-        return None
-
-    for key, v in checkpoints:
-        seq = _key_seq(key, CHECKPOINT_PREFIX)
-        try:
-            cp = Checkpoint.model_validate(v)
-        except ValueError:
-            cp = None
-        if seq is None or cp is None or cp.seq != seq:
-            found.append(Problem(kind="malformed", seq=seq or 0, message=f"the checkpoint {key!r} is malformed"))
-            break
-        bad = signed(cp, f"checkpoint {seq}")
-        if bad is not None:
-            found.append(bad)
-            break
-        last_cp = seq
-        stored.add(seq)
-        if checked_upto is not None and seq >= checked_upto:
-            continue  # the chain is already broken before it: that is the problem to report
-        if last_seq is None or seq > last_seq:
-            found.append(Problem(
-                kind="truncated", seq=(last_seq or 0) + 1,
-                message=f"checkpoint {seq} seals records up to {seq} but the log {ends}: records "
-                f"{(last_seq or 0) + 1} to {seq} were deleted",
-            ))  # fmt: skip
-            break
-        if hashes.get(seq) != cp.hash:
-            found.append(Problem(
-                kind="checkpoint_mismatch", seq=seq,
-                message=f"record {seq} does not match the signed checkpoint {seq}: the log up to {seq} was rewritten",
-            ))  # fmt: skip
-            break
-    last_anchor: int | None = None
-    for a in anchored or []:
-        where = f"line {a.line} of the anchor file {anchor_file}"
-        try:
-            cp = Checkpoint.model_validate(a.value) if a.value is not None else None
-        except ValueError:
-            cp = None
-        if cp is None:
-            found.append(Problem(kind="malformed", seq=0, message=f"{where} is not a checkpoint"))
-            break
-        bad = signed(cp, f"the checkpoint {cp.seq} at {where}")
-        if bad is not None:
-            found.append(bad)
-            break
-        last_anchor = max(cp.seq, last_anchor or 0)
-        if checked_upto is not None and cp.seq >= checked_upto:
-            continue
-        if last_seq is None or cp.seq > last_seq:
-            found.append(Problem(
-                kind="truncated", seq=(last_seq or 0) + 1,
-                message=f"checkpoint {cp.seq} is anchored at {where} but the log {ends}: records "
-                f"{(last_seq or 0) + 1} to {cp.seq} were deleted",
-            ))  # fmt: skip
-            break
-        if hashes.get(cp.seq) != cp.hash:
-            found.append(Problem(
-                kind="checkpoint_mismatch", seq=cp.seq,
-                message=f"record {cp.seq} does not match the checkpoint {cp.seq} anchored at {where}: "
-                f"the log up to {cp.seq} was rewritten",
-            ))  # fmt: skip
-            break
-        if cp.seq not in stored:
-            found.append(Problem(
-                kind="checkpoint_missing", seq=cp.seq,
-                message=f"checkpoint {cp.seq} is anchored at {where} but missing from the store: "
-                "checkpoints were deleted",
-            ))  # fmt: skip
-            break
-    limit = (checked_upto - 1) if checked_upto is not None else (last_seq or 0)
-    missing = _missing_checkpoint(limit, stored, declared, every)
-    if missing is not None:
-        seq, n = missing
-        found.append(Problem(
-            kind="checkpoint_missing", seq=seq,
-            message=f"no signed checkpoint at record {seq}, although one is written every {n} records: "
-            f"checkpoints were deleted from the store (or its writer stopped between the record and its checkpoint)",
-        ))  # fmt: skip
-    problem = min(found, key=lambda p: p.seq) if found else None  # the first by seq; on a tie the first found
-    first = _key_seq(records[0][0], PREFIX) if records else None
-    sealed = max(last_cp or 0, last_anchor or 0)
-    return VerifyReport(
-        ok=problem is None,
-        records=len(records),
-        first_seq=first,
-        last_seq=_key_seq(records[-1][0], PREFIX) if records else None,
-        head_hash=str(records[-1][1].get("hash")) if records else None,
-        checkpoints=len(checkpoints),
-        last_checkpoint=last_cp,
-        unsealed=(last_seq or 0) - sealed if problem is None else 0,
-        problem=problem,
-        anchor_file=anchor_file,
-        anchors=len(anchored or []),
-        last_anchor=last_anchor,
-    )
-
-
-def _missing_checkpoint(
-    limit: int, stored: set[int], declared: dict[int, int], every: int | None
-) -> tuple[int, int] | None:
-    """The first multiple of the interval up to record ``limit`` without a checkpoint in the store, and that
-    interval. The interval of a stretch is the one its last preceding checkpoint declared; before the first
-    one, the first declared; with none declared, ``every`` (None: no such check)."""
-    points = sorted(declared.items())
-    n = points[0][1] if points else every
-    if n is None:
-        return None
-    lo = 0
-    for at, nxt in [*points, (limit, n)]:
-        hi = min(at, limit)
-        m = (lo // n + 1) * n
-        while m <= hi:
-            if m not in stored:
-                return m, n
-            m += n
-        if at >= limit:
-            return None
-        lo, n = at, nxt
-    return None
