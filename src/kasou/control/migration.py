@@ -48,9 +48,11 @@ from kasou.model.spec import validate_name
 from kasou.model.state import Action, VMState, check_action
 
 if TYPE_CHECKING:
+    from kasou.agent.client import AgentClient
     from kasou.control.mirrors import Mirrors
     from kasou.control.pools import Pools
     from kasou.control.replication import Replication
+    from kasou.hypervisor.base import MigrationStorage
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +242,8 @@ class Migrations:
                 await self._mirrors_back(ctx, name, rec)
                 raise
         mirrored = {d.id for d in rec.disks if d.mirror is not None}
-        # Any: the migration steps of the agent client are typed where they are defined.
-        src: Any = self.agents.get(source)
-        dst: Any = self.agents.get(target)
+        src = self.agents.get(source)
+        dst = self.agents.get(target)
         spec = self.vms.launch_spec(rec)
         if copy:
             disks = [LaunchDisk(id=d.id, path=new_paths[d.id], format=d.format, size_bytes=d.size_bytes)
@@ -256,7 +257,7 @@ class Migrations:
                     ]
                 }
             )
-        storage = "copy" if copy else "shared"
+        storage: MigrationStorage = "copy" if copy else "shared"
         incoming = None
         started = finishing = False
         status = None
@@ -333,12 +334,12 @@ class Migrations:
             if wants:
                 await self.vms.mirrors.remirror(ctx, name, wants)
 
-    async def _runs_on(self, agent: Any, name: str) -> bool:
+    async def _runs_on(self, agent: AgentClient, name: str) -> bool:
         with contextlib.suppress(KasouError):
             return bool((await agent.info(name)).state == RuntimeState.RUNNING)
         return False
 
-    async def _abort(self, name: str, src: Any, dst: Any, finishing: bool) -> bool:
+    async def _abort(self, name: str, src: AgentClient | None, dst: AgentClient | None, finishing: bool) -> bool:
         """Undo a migration that did not reach its destination. True if the source runs on.
 
         The destination goes first: once the source reported completion it may be
@@ -362,7 +363,7 @@ class Migrations:
             return await self._runs_on(src, name) and not finishing
 
     async def _finish_source(self, name: str, source: str | None, old_disks: list[str]) -> None:
-        src: Any = self.agents.get(source)
+        src = self.agents.get(source)
         try:
             await src.finish_out(name)
         except KasouError as e:
