@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kasou.config import DEFAULT_STORAGE_ROOTS
 from kasou.lab import etcd as etcd_module
 from kasou.lab.etcd import EtcdCluster
 from tests.doubles.driver import FakeExports
@@ -21,6 +22,20 @@ def _no_fake_replicas_across_tests() -> Iterator[None]:
     FakeExports.served.clear()
     yield
     FakeExports.served.clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _storage_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Pools may be made only under the storage roots (KASOU_STORAGE_ROOTS): tests make theirs in their
+    temporary directories, so those are a root too, beside the defaults (and so for the services they start)."""
+    before = os.environ.get("KASOU_STORAGE_ROOTS")
+    roots = [*(before.split(":") if before else DEFAULT_STORAGE_ROOTS), str(tmp_path_factory.getbasetemp())]
+    os.environ["KASOU_STORAGE_ROOTS"] = ":".join(roots)
+    yield
+    if before is None:
+        os.environ.pop("KASOU_STORAGE_ROOTS", None)
+    else:
+        os.environ["KASOU_STORAGE_ROOTS"] = before
 
 
 RUN_ROOT = Path("/run/kasou")

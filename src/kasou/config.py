@@ -6,19 +6,27 @@ independent environments can run side by side on one machine. Guest images are
 immutable build products shared by every environment of the machine
 (``KASOU_IMAGES``, default ``/var/lib/kasou/images``). ``KASOU_UPLINK`` names the
 interface that carries the VM networks off the host (their VLANs tagged on it).
+
+A setting with a value kasou cannot use raises :class:`~kasou.errors.InvalidSetting`, whose
+one-line message names the variable, the value and what is allowed; :func:`check_settings`
+reads every number and choice at once, so a service refuses to start on a bad one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from kasou.errors import InvalidSetting
+
 DEFAULT_HOME = Path("/var/lib/kasou")
 DEFAULT_IMAGES = Path("/var/lib/kasou/images")
 DEFAULT_API = "127.0.0.1:8470"
+DEFAULT_STORAGE_ROOTS = ("/srv", "/var/lib/kasou-pools", "/mnt", "/media")
 
 
 def api_url(address: str | None = None) -> str:
@@ -35,8 +43,15 @@ def api_listen(address: str | None = None) -> tuple[str, int]:
     """The (host, port) the API server listens on, from the same setting."""
     url = api_url(address)
     hostport = url.split("://", 1)[1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port or 8470)
+    host, sep, port = hostport.rpartition(":")
+    if not sep or hostport.endswith("]"):  # no port given
+        return hostport.strip("[]") or "127.0.0.1", 8470
+    if not port:
+        return host.strip("[]") or "127.0.0.1", 8470
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raw = address or os.environ.get("KASOU_API") or DEFAULT_API
+        raise InvalidSetting(f"KASOU_API={raw!r}: the port must be a number from 1 to 65535 (e.g. 127.0.0.1:8470)")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 @dataclass(frozen=True)
@@ -163,18 +178,19 @@ def etcd_metrics_endpoints(members: int) -> list[str | None]:
     raw = os.environ.get("KASOU_ETCD_METRICS", "").strip()
     urls: list[str | None] = [u.strip().rstrip("/") or None for u in raw.split(",")] if raw else []
     if len(urls) > members:
-        raise ValueError(f"KASOU_ETCD_METRICS names {len(urls)} URLs for {members} etcd members")
+        raise InvalidSetting(
+            f"KASOU_ETCD_METRICS={raw!r} names {len(urls)} URLs for {members} etcd members; "
+            f"allowed: at most one per member of KASOU_ETCD, in its order"
+        )
     return urls + [None] * (members - len(urls))
 
 
 def vcpu_ratio_setting() -> float:
-    """``KASOU_VCPU_RATIO``: how many vCPUs a host may carry per CPU (default 4, as 4:1)."""
-    raw = os.environ.get("KASOU_VCPU_RATIO", "").strip()
-    try:
-        value = float(raw) if raw else 4.0
-    except ValueError:
-        return 4.0
-    return value if 0 < value <= 64 else 4.0
+    """``KASOU_VCPU_RATIO``: how many vCPUs a host may carry per CPU (default 4, as 4:1; up to 64)."""
+    value = float_setting("KASOU_VCPU_RATIO", 4.0, 0.0, 64.0)
+    if value <= 0:
+        raise InvalidSetting(f"KASOU_VCPU_RATIO={value:g} is not allowed: a number above 0 and at most 64 (default 4)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -200,53 +216,154 @@ class HaTimes:
         return self.lease_ttl_s - self.fence_margin_s
 
 
-def _float_env(name: str, default: float, low: float, high: float) -> float:
+def float_setting(name: str, default: float, low: float, high: float) -> float:
+    """The number in the environment variable ``name`` (``default`` when unset or empty), which must lie
+    in ``[low, high]``; anything else raises :class:`InvalidSetting` naming the variable, the value
+    and what is allowed."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name}={raw} must be between {low:g} and {high:g}")
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidSetting(
+            f"{name}={raw!r} is not allowed: a number from {low:g} to {high:g} (default {default:g})",
+            setting=name,
+        )
     return value
+
+
+def int_setting(name: str, default: int, low: int, high: int) -> int:
+    """Like :func:`float_setting` for a whole number."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise InvalidSetting(
+            f"{name}={raw!r} is not allowed: a whole number from {low} to {high} (default {default})",
+            setting=name,
+        )
+    return value
+
+
+def choice_setting(name: str, choices: tuple[str, ...], default: str = "") -> str:
+    """One of ``choices`` (case-insensitive) in the environment variable ``name``; unset or empty: ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise InvalidSetting(f"{name}={raw!r} is not allowed: one of {', '.join(choices)}", setting=name)
+    return raw.lower()
 
 
 def ha_times() -> HaTimes:
     """``KASOU_HA_LEASE_TTL`` (s, default 6), ``KASOU_HA_FENCE_MARGIN`` (s, default 2),
     ``KASOU_HA_HEARTBEAT_TIMEOUT`` (s, default 30). The margin must leave at least two
     renewals before the fence: margin <= TTL / 2."""
-    ttl = _float_env("KASOU_HA_LEASE_TTL", 6.0, 3.0, 300.0)
-    margin = _float_env("KASOU_HA_FENCE_MARGIN", 2.0, 0.5, ttl / 2)
-    hb = _float_env("KASOU_HA_HEARTBEAT_TIMEOUT", 30.0, 5.0, 3600.0)
+    ttl = float_setting("KASOU_HA_LEASE_TTL", 6.0, 3.0, 300.0)
+    margin = float_setting("KASOU_HA_FENCE_MARGIN", 2.0, 0.5, ttl / 2)
+    hb = float_setting("KASOU_HA_HEARTBEAT_TIMEOUT", 30.0, 5.0, 3600.0)
     return HaTimes(ttl, margin, hb)
 
 
 def vendor_max_priority() -> int:
     """``KASOU_VENDOR_MAX_PRIORITY``: the highest HA restart priority a vendor may give their VMs (0..100,
     default 50); an administrator may set any."""
-    raw = os.environ.get("KASOU_VENDOR_MAX_PRIORITY", "").strip()
-    if not raw:
-        return 50
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"KASOU_VENDOR_MAX_PRIORITY={raw!r} is not a whole number") from None
-    if not 0 <= value <= 100:
-        raise ValueError(f"KASOU_VENDOR_MAX_PRIORITY={raw} must be between 0 and 100")
-    return value
+    return int_setting("KASOU_VENDOR_MAX_PRIORITY", 50, 0, 100)
 
 
 def backup_keep_default() -> int:
     """``KASOU_BACKUP_KEEP``: backup generations kept per VM unless its own setting says otherwise (default 7)."""
-    raw = os.environ.get("KASOU_BACKUP_KEEP", "").strip()
+    return int_setting("KASOU_BACKUP_KEEP", 7, 1, 1000)
+
+
+def storage_roots() -> list[str]:
+    """``KASOU_STORAGE_ROOTS``: the directories storage pools may be made under (absolute paths separated
+    by ``:`` or ``,``); default ``/srv``, ``/var/lib/kasou-pools``, ``/mnt``, ``/media``."""
+    raw = os.environ.get("KASOU_STORAGE_ROOTS", "").strip()
     if not raw:
-        return 7
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"KASOU_BACKUP_KEEP={raw!r} is not a whole number") from None
-    if not 1 <= value <= 1000:
-        raise ValueError(f"KASOU_BACKUP_KEEP={raw} must be between 1 and 1000")
-    return value
+        return list(DEFAULT_STORAGE_ROOTS)
+    roots = []
+    for part in raw.replace(",", ":").split(":"):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.startswith("/") or ".." in part.split("/") or "\n" in part:
+            raise InvalidSetting(
+                f"KASOU_STORAGE_ROOTS={raw!r} is not allowed: {part!r} is not an absolute directory path",
+                setting="KASOU_STORAGE_ROOTS",
+            )
+        roots.append(os.path.normpath(part))
+    if not roots:
+        raise InvalidSetting(f"KASOU_STORAGE_ROOTS={raw!r} names no directory", setting="KASOU_STORAGE_ROOTS")
+    return roots
+
+
+@dataclass(frozen=True)
+class MaintenanceRetry:
+    """How a maintenance (emptying a host) retries a VM's move that failed: up to ``attempts`` moves per
+    VM, waiting ``backoff_s`` before the second and twice as long before each next one (at most
+    ``backoff_max_s``), and no new attempt once ``total_s`` have passed since the host began to empty."""
+
+    attempts: int = 3
+    total_s: float = 1800.0
+    backoff_s: float = 10.0
+    backoff_max_s: float = 120.0
+
+    def backoff(self, failed_attempts: int) -> float:
+        """The wait after the ``failed_attempts``-th failed move of one VM."""
+        return float(min(self.backoff_max_s, self.backoff_s * 2 ** max(0, failed_attempts - 1)))
+
+
+def maintenance_retry() -> MaintenanceRetry:
+    """``KASOU_MAINTENANCE_ATTEMPTS`` (moves per VM, default 3), ``KASOU_MAINTENANCE_RETRY_S`` (the bound
+    on the whole, default 1800 s), ``KASOU_MAINTENANCE_BACKOFF_S`` (the first wait, default 10 s)."""
+    return MaintenanceRetry(
+        attempts=int_setting("KASOU_MAINTENANCE_ATTEMPTS", 3, 1, 20),
+        total_s=float_setting("KASOU_MAINTENANCE_RETRY_S", 1800.0, 0.0, 86400.0),
+        backoff_s=float_setting("KASOU_MAINTENANCE_BACKOFF_S", 10.0, 0.0, 600.0),
+    )
+
+
+ACCEL_CHOICES = ("kvm", "tcg", "auto")
+
+
+def accel_setting() -> str:
+    """``KASOU_ACCEL``: ``kvm`` or ``tcg`` skip the KVM probe; ``auto`` (or unset) probes."""
+    return choice_setting("KASOU_ACCEL", ACCEL_CHOICES, "auto")
+
+
+_BOOLEAN = ("1", "0", "yes", "no", "true", "false", "on", "off")
+
+
+def check_settings() -> None:
+    """Read every numeric and choice setting once: a bad one raises :class:`InvalidSetting` before a
+    service starts (``kasou up``, ``kasou serve``, ``kasou agent``), never a traceback later on.
+
+    Some are read where they are used with a default on a bad value (the session, console and audit
+    intervals); they are checked here with the bounds those readers accept."""
+    api_listen()
+    ha_times()
+    vcpu_ratio_setting()
+    backup_keep_default()
+    maintenance_retry()
+    vendor_max_priority()
+    storage_roots()
+    accel_setting()
+    etcd_metrics_endpoints(len(etcd_endpoints()))
+    for name, default in (
+        ("KASOU_SESSION_IDLE", 900.0),
+        ("KASOU_SESSION_MAX", 43200.0),
+        ("KASOU_CONSOLE_IDLE", 900.0),
+        ("KASOU_AUDIT_CHECKPOINT_MINUTES", 10.0),
+        ("KASOU_SIGNIN_RATE", 10.0),
+    ):
+        float_setting(name, default, 0.0, 10**9)
+    int_setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100, 1, 10**9)
+    choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN)

@@ -3,12 +3,14 @@
 Every error kasou raises on purpose derives from :class:`KasouError`. Each
 carries a one-line ``message`` meant for a person, a machine-readable
 ``code`` and optional ``details``. The HTTP mapping lives in exactly one place
-(:mod:`kasou.api.errors`) and the CLI prints ``message`` on one line.
+(:mod:`kasou.wire`) and the CLI prints ``message`` on one line.
 
 ::
 
     KasouError
      ├── InvalidSpec            bad input: a name, a size, a count (HTTP 422)
+     │    └── InventoryError    a planner inventory file that cannot be read (kasou.planner)
+     ├── InvalidSetting         a KASOU_* environment variable with a value kasou cannot use
      ├── NotFound               no such VM / image / job / host (HTTP 404)
      │    └── ImageNotFound
      ├── Conflict               exists already, or the wrong state (HTTP 409)
@@ -25,6 +27,8 @@ carries a one-line ``message`` meant for a person, a machine-readable
      │    ├── MonitorError
      │    └── AccelProbeError
      ├── ImageError             building or reading a guest image failed
+     ├── TlsError               TLS files missing or unusable (kasou.pki)
+     ├── LabError               the lab on this machine (kasou.lab)
      ├── StoreError             the state store failed (HTTP 503)
      │    └── StoreConflict     a compare-and-swap lost a race
      ├── AgentUnavailable       the host agent does not answer (HTTP 503)
@@ -53,6 +57,14 @@ class KasouError(Exception):
 
 class InvalidSpec(KasouError):
     code = "invalid_spec"
+
+
+class InvalidSetting(KasouError, ValueError):
+    """A ``KASOU_*`` environment variable holds a value kasou cannot use: the message names the
+    variable, the value and what is allowed. A server that reads it answers 500 (its own set-up is
+    wrong). It is a ValueError too, for callers that read a setting with ``except ValueError``."""
+
+    code = "invalid_setting"
 
 
 class NotFound(KasouError):

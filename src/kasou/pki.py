@@ -8,6 +8,15 @@ Keys are ECDSA P-256, written with mode 0600. Files of a host (``KASOU_TLS_DIR``
 that made the CA also keeps ``ca.key`` and the bundles it issued under ``issued/HOST/``.
 A hospital's own CA bundle, certificate and key replace them through ``KASOU_CA``,
 ``KASOU_TLS_CERT`` and ``KASOU_TLS_KEY`` (:func:`kasou.config.tls_files`).
+
+Who may call an agent, or forward to the leader, is narrower than "signed by the CA": the CA (above
+all a hospital's) also signs printers and badge readers. A peer is a kasou host when its certificate
+carries kasou's host marker, ``OU=kasou host`` in its subject (every certificate :func:`issue` makes for
+a host has it, so it works before the host is registered), or when one of its SANs names a host of the
+cluster's registry, by name or address (the route for a hospital's own certificates): :func:`peer_refusal`.
+The marker is a subject attribute rather than an extended key usage of kasou's own: kasou has no
+registered OID arc, and an unregistered ``2.25.<UUID>`` one has arcs past 64 bits, which gnutls (QEMU's
+TLS, which loads these same certificates) refuses to parse.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +41,7 @@ from kasou.errors import InvalidSpec, KasouError
 CA_DAYS = 3650
 HOST_DAYS = 825  # renew with `kasou tls issue` (or `kasou tls renew`) before; `kasou tls show` says when
 RENEW_WARN_DAYS = 30
+KASOU_HOST_OU = "kasou host"  # the subject's OU of a kasou host's certificate: what agents and the leader accept
 
 
 class TlsError(KasouError):
@@ -170,12 +181,20 @@ def _sans(ips: list[str], dns: list[str]) -> list[x509.GeneralName]:
 
 
 def issue(
-    ca_dir: Path, host: str, ips: list[str], dns: list[str], out_dir: Path, days: int = HOST_DAYS
+    ca_dir: Path,
+    host: str,
+    ips: list[str],
+    dns: list[str],
+    out_dir: Path,
+    days: int = HOST_DAYS,
+    kasou_host: bool = True,
 ) -> tuple[Path, Path]:
     """Sign a certificate for ``host`` (server and client use) with the CA in ``ca_dir``.
 
     Writes ``out_dir/host.crt``, ``out_dir/host.key`` (0600) and a copy of ``ca.crt``: the
-    directory to install as that host's ``KASOU_TLS_DIR``. Issuing again renews (a new key)."""
+    directory to install as that host's ``KASOU_TLS_DIR``. Issuing again renews (a new key).
+    ``kasou_host``: with kasou's host marker (``OU=kasou host``); without it for a service that is not
+    a kasou host (etcd, a monitoring client), which agents and the leader then refuse."""
     if not host or any(c in host for c in "/\\ ") or host.startswith("."):
         raise InvalidSpec(f"{host!r} is not a host name", field="host")
     ca_cert = load_cert(ca_dir / "ca.crt")
@@ -183,13 +202,12 @@ def issue(
     names = _sans(ips, sorted({host, *dns}))
     key = ec.generate_private_key(ec.SECP256R1())
     not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kasou")]
+    if kasou_host:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, KASOU_HOST_OU))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kasou"), x509.NameAttribute(NameOID.COMMON_NAME, host)]
-            )
-        )
+        .subject_name(x509.Name([*subject, x509.NameAttribute(NameOID.COMMON_NAME, host)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -232,6 +250,57 @@ def sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     except x509.ExtensionNotFound:
         return [], []
     return list(ext.get_values_for_type(x509.DNSName)), [str(i) for i in ext.get_values_for_type(x509.IPAddress)]
+
+
+def is_kasou_host(cert: x509.Certificate) -> bool:
+    """Does the certificate carry kasou's host marker (``OU=kasou host``, put there by :func:`issue`)?"""
+    return any(a.value == KASOU_HOST_OU for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a mutual TLS connection, as its certificate says."""
+
+    subject: str
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+    kasou_host: bool
+
+
+def peer_of(pem: str | bytes) -> Peer:
+    """The peer a (PEM) certificate names; a certificate that cannot be read is a peer of nothing."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    except ValueError:
+        return Peer(subject="an unreadable certificate", dns=(), ips=(), kasou_host=False)
+    dns, ips = sans_of(cert)
+    return Peer(cert.subject.rfc4514_string(), tuple(dns), tuple(ips), is_kasou_host(cert))
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        return text.strip().lower().rstrip(".")
+
+
+def peer_refusal(peer: Peer | None, known: Iterable[str]) -> str | None:
+    """Why ``peer`` may not call (one line), or None when it may: its certificate carries kasou's host
+    marker, or one of its SANs (DNS name or IP address) is a name or address of a known host.
+
+    ``known``: the hosts of the registry (their names and the addresses of their agent URLs)."""
+    if peer is None:
+        return "no client certificate was presented; kasou hosts present theirs (kasou tls issue)"
+    if peer.kasou_host:
+        return None
+    names = {_address(k) for k in known if k}
+    if names & {_address(n) for n in (*peer.dns, *peer.ips)}:
+        return None
+    sans = ", ".join((*peer.dns, *peer.ips)) or "none"
+    return (
+        f"the certificate {peer.subject} (SANs: {sans}) is not a kasou host's: it lacks the kasou host marker "
+        f"(OU={KASOU_HOST_OU}, made by kasou tls issue) and names no registered host"
+    )
 
 
 def info(path: Path) -> CertInfo:
@@ -307,14 +376,15 @@ def server_context(files: TlsFiles, client_certs: str = "required") -> ssl.SSLCo
     return ctx
 
 
-def renew(ca_dir: Path, cert_dir: Path, days: int = HOST_DAYS) -> tuple[Path, Path]:
-    """Issue the certificate in ``cert_dir`` again (same host name and SANs, a new key and expiry)."""
+def renew(ca_dir: Path, cert_dir: Path, days: int = HOST_DAYS, kasou_host: bool = True) -> tuple[Path, Path]:
+    """Issue the certificate in ``cert_dir`` again (same host name and SANs, a new key and expiry); a host's
+    certificate made before kasou's host marker existed gets it."""
     old = load_cert(cert_dir / "host.crt")
     cn = old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not cn:
         raise TlsError(f"{cert_dir / 'host.crt'} has no common name to renew")
     dns, ips = sans_of(old)
-    return issue(ca_dir, str(cn[0].value), ips, dns, cert_dir, days)
+    return issue(ca_dir, str(cn[0].value), ips, dns, cert_dir, days, kasou_host)
 
 
 def trust(files: TlsFiles) -> ssl.SSLContext | bool:

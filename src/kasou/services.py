@@ -12,19 +12,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from kasou.api.auth import ensure_token
-from kasou.config import Paths, api_url
+from kasou.config import Paths, api_url, check_settings, host_name
 from kasou.errors import KasouError, OperationTimeout
 from kasou.hypervisor.qemu import process
 from kasou.pki import trust
 
 AGENT_START_TIMEOUT = 90.0  # the first start of a boot probes KVM (up to 15 s) before listening
 API_START_TIMEOUT = 30.0
+READY_TIMEOUT = 60.0  # after the services answer: until the control plane would place a VM
+READY_MEMORY_MIB = 128  # the smallest VM a ready cluster must have room for
 STOP_TIMEOUT = 15.0
 
 SERVICES = ("agent", "api")
@@ -107,8 +110,66 @@ def _wait(ok: Callable[[], bool], pid: int, timeout: float, service: str, paths:
     raise OperationTimeout(f"the {service} did not answer within {timeout:.0f} s; see {paths.logs}/{service}.log")
 
 
+def not_ready(
+    cluster: dict[str, Any], hosts: list[dict[str, Any]], expected: Iterable[str], memory_mib: int = READY_MEMORY_MIB
+) -> str | None:
+    """Why a ``vm create`` would not be placed yet (None: it would), from the control plane's answers
+    to ``GET /v1/cluster`` and ``GET /v1/hosts``: no leader, a host of ``expected`` not registered or
+    not answering, or no host with room for a VM of ``memory_mib``."""
+    if not cluster.get("leader"):
+        return "no control plane leader is elected yet"
+    by_name = {str(h.get("name")): h for h in hosts}
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        return f"{'hosts' if len(missing) > 1 else 'host'} {', '.join(missing)} not registered with the control plane"
+    down = [n for n in expected if by_name[n].get("state") == "down"]
+    if down:
+        return f"the control plane gets no answer from the agent of {', '.join(down)}"
+    room = [h for h in hosts if h.get("state") == "up" and (h.get("cpus") or 0) > 0
+            and (h.get("memory_free_mib") or 0) >= memory_mib]  # fmt: skip
+    if not room:
+        return f"no host is up with room for a VM of {memory_mib} MiB (in maintenance or full)"
+    return None
+
+
+def wait_ready(
+    ask: Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]],
+    expected: Iterable[str],
+    timeout: float = READY_TIMEOUT,
+    every: float = 0.25,
+) -> float:
+    """Wait until the control plane would place a VM (``ask`` returns its cluster and hosts views, and
+    raises :class:`KasouError` while it cannot answer). Returns the seconds waited; raises
+    :class:`OperationTimeout` with the last reason after ``timeout``."""
+    names = list(expected)
+    t0 = time.monotonic()
+    while True:
+        try:
+            why = not_ready(*ask(), names)
+        except KasouError as e:
+            why = e.message
+        if why is None:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise OperationTimeout(f"the cluster did not accept work within {timeout:.0f} s: {why}")
+        time.sleep(every)
+
+
+def _ask_api(url: str, token: str, paths: Paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=5, verify=trust(paths.tls_files())) as c:
+            cluster, hosts = c.get("/v1/cluster"), c.get("/v1/hosts")
+    except httpx.HTTPError as e:
+        raise KasouError(f"the API at {url} does not answer: {e}") from None
+    if cluster.status_code != 200 or hosts.status_code != 200:
+        raise KasouError(f"the API at {url} answers {cluster.status_code}/{hosts.status_code}")
+    return dict(cluster.json()), list(hosts.json())
+
+
 def up(paths: Paths, api: str | None = None) -> dict[str, str]:
     """Start whatever is not running yet. Returns what was done per service."""
+    check_settings()  # a bad KASOU_* value is refused here, before anything starts
     paths.ensure()
     token = ensure_token(paths.token_file)
     url = api_url(api)
@@ -131,6 +192,8 @@ def up(paths: Paths, api: str | None = None) -> dict[str, str]:
         pid = _spawn(paths, "api", url)
         _wait(lambda: _api_ok(url, token, paths), pid, API_START_TIMEOUT, "api", paths)
         done["api"] = f"started (pid {pid}) at {url}"
+    # Answering is not enough: return once a `vm create` would be placed (this host's agent counted).
+    wait_ready(lambda: _ask_api(url, token, paths), [host_name()], READY_TIMEOUT)
     return done
 
 

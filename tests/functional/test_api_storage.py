@@ -75,6 +75,11 @@ def test_bad_pool_input_changes_nothing(env: Env) -> None:
     for body, words in [
         ({"name": "b", "path": "relative/dir"}, "absolute"),
         ({"name": "b", "path": "/etc"}, "system directory"),
+        ({"name": "b", "path": "/etc/cron.d"}, "system directory /etc"),
+        ({"name": "b", "path": "/etc/systemd/system"}, "system directory /etc"),
+        ({"name": "b", "path": "/root"}, "system directory /root"),
+        ({"name": "b", "path": "/var/lib/kasou"}, "kasou's own directory /var/lib/kasou"),
+        ({"name": "b", "path": "/opt/pools"}, "outside the storage roots (/srv, "),
         ({"name": "a", "path": str(env.tmp / "other")}, "already exists"),
         ({"name": "b", "path": str(env.tmp / "pool-a" / "inner")}, "overlaps pool 'a'"),
         ({"name": "default", "path": str(env.tmp / "d")}, "built-in"),

@@ -22,14 +22,16 @@ from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.api.app import Services, create_app
+from kasou.api.audit import sign_forwarded
 from kasou.api.client import Client
 from kasou.api.server import run_api, tls_config
 from kasou.config import Paths, TlsFiles
 from kasou.control.hosts import Agents
-from kasou.errors import AgentUnavailable
+from kasou.errors import AgentUnavailable, Forbidden
 from kasou.store.sqlite import SqliteStore
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, make_fake_image
+from tests.unit.test_pki import foreign_certificate
 
 
 def free_port() -> int:
@@ -69,13 +71,17 @@ def serve(app: Any, port: int, tls: dict[str, Any]) -> Iterator[None]:
         t.join(10)
 
 
-def fake_agent(tmp_path: Path, host: str) -> Agent:
+def fake_agent(tmp_path: Path, host: str, known: list[str] | None = None) -> Agent:
     images = tmp_path / "images"
     if not images.exists():
         make_fake_image(images)
+
+    async def registry() -> list[str]:
+        return known or []
+
     return Agent(
         host=host, driver=FakeDriver(), disks=LocalDisks(tmp_path / "disks", images), accelerator="tcg",
-        accelerator_reason="test", qemu_version="7.2", images=lambda: ["tiny"],
+        accelerator_reason="test", qemu_version="7.2", images=lambda: ["tiny"], known_hosts=registry,
     )  # fmt: skip
 
 
@@ -119,6 +125,54 @@ def test_agent_refuses_a_client_without_a_certificate(agent_url: str, site: dict
 def test_agent_refuses_a_certificate_of_another_ca(agent_url: str, site: dict[str, TlsFiles]) -> None:
     intruder = pki.client_context(site["h2"].ca, site["intruder"].cert, site["intruder"].key)
     assert not asyncio.run(ping(agent_url, intruder))
+
+
+def test_agent_refuses_a_certificate_of_the_site_ca_that_is_not_a_kasou_host(
+    tmp_path: Path, agent_url: str, site: dict[str, TlsFiles]
+) -> None:
+    """A printer's certificate from the same CA: 403 on every route, the websocket too, and nothing done."""
+    import websockets.sync.client as ws
+
+    printer = foreign_certificate(tmp_path / "ca", "printer", ["127.0.0.1"], ["printer"], tmp_path / "printer")
+    victim = tmp_path / "disks" / "emr" / "disk0.qcow2"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"the lab's disk")
+    pool = tmp_path / "pools" / "stolen"
+    ctx = pki.client_context(site["h2"].ca, printer.cert, printer.key)
+    with httpx.Client(verify=ctx, timeout=5) as c:
+        for method, path, body in (
+            ("GET", "/agent/v1/host", None),
+            ("GET", "/agent/v1/vms", None),
+            ("POST", "/agent/v1/pools/usage", [{"name": "stolen", "path": str(pool)}]),
+            ("POST", "/agent/v1/disks/delete", {"path": str(victim)}),
+        ):
+            r = c.request(method, agent_url + path, json=body)
+            assert r.status_code == 403, (path, r.text)
+            msg = r.json()["message"]
+            assert "CN=printer" in msg and "kasou host" in msg and "\n" not in msg, msg
+    vnc = agent_url.replace("https://", "wss://") + "/agent/v1/vms/emr/vnc"
+    with pytest.raises(Exception, match="403"), ws.connect(vnc, ssl=ctx, open_timeout=5):
+        pass
+    with ws.connect(vnc, ssl=pki.host_client_context(site["h2"]), open_timeout=5):
+        pass  # a host's certificate opens it (the VM has no display: it is closed after that)
+    assert victim.read_bytes() == b"the lab's disk" and not pool.exists()
+    assert not (tmp_path / "pools.json").exists()
+    # the site's host certificate still gets in
+    assert asyncio.run(ping(agent_url, pki.host_client_context(site["h2"])))
+
+
+def test_agent_takes_the_hospitals_certificate_of_a_registered_host(tmp_path: Path, site: dict[str, TlsFiles]) -> None:
+    """The hospital's own PKI has no kasou marker: a certificate naming a host of the registry is taken."""
+    h3 = foreign_certificate(tmp_path / "ca", "h3.hospital.example", ["127.0.0.1"], ["h3.hospital.example"],
+                             tmp_path / "h3")  # fmt: skip
+    printer = foreign_certificate(tmp_path / "ca", "printer", ["127.0.0.1"], ["printer"], tmp_path / "printer")
+    port = free_port()
+    agent = fake_agent(tmp_path, "h1", known=["h2", "h3.hospital.example", "10.88.0.12"])
+    for _ in serve(create_agent_app(agent), port, tls_config(site["h1"], "required")):
+        url = f"https://127.0.0.1:{port}"
+        assert asyncio.run(ping(url, pki.client_context(site["h2"].ca, h3.cert, h3.key)))
+        with pytest.raises(Forbidden, match="CN=printer"):
+            asyncio.run(ping(url, pki.client_context(site["h2"].ca, printer.cert, printer.key)))
 
 
 def test_agent_refuses_plain_http_and_is_verified_by_the_caller(agent_url: str, site: dict[str, TlsFiles]) -> None:
@@ -172,6 +226,30 @@ def test_api_serves_https_verified_with_the_site_ca(api_url: str, site: dict[str
     intruder = pki.client_context(site["h2"].ca, site["intruder"].cert, site["intruder"].key)
     with httpx.Client(verify=intruder, timeout=5) as h, pytest.raises(httpx.TransportError):
         h.get(api_url + "/v1/version")
+
+
+def test_leader_refuses_a_forwarded_call_from_a_certificate_that_is_not_a_kasou_host(
+    tmp_path: Path, api_url: str, site: dict[str, TlsFiles]
+) -> None:
+    printer = foreign_certificate(tmp_path / "ca", "printer", ["127.0.0.1"], ["printer"], tmp_path / "printer")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"name": "lab", "vlan": 120}
+
+    def forwarded(method: str, path: str) -> dict[str, str]:
+        return {**auth, **sign_forwarded(TOKEN, "10.9.8.7", method, path)}
+
+    ctx = pki.client_context(site["h2"].ca, printer.cert, printer.key)
+    with httpx.Client(verify=ctx, timeout=5) as h:
+        for method in ("GET", "POST"):
+            sent = body if method == "POST" else None
+            r = h.request(method, api_url + "/v1/networks", headers=forwarded(method, "/v1/networks"), json=sent)
+            assert r.status_code == 403, r.text
+            assert "CN=printer" in r.json()["message"] and "forwarded" in r.json()["message"], r.text
+        assert h.get(api_url + "/v1/version", headers=auth).status_code == 200  # not forwarded: the token decides
+    with httpx.Client(verify=pki.client_context(site["h2"].ca), timeout=5) as h:  # no certificate at all
+        assert h.post(api_url + "/v1/networks", headers=forwarded("POST", "/v1/networks"), json=body).status_code == 403
+    with httpx.Client(verify=pki.host_client_context(site["h2"]), timeout=5) as h:  # a follower: its host certificate
+        assert h.get(api_url + "/v1/networks", headers=forwarded("GET", "/v1/networks")).json() == []  # none made
 
 
 def test_api_client_refuses_a_server_the_site_ca_does_not_vouch_for(api_url: str, site: dict[str, TlsFiles]) -> None:

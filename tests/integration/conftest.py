@@ -186,6 +186,7 @@ class Kasou:
     home: Path
     api: str
     env: dict[str, str] = field(default_factory=dict)
+    pools: Path = Path("/nonexistent")  # its storage root (KASOU_STORAGE_ROOTS): pools go there, not in the home
 
     @property
     def paths(self) -> Paths:
@@ -229,10 +230,12 @@ class Kasou:
 @pytest.fixture
 def kasou(tiny_image: Path) -> Iterator[Kasou]:
     home = Path(tempfile.mkdtemp(prefix="kasou-t-", dir="/tmp"))
+    pools = Path(tempfile.mkdtemp(prefix="kasou-pools-", dir="/tmp"))
     api = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, KASOU_HOME=str(home), KASOU_API=api, KASOU_IMAGES=str(tiny_image))
+    env = dict(os.environ, KASOU_HOME=str(home), KASOU_API=api, KASOU_IMAGES=str(tiny_image),
+               KASOU_STORAGE_ROOTS=str(pools))  # fmt: skip
     env.pop("KASOU_TOKEN", None)
-    k = Kasou(home, api, env)
+    k = Kasou(home, api, env, pools)
     try:
         k.run("up", timeout=120)
         yield k
@@ -252,3 +255,4 @@ def kasou(tiny_image: Path) -> Iterator[Kasou]:
                 time.sleep(0.05)
         shutil.rmtree(k.paths.vm_run, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(pools, ignore_errors=True)

@@ -198,6 +198,20 @@ def lab() -> Iterator[Lab]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_up_returns_when_the_cluster_accepts_work(lab: Lab) -> None:
+    """The first test after up: every host's API names the same leader, which counts all three agents up
+    with room (a `vm create --start` once failed right after up: "no host agent answers; is kasou up?")."""
+    ca = ssl.create_default_context(cafile=str(lab.dir / "tls" / "ca.crt"))
+    headers = {"Authorization": f"Bearer {lab.token}"}
+    with httpx.Client(timeout=5, verify=ca, headers=headers) as c:
+        leaders = {h: c.get(f"https://{ADDRESS[h]}:{API_PORT}/v1/cluster").json()["leader"] for h in HOSTS}
+        assert len(set(leaders.values())) == 1 and None not in leaders.values(), leaders
+        leader = leaders["h1"]
+        hosts = c.get(f"https://{ADDRESS[leader]}:{API_PORT}/v1/hosts").json()
+    assert sorted(h["name"] for h in hosts if h["state"] == "up" and h["memory_free_mib"] >= 128) == list(HOSTS)
+    assert "cluster: leader elected, 3 agents registered" in lab.up_output, lab.up_output
+
+
 def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab: Lab) -> None:
     print(f"lab up --hosts 3: {lab.up_seconds:.1f} s\n{lab.up_output}")
     assert set(klab_links()) == {"klab0", "klab-vm", *(f"klab-{h}" for h in HOSTS), *(f"klabv-{h}" for h in HOSTS)}

@@ -26,7 +26,7 @@ def _gaps(values: list[int]) -> list[int]:
 def test_lose_a_copy_then_rebuild_online(kasou: Kasou) -> None:
     k = kasou
     for p in ("a", "b", "c"):
-        k.run("pool", "create", p, "--path", str(k.home / f"pool-{p}"))
+        k.run("pool", "create", p, "--path", str(k.pools / f"pool-{p}"))
     k.run("vm", "create", "emr", "--image", "tiny", "--mirror", "a,b", "--start")
     k.wait_ready("emr")
     k.wait_for("writes", lambda: len(k.seqs("emr")) >= 5)

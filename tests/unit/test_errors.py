@@ -28,3 +28,20 @@ def test_round_trip_over_http() -> None:
 
 def test_messages_are_one_line() -> None:
     assert E.KasouError("a\nb   c").message == "a b c"
+
+
+def test_docstrings_name_modules_that_exist() -> None:
+    """A ``:mod:`` reference in kasou's docstrings (errors.py's names the HTTP mapping's home) resolves."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    import kasou
+
+    root = Path(kasou.__file__).parent
+    missing = []
+    for path in sorted(root.rglob("*.py")):
+        for mod in re.findall(r":mod:`~?(kasou[\w.]*)`", path.read_text()):
+            if importlib.util.find_spec(mod) is None:
+                missing.append(f"{path.relative_to(root)}: {mod}")
+    assert not missing, missing

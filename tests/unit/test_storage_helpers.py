@@ -61,6 +61,35 @@ def test_pool_paths(path: str, ok: bool) -> None:
             validate_pool_path(path)
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/var/lib/kasou", "/var/lib/kasou/pools", "/etc/cron.d", "/root", "/root/pools", "/etc/systemd/system",
+     "/var", "/var/lib", "/usr/local/pools", "/boot/pools", "/home/pools", "/opt/pools", "/srv/kasou-home",
+     "/srv/kasou-home/pools", "/srv", "/mnt/images/tiny", "/etc/pools", "/run/pools"],
+)  # fmt: skip
+def test_pool_paths_only_under_the_storage_roots_and_clear_of_system_and_kasou_directories(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KASOU_STORAGE_ROOTS", "/srv:/mnt:/etc:/run")  # a root over a system directory opens nothing
+    monkeypatch.setenv("KASOU_HOME", "/srv/kasou-home")
+    monkeypatch.setenv("KASOU_IMAGES", "/mnt/images")
+    with pytest.raises(InvalidSpec) as e:
+        validate_pool_path(path)
+    msg = e.value.message
+    assert path in msg and "/srv, /mnt" in msg and "\n" not in msg, msg
+    assert e.value.to_dict()["details"] == {"field": "path"}
+    for good in ("/srv/ssd", "/mnt/nas/kasou", "/srv/kasou-pools"):
+        assert validate_pool_path(good) == good
+
+
+def test_the_default_storage_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KASOU_STORAGE_ROOTS")
+    for good in ("/srv/ssd", "/var/lib/kasou-pools/fast", "/mnt/nas", "/media/usb"):
+        assert validate_pool_path(good) == good
+    with pytest.raises(InvalidSpec, match=r"/tmp/p is outside the storage roots \(/srv, /var/lib/kasou-pools"):
+        validate_pool_path("/tmp/p")
+
+
 def test_pool_create_rules() -> None:
     assert overlaps("/srv/a", "/srv/a/b") and overlaps("/srv/a", "/srv/a") and not overlaps("/srv/a", "/srv/ab")
     for bad in ({"overcommit": 0.9}, {"overcommit": float("inf")}, {"warn_free_pct": 95}, {"capacity": "lots"},

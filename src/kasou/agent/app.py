@@ -2,11 +2,16 @@
 
 Routes are under ``/agent/v1``. On a single host it listens on a unix socket
 that only root can open; that socket's permissions are its authentication.
+On TCP it serves mutual TLS, and answers only kasou hosts (:mod:`kasou.peers`): a
+certificate of the site CA that carries kasou's host marker or names a host of the
+registry; anything else the CA signed gets 403.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +25,7 @@ from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
-from kasou.agent.pools import PoolRef, PoolUsage
+from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
 from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
@@ -50,7 +55,10 @@ from kasou.hypervisor.snapshots import (
     SnapshotTaken,
 )
 from kasou.hypervisor.stats import StatsReport, host_stats
+from kasou.peers import KasouPeers, KnownHosts
 from kasou.wire import install_error_handlers
+
+log = logging.getLogger("kasou.agent")
 
 
 class Agent:
@@ -67,6 +75,7 @@ class Agent:
         images: Callable[[], list[str]],
         migration_address: str = "127.0.0.1",
         backup_dir: Path | None = None,
+        known_hosts: KnownHosts | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -77,6 +86,20 @@ class Agent:
         self.images = images
         self.migration_address = migration_address  # where this host listens for incoming migrations
         self.backup_dir = backup_dir or disks.disks_dir.parent / "backups"  # KASOU_BACKUP_DIR
+        # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
+        self.known_hosts: KnownHosts = known_hosts or _no_hosts
+
+    def private_dirs(self) -> list[Path]:
+        """The directories that hold guests' data: disks, shared storage, the pools it knows, backups."""
+        dirs = [self.disks.disks_dir, self.disks.shared_dir, *self.disks.pools.roots(), self.backup_dir]
+        return [d for d in dirs if d is not None]
+
+    def make_private(self) -> None:
+        """Each of its directories 0700: one that is group- or world-accessible is fixed and logged; one that
+        cannot be fixed is an error (the agent does not start)."""
+        for d in self.private_dirs():
+            if d.is_dir() and (old := make_private(d)) is not None:
+                log.warning("%s was mode %s: made it 0700 (guests' disks and backups are root's only)", d, oct(old))
 
     async def host_info(self) -> HostInfo:
         total, avail = memory_mib()
@@ -95,18 +118,28 @@ class Agent:
         )
 
 
+async def _no_hosts() -> list[str]:
+    return []
+
+
 def create_agent_app(agent: Agent) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await agent.driver.attach_all()
+        umask = os.umask(PRIVATE_UMASK)  # every mode: what it, QEMU and qemu-img make is root's only
         try:
-            yield
+            agent.make_private()
+            await agent.driver.attach_all()
+            try:
+                yield
+            finally:
+                # The VMs keep running: the agent only stops watching them.
+                await agent.driver.close()
         finally:
-            # The VMs keep running: the agent only stops watching them.
-            await agent.driver.close()
+            os.umask(umask)
 
     app = FastAPI(title="kasou host agent", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(KasouPeers, known_hosts=agent.known_hosts)  # over TLS: kasou hosts only
     d = agent.driver
 
     @app.get("/agent/v1/host")

@@ -45,7 +45,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ import httpx
 from kasou.config import HaTimes, Paths
 from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
+from kasou.peers import registry_names
 from kasou.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,6 @@ class Protected:
             while gone is not None and process.alive(gone) and time.monotonic() < deadline:
                 time.sleep(0.01)
         return killed
-
-
-def fenced_note(vm_dir: Path) -> str | None:
-    """Why the guard killed the VM whose run directory this is, if it did."""
-    try:
-        note = json.loads((vm_dir / "fenced.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return f"fenced by its host's guard: {note.get('reason', 'lease lost')}"
 
 
 class HostGuard:
@@ -320,15 +312,6 @@ class HostGuard:
         finally:
             self._stop.set()
 
-    async def withdraw(self) -> None:
-        """Leave the cluster at once (the host is being shut down cleanly, its VMs stopped)."""
-        if self.lease is not None:
-            with contextlib.suppress(KasouError):
-                await self.store.revoke(self.lease)
-            self.lease = None
-            with contextlib.suppress(FileNotFoundError):
-                self._state_file().unlink()
-
 
 async def probe_member(endpoint: str, metrics: str | None = None, tls: ssl.SSLContext | None = None) -> str:
     """``no-leader`` (it answers and has none), ``dead`` (connection refused), or ``unknown``.
@@ -470,3 +453,31 @@ def run_guard(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+REGISTRY_FRESH_S = 5.0
+
+
+def host_registry(
+    endpoints: list[str], tls: ssl.SSLContext | None = None, fresh_s: float = REGISTRY_FRESH_S
+) -> Callable[[], Awaitable[list[str]]]:
+    """The names and agent addresses of the hosts registered in etcd (``hosts/<name>``), read at most every
+    ``fresh_s`` seconds: whom an agent answers when a peer's certificate lacks kasou's host marker
+    (a hospital's own certificates, :mod:`kasou.peers`). When etcd does not answer, the last list read."""
+    cache: dict[str, Any] = {"at": -fresh_s, "names": []}
+
+    async def names() -> list[str]:
+        if time.monotonic() - cache["at"] < fresh_s:
+            return list(cache["names"])
+        store = EtcdStore(endpoints, timeout=3.0, tls=tls)
+        try:
+            entries = await store.range("hosts/")
+            cache["names"] = registry_names((e.key.split("/", 1)[1], e.value) for e in entries)
+            cache["at"] = time.monotonic()
+        except KasouError as e:
+            log.warning("cannot read the host registry (%s); using the last one read", e)
+        finally:
+            await store.close()
+        return list(cache["names"])
+
+    return names

@@ -9,13 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import stat
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from kasou.errors import InvalidSpec, KasouError
 from kasou.model.pools import DEFAULT_POOL, validate_pool_path
 from kasou.model.spec import validate_name
+
+log = logging.getLogger(__name__)
+
+PRIVATE_UMASK = 0o077  # every agent: the files it and its QEMU and qemu-img make are root's only
+PRIVATE_DIR = 0o700
+
+
+def make_private(d: Path) -> int | None:
+    """Force directory ``d`` to 0700: its former mode if it had to, None if it was private already.
+    KasouError when it cannot (a file system that refuses chmod, e.g. a root-squashed NFS mount)."""
+    try:
+        old = stat.S_IMODE(d.stat().st_mode)
+        if old & 0o077 == 0:
+            return None
+        os.chmod(d, (old & ~0o077) | PRIVATE_DIR)
+        if stat.S_IMODE(d.stat().st_mode) & 0o077:
+            raise OSError(f"its mode stays {oct(stat.S_IMODE(d.stat().st_mode))}")
+    except OSError as e:
+        raise KasouError(f"cannot make {d} private to root (0700): {e}; fix its mode or mount options") from None
+    return old
 
 
 class PoolRef(BaseModel):
@@ -40,6 +63,7 @@ class PoolRegistry:
     def __init__(self, file: Path, default_dir: Path) -> None:
         self.file = file
         self.default_dir = default_dir
+        self._refused: set[tuple[str, str]] = set()
 
     def _load(self) -> dict[str, str]:
         try:
@@ -78,7 +102,17 @@ class PoolRegistry:
             tmp.replace(self.file)
 
     def roots(self) -> list[Path]:
-        return [Path(p) for p in self._load().values()]
+        """The pools' directories; one that is no longer allowed (outside the storage roots, over a system
+        or kasou directory: a pools.json of before) is left out, and said so once."""
+        out = []
+        for name, p in self._load().items():
+            try:
+                out.append(Path(validate_pool_path(p)))
+            except InvalidSpec as e:
+                if (name, p) not in self._refused:
+                    self._refused.add((name, p))
+                    log.warning("pool %s is not a disk directory here: %s", name, e.message)
+        return out
 
 
 def usage(name: str, path: Path, create: bool = True) -> PoolUsage:
@@ -88,6 +122,10 @@ def usage(name: str, path: Path, create: bool = True) -> PoolUsage:
             path.mkdir(parents=True, exist_ok=True)
     if not path.is_dir():
         return PoolUsage(name=name, path=str(path), exists=False, writable=False, error=f"{path} is not a directory")
+    try:
+        make_private(path)  # a pool holds guests' disks: root's only, like the disk directory
+    except KasouError as e:
+        return PoolUsage(name=name, path=str(path), exists=True, writable=False, error=e.message)
     try:
         st = os.statvfs(path)
     except OSError as e:

@@ -47,6 +47,7 @@ from kasou.control.vms import VMService, VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
+from kasou.peers import KasouPeers, forwarded, registry_names
 from kasou.store.base import Store
 from kasou.web import SecurityHeaders, web_routes
 from kasou.wire import install_error_handlers
@@ -215,6 +216,15 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             return JSONResponse(err.to_dict(), status_code=503)
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
+    async def registered_hosts() -> list[str]:
+        agents = state["svc"].agents if "svc" in state else None
+        if agents is None:
+            return []
+        await agents.refresh()
+        return registry_names((h, agents.record(h)) for h in agents.known())
+
+    # a forwarded change comes from a kasou host's certificate, not from anything the site CA signed (kasou.peers)
+    app.add_middleware(KasouPeers, known_hosts=registered_hosts, applies=forwarded, what="a forwarded call: ")
     app.add_middleware(BodyLimit)  # bodies over 1 MiB: 413 (kasou.api.limits), inside the audit so it is recorded
     app.middleware("http")(audit_middleware(lambda: state.get("svc"), token))  # every change recorded (kasou.api.audit)
 

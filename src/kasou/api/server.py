@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from kasou import peers
 from kasou.agent import guard
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
@@ -59,7 +60,7 @@ def tls_config(files: TlsFiles, client_certs: str) -> dict[str, Any]:
     def factory(_config: uvicorn.Config, _default: Any) -> ssl.SSLContext:
         return ctx
 
-    return {"ssl_context_factory": factory}
+    return {"ssl_context_factory": factory, **peers.uvicorn_options()}  # the client certificate reaches the app
 
 
 TRUSTED_PROXIES_ENV = "KASOU_TRUSTED_PROXIES"
@@ -133,6 +134,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
 
     # With this host's TLS files, QEMU's migration and NBD streams to other hosts are TLS too.
     qemu_tls = qemu_tls_dir(paths.tls_files(), paths.run)
+    etcd = etcd_endpoints()
     driver = QemuDriver(
         run_dir=paths.vm_run, serial_log_dir=paths.logs / "serial", images_dir=paths.images,
         accelerator=decision.accelerator, network=HostNetwork(uplink()), tls_dir=qemu_tls,
@@ -148,6 +150,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         # Migration streams and NBD exports listen on the address the agent serves on.
         migration_address=_listen_host(listen) or "127.0.0.1",
         backup_dir=paths.backups,
+        known_hosts=guard.host_registry(etcd, etcd_tls(paths, etcd)) if tcp and etcd else None,  # kasou.peers
     )
     app = create_agent_app(agent)
     if listen and not listen.startswith("unix:"):

@@ -26,7 +26,7 @@ from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
 from kasou.cli.tls import tls_app
 from kasou.cli.users import user_app
-from kasou.config import Paths
+from kasou.config import Paths, check_settings
 from kasou.errors import KasouError
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -110,6 +110,7 @@ def agent(
     """Run this host's agent in the foreground."""
     from kasou.api.server import run_agent
 
+    check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_agent(Paths.from_env(), listen)
 
 
@@ -118,6 +119,7 @@ def agent_guard() -> None:
     """Run this host's guard (cluster lease, self-fencing); the agent starts it."""
     from kasou.api.server import run_guard
 
+    check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_guard(Paths.from_env())
 
 
@@ -129,6 +131,7 @@ def serve(
     """Run the control plane and REST API in the foreground."""
     from kasou.api.server import run_api
 
+    check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_api(Paths.from_env(), address, plain_http)
 
 
@@ -213,8 +216,13 @@ def host_maintenance(
         return
     if wait and res["job"]:
         job = follow(c, res["job"], f"emptying {name}", timeout=3600)
-        moved = (job.get("result") or {}).get("moved", [])
-        out.print(f"host {name}: in maintenance, {len(moved)} VMs moved", markup=False, highlight=False)
+        result = job.get("result") or {}
+        moved = result.get("moved", [])
+        retried = result.get("retried") or {}
+        again = f" ({len(retried)} after more than one attempt)" if retried else ""
+        out.print(f"host {name}: in maintenance, {len(moved)} VMs moved{again}", markup=False, highlight=False)
+        for w in result.get("warnings") or []:
+            err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
     else:
         out.print(f"host {name}: entering maintenance (job {res['job']['id']})", markup=False, highlight=False)
 
@@ -411,6 +419,8 @@ def vm_migrate(
         markup=False,
         highlight=False,
     )
+    for w in r.get("warnings") or []:  # e.g. its old copy could not be ended: an operator must act
+        err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
 
 
 @vm_app.command("template")

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from kasou import pki
 from kasou.cli.common import out, say
@@ -40,12 +41,18 @@ def tls_issue(
     dns: list[str] = typer.Option([], "--dns", help="More DNS names (repeat); the host's name is always one."),
     days: int = typer.Option(pki.HOST_DAYS, "--days"),
     out_dir: Path = typer.Option(None, "--out", help="Where to write (default: KASOU_TLS_DIR/issued/HOST)."),
+    service: bool = typer.Option(
+        False, "--service", help="For a service that is not a kasou host (etcd, monitoring): no kasou host marker."
+    ),
 ) -> None:
-    """Sign a certificate for HOST (server and client use) with the site CA; issuing again renews it."""
+    """Sign a certificate for HOST (server and client use) with the site CA; issuing again renews it.
+
+    A host's certificate carries kasou's host marker (OU=kasou host): agents and the leader answer only
+    certificates with it (or naming a registered host), not everything the CA signed."""
     d = Paths.from_env().tls_dir
     target = out_dir or d / "issued" / host
-    crt, key = pki.issue(d, host, ip, dns, target, days)
-    say(f"host {host}: {crt}, {key} (0600), {target / 'ca.crt'}")
+    crt, key = pki.issue(d, host, ip, dns, target, days, kasou_host=not service)
+    say(f"{'service' if service else 'host'} {host}: {crt}, {key} (0600), {target / 'ca.crt'}")
     say(f"install: copy {target}/ to {host}'s KASOU_TLS_DIR (default /var/lib/kasou/tls), mode 0700")
 
 
@@ -53,11 +60,13 @@ def tls_issue(
 def tls_renew(
     host: str = typer.Argument(None, help="An issued host (default: this host's own certificate)."),
     days: int = typer.Option(pki.HOST_DAYS, "--days"),
+    service: bool = typer.Option(False, "--service", help="A service's certificate: no kasou host marker."),
 ) -> None:
-    """Issue a certificate again with the same names and addresses, a new key and a new expiry."""
+    """Issue a certificate again with the same names and addresses, a new key and a new expiry (a host's
+    certificate made before kasou's host marker existed gets it)."""
     d = Paths.from_env().tls_dir
     target = d if host is None else d / "issued" / host
-    crt, _ = pki.renew(d, target, days)
+    crt, _ = pki.renew(d, target, days, kasou_host=not service)
     c = pki.info(crt)
     say(f"{crt}: renewed, valid until {c.not_after:%Y-%m-%d} ({c.days_left} days); restart kasou to use it")
 
@@ -87,16 +96,20 @@ def tls_show(as_json: bool = typer.Option(False, "--json")) -> None:
             "role": role, "path": str(path), "subject": c.subject, "issuer": c.issuer,
             "not_after": c.not_after.isoformat(), "days_left": c.days_left, "sha256": c.sha256,
             "dns": c.dns, "ips": c.ips, "verified_by_ca": verified,
+            "kasou_host": role != "ca" and pki.is_kasou_host(pki.load_cert(path)),
         })  # fmt: skip
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    t = Table("role", "subject", "SANs", "expires", "SHA-256", "chain")
+    t = Table("role", "subject", "SANs", "expires", "SHA-256", "chain", "kasou host")
     for r in rows:
         if r.get("missing"):
-            t.add_row(r["role"], f"missing: {r['path']}", "", "", "", "")
+            t.add_row(r["role"], f"missing: {r['path']}", "", "", "", "", "")
             continue
         left = r["days_left"]
         expiry = f"{r['not_after'][:10]} ({left} d{', RENEW' if left < pki.RENEW_WARN_DAYS else ''})"
-        t.add_row(r["role"], r["subject"], ", ".join(r["dns"] + r["ips"]), expiry, r["sha256"], r["verified_by_ca"])
+        marker = "" if r["role"] == "ca" else ("yes" if r["kasou_host"] else "no")
+        # Text: a fingerprint is not markup (":CD:" would print as an emoji)
+        t.add_row(r["role"], Text(r["subject"]), ", ".join(r["dns"] + r["ips"]), expiry, Text(r["sha256"]),
+                  Text(r["verified_by_ca"]), marker)  # fmt: skip
     out.print(t)

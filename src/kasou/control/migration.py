@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kasou.config import maintenance_retry
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.hosts import HostView, flags_key, maintenance_hosts
@@ -310,10 +311,12 @@ class Migrations:
             detail += f", downtime {status.downtime_ms} ms, total {status.total_ms} ms"
         await self.vms.ledger.record(name, LedgerEvent.MIGRATED, target, detail, from_host=source)
         await ctx.progress(0.96, f"cleaning up {source}")
-        await self._finish_source(name, source, [d.path for d in rec.disks if copy and not d.shared and d.path])
+        old_disks = [d.path for d in rec.disks if copy and not d.shared and d.path]
+        warnings = await self._finish_source(name, source, target, old_disks)
         mirrors = await self.vms.mirrors.remirror(ctx, name, remirror) if remirror else {}
         return {
             **({"mirrors": mirrors} if mirrors else {}),
+            **({"warnings": warnings} if warnings else {}),
             "vm": name,
             "from": source,
             "to": target,
@@ -362,22 +365,49 @@ class Migrations:
             log.error("aborting the migration of %s on its source failed: %s", name, e.message)
             return await self._runs_on(src, name) and not finishing
 
-    async def _finish_source(self, name: str, source: str | None, old_disks: list[str]) -> None:
+    async def _finish_source(self, name: str, source: str | None, target: str, old_disks: list[str]) -> list[str]:
+        """End the source's copy (paused since the migration completed) and delete its old disk files.
+
+        Returns warnings for the job's result: an old copy that could not be ended (or whose state is
+        unknown) is also an operator event, and its disk files stay until someone ends it. It must never
+        run again: the VM runs on ``target`` now."""
         src = self.agents.get(source)
         try:
             await src.finish_out(name)
         except KasouError as e:
-            # The source copy is paused (post-migration) and must not stay: stop it hard.
             log.error("finishing %s on %s failed (%s); stopping the source copy", name, source, e.message)
-            with contextlib.suppress(KasouError):
-                await src.action(name, "stop")
-            with contextlib.suppress(KasouError):
-                await src.forget(name)
+            left = await self._end_old_copy(src, name)
+            if left is not None:
+                twice = " AND RUNNING: the VM runs twice" if left == RuntimeState.RUNNING.value else ""
+                msg = (
+                    f"VM {name!r} runs on {target}, but its old copy on {source} could not be ended "
+                    f"({e.message}); that copy is {left} there{twice}. It must never run again: end its QEMU "
+                    f"on {source} (kasou keeps its disk files there until then)"
+                )
+                await self.vms.events.emit("migration_source_left", f"vm/{name}", msg, "error")
+                return [msg]
         for path in old_disks:
             try:
                 await src.delete_disk(path)
             except KasouError as e:
                 log.error("could not delete %s on %s after migrating %s: %s", path, source, name, e.message)
+        return []
+
+    async def _end_old_copy(self, src: AgentClient, name: str) -> str | None:
+        """Stop a source copy that ``finish_out`` did not end. None: it is gone; else its state (or why unknown)."""
+        with contextlib.suppress(KasouError):
+            await src.action(name, "stop")
+        try:
+            info = await src.info(name)
+        except NotFound:
+            return None
+        except KasouError as e:
+            return f"in an unknown state (its host does not say: {e.message})"
+        if info is None or info.state in (RuntimeState.EXITED, RuntimeState.CRASHED):
+            with contextlib.suppress(KasouError):
+                await src.forget(name)
+            return None
+        return str(info.state.value)
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -416,23 +446,37 @@ class Migrations:
         return plan
 
     async def _evacuate(self, ctx: JobContext, host: str, plan: dict[str, str]) -> dict[str, Any]:
+        """Move every planned VM off ``host``; a move that fails is tried again with back-off (a busy
+        host's QMP answers late, a destination is briefly short of room) within the bounds of
+        :func:`kasou.config.maintenance_retry`; only then is what is left reported, with its reason."""
+        policy = maintenance_retry()
+        deadline = time.monotonic() + policy.total_s
         total = len(plan)
         done: list[str] = []
         failed: dict[str, str] = {}
+        attempts: dict[str, int] = {}
+        warnings: list[str] = []
         sem = asyncio.Semaphore(MAINTENANCE_PARALLEL)
 
-        async def move(name: str, target: str) -> None:
-            async with sem:
-                try:
-                    job = await self.migrate(name, to=target)
-                    rec = await self.vms.jobs.wait(job.id, MIGRATION_TIMEOUT_S + 60)
-                    if rec.error:
-                        failed[name] = rec.error.get("message", "failed")
-                    else:
-                        done.append(name)
-                except KasouError as e:
-                    failed[name] = e.message
-                await ctx.progress(len(done) / max(total, 1), f"{len(done)}/{total} VMs moved off {host}")
+        async def move(name: str, target: str | None) -> None:
+            while True:
+                attempts[name] = attempts.get(name, 0) + 1
+                async with sem:
+                    why = await self._move_off(name, host, target, warnings)
+                if why is None:
+                    done.append(name)
+                    break
+                n = attempts[name]
+                wait = policy.backoff(n)
+                if n >= policy.attempts or time.monotonic() + wait > deadline:
+                    failed[name] = why if n == 1 else f"{why} (tried {n} times)"
+                    break
+                log.warning("maintenance of %s: moving %s failed (%s); attempt %d in %.0f s", host, name, why,
+                            n + 1, wait)  # fmt: skip
+                await ctx.progress(len(done) / max(total, 1), f"{name}: move {n} failed, again in {wait:.0f} s")
+                await asyncio.sleep(wait)
+                target = None  # the next attempt goes where the scheduler puts it now
+            await ctx.progress(len(done) / max(total, 1), f"{len(done)}/{total} VMs moved off {host}")
 
         await ctx.progress(0.0, f"moving {total} VMs off {host}")
         await asyncio.gather(*(move(n, t) for n, t in plan.items()))
@@ -442,8 +486,40 @@ class Migrations:
                 f"{len(failed)} of {total} VMs could not leave {host} (e.g. {first[0]}: {first[1]}); "
                 f"it stays in maintenance",
                 failed=failed,
+                moved=sorted(done),
+                **({"warnings": warnings} if warnings else {}),
             )
-        return {"host": host, "moved": sorted(done), "plan": plan}
+        retried = {n: a for n, a in sorted(attempts.items()) if a > 1}
+        return {
+            "host": host,
+            "moved": sorted(done),
+            "plan": plan,
+            **({"retried": retried} if retried else {}),
+            **({"warnings": warnings} if warnings else {}),
+        }
+
+    async def _move_off(self, name: str, host: str, target: str | None, warnings: list[str]) -> str | None:
+        """One attempt to migrate ``name`` off ``host``: None once it no longer runs there, else why not."""
+        try:
+            rec = await self.vms.records.get(name)
+        except NotFound:
+            return None  # deleted meanwhile: nothing to move
+        if rec.host != host or rec.state not in _RUNNING:
+            return None  # moved or stopped meanwhile
+        try:
+            try:
+                job = await self.migrate(name, to=target)
+            except InsufficientResources:
+                if target is None:
+                    raise
+                job = await self.migrate(name)  # the planned host filled up: wherever there is room now
+            rec_job = await self.vms.jobs.wait(job.id, MIGRATION_TIMEOUT_S + 60)
+        except KasouError as e:
+            return e.message
+        if rec_job.error:
+            return str(rec_job.error.get("message", "failed"))
+        warnings.extend((rec_job.result or {}).get("warnings", []))
+        return None
 
 
 _RUNNING = (VMState.RUNNING, VMState.PAUSED, VMState.MIGRATING, VMState.STARTING, VMState.SHUTTING_DOWN)

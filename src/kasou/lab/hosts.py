@@ -37,7 +37,8 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
 Each service runs as ``ip netns exec klab-h{i} <python> -m kasou ...`` in its own session,
 with ``KASOU_HOME``, ``KASOU_HOST_NAME=h{i}``, ``KASOU_IMAGES`` (the caller's),
 ``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``,
-``KASOU_API`` (its own https URL) and ``KASOU_UPLINK=vmnet0``; ``KASOU_ACCEL`` passes through only if
+``KASOU_API`` (its own https URL), ``KASOU_UPLINK=vmnet0`` and ``KASOU_STORAGE_ROOTS`` (the caller's, and
+``LAB``: pools in the lab's directory); ``KASOU_ACCEL`` passes through only if
 the caller set it. The agents make the VM networks' bridges, VLAN ports and taps inside their own
 namespaces, which go with them; a VM's private addresses never leave the lab's namespaces and
 its ``klab-vm`` bridge.
@@ -71,12 +72,13 @@ import httpx
 
 from kasou import pki
 from kasou.api.auth import ensure_token
-from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles
+from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles, storage_roots
 from kasou.errors import InvalidSpec, KasouError, NotFound
 from kasou.hypervisor.qemu import process
 from kasou.lab import net
 from kasou.lab.etcd import EtcdCluster
 from kasou.lab.net import LabError
+from kasou.services import wait_ready
 
 DEFAULT_LAB_DIR = Path("/var/lib/kasou/lab")
 STATE_FILE = "lab.json"
@@ -262,8 +264,30 @@ def probe(h: LabHost, service: str, token: str | None, timeout: float = 2.0) -> 
     """HTTP status of the service's health URL, asked from inside the host's namespace (so it
     answers whether or not the host is partitioned) over TLS as the host itself (its certificate,
     which the agent requires); None if nothing answers."""
-    port = AGENT_PORT if service == "agent" else API_PORT
     path = "/agent/v1/ping" if service == "agent" else "/v1/version"
+    answer = _get(h, service, path, token, timeout, head_only=True)
+    return None if answer is None else answer[0]
+
+
+def api_get(h: LabHost, path: str, token: str, timeout: float = 5.0) -> Any:
+    """The JSON a host's API answers to ``GET path`` (asked as :func:`probe` asks); a KasouError if none."""
+    answer = _get(h, "api", path, token, timeout)
+    if answer is None:
+        raise LabError(f"the API of {h.name} does not answer")
+    status, body = answer
+    if status != 200:
+        raise LabError(f"the API of {h.name} answers {status} to GET {path}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise LabError(f"the API of {h.name} answers GET {path} with something that is not JSON") from None
+
+
+def _get(
+    h: LabHost, service: str, path: str, token: str | None, timeout: float, head_only: bool = False
+) -> tuple[int, bytes] | None:
+    """(status, body) of ``GET path`` on the host's agent or API from inside its namespace; None if no answer."""
+    port = AGENT_PORT if service == "agent" else API_PORT
     auth = f"Authorization: Bearer {token}\r\n" if token and service == "api" else ""
     request = f"GET {path} HTTP/1.1\r\nHost: {h.address}:{port}\r\n{auth}Connection: close\r\n\r\n"
     if not net.netns_exists(h.netns):
@@ -279,17 +303,33 @@ def probe(h: LabHost, service: str, token: str | None, timeout: float = 2.0) -> 
             sock.connect((h.address, port))
             with ctx.wrap_socket(sock, server_hostname=h.address) as tls:
                 tls.sendall(request.encode())
-                while b"\r\n" not in data and len(data) < 4096:
-                    chunk = tls.recv(1024)
+                while len(data) < (4096 if head_only else 16 * 1024 * 1024):
+                    if head_only and b"\r\n" in data:
+                        break
+                    chunk = tls.recv(65536)
                     if not chunk:
                         break
                     data += chunk
         except (OSError, KasouError):
             return None
     status = data.split(b"\r\n", 1)[0].split()
-    if len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].isdigit():
-        return int(status[1])
-    return None
+    if not (len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].isdigit()):
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return int(status[1]), body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out, body = out + rest[:size], rest[size + 2 :]
+    return out
 
 
 # -- the lab --------------------------------------------------------------------------------------
@@ -506,6 +546,9 @@ class Lab:
         t_services = time.monotonic()
         self._wait_answering(st, token, timeout)
         report.append(f"services: all answer after {time.monotonic() - t_services:.1f} s")
+        # Answering is not accepting work: wait until the leader counts every agent and would place a VM.
+        waited = wait_ready(lambda: self._views(st, token), [h.name for h in st.hosts], timeout)
+        report.append(f"cluster: leader elected, {len(st.hosts)} agents registered, ready after {waited:.1f} s more")
         for h in st.hosts:
             what = {s: ("started" if (h.name, s) in started else "running") + f" pid {h.pid(s)}" for s in SERVICES}
             report.append(
@@ -527,7 +570,8 @@ class Lab:
                 os.chmod(h.tls_dir, 0o700)
                 made.append(h.name)
         if not self.etcd_tls.key.exists() or not self.etcd_tls.ca.exists():
-            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent)
+            # etcd is not a kasou host: its certificate lacks the host marker, so agents do not answer it
+            pki.issue(self.tls_dir, "etcd", [GATEWAY, "127.0.0.1"], [], self.etcd_tls.key.parent, kasou_host=False)
             os.chmod(self.etcd_tls.key.parent, 0o700)
             made.append("etcd")
         return f"tls: site CA {self.ca_file}" + (f" (made: {', '.join(made)})" if made else "")
@@ -557,6 +601,8 @@ class Lab:
             KASOU_TOKEN_FILE=str(self.token_file),
             KASOU_API=h.api_url,
             KASOU_UPLINK=VM_UPLINK,
+            # pools may be made in the lab's directory (LAB/pool-x), beside the caller's storage roots
+            KASOU_STORAGE_ROOTS=":".join([*storage_roots(), str(self.dir)]),
         )
         return env
 
@@ -593,6 +639,19 @@ class Lab:
                 h, s = pending[0]
                 raise LabError(f"the {s} of {h.name} did not answer within {timeout:.0f} s; see {h.log_dir}/{s}.log")
             time.sleep(0.25)
+
+    def _views(self, st: LabState, token: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The leader every host's API names (they must agree: any of them forwards a create there)
+        and that leader's view of the hosts."""
+        leaders = {h.name: api_get(h, "/v1/cluster", token).get("leader") for h in st.hosts}
+        named = set(leaders.values())
+        if None in named or len(named) != 1:
+            waiting = sorted(n for n, lead in leaders.items() if lead is None)
+            if waiting:
+                return {"leader": None}, []
+            raise LabError(f"the hosts do not agree on the control plane leader yet ({leaders})")
+        leader = st.host(str(named.pop()))
+        return dict(api_get(leader, "/v1/cluster", token)), list(api_get(leader, "/v1/hosts", token))
 
     # -- a host's power and its link
 

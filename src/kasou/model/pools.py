@@ -13,11 +13,13 @@ The built-in pool ``default`` is each host's disk directory (``$KASOU_HOME/disks
 from __future__ import annotations
 
 import math
+import os
 from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from kasou.config import DEFAULT_HOME, Paths, storage_roots
 from kasou.errors import InvalidSpec
 from kasou.model.names import validate_name
 from kasou.model.parsing import parse_model
@@ -68,19 +70,58 @@ class PoolCreate(BaseModel):
         return None if self.capacity is None else parse_size(self.capacity, "capacity")
 
 
+# Never a pool, nor inside one, nor holding one: the system's own directories.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run",
+               "/sbin", "/sys", "/usr")  # fmt: skip
+
+
+def _storage_roots() -> list[str]:
+    try:
+        return storage_roots()
+    except ValueError as e:
+        raise InvalidSpec(str(e), field="path") from None
+
+
+def _kasou_dirs() -> list[tuple[str, str]]:
+    """kasou's own directories on this host (what it names them), which no pool may overlap."""
+    paths = Paths.from_env()
+    dirs = [("kasou's own directory", str(DEFAULT_HOME)), ("the kasou home (KASOU_HOME)", str(paths.home)),
+            ("the images directory (KASOU_IMAGES)", str(paths.images)),
+            ("the TLS directory (KASOU_TLS_DIR)", str(paths.tls_dir))]  # fmt: skip
+    return [(what, str(PurePosixPath(os.path.normpath(d)))) for what, d in dirs]
+
+
 def validate_pool_path(path: object) -> str:
-    """An absolute, normalised directory path with no '..' and none of the system's own directories."""
+    """An absolute, normalised directory path with no '..', under one of the storage roots
+    (``KASOU_STORAGE_ROOTS``), and clear of the system's and kasou's own directories."""
     if not isinstance(path, str) or not path:
         raise InvalidSpec("path must be an absolute directory path", field="path")
     p = PurePosixPath(path)
     if not p.is_absolute() or ".." in p.parts or "\n" in path or "," in path:
         raise InvalidSpec(f"path {path!r} must be absolute, without '..', commas or newlines", field="path")
     norm = str(p)
-    if norm in ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/sbin", "/sys", "/usr", "/run"):
-        raise InvalidSpec(f"path {norm} is a system directory; give a directory of its own", field="path")
-    if norm.startswith(("/proc/", "/sys/", "/dev/")):
-        raise InvalidSpec(f"path {norm} is not on a disk", field="path")
+    roots = _storage_roots()
+    if norm == "/":
+        raise InvalidSpec("path / is a system directory; give a directory of its own", field="path")
+    for d in SYSTEM_DIRS:
+        if overlaps(norm, d):
+            raise InvalidSpec(f"path {norm} overlaps the system directory {d}; give a directory of its own under "
+                              f"the storage roots ({', '.join(roots)})", field="path")  # fmt: skip
+    for what, d in _kasou_dirs():
+        # the default home itself, or a directory holding it; under it only what the roots allow (a lab's pools)
+        whole = what != "kasou's own directory" or not _inside(norm, d)
+        if overlaps(norm, d) and whole:
+            raise InvalidSpec(f"path {norm} overlaps {what} {d}; give a directory of its own under "
+                              f"the storage roots ({', '.join(roots)})", field="path")  # fmt: skip
+    if not any(norm == r or _inside(norm, r) for r in roots):
+        raise InvalidSpec(f"path {norm} is outside the storage roots ({', '.join(roots)}); make the pool under one "
+                          "of them, or add a root with KASOU_STORAGE_ROOTS on every host", field="path")  # fmt: skip
     return norm
+
+
+def _inside(a: str, b: str) -> bool:
+    """Whether directory ``a`` is strictly inside ``b``."""
+    return PurePosixPath(b) in PurePosixPath(a).parents
 
 
 def overlaps(a: str, b: str) -> bool:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kasou.config import accel_setting
 from kasou.errors import ImageNotFound
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from kasou.hypervisor.qemu import process
@@ -131,7 +132,7 @@ async def probe_kvm(images_dir: Path, timeout: float = PROBE_TIMEOUT, binary: st
 async def decide(images_dir: Path, *, refresh: bool = False, cache: Path = CACHE) -> AccelDecision:
     """Pick the accelerator for this host, probing KVM once per boot."""
     version = qemu_version()
-    forced = os.environ.get("KASOU_ACCEL", "").strip().lower()
+    forced = accel_setting()  # kvm, tcg or auto; anything else is refused by name
     has_dev, dev_reason = kvm_device_usable()
     if forced in ("kvm", "tcg"):
         return AccelDecision(forced, f"forced by KASOU_ACCEL={forced}", has_dev, None, version)

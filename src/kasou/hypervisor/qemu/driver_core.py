@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0  # QEMU initialises and daemonizes in well under a second; 60 s is a hung host
 QUIT_TIMEOUT = 10.0
 HEARTBEAT_FRESH_S = 5.0
+MONITOR_RETRY_MAX_S = 60.0  # a lost QMP monitor of a live QEMU is connected again, backing off up to this
 
 GUEST_STATES = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)  # the guest lives here
 PROCESS_STATES = (*GUEST_STATES, RuntimeState.INCOMING)  # a QEMU process of the VM runs here
@@ -137,6 +138,9 @@ class DriverCore(Driver):
         self._replica_exports = repl.QsdExports(tls_dir=tls_dir)
         self._replica_watch = repl.StallWatch()
         self._replica_guard: asyncio.Task[None] | None = None
+        self._monitor_locks: dict[str, asyncio.Lock] = {}  # one (re)connection of a VM's monitor at a time
+        self._monitor_retry: dict[str, tuple[float, float]] = {}  # VM -> (next attempt, back-off), monotonic
+        self._reconnecting: set[str] = set()
 
     # -- files -----------------------------------------------------------------------
 
@@ -320,9 +324,54 @@ class DriverCore(Driver):
         return pid
 
     async def _monitor(self, vm: QemuVm) -> None:
-        mon = Monitor(vm.name, vm.files.qmp, on_event=lambda ev, data: self._on_event(vm, ev, data))
-        await mon.connect()
-        vm.monitor = mon
+        """Connect ``vm``'s monitor, replacing one that lost its connection or its events."""
+        async with self._monitor_locks.setdefault(vm.name, asyncio.Lock()):
+            if vm.monitor is not None and vm.monitor.healthy:
+                return  # connected again by another caller meanwhile
+            old, vm.monitor = vm.monitor, None
+            if old is not None:
+                await old.close()
+            mon = Monitor(vm.name, vm.files.qmp, on_event=lambda ev, data: self._on_event(vm, ev, data))
+            await mon.connect()
+            vm.monitor = mon
+
+    def _monitor_lost(self, vm: QemuVm) -> bool:
+        """A live QEMU whose monitor (and with it its events) is gone, not on the way out."""
+        if vm.state not in PROCESS_STATES or vm.expect_exit or vm.name in self._reconnecting:
+            return False
+        if vm.monitor is not None and vm.monitor.healthy:
+            return False
+        return time.monotonic() >= self._monitor_retry.get(vm.name, (0.0, 0.0))[0]
+
+    def _reconnect_soon(self, vm: QemuVm) -> None:
+        task = asyncio.create_task(self._reconnect(vm), name=f"monitor-{vm.name}")
+        self._reconnecting.add(vm.name)
+        self._unplugging.add(task)  # kept referenced until done (close cancels it)
+        task.add_done_callback(self._unplugging.discard)
+        task.add_done_callback(lambda _t: self._reconnecting.discard(vm.name))
+
+    async def _reconnect(self, vm: QemuVm) -> None:
+        """Connect a lost monitor again while QEMU lives, then catch up on what its events would have said."""
+        mon = vm.monitor
+        why = "is not connected" if mon is None or not mon.connected else f"lost its events ({mon.events_error})"
+        log.error("the QMP monitor of VM %s (pid %d) %s while QEMU runs; connecting again", vm.name, vm.pid, why)
+        try:
+            await self._monitor(vm)
+            assert vm.monitor is not None
+            status = await vm.monitor.execute("query-status")
+        except KasouError as e:
+            if vm.expect_exit or not process.alive(vm.pid):
+                return  # it is ending: the reaper records that
+            wait = min(MONITOR_RETRY_MAX_S, 2 * self._monitor_retry.get(vm.name, (0.0, 0.5))[1])
+            self._monitor_retry[vm.name] = (time.monotonic() + wait, wait)
+            log.error("VM %s: its QMP monitor cannot be reached (%s); trying again in %.0f s", vm.name, e.message, wait)
+            return
+        self._monitor_retry.pop(vm.name, None)
+        log.warning("VM %s: its QMP monitor is connected again; events missed meanwhile are caught up", vm.name)
+        if vm.state in (RuntimeState.RUNNING, RuntimeState.PAUSED) and vm.outgoing is None:
+            vm.state = rf.state_of(status)  # a pause (an I/O error) while no event could say so
+        if (vm.files.dir / mirrors.RECORD).exists():
+            await self._recover_io_error(vm)
 
     def _on_event(self, vm: QemuVm, event: str, data: dict[str, Any]) -> None:
         if event == "SHUTDOWN":
@@ -386,6 +435,8 @@ class DriverCore(Driver):
             for vm in list(self._vms.values()):
                 if vm.state in PROCESS_STATES and not process.alive(vm.pid):
                     await self._ended(vm, locked=False)
+                elif self._monitor_lost(vm):
+                    self._reconnect_soon(vm)
             await asyncio.sleep(0.25)
 
     def _mark_gone(self, vm: QemuVm) -> None:
