@@ -52,7 +52,7 @@ def test_ha_vms_of_a_failed_host_restart_elsewhere_by_priority(cluster: Cluster)
 
 def test_a_local_disk_ha_vm_of_an_older_kasou_waits_for_its_host_and_says_so(cluster: Cluster) -> None:
     cluster.create("pharm", start=True)  # local disk; HA set on it as kasou allowed before it was refused
-    cluster.api.portal.call(cluster.services.vms._update, "pharm",  # type: ignore[attr-defined]
+    cluster.api.portal.call(cluster.services.vms.records.update, "pharm",  # type: ignore[attr-defined]
                             lambda r: r.model_copy(update={"ha": True, "ha_armed": True}))  # fmt: skip
     v = cluster.api.get("/v1/vms/pharm").json()
     assert v["ha"] and not v["ha_armed"]  # its disk is on its host alone: no restart elsewhere is possible

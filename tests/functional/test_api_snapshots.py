@@ -225,9 +225,11 @@ def test_a_snapshot_taken_as_the_control_plane_died_is_settled_at_its_next_start
     base = disk_path(env, "emr")
 
     async def died_after_the_agent(name: str, taken: bool) -> None:
-        rec = await vms._record("emr")
+        rec = await vms.records.get("emr")
         spec = SnapshotCreate(name=name)
-        await vms._update("emr", lambda r: r.model_copy(update={"snapshots": [*r.snapshots, _intent(rec, spec)]}))
+        await vms.records.update(
+            "emr", lambda r: r.model_copy(update={"snapshots": [*r.snapshots, _intent(rec, spec)]})
+        )
         if taken:  # the agent took it; the control plane died before recording it
             req = SnapshotTake(snapshot=name, disks=[SnapshotDiskNow(id=d.id, path=d.path or "") for d in rec.disks])
             await vms.agents.get(rec.host).take_snapshot("emr", req)

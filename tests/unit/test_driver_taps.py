@@ -11,7 +11,7 @@ import pytest
 
 from kasou.errors import QemuStartError
 from kasou.hypervisor.base import LaunchSpec, RuntimeState
-from kasou.hypervisor.qemu.driver import QemuDriver, _Vm
+from kasou.hypervisor.qemu.driver import QemuDriver, QemuVm
 from kasou.hypervisor.qemu.network import HostNetwork, tap_name
 from kasou.model.spec import NicSpec
 
@@ -67,10 +67,10 @@ async def test_user_nics_touch_no_network(driver: QemuDriver) -> None:
     await driver.close()
 
 
-def _gone_vm(driver: QemuDriver, name: str) -> _Vm:
+def _gone_vm(driver: QemuDriver, name: str) -> QemuVm:
     files = driver._files(name)
     files.dir.mkdir(parents=True)
-    return _Vm(name, files, pid=2**22 + 1, started_at=None, accelerator="tcg", taps=["net0"])
+    return QemuVm(name, files, pid=2**22 + 1, started_at=None, accelerator="tcg", taps=["net0"])
 
 
 async def test_a_vm_that_ended_loses_its_taps(driver: QemuDriver) -> None:
@@ -84,7 +84,7 @@ async def test_a_vm_that_ended_loses_its_taps(driver: QemuDriver) -> None:
 
 async def test_the_reaper_never_pulls_the_taps_of_a_new_start(driver: QemuDriver) -> None:
     old = _gone_vm(driver, "a")
-    new = _Vm("a", old.files, pid=1, started_at=None, accelerator="tcg", taps=["net0"])  # pid 1 lives
+    new = QemuVm("a", old.files, pid=1, started_at=None, accelerator="tcg", taps=["net0"])  # pid 1 lives
     driver._vms["a"] = new  # started again before the reaper's unplug got the VM's lock
     await driver._ended(old, locked=False)
     await asyncio.gather(*driver._unplugging)

@@ -21,7 +21,7 @@ from kasou.errors import OperationTimeout
 from kasou.hypervisor.base import RuntimeState
 from kasou.hypervisor.qemu import monitor as qmon
 from kasou.hypervisor.qemu.driver import QemuDriver
-from kasou.hypervisor.qemu.driver_core import _Vm
+from kasou.hypervisor.qemu.driver_core import QemuVm
 from kasou.hypervisor.qemu.monitor import Monitor
 
 
@@ -159,7 +159,7 @@ async def test_a_dropped_monitor_of_a_live_qemu_is_connected_again(
     meantime (and every later event) went unseen, and nothing was logged."""
     driver = QemuDriver(run_dir=tmp_path / "run", serial_log_dir=tmp_path / "log", images_dir=tmp_path,
                         accelerator="tcg")  # fmt: skip
-    vm = _Vm("emr1", driver._files("emr1"), pid=os.getpid(), started_at=None, accelerator="tcg")
+    vm = QemuVm("emr1", driver._files("emr1"), pid=os.getpid(), started_at=None, accelerator="tcg")
     driver._vms["emr1"] = vm  # a QEMU 'running' here: this test's own process stands in for its pid
     caplog.set_level(logging.WARNING, logger="kasou.hypervisor.qemu.driver_core")
     try:

@@ -38,7 +38,7 @@ class AgentSnapshots:
         self.disks = disks
 
     def _inside(self, path: str) -> Path:
-        return self.disks._inside(path)
+        return self.disks.check_disk_path(path)
 
     async def _runs(self, name: str) -> bool:
         """True if the VM's QEMU runs here; refused while it migrates in."""

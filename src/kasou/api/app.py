@@ -164,7 +164,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
 
     async def department_of_vm(name: str) -> str | None:
         try:
-            return (await svc().vms._record(name)).department
+            return (await svc().vms.records.get(name)).department
         except NotFound:
             return None
 

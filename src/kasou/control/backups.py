@@ -65,7 +65,7 @@ from kasou.model.state import VMState
 if TYPE_CHECKING:
     from collections.abc import Collection
 
-    from kasou.control.vms import VMService, VMView
+    from kasou.control.base import VMControl, VMView
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
 
 
 class Backups:
-    def __init__(self, vms: VMService, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, vms: VMControl, clock: Callable[[], float] = time.time) -> None:
         self.vms = vms
         self.clock = clock
         self.grace_s = GRACE_S
@@ -325,7 +325,7 @@ class Backups:
                           next_run=nxt)  # fmt: skip
 
     async def get_policy(self, vm: str) -> PolicyView:
-        return self._policy_view(vm, await self._policy(await self.vms._record(vm)))
+        return self._policy_view(vm, await self._policy(await self.vms.records.get(vm)))
 
     async def set_policy(self, vm: str, upd: PolicyUpdate) -> PolicyView:
         if upd.keep is not None:
@@ -334,7 +334,7 @@ class Backups:
             if upd.off:
                 raise InvalidSpec("give either --daily or --off, not both", field="daily")
             parse_daily(upd.daily)
-        owner = await self.vms._record(vm)
+        owner = await self.vms.records.get(vm)
         p = await self._policy(owner)
         changes: dict[str, Any] = {"vm_uuid": owner.uuid}
         if upd.keep is not None:
@@ -351,7 +351,7 @@ class Backups:
 
     async def create(self, vm: str, incremental: bool = False, scheduled: bool = False) -> JobRecord:
         """Back the VM up (a job holding the VM)."""
-        rec = await self.vms._record(vm)
+        rec = await self.vms.records.get(vm)
         job_id = "j" + secrets.token_hex(5)
 
         def claim(r: VMRecord) -> VMRecord:
@@ -363,7 +363,7 @@ class Backups:
                 raise WrongState(f"VM {vm!r} has no disk to back up")
             return r.model_copy(update={"job": job_id})
 
-        await self.vms._update(vm, claim)
+        await self.vms.records.update(vm, claim)
         del rec
 
         async def run(ctx: JobContext) -> dict[str, Any]:
@@ -375,10 +375,10 @@ class Backups:
                 await self._emit("backup_failed", vm, f"{what} of VM {vm} failed: {msg}", "error")
                 raise
 
-        return await self.vms._submit("backup", vm, run, job_id)
+        return await self.vms.runner.submit("backup", vm, run, job_id)
 
     async def _run(self, ctx: JobContext, vm: str, incremental: bool, scheduled: bool) -> dict[str, Any]:
-        rec = await self.vms._record(vm)
+        rec = await self.vms.records.get(vm)
         assert rec.host is not None
         agent = self.vms.agents.get(rec.host)
         async with self._lock(vm):
@@ -506,16 +506,16 @@ class Backups:
                         made.append(info.path)
                         disks.append(DiskSpec(id=d.disk_id, size_bytes=info.size_bytes, format=info.format,
                                               path=info.path))  # fmt: skip
-                await self.vms._set(new_name, state=VMState.STOPPED, disks=disks)
+                await self.vms.records.set(new_name, state=VMState.STOPPED, disks=disks)
                 detail = f"restored from backup generation {generation} of VM {vm}"
                 await self.vms.ledger.record(new_name, LedgerEvent.DEFINED, src.host, detail)
                 return {"vm": new_name, "from": vm, "generation": generation, "host": src.host}
             except BaseException:
-                await self.vms._undo_create(new_name, src.host, made)
+                await self.vms.undo_create(new_name, src.host, made)
                 raise
 
-        job = await self.vms._submit("restore", new_name, run, job_id)
-        return self.vms._view(rec, None, True), job
+        job = await self.vms.runner.submit("restore", new_name, run, job_id)
+        return self.vms.view(rec, None, True), job
 
     # -- schedules (the leader, every reconcile tick) -------------------------------------
 

@@ -57,7 +57,7 @@ from kasou.model.spec import VMCreate
 from kasou.model.state import ACTIVE_STATES, Action, VMState
 
 if TYPE_CHECKING:
-    from kasou.control.vms import VMService
+    from kasou.control.base import VMControl
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def session_id(token: str) -> str:
 class Desktops:
     """Desktop pools, attached as ``VMService.desktops``."""
 
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMControl) -> None:
         self.vms = vms
         self.store = vms.store
         self.users = Users(vms.store)
@@ -256,7 +256,7 @@ class Desktops:
 
     async def _template(self, name: str) -> VMRecord:
         try:
-            t = await self.vms._record(name)
+            t = await self.vms.records.get(name)
         except NotFound:
             raise InvalidSpec(f"unknown template {name!r}", field="template") from None
         if t.state != VMState.TEMPLATE:
@@ -484,12 +484,12 @@ class Desktops:
 
     async def _ensure_running(self, vm: str) -> None:
         """Start a stopped desktop now (bounded wait for the start job); one being started is left to it."""
-        rec = await self.vms._record(vm)
+        rec = await self.vms.records.get(vm)
         if rec.state in ACTIVE_STATES:
             return
         if rec.job is not None:
             job = await self.vms.jobs.wait(rec.job, VM_JOB_TIMEOUT_S)
-            rec = await self.vms._record(vm)
+            rec = await self.vms.records.get(vm)
             if rec.state in ACTIVE_STATES:
                 return
             if job.kind == "desktop-reset" and job.error is None:
@@ -539,7 +539,7 @@ class Desktops:
                 return None
             return r.model_copy(update={"job": job_id})
 
-        rec = await self.vms._update(vm, claim)
+        rec = await self.vms.records.update(vm, claim)
         if rec is None or rec.job != job_id:
             return None
 
@@ -548,7 +548,7 @@ class Desktops:
             return {"vm": vm, "reset": True}
 
         async def done(job: JobRecord) -> None:
-            await self.vms._release(job)
+            await self.vms.runner.release(job)
             if job.error is None:
                 d = await self._desktop(vm)
                 if d is not None:
@@ -557,22 +557,22 @@ class Desktops:
         return await self.vms.jobs.submit("desktop-reset", vm, run, on_done=done, job_id=job_id)
 
     async def _do_reset(self, ctx: JobContext, vm: str) -> None:
-        rec = await self.vms._record(vm)
+        rec = await self.vms.records.get(vm)
         if rec.template is None or not rec.disks or rec.disks[0].path is None:
             raise WrongState(f"desktop {vm} is not a linked clone; it cannot be reset")
         agent = self.vms.agents.get(rec.host)
         if rec.state in ACTIVE_STATES:
             await ctx.progress(0.1, "stopping the desktop")
             await agent.action(vm, "stop")
-            await self.vms._stopped(rec, "stopped to reset the desktop to its template")
-        template = await self.vms._record(rec.template)
+            await self.vms.stopped(rec, "stopped to reset the desktop to its template")
+        template = await self.vms.records.get(rec.template)
         disk = rec.disks[0]
         await ctx.progress(0.5, "replacing its disk with a fresh overlay on the template")
         await agent.delete_disk(disk.path or "")
         info = await agent.create_disk(DiskCreate(vm=vm, disk_id=disk.id, size_bytes=disk.size_bytes,
                                                   source="overlay", backing=template.disks[0].path))  # fmt: skip
         new = disk.model_copy(update={"path": info.path, "size_bytes": info.size_bytes, "backing": info.backing})
-        await self.vms._set(vm, disks=[new, *rec.disks[1:]])
+        await self.vms.records.set(vm, disks=[new, *rec.disks[1:]])
         await self._set_desktop(vm, lambda r: r.model_copy(update={
             "state": "free", "user": None, "session": None, "since": None, "clean": True}))  # fmt: skip
 
@@ -637,7 +637,7 @@ class Desktops:
         records = {}
         for d in free:
             with contextlib.suppress(NotFound):
-                records[d.vm] = await self.vms._record(d.vm)
+                records[d.vm] = await self.vms.records.get(d.vm)
         up = [n for n, r in records.items() if r.state in ACTIVE_STATES or (r.job is not None)]
         need = p.spec.prestart - len(up)
         for name in sorted(n for n, r in records.items() if n not in up):

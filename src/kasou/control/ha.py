@@ -37,10 +37,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kasou.config import HaTimes
 from kasou.control import audit, scheduler
+from kasou.control.base import VMControl
 from kasou.control.records import LedgerEvent, VMRecord
 from kasou.errors import InsufficientResources, InvalidSpec, KasouError, NotFound, StoreConflict
 from kasou.hypervisor.base import RuntimeInfo, RuntimeState
@@ -48,7 +49,8 @@ from kasou.model.state import ACTIVE_STATES, VMState
 
 if TYPE_CHECKING:
     from kasou.control.hosts import Agents
-    from kasou.control.vms import VMService
+    from kasou.control.pools import Pools
+    from kasou.control.replication import Replication
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,15 @@ def _n(count: int, what: str) -> str:
     return f"{count} {what}{'' if count == 1 else 's'}"
 
 
+class HaVMs(VMControl, Protocol):
+    """What HA uses of :class:`kasou.control.vms.VMService`."""
+
+    pools: Pools
+    replication: Replication
+
+
 class HaManager:
-    def __init__(self, vms: VMService, times: HaTimes, clock: Any = time.monotonic) -> None:
+    def __init__(self, vms: HaVMs, times: HaTimes, clock: Any = time.monotonic) -> None:
         self.vms = vms
         self.times = times
         self.clock = clock
@@ -218,7 +227,7 @@ class HaManager:
     async def check_admission(self, rec: VMRecord, host: str, loads: list[scheduler.HostLoad] | None = None) -> None:
         """Refuse starting ``rec`` on ``host`` if the HA VMs of some host could no longer fail over.
         ``loads``: every up host's load without ``rec`` (read here if not given); it is not changed."""
-        records = await self.vms._records()
+        records = await self.vms.records.all()
         if not rec.ha and not any(r.ha and r.state in ACTIVE_STATES for r in records):
             return
         if loads is None:
@@ -244,11 +253,11 @@ class HaManager:
         """Failed hosts: note when each was first seen without its lease; fail over what is due.
         Runs every ``HOST_CHECK_EVERY_S`` (faster than the reconciler: it bounds the detection time)."""
         await self.vms.agents.refresh()
-        await self._check_hosts(await self.vms._records())
+        await self._check_hosts(await self.vms.records.all())
 
     async def tick(self, runtimes: dict[str, dict[str, RuntimeInfo]]) -> None:
         """One reconcile round: dead QEMUs, hung guests. ``runtimes``: what each up host reports."""
-        records = await self.vms._records()
+        records = await self.vms.records.all()
         up = set(self.vms.agents.names())  # failed hosts are check_hosts' business, every 0.5 s
         for r in records:
             if not r.ha or r.job is not None or r.host not in up:
@@ -332,7 +341,7 @@ class HaManager:
             return r.model_copy(update={"job": job_id})
 
         try:
-            await self.vms._update(rec.name, claim)
+            await self.vms.records.update(rec.name, claim)
         except (StoreConflict, NotFound):
             return None
         return job_id
@@ -366,14 +375,14 @@ class HaManager:
                     "replica": None,
                 }
             await ctx.progress(0.3, f"starting on {target}")
-            moved = await vms._set(rec.name, host=target, state=VMState.STOPPED, started_at=None, **changes)
+            moved = await vms.records.set(rec.name, host=target, state=VMState.STOPPED, started_at=None, **changes)
             how = " from its disk replica" if promote else ""
             try:
-                await vms._do_start(moved, LedgerEvent.RESTARTED, f"on {target}{how} after host {failed} failed",
+                await vms.start_now(moved, LedgerEvent.RESTARTED, f"on {target}{how} after host {failed} failed",
                                     admit_ha=False)  # fmt: skip
             except BaseException as e:
                 with contextlib.suppress(KasouError):
-                    await vms._set(rec.name, state=VMState.CRASHED)
+                    await vms.records.set(rec.name, state=VMState.CRASHED)
                 await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}", ok=False,
                                    message=str(e)[:300], details={"from": failed, "to": target})  # fmt: skip
                 with contextlib.suppress(KasouError):
@@ -391,7 +400,7 @@ class HaManager:
                                   f"(down about {down:.0f} s)")  # fmt: skip
             return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1), "detected_at": detected_at}
 
-        await vms._submit("ha-restart", rec.name, run, job_id)
+        await vms.runner.submit("ha-restart", rec.name, run, job_id)
 
     async def _restart_in_place(self, rec: VMRecord) -> None:
         """An HA VM whose QEMU died on a healthy host: start it there again."""
@@ -405,12 +414,12 @@ class HaManager:
 
         async def run(ctx: Any) -> dict[str, Any]:
             await ctx.progress(0.3, f"starting on {rec.host}")
-            await vms._do_start(rec, LedgerEvent.RESTARTED, "its QEMU process had died", admit_ha=False)
+            await vms.start_now(rec, LedgerEvent.RESTARTED, "its QEMU process had died", admit_ha=False)
             await audit.record(vms.store, "ha_restart", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
                                details={"host": rec.host, "why": "its QEMU process had died"})  # fmt: skip
             return {"vm": rec.name, "host": rec.host}
 
-        await vms._submit("ha-restart", rec.name, run, job_id)
+        await vms.runner.submit("ha-restart", rec.name, run, job_id)
 
     async def _watch_heartbeat(self, rec: VMRecord, rt: RuntimeInfo) -> None:
         """Reset a guest that stopped sending heartbeats (it sent some before, so it is hung)."""

@@ -43,7 +43,7 @@ class JobContext:
         now = time.monotonic()
         if step is not None or now - self._last_write >= PROGRESS_EVERY_S:
             self._last_write = now
-            await self._jobs._save(self.record)
+            await self._jobs.save(self.record)
 
 
 JobFn = Callable[[JobContext], Awaitable[dict[str, Any] | None]]
@@ -54,7 +54,7 @@ class Jobs:
         self.store = store
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    async def _save(self, rec: JobRecord) -> None:
+    async def save(self, rec: JobRecord) -> None:
         await self.store.put(job_key(rec.id), rec.model_dump(mode="json"))
 
     async def recover(self) -> int:
@@ -70,7 +70,7 @@ class Jobs:
                     "message": f"job {rec.id} ({rec.kind}) was interrupted by a restart of the control plane",
                     "details": {},
                 }
-                await self._save(rec)
+                await self.save(rec)
                 n += 1
         return n
 
@@ -88,7 +88,7 @@ class Jobs:
             if e is not None:
                 owner = VMRecord.model_validate(e.value)
                 rec.vm_uuid, rec.department = owner.uuid, owner.department
-        await self._save(rec)
+        await self.save(rec)
         task = asyncio.create_task(self._run(rec, fn, on_done), name=f"job-{rec.id}-{kind}")
         self._tasks[rec.id] = task
         return rec.model_copy()
@@ -98,7 +98,7 @@ class Jobs:
         rec.state = JobState.RUNNING
         rec.started_at = time.time()
         try:
-            await self._save(rec)
+            await self.save(rec)
             result = await fn(ctx)
             rec.state = JobState.SUCCEEDED
             rec.progress = 1.0
@@ -123,7 +123,7 @@ class Jobs:
                 if on_done is not None:
                     await on_done(rec)
             with contextlib.suppress(Exception):
-                await self._save(rec)
+                await self.save(rec)
             self._tasks.pop(rec.id, None)
 
     async def get(self, job_id: str) -> JobRecord:

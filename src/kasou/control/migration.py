@@ -25,14 +25,14 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kasou.config import maintenance_retry
 from kasou.control import scheduler
+from kasou.control.base import VMControl
 from kasou.control.hosts import HostView, flags_key, maintenance_hosts
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord
-from kasou.control.vms import VMService
 from kasou.errors import (
     Conflict,
     HypervisorError,
@@ -48,6 +48,13 @@ from kasou.model.pools import DEFAULT_POOL
 from kasou.model.spec import validate_name
 from kasou.model.state import Action, VMState, check_action
 
+if TYPE_CHECKING:
+    from kasou.agent.client import AgentClient
+    from kasou.control.mirrors import Mirrors
+    from kasou.control.pools import Pools
+    from kasou.control.replication import Replication
+    from kasou.hypervisor.base import MigrationStorage
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DOWNTIME_MS = 100
@@ -55,8 +62,16 @@ MIGRATION_TIMEOUT_S = 900.0
 MAINTENANCE_PARALLEL = 2  # migrations at once while a host empties: enough to be quick, few enough to converge
 
 
+class MigrateVMs(VMControl, Protocol):
+    """What migration uses of :class:`kasou.control.vms.VMService`."""
+
+    mirrors: Mirrors
+    pools: Pools
+    replication: Replication
+
+
 class Migrations:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: MigrateVMs) -> None:
         self.vms = vms
         self.agents = vms.agents
         self.store = vms.store
@@ -73,7 +88,7 @@ class Migrations:
         await self.agents.refresh(force=True)
         loads = {h.name: h for h in await self.vms.host_loads()}
         maintenance = await maintenance_hosts(self.store)
-        records = await self.vms._records()
+        records = await self.vms.records.all()
         out = []
         for name in self.agents.known():
             load = loads.get(name)
@@ -114,7 +129,7 @@ class Migrations:
             raise InvalidSpec(f"downtime_ms must be between 1 and 60000, not {downtime_ms}", field="downtime_ms")
         if bandwidth_mib_s is not None and not 1 <= bandwidth_mib_s <= 100000:
             raise InvalidSpec(f"bandwidth_mib_s must be between 1 and 100000, not {bandwidth_mib_s}")
-        rec = await self.vms._record(name)
+        rec = await self.vms.records.get(name)
         if rec.snapshots:  # their layers live on this host; a copy migration would move the active layer only
             raise WrongState(f"VM {name!r} has snapshots; delete them before migrating it (kasou snapshot delete)")
         target = await self._choose_target(rec, to)
@@ -122,13 +137,13 @@ class Migrations:
             async with self.vms.pools.reserve((await self._destination_disks(rec, target))[1]):
                 pass
         job_id = "j" + secrets.token_hex(5)
-        rec = await self.vms._claim(name, Action.MIGRATE, job_id)
-        await self.vms._set(name, state=VMState.MIGRATING)
+        rec = await self.vms.runner.claim(name, Action.MIGRATE, job_id)
+        await self.vms.records.set(name, state=VMState.MIGRATING)
 
         async def run(ctx: JobContext) -> dict[str, Any]:
             return await self._migrate(ctx, rec, target, downtime_ms, auto_converge, bandwidth_mib_s)
 
-        return await self.vms._submit("migrate", name, run, job_id)
+        return await self.vms.runner.submit("migrate", name, run, job_id)
 
     async def _choose_target(self, rec: VMRecord, to: str | None, exclude: set[str] | None = None) -> str:
         if to is not None:
@@ -172,9 +187,9 @@ class Migrations:
         except BaseException:
             # Failed before anything moved (the room, the second copies): it runs on where it was.
             with contextlib.suppress(KasouError):
-                cur = await self.vms._record(rec.name)
+                cur = await self.vms.records.get(rec.name)
                 if cur.state == VMState.MIGRATING and cur.host == rec.host:
-                    await self.vms._set(rec.name, state=VMState.RUNNING)
+                    await self.vms.records.set(rec.name, state=VMState.RUNNING)
             raise
 
     async def _destination_disks(
@@ -228,10 +243,9 @@ class Migrations:
                 await self._mirrors_back(ctx, name, rec)
                 raise
         mirrored = {d.id for d in rec.disks if d.mirror is not None}
-        # Any: the migration steps of the agent client are typed where they are defined.
-        src: Any = self.agents.get(source)
-        dst: Any = self.agents.get(target)
-        spec = self.vms._launch_spec(rec)
+        src = self.agents.get(source)
+        dst = self.agents.get(target)
+        spec = self.vms.launch_spec(rec)
         if copy:
             disks = [LaunchDisk(id=d.id, path=new_paths[d.id], format=d.format, size_bytes=d.size_bytes)
                      for d in rec.disks]  # fmt: skip
@@ -244,7 +258,7 @@ class Migrations:
                     ]
                 }
             )
-        storage = "copy" if copy else "shared"
+        storage: MigrationStorage = "copy" if copy else "shared"
         incoming = None
         started = finishing = False
         status = None
@@ -277,7 +291,7 @@ class Migrations:
                 pass  # the destination runs after all (only its answer was lost): carry on below
             else:
                 kept = await self._abort(name, src if started else None, dst if incoming else None, finishing)
-                await self.vms._set(
+                await self.vms.records.set(
                     name,
                     state=VMState.RUNNING if kept else VMState.PAUSED,
                     last_error=None if kept else "a failed migration left it paused",
@@ -291,7 +305,7 @@ class Migrations:
                 raise
         # The destination runs: from here on the source copy must only go away.
         moved = [d.model_copy(update={"path": new_paths[d.id]}) if copy else d for d in rec.disks]
-        await self.vms._set(name, state=VMState.RUNNING, host=target, disks=moved, ha_armed=spec.ha)
+        await self.vms.records.set(name, state=VMState.RUNNING, host=target, disks=moved, ha_armed=spec.ha)
         detail = f"from {source} to {target}"
         if status is not None and status.downtime_ms is not None:
             detail += f", downtime {status.downtime_ms} ms, total {status.total_ms} ms"
@@ -315,7 +329,7 @@ class Migrations:
     async def _mirrors_back(self, ctx: JobContext, name: str, rec: VMRecord) -> None:
         """Ending the second copies failed part-way: give every mirrored disk that lost its copy a new one."""
         with contextlib.suppress(KasouError):
-            now = await self.vms._record(name)
+            now = await self.vms.records.get(name)
             before = {d.id: d for d in rec.disks}
             wants = {d.id: [d.mirror.pool, before[d.id].pool] for d in now.disks
                      if d.mirror is not None and d.mirror.path is None and d.mirror.state == "syncing"
@@ -323,12 +337,12 @@ class Migrations:
             if wants:
                 await self.vms.mirrors.remirror(ctx, name, wants)
 
-    async def _runs_on(self, agent: Any, name: str) -> bool:
+    async def _runs_on(self, agent: AgentClient, name: str) -> bool:
         with contextlib.suppress(KasouError):
             return bool((await agent.info(name)).state == RuntimeState.RUNNING)
         return False
 
-    async def _abort(self, name: str, src: Any, dst: Any, finishing: bool) -> bool:
+    async def _abort(self, name: str, src: AgentClient | None, dst: AgentClient | None, finishing: bool) -> bool:
         """Undo a migration that did not reach its destination. True if the source runs on.
 
         The destination goes first: once the source reported completion it may be
@@ -357,7 +371,7 @@ class Migrations:
         Returns warnings for the job's result: an old copy that could not be ended (or whose state is
         unknown) is also an operator event, and its disk files stay until someone ends it. It must never
         run again: the VM runs on ``target`` now."""
-        src: Any = self.agents.get(source)
+        src = self.agents.get(source)
         try:
             await src.finish_out(name)
         except KasouError as e:
@@ -379,7 +393,7 @@ class Migrations:
                 log.error("could not delete %s on %s after migrating %s: %s", path, source, name, e.message)
         return []
 
-    async def _end_old_copy(self, src: Any, name: str) -> str | None:
+    async def _end_old_copy(self, src: AgentClient, name: str) -> str | None:
         """Stop a source copy that ``finish_out`` did not end. None: it is gone; else its state (or why unknown)."""
         with contextlib.suppress(KasouError):
             await src.action(name, "stop")
@@ -403,7 +417,7 @@ class Migrations:
         if not on:
             await self.store.put(flags_key(host), {"maintenance": False, "since": time.time()})
             return None
-        records = [r for r in await self.vms._records() if r.host == host and r.state in _RUNNING]
+        records = [r for r in await self.vms.records.all() if r.host == host and r.state in _RUNNING]
         busy = [r.name for r in records if r.job is not None]
         if busy:
             raise WrongState(f"cannot empty {host}: VMs are busy with other jobs: {', '.join(busy)}")
@@ -487,7 +501,7 @@ class Migrations:
     async def _move_off(self, name: str, host: str, target: str | None, warnings: list[str]) -> str | None:
         """One attempt to migrate ``name`` off ``host``: None once it no longer runs there, else why not."""
         try:
-            rec = await self.vms._record(name)
+            rec = await self.vms.records.get(name)
         except NotFound:
             return None  # deleted meanwhile: nothing to move
         if rec.host != host or rec.state not in _RUNNING:

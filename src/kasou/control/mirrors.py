@@ -15,9 +15,10 @@ import contextlib
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kasou.agent.storage import DiskCreate
+from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, VMRecord
 from kasou.errors import AgentUnavailable, InvalidSpec, KasouError, NotFound, OperationTimeout, WrongState
@@ -27,7 +28,7 @@ from kasou.model.state import VMState
 from kasou.model.units import format_size
 
 if TYPE_CHECKING:
-    from kasou.control.vms import VMService
+    from kasou.control.pools import Pools
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,21 @@ def follow(d: DiskSpec, st: MirrorStatus) -> DiskSpec:
     return d
 
 
+class MirrorVMs(VMControl, Protocol):
+    """What mirroring uses of :class:`kasou.control.vms.VMService`."""
+
+    pools: Pools
+
+
 class Mirrors:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: MirrorVMs) -> None:
         self.vms = vms
 
     # -- following the copies ----------------------------------------------------------------
 
     async def tick(self, records: list[VMRecord] | None = None) -> None:
         """Bring the records of running mirrored VMs up to date with their hosts; raise and clear events."""
-        for rec in records if records is not None else await self.vms._records():
+        for rec in records if records is not None else await self.vms.records.all():
             if not any(d.mirror for d in rec.disks):
                 continue
             if rec.state in _RUNNING and rec.job is None:
@@ -102,7 +109,7 @@ class Mirrors:
             return r.model_copy(update={"disks": disks}) if disks != r.disks else None
 
         with contextlib.suppress(NotFound):
-            return await self.vms._update(name, apply)
+            return await self.vms.records.update(name, apply)
         return None
 
     async def _events(self, rec: VMRecord) -> None:
@@ -150,7 +157,7 @@ class Mirrors:
             return r.model_copy(update={"disks": disks})
 
         with contextlib.suppress(NotFound):
-            await self.vms._update(rec.name, apply)
+            await self.vms.records.update(rec.name, apply)
 
     async def started(self, name: str) -> None:
         """The VM runs: its copies may differ from now on until the next clean stop."""
@@ -163,14 +170,14 @@ class Mirrors:
             return r.model_copy(update={"disks": disks})
 
         with contextlib.suppress(NotFound):
-            await self.vms._update(name, apply)
+            await self.vms.records.update(name, apply)
 
     # -- rebuild ----------------------------------------------------------------------------
 
     async def rebuild(self, name: str, disk_id: str, pool: str) -> JobRecord:
         """Give a mirrored disk a new second copy in ``pool`` (the VM may run and write meanwhile)."""
         validate_name(pool, "pool")
-        rec = await self.vms._record(name)
+        rec = await self.vms.records.get(name)
         disk = next((d for d in rec.disks if d.id == disk_id), None)
         if disk is None:
             raise InvalidSpec(f"VM {name!r} has no disk {disk_id!r} (disks: {', '.join(d.id for d in rec.disks)})",
@@ -203,7 +210,7 @@ class Mirrors:
         room = self.vms.pools.reserve([(pool, host, disk.size_bytes, initial)])
         await room.__aenter__()  # checks the room now: a full pool is refused before anything happens
         try:
-            await self.vms._update(name, claim)
+            await self.vms.records.update(name, claim)
         except BaseException:
             await room.__aexit__(None, None, None)
             raise
@@ -214,7 +221,7 @@ class Mirrors:
             finally:
                 await room.__aexit__(None, None, None)
 
-        return await self.vms._submit("rebuild", name, run, job_id)
+        return await self.vms.runner.submit("rebuild", name, run, job_id)
 
     async def _allocated(self, host: str, disk: DiskSpec) -> int:
         with contextlib.suppress(KasouError):
@@ -224,7 +231,7 @@ class Mirrors:
     async def _rebuild(
         self, ctx: JobContext, name: str, disk_id: str, pool: str, pool_path: str | None
     ) -> dict[str, Any]:
-        rec = await self.vms._record(name)
+        rec = await self.vms.records.get(name)
         disk = next(d for d in rec.disks if d.id == disk_id)
         assert disk.mirror is not None
         agent = self.vms.agents.get(rec.host)
@@ -257,7 +264,7 @@ class Mirrors:
             ]  # fmt: skip
             return r.model_copy(update={"disks": disks})
 
-        rec = await self.vms._update(name, apply) or rec
+        rec = await self.vms.records.update(name, apply) or rec
         for p in old:  # the copy that failed, or the second copy this one replaces
             with contextlib.suppress(KasouError):
                 await agent.delete_disk(p)
@@ -268,7 +275,7 @@ class Mirrors:
                 "mib_s": round(rate, 1), "online": running}  # fmt: skip
 
     async def _wait_in_sync(self, ctx: JobContext, name: str, disk_id: str, size: int) -> None:
-        agent = self.vms.agents.get((await self.vms._record(name)).host)
+        agent = self.vms.agents.get((await self.vms.records.get(name)).host)
         limit = 60.0 + size / 2**20 / MIN_REBUILD_MIB_S
         t0 = last_move = time.monotonic()
         best = -1.0
@@ -327,7 +334,7 @@ class Mirrors:
                 disks.append(d)
             return r.model_copy(update={"disks": disks})
 
-        rec = await self.vms._update(rec.name, apply) or rec
+        rec = await self.vms.records.update(rec.name, apply) or rec
         for f in files:  # the copies given up (they would be stale), and the files of copies that failed
             try:
                 await agent.delete_disk(f)
@@ -341,7 +348,7 @@ class Mirrors:
         Returns, per disk, its mirror's state or why it is degraded."""
         out: dict[str, str] = {}
         for disk_id, pools in wants.items():
-            rec = await self.vms._record(name)
+            rec = await self.vms.records.get(name)
             d = next((x for x in rec.disks if x.id == disk_id), None)
             if d is None or d.mirror is None:
                 continue
@@ -364,7 +371,7 @@ class Mirrors:
                     return r.model_copy(update={"disks": disks})
 
                 with contextlib.suppress(NotFound):
-                    await self._events(await self.vms._update(name, degraded) or rec)
+                    await self._events(await self.vms.records.update(name, degraded) or rec)
         return out
 
     # -- delete ------------------------------------------------------------------------------

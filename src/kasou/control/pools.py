@@ -34,9 +34,9 @@ from kasou.model.pools import DEFAULT_POOL, DEFAULT_POOL_OVERCOMMIT, DEFAULT_WAR
 from kasou.model.units import format_size
 
 if TYPE_CHECKING:
+    from kasou.control.base import VMControl
     from kasou.control.events import Severity
     from kasou.control.records import VMRecord
-    from kasou.control.vms import VMService
 
 POOL_PREFIX = "pools/"
 FULL_BELOW_BYTES = 64 * 1024 * 1024  # a pool with less free is full: the next cluster a guest needs may not fit
@@ -135,7 +135,7 @@ def disks_in(records: list[VMRecord], pool: str, host: str | None, shared: bool)
 
 
 class Pools:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMControl) -> None:
         self.vms = vms
         self.store = vms.store
         self._reserved: dict[tuple[str, str], int] = {}  # (pool, host) -> bytes of disks being made
@@ -193,7 +193,7 @@ class Pools:
         rec = await self.get_record(name)
         if rec.name == DEFAULT_POOL:
             raise InvalidSpec("the built-in pool cannot be deleted", field="pool")
-        users = sorted({r.name for r in await self.vms._records() if disks_in([r], name, None, True)})
+        users = sorted({r.name for r in await self.vms.records.all() if disks_in([r], name, None, True)})
         if users or self._reserved_in(name):
             raise Conflict(f"pool {name!r} holds disks of {', '.join(users) or 'a VM being created'}; "
                            "move or delete them first")  # fmt: skip
@@ -223,7 +223,7 @@ class Pools:
         return out
 
     async def view(self, rec: PoolRecord, records: list[VMRecord] | None = None) -> PoolView:
-        records = records if records is not None else await self.vms._records()
+        records = records if records is not None else await self.vms.records.all()
         return PoolView(
             name=rec.name, path=rec.path, shared=rec.shared, capacity_bytes=rec.capacity_bytes,
             overcommit=rec.overcommit, warn_free_pct=rec.warn_free_pct, description=rec.description,
@@ -232,7 +232,7 @@ class Pools:
 
     async def list_all(self) -> list[PoolView]:
         await self.vms.agents.refresh()
-        records = await self.vms._records()
+        records = await self.vms.records.all()
         return [await self.view(p, records) for p in await self.records()]
 
     async def get(self, name: str) -> PoolView:
@@ -262,7 +262,7 @@ class Pools:
                 self._reserved[(pool, hk)] -= size
 
     async def _check_room(self, rec: PoolRecord, host: str, size: int, initial: int) -> None:
-        records = await self.vms._records()
+        records = await self.vms.records.all()
         provisioned = sum(s for _f, s in disks_in(records, rec.name, host, rec.shared))
         provisioned += self._reserved.get((rec.name, self._host_key(rec, host)), 0)
         try:
@@ -289,7 +289,7 @@ class Pools:
 
     async def tick(self) -> None:
         """Raise an event for a pool low on space, full or missing (once), and say when it recovered."""
-        records = await self.vms._records()
+        records = await self.vms.records.all()
         for rec in await self.records():
             for v in await self._host_views(rec, records):
                 if v.state != "unreachable":

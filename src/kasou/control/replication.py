@@ -33,7 +33,7 @@ from kasou.errors import KasouError, NotFound, StoreConflict
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
-    from kasou.control.vms import VMService
+    from kasou.control.base import VMControl
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ RETRY_EVERY_S = 10.0  # between two attempts to build a replica for one VM
 
 
 class Replication:
-    def __init__(self, vms: VMService, clock: Any = time.monotonic) -> None:
+    def __init__(self, vms: VMControl, clock: Any = time.monotonic) -> None:
         self.vms = vms
         self.clock = clock
         self._tried_at: dict[str, float] = {}
@@ -81,7 +81,7 @@ class Replication:
                 await replica_agent.delete_replica(rec.name)
             raise
         replica = ReplicaRecord(host=host, state="syncing", paths=paths)
-        await self.vms._update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
+        await self.vms.records.update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
         log.info("VM %s: replicating its disks to %s", rec.name, host)
         return host
 
@@ -99,7 +99,7 @@ class Replication:
             with contextlib.suppress(KasouError):
                 await self.vms.agents.get(rec.replica.host).delete_replica(rec.name)
         with contextlib.suppress(NotFound):
-            await self.vms._update(rec.name, lambda r: r.model_copy(update={"replica": None}))
+            await self.vms.records.update(rec.name, lambda r: r.model_copy(update={"replica": None}))
 
     async def promote(self, rec: VMRecord) -> dict[str, str]:
         """On the replica's host: stop serving the replica; its files (by disk id) become the VM's disks."""
@@ -131,12 +131,12 @@ class Replication:
             state = "syncing" if "syncing" in states else "in_sync"
             if state != rec.replica.state:
                 replica = rec.replica.model_copy(update={"state": state, "since": time.time()})
-                await self.vms._update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
+                await self.vms.records.update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
                 log.info("VM %s: replica on %s %s", rec.name, rec.replica.host, state)
             return
         if lost and rec.replica is not None and rec.replica.state != "degraded":
             replica = rec.replica.model_copy(update={"state": "degraded", "since": time.time()})
-            await self.vms._update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
+            await self.vms.records.update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
             log.warning("VM %s: its replica on %s is lost; running degraded", rec.name, rec.replica.host)
         if self.clock() - self._tried_at.get(rec.name, -1e9) < RETRY_EVERY_S:
             return
@@ -151,6 +151,6 @@ class Replication:
             if agents.is_up(rec.replica.host):
                 with contextlib.suppress(KasouError):
                     await agents.get(rec.replica.host).delete_replica(rec.name)
-        current = await self.vms._record(rec.name)
+        current = await self.vms.records.get(rec.name)
         if await self.build(current, records, avoid) is None and current.replica is None:
             log.warning("VM %s: no other host can keep its replica now", rec.name)

@@ -52,7 +52,7 @@ from kasou.model.snapshots import SnapshotCreate, SnapshotDisk, SnapshotRecord, 
 from kasou.model.state import ACTIVE_STATES, VMState
 
 if TYPE_CHECKING:
-    from kasou.control.vms import VMService
+    from kasou.control.base import VMControl
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +116,19 @@ def _check_vm(rec: VMRecord, what: str) -> None:
 
 
 class Snapshots:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMControl) -> None:
         self.vms = vms
 
     # -- reading ---------------------------------------------------------------------------
 
     async def list(self, vm: str) -> list[SnapshotView]:
-        rec = await self.vms._record(vm)
+        rec = await self.vms.records.get(vm)
         n = len(rec.snapshots)
         return [_view(vm, s, i == n - 1) for i, s in enumerate(rec.snapshots)]
 
     async def get(self, vm: str, snapshot: str) -> SnapshotView:
         validate_snapshot_name(snapshot)
-        rec = await self.vms._record(vm)
+        rec = await self.vms.records.get(vm)
         s = _find(rec, snapshot)
         return _view(vm, s, rec.snapshots[-1].name == s.name)
 
@@ -141,7 +141,7 @@ class Snapshots:
             check(r)
             return r.model_copy(update={"job": job_id})
 
-        rec = await self.vms._update(vm, apply)
+        rec = await self.vms.records.update(vm, apply)
         assert rec is not None
         return rec
 
@@ -160,7 +160,7 @@ class Snapshots:
                     + (" (resume it first)" if r.state == VMState.PAUSED else "")
                 )
 
-        check(await self.vms._record(vm))
+        check(await self.vms.records.get(vm))
         job_id = _job_id()
         rec = await self._claim(vm, job_id, check)
 
@@ -172,11 +172,11 @@ class Snapshots:
                 memory=spec.memory,
             )  # fmt: skip
             intent = _intent(rec, spec)  # written first: a control plane that dies meanwhile recovers from it
-            await self.vms._update(vm, lambda r: r.model_copy(update={"snapshots": [*r.snapshots, intent]}))
+            await self.vms.records.update(vm, lambda r: r.model_copy(update={"snapshots": [*r.snapshots, intent]}))
             try:
                 taken = await agent.take_snapshot(vm, req)
             except BaseException:
-                await self.vms._update(vm, lambda r: _without_intent(r, spec.name))
+                await self.vms.records.update(vm, lambda r: _without_intent(r, spec.name))
                 raise
             snap = SnapshotRecord(
                 name=spec.name, description=spec.description, memory=spec.memory, memory_path=taken.memory_path,
@@ -185,11 +185,13 @@ class Snapshots:
             )  # fmt: skip
             overlays = {d.id: d.overlay for d in taken.disks}
             try:
-                await self.vms._update(vm, lambda r: _with_snapshot(_without_intent(r, spec.name), snap, overlays))
+                await self.vms.records.update(
+                    vm, lambda r: _with_snapshot(_without_intent(r, spec.name), snap, overlays)
+                )
             except BaseException:
                 await self._undo_take(rec, taken.disks, taken.memory_path)
                 with contextlib.suppress(KasouError):
-                    await self.vms._update(vm, lambda r: _without_intent(r, spec.name))
+                    await self.vms.records.update(vm, lambda r: _without_intent(r, spec.name))
                 raise
             await ctx.progress(1.0, "done")
             return {
@@ -197,7 +199,7 @@ class Snapshots:
                 "paused_ms": taken.paused_ms, "size_bytes": taken.size_bytes,
             }  # fmt: skip
 
-        return await self.vms._submit("snapshot", vm, run, job_id)
+        return await self.vms.runner.submit("snapshot", vm, run, job_id)
 
     async def recover(self, rec: VMRecord) -> None:
         """At a start of the control plane: settle snapshots left ``taking`` by one that died while taking them.
@@ -220,10 +222,10 @@ class Snapshots:
                                                 "memory_path": snap.memory_path if memory else None})  # fmt: skip
                 overlays = {d.id: d.overlay for d in snap.disks}
                 adopt = functools.partial(_adopt, name=snap.name, snap=ready, overlays=overlays)
-                await self.vms._update(rec.name, adopt)
+                await self.vms.records.update(rec.name, adopt)
                 log.warning("snapshot %s of VM %s was taken as the control plane stopped: kept", snap.name, rec.name)
             else:
-                await self.vms._update(rec.name, functools.partial(_without_intent, name=snap.name))
+                await self.vms.records.update(rec.name, functools.partial(_without_intent, name=snap.name))
                 log.warning("snapshot %s of VM %s was not taken as the control plane stopped: dropped",
                             snap.name, rec.name)  # fmt: skip
 
@@ -257,7 +259,7 @@ class Snapshots:
                     f"(delete the newer ones first: {names})"
                 )
 
-        check(await self.vms._record(vm))
+        check(await self.vms.records.get(vm))
         job_id = _job_id()
         rec = await self._claim(vm, job_id, check)
 
@@ -270,38 +272,38 @@ class Snapshots:
                 await agent.action(vm, "stop")
                 with contextlib.suppress(KasouError):
                     await agent.forget(vm)
-                await self.vms._set(vm, state=VMState.STOPPED, started_at=None)
+                await self.vms.records.set(vm, state=VMState.STOPPED, started_at=None)
                 await self.vms.ledger.record(vm, LedgerEvent.STOPPED, rec.host, f"stopped to revert to {snapshot}")
             elif rec.state == VMState.CRASHED:  # its dead QEMU's leftovers go; the VM is stopped from here
                 with contextlib.suppress(KasouError):
                     await agent.forget(vm)
-                await self.vms._set(vm, state=VMState.STOPPED, started_at=None)
+                await self.vms.records.set(vm, state=VMState.STOPPED, started_at=None)
             await ctx.progress(0.4, "reverting disks")
             layers = [SnapshotLayers(id=d.id, base=d.base, overlay=d.overlay) for d in snap.disks]
             await agent.revert_snapshot(vm, SnapshotRevert(disks=layers))
-            cur = await self.vms._record(vm)
+            cur = await self.vms.records.get(vm)
             if snap.memory and snap.memory_path:
                 await ctx.progress(0.6, "restoring the memory state")
                 await self._restore(cur, snap)
             elif was_active:
                 await ctx.progress(0.6, "starting on the reverted disk")
-                await self.vms._do_start(cur, detail=f"started on the disk of snapshot {snapshot}")
-            state = (await self.vms._record(vm)).state
+                await self.vms.start_now(cur, detail=f"started on the disk of snapshot {snapshot}")
+            state = (await self.vms.records.get(vm)).state
             return {"vm": vm, "snapshot": snapshot, "memory": snap.memory, "state": state.value}
 
-        return await self.vms._submit("revert", vm, run, job_id)
+        return await self.vms.runner.submit("revert", vm, run, job_id)
 
     async def _restore(self, rec: VMRecord, snap: SnapshotRecord) -> None:
-        """Start the VM from the snapshot's memory state (as ``VMService._do_start`` starts it from boot)."""
+        """Start the VM from the snapshot's memory state (as ``VMService.start_now`` starts it from boot)."""
         assert snap.memory_path is not None
-        await self.vms._admit(rec)
-        await self.vms._set(rec.name, state=VMState.STARTING)
+        await self.vms.admit(rec)
+        await self.vms.records.set(rec.name, state=VMState.STARTING)
         try:
-            info = await self.vms.agents.get(rec.host).restore(rec.name, self.vms._launch_spec(rec), snap.memory_path)
+            info = await self.vms.agents.get(rec.host).restore(rec.name, self.vms.launch_spec(rec), snap.memory_path)
         except BaseException:
-            await self.vms._set(rec.name, state=VMState.STOPPED)
+            await self.vms.records.set(rec.name, state=VMState.STOPPED)
             raise
-        await self.vms._set(
+        await self.vms.records.set(
             rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None,
             ha_armed=rec.ha,
         )  # fmt: skip
@@ -321,7 +323,7 @@ class Snapshots:
                     "plane (its host did not answer); try again when the host is back"
                 )
 
-        check(await self.vms._record(vm))
+        check(await self.vms.records.get(vm))
         job_id = _job_id()
         rec = await self._claim(vm, job_id, check)
 
@@ -329,7 +331,7 @@ class Snapshots:
             snap = _find(rec, snapshot)
             newer = newer_than(rec.snapshots, snapshot)
             agent = self.vms.agents.get(rec.host)
-            await self.vms._update(vm, lambda r: _mark(r, snapshot, "deleting", None))
+            await self.vms.records.update(vm, lambda r: _mark(r, snapshot, "deleting", None))
             merge = []
             for d in snap.disks:
                 child = next((x for n in newer[:1] for x in n.disks if x.id == d.id), None)
@@ -342,15 +344,15 @@ class Snapshots:
             except KasouError as e:
                 why = e.message
                 with contextlib.suppress(KasouError):
-                    await self.vms._update(vm, lambda r: _mark(r, snapshot, "deleting", why))
+                    await self.vms.records.update(vm, lambda r: _mark(r, snapshot, "deleting", why))
                 raise
             if snap.memory_path:
                 with contextlib.suppress(NotFound):
                     await agent.delete_disk(snap.memory_path)
-            await self.vms._update(vm, lambda r: _without_snapshot(r, snapshot, merged.disks, merged.base_bytes))
+            await self.vms.records.update(vm, lambda r: _without_snapshot(r, snapshot, merged.disks, merged.base_bytes))
             return {"vm": vm, "snapshot": snapshot, "deleted": True, "live": merged.live}
 
-        return await self.vms._submit("snapshot-delete", vm, run, job_id)
+        return await self.vms.runner.submit("snapshot-delete", vm, run, job_id)
 
     # -- the VM goes away ------------------------------------------------------------------
 

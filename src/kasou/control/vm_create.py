@@ -10,10 +10,11 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kasou.agent.storage import DiskCreate
 from kasou.control import scheduler
+from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
 from kasou.control.pools import PoolRecord
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
@@ -24,10 +25,19 @@ from kasou.model.spec import DiskSpec, MirrorCopy, NicSpec, VMCreate, random_mac
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
-    from kasou.control.vms import VMService, VMView
+    from kasou.control.base import VMView
+    from kasou.control.ha import HaManager
+    from kasou.control.pools import Pools
 
 
-async def create(svc: VMService, spec: VMCreate, scope: Collection[str] | None = None) -> tuple[VMView, JobRecord]:
+class CreateVMs(VMControl, Protocol):
+    """What creating a VM uses of :class:`kasou.control.vms.VMService`."""
+
+    ha: HaManager
+    pools: Pools
+
+
+async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None = None) -> tuple[VMView, JobRecord]:
     """Define a VM (and start it if asked). Returns at once; the disks are made by a job.
 
     ``scope``: the departments the asking user is confined to (None: not confined)."""
@@ -37,11 +47,11 @@ async def create(svc: VMService, spec: VMCreate, scope: Collection[str] | None =
     await svc.check_group(spec.anti_affinity, spec.department, scope)
     if spec.ha:  # in a cluster HA restarts it on another host: refused for a disk only its own host reaches
         await svc.ha.check_storage(spec.name, spec.storage, spec.mirror or [spec.pool or DEFAULT_POOL], spec.template)
-    loads = await svc._check_fits_some_host(spec.vcpus, spec.memory_mib)
+    loads = await svc.check_fits_some_host(spec.vcpus, spec.memory_mib)
     template: VMRecord | None = None
     if spec.template is not None:
         try:
-            template = await svc._record(spec.template)
+            template = await svc.records.get(spec.template)
         except NotFound:
             raise InvalidSpec(f"unknown template {spec.template!r}", field="template") from None
         if template.state != VMState.TEMPLATE:
@@ -88,7 +98,7 @@ async def create(svc: VMService, spec: VMCreate, scope: Collection[str] | None =
         job=job_id,
     )
     if spec.start:
-        await svc._admit(rec)
+        await svc.admit(rec)
     pools, room = await disk_pools(svc, spec, host, image)
     await room.__aenter__()  # a pool without room for the disk refuses the create here, with its numbers
     try:
@@ -155,23 +165,23 @@ async def create(svc: VMService, spec: VMCreate, scope: Collection[str] | None =
                 pool=pools[0].name,
                 mirror=mirror,
             )
-            cur = await svc._set(spec.name, state=VMState.STOPPED, disks=[disk])
+            cur = await svc.records.set(spec.name, state=VMState.STOPPED, disks=[disk])
             await svc.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec, vlan))
             if spec.start:
                 await ctx.progress(0.5, "starting")
-                await svc._do_start(cur)
+                await svc.start_now(cur)
             await ctx.progress(1.0, "done")
             return {"vm": spec.name, "host": host}
         except BaseException:
             await undo_create(svc, spec.name, host, made)
             raise
 
-    job = await svc._submit("create", spec.name, run, job_id)
-    return svc._view(rec, None, True), job
+    job = await svc.runner.submit("create", spec.name, run, job_id)
+    return svc.view(rec, None, True), job
 
 
 async def disk_pools(
-    svc: VMService, spec: VMCreate, host: str | None, image: str | None
+    svc: CreateVMs, spec: VMCreate, host: str | None, image: str | None
 ) -> tuple[list[PoolRecord], contextlib.AbstractAsyncContextManager[None]]:
     """The pools of the new VM's disk (two if mirrored) and the room held in them, checked now."""
     names = spec.mirror or [spec.pool or DEFAULT_POOL]
@@ -189,7 +199,7 @@ async def disk_pools(
     return pools, room
 
 
-async def undo_create(svc: VMService, name: str, host: str | None, disk_paths: list[str]) -> None:
+async def undo_create(svc: CreateVMs, name: str, host: str | None, disk_paths: list[str]) -> None:
     """Leave nothing of a failed create: no process, no disk, no record, no ledger."""
     with contextlib.suppress(KasouError):
         agent = svc.agents.get(host)

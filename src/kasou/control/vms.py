@@ -19,14 +19,13 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
-
-from pydantic import BaseModel
 
 from kasou.config import HaTimes
 from kasou.control import scheduler, vm_create
 from kasou.control.backups import UNKNOWN_DEPARTMENT, Backups
+from kasou.control.base import DiskView, ReplicaView, VMJobRunner, VMRecords, VMView
 from kasou.control.desktops import Desktops
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
@@ -52,7 +51,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
-from kasou.model.spec import MirrorCopy, NicSpec, VMCreate, VMUpdate, validate_name
+from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
 log = logging.getLogger(__name__)
@@ -64,58 +63,6 @@ RECONCILE_EVERY_S = 2.0
 # for that read: the CLI's 30 s and the reconciler's round must not wait on it.
 RUNTIME_READ_S = 10.0
 POOL_CHECK_EVERY_TICKS = 15  # pools are measured every 30 s (a walk of their files)
-
-
-class DiskView(BaseModel):
-    id: str
-    size_bytes: int
-    format: str
-    path: str | None
-    backing: str | None
-    linked: bool
-    shared: bool = False
-    pool: str = "default"
-    mirror: MirrorCopy | None = None  # a mirrored disk's second copy: pool, path, state (syncing, in_sync, degraded)
-
-
-class ReplicaView(BaseModel):
-    host: str
-    state: str  # syncing, in_sync, degraded
-    since: float
-
-
-class VMView(BaseModel):
-    """A VM as the API and the CLI show it: the record and its host's live view, merged."""
-
-    name: str
-    uuid: str  # made at create; what belongs to the VM (backups, jobs, history, console log) carries it
-    state: VMState
-    host: str | None
-    vcpus: int
-    memory_mib: int
-    image: str | None
-    template: str | None
-    description: str
-    department: str | None = None
-    anti_affinity: str | None
-    ha: bool
-    priority: int
-    storage: str  # local, shared or replicated
-    replica: ReplicaView | None
-    ha_armed: bool  # HA could restart it on another host if its host failed now (see ha_blocked)
-    ha_blocked: str | None = None  # an HA VM that is not armed: why (disk local, replica not in sync, ...)
-    disks: list[DiskView]
-    nics: list[NicSpec]
-    guest_ready: bool
-    uptime_s: float | None  # the guest's own uptime, from its heartbeat
-    heartbeat_age_s: float | None
-    accelerator: str | None
-    started_at: float | None
-    created_at: float
-    state_since: float
-    job: str | None
-    last_error: str | None
-    host_reachable: bool
 
 
 class VMService:
@@ -135,6 +82,8 @@ class VMService:
         self.ledger = ledger
         self.shutdown_timeout = shutdown_timeout
         self.vcpu_ratio = vcpu_ratio
+        self.records = VMRecords(store)
+        self.runner = VMJobRunner(self.records, jobs)
         self.ha = HaManager(self, ha_times or HaTimes())
         self.replication = Replication(self)
         self.snapshots = Snapshots(self)
@@ -147,44 +96,6 @@ class VMService:
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
-
-    # -- records ---------------------------------------------------------------------
-
-    async def _record(self, name: str) -> VMRecord:
-        validate_name(name)
-        e = await self.store.get(vm_key(name))
-        if e is None:
-            raise NotFound(f"no VM named {name!r}")
-        return VMRecord.model_validate(e.value)
-
-    async def _records(self) -> list[VMRecord]:
-        return [VMRecord.model_validate(e.value) for e in await self.store.range("vms/")]
-
-    async def _update(self, name: str, fn: Callable[[VMRecord], VMRecord | None]) -> VMRecord | None:
-        """Read-modify-write a record with compare-and-swap; ``fn`` may raise to refuse."""
-        for _ in range(20):
-            e = await self.store.get(vm_key(name))
-            if e is None:
-                raise NotFound(f"no VM named {name!r}")
-            rec = VMRecord.model_validate(e.value)
-            new = fn(rec)
-            if new is None or new == rec:
-                return rec
-            try:
-                await self.store.put(vm_key(name), new.model_dump(mode="json"), expect_rev=e.mod_rev)
-                return new
-            except StoreConflict:
-                await asyncio.sleep(0.01)
-        raise StoreConflict(f"the record of VM {name!r} keeps changing; try again")
-
-    async def _set(self, name: str, **changes: Any) -> VMRecord:
-        def apply(r: VMRecord) -> VMRecord:
-            state = changes.pop("state", r.state)
-            return r.with_state(state, **changes)
-
-        rec = await self._update(name, apply)
-        assert rec is not None
-        return rec
 
     # -- the live view ---------------------------------------------------------------
 
@@ -201,7 +112,7 @@ class VMService:
         order = list(hosts)
         return dict(zip(order, await asyncio.gather(*(self._runtime(h) for h in order)), strict=True))
 
-    def _view(
+    def view(
         self, rec: VMRecord, rt: RuntimeInfo | None, reachable: bool, maintenance: set[str] | None = None
     ) -> VMView:
         live = rt is not None and rt.state in (
@@ -260,7 +171,7 @@ class VMService:
 
     async def list_all(self) -> list[VMView]:
         await self.agents.refresh()
-        records = await self._records()
+        records = await self.records.all()
         runtime = await self._runtimes({r.host for r in records})
         maintenance = await maintenance_hosts(self.store)
         out = []
@@ -269,17 +180,17 @@ class VMService:
             rt = rt_host.get(rec.name) if rt_host is not None else None
             if rt_host is not None:
                 rec = await self._reconcile(rec, rt)
-            out.append(self._view(rec, rt, rt_host is not None, maintenance))
+            out.append(self.view(rec, rt, rt_host is not None, maintenance))
         return out
 
     async def get(self, name: str) -> VMView:
         await self.agents.refresh()
-        rec = await self._record(name)
+        rec = await self.records.get(name)
         rt_host = await self._runtime(rec.host)
         rt = rt_host.get(name) if rt_host is not None else None
         if rt_host is not None:
             rec = await self._reconcile(rec, rt)
-        return self._view(rec, rt, rt_host is not None, await maintenance_hosts(self.store))
+        return self.view(rec, rt, rt_host is not None, await maintenance_hosts(self.store))
 
     async def _reconcile(self, rec: VMRecord, rt: RuntimeInfo | None) -> VMRecord:
         """Bring a record in line with its host's report, when no job holds the VM."""
@@ -290,49 +201,33 @@ class VMService:
             crashed = rt is None or rt.state == RuntimeState.CRASHED
             reason = (rt.exit_reason if rt else None) or "its QEMU process is gone"
             new_state = VMState.CRASHED if crashed else VMState.STOPPED
-            if not await self._transition(rec, new_state):
+            if not await self.records.transition(rec, new_state):
                 return rec
             event = LedgerEvent.CRASHED if crashed else LedgerEvent.STOPPED
             detail = reason if crashed else f"the guest powered off ({reason})"
             await self.ledger.record(rec.name, event, rec.host, detail)
             with contextlib.suppress(KasouError):
                 await self.agents.get(rec.host).forget(rec.name)
-            return await self._record(rec.name)
+            return await self.records.get(rec.name)
         if rt is None or gone:
             return rec
         if rec.state == VMState.RUNNING and rt.state == RuntimeState.PAUSED:
-            if await self._transition(rec, VMState.PAUSED):
+            if await self.records.transition(rec, VMState.PAUSED):
                 await self.ledger.record(rec.name, LedgerEvent.PAUSED, rec.host, "paused by the hypervisor")
         elif rec.state == VMState.PAUSED and rt.state == RuntimeState.RUNNING:
-            if await self._transition(rec, VMState.RUNNING):
+            if await self.records.transition(rec, VMState.RUNNING):
                 await self.ledger.record(rec.name, LedgerEvent.RESUMED, rec.host, "resumed by the hypervisor")
         elif rec.state in (VMState.STOPPED, VMState.CRASHED):
             # A process the record does not know of (a start interrupted by a restart): adopt it.
             state = VMState.PAUSED if rt.state == RuntimeState.PAUSED else VMState.RUNNING
-            if await self._transition(rec, state, started_at=rt.started_at):
+            if await self.records.transition(rec, state, started_at=rt.started_at):
                 await self.ledger.record(rec.name, LedgerEvent.STARTED, rec.host, "found running on its host")
         else:
             return rec
-        return await self._record(rec.name)
-
-    async def _transition(self, seen: VMRecord, state: VMState, **changes: Any) -> bool:
-        """Move a record to ``state`` only if nobody changed it since ``seen`` (no double ledger entries)."""
-        done = False
-
-        def apply(r: VMRecord) -> VMRecord | None:
-            nonlocal done
-            # The runtime report was read for ``seen``: if the VM changed since (a job ran,
-            # it moved to another host, it restarted), that report says nothing about it now.
-            if (r.state, r.host, r.started_at, r.job) != (seen.state, seen.host, seen.started_at, None):
-                return None
-            done = True
-            return r.with_state(state, **changes)
-
-        await self._update(seen.name, apply)
-        return done
+        return await self.records.get(rec.name)
 
     async def reconcile_all(self) -> None:
-        records = await self._records()
+        records = await self.records.all()
         await self.agents.refresh()
         runtimes: dict[str, dict[str, RuntimeInfo]] = {}
         reports = await self._runtimes(sorted({r.host for r in records if r.host} | set(self.agents.names())))
@@ -346,7 +241,7 @@ class VMService:
                         await self._reconcile(rec, rt_host.get(rec.name))
             await self._tidy_leftovers(host, rt_host, {r.name: r for r in records})
         await self.ha.tick(runtimes)
-        await self.replication.tick(await self._records())
+        await self.replication.tick(await self.records.all())
         await self.backups.tick()  # due scheduled backups
         await self.mirrors.tick()
         await self.desktops.tick()  # ended sessions' desktops returned and reset, K kept pre-started
@@ -390,15 +285,15 @@ class VMService:
     async def startup(self) -> None:
         """After a restart of the control plane: fail stale jobs, release and tidy their VMs."""
         await self.jobs.recover()
-        for rec in await self._records():
+        for rec in await self.records.all():
             if rec.state == VMState.CREATING:
-                await self._undo_create(rec.name, rec.host, [d.path for d in rec.disks if d.path])
+                await self.undo_create(rec.name, rec.host, [d.path for d in rec.disks if d.path])
             elif rec.job is not None:
                 state = VMState.STOPPED if rec.state == VMState.DELETING else rec.state
-                await self._set(rec.name, job=None, state=state)
+                await self.records.set(rec.name, job=None, state=state)
             if any(s.state == "taking" for s in rec.snapshots):
                 with contextlib.suppress(KasouError):
-                    await self.snapshots.recover(await self._record(rec.name))
+                    await self.snapshots.recover(await self.records.get(rec.name))
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
         self._host_checker = asyncio.create_task(self._host_check_loop(), name="ha-host-check")
 
@@ -420,7 +315,7 @@ class VMService:
     async def host_loads(self, exclude: str | None = None) -> list[scheduler.HostLoad]:
         """Every host that is up, with what its running VMs use (``exclude``: leave one VM out)."""
         await self.agents.refresh()
-        records = await self._records()
+        records = await self.records.all()
         maintenance = await maintenance_hosts(self.store)
         loads = []
         for host in self.agents.names():
@@ -435,7 +330,7 @@ class VMService:
             loads.append(load)
         return loads
 
-    async def _check_fits_some_host(self, vcpus: int, memory_mib: int) -> list[scheduler.HostLoad]:
+    async def check_fits_some_host(self, vcpus: int, memory_mib: int) -> list[scheduler.HostLoad]:
         loads = await self.host_loads()
         if not loads:
             raise AgentUnavailable("no host agent answers; is kasou up?")
@@ -454,7 +349,7 @@ class VMService:
             )
         return loads
 
-    async def _admit(self, rec: VMRecord, ha_check: bool = True) -> None:
+    async def admit(self, rec: VMRecord, ha_check: bool = True) -> None:
         """Refuse a start the VM's host cannot carry (memory is never overcommitted), or one that
         would leave too little room to restart some host's HA VMs (``ha_check``; not for HA's own restarts)."""
         all_loads = await self.host_loads(exclude=rec.name)
@@ -475,38 +370,11 @@ class VMService:
         if ha_check and rec.host is not None:
             await self.ha.check_admission(rec, rec.host, all_loads)
 
-    # -- claims ----------------------------------------------------------------------
-
-    async def _claim(self, name: str, action: Action, job_id: str) -> VMRecord:
-        def apply(r: VMRecord) -> VMRecord:
-            if r.job is not None:
-                raise WrongState(f"VM {name!r} is busy with job {r.job}; try again when it ends", job=r.job)
-            check_action(name, action, r.state)
-            return r.model_copy(update={"job": job_id})
-
-        rec = await self._update(name, apply)
-        assert rec is not None
-        return rec
-
-    async def _release(self, job: JobRecord) -> None:
-        def apply(r: VMRecord) -> VMRecord | None:
-            if r.job != job.id:
-                return None
-            err = job.error["message"] if job.error else None
-            return r.model_copy(update={"job": None, "last_error": err})
-
-        if job.vm is not None:
-            with contextlib.suppress(NotFound):
-                await self._update(job.vm, apply)
-
-    async def _submit(self, kind: str, name: str, fn: Callable[[JobContext], Any], job_id: str) -> JobRecord:
-        return await self.jobs.submit(kind, name, fn, on_done=self._release, job_id=job_id)
-
     # -- settings --------------------------------------------------------------------
 
     async def update(self, name: str, upd: VMUpdate) -> VMView:
         """Change a VM's HA setting, restart priority, description or department."""
-        rec = await self._record(name)
+        rec = await self.records.get(name)
         changes = upd.model_dump(exclude_none=True)
         if changes.get("department") == "":
             changes["department"] = None
@@ -516,7 +384,7 @@ class VMService:
             self.ha.check_setting(rec)  # in a cluster: refused for a VM whose disk no other host reaches
         if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
             await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
-        await self._update(name, lambda r: r.model_copy(update=changes))
+        await self.records.update(name, lambda r: r.model_copy(update=changes))
         return await self.get(name)
 
     # -- create ----------------------------------------------------------------------
@@ -553,7 +421,7 @@ class VMService:
         belongs to the department of its first member); to them another department's group is "not available"."""
         if group is None or scope is None:
             return
-        members = sorted((r for r in await self._records() if r.anti_affinity == group), key=lambda r: r.created_at)
+        members = sorted((r for r in await self.records.all() if r.anti_affinity == group), key=lambda r: r.created_at)
         if not members or members[0].department == department:
             return
         owner = members[0].department
@@ -568,13 +436,13 @@ class VMService:
     def new_job_id() -> str:
         return _job_id()
 
-    async def _undo_create(self, name: str, host: str | None, disk_paths: list[str]) -> None:
+    async def undo_create(self, name: str, host: str | None, disk_paths: list[str]) -> None:
         """Leave nothing of a failed create (or restore): no process, no disk, no record, no ledger."""
         await vm_create.undo_create(self, name, host, disk_paths)
 
     # -- start and the power actions -------------------------------------------------
 
-    def _launch_spec(self, rec: VMRecord) -> LaunchSpec:
+    def launch_spec(self, rec: VMRecord) -> LaunchSpec:
         return LaunchSpec(
             name=rec.name,
             uuid=rec.uuid,
@@ -586,17 +454,17 @@ class VMService:
             ha=rec.ha,
         )
 
-    async def _do_start(
+    async def start_now(
         self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = "", admit_ha: bool = True
     ) -> None:
-        await self._admit(rec, ha_check=admit_ha)
-        await self._set(rec.name, state=VMState.STARTING)
+        await self.admit(rec, ha_check=admit_ha)
+        await self.records.set(rec.name, state=VMState.STARTING)
         try:
-            info = await self.agents.get(rec.host).start(self._launch_spec(rec))
+            info = await self.agents.get(rec.host).start(self.launch_spec(rec))
         except BaseException:
-            await self._set(rec.name, state=rec.state if rec.state != VMState.STARTING else VMState.STOPPED)
+            await self.records.set(rec.name, state=rec.state if rec.state != VMState.STARTING else VMState.STOPPED)
             raise
-        await self._set(
+        await self.records.set(
             rec.name, state=VMState.RUNNING, started_at=info.started_at or time.time(), last_error=None,
             ha_armed=rec.ha,
         )  # fmt: skip
@@ -608,13 +476,13 @@ class VMService:
         if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE):
             raise InvalidSpec(f"{action.value} is not a power action")
         job_id = _job_id()
-        rec = await self._record(name)
+        rec = await self.records.get(name)
         if action == Action.STOP and rec.job is not None:
             return await self._preempting_stop(rec, job_id)
         if action == Action.START:
             check_action(name, action, rec.state)
-            await self._admit(rec)
-        rec = await self._claim(name, action, job_id)
+            await self.admit(rec)
+        rec = await self.runner.claim(name, action, job_id)
         fn = {
             Action.START: self._job_start,
             Action.SHUTDOWN: self._job_shutdown,
@@ -627,9 +495,9 @@ class VMService:
 
         async def run(ctx: JobContext) -> dict[str, Any]:
             await fn(ctx, rec, limit)
-            return {"vm": name, "state": (await self._record(name)).state.value}
+            return {"vm": name, "state": (await self.records.get(name)).state.value}
 
-        return await self._submit(action.value, name, run, job_id)
+        return await self.runner.submit(action.value, name, run, job_id)
 
     async def _preempting_stop(self, rec: VMRecord, job_id: str) -> JobRecord:
         """A stop while a graceful shutdown waits: pull the plug; the shutdown job records the stop."""
@@ -645,14 +513,14 @@ class VMService:
 
     async def _job_start(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
         await ctx.progress(0.2, "starting QEMU")
-        await self._do_start(rec)
+        await self.start_now(rec)
 
     async def _job_shutdown(self, ctx: JobContext, rec: VMRecord, timeout: float) -> None:
         agent = self.agents.get(rec.host)
         await self.mirrors.before_stop(rec)
         await ctx.progress(0.05, "pressing the power button")
         await agent.action(rec.name, "powerdown")
-        await self._set(rec.name, state=VMState.SHUTTING_DOWN)
+        await self.records.set(rec.name, state=VMState.SHUTTING_DOWN)
         t0 = time.monotonic()
         detail = "graceful shutdown"
         while True:
@@ -669,19 +537,19 @@ class VMService:
                 break
             await ctx.progress(0.05 + 0.9 * waited / timeout, f"waiting for the guest to power off ({waited:.0f} s)")
             await asyncio.sleep(0.25)
-        await self._stopped(rec, detail)
+        await self.stopped(rec, detail)
 
-    async def _stopped(self, rec: VMRecord, detail: str) -> None:
+    async def stopped(self, rec: VMRecord, detail: str) -> None:
         with contextlib.suppress(KasouError):
             await self.agents.get(rec.host).forget(rec.name)
-        await self._set(rec.name, state=VMState.STOPPED, started_at=None)
+        await self.records.set(rec.name, state=VMState.STOPPED, started_at=None)
         await self.ledger.record(rec.name, LedgerEvent.STOPPED, rec.host, detail)
 
     async def _job_stop(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
         await ctx.progress(0.2, "stopping")
         await self.mirrors.before_stop(rec)
         await self.agents.get(rec.host).action(rec.name, "stop")
-        await self._stopped(rec, "stopped at once")
+        await self.stopped(rec, "stopped at once")
 
     async def _job_reboot(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
         await ctx.progress(0.2, "resetting")
@@ -690,19 +558,19 @@ class VMService:
 
     async def _job_pause(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
         await self.agents.get(rec.host).action(rec.name, "pause")
-        await self._set(rec.name, state=VMState.PAUSED)
+        await self.records.set(rec.name, state=VMState.PAUSED)
         await self.ledger.record(rec.name, LedgerEvent.PAUSED, rec.host)
 
     async def _job_resume(self, ctx: JobContext, rec: VMRecord, _t: float) -> None:
         await self.agents.get(rec.host).action(rec.name, "resume")
-        await self._set(rec.name, state=VMState.RUNNING)
+        await self.records.set(rec.name, state=VMState.RUNNING)
         await self.ledger.record(rec.name, LedgerEvent.RESUMED, rec.host)
 
     # -- delete and templates --------------------------------------------------------
 
     async def delete(self, name: str, keep_disks: bool = False, force: bool = False) -> JobRecord:
-        rec = await self._record(name)
-        clones = [r.name for r in await self._records() if r.template == name]
+        rec = await self.records.get(name)
+        clones = [r.name for r in await self.records.all() if r.template == name]
         if clones:
             raise WrongState(f"template {name!r} still has linked clones: {', '.join(sorted(clones))}")
         if rec.job is None and not (force and rec.state in ACTIVE_STATES):
@@ -716,16 +584,16 @@ class VMService:
                 check_action(name, Action.DELETE, r.state)
             return r.model_copy(update={"job": job_id})
 
-        await self._update(name, apply)
+        await self.records.update(name, apply)
 
         async def run(ctx: JobContext) -> dict[str, Any]:
-            cur = await self._record(name)
+            cur = await self.records.get(name)
             agent = self.agents.get(cur.host)
             if cur.state in ACTIVE_STATES:
                 await ctx.progress(0.1, "stopping")
                 await agent.action(name, "stop")
                 await self.ledger.record(name, LedgerEvent.STOPPED, cur.host, "stopped to be deleted")
-            await self._set(name, state=VMState.DELETING)
+            await self.records.set(name, state=VMState.DELETING)
             await ctx.progress(0.4, "removing disks")
             await self.replication.drop(cur.model_copy(update={"state": VMState.DELETING}))
             with contextlib.suppress(NotFound):
@@ -746,7 +614,7 @@ class VMService:
                 "kept_disks": [d.path for d in cur.disks] if keep_disks else [],
             }
 
-        return await self._submit("delete", name, run, job_id)
+        return await self.runner.submit("delete", name, run, job_id)
 
     async def make_template(self, name: str) -> VMView:
         def apply(r: VMRecord) -> VMRecord:
@@ -759,19 +627,19 @@ class VMService:
                 raise WrongState(f"VM {name!r} has mirrored disks; a template's disk is shared, not mirrored")
             return r.with_state(VMState.TEMPLATE)
 
-        await self._update(name, apply)
+        await self.records.update(name, apply)
         return await self.get(name)
 
     # -- reading ---------------------------------------------------------------------
 
     async def console_log(self, name: str, max_bytes: int = 65536) -> str:
         """The VM's serial console output: its own only (a log an earlier VM of that name left is not shown)."""
-        rec = await self._record(name)
+        rec = await self.records.get(name)
         return await self.agents.get(rec.host).console(name, max_bytes, uuid=rec.uuid)
 
     async def history(self, name: str) -> list[LedgerEntry]:
         """The ledger of the VM that holds the name now."""
-        return await self.ledger.history(name, await self._record(name))
+        return await self.ledger.history(name, await self.records.get(name))
 
 
 def name_unavailable(name: str) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from kasou.errors import InvalidSpec
 from kasou.model.names import NAME_MAX, validate_name
+from kasou.model.parsing import parse_model
 
 MAX_DESKTOPS = 99  # names end in two digits: <pool>-01 .. <pool>-99
 MAX_IDLE_MINUTES = 24 * 60
@@ -74,9 +75,7 @@ class DesktopPoolCreate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> DesktopPoolCreate:
-        from kasou.model.spec import _parse
-
-        spec: DesktopPoolCreate = _parse(cls, data)
+        spec: DesktopPoolCreate = parse_model(cls, data)
         spec.check()
         return spec
 
@@ -103,9 +102,7 @@ class DesktopPoolResize(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> DesktopPoolResize:
-        from kasou.model.spec import _parse
-
-        spec: DesktopPoolResize = _parse(cls, data)
+        spec: DesktopPoolResize = parse_model(cls, data)
         if spec.size is None and spec.prestart is None:
             raise InvalidSpec("nothing to change: give size or prestart", field="size")
         return spec
@@ -120,8 +117,6 @@ class DesktopRequest(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> DesktopRequest:
-        from kasou.model.spec import _parse
-
-        spec: DesktopRequest = _parse(cls, data)
+        spec: DesktopRequest = parse_model(cls, data)
         validate_pool_name(spec.pool)
         return spec

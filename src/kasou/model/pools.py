@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from kasou.config import DEFAULT_HOME, Paths, storage_roots
 from kasou.errors import InvalidSpec
 from kasou.model.names import validate_name
+from kasou.model.parsing import parse_model
 from kasou.model.units import parse_size
 
 DEFAULT_POOL = "default"
@@ -45,9 +46,7 @@ class PoolCreate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> PoolCreate:
-        from kasou.model.spec import _parse
-
-        spec: PoolCreate = _parse(cls, data)
+        spec: PoolCreate = parse_model(cls, data)
         spec.check()
         return spec
 

@@ -11,11 +11,12 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kasou.errors import InvalidSpec
 from kasou.model.names import NAME_MAX as NAME_MAX
 from kasou.model.names import validate_name
+from kasou.model.parsing import parse_model
 from kasou.model.units import parse_size
 
 USER_NETWORK = "user"  # QEMU's user-mode NAT: needs nothing on the host; not a stored network
@@ -107,7 +108,7 @@ class VMUpdate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> VMUpdate:
-        spec: VMUpdate = _parse(cls, data)
+        spec: VMUpdate = parse_model(cls, data)
         if spec.priority is not None:
             check_priority(spec.priority)
         if spec.department:
@@ -143,7 +144,7 @@ class VMCreate(BaseModel):
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
         """Validate raw input into a spec, raising InvalidSpec with one line."""
-        spec: VMCreate = _parse(cls, data)
+        spec: VMCreate = parse_model(cls, data)
         spec.check()
         return spec
 
@@ -198,16 +199,6 @@ class VMCreate(BaseModel):
         return None if self.disk is None else parse_size(self.disk, "disk")
 
 
-def _parse(cls: type[Any], data: Any) -> Any:
-    """Validate raw input into a model, raising InvalidSpec with one line."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "request"
-        raise InvalidSpec(f"{field}: {err['msg']}", field=field) from None
-
-
 def validate_vlan(vlan: object) -> int | None:
     """Return ``vlan`` if it is None or an 802.1Q VLAN id a network may use, else raise InvalidSpec."""
     if vlan is None:
@@ -236,7 +227,7 @@ class NetworkCreate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> NetworkCreate:
-        spec: NetworkCreate = _parse(cls, data)
+        spec: NetworkCreate = parse_model(cls, data)
         spec.check()
         return spec
 
@@ -255,7 +246,7 @@ class NetworkUpdate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> NetworkUpdate:
-        spec: NetworkUpdate = _parse(cls, data)
+        spec: NetworkUpdate = parse_model(cls, data)
         check_network_departments(spec.departments)
         return spec
 

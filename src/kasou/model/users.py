@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.errors import InvalidSpec
 from kasou.model.names import validate_name
+from kasou.model.parsing import parse_model
 
 PASSWORD_MIN = 10
 PASSWORD_MAX = 1024
@@ -84,9 +85,7 @@ class UserCreate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> UserCreate:
-        from kasou.model.spec import _parse
-
-        spec: UserCreate = _parse(cls, data)
+        spec: UserCreate = parse_model(cls, data)
         validate_name(spec.name, "user")
         if spec.name.lower() in RESERVED_NAMES:
             raise InvalidSpec(f"the user name {spec.name!r} is reserved", field="name")

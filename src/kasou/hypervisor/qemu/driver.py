@@ -15,7 +15,7 @@ replication, mirrors, snapshots, backups) and :mod:`kasou.hypervisor.qemu.driver
 from __future__ import annotations
 
 from kasou.errors import MonitorError
-from kasou.hypervisor.qemu.driver_core import HEARTBEAT_FRESH_S, MIGRATED, QUIT_TIMEOUT, START_TIMEOUT, _Vm
+from kasou.hypervisor.qemu.driver_core import HEARTBEAT_FRESH_S, MIGRATED, QUIT_TIMEOUT, START_TIMEOUT, QemuVm
 from kasou.hypervisor.qemu.driver_migration import MigrationOps
 from kasou.hypervisor.qemu.stats import StatsOps
 
@@ -24,4 +24,4 @@ class QemuDriver(MigrationOps, StatsOps):
     """Runs VMs as QEMU processes on this host."""
 
 
-__all__ = ["HEARTBEAT_FRESH_S", "MIGRATED", "QUIT_TIMEOUT", "START_TIMEOUT", "MonitorError", "QemuDriver", "_Vm"]
+__all__ = ["HEARTBEAT_FRESH_S", "MIGRATED", "QUIT_TIMEOUT", "START_TIMEOUT", "MonitorError", "QemuDriver", "QemuVm"]

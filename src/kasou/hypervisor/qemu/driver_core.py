@@ -64,14 +64,14 @@ QUIT_TIMEOUT = 10.0
 HEARTBEAT_FRESH_S = 5.0
 MONITOR_RETRY_MAX_S = 60.0  # a lost QMP monitor of a live QEMU is connected again, backing off up to this
 
-_GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)  # the guest lives here
-_ACTIVE = (*_GUEST, RuntimeState.INCOMING)  # a QEMU process of the VM runs here
+GUEST_STATES = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)  # the guest lives here
+PROCESS_STATES = (*GUEST_STATES, RuntimeState.INCOMING)  # a QEMU process of the VM runs here
 MIGRATED = "migrated"  # the exit reason of a source QEMU after a completed migration
 STOPPED = "stopped"  # the exit reason of a QEMU ended by stop (the control plane tells it from a guest's power-off)
 
 
 @dataclass
-class _Vm:
+class QemuVm:
     name: str
     files: RuntimeFiles
     pid: int
@@ -93,15 +93,15 @@ class _Vm:
     def info(self) -> RuntimeInfo:
         age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
         uptime = self.guest_uptime
-        if uptime is not None and age is not None and age < HEARTBEAT_FRESH_S and self.state in _GUEST:
+        if uptime is not None and age is not None and age < HEARTBEAT_FRESH_S and self.state in GUEST_STATES:
             uptime += age  # the guest's clock went on since its last line
         return RuntimeInfo(
             name=self.name,
             state=self.state,
-            pid=self.pid if self.state in _ACTIVE else None,
+            pid=self.pid if self.state in PROCESS_STATES else None,
             started_at=self.started_at,
             accelerator=self.accelerator,
-            guest_ready=self.guest_ready and self.state in _GUEST,
+            guest_ready=self.guest_ready and self.state in GUEST_STATES,
             guest_uptime_s=None if uptime is None else round(uptime, 2),
             heartbeat_age_s=None if age is None else round(age, 2),
             exit_reason=self.exit_reason,
@@ -130,7 +130,7 @@ class DriverCore(Driver):
         self.images_dir = images_dir
         self.accelerator = accelerator
         self.qemu_binary = qemu_binary
-        self._vms: dict[str, _Vm] = {}
+        self._vms: dict[str, QemuVm] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._unplugging: set[asyncio.Task[None]] = set()
@@ -186,7 +186,7 @@ class DriverCore(Driver):
             launched = rf.launch_spec(files)
             taps = [n.id for n in tap_nics(launched.nics)] if launched is not None else []
             if pid is not None and process.is_guest(pid, d.name):
-                vm = _Vm(d.name, files, pid, process.started_at(pid), rf.launch_accel(files), taps=taps)
+                vm = QemuVm(d.name, files, pid, process.started_at(pid), rf.launch_accel(files), taps=taps)
                 self._vms[d.name] = vm
                 try:
                     await self._monitor(vm)
@@ -201,7 +201,7 @@ class DriverCore(Driver):
                 found.append(d.name)
             else:
                 state, reason = rf.read_exit(files)
-                vm = _Vm(d.name, files, pid or 0, None, rf.launch_accel(files))
+                vm = QemuVm(d.name, files, pid or 0, None, rf.launch_accel(files))
                 vm.state = state or RuntimeState.CRASHED
                 vm.exit_reason = reason or "its process ended while the agent was away"
                 saved = mig.load(files.migration)
@@ -227,7 +227,7 @@ class DriverCore(Driver):
                         vm.state = RuntimeState.RUNNING
             return vm.info()
 
-    async def _attach_mirrors_at_start(self, vm: _Vm, spec: LaunchSpec) -> None:
+    async def _attach_mirrors_at_start(self, vm: QemuVm, spec: LaunchSpec) -> None:
         """Attach each disk's second copy; one that cannot be opened leaves the disk degraded, the VM starts."""
         for d in spec.disks:
             if not d.mirror:
@@ -249,14 +249,14 @@ class DriverCore(Driver):
         """Refuse a second QEMU for a VM that runs here (known, or found by its pid file)."""
         self._ensure_reaper()
         current = self._vms.get(name)
-        if current is not None and current.state in _ACTIVE and process.alive(current.pid):
+        if current is not None and current.state in PROCESS_STATES and process.alive(current.pid):
             raise Conflict(f"VM {name!r} already runs on this host (pid {current.pid})")
         stray = rf.read_pid(self._files(name).pidfile)
         if stray is not None and process.is_guest(stray, name):
             raise Conflict(f"VM {name!r} already runs on this host (pid {stray})")
 
     @contextlib.asynccontextmanager
-    async def _launch(self, spec: LaunchSpec, argv: list[str], state: RuntimeState) -> AsyncIterator[_Vm]:
+    async def _launch(self, spec: LaunchSpec, argv: list[str], state: RuntimeState) -> AsyncIterator[QemuVm]:
         """Spawn QEMU and connect its monitor; the body finishes the set-up; the VM counts once it is done.
 
         On any failure (here or in the body): no process, no runtime files, no record in memory.
@@ -270,13 +270,13 @@ class DriverCore(Driver):
         files.serial_owner.write_text(spec.uuid)  # QEMU starts the log afresh (logappend=off): it is this VM's
         files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
         pid: int | None = None
-        vm: _Vm | None = None
+        vm: QemuVm | None = None
         taps = [n.id for n in tap_nics(spec.nics)]
         try:
             if taps:  # QEMU opens the taps by name: they must be on their bridges first
                 await asyncio.to_thread(self.network.plug, spec.name, spec.nics)
             pid = await self._spawn(spec.name, argv, files)
-            vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state, taps=taps)
+            vm = QemuVm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state, taps=taps)
             await self._monitor(vm)
             yield vm
             self._vms[spec.name] = vm
@@ -323,7 +323,7 @@ class DriverCore(Driver):
             raise QemuStartError(f"QEMU for VM {name!r} exited right after starting")
         return pid
 
-    async def _monitor(self, vm: _Vm) -> None:
+    async def _monitor(self, vm: QemuVm) -> None:
         """Connect ``vm``'s monitor, replacing one that lost its connection or its events."""
         async with self._monitor_locks.setdefault(vm.name, asyncio.Lock()):
             if vm.monitor is not None and vm.monitor.healthy:
@@ -335,22 +335,22 @@ class DriverCore(Driver):
             await mon.connect()
             vm.monitor = mon
 
-    def _monitor_lost(self, vm: _Vm) -> bool:
+    def _monitor_lost(self, vm: QemuVm) -> bool:
         """A live QEMU whose monitor (and with it its events) is gone, not on the way out."""
-        if vm.state not in _ACTIVE or vm.expect_exit or vm.name in self._reconnecting:
+        if vm.state not in PROCESS_STATES or vm.expect_exit or vm.name in self._reconnecting:
             return False
         if vm.monitor is not None and vm.monitor.healthy:
             return False
         return time.monotonic() >= self._monitor_retry.get(vm.name, (0.0, 0.0))[0]
 
-    def _reconnect_soon(self, vm: _Vm) -> None:
+    def _reconnect_soon(self, vm: QemuVm) -> None:
         task = asyncio.create_task(self._reconnect(vm), name=f"monitor-{vm.name}")
         self._reconnecting.add(vm.name)
         self._unplugging.add(task)  # kept referenced until done (close cancels it)
         task.add_done_callback(self._unplugging.discard)
         task.add_done_callback(lambda _t: self._reconnecting.discard(vm.name))
 
-    async def _reconnect(self, vm: _Vm) -> None:
+    async def _reconnect(self, vm: QemuVm) -> None:
         """Connect a lost monitor again while QEMU lives, then catch up on what its events would have said."""
         mon = vm.monitor
         why = "is not connected" if mon is None or not mon.connected else f"lost its events ({mon.events_error})"
@@ -373,7 +373,7 @@ class DriverCore(Driver):
         if (vm.files.dir / mirrors.RECORD).exists():
             await self._recover_io_error(vm)
 
-    def _on_event(self, vm: _Vm, event: str, data: dict[str, Any]) -> None:
+    def _on_event(self, vm: QemuVm, event: str, data: dict[str, Any]) -> None:
         if event == "SHUTDOWN":
             reason = str(data.get("reason", "shutdown"))
             vm.expect_exit = True
@@ -395,12 +395,12 @@ class DriverCore(Driver):
             vm.guest_uptime = None
             vm.last_heartbeat = None
 
-    def _start_heartbeat(self, vm: _Vm) -> None:
+    def _start_heartbeat(self, vm: QemuVm) -> None:
         vm.heartbeat_task = asyncio.create_task(self._read_heartbeat(vm), name=f"heartbeat-{vm.name}")
 
-    async def _read_heartbeat(self, vm: _Vm) -> None:
+    async def _read_heartbeat(self, vm: QemuVm) -> None:
         """Read ``hb <uptime>`` lines the guest writes on its virtio-serial port."""
-        while vm.state in _ACTIVE:
+        while vm.state in PROCESS_STATES:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(vm.files.heartbeat)), 5.0)
             except (TimeoutError, OSError):
@@ -433,13 +433,13 @@ class DriverCore(Driver):
         """Notice processes that ended: exited on request, or crashed."""
         while True:
             for vm in list(self._vms.values()):
-                if vm.state in _ACTIVE and not process.alive(vm.pid):
+                if vm.state in PROCESS_STATES and not process.alive(vm.pid):
                     await self._ended(vm, locked=False)
                 elif self._monitor_lost(vm):
                     self._reconnect_soon(vm)
             await asyncio.sleep(0.25)
 
-    def _mark_gone(self, vm: _Vm) -> None:
+    def _mark_gone(self, vm: QemuVm) -> None:
         reason = vm.exit_reason or rf.read_exit(vm.files)[1]
         if vm.expect_exit or reason:
             vm.state = RuntimeState.EXITED
@@ -452,7 +452,7 @@ class DriverCore(Driver):
         with contextlib.suppress(OSError):
             vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
 
-    async def _ended(self, vm: _Vm, locked: bool = True) -> None:
+    async def _ended(self, vm: QemuVm, locked: bool = True) -> None:
         """Its QEMU is gone: record why, stop watching it and remove its taps.
 
         ``locked``: the caller holds the VM's lock. Otherwise (the reaper, a status read) the taps
@@ -468,10 +468,10 @@ class DriverCore(Driver):
             self._unplugging.add(task)
             task.add_done_callback(self._unplugging.discard)
 
-    async def _unplug_when_free(self, vm: _Vm) -> None:
+    async def _unplug_when_free(self, vm: QemuVm) -> None:
         async with self._lock(vm.name):
             current = self._vms.get(vm.name)
-            if current is not None and current is not vm and current.state in _ACTIVE:
+            if current is not None and current is not vm and current.state in PROCESS_STATES:
                 return  # started again meanwhile: the taps are its new QEMU's
             await self._unplug(vm.name, vm.taps)
 
@@ -484,7 +484,7 @@ class DriverCore(Driver):
         except Exception as e:
             log.error("could not remove the taps of VM %s: %s", name, e.message if isinstance(e, KasouError) else e)
 
-    async def _detach(self, vm: _Vm) -> None:
+    async def _detach(self, vm: QemuVm) -> None:
         if vm.heartbeat_task is not None:
             vm.heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -496,10 +496,10 @@ class DriverCore(Driver):
 
     # -- operations ------------------------------------------------------------------
 
-    def _running(self, name: str) -> _Vm:
+    def _running(self, name: str) -> QemuVm:
         """The VM whose guest lives here, for an operation on it (not while it migrates)."""
         vm = self._vms.get(name)
-        if vm is None or vm.state not in _ACTIVE:
+        if vm is None or vm.state not in PROCESS_STATES:
             raise NotFound(f"VM {name!r} is not running on this host")
         if vm.state == RuntimeState.INCOMING:
             raise WrongState(f"VM {name!r} is arriving by migration on this host; it does not run here yet")
@@ -507,7 +507,7 @@ class DriverCore(Driver):
             raise WrongState(f"VM {name!r} is migrating to another host; finish or abort that first")
         return vm
 
-    async def _qmp(self, vm: _Vm, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def _qmp(self, vm: QemuVm, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if vm.monitor is None or not vm.monitor.connected:
             await self._monitor(vm)
         assert vm.monitor is not None
@@ -525,7 +525,7 @@ class DriverCore(Driver):
             vm = self._vms.get(name)
             if vm is None:
                 raise NotFound(f"VM {name!r} is not running on this host")
-            if vm.state not in _ACTIVE:
+            if vm.state not in PROCESS_STATES:
                 return
             vm.expect_exit = True
             vm.exit_reason = vm.exit_reason or STOPPED
@@ -555,7 +555,7 @@ class DriverCore(Driver):
 
     async def info(self, name: str) -> RuntimeInfo | None:
         vm = self._vms.get(name)
-        if vm is not None and vm.state in _ACTIVE and not process.alive(vm.pid):
+        if vm is not None and vm.state in PROCESS_STATES and not process.alive(vm.pid):
             await self._ended(vm, locked=False)
         return vm.info() if vm is not None else None
 
@@ -570,7 +570,7 @@ class DriverCore(Driver):
     async def forget(self, name: str) -> None:
         async with self._lock(name):
             vm = self._vms.get(name)
-            if vm is not None and vm.state in _ACTIVE and process.alive(vm.pid):
+            if vm is not None and vm.state in PROCESS_STATES and process.alive(vm.pid):
                 raise Conflict(f"VM {name!r} still runs; stop it first")
             if vm is not None:
                 await self._detach(vm)
@@ -597,20 +597,20 @@ class DriverCore(Driver):
     async def vnc_socket(self, name: str) -> Path | None:
         """QEMU's VNC display of a running (or paused) guest: ``-vnc unix:<run dir>/<vm>/vnc.sock``."""
         vm = self._vms.get(name)
-        if vm is None or vm.state not in _GUEST or not process.alive(vm.pid):
+        if vm is None or vm.state not in GUEST_STATES or not process.alive(vm.pid):
             return None
         path = self._files(name).vnc
         return path if path.is_socket() else None
 
     # -- QMP for the helper modules ------------------------------------------------------
 
-    def _exec(self, vm: _Vm) -> mig.Execute:
+    def _exec(self, vm: QemuVm) -> mig.Execute:
         async def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
             return await self._qmp(vm, command, arguments)
 
         return execute
 
-    def _restore_migration(self, vm: _Vm) -> None:
+    def _restore_migration(self, vm: QemuVm) -> None:
         """After an agent restart: pick up a migration this host was part of (see driver_migration)."""
 
     # -- disk replication (the QMP steps and the daemons are in replication.py) ----------------
@@ -636,7 +636,7 @@ class DriverCore(Driver):
 
     async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
         vm = self._vms.get(name)
-        if vm is None or vm.state not in _GUEST:
+        if vm is None or vm.state not in GUEST_STATES:
             raise NotFound(f"VM {name!r} is not running on this host")
         spec = rf.launch_spec(vm.files)
         return await repl.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
@@ -644,7 +644,7 @@ class DriverCore(Driver):
     async def detach_replica(self, name: str, disk_id: str) -> None:
         async with self._lock(name):
             vm = self._vms.get(name)
-            if vm is None or vm.state not in _GUEST:
+            if vm is None or vm.state not in GUEST_STATES:
                 return  # its QEMU (and with it the mirror) is gone
             await repl.detach(self._exec(vm), vm.pid, vm.files.dir, disk_id)
             self._replica_watch.forget(name, disk_id)
@@ -689,7 +689,7 @@ class DriverCore(Driver):
 
     async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
         vm = self._vms.get(name)
-        if vm is None or vm.state not in _GUEST:
+        if vm is None or vm.state not in GUEST_STATES:
             raise NotFound(f"VM {name!r} is not running on this host")
         spec = rf.launch_spec(vm.files)
         return await mirrors.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
@@ -697,11 +697,11 @@ class DriverCore(Driver):
     async def detach_mirror(self, name: str, disk_id: str) -> None:
         async with self._lock(name):
             vm = self._vms.get(name)
-            if vm is None or vm.state not in _GUEST:
+            if vm is None or vm.state not in GUEST_STATES:
                 return
             await mirrors.detach(self._exec(vm), vm.files.dir, disk_id)
 
-    async def _recover_io_error(self, vm: _Vm) -> None:
+    async def _recover_io_error(self, vm: QemuVm) -> None:
         """A disk of ``vm`` paused on an I/O error: switch it to its second copy and resume (mirrors.py)."""
         try:
             async with self._mirror_lock(vm.name):
@@ -724,7 +724,7 @@ class DriverCore(Driver):
         while True:
             await asyncio.sleep(repl.GUARD_PERIOD_S)
             for vm in list(self._vms.values()):
-                if vm.state in _GUEST and (vm.files.dir / mirrors.RECORD).exists():
+                if vm.state in GUEST_STATES and (vm.files.dir / mirrors.RECORD).exists():
                     try:
                         async with self._mirror_lock(vm.name):
                             found = await mirrors.watch(self._exec(vm), vm.files.dir)
@@ -732,7 +732,7 @@ class DriverCore(Driver):
                             log.error("VM %s: %s", vm.name, line)
                     except KasouError as e:
                         log.warning("cannot watch the mirrored disks of VM %s: %s", vm.name, e.message)
-                if vm.state in _GUEST and (vm.files.dir / repl.RECORD).exists():
+                if vm.state in GUEST_STATES and (vm.files.dir / repl.RECORD).exists():
                     try:
                         await repl.guard(self._exec(vm), vm.name, vm.pid, vm.files.dir, self._replica_watch)
                     except KasouError as e:

@@ -30,17 +30,17 @@ from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
 from kasou.hypervisor.qemu import tls as qtls
 from kasou.hypervisor.qemu.cmdline import build_argv
-from kasou.hypervisor.qemu.driver_core import _ACTIVE, _GUEST, MIGRATED, QUIT_TIMEOUT, DriverCore, _Vm
+from kasou.hypervisor.qemu.driver_core import GUEST_STATES, MIGRATED, PROCESS_STATES, QUIT_TIMEOUT, DriverCore, QemuVm
 
 
 class MigrationOps(DriverCore):
     """The live-migration steps of the QEMU driver."""
 
-    def _save_migration(self, vm: _Vm) -> None:
+    def _save_migration(self, vm: QemuVm) -> None:
         with contextlib.suppress(OSError):
             mig.save(vm.files.migration, vm.outgoing or vm.incoming)
 
-    def _restore_migration(self, vm: _Vm) -> None:
+    def _restore_migration(self, vm: QemuVm) -> None:
         """After an agent restart: pick up a migration this host was part of."""
         saved = mig.load(vm.files.migration)
         if isinstance(saved, mig.Incoming) and vm.state == RuntimeState.PAUSED:
@@ -139,7 +139,7 @@ class MigrationOps(DriverCore):
             vm.outgoing = out
             self._save_migration(vm)
 
-    async def _mirror_then_migrate(self, vm: _Vm, out: mig.Outgoing) -> None:
+    async def _mirror_then_migrate(self, vm: QemuVm, out: mig.Outgoing) -> None:
         """Background part of a copy-storage migrate_out: once the disks are in sync, send the memory."""
         execute = self._exec(vm)
         try:
@@ -158,7 +158,7 @@ class MigrationOps(DriverCore):
     async def migration_status(self, name: str) -> MigrationStatus:
         async with self._lock(name):
             vm = self._vms.get(name)
-            if vm is None or vm.state not in _ACTIVE:
+            if vm is None or vm.state not in PROCESS_STATES:
                 raise NotFound(f"VM {name!r} is not running on this host")
             execute = self._exec(vm)
             out = vm.outgoing
@@ -203,7 +203,7 @@ class MigrationOps(DriverCore):
     async def finish_incoming(self, name: str) -> RuntimeInfo:
         async with self._lock(name):
             vm = self._vms.get(name)
-            if vm is not None and vm.state in _GUEST and vm.incoming is None:
+            if vm is not None and vm.state in GUEST_STATES and vm.incoming is None:
                 return vm.info()  # finished already
             if vm is None or vm.state != RuntimeState.INCOMING or vm.incoming is None:
                 raise NotFound(f"VM {name!r} is not arriving on this host")
@@ -222,7 +222,7 @@ class MigrationOps(DriverCore):
             vm = self._vms.get(name)
             if vm is None:
                 return  # finished already
-            if vm.state not in _ACTIVE:
+            if vm.state not in PROCESS_STATES:
                 raise WrongState(f"VM {name!r} is not running on this host")
             out = vm.outgoing
             execute = self._exec(vm)
@@ -249,7 +249,7 @@ class MigrationOps(DriverCore):
     async def abort_out(self, name: str, force: bool = False) -> None:
         async with self._lock(name):
             vm = self._vms.get(name)
-            if vm is None or vm.state not in _GUEST:
+            if vm is None or vm.state not in GUEST_STATES:
                 raise NotFound(f"VM {name!r} is not running on this host")
             out = vm.outgoing
             if out is None:
@@ -279,7 +279,7 @@ class MigrationOps(DriverCore):
             vm = self._vms.get(name)
             if vm is None:
                 return  # nothing here
-            if vm.state in _GUEST or vm.incoming is None:
+            if vm.state in GUEST_STATES or vm.incoming is None:
                 raise WrongState(f"VM {name!r} is not arriving on this host; there is no migration to abort")
             if vm.state == RuntimeState.INCOMING:
                 vm.expect_exit, vm.exit_reason = True, "incoming migration aborted"

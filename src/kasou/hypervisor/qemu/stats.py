@@ -17,7 +17,7 @@ from typing import Any
 from kasou.errors import KasouError
 from kasou.hypervisor.base import RuntimeState
 from kasou.hypervisor.qemu import runfiles as rf
-from kasou.hypervisor.qemu.driver_core import DriverCore, _Vm
+from kasou.hypervisor.qemu.driver_core import DriverCore, QemuVm
 from kasou.hypervisor.qemu.network import tap_name
 from kasou.hypervisor.stats import USER_NET_NOTE, DiskIO, NicIO, VmStats, read_net_counters, read_pid_stat
 
@@ -61,7 +61,7 @@ class StatsOps(DriverCore):
         vms = [vm for vm in list(self._vms.values()) if vm.state in _MEASURED]
         return list(await asyncio.gather(*(self._vm_stats(vm) for vm in vms)))
 
-    async def _vm_stats(self, vm: _Vm) -> VmStats:
+    async def _vm_stats(self, vm: QemuVm) -> VmStats:
         s = VmStats(name=vm.name, state=vm.state.value, taken_at=time.time())
         cpu = read_pid_stat(vm.pid)
         if cpu is not None:
