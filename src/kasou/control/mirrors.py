@@ -17,7 +17,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from kasou.agent.storage import DiskCreate
+from kasou.agent.models import DiskCreate
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, VMRecord
 from kasou.errors import AgentUnavailable, InvalidSpec, KasouError, NotFound, OperationTimeout, WrongState
