@@ -21,8 +21,9 @@ from kasou import pki
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
-from kasou.api.app import Services, create_app
+from kasou.api.app import create_app
 from kasou.api.client import Client
+from kasou.api.deps import Services
 from kasou.api.server import run_api, tls_config
 from kasou.config import Paths, TlsFiles
 from kasou.control.hosts import Agents

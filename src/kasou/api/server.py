@@ -20,8 +20,9 @@ from kasou.agent import guard
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
-from kasou.api.app import Services, create_app
+from kasou.api.app import create_app
 from kasou.api.auth import ensure_token
+from kasou.api.deps import Services
 from kasou.config import (
     Paths,
     TlsFiles,
