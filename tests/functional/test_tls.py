@@ -24,10 +24,11 @@ from kasou.agent.storage import LocalDisks
 from kasou.api.app import create_app
 from kasou.api.client import Client
 from kasou.api.deps import Services
-from kasou.api.server import run_api, tls_config
+from kasou.api.server import run_api
 from kasou.config import Paths, TlsFiles
 from kasou.control.hosts import Agents
 from kasou.errors import AgentUnavailable
+from kasou.serving import tls_config
 from kasou.store.sqlite import SqliteStore
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, make_fake_image
