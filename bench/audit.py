@@ -28,7 +28,8 @@ from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.api import audit as api_audit
-from kasou.api.app import Services, create_app
+from kasou.api.app import create_app
+from kasou.api.deps import Services
 from kasou.control.audit import AuditLog
 from kasou.control.hosts import Agents
 from kasou.store.sqlite import SqliteStore

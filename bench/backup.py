@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ensure_image, images_dir
 from kasou.agent.app import Agent, create_agent_app
-from kasou.agent.backups import BackupCreate, BackupMade, BackupSource
 from kasou.agent.client import AgentClient
+from kasou.agent.models import BackupCreate, BackupMade, BackupSource
 from kasou.agent.storage import LocalDisks
 from kasou.hypervisor.backups import bitmap_name
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec

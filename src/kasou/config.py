@@ -155,6 +155,18 @@ class Paths:
             os.chmod(d, 0o700)
 
 
+def site_file(name: str, env: str, beside: Path | None, elsewhere: Path) -> Path:
+    """Where a site file (a key, the break-glass hash) is: the path in the environment variable ``env``,
+    else ``name`` beside the SQLite store (``beside``: its directory, one host's kasou home; the store's
+    ``local_dir()``), else ``name`` in ``elsewhere``."""
+    value = os.environ.get(env, "").strip()
+    if value:
+        return Path(value).absolute()
+    if beside is not None:
+        return beside / name
+    return elsewhere / name
+
+
 def host_name() -> str:
     """This host's name in kasou (``KASOU_HOST_NAME`` or the system host name)."""
     return os.environ.get("KASOU_HOST_NAME") or socket.gethostname().split(".")[0]

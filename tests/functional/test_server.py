@@ -101,8 +101,8 @@ def test_x_forwarded_for_from_loopback_is_not_believed(home: Path) -> None:
 
 
 def test_trusted_proxies_are_configured_not_assumed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kasou.api.server import uvicorn_settings
     from kasou.errors import InvalidSpec
+    from kasou.serving import uvicorn_settings
 
     monkeypatch.delenv("KASOU_TRUSTED_PROXIES", raising=False)
     assert uvicorn_settings() == {"proxy_headers": False}
@@ -121,7 +121,7 @@ async def decide(images):  # no probe guest: this test is about the socket
     return accel.AccelDecision("tcg", "test", False, None, "7.2")
 
 accel.decide = decide
-from kasou.api.server import run_agent
+from kasou.agent.server import run_agent
 run_agent(Paths.from_env())
 """
 

@@ -21,13 +21,15 @@ from kasou import pki
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
-from kasou.api.app import Services, create_app
+from kasou.api.app import create_app
 from kasou.api.audit import sign_forwarded
 from kasou.api.client import Client
-from kasou.api.server import run_api, tls_config
+from kasou.api.deps import Services
+from kasou.api.server import run_api
 from kasou.config import Paths, TlsFiles
 from kasou.control.hosts import Agents
 from kasou.errors import AgentUnavailable, Forbidden
+from kasou.serving import tls_config
 from kasou.store.sqlite import SqliteStore
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, make_fake_image

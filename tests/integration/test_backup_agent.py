@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kasou.agent.backups import BackupCreate, BackupMade, BackupRestore, BackupSource
+from kasou.agent.models import BackupCreate, BackupMade, BackupRestore, BackupSource
 from kasou.errors import BackupCorrupt, OperationTimeout
 from kasou.hypervisor.backups import bitmap_name
 from kasou.hypervisor.base import LaunchSpec

@@ -25,10 +25,11 @@ from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
+from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
-from kasou.agent.storage import DiskCreate, DiskInfo, LocalDisks
+from kasou.agent.storage import LocalDisks
 from kasou.errors import InvalidSpec, NotFound
 from kasou.hypervisor.base import (
     AbortRequest,

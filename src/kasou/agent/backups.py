@@ -18,9 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
 
-from kasou.agent.storage import DiskInfo, LocalDisks
+from kasou.agent.models import (
+    BackupCheck,
+    BackupCreate,
+    BackupFile,
+    BackupMade,
+    BackupPath,
+    BackupPrune,
+    BackupRestore,
+    DiskInfo,
+)
+from kasou.agent.storage import LocalDisks
 from kasou.errors import AlreadyExists, BackupCorrupt, ImageError, InvalidSpec, NotFound
 from kasou.hypervisor import imagefiles
 from kasou.hypervisor.backups import BITMAP_PREFIX, BackupDisk, BackupDiskResult, BackupKind, bitmap_name
@@ -28,84 +37,6 @@ from kasou.hypervisor.base import Driver, RuntimeState, validate_disk_id
 from kasou.model.names import validate_name
 
 _LIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
-
-
-class BackupSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    disk_id: str
-    path: str  # the disk's file (read only when the VM is not running)
-    format: str = "qcow2"
-    backing: str | None = None  # the previous generation's file on this host: incremental to it if possible
-    base_bitmap: str | None = None  # the bitmap named after that generation
-
-
-class BackupCreate(BaseModel):
-    """Body of ``POST /agent/v1/vms/{name}/backups``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    generation: int = Field(ge=1)
-    backup_id: str
-    disks: list[BackupSource] = Field(min_length=1)
-    timeout_s: float = Field(default=1800.0, gt=0, le=86_400)
-    bandwidth_mib_s: int | None = Field(default=None, ge=1)  # limit a running VM's backup copy
-
-
-class BackupFile(BaseModel):
-    """One disk's file of a generation, verified."""
-
-    disk_id: str
-    kind: BackupKind
-    path: str
-    backing: str | None
-    bitmap: str | None
-    size_bytes: int  # the disk's virtual size
-    file_bytes: int  # what the file takes in the backup directory
-    bytes_copied: int
-    digest: str  # content digest of the generation (through its chain)
-    note: str = ""
-
-
-class BackupMade(BaseModel):
-    running: bool  # made from a running VM (dirty bitmaps) or a stopped one (qemu-img)
-    files: list[BackupFile]
-    copy_s: float  # the copy itself
-    verify_s: float  # qemu-img check and the content digest
-
-
-class BackupCheck(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    digest: str
-
-
-class BackupPath(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-
-
-class BackupRestore(BaseModel):
-    """Body of ``POST /agent/v1/backups/restore``: a new VM's disk from a generation, if it verifies."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vm: str
-    disk_id: str
-    path: str
-    digest: str
-
-
-class BackupPrune(BaseModel):
-    """Body of ``POST /agent/v1/backups/prune``: drop the oldest generation; its child becomes self-contained."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    child: str | None = None  # the generation whose backing file ``path`` is
-    child_digest: str | None = None  # checked after the merge
 
 
 class BackupFiles:

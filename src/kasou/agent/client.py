@@ -10,11 +10,10 @@ from typing import Any
 import httpx
 from httpx_ws import AsyncWebSocketSession, aconnect_ws
 
-from kasou.agent.backups import BackupCreate, BackupMade, BackupPrune, BackupRestore
 from kasou.agent.hostinfo import HostInfo
+from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, DiskCreate, DiskInfo
 from kasou.agent.pools import PoolRef, PoolUsage
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval
-from kasou.agent.storage import DiskCreate, DiskInfo
 from kasou.errors import AgentUnavailable, OperationTimeout
 from kasou.hypervisor.base import (
     AbortRequest,

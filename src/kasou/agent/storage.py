@@ -12,38 +12,14 @@ import asyncio
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PoolRef, PoolRegistry
 from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
 from kasou.model.units import format_size
 
 QEMU_IMG_TIMEOUT = 600.0  # a full copy of a large image can take minutes
-
-
-class DiskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    vm: str
-    disk_id: str
-    size_bytes: int | None = None
-    source: Literal["blank", "image", "overlay", "copy"] = "blank"
-    image: str | None = None  # for source=image
-    backing: str | None = None  # for source=overlay: a disk path on this host
-    shared: bool = False  # make it in the shared storage every host sees
-    pool: str | None = None  # make it in this storage pool (its directory: pool_path)
-    pool_path: str | None = None  # None: the built-in pool, this host's disk directory
-    copy_of: str | None = None  # for source=copy: a disk of this host to copy (a mirror's rebuild, offline)
-
-
-class DiskInfo(BaseModel):
-    path: str
-    format: str
-    size_bytes: int
-    allocated_bytes: int
-    backing: str | None = None
 
 
 async def _run(*argv: str, timeout: float = QEMU_IMG_TIMEOUT) -> str:

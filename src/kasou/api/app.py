@@ -6,11 +6,8 @@ Errors are kasou's JSON shape, mapped to HTTP in :mod:`kasou.wire`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
@@ -25,6 +22,7 @@ from kasou.api.audit import audit_middleware, audit_routes, mark_forwarded, sign
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
 from kasou.api.console import console_routes
+from kasou.api.deps import Services
 from kasou.api.limits import BodyLimit
 from kasou.api.live import live_routes
 from kasou.api.metrics import metrics_routes
@@ -32,78 +30,19 @@ from kasou.api.portal import desktop_pool_routes, portal_routes
 from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
 from kasou.api.users import user_routes
-from kasou.config import HaTimes, ha_times, vcpu_ratio_setting, vendor_max_priority
+from kasou.config import vendor_max_priority
 from kasou.control.events import Event, Severity
-from kasou.control.hosts import Agents, HostView
-from kasou.control.jobs import Jobs
-from kasou.control.leader import Leadership
-from kasou.control.ledger import Ledger
-from kasou.control.migration import Migrations
-from kasou.control.networks import Networks, NetworkView
+from kasou.control.hosts import HostView
+from kasou.control.networks import NetworkView
 from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
-from kasou.control.users import Users
-from kasou.control.vms import VMService, VMView
+from kasou.control.vms import VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
 from kasou.peers import KasouPeers, forwarded, registry_names
-from kasou.store.base import Store
 from kasou.web import SecurityHeaders, web_routes
 from kasou.wire import install_error_handlers
-
-
-@dataclass
-class Services:
-    store: Store
-    agents: Agents
-    jobs: Jobs
-    ledger: Ledger
-    vms: VMService
-    migrations: Migrations
-    leadership: Leadership | None = None  # None: a single host, always in charge
-    users: Users = field(default=None)  # type: ignore[assignment]  # set by build
-    logout_hooks: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)  # (user, session)
-    _election: asyncio.Task[None] | None = None
-
-    @property
-    def networks(self) -> Networks:
-        return self.vms.networks
-
-    @classmethod
-    def build(
-        cls,
-        store: Store,
-        agents: Agents,
-        shutdown_timeout: float = 60.0,
-        vcpu_ratio: float | None = None,
-        ha: HaTimes | None = None,
-    ) -> Services:
-        jobs = Jobs(store)
-        ledger = Ledger(store)
-        vms = VMService(
-            store, agents, jobs, ledger, shutdown_timeout, vcpu_ratio or vcpu_ratio_setting(), ha or ha_times()
-        )
-        svc = cls(store, agents, jobs, ledger, vms, Migrations(vms), users=Users(store))
-        svc.logout_hooks.append(vms.desktops.on_logout)  # a sign-out returns the session's desktops
-        return svc
-
-    async def start(self) -> None:
-        if self.leadership is None:
-            await self.vms.startup()
-        else:
-            self._election = asyncio.create_task(self.leadership.run(), name="leader-election")
-
-    async def close(self) -> None:
-        if self._election is not None:
-            self._election.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._election
-        await self.vms.close()
-        if self.leadership is not None:
-            await self.leadership.resign()
-        await self.agents.close()
-        await self.store.close()
 
 
 class CreateAccepted(BaseModel):

@@ -43,7 +43,7 @@ from kasou.control.audit import Checkpoint, VerifyReport
 from kasou.errors import Forbidden
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from kasou.control.vms import VMView
 from kasou.errors import Forbidden
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 
 class BackupRequest(BaseModel):

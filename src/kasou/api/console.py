@@ -51,7 +51,7 @@ from kasou.model.names import validate_name
 from kasou.model.users import PERMISSIONS
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 log = logging.getLogger(__name__)
 

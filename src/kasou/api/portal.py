@@ -15,7 +15,7 @@ from kasou.control.records import JobRecord
 from kasou.model.desktops import DesktopPoolCreate, DesktopPoolResize, DesktopRequest, validate_pool_name
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 
 class PoolAccepted(BaseModel):

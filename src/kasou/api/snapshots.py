@@ -16,7 +16,7 @@ from kasou.control.snapshots import SnapshotView
 from kasou.model.snapshots import SnapshotCreate
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 
 class SnapshotJob(BaseModel):

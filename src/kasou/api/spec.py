@@ -9,7 +9,8 @@ CHECKED_IN = Path(__file__).with_name("openapi.json")
 
 
 def openapi_document() -> dict[str, Any]:
-    from kasou.api.app import Services, create_app
+    from kasou.api.app import create_app
+    from kasou.api.deps import Services
 
     async def never() -> Services:  # the document needs no running services
         raise RuntimeError("not started")

@@ -14,7 +14,7 @@ from kasou.model.pools import PoolCreate
 from kasou.model.spec import validate_name
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 
 class RebuildRequest(BaseModel):

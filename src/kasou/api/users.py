@@ -20,7 +20,7 @@ from kasou.errors import Forbidden, NotFound, Unauthorized
 from kasou.model.users import Role, UserCreate
 
 if TYPE_CHECKING:
-    from kasou.api.app import Services
+    from kasou.api.deps import Services
 
 
 class Login(BaseModel):

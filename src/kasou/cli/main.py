@@ -108,7 +108,7 @@ def agent(
     listen: str = typer.Option(None, help="unix:PATH or HOST:PORT (default: the home's socket)"),
 ) -> None:
     """Run this host's agent in the foreground."""
-    from kasou.api.server import run_agent
+    from kasou.agent.server import run_agent
 
     check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_agent(Paths.from_env(), listen)
@@ -117,7 +117,7 @@ def agent(
 @app.command("agent-guard", hidden=True)
 def agent_guard() -> None:
     """Run this host's guard (cluster lease, self-fencing); the agent starts it."""
-    from kasou.api.server import run_guard
+    from kasou.agent.server import run_guard
 
     check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_guard(Paths.from_env())

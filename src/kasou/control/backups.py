@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kasou.agent.backups import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource
+from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource
 from kasou.config import backup_keep_default
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key

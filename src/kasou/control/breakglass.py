@@ -33,7 +33,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, Field
 
-from kasou.config import Paths
+from kasou.config import Paths, site_file
 from kasou.errors import StoreConflict, StoreError, Unauthorized
 from kasou.store.base import Store
 
@@ -50,9 +50,9 @@ _hasher = PasswordHasher()
 
 def default_path(store: Store | None = None) -> Path:
     """``KASOU_BREAK_GLASS_FILE``, else beside the SQLite store (the kasou home), else in ``KASOU_HOME``."""
-    from kasou.store.sqlite import site_file
-
-    return site_file("break-glass.json", "KASOU_BREAK_GLASS_FILE", store, Paths.from_env().home)
+    return site_file(
+        "break-glass.json", "KASOU_BREAK_GLASS_FILE", store.local_dir() if store else None, Paths.from_env().home
+    )
 
 
 class BreakGlassFile(BaseModel):

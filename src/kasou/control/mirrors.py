@@ -17,7 +17,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kasou.agent.storage import DiskCreate
+from kasou.agent.models import DiskCreate
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, VMRecord

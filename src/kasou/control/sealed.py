@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kasou.config import Paths
+from kasou.config import Paths, site_file
 from kasou.errors import StoreError
 from kasou.store.base import Store
 
@@ -35,9 +35,12 @@ NONCE_BYTES = 12
 
 
 def default_key_path(store: Store | None = None) -> Path:
-    from kasou.store.sqlite import site_file
-
-    return site_file("secrets.key", "KASOU_SECRETS_KEY", store, Paths.from_env().token_file.absolute().parent)
+    return site_file(
+        "secrets.key",
+        "KASOU_SECRETS_KEY",
+        store.local_dir() if store else None,
+        Paths.from_env().token_file.absolute().parent,
+    )
 
 
 def key_id(key: bytes) -> str:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kasou.agent.storage import DiskCreate
+from kasou.agent.models import DiskCreate
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext

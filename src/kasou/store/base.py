@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -39,6 +40,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_prefix(self, prefix: str) -> int: ...
+
+    def local_dir(self) -> Path | None:
+        """The directory a single-host store keeps its file in (the kasou home), where the site files
+        (keys, the break-glass hash) go beside it (:func:`kasou.config.site_file`); None for a cluster store."""
+        return None
 
     async def create(self, key: str, value: dict[str, Any]) -> int:
         """Write ``value`` only if ``key`` does not exist yet."""

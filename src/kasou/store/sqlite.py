@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -123,17 +122,9 @@ class SqliteStore(Store):
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
 
+    def local_dir(self) -> Path:
+        return Path(self.path).absolute().parent
+
     async def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def site_file(name: str, env: str, store: Store | None, elsewhere: Path) -> Path:
-    """Where a site file (a key, the break-glass hash) is: the path in the environment variable ``env``,
-    else beside the SQLite store (one host: its kasou home), else ``name`` in ``elsewhere``."""
-    value = os.environ.get(env, "").strip()
-    if value:
-        return Path(value).absolute()
-    if isinstance(store, SqliteStore):
-        return Path(store.path).absolute().parent / name
-    return elsewhere / name

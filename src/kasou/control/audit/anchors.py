@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kasou.config import Paths
+from kasou.config import Paths, site_file
 from kasou.store.base import Store
 
 ANCHOR_FILE = "audit-anchors.jsonl"
@@ -28,9 +28,7 @@ MAX_LINE = 4096
 
 
 def default_anchor_path(store: Store | None = None) -> Path:
-    from kasou.store.sqlite import site_file
-
-    return site_file(ANCHOR_FILE, ANCHOR_ENV, store, Paths.from_env().home)
+    return site_file(ANCHOR_FILE, ANCHOR_ENV, store.local_dir() if store else None, Paths.from_env().home)
 
 
 def append(path: Path, checkpoint: dict[str, Any]) -> None:

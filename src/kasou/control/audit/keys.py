@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kasou.config import Paths
+from kasou.config import Paths, site_file
 from kasou.errors import StoreError
 from kasou.store.base import Store
 
@@ -28,9 +28,7 @@ TRUSTED_DIR = "audit-trusted"
 
 
 def default_key_path(store: Store | None = None) -> Path:
-    from kasou.store.sqlite import site_file
-
-    return site_file("audit.key", "KASOU_AUDIT_KEY", store, Paths.from_env().home)
+    return site_file("audit.key", "KASOU_AUDIT_KEY", store.local_dir() if store else None, Paths.from_env().home)
 
 
 def _raw(public: Ed25519PublicKey) -> bytes:

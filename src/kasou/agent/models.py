@@ -1,0 +1,113 @@
+"""The request and response models of a host agent's disks and backups: what the control plane sends to
+an agent and gets back (through :mod:`kasou.agent.client`). Models only: the code that makes disks
+(:mod:`kasou.agent.storage`, which also reads images) and backups (:mod:`kasou.agent.backups`) imports
+them from here, so the control plane never imports that code."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kasou.hypervisor.backups import BackupKind
+
+
+class DiskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    disk_id: str
+    size_bytes: int | None = None
+    source: Literal["blank", "image", "overlay", "copy"] = "blank"
+    image: str | None = None  # for source=image
+    backing: str | None = None  # for source=overlay: a disk path on this host
+    shared: bool = False  # make it in the shared storage every host sees
+    pool: str | None = None  # make it in this storage pool (its directory: pool_path)
+    pool_path: str | None = None  # None: the built-in pool, this host's disk directory
+    copy_of: str | None = None  # for source=copy: a disk of this host to copy (a mirror's rebuild, offline)
+
+
+class DiskInfo(BaseModel):
+    path: str
+    format: str
+    size_bytes: int
+    allocated_bytes: int
+    backing: str | None = None
+
+
+class BackupSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    disk_id: str
+    path: str  # the disk's file (read only when the VM is not running)
+    format: str = "qcow2"
+    backing: str | None = None  # the previous generation's file on this host: incremental to it if possible
+    base_bitmap: str | None = None  # the bitmap named after that generation
+
+
+class BackupCreate(BaseModel):
+    """Body of ``POST /agent/v1/vms/{name}/backups``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation: int = Field(ge=1)
+    backup_id: str
+    disks: list[BackupSource] = Field(min_length=1)
+    timeout_s: float = Field(default=1800.0, gt=0, le=86_400)
+    bandwidth_mib_s: int | None = Field(default=None, ge=1)  # limit a running VM's backup copy
+
+
+class BackupFile(BaseModel):
+    """One disk's file of a generation, verified."""
+
+    disk_id: str
+    kind: BackupKind
+    path: str
+    backing: str | None
+    bitmap: str | None
+    size_bytes: int  # the disk's virtual size
+    file_bytes: int  # what the file takes in the backup directory
+    bytes_copied: int
+    digest: str  # content digest of the generation (through its chain)
+    note: str = ""
+
+
+class BackupMade(BaseModel):
+    running: bool  # made from a running VM (dirty bitmaps) or a stopped one (qemu-img)
+    files: list[BackupFile]
+    copy_s: float  # the copy itself
+    verify_s: float  # qemu-img check and the content digest
+
+
+class BackupCheck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    digest: str
+
+
+class BackupPath(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+
+
+class BackupRestore(BaseModel):
+    """Body of ``POST /agent/v1/backups/restore``: a new VM's disk from a generation, if it verifies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    disk_id: str
+    path: str
+    digest: str
+
+
+class BackupPrune(BaseModel):
+    """Body of ``POST /agent/v1/backups/prune``: drop the oldest generation; its child becomes self-contained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    child: str | None = None  # the generation whose backing file ``path`` is
+    child_digest: str | None = None  # checked after the merge
