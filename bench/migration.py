@@ -65,12 +65,12 @@ async def bare_once(tmp: Path, i: int, dirty: bool) -> tuple[float, float]:
     fb = RuntimeFiles(tmp / f"b{i}", tmp / f"b{i}.log")
     fa.dir.mkdir()
     fb.dir.mkdir()
-    subprocess.run(build_argv(spec, fa, "tcg", boot), check=True)
+    subprocess.run([*build_argv(spec, fa, "tcg", boot), "-daemonize"], check=True)  # by hand: daemonized
     wait_line(fa.serial_log, READY, 120)
     if dirty:
         type_on_serial(fa.serial, DIRTY)
     port = free_port()
-    subprocess.run([*build_argv(spec, fb, "tcg", boot), "-incoming", f"tcp:127.0.0.1:{port}"], check=True)
+    subprocess.run([*build_argv(spec, fb, "tcg", boot), "-incoming", f"tcp:127.0.0.1:{port}", "-daemonize"], check=True)
     qa = QMPClient("a")
     await qa.connect(str(fa.qmp))
     await qa.execute("migrate-set-parameters", {"downtime-limit": 100})

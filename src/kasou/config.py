@@ -235,3 +235,32 @@ def backup_keep_default() -> int:
     if not 1 <= value <= 1000:
         raise ValueError(f"KASOU_BACKUP_KEEP={raw} must be between 1 and 1000")
     return value
+
+
+@dataclass(frozen=True)
+class ConfineSettings:
+    """How each VM's QEMU is confined (docs/security.md, "QEMU confinement").
+
+    ``enabled``: QEMU runs as an unprivileged user of its own (``uid_base + slot``, numeric, no
+    /etc/passwd entry), under a seccomp sandbox, in a cgroup of its own with the VM's memory
+    limit (guest memory plus ``memory_overhead_mib``) and CPU and I/O weights.
+    """
+
+    enabled: bool = False
+    uid_base: int = 64000
+    slots: int = 1000
+    memory_overhead_mib: int = 512
+
+
+def confine_settings() -> ConfineSettings:
+    """``KASOU_CONFINE`` (1/0, default 0), ``KASOU_VM_UID_BASE`` (default 64000) and
+    ``KASOU_VM_UID_COUNT`` (default 1000): the uids kept for VMs; ``KASOU_QEMU_MEMORY_OVERHEAD_MIB``
+    (default 512): what QEMU may use beyond the guest's memory before its cgroup's limit."""
+    raw = os.environ.get("KASOU_CONFINE", "").strip().lower()
+    if raw not in ("", "0", "1", "on", "off", "yes", "no", "true", "false"):
+        raise ValueError(f"KASOU_CONFINE={raw!r} must be 1 or 0")
+    enabled = raw in ("1", "on", "yes", "true")
+    base = int(_float_env("KASOU_VM_UID_BASE", 64000, 1000, 2**31 - 100_000))
+    count = int(_float_env("KASOU_VM_UID_COUNT", 1000, 1, 65536))
+    overhead = int(_float_env("KASOU_QEMU_MEMORY_OVERHEAD_MIB", 512, 64, 65536))
+    return ConfineSettings(enabled, base, count, overhead)

@@ -21,7 +21,7 @@ class Recorder(HostNetwork):
         super().__init__()
         self.calls: list[tuple[str, str, list[str]]] = []
 
-    def plug(self, vm: str, nics: Sequence[NicSpec]) -> list[str]:
+    def plug(self, vm: str, nics: Sequence[NicSpec], owner: tuple[int, int] | None = None) -> list[str]:
         ids = [n.id for n in nics if n.network != "user"]
         self.calls.append(("plug", vm, ids))
         return [tap_name(vm, i) for i in ids]
