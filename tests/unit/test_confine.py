@@ -117,3 +117,28 @@ def test_the_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
     for suffix in ("", "-wal"):
         assert (tmp_path / f"kasou.db{suffix}").stat().st_mode & 0o777 == 0o600, suffix
     del store
+
+
+def test_a_disk_is_handed_over_and_a_read_only_one_only_made_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owners: dict[str, tuple[int, int]] = {}
+    monkeypatch.setattr(cf.os, "chown", lambda p, u, g, follow_symlinks=True: owners.__setitem__(str(p), (u, g)))
+    ident = cf.Identity(3, 64003, 64003)
+    template = tmp_path / "templates" / "base.qcow2"
+    template.parent.mkdir()
+    template.write_bytes(b"x")
+    template.chmod(0o600)
+    disk = tmp_path / "disks" / "emr1" / "disk0.qcow2"
+    disk.parent.mkdir(parents=True)
+    _qcow2_with_backing(disk, str(template))
+    cf.hand_over_disk(disk, ident, "emr1")
+    assert owners == {str(disk): (64003, 64003), str(disk.parent): (64003, 64003)}
+    assert disk.stat().st_mode & 0o777 == 0o600 and disk.parent.stat().st_mode & 0o777 == 0o700
+    assert template.stat().st_mode & 0o777 == 0o644  # the template: read by its clones, never theirs
+    iso = tmp_path / "images" / "install.iso"
+    iso.parent.mkdir()
+    iso.write_bytes(b"x")
+    iso.chmod(0o600)
+    cf.hand_over_disk(iso, ident, "emr1", readonly=True)
+    assert str(iso) not in owners and iso.stat().st_mode & 0o777 == 0o644

@@ -147,15 +147,26 @@ def backing_of(path: Path) -> Path | None:
     return p if p.is_absolute() else path.parent / p
 
 
-def hand_over_disk(path: str | Path, ident: Identity, vm: str) -> None:
+def _readable(path: Path) -> None:
+    """A file several VMs read (a template's disk, a read-only image): readable, its directory enterable."""
+    os.chmod(path, stat.S_IMODE(path.stat().st_mode) | 0o444)
+    with contextlib.suppress(OSError):
+        os.chmod(path.parent, stat.S_IMODE(path.parent.stat().st_mode) | stat.S_IXOTH)
+
+
+def hand_over_disk(path: str | Path, ident: Identity, vm: str, readonly: bool = False) -> None:
     """Give a disk file (and its chain) to the VM's user: the file and its per-VM directory are its
-    own; backing files outside that directory become readable only; the directories above searchable."""
+    own; backing files outside that directory become readable only; the directories above searchable.
+    A read-only disk (an installation image several VMs may share) is made readable, never given away."""
     p = Path(path)
     if not p.exists():
         return
     home = p.parent
     searchable(p)
-    _own(p, ident, 0o600)
+    if readonly:
+        _readable(p)
+    else:
+        _own(p, ident, 0o600)
     if home.name == vm:
         _own(home, ident, 0o700)
     seen = {p.resolve()}
@@ -163,12 +174,10 @@ def hand_over_disk(path: str | Path, ident: Identity, vm: str) -> None:
     while chain is not None and chain.exists() and chain.resolve() not in seen:
         seen.add(chain.resolve())
         searchable(chain)
-        if chain.parent.resolve() == home.resolve():
+        if chain.parent.resolve() == home.resolve() and not readonly:
             _own(chain, ident, 0o600)
         else:
-            os.chmod(chain, stat.S_IMODE(chain.stat().st_mode) | 0o444)
-            with contextlib.suppress(OSError):  # a template's directory: enter, never list
-                os.chmod(chain.parent, stat.S_IMODE(chain.parent.stat().st_mode) | stat.S_IXOTH)
+            _readable(chain)
         chain = backing_of(chain)
 
 

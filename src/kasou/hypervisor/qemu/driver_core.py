@@ -285,7 +285,7 @@ class DriverCore(Driver):
                 for d in spec.disks:
                     for path in (d.path, d.mirror):
                         if path is not None:
-                            cf.hand_over_disk(path, ident, spec.name)
+                            cf.hand_over_disk(path, ident, spec.name, readonly=d.readonly)
                 memory = (spec.memory_mib + self.confine.memory_overhead_mib) * 1024 * 1024
                 cgroup = cf.make_cgroup(spec.name, self._cgroup_tag, memory, spec.vcpus)
                 setup = cf.child_setup(ident, cgroup)
