@@ -142,3 +142,10 @@ def test_a_disk_is_handed_over_and_a_read_only_one_only_made_readable(
     iso.chmod(0o600)
     cf.hand_over_disk(iso, ident, "emr1", readonly=True)
     assert str(iso) not in owners and iso.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_host_without_a_cgroup_file_system_is_seen(tmp_path: Path) -> None:
+    assert not cf.cgroups_visible(tmp_path)  # e.g. under ip netns exec: a fresh /sys
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "cgroup.procs").write_text("")
+    assert cf.cgroups_visible(tmp_path)

@@ -280,6 +280,15 @@ def host_tag(run_dir: Path) -> str:
     return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:6]
 
 
+def cgroups_visible(root: Path = CGROUP_ROOT) -> bool:
+    """Does this process see a cgroup file system (v2, or a v1 memory hierarchy)?
+
+    A process started by ``ip netns exec`` (the hosts of ``kasou lab``) gets a fresh /sys without
+    the cgroup mounts.
+    """
+    return (root / "cgroup.controllers").exists() or (root / "memory" / "cgroup.procs").exists()
+
+
 def make_cgroup(name: str, tag: str, memory_bytes: int, vcpus: int, root: Path = CGROUP_ROOT) -> Cgroup:
     """Make the VM's cgroup with its limits; HypervisorError if this host has no usable cgroup."""
     leaf = f"vm-{name}.{tag}"
