@@ -314,6 +314,8 @@ class DriverCore(Driver):
             await self._unplug(spec.name, taps)
             if cgroup is not None:
                 cgroup.remove()
+            if ident is not None:
+                cf.give_back(files.serial_log)
             shutil.rmtree(files.dir, ignore_errors=True)
             raise
         finally:
