@@ -24,7 +24,7 @@ from tests.integration.qemu_rig import end_processes, qcow2_copy, scratch, tiny_
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
-UID_BASE = 64700  # clear of the default range, so a kasou on this machine never shares these users
+UID_BASE = 65100  # clear of the default range (64000-64999), so a kasou on this machine never shares these users
 
 # The system's Python: the VM's user may not enter the directories of a virtual environment.
 PYTHON = "/usr/bin/python3"

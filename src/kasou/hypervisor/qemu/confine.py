@@ -1,6 +1,6 @@
 """Confine each VM's QEMU as libvirt and Proxmox do: a user of its own, a sandbox, a cgroup, its own files only.
 
-With ``KASOU_CONFINE=1`` (:class:`kasou.config.ConfineSettings`):
+With ``KASOU_CONFINE=1`` (off by default for now; :class:`kasou.config.ConfineSettings`):
 
 * **A user per VM.** QEMU runs as uid = gid = ``KASOU_VM_UID_BASE + slot`` (numeric, no
   /etc/passwd entry, no supplementary group but the one of /dev/kvm under KVM). The slot is
@@ -15,6 +15,8 @@ With ``KASOU_CONFINE=1`` (:class:`kasou.config.ConfineSettings`):
   mode 1770: QEMU makes its sockets and logs there, but cannot replace the agent's records
   (pid, launch spec, exit record; the sticky bit). The serial log is the VM's file.
   TLS credentials for migration and NBD are a copy in the runtime directory, the VM's alone.
+* **Taps** are opened by the agent and handed to QEMU as descriptors (``-netdev tap,fd=N``), as
+  libvirt does: /dev/net/tun may be root's alone.
 * **A sandbox.** ``-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny``:
   QEMU cannot fork, exec, change user or priorities (so a memory snapshot is written through
   a file descriptor the agent opens, never through ``exec:``).
@@ -31,6 +33,7 @@ only the NBD protocol from the peer host's QEMU over TLS.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -224,6 +227,38 @@ def copy_tls(source: Path, run_vm_dir: Path, ident: Identity) -> Path:
     _own(tmp, ident, 0o500)
     tmp.rename(dest)
     return dest
+
+
+# -- taps -------------------------------------------------------------------------------------
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def open_taps(argv: list[str]) -> tuple[list[str], list[int]]:
+    """Open each tap QEMU would open by name (``-netdev tap,...,ifname=T``) and name the descriptor instead
+    (``fd=N``): the agent attaches to the tap as root, so QEMU needs neither ``/dev/net/tun`` (root's
+    alone on some hosts) nor ``CAP_NET_ADMIN``, as libvirt does. The caller passes the descriptors to
+    QEMU and closes its own copies; on failure none is left open."""
+    out: list[str] = []
+    fds: list[int] = []
+    try:
+        for arg in argv:
+            if arg.startswith("tap,") and ",ifname=" in arg:
+                opts = arg.split(",")
+                name = next(o.removeprefix("ifname=") for o in opts if o.startswith("ifname="))
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                fds.append(fd)
+                ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+                fcntl.ioctl(fd, TUNSETIFF, ifr)
+                kept = [o for o in opts if not o.startswith(("ifname=", "script=", "downscript="))]
+                arg = ",".join([*kept, f"fd={fd}"])
+            out.append(arg)
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise HypervisorError(f"cannot open a tap for QEMU: {e.strerror}") from None
+    return out, fds
 
 
 # -- cgroups ----------------------------------------------------------------------------------

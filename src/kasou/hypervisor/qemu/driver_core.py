@@ -296,7 +296,16 @@ class DriverCore(Driver):
             if taps:  # QEMU opens the taps by name: they must be on their bridges first
                 owner = None if ident is None else (ident.uid, ident.gid)
                 await asyncio.to_thread(self.network.plug, spec.name, spec.nics, owner)
-            pid = await spawn.spawn(spec.name, argv, files.qmp, files.output, files.pidfile, setup, START_TIMEOUT)
+            tap_fds: list[int] = []
+            if ident is not None and taps:
+                argv, tap_fds = cf.open_taps(argv)
+            try:
+                pid = await spawn.spawn(
+                    spec.name, argv, files.qmp, files.output, files.pidfile, setup, START_TIMEOUT, tap_fds
+                )
+            finally:
+                for fd in tap_fds:  # QEMU has its own copies
+                    os.close(fd)
             vm = _Vm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state, taps=taps)
             vm.identity, vm.cgroup = ident, cgroup
             await self._monitor(vm)

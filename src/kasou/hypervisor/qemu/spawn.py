@@ -23,7 +23,7 @@ import contextlib
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kasou.errors import QemuStartError
@@ -79,6 +79,7 @@ async def spawn(
     pidfile: Path,
     before_exec: Callable[[], None] | None = None,
     timeout: float = START_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> int:
     """Start QEMU for VM ``name``; its pid once the monitor answers, else QemuStartError (nothing left).
 
@@ -94,6 +95,7 @@ async def spawn(
                 stderr=out,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),  # the taps the agent opened (confine.open_taps)
                 preexec_fn=before_exec,
             )
         except FileNotFoundError:
