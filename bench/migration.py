@@ -99,13 +99,13 @@ async def bare_once(tmp: Path, lab_dir: Path, i: int, dirty: bool) -> tuple[floa
         d = qtls.prepare(files, tmp / f"tls-{h}-{i}")
         assert d is not None, f"the lab host {h} has no TLS files"
         creds[h] = d
-    subprocess.run([*ns_of("h1"), *build_argv(spec, fa, "tcg", boot)], check=True)
+    subprocess.run([*ns_of("h1"), *build_argv(spec, fa, "tcg", boot), "-daemonize"], check=True)  # by hand: daemonized
     wait_line(fa.serial_log, READY, 120)
     if dirty:
         type_on_serial(fa.serial, DIRTY)
     qa, qb = QMPClient("a"), QMPClient("b")
     t_wall = time.monotonic()
-    subprocess.run([*ns_of("h2"), *build_argv(spec, fb, "tcg", boot, incoming="defer")], check=True)
+    subprocess.run([*ns_of("h2"), *build_argv(spec, fb, "tcg", boot, incoming="defer"), "-daemonize"], check=True)
     await qb.connect(str(fb.qmp))
     await qb.execute(
         "migrate-set-capabilities", {"capabilities": [{"capability": "late-block-activate", "state": True}]}

@@ -367,6 +367,7 @@ def check_settings() -> None:
     maintenance_retry()
     vendor_max_priority()
     storage_roots()
+    confine_settings()
     accel_setting()
     etcd_metrics_endpoints(len(etcd_endpoints()))
     for name, default in (
@@ -379,3 +380,29 @@ def check_settings() -> None:
         float_setting(name, default, 0.0, 10**9)
     int_setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100, 1, 10**9)
     choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN)
+
+
+@dataclass(frozen=True)
+class ConfineSettings:
+    """How each VM's QEMU is confined (docs/security.md, "QEMU confinement").
+
+    ``enabled``: QEMU runs as an unprivileged user of its own (``uid_base + slot``, numeric, no
+    /etc/passwd entry), under a seccomp sandbox, in a cgroup of its own with the VM's memory
+    limit (guest memory plus ``memory_overhead_mib``) and CPU and I/O weights.
+    """
+
+    enabled: bool = False
+    uid_base: int = 64000
+    slots: int = 1000
+    memory_overhead_mib: int = 512
+
+
+def confine_settings() -> ConfineSettings:
+    """``KASOU_CONFINE`` (1/0, default 0), ``KASOU_VM_UID_BASE`` (default 64000) and
+    ``KASOU_VM_UID_COUNT`` (default 1000): the uids kept for VMs; ``KASOU_QEMU_MEMORY_OVERHEAD_MIB``
+    (default 512): what QEMU may use beyond the guest's memory before its cgroup's limit."""
+    enabled = choice_setting("KASOU_CONFINE", _BOOLEAN, "0").lower() in ("1", "on", "yes", "true")
+    base = int_setting("KASOU_VM_UID_BASE", 64000, 1000, 2**31 - 100_000)
+    count = int_setting("KASOU_VM_UID_COUNT", 1000, 1, 65536)
+    overhead = int_setting("KASOU_QEMU_MEMORY_OVERHEAD_MIB", 512, 64, 65536)
+    return ConfineSettings(enabled, base, count, overhead)

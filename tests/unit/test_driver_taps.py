@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kasou.config import ConfineSettings
 from kasou.errors import QemuStartError
 from kasou.hypervisor.base import LaunchSpec, RuntimeState
 from kasou.hypervisor.qemu.driver import QemuDriver, QemuVm
@@ -21,7 +22,7 @@ class Recorder(HostNetwork):
         super().__init__()
         self.calls: list[tuple[str, str, list[str]]] = []
 
-    def plug(self, vm: str, nics: Sequence[NicSpec]) -> list[str]:
+    def plug(self, vm: str, nics: Sequence[NicSpec], owner: tuple[int, int] | None = None) -> list[str]:
         ids = [n.id for n in nics if n.network != "user"]
         self.calls.append(("plug", vm, ids))
         return [tap_name(vm, i) for i in ids]
@@ -44,7 +45,11 @@ def spec(name: str = "emr1", network: str = "clinical") -> LaunchSpec:
 @pytest.fixture
 def driver(tmp_path: Path) -> QemuDriver:
     # "false" stands in for QEMU: it exits 1 at once, so every start fails after the taps were made.
-    return QemuDriver(tmp_path / "run", tmp_path / "serial", tmp_path / "images", "tcg", "false", Recorder())
+    # The taps' bookkeeping only: no VM user, cgroup or file hand-over (tests/unit/test_confine.py has those).
+    return QemuDriver(
+        tmp_path / "run", tmp_path / "serial", tmp_path / "images", "tcg", "false", Recorder(),
+        confine=ConfineSettings(enabled=False),
+    )  # fmt: skip
 
 
 def calls(driver: QemuDriver) -> list[tuple[str, str, list[str]]]:

@@ -42,6 +42,9 @@ BAD: list[tuple[str, str, dict[str, str]]] = [
     ("KASOU_VENDOR_MAX_PRIORITY", "high", {}),
     ("KASOU_STORAGE_ROOTS", "srv:relative", {}),
     ("KASOU_SIGNIN_RATE", "lots", {}),
+    ("KASOU_CONFINE", "maybe", {}),
+    ("KASOU_VM_UID_BASE", "10", {}),
+    ("KASOU_QEMU_MEMORY_OVERHEAD_MIB", "lots", {}),
 ]
 IDS = [f"{n}={v}" for n, v, _ in BAD]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -43,9 +44,17 @@ class SqliteStore(Store):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._private()
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the state store {self.path}: {e}") from None
         self._lock = threading.Lock()
+
+    def _private(self) -> None:
+        """The store and its WAL files are root's alone (0600), whatever the umask: no VM's QEMU user, no
+        other local account reads the users, tokens' hashes and sealed secrets in it."""
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.chmod(self.path + suffix, 0o600)
 
     def _next_rev(self) -> int:
         self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")

@@ -55,6 +55,11 @@ class RuntimeFiles:
         return self.dir / "qemu.pid"
 
     @property
+    def output(self) -> Path:
+        """QEMU's standard output and error (the reason it gives when it does not start)."""
+        return self.dir / "qemu.out"
+
+    @property
     def launch(self) -> Path:
         return self.dir / "launch.json"
 
@@ -98,7 +103,7 @@ def build_argv(
     qemu_binary: str = "qemu-system-x86_64",
     incoming: str | None = None,
 ) -> list[str]:
-    """The full argv for one VM, daemonized, with every channel on a unix socket.
+    """The full argv for one VM, with every channel on a unix socket (the agent spawns it: see spawn.py).
 
     ``incoming`` (e.g. ``"defer"``) makes it the paused destination of a live
     migration: ``-incoming`` and ``-S``, so the guest never runs here until told to.
@@ -123,9 +128,7 @@ def build_argv(
         "-chardev", f"socket,id=hb0,path={files.heartbeat},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=hb0,name={HEARTBEAT_PORT}",
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
-        "-pidfile", str(files.pidfile),
         "-D", str(files.qemu_log),
-        "-daemonize",
     ]  # fmt: skip
     if boot is not None:
         append = boot.kernel_args

@@ -1,7 +1,7 @@
-"""The QEMU driver: runs each VM as a daemonized ``qemu-system-x86_64`` driven over QMP.
+"""The QEMU driver: runs each VM as a ``qemu-system-x86_64`` process driven over QMP.
 
-QEMU runs with ``-daemonize``, so a VM never belongs to the agent's process
-group: killing the agent (even SIGKILL) leaves every VM running. Each VM has a
+The agent spawns QEMU in a session of its own, so a VM never belongs to the agent's
+process group: killing the agent (even SIGKILL) leaves every VM running. Each VM has a
 runtime directory (sockets, pid file, the launch spec, an exit record); after
 a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
 files and checks the pid really is that guest's QEMU. A VM whose process is

@@ -1,7 +1,8 @@
-"""The QEMU driver's core: runs each VM as a daemonized ``qemu-system-x86_64`` driven over QMP.
+"""The QEMU driver's core: runs each VM as a ``qemu-system-x86_64`` process driven over QMP.
 
-QEMU runs with ``-daemonize``, so a VM never belongs to the agent's process
-group: killing the agent (even SIGKILL) leaves every VM running. Each VM has a
+The agent spawns QEMU in a session of its own (see :mod:`kasou.hypervisor.qemu.spawn`),
+so a VM never belongs to the agent's process group: killing the agent (even SIGKILL)
+leaves every VM running. Each VM has a
 runtime directory (sockets, pid file, the launch spec, an exit record); after
 a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
 files and checks the pid really is that guest's QEMU. A VM whose process is
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kasou.config import ConfineSettings, confine_settings
 from kasou.errors import (
     Conflict,
     KasouError,
@@ -47,8 +49,9 @@ from kasou.hypervisor.base import (
     RuntimeState,
 )
 from kasou.hypervisor.qemu import backups as qbackups
+from kasou.hypervisor.qemu import confine as cf
 from kasou.hypervisor.qemu import migration as mig
-from kasou.hypervisor.qemu import mirrors, process
+from kasou.hypervisor.qemu import mirrors, process, spawn
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
 from kasou.hypervisor.qemu import snapshots as snap
@@ -59,7 +62,7 @@ from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTa
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT = 60.0  # QEMU initialises and daemonizes in well under a second; 60 s is a hung host
+START_TIMEOUT = spawn.START_TIMEOUT
 QUIT_TIMEOUT = 10.0
 HEARTBEAT_FRESH_S = 5.0
 MONITOR_RETRY_MAX_S = 60.0  # a lost QMP monitor of a live QEMU is connected again, backing off up to this
@@ -89,6 +92,8 @@ class QemuVm:
     outgoing: mig.Outgoing | None = None  # this host sends the VM away
     incoming: mig.Incoming | None = None  # this host waits for the VM
     taps: list[str] = field(default_factory=list)  # ids of the NICs that have a tap here (not on "user")
+    identity: cf.Identity | None = None  # the unprivileged user its QEMU runs as (None: unconfined)
+    cgroup: cf.Cgroup | None = None
 
     def info(self) -> RuntimeInfo:
         age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
@@ -120,8 +125,12 @@ class DriverCore(Driver):
         qemu_binary: str = "qemu-system-x86_64",
         network: HostNetwork | None = None,
         tls_dir: Path | None = None,
+        confine: ConfineSettings | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.confine = confine if confine is not None else confine_settings()  # see confine.py
+        self._cgroup_tag = cf.host_tag(run_dir)
+        self._launching: set[str] = set()  # VMs whose QEMU is being started (their cgroup is new)
         # QEMU's credentials directory (kasou.hypervisor.qemu.tls.prepare): migration and NBD streams
         # between hosts are TLS with it; None (a host without TLS files) keeps them plain TCP.
         self.tls_dir = tls_dir
@@ -187,6 +196,8 @@ class DriverCore(Driver):
             taps = [n.id for n in tap_nics(launched.nics)] if launched is not None else []
             if pid is not None and process.is_guest(pid, d.name):
                 vm = QemuVm(d.name, files, pid, process.started_at(pid), rf.launch_accel(files), taps=taps)
+                vm.identity = cf.read_identity(files.dir)
+                vm.cgroup = cf.cgroup_of(d.name, self._cgroup_tag) if vm.identity is not None else None
                 self._vms[d.name] = vm
                 try:
                     await self._monitor(vm)
@@ -208,7 +219,12 @@ class DriverCore(Driver):
                 vm.incoming = saved if isinstance(saved, mig.Incoming) else None
                 self._vms[d.name] = vm
                 await self._unplug(d.name, taps)  # its QEMU ended while the agent was away
+        if self.confine.enabled:
+            cf.remove_leftovers(self._cgroups_in_use(), self._cgroup_tag)
         return found
+
+    def _cgroups_in_use(self) -> set[str]:
+        return {n for n, vm in self._vms.items() if vm.state in PROCESS_STATES} | self._launching
 
     async def start(self, spec: LaunchSpec) -> RuntimeInfo:
         async with self._lock(spec.name):
@@ -262,6 +278,10 @@ class DriverCore(Driver):
         On any failure (here or in the body): no process, no runtime files, no record in memory.
         """
         files = self._files(spec.name)
+        ident = None
+        if self.confine.enabled:  # before the old runtime directory goes: it records the VM's slot
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ident = cf.choose_identity(self.confine, self.run_dir, spec.name, self.accelerator)
         shutil.rmtree(files.dir, ignore_errors=True)
         files.dir.mkdir(parents=True, mode=0o700)
         files.serial_log.parent.mkdir(parents=True, exist_ok=True)
@@ -271,12 +291,40 @@ class DriverCore(Driver):
         files.launch.write_text(json.dumps({"spec": spec.model_dump(), "accelerator": self.accelerator}))
         pid: int | None = None
         vm: QemuVm | None = None
+        cgroup: cf.Cgroup | None = None
         taps = [n.id for n in tap_nics(spec.nics)]
+        self._launching.add(spec.name)
         try:
+            setup = None
+            if ident is not None:
+                cf.save_identity(files.dir, ident)
+                cf.prepare_runtime(files.dir, files.serial_log, ident)
+                for d in spec.disks:
+                    for path in (d.path, d.mirror):
+                        if path is not None:
+                            cf.hand_over_disk(path, ident, spec.name, readonly=d.readonly)
+                memory = (spec.memory_mib + self.confine.memory_overhead_mib) * 1024 * 1024
+                if cf.cgroups_visible():
+                    cgroup = cf.make_cgroup(spec.name, self._cgroup_tag, memory, spec.vcpus)
+                else:  # no cgroup file system here at all (a lab host in its network namespace): said, not hidden
+                    log.warning("VM %s runs without a cgroup: this agent sees no cgroup file system", spec.name)
+                setup = cf.child_setup(ident, cgroup)
+                argv = [*argv, *cf.sandbox_args()]
             if taps:  # QEMU opens the taps by name: they must be on their bridges first
-                await asyncio.to_thread(self.network.plug, spec.name, spec.nics)
-            pid = await self._spawn(spec.name, argv, files)
+                owner = None if ident is None else (ident.uid, ident.gid)
+                await asyncio.to_thread(self.network.plug, spec.name, spec.nics, owner)
+            tap_fds: list[int] = []
+            if ident is not None and taps:
+                argv, tap_fds = cf.open_taps(argv)
+            try:
+                pid = await spawn.spawn(
+                    spec.name, argv, files.qmp, files.output, files.pidfile, setup, START_TIMEOUT, tap_fds
+                )
+            finally:
+                for fd in tap_fds:  # QEMU has its own copies
+                    os.close(fd)
             vm = QemuVm(spec.name, files, pid, process.started_at(pid), self.accelerator, state=state, taps=taps)
+            vm.identity, vm.cgroup = ident, cgroup
             await self._monitor(vm)
             yield vm
             self._vms[spec.name] = vm
@@ -290,38 +338,14 @@ class DriverCore(Driver):
             if failed is not None:
                 await self._detach(failed)
             await self._unplug(spec.name, taps)
+            if cgroup is not None:
+                cgroup.remove()
+            if ident is not None:
+                cf.give_back(files.serial_log)
             shutil.rmtree(files.dir, ignore_errors=True)
             raise
-
-    async def _spawn(self, name: str, argv: list[str], files: RuntimeFiles) -> int:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except FileNotFoundError:
-            raise QemuStartError(f"{argv[0]} is not installed on this host") from None
-        try:
-            _out, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            stray = rf.read_pid(files.pidfile)
-            if stray is not None:
-                await process.kill_hard(stray)
-            raise QemuStartError(f"QEMU for VM {name!r} did not start within {START_TIMEOUT:.0f} s") from None
-        if proc.returncode != 0:
-            lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"exit status {proc.returncode}"
-            why = why.split(": ", 1)[1] if why.startswith(argv[0]) and ": " in why else why
-            raise QemuStartError(f"QEMU refused to start VM {name!r}: {why}")
-        pid = rf.read_pid(files.pidfile)
-        if pid is None or not process.alive(pid):
-            raise QemuStartError(f"QEMU for VM {name!r} exited right after starting")
-        return pid
+        finally:
+            self._launching.discard(spec.name)
 
     async def _monitor(self, vm: QemuVm) -> None:
         """Connect ``vm``'s monitor, replacing one that lost its connection or its events."""
@@ -431,12 +455,16 @@ class DriverCore(Driver):
 
     async def _reap(self) -> None:
         """Notice processes that ended: exited on request, or crashed."""
+        rounds = 0
         while True:
             for vm in list(self._vms.values()):
                 if vm.state in PROCESS_STATES and not process.alive(vm.pid):
                     await self._ended(vm, locked=False)
                 elif self._monitor_lost(vm):
                     self._reconnect_soon(vm)
+            rounds += 1
+            if self.confine.enabled and rounds % 40 == 0:  # a cgroup whose QEMU was not yet reaped when it ended
+                cf.remove_leftovers(self._cgroups_in_use(), self._cgroup_tag)
             await asyncio.sleep(0.25)
 
     def _mark_gone(self, vm: QemuVm) -> None:
@@ -451,6 +479,10 @@ class DriverCore(Driver):
                 vm.exit_reason = "the QEMU waiting for the incoming migration ended (the migration failed)"
         with contextlib.suppress(OSError):
             vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
+        if vm.cgroup is not None:
+            vm.cgroup.remove()
+        if vm.identity is not None:  # its uid may serve another VM later
+            cf.give_back(vm.files.serial_log)
 
     async def _ended(self, vm: QemuVm, locked: bool = True) -> None:
         """Its QEMU is gone: record why, stop watching it and remove its taps.
@@ -511,7 +543,16 @@ class DriverCore(Driver):
         if vm.monitor is None or not vm.monitor.connected:
             await self._monitor(vm)
         assert vm.monitor is not None
+        if vm.identity is not None and command == "blockdev-add":
+            for path in cf.files_in(arguments):  # a snapshot overlay, a mirror's copy, a backup target
+                cf.hand_over_disk(path, vm.identity, vm.name)
         return await vm.monitor.execute(command, arguments)
+
+    def _tls_for(self, vm: QemuVm) -> Path | None:
+        """The TLS credentials directory this VM's QEMU reads (a copy of its own when it is confined)."""
+        if self.tls_dir is None or vm.identity is None:
+            return self.tls_dir
+        return cf.copy_tls(self.tls_dir, vm.files.dir, vm.identity)
 
     async def powerdown(self, name: str) -> None:
         async with self._lock(name):
@@ -610,6 +651,15 @@ class DriverCore(Driver):
 
         return execute
 
+    def _fd_sender(self, vm: QemuVm) -> snap.SendFd:
+        async def send(fdname: str, fd: int) -> None:
+            if vm.monitor is None or not vm.monitor.connected:
+                await self._monitor(vm)
+            assert vm.monitor is not None
+            await vm.monitor.send_fd(fdname, fd)
+
+        return send
+
     def _restore_migration(self, vm: QemuVm) -> None:
         """After an agent restart: pick up a migration this host was part of (see driver_migration)."""
 
@@ -623,7 +673,7 @@ class DriverCore(Driver):
             spec = rf.launch_spec(vm.files)
             disks = spec.disks if spec is not None else []
             await repl.attach(self._exec(vm), vm.pid, vm.files.dir, disks, disk_id, nbd_host, nbd_port, export,
-                              tls_dir=self.tls_dir)  # fmt: skip
+                              tls_dir=self._tls_for(vm))  # fmt: skip
             self._ensure_replica_guard()
         try:
             if timeout_s > 0:
@@ -657,7 +707,7 @@ class DriverCore(Driver):
     async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
         async with self._lock(name):
             vm = self._running(name)
-            return await snap.take_live(self._exec(vm), vm.files, name, req)
+            return await snap.take_live(self._exec(vm), self._fd_sender(vm), vm.files, name, req)
 
     async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
         async with self._lock(name):
@@ -668,10 +718,9 @@ class DriverCore(Driver):
         async with self._lock(spec.name):
             self._check_free(spec.name)
             boot = self._boot_files(spec.image)
-            uri = snap.restore_uri(state_path)
-            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary, incoming=uri)
+            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary, incoming="defer")
             async with self._launch(spec, argv, RuntimeState.PAUSED) as vm:
-                await snap.finish_restore(self._exec(vm), spec.paused)
+                await snap.finish_restore(self._exec(vm), self._fd_sender(vm), state_path, spec.paused)
                 vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
             return vm.info()
 
@@ -742,7 +791,14 @@ class DriverCore(Driver):
         self, name: str, backup_id: str, disks: builtins.list[BackupDisk], timeout_s: float = 1800.0
     ) -> builtins.list[BackupDiskResult]:
         async with self._lock(name):  # the QMP steps are in kasou.hypervisor.qemu.backups
-            return await qbackups.run(self._exec(self._running(name)), backup_id, disks, timeout_s)
+            vm = self._running(name)
+            try:
+                return await qbackups.run(self._exec(vm), backup_id, disks, timeout_s)
+            finally:
+                if vm.identity is not None:  # the generations are root's again once QEMU is done with them
+                    for d in disks:
+                        for f in Path(d.target).parent.iterdir():
+                            cf.give_back(f)
 
     async def close(self) -> None:
         if self._replica_guard is not None:

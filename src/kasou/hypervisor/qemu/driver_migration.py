@@ -76,7 +76,9 @@ class MigrationOps(DriverCore):
                     execute = self._exec(vm)
                     creds = None
                     if self.tls_dir is not None:  # the source must come with a certificate of the site CA
-                        creds = await qtls.ensure_creds(execute, "server", self.tls_dir)
+                        tls = self._tls_for(vm)
+                        assert tls is not None
+                        creds = await qtls.ensure_creds(execute, "server", tls)
                     nbd_port, exports = None, {}
                     if storage == "copy":
                         nbd_port = await mig.start_nbd_server(execute, listen_host, creds)
@@ -124,8 +126,9 @@ class MigrationOps(DriverCore):
                 raise Conflict(f"the destination of VM {name!r} offers plain TCP; this host migrates over TLS only")
             running = (await execute("query-status")).get("status") == "running"
             creds = None
-            if self.tls_dir is not None:
-                creds = await qtls.ensure_creds(execute, "client", self.tls_dir)
+            tls = self._tls_for(vm)
+            if tls is not None:
+                creds = await qtls.ensure_creds(execute, "client", tls)
             host = qtls.uri_host(incoming.migration_uri)
             await mig.set_parameters(execute, downtime_ms, auto_converge, bandwidth_mib_s, creds, host)
             ram = spec.memory_mib * mig.MiB if spec is not None else 0

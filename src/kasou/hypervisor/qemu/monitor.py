@@ -192,6 +192,17 @@ class Monitor:
         except (QMPError, OSError, EOFError) as e:
             raise MonitorError(f"QMP {command} on VM {self.vm_name!r} failed: {e}", command=command) from None
 
+    async def send_fd(self, fdname: str, fd: int) -> None:
+        """Hand QEMU an open file descriptor under ``fdname`` (SCM_RIGHTS, then ``getfd``): QEMU writes or
+        reads a file the agent opened, so a sandboxed QEMU needs neither the path nor ``exec:``."""
+        if not self.connected:
+            raise MonitorError(f"the QMP monitor of VM {self.vm_name!r} is not connected")
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise MonitorError(f"cannot pass a file to VM {self.vm_name!r}: {e}", command="getfd") from None
+        await self.execute("getfd", {"fdname": fdname})
+
     async def close(self) -> None:
         if self._events_task is not None:
             self._events_task.cancel()

@@ -157,8 +157,10 @@ class HostNetwork:
 
     # -- the public steps ---------------------------------------------------------------
 
-    def plug(self, vm: str, nics: Sequence[NicSpec]) -> list[str]:
+    def plug(self, vm: str, nics: Sequence[NicSpec], owner: tuple[int, int] | None = None) -> list[str]:
         """Make the taps of ``vm``'s NICs (with their networks' bridges and uplink ports); their names.
+
+        ``owner`` (uid, gid): the unprivileged user the VM's QEMU runs as may attach to the taps.
 
         On failure the taps made so far are deleted again (bridges and ports stay) and the
         error says what was refused, on one line.
@@ -168,7 +170,7 @@ class HostNetwork:
             try:
                 for nic in tap_nics(nics):
                     bridge = self._ensure_network(ipr, nic.network, nic.vlan)
-                    made.append(self._make_tap(ipr, vm, nic.id, bridge))
+                    made.append(self._make_tap(ipr, vm, nic.id, bridge, owner))
             except BaseException:
                 for name in made:
                     with contextlib.suppress(Exception):
@@ -314,7 +316,7 @@ class HostNetwork:
 
     # -- taps ----------------------------------------------------------------------------
 
-    def _make_tap(self, ipr: Any, vm: str, nic_id: str, bridge: str) -> str:
+    def _make_tap(self, ipr: Any, vm: str, nic_id: str, bridge: str, owner: tuple[int, int] | None = None) -> str:
         name, alias = tap_name(vm, nic_id), tap_alias(vm, nic_id)
         old = _link(ipr, name)
         if old is not None:
@@ -323,7 +325,8 @@ class HostNetwork:
                 raise Conflict(f"tap {name} for NIC {nic_id} of VM {vm!r} exists and is not kasou's ({have!r})")
             _delete(ipr, name)  # left by a QEMU that ended while the agent was away
         try:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            ids = {} if owner is None else {"uid": owner[0], "gid": owner[1]}
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap", **ids)
             idx = _index(ipr, name)
             if idx is None:
                 raise HypervisorError(f"tap {name} vanished right after it was made")

@@ -29,14 +29,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
-import shlex
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kasou.errors import Conflict, HypervisorError, KasouError, MonitorError, OperationTimeout, WrongState
+from kasou.errors import Conflict, HypervisorError, KasouError, MonitorError, NotFound, OperationTimeout, WrongState
 from kasou.hypervisor.qemu import blocknodes as bn
 from kasou.hypervisor.qemu.cmdline import RuntimeFiles
 from kasou.hypervisor.qemu.migration import Execute, wait_incoming_done
@@ -74,12 +75,10 @@ def overlay_nodes(disk_id: str, token: str | None = None) -> tuple[str, str]:
     return f"{disk_id}-{t}", f"{disk_id}-{t}f"
 
 
-def save_uri(path: Path) -> str:
-    return "exec:cat > " + shlex.quote(str(path))
-
-
-def restore_uri(path: str | Path) -> str:
-    return "exec:cat " + shlex.quote(str(path))
+#: Hands QEMU an open file descriptor under a name (``getfd``), for a ``fd:NAME`` migration URI.
+SendFd = Callable[[str, int], Awaitable[None]]
+SAVE_FD = "kasou-save"
+RESTORE_FD = "kasou-restore"
 
 
 def snapshot_actions(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -151,7 +150,12 @@ class _Added:
 
 
 async def take(
-    execute: Execute, vm: str, snapshot: str, disks: list[tuple[str, str, str]], memory: Path | None
+    execute: Execute,
+    vm: str,
+    snapshot: str,
+    disks: list[tuple[str, str, str]],
+    memory: Path | None,
+    send_fd: SendFd | None = None,
 ) -> SnapshotTaken:
     """Put an overlay on each disk at one instant (``disks``: id, active path, overlay path); maybe save memory.
 
@@ -192,7 +196,8 @@ async def take(
         switched = True
         memory_bytes = 0
         if memory is not None and part is not None:
-            await _save_memory(execute, part)
+            assert send_fd is not None, "a memory snapshot needs a way to hand QEMU the file"
+            await _save_memory(execute, send_fd, part)
             part.replace(memory)
             memory_bytes = memory.stat().st_size
             await execute("cont", None)
@@ -225,11 +230,20 @@ async def take(
     )
 
 
-async def _save_memory(execute: Execute, path: Path, timeout_s: float = SAVE_TIMEOUT_S) -> None:
-    """Send the (stopped) VM's RAM and device state into ``path``; bounded; cancelled on failure."""
+async def _save_memory(execute: Execute, send_fd: SendFd, path: Path, timeout_s: float = SAVE_TIMEOUT_S) -> None:
+    """Send the (stopped) VM's RAM and device state into ``path``; bounded; cancelled on failure.
+
+    The agent opens the file and hands QEMU the descriptor: a sandboxed QEMU may neither open the
+    path nor run ``cat`` for an ``exec:`` URI.
+    """
     with contextlib.suppress(MonitorError):  # an older QEMU without the parameter: its default cap
         await execute("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
-    await execute("migrate", {"uri": save_uri(path)})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        await send_fd(SAVE_FD, fd)
+    finally:
+        os.close(fd)  # QEMU holds its own copy; it closes it when the migration ends
+    await execute("migrate", {"uri": f"fd:{SAVE_FD}"})
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     try:
@@ -343,14 +357,16 @@ async def _end_job(execute: Execute, disk_id: str, timeout_s: float = 10.0) -> N
 # -- the driver's entry points (it holds the VM's lock) -----------------------------------------
 
 
-async def take_live(execute: Execute, files: RuntimeFiles, vm: str, req: SnapshotTake) -> SnapshotTaken:
+async def take_live(
+    execute: Execute, send_fd: SendFd, files: RuntimeFiles, vm: str, req: SnapshotTake
+) -> SnapshotTaken:
     if not req.disks:
         raise HypervisorError(f"VM {vm!r} has no disk to snapshot")
     disks = [(d.id, d.path, str(overlay_path(d.path, d.id, req.snapshot))) for d in req.disks]
     memory = memory_path(req.disks[0].path, req.snapshot) if req.memory else None
     if memory is not None and memory.exists():
         raise Conflict(f"{memory} exists already; a snapshot of that name was not cleaned up")
-    taken = await take(execute, vm, req.snapshot, disks, memory)
+    taken = await take(execute, vm, req.snapshot, disks, memory, send_fd)
     update_launch(files, {d: ov for d, _, ov in disks})
     return taken
 
@@ -366,8 +382,20 @@ async def merge_live(execute: Execute, files: RuntimeFiles, vm: str, req: Snapsh
     return SnapshotMerged(disks=active, live=True, base_bytes={d.id: await allocated(d.base) for d in req.disks})
 
 
-async def finish_restore(execute: Execute, paused: bool, timeout_s: float = SAVE_TIMEOUT_S) -> None:
-    """The restoring QEMU read the whole state (``-incoming``); let the guest run on unless ``paused``."""
+async def finish_restore(
+    execute: Execute, send_fd: SendFd, state_path: str, paused: bool, timeout_s: float = SAVE_TIMEOUT_S
+) -> None:
+    """Read the saved state into the QEMU waiting with ``-incoming defer`` (from a descriptor the agent
+    opened), then let the guest run on unless ``paused``."""
+    try:
+        fd = os.open(state_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NotFound(f"the memory state {state_path} cannot be read: {e.strerror}") from None
+    try:
+        await send_fd(RESTORE_FD, fd)
+    finally:
+        os.close(fd)
+    await execute("migrate-incoming", {"uri": f"fd:{RESTORE_FD}"})
     await wait_incoming_done(execute, timeout_s)
     if not paused:
         await execute("cont", None)
