@@ -82,6 +82,21 @@ def verify_entries(
     last_cp: int | None = None
     ends = f"ends at {last_seq}" if last_seq else "is empty"
 
+    def against_log(cp: Checkpoint, said: str, named: str) -> Problem | None:
+        """A checkpoint (from the store or an anchor) past the log's end, or not matching its record."""
+        if last_seq is None or cp.seq > last_seq:
+            return Problem(
+                kind="truncated", seq=(last_seq or 0) + 1,
+                message=f"checkpoint {cp.seq} {said} but the log {ends}: records "
+                f"{(last_seq or 0) + 1} to {cp.seq} were deleted",
+            )  # fmt: skip
+        if hashes.get(cp.seq) != cp.hash:
+            return Problem(
+                kind="checkpoint_mismatch", seq=cp.seq,
+                message=f"record {cp.seq} does not match {named}: the log up to {cp.seq} was rewritten",
+            )  # fmt: skip
+        return None
+
     def signed(cp: Checkpoint, where: str) -> Problem | None:
         pub = trusted.get(cp.key_id)
         if pub is None:
@@ -111,18 +126,9 @@ def verify_entries(
         stored.add(seq)
         if checked_upto is not None and seq >= checked_upto:
             continue  # the chain is already broken before it: that is the problem to report
-        if last_seq is None or seq > last_seq:
-            found.append(Problem(
-                kind="truncated", seq=(last_seq or 0) + 1,
-                message=f"checkpoint {seq} seals records up to {seq} but the log {ends}: records "
-                f"{(last_seq or 0) + 1} to {seq} were deleted",
-            ))  # fmt: skip
-            break
-        if hashes.get(seq) != cp.hash:
-            found.append(Problem(
-                kind="checkpoint_mismatch", seq=seq,
-                message=f"record {seq} does not match the signed checkpoint {seq}: the log up to {seq} was rewritten",
-            ))  # fmt: skip
+        wrong = against_log(cp, f"seals records up to {seq}", f"the signed checkpoint {seq}")
+        if wrong is not None:
+            found.append(wrong)
             break
     last_anchor: int | None = None
     for a in anchored or []:
@@ -141,19 +147,9 @@ def verify_entries(
         last_anchor = max(cp.seq, last_anchor or 0)
         if checked_upto is not None and cp.seq >= checked_upto:
             continue
-        if last_seq is None or cp.seq > last_seq:
-            found.append(Problem(
-                kind="truncated", seq=(last_seq or 0) + 1,
-                message=f"checkpoint {cp.seq} is anchored at {where} but the log {ends}: records "
-                f"{(last_seq or 0) + 1} to {cp.seq} were deleted",
-            ))  # fmt: skip
-            break
-        if hashes.get(cp.seq) != cp.hash:
-            found.append(Problem(
-                kind="checkpoint_mismatch", seq=cp.seq,
-                message=f"record {cp.seq} does not match the checkpoint {cp.seq} anchored at {where}: "
-                f"the log up to {cp.seq} was rewritten",
-            ))  # fmt: skip
+        wrong = against_log(cp, f"is anchored at {where}", f"the checkpoint {cp.seq} anchored at {where}")
+        if wrong is not None:
+            found.append(wrong)
             break
         if cp.seq not in stored:
             found.append(Problem(
