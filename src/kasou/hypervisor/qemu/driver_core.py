@@ -172,6 +172,9 @@ class DriverCore(Driver):
         from kasou.image import load_image  # the image layer sits beside the driver
 
         art = load_image(self.images_dir, image)
+        if self.confine.enabled:  # a confined QEMU reads them as its own user: their directories must let it in
+            for path in (art.kernel, art.initrd):
+                cf.searchable(path)
         return BootFiles(kernel=art.kernel, initrd=art.initrd, kernel_args=art.kernel_args)
 
     @contextlib.asynccontextmanager
