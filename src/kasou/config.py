@@ -149,10 +149,10 @@ class Paths:
         return self.run / f"{service}.pid"
 
     def ensure(self) -> None:
-        """Create the directories, private to root (they hold tokens and disks)."""
+        """Create the directories, private to root (they hold tokens and disks): :func:`private_dir_mode`."""
         for d in (self.home, self.run, self.vm_run, self.disks, self.logs):
             d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
+            os.chmod(d, private_dir_mode())
 
 
 def site_file(name: str, env: str, beside: Path | None, elsewhere: Path) -> Path:
@@ -391,17 +391,24 @@ class ConfineSettings:
     limit (guest memory plus ``memory_overhead_mib``) and CPU and I/O weights.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     uid_base: int = 64000
     slots: int = 1000
     memory_overhead_mib: int = 512
 
 
+def private_dir_mode() -> int:
+    """The mode of kasou's directories that hold disks, backups and runtime files: 0711 with QEMU
+    confined (each VM's QEMU passes through them to its own files: search only, it can neither list
+    nor read what is not its own, as libvirt's image directory), else 0700."""
+    return 0o711 if confine_settings().enabled else 0o700
+
+
 def confine_settings() -> ConfineSettings:
-    """``KASOU_CONFINE`` (1/0, default 0), ``KASOU_VM_UID_BASE`` (default 64000) and
+    """``KASOU_CONFINE`` (1/0, default 1), ``KASOU_VM_UID_BASE`` (default 64000) and
     ``KASOU_VM_UID_COUNT`` (default 1000): the uids kept for VMs; ``KASOU_QEMU_MEMORY_OVERHEAD_MIB``
     (default 512): what QEMU may use beyond the guest's memory before its cgroup's limit."""
-    enabled = choice_setting("KASOU_CONFINE", _BOOLEAN, "0").lower() in ("1", "on", "yes", "true")
+    enabled = choice_setting("KASOU_CONFINE", _BOOLEAN, "1").lower() in ("1", "on", "yes", "true")
     base = int_setting("KASOU_VM_UID_BASE", 64000, 1000, 2**31 - 100_000)
     count = int_setting("KASOU_VM_UID_COUNT", 1000, 1, 65536)
     overhead = int_setting("KASOU_QEMU_MEMORY_OVERHEAD_MIB", 512, 64, 65536)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.storage import LocalDisks
+from kasou.config import private_dir_mode
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import make_fake_image
 
@@ -42,7 +43,7 @@ def test_a_cluster_agent_makes_disks_and_backups_private(tmp_path: Path, caplog:
     try:
         with caplog.at_level(logging.WARNING), TestClient(create_agent_app(cluster_agent(tmp_path))) as c:
             for d in ("home/disks", "shared", "pools/ssd", "backups"):
-                assert mode(tmp_path / d) == 0o700, d  # forced at start ...
+                assert mode(tmp_path / d) == private_dir_mode(), d  # forced at start (0711 confined) ...
                 assert str(tmp_path / d) in caplog.text  # ... and said so
             body = {"vm": "emr", "disk_id": "disk0", "source": "image", "image": "tiny"}
             r = c.post("/agent/v1/disks", json=body)
@@ -77,7 +78,7 @@ def test_an_agent_that_cannot_make_its_directory_private_does_not_start(
         real_chmod(path, m, *a, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "chmod", refuse)
-    with pytest.raises(Exception, match=r"shared.*0700|0700.*shared"), TestClient(create_agent_app(agent)):
+    with pytest.raises(Exception, match=r"shared.*0o7[01][01]|0o7[01][01].*shared"), TestClient(create_agent_app(agent)):
         pass
 
 

@@ -35,7 +35,7 @@ def test_each_vm_gets_the_lowest_free_slot_and_keeps_its_own(tmp_path: Path) -> 
 
 def test_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KASOU_CONFINE", raising=False)
-    assert confine_settings().enabled is False  # off until every real-QEMU test passes with it
+    assert confine_settings().enabled is True  # on by default
     monkeypatch.setenv("KASOU_CONFINE", "1")
     monkeypatch.setenv("KASOU_VM_UID_BASE", "70000")
     assert confine_settings() == ConfineSettings(True, 70000, 1000, 512)

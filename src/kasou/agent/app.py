@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,11 +97,14 @@ class Agent:
         return [d for d in dirs if d is not None]
 
     def make_private(self) -> None:
-        """Each of its directories 0700: one that is group- or world-accessible is fixed and logged; one that
-        cannot be fixed is an error (the agent does not start)."""
+        """Each of its directories private (0700, 0711 with QEMU confined): one that let others in further is
+        fixed and logged; one that cannot be fixed is an error (the agent does not start)."""
         for d in self.private_dirs():
             if d.is_dir() and (old := make_private(d)) is not None:
-                log.warning("%s was mode %s: made it 0700 (guests' disks and backups are root's only)", d, oct(old))
+                log.warning(
+                    "%s was mode %s: made it %s (guests' disks and backups are root's only)",
+                    d, oct(old), oct(stat.S_IMODE(d.stat().st_mode)),
+                )  # fmt: skip
 
     async def host_info(self) -> HostInfo:
         total, avail = memory_mib()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from kasou.config import private_dir_mode
 from kasou.errors import InvalidSpec, KasouError
 from kasou.model.pools import DEFAULT_POOL, validate_pool_path
 from kasou.model.spec import validate_name
@@ -23,22 +24,23 @@ from kasou.model.spec import validate_name
 log = logging.getLogger(__name__)
 
 PRIVATE_UMASK = 0o077  # every agent: the files it and its QEMU and qemu-img make are root's only
-PRIVATE_DIR = 0o700
 
 
 def make_private(d: Path) -> int | None:
-    """Force directory ``d`` to 0700: its former mode if it had to, None if it was private already.
+    """Force directory ``d`` to :func:`kasou.config.private_dir_mode` (0711 with QEMU confined, else 0700):
+    its former mode if that let others in further (to be logged), else None.
     KasouError when it cannot (a file system that refuses chmod, e.g. a root-squashed NFS mount)."""
+    want = private_dir_mode()
     try:
         old = stat.S_IMODE(d.stat().st_mode)
-        if old & 0o077 == 0:
+        if old & 0o077 == want & 0o077:
             return None
-        os.chmod(d, (old & ~0o077) | PRIVATE_DIR)
-        if stat.S_IMODE(d.stat().st_mode) & 0o077:
+        os.chmod(d, (old & ~0o077) | want)
+        if stat.S_IMODE(d.stat().st_mode) & 0o077 != want & 0o077:
             raise OSError(f"its mode stays {oct(stat.S_IMODE(d.stat().st_mode))}")
     except OSError as e:
-        raise KasouError(f"cannot make {d} private to root (0700): {e}; fix its mode or mount options") from None
-    return old
+        raise KasouError(f"cannot make {d} private to root ({oct(want)}): {e}; fix its mode or mount options") from None
+    return old if old & 0o077 & ~want else None
 
 
 class PoolRef(BaseModel):
