@@ -15,6 +15,7 @@ reads every number and choice at once, so a service refuses to start on a bad on
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import socket
@@ -358,8 +359,7 @@ def check_settings() -> None:
     """Read every numeric and choice setting once: a bad one raises :class:`InvalidSetting` before a
     service starts (``kasou up``, ``kasou serve``, ``kasou agent``), never a traceback later on.
 
-    Some are read where they are used with a default on a bad value (the session, console and audit
-    intervals); they are checked here with the bounds those readers accept."""
+    The readers below are used where the value is needed, each with the same bounds."""
     api_listen()
     ha_times()
     vcpu_ratio_setting()
@@ -370,16 +370,70 @@ def check_settings() -> None:
     confine_settings()
     accel_setting()
     etcd_metrics_endpoints(len(etcd_endpoints()))
-    for name, default in (
-        ("KASOU_SESSION_IDLE", 900.0),
-        ("KASOU_SESSION_MAX", 43200.0),
-        ("KASOU_CONSOLE_IDLE", 900.0),
-        ("KASOU_AUDIT_CHECKPOINT_MINUTES", 10.0),
-        ("KASOU_SIGNIN_RATE", 10.0),
-    ):
-        float_setting(name, default, 0.0, 10**9)
-    int_setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100, 1, 10**9)
-    choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN)
+    trusted_proxies()
+    session_idle_s()
+    session_max_s()
+    console_idle_s()
+    audit_checkpoint_minutes()
+    audit_checkpoint_every()
+    signin_rate()
+    require_totp_for_admins()
+
+
+def trusted_proxies() -> list[str]:
+    """``KASOU_TRUSTED_PROXIES``: the addresses or networks (comma-separated, e.g. ``10.0.0.5,
+    10.1.0.0/16``) of reverse proxies whose ``X-Forwarded-For`` is believed; none by default."""
+    raw = os.environ.get("KASOU_TRUSTED_PROXIES", "").strip()
+    proxies = [p.strip() for p in raw.split(",") if p.strip()]
+    for p in proxies:
+        try:
+            ipaddress.ip_network(p)
+        except ValueError:
+            raise InvalidSetting(
+                f"KASOU_TRUSTED_PROXIES={raw!r} is not allowed: {p!r} is no IP address or network"
+                " (e.g. 10.0.0.5, 10.1.0.0/16)",
+                setting="KASOU_TRUSTED_PROXIES",
+            ) from None
+    return proxies
+
+
+def session_idle_s() -> float:
+    """``KASOU_SESSION_IDLE``: a session without a request for this long ends (default 15 minutes)."""
+    return float_setting("KASOU_SESSION_IDLE", 900.0, 0.0, 10**9)
+
+
+def session_max_s() -> float:
+    """``KASOU_SESSION_MAX``: a session ends this long after sign-in whatever it does (default 12 hours)."""
+    return float_setting("KASOU_SESSION_MAX", 12 * 3600.0, 0.0, 10**9)
+
+
+def console_idle_s() -> float:
+    """``KASOU_CONSOLE_IDLE``: a console with no byte either way for this long is closed (default 15
+    minutes, the session's idle log-off)."""
+    return float_setting("KASOU_CONSOLE_IDLE", 900.0, 0.0, 10**9)
+
+
+def audit_checkpoint_minutes() -> float:
+    """``KASOU_AUDIT_CHECKPOINT_MINUTES``: a signed checkpoint at least this often (default 10)."""
+    return float_setting("KASOU_AUDIT_CHECKPOINT_MINUTES", 10.0, 0.0, 10**9)
+
+
+def audit_checkpoint_every() -> int:
+    """``KASOU_AUDIT_CHECKPOINT_EVERY``: a signed checkpoint every this many records (default 100)."""
+    return int_setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100, 1, 10**9)
+
+
+SIGNIN_RATE_DEFAULT = 10.0
+
+
+def signin_rate() -> float:
+    """``KASOU_SIGNIN_RATE``: failed sign-ins a minute allowed from one source address (0: no bound)."""
+    return float_setting("KASOU_SIGNIN_RATE", SIGNIN_RATE_DEFAULT, 0.0, 10**9)
+
+
+def require_totp_for_admins() -> bool:
+    """``KASOU_REQUIRE_TOTP_FOR_ADMINS=1``: an administrator signs in only with a TOTP code."""
+    return choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN) in ("1", "yes", "true", "on")
 
 
 @dataclass(frozen=True)

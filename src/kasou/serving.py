@@ -14,8 +14,7 @@ from typing import Any
 import uvicorn
 
 from kasou import peers
-from kasou.config import TlsFiles
-from kasou.errors import InvalidSpec
+from kasou.config import TlsFiles, trusted_proxies
 from kasou.pki import host_client_context, server_context
 
 
@@ -38,25 +37,15 @@ def tls_config(files: TlsFiles, client_certs: str) -> dict[str, Any]:
     return {"ssl_context_factory": factory, **peers.uvicorn_options()}  # the client certificate reaches the app
 
 
-TRUSTED_PROXIES_ENV = "KASOU_TRUSTED_PROXIES"
-
-
 def uvicorn_settings() -> dict[str, Any]:
     """uvicorn's proxy settings for every server kasou runs. uvicorn believes ``X-Forwarded-For`` (and
     ``-Proto``) from 127.0.0.1 by default, so anyone on the host could name any client address, the one
     the audit log records: kasou believes it from nobody, unless ``KASOU_TRUSTED_PROXIES`` lists the
     addresses or networks of reverse proxies in front of the API (comma-separated). Between kasou's own
     hosts the client's address travels signed (``X-Kasou-Forwarded-For``, :mod:`kasou.api.audit`)."""
-    raw = os.environ.get(TRUSTED_PROXIES_ENV, "").strip()
-    if not raw:
+    proxies = trusted_proxies()
+    if not proxies:
         return {"proxy_headers": False}
-    proxies = [p.strip() for p in raw.split(",") if p.strip()]
-    for p in proxies:
-        try:
-            ipaddress.ip_network(p)  # an address, or a network such as 10.1.0.0/16
-        except ValueError:
-            raise InvalidSpec(f"{TRUSTED_PROXIES_ENV}: {p!r} is no IP address or network (e.g. 10.0.0.5, 10.1.0.0/16)",
-                              field=TRUSTED_PROXIES_ENV) from None  # fmt: skip
     return {"proxy_headers": True, "forwarded_allow_ips": proxies}
 
 

@@ -78,7 +78,10 @@ def test_an_agent_that_cannot_make_its_directory_private_does_not_start(
         real_chmod(path, m, *a, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "chmod", refuse)
-    with pytest.raises(Exception, match=r"shared.*0o7[01][01]|0o7[01][01].*shared"), TestClient(create_agent_app(agent)):
+    with (
+        pytest.raises(Exception, match=r"shared.*0o7[01][01]|0o7[01][01].*shared"),
+        TestClient(create_agent_app(agent)),
+    ):
         pass
 
 

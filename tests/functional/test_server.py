@@ -101,7 +101,7 @@ def test_x_forwarded_for_from_loopback_is_not_believed(home: Path) -> None:
 
 
 def test_trusted_proxies_are_configured_not_assumed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kasou.errors import InvalidSpec
+    from kasou.errors import InvalidSetting
     from kasou.serving import uvicorn_settings
 
     monkeypatch.delenv("KASOU_TRUSTED_PROXIES", raising=False)
@@ -109,7 +109,7 @@ def test_trusted_proxies_are_configured_not_assumed(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("KASOU_TRUSTED_PROXIES", "10.0.0.5, 10.1.0.0/16")
     assert uvicorn_settings() == {"proxy_headers": True, "forwarded_allow_ips": ["10.0.0.5", "10.1.0.0/16"]}
     monkeypatch.setenv("KASOU_TRUSTED_PROXIES", "10.0.0.5, not-an-address")
-    with pytest.raises(InvalidSpec, match=r"KASOU_TRUSTED_PROXIES.*not-an-address"):
+    with pytest.raises(InvalidSetting, match=r"KASOU_TRUSTED_PROXIES.*not-an-address"):
         uvicorn_settings()
 
 

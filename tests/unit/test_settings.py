@@ -43,6 +43,7 @@ BAD: list[tuple[str, str, dict[str, str]]] = [
     ("KASOU_STORAGE_ROOTS", "srv:relative", {}),
     ("KASOU_SIGNIN_RATE", "lots", {}),
     ("KASOU_CONFINE", "maybe", {}),
+    ("KASOU_TRUSTED_PROXIES", "10.0.0.5,proxy", {}),
     ("KASOU_VM_UID_BASE", "10", {}),
     ("KASOU_QEMU_MEMORY_OVERHEAD_MIB", "lots", {}),
 ]

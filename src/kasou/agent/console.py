@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from kasou.config import console_idle_s
 from kasou.hypervisor.base import Driver
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,6 @@ READ_CHUNK = 64 * 1024  # one websocket message carries at most this much of the
 #: Close codes (RFC 6455 private range): the VM has no display here, or it did not answer.
 NO_DISPLAY = 4404
 DISPLAY_UNREACHABLE = 4502
-
-
-def console_idle_s() -> float:
-    """A console with no byte either way for this long is closed (default: 15 minutes, the session's idle log-off)."""
-    try:
-        return float(os.environ.get("KASOU_CONSOLE_IDLE", 900))
-    except ValueError:
-        return 900.0
 
 
 async def pipe_socket(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

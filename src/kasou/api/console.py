@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +43,7 @@ from pydantic import BaseModel
 
 from kasou.api.auth import SESSION_COOKIE, Principal, bearer_principal
 from kasou.api.rfb import ClientFilter, RfbProtocolError
+from kasou.config import console_idle_s
 from kasou.control import audit
 from kasou.errors import Conflict, Forbidden, KasouError
 from kasou.model.desktops import ConsolePolicy
@@ -65,14 +65,6 @@ POLICY_VIOLATION = 1008
 NOT_RUNNING = 4409
 UNREACHABLE = 4503
 SHOWN_STATES = ("running", "paused", "migrating", "shutting_down")
-
-
-def console_idle_s() -> float:
-    """A console without input for this long is closed (``KASOU_CONSOLE_IDLE``, default 15 minutes)."""
-    try:
-        return float(os.environ.get("KASOU_CONSOLE_IDLE", 900))
-    except ValueError:
-        return 900.0
 
 
 def _hash(secret: str) -> str:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-import os
 import re
 import time
 from collections import OrderedDict
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kasou.config import signin_rate
 from kasou.errors import InvalidSpec, KasouError, RateLimited, TooLarge
 from kasou.wire import error_body, status_for
 
@@ -158,17 +158,7 @@ async def _send_error(send: Send, err: KasouError) -> None:
 
 # -- failed sign-ins from one source address ----------------------------------------------------------
 
-SIGNIN_RATE_DEFAULT = 10.0  # failed sign-ins a minute from one address (and as many at once)
 SOURCES_MAX = 10_000  # addresses remembered; beyond, those with their full allowance are forgotten first
-
-
-def signin_rate() -> float:
-    """``KASOU_SIGNIN_RATE``: failed sign-ins a minute allowed from one source address (0: no bound)."""
-    try:
-        rate = float(os.environ.get("KASOU_SIGNIN_RATE", SIGNIN_RATE_DEFAULT))
-    except ValueError:
-        return SIGNIN_RATE_DEFAULT
-    return rate if math.isfinite(rate) and rate >= 0 else SIGNIN_RATE_DEFAULT
 
 
 def source_key(address: str) -> str:

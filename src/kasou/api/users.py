@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from kasou.api.audit import client_source
 from kasou.api.auth import SESSION_COOKIE, Principal
 from kasou.api.limits import SignInLimiter
+from kasou.config import session_max_s
 from kasou.control.breakglass import Rotated
 from kasou.control.tokens import EXPIRES_MAX_DAYS, LABEL_MAX, TokenCreated, TokenView
-from kasou.control.users import TotpEnrolment, UserView, session_max_s
+from kasou.control.users import TotpEnrolment, UserView
 from kasou.errors import Forbidden, NotFound, Unauthorized
 from kasou.model.users import Role, UserCreate
 

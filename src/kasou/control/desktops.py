@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from kasou.agent.models import DiskCreate
+from kasou.config import session_idle_s, session_max_s
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, VMRecord
-from kasou.control.users import SESSIONS_PREFIX, SessionRecord, Users, session_idle_s, session_max_s
+from kasou.control.users import SESSIONS_PREFIX, SessionRecord, Users
 from kasou.errors import (
     AlreadyExists,
     Forbidden,

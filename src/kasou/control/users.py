@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, Field
 
+from kasou.config import require_totp_for_admins, session_idle_s, session_max_s
 from kasou.control import audit, breakglass, sealed, totp
 from kasou.control.events import ACTIVE_PREFIX, Events
 from kasou.control.tokens import TokenCreated, TokenRecord, TokenView, UserTokens
@@ -48,26 +48,6 @@ BREAK_GLASS_EVENTS = "break-glass/"  # under events-active/: break-glass uses no
 
 log = logging.getLogger(__name__)
 BREAK_GLASS_ACTOR = audit.Actor(name=breakglass.NAME, role=Role.ADMIN.value, via="break_glass")
-
-
-def _setting(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-def session_idle_s() -> float:
-    return _setting("KASOU_SESSION_IDLE", 900.0)
-
-
-def session_max_s() -> float:
-    return _setting("KASOU_SESSION_MAX", 12 * 3600.0)
-
-
-def require_totp_for_admins() -> bool:
-    """``KASOU_REQUIRE_TOTP_FOR_ADMINS=1``: an administrator signs in only with a TOTP code."""
-    return os.environ.get("KASOU_REQUIRE_TOTP_FOR_ADMINS", "").strip().lower() in ("1", "yes", "true", "on")
 
 
 _hasher = PasswordHasher()

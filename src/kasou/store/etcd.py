@@ -178,6 +178,13 @@ class EtcdStore(Store):
             raise _Unsent(str(e) or type(e).__name__) from None
         except TimeoutError:
             raise _Ambiguous(f"no answer within {self.timeout:g}s") from None
+        except ssl.SSLError as e:
+            # Under TLS 1.3 a server that refuses our certificate says so after the client's first
+            # write: the request never reached etcd. Any other TLS failure may have come after it.
+            reason = f"TLS: {e.reason or e}"
+            if "CERTIFICATE" in str(e.reason or "").upper():
+                raise _Unsent(reason) from None
+            raise _Ambiguous(reason) from None
         except httpx.TransportError as e:
             raise _Ambiguous(str(e) or type(e).__name__) from None
         try:

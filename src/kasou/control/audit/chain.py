@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kasou.config import host_name
+from kasou.config import audit_checkpoint_every, audit_checkpoint_minutes, host_name
 from kasou.control.audit import anchors, keys
 from kasou.control.audit.records import (
     CHECKPOINT_MSG_ID,
@@ -45,13 +45,6 @@ log = logging.getLogger(__name__)
 # -- the log ----------------------------------------------------------------------------------
 
 
-def _setting(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 class AuditLog:
     """One store's audit log. Appends are serialised in this process and compare-and-swapped in the store."""
 
@@ -69,8 +62,8 @@ class AuditLog:
         self.key_path = key_path or keys.default_key_path(store)
         self.anchor_path = anchor_path or anchors.default_anchor_path(store)
         self.host = host or host_name()
-        self.checkpoint_every = max(1, int(checkpoint_every or _setting("KASOU_AUDIT_CHECKPOINT_EVERY", 100)))
-        self.checkpoint_s = 60 * (checkpoint_minutes or _setting("KASOU_AUDIT_CHECKPOINT_MINUTES", 10))
+        self.checkpoint_every = max(1, int(checkpoint_every or audit_checkpoint_every()))
+        self.checkpoint_s = 60 * (checkpoint_minutes or audit_checkpoint_minutes())
         target = syslog if syslog is not None else os.environ.get("KASOU_AUDIT_SYSLOG", "")
         self.syslog = SyslogForwarder(target) if target else None
         # Checkpoints go to syslog too: the configured one, else the host's own (/dev/log) if it has one.

@@ -343,7 +343,10 @@ class DriverCore(Driver):
             await self._unplug(spec.name, taps)
             if cgroup is not None:
                 cgroup.remove()
-            if ident is not None:
+            if ident is not None:  # the log made for QEMU: kept if it holds why the start failed, root's again
+                with contextlib.suppress(OSError):
+                    if files.serial_log.stat().st_size == 0:
+                        files.serial_log.unlink()
                 cf.give_back(files.serial_log)
             shutil.rmtree(files.dir, ignore_errors=True)
             raise
