@@ -7,8 +7,9 @@ a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
 files and checks the pid really is that guest's QEMU. A VM whose process is
 gone without an exit record is reported as crashed.
 
-The class is put together from :mod:`kasou.hypervisor.qemu.driver_core` (lifecycle,
-replication, mirrors, snapshots, backups) and :mod:`kasou.hypervisor.qemu.driver_migration`
+The class is put together from :mod:`kasou.hypervisor.qemu.driver_core` (lifecycle),
+:mod:`kasou.hypervisor.qemu.driver_storage` (replication, mirrors, snapshots, backups),
+:mod:`kasou.hypervisor.qemu.driver_migration`
 (live migration, both sides) and :mod:`kasou.hypervisor.qemu.stats` (resource figures).
 """
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 from kasou.errors import MonitorError
 from kasou.hypervisor.qemu.driver_core import HEARTBEAT_FRESH_S, MIGRATED, QUIT_TIMEOUT, START_TIMEOUT, QemuVm
 from kasou.hypervisor.qemu.driver_migration import MigrationOps
+from kasou.hypervisor.qemu.driver_storage import StorageOps
 from kasou.hypervisor.qemu.stats import StatsOps
 
 
-class QemuDriver(MigrationOps, StatsOps):
+class QemuDriver(MigrationOps, StorageOps, StatsOps):
     """Runs VMs as QEMU processes on this host."""
 
 

@@ -8,16 +8,15 @@ a restart :meth:`QemuDriver.attach_all` finds every QEMU again from those
 files and checks the pid really is that guest's QEMU. A VM whose process is
 gone without an exit record is reported as crashed.
 
-This module has the lifecycle and the storage operations (the QMP steps of
-replication, mirrors, snapshots and backups are in their own modules); live
-migration is in :mod:`kasou.hypervisor.qemu.driver_migration`, and
-:class:`kasou.hypervisor.qemu.driver.QemuDriver` puts the two together.
+This module has the lifecycle; the storage operations (replication, mirrors,
+snapshots, backups) are in :mod:`kasou.hypervisor.qemu.driver_storage`, live
+migration in :mod:`kasou.hypervisor.qemu.driver_migration`, and
+:class:`kasou.hypervisor.qemu.driver.QemuDriver` puts them together.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import json
 import logging
@@ -38,27 +37,22 @@ from kasou.errors import (
     QemuStartError,
     WrongState,
 )
-from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.base import (
     Driver,
     LaunchSpec,
-    MirrorStatus,
-    ReplicaExports,
-    ReplicaStatus,
     RuntimeInfo,
     RuntimeState,
 )
-from kasou.hypervisor.qemu import backups as qbackups
 from kasou.hypervisor.qemu import confine as cf
+from kasou.hypervisor.qemu import guest, mirrors, process, spawn
 from kasou.hypervisor.qemu import migration as mig
-from kasou.hypervisor.qemu import mirrors, process, spawn
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
 from kasou.hypervisor.qemu import snapshots as snap
 from kasou.hypervisor.qemu.cmdline import BootFiles, RuntimeFiles, build_argv
+from kasou.hypervisor.qemu.diskguard import DiskGuard
 from kasou.hypervisor.qemu.monitor import Monitor
 from kasou.hypervisor.qemu.network import HostNetwork, tap_nics
-from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +137,9 @@ class DriverCore(Driver):
         self._reaper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._unplugging: set[asyncio.Task[None]] = set()
-        self._mirror_locks: dict[str, asyncio.Lock] = {}  # one repair of a VM's mirrored disks at a time
         self._replica_exports = repl.QsdExports(tls_dir=tls_dir)
-        self._replica_watch = repl.StallWatch()
-        self._replica_guard: asyncio.Task[None] | None = None
+        # watches replicas and mirrored disks of the VMs whose guest runs here (diskguard.py)
+        self._disk_guard = DiskGuard(lambda: [vm for vm in self._vms.values() if vm.state in GUEST_STATES], self._exec)
         self._monitor_locks: dict[str, asyncio.Lock] = {}  # one (re)connection of a VM's monitor at a time
         self._monitor_retry: dict[str, tuple[float, float]] = {}  # VM -> (next attempt, back-off), monotonic
         self._reconnecting: set[str] = set()
@@ -211,7 +204,7 @@ class DriverCore(Driver):
                 self._restore_migration(vm)
                 self._start_heartbeat(vm)
                 if repl.load(files.dir) or mirrors.load(files.dir):
-                    self._ensure_replica_guard()
+                    self._disk_guard.ensure()
                 found.append(d.name)
             else:
                 state, reason = rf.read_exit(files)
@@ -262,7 +255,7 @@ class DriverCore(Driver):
                     source_ino=mirrors.file_id(d.path),
                 )  # fmt: skip
                 mirrors.save(vm.files.dir, records)
-        self._ensure_replica_guard()
+        self._disk_guard.ensure()
 
     def _check_free(self, name: str) -> None:
         """Refuse a second QEMU for a VM that runs here (known, or found by its pid file)."""
@@ -401,7 +394,7 @@ class DriverCore(Driver):
         if vm.state in (RuntimeState.RUNNING, RuntimeState.PAUSED) and vm.outgoing is None:
             vm.state = rf.state_of(status)  # a pause (an I/O error) while no event could say so
         if (vm.files.dir / mirrors.RECORD).exists():
-            await self._recover_io_error(vm)
+            await self._disk_guard.recover_io_error(vm)
 
     def _on_event(self, vm: QemuVm, event: str, data: dict[str, Any]) -> None:
         if event == "SHUTDOWN":
@@ -417,7 +410,7 @@ class DriverCore(Driver):
         elif event == "RESUME" and vm.state == RuntimeState.PAUSED:
             vm.state = RuntimeState.RUNNING
         elif event == "BLOCK_IO_ERROR" and (vm.files.dir / mirrors.RECORD).exists():
-            task = asyncio.create_task(self._recover_io_error(vm), name=f"io-error-{vm.name}")
+            task = asyncio.create_task(self._disk_guard.recover_io_error(vm), name=f"io-error-{vm.name}")
             self._unplugging.add(task)  # kept referenced until done (close cancels it)
             task.add_done_callback(self._unplugging.discard)
         elif event == "RESET":
@@ -426,34 +419,9 @@ class DriverCore(Driver):
             vm.last_heartbeat = None
 
     def _start_heartbeat(self, vm: QemuVm) -> None:
-        vm.heartbeat_task = asyncio.create_task(self._read_heartbeat(vm), name=f"heartbeat-{vm.name}")
-
-    async def _read_heartbeat(self, vm: QemuVm) -> None:
-        """Read ``hb <uptime>`` lines the guest writes on its virtio-serial port."""
-        while vm.state in PROCESS_STATES:
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(vm.files.heartbeat)), 5.0)
-            except (TimeoutError, OSError):
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        break
-                    parts = line.decode(errors="replace").split()
-                    if len(parts) == 2 and parts[0] == "hb":
-                        with contextlib.suppress(ValueError):
-                            vm.guest_uptime = float(parts[1])
-                            vm.last_heartbeat = time.monotonic()
-                            vm.guest_ready = True
-            except (OSError, ValueError):
-                pass
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-            await asyncio.sleep(0.2)
+        vm.heartbeat_task = asyncio.create_task(
+            guest.read_heartbeat(vm, lambda: vm.state in PROCESS_STATES), name=f"heartbeat-{vm.name}"
+        )
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -669,148 +637,8 @@ class DriverCore(Driver):
     def _restore_migration(self, vm: QemuVm) -> None:
         """After an agent restart: pick up a migration this host was part of (see driver_migration)."""
 
-    # -- disk replication (the QMP steps and the daemons are in replication.py) ----------------
-
-    async def attach_replica(
-        self, name: str, disk_id: str, nbd_host: str, nbd_port: int, export: str, timeout_s: float = 60.0
-    ) -> ReplicaStatus:
-        async with self._lock(name):
-            vm = self._running(name)
-            spec = rf.launch_spec(vm.files)
-            disks = spec.disks if spec is not None else []
-            await repl.attach(self._exec(vm), vm.pid, vm.files.dir, disks, disk_id, nbd_host, nbd_port, export,
-                              tls_dir=self._tls_for(vm))  # fmt: skip
-            self._ensure_replica_guard()
-        try:
-            if timeout_s > 0:
-                await repl.wait_in_sync(self._exec(vm), disk_id, timeout_s)
-        except BaseException:
-            with contextlib.suppress(KasouError):
-                await self.detach_replica(name, disk_id)
-            raise
-        return next(s for s in await self.replica_status(name) if s.disk_id == disk_id)
-
-    async def replica_status(self, name: str) -> builtins.list[ReplicaStatus]:
-        vm = self._vms.get(name)
-        if vm is None or vm.state not in GUEST_STATES:
-            raise NotFound(f"VM {name!r} is not running on this host")
-        spec = rf.launch_spec(vm.files)
-        return await repl.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
-
-    async def detach_replica(self, name: str, disk_id: str) -> None:
-        async with self._lock(name):
-            vm = self._vms.get(name)
-            if vm is None or vm.state not in GUEST_STATES:
-                return  # its QEMU (and with it the mirror) is gone
-            await repl.detach(self._exec(vm), vm.pid, vm.files.dir, disk_id)
-            self._replica_watch.forget(name, disk_id)
-
-    def replica_exports(self) -> ReplicaExports:
-        return self._replica_exports
-
-    # -- snapshots (the QMP steps are in snapshots.py) -------------------------------------------
-
-    async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
-        async with self._lock(name):
-            vm = self._running(name)
-            return await snap.take_live(self._exec(vm), self._fd_sender(vm), vm.files, name, req)
-
-    async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
-        async with self._lock(name):
-            vm = self._running(name)
-            return await snap.merge_live(self._exec(vm), vm.files, name, req)
-
-    async def restore(self, spec: LaunchSpec, state_path: str) -> RuntimeInfo:
-        async with self._lock(spec.name):
-            self._check_free(spec.name)
-            boot = self._boot_files(spec.image)
-            argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary, incoming="defer")
-            async with self._launch(spec, argv, RuntimeState.PAUSED) as vm:
-                await snap.finish_restore(self._exec(vm), self._fd_sender(vm), state_path, spec.paused)
-                vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
-            return vm.info()
-
-    # -- mirrored disks (RAID-1 on one host; the QMP steps are in mirrors.py) ----------------------
-
-    async def attach_mirror(self, name: str, disk_id: str, target: str, sync: str = "full") -> MirrorStatus:
-        async with self._lock(name):
-            vm = self._running(name)
-            spec = rf.launch_spec(vm.files)
-            disks = spec.disks if spec is not None else []
-            mode: mirrors.MirrorSync = "none" if sync == "none" else "full"
-            status = await mirrors.attach(self._exec(vm), vm.files.dir, disks, disk_id, target, mode)
-            self._ensure_replica_guard()
-            return status
-
-    async def mirror_status(self, name: str) -> builtins.list[MirrorStatus]:
-        vm = self._vms.get(name)
-        if vm is None or vm.state not in GUEST_STATES:
-            raise NotFound(f"VM {name!r} is not running on this host")
-        spec = rf.launch_spec(vm.files)
-        return await mirrors.status(self._exec(vm), vm.files.dir, [d.id for d in spec.disks] if spec else [])
-
-    async def detach_mirror(self, name: str, disk_id: str) -> None:
-        async with self._lock(name):
-            vm = self._vms.get(name)
-            if vm is None or vm.state not in GUEST_STATES:
-                return
-            await mirrors.detach(self._exec(vm), vm.files.dir, disk_id)
-
-    async def _recover_io_error(self, vm: QemuVm) -> None:
-        """A disk of ``vm`` paused on an I/O error: switch it to its second copy and resume (mirrors.py)."""
-        try:
-            async with self._mirror_lock(vm.name):
-                for line in await mirrors.recover_io_errors(self._exec(vm), vm.files.dir):
-                    log.error("VM %s: %s", vm.name, line)
-        except KasouError as e:
-            log.error("VM %s: cannot recover from an I/O error: %s", vm.name, e.message)
-
-    def _mirror_lock(self, name: str) -> asyncio.Lock:
-        """Serialises the I/O-error recovery and the guard's look at one VM's mirrored disks."""
-        return self._mirror_locks.setdefault(name, asyncio.Lock())
-
-    def _ensure_replica_guard(self) -> None:
-        if self._replica_guard is None or self._replica_guard.done():
-            self._replica_guard = asyncio.create_task(self._guard_replicas(), name="replica-guard")
-
-    async def _guard_replicas(self) -> None:
-        """Cut the connection of a replica that hangs, so the guest's writes go on (see replication.py);
-        act on a mirrored disk's copy that vanished or failed (see mirrors.py)."""
-        while True:
-            await asyncio.sleep(repl.GUARD_PERIOD_S)
-            for vm in list(self._vms.values()):
-                if vm.state in GUEST_STATES and (vm.files.dir / mirrors.RECORD).exists():
-                    try:
-                        async with self._mirror_lock(vm.name):
-                            found = await mirrors.watch(self._exec(vm), vm.files.dir)
-                        for line in found:
-                            log.error("VM %s: %s", vm.name, line)
-                    except KasouError as e:
-                        log.warning("cannot watch the mirrored disks of VM %s: %s", vm.name, e.message)
-                if vm.state in GUEST_STATES and (vm.files.dir / repl.RECORD).exists():
-                    try:
-                        await repl.guard(self._exec(vm), vm.name, vm.pid, vm.files.dir, self._replica_watch)
-                    except KasouError as e:
-                        log.warning("cannot watch the replicas of VM %s: %s", vm.name, e.message)
-
-    async def backup_disks(
-        self, name: str, backup_id: str, disks: builtins.list[BackupDisk], timeout_s: float = 1800.0
-    ) -> builtins.list[BackupDiskResult]:
-        async with self._lock(name):  # the QMP steps are in kasou.hypervisor.qemu.backups
-            vm = self._running(name)
-            try:
-                return await qbackups.run(self._exec(vm), backup_id, disks, timeout_s)
-            finally:
-                if vm.identity is not None:  # the generations are root's again once QEMU is done with them
-                    for d in disks:
-                        for f in Path(d.target).parent.iterdir():
-                            cf.give_back(f)
-
     async def close(self) -> None:
-        if self._replica_guard is not None:
-            self._replica_guard.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replica_guard
+        await self._disk_guard.close()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
