@@ -59,12 +59,11 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -73,264 +72,39 @@ import httpx
 from kasou import pki
 from kasou.api.auth import ensure_token
 from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles, storage_roots
-from kasou.errors import InvalidSpec, KasouError, NotFound
-from kasou.hypervisor.qemu import process
+from kasou.errors import InvalidSpec, KasouError
 from kasou.lab import net
 from kasou.lab.etcd import EtcdCluster
 from kasou.lab.net import LabError
+from kasou.lab.procs import (
+    api_get,
+    is_etcd,
+    is_service,
+    kill_all,
+    log_tail,
+    marked_processes,
+    probe,
+    terminate,
+)
+from kasou.lab.state import (
+    ETCD_BASE_PORT,
+    ETCD_MEMBERS,
+    ETCD_TIMEOUT,
+    GATEWAY,
+    GONE_TIMEOUT,
+    MAX_HOSTS,
+    PREFIXLEN,
+    SERVICE_TIMEOUT,
+    SERVICES,
+    STATE_FILE,
+    SUBNET,
+    VM_UPLINK,
+    EtcdMember,
+    LabHost,
+    LabState,
+    lab_dir,
+)
 from kasou.services import wait_ready
-
-DEFAULT_LAB_DIR = Path("/var/lib/kasou/lab")
-STATE_FILE = "lab.json"
-BRIDGE = "klab0"
-VM_BRIDGE = "klab-vm"  # VM traffic between the hosts (their uplinks); no address
-VM_UPLINK = "vmnet0"  # each host's end of its VM link, its KASOU_UPLINK
-SUBNET = "10.88.0"
-GATEWAY = f"{SUBNET}.1"
-PREFIXLEN = 24
-API_PORT = 8470
-AGENT_PORT = 8471
-ETCD_MEMBERS = 3
-ETCD_BASE_PORT = 2379
-MAX_HOSTS = 50
-SERVICE_TIMEOUT = 90.0  # the first agent start of a boot probes KVM (15 s) before it listens
-ETCD_TIMEOUT = 30.0
-GONE_TIMEOUT = 10.0
-SERVICES = ("agent", "api")
-
-
-def lab_dir() -> Path:
-    return Path(os.environ.get("KASOU_LAB_DIR") or DEFAULT_LAB_DIR).absolute()
-
-
-@dataclass
-class LabHost:
-    name: str
-    index: int
-    netns: str
-    veth: str
-    address: str
-    dir: str
-    agent_pid: int | None = None
-    api_pid: int | None = None
-    vm_veth: str = ""  # root side of the host's VM link (klabv-h{i})
-
-    @property
-    def home(self) -> Path:
-        return Path(self.dir) / "home"
-
-    @property
-    def log_dir(self) -> Path:
-        return Path(self.dir) / "log"
-
-    @property
-    def agent_listen(self) -> str:
-        return f"{self.address}:{AGENT_PORT}"
-
-    @property
-    def api_address(self) -> str:
-        return f"{self.address}:{API_PORT}"
-
-    @property
-    def agent_url(self) -> str:
-        return f"https://{self.agent_listen}"
-
-    @property
-    def api_url(self) -> str:
-        return f"https://{self.api_address}"
-
-    @property
-    def tls_dir(self) -> Path:
-        return self.home / "tls"
-
-    def pid(self, service: str) -> int | None:
-        return self.agent_pid if service == "agent" else self.api_pid
-
-    def set_pid(self, service: str, pid: int | None) -> None:
-        if service == "agent":
-            self.agent_pid = pid
-        else:
-            self.api_pid = pid
-
-    def argv(self, service: str) -> list[str]:
-        if service == "agent":
-            return ["agent", "--listen", self.agent_listen]
-        return ["serve", "--address", self.api_address]
-
-
-@dataclass
-class EtcdMember:
-    name: str
-    client_url: str
-    peer_url: str
-    pid: int | None = None
-    metrics_url: str | None = None
-
-
-@dataclass
-class LabState:
-    dir: str
-    images: str
-    hosts: list[LabHost]
-    etcd: list[EtcdMember]
-    bridge: str = BRIDGE
-    created: float = field(default_factory=time.time)
-    vm_bridge: str = VM_BRIDGE
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LabState:
-        hosts = [LabHost(**{"vm_veth": f"klabv-{h['name']}", **h}) for h in d["hosts"]]
-        return cls(
-            dir=d["dir"], images=d["images"], bridge=d.get("bridge", BRIDGE), created=d.get("created", 0.0),
-            hosts=hosts, etcd=[EtcdMember(**m) for m in d["etcd"]], vm_bridge=d.get("vm_bridge", VM_BRIDGE),
-        )  # fmt: skip
-
-    def host(self, name: str) -> LabHost:
-        for h in self.hosts:
-            if h.name == name:
-                return h
-        names = ", ".join(h.name for h in self.hosts)
-        raise NotFound(f"the lab has no host {name!r} (its hosts: {names})")
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-
-def _is_service(h: LabHost, service: str, pid: int | None) -> bool:
-    """True if ``pid`` is this host's ``service`` (guards against a reused pid)."""
-    if pid is None or not process.alive(pid):
-        return False
-    args = process.cmdline(pid)
-    want = h.argv(service)
-    return "kasou" in args and all(a in args for a in want)
-
-
-def _is_etcd(data_dir: Path, pid: int | None) -> bool:
-    if pid is None or not process.alive(pid):
-        return False
-    args = process.cmdline(pid)
-    return bool(args) and os.path.basename(args[0]) == "etcd" and str(data_dir) in args
-
-
-def _marked_processes(marks: list[str], binaries: tuple[str, ...] = ("qemu", "etcd")) -> list[int]:
-    """QEMU (or etcd) processes whose command line names one of ``marks`` (a lab path)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        args = process.cmdline(int(d.name))
-        if not args or not os.path.basename(args[0]).startswith(binaries):
-            continue
-        if any(m in a for a in args[1:] for m in marks):
-            out.append(int(d.name))
-    return out
-
-
-def _kill(pids: set[int], timeout: float = GONE_TIMEOUT) -> list[int]:
-    """SIGKILL every pid, wait (bounded) until they are gone; the pids that still live."""
-    pids.discard(os.getpid())
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if process.alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if process.alive(p)]
-    return left
-
-
-def _terminate(pid: int, grace: float = 5.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while process.alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if process.alive(pid):
-        _kill({pid})
-
-
-def _tail(path: Path) -> str:
-    """The last telling line of a log (a traceback's last line is its exception)."""
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "no log"
-    lines = [ln.strip() for ln in text if ln.strip().strip("^~ ")]
-    return lines[-1] if lines else "empty log"
-
-
-def probe(h: LabHost, service: str, token: str | None, timeout: float = 2.0) -> int | None:
-    """HTTP status of the service's health URL, asked from inside the host's namespace (so it
-    answers whether or not the host is partitioned) over TLS as the host itself (its certificate,
-    which the agent requires); None if nothing answers."""
-    path = "/agent/v1/ping" if service == "agent" else "/v1/version"
-    answer = _get(h, service, path, token, timeout, head_only=True)
-    return None if answer is None else answer[0]
-
-
-def api_get(h: LabHost, path: str, token: str, timeout: float = 5.0) -> Any:
-    """The JSON a host's API answers to ``GET path`` (asked as :func:`probe` asks); a KasouError if none."""
-    answer = _get(h, "api", path, token, timeout)
-    if answer is None:
-        raise LabError(f"the API of {h.name} does not answer")
-    status, body = answer
-    if status != 200:
-        raise LabError(f"the API of {h.name} answers {status} to GET {path}")
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise LabError(f"the API of {h.name} answers GET {path} with something that is not JSON") from None
-
-
-def _get(
-    h: LabHost, service: str, path: str, token: str | None, timeout: float, head_only: bool = False
-) -> tuple[int, bytes] | None:
-    """(status, body) of ``GET path`` on the host's agent or API from inside its namespace; None if no answer."""
-    port = AGENT_PORT if service == "agent" else API_PORT
-    auth = f"Authorization: Bearer {token}\r\n" if token and service == "api" else ""
-    request = f"GET {path} HTTP/1.1\r\nHost: {h.address}:{port}\r\n{auth}Connection: close\r\n\r\n"
-    if not net.netns_exists(h.netns):
-        return None
-    try:
-        sock = net.socket_in(h.netns, timeout)
-    except (OSError, TimeoutError, RuntimeError):
-        return None
-    data = b""
-    with sock:
-        try:
-            ctx = pki.client_context(h.tls_dir / "ca.crt", h.tls_dir / "host.crt", h.tls_dir / "host.key")
-            sock.connect((h.address, port))
-            with ctx.wrap_socket(sock, server_hostname=h.address) as tls:
-                tls.sendall(request.encode())
-                while len(data) < (4096 if head_only else 16 * 1024 * 1024):
-                    if head_only and b"\r\n" in data:
-                        break
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-        except (OSError, KasouError):
-            return None
-    status = data.split(b"\r\n", 1)[0].split()
-    if not (len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].isdigit()):
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
-    return int(status[1]), body
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = b""
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out, body = out + rest[:size], rest[size + 2 :]
-    return out
-
 
 # -- the lab --------------------------------------------------------------------------------------
 
@@ -536,12 +310,12 @@ class Lab:
         started: dict[tuple[str, str], int] = {}
         for h in st.hosts:
             for service in SERVICES:
-                if _is_service(h, service, h.pid(service)):
+                if is_service(h, service, h.pid(service)):
                     continue
                 pid = self._spawn(st, h, service)
                 h.set_pid(service, pid)
                 started[(h.name, service)] = pid
-                undo.append(functools.partial(_kill, {pid}))
+                undo.append(functools.partial(kill_all, {pid}))
                 self._save(st)
         t_services = time.monotonic()
         self._wait_answering(st, token, timeout)
@@ -578,14 +352,14 @@ class Lab:
 
     def _etcd_up(self, st: LabState, undo: list[Callable[[], Any]]) -> None:
         cluster = self._cluster()
-        dead = [i for i, m in enumerate(st.etcd) if not _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
+        dead = [i for i, m in enumerate(st.etcd) if not is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
         # start() also waits for the members that run already to be healthy
         cluster.start(timeout=ETCD_TIMEOUT, members=dead)
         for i in dead:
             pid = cluster.pids[i]
             st.etcd[i].pid = pid
             if pid is not None:
-                undo.append(functools.partial(_terminate, pid))
+                undo.append(functools.partial(terminate, pid))
         self._save(st)
 
     def _env(self, st: LabState, h: LabHost) -> dict[str, str]:
@@ -631,8 +405,8 @@ class Lab:
             for h, s in list(pending):
                 if probe(h, s, token) == 200:
                     pending.remove((h, s))
-                elif not _is_service(h, s, h.pid(s)):
-                    raise LabError(f"the {s} of {h.name} exited: {_tail(h.log_dir / f'{s}.log')}")
+                elif not is_service(h, s, h.pid(s)):
+                    raise LabError(f"the {s} of {h.name} exited: {log_tail(h.log_dir / f'{s}.log')}")
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -662,7 +436,7 @@ class Lab:
             st = self.require()
             h = st.host(name)
             pids = self._host_processes(st, h)
-            left = _kill(set(pids))
+            left = kill_all(set(pids))
             h.agent_pid = h.api_pid = None
             self._save(st)
         if left:
@@ -673,10 +447,10 @@ class Lab:
         pids = set(net.pids_in_netns(h.netns))
         for s in SERVICES:
             pid = h.pid(s)
-            if pid is not None and _is_service(h, s, pid):
+            if pid is not None and is_service(h, s, pid):
                 pids.add(pid)
         paths = Paths(home=h.home, images=Path(st.images))
-        pids.update(_marked_processes([f"{h.home}/", f"{paths.vm_run}/"], binaries=("qemu",)))
+        pids.update(marked_processes([f"{h.home}/", f"{paths.vm_run}/"], binaries=("qemu",)))
         pids.discard(os.getpid())
         return pids
 
@@ -691,7 +465,7 @@ class Lab:
             token = ensure_token(self.token_file)
             report = []
             for s in SERVICES:
-                if _is_service(h, s, h.pid(s)):
+                if is_service(h, s, h.pid(s)):
                     report.append(f"{h.name} {s}: running (pid {h.pid(s)})")
                     continue
                 h.set_pid(s, self._spawn(st, h, s))
@@ -727,7 +501,7 @@ class Lab:
                 "home": str(h.home),
             }
             for s in SERVICES:
-                alive = _is_service(h, s, h.pid(s))
+                alive = is_service(h, s, h.pid(s))
                 entry[s] = {
                     "pid": h.pid(s),
                     "alive": alive,
@@ -739,7 +513,7 @@ class Lab:
         verify = self._cluster().client_tls() if self.etcd_tls.key.exists() else True
         with httpx.Client(timeout=1.0, verify=verify) as c:
             for m in st.etcd:
-                alive = _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)
+                alive = is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)
                 healthy = False
                 if alive:
                     with contextlib.suppress(httpx.HTTPError, ValueError):
@@ -784,17 +558,17 @@ class Lab:
         pids: set[int] = set()
         for h in st.hosts:
             pids |= self._host_processes(st, h)
-        left = _kill(pids)
+        left = kill_all(pids)
         if left:
             errors.append(f"processes outlived SIGKILL: {left}")
         report.append(f"killed {len(pids)} host processes (services, QEMUs)")
-        etcd = [m.pid for m in st.etcd if _is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
+        etcd = [m.pid for m in st.etcd if is_etcd(self.etcd_dir / f"{m.name}.etcd", m.pid)]
         for pid in etcd:  # one by one: each member then exits in milliseconds
             if pid is not None:
-                _terminate(pid)
-        stray = set(_marked_processes([f"{self.dir}/"]))
+                terminate(pid)
+        stray = set(marked_processes([f"{self.dir}/"]))
         if stray:
-            left = _kill(stray)
+            left = kill_all(stray)
             if left:
                 errors.append(f"processes outlived SIGKILL: {left}")
         report.append(f"stopped {len(etcd)} etcd members")
