@@ -21,6 +21,7 @@ import pytest
 
 from kasou.errors import HypervisorError, InvalidSpec
 from kasou.hypervisor.base import ReplicaStatus
+from kasou.hypervisor.qemu import nbdsocket
 from kasou.hypervisor.qemu import replication as repl
 from tests.integration.conftest import pid_alive
 from tests.integration.qemu_rig import (
@@ -105,9 +106,9 @@ async def test_failover_to_the_replica(pair: Pair) -> None:
     # The kernel drops QEMU's NBD connection if the replica's host stops acknowledging (10 s).
     pid_a = (await p.a.client.info(NAME)).pid
     assert pid_a is not None
-    [fd] = repl.socket_fds(pid_a, "127.0.0.1", st.nbd_port)
-    with repl._borrow(pid_a, fd) as conn:
-        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == repl.TCP_USER_TIMEOUT_MS
+    [fd] = nbdsocket.socket_fds(pid_a, "127.0.0.1", st.nbd_port)
+    with nbdsocket.borrow(pid_a, fd) as conn:
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == nbdsocket.TCP_USER_TIMEOUT_MS
 
     # The replica takes one writer, and its file is locked against any other process.
     assert not nbd_greets(st.nbd_port)

@@ -11,6 +11,7 @@ import pytest
 
 from kasou.errors import InvalidSpec
 from kasou.hypervisor.base import validate_disk_id
+from kasou.hypervisor.qemu import nbdsocket
 from kasou.hypervisor.qemu import replication as repl
 
 
@@ -102,10 +103,10 @@ def test_names() -> None:
 
 
 def test_proc_net_addresses() -> None:
-    assert repl._proc_addr("0100007F") == ipaddress.ip_address("127.0.0.1")
+    assert nbdsocket.proc_addr("0100007F") == ipaddress.ip_address("127.0.0.1")
     # ::ffff:10.0.0.2 as /proc/net/tcp6 writes it (four little-endian words)
-    assert repl._proc_addr("0000000000000000FFFF00000200000A") == ipaddress.ip_address("10.0.0.2")
-    assert repl._proc_addr("00000000000000000000000001000000") == ipaddress.ip_address("::1")
+    assert nbdsocket.proc_addr("0000000000000000FFFF00000200000A") == ipaddress.ip_address("10.0.0.2")
+    assert nbdsocket.proc_addr("00000000000000000000000001000000") == ipaddress.ip_address("::1")
 
 
 def test_socket_fds_finds_our_own_connection() -> None:
@@ -116,12 +117,12 @@ def test_socket_fds_finds_our_own_connection() -> None:
         srv.listen()
         port = srv.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as c:
-            fds = repl.socket_fds(os.getpid(), "127.0.0.1", port)
+            fds = nbdsocket.socket_fds(os.getpid(), "127.0.0.1", port)
             assert fds == [c.fileno()]
-            assert repl.socket_fds(os.getpid(), "127.0.0.2", port) == []
-            assert repl.set_user_timeout(os.getpid(), "127.0.0.1", port, 1234) == 1
+            assert nbdsocket.socket_fds(os.getpid(), "127.0.0.2", port) == []
+            assert nbdsocket.set_user_timeout(os.getpid(), "127.0.0.1", port, 1234) == 1
             assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 1234
             peer, _ = srv.accept()
             with peer:
-                assert repl.cut_connections(os.getpid(), "127.0.0.1", port) == 1
+                assert nbdsocket.cut_connections(os.getpid(), "127.0.0.1", port) == 1
                 assert peer.recv(10) == b""  # the other end sees the connection end

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from pydantic import BaseModel
 
 from kasou.api.auth import Principal
-from kasou.control.desktops import DesktopPoolView, DesktopView, PortalPool
+from kasou.control.desktop_records import DesktopPoolView, DesktopView, PortalPool
 from kasou.control.records import JobRecord
 from kasou.model.desktops import DesktopPoolCreate, DesktopPoolResize, DesktopRequest, validate_pool_name
 

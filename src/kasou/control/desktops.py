@@ -21,16 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, Field
+from typing import TYPE_CHECKING, Any
 
 from kasou.agent.models import DiskCreate
 from kasou.config import session_idle_s, session_max_s
+from kasou.control.desktop_records import (
+    DesktopPoolRecord,
+    DesktopPoolView,
+    DesktopRecord,
+    DesktopView,
+    PortalPool,
+    session_id,
+)
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, VMRecord
 from kasou.control.users import SESSIONS_PREFIX, SessionRecord, Users
@@ -66,70 +71,6 @@ POOLS_PREFIX = "desktop-pools/"
 DESKTOPS_PREFIX = "desktops/"
 VM_JOB_TIMEOUT_S = 300.0  # one clone's create, start or delete
 CONSOLE_PAGE = "/ui/console.html?vm="
-
-PoolState = Literal["creating", "ready", "resizing", "deleting"]
-DesktopState = Literal["free", "assigned", "resetting"]
-
-
-class DesktopPoolRecord(BaseModel):
-    spec: DesktopPoolCreate
-    state: PoolState = "creating"
-    desktops: list[str] = []
-    created_at: float = Field(default_factory=time.time)
-
-
-class DesktopRecord(BaseModel):
-    vm: str
-    pool: str
-    state: DesktopState = "free"
-    user: str | None = None  # while assigned; in a persistent pool also after (its owner)
-    session: str | None = None  # the session id (SHA-256 of the cookie token) it was handed to
-    since: float | None = None
-    clean: bool = True  # no session has used it since its last reset
-
-
-class DesktopView(BaseModel):
-    vm: str
-    pool: str
-    state: DesktopState
-    user: str | None
-    since: float | None
-    vm_state: VMState | None  # None: its VM is missing
-    guest_ready: bool
-    console: str  # the console page of the web UI
-
-
-class DesktopPoolView(BaseModel):
-    name: str
-    template: str
-    state: PoolState
-    size: int
-    prestart: int
-    persistent: bool
-    idle_minutes: int | None
-    allow_clipboard: bool
-    allow_file_transfer: bool
-    allow_usb: bool
-    description: str
-    created_at: float
-    in_use: int
-    free_ready: int  # free desktops whose guest is up: sign-ins served at once
-    desktops: list[DesktopView]
-
-
-class PortalPool(BaseModel):
-    """A pool as a clinician sees it on the portal."""
-
-    name: str
-    description: str
-    size: int
-    free: int
-    my_desktop: str | None
-
-
-def session_id(token: str) -> str:
-    """The id under which ``sessions/`` keeps a session (kasou.control.users)."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Desktops:
