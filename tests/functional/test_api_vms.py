@@ -150,6 +150,10 @@ def test_duplicate_and_unknown(env: Env) -> None:
         {"name": "ok", "image": "tiny", "disk": "-1G"},
         {"name": "ok"},
         {"name": "ok", "image": "tiny", "surprise": 1},
+        {"name": "ok", "image": "tiny", "cpu": "Pentium-Pro"},
+        {"name": "ok", "image": "tiny", "cpu": "host"},  # the hosts here run TCG
+        {"name": "ok", "image": "tiny", "machine": "pc-i440fx-7.2"},
+        {"name": "ok", "image": "tiny", "machine": "q35,accel=kvm"},
     ],
 )
 def test_bad_input_is_422_and_changes_nothing(env: Env, body: dict) -> None:
@@ -196,3 +200,14 @@ def test_busy_vm_refuses_a_second_operation(env: Env) -> None:
 def test_console_log(env: Env) -> None:
     env.create("c1", start=True)
     assert "KASOU-READY" in env.api.get("/v1/vms/c1/console").text
+
+
+def test_a_vm_is_pinned_to_a_cpu_model_and_a_versioned_machine(env: Env) -> None:
+    """A VM keeps its virtual hardware across QEMU upgrades and migrations: its machine type is the versioned
+    q35 of the QEMU that made it (the host says 7.2 here), its CPU model the migration-safe default."""
+    vm = env.create("pacs1", start=True)
+    assert (vm["cpu"], vm["machine"]) == ("x86-64-v2-AES", "pc-q35-7.2")
+    vm = env.create("lis1", cpu="x86-64-v3", machine="pc-q35-7.1")
+    assert (vm["cpu"], vm["machine"]) == ("x86-64-v3", "pc-q35-7.1")
+    r = env.api.post("/v1/vms", json={"name": "emr", "image": "tiny", "cpu": "host"})
+    assert r.status_code == 422 and "needs KVM on every host" in r.json()["message"] and "host1" in r.json()["message"]

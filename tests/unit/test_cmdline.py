@@ -94,3 +94,20 @@ def test_incoming_side_uses_the_same_tap_and_mac() -> None:
     assert opt(here, "-netdev") == opt(there, "-netdev")
     assert opt(here, "-device") == opt(there, "-device")
     assert opt(there, "-incoming") == ["defer"]
+
+
+def test_cpu_model_and_machine_type() -> None:
+    from kasou.model.machine import pinned_machine, qemu_cpu
+
+    files = RuntimeFiles(dir=Path("/run/x"), serial_log=Path("/log/x.log"))
+    spec = LaunchSpec(name="a", uuid="00000000-0000-0000-0000-000000000001", vcpus=1, memory_mib=128,
+                      cpu="x86-64-v2-AES", machine="pc-q35-7.2")  # fmt: skip
+    argv = build_argv(spec, files, "tcg", None)
+    assert argv[argv.index("-machine") + 1] == "pc-q35-7.2"
+    cpu = argv[argv.index("-cpu") + 1]
+    assert cpu.startswith("qemu64,") and {"+aes", "+sse4.2", "+popcnt", "+ssse3", "+cx16"} <= set(cpu.split(","))
+    assert "+avx2" in qemu_cpu("x86-64-v3") and "+aes" not in qemu_cpu("x86-64-v2")
+    old = LaunchSpec(name="a", uuid="00000000-0000-0000-0000-000000000001", vcpus=1, memory_mib=128)
+    argv = build_argv(old, files, "tcg", None)
+    assert "-cpu" not in argv and argv[argv.index("-machine") + 1] == "q35"  # a VM made before: as it was
+    assert pinned_machine("7.2.22") == "pc-q35-7.2" and pinned_machine("not installed") == "q35"

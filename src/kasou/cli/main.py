@@ -295,6 +295,13 @@ def vm_create(
     mirror: str = typer.Option(
         None, "--mirror", help="RAID-1: POOL_A,POOL_B, a copy of the disk in each, every write in both."
     ),
+    cpu: str = typer.Option(
+        None, "--cpu", help="Virtual CPU model: x86-64-v2-AES (default, migration-safe), x86-64-v2, x86-64-v3, "
+        "qemu64, host (KVM on every host only)."
+    ),
+    machine: str = typer.Option(
+        None, "--machine", help="q35 machine type, e.g. pc-q35-7.2 (default: pinned to the host's QEMU)."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -315,6 +322,8 @@ def vm_create(
         "priority": parse_int(priority, "priority"),
         "pool": pool,
         "mirror": [p.strip() for p in mirror.split(",")] if mirror is not None else None,
+        "cpu": cpu,
+        "machine": machine,
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -474,6 +483,8 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("vcpus", v["vcpus"]),
         ("memory", f"{v['memory_mib']} MiB"),
         ("image", v["image"] or "-"),
+        ("cpu", v.get("cpu") or "QEMU's default"),
+        ("machine", v.get("machine") or "q35"),
         ("template", v["template"] or "-"),
         ("HA", _ha_text(v)),
         ("anti-affinity", v["anti_affinity"] or "-"),

@@ -119,6 +119,8 @@ class BackupRecord(BaseModel):
     memory_mib: int
     image: str | None
     nics: list[NicSpec]
+    cpu: str | None = None
+    machine: str | None = None
 
 
 class BackupView(BaseModel):
@@ -404,7 +406,8 @@ class Backups:
                 disks=[BackupDiskRecord(disk_id=f.disk_id, path=f.path, backing=f.backing, kind=f.kind,
                                         size_bytes=f.size_bytes, file_bytes=f.file_bytes, bytes_copied=f.bytes_copied,
                                         digest=f.digest, note=f.note) for f in made.files],
-                vcpus=rec.vcpus, memory_mib=rec.memory_mib, image=rec.image, nics=rec.nics,
+                vcpus=rec.vcpus, memory_mib=rec.memory_mib, image=rec.image, nics=rec.nics, cpu=rec.cpu,
+                machine=rec.machine,
             )  # fmt: skip
             try:
                 await self.store.create(backup_key(vm, gen), record.model_dump(mode="json"))
@@ -480,7 +483,7 @@ class Backups:
         rec = VMRecord(
             name=new_name, uuid=str(uuid.uuid4()), vcpus=src.vcpus, memory_mib=src.memory_mib, image=src.image,
             description=f"restored from backup generation {generation} of VM {vm}", nics=nics,
-            department=src.department,
+            department=src.department, cpu=src.cpu, machine=src.machine,
             state=VMState.CREATING, host=src.host, job=job_id,
         )  # fmt: skip
         try:

@@ -60,6 +60,8 @@ class VMView(BaseModel):
     vcpus: int
     memory_mib: int
     image: str | None
+    cpu: str | None = None  # virtual CPU model (None: QEMU's default, a VM made before kasou named one)
+    machine: str | None = None  # pinned q35 machine type (None: the q35 alias)
     template: str | None
     description: str
     department: str | None = None

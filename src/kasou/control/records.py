@@ -40,6 +40,8 @@ class VMRecord(BaseModel):
     vcpus: int
     memory_mib: int
     image: str | None = None  # boot image (kernel and initramfs)
+    cpu: str | None = None  # virtual CPU model (kasou.model.machine); None: QEMU's default (VMs made before)
+    machine: str | None = None  # pinned q35 machine type; None: the q35 alias (VMs made before)
     template: str | None = None  # linked clone of this template
     description: str = ""
     department: str | None = None  # its department's vendor may manage it

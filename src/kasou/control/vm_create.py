@@ -18,8 +18,18 @@ from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
 from kasou.control.pools import PoolRecord
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
-from kasou.errors import AlreadyExists, InsufficientResources, InvalidSpec, KasouError, NotFound, StoreConflict
+from kasou.errors import (
+    AgentUnavailable,
+    AlreadyExists,
+    InsufficientResources,
+    InvalidSpec,
+    KasouError,
+    NotFound,
+    OperationTimeout,
+    StoreConflict,
+)
 from kasou.hypervisor.base import RuntimeState
+from kasou.model.machine import DEFAULT_CPU, DEFAULT_MACHINE, KVM_ONLY_CPUS, pinned_machine
 from kasou.model.pools import DEFAULT_POOL
 from kasou.model.spec import DiskSpec, MirrorCopy, NicSpec, VMCreate, random_mac
 from kasou.model.state import VMState
@@ -35,6 +45,32 @@ class CreateVMs(VMControl, Protocol):
 
     ha: HaManager
     pools: Pools
+
+
+async def cpu_and_machine(svc: CreateVMs, spec: VMCreate, host: str | None) -> tuple[str, str]:
+    """The VM's CPU model (the default unless asked) and its machine type, pinned to the versioned q35 of
+    the QEMU on ``host`` unless asked. ``host`` (the hosts' own CPU) needs KVM on every host: refused where
+    one runs TCG, with the hosts named."""
+    cpu = spec.cpu or DEFAULT_CPU
+    if cpu in KVM_ONLY_CPUS:
+        tcg = []
+        for name in svc.agents.names():
+            with contextlib.suppress(AgentUnavailable, OperationTimeout):
+                if (await svc.agents.get(name).host_info()).accelerator != "kvm":
+                    tcg.append(name)
+        if tcg:
+            raise InvalidSpec(
+                f"CPU model {cpu!r} needs KVM on every host it may run on; {', '.join(sorted(tcg))} "
+                f"run{'s' if len(tcg) == 1 else ''} without it: choose {DEFAULT_CPU} (the default)",
+                field="cpu",
+            )
+    machine = spec.machine
+    if machine is None:
+        machine = DEFAULT_MACHINE
+        if host is not None:
+            with contextlib.suppress(AgentUnavailable, OperationTimeout):
+                machine = pinned_machine((await svc.agents.get(host).host_info()).qemu_version)
+    return cpu, machine
 
 
 async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None = None) -> tuple[VMView, JobRecord]:
@@ -78,6 +114,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 f"unknown image {image!r} (built: {built}; build one with: kasou image build tiny)",
                 field="image",
             )
+    cpu, machine = await cpu_and_machine(svc, spec, host)
     job_id = svc.new_job_id()
     rec = VMRecord(
         name=spec.name,
@@ -85,6 +122,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         vcpus=spec.vcpus,
         memory_mib=spec.memory_mib,
         image=image,
+        cpu=cpu,
+        machine=machine,
         template=spec.template,
         description=spec.description,
         department=spec.department,

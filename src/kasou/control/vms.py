@@ -51,6 +51,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.model.machine import DEFAULT_MACHINE
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
@@ -130,6 +131,8 @@ class VMService:
             vcpus=rec.vcpus,
             memory_mib=rec.memory_mib,
             image=rec.image,
+            cpu=rec.cpu,
+            machine=rec.machine,
             template=rec.template,
             description=rec.description,
             department=rec.department,
@@ -449,6 +452,8 @@ class VMService:
             vcpus=rec.vcpus,
             memory_mib=rec.memory_mib,
             image=rec.image,
+            cpu=rec.cpu,
+            machine=rec.machine or DEFAULT_MACHINE,
             disks=[launch_disk(rec, d) for d in rec.disks],
             nics=rec.nics,
             ha=rec.ha,

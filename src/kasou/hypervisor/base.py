@@ -51,6 +51,8 @@ class LaunchSpec(BaseModel):
     vcpus: int
     memory_mib: int
     image: str | None = None  # boot kernel and initramfs of this image; None: firmware boots the disk
+    cpu: str | None = None  # kasou's CPU model name (kasou.model.machine); None: QEMU's default
+    machine: str = "q35"  # the q35 machine type (a VM is pinned to a versioned one at creation)
     kernel_args_extra: str = ""
     disks: list[LaunchDisk] = []
     nics: list[NicSpec] = []

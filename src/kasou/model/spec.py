@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kasou.errors import InvalidSpec
+from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.names import NAME_MAX as NAME_MAX
 from kasou.model.names import validate_name
 from kasou.model.parsing import parse_model
@@ -140,6 +141,8 @@ class VMCreate(BaseModel):
     pool: str | None = None  # the storage pool of its disk (default: the built-in pool, or --mirror's first)
     mirror: list[str] | None = None  # RAID-1: two pools, each holding a copy kept in sync
     department: str | None = None  # e.g. "lab": that department's vendor manages it (kasou.api.permissions)
+    cpu: str | None = None  # the virtual CPU model (kasou.model.machine; default x86-64-v2-AES)
+    machine: str | None = None  # a q35 machine type (default: pinned to the creating host's QEMU)
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -193,6 +196,10 @@ class VMCreate(BaseModel):
                                   field="mirror")  # fmt: skip
         if self.pool is not None and self.storage != "local":
             raise InvalidSpec(f"give either a pool or storage {self.storage!r}", field="pool")
+        if self.cpu is not None:
+            validate_cpu(self.cpu)
+        if self.machine is not None:
+            validate_machine(self.machine)
 
     @property
     def disk_bytes(self) -> int | None:

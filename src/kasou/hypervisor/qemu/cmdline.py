@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kasou.hypervisor.base import LaunchSpec
 from kasou.hypervisor.qemu.network import tap_name
+from kasou.model.machine import qemu_cpu
 from kasou.model.spec import USER_NETWORK
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
@@ -112,7 +113,8 @@ def build_argv(
         qemu_binary,
         "-name", f"guest={spec.name},debug-threads=on",
         "-uuid", spec.uuid,
-        "-machine", "q35",
+        "-machine", spec.machine,
+        *(["-cpu", qemu_cpu(spec.cpu)] if spec.cpu else []),
         *accel_args(accelerator),
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
