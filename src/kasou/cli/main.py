@@ -296,8 +296,10 @@ def vm_create(
         None, "--mirror", help="RAID-1: POOL_A,POOL_B, a copy of the disk in each, every write in both."
     ),
     cpu: str = typer.Option(
-        None, "--cpu", help="Virtual CPU model: x86-64-v2-AES (default, migration-safe), x86-64-v2, x86-64-v3, "
-        "qemu64, host (KVM on every host only)."
+        None,
+        "--cpu",
+        help="Virtual CPU model: x86-64-v2-AES (default, migration-safe), x86-64-v2, x86-64-v3, "
+        "qemu64, host (KVM on every host only).",
     ),
     machine: str = typer.Option(
         None, "--machine", help="q35 machine type, e.g. pc-q35-7.2 (default: pinned to the host's QEMU)."
