@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what kasou needs on a Debian 12 host, idempotently: QEMU and the tools
-# the tiny guest image is built with (Debian packages), and a virtual environment
+# the guest images are built with (Debian packages), and a virtual environment
 # in .venv with kasou and its Python dependencies. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,10 @@ fi
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
 PACKAGES+=(novnc chromium)  # the web console's noVNC (served at /ui/novnc/), and the browser the UI tests drive
+# The debian image (kasou image build debian): mmdebstrap installs Debian 12 from the host's mirror, and the
+# GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together; ovmf is the UEFI
+# firmware (with the Secure Boot variables) its UEFI boot is checked with.
+PACKAGES+=(mmdebstrap fdisk dosfstools mtools ovmf)
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
 

@@ -269,7 +269,7 @@ def test_stale_temp_dirs_of_dead_builds_are_removed(tmp_path: Path, monkeypatch:
 
 
 def test_unknown_image_name(tmp_path: Path) -> None:
-    assert KNOWN_IMAGES == ("tiny",)
+    assert KNOWN_IMAGES == ("tiny", "debian")
     with pytest.raises(ImageNotFound, match="unknown image 'huge'"):
         build_image(tmp_path, "huge")
     with pytest.raises(ImageNotFound, match="unknown image 'huge'"):
@@ -307,7 +307,7 @@ def test_kernel_package_falls_back_to_the_download_cache(tmp_path: Path, monkeyp
     def no_apt(cmd: list[str], **kwargs: object) -> str:
         raise ImageError("'apt-cache depends' failed: no lists")
 
-    monkeypatch.setattr(tiny, "_run", no_apt)
+    monkeypatch.setattr(tiny, "run", no_apt)
     with pytest.raises(ImageError, match="cannot find the kernel package"):
         tiny.kernel_package_name(tmp_path)
     (tmp_path / "linux-image-6.1.0-57-cloud-amd64_6.1.192-3_amd64.deb").write_bytes(b"")

@@ -34,17 +34,10 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
     paths.ensure()
     log_to_stderr("agent")
     decision = asyncio.run(accel.decide(paths.images))
-    from kasou.image import KNOWN_IMAGES, load_image
+    from kasou.image import list_images
 
     def images() -> list[str]:
-        out = []
-        for n in KNOWN_IMAGES:
-            try:
-                load_image(paths.images, n)
-                out.append(n)
-            except Exception:
-                continue
-        return out
+        return [a.name for a in list_images(paths.images)]
 
     # With this host's TLS files, QEMU's migration and NBD streams to other hosts are TLS too.
     qemu_tls = qemu_tls_dir(paths.tls_files(), paths.run)

@@ -20,6 +20,7 @@ from kasou.cli.backup import backup_app
 from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
 from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.events import event_app
+from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
 from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
@@ -40,7 +41,6 @@ app = typer.Typer(
 )
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 host_app = typer.Typer(help="Virtual hosts.", no_args_is_help=True)
-image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs (long operations).", no_args_is_help=True)
 api_app = typer.Typer(help="The REST API.", no_args_is_help=True)
 network_app = typer.Typer(
@@ -225,39 +225,6 @@ def host_maintenance(
             err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
     else:
         out.print(f"host {name}: entering maintenance (job {res['job']['id']})", markup=False, highlight=False)
-
-
-# -- images ---------------------------------------------------------------------------
-
-
-@image_app.command("build")
-def image_build(name: str, force: bool = typer.Option(False, "--force", help="Rebuild even if cached.")) -> None:
-    """Build a guest image from Debian packages (cached after the first build)."""
-    from kasou.image import build_image
-
-    paths = Paths.from_env()
-    with progress_bar(f"building image {name}") as update:
-        art = build_image(paths.images, name, force=force, progress=lambda s, f: update(f, s))
-    out.print(f"image {art.name}: {art.root}", markup=False, highlight=False)
-
-
-@image_app.command("list")
-def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The images built on this host."""
-    from kasou.image import KNOWN_IMAGES, load_image
-
-    paths = Paths.from_env()
-    found = []
-    for n in KNOWN_IMAGES:
-        try:
-            found.append(load_image(paths.images, n).to_dict())
-        except KasouError:
-            continue
-    if as_json:
-        print_json(found)
-        return
-    for a in found:
-        out.print(f"{a['name']}  {a['root']}", markup=False, highlight=False)
 
 
 # -- VMs ------------------------------------------------------------------------------

@@ -40,11 +40,12 @@ import re
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kasou.errors import ImageError
+from kasou.image.tools import Progress, one_line, run, write_file
 
 NAME = "tiny"
 
@@ -93,8 +94,6 @@ POWER_BUTTON_MODULES: tuple[str, ...] = ("button", "evdev")
 OPTIONAL_MODULES = frozenset({"crc32c_generic"})
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
-
-Progress = Callable[[str, float], None]
 
 
 @dataclass(frozen=True)
@@ -518,46 +517,6 @@ exit 0
 # --------------------------------------------------------------------------
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    return last[:limit]
-
-
-_TOOL_PACKAGES = {
-    "apt-cache": "apt",
-    "apt-get": "apt",
-    "dpkg-deb": "dpkg",
-    "mke2fs": "e2fsprogs",
-    "cpio": "cpio",
-    "zstd": "zstd",
-}
-
-
-def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = 600) -> str:
-    """Run a tool; any failure becomes an :class:`ImageError` with one line."""
-    try:
-        proc = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except FileNotFoundError as exc:
-        package = _TOOL_PACKAGES.get(os.path.basename(cmd[0]))
-        hint = f" (apt-get install {package})" if package else ""
-        raise ImageError(f"required tool '{cmd[0]}' is not installed{hint}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ImageError(f"'{' '.join(cmd[:2])}' timed out after {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        why = _one_line(proc.stderr) or _one_line(proc.stdout) or f"exit status {proc.returncode}"
-        raise ImageError(f"'{' '.join(cmd[:2])}' failed: {why}")
-    return proc.stdout
-
-
 def kernel_package_name(cache_dir: Path) -> str:
     """The exact kernel package, e.g. ``linux-image-6.1.0-57-cloud-amd64``.
 
@@ -565,7 +524,7 @@ def kernel_package_name(cache_dir: Path) -> str:
     kernel package already in the download cache.
     """
     try:
-        return parse_apt_depends(_run(["apt-cache", "depends", KERNEL_META_PACKAGE], timeout=120))
+        return parse_apt_depends(run(["apt-cache", "depends", KERNEL_META_PACKAGE], timeout=120))
     except ImageError as exc:
         cached = sorted(cache_dir.glob("linux-image-*-cloud-amd64_*.deb"))
         if cached:
@@ -585,7 +544,7 @@ def download_package(package: str, cache_dir: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        _run(
+        run(
             ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package],
             cwd=partial,
             timeout=900,
@@ -603,7 +562,7 @@ def download_package(package: str, cache_dir: Path) -> Path:
 def _extract(deb: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        _run(["dpkg-deb", "-x", str(deb), str(dest)], timeout=600)
+        run(["dpkg-deb", "-x", str(deb), str(dest)], timeout=600)
     except ImageError:
         # A damaged cached package: drop it so that the next build downloads it again.
         deb.unlink(missing_ok=True)
@@ -685,7 +644,7 @@ def _install_busybox(deb_root: Path, tree: Path) -> None:
     target = tree / "bin/busybox"
     shutil.copy2(source, target)
     target.chmod(0o755)
-    applets = _run([str(target), "--list-full"], timeout=60).split()
+    applets = run([str(target), "--list-full"], timeout=60).split()
     for applet in applets:
         rel = applet.strip("/")
         if not rel or rel == "bin/busybox" or ".." in rel.split("/"):
@@ -698,12 +657,6 @@ def _install_busybox(deb_root: Path, tree: Path) -> None:
         raise ImageError("busybox has no 'sh' applet")
 
 
-def _write_file(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
-
-
 def _make_tree(tree: Path, busybox_root: Path, modules: Sequence[KernelModule], kernel_version: str) -> None:
     moddir = tree / "lib/modules" / kernel_version
     for d in ("dev", "proc", "sys", "run", "tmp", "data", "root", "etc/kasou"):
@@ -713,19 +666,19 @@ def _make_tree(tree: Path, busybox_root: Path, modules: Sequence[KernelModule], 
     (moddir / "kasou").mkdir(parents=True)
     for module in modules:
         (moddir / "kasou" / f"{module.name}.ko").write_bytes(module.data)
-    _write_file(moddir / "modules.dep", render_modules_dep(modules))
+    write_file(moddir / "modules.dep", render_modules_dep(modules))
     names = [m.name for m in modules]
     (tree / "init").symlink_to("/bin/busybox")
-    _write_file(tree / "etc/inittab", _INITTAB)
-    _write_file(tree / "etc/kasou/rc", render_rc(names, kernel_version), 0o755)
-    _write_file(tree / "etc/kasou/serial-shell", _SERIAL_SHELL, 0o755)
-    _write_file(tree / "etc/profile", _PROFILE)
-    _write_file(tree / "etc/acpid.conf", _ACPID_CONF)
-    _write_file(tree / "etc/acpi/power-button", _SHUTDOWN_SCRIPT, 0o755)
-    _write_file(tree / "etc/kasou/udhcpc.script", _UDHCPC_SCRIPT, 0o755)
-    _write_file(tree / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
-    _write_file(tree / "etc/group", "root:x:0:\n")
-    _write_file(tree / "etc/hostname", "kasou-tiny\n")
+    write_file(tree / "etc/inittab", _INITTAB)
+    write_file(tree / "etc/kasou/rc", render_rc(names, kernel_version), 0o755)
+    write_file(tree / "etc/kasou/serial-shell", _SERIAL_SHELL, 0o755)
+    write_file(tree / "etc/profile", _PROFILE)
+    write_file(tree / "etc/acpid.conf", _ACPID_CONF)
+    write_file(tree / "etc/acpi/power-button", _SHUTDOWN_SCRIPT, 0o755)
+    write_file(tree / "etc/kasou/udhcpc.script", _UDHCPC_SCRIPT, 0o755)
+    write_file(tree / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+    write_file(tree / "etc/group", "root:x:0:\n")
+    write_file(tree / "etc/hostname", "kasou-tiny\n")
 
 
 def _write_initramfs(tree: Path, out: Path) -> None:
@@ -753,7 +706,7 @@ def _write_initramfs(tree: Path, out: Path) -> None:
             except FileNotFoundError as exc:
                 raise ImageError("required tool 'cpio' is not installed (apt-get install cpio)") from exc
         if proc.returncode != 0:
-            raise ImageError(f"'cpio -o' failed: {_one_line(proc.stderr.decode(errors='replace'))}")
+            raise ImageError(f"'cpio -o' failed: {one_line(proc.stderr.decode(errors='replace'))}")
         with raw.open("rb") as src, gzip.GzipFile(out, "wb", compresslevel=9, mtime=0) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     finally:
@@ -766,7 +719,7 @@ def _make_disk(disk: Path, scratch: Path) -> None:
     (content / DISK_MARKER).write_text(f"kasou image {NAME}\n")
     with disk.open("wb") as fh:
         fh.truncate(DISK_SIZE_BYTES)
-    _run(
+    run(
         [
             "mke2fs", "-q", "-F", "-t", "ext4", "-L", "kasou-data",
             "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",

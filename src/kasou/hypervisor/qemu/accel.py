@@ -76,6 +76,8 @@ async def probe_kvm(images_dir: Path, timeout: float = PROBE_TIMEOUT, binary: st
     from kasou.image import load_image
 
     art = load_image(images_dir, "tiny")
+    if art.kernel is None or art.initrd is None:
+        raise RuntimeError("the tiny image has no kernel to boot; rebuild it: kasou image build tiny --force")
     tmp = Path(tempfile.mkdtemp(prefix="kasou-kvm-probe-", dir="/run" if os.access("/run", os.W_OK) else None))
     pid: int | None = None
     try:

@@ -165,6 +165,8 @@ class DriverCore(Driver):
         from kasou.image import load_image  # the image layer sits beside the driver
 
         art = load_image(self.images_dir, image)
+        if art.kernel is None or art.initrd is None:
+            return None  # the image's disk has its own boot loader: the firmware boots it
         if self.confine.enabled:  # a confined QEMU reads them as its own user: their directories must let it in
             for path in (art.kernel, art.initrd):
                 cf.searchable(path)

@@ -1,0 +1,85 @@
+"""``kasou image``: the guest images of this host (built from Debian's packages, or imported disks)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from kasou.cli.common import out, print_json, progress_bar, say
+from kasou.config import Paths
+from kasou.model.units import format_size
+
+image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
+
+
+@image_app.command("build")
+def image_build(
+    name: str = typer.Argument(..., help="tiny (a busybox test guest) or debian (Debian 12, BIOS and UEFI)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
+) -> None:
+    """Build a guest image from Debian packages (cached after the first build)."""
+    from kasou.image import build_image
+
+    paths = Paths.from_env()
+    t0 = time.monotonic()
+    with progress_bar(f"building image {name}") as update:
+        art = build_image(paths.images, name, force=force, progress=lambda s, f: update(f, s))
+    held = _held(art.disk)
+    took = time.monotonic() - t0
+    how = "cached" if took < 1 and not force else f"built in {took:.0f} s"
+    say(f"image {art.name}: {art.root} ({how}; disk {format_size(art.disk_size_bytes)} {art.disk_format}, "
+        f"file {format_size(held)}; firmware {', '.join(art.firmware)})")  # fmt: skip
+
+
+@image_app.command("list")
+def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The images of this host: built and imported."""
+    from kasou.image import list_images
+
+    found = list_images(Paths.from_env().images)
+    if as_json:
+        print_json([{**a.to_dict(), "file_bytes": _held(a.disk)} for a in found])
+        return
+    t = Table("name", "format", "size", "on disk", "firmware", "made (UTC)")
+    for a in found:
+        made = f"{a.origin} {a.built_at[:16].replace('T', ' ')}"
+        t.add_row(a.name, a.disk_format, format_size(a.disk_size_bytes), format_size(_held(a.disk)),
+                  " ".join(a.firmware), made)  # fmt: skip
+    out.print(t)
+
+
+def _held(path: Path) -> int:
+    """What a (sparse) disk file takes on its file system."""
+    return path.stat().st_blocks * 512
+
+
+@image_app.command("import")
+def image_import(
+    name: str,
+    file: Path = typer.Argument(..., help="A qcow2 or raw disk file."),
+    firmware: str = typer.Option(
+        None, "--firmware", help="bios, uefi, uefi-secure (comma-separated); default: read from its partition table."
+    ),
+) -> None:
+    """Register a disk file as an image (copied as a thin qcow2; the file itself is left as it is)."""
+    from kasou.image import import_image
+    from kasou.image.importing import parse_firmware
+
+    fw = parse_firmware(firmware) if firmware is not None else None
+    paths = Paths.from_env()
+    with progress_bar(f"importing image {name}") as update:
+        art = import_image(paths.images, name, file, firmware=fw, progress=lambda s, f: update(f, s))
+    say(f"image {art.name}: imported from {file} (disk {format_size(art.disk_size_bytes)} {art.disk_format}; "
+        f"firmware {', '.join(art.firmware)})")  # fmt: skip
+
+
+@image_app.command("delete")
+def image_delete(name: str) -> None:
+    """Remove an image (VMs made from it keep their own copies of its disk)."""
+    from kasou.image import delete_image
+
+    delete_image(Paths.from_env().images, name)
+    say(f"image {name}: deleted")
