@@ -108,7 +108,7 @@ def _run_guest(tmp: Path, env: dict[str, str], until: str, timeout: float = 20) 
             time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the heartbeat loop and its sleeps
+            os.killpg(proc.pid, signal.SIGKILL)  # a sleep of the writer's loop
         proc.wait(timeout=10)
     return console.read_text().splitlines()
 
@@ -143,3 +143,32 @@ def test_guest_script_on_uefi_with_secure_boot_and_a_tpm(tmp_path: Path) -> None
     assert lines[:3] == ["firmware uefi", "secureboot 1", "tpm 1"]
     (efivars / debian.SECUREBOOT_VAR).write_bytes(b"\x06\x00\x00\x00\x00")  # Secure Boot off
     assert _run_guest(tmp_path, env, "KASOU-READY")[1] == "secureboot 0"
+
+
+def test_heartbeat_finds_its_port_by_name(tmp_path: Path) -> None:
+    ports, dev = tmp_path / "class", tmp_path / "dev"
+    for port, name in (("vport1p1", "org.qemu.guest_agent.0"), ("vport1p2", debian.HEARTBEAT_PORT)):
+        (ports / port).mkdir(parents=True)
+        (ports / port / "name").write_text(name + "\n")
+    dev.mkdir()
+    (dev / "vport1p1").write_text("")
+    (dev / "vport1p2").write_text("")
+    script = tmp_path / "heartbeat"
+    script.write_text(debian.render_heartbeat_script())
+    proc = subprocess.Popen(
+        ["/bin/sh", str(script)],
+        env={"PATH": "/usr/bin:/bin", "KASOU_PORTS": str(ports), "KASOU_DEV": str(dev)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len((dev / "vport1p2").read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    beats = (dev / "vport1p2").read_text().splitlines()
+    assert all(b.startswith("hb ") and float(b.split()[1]) > 0 for b in beats)
+    assert (dev / "vport1p1").read_text() == ""  # the guest agent's port is left alone

@@ -111,7 +111,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         if image not in images:
             built = ", ".join(images) or "none"
             raise InvalidSpec(
-                f"unknown image {image!r} (built: {built}; build one with: kasou image build tiny)",
+                f"unknown image {image!r} (on host {host}: {built}; build one with kasou image build tiny|debian, "
+                "or import a disk with kasou image import)",
                 field="image",
             )
     cpu, machine = await cpu_and_machine(svc, spec, host)
