@@ -64,15 +64,23 @@ def test_debian_boots_through_kasou_and_keeps_every_acknowledged_write(kasou: Ka
           f"first seq {first_seq:.1f}, guest ready {ready:.1f}")  # fmt: skip
 
     # The ACPI power button: systemd stops the writer (it says so) and powers off.
+    t1 = time.monotonic()
     kasou.run("vm", "shutdown", "deb1", "--timeout", "120", timeout=180)
+    took = time.monotonic() - t1
+    print(f"graceful shutdown {took:.1f} s")
+    assert took < 60, f"the guest took {took:.0f} s to power off (a stop job hung?)"
     assert kasou.vm("deb1")["state"] == "stopped"
     assert kasou.json("vm", "history", "deb1")[-1]["detail"] == "graceful shutdown"
     log = _lines(kasou.log("deb1"))
     assert "KASOU-SHUTDOWN" in log
+    oops = [ln for ln in log if "Call Trace" in ln or "invalid opcode" in ln or "Kernel panic" in ln]
+    assert not oops, f"the guest's kernel complained: {oops}"  # e.g. a CPU model TCG cannot run
     last = kasou.seqs("deb1")[-1]
 
+    t1 = time.monotonic()
     kasou.run("vm", "start", "deb1", timeout=120)
     kasou.wait_ready("deb1", timeout=BOOT_TIMEOUT_S)
+    print(f"ready again {time.monotonic() - t1:.1f} s after start")
     recovered = kasou.wait_for(
         "recovered line", lambda: [ln for ln in _lines(kasou.log("deb1")) if ln.startswith("recovered ")], timeout=60
     )

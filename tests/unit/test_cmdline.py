@@ -106,6 +106,7 @@ def test_cpu_model_and_machine_type() -> None:
     assert argv[argv.index("-machine") + 1] == "pc-q35-7.2"
     cpu = argv[argv.index("-cpu") + 1]
     assert cpu.startswith("qemu64,") and {"+aes", "+sse4.2", "+popcnt", "+ssse3", "+cx16"} <= set(cpu.split(","))
+    assert "+pclmulqdq" in cpu.split(",")  # with AES-NI always: Linux's AES-GCM needs it (an oops under TCG)
     assert "+avx2" in qemu_cpu("x86-64-v3") and "+aes" not in qemu_cpu("x86-64-v2")
     old = LaunchSpec(name="a", uuid="00000000-0000-0000-0000-000000000001", vcpus=1, memory_mib=128)
     argv = build_argv(old, files, "tcg", None)

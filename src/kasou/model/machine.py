@@ -4,8 +4,11 @@
 migration, on whatever host it lands. kasou names a few migration-safe models, each a QEMU base model
 with a fixed list of features that every x86-64 server of the last decade has (and QEMU's TCG too):
 
-* ``x86-64-v2-AES`` (the default, as Proxmox VE's): SSE4.2, POPCNT, SSSE3, CMPXCHG16B, LAHF and AES-NI;
-  what current Windows Server and RHEL 9 require.
+* ``x86-64-v2-AES`` (the default, as Proxmox VE's): SSE4.2, POPCNT, SSSE3, CMPXCHG16B, LAHF and AES-NI
+  with PCLMULQDQ; what current Windows Server and RHEL 9 require. PCLMULQDQ came with AES-NI in every
+  CPU that has it (Westmere, Bulldozer): Linux's AES-GCM code uses it whenever AES-NI is there, and
+  under TCG, which executes only what the model declares, a guest without it oopses loading
+  ``aesni_intel`` (its module load then never ends, and shutdown waits 90 s for udev).
 * ``x86-64-v2``: the same without AES-NI.
 * ``x86-64-v3``: v2-AES plus AVX, AVX2, BMI1/2, F16C, FMA, MOVBE, XSAVE (Haswell, 2013, and later).
 * ``qemu64``: QEMU's own default, for a guest imported from a host that gave it no more.
@@ -30,9 +33,9 @@ _V2 = "+cx16,+lahf-lm,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3"
 _V3 = "+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+movbe,+xsave,+abm"
 
 CPU_MODELS: dict[str, str] = {
-    "x86-64-v2-AES": f"qemu64,{_V2},+aes",
+    "x86-64-v2-AES": f"qemu64,{_V2},+aes,+pclmulqdq",
     "x86-64-v2": f"qemu64,{_V2}",
-    "x86-64-v3": f"qemu64,{_V2},+aes,{_V3}",
+    "x86-64-v3": f"qemu64,{_V2},+aes,+pclmulqdq,{_V3}",
     "qemu64": "qemu64",
     "host": "host",
 }
