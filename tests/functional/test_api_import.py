@@ -246,8 +246,10 @@ def test_bad_packages_are_refused_with_one_line_each(env: Env, transfer: Path) -
     make_ova(transfer / "odd.ova", vmware_ovf(disks=[Disk("disk.vmdk", 1, 8 / 1024)],
                                               extra_items=SERIAL_PORT + TAPE_DRIVE), [("disk.vmdk", d)])  # fmt: skip
     msg = refused(env, transfer, "x", 422, ova="odd.ova")
-    assert msg == ("cannot import 'x' from odd.ova: serial port 'Serial port 1' (ResourceType 21) has no counterpart "
-                   "in kasou; tape drive 'Tape drive 1' (ResourceType 18) has no counterpart in kasou"), msg
+    assert msg == (
+        "cannot import 'x' from odd.ova: serial port 'Serial port 1' (ResourceType 21) has no counterpart "
+        "in kasou; tape drive 'Tape drive 1' (ResourceType 18) has no counterpart in kasou"
+    ), msg
     make_ova(transfer / "efi.ova", vmware_ovf(disks=[Disk("disk.vmdk", 1, 8 / 1024)], firmware="efi",
                                               secure_boot=True), [("disk.vmdk", d)])  # fmt: skip
     msg = refused(env, transfer, "x", 422, ova="efi.ova")

@@ -107,9 +107,7 @@ def check_digest(data: bytes, name: str, digest: tuple[str, str] | None, where: 
         raise InvalidSpec(f"{where}: {clean(name)!r} does not match the manifest ({digest[0].upper()})", field="ova")
 
 
-def hash_range(
-    path: Path, offset: int, length: int, algo: str, progress: Callable[[float], None] | None = None
-) -> str:
+def hash_range(path: Path, offset: int, length: int, algo: str, progress: Callable[[float], None] | None = None) -> str:
     """The digest of ``length`` bytes of ``path`` from ``offset`` (runs in a thread: it reads the whole range)."""
     h = hashlib.new(algo)
     left = length
