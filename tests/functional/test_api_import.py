@@ -313,3 +313,16 @@ def test_export_is_refused_for_a_running_vm_or_an_existing_file(env: Env, transf
     assert env.api.get("/v1/vms/lab").json()["job"] is None  # the VM is not left held
     r = env.api.post("/v1/vms/lab/export", json={"ova": "../lab.ova"})
     assert r.status_code == 422 and "is not in the transfer directory" in r.json()["message"], r.text
+
+
+def test_a_vmdk_that_breaks_during_the_conversion_fails_the_job_and_leaves_nothing(env: Env, transfer: Path) -> None:
+    good = vmdk(raw_disk(transfer / "s.raw", size_mib=16), transfer / "good.vmdk")
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = b"\x5a" * 4096  # inside the compressed grains
+    (transfer / "broken.vmdk").write_bytes(bytes(data[: len(data) - 1024]))
+    before = sorted(p.name for p in transfer.iterdir())
+    r = start_import(env, "broken", disks=["s.raw", "broken.vmdk"])
+    assert r.status_code == 202, r.text
+    job = env.wait(r.json()["job"])
+    assert job["state"] == "failed" and job["error"]["message"].startswith("cannot convert broken.vmdk (vmdk): ")
+    nothing_left(env, transfer, before)  # disk0, converted already, is gone too

@@ -220,7 +220,11 @@ class Transfers:
         async def on(f: float) -> None:
             await t.progress(base + share * f)
 
-        await run_with_progress(argv, on)
+        try:
+            await run_with_progress(argv, on)
+        except ImageError as e:
+            fmt = {"vpc": "vhd"}.get(src.format, src.format)
+            raise ImageError(f"cannot convert {src.file} ({fmt}): {e.message}") from None
         if req.size_bytes > src.virtual_size:  # an OVF disk larger than its file
             await imagefiles.run("qemu-img", "resize", "-q", "-f", "qcow2", str(dest), str(req.size_bytes), timeout=60)
         return (await self.disks.info(dest)).model_dump()
