@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +327,34 @@ def test_a_vmdk_that_breaks_during_the_conversion_fails_the_job_and_leaves_nothi
     job = env.wait(r.json()["job"])
     assert job["state"] == "failed" and job["error"]["message"].startswith("cannot convert broken.vmdk (vmdk): ")
     nothing_left(env, transfer, before)  # disk0, converted already, is gone too
+
+
+def test_a_cancelled_import_stops_the_conversion_and_leaves_nothing(
+    env: Env, transfer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from kasou.agent import transfers
+
+    started: list[list[str]] = []
+
+    async def slow(argv: list[str], progress: Any) -> None:  # qemu-img on a very large disk
+        started.append(argv)
+        Path(argv[-1]).write_bytes(b"partial")
+        await progress(0.3)
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(transfers, "run_with_progress", slow)
+    raw_disk(transfer / "a.raw")
+    before = sorted(p.name for p in transfer.iterdir())
+    r = start_import(env, "big", disks=["a.raw"])
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    deadline = time.monotonic() + 10
+    while env.api.get(f"/v1/jobs/{job['id']}").json()["progress"] < 0.25:
+        assert time.monotonic() < deadline, "the conversion's progress never showed"
+    assert started and started[0][:3] == ["qemu-img", "convert", "-p"]
+    c = env.api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert c.status_code == 200 and c.json()["state"] == "failed", c.text
+    assert c.json()["error"]["code"] == "cancelled"
+    nothing_left(env, transfer, before)

@@ -298,8 +298,10 @@ class AgentClient:
         resp = await self._call("POST", "/transfers/exports", timeout=60, json=req.model_dump())
         return TransferStatus.model_validate(resp.json())
 
-    async def transfer(self, task_id: str) -> TransferStatus:
-        return TransferStatus.model_validate((await self._call("GET", f"/transfers/{task_id}")).json())
+    async def transfer(self, task_id: str, wait_s: float = 0.0) -> TransferStatus:
+        """A transfer's status; with ``wait_s`` (at most 10), as soon as it ends or after that long."""
+        resp = await self._call("GET", f"/transfers/{task_id}", params={"wait_s": wait_s}, timeout=wait_s + 30)
+        return TransferStatus.model_validate(resp.json())
 
     async def cancel_transfer(self, task_id: str) -> TransferStatus:
         """End a transfer (removing what it made unless it succeeded) and forget it."""

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 
 from kasou.agent import ova
 from kasou.agent.models import DiskImport, ExportCreate, TransferStatus
@@ -100,11 +100,15 @@ class Transfers:
     async def inspect(self, req: ImportInspect) -> ImportSource:
         return await self.sources.inspect(req)
 
-    def status(self, task_id: str) -> TransferStatus:
+    async def status(self, task_id: str, wait_s: float = 0.0) -> TransferStatus:
+        """A task's status; with ``wait_s``, answered as soon as it ends or after that long (a long poll:
+        the control plane hears of the end at once, without polling often)."""
         self._prune()
         t = self._tasks.get(task_id)
         if t is None:
             raise NotFound(f"no transfer {task_id!r} on this host (the agent may have restarted)")
+        if wait_s > 0 and t.task is not None and not t.task.done():
+            await asyncio.wait({t.task}, timeout=wait_s)  # the caller's own cancellation goes through
         return t.status.model_copy()
 
     async def cancel(self, task_id: str) -> TransferStatus:
@@ -130,8 +134,7 @@ class Transfers:
     async def _stop(self, t: Task) -> None:
         if t.task is not None and not t.task.done():
             t.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(t.task), 30)
+            await asyncio.wait({t.task}, timeout=30)  # it kills qemu-img and removes its file
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -296,8 +299,8 @@ def add_transfer_routes(app: FastAPI, transfers: Transfers) -> None:
         return transfers.start_export(req)
 
     @app.get("/agent/v1/transfers/{task_id}")
-    async def transfer_status(task_id: str) -> TransferStatus:
-        return transfers.status(task_id)
+    async def transfer_status(task_id: str, wait_s: float = Query(0.0, ge=0, le=10)) -> TransferStatus:
+        return await transfers.status(task_id, wait_s)
 
     @app.delete("/agent/v1/transfers/{task_id}")
     async def cancel_transfer(task_id: str) -> TransferStatus:

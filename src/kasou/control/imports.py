@@ -21,7 +21,6 @@ nobody starts it meanwhile.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
@@ -66,7 +65,7 @@ if TYPE_CHECKING:
     from kasou.control.ha import HaManager
     from kasou.control.pools import PoolRecord, Pools
 
-POLL_S = 0.25
+POLL_S = 1.0  # a long poll: the agent answers at once when the transfer ends, else after this (progress)
 STALL_S = 1800.0  # no progress this long: the host's conversion is stuck (its agent says the same)
 
 
@@ -281,5 +280,4 @@ async def follow(
             last, since = st.progress, time.monotonic()
         elif time.monotonic() - since > STALL_S:
             raise OperationTimeout(f"{label}: no progress on host {agent.host} for {STALL_S:.0f} s")
-        await asyncio.sleep(POLL_S)
-        st = await agent.transfer(st.id)
+        st = await agent.transfer(st.id, wait_s=POLL_S)
