@@ -253,9 +253,24 @@ class Sources:
 
 def member_source(archive: Path, m: ova.Member, fmt: str) -> str:
     """qemu's name for a disk that is a byte range of an archive (a ``raw`` node with offset and size)."""
-    node = {"driver": fmt, "file": {"driver": "raw", "offset": m.offset, "size": m.size,
-                                    "file": {"driver": "file", "filename": str(archive)}}}  # fmt: skip
+    node: dict[str, Any] = {"driver": fmt, "file": {"driver": "raw", "offset": m.offset, "size": m.size,
+                                                    "file": {"driver": "file", "filename": str(archive)}}}  # fmt: skip
+    if fmt == "qcow2":
+        node["backing"] = None  # never open a backing file, whatever the header says by the time it is read
     return "json:" + json.dumps(node)
+
+
+def convert_source(src: SourceDisk) -> list[str]:
+    """The source arguments of ``qemu-img convert`` for a disk to import: its format always named; a qcow2
+    opened with no backing file at all (checked at the inspection, and ruled out again here)."""
+    path = Path(src.path)
+    if src.member is not None:
+        return [member_source(path, ova.Member(name=src.member, offset=src.offset or 0, size=src.length or 0),
+                              src.format)]  # fmt: skip
+    if src.format == "qcow2":
+        node = {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(path)}}
+        return ["json:" + json.dumps(node)]
+    return ["-f", src.format, str(path)]
 
 
 def _manifest_note(manifest: dict[str, tuple[str, str]], files: list[str]) -> str | None:

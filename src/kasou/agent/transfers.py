@@ -26,7 +26,7 @@ from fastapi import FastAPI, Query
 
 from kasou.agent import ova
 from kasou.agent.models import DiskImport, ExportCreate, TransferStatus
-from kasou.agent.sources import Sources, member_source
+from kasou.agent.sources import Sources, convert_source
 from kasou.agent.storage import LocalDisks
 from kasou.errors import ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
 from kasou.hypervisor import imagefiles
@@ -212,12 +212,7 @@ class Transfers:
                 raise ImageError(f"{src.file} does not match the OVF manifest ({algo.upper()} {got[:12]}..., "
                                  f"listed {want[:12]}...): the package is damaged")  # fmt: skip
         base = 1.0 - share
-        if src.member is not None:
-            member = ova.Member(name=src.member, offset=src.offset or 0, size=src.length or 0)
-            argv = ["qemu-img", "convert", "-p", member_source(path, member, src.format)]
-        else:
-            argv = ["qemu-img", "convert", "-p", "-f", src.format, str(path)]
-        argv += ["-O", "qcow2", str(dest)]
+        argv = ["qemu-img", "convert", "-p", *convert_source(src), "-O", "qcow2", str(dest)]
         await t.progress(base, f"converting {src.file}")
 
         async def on(f: float) -> None:
