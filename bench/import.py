@@ -11,7 +11,8 @@ compressed form). Then, rounds interleaved so that drift and the page cache hit 
 - plain: ``qemu-img convert -f vmdk -O qcow2`` of the same file to the same directory.
 
 Both write a qcow2 in the same file system, one at a time; each output is removed after its run.
-Prints each run, the medians and the ratio kasou / plain (target <= 1.1).
+Prints each run, the medians and the ratio kasou / plain (target <= 1.1), and what an import costs
+whatever its size (a 1 MiB disk each way, and a CLI command that does nothing: the CLI's own start).
 
     flock /tmp/kasou-qemu.lock .venv/bin/python bench/import.py [--runs 3] [--size-gib 2]
 """
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,6 +45,38 @@ def make_vmdk(transfer: Path, size_gib: int, subformat: str) -> Path:
                     str(raw), str(out)], check=True, timeout=1800)  # fmt: skip
     raw.unlink()
     return out
+
+
+NOOP = ["vm", "list"]
+
+
+def fixed_costs(transfer: Path, plain_dir: Path, client: Any, env: dict[str, str], runs: int) -> list[float]:
+    """What an import costs whatever its size: a 1 MiB disk through the CLI, the API and plain qemu-img, and
+    a CLI command that does nothing (the CLI's own start: Python, its imports, the token, one request)."""
+    small = transfer / "small.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(small), "1M"], check=True, timeout=60)
+    out: list[list[float]] = [[], [], [], []]
+    for i in range(runs):
+        t = time.monotonic()
+        subprocess.run([*KASOU, "vm", "import", f"s{i}", "--disk", small.name, "--memory", "128"], env=env,
+                       check=True, capture_output=True, timeout=600)  # fmt: skip
+        out[0].append(time.monotonic() - t)
+        t = time.monotonic()
+        res = client.post("/v1/imports", json={"name": f"t{i}", "disks": [small.name], "memory_mib": 128})
+        client.wait_job(res["job"]["id"], 600, interval=0.05)
+        out[1].append(time.monotonic() - t)
+        t = time.monotonic()
+        subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(small), str(plain_dir / "s.qcow2")],
+                       check=True, timeout=600)  # fmt: skip
+        out[2].append(time.monotonic() - t)
+        (plain_dir / "s.qcow2").unlink()
+        t = time.monotonic()
+        subprocess.run([*KASOU, *NOOP], env=env, check=True, capture_output=True, timeout=600)
+        out[3].append(time.monotonic() - t)
+        for name in (f"s{i}", f"t{i}"):
+            client.wait_job(client.delete(f"/v1/vms/{name}")["job"]["id"], 120)
+    small.unlink()
+    return [median(x) for x in out]
 
 
 def main() -> None:
@@ -94,6 +128,7 @@ def main() -> None:
                 f"run {i + 1}: kasou CLI {cli[-1]:.2f} s, kasou API {api[-1]:.2f} s, plain qemu-img {plain[-1]:.2f} s"
             )
         src.unlink()
+        fixed = fixed_costs(transfer, plain_dir, client, env, args.runs)
         m_cli, m_api, m_plain = median(cli), median(api), median(plain)
         print(
             f"medians of {args.runs}: kasou CLI {m_cli:.2f} s, kasou API {m_api:.2f} s, plain qemu-img {m_plain:.2f} s"
@@ -101,6 +136,9 @@ def main() -> None:
         print(f"ratio kasou / plain: CLI {m_cli / m_plain:.3f}, API {m_api / m_plain:.3f} (target <= 1.1)")
         print(f"throughput: kasou {args.size_gib * 1024 / m_cli:.0f} MiB/s, plain {args.size_gib * 1024 / m_plain:.0f} "
               "MiB/s")  # fmt: skip
+        print(f"fixed cost (a 1 MiB disk, medians of {args.runs}): kasou CLI {fixed[0]:.2f} s, kasou API "
+              f"{fixed[1]:.2f} s, plain qemu-img {fixed[2]:.2f} s; a CLI command that does nothing ({' '.join(NOOP)}) "
+              f"{fixed[3]:.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
