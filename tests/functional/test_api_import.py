@@ -358,3 +358,20 @@ def test_a_cancelled_import_stops_the_conversion_and_leaves_nothing(
     assert c.status_code == 200 and c.json()["state"] == "failed", c.text
     assert c.json()["error"]["code"] == "cancelled"
     nothing_left(env, transfer, before)
+
+
+def test_a_vendor_imports_into_their_department_only_and_exports_only_their_vms(env: Env, transfer: Path) -> None:
+    from tests.functional.test_api_tenancy import CSRF, vendor
+
+    raw_disk(transfer / "a.raw")
+    lab = vendor(env, "lv", "lab")
+    r = lab.post("/v1/imports", json={"name": "lis", "disks": ["a.raw"], "memory_mib": 128}, headers=CSRF)
+    assert r.status_code == 202, r.text
+    assert env.wait(r.json()["job"])["state"] == "succeeded"
+    assert env.api.get("/v1/vms/lis").json()["department"] == "lab"  # their one department, by default
+    r = lab.post("/v1/imports", json={"name": "ris", "disks": ["a.raw"], "department": "radiology"}, headers=CSRF)
+    assert r.status_code == 403 and "may import VMs of their departments only (lab)" in r.json()["message"], r.text
+    env.create("pacs", department="radiology")
+    r = lab.post("/v1/vms/pacs/export", json={"ova": "pacs.ova"}, headers=CSRF)
+    assert r.status_code == 404, r.text  # another department's VM is as if it did not exist
+    assert not (transfer / "pacs.ova").exists()
