@@ -375,3 +375,12 @@ def test_a_vendor_imports_into_their_department_only_and_exports_only_their_vms(
     r = lab.post("/v1/vms/pacs/export", json={"ova": "pacs.ova"}, headers=CSRF)
     assert r.status_code == 404, r.text  # another department's VM is as if it did not exist
     assert not (transfer / "pacs.ova").exists()
+
+
+def test_an_imported_vm_gets_a_pinned_machine_type_and_the_default_cpu(env: Env, transfer: Path) -> None:
+    raw_disk(transfer / "a.raw")
+    res = do_import(env, "pinned", disks=["a.raw"])
+    assert "cpu       x86-64-v2-AES, machine pc-q35-7.2" in res["report"]["lines"], res["report"]["lines"]
+    do_import(env, "chosen", disks=["a.raw"], cpu="x86-64-v3", machine="pc-q35-7.1", start=True)
+    spec = env.driver.specs["chosen"]
+    assert (spec.cpu, spec.machine) == ("x86-64-v3", "pc-q35-7.1")

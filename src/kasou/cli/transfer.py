@@ -25,6 +25,8 @@ def vm_import(
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (default: the OVF's, else 1)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (default: the OVF's, else 1024)."),
     network: str = typer.Option("user", "--network", help="Network of its NICs (default: user, QEMU's NAT)."),
+    cpu: str = typer.Option(None, "--cpu", help="Virtual CPU model (default x86-64-v2-AES; see vm create)."),
+    machine: str = typer.Option(None, "--machine", help="q35 machine type (default: the host QEMU's, pinned)."),
     pool: str = typer.Option(None, "--pool", help="Storage pool of its disks (default: the built-in pool)."),
     host: str = typer.Option(None, "--host", help="The host whose transfer directory holds the files."),
     department: str = typer.Option(None, "--department", help="Department whose vendor manages it."),
@@ -45,9 +47,9 @@ def vm_import(
         "name": name, "disks": list(disk) if disk else None, "ova": ova, "ovf": ovf, "firmware": firmware,
         "vcpus": parse_int(vcpus, "vcpus") if vcpus is not None else None,
         "memory_mib": parse_int(memory, "memory") if memory is not None else None,
-        "network": network, "pool": pool, "host": host, "department": department, "ha": ha,
-        "priority": parse_int(priority, "priority"), "anti_affinity": anti_affinity, "description": description,
-        "start": start,
+        "network": network, "cpu": cpu, "machine": machine, "pool": pool, "host": host, "department": department,
+        "ha": ha, "priority": parse_int(priority, "priority"), "anti_affinity": anti_affinity,
+        "description": description, "start": start,
     }  # fmt: skip
     c = client()
     res = c.post("/v1/imports", json=body)

@@ -32,7 +32,7 @@ from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
-from kasou.control.vm_create import undo_create
+from kasou.control.vm_create import cpu_and_machine, undo_create
 from kasou.errors import (
     AgentUnavailable,
     AlreadyExists,
@@ -98,9 +98,11 @@ class Imports:
         plan = plan_import(req, next(iter(found.values())))
         check_firmware(req, plan)
         host = await self._place(req, plan, list(found))
+        plan.cpu, plan.machine = await cpu_and_machine(svc, req, host)
         job_id = svc.new_job_id()
         rec = VMRecord(
             name=req.name, uuid=str(uuid.uuid4()), vcpus=plan.vcpus, memory_mib=plan.memory_mib, image=None,
+            cpu=plan.cpu, machine=plan.machine,
             description=req.description, department=req.department, anti_affinity=req.anti_affinity, ha=req.ha,
             priority=req.priority, state=VMState.CREATING, host=host, job=job_id,
             nics=[NicSpec(id=n.id, mac=random_mac(), network=n.network, vlan=vlan) for n in plan.nics],

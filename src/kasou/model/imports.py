@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from kasou.errors import InvalidSpec
+from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.names import validate_name
 from kasou.model.ovf import OvfEnvelope, OvfItem, OvfSystem, unit_bytes
 from kasou.model.parsing import parse_model
@@ -52,6 +53,8 @@ class VMImport(BaseModel):
     firmware: Literal["bios", "uefi"] | None = None  # None: the OVF's (BIOS without one)
     vcpus: StrictInt | None = None  # None: the OVF's (1 without one)
     memory_mib: StrictInt | None = None  # None: the OVF's (1024 without one)
+    cpu: str | None = None  # the virtual CPU model (kasou.model.machine; default x86-64-v2-AES)
+    machine: str | None = None  # a q35 machine type (default: pinned to the host's QEMU)
     network: str = USER_NETWORK  # every NIC goes on this network
     pool: str | None = None  # the storage pool of its disks (default: the built-in pool)
     host: str | None = None  # the host whose transfer directory holds the files (default: any that has them)
@@ -85,6 +88,10 @@ class VMImport(BaseModel):
             raise InvalidSpec(f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not "
                               f"{self.memory_mib}", field="memory_mib")  # fmt: skip
         validate_name(self.network, "network")
+        if self.cpu is not None:
+            validate_cpu(self.cpu)
+        if self.machine is not None:
+            validate_machine(self.machine)
         for field in ("pool", "host", "department", "anti_affinity"):
             if getattr(self, field) is not None:
                 validate_name(getattr(self, field), field)
@@ -170,6 +177,8 @@ class ImportPlan(BaseModel):
     memory_from: str
     firmware: Literal["bios", "uefi"]
     firmware_from: str
+    cpu: str | None = None  # set once the host is chosen (the machine type is pinned to its QEMU)
+    machine: str | None = None
     os: str | None = None
     disks: list[PlannedDisk]
     nics: list[PlannedNic]
@@ -189,6 +198,8 @@ class ImportPlan(BaseModel):
         out.append(f"vCPUs     {self.vcpus} ({self.vcpus_from})")
         out.append(f"memory    {self.memory_mib} MiB ({self.memory_from})")
         out.append(f"firmware  {self.firmware.upper()} ({self.firmware_from})")
+        if self.cpu or self.machine:
+            out.append(f"cpu       {self.cpu or '-'}, machine {self.machine or '-'}")
         for d in self.disks:
             out.append(f"{d.id:9} {d.origin} -> qcow2, {format_size(d.size_bytes)}, virtio")
         for c in self.controllers:
