@@ -106,6 +106,12 @@ class Paths:
         return Path(env).absolute() if env else self.home / "backups"
 
     @property
+    def transfer(self) -> Path:
+        """Files in and out of kasou (``KASOU_TRANSFER_DIR``): disks and appliances to import, exported OVAs."""
+        env = os.environ.get("KASOU_TRANSFER_DIR")
+        return Path(env).absolute() if env else self.home / "transfer"
+
+    @property
     def logs(self) -> Path:
         return self.home / "log"
 

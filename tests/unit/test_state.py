@@ -16,8 +16,11 @@ def test_transitions_table() -> None:
     assert allowed(Action.RESUME, VMState.PAUSED)
     assert not allowed(Action.DELETE, VMState.RUNNING)
     assert allowed(Action.DELETE, VMState.TEMPLATE)
+    assert allowed(Action.EXPORT, VMState.TEMPLATE)  # a template's disk is read, never changed
+    assert allowed(Action.EXPORT, VMState.STOPPED)
+    assert not allowed(Action.EXPORT, VMState.RUNNING)
     for action in Action:
-        if action != Action.DELETE:
+        if action not in (Action.DELETE, Action.EXPORT):
             assert not allowed(action, VMState.TEMPLATE)
 
 

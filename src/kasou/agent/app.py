@@ -10,6 +10,7 @@ registry; anything else the CA signed gets 403.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -30,7 +31,9 @@ from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
+from kasou.agent.sources import Sources
 from kasou.agent.storage import LocalDisks
+from kasou.agent.transfers import Transfers, add_transfer_routes
 from kasou.errors import InvalidSpec, NotFound
 from kasou.hypervisor.base import (
     AbortRequest,
@@ -78,6 +81,7 @@ class Agent:
         migration_address: str = "127.0.0.1",
         backup_dir: Path | None = None,
         known_hosts: KnownHosts | None = None,
+        transfer_dir: Path | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -88,6 +92,9 @@ class Agent:
         self.images = images
         self.migration_address = migration_address  # where this host listens for incoming migrations
         self.backup_dir = backup_dir or disks.disks_dir.parent / "backups"  # KASOU_BACKUP_DIR
+        # the files to import and the OVAs exported (KASOU_TRANSFER_DIR; kasou.agent.transfers)
+        self.transfer_dir = transfer_dir or disks.disks_dir.parent / "transfer"
+        self.transfers = Transfers(Sources(self.transfer_dir, host), disks)
         # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
         self.known_hosts: KnownHosts = known_hosts or _no_hosts
 
@@ -133,10 +140,13 @@ def create_agent_app(agent: Agent) -> FastAPI:
         umask = os.umask(PRIVATE_UMASK)  # every mode: what it, QEMU and qemu-img make is root's only
         try:
             agent.make_private()
+            with contextlib.suppress(OSError):
+                agent.transfer_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             await agent.driver.attach_all()
             try:
                 yield
             finally:
+                await agent.transfers.close()  # a conversion under way is ended and its file removed
                 # The VMs keep running: the agent only stops watching them.
                 await agent.driver.close()
         finally:
@@ -320,6 +330,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
     add_backup_routes(app, BackupFiles(d, agent.disks, agent.backup_dir))  # kasou.agent.backups
     add_console_routes(app, d)  # the VNC display as a websocket (kasou.agent.console)
+    add_transfer_routes(app, agent.transfers)  # imports and exports (kasou.agent.transfers)
 
     # -- storage pools and mirrored disks ---------------------------------------------------
 
@@ -358,7 +369,10 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
     @app.post("/agent/v1/disks/delete")
     async def delete_disk(body: dict[str, str]) -> dict[str, bool]:
-        return {"existed": await agent.disks.delete(body.get("path", ""))}
+        path = body.get("path", "")
+        agent.disks.check_disk_path(path)
+        await agent.transfers.cancel_target(path)  # an import still making it stops first
+        return {"existed": await agent.disks.delete(path)}
 
     @app.get("/agent/v1/stats")
     async def stats() -> StatsReport:

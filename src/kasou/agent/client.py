@@ -11,7 +11,17 @@ import httpx
 from httpx_ws import AsyncWebSocketSession, aconnect_ws
 
 from kasou.agent.hostinfo import HostInfo
-from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, DiskCreate, DiskInfo
+from kasou.agent.models import (
+    BackupCreate,
+    BackupMade,
+    BackupPrune,
+    BackupRestore,
+    DiskCreate,
+    DiskImport,
+    DiskInfo,
+    ExportCreate,
+    TransferStatus,
+)
 from kasou.agent.pools import PoolRef, PoolUsage
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval
 from kasou.errors import AgentUnavailable, OperationTimeout
@@ -39,6 +49,7 @@ from kasou.hypervisor.snapshots import (
     SnapshotTaken,
 )
 from kasou.hypervisor.stats import StatsReport
+from kasou.model.imports import ImportInspect, ImportSource
 from kasou.wire import raise_for_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -271,6 +282,31 @@ class AgentClient:
 
     async def delete_disk(self, path: str) -> bool:
         return bool((await self._call("POST", "/disks/delete", json={"path": path})).json()["existed"])
+
+    # -- imports and exports (kasou.agent.transfers): started here, followed by polling -------------
+
+    async def inspect_import(self, req: ImportInspect) -> ImportSource:
+        """What the host finds in the files to import (reads an OVA's members, qemu-img info of each disk)."""
+        resp = await self._call("POST", "/transfers/inspect", timeout=300, json=req.model_dump())
+        return ImportSource.model_validate(resp.json())
+
+    async def start_import(self, req: DiskImport) -> TransferStatus:
+        resp = await self._call("POST", "/transfers/imports", timeout=60, json=req.model_dump())
+        return TransferStatus.model_validate(resp.json())
+
+    async def start_export(self, req: ExportCreate) -> TransferStatus:
+        resp = await self._call("POST", "/transfers/exports", timeout=60, json=req.model_dump())
+        return TransferStatus.model_validate(resp.json())
+
+    async def transfer(self, task_id: str, wait_s: float = 0.0) -> TransferStatus:
+        """A transfer's status; with ``wait_s`` (at most 10), as soon as it ends or after that long."""
+        resp = await self._call("GET", f"/transfers/{task_id}", params={"wait_s": wait_s}, timeout=wait_s + 30)
+        return TransferStatus.model_validate(resp.json())
+
+    async def cancel_transfer(self, task_id: str) -> TransferStatus:
+        """End a transfer (removing what it made unless it succeeded) and forget it."""
+        resp = await self._call("DELETE", f"/transfers/{task_id}", timeout=60)
+        return TransferStatus.model_validate(resp.json())
 
     async def stats(self, timeout: float = 10.0) -> StatsReport:
         return StatsReport.model_validate((await self._call("GET", "/stats", timeout=timeout)).json())

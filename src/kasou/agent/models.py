@@ -5,11 +5,13 @@ them from here, so the control plane never imports that code."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.hypervisor.backups import BackupKind
+from kasou.model.imports import SourceDisk
+from kasou.model.ovf_write import OvfExport
 
 
 class DiskCreate(BaseModel):
@@ -111,3 +113,51 @@ class BackupPrune(BaseModel):
     path: str
     child: str | None = None  # the generation whose backing file ``path`` is
     child_digest: str | None = None  # checked after the merge
+
+
+class DiskImport(BaseModel):
+    """Body of ``POST /agent/v1/transfers/imports``: a new disk of a VM, converted from a file of the host's
+    transfer directory (:class:`kasou.model.imports.SourceDisk`, as its inspection found it) or empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    disk_id: str
+    source: SourceDisk | None = None  # None: an empty disk of size_bytes
+    size_bytes: int = Field(gt=0)  # grown to this if the source is smaller (an OVF's capacity)
+    shared: bool = False
+    pool: str | None = None
+    pool_path: str | None = None
+
+
+class ExportDiskSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    path: str  # a disk of this host (read through its chain: a VM with snapshots exports what it shows now)
+    format: str = "qcow2"
+
+
+class ExportCreate(BaseModel):
+    """Body of ``POST /agent/v1/transfers/exports``: a stopped VM's disks and descriptor into an OVA."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    file: str  # the OVA to write, in the host's transfer directory (refused if it exists)
+    disks: list[ExportDiskSource] = Field(min_length=1)
+    ovf: OvfExport  # its disks are filled in by the agent once they are converted
+
+
+class TransferStatus(BaseModel):
+    """An import or export running on a host (``GET /agent/v1/transfers/{id}``)."""
+
+    id: str
+    kind: Literal["import", "export"]
+    vm: str
+    state: Literal["running", "succeeded", "failed"] = "running"
+    progress: float = 0.0
+    step: str = ""
+    targets: list[str] = []  # the files it makes (removed if it fails or is cancelled)
+    error: dict[str, Any] | None = None  # a KasouError's dict
+    result: dict[str, Any] | None = None  # import: a DiskInfo; export: file, bytes

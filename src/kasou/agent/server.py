@@ -57,6 +57,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         # Migration streams and NBD exports listen on the address the agent serves on.
         migration_address=_listen_host(listen) or "127.0.0.1",
         backup_dir=paths.backups,
+        transfer_dir=paths.transfer,
         known_hosts=guard.host_registry(etcd, etcd_tls(paths.tls_files(), etcd))
         if tcp and etcd
         else None,  # kasou.peers

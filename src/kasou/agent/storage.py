@@ -17,6 +17,8 @@ from typing import Any
 from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PoolRef, PoolRegistry
 from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
+from kasou.hypervisor.base import validate_disk_id
+from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
 QEMU_IMG_TIMEOUT = 600.0  # a full copy of a large image can take minutes
@@ -60,19 +62,33 @@ class LocalDisks:
             raise InvalidSpec(f"{path} is not a disk of this host")
         return Path(path).resolve()
 
-    async def create(self, req: DiskCreate) -> DiskInfo:
-        if req.shared and self.shared_dir is None:
+    def new_disk_path(
+        self, vm: str, disk_id: str, shared: bool = False, pool: str | None = None, pool_path: str | None = None
+    ) -> Path:
+        """Where a new disk of VM ``vm`` goes (its directory made); AlreadyExists if a file is there."""
+        validate_name(vm)
+        validate_disk_id(disk_id)
+        if shared and self.shared_dir is None:
             raise InvalidSpec("this host has no shared storage (KASOU_SHARED_DIR)", field="storage")
-        base = self.shared_dir if req.shared and self.shared_dir is not None else self.disks_dir
-        if req.pool is not None:
-            ref = PoolRef(name=req.pool, path=req.pool_path)
+        base = self.shared_dir if shared and self.shared_dir is not None else self.disks_dir
+        if pool is not None:
+            ref = PoolRef(name=pool, path=pool_path)
             self.pools.register([ref])
             base = self.pools.path_of(ref)
-        vm_dir = base / req.vm
-        path = vm_dir / f"{req.disk_id}.qcow2"
+        path = base / vm / f"{disk_id}.qcow2"
         if path.exists():
             raise AlreadyExists(f"disk {path} already exists")
-        vm_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remove_new_disk(self, path: Path) -> None:
+        """Remove a disk being made that failed (and its VM's directory if that is empty now)."""
+        path.unlink(missing_ok=True)
+        _rmdir_if_empty(path.parent)
+
+    async def create(self, req: DiskCreate) -> DiskInfo:
+        path = self.new_disk_path(req.vm, req.disk_id, req.shared, req.pool, req.pool_path)
+        vm_dir = path.parent
         try:
             if req.source == "image":
                 await self._from_image(req, path)

@@ -29,6 +29,7 @@ from kasou.api.metrics import metrics_routes
 from kasou.api.portal import desktop_pool_routes, portal_routes
 from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
+from kasou.api.transfers import transfer_routes
 from kasou.api.users import user_routes
 from kasou.config import vendor_max_priority
 from kasou.control.events import Event, Severity
@@ -368,6 +369,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))
+    v1.include_router(transfer_routes(svc))  # vm import and export
     app.include_router(v1)
     app.include_router(live_routes(svc, principal))  # server-sent events: job progress, operator events
     app.include_router(metrics_routes(svc, principal))  # /metrics (Prometheus), /v1/metrics, /v1/metrics/history

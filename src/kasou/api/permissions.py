@@ -84,6 +84,8 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("PATCH", "/v1/vms/{name}/backup-policy"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/disks/{disk_id}/rebuild"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/migrate"): need("hosts"),  # the choice of a host is a host operation
+    ("POST", "/v1/imports"): need("operate", lists=True),  # the route keeps a vendor to their departments
+    ("POST", "/v1/vms/{name}/export"): need("operate", vm="name"),
     ("GET", "/v1/reports/uptime"): need("vm.read", lists=True),
     # jobs
     ("GET", "/v1/jobs"): need("vm.read", lists=True),

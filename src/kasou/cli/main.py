@@ -26,6 +26,7 @@ from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
 from kasou.cli.tls import tls_app
+from kasou.cli.transfer import vm_export, vm_import
 from kasou.cli.users import user_app
 from kasou.config import Paths, check_settings
 from kasou.errors import KasouError
@@ -399,6 +400,10 @@ def vm_migrate(
     )
     for w in r.get("warnings") or []:  # e.g. its old copy could not be ended: an operator must act
         err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
+
+
+vm_app.command("import")(vm_import)  # kasou.cli.transfer
+vm_app.command("export")(vm_export)
 
 
 @vm_app.command("template")

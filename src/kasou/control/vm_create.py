@@ -29,6 +29,7 @@ from kasou.errors import (
     StoreConflict,
 )
 from kasou.hypervisor.base import RuntimeState
+from kasou.model.imports import VMImport
 from kasou.model.machine import DEFAULT_CPU, DEFAULT_MACHINE, KVM_ONLY_CPUS, pinned_machine
 from kasou.model.pools import DEFAULT_POOL
 from kasou.model.spec import DiskSpec, MirrorCopy, NicSpec, VMCreate, random_mac
@@ -47,7 +48,7 @@ class CreateVMs(VMControl, Protocol):
     pools: Pools
 
 
-async def cpu_and_machine(svc: CreateVMs, spec: VMCreate, host: str | None) -> tuple[str, str]:
+async def cpu_and_machine(svc: VMControl, spec: VMCreate | VMImport, host: str | None) -> tuple[str, str]:
     """The VM's CPU model (the default unless asked) and its machine type, pinned to the versioned q35 of
     the QEMU on ``host`` unless asked. ``host`` (the hosts' own CPU) needs KVM on every host: refused where
     one runs TCG, with the hosts named."""

@@ -30,6 +30,7 @@ from kasou.control.desktops import Desktops
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
+from kasou.control.imports import Imports
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
 from kasou.control.mirrors import Mirrors, launch_disk
@@ -94,6 +95,7 @@ class VMService:
         self.pools = Pools(self)
         self.mirrors = Mirrors(self)
         self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
+        self.imports = Imports(self)  # kasou.control.imports: vm import and export
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
@@ -478,7 +480,7 @@ class VMService:
 
     async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:
         """start, shutdown, stop, reboot, pause or resume, as a job."""
-        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE):
+        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE, Action.EXPORT):
             raise InvalidSpec(f"{action.value} is not a power action")
         job_id = _job_id()
         rec = await self.records.get(name)

@@ -39,6 +39,7 @@ class Action(StrEnum):
     DELETE = "delete"
     TEMPLATE = "template"
     MIGRATE = "migrate"
+    EXPORT = "export"
 
 
 _ALLOWED: dict[Action, frozenset[VMState]] = {
@@ -51,6 +52,7 @@ _ALLOWED: dict[Action, frozenset[VMState]] = {
     Action.DELETE: frozenset({VMState.STOPPED, VMState.CRASHED, VMState.TEMPLATE}),
     Action.TEMPLATE: frozenset({VMState.STOPPED}),
     Action.MIGRATE: frozenset({VMState.RUNNING}),
+    Action.EXPORT: frozenset({VMState.STOPPED, VMState.TEMPLATE}),
 }
 
 _HINT: dict[Action, str] = {
@@ -63,6 +65,7 @@ _HINT: dict[Action, str] = {
     Action.DELETE: "stop it first",
     Action.TEMPLATE: "only a stopped VM can become a template",
     Action.MIGRATE: "only a running VM can be live-migrated",
+    Action.EXPORT: "only a stopped VM can be exported (shut it down first)",
 }
 
 # States from which a process exists on a host (or may, while it is changing).
@@ -76,7 +79,7 @@ def allowed(action: Action, state: VMState) -> bool:
 def check_action(name: str, action: Action, state: VMState) -> None:
     """Raise WrongState (HTTP 409) unless ``action`` may run on a VM in ``state``."""
     if not allowed(action, state):
-        if state == VMState.TEMPLATE and action != Action.DELETE:
+        if state == VMState.TEMPLATE and action not in (Action.DELETE, Action.EXPORT):
             hint = "it is a template; create a VM from it with --from"
         elif state == VMState.UNKNOWN:
             hint = "its host does not answer"
