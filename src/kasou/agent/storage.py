@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PoolRef, PoolRegistry
 from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
+from kasou.model.firmware import TPM_DIR, alternate
 from kasou.model.units import format_size
 
 QEMU_IMG_TIMEOUT = 600.0  # a full copy of a large image can take minutes
@@ -150,9 +152,16 @@ class LocalDisks:
         )
 
     async def delete(self, path: str | Path) -> bool:
+        """Delete a disk file (or a VM's UEFI variable store, or its TPM's state directory, ``tpm``/``tpm-2``),
+        and the VM's directory once it is empty."""
         p = self._inside(path)
         existed = p.exists()
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            if p.name not in (TPM_DIR, alternate(TPM_DIR)):
+                raise InvalidSpec(f"{p} is a directory, not a disk")
+            await asyncio.to_thread(shutil.rmtree, p)
+        else:
+            p.unlink(missing_ok=True)
         _rmdir_if_empty(p.parent)
         return existed
 
