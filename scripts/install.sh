@@ -12,6 +12,7 @@ fi
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
 PACKAGES+=(novnc chromium)  # the web console's noVNC (served at /ui/novnc/), and the browser the UI tests drive
+PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
 
