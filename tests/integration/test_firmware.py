@@ -23,6 +23,7 @@ import pytest
 
 from kasou.agent.models import BackupCreate, BackupRestore, BackupSource, FirmwareCreate, TpmRestore
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeState
+from kasou.hypervisor.qemu import firmware as fw
 from kasou.hypervisor.qemu import tpm
 from kasou.model.firmware import VARS_ID, moved
 from tests.integration.qemu_rig import (
@@ -243,3 +244,59 @@ async def test_start_time_bios_and_uefi(tiny_image: Path) -> None:
         f"({', '.join(f'{t:.2f}' for t in times['uefi'])})"
     )
     assert all(len(t) == 3 for t in times.values())
+
+
+async def test_shared_storage_keeps_one_variable_store_and_moves_the_tpm_to_a_new_directory(hosts: TwoHosts) -> None:
+    """Disk and variable store on storage both hosts see: both QEMUs open the one store (the destination only
+    once it runs); the destination's swtpm runs on a new directory beside the old one (swtpm locks its own)."""
+    p = hosts
+    home = p.root / "shared" / NAME
+    disk = qcow2_copy(p.image_disk, home / "disk0.qcow2")
+    nvram = home / "efivars.fd"
+    fw.make_vars(nvram, "uefi", p.a.driver.ovmf_dir)
+    await tpm.manufacture(home / "tpm")
+    ek = ek_certificate(home / "tpm")
+    await start_writing(p.a, spec(disk, str(nvram), str(home / "tpm")), lines=3)
+    booted = boots(nvram)
+    same_nvram, tpm_b = moved(str(nvram), str(home / "tpm"), None)
+    assert same_nvram == str(nvram) and tpm_b == str(home / "tpm-2")
+    inc = await p.b.driver.prepare_incoming(spec(disk, str(nvram), tpm_b), "shared", "127.0.0.1")
+    await p.a.driver.migrate_out(NAME, inc)
+
+    async def completed() -> bool:
+        st = await p.a.driver.migration_status(NAME)
+        assert st.status not in ("failed", "cancelled"), st
+        return st.status == "completed"
+
+    await wait_for("the migration to complete", completed, 120)
+    await p.b.driver.finish_incoming(NAME)
+    await p.a.driver.finish_out(NAME)
+    assert ek in permall(tpm_b) and swtpm_pids(p.a.root) == []
+    await writes_go_on(p.b, more=5)
+    await check_tpm(p.b)
+    assert boots(nvram) == booted  # the one store, as the guest left it (no reboot)
+    await p.b.driver.stop(NAME)
+
+
+async def test_qemu_takes_the_windows_command_line(tiny_image: Path) -> None:
+    """No Windows image here: the tiny guest under ``--os windows``'s settings (Secure Boot, a TPM, Hyper-V
+    enlightenments, the clock in local time) shows that QEMU on this host takes them and boots."""
+    root = scratch("kasou-fww-")
+    h = AgentHost.make(root, "h", tiny_image, "win1")
+    await h.driver.attach_all()
+    try:
+        disk = qcow2_copy(tiny_disk(tiny_image), h.disks / "win1" / "disk0.qcow2")
+        made = await h.client.create_firmware(FirmwareCreate(vm="win1", beside=str(disk), firmware="uefi-secure",
+                                                             tpm=True))  # fmt: skip
+        s = spec(disk, made.nvram, made.tpm_state, "uefi-secure", name="win1").model_copy(
+            update={"os": "windows", "cpu": "x86-64-v2-AES"}
+        )
+        await start_writing(h, s, lines=1, what="the guest under Windows' settings to write")
+        argv = Path(f"/proc/{(await h.client.info('win1')).pid}/cmdline").read_bytes().split(b"\0")
+        assert b"base=localtime" in argv and any(b",hv_relaxed," in a for a in argv)
+        await check_tpm(h)
+        await h.client.action("win1", "stop")
+    finally:
+        await h.close()
+        await end_processes(root)
+        shutil.rmtree(root, ignore_errors=True)

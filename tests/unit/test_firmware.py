@@ -154,6 +154,9 @@ def test_windows_command_line() -> None:
     )
     assert opt(argv, "-rtc") == ["base=localtime"]
     assert "-kernel" not in argv
+    # Without KVM QEMU refuses hv_vpindex (and so synic and stimer): a TCG host leaves those three out.
+    (tcg_cpu,) = opt(build_argv(s, FILES, "tcg", None, firmware_code=CODE), "-cpu")
+    assert tcg_cpu.endswith(",hv_relaxed,hv_vapic,hv_spinlocks=0x1fff,hv_time,hv_reset,hv_frequencies")
     # A Windows VM made before kasou named CPU models still gets the enlightenments, on the default model.
     assert opt(build_argv(s.model_copy(update={"cpu": None}), FILES, "kvm", None, firmware_code=CODE), "-cpu")[
         0

@@ -137,9 +137,14 @@ def alternate(path: str | Path) -> str:
     return str(p.with_name(stem + suffix))
 
 
-def hyperv_cpu(cpu: str) -> str:
-    """The ``-cpu`` value of a Windows guest: the model with the Hyper-V enlightenments."""
-    return ",".join([cpu, *HYPERV_FLAGS])
+#: QEMU 7.2 refuses these without KVM ("kernel doesn't allow setting HyperV VP_INDEX"); stimer needs synic.
+HYPERV_KVM_ONLY = ("hv_vpindex", "hv_synic", "hv_stimer")
+
+
+def hyperv_cpu(cpu: str, kvm: bool = True) -> str:
+    """The ``-cpu`` value of a Windows guest: the model with the Hyper-V enlightenments (under TCG without
+    those QEMU takes from KVM only)."""
+    return ",".join([cpu, *(f for f in HYPERV_FLAGS if kvm or f not in HYPERV_KVM_ONLY)])
 
 
 def moved(nvram: str | None, tpm_state: str | None, home: str | None) -> tuple[str | None, str | None]:

@@ -116,7 +116,7 @@ def build_argv(
     """
     cpu = qemu_cpu(spec.cpu) if spec.cpu else None
     if spec.os == "windows":  # Hyper-V enlightenments: Windows runs far better with them (KVM)
-        cpu = hyperv_cpu(cpu or qemu_cpu(DEFAULT_CPU))
+        cpu = hyperv_cpu(cpu or qemu_cpu(DEFAULT_CPU), kvm=accelerator == "kvm")
     argv = [
         qemu_binary,
         "-name", f"guest={spec.name},debug-threads=on",

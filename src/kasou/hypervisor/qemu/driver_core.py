@@ -292,7 +292,7 @@ class DriverCore(Driver):
                 if spec.nvram is not None:  # the UEFI variables are the VM's, as its disks
                     cf.hand_over_disk(spec.nvram, ident, spec.name)
                 if spec.tpm_state is not None:
-                    tpm.hand_over(Path(spec.tpm_state), ident)
+                    tpm.hand_over(spec.name, Path(spec.tpm_state), ident)
                 memory = (spec.memory_mib + self.confine.memory_overhead_mib) * 1024 * 1024
                 if cf.cgroups_visible():
                     cgroup = cf.make_cgroup(spec.name, self._cgroup_tag, memory, spec.vcpus)

@@ -102,9 +102,11 @@ async def manufacture(state_dir: Path, timeout: float = SETUP_TIMEOUT, binary: s
     (state_dir / ".lock").unlink(missing_ok=True)
 
 
-def hand_over(state_dir: Path, ident: Identity) -> None:
+def hand_over(vm: str, state_dir: Path, ident: Identity) -> None:
     """The state directory and its files become the VM user's (0700 / 0600). Links are never followed
     and a file with a second name (a hard link the VM's user may have made to another file) is left alone."""
+    if not state_dir.is_dir() or state_dir.is_symlink():
+        raise QemuStartError(f"the TPM state of VM {vm!r} is missing: {state_dir}")
     searchable(state_dir)
     os.chown(state_dir, ident.uid, ident.gid, follow_symlinks=False)
     os.chmod(state_dir, 0o700)
