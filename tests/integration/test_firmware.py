@@ -25,7 +25,9 @@ from kasou.agent.models import BackupCreate, BackupRestore, BackupSource, Firmwa
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeState
 from kasou.hypervisor.qemu import firmware as fw
 from kasou.hypervisor.qemu import tpm
+from kasou.hypervisor.snapshots import SnapshotDiskNow, SnapshotRevert, SnapshotTake
 from kasou.model.firmware import VARS_ID, moved
+from tests.integration.conftest import Kasou
 from tests.integration.qemu_rig import (
     DISK_SIZE,
     AgentHost,
@@ -300,3 +302,57 @@ async def test_qemu_takes_the_windows_command_line(tiny_image: Path) -> None:
         await h.close()
         await end_processes(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_through_kasou(kasou: Kasou) -> None:
+    """The whole stack: vm create --firmware uefi --tpm --start, vm show, a refusal of one line, vm delete."""
+    r = kasou.run("vm", "create", "w", "--image", "tiny", "--os", "windows", "--firmware", "bios", check=False)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --os windows needs --firmware uefi-secure")
+    assert len(r.stderr.strip().splitlines()) == 1 and kasou.json("vm", "list") == []
+    kasou.run("vm", "create", "emr1", "--image", "tiny", "--memory", "256", "--firmware", "uefi", "--tpm", "--start",
+              timeout=180)  # fmt: skip
+    vm = kasou.wait_ready("emr1", timeout=120)
+    assert (vm["firmware"], vm["tpm"]) == ("uefi", True)
+    assert Path(vm["nvram"]).is_file() and (Path(vm["tpm_state"]) / "tpm2-00.permall").is_file()
+    assert "firmware      uefi, TPM 2.0" in kasou.run("vm", "show", "emr1").stdout
+    kasou.run("vm", "stop", "emr1")
+    kasou.run("vm", "delete", "emr1")
+    assert not Path(vm["nvram"]).parent.exists()
+
+
+async def test_a_memory_snapshot_resumes_with_its_variables_and_its_tpm(tiny_image: Path) -> None:
+    """Revert to a snapshot with memory: QEMU restores the flash and the TPM's state with the guest's memory
+    (swtpm takes the state back; the variables are those of that instant); the guest goes on, no reboot."""
+    root = scratch("kasou-fws-")
+    h = AgentHost.make(root, "h", tiny_image, NAME)
+    await h.driver.attach_all()
+    try:
+        disk = qcow2_copy(tiny_disk(tiny_image), h.disks / NAME / "disk0.qcow2")
+        made = await h.client.create_firmware(FirmwareCreate(vm=NAME, beside=str(disk), firmware="uefi", tpm=True))
+        assert made.nvram is not None and made.tpm_state is not None
+        s = spec(disk, made.nvram, made.tpm_state)
+        await start_writing(h, s, lines=3)
+        booted = boots(made.nvram)
+        take = SnapshotTake(snapshot="m1", disks=[SnapshotDiskNow(id="disk0", path=str(disk))], memory=True)
+        m1 = await h.client.take_snapshot(NAME, take)
+        assert m1.memory_path is not None
+        await writes_go_on(h, more=5)
+        await h.client.action(NAME, "stop")
+        await h.client.forget(NAME)
+        await h.client.revert_snapshot(NAME, SnapshotRevert(disks=m1.disks))
+        overlay = LaunchDisk(id="disk0", path=m1.disks[0].overlay, size_bytes=DISK_SIZE)
+        info = await h.client.restore(NAME, s.model_copy(update={"disks": [overlay]}), m1.memory_path)
+        assert info.state == RuntimeState.RUNNING
+        await wait_for("the restored guest to write", lambda: _writes(h), 60)
+        assert "KASOU-READY" not in h.log(), "the guest went on from the saved instant, it did not boot"
+        assert boots(made.nvram) == booted
+        await check_tpm(h)
+        await h.client.action(NAME, "stop")
+    finally:
+        await h.close()
+        await end_processes(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _writes(h: AgentHost) -> bool:
+    return len(h.seqs()) >= 3
