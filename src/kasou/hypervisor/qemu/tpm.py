@@ -10,8 +10,8 @@ driver starts::
 
 as the VM's own user and in its cgroup (confined as QEMU is), and QEMU gets ``-chardev socket`` on that
 control socket, ``-tpmdev emulator`` and a ``tpm-crb`` device. ``--terminate``: swtpm ends when QEMU's
-connection goes, and QEMU's orderly exit sends it ``CMD_SHUTDOWN``; the driver ends whatever is left
-when the VM ends or fails to start. The agent keeps swtpm's pid itself (``swtpm.pid``, its own file
+connection goes (also when QEMU is killed and no agent watches); the driver ends whatever is left when
+the VM ends or fails to start. The agent keeps swtpm's pid itself (``swtpm.pid``, its own file
 in the runtime directory, checked against ``/proc`` before any signal), not a pid file the VM's
 user could write.
 
