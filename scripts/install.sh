@@ -13,10 +13,10 @@ fi
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
 PACKAGES+=(novnc chromium)  # the web console's noVNC (served at /ui/novnc/), and the browser the UI tests drive
 # The debian image (kasou image build debian): mmdebstrap installs Debian 12 from the host's mirror, and the
-# GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together; ovmf is the UEFI
-# firmware (with the Secure Boot variables) its UEFI boot is checked with.
-PACKAGES+=(mmdebstrap fdisk dosfstools mtools ovmf)
+# GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together.
+PACKAGES+=(mmdebstrap fdisk dosfstools mtools)
 PACKAGES+=(grub-pc-bin xorriso mtools)  # the import tests make a BIOS-bootable disk of the tiny guest (grub-mkrescue)
+PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
 

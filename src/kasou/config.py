@@ -179,6 +179,11 @@ def host_name() -> str:
     return os.environ.get("KASOU_HOST_NAME") or socket.gethostname().split(".")[0]
 
 
+def ovmf_dir() -> Path:
+    """Where the host's UEFI firmware images are (Debian's ``ovmf`` package): ``KASOU_OVMF_DIR``."""
+    return Path(os.environ.get("KASOU_OVMF_DIR", "").strip() or "/usr/share/OVMF")
+
+
 def uplink() -> str | None:
     """``KASOU_UPLINK``: the interface that carries VM networks off this host (e.g. ``eth1``), if any."""
     return os.environ.get("KASOU_UPLINK", "").strip() or None

@@ -25,6 +25,7 @@ from kasou.hypervisor.backups import BackupDisk, bitmap_name
 from kasou.hypervisor.base import IncomingInfo, RuntimeInfo, RuntimeState
 from kasou.hypervisor.snapshots import SnapshotDiskNow, SnapshotMerge, SnapshotMergeDisk, SnapshotTake
 from tests.contract.conftest import Guest, Rig, qcow2_like
+from tests.integration.qemu_rig import swtpm_pids
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -93,6 +94,22 @@ async def test_a_failed_start_leaves_nothing(rig: Rig) -> None:
         await rig.driver.start(spec)
     assert await rig.driver.info(spec.name) is None
     assert spec.name not in [i.name for i in await rig.driver.list()]
+
+
+async def test_a_start_without_its_firmware_state_leaves_nothing(rig: Rig) -> None:
+    """A UEFI VM whose variable store is missing (its TPM started already), and a VM whose TPM state is
+    missing, do not start; no process (QEMU or swtpm) is left."""
+    home = rig.root / "disks" / "c-nofw"
+    state = home / "tpm"
+    state.mkdir(parents=True, exist_ok=True)
+    for spec in (
+        rig.spec("c-nofw", firmware="uefi", nvram=str(home / "missing.fd"), tpm_state=str(state)),
+        rig.spec("c-nofw", tpm_state=str(home / "no-tpm")),
+    ):
+        with pytest.raises(QemuStartError):
+            await rig.driver.start(spec)
+        assert await rig.driver.info(spec.name) is None
+        assert swtpm_pids(rig.root) == []
 
 
 # -- the shared running guest -------------------------------------------------------------------

@@ -45,6 +45,7 @@ from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.base import (
     Driver,
     IncomingInfo,
+    LaunchDisk,
     LaunchSpec,
     MigrationStatus,
     MigrationStorage,
@@ -55,7 +56,6 @@ from kasou.hypervisor.base import (
     RuntimeState,
     validate_disk_id,
 )
-from kasou.hypervisor.qemu.migration import create_disk
 from kasou.hypervisor.snapshots import (
     SnapshotLayers,
     SnapshotMerge,
@@ -69,6 +69,8 @@ from kasou.hypervisor.snapshots import (
     overlay_path,
 )
 from kasou.hypervisor.stats import DiskIO, NicIO, VmStats
+from kasou.model.firmware import VARS_ID
+from tests.doubles.exports import FakeExports
 
 _GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
 _ACTIVE = (*_GUEST, RuntimeState.INCOMING)
@@ -89,50 +91,6 @@ class _In:
     info: IncomingInfo
     created: list[str]
     arrived: RuntimeInfo | None = None  # the source's view when the migration completed
-
-
-@dataclass
-class _Served:
-    host: str
-    port: int
-    export: str
-    path: Path
-
-
-class FakeExports(ReplicaExports):
-    """Replica daemons of fake hosts: entries in a registry shared by the whole process."""
-
-    #: Served replicas: file path -> where.
-    served: ClassVar[dict[Path, _Served]] = {}
-    _next_port: ClassVar[int] = 20000
-
-    async def create(self, path: Path, size_bytes: int) -> None:
-        await create_disk(path, "qcow2", size_bytes)  # a real image file, as QEMU's exports make
-
-    async def start(self, path: Path, export: str, listen_host: str, writethrough: bool) -> int:
-        if path in FakeExports.served:
-            raise Conflict(f"a replica daemon already serves {path}")
-        FakeExports._next_port += 1
-        FakeExports.served[path] = _Served(listen_host, FakeExports._next_port, export, path)
-        return FakeExports._next_port
-
-    def alive(self, path: Path) -> bool:
-        return path in FakeExports.served
-
-    async def stop(self, path: Path) -> None:
-        FakeExports.served.pop(path, None)
-
-    @staticmethod
-    def kill(path: Path) -> None:
-        """Test hook: the daemon of ``path`` dies (its VM's host sees the replica degraded)."""
-        FakeExports.served.pop(path, None)
-
-    @staticmethod
-    def find(host: str, port: int, export: str) -> _Served | None:
-        for s in FakeExports.served.values():
-            if (s.host, s.port, s.export) == (host, port, export):
-                return s
-        return None
 
 
 @dataclass
@@ -294,11 +252,21 @@ class FakeDriver(Driver):
                     raise InvalidSpec(f"disk {d.id} needs size_bytes to be copied", field="disks")
                 if Path(d.path).exists():
                     raise AlreadyExists(f"disk {d.path} already exists on this host")
+            if spec.nvram is not None and Path(spec.nvram).exists():
+                raise AlreadyExists(f"{spec.nvram} already exists on this host")
             for d in spec.disks:
                 created.append(d.path)
                 _make_disk(Path(d.path), d.format, d.size_bytes or 0)
+            if spec.nvram is not None:  # as QEMU's driver: a copy of OVMF's template, filled by the mirror
+                created.append(spec.nvram)
+                Path(spec.nvram).write_bytes(b"\0" * 4096)
         else:
-            _check_disks(spec)  # the waiting QEMU opens the shared disks
+            _check_disks(spec.model_copy(update={"tpm_state": None}))  # the waiting QEMU opens the shared disks
+        if spec.tpm_state is not None:  # the TPM's state always arrives in a new directory
+            if Path(spec.tpm_state).exists():
+                raise AlreadyExists(f"{spec.tpm_state} already exists on this host")
+            created.append(spec.tpm_state)
+            Path(spec.tpm_state).mkdir(parents=True)
         FakeDriver._next_port += 2
         port = FakeDriver._next_port
         info = IncomingInfo(
@@ -430,6 +398,8 @@ class FakeDriver(Driver):
             raise WrongState(f"VM {name!r} is not arriving on this host; there is no migration to abort")
         FakeDriver._listening.pop(arriving.info.migration_uri, None)
         for path in arriving.created:
+            if Path(path).is_dir():
+                shutil.rmtree(path)
             Path(path).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 Path(path).parent.rmdir()
@@ -510,9 +480,12 @@ class FakeDriver(Driver):
         done: builtins.list[Path] = []
         try:
             for d in disks:
-                src = next(x for x in spec.disks if x.id == d.disk_id)
-                incremental = d.backing is not None and d.base_bitmap is not None
-                persistent = await imagefiles.bitmaps(src.path) if incremental and src.format == "qcow2" else []
+                if d.disk_id == VARS_ID and spec.nvram is not None:  # the UEFI variables: a raw node, always full
+                    src = LaunchDisk(id=VARS_ID, path=spec.nvram, format="raw")
+                else:
+                    src = next(x for x in spec.disks if x.id == d.disk_id)
+                incremental = d.backing is not None and d.base_bitmap is not None and src.format == "qcow2"
+                persistent = await imagefiles.bitmaps(src.path) if incremental else []
                 incremental = incremental and (held.get(d.disk_id) == d.base_bitmap or d.base_bitmap in persistent)
                 target = Path(d.target)
                 done.append(target)
@@ -525,7 +498,8 @@ class FakeDriver(Driver):
                 out.append(
                     BackupDiskResult(
                         disk_id=d.disk_id, kind="incremental" if incremental else "full", target=d.target,
-                        backing=d.backing if incremental else None, bitmap=d.new_bitmap,
+                        backing=d.backing if incremental else None,
+                        bitmap=d.new_bitmap if src.format == "qcow2" else None,
                         bytes_copied=Path(d.target).stat().st_size, note=note,
                     )
                 )  # fmt: skip
@@ -534,7 +508,8 @@ class FakeDriver(Driver):
                 t.unlink(missing_ok=True)
             raise
         for d in disks:
-            held[d.disk_id] = d.new_bitmap
+            if d.disk_id != VARS_ID:
+                held[d.disk_id] = d.new_bitmap
         return out
 
     def drop_bitmaps(self, name: str) -> None:
@@ -678,12 +653,15 @@ class FakeDriver(Driver):
 
 
 def _check_disks(spec: LaunchSpec) -> None:
-    """QEMU opens every disk of a VM as it starts: one that is not there is a failed start."""
-    for d in spec.disks:
-        if not Path(d.path).exists():
+    """QEMU opens every disk of a VM (and its UEFI variables) as it starts: one that is not there is a failed
+    start, and so is a missing TPM state (the QEMU driver's swtpm refuses it)."""
+    for path in [d.path for d in spec.disks] + ([spec.nvram] if spec.nvram is not None else []):
+        if not Path(path).exists():
             raise QemuStartError(
-                f"QEMU refused to start VM {spec.name!r}: Could not open '{d.path}': No such file or directory"
+                f"QEMU refused to start VM {spec.name!r}: Could not open '{path}': No such file or directory"
             )
+    if spec.tpm_state is not None and not Path(spec.tpm_state).is_dir():
+        raise QemuStartError(f"the TPM state of VM {spec.name!r} is missing: {spec.tpm_state}")
 
 
 def _make_disk(path: Path, fmt: str, size_bytes: int) -> None:

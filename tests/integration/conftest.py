@@ -161,13 +161,15 @@ def command_lines() -> Iterator[tuple[int, list[str]]]:
 
 
 def qemu_pids_of(home: Path) -> list[int]:
-    """QEMU processes started for this home (their command lines name its paths)."""
+    """QEMU processes (and their swtpm) started for this home (their command lines name its paths)."""
     paths = Paths.from_env(home)
     marks = (str(home), str(paths.vm_run))
     return [
         pid
         for pid, args in command_lines()
-        if args and "qemu-system" in args[0] and any(m in a for a in args for m in marks)
+        if args
+        and ("qemu-system" in args[0] or Path(args[0]).name == "swtpm")  # a VM's TPM ends with it
+        and any(m in a for a in args for m in marks)
     ]
 
 

@@ -109,13 +109,21 @@ async def wait_for(what: str, cond: Callable[[], Awaitable[T | None]], timeout: 
 
 
 def pids_under(root: Path, storage_daemons: bool = True) -> list[int]:
-    """QEMU (and qemu-storage-daemon) processes whose command line names ``root``."""
+    """QEMU (and qemu-storage-daemon) processes, and the VMs' swtpm, whose command line names ``root``."""
     names = ("qemu-system", "qemu-storage-daemon") if storage_daemons else ("qemu-system",)
     return [
         pid
         for pid, args in command_lines()
-        if args and any(n in args[0] for n in names) and any(str(root) in a for a in args)
+        if args
+        and (any(n in args[0] for n in names) or Path(args[0]).name == "swtpm")
+        and any(str(root) in a for a in args)
     ]
+
+
+def swtpm_pids(root: Path) -> list[int]:
+    """The live swtpm processes whose command line names ``root``."""
+    return [p for p, args in command_lines() if args and Path(args[0]).name == "swtpm" and pid_alive(p)
+            and any(str(root) in a for a in args)]  # fmt: skip
 
 
 async def end_processes(root: Path, storage_daemons: bool = True, check: bool = True) -> None:

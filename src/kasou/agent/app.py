@@ -26,6 +26,7 @@ from kasou import __version__
 from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
+from kasou.agent.firmware import FirmwareState, add_firmware_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
@@ -34,6 +35,7 @@ from kasou.agent.snapshots import AgentSnapshots
 from kasou.agent.sources import Sources
 from kasou.agent.storage import LocalDisks
 from kasou.agent.transfers import Transfers, add_transfer_routes
+from kasou.config import ovmf_dir
 from kasou.errors import InvalidSpec, NotFound
 from kasou.hypervisor.base import (
     AbortRequest,
@@ -82,6 +84,7 @@ class Agent:
         backup_dir: Path | None = None,
         known_hosts: KnownHosts | None = None,
         transfer_dir: Path | None = None,
+        ovmf: Path | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -97,6 +100,7 @@ class Agent:
         self.transfers = Transfers(Sources(self.transfer_dir, host), disks)
         # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
         self.known_hosts: KnownHosts = known_hosts or _no_hosts
+        self.firmware = FirmwareState(disks, ovmf or ovmf_dir())  # UEFI variables and TPMs (kasou.agent.firmware)
 
     def private_dirs(self) -> list[Path]:
         """The directories that hold guests' data: disks, shared storage, the pools it knows, backups."""
@@ -235,10 +239,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
     async def prepare_incoming(name: str, req: IncomingRequest) -> IncomingInfo:
         if req.spec.name != name:
             raise NotFound(f"spec is for {req.spec.name!r}, not {name!r}")
-        if req.storage == "copy":  # its disk directory, or a pool the control plane told it of
-            for disk in req.spec.disks:
-                if not agent.disks.is_disk_path(disk.path):
-                    raise InvalidSpec(f"{disk.path} is not a disk path of host {agent.host}", field="disks")
+        makes = [d.path for d in req.spec.disks] if req.storage == "copy" else []
+        makes += [p for p in (req.spec.nvram if req.storage == "copy" else None, req.spec.tpm_state) if p]
+        for path in makes:  # its disk directory, or a pool the control plane told it of
+            if not agent.disks.is_disk_path(path):
+                raise InvalidSpec(f"{path} is not a disk path of host {agent.host}", field="disks")
         return await d.prepare_incoming(req.spec, req.storage, req.listen_host or agent.migration_address)
 
     @app.post("/agent/v1/vms/{name}/migrate")
@@ -329,6 +334,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
         return await snaps.restore(name, req)
 
     add_backup_routes(app, BackupFiles(d, agent.disks, agent.backup_dir))  # kasou.agent.backups
+    add_firmware_routes(app, agent.firmware, agent.backup_dir)  # kasou.agent.firmware
     add_console_routes(app, d)  # the VNC display as a websocket (kasou.agent.console)
     add_transfer_routes(app, agent.transfers)  # imports and exports (kasou.agent.transfers)
 

@@ -11,6 +11,7 @@ Paths outside the backup directory are refused. A failed backup leaves no file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from kasou.agent import firmware
 from kasou.agent.models import (
     BackupCheck,
     BackupCreate,
@@ -34,6 +36,7 @@ from kasou.errors import AlreadyExists, BackupCorrupt, ImageError, InvalidSpec, 
 from kasou.hypervisor import imagefiles
 from kasou.hypervisor.backups import BITMAP_PREFIX, BackupDisk, BackupDiskResult, BackupKind, bitmap_name
 from kasou.hypervisor.base import Driver, RuntimeState, validate_disk_id
+from kasou.model.firmware import TPM_DIR, VARS_FILE, VARS_ID
 from kasou.model.names import validate_name
 
 _LIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
@@ -73,19 +76,25 @@ class BackupFiles:
         info = await self.driver.info(vm)
         running = info is not None and info.state in _LIVE
         t0 = time.monotonic()
+        tpm_file = self.dir / vm / TPM_DIR / f"g{req.generation:06d}-{req.backup_id}.tar"
+        tpm = None
         try:
             if running:
                 results = await self.driver.backup_disks(vm, req.backup_id, disks, req.timeout_s)
             else:
                 results = await self._offline(req, disks, new_bitmap)
+            if req.tpm_state is not None:  # its files, right after the disks' point in time
+                tpm = await asyncio.to_thread(firmware.pack, self.disks.check_disk_path(req.tpm_state), tpm_file)
             t1 = time.monotonic()
             files = [await self._verify_new(r, req, vm) for r in results]
         except BaseException:
             for d in disks:
                 imagefiles.remove(Path(d.target))
+            if tpm is not None:
+                imagefiles.remove(tpm_file)
             raise
         return BackupMade(running=running, files=files, copy_s=round(t1 - t0, 3),
-                          verify_s=round(time.monotonic() - t1, 3))  # fmt: skip
+                          verify_s=round(time.monotonic() - t1, 3), tpm=tpm)  # fmt: skip
 
     async def _offline(self, req: BackupCreate, disks: list[BackupDisk], new_bitmap: str) -> list[BackupDiskResult]:
         """A VM that does not run: a full copy, or an incremental by content against the previous generation."""
@@ -144,12 +153,13 @@ class BackupFiles:
         src = self._inside(req.path)
         if not src.exists():
             raise BackupCorrupt(f"backup file {src} is missing")
-        dest = self.disks.disks_dir / req.vm / f"{req.disk_id}.qcow2"
+        name = VARS_FILE if req.disk_id == VARS_ID else f"{req.disk_id}.{req.format}"
+        dest = self.disks.disks_dir / req.vm / name
         if dest.exists():
             raise AlreadyExists(f"disk {dest} already exists")
         try:
             await imagefiles.check_chain(src)
-            await imagefiles.restore_verified(src, dest, req.digest, self.scratch)
+            await imagefiles.restore_verified(src, dest, req.digest, self.scratch, req.format)
         except ImageError as e:
             dest.unlink(missing_ok=True)
             _rmdir(dest.parent)

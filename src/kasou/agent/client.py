@@ -20,6 +20,9 @@ from kasou.agent.models import (
     DiskImport,
     DiskInfo,
     ExportCreate,
+    FirmwareCreate,
+    FirmwareFiles,
+    TpmRestore,
     TransferStatus,
 )
 from kasou.agent.pools import PoolRef, PoolUsage
@@ -246,6 +249,10 @@ class AgentClient:
         resp = await self._call("POST", "/backups/restore", timeout=3600, json=req.model_dump())
         return DiskInfo.model_validate(resp.json())
 
+    async def restore_tpm_backup(self, req: TpmRestore) -> FirmwareFiles:
+        resp = await self._call("POST", "/backups/restore-tpm", timeout=120, json=req.model_dump())
+        return FirmwareFiles.model_validate(resp.json())
+
     async def prune_backup(self, req: BackupPrune) -> None:
         await self._call("POST", "/backups/prune", timeout=3600, json=req.model_dump())
 
@@ -276,6 +283,12 @@ class AgentClient:
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())
         return DiskInfo.model_validate(resp.json())
+
+    async def create_firmware(self, req: FirmwareCreate) -> FirmwareFiles:
+        """A new VM's UEFI variable store and TPM (kasou.agent.firmware); making a TPM takes about a second."""
+        return FirmwareFiles.model_validate(
+            (await self._call("POST", "/firmware", timeout=120, json=req.model_dump())).json()
+        )
 
     async def disk_info(self, path: str) -> DiskInfo:
         return DiskInfo.model_validate((await self._call("GET", "/disks/info", params={"path": path})).json())

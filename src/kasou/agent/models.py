@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.hypervisor.backups import BackupKind
+from kasou.model.firmware import Firmware
 from kasou.model.imports import SourceDisk
 from kasou.model.ovf_write import OvfExport
 
@@ -57,6 +58,7 @@ class BackupCreate(BaseModel):
     disks: list[BackupSource] = Field(min_length=1)
     timeout_s: float = Field(default=1800.0, gt=0, le=86_400)
     bandwidth_mib_s: int | None = Field(default=None, ge=1)  # limit a running VM's backup copy
+    tpm_state: str | None = None  # the VM's TPM state directory: copied into the generation too
 
 
 class BackupFile(BaseModel):
@@ -74,11 +76,20 @@ class BackupFile(BaseModel):
     note: str = ""
 
 
+class TpmBackup(BaseModel):
+    """A generation's copy of a TPM's state: one tar file of its state directory."""
+
+    path: str
+    digest: str  # sha256 of the file
+    file_bytes: int
+
+
 class BackupMade(BaseModel):
     running: bool  # made from a running VM (dirty bitmaps) or a stopped one (qemu-img)
     files: list[BackupFile]
     copy_s: float  # the copy itself
     verify_s: float  # qemu-img check and the content digest
+    tpm: TpmBackup | None = None  # the TPM's state, when asked
 
 
 class BackupCheck(BaseModel):
@@ -103,6 +114,7 @@ class BackupRestore(BaseModel):
     disk_id: str
     path: str
     digest: str
+    format: Literal["qcow2", "raw"] = "qcow2"  # raw: a UEFI variable store (efivars.fd beside the disks)
 
 
 class BackupPrune(BaseModel):
@@ -161,3 +173,30 @@ class TransferStatus(BaseModel):
     targets: list[str] = []  # the files it makes (removed if it fails or is cancelled)
     error: dict[str, Any] | None = None  # a KasouError's dict
     result: dict[str, Any] | None = None  # import: a DiskInfo; export: file, bytes
+
+
+class FirmwareCreate(BaseModel):
+    """Body of ``POST /agent/v1/firmware``: a new VM's firmware state, in the directory of its first disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    beside: str  # the VM's first disk (its directory holds the VM's files)
+    firmware: Firmware = "bios"  # uefi, uefi-secure: a UEFI variable store
+    vars_of: str | None = None  # copy this variable store (a linked clone keeps its template's boot entries)
+    tpm: bool = False  # manufacture a new TPM 2.0
+
+
+class FirmwareFiles(BaseModel):
+    nvram: str | None = None  # the VM's UEFI variable store
+    tpm_state: str | None = None  # its TPM's state directory
+
+
+class TpmRestore(BaseModel):
+    """Body of ``POST /agent/v1/backups/restore-tpm``: a new VM's TPM state from a generation, if it verifies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    digest: str
+    beside: str  # the new VM's first disk (restored already): the state goes in its directory

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kasou.agent.models import DiskCreate, DiskInfo
 from kasou.agent.pools import PoolRef, PoolRegistry
 from kasou.errors import AlreadyExists, ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
 from kasou.hypervisor.base import validate_disk_id
+from kasou.model.firmware import TPM_DIR, alternate
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
@@ -166,9 +168,16 @@ class LocalDisks:
         )
 
     async def delete(self, path: str | Path) -> bool:
+        """Delete a disk file (or a VM's UEFI variable store, or its TPM's state directory, ``tpm``/``tpm-2``),
+        and the VM's directory once it is empty."""
         p = self._inside(path)
         existed = p.exists()
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            if p.name not in (TPM_DIR, alternate(TPM_DIR)):
+                raise InvalidSpec(f"{p} is a directory, not a disk")
+            await asyncio.to_thread(shutil.rmtree, p)
+        else:
+            p.unlink(missing_ok=True)
         _rmdir_if_empty(p.parent)
         return existed
 

@@ -22,6 +22,7 @@ from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
+from kasou.cli.networks import network_app
 from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
@@ -30,7 +31,6 @@ from kasou.cli.transfer import vm_export, vm_import
 from kasou.cli.users import user_app
 from kasou.config import Paths, check_settings
 from kasou.errors import KasouError
-from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
 app = typer.Typer(
@@ -44,10 +44,6 @@ vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 host_app = typer.Typer(help="Virtual hosts.", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs (long operations).", no_args_is_help=True)
 api_app = typer.Typer(help="The REST API.", no_args_is_help=True)
-network_app = typer.Typer(
-    help="VM networks (segments such as clinical, imaging, mgmt): a bridge per host, optionally on an 802.1Q VLAN.",
-    no_args_is_help=True,
-)
 app.add_typer(vm_app, name="vm")
 app.add_typer(network_app, name="network")
 app.add_typer(host_app, name="host")
@@ -272,6 +268,13 @@ def vm_create(
     machine: str = typer.Option(
         None, "--machine", help="q35 machine type, e.g. pc-q35-7.2 (default: pinned to the host's QEMU)."
     ),
+    firmware: str = typer.Option(
+        None, "--firmware", help="bios (default), uefi, or uefi-secure (Secure Boot with Microsoft's keys); fixed."
+    ),
+    tpm: bool = typer.Option(None, "--tpm/--no-tpm", help="A TPM 2.0 (swtpm), its state kept with the VM."),
+    os_type: str = typer.Option(
+        None, "--os", help="linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, clock in local time."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -294,6 +297,9 @@ def vm_create(
         "mirror": [p.strip() for p in mirror.split(",")] if mirror is not None else None,
         "cpu": cpu,
         "machine": machine,
+        "firmware": firmware,
+        "tpm": tpm,
+        "os": os_type,
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -459,6 +465,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("image", v["image"] or "-"),
         ("cpu", v.get("cpu") or "QEMU's default"),
         ("machine", v.get("machine") or "q35"),
+        ("firmware", _firmware_text(v)),
         ("template", v["template"] or "-"),
         ("HA", _ha_text(v)),
         ("anti-affinity", v["anti_affinity"] or "-"),
@@ -520,6 +527,11 @@ def vm_set(
         out.print(f"vm {name}: not restarted elsewhere now: {v['ha_blocked']}", markup=False, highlight=False)
 
 
+def _firmware_text(v: dict[str, Any]) -> str:
+    extra = [x for x, on in (("TPM 2.0", v.get("tpm")), (f"OS {v.get('os')}", v.get("os"))) if on]
+    return ", ".join([v.get("firmware") or "bios", *extra])
+
+
 def _ha_text(v: dict[str, Any]) -> str:
     if not v["ha"]:
         return "off"
@@ -545,74 +557,6 @@ def vm_history(name: str, as_json: bool = typer.Option(False, "--json")) -> None
     for e in events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         out.print(f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False)
-
-
-# -- networks -------------------------------------------------------------------------
-
-
-@network_app.command("create")
-def network_create(
-    name: str,
-    vlan: str = typer.Option(None, "--vlan", help="802.1Q VLAN id, 1-4094 (default: untagged)."),
-    description: str = typer.Option("", "--description"),
-    department: list[str] = typer.Option(
-        None, "--department", help="Only VMs of this department may use it (repeat for more; default: every one)."
-    ),
-) -> None:
-    """Define a network. Hosts make its bridge (kb-NAME) when a VM on it starts there."""
-    body: dict[str, Any] = {"name": name, "description": description}
-    if vlan is not None:
-        body["vlan"] = parse_int(vlan, "vlan")
-    if department:
-        body["departments"] = list(department)
-    n = client().post("/v1/networks", json=body)
-    where = f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
-    out.print(f"network {n['name']}: created ({where}{_for_departments(n)})", markup=False, highlight=False)
-
-
-def _for_departments(n: dict[str, Any]) -> str:
-    deps = n.get("departments")
-    return f"; for departments {', '.join(deps)} only" if deps else ""
-
-
-@network_app.command("set")
-def network_set(
-    name: str,
-    department: list[str] = typer.Option(
-        None, "--department", help="Only VMs of this department may use it (repeat for more)."
-    ),
-    every: bool = typer.Option(False, "--all-departments", help="VMs of every department may use it."),
-) -> None:
-    """Set which departments' VMs may use a network (refused while a VM of a department left out is on it)."""
-    validate_name(name, "network")  # here, not in the URL: "a/b" would be a path of its own
-    if bool(department) == every:
-        fail("give --department (once or more) or --all-departments")
-    n = client().patch(f"/v1/networks/{name}", json={"departments": None if every else list(department)})
-    who = "every department" if n["departments"] is None else f"departments {', '.join(n['departments'])} only"
-    out.print(f"network {name}: for {who}", markup=False, highlight=False)
-
-
-@network_app.command("list")
-def network_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The networks, their VLANs and the VMs on each (user, QEMU's NAT, is always there)."""
-    nets = client().get("/v1/networks")
-    if as_json:
-        print_json(nets)
-        return
-    t = Table("name", "VLAN", "departments", "VMs", "description")
-    for n in nets:
-        vms = ", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")
-        deps = ", ".join(n.get("departments") or []) or "all"
-        t.add_row(n["name"], "-" if n["vlan"] is None else str(n["vlan"]), deps, vms or "-", n["description"])
-    out.print(t)
-
-
-@network_app.command("delete")
-def network_delete(name: str) -> None:
-    """Delete a network no VM uses."""
-    validate_name(name, "network")  # here, not in the URL: "a/b" would be a path of its own
-    client().delete(f"/v1/networks/{name}")
-    out.print(f"network {name}: deleted", markup=False, highlight=False)
 
 
 # -- reports -------------------------------------------------------------------------

@@ -53,12 +53,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource
+from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource, TpmBackup, TpmRestore
 from kasou.config import backup_keep_default
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
 from kasou.hypervisor.backups import bitmap_name
+from kasou.model.firmware import VARS_ID, Firmware, GuestOs
 from kasou.model.spec import DiskSpec, NicSpec, random_mac, validate_name
 from kasou.model.state import VMState
 
@@ -121,6 +122,9 @@ class BackupRecord(BaseModel):
     nics: list[NicSpec]
     cpu: str | None = None
     machine: str | None = None
+    firmware: Firmware = "bios"
+    os: GuestOs | None = None
+    tpm: TpmBackup | None = None  # the TPM's state (its UEFI variables are the disk "efivars")
 
 
 class BackupView(BaseModel):
@@ -223,6 +227,8 @@ def plan_sources(rec: VMRecord, prev: BackupRecord | None, incremental: bool) ->
                 base_bitmap=use.bitmap if old is not None and use is not None else None,
             )
         )  # fmt: skip
+    if rec.nvram is not None:  # the UEFI variables: half a MiB, always copied whole
+        out.append(BackupSource(disk_id=VARS_ID, path=rec.nvram, format="raw"))
     return out, why
 
 
@@ -392,7 +398,8 @@ class Backups:
             bid = secrets.token_hex(4)
             await ctx.progress(0.1, f"backing up (generation {gen})")
             t0 = time.monotonic()
-            made: BackupMade = await agent.create_backup(vm, BackupCreate(generation=gen, backup_id=bid, disks=sources))
+            req = BackupCreate(generation=gen, backup_id=bid, disks=sources, tpm_state=rec.tpm_state)
+            made: BackupMade = await agent.create_backup(vm, req)
             notes = [why] if why else []
             notes += [f"{f.disk_id}: {f.note}" for f in made.files if f.note]
             kind: Literal["full", "incremental"] = (
@@ -402,19 +409,20 @@ class Backups:
                 vm=vm, generation=gen, vm_uuid=rec.uuid, department=rec.department, id=bid, host=rec.host, kind=kind,
                 created_at=time.time(),
                 duration_s=round(time.monotonic() - t0, 3), running=made.running, scheduled=scheduled,
-                bitmap=bitmap_name(bid) if all(f.bitmap for f in made.files) else None, note="; ".join(notes),
+                bitmap=bitmap_name(bid) if all(f.bitmap for f in made.files if f.disk_id != VARS_ID) else None,
+                note="; ".join(notes),
                 disks=[BackupDiskRecord(disk_id=f.disk_id, path=f.path, backing=f.backing, kind=f.kind,
                                         size_bytes=f.size_bytes, file_bytes=f.file_bytes, bytes_copied=f.bytes_copied,
                                         digest=f.digest, note=f.note) for f in made.files],
                 vcpus=rec.vcpus, memory_mib=rec.memory_mib, image=rec.image, nics=rec.nics, cpu=rec.cpu,
-                machine=rec.machine,
+                machine=rec.machine, firmware=rec.firmware, os=rec.os, tpm=made.tpm,
             )  # fmt: skip
             try:
                 await self.store.create(backup_key(vm, gen), record.model_dump(mode="json"))
             except BaseException:
-                for f in made.files:  # no record: no file
+                for path in [f.path for f in made.files] + ([made.tpm.path] if made.tpm else []):  # no record: no file
                     with contextlib.suppress(KasouError):
-                        await agent.delete_backup(f.path)
+                        await agent.delete_backup(path)
                 raise
             await ctx.progress(0.8, "retention")
             pruned = await self._prune(rec, await self._keep(rec))
@@ -451,6 +459,8 @@ class Backups:
                     )
                     await self.store.put(backup_key(vm, child.generation), child.model_dump(mode="json"))
                     recs = [child if r.generation == child.generation else r for r in recs]
+            if old.tpm is not None:
+                await agent.delete_backup(old.tpm.path)
             await self.store.delete(backup_key(vm, gen))
             dropped.append(gen)
         return dropped
@@ -483,7 +493,7 @@ class Backups:
         rec = VMRecord(
             name=new_name, uuid=str(uuid.uuid4()), vcpus=src.vcpus, memory_mib=src.memory_mib, image=src.image,
             description=f"restored from backup generation {generation} of VM {vm}", nics=nics,
-            department=src.department, cpu=src.cpu, machine=src.machine,
+            department=src.department, cpu=src.cpu, machine=src.machine, firmware=src.firmware, os=src.os,
             state=VMState.CREATING, host=src.host, job=job_id,
         )  # fmt: skip
         try:
@@ -496,20 +506,30 @@ class Backups:
             made: list[str] = []
             agent = self.vms.agents.get(src.host)
             try:
-                disks = []
+                disks, nvram, tpm_state = [], None, None
                 async with self._lock(vm):
                     cur = next((r for r in await self.records(vm) if r.generation == generation), None)
                     if cur is None:
                         raise NotFound(f"backup generation {generation} of VM {vm!r} was pruned meanwhile")
                     for i, d in enumerate(cur.disks):
                         await ctx.progress(0.1 + 0.8 * i / len(cur.disks), f"verifying and restoring {d.disk_id}")
-                        info = await agent.restore_backup(
-                            BackupRestore(vm=new_name, disk_id=d.disk_id, path=d.path, digest=d.digest)
-                        )
+                        info = await agent.restore_backup(BackupRestore(
+                            vm=new_name, disk_id=d.disk_id, path=d.path, digest=d.digest,
+                            format="raw" if d.disk_id == VARS_ID else "qcow2",
+                        ))  # fmt: skip
                         made.append(info.path)
-                        disks.append(DiskSpec(id=d.disk_id, size_bytes=info.size_bytes, format=info.format,
-                                              path=info.path))  # fmt: skip
-                await self.vms.records.set(new_name, state=VMState.STOPPED, disks=disks)
+                        if d.disk_id == VARS_ID:
+                            nvram = info.path
+                        else:
+                            disks.append(DiskSpec(id=d.disk_id, size_bytes=info.size_bytes, format=info.format,
+                                                  path=info.path))  # fmt: skip
+                    if cur.tpm is not None and disks and disks[0].path:
+                        await ctx.progress(0.9, "verifying and restoring the TPM's state")
+                        tpm = TpmRestore(path=cur.tpm.path, digest=cur.tpm.digest, beside=disks[0].path)
+                        tpm_state = (await agent.restore_tpm_backup(tpm)).tpm_state
+                        made += [tpm_state] if tpm_state else []
+                await self.vms.records.set(new_name, state=VMState.STOPPED, disks=disks, nvram=nvram,
+                                           tpm_state=tpm_state)  # fmt: skip
                 detail = f"restored from backup generation {generation} of VM {vm}"
                 await self.vms.ledger.record(new_name, LedgerEvent.DEFINED, src.host, detail)
                 return {"vm": new_name, "from": vm, "generation": generation, "host": src.host}

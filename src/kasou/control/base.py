@@ -62,6 +62,11 @@ class VMView(BaseModel):
     image: str | None
     cpu: str | None = None  # virtual CPU model (None: QEMU's default, a VM made before kasou named one)
     machine: str | None = None  # pinned q35 machine type (None: the q35 alias)
+    firmware: str = "bios"  # bios, uefi or uefi-secure
+    tpm: bool = False  # it has a TPM 2.0
+    os: str | None = None  # linux, windows or other (None: not said)
+    nvram: str | None = None  # its UEFI variable store, beside its first disk
+    tpm_state: str | None = None  # its TPM's state directory, beside its first disk
     template: str | None
     description: str
     department: str | None = None

@@ -44,6 +44,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchDisk, RuntimeState
+from kasou.model.firmware import moved
 from kasou.model.pools import DEFAULT_POOL
 from kasou.model.spec import validate_name
 from kasou.model.state import Action, VMState, check_action
@@ -250,6 +251,10 @@ class Migrations:
             disks = [LaunchDisk(id=d.id, path=new_paths[d.id], format=d.format, size_bytes=d.size_bytes)
                      for d in rec.disks]  # fmt: skip
             spec = spec.model_copy(update={"disks": disks})
+        # The UEFI variables go with the disks; the TPM's state always to a new directory (kasou.model.firmware).
+        home = str(Path(new_paths[rec.disks[0].id]).parent) if copy and rec.disks else None
+        nvram, tpm_state = moved(rec.nvram, rec.tpm_state, home)
+        spec = spec.model_copy(update={"nvram": nvram, "tpm_state": tpm_state})
         if mirrored:  # the destination's devices pause on an I/O error as the source's do
             spec = spec.model_copy(
                 update={
@@ -304,14 +309,16 @@ class Migrations:
                     raise type(e)(f"migration of {name!r} to {target} failed, {where}: {e.message}") from None
                 raise
         # The destination runs: from here on the source copy must only go away.
-        moved = [d.model_copy(update={"path": new_paths[d.id]}) if copy else d for d in rec.disks]
-        await self.vms.records.set(name, state=VMState.RUNNING, host=target, disks=moved, ha_armed=spec.ha)
+        moved_disks = [d.model_copy(update={"path": new_paths[d.id]}) if copy else d for d in rec.disks]
+        await self.vms.records.set(name, state=VMState.RUNNING, host=target, disks=moved_disks, ha_armed=spec.ha,
+                                   nvram=nvram, tpm_state=tpm_state)  # fmt: skip
         detail = f"from {source} to {target}"
         if status is not None and status.downtime_ms is not None:
             detail += f", downtime {status.downtime_ms} ms, total {status.total_ms} ms"
         await self.vms.ledger.record(name, LedgerEvent.MIGRATED, target, detail, from_host=source)
         await ctx.progress(0.96, f"cleaning up {source}")
         old_disks = [d.path for d in rec.disks if copy and not d.shared and d.path]
+        old_disks += [p for p in (rec.nvram if nvram != rec.nvram else None, rec.tpm_state) if p]
         warnings = await self._finish_source(name, source, target, old_disks)
         mirrors = await self.vms.mirrors.remirror(ctx, name, remirror) if remirror else {}
         return {

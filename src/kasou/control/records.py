@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.snapshots import SnapshotRecord
 from kasou.model.spec import DiskSpec, NicSpec
 from kasou.model.state import VMState
@@ -42,6 +43,10 @@ class VMRecord(BaseModel):
     image: str | None = None  # boot image (kernel and initramfs)
     cpu: str | None = None  # virtual CPU model (kasou.model.machine); None: QEMU's default (VMs made before)
     machine: str | None = None  # pinned q35 machine type; None: the q35 alias (VMs made before)
+    firmware: Firmware = "bios"  # bios, uefi, uefi-secure (kasou.model.firmware): fixed at creation
+    nvram: str | None = None  # UEFI: its own variable store, beside its first disk
+    tpm_state: str | None = None  # a TPM 2.0: its state directory, beside its first disk; None: no TPM
+    os: GuestOs | None = None  # windows: Hyper-V enlightenments, RTC in local time
     template: str | None = None  # linked clone of this template
     description: str = ""
     department: str | None = None  # its department's vendor may manage it

@@ -12,10 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kasou.agent.models import DiskCreate
+from kasou.agent.models import DiskCreate, FirmwareCreate, FirmwareFiles
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
+from kasou.control.mirrors import launch_disk
 from kasou.control.pools import PoolRecord
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
 from kasou.errors import (
@@ -28,7 +29,8 @@ from kasou.errors import (
     OperationTimeout,
     StoreConflict,
 )
-from kasou.hypervisor.base import RuntimeState
+from kasou.hypervisor.base import LaunchSpec, RuntimeState
+from kasou.model.firmware import check_memory, check_template, resolve
 from kasou.model.imports import VMImport
 from kasou.model.machine import DEFAULT_CPU, DEFAULT_MACHINE, KVM_ONLY_CPUS, pinned_machine
 from kasou.model.pools import DEFAULT_POOL
@@ -98,8 +100,12 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
             )
         host = template.host  # a linked clone lives where its template's disks are
         image = template.image
+        have = (template.firmware, template.tpm_state is not None, template.os)
+        check_template(template.name, have, (spec.firmware, spec.tpm, spec.os))
+        firmware, tpm, guest_os = have
     else:
         image = spec.image
+        firmware, tpm, guest_os = resolve(spec.firmware, spec.tpm, spec.os)
         req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
         try:
             host = scheduler.place(req, loads, svc.vcpu_ratio).name
@@ -116,6 +122,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 "or import a disk with kasou image import)",
                 field="image",
             )
+    check_memory(firmware, spec.memory_mib)
     cpu, machine = await cpu_and_machine(svc, spec, host)
     job_id = svc.new_job_id()
     rec = VMRecord(
@@ -126,6 +133,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         image=image,
         cpu=cpu,
         machine=machine,
+        firmware=firmware,
+        os=guest_os,
         template=spec.template,
         description=spec.description,
         department=spec.department,
@@ -206,7 +215,16 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 pool=pools[0].name,
                 mirror=mirror,
             )
-            cur = await svc.records.set(spec.name, state=VMState.STOPPED, disks=[disk])
+            files = FirmwareFiles()
+            if firmware != "bios" or tpm:  # its UEFI variables and TPM, beside its disk
+                await ctx.progress(0.4, "making its UEFI variable store and TPM")
+                files = await agent.create_firmware(FirmwareCreate(
+                    vm=spec.name, beside=info.path, firmware=firmware, tpm=tpm,
+                    vars_of=template.nvram if template is not None else None,
+                ))  # fmt: skip
+                made += [p for p in (files.nvram, files.tpm_state) if p]
+            cur = await svc.records.set(spec.name, state=VMState.STOPPED, disks=[disk], nvram=files.nvram,
+                                        tpm_state=files.tpm_state)  # fmt: skip
             await svc.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec, vlan))
             if spec.start:
                 await ctx.progress(0.5, "starting")
@@ -238,6 +256,26 @@ async def disk_pools(
     size = max(spec.disk_bytes or 0, int(info["disk_size_bytes"]))
     room = svc.pools.reserve([(p.name, host, size, int(info["allocated_bytes"])) for p in pools])
     return pools, room
+
+
+def launch_spec(rec: VMRecord) -> LaunchSpec:
+    """What the VM's host needs to run it (``VMService.launch_spec``)."""
+    return LaunchSpec(
+        name=rec.name,
+        uuid=rec.uuid,
+        vcpus=rec.vcpus,
+        memory_mib=rec.memory_mib,
+        image=rec.image,
+        cpu=rec.cpu,
+        machine=rec.machine or DEFAULT_MACHINE,
+        firmware=rec.firmware,
+        nvram=rec.nvram,
+        tpm_state=rec.tpm_state,
+        os=rec.os,
+        disks=[launch_disk(rec, d) for d in rec.disks],
+        nics=rec.nics,
+        ha=rec.ha,
+    )
 
 
 async def undo_create(svc: CreateVMs, name: str, host: str | None, disk_paths: list[str]) -> None:

@@ -33,7 +33,7 @@ from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.imports import Imports
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
-from kasou.control.mirrors import Mirrors, launch_disk
+from kasou.control.mirrors import Mirrors
 from kasou.control.networks import Networks
 from kasou.control.pools import Pools
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
@@ -52,7 +52,6 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
-from kasou.model.machine import DEFAULT_MACHINE
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
@@ -135,6 +134,11 @@ class VMService:
             image=rec.image,
             cpu=rec.cpu,
             machine=rec.machine,
+            firmware=rec.firmware,
+            tpm=rec.tpm_state is not None,
+            os=rec.os,
+            nvram=rec.nvram,
+            tpm_state=rec.tpm_state,
             template=rec.template,
             description=rec.description,
             department=rec.department,
@@ -448,18 +452,7 @@ class VMService:
     # -- start and the power actions -------------------------------------------------
 
     def launch_spec(self, rec: VMRecord) -> LaunchSpec:
-        return LaunchSpec(
-            name=rec.name,
-            uuid=rec.uuid,
-            vcpus=rec.vcpus,
-            memory_mib=rec.memory_mib,
-            image=rec.image,
-            cpu=rec.cpu,
-            machine=rec.machine or DEFAULT_MACHINE,
-            disks=[launch_disk(rec, d) for d in rec.disks],
-            nics=rec.nics,
-            ha=rec.ha,
-        )
+        return vm_create.launch_spec(rec)
 
     async def start_now(
         self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = "", admit_ha: bool = True
@@ -607,9 +600,9 @@ class VMService:
                 await agent.forget(name)
             if not keep_disks:
                 await self.snapshots.delete_files(cur)
-                for d in cur.disks:
-                    if d.path:
-                        await agent.delete_disk(d.path)
+                for p in [d.path for d in cur.disks] + [cur.nvram, cur.tpm_state]:  # and its firmware state
+                    if p:
+                        await agent.delete_disk(p)
                 for p in self.mirrors.files(cur):  # second copies, and copies that failed
                     with contextlib.suppress(KasouError):
                         await agent.delete_disk(p)

@@ -22,6 +22,7 @@ from kasou.errors import HypervisorError, InvalidSpec
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.hypervisor.stats import VmStats
+from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.spec import NicSpec
 
 
@@ -53,11 +54,21 @@ class LaunchSpec(BaseModel):
     image: str | None = None  # boot kernel and initramfs of this image; None: firmware boots the disk
     cpu: str | None = None  # kasou's CPU model name (kasou.model.machine); None: QEMU's default
     machine: str = "q35"  # the q35 machine type (a VM is pinned to a versioned one at creation)
+    firmware: Firmware = "bios"  # bios, uefi or uefi-secure (kasou.model.firmware)
+    nvram: str | None = None  # UEFI: the VM's own variable store (a raw file beside its disks)
+    tpm_state: str | None = None  # a TPM 2.0: its state directory (beside the disks); None: no TPM
+    os: GuestOs | None = None  # windows: Hyper-V enlightenments, the real-time clock in local time
     kernel_args_extra: str = ""
     disks: list[LaunchDisk] = []
     nics: list[NicSpec] = []
     paused: bool = False  # start with the vCPUs stopped (-S)
     ha: bool = False  # HA-protected: the host's guard kills it when the host loses its cluster lease
+
+    @model_validator(mode="after")
+    def _uefi_has_vars(self) -> LaunchSpec:
+        if (self.firmware != "bios") != (self.nvram is not None):
+            raise ValueError("a UEFI VM needs its variable store (nvram), and only a UEFI VM has one")
+        return self
 
 
 class RuntimeState(StrEnum):

@@ -191,8 +191,9 @@ def write_manifest(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, f"{path}.json")
 
 
-async def restore_verified(src: Path | str, dest: Path, expect: str, scratch: Path) -> None:
-    """Make ``dest`` (a new self-contained qcow2) from ``src``'s chain only if its content digest is ``expect``.
+async def restore_verified(src: Path | str, dest: Path, expect: str, scratch: Path, fmt: str = "qcow2") -> None:
+    """Make ``dest`` (a new self-contained qcow2, or raw) from ``src``'s chain only if its content digest is
+    ``expect``.
 
     The bytes that are checked are the bytes that are written: ``src`` is read once
     into a raw scratch file, digested, and only then converted into ``dest``.
@@ -211,7 +212,7 @@ async def restore_verified(src: Path | str, dest: Path, expect: str, scratch: Pa
             raise ImageError(f"{src} does not hold what was backed up: content digest {got}, recorded {expect}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(dest))
+            await run("qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(dest))
         except BaseException:
             dest.unlink(missing_ok=True)
             raise

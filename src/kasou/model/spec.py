@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kasou.errors import InvalidSpec
+from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.names import NAME_MAX as NAME_MAX
 from kasou.model.names import validate_name
@@ -109,6 +110,13 @@ class VMUpdate(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> VMUpdate:
+        fixed = sorted({"firmware", "tpm", "os"} & set(data)) if isinstance(data, dict) else []
+        if fixed:
+            raise InvalidSpec(
+                f"{', '.join(fixed)} cannot change after a VM is created (its disk's boot loader, UEFI variables "
+                "and TPM were made for it); make a new VM instead",
+                field=fixed[0],
+            )
         spec: VMUpdate = parse_model(cls, data)
         if spec.priority is not None:
             check_priority(spec.priority)
@@ -143,6 +151,9 @@ class VMCreate(BaseModel):
     department: str | None = None  # e.g. "lab": that department's vendor manages it (kasou.api.permissions)
     cpu: str | None = None  # the virtual CPU model (kasou.model.machine; default x86-64-v2-AES)
     machine: str | None = None  # a q35 machine type (default: pinned to the creating host's QEMU)
+    firmware: str | None = None  # bios (default), uefi or uefi-secure (kasou.model.firmware); fixed for good
+    tpm: StrictBool | None = None  # a TPM 2.0 (swtpm); default: none, but --os windows brings one
+    os: str | None = None  # linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, RTC in local time
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -200,6 +211,8 @@ class VMCreate(BaseModel):
             validate_cpu(self.cpu)
         if self.machine is not None:
             validate_machine(self.machine)
+        firmware, tpm, _ = resolve(self.firmware, self.tpm, self.os)
+        check_storage(firmware, tpm, self.storage, self.mirror is not None)
 
     @property
     def disk_bytes(self) -> int | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from kasou.errors import HypervisorError
 from kasou.hypervisor.qemu.migration import Execute
+from kasou.model.firmware import VARS_ID
 
 
 def device_id(disk_id: str) -> str:
@@ -24,8 +25,11 @@ def device_id(disk_id: str) -> str:
 
 
 def _is_device(entry: dict[str, Any], disk_id: str) -> bool:
-    """``qdev`` is ``/machine/peripheral/D-dev/virtio-backend`` (or the bare id on some devices)."""
+    """``qdev`` is ``/machine/peripheral/D-dev/virtio-backend`` (or the bare id on some devices); the UEFI
+    variable store is the machine's second flash chip, ``/machine/system.flash1``."""
     qdev = str(entry.get("qdev") or "")
+    if disk_id == VARS_ID:
+        return qdev.rstrip("/").endswith("system.flash1")
     parts = [p for p in qdev.split("/") if p]
     return qdev == device_id(disk_id) or (
         len(parts) >= 3 and parts[1] == "peripheral" and parts[2] == device_id(disk_id)

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kasou.hypervisor.base import LaunchSpec
+from kasou.hypervisor.qemu import firmware as fw
+from kasou.hypervisor.qemu import tpm
 from kasou.hypervisor.qemu.network import tap_name
-from kasou.model.machine import qemu_cpu
+from kasou.model.firmware import hyperv_cpu
+from kasou.model.machine import DEFAULT_CPU, qemu_cpu
 from kasou.model.spec import USER_NETWORK
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
@@ -103,18 +106,23 @@ def build_argv(
     boot: BootFiles | None,
     qemu_binary: str = "qemu-system-x86_64",
     incoming: str | None = None,
+    firmware_code: Path | None = None,
 ) -> list[str]:
     """The full argv for one VM, with every channel on a unix socket (the agent spawns it: see spawn.py).
 
     ``incoming`` (e.g. ``"defer"``) makes it the paused destination of a live
     migration: ``-incoming`` and ``-S``, so the guest never runs here until told to.
+    ``firmware_code``: OVMF's code image, for a UEFI VM (:mod:`kasou.hypervisor.qemu.firmware`).
     """
+    cpu = qemu_cpu(spec.cpu) if spec.cpu else None
+    if spec.os == "windows":  # Hyper-V enlightenments: Windows runs far better with them (KVM)
+        cpu = hyperv_cpu(cpu or qemu_cpu(DEFAULT_CPU), kvm=accelerator == "kvm")
     argv = [
         qemu_binary,
         "-name", f"guest={spec.name},debug-threads=on",
         "-uuid", spec.uuid,
-        "-machine", spec.machine,
-        *(["-cpu", qemu_cpu(spec.cpu)] if spec.cpu else []),
+        "-machine", fw.machine_value(spec.machine, spec.firmware),
+        *(["-cpu", cpu] if cpu else []),
         *accel_args(accelerator),
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
@@ -132,6 +140,14 @@ def build_argv(
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
         "-D", str(files.qemu_log),
     ]  # fmt: skip
+    if spec.nvram is not None:
+        if firmware_code is None:
+            raise ValueError(f"VM {spec.name!r} boots {spec.firmware}: give OVMF's code image")
+        argv += fw.qemu_args(spec.firmware, firmware_code, spec.nvram)
+    if spec.tpm_state is not None:
+        argv += tpm.qemu_args(tpm.ctrl_socket(files.dir))
+    if spec.os == "windows":
+        argv += ["-rtc", "base=localtime"]  # Windows keeps the hardware clock in local time
     if boot is not None:
         append = boot.kernel_args
         if spec.kernel_args_extra:

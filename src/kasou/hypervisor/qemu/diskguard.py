@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from kasou.errors import KasouError
+from kasou.hypervisor.base import LaunchDisk
 from kasou.hypervisor.qemu import mirrors
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu.migration import Execute
@@ -38,6 +40,25 @@ class DiskGuard:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def attach_at_start(self, vm: Any, disks: list[LaunchDisk]) -> None:
+        """Attach each mirrored disk's second copy as ``vm`` starts (paused); one that cannot be opened leaves
+        the disk degraded, the VM starts."""
+        for d in disks:
+            if not d.mirror:
+                continue
+            try:
+                await mirrors.attach(self._execute(vm), vm.files.dir, disks, d.id, d.mirror, d.mirror_sync)
+            except KasouError as e:
+                log.error("VM %s disk %s starts on one copy: %s", vm.name, d.id, e.message)
+                records = mirrors.load(vm.files.dir)
+                records[d.id] = mirrors.Mirrored(
+                    disk_id=d.id, source=d.path, target=None, since=time.time(),
+                    error=f"the second copy {d.mirror} could not be opened: {e.message}", failed=d.mirror,
+                    source_ino=mirrors.file_id(d.path),
+                )  # fmt: skip
+                mirrors.save(vm.files.dir, records)
+        self.ensure()
 
     async def recover_io_error(self, vm: Any) -> None:
         """A disk of ``vm`` paused on an I/O error: switch it to its second copy and resume (mirrors.py)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kasou.config import ConfineSettings, confine_settings
+from kasou.config import ConfineSettings, confine_settings, ovmf_dir
 from kasou.errors import (
     Conflict,
     KasouError,
@@ -44,7 +44,8 @@ from kasou.hypervisor.base import (
     RuntimeState,
 )
 from kasou.hypervisor.qemu import confine as cf
-from kasou.hypervisor.qemu import guest, mirrors, process, spawn
+from kasou.hypervisor.qemu import firmware as fw
+from kasou.hypervisor.qemu import guest, mirrors, process, spawn, tpm
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
@@ -120,8 +121,10 @@ class DriverCore(Driver):
         network: HostNetwork | None = None,
         tls_dir: Path | None = None,
         confine: ConfineSettings | None = None,
+        ovmf: Path | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.ovmf_dir = ovmf or ovmf_dir()  # UEFI firmware images (Debian's ovmf)
         self.confine = confine if confine is not None else confine_settings()  # see confine.py
         self._cgroup_tag = cf.host_tag(run_dir)
         self._launching: set[str] = set()  # VMs whose QEMU is being started (their cgroup is new)
@@ -172,6 +175,9 @@ class DriverCore(Driver):
                 cf.searchable(path)
         return BootFiles(kernel=art.kernel, initrd=art.initrd, kernel_args=art.kernel_args)
 
+    def _firmware_code(self, spec: LaunchSpec) -> Path | None:
+        return fw.ovmf(spec.firmware, self.ovmf_dir).code if spec.nvram is not None else None
+
     @contextlib.asynccontextmanager
     async def _lock(self, name: str) -> AsyncIterator[None]:
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -216,6 +222,7 @@ class DriverCore(Driver):
                 saved = mig.load(files.migration)
                 vm.incoming = saved if isinstance(saved, mig.Incoming) else None
                 self._vms[d.name] = vm
+                tpm.end(files.dir)
                 await self._unplug(d.name, taps)  # its QEMU ended while the agent was away
         if self.confine.enabled:
             cf.remove_leftovers(self._cgroups_in_use(), self._cgroup_tag)
@@ -231,33 +238,16 @@ class DriverCore(Driver):
             mirrored = [d for d in spec.disks if d.mirror]
             # Mirrored disks get their second copy before the guest runs a single instruction.
             launch = spec.model_copy(update={"paused": True}) if mirrored else spec
-            argv = build_argv(launch, self._files(spec.name), self.accelerator, boot, self.qemu_binary)
+            argv = build_argv(launch, self._files(spec.name), self.accelerator, boot, self.qemu_binary,
+                              firmware_code=self._firmware_code(spec))  # fmt: skip
             state = RuntimeState.PAUSED if launch.paused else RuntimeState.RUNNING
             async with self._launch(spec, argv, state) as vm:
                 if mirrored:
-                    await self._attach_mirrors_at_start(vm, spec)
+                    await self._disk_guard.attach_at_start(vm, spec.disks)
                     if not spec.paused:
                         await self._qmp(vm, "cont")
                         vm.state = RuntimeState.RUNNING
             return vm.info()
-
-    async def _attach_mirrors_at_start(self, vm: QemuVm, spec: LaunchSpec) -> None:
-        """Attach each disk's second copy; one that cannot be opened leaves the disk degraded, the VM starts."""
-        for d in spec.disks:
-            if not d.mirror:
-                continue
-            try:
-                await mirrors.attach(self._exec(vm), vm.files.dir, spec.disks, d.id, d.mirror, d.mirror_sync)
-            except KasouError as e:
-                log.error("VM %s disk %s starts on one copy: %s", vm.name, d.id, e.message)
-                records = mirrors.load(vm.files.dir)
-                records[d.id] = mirrors.Mirrored(
-                    disk_id=d.id, source=d.path, target=None, since=time.time(),
-                    error=f"the second copy {d.mirror} could not be opened: {e.message}", failed=d.mirror,
-                    source_ino=mirrors.file_id(d.path),
-                )  # fmt: skip
-                mirrors.save(vm.files.dir, records)
-        self._disk_guard.ensure()
 
     def _check_free(self, name: str) -> None:
         """Refuse a second QEMU for a VM that runs here (known, or found by its pid file)."""
@@ -301,6 +291,10 @@ class DriverCore(Driver):
                     for path in (d.path, d.mirror):
                         if path is not None:
                             cf.hand_over_disk(path, ident, spec.name, readonly=d.readonly)
+                if spec.nvram is not None:  # the UEFI variables are the VM's, as its disks
+                    cf.hand_over_disk(spec.nvram, ident, spec.name)
+                if spec.tpm_state is not None:
+                    tpm.hand_over(spec.name, Path(spec.tpm_state), ident)
                 memory = (spec.memory_mib + self.confine.memory_overhead_mib) * 1024 * 1024
                 if cf.cgroups_visible():
                     cgroup = cf.make_cgroup(spec.name, self._cgroup_tag, memory, spec.vcpus)
@@ -308,6 +302,8 @@ class DriverCore(Driver):
                     log.warning("VM %s runs without a cgroup: this agent sees no cgroup file system", spec.name)
                 setup = cf.child_setup(ident, cgroup)
                 argv = [*argv, *cf.sandbox_args()]
+            if spec.tpm_state is not None:  # QEMU connects to its TPM as it starts
+                await tpm.start(spec.name, Path(spec.tpm_state), files.dir, setup)
             if taps:  # QEMU opens the taps by name: they must be on their bridges first
                 owner = None if ident is None else (ident.uid, ident.gid)
                 await asyncio.to_thread(self.network.plug, spec.name, spec.nics, owner)
@@ -330,6 +326,7 @@ class DriverCore(Driver):
         except BaseException:
             if pid is not None:
                 await process.kill_hard(pid)
+            tpm.end(files.dir)
             if vm is not None:
                 await self._detach(vm)
             failed = self._vms.pop(spec.name, None)
@@ -455,6 +452,7 @@ class DriverCore(Driver):
                 vm.exit_reason = "the QEMU waiting for the incoming migration ended (the migration failed)"
         with contextlib.suppress(OSError):
             vm.files.exit.write_text(json.dumps({"reason": vm.exit_reason, "state": vm.state.value}))
+        tpm.end(vm.files.dir)  # its swtpm ends with QEMU (--terminate); one that lingers is ended here
         if vm.cgroup is not None:
             vm.cgroup.remove()
         if vm.identity is not None:  # its uid may serve another VM later

@@ -24,6 +24,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import IncomingInfo, LaunchSpec, MigrationStatus, MigrationStorage, RuntimeInfo, RuntimeState
+from kasou.hypervisor.qemu import firmware as fw
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import process
 from kasou.hypervisor.qemu import replication as repl
@@ -31,6 +32,12 @@ from kasou.hypervisor.qemu import runfiles as rf
 from kasou.hypervisor.qemu import tls as qtls
 from kasou.hypervisor.qemu.cmdline import build_argv
 from kasou.hypervisor.qemu.driver_core import GUEST_STATES, MIGRATED, PROCESS_STATES, QUIT_TIMEOUT, DriverCore, QemuVm
+from kasou.model.firmware import VARS_ID
+
+
+def copied_nodes(spec: LaunchSpec) -> list[str]:
+    """The block nodes a migration with local disks copies: every disk, and the UEFI variable store."""
+    return [d.id for d in spec.disks] + ([VARS_ID] if spec.nvram is not None else [])
 
 
 class MigrationOps(DriverCore):
@@ -62,9 +69,14 @@ class MigrationOps(DriverCore):
                         raise InvalidSpec(f"disk {d.id} needs size_bytes to be copied", field="disks")
                     if Path(d.path).exists():
                         raise AlreadyExists(f"disk {d.path} already exists on this host")
+            # The TPM's state always arrives in a new directory (swtpm locks the one it runs on: see tpm.py).
+            for path in (spec.nvram if storage == "copy" else None, spec.tpm_state):
+                if path is not None and Path(path).exists():
+                    raise AlreadyExists(f"{path} already exists on this host")
             boot = self._boot_files(spec.image)
             files = self._files(spec.name)
-            argv = build_argv(spec, files, self.accelerator, boot, self.qemu_binary, incoming="defer")
+            argv = build_argv(spec, files, self.accelerator, boot, self.qemu_binary, incoming="defer",
+                              firmware_code=self._firmware_code(spec))  # fmt: skip
             created: list[str] = []
             try:
                 for d in spec.disks if storage == "copy" else []:
@@ -72,6 +84,12 @@ class MigrationOps(DriverCore):
                     Path(d.path).parent.mkdir(parents=True, exist_ok=True)
                     created.append(d.path)
                     await mig.create_disk(Path(d.path), d.format, d.size_bytes)
+                if storage == "copy" and spec.nvram is not None:  # filled by the mirror, then by QEMU itself
+                    created.append(spec.nvram)
+                    fw.make_vars(Path(spec.nvram), spec.firmware, self.ovmf_dir)
+                if spec.tpm_state is not None:  # filled by the migration stream
+                    created.append(spec.tpm_state)
+                    Path(spec.tpm_state).mkdir(parents=True, mode=0o700)
                 async with self._launch(spec, argv, RuntimeState.INCOMING) as vm:
                     execute = self._exec(vm)
                     creds = None
@@ -82,7 +100,7 @@ class MigrationOps(DriverCore):
                     nbd_port, exports = None, {}
                     if storage == "copy":
                         nbd_port = await mig.start_nbd_server(execute, listen_host, creds)
-                        exports = await mig.export_disks(execute, [d.id for d in spec.disks])
+                        exports = await mig.export_disks(execute, copied_nodes(spec))
                     uri = await mig.start_incoming(execute, listen_host, creds)
                     info = IncomingInfo(
                         storage=storage,
@@ -116,7 +134,7 @@ class MigrationOps(DriverCore):
             if repl.load(vm.files.dir):
                 raise Conflict(f"VM {name!r} has a disk replica attached; detach it before migrating")
             spec = rf.launch_spec(vm.files)
-            disks = [d.id for d in spec.disks] if spec is not None and incoming.storage == "copy" else []
+            disks = copied_nodes(spec) if spec is not None and incoming.storage == "copy" else []
             if incoming.storage == "copy" and spec is None:
                 raise HypervisorError(f"the launch record of VM {name!r} is missing; cannot copy its disks")
             if incoming.tls and self.tls_dir is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,13 @@ def launch_accel(files: RuntimeFiles) -> str | None:
 
 
 def remove_disks(paths: list[str]) -> None:
-    """Remove disk files made for an incoming migration, and their directory once it is empty."""
+    """Remove disk files (and a TPM's state directory) made for an incoming migration, and their directory
+    once it is empty."""
     for path in paths:
-        Path(path).unlink(missing_ok=True)
+        if Path(path).is_dir() and not Path(path).is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            Path(path).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             Path(path).parent.rmdir()
 
