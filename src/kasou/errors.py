@@ -25,7 +25,8 @@ carries a one-line ``message`` meant for a person, a machine-readable
      ├── HypervisorError        QEMU refused or died (HTTP 502)
      │    ├── QemuStartError
      │    ├── MonitorError
-     │    └── AccelProbeError
+     │    ├── AccelProbeError
+     │    └── GuestAgentError   the guest agent did not answer in time, or answered with an error
      ├── ImageError             building or reading a guest image failed
      ├── TlsError               TLS files missing or unusable (kasou.pki)
      ├── LabError               the lab on this machine (kasou.lab)
@@ -129,6 +130,10 @@ class MonitorError(HypervisorError):
 
 class AccelProbeError(HypervisorError):
     code = "accel_probe_failed"
+
+
+class GuestAgentError(HypervisorError):
+    code = "guest_agent_error"
 
 
 class ImageError(KasouError):

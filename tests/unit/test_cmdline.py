@@ -44,6 +44,9 @@ def test_basic_shape() -> None:
     assert opt(argv, "-vnc") == ["unix:/run/k/emr1/vnc.sock"]  # never a TCP port
     assert opt(argv, "-append") == ["console=ttyS0 quiet"]
     assert any("name=org.kasou.heartbeat" in a for a in opt(argv, "-device"))
+    # the QEMU guest agent's channel, on every VM
+    assert "socket,id=qga0,path=/run/k/emr1/qga.sock,server=on,wait=off" in opt(argv, "-chardev")
+    assert "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0" in opt(argv, "-device")
     assert "-S" not in argv
 
 

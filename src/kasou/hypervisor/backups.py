@@ -56,3 +56,6 @@ class BackupDiskResult(BaseModel):
     bitmap: str | None  # the bitmap recording writes since this backup (None: none could be kept)
     bytes_copied: int = Field(ge=0)  # guest data the backup job copied
     note: str = ""  # why an incremental request became a full backup, or how it was made
+    # application: the guest's file systems were frozen by its agent at the point in time; crash: no agent
+    # answered (as after a power cut); None: not from a running guest
+    consistency: Literal["application", "crash"] | None = None

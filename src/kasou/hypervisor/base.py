@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kasou.errors import HypervisorError, InvalidSpec
+from kasou.errors import HypervisorError, InvalidSpec, WrongState
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.hypervisor.stats import VmStats
@@ -80,6 +80,16 @@ class RuntimeState(StrEnum):
     INCOMING = "incoming"  # a paused QEMU waiting for (or holding) a migrated VM; never runs the guest
 
 
+class GuestInfo(BaseModel):
+    """What the guest itself says through the QEMU guest agent (``qemu-ga`` in the guest)."""
+
+    agent: bool = False  # its guest agent answers now
+    agent_age_s: float | None = None  # seconds since it last answered (None: not since the guest (re)started)
+    os: str | None = None
+    hostname: str | None = None
+    ips: list[str] = []  # its addresses, loopback and link-local left out
+
+
 class RuntimeInfo(BaseModel):
     """What a host knows of one VM's process, right now."""
 
@@ -92,6 +102,7 @@ class RuntimeInfo(BaseModel):
     guest_uptime_s: float | None = None
     heartbeat_age_s: float | None = None
     exit_reason: str | None = None
+    guest: GuestInfo = GuestInfo()
 
 
 MigrationStorage = Literal["shared", "copy"]
@@ -296,6 +307,13 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def powerdown(self, name: str) -> None:
         """Press the ACPI power button (a graceful shutdown the guest carries out)."""
+
+    async def guest_shutdown(self, name: str) -> None:
+        """Ask the guest's agent to shut the guest down (``guest-shutdown``); returns once asked.
+
+        WrongState when no guest agent answers (the caller presses the power button instead).
+        """
+        raise WrongState(f"{type(self).__name__} cannot reach guest agents")
 
     @abc.abstractmethod
     async def stop(self, name: str) -> None:

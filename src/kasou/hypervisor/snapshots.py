@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,9 @@ class SnapshotTaken(BaseModel):
     size_bytes: int = 0  # allocated bytes of the frozen layers, plus the memory state
     live: bool = False  # taken from a running QEMU (else with qemu-img)
     paused_ms: int | None = None  # how long the guest's vCPUs stood still for it (live only)
+    # application: the guest's file systems were frozen by its agent at the instant; crash: no agent answered
+    # (as after a power cut); memory: the running state itself was saved; None: taken from a stopped VM
+    consistency: Literal["application", "crash", "memory"] | None = None
 
 
 class SnapshotMergeDisk(BaseModel):

@@ -44,6 +44,7 @@ from kasou.hypervisor import imagefiles
 from kasou.hypervisor.backups import BITMAP_PREFIX, BackupDisk, BackupDiskResult
 from kasou.hypervisor.qemu import blocknodes
 from kasou.hypervisor.qemu.migration import Execute
+from kasou.hypervisor.qemu.qga import Quiesce
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,14 @@ def decide(
     return "full", f"full backup instead of incremental: {why}"
 
 
-async def run(execute: Execute, backup_id: str, disks: list[BackupDisk], timeout_s: float) -> list[BackupDiskResult]:
-    """Back up every disk at one point in time; on failure nothing of this backup is left (files, nodes, jobs)."""
+async def run(
+    execute: Execute, backup_id: str, disks: list[BackupDisk], timeout_s: float, quiesce: Quiesce | None = None
+) -> list[BackupDiskResult]:
+    """Back up every disk at one point in time; on failure nothing of this backup is left (files, nodes, jobs).
+
+    ``quiesce`` freezes the guest's file systems for the transaction only (the point in time): the copy
+    that follows reads the disks as they were then while the guest runs on, thawed.
+    """
     plans = await _plan(execute, backup_id, disks)
     added: list[str] = []
     started = False
@@ -155,7 +162,13 @@ async def run(execute: Execute, backup_id: str, disks: list[BackupDisk], timeout
             await execute("blockdev-add", {"node-name": p.target_node, **target})
             added.append(p.target_node)
         started = True
-        await execute("transaction", {"actions": _actions(plans)})
+        consistency: Literal["application", "crash"] = "crash"
+        if quiesce is not None:
+            async with quiesce() as frozen:
+                await execute("transaction", {"actions": _actions(plans)})
+                consistency = "application" if frozen[0] == "application" else "crash"
+        else:
+            await execute("transaction", {"actions": _actions(plans)})
         copied = await _wait(execute, plans, timeout_s)
         await _del_nodes(execute, added)
         added = []
@@ -179,6 +192,7 @@ async def run(execute: Execute, backup_id: str, disks: list[BackupDisk], timeout
             bitmap=p.new_bitmap,
             bytes_copied=copied.get(p.job, 0),
             note=p.note,
+            consistency=consistency,
         )
         for p in plans
     ]

@@ -5,7 +5,9 @@ disks over ``-blockdev`` (node names ``<id>-file`` / ``<id>``), virtio-net
 NICs (QEMU's user-mode NAT, or a tap the driver made beforehand on the network's
 bridge), a VGA display on a VNC unix socket (never a TCP port), the serial console
 on a unix socket with a log file, a virtio-serial port
-``org.kasou.heartbeat`` for the guest's heartbeat, and QMP on a unix socket.
+``org.kasou.heartbeat`` for the guest's heartbeat, a virtio-serial port
+``org.qemu.guest_agent.0`` for the QEMU guest agent (:mod:`kasou.hypervisor.qemu.qga`),
+and QMP on a unix socket.
 The destination of a live migration runs the very same command line plus
 ``-incoming defer -S`` (see :mod:`kasou.hypervisor.qemu.migration`).
 """
@@ -24,6 +26,7 @@ from kasou.model.machine import DEFAULT_CPU, qemu_cpu
 from kasou.model.spec import USER_NETWORK
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"  # the name qemu-ga looks for (its udev rule makes /dev/virtio-ports/…)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class RuntimeFiles:
     @property
     def heartbeat(self) -> Path:
         return self.dir / "hb.sock"
+
+    @property
+    def guest_agent(self) -> Path:
+        return self.dir / "qga.sock"
 
     @property
     def vnc(self) -> Path:
@@ -137,6 +144,8 @@ def build_argv(
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=hb0,path={files.heartbeat},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=hb0,name={HEARTBEAT_PORT}",
+        "-chardev", f"socket,id=qga0,path={files.guest_agent},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}",
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
         "-D", str(files.qemu_log),
     ]  # fmt: skip

@@ -39,13 +39,14 @@ from kasou.errors import (
 )
 from kasou.hypervisor.base import (
     Driver,
+    GuestInfo,
     LaunchSpec,
     RuntimeInfo,
     RuntimeState,
 )
 from kasou.hypervisor.qemu import confine as cf
 from kasou.hypervisor.qemu import firmware as fw
-from kasou.hypervisor.qemu import guest, mirrors, process, spawn, tpm
+from kasou.hypervisor.qemu import guest, mirrors, process, qga, spawn, tpm
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
@@ -89,6 +90,15 @@ class QemuVm:
     taps: list[str] = field(default_factory=list)  # ids of the NICs that have a tap here (not on "user")
     identity: cf.Identity | None = None  # the unprivileged user its QEMU runs as (None: unconfined)
     cgroup: cf.Cgroup | None = None
+    agent: qga.GuestAgent | None = None  # the guest agent's channel (qga.sock), polled by agent_task
+    agent_state: qga.AgentState = field(default_factory=qga.AgentState)
+    agent_task: asyncio.Task[None] | None = None
+
+    def guest_info(self) -> GuestInfo:
+        a = self.agent_state
+        live = self.state in GUEST_STATES
+        age = None if a.last_answer is None or not live else round(time.monotonic() - a.last_answer, 2)
+        return GuestInfo(agent=live and a.answering, agent_age_s=age, os=a.os, hostname=a.hostname, ips=a.ips)
 
     def info(self) -> RuntimeInfo:
         age = None if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
@@ -101,10 +111,12 @@ class QemuVm:
             pid=self.pid if self.state in PROCESS_STATES else None,
             started_at=self.started_at,
             accelerator=self.accelerator,
-            guest_ready=self.guest_ready and self.state in GUEST_STATES,
+            # kasou's heartbeat (its test guest, its Debian image), or else a guest agent that answers
+            guest_ready=(self.guest_ready or self.agent_state.answering) and self.state in GUEST_STATES,
             guest_uptime_s=None if uptime is None else round(uptime, 2),
             heartbeat_age_s=None if age is None else round(age, 2),
             exit_reason=self.exit_reason,
+            guest=self.guest_info(),
         )
 
 
@@ -416,11 +428,18 @@ class DriverCore(Driver):
             vm.guest_ready = False
             vm.guest_uptime = None
             vm.last_heartbeat = None
+            vm.agent_state.forget()  # a reset guest must answer again before it counts (HA, readiness)
 
     def _start_heartbeat(self, vm: QemuVm) -> None:
         vm.heartbeat_task = asyncio.create_task(
             guest.read_heartbeat(vm, lambda: vm.state in PROCESS_STATES), name=f"heartbeat-{vm.name}"
         )
+        vm.agent = qga.GuestAgent(vm.files.guest_agent)
+        vm.agent_task = asyncio.create_task(
+            qga.poll(vm.agent, vm.agent_state, lambda: vm.state in PROCESS_STATES,
+                     lambda: vm.state == RuntimeState.RUNNING and vm.outgoing is None),
+            name=f"guest-agent-{vm.name}",
+        )  # fmt: skip
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -491,11 +510,13 @@ class DriverCore(Driver):
             log.error("could not remove the taps of VM %s: %s", name, e.message if isinstance(e, KasouError) else e)
 
     async def _detach(self, vm: QemuVm) -> None:
-        if vm.heartbeat_task is not None:
-            vm.heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await vm.heartbeat_task
-            vm.heartbeat_task = None
+        for task in (vm.heartbeat_task, vm.agent_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        vm.heartbeat_task = vm.agent_task = None
+        vm.agent_state.answering = False
         if vm.monitor is not None:
             await vm.monitor.close()
             vm.monitor = None
@@ -534,6 +555,19 @@ class DriverCore(Driver):
             vm.expect_exit = True
             await self._qmp(vm, "system_powerdown")
             vm.state = RuntimeState.SHUTTING_DOWN
+
+    async def guest_shutdown(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self._running(name)
+            if vm.agent is None or not vm.agent_state.answering:
+                raise WrongState(f"VM {name!r} has no guest agent answering; press its power button instead")
+            await vm.agent.shutdown()
+            vm.expect_exit = True
+            vm.state = RuntimeState.SHUTTING_DOWN
+
+    def _quiesce(self, vm: QemuVm) -> contextlib.AbstractAsyncContextManager[list[qga.Consistency]]:
+        """Freeze the guest's file systems around a point in time, if its agent answers (see qga.quiesced)."""
+        return qga.quiesced(vm.agent, vm.agent_state if vm.state == RuntimeState.RUNNING else None)
 
     async def stop(self, name: str) -> None:
         async with self._lock(name):

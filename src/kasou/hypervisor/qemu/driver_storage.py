@@ -69,7 +69,8 @@ class StorageOps(DriverCore):
     async def snapshot(self, name: str, req: SnapshotTake) -> SnapshotTaken:
         async with self._lock(name):
             vm = self._running(name)
-            return await snap.take_live(self._exec(vm), self._fd_sender(vm), vm.files, name, req)
+            quiesce = lambda: self._quiesce(vm)  # noqa: E731
+            return await snap.take_live(self._exec(vm), self._fd_sender(vm), vm.files, name, req, quiesce)
 
     async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:
         async with self._lock(name):
@@ -119,7 +120,7 @@ class StorageOps(DriverCore):
         async with self._lock(name):  # the QMP steps are in kasou.hypervisor.qemu.backups
             vm = self._running(name)
             try:
-                return await qbackups.run(self._exec(vm), backup_id, disks, timeout_s)
+                return await qbackups.run(self._exec(vm), backup_id, disks, timeout_s, lambda: self._quiesce(vm))
             finally:
                 if vm.identity is not None:  # the generations are root's again once QEMU is done with them
                     for d in disks:

@@ -5,7 +5,9 @@ The layer model is in :mod:`kasou.hypervisor.snapshots`. The steps, each bounded
     take:     [memory: stop]
               qemu-img create -b ACTIVE -u OVERLAY        (per disk; the base is not opened)
               blockdev-add qcow2 OVERLAY (backing: null)  (node D-xxxx, file node D-xxxxf)
+              [no memory, guest agent answers: guest-fsfreeze-freeze]
               transaction [blockdev-snapshot node=TOP overlay=D-xxxx, ...]   (all disks at one instant)
+              [guest-fsfreeze-thaw, in any case]
               [memory: migrate exec:cat > STATE.part, wait completed, rename; cont]
     merge:    block-commit top-node=TOP base-node=BASE (job snap-D)
                 active top: wait ready, block-job-complete (the device pivots onto BASE)
@@ -41,6 +43,7 @@ from kasou.errors import Conflict, HypervisorError, KasouError, MonitorError, No
 from kasou.hypervisor.qemu import blocknodes as bn
 from kasou.hypervisor.qemu.cmdline import RuntimeFiles
 from kasou.hypervisor.qemu.migration import Execute, wait_incoming_done
+from kasou.hypervisor.qemu.qga import Consistency, Quiesce
 from kasou.hypervisor.snapshots import (
     SnapshotLayers,
     SnapshotMerge,
@@ -156,10 +159,13 @@ async def take(
     disks: list[tuple[str, str, str]],
     memory: Path | None,
     send_fd: SendFd | None = None,
+    quiesce: Quiesce | None = None,
 ) -> SnapshotTaken:
     """Put an overlay on each disk at one instant (``disks``: id, active path, overlay path); maybe save memory.
 
     On failure nothing is left: no overlay file or node, no state file, and the guest runs as before.
+    ``quiesce`` freezes the guest's file systems around the instant (a disk-only snapshot of a running
+    guest); a memory snapshot is never frozen: its saved guest would wake up frozen after a revert.
     """
     await _refuse_jobs(execute, vm)
     was_running = await _run_state(execute) == "running"
@@ -192,7 +198,13 @@ async def take(
             node, file_node = overlay_nodes(disk_id)
             await execute("blockdev-add", overlay_blockdev(node, file_node, overlay))
             added.append(_Added(disk_id, str(tops[disk_id]["node-name"]), active, node, file_node, overlay))
-        await execute("transaction", {"actions": snapshot_actions([(a.old_top, a.node) for a in added])})
+        consistency: Consistency | None = "memory" if memory is not None else None
+        if memory is None and was_running and quiesce is not None:
+            async with quiesce() as frozen:
+                await execute("transaction", {"actions": snapshot_actions([(a.old_top, a.node) for a in added])})
+                consistency = frozen[0]
+        else:
+            await execute("transaction", {"actions": snapshot_actions([(a.old_top, a.node) for a in added])})
         switched = True
         memory_bytes = 0
         if memory is not None and part is not None:
@@ -227,6 +239,7 @@ async def take(
         size_bytes=sum(sizes) + memory_bytes,
         live=True,
         paused_ms=paused_ms,
+        consistency=consistency if consistency is not None else "crash",
     )
 
 
@@ -358,7 +371,7 @@ async def _end_job(execute: Execute, disk_id: str, timeout_s: float = 10.0) -> N
 
 
 async def take_live(
-    execute: Execute, send_fd: SendFd, files: RuntimeFiles, vm: str, req: SnapshotTake
+    execute: Execute, send_fd: SendFd, files: RuntimeFiles, vm: str, req: SnapshotTake, quiesce: Quiesce | None = None
 ) -> SnapshotTaken:
     if not req.disks:
         raise HypervisorError(f"VM {vm!r} has no disk to snapshot")
@@ -366,7 +379,7 @@ async def take_live(
     memory = memory_path(req.disks[0].path, req.snapshot) if req.memory else None
     if memory is not None and memory.exists():
         raise Conflict(f"{memory} exists already; a snapshot of that name was not cleaned up")
-    taken = await take(execute, vm, req.snapshot, disks, memory, send_fd)
+    taken = await take(execute, vm, req.snapshot, disks, memory, send_fd, quiesce)
     update_launch(files, {d: ov for d, _, ov in disks})
     return taken
 
