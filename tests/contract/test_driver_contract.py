@@ -130,6 +130,16 @@ async def test_a_running_vm_reports_its_runtime(rig: Rig, guest: Guest) -> None:
     assert len((await rig.driver.console_log(guest.name, max_bytes=10)).encode()) <= 10
 
 
+async def test_a_guest_without_an_agent(rig: Rig, guest: Guest) -> None:
+    """The tiny guest runs no guest agent: it says so, and a guest-agent shutdown is refused, nothing changed."""
+    info = await info_of(rig, guest.name)
+    assert not info.guest.agent and info.guest.agent_age_s is None
+    assert info.guest.hostname is None and info.guest.ips == []
+    with pytest.raises(WrongState):
+        await rig.driver.guest_shutdown(guest.name)
+    assert await state_of(rig, guest.name) == RuntimeState.RUNNING
+
+
 async def test_never_two_copies_of_a_vm(rig: Rig, guest: Guest) -> None:
     with pytest.raises(Conflict):
         await rig.driver.start(guest.spec)
@@ -200,6 +210,7 @@ async def test_snapshot_and_merge_of_a_running_vm(rig: Rig, guest: Guest) -> Non
     taken = await d.snapshot(name, SnapshotTake(snapshot="s1", disks=now))
     [layer] = taken.disks
     assert (taken.snapshot, taken.live, taken.memory_path) == ("s1", True, None)
+    assert taken.consistency == "crash"  # the tiny guest has no guest agent to freeze its file systems
     assert (layer.id, layer.base) == ("disk0", str(disk))
     assert Path(layer.overlay).is_file() and backing_of(layer.overlay) == str(disk)
     assert await state_of(rig, name) == RuntimeState.RUNNING
@@ -285,6 +296,7 @@ async def test_backup_of_a_running_vm(rig: Rig, guest: Guest) -> None:
     [r1] = await d.backup_disks(name, "g0001", [first])
     assert (r1.disk_id, r1.kind, r1.target, r1.bitmap) == ("disk0", "full", first.target, first.new_bitmap)
     assert Path(r1.target).is_file() and r1.bytes_copied >= 0 and r1.backing is None
+    assert r1.consistency == "crash"  # no guest agent answers in the tiny guest
 
     second = BackupDisk(disk_id="disk0", target=str(bdir / "g2.qcow2"), backing=first.target,
                         base_bitmap=first.new_bitmap, new_bitmap=bitmap_name("g0002"))  # fmt: skip

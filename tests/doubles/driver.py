@@ -29,7 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from kasou.errors import (
     AlreadyExists,
@@ -44,6 +44,7 @@ from kasou.hypervisor import imagefiles
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.base import (
     Driver,
+    GuestInfo,
     IncomingInfo,
     LaunchDisk,
     LaunchSpec,
@@ -128,6 +129,28 @@ class FakeDriver(Driver):
         self.fail_next_snapshot: str | None = None  # the error of the next live snapshot
         self.fail_next_backup: str | None = None  # the error of the next backup of a running VM
         self.bitmaps: dict[str, dict[str, str]] = {}  # VM -> disk id -> the backup bitmap it keeps
+        self.agent_shutdown_exits = True  # a guest whose agent carries out guest-shutdown
+        self.agent_shutdowns: list[str] = []  # VMs asked to shut down through their guest agent
+        self.freezes: list[str] = []  # VMs whose file systems were frozen for a snapshot or backup
+
+    def set_guest_agent(self, name: str, answering: bool = True, heartbeat: bool = True, **guest: object) -> None:
+        """Test hook: the guest's agent answers (or stops answering); ``heartbeat=False``: a guest without
+        kasou's heartbeat (a real OS), whose readiness is then its agent's."""
+        info = self.vms[name]
+        seen = answering or info.guest.agent_age_s is not None
+        g = info.guest.model_copy(update={"agent": answering, "agent_age_s": (0.0 if answering else
+                                          (info.guest.agent_age_s or 0.0)) if seen else None, **guest})  # fmt: skip
+        extra: dict[str, object] = {"guest": g}
+        if not heartbeat:
+            extra.update(guest_ready=answering, guest_uptime_s=None, heartbeat_age_s=None)
+        self.vms[name] = info.model_copy(update=extra)
+
+    def _consistency(self, name: str) -> Literal["application", "crash"]:
+        info = self.vms[name]
+        if info.state == RuntimeState.RUNNING and info.guest.agent:
+            self.freezes.append(name)
+            return "application"
+        return "crash"
 
     def crash(self, name: str) -> None:
         """Test hook: the VM's process dies by itself."""
@@ -187,11 +210,22 @@ class FakeDriver(Driver):
     def _set(self, name: str, state: RuntimeState, **extra: object) -> None:
         if state not in _GUEST:  # as QEMU's: no guest runs (any more, or yet) in this process
             extra.setdefault("guest_ready", False)
+            extra.setdefault("guest", GuestInfo())
         self.vms[name] = self.vms[name].model_copy(update={"state": state, **extra})
 
     async def powerdown(self, name: str) -> None:
         self._active(name)
         if self.powerdown_exits:
+            self._set(name, RuntimeState.EXITED, pid=None, exit_reason="guest-shutdown")
+        else:
+            self._set(name, RuntimeState.SHUTTING_DOWN)
+
+    async def guest_shutdown(self, name: str) -> None:
+        info = self._active(name)
+        if not info.guest.agent or info.state != RuntimeState.RUNNING:
+            raise WrongState(f"VM {name!r} has no guest agent answering; press its power button instead")
+        self.agent_shutdowns.append(name)
+        if self.agent_shutdown_exits:
             self._set(name, RuntimeState.EXITED, pid=None, exit_reason="guest-shutdown")
         else:
             self._set(name, RuntimeState.SHUTTING_DOWN)
@@ -205,7 +239,7 @@ class FakeDriver(Driver):
     async def reset(self, name: str) -> None:
         """The machine resets; a paused VM stays paused (QEMU's ``system_reset`` leaves the vCPUs as they are)."""
         info = self._active(name)
-        self._set(name, info.state, guest_uptime_s=0.0)
+        self._set(name, info.state, guest_uptime_s=0.0, guest=GuestInfo())  # it must answer again to count
 
     async def pause(self, name: str) -> None:
         self._active(name)
@@ -476,6 +510,7 @@ class FakeDriver(Driver):
             msg, self.fail_next_backup = self.fail_next_backup, None
             raise HypervisorError(f"the backup failed: {msg}")
         held = self.bitmaps.setdefault(name, {})
+        consistency = self._consistency(name)
         out: builtins.list[BackupDiskResult] = []
         done: builtins.list[Path] = []
         try:
@@ -500,7 +535,7 @@ class FakeDriver(Driver):
                         disk_id=d.disk_id, kind="incremental" if incremental else "full", target=d.target,
                         backing=d.backing if incremental else None,
                         bitmap=d.new_bitmap if src.format == "qcow2" else None,
-                        bytes_copied=Path(d.target).stat().st_size, note=note,
+                        bytes_copied=Path(d.target).stat().st_size, note=note, consistency=consistency,
                     )
                 )  # fmt: skip
         except BaseException:
@@ -582,6 +617,7 @@ class FakeDriver(Driver):
         return SnapshotTaken(
             snapshot=req.snapshot, disks=layers, memory_path=str(state) if state else None, memory_bytes=mem,
             size_bytes=mem, live=True, paused_ms=1 if state else 0,
+            consistency="memory" if state else self._consistency(name),
         )  # fmt: skip
 
     async def merge_snapshot(self, name: str, req: SnapshotMerge) -> SnapshotMerged:

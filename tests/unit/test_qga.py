@@ -52,7 +52,7 @@ async def test_a_guest_without_an_agent_costs_a_bounded_wait(sock: Path) -> None
         await qga.poll_once(agent, state)
         assert time.monotonic() - t0 < 1.0
         assert not state.answering and state.last_answer is None
-        with pytest.raises(GuestAgentError, match="no answer within 0.3 s"):
+        with pytest.raises(GuestAgentError, match=r"no answer within 0\.3 s"):
             await agent.ping()
         fake.silent = False  # the agent starts inside the guest: the next call resynchronises
         await agent.ping()

@@ -205,6 +205,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
     async def powerdown(name: str) -> RuntimeInfo:
         return await _act(name, d.powerdown)
 
+    @app.post("/agent/v1/vms/{name}/guest-shutdown")
+    async def guest_shutdown(name: str) -> RuntimeInfo:
+        """Ask the guest's agent to shut the guest down (409 when no guest agent answers)."""
+        return await _act(name, d.guest_shutdown)
+
     @app.post("/agent/v1/vms/{name}/stop")
     async def stop(name: str) -> RuntimeInfo:
         return await _act(name, d.stop)

@@ -16,7 +16,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 
@@ -93,8 +93,11 @@ class BackupFiles:
             if tpm is not None:
                 imagefiles.remove(tpm_file)
             raise
+        consistency: Literal["application", "crash"] | None = None
+        if running:  # every disk shares one point in time: frozen for all or for none
+            consistency = "application" if results and all(r.consistency == "application" for r in results) else "crash"
         return BackupMade(running=running, files=files, copy_s=round(t1 - t0, 3),
-                          verify_s=round(time.monotonic() - t1, 3), tpm=tpm)  # fmt: skip
+                          verify_s=round(time.monotonic() - t1, 3), tpm=tpm, consistency=consistency)  # fmt: skip
 
     async def _offline(self, req: BackupCreate, disks: list[BackupDisk], new_bitmap: str) -> list[BackupDiskResult]:
         """A VM that does not run: a full copy, or an incremental by content against the previous generation."""

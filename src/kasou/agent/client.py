@@ -104,7 +104,7 @@ class AgentClient:
         return RuntimeInfo.model_validate(resp.json())
 
     async def action(self, name: str, action: str) -> RuntimeInfo:
-        """One of powerdown, stop, reset, pause, resume."""
+        """One of powerdown, guest-shutdown, stop, reset, pause, resume."""
         resp = await self._call("POST", f"/vms/{name}/{action}", timeout=60)
         return RuntimeInfo.model_validate(resp.json())
 

@@ -90,6 +90,9 @@ class BackupMade(BaseModel):
     copy_s: float  # the copy itself
     verify_s: float  # qemu-img check and the content digest
     tpm: TpmBackup | None = None  # the TPM's state, when asked
+    # a running VM's: application (its guest agent froze the file systems at the point in time) or crash (no
+    # agent answered: as after a power cut); None: a stopped VM's disks
+    consistency: Literal["application", "crash"] | None = None
 
 
 class BackupCheck(BaseModel):

@@ -317,8 +317,9 @@ def _action(name: str, action: str, wait: bool, timeout: float | None = None) ->
         out.print(f"vm {name}: {action} job {res['job']['id']}", markup=False, highlight=False)
         return
     job = follow(c, res["job"], f"{action} {name}")
-    state = (job.get("result") or {}).get("state", "done")
-    out.print(f"vm {name}: {state}", markup=False, highlight=False)
+    result = job.get("result") or {}
+    how = f" ({result['detail']})" if result.get("detail") else ""  # a shutdown says what ended the guest
+    out.print(f"vm {name}: {result.get('state', 'done')}{how}", markup=False, highlight=False)
 
 
 WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish.")
@@ -336,7 +337,8 @@ def vm_shutdown(
     timeout: float = typer.Option(None, "--timeout", help="Seconds to wait before a hard stop (default 60)."),
     wait: bool = WAIT,
 ) -> None:
-    """Shut a VM down gracefully (ACPI power button), then stop it hard after a timeout."""
+    """Shut a VM down gracefully (its guest agent if one answers, else the ACPI power button), then stop it
+    hard after a timeout."""
     _action(name, "shutdown", wait, timeout)
 
 
@@ -475,6 +477,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ),
         ("guest ready", "yes" if v["guest_ready"] else "no"),
         ("guest uptime", _uptime(v["uptime_s"])),
+        ("guest agent", _guest_text(v.get("guest") or {})),
         ("accelerator", v["accelerator"] or "-"),
     ]
     for d in v["disks"]:
@@ -494,6 +497,14 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         rows.append(("last error", v["last_error"]))
     for k, val in rows:
         out.print(f"{k:13} {val}", markup=False, highlight=False)
+
+
+def _guest_text(g: dict[str, Any]) -> str:
+    """The guest agent's line of ``vm show``: answering, with what the guest says of itself, or not."""
+    if not g.get("agent"):
+        return "not answering" + (f" (last answered {g['agent_age_s']:.0f} s ago)" if g.get("agent_age_s") else "")
+    said = [g.get("os"), g.get("hostname") and f"host name {g['hostname']}", ", ".join(g.get("ips") or [])]
+    return "answering" + (f": {'; '.join(x for x in said if x)}" if any(said) else "")
 
 
 @vm_app.command("set")

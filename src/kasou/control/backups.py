@@ -110,7 +110,10 @@ class BackupRecord(BaseModel):
     kind: Literal["full", "incremental"]  # incremental if any disk is
     created_at: float
     duration_s: float
-    running: bool  # taken from the running VM (a crash-consistent point in time) or from a stopped one
+    running: bool  # taken from the running VM or from a stopped one
+    # a running VM's point in time: application (its guest agent froze the file systems) or crash (no agent
+    # answered); None: a stopped VM's, or recorded before kasou froze guests
+    consistency: Literal["application", "crash"] | None = None
     scheduled: bool = False
     bitmap: str | None  # the dirty bitmap that records writes since this generation
     note: str = ""
@@ -137,6 +140,7 @@ class BackupView(BaseModel):
     created_at: float
     host: str
     running: bool
+    consistency: Literal["application", "crash"] | None = None
     scheduled: bool
     size_bytes: int  # the disks' virtual size
     file_bytes: int  # what its files take in the backup directory
@@ -237,7 +241,7 @@ def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
     return BackupView(
         vm=r.vm, generation=r.generation, vm_uuid=r.vm_uuid, department=r.department, kind=r.kind,
         based_on=min(based) if based else None, created_at=r.created_at, host=r.host, running=r.running,
-        scheduled=r.scheduled,
+        consistency=r.consistency, scheduled=r.scheduled,
         size_bytes=sum(d.size_bytes for d in r.disks), file_bytes=sum(d.file_bytes for d in r.disks),
         bytes_copied=sum(d.bytes_copied for d in r.disks), duration_s=r.duration_s, note=r.note, disks=r.disks,
     )  # fmt: skip
@@ -409,6 +413,7 @@ class Backups:
                 vm=vm, generation=gen, vm_uuid=rec.uuid, department=rec.department, id=bid, host=rec.host, kind=kind,
                 created_at=time.time(),
                 duration_s=round(time.monotonic() - t0, 3), running=made.running, scheduled=scheduled,
+                consistency=made.consistency,
                 bitmap=bitmap_name(bid) if all(f.bitmap for f in made.files if f.disk_id != VARS_ID) else None,
                 note="; ".join(notes),
                 disks=[BackupDiskRecord(disk_id=f.disk_id, path=f.path, backing=f.backing, kind=f.kind,
@@ -428,6 +433,7 @@ class Backups:
             pruned = await self._prune(rec, await self._keep(rec))
         return {
             "vm": vm, "generation": gen, "kind": kind, "note": record.note, "pruned": pruned,
+            "consistency": made.consistency,
             "bytes_copied": sum(d.bytes_copied for d in record.disks),
             "file_bytes": sum(d.file_bytes for d in record.disks), "copy_s": made.copy_s, "verify_s": made.verify_s,
         }  # fmt: skip

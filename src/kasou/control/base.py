@@ -50,6 +50,16 @@ class ReplicaView(BaseModel):
     since: float
 
 
+class GuestView(BaseModel):
+    """What a running guest says of itself through its QEMU guest agent."""
+
+    agent: bool = False  # its guest agent answers
+    agent_age_s: float | None = None  # seconds since it last answered (None: not since the guest started)
+    os: str | None = None
+    hostname: str | None = None
+    ips: list[str] = []  # its addresses, loopback and link-local left out
+
+
 class VMView(BaseModel):
     """A VM as the API and the CLI show it: the record and its host's live view, merged."""
 
@@ -82,6 +92,7 @@ class VMView(BaseModel):
     guest_ready: bool
     uptime_s: float | None  # the guest's own uptime, from its heartbeat
     heartbeat_age_s: float | None
+    guest: GuestView = GuestView()
     accelerator: str | None
     started_at: float | None
     created_at: float

@@ -24,7 +24,8 @@ VM is restarted.
 *VM monitoring.* An HA VM whose QEMU died on a host that is up (it is
 ``crashed`` in its record) is started again on its host; an HA VM whose guest
 sent no heartbeat for ``heartbeat_timeout_s`` (it did before: it is hung) is
-reset. Each such repair is in the ledger.
+reset; a guest without the heartbeat (a real OS) whose QEMU guest agent answered
+and then fell silent for twice that long is reset too. Each such repair is in the ledger.
 
 *Admission (N+1).* While any VM is HA-protected, a start that would leave too
 little free capacity to restart the HA VMs of any one host on the others is
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from kasou.control.replication import Replication
 
 log = logging.getLogger(__name__)
+#: A guest watched through its guest agent (no heartbeat) is hung after this many heartbeat limits of silence.
+AGENT_SILENCE_FACTOR = 2
 
 RESTART_BACKOFF_S = 10.0  # between two attempts to restart one VM that failed to start
 HOST_CHECK_EVERY_S = 0.5  # how often the leader looks for hosts whose lease is gone
@@ -422,11 +425,19 @@ class HaManager:
         await vms.runner.submit("ha-restart", rec.name, run, job_id)
 
     async def _watch_heartbeat(self, rec: VMRecord, rt: RuntimeInfo) -> None:
-        """Reset a guest that stopped sending heartbeats (it sent some before, so it is hung)."""
-        age = rt.heartbeat_age_s
-        if age is None or age < self.times.heartbeat_timeout_s:
+        """Reset a guest that stopped sending heartbeats (it sent some before, so it is hung).
+
+        A guest without kasou's heartbeat (a real OS) is watched through its guest agent instead, and
+        conservatively: only one whose agent answered since the guest started, and has been silent for
+        ``AGENT_SILENCE_FACTOR`` times the heartbeat's limit (an agent restarted by a package upgrade is
+        back within seconds). A guest that never had an agent answering is never declared hung.
+        """
+        age, limit, what = rt.heartbeat_age_s, self.times.heartbeat_timeout_s, "no heartbeat"
+        if age is None and rt.guest.agent_age_s is not None and not rt.guest.agent:
+            age, limit, what = rt.guest.agent_age_s, AGENT_SILENCE_FACTOR * limit, "no guest agent answer"
+        if age is None or age < limit:
             return
-        if self.clock() - self._reset_at.get(rec.name, -1e9) < 2 * self.times.heartbeat_timeout_s:
+        if self.clock() - self._reset_at.get(rec.name, -1e9) < 2 * limit:
             return  # give the guest time to boot after the last reset
         self._reset_at[rec.name] = self.clock()
         try:
@@ -437,7 +448,7 @@ class HaManager:
                                ok=False, message=e.message, details={"host": rec.host})  # fmt: skip
             return
         await audit.record(self.vms.store, "ha_reset", actor=audit.SYSTEM_HA, target=f"vms/{rec.name}",
-                           details={"host": rec.host, "heartbeat_age_s": round(age)})  # fmt: skip
+                           details={"host": rec.host, "heartbeat_age_s": round(age), "watched": what})  # fmt: skip
         await self.vms.ledger.record(rec.name, LedgerEvent.CRASHED, rec.host,
-                                     f"guest hung: no heartbeat for {age:.0f} s")  # fmt: skip
+                                     f"guest hung: {what} for {age:.0f} s")  # fmt: skip
         await self.vms.ledger.record(rec.name, LedgerEvent.RESTARTED, rec.host, "reset by VM monitoring")

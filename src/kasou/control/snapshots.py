@@ -72,6 +72,7 @@ class SnapshotView(BaseModel):
     size_bytes: int  # what keeping it costs: its disk layers (allocated) plus the memory state
     memory_bytes: int
     vm_state: str  # the VM's state when it was taken
+    consistency: str | None = None  # application, crash or memory (a running VM's); None: a stopped VM's
     state: str  # ready, or deleting (a merge failed half-way: delete it again)
     error: str | None
     newest: bool  # the one a revert goes to
@@ -81,7 +82,7 @@ def _view(vm: str, s: SnapshotRecord, newest: bool) -> SnapshotView:
     return SnapshotView(
         vm=vm, name=s.name, created_at=s.created_at, description=s.description, memory=s.memory,
         size_bytes=s.size_bytes, memory_bytes=s.memory_bytes, vm_state=s.vm_state, state=s.state, error=s.error,
-        newest=newest,
+        newest=newest, consistency=s.consistency,
     )  # fmt: skip
 
 
@@ -181,6 +182,7 @@ class Snapshots:
             snap = SnapshotRecord(
                 name=spec.name, description=spec.description, memory=spec.memory, memory_path=taken.memory_path,
                 memory_bytes=taken.memory_bytes, size_bytes=taken.size_bytes, vm_state=rec.state.value,
+                consistency=taken.consistency,
                 disks=[SnapshotDisk(id=d.id, base=d.base, overlay=d.overlay) for d in taken.disks],
             )  # fmt: skip
             overlays = {d.id: d.overlay for d in taken.disks}
@@ -196,7 +198,7 @@ class Snapshots:
             await ctx.progress(1.0, "done")
             return {
                 "vm": vm, "snapshot": spec.name, "memory": spec.memory, "live": taken.live,
-                "paused_ms": taken.paused_ms, "size_bytes": taken.size_bytes,
+                "paused_ms": taken.paused_ms, "size_bytes": taken.size_bytes, "consistency": taken.consistency,
             }  # fmt: skip
 
         return await self.vms.runner.submit("snapshot", vm, run, job_id)

@@ -23,9 +23,9 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 from kasou.config import HaTimes
-from kasou.control import scheduler, vm_create
+from kasou.control import scheduler, shutdown, vm_create
 from kasou.control.backups import UNKNOWN_DEPARTMENT, Backups
-from kasou.control.base import DiskView, ReplicaView, VMJobRunner, VMRecords, VMView
+from kasou.control.base import DiskView, GuestView, ReplicaView, VMJobRunner, VMRecords, VMView
 from kasou.control.desktops import Desktops
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
@@ -169,6 +169,7 @@ class VMService:
             guest_ready=bool(live and rt and rt.guest_ready),
             uptime_s=rt.guest_uptime_s if live and rt else None,
             heartbeat_age_s=rt.heartbeat_age_s if live and rt else None,
+            guest=GuestView.model_validate(rt.guest.model_dump()) if live and rt else GuestView(),
             accelerator=rt.accelerator if live and rt else None,
             started_at=rec.started_at if rec.state in ACTIVE_STATES else None,
             created_at=rec.created_at,
@@ -494,8 +495,8 @@ class VMService:
         limit = self.shutdown_timeout if timeout is None else timeout
 
         async def run(ctx: JobContext) -> dict[str, Any]:
-            await fn(ctx, rec, limit)
-            return {"vm": name, "state": (await self.records.get(name)).state.value}
+            extra = await fn(ctx, rec, limit)
+            return {"vm": name, "state": (await self.records.get(name)).state.value, **(extra or {})}
 
         return await self.runner.submit(action.value, name, run, job_id)
 
@@ -515,29 +516,8 @@ class VMService:
         await ctx.progress(0.2, "starting QEMU")
         await self.start_now(rec)
 
-    async def _job_shutdown(self, ctx: JobContext, rec: VMRecord, timeout: float) -> None:
-        agent = self.agents.get(rec.host)
-        await self.mirrors.before_stop(rec)
-        await ctx.progress(0.05, "pressing the power button")
-        await agent.action(rec.name, "powerdown")
-        await self.records.set(rec.name, state=VMState.SHUTTING_DOWN)
-        t0 = time.monotonic()
-        detail = "graceful shutdown"
-        while True:
-            info = await agent.info(rec.name)
-            if info.state in (RuntimeState.EXITED, RuntimeState.CRASHED):
-                if info.exit_reason == "stopped":
-                    detail = "stopped at once during a graceful shutdown"
-                break
-            waited = time.monotonic() - t0
-            if waited >= timeout:
-                await ctx.progress(0.95, "the guest did not power off; stopping it")
-                await agent.action(rec.name, "stop")
-                detail = f"the guest did not power off within {timeout:.0f} s; stopped hard"
-                break
-            await ctx.progress(0.05 + 0.9 * waited / timeout, f"waiting for the guest to power off ({waited:.0f} s)")
-            await asyncio.sleep(0.25)
-        await self.stopped(rec, detail)
+    async def _job_shutdown(self, ctx: JobContext, rec: VMRecord, timeout: float) -> dict[str, Any]:
+        return await shutdown.run(self, ctx, rec, timeout)
 
     async def stopped(self, rec: VMRecord, detail: str) -> None:
         with contextlib.suppress(KasouError):

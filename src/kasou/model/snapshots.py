@@ -62,6 +62,9 @@ class SnapshotRecord(BaseModel):
     memory_bytes: int = 0
     size_bytes: int = 0  # allocated bytes of its disk layers (the bases) plus the memory state
     vm_state: str = "stopped"  # the VM's state when it was taken
+    # a running VM's: application (its guest agent froze the file systems), crash (no agent answered) or
+    # memory (the running state itself was saved); None: a stopped VM's disks
+    consistency: Literal["application", "crash", "memory"] | None = None
     disks: list[SnapshotDisk] = []
     # taking: recorded before the agent is asked (its layers' paths are known), so a control plane that dies
     # meanwhile finds out at its next start whether the VM runs on the new layers; deleting: a merge began

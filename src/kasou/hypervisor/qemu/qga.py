@@ -227,7 +227,8 @@ async def poll_once(agent: GuestAgent, state: AgentState) -> None:
         return
     now = time.monotonic()
     state.answering, state.last_answer = True, now
-    if state.details_at is not None and now - state.details_at < DETAILS_EVERY_S:
+    # read again when due, and on every round while the guest has no address yet (DHCP comes after the agent)
+    if state.details_at is not None and now - state.details_at < DETAILS_EVERY_S and state.ips:
         return
     state.details_at = now
     with contextlib.suppress(GuestAgentError):  # an old agent may lack a command: the rest still counts
@@ -244,6 +245,8 @@ async def poll(agent: GuestAgent, state: AgentState, alive: Any, running: Any, e
         while alive():
             if running():
                 await poll_once(agent, state)
+            elif state.last_answer is not None:
+                state.last_answer = time.monotonic()  # a paused guest cannot answer: its silence does not count
             await asyncio.sleep(every_s)
     finally:
         await agent.close()
