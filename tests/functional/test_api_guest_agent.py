@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import time
 
-from tests.functional.conftest import Cluster, Env
+from typer.testing import CliRunner
+
+from kasou.api.client import Client
+from kasou.cli import common
+from kasou.cli import main as cli
+from tests.functional.conftest import TOKEN, Cluster, Env
 from tests.functional.test_api_backups import backup
 from tests.functional.test_api_snapshots import snap
 
@@ -19,6 +24,7 @@ def test_vm_show_has_the_guest_object(env: Env) -> None:
     env.driver.set_guest_agent("emr", **DEBIAN)
     g = env.api.get("/v1/vms/emr").json()["guest"]
     assert g["agent"] and g["hostname"] == "emr-db1" and g["ips"] == ["10.0.2.15"] and g["os"].startswith("Debian")
+    assert 'kasou_vm_guest_agent_age_seconds{vm="emr"} 0' in env.api.get("/metrics").text
     env.act("emr", "stop")
     assert env.api.get("/v1/vms/emr").json()["guest"]["agent"] is False  # a stopped VM has no guest to answer
 
@@ -111,3 +117,23 @@ def test_a_guest_whose_agent_fell_silent_is_reset_one_that_never_had_one_is_not(
     assert "no guest agent answer" in history[-2]["detail"]
     time.sleep(1.5)  # a few HA rounds: the guest that never had an agent is left alone
     assert _events(cluster, "lab")[-1] == "started"
+
+
+def test_cli_vm_show_and_shutdown_say_what_the_agent_said(env: Env) -> None:
+    env.create("emr", start=True)
+    runner = CliRunner()
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
+    try:
+        shown = runner.invoke(cli.app, ["vm", "show", "emr"])  # a narrow terminal wraps lines: joined again
+        assert "guest agent   not answering" in shown.output.replace("\n", "")
+        env.driver.set_guest_agent("emr", **DEBIAN)
+        shown = runner.invoke(cli.app, ["vm", "show", "emr"])
+        assert "answering: Debian GNU/Linux 12 (bookworm); host name emr-db1; 10.0.2.15" in shown.output.replace(
+            "\n", ""
+        )
+        down = runner.invoke(cli.app, ["vm", "shutdown", "emr"])
+        assert down.exit_code == 0 and "stopped (graceful shutdown (through the guest agent))" in down.output.replace(
+            "\n", ""
+        )
+    finally:
+        common.client_factory = None

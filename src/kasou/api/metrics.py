@@ -92,6 +92,9 @@ def exposition(reports: dict[str, StatsReport], hosts: Iterable[Any], vms: Itera
         if v.heartbeat_age_s is not None:
             e.add("kasou_vm_heartbeat_age_seconds", "gauge", "seconds since the guest's last heartbeat",
                   v.heartbeat_age_s, vm=v.name)  # fmt: skip
+        if v.guest.agent_age_s is not None:  # its QEMU guest agent has answered since the guest started
+            e.add("kasou_vm_guest_agent_age_seconds", "gauge", "seconds since the guest's QEMU guest agent answered",
+                  v.guest.agent_age_s, vm=v.name)  # fmt: skip
     for host, rep in sorted(reports.items()):
         for vs in rep.vms:
             lab = {"vm": vs.name, "host": host}
