@@ -176,7 +176,12 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
         art = load_image(agent.disks.images_dir, image)
         held = art.disk.stat().st_blocks * 512
-        return {"name": image, "disk_size_bytes": art.disk_size_bytes, "allocated_bytes": held}
+        return {
+            "name": image,
+            "disk_size_bytes": art.disk_size_bytes,
+            "allocated_bytes": held,
+            "min_memory_mib": art.min_memory_mib,
+        }
 
     @app.get("/agent/v1/vms")
     async def list_vms() -> list[RuntimeInfo]:

@@ -122,6 +122,13 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 "or import a disk with kasou image import)",
                 field="image",
             )
+        least = int((await svc.agents.get(host).image_info(image)).get("min_memory_mib", 0))
+        if spec.memory_mib < least:
+            raise InvalidSpec(
+                f"image {image!r} needs at least {least} MiB of memory to boot, not {spec.memory_mib}; "
+                f"give --memory {least} or more",
+                field="memory_mib",
+            )
     check_memory(firmware, spec.memory_mib)
     cpu, machine = await cpu_and_machine(svc, spec, host)
     job_id = svc.new_job_id()
