@@ -78,5 +78,25 @@ def parse_int(value: str, what: str) -> int:
 
 
 def say(line: str) -> None:
-    """One plain line of output (no markup, no highlighting)."""
-    out.print(line, markup=False, highlight=False)
+    """One plain line of output (no markup, no highlighting, not wrapped: scripts read it)."""
+    out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def startup_body(onboot: bool | None, order: str | None, delay: str | None) -> dict[str, Any] | None:
+    """The ``startup`` of a VM from ``--onboot/--no-onboot --order N --delay S`` (None: none given)."""
+    if onboot is None and order is None and delay is None:
+        return None
+    return {
+        "onboot": True if onboot is None else onboot,
+        "order": parse_int(order, "order") if order is not None else 0,
+        "delay_s": parse_int(delay, "delay") if delay is not None else 0,
+    }
+
+
+def startup_text(v: dict[str, Any]) -> str:
+    """How ``vm show`` says a VM's start-up settings."""
+    s = v.get("startup")
+    if not s or not s.get("onboot"):
+        return "not started at host boot"
+    delay = f", then {s['delay_s']} s before the next" if s.get("delay_s") else ""
+    return f"at host boot, order {s['order']}{delay}"
