@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.snapshots import SnapshotRecord
-from kasou.model.spec import DiskSpec, NicSpec
+from kasou.model.spec import DiskSpec, NicSpec, Startup
 from kasou.model.state import VMState
 
 
@@ -53,6 +53,7 @@ class VMRecord(BaseModel):
     anti_affinity: str | None = None  # never on one host with another running VM of this group
     ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
     priority: int = 50  # HA restart order, highest first (0..100)
+    startup: Startup | None = None  # started when its host boots (kasou.control.onboot)
     replicated: bool = False  # its local disks have a synchronous replica on another host while it runs
     replica: ReplicaRecord | None = None
     ha_armed: bool = False  # its running QEMU was launched HA-protected (its host's guard fences it)

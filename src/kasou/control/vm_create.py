@@ -148,6 +148,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         anti_affinity=spec.anti_affinity,
         ha=spec.ha,
         priority=spec.priority,
+        startup=spec.startup,
         replicated=spec.storage == "replicated",
         nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
         state=VMState.CREATING,
