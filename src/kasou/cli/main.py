@@ -29,6 +29,8 @@ from kasou.cli.common import (
     startup_body,
     startup_text,
 )
+from kasou.cli.console import follow_log
+from kasou.cli.console import register as register_console
 from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
@@ -563,9 +565,19 @@ def _ha_text(v: dict[str, Any]) -> str:
 
 
 @vm_app.command("log")
-def vm_log(name: str, max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show.")) -> None:
+def vm_log(
+    name: str,
+    max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show."),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="Then show what the guest writes, until Ctrl-C."),
+) -> None:
     """The VM's serial console output."""
+    if follow_:
+        follow_log(name, max_bytes)
+        return
     sys.stdout.write(client().text(f"/v1/vms/{name}/console", params={"max_bytes": max_bytes}))
+
+
+register_console(vm_app)  # kasou vm console
 
 
 @vm_app.command("history")

@@ -481,5 +481,9 @@ class Driver(abc.ABC):
         """The unix socket of running VM ``name``'s VNC display on this host; None if it has none now."""
         return None
 
+    async def serial_socket(self, name: str) -> Path | None:
+        """The unix socket of running VM ``name``'s serial console (one client at a time); None if none now."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop monitoring (the VMs keep running)."""

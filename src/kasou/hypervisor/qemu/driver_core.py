@@ -617,6 +617,14 @@ class DriverCore(Driver):
         path = self._files(name).vnc
         return path if path.is_socket() else None
 
+    async def serial_socket(self, name: str) -> Path | None:
+        """QEMU's serial console of a running (or paused) guest: ``<run dir>/<vm>/serial.sock``."""
+        vm = self._vms.get(name)
+        if vm is None or vm.state not in GUEST_STATES or not process.alive(vm.pid):
+            return None
+        path = self._files(name).serial
+        return path if path.is_socket() else None
+
     # -- QMP for the helper modules ------------------------------------------------------
 
     def _exec(self, vm: QemuVm) -> mig.Execute:
