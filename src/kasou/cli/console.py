@@ -118,7 +118,7 @@ def follow_log(name: str, max_bytes: int, timeout: float | None = None) -> None:
         while end is None or time.monotonic() < end:
             time.sleep(LOG_POLL_S)
             cur = c.text(f"/v1/vms/{name}/console", params={"max_bytes": LOG_TAIL_BYTES})
-            new = _new_part(shown, cur)
+            new = new_part(shown, cur)
             if new:
                 sys.stdout.write(new)
                 sys.stdout.flush()
@@ -127,7 +127,7 @@ def follow_log(name: str, max_bytes: int, timeout: float | None = None) -> None:
                 shown = cur  # the log began again (the VM started anew) and holds nothing new yet
 
 
-def _new_part(shown: str, cur: str) -> str:
+def new_part(shown: str, cur: str) -> str:
     """What ``cur`` (the log's end now) has after what was ``shown`` (its end before)."""
     if not shown:
         return cur
