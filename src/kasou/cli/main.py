@@ -19,6 +19,7 @@ from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
 from kasou.cli.common import (
     client,
+    cloud_init_body,
     err,
     fail,
     follow,
@@ -26,6 +27,7 @@ from kasou.cli.common import (
     parse_int,
     print_json,
     progress_bar,
+    seed_text,
     startup_body,
     startup_text,
 )
@@ -291,6 +293,12 @@ def vm_create(
     onboot: bool = typer.Option(None, "--onboot/--no-onboot", help="Start it when its host boots."),
     order: str = typer.Option(None, "--order", help="With --onboot: start order, 0..1000, lowest first."),
     delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
+    hostname: str = typer.Option(None, "--hostname", help="cloud-init: the guest's host name (default: its name)."),
+    ssh_key: list[str] = typer.Option(None, "--ssh-key", help="cloud-init: a public key file (.pub) to log in with."),
+    ip: str = typer.Option(None, "--ip", help="cloud-init: the first NIC's address, e.g. 10.20.0.15/24 (else DHCP)."),
+    gateway: str = typer.Option(None, "--gateway", help="cloud-init: with --ip, the default gateway."),
+    dns: list[str] = typer.Option(None, "--dns", help="cloud-init: with --ip, a DNS server (repeat)."),
+    user_data: str = typer.Option(None, "--user-data", help="cloud-init: a user-data file (#cloud-config, ...)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -317,6 +325,7 @@ def vm_create(
         "tpm": tpm,
         "os": os_type,
         "startup": startup_body(onboot, order, delay),
+        "cloud_init": cloud_init_body(hostname, ssh_key, ip, gateway, dns, user_data),
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -486,6 +495,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("template", v["template"] or "-"),
         ("HA", _ha_text(v)),
         ("start-up", startup_text(v)),
+        ("cloud-init", seed_text(v)),
         ("anti-affinity", v["anti_affinity"] or "-"),
         (
             "storage",

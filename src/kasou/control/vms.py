@@ -53,6 +53,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.model import cloudinit
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
@@ -148,6 +149,7 @@ class VMService:
             ha=rec.ha,
             priority=rec.priority,
             startup=rec.startup,
+            cloud_init=cloudinit.summary(rec.cloud_init),
             ha_armed=rec.ha_armed and active and blocked is None,
             ha_blocked=blocked,
             storage="replicated" if rec.replicated else ("shared" if rec.disks and rec.disks[0].shared else "local"),

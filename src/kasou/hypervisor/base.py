@@ -22,6 +22,7 @@ from kasou.errors import HypervisorError, InvalidSpec
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.hypervisor.stats import VmStats
+from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.spec import NicSpec
 
@@ -63,6 +64,7 @@ class LaunchSpec(BaseModel):
     nics: list[NicSpec] = []
     paused: bool = False  # start with the vCPUs stopped (-S)
     ha: bool = False  # HA-protected: the host's guard kills it when the host loses its cluster lease
+    cloud_init: CloudInit | None = None  # a NoCloud seed disk made at each start (kasou.hypervisor.qemu.seed)
 
     @model_validator(mode="after")
     def _uefi_has_vars(self) -> LaunchSpec:

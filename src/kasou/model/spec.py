@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kasou.errors import InvalidSpec
+from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.names import NAME_MAX as NAME_MAX
@@ -185,6 +186,7 @@ class VMCreate(BaseModel):
     tpm: StrictBool | None = None  # a TPM 2.0 (swtpm); default: none, but --os windows brings one
     os: str | None = None  # linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, RTC in local time
     startup: Startup | None = None  # start it when its host boots (--onboot --order N --delay S)
+    cloud_init: CloudInit | None = None  # a NoCloud seed: hostname, SSH keys, address, user-data
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -246,6 +248,8 @@ class VMCreate(BaseModel):
         check_storage(firmware, tpm, self.storage, self.mirror is not None)
         if self.startup is not None:
             self.startup.check()
+        if self.cloud_init is not None:
+            self.cloud_init.check()
 
     @property
     def disk_bytes(self) -> int | None:
