@@ -131,6 +131,10 @@ def test_cli_vm_show_and_shutdown_say_what_the_agent_said(env: Env) -> None:
         assert "answering: Debian GNU/Linux 12 (bookworm); host name emr-db1; 10.0.2.15" in shown.output.replace(
             "\n", ""
         )
+        taken = runner.invoke(cli.app, ["snapshot", "create", "emr", "s1"]).output.replace("\n", "")
+        assert "application-consistent: the guest agent froze its file systems" in taken
+        made = runner.invoke(cli.app, ["backup", "create", "emr"]).output.replace("\n", "")
+        assert "application-consistent" in made, made
         down = runner.invoke(cli.app, ["vm", "shutdown", "emr"])
         assert down.exit_code == 0 and "stopped (graceful shutdown (through the guest agent))" in down.output.replace(
             "\n", ""

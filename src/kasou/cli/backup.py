@@ -40,13 +40,22 @@ def backup_create(
     r: dict[str, Any] = job.get("result") or {}
     line = (
         f"vm {vm}: backup generation {r.get('generation')} ({r.get('kind')}, "
-        f"{format_size(int(r.get('file_bytes', 0)))} written)"
+        f"{format_size(int(r.get('file_bytes', 0)))} written{_consistency(r.get('consistency'))})"
     )
     if r.get("pruned"):
         line += f"; retention pruned generation {', '.join(str(g) for g in r['pruned'])}"
     say(line)
     if r.get("note"):
         say(f"note: {r['note']}")
+
+
+def _consistency(c: str | None) -> str:
+    """How a running VM's point in time was taken: frozen by its guest agent, or not (None: a stopped VM's)."""
+    if c == "application":
+        return ", application-consistent: the guest agent froze its file systems"
+    if c == "crash":
+        return ", crash-consistent: no guest agent answered to freeze its file systems"
+    return ""
 
 
 _UUID_HELP = "Those of the earlier (deleted) VM of that name with this uuid (administrators and operators)."

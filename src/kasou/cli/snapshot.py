@@ -43,7 +43,10 @@ def snapshot_create(
     job = follow(c, res["job"], f"snapshot {vm}/{name}")
     r = job.get("result") or {}
     paused = f", guest paused {r['paused_ms']} ms" if memory and r.get("paused_ms") is not None else ""
-    say(f"vm {vm}: snapshot {name} taken ({'disk and memory' if memory else 'disk'}{paused})")
+    how = {"application": ", application-consistent: the guest agent froze its file systems",
+           "crash": ", crash-consistent: no guest agent answered to freeze its file systems"}  # fmt: skip
+    say(f"vm {vm}: snapshot {name} taken ({'disk and memory' if memory else 'disk'}{paused}"
+        f"{how.get(r.get('consistency') or '', '')})")  # fmt: skip
 
 
 @snapshot_app.command("list")
