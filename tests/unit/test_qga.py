@@ -139,3 +139,19 @@ def test_ips_of_ignores_junk() -> None:
     assert qga.ips_of([{"ip-addresses": [{"ip-address": "nonsense"}, {"ip-address": "192.168.1.5"}]}]) == [
         "192.168.1.5"
     ]
+
+
+async def test_a_refused_freeze_is_crash_consistent_and_a_failing_thaw_is_raised(sock: Path) -> None:
+    async with FakeGuestAgent(sock) as fake:
+        agent = qga.GuestAgent(sock)
+        fake.fail["guest-fsfreeze-freeze"] = "no file system to freeze"
+        async with qga.quiesced(agent, qga.AgentState(answering=True)) as c:
+            assert c == ["crash"]
+        assert fake.commands.count("guest-fsfreeze-thaw") == 1  # thawed all the same
+        del fake.fail["guest-fsfreeze-freeze"]
+        fake.fail["guest-fsfreeze-thaw"] = "thaw failed"
+        with pytest.raises(GuestAgentError, match="may still be frozen"):
+            async with qga.quiesced(agent, qga.AgentState(answering=True)):
+                pass
+        assert fake.commands.count("guest-fsfreeze-thaw") == 1 + qga.THAW_TRIES
+        await agent.close()

@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ SENTINEL = b"\xff"
 Consistency = Literal["application", "crash", "memory"]
 #: Freezes a guest around a point in time: yields a one-element list the body reads (application or crash).
 Quiesce = Callable[[], contextlib.AbstractAsyncContextManager[list[Consistency]]]
+
+log = logging.getLogger(__name__)
 
 _ids = itertools.count(int(time.time()) % 100_000 * 1000)
 
@@ -150,17 +153,13 @@ class GuestAgent:
     async def freeze_status(self) -> str:
         return str(await self.execute("guest-fsfreeze-status"))
 
-    @contextlib.asynccontextmanager
-    async def frozen(self) -> AsyncIterator[int]:
-        """Freeze the guest's file systems for the body (yields how many were frozen); thawed in any case."""
-        try:
-            count = await self.execute("guest-fsfreeze-freeze", timeout_s=FREEZE_TIMEOUT_S)
-            yield int(count) if isinstance(count, int) else 0
-        finally:
-            # Also after a freeze that timed out: the guest may have frozen after kasou stopped waiting.
-            await self.thaw()
+    async def freeze(self) -> int:
+        """Freeze the guest's file systems (``guest-fsfreeze-freeze``); how many it froze."""
+        count = await self.execute("guest-fsfreeze-freeze", timeout_s=FREEZE_TIMEOUT_S)
+        return int(count) if isinstance(count, int) else 0
 
     async def thaw(self) -> None:
+        """Thaw the guest's file systems, tried again (each bounded); raised only if it may still be frozen."""
         last: GuestAgentError | None = None
         for _ in range(THAW_TRIES):
             try:
@@ -264,13 +263,14 @@ async def quiesced(agent: GuestAgent | None, state: AgentState | None) -> AsyncI
     if agent is None or state is None or not state.answering:
         yield result
         return
-    frozen = contextlib.AsyncExitStack()
     try:
         try:
-            await frozen.enter_async_context(agent.frozen())
+            await agent.freeze()
             result[0] = "application"
-        except GuestAgentError:
-            pass  # frozen() thawed already; the point in time is crash-consistent
+        except GuestAgentError as e:  # the point in time is crash-consistent; the guest runs on
+            log.warning("the guest's file systems could not be frozen (%s): the point in time is crash-consistent", e)
         yield result
     finally:
-        await frozen.aclose()  # thaw (bounded, retried); a failure is raised: the caller must hear of it
+        # Also after a freeze that failed or timed out: the guest may have frozen after kasou stopped waiting.
+        # A thaw that fails every try is raised: the operation fails and says the guest may still be frozen.
+        await agent.thaw()
