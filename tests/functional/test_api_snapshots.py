@@ -199,7 +199,9 @@ def test_cli_snapshot_create_list_revert_delete(env: Env, run: Any) -> None:
     env.create("emr", start=True)
     r = run("snapshot", "create", "emr", "s1", "--memory")
     assert r.exit_code == 0 and r.output.startswith("vm emr: snapshot s1 taken (disk and memory"), r.output
-    assert run("snapshot", "create", "emr", "s2").output.strip() == "vm emr: snapshot s2 taken (disk)"
+    assert run("snapshot", "create", "emr", "s2").output.strip() == (
+        "vm emr: snapshot s2 taken (disk, crash-consistent: no guest agent answered to freeze its file systems)"
+    )
     listed = json.loads(run("snapshot", "list", "emr", "--json").output)
     assert [(s["name"], s["memory"], s["newest"]) for s in listed] == [("s1", True, False), ("s2", False, True)]
     table = run("snapshot", "list", "emr").output
