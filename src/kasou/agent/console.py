@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
@@ -73,6 +74,22 @@ async def pipe_socket(ws: WebSocket, reader: asyncio.StreamReader, writer: async
             await asyncio.wait_for(writer.wait_closed(), 2.0)
 
 
+async def proxy(ws: WebSocket, name: str, path: Path, what: str) -> None:
+    """Connect to the VM's socket ``path`` (bounded) and pipe it to the accepted websocket until either ends."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as e:
+        await ws.close(DISPLAY_UNREACHABLE, f"the {what} of VM {name} does not answer: {e}"[:120])
+        return
+    log.info("%s of %s opened", what, name)
+    try:
+        await pipe_socket(ws, reader, writer)
+    finally:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close()
+        log.info("%s of %s closed", what, name)
+
+
 def add_console_routes(app: FastAPI, driver: Driver) -> None:
     serial_in_use: set[str] = set()
 
@@ -91,18 +108,7 @@ def add_console_routes(app: FastAPI, driver: Driver) -> None:
             return
         serial_in_use.add(name)
         try:
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT_S)
-            except (OSError, TimeoutError) as e:
-                await ws.close(DISPLAY_UNREACHABLE, f"the serial console of VM {name} does not answer: {e}"[:120])
-                return
-            log.info("serial console of %s opened", name)
-            try:
-                await pipe_socket(ws, reader, writer)
-            finally:
-                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                    await ws.close()
-                log.info("serial console of %s closed", name)
+            await proxy(ws, name, path, "serial console")
         finally:
             serial_in_use.discard(name)
 
@@ -114,15 +120,4 @@ def add_console_routes(app: FastAPI, driver: Driver) -> None:
         if path is None:
             await ws.close(NO_DISPLAY, f"VM {name} has no display on this host (is it running?)"[:120])
             return
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as e:
-            await ws.close(DISPLAY_UNREACHABLE, f"the display of VM {name} does not answer: {e}"[:120])
-            return
-        log.info("console of %s opened", name)
-        try:
-            await pipe_socket(ws, reader, writer)
-        finally:
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await ws.close()
-            log.info("console of %s closed", name)
+        await proxy(ws, name, path, "display")

@@ -649,18 +649,17 @@ class DriverCore(Driver):
 
     async def vnc_socket(self, name: str) -> Path | None:
         """QEMU's VNC display of a running (or paused) guest: ``-vnc unix:<run dir>/<vm>/vnc.sock``."""
-        vm = self._vms.get(name)
-        if vm is None or vm.state not in GUEST_STATES or not process.alive(vm.pid):
-            return None
-        path = self._files(name).vnc
-        return path if path.is_socket() else None
+        return self._guest_socket(name, "vnc")
 
     async def serial_socket(self, name: str) -> Path | None:
         """QEMU's serial console of a running (or paused) guest: ``<run dir>/<vm>/serial.sock``."""
+        return self._guest_socket(name, "serial")
+
+    def _guest_socket(self, name: str, which: str) -> Path | None:
         vm = self._vms.get(name)
         if vm is None or vm.state not in GUEST_STATES or not process.alive(vm.pid):
             return None
-        path = self._files(name).serial
+        path: Path = getattr(self._files(name), which)
         return path if path.is_socket() else None
 
     # -- QMP for the helper modules ------------------------------------------------------
