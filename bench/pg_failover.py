@@ -230,6 +230,12 @@ def main() -> None:
                                            indent=1) + "\n")  # fmt: skip
         if lost_total:
             raise SystemExit(f"{lost_total} committed transactions were lost")
+    except BaseException:
+        for log in sorted(lab_dir.glob("h*/log/*.log")):  # what the hosts said, for the failure above
+            text = log.read_text(errors="replace")
+            if "Traceback" in text:
+                print(f"--- {log}\n" + text[text.rfind("Traceback") - 2000 :][:6000], file=sys.stderr)
+        raise
     finally:
         client_network_down()
         subprocess.run([*KASOU, "lab", "down"], env=base, capture_output=True, timeout=180)
