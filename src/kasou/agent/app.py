@@ -28,7 +28,7 @@ from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
 from kasou.agent.firmware import FirmwareState, add_firmware_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
-from kasou.agent.models import DiskCreate, DiskInfo
+from kasou.agent.models import DiskCreate, DiskInfo, MediaChange
 from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
@@ -176,7 +176,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
         art = load_image(agent.disks.images_dir, image)
         held = art.disk.stat().st_blocks * 512
-        return {"name": image, "disk_size_bytes": art.disk_size_bytes, "allocated_bytes": held}
+        return {"name": image, "disk_size_bytes": art.disk_size_bytes, "allocated_bytes": held, "kind": art.kind}
 
     @app.get("/agent/v1/vms")
     async def list_vms() -> list[RuntimeInfo]:
@@ -220,6 +220,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.post("/agent/v1/vms/{name}/resume")
     async def resume(name: str) -> RuntimeInfo:
         return await _act(name, d.resume)
+
+    @app.post("/agent/v1/vms/{name}/media")
+    async def change_medium(name: str, req: MediaChange) -> RuntimeInfo:
+        """Put an ISO image of this host in the running VM's CD drive, or empty it (``iso`` null)."""
+        return await _act(name, lambda n: d.change_medium(n, req.iso))
 
     @app.delete("/agent/v1/vms/{name}")
     async def forget(name: str) -> dict[str, bool]:

@@ -33,6 +33,7 @@ from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.imports import Imports
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
+from kasou.control.media import Media
 from kasou.control.mirrors import Mirrors
 from kasou.control.networks import Networks
 from kasou.control.pools import Pools
@@ -95,6 +96,7 @@ class VMService:
         self.mirrors = Mirrors(self)
         self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
         self.imports = Imports(self)  # kasou.control.imports: vm import and export
+        self.media = Media(self)  # kasou.control.media: the CD drive
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
@@ -140,6 +142,9 @@ class VMService:
             nvram=rec.nvram,
             tpm_state=rec.tpm_state,
             template=rec.template,
+            cdrom_drive=rec.cdrom_drive,
+            cdrom=rec.cdrom,
+            boot=rec.boot,
             description=rec.description,
             department=rec.department,
             anti_affinity=rec.anti_affinity,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from kasou.errors import InvalidSpec
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
+from kasou.model.media import check_boot, parse_boot
 from kasou.model.names import NAME_MAX as NAME_MAX
 from kasou.model.names import validate_name
 from kasou.model.parsing import parse_model
@@ -154,6 +155,8 @@ class VMCreate(BaseModel):
     firmware: str | None = None  # bios (default), uefi or uefi-secure (kasou.model.firmware); fixed for good
     tpm: StrictBool | None = None  # a TPM 2.0 (swtpm); default: none, but --os windows brings one
     os: str | None = None  # linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, RTC in local time
+    cdrom: str | None = None  # an ISO image in its CD drive (kasou.model.media); the VM keeps the drive
+    boot: str | list[str] | None = None  # the firmware's boot order, e.g. "cdrom,disk" (default: disk, cdrom)
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -172,8 +175,15 @@ class VMCreate(BaseModel):
                 f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not {self.memory_mib}",
                 field="memory_mib",
             )
-        if self.image is None and self.template is None:
-            raise InvalidSpec("give an image (--image) or a template (--from)", field="image")
+        if self.image is None and self.template is None and self.cdrom is None:
+            raise InvalidSpec("give an image (--image), a template (--from) or an ISO to install from (--cdrom)",
+                              field="image")  # fmt: skip
+        if self.cdrom is not None:
+            validate_name(self.cdrom, "cdrom")
+            if self.image is None and self.template is None and self.disk is None:
+                raise InvalidSpec("a VM installed from an ISO needs a blank disk: give its size with --disk SIZE",
+                                  field="disk")  # fmt: skip
+        check_boot(parse_boot(self.boot), self.cdrom is not None)
         if self.image is not None and self.template is not None:
             raise InvalidSpec("give either an image or a template, not both", field="image")
         if self.image is not None:
@@ -217,6 +227,10 @@ class VMCreate(BaseModel):
     @property
     def disk_bytes(self) -> int | None:
         return None if self.disk is None else parse_size(self.disk, "disk")
+
+    @property
+    def boot_list(self) -> list[str] | None:
+        return parse_boot(self.boot)
 
 
 def validate_vlan(vlan: object) -> int | None:

@@ -1,0 +1,123 @@
+"""The CD drive of a VM: ``kasou vm media insert NAME ISO`` and ``kasou vm media eject NAME`` (see kasou.model.media).
+
+An ISO is an image of kind ``iso`` in the image store of the VM's host. The disc in the drive is part of
+the VM's record: on a stopped VM an insert or an eject changes only the record (the next start puts the
+disc in); on a running or paused one the host's agent changes the disc first (QMP), then the record.
+A stopped VM without a drive gets one with its first insert; a running one cannot (q35's AHCI drives are
+not hot-pluggable): stop it first. A live migration (and a host's maintenance) needs the same ISO image
+on the destination (:func:`check_iso_on`), else it is refused naming the ISO and the ways out.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kasou.control.base import VMControl, VMView
+from kasou.control.records import VMRecord
+from kasou.errors import Conflict, InvalidSpec, NotFound, WrongState
+from kasou.model.media import MediaInsert
+from kasou.model.state import ACTIVE_STATES, VMState
+
+if TYPE_CHECKING:
+    from kasou.agent.client import AgentClient
+
+#: The states a VM's disc may change in: its QEMU runs (or is paused), or it has none.
+_LIVE = frozenset({VMState.RUNNING, VMState.PAUSED})
+_STILL = frozenset({VMState.STOPPED, VMState.CRASHED})
+
+
+async def iso_info(agent: AgentClient, host: str | None, iso: str) -> dict[str, Any]:
+    """What ``host`` says of its ISO image ``iso``; InvalidSpec (one line) if it has none, or it is a disk image."""
+    try:
+        info = await agent.image_info(iso)
+    except NotFound:
+        raise InvalidSpec(
+            f"no ISO image {iso!r} on host {host} (import it there: kasou image import {iso} FILE.iso)", field="iso"
+        ) from None
+    if info.get("kind", "disk") != "iso":
+        raise InvalidSpec(f"image {iso!r} is a disk image, not an ISO: a CD drive holds an ISO image", field="iso")
+    return info
+
+
+async def check_disk_image(agent: AgentClient, host: str | None, image: str) -> None:
+    """An ISO image cannot be a VM's disk: InvalidSpec naming the way to install from it."""
+    info = await agent.image_info(image)
+    if info.get("kind", "disk") == "iso":
+        raise InvalidSpec(
+            f"image {image!r} is an ISO: install from it with --cdrom {image} and a blank disk (--disk SIZE)",
+            field="image",
+        )
+
+
+async def check_iso_on(vms: VMControl, rec: VMRecord, target: str) -> None:
+    """Refuse to move a VM with a disc in its drive to a host that lacks that ISO image (or has another
+    file under its name: the sizes differ)."""
+    if rec.cdrom is None:
+        return
+    way_out = f"import it there (kasou image import {rec.cdrom} FILE.iso on {target}) or eject it " \
+              f"(kasou vm media eject {rec.name})"  # fmt: skip
+    try:
+        there = await vms.agents.get(target).image_info(rec.cdrom)
+    except NotFound:
+        raise WrongState(
+            f"VM {rec.name!r} has ISO image {rec.cdrom!r} in its CD drive and host {target} has no such image: "
+            + way_out
+        ) from None
+    here = await vms.agents.get(rec.host).image_info(rec.cdrom)
+    if there.get("kind") != "iso" or there.get("disk_size_bytes") != here.get("disk_size_bytes"):
+        raise WrongState(
+            f"VM {rec.name!r} has ISO image {rec.cdrom!r} in its CD drive and host {target}'s image of that name "
+            f"is not the same file: " + way_out
+        )
+
+
+class Media:
+    """Insert and eject (part of :class:`kasou.control.vms.VMService`: ``VMService.media``)."""
+
+    def __init__(self, vms: VMControl) -> None:
+        self.vms = vms
+
+    async def _changeable(self, name: str, what: str) -> VMRecord:
+        rec = await self.vms.records.get(name)
+        if rec.job is not None:
+            raise WrongState(f"VM {name!r} is busy with job {rec.job}; try again when it ends", job=rec.job)
+        if rec.state not in _LIVE | _STILL:
+            raise WrongState(f"cannot {what} VM {name!r} while it is {rec.state.value}: wait until it runs or stops")
+        return rec
+
+    async def insert(self, name: str, req: MediaInsert) -> VMView:
+        """Put ISO image ``req.iso`` in the VM's drive (replacing the disc it holds)."""
+        rec = await self._changeable(name, "change the CD of")
+        live = rec.state in _LIVE
+        if not rec.cdrom_drive and live:
+            raise WrongState(
+                f"VM {name!r} has no CD drive and one cannot be added while it runs: stop it, insert the ISO "
+                "(that gives it a drive), then start it"
+            )
+        await iso_info(self.vms.agents.get(rec.host), rec.host, req.iso)
+        if live:
+            await self.vms.agents.get(rec.host).change_medium(name, req.iso)
+        return await self._record(rec, req.iso)
+
+    async def eject(self, name: str) -> VMView:
+        """Empty the VM's drive."""
+        rec = await self._changeable(name, "eject the CD of")
+        if not rec.cdrom_drive:
+            raise WrongState(f"VM {name!r} has no CD drive: there is nothing to eject")
+        if rec.cdrom is None:
+            raise WrongState(f"the CD drive of VM {name!r} is already empty")
+        if rec.state in _LIVE:
+            await self.vms.agents.get(rec.host).change_medium(name, None)
+        return await self._record(rec, None)
+
+    async def _record(self, seen: VMRecord, iso: str | None) -> VMView:
+        """The disc in the record, if the VM is still where (and as) it was seen."""
+
+        def apply(r: VMRecord) -> VMRecord:
+            if r.host != seen.host or r.job is not None or (r.state in ACTIVE_STATES) != (seen.state in ACTIVE_STATES):
+                raise Conflict(f"VM {seen.name!r} changed while its CD was changed (it started, stopped or moved); "
+                               "check it with kasou vm show and try again")  # fmt: skip
+            return r.model_copy(update={"cdrom": iso, "cdrom_drive": True})
+
+        await self.vms.records.update(seen.name, apply)
+        return await self.vms.get(seen.name)
