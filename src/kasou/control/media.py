@@ -10,16 +10,18 @@ on the destination (:func:`check_iso_on`), else it is refused naming the ISO and
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from kasou.control.base import VMControl, VMView
 from kasou.control.records import VMRecord
-from kasou.errors import Conflict, InvalidSpec, NotFound, WrongState
+from kasou.errors import AgentUnavailable, Conflict, InvalidSpec, NotFound, OperationTimeout, WrongState
 from kasou.model.media import MediaInsert
 from kasou.model.state import ACTIVE_STATES, VMState
 
 if TYPE_CHECKING:
     from kasou.agent.client import AgentClient
+    from kasou.control import scheduler
 
 #: The states a VM's disc may change in: its QEMU runs (or is paused), or it has none.
 _LIVE = frozenset({VMState.RUNNING, VMState.PAUSED})
@@ -39,9 +41,33 @@ async def iso_info(agent: AgentClient, host: str | None, iso: str) -> dict[str, 
     return info
 
 
+async def hosts_with_iso(vms: VMControl, loads: list[scheduler.HostLoad], iso: str) -> list[scheduler.HostLoad]:
+    """The hosts of ``loads`` whose image store has ``iso``; InvalidSpec if none has (a host that does not
+    answer is left out)."""
+    found = []
+    disk = False
+    for load in loads:
+        with contextlib.suppress(AgentUnavailable, OperationTimeout, NotFound):
+            kind = (await vms.agents.get(load.name).image_info(iso)).get("kind", "disk")
+            if kind == "iso":
+                found.append(load)
+            disk = disk or kind == "disk"
+    if not found and disk:
+        raise InvalidSpec(f"image {iso!r} is a disk image, not an ISO: a CD drive holds an ISO image", field="cdrom")
+    if not found:
+        raise InvalidSpec(
+            f"no host has an ISO image {iso!r} (import it: kasou image import {iso} FILE.iso)", field="cdrom"
+        )
+    return found
+
+
 async def check_disk_image(agent: AgentClient, host: str | None, image: str) -> None:
-    """An ISO image cannot be a VM's disk: InvalidSpec naming the way to install from it."""
-    info = await agent.image_info(image)
+    """An ISO image cannot be a VM's disk: InvalidSpec naming the way to install from it (an unknown image is
+    the caller's to refuse)."""
+    try:
+        info = await agent.image_info(image)
+    except NotFound:
+        return
     if info.get("kind", "disk") == "iso":
         raise InvalidSpec(
             f"image {image!r} is an ISO: install from it with --cdrom {image} and a blank disk (--disk SIZE)",

@@ -16,7 +16,7 @@ from kasou.agent.models import DiskCreate, FirmwareCreate, FirmwareFiles
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
-from kasou.control.media import check_disk_image, iso_info
+from kasou.control.media import check_disk_image, hosts_with_iso, iso_info
 from kasou.control.mirrors import launch_disk
 from kasou.control.pools import PoolRecord
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
@@ -107,6 +107,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
     else:
         image = spec.image
         firmware, tpm, guest_os = resolve(spec.firmware, spec.tpm, spec.os)
+        if spec.cdrom is not None:  # only a host with the ISO in its image store can run it with the disc in
+            loads = await hosts_with_iso(svc, loads, spec.cdrom)
         req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
         try:
             host = scheduler.place(req, loads, svc.vcpu_ratio).name
@@ -115,6 +117,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 raise
             # a VM defined but not started needs only disk space now; it is admitted when started
             host = max(loads, key=lambda h: h.memory_free_mib).name
+        if image is not None:
+            await check_disk_image(svc.agents.get(host), host, image)
         images = await svc.agents.get(host).images()
         if image is not None and image not in images:
             built = ", ".join(images) or "none"
@@ -123,8 +127,6 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 "or import a disk with kasou image import)",
                 field="image",
             )
-        if image is not None:
-            await check_disk_image(svc.agents.get(host), host, image)
     if spec.cdrom is not None:
         await iso_info(svc.agents.get(host), host, spec.cdrom)
     check_memory(firmware, spec.memory_mib)
