@@ -28,10 +28,11 @@ import pytest
 from kasou.errors import InvalidSpec, NotFound, WrongState
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeState
 from kasou.hypervisor.qemu import media
+from kasou.hypervisor.qemu.driver import QemuDriver
 from kasou.image import import_image, load_image
-from tests.integration.qemu_rig import AgentHost, end_processes, scratch
+from tests.integration.qemu_rig import AgentHost, end_processes, make_driver, scratch, wait_for
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
 
 INSTALLER = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
 NAME = "inst1"
@@ -160,3 +161,54 @@ async def test_installer_iso_boots_to_its_first_screen(host: AgentHost, installe
     await h.client.action(NAME, "stop")
     with pytest.raises((NotFound, WrongState)):
         await h.client.change_medium(NAME, None)
+
+
+async def test_live_migration_with_a_cd_inserted_and_ejected(host: AgentHost, installer_iso: Path) -> None:
+    """The drive travels: a disc ejected on the source is absent on the destination (whose command line has
+    an empty drive), a disc inserted there is in the drive after the migration back (shared storage)."""
+    h = host
+    images = h.root / "images"
+    art = import_image(images, "debian-installer", installer_iso)
+    peer = make_driver(h.root / "peer", images)
+    await peer.attach_all()
+    disk = h.disks / NAME / "disk0.qcow2"
+    disk.parent.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], check=True, timeout=30)
+    spec = LaunchSpec(
+        name=NAME, uuid=UUID, vcpus=1, memory_mib=256, cdrom_drive=True, cdrom="debian-installer",
+        boot=["cdrom", "disk"], disks=[LaunchDisk(id="disk0", path=str(disk))],
+    )  # fmt: skip
+
+    def on(drv: QemuDriver) -> media.Execute:
+        async def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            return await drv._qmp(drv._vms[NAME], command, arguments)
+
+        return execute
+
+    async def move(src: QemuDriver, dst: QemuDriver, launch: LaunchSpec) -> float:
+        t = time.monotonic()
+        inc = await dst.prepare_incoming(launch, "shared", "127.0.0.1")
+        await src.migrate_out(NAME, inc)
+
+        async def completed() -> bool:
+            st = await src.migration_status(NAME)
+            assert st.status not in ("failed", "cancelled", "none"), st
+            return st.status == "completed"
+
+        await wait_for("the migration to complete", completed, 60)
+        assert (await dst.finish_incoming(NAME)).state == RuntimeState.RUNNING
+        await src.finish_out(NAME)
+        return time.monotonic() - t
+
+    try:
+        await h.driver.start(spec)
+        assert await media.inserted(on(h.driver)) == str(art.disk)
+        await h.driver.change_medium(NAME, None)
+        there = await move(h.driver, peer, spec.model_copy(update={"cdrom": None}))
+        assert await media.inserted(on(peer)) is None
+        await peer.change_medium(NAME, "debian-installer")
+        back = await move(peer, h.driver, spec)
+        assert await media.inserted(on(h.driver)) == str(art.disk)
+        print(f"\nmigrations with a CD drive: {there:.1f} s there (drive empty), {back:.1f} s back (ISO in)")
+    finally:
+        await peer.close()
