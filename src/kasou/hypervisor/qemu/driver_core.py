@@ -175,9 +175,9 @@ class DriverCore(Driver):
                 cf.searchable(path)
         return BootFiles(kernel=art.kernel, initrd=art.initrd, kernel_args=art.kernel_args)
 
-    def iso_file(self, image: str | None) -> Path | None:
-        """The file of the ISO image in a VM's CD drive (None: the drive is empty or there is none)."""
-        return media.iso_file(self.images_dir, image)
+    def iso_file(self, image: str | None, vm: str | None = None) -> Path | None:
+        """The file of the ISO image in VM ``vm``'s CD drive (None: the drive is empty or there is none)."""
+        return media.iso_file(self.images_dir, image, vm)
 
     def _firmware_code(self, spec: LaunchSpec) -> Path | None:
         return fw.ovmf(spec.firmware, self.ovmf_dir).code if spec.nvram is not None else None
@@ -243,7 +243,8 @@ class DriverCore(Driver):
             # Mirrored disks get their second copy before the guest runs a single instruction.
             launch = spec.model_copy(update={"paused": True}) if mirrored else spec
             argv = build_argv(launch, self._files(spec.name), self.accelerator, boot, self.qemu_binary,
-                              firmware_code=self._firmware_code(spec), cdrom=self.iso_file(spec.cdrom))  # fmt: skip
+                              firmware_code=self._firmware_code(spec),
+                              cdrom=self.iso_file(spec.cdrom, spec.name))  # fmt: skip
             state = RuntimeState.PAUSED if launch.paused else RuntimeState.RUNNING
             async with self._launch(spec, argv, state) as vm:
                 if mirrored:
@@ -295,7 +296,7 @@ class DriverCore(Driver):
                     for path in (d.path, d.mirror):
                         if path is not None:
                             cf.hand_over_disk(path, ident, spec.name, readonly=d.readonly)
-                iso = self.iso_file(spec.cdrom)
+                iso = self.iso_file(spec.cdrom, spec.name)
                 if iso is not None:  # an ISO several VMs may share: readable, never the VM's
                     cf.hand_over_disk(iso, ident, spec.name, readonly=True)
                 if spec.nvram is not None:  # the UEFI variables are the VM's, as its disks

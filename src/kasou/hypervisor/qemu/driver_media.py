@@ -19,7 +19,7 @@ class MediaOps(DriverCore):
             launched = rf.launch_spec(vm.files)
             if launched is None or not launched.cdrom_drive:
                 raise WrongState(f"VM {name!r} has no CD drive (a VM gets one when it is created with --cdrom ISO)")
-            path = self.iso_file(iso)  # NotFound or InvalidSpec before anything changes
+            path = self.iso_file(iso, name)  # NotFound or InvalidSpec before anything changes
             if path is None:
                 await media.eject(self._exec(vm))
             else:

@@ -20,8 +20,9 @@ from kasou.hypervisor.qemu.cmdline import CDROM_DEVICE
 Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 
 
-def iso_file(images_dir: Path, image: str | None) -> Path | None:
-    """The file of ISO image ``image`` on this host (None for None); NotFound or InvalidSpec in one line."""
+def iso_file(images_dir: Path, image: str | None, vm: str | None = None) -> Path | None:
+    """The file of ISO image ``image`` on this host (None for None); NotFound or InvalidSpec in one line
+    (naming VM ``vm``'s way out: empty its drive)."""
     if image is None:
         return None
     from kasou.image import load_image  # the image layer sits beside the driver
@@ -29,8 +30,10 @@ def iso_file(images_dir: Path, image: str | None) -> Path | None:
     try:
         art = load_image(images_dir, image)
     except ImageNotFound:
+        eject = f", or empty the CD drive of VM {vm!r}: kasou vm media eject {vm}" if vm else ""
         raise NotFound(
-            f"ISO image {image!r} is not in this host's image store (import it: kasou image import {image} FILE.iso)",
+            f"ISO image {image!r} is not in this host's image store (import it: kasou image import {image} "
+            f"FILE.iso{eject})",
             image=image,
         ) from None
     if art.kind != "iso":
