@@ -23,6 +23,7 @@ from kasou.cli import common
 from kasou.cli.main import app as cli_app
 from kasou.control.hosts import Agents
 from kasou.image import import_image
+from kasou.model.state import VMState
 from kasou.store.sqlite import SqliteStore
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, Cluster, Env, make_fake_image
@@ -52,6 +53,15 @@ def error(r: httpx.Response, status: int) -> str:
     return str(r.json()["message"])
 
 
+def media(env: Env | Cluster, vm: str, iso: str | None) -> dict:
+    """Insert ``iso`` (None: eject), follow the job to its end; the VM as it is then."""
+    r = env.api.post(f"/v1/vms/{vm}/media", json={"iso": iso}) if iso else env.api.delete(f"/v1/vms/{vm}/media")
+    assert r.status_code == 202, r.text
+    job = env.wait(r.json()["job"])
+    assert job["state"] == "succeeded" and job["kind"] == "media", job
+    return dict(env.api.get(f"/v1/vms/{vm}").json())
+
+
 def test_install_from_an_iso_then_change_the_disc(env: Env) -> None:
     with_iso(env.tmp / "images", env.tmp)
     vm = env.create("emr", image=None, cdrom=ISO, boot="cdrom,disk", disk="1G", memory_mib=256)
@@ -62,21 +72,19 @@ def test_install_from_an_iso_then_change_the_disc(env: Env) -> None:
     assert (spec.cdrom_drive, spec.cdrom, spec.boot, spec.image) == (True, ISO, ["cdrom", "disk"], None)
 
     # Running: the disc leaves the drive, and the record says so.
-    r = env.api.delete("/v1/vms/emr/media")
-    assert r.status_code == 200 and r.json()["cdrom"] is None, r.text
+    assert media(env, "emr", None)["cdrom"] is None
     assert env.driver.specs["emr"].cdrom is None
     assert "already empty" in error(env.api.delete("/v1/vms/emr/media"), 409)
     assert "no ISO image 'nope' on host host1" in error(env.api.post("/v1/vms/emr/media", json={"iso": "nope"}), 422)
     assert "disk image, not an ISO" in error(env.api.post("/v1/vms/emr/media", json={"iso": "tiny"}), 422)
     assert error(env.api.post("/v1/vms/emr/media", json={"iso": "../x"}), 422).startswith("iso")
     assert env.driver.specs["emr"].cdrom is None and env.api.get("/v1/vms/emr").json()["cdrom"] is None
-    r = env.api.post("/v1/vms/emr/media", json={"iso": ISO})
-    assert r.status_code == 200 and r.json()["cdrom"] == ISO
+    assert media(env, "emr", ISO)["cdrom"] == ISO
     assert env.driver.specs["emr"].cdrom == ISO
 
     # Stopped: the record only; the next start puts it in (or not).
     env.act("emr", "stop")
-    assert env.api.delete("/v1/vms/emr/media").status_code == 200
+    assert media(env, "emr", None)["cdrom"] is None
     env.act("emr", "start")
     assert env.driver.specs["emr"].cdrom is None and env.driver.specs["emr"].cdrom_drive
 
@@ -107,7 +115,7 @@ def test_a_vm_without_a_drive(env: Env) -> None:
     assert "has no CD drive" in error(env.api.delete("/v1/vms/lab/media"), 409)
     assert not env.driver.specs["lab"].cdrom_drive
     env.act("lab", "stop")
-    assert env.api.post("/v1/vms/lab/media", json={"iso": ISO}).json()["cdrom_drive"]  # stopped: it gets one
+    assert media(env, "lab", ISO)["cdrom_drive"]  # stopped: it gets one
     env.act("lab", "start")
     assert (env.driver.specs["lab"].cdrom_drive, env.driver.specs["lab"].cdrom) == (True, ISO)
 
@@ -176,7 +184,19 @@ def test_migration_needs_the_iso_on_the_destination(two_stores: Cluster) -> None
     r = c.api.post("/v1/hosts/h1/maintenance")
     assert "cannot put h1 in maintenance" in error(r, 409)
     # An ISO both hosts have travels; so does an empty drive.
-    assert c.api.post("/v1/vms/pacs/media", json={"iso": ISO}).status_code == 200
+    assert media(c, "pacs", ISO)["cdrom"] == ISO
     job = c.wait(c.api.post("/v1/vms/pacs/migrate", json={"to": "h2"}).json()["job"])
     assert job["state"] == "succeeded", job
     assert c.drivers["h2"].specs["pacs"].cdrom == ISO
+
+
+def test_a_disc_change_holds_the_vm(env: Env) -> None:
+    """While another job holds the VM a change is refused; during a change nothing else runs on the VM."""
+    with_iso(env.tmp / "images", env.tmp)
+    env.create("ris", cdrom=ISO, start=True)
+    records = env.services.vms.records
+    rec = env.api.portal.call(lambda: records.set("ris", job="j-other"))
+    assert rec.state == VMState.RUNNING
+    assert "busy with job j-other" in error(env.api.delete("/v1/vms/ris/media"), 409)
+    env.api.portal.call(lambda: records.set("ris", job=None))
+    assert media(env, "ris", None)["job"] is None  # released at the end

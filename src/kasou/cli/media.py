@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from kasou.cli.common import client, say
+from kasou.cli.common import client, follow, say
 from kasou.model.names import validate_name
 
 media_app = typer.Typer(
@@ -22,8 +22,9 @@ def media_insert(
     """Put an ISO image in the VM's CD drive (a stopped VM without a drive gets one)."""
     validate_name(name)  # here, not in the URL: 'a/b' would be a path of its own
     validate_name(iso, "iso")
-    vm = client().post(f"/v1/vms/{name}/media", json={"iso": iso})
-    when = "now" if vm["state"] in ("running", "paused") else "from its next start"
+    c = client()
+    job = follow(c, c.post(f"/v1/vms/{name}/media", json={"iso": iso})["job"], f"inserting {iso} in {name}")
+    when = "now" if (job.get("result") or {}).get("now") else "from its next start"
     say(f"vm {name}: ISO {iso} in its CD drive ({when})")
 
 
@@ -31,7 +32,8 @@ def media_insert(
 def media_eject(name: str) -> None:
     """Empty the VM's CD drive."""
     validate_name(name)
-    client().delete(f"/v1/vms/{name}/media")
+    c = client()
+    follow(c, c.delete(f"/v1/vms/{name}/media")["job"], f"ejecting the CD of {name}")
     say(f"vm {name}: CD drive empty")
 
 

@@ -2,7 +2,8 @@
 
 An ISO is an image of kind ``iso`` in the image store of the VM's host. The disc in the drive is part of
 the VM's record: on a stopped VM an insert or an eject changes only the record (the next start puts the
-disc in); on a running or paused one the host's agent changes the disc first (QMP), then the record.
+disc in); on a running or paused one the host's agent changes the disc first (QMP), then the record;
+either runs as a short job that holds the VM.
 A stopped VM without a drive gets one with its first insert; a running one cannot (q35's AHCI drives are
 not hot-pluggable): stop it first. A live migration (and a host's maintenance) needs the same ISO image
 on the destination (:func:`check_iso_on`), else it is refused naming the ISO and the ways out.
@@ -13,11 +14,12 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from kasou.control.base import VMControl, VMView
-from kasou.control.records import VMRecord
-from kasou.errors import AgentUnavailable, Conflict, InvalidSpec, NotFound, OperationTimeout, WrongState
+from kasou.control.base import VMControl
+from kasou.control.jobs import JobContext
+from kasou.control.records import JobRecord, VMRecord
+from kasou.errors import AgentUnavailable, InvalidSpec, NotFound, OperationTimeout, WrongState
 from kasou.model.media import MediaInsert
-from kasou.model.state import ACTIVE_STATES, VMState
+from kasou.model.state import Action, VMState
 
 if TYPE_CHECKING:
     from kasou.agent.client import AgentClient
@@ -98,7 +100,11 @@ async def check_iso_on(vms: VMControl, rec: VMRecord, target: str) -> None:
 
 
 class Media:
-    """Insert and eject (part of :class:`kasou.control.vms.VMService`: ``VMService.media``)."""
+    """Insert and eject (part of :class:`kasou.control.vms.VMService`: ``VMService.media``).
+
+    Each is checked first (a refusal is one line and changes nothing), then runs as a job that holds
+    the VM (no migration, start or stop meanwhile): the agent changes the disc of a running VM, then
+    the record."""
 
     def __init__(self, vms: VMControl) -> None:
         self.vms = vms
@@ -111,39 +117,42 @@ class Media:
             raise WrongState(f"cannot {what} VM {name!r} while it is {rec.state.value}: wait until it runs or stops")
         return rec
 
-    async def insert(self, name: str, req: MediaInsert) -> VMView:
+    async def insert(self, name: str, req: MediaInsert) -> JobRecord:
         """Put ISO image ``req.iso`` in the VM's drive (replacing the disc it holds)."""
         rec = await self._changeable(name, "change the CD of")
-        live = rec.state in _LIVE
-        if not rec.cdrom_drive and live:
-            raise WrongState(
-                f"VM {name!r} has no CD drive and one cannot be added while it runs: stop it, insert the ISO "
-                "(that gives it a drive), then start it"
-            )
+        if not rec.cdrom_drive and rec.state in _LIVE:
+            raise WrongState(_NO_HOTPLUG.format(name=name))
         await iso_info(self.vms.agents.get(rec.host), rec.host, req.iso)
-        if live:
-            await self.vms.agents.get(rec.host).change_medium(name, req.iso)
-        return await self._record(rec, req.iso)
+        return await self._submit(name, req.iso)
 
-    async def eject(self, name: str) -> VMView:
+    async def eject(self, name: str) -> JobRecord:
         """Empty the VM's drive."""
         rec = await self._changeable(name, "eject the CD of")
         if not rec.cdrom_drive:
             raise WrongState(f"VM {name!r} has no CD drive: there is nothing to eject")
         if rec.cdrom is None:
             raise WrongState(f"the CD drive of VM {name!r} is already empty")
-        if rec.state in _LIVE:
-            await self.vms.agents.get(rec.host).change_medium(name, None)
-        return await self._record(rec, None)
+        return await self._submit(name, None)
 
-    async def _record(self, seen: VMRecord, iso: str | None) -> VMView:
-        """The disc in the record, if the VM is still where (and as) it was seen."""
+    async def _submit(self, name: str, iso: str | None) -> JobRecord:
+        job_id = self.vms.new_job_id()
+        await self.vms.runner.claim(name, Action.MEDIA, job_id)
 
-        def apply(r: VMRecord) -> VMRecord:
-            if r.host != seen.host or r.job is not None or (r.state in ACTIVE_STATES) != (seen.state in ACTIVE_STATES):
-                raise Conflict(f"VM {seen.name!r} changed while its CD was changed (it started, stopped or moved); "
-                               "check it with kasou vm show and try again")  # fmt: skip
-            return r.model_copy(update={"cdrom": iso, "cdrom_drive": True})
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            rec = await self.vms.records.get(name)  # held by this job: it neither starts, stops nor moves
+            live = rec.state in _LIVE
+            if live:
+                if not rec.cdrom_drive:
+                    raise WrongState(_NO_HOTPLUG.format(name=name))
+                await ctx.progress(0.3, f"{'inserting ' + iso if iso else 'ejecting'} on {rec.host}")
+                await self.vms.agents.get(rec.host).change_medium(name, iso)
+            await self.vms.records.update(name, lambda r: r.model_copy(update={"cdrom": iso, "cdrom_drive": True}))
+            return {"vm": name, "cdrom": iso, "now": live}
 
-        await self.vms.records.update(seen.name, apply)
-        return await self.vms.get(seen.name)
+        return await self.vms.runner.submit("media", name, run, job_id)
+
+
+_NO_HOTPLUG = (
+    "VM {name!r} has no CD drive and one cannot be added while it runs: stop it, insert the ISO "
+    "(that gives it a drive), then start it"
+)

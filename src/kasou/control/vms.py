@@ -478,7 +478,7 @@ class VMService:
 
     async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:
         """start, shutdown, stop, reboot, pause or resume, as a job."""
-        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE, Action.EXPORT):
+        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE, Action.EXPORT, Action.MEDIA):
             raise InvalidSpec(f"{action.value} is not a power action")
         job_id = _job_id()
         rec = await self.records.get(name)
