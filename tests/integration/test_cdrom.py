@@ -123,7 +123,11 @@ async def test_installer_iso_boots_to_its_first_screen(host: AgentHost, installe
     )  # fmt: skip
     t0 = time.monotonic()
     info = await h.client.start(spec)
-    assert info.state == RuntimeState.RUNNING
+    assert info.state == RuntimeState.RUNNING and info.pid is not None
+    if h.driver.confine.enabled:  # QEMU reads the shared ISO as the VM's own user, never root
+        uid = next(int(ln.split()[1]) for ln in Path(f"/proc/{info.pid}/status").read_text().splitlines()
+                   if ln.startswith("Uid:"))  # fmt: skip
+        assert uid != 0
     early = await screen(h, 0)
     w0, h0, first = colours(early)
     assert INSTALLER_BLUE not in first  # the firmware's text screen, before the installer
