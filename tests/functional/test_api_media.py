@@ -21,6 +21,7 @@ from kasou.api.client import Client
 from kasou.api.deps import Services
 from kasou.cli import common
 from kasou.cli.main import app as cli_app
+from kasou.config import HaTimes
 from kasou.control.hosts import Agents
 from kasou.image import import_image
 from kasou.model.state import VMState
@@ -163,6 +164,7 @@ def two_stores(tmp_path: Path) -> Iterator[Cluster]:
             SqliteStore(tmp_path / "state.db"),
             Agents(clients, records={h: {"disks_dir": str(tmp_path / h / "disks")} for h in ("h1", "h2")}),
             shutdown_timeout=2,
+            ha=HaTimes(lease_ttl_s=6, fence_margin_s=0.2, heartbeat_timeout_s=5),
         )
         return holder["svc"]
 
@@ -200,3 +202,20 @@ def test_a_disc_change_holds_the_vm(env: Env) -> None:
     assert "busy with job j-other" in error(env.api.delete("/v1/vms/ris/media"), 409)
     env.api.portal.call(lambda: records.set("ris", job=None))
     assert media(env, "ris", None)["job"] is None  # released at the end
+
+
+def test_ha_restarts_a_vm_without_a_disc_its_new_host_lacks(two_stores: Cluster) -> None:
+    c = two_stores
+    with_iso(c.tmp / "h1" / "images", c.tmp / "h1", "drivers")  # on h1 only
+    c.create("ward", image=None, cdrom="drivers", disk="1G", storage="shared", ha=True, start=True)
+    assert c.host_of("ward") == "h1"
+    c.fail_host("h1")
+
+    def restarted() -> dict | None:
+        v = c.api.get("/v1/vms/ward").json()
+        return v if v["host"] == "h2" and v["state"] == "running" and v["job"] is None else None
+
+    v = c.wait_for("the HA restart on h2", restarted)
+    assert (v["cdrom_drive"], v["cdrom"]) == (True, None) and c.drivers["h2"].specs["ward"].cdrom is None
+    events = [e for e in c.api.get("/v1/events").json() if e["kind"] == "vm_cd_dropped"]
+    assert len(events) == 1 and "kasou vm media insert ward drivers" in events[0]["message"], events

@@ -6,7 +6,9 @@ disc in); on a running or paused one the host's agent changes the disc first (QM
 either runs as a short job that holds the VM.
 A stopped VM without a drive gets one with its first insert; a running one cannot (q35's AHCI drives are
 not hot-pluggable): stop it first. A live migration (and a host's maintenance) needs the same ISO image
-on the destination (:func:`check_iso_on`), else it is refused naming the ISO and the ways out.
+on the destination (:func:`check_iso_on`), else it is refused naming the ISO and the ways out. An HA
+restart on a host without the ISO starts the VM with its drive empty (a server that runs beats one
+that waits for its installer disc) and says so in an operator event.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ async def hosts_with_iso(vms: VMControl, loads: list[scheduler.HostLoad], iso: s
             f"no host has an ISO image {iso!r} (import it: kasou image import {iso} FILE.iso)", field="cdrom"
         )
     return found
+
+
+async def has_iso(vms: VMControl, host: str, iso: str) -> bool:
+    """Whether ``host``'s image store holds the ISO image ``iso`` (False also when its agent does not say)."""
+    try:
+        return (await vms.agents.get(host).image_info(iso)).get("kind") == "iso"
+    except (NotFound, AgentUnavailable, OperationTimeout):
+        return False
 
 
 async def check_disk_image(agent: AgentClient, host: str | None, image: str) -> None:
