@@ -31,6 +31,7 @@ from kasou.errors import (
     StoreConflict,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeState
+from kasou.model.cloudinit import clone_seed
 from kasou.model.firmware import check_memory, check_template, resolve
 from kasou.model.imports import VMImport
 from kasou.model.machine import DEFAULT_CPU, DEFAULT_MACHINE, KVM_ONLY_CPUS, pinned_machine
@@ -104,7 +105,9 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         have = (template.firmware, template.tpm_state is not None, template.os)
         check_template(template.name, have, (spec.firmware, spec.tpm, spec.os))
         firmware, tpm, guest_os = have
+        cloud_init = clone_seed(template.cloud_init, spec.cloud_init)
     else:
+        cloud_init = spec.cloud_init
         image = spec.image
         firmware, tpm, guest_os = resolve(spec.firmware, spec.tpm, spec.os)
         if spec.cdrom is not None:  # only a host with the ISO in its image store can run it with the disc in
@@ -127,6 +130,14 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 "or import a disk with kasou image import)",
                 field="image",
             )
+        if image is not None:
+            least = int((await svc.agents.get(host).image_info(image)).get("min_memory_mib", 0))
+            if spec.memory_mib < least:
+                raise InvalidSpec(
+                    f"image {image!r} needs at least {least} MiB of memory to boot, not {spec.memory_mib}; "
+                    f"give --memory {least} or more",
+                    field="memory_mib",
+                )
     if spec.cdrom is not None:
         await iso_info(svc.agents.get(host), host, spec.cdrom)
     check_memory(firmware, spec.memory_mib)
@@ -151,6 +162,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         anti_affinity=spec.anti_affinity,
         ha=spec.ha,
         priority=spec.priority,
+        startup=spec.startup,
+        cloud_init=cloud_init,
         replicated=spec.storage == "replicated",
         nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
         state=VMState.CREATING,
@@ -285,6 +298,7 @@ def launch_spec(rec: VMRecord) -> LaunchSpec:
         cdrom_drive=rec.cdrom_drive,
         cdrom=rec.cdrom,
         boot=rec.boot,  # type: ignore[arg-type]  # checked by parse_boot when it was recorded
+        cloud_init=rec.cloud_init,
         disks=[launch_disk(rec, d) for d in rec.disks],
         nics=rec.nics,
         ha=rec.ha,

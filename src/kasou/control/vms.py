@@ -36,6 +36,7 @@ from kasou.control.ledger import Ledger
 from kasou.control.media import Media
 from kasou.control.mirrors import Mirrors
 from kasou.control.networks import Networks
+from kasou.control.onboot import OnBoot
 from kasou.control.pools import Pools
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.control.replication import Replication
@@ -53,6 +54,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.model import cloudinit
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
@@ -97,6 +99,7 @@ class VMService:
         self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
         self.imports = Imports(self)  # kasou.control.imports: vm import and export
         self.media = Media(self)  # kasou.control.media: the CD drive
+        self.onboot = OnBoot(self)  # kasou.control.onboot: VMs started when their host boots
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
@@ -150,6 +153,8 @@ class VMService:
             anti_affinity=rec.anti_affinity,
             ha=rec.ha,
             priority=rec.priority,
+            startup=rec.startup,
+            cloud_init=cloudinit.summary(rec.cloud_init),
             ha_armed=rec.ha_armed and active and blocked is None,
             ha_blocked=blocked,
             storage="replicated" if rec.replicated else ("shared" if rec.disks and rec.disks[0].shared else "local"),
@@ -259,6 +264,7 @@ class VMService:
         await self.backups.tick()  # due scheduled backups
         await self.mirrors.tick()
         await self.desktops.tick()  # ended sessions' desktops returned and reset, K kept pre-started
+        await self.onboot.tick()  # a host that booted: its onboot VMs started in order
         self._ticks += 1
         if self._ticks % POOL_CHECK_EVERY_TICKS == 1:
             await self.pools.tick()
@@ -319,6 +325,7 @@ class VMService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reconciler = self._host_checker = None
+        await self.onboot.close()
 
     async def close(self) -> None:
         await self.suspend()
@@ -390,6 +397,8 @@ class VMService:
         """Change a VM's HA setting, restart priority, description or department."""
         rec = await self.records.get(name)
         changes = upd.model_dump(exclude_none=True)
+        if upd.startup is not None:
+            changes["startup"] = upd.startup
         if changes.get("department") == "":
             changes["department"] = None
         if "department" in changes and changes["department"] != rec.department:

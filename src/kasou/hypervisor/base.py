@@ -22,6 +22,7 @@ from kasou.errors import HypervisorError, InvalidSpec
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.hypervisor.stats import VmStats
+from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.media import BootDevice
 from kasou.model.spec import NicSpec
@@ -67,6 +68,7 @@ class LaunchSpec(BaseModel):
     nics: list[NicSpec] = []
     paused: bool = False  # start with the vCPUs stopped (-S)
     ha: bool = False  # HA-protected: the host's guard kills it when the host loses its cluster lease
+    cloud_init: CloudInit | None = None  # a NoCloud seed disk made at each start (kasou.hypervisor.qemu.seed)
 
     @model_validator(mode="after")
     def _uefi_has_vars(self) -> LaunchSpec:
@@ -495,6 +497,10 @@ class Driver(abc.ABC):
 
     async def vnc_socket(self, name: str) -> Path | None:
         """The unix socket of running VM ``name``'s VNC display on this host; None if it has none now."""
+        return None
+
+    async def serial_socket(self, name: str) -> Path | None:
+        """The unix socket of running VM ``name``'s serial console (one client at a time); None if none now."""
         return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook

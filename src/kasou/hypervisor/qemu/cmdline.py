@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kasou.hypervisor.base import LaunchSpec
 from kasou.hypervisor.qemu import firmware as fw
-from kasou.hypervisor.qemu import tpm
+from kasou.hypervisor.qemu import seed, tpm
 from kasou.hypervisor.qemu.network import tap_name
 from kasou.model.firmware import hyperv_cpu
 from kasou.model.machine import DEFAULT_CPU, qemu_cpu
@@ -58,6 +58,11 @@ class RuntimeFiles:
     @property
     def vnc(self) -> Path:
         return self.dir / "vnc.sock"
+
+    @property
+    def seed(self) -> Path:
+        """The VM's cloud-init seed (kasou.hypervisor.qemu.seed), made at each start."""
+        return self.dir / "seed.iso"
 
     @property
     def pidfile(self) -> Path:
@@ -179,6 +184,8 @@ def build_argv(
         ]  # fmt: skip
     if spec.cdrom_drive:
         argv += cdrom_args(cdrom if spec.cdrom is not None else None, order.index("cdrom"))
+    if spec.cloud_init is not None:
+        argv += seed.qemu_args(files.seed)
     for nic in spec.nics:
         if nic.network == USER_NETWORK:
             netdev = f"user,id={nic.id}"
