@@ -18,6 +18,8 @@ PACKAGES+=(mmdebstrap fdisk dosfstools mtools)
 PACKAGES+=(grub-pc-bin xorriso mtools)  # the import tests make a BIOS-bootable disk of the tiny guest (grub-mkrescue)
 PACKAGES+=(postgresql-client)  # bench/pg_failover.py: the database client on the lab network
 PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
+# Debian's installer (kernel and initrd, about 60 MB): the ISO test makes a bootable installer disc of it
+PACKAGES+=(debian-installer-12-netboot-amd64)
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
 

@@ -80,6 +80,8 @@ async def test_unknown_vm_is_not_found_and_harmless_calls_do_nothing(rig: Rig) -
         await d.backup_disks(name, "b1", [BackupDisk(disk_id="disk0", target="/x", new_bitmap=bitmap_name("b001"))])
     with pytest.raises(NotFound):
         await d.migrate_out(name, IncomingInfo(migration_uri="tcp:127.0.0.1:1"))
+    with pytest.raises(NotFound):
+        await d.change_medium(name, None)
     # Idempotent cleanups: nothing there, nothing to do.
     await d.forget(name)
     await d.finish_out(name)
@@ -139,6 +141,13 @@ async def test_a_guest_without_an_agent(rig: Rig, guest: Guest) -> None:
     with pytest.raises(WrongState):
         await rig.driver.guest_shutdown(guest.name)
     assert await state_of(rig, guest.name) == RuntimeState.RUNNING
+
+
+async def test_a_vm_without_a_cd_drive_refuses_a_disc(rig: Rig, guest: Guest) -> None:
+    for iso in (None, "any-iso"):
+        with pytest.raises(WrongState, match="no CD drive"):
+            await rig.driver.change_medium(guest.name, iso)
+    assert (await info_of(rig, guest.name)).state == RuntimeState.RUNNING
 
 
 async def test_never_two_copies_of_a_vm(rig: Rig, guest: Guest) -> None:

@@ -664,6 +664,17 @@ class FakeDriver(Driver):
                                disks=disks, nics=nics))  # fmt: skip
         return out
 
+    # -- the CD drive ---------------------------------------------------------------------
+
+    async def change_medium(self, name: str, iso: str | None) -> None:
+        """As QEMU's: only a running VM with a drive; the disc is recorded in its launch spec (no image store
+        here: the control plane has checked the image with the host's agent)."""
+        self._active(name)
+        spec = self.specs[name]
+        if not spec.cdrom_drive:
+            raise WrongState(f"VM {name!r} has no CD drive (a VM gets one when it is created with --cdrom ISO)")
+        self.specs[name] = spec.model_copy(update={"cdrom": iso})
+
     # -- the display: a tiny RFB server per running VM (tests.doubles.rfb) --------------
 
     async def vnc_socket(self, name: str) -> Path | None:

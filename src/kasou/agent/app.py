@@ -29,7 +29,7 @@ from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
 from kasou.agent.firmware import FirmwareState, add_firmware_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
-from kasou.agent.models import DiskCreate, DiskInfo
+from kasou.agent.models import DiskCreate, DiskInfo, MediaChange
 from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
@@ -188,6 +188,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
             "disk_size_bytes": art.disk_size_bytes,
             "allocated_bytes": held,
             "min_memory_mib": art.min_memory_mib,
+            "kind": art.kind,
         }
 
     @app.get("/agent/v1/vms")
@@ -237,6 +238,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
     @app.post("/agent/v1/vms/{name}/resume")
     async def resume(name: str) -> RuntimeInfo:
         return await _act(name, d.resume)
+
+    @app.post("/agent/v1/vms/{name}/media")
+    async def change_medium(name: str, req: MediaChange) -> RuntimeInfo:
+        """Put an ISO image of this host in the running VM's CD drive, or empty it (``iso`` null)."""
+        return await _act(name, lambda n: d.change_medium(n, req.iso))
 
     @app.delete("/agent/v1/vms/{name}")
     async def forget(name: str) -> dict[str, bool]:

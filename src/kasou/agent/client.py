@@ -22,6 +22,7 @@ from kasou.agent.models import (
     ExportCreate,
     FirmwareCreate,
     FirmwareFiles,
+    MediaChange,
     TpmRestore,
     TransferStatus,
 )
@@ -106,6 +107,11 @@ class AgentClient:
     async def action(self, name: str, action: str) -> RuntimeInfo:
         """One of powerdown, guest-shutdown, stop, reset, pause, resume."""
         resp = await self._call("POST", f"/vms/{name}/{action}", timeout=60)
+        return RuntimeInfo.model_validate(resp.json())
+
+    async def change_medium(self, name: str, iso: str | None) -> RuntimeInfo:
+        """Put ISO image ``iso`` of this host in running VM ``name``'s CD drive; None empties it."""
+        resp = await self._call("POST", f"/vms/{name}/media", timeout=60, json=MediaChange(iso=iso).model_dump())
         return RuntimeInfo.model_validate(resp.json())
 
     async def forget(self, name: str) -> None:

@@ -30,6 +30,15 @@ class DiskCreate(BaseModel):
     copy_of: str | None = None  # for source=copy: a disk of this host to copy (a mirror's rebuild, offline)
 
 
+class MediaChange(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/media``: the ISO image (of this host) for the VM's CD drive,
+    or None to empty it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iso: str | None = None
+
+
 class DiskInfo(BaseModel):
     path: str
     format: str

@@ -25,6 +25,7 @@ from kasou.api.console import console_routes
 from kasou.api.deps import Services
 from kasou.api.limits import BodyLimit
 from kasou.api.live import live_routes
+from kasou.api.media import media_router
 from kasou.api.metrics import metrics_routes
 from kasou.api.portal import desktop_pool_routes, portal_routes
 from kasou.api.snapshots import snapshot_router
@@ -362,6 +363,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names())
 
     v1.include_router(snapshot_router(svc))
+    v1.include_router(media_router(svc))  # the CD drive
     v1.include_router(storage_routes(svc))
     app.include_router(user_routes(svc, principal))
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy

@@ -72,6 +72,8 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/vms/{name}/history"): need("vm.read", vm="name"),
     ("POST", "/v1/vms/{name}/console-ticket"): need("console", "portal", vm="name"),  # portal: own desktop only
     ("WS", "/v1/console/ws"): need(PUBLIC),  # the one-time ticket made by console-ticket, bound to its session
+    ("POST", "/v1/vms/{name}/media"): need("operate", vm="name"),
+    ("DELETE", "/v1/vms/{name}/media"): need("operate", vm="name"),
     ("GET", "/v1/vms/{name}/snapshots"): need("vm.read", vm="name"),
     ("POST", "/v1/vms/{name}/snapshots"): need("operate", vm="name"),
     ("GET", "/v1/vms/{name}/snapshots/{snapshot}"): need("vm.read", vm="name"),

@@ -48,11 +48,11 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json([{**a.to_dict(), "file_bytes": _held(a.disk)} for a in found])
         return
-    t = Table("name", "format", "size", "on disk", "firmware", "made (UTC)")
+    t = Table("name", "kind", "format", "size", "on disk", "firmware", "made (UTC)")
     for a in found:
         made = f"{a.origin} {a.built_at[:16].replace('T', ' ')}"
-        t.add_row(a.name, a.disk_format, format_size(a.disk_size_bytes), format_size(_held(a.disk)),
-                  " ".join(a.firmware), made)  # fmt: skip
+        t.add_row(a.name, a.kind, a.disk_format, format_size(a.disk_size_bytes), format_size(_held(a.disk)),
+                  " ".join(a.firmware) or "-", made)  # fmt: skip
     out.print(t)
 
 
@@ -64,19 +64,28 @@ def _held(path: Path) -> int:
 @image_app.command("import")
 def image_import(
     name: str,
-    file: Path = typer.Argument(..., help="A qcow2 or raw disk file."),
+    file: Path = typer.Argument(..., help="A qcow2 or raw disk file, or an ISO 9660 file (an installer disc)."),
     firmware: str = typer.Option(
         None, "--firmware", help="bios, uefi, uefi-secure (comma-separated); default: read from its partition table."
     ),
+    kind: str = typer.Option(
+        None, "--kind", help="disk or iso; default: iso for an ISO 9660 file (CD001 at 0x8001), else disk."
+    ),
 ) -> None:
-    """Register a disk file as an image (copied as a thin qcow2; the file itself is left as it is)."""
+    """Register a disk file or an ISO as an image (a disk is copied as a thin qcow2, an ISO as it is; the file
+    itself is left as it is). An ISO image goes in a VM's CD drive: kasou vm create --cdrom NAME."""
     from kasou.image import import_image
     from kasou.image.importing import parse_firmware
 
     fw = parse_firmware(firmware) if firmware is not None else None
     paths = Paths.from_env()
     with progress_bar(f"importing image {name}") as update:
-        art = import_image(paths.images, name, file, firmware=fw, progress=lambda s, f: update(f, s))
+        art = import_image(paths.images, name, file, firmware=fw, progress=lambda s, f: update(f, s), kind=kind)
+    if art.kind == "iso":
+        boots = ", ".join(art.firmware) or "nothing (not bootable)"
+        say(f"image {art.name}: ISO imported from {file} ({format_size(art.disk_size_bytes)}; boots {boots}); "
+            f"install from it with: kasou vm create NAME --cdrom {art.name} --disk SIZE --boot cdrom,disk")  # fmt: skip
+        return
     say(f"image {art.name}: imported from {file} (disk {format_size(art.disk_size_bytes)} {art.disk_format}; "
         f"firmware {', '.join(art.firmware)})")  # fmt: skip
 

@@ -37,6 +37,7 @@ from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
+from kasou.cli.media import cd_text, media_app
 from kasou.cli.networks import network_app
 from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
@@ -60,6 +61,7 @@ host_app = typer.Typer(help="Virtual hosts.", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs (long operations).", no_args_is_help=True)
 api_app = typer.Typer(help="The REST API.", no_args_is_help=True)
 app.add_typer(vm_app, name="vm")
+vm_app.add_typer(media_app, name="media")
 app.add_typer(network_app, name="network")
 app.add_typer(host_app, name="host")
 app.add_typer(image_app, name="image")
@@ -290,6 +292,10 @@ def vm_create(
     os_type: str = typer.Option(
         None, "--os", help="linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, clock in local time."
     ),
+    cdrom: str = typer.Option(
+        None, "--cdrom", help="An ISO image to install from (kasou image import); with no --image: a blank --disk."
+    ),
+    boot: str = typer.Option(None, "--boot", help="Boot order, e.g. cdrom,disk (default: disk, then cdrom)."),
     onboot: bool = typer.Option(None, "--onboot/--no-onboot", help="Start it when its host boots."),
     order: str = typer.Option(None, "--order", help="With --onboot: start order, 0..1000, lowest first."),
     delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
@@ -301,7 +307,7 @@ def vm_create(
     user_data: str = typer.Option(None, "--user-data", help="cloud-init: a user-data file (#cloud-config, ...)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
-    """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
+    """Define a VM (thin qcow2 disk from an image, a linked clone of a template, or a blank disk and an ISO)."""
     body = {
         "name": name,
         "image": image,
@@ -324,6 +330,8 @@ def vm_create(
         "firmware": firmware,
         "tpm": tpm,
         "os": os_type,
+        "cdrom": cdrom,
+        "boot": boot,
         "startup": startup_body(onboot, order, delay),
         "cloud_init": cloud_init_body(hostname, ssh_key, ip, gateway, dns, user_data),
     }
@@ -494,6 +502,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("cpu", v.get("cpu") or "QEMU's default"),
         ("machine", v.get("machine") or "q35"),
         ("firmware", _firmware_text(v)),
+        ("CD drive", cd_text(v)),
         ("template", v["template"] or "-"),
         ("HA", _ha_text(v)),
         ("start-up", startup_text(v)),

@@ -78,6 +78,9 @@ class VMView(BaseModel):
     nvram: str | None = None  # its UEFI variable store, beside its first disk
     tpm_state: str | None = None  # its TPM's state directory, beside its first disk
     template: str | None
+    cdrom_drive: bool = False  # it has a CD drive
+    cdrom: str | None = None  # the ISO image in its CD drive (None: empty, or no drive)
+    boot: list[str] | None = None  # the firmware's boot order (None: disk, then CD)
     description: str
     department: str | None = None
     anti_affinity: str | None

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kasou.config import HaTimes
 from kasou.control import audit, scheduler
 from kasou.control.base import VMControl
+from kasou.control.media import has_iso
 from kasou.control.records import LedgerEvent, VMRecord
 from kasou.errors import InsufficientResources, InvalidSpec, KasouError, NotFound, StoreConflict
 from kasou.hypervisor.base import RuntimeInfo, RuntimeState
@@ -377,6 +378,9 @@ class HaManager:
                     "disks": [d.model_copy(update={"path": paths.get(d.id, d.path)}) for d in rec.disks],
                     "replica": None,
                 }
+            dropped = rec.cdrom if rec.cdrom is not None and not await has_iso(vms, target, rec.cdrom) else None
+            if dropped is not None:  # it runs without its disc rather than not at all (kasou.control.media)
+                changes["cdrom"] = None
             await ctx.progress(0.3, f"starting on {target}")
             moved = await vms.records.set(rec.name, host=target, state=VMState.STOPPED, started_at=None, **changes)
             how = " from its disk replica" if promote else ""
@@ -401,6 +405,11 @@ class HaManager:
             await vms.events.emit("vm_restarted", f"vm/{rec.name}",
                                   f"HA restarted VM {rec.name} on {target}{how} after host {failed} failed "
                                   f"(down about {down:.0f} s)")  # fmt: skip
+            if dropped is not None:
+                await vms.events.emit("vm_cd_dropped", f"vm/{rec.name}",
+                                      f"VM {rec.name} runs on {target} with its CD drive empty: host {target} has no "
+                                      f"ISO image {dropped!r} (import it there and insert it: kasou vm media insert "
+                                      f"{rec.name} {dropped})")  # fmt: skip
             return {"vm": rec.name, "from": failed, "to": target, "down_s": round(down, 1), "detected_at": detected_at}
 
         await vms.runner.submit("ha-restart", rec.name, run, job_id)

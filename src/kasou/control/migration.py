@@ -32,6 +32,7 @@ from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.hosts import HostView, flags_key, maintenance_hosts
 from kasou.control.jobs import JobContext
+from kasou.control.media import check_iso_on
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord
 from kasou.errors import (
     Conflict,
@@ -134,6 +135,7 @@ class Migrations:
         if rec.snapshots:  # their layers live on this host; a copy migration would move the active layer only
             raise WrongState(f"VM {name!r} has snapshots; delete them before migrating it (kasou snapshot delete)")
         target = await self._choose_target(rec, to)
+        await check_iso_on(self.vms, rec, target)  # a disc in its drive: the same ISO image there
         if not all(d.shared for d in rec.disks):  # a local pool without room on the destination: refused now
             async with self.vms.pools.reserve((await self._destination_disks(rec, target))[1]):
                 pass
@@ -448,6 +450,10 @@ class Migrations:
                 raise InsufficientResources(
                     f"cannot put {host} in maintenance: the other hosts cannot take its VMs ({e.message})"
                 ) from None
+            try:
+                await check_iso_on(self.vms, r, target.name)
+            except WrongState as e:
+                raise WrongState(f"cannot put {host} in maintenance: {e.message}") from None
             target.add(r.memory_mib, r.vcpus, r.anti_affinity)
             plan[r.name] = target.name
         return plan

@@ -49,6 +49,9 @@ class VMRecord(BaseModel):
     tpm_state: str | None = None  # a TPM 2.0: its state directory, beside its first disk; None: no TPM
     os: GuestOs | None = None  # windows: Hyper-V enlightenments, RTC in local time
     template: str | None = None  # linked clone of this template
+    cdrom_drive: bool = False  # it has a CD drive (made with --cdrom; kasou.model.media)
+    cdrom: str | None = None  # the ISO image in its CD drive (None: empty); on its host's image store
+    boot: list[str] | None = None  # the firmware's boot order (None: disk, then CD)
     description: str = ""
     department: str | None = None  # its department's vendor may manage it
     anti_affinity: str | None = None  # never on one host with another running VM of this group

@@ -16,6 +16,7 @@ from kasou.agent.models import DiskCreate, FirmwareCreate, FirmwareFiles
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
+from kasou.control.media import check_disk_image, hosts_with_iso, iso_info
 from kasou.control.mirrors import launch_disk
 from kasou.control.pools import PoolRecord
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
@@ -109,6 +110,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         cloud_init = spec.cloud_init
         image = spec.image
         firmware, tpm, guest_os = resolve(spec.firmware, spec.tpm, spec.os)
+        if spec.cdrom is not None:  # only a host with the ISO in its image store can run it with the disc in
+            loads = await hosts_with_iso(svc, loads, spec.cdrom)
         req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
         try:
             host = scheduler.place(req, loads, svc.vcpu_ratio).name
@@ -117,21 +120,26 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 raise
             # a VM defined but not started needs only disk space now; it is admitted when started
             host = max(loads, key=lambda h: h.memory_free_mib).name
+        if image is not None:
+            await check_disk_image(svc.agents.get(host), host, image)
         images = await svc.agents.get(host).images()
-        if image not in images:
+        if image is not None and image not in images:
             built = ", ".join(images) or "none"
             raise InvalidSpec(
                 f"unknown image {image!r} (on host {host}: {built}; build one with kasou image build tiny|debian, "
                 "or import a disk with kasou image import)",
                 field="image",
             )
-        least = int((await svc.agents.get(host).image_info(image)).get("min_memory_mib", 0))
-        if spec.memory_mib < least:
-            raise InvalidSpec(
-                f"image {image!r} needs at least {least} MiB of memory to boot, not {spec.memory_mib}; "
-                f"give --memory {least} or more",
-                field="memory_mib",
-            )
+        if image is not None:
+            least = int((await svc.agents.get(host).image_info(image)).get("min_memory_mib", 0))
+            if spec.memory_mib < least:
+                raise InvalidSpec(
+                    f"image {image!r} needs at least {least} MiB of memory to boot, not {spec.memory_mib}; "
+                    f"give --memory {least} or more",
+                    field="memory_mib",
+                )
+    if spec.cdrom is not None:
+        await iso_info(svc.agents.get(host), host, spec.cdrom)
     check_memory(firmware, spec.memory_mib)
     cpu, machine = await cpu_and_machine(svc, spec, host)
     job_id = svc.new_job_id()
@@ -146,6 +154,9 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         firmware=firmware,
         os=guest_os,
         template=spec.template,
+        cdrom_drive=spec.cdrom is not None,
+        cdrom=spec.cdrom,
+        boot=spec.boot_list,
         description=spec.description,
         department=spec.department,
         anti_affinity=spec.anti_affinity,
@@ -199,7 +210,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                     vm=spec.name,
                     disk_id="disk0",
                     size_bytes=spec.disk_bytes,
-                    source="image",
+                    source="image" if image is not None else "blank",  # blank: an OS is installed from --cdrom
                     image=image,
                     shared=spec.storage == "shared" or pools[0].shared,
                     pool=pools[0].name if pools[0].path is not None else None,
@@ -284,6 +295,9 @@ def launch_spec(rec: VMRecord) -> LaunchSpec:
         nvram=rec.nvram,
         tpm_state=rec.tpm_state,
         os=rec.os,
+        cdrom_drive=rec.cdrom_drive,
+        cdrom=rec.cdrom,
+        boot=rec.boot,  # type: ignore[arg-type]  # checked by parse_boot when it was recorded
         cloud_init=rec.cloud_init,
         disks=[launch_disk(rec, d) for d in rec.disks],
         nics=rec.nics,
@@ -319,5 +333,9 @@ async def _release_after(room: contextlib.AbstractAsyncContextManager[None]) -> 
 
 def _defined_detail(spec: VMCreate, vlan: int | None = None) -> str:
     src = f"linked clone of {spec.template}" if spec.template else f"image {spec.image}"
+    if spec.image is None and spec.template is None:
+        src = f"blank disk {spec.disk}"
+    if spec.cdrom is not None:
+        src += f", ISO {spec.cdrom} in its CD drive"
     net = f", network {spec.network}" + (f" (VLAN {vlan})" if vlan is not None else "")
     return f"{spec.vcpus} vCPU, {spec.memory_mib} MiB, {src}{net}"

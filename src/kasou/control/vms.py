@@ -33,6 +33,7 @@ from kasou.control.hosts import Agents, maintenance_hosts
 from kasou.control.imports import Imports
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
+from kasou.control.media import Media
 from kasou.control.mirrors import Mirrors
 from kasou.control.networks import Networks
 from kasou.control.onboot import OnBoot
@@ -97,6 +98,7 @@ class VMService:
         self.mirrors = Mirrors(self)
         self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
         self.imports = Imports(self)  # kasou.control.imports: vm import and export
+        self.media = Media(self)  # kasou.control.media: the CD drive
         self.onboot = OnBoot(self)  # kasou.control.onboot: VMs started when their host boots
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
@@ -143,6 +145,9 @@ class VMService:
             nvram=rec.nvram,
             tpm_state=rec.tpm_state,
             template=rec.template,
+            cdrom_drive=rec.cdrom_drive,
+            cdrom=rec.cdrom,
+            boot=rec.boot,
             description=rec.description,
             department=rec.department,
             anti_affinity=rec.anti_affinity,
@@ -483,7 +488,7 @@ class VMService:
 
     async def action(self, name: str, action: Action, timeout: float | None = None) -> JobRecord:
         """start, shutdown, stop, reboot, pause or resume, as a job."""
-        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE, Action.EXPORT):
+        if action in (Action.DELETE, Action.TEMPLATE, Action.MIGRATE, Action.EXPORT, Action.MEDIA):
             raise InvalidSpec(f"{action.value} is not a power action")
         job_id = _job_id()
         rec = await self.records.get(name)

@@ -24,6 +24,7 @@ from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTa
 from kasou.hypervisor.stats import VmStats
 from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import Firmware, GuestOs
+from kasou.model.media import BootDevice
 from kasou.model.spec import NicSpec
 
 
@@ -60,6 +61,9 @@ class LaunchSpec(BaseModel):
     tpm_state: str | None = None  # a TPM 2.0: its state directory (beside the disks); None: no TPM
     os: GuestOs | None = None  # windows: Hyper-V enlightenments, the real-time clock in local time
     kernel_args_extra: str = ""
+    cdrom_drive: bool = False  # a CD drive (ide-cd on q35's AHCI; kasou.model.media)
+    cdrom: str | None = None  # the ISO image (of this host's image store) in it; None: the drive is empty
+    boot: list[BootDevice] | None = None  # the firmware's boot order; None: disk, then CD
     disks: list[LaunchDisk] = []
     nics: list[NicSpec] = []
     paused: bool = False  # start with the vCPUs stopped (-S)
@@ -70,6 +74,8 @@ class LaunchSpec(BaseModel):
     def _uefi_has_vars(self) -> LaunchSpec:
         if (self.firmware != "bios") != (self.nvram is not None):
             raise ValueError("a UEFI VM needs its variable store (nvram), and only a UEFI VM has one")
+        if self.cdrom is not None and not self.cdrom_drive:
+            raise ValueError("an ISO goes in a CD drive: cdrom needs cdrom_drive")
         return self
 
 
@@ -494,6 +500,16 @@ class Driver(abc.ABC):
     async def stats(self) -> builtins.list[VmStats]:
         """CPU, memory, disk and network counters of every VM whose guest runs here (bounded)."""
         raise HypervisorError(f"{type(self).__name__} cannot measure VMs")
+
+    # -- the CD drive (optional; kasou.model.media) -------------------------------------------------
+
+    async def change_medium(self, name: str, iso: str | None) -> None:
+        """Put the ISO image ``iso`` (of this host's image store) in running VM ``name``'s CD drive, replacing
+        what it held, or empty the drive (``iso`` None). The guest sees the disc change as on a real drive.
+
+        NotFound for a VM that does not run here or an unknown image, InvalidSpec for an image that is not
+        an ISO, WrongState for a VM without a CD drive; nothing changes on a refusal."""
+        raise HypervisorError(f"{type(self).__name__} has no CD drives")
 
     # -- the display (optional; the console proxy in kasou.agent.console) -------------------------
 

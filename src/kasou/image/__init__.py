@@ -29,6 +29,7 @@ from pathlib import Path
 from kasou.errors import ImageError, ImageNotFound, InvalidSpec, KasouError
 from kasou.image import debian, tiny
 from kasou.image.importing import import_disk
+from kasou.image.iso import import_iso, is_iso
 from kasou.image.manifest import (
     MANIFEST_NAME,
     ImageArtifacts,
@@ -40,6 +41,7 @@ from kasou.image.manifest import (
     write_manifest,
 )
 from kasou.image.tools import mounts_under
+from kasou.model.media import IMAGE_KINDS
 from kasou.model.names import validate_name
 
 __all__ = [
@@ -93,11 +95,21 @@ def import_image(
     *,
     firmware: Sequence[str] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    kind: str | None = None,
 ) -> ImageArtifacts:
-    """Register the disk file ``source`` (qcow2 or raw) as the image ``name`` (see :mod:`kasou.image.importing`).
+    """Register the disk file ``source`` (qcow2 or raw) as the image ``name`` (see :mod:`kasou.image.importing`),
+    or an ISO 9660 file as an image of kind ``iso`` (:mod:`kasou.image.iso`).
 
-    The names of the images kasou builds are refused, as is a name in use.
+    ``kind`` None: an ISO 9660 file is an ISO image, anything else a disk. The names of the images kasou
+    builds are refused, as is a name in use.
     """
+    if kind not in (None, *IMAGE_KINDS):
+        raise InvalidSpec(f"kind must be one of {', '.join(IMAGE_KINDS)}, not {kind!r}", field="kind")
+    if kind == "iso" or (kind is None and is_iso(Path(source))):
+        if firmware is not None:
+            raise InvalidSpec("an ISO image boots what its El Torito catalog says: leave out --firmware",
+                              field="firmware")  # fmt: skip
+        return import_iso(images_dir, name, source, reserved=KNOWN_IMAGES, progress=progress)
     return import_disk(images_dir, name, source, reserved=KNOWN_IMAGES, firmware=firmware, progress=progress)
 
 

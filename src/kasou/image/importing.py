@@ -33,7 +33,7 @@ from kasou.image.manifest import (
 from kasou.image.tools import Progress, run
 from kasou.model.names import validate_name
 
-__all__ = ["IMPORT_FORMATS", "detect_firmware", "import_disk", "parse_firmware"]
+__all__ = ["IMPORT_FORMATS", "detect_firmware", "import_disk", "parse_firmware", "refuse_clash"]
 
 IMPORT_FORMATS = ("qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
@@ -111,7 +111,7 @@ def _check_qcow2(source: Path) -> None:
     raise InvalidSpec(f"{source} is a damaged qcow2 disk (qemu-img check could not read it)", field="file")
 
 
-def _refuse_clash(images_dir: Path, name: str, reserved: Collection[str]) -> None:
+def refuse_clash(images_dir: Path, name: str, reserved: Collection[str]) -> None:
     if name in reserved:
         raise AlreadyExists(f"'{name}' is the name of an image kasou builds (kasou image build {name}); choose another")
     if (images_dir / name).exists() or (images_dir / name).is_symlink():
@@ -181,7 +181,7 @@ def import_disk(
         firmware = parse_firmware(",".join(firmware))
     images_dir = Path(images_dir).absolute()
     source = Path(source).absolute()
-    _refuse_clash(images_dir, name, reserved)
+    refuse_clash(images_dir, name, reserved)
     report(f"checking {source.name}", 0.02)
     info = _inspect(source)
     try:
@@ -189,7 +189,7 @@ def import_disk(
     except OSError as exc:
         raise ImageError(f"cannot create {images_dir}: {exc.strerror}") from exc
     with image_lock(images_dir, name):
-        _refuse_clash(images_dir, name, reserved)
+        refuse_clash(images_dir, name, reserved)
         remove_leftovers(images_dir, name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=images_dir))
         try:

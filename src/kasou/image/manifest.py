@@ -71,6 +71,9 @@ class ImageArtifacts:
     min_memory_mib: int = 0
     #: When it was built or imported (UTC, ISO 8601); not part of what makes two images equal.
     built_at: str = field(default="", compare=False)
+    #: ``disk`` (a VM's disk is copied from it) or ``iso`` (an ISO 9660 file a CD drive holds, read-only;
+    #: its ``firmware`` are the ones its El Torito catalog boots, none for a disc that does not boot).
+    kind: str = "disk"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as absolute strings)."""
@@ -87,6 +90,7 @@ class ImageArtifacts:
             "origin": self.origin,
             "min_memory_mib": self.min_memory_mib,
             "built_at": self.built_at,
+            "kind": self.kind,
         }
 
 
@@ -112,8 +116,11 @@ def read_image(images_dir: Path, name: str, *, rebuild: str) -> ImageArtifacts:
         data = json.loads(text)
         if data.get("manifest_version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {data.get('manifest_version')!r}")
+        kind = str(data.get("kind", "disk"))
+        if kind not in ("disk", "iso"):
+            raise ValueError(f"kind {kind!r}")
         firmware = tuple(str(f) for f in data.get("firmware", ["bios"]))
-        if not firmware or any(f not in FIRMWARES for f in firmware):
+        if (not firmware and kind == "disk") or any(f not in FIRMWARES for f in firmware):
             raise ValueError(f"firmware {list(firmware)!r}")
         art = ImageArtifacts(
             name=str(data["name"]),
@@ -128,6 +135,7 @@ def read_image(images_dir: Path, name: str, *, rebuild: str) -> ImageArtifacts:
             origin=str(data.get("origin", "built")),
             min_memory_mib=int(data.get("min_memory_mib", 0)),
             built_at=str(data.get("built_at", "")),
+            kind=kind,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ImageError(f"image '{name}' has a damaged manifest ({exc}); {rebuild}") from exc

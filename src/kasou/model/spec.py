@@ -17,6 +17,7 @@ from kasou.errors import InvalidSpec
 from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
+from kasou.model.media import check_boot, parse_boot
 from kasou.model.names import NAME_MAX as NAME_MAX
 from kasou.model.names import validate_name
 from kasou.model.parsing import parse_model
@@ -185,6 +186,8 @@ class VMCreate(BaseModel):
     firmware: str | None = None  # bios (default), uefi or uefi-secure (kasou.model.firmware); fixed for good
     tpm: StrictBool | None = None  # a TPM 2.0 (swtpm); default: none, but --os windows brings one
     os: str | None = None  # linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, RTC in local time
+    cdrom: str | None = None  # an ISO image in its CD drive (kasou.model.media); the VM keeps the drive
+    boot: str | list[str] | None = None  # the firmware's boot order, e.g. "cdrom,disk" (default: disk, cdrom)
     startup: Startup | None = None  # start it when its host boots (--onboot --order N --delay S)
     cloud_init: CloudInit | None = None  # a NoCloud seed: hostname, SSH keys, address, user-data
 
@@ -205,8 +208,15 @@ class VMCreate(BaseModel):
                 f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not {self.memory_mib}",
                 field="memory_mib",
             )
-        if self.image is None and self.template is None:
-            raise InvalidSpec("give an image (--image) or a template (--from)", field="image")
+        if self.image is None and self.template is None and self.cdrom is None:
+            raise InvalidSpec("give an image (--image), a template (--from) or an ISO to install from (--cdrom)",
+                              field="image")  # fmt: skip
+        if self.cdrom is not None:
+            validate_name(self.cdrom, "cdrom")
+            if self.image is None and self.template is None and self.disk is None:
+                raise InvalidSpec("a VM installed from an ISO needs a blank disk: give its size with --disk SIZE",
+                                  field="disk")  # fmt: skip
+        check_boot(parse_boot(self.boot), self.cdrom is not None)
         if self.image is not None and self.template is not None:
             raise InvalidSpec("give either an image or a template, not both", field="image")
         if self.image is not None:
@@ -254,6 +264,10 @@ class VMCreate(BaseModel):
     @property
     def disk_bytes(self) -> int | None:
         return None if self.disk is None else parse_size(self.disk, "disk")
+
+    @property
+    def boot_list(self) -> list[str] | None:
+        return parse_boot(self.boot)
 
 
 def validate_vlan(vlan: object) -> int | None:

@@ -23,10 +23,15 @@ from kasou.hypervisor.qemu import seed, tpm
 from kasou.hypervisor.qemu.network import tap_name
 from kasou.model.firmware import hyperv_cpu
 from kasou.model.machine import DEFAULT_CPU, qemu_cpu
+from kasou.model.media import boot_order
 from kasou.model.spec import USER_NETWORK
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"  # the name qemu-ga looks for (its udev rule makes /dev/virtio-ports/…)
+#: A VM's CD drive: an ide-cd on the first port of q35's built-in AHCI controller (QEMU id and node name).
+CDROM_DEVICE = "cd0-dev"
+CDROM_NODE = "cd0"
+CDROM_BUS = "ide.0"
 
 
 @dataclass(frozen=True)
@@ -119,12 +124,14 @@ def build_argv(
     qemu_binary: str = "qemu-system-x86_64",
     incoming: str | None = None,
     firmware_code: Path | None = None,
+    cdrom: Path | None = None,
 ) -> list[str]:
     """The full argv for one VM, with every channel on a unix socket (the agent spawns it: see spawn.py).
 
     ``incoming`` (e.g. ``"defer"``) makes it the paused destination of a live
     migration: ``-incoming`` and ``-S``, so the guest never runs here until told to.
     ``firmware_code``: OVMF's code image, for a UEFI VM (:mod:`kasou.hypervisor.qemu.firmware`).
+    ``cdrom``: the ISO file in the VM's CD drive (``spec.cdrom`` is its image's name).
     """
     cpu = qemu_cpu(spec.cpu) if spec.cpu else None
     if spec.os == "windows":  # Hyper-V enlightenments: Windows runs far better with them (KVM)
@@ -167,7 +174,11 @@ def build_argv(
         if spec.kernel_args_extra:
             append = f"{append} {spec.kernel_args_extra}"
         argv += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", append]
-    for disk in spec.disks:
+    if spec.cdrom is not None and cdrom is None:
+        raise ValueError(f"VM {spec.name!r} has ISO image {spec.cdrom!r} in its CD drive: give its file")
+    order = boot_order(spec.boot) if spec.cdrom_drive else []
+    for i, disk in enumerate(spec.disks):
+        index = f",bootindex={order.index('disk')}" if order and i == 0 else ""
         argv += [
             "-blockdev",
             f"driver=file,filename={_opt(disk.path)},node-name={disk.id}-file,"
@@ -177,9 +188,11 @@ def build_argv(
             f"read-only={'on' if disk.readonly else 'off'}",
             # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
             # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
-            "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev"
+            "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev{index}"
             + (",werror=stop,rerror=stop" if disk.mirror or disk.stop_on_error else ""),
         ]  # fmt: skip
+    if spec.cdrom_drive:
+        argv += cdrom_args(cdrom if spec.cdrom is not None else None, order.index("cdrom"))
     if spec.cloud_init is not None:
         argv += seed.qemu_args(files.seed)
     for nic in spec.nics:
@@ -196,6 +209,18 @@ def build_argv(
     if spec.paused or incoming is not None:
         argv.append("-S")
     return argv
+
+
+def cdrom_args(iso: Path | None, bootindex: int) -> list[str]:
+    """The CD drive, empty or holding ``iso`` (read-only): QMP changes its medium later by its id."""
+    device = f"ide-cd,bus={CDROM_BUS},id={CDROM_DEVICE},bootindex={bootindex}"
+    if iso is None:
+        return ["-device", device]
+    return [
+        "-blockdev", f"driver=file,filename={_opt(str(iso))},node-name={CDROM_NODE}-file,read-only=on",
+        "-blockdev", f"driver=raw,file={CDROM_NODE}-file,node-name={CDROM_NODE},read-only=on",
+        "-device", f"{device},drive={CDROM_NODE}",
+    ]  # fmt: skip
 
 
 def _opt(value: str) -> str:

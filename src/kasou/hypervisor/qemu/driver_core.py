@@ -46,7 +46,7 @@ from kasou.hypervisor.base import (
 )
 from kasou.hypervisor.qemu import confine as cf
 from kasou.hypervisor.qemu import firmware as fw
-from kasou.hypervisor.qemu import guest, mirrors, process, qga, seed, spawn, tpm
+from kasou.hypervisor.qemu import guest, media, mirrors, process, qga, seed, spawn, tpm
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
@@ -187,6 +187,10 @@ class DriverCore(Driver):
                 cf.searchable(path)
         return BootFiles(kernel=art.kernel, initrd=art.initrd, kernel_args=art.kernel_args)
 
+    def iso_file(self, image: str | None, vm: str | None = None) -> Path | None:
+        """The file of the ISO image in VM ``vm``'s CD drive (None: the drive is empty or there is none)."""
+        return media.iso_file(self.images_dir, image, vm)
+
     def _firmware_code(self, spec: LaunchSpec) -> Path | None:
         return fw.ovmf(spec.firmware, self.ovmf_dir).code if spec.nvram is not None else None
 
@@ -251,7 +255,8 @@ class DriverCore(Driver):
             # Mirrored disks get their second copy before the guest runs a single instruction.
             launch = spec.model_copy(update={"paused": True}) if mirrored else spec
             argv = build_argv(launch, self._files(spec.name), self.accelerator, boot, self.qemu_binary,
-                              firmware_code=self._firmware_code(spec))  # fmt: skip
+                              firmware_code=self._firmware_code(spec),
+                              cdrom=self.iso_file(spec.cdrom, spec.name))  # fmt: skip
             state = RuntimeState.PAUSED if launch.paused else RuntimeState.RUNNING
             async with self._launch(spec, argv, state) as vm:
                 if mirrored:
@@ -303,6 +308,9 @@ class DriverCore(Driver):
                     for path in (d.path, d.mirror):
                         if path is not None:
                             cf.hand_over_disk(path, ident, spec.name, readonly=d.readonly)
+                iso = self.iso_file(spec.cdrom, spec.name)
+                if iso is not None:  # an ISO several VMs may share: readable, never the VM's
+                    cf.hand_over_disk(iso, ident, spec.name, readonly=True)
                 if spec.nvram is not None:  # the UEFI variables are the VM's, as its disks
                     cf.hand_over_disk(spec.nvram, ident, spec.name)
                 if spec.tpm_state is not None:

@@ -76,7 +76,8 @@ class MigrationOps(DriverCore):
             boot = self._boot_files(spec.image)
             files = self._files(spec.name)
             argv = build_argv(spec, files, self.accelerator, boot, self.qemu_binary, incoming="defer",
-                              firmware_code=self._firmware_code(spec))  # fmt: skip
+                              firmware_code=self._firmware_code(spec),
+                              cdrom=self.iso_file(spec.cdrom, spec.name))  # fmt: skip
             created: list[str] = []
             try:
                 for d in spec.disks if storage == "copy" else []:

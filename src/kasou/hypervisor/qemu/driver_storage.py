@@ -82,7 +82,8 @@ class StorageOps(DriverCore):
             self._check_free(spec.name)
             boot = self._boot_files(spec.image)
             argv = build_argv(spec, self._files(spec.name), self.accelerator, boot, self.qemu_binary, incoming="defer",
-                              firmware_code=self._firmware_code(spec))  # fmt: skip
+                              firmware_code=self._firmware_code(spec),
+                              cdrom=self.iso_file(spec.cdrom, spec.name))  # fmt: skip
             async with self._launch(spec, argv, RuntimeState.PAUSED) as vm:
                 await snap.finish_restore(self._exec(vm), self._fd_sender(vm), state_path, spec.paused)
                 vm.state = RuntimeState.PAUSED if spec.paused else RuntimeState.RUNNING
