@@ -1,7 +1,8 @@
 """vm import --convert through the API: virt-v2v in place on the imported disks.
 
 The real ``virt-v2v-in-place`` boots a libguestfs appliance (minutes under TCG): here a stand-in
-(tests/doubles/v2v/virt-v2v-in-place) is put first on PATH and says what it was asked. The real tool
+(tests/doubles/v2v/virt-v2v-in-place, with an ``nbdkit`` that is only looked for) is put first on PATH
+and says what it was asked. The real tool
 on the Debian image is the scenario test tests/integration/test_import_convert.py.
 """
 
@@ -109,7 +110,7 @@ def test_convert_is_refused_at_once_where_virt_v2v_is_missing(
     raw_disk(transfer / "a.raw")
     before = sorted(p.name for p in transfer.iterdir())
     msg = refused(env, transfer, "old", 422, disks=["a.raw"], convert=True)
-    assert msg == "--convert needs virt-v2v on host host1: apt-get install virt-v2v", msg
+    assert msg == "--convert needs virt-v2v on host host1: apt-get install virt-v2v nbdkit", msg
     assert env.api.get("/v1/jobs").json() == []  # refused before any job
     nothing_left(env, transfer, before)
     r = start_import(env, "old", disks=["a.raw"], convert="yes")

@@ -37,6 +37,8 @@ from xml.sax.saxutils import escape, quoteattr
 from kasou.errors import ImageError, OperationTimeout
 
 TOOL = "virt-v2v-in-place"
+NEEDS = ("nbdkit",)  # virt-v2v 2.x reads every input through nbdkit; bookworm's package does not pull it in
+INSTALL = "apt-get install virt-v2v nbdkit"
 TIMEOUT_S = 3600.0  # a whole conversion; under TCG a Debian guest takes a few minutes
 _STEP = re.compile(r"^\[\s*\d+(?:\.\d+)?\]\s+(.+?)\s*$")  # "[  12.3] Inspecting the source"
 _CONVERTING = re.compile(r"^Converting (.+) to run on KVM$")
@@ -48,8 +50,8 @@ _STEPS = (("Setting up the source", 0.05), ("Opening the source", 0.1), ("Inspec
 
 
 def available() -> bool:
-    """Whether this host can convert guests (Debian's ``virt-v2v`` package is installed)."""
-    return shutil.which(TOOL) is not None
+    """Whether this host can convert guests (Debian's ``virt-v2v`` and ``nbdkit`` packages are installed)."""
+    return all(shutil.which(t) is not None for t in (TOOL, *NEEDS))
 
 
 def domain_xml(name: str, disks: list[tuple[str, str]]) -> str:
@@ -109,8 +111,8 @@ async def convert(
     """Run ``virt-v2v-in-place`` on a VM's disks (path, format; boot disk first). ImageError if it fails,
     OperationTimeout after ``timeout`` (default :data:`TIMEOUT_S`); cancelling kills it."""
     tool = shutil.which(TOOL)
-    if tool is None:
-        raise ImageError(f"{TOOL} is not installed on this host: apt-get install virt-v2v")
+    if tool is None or not available():
+        raise ImageError(f"virt-v2v is not installed on this host: {INSTALL}")
     limit = TIMEOUT_S if timeout is None else timeout
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cache = workdir / "cache"  # the appliance supermin builds, once per host

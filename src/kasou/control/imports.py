@@ -175,8 +175,8 @@ class Imports:
             return list(found)
         able = [h for h, src in found.items() if src.v2v]
         if not able:
-            raise InvalidSpec(f"--convert needs virt-v2v on host {', '.join(found)}: apt-get install virt-v2v",
-                              field="convert")  # fmt: skip
+            raise InvalidSpec(f"--convert needs virt-v2v on host {', '.join(found)}: apt-get install virt-v2v "
+                              "nbdkit", field="convert")  # fmt: skip
         return able
 
     async def _place(self, req: VMImport, plan: ImportPlan, candidates: list[str]) -> str:
