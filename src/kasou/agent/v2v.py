@@ -22,6 +22,7 @@ whether the guest has virtio drivers, and its warnings.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import re
@@ -40,6 +41,8 @@ TOOL = "virt-v2v-in-place"
 NEEDS = ("nbdkit",)  # virt-v2v 2.x reads every input through nbdkit; bookworm's package does not pull it in
 INSTALL = "apt-get install virt-v2v nbdkit"
 TIMEOUT_S = 3600.0  # a whole conversion; under TCG a Debian guest takes a few minutes
+TICK_S = 30.0  # virt-v2v is silent for minutes while it converts: its progress creeps on meanwhile
+KEEP_LINES = 10000  # of its output (a few dozen lines without -v)
 _STEP = re.compile(r"^\[\s*\d+(?:\.\d+)?\]\s+(.+?)\s*$")  # "[  12.3] Inspecting the source"
 _CONVERTING = re.compile(r"^Converting (.+) to run on KVM$")
 _PREFIX = re.compile(rf"^(?:{re.escape(TOOL)}|virt-v2v): ")
@@ -139,27 +142,39 @@ async def _run(
 ) -> str:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env=env, start_new_session=True, preexec_fn=_die_with_parent,
+        env=env, start_new_session=True, preexec_fn=_die_with_parent, limit=1 << 20,
     )  # fmt: skip
     assert proc.stdout is not None
-    lines: list[str] = []
+    lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
+    at: tuple[float, str] = (0.0, "starting virt-v2v")  # the last step it printed, and how far along that is
 
     async def read() -> None:
+        nonlocal at
         assert proc.stdout is not None
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             lines.append(line)
             step = _step_progress(line)
             if step is not None:
+                at = step
                 await progress(*step)
         await proc.wait()
 
+    async def tick() -> None:  # a small step forward now and then, so that nobody takes it for stuck
+        creep = 0.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            creep = min(creep + 0.001, 0.04)
+            await progress(at[0] + creep, at[1])
+
+    ticker = asyncio.create_task(tick())
     try:
         try:
             await asyncio.wait_for(read(), limit)
         except TimeoutError:
             raise OperationTimeout(f"{TOOL} did not finish within {limit:.0f} s") from None
     finally:
+        ticker.cancel()
         if proc.returncode is None:
             _kill_group(proc.pid)
             with contextlib.suppress(Exception):
