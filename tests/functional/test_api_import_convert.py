@@ -86,6 +86,7 @@ def test_convert_runs_virt_v2v_on_every_disk_and_reports_what_it_changed(
     got = calls(fake_v2v)
     assert got[0].startswith("argv: -i libvirtxml --root first ") and got[0].endswith("/domain.xml"), got
     assert "backend: direct" in got
+    assert "backend settings: force_tcg" in got  # the agent's probe found no usable KVM (the test's agent: tcg)
     tmpdir = next(x for x in got if x.startswith("tmpdir: ")).removeprefix("tmpdir: ")
     assert Path(tmpdir).parent == env.tmp / "v2v" and not Path(tmpdir).exists()  # the agent's own, removed after
     assert f"cachedir: {env.tmp / 'v2v' / 'cache'}" in got

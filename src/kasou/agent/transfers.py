@@ -92,9 +92,10 @@ class Task:
 class Transfers:
     """The import and export tasks of one host."""
 
-    def __init__(self, sources: Sources, disks: LocalDisks) -> None:
+    def __init__(self, sources: Sources, disks: LocalDisks, accelerator: str = "tcg") -> None:
         self.sources = sources
         self.disks = disks
+        self.accelerator = accelerator  # what the agent's probe decided: virt-v2v's appliance runs under the same
         self._tasks: dict[str, Task] = {}
 
     async def inspect(self, req: ImportInspect) -> ImportSource:
@@ -242,7 +243,7 @@ class Transfers:
             async def on(fraction: float, step: str) -> None:
                 await t.progress(fraction, step)
 
-            return await v2v.convert(req.vm, [(p, "qcow2") for p in paths], workdir, on)
+            return await v2v.convert(req.vm, [(p, "qcow2") for p in paths], workdir, on, kvm=self.accelerator == "kvm")
 
         return self._start(status, body)
 

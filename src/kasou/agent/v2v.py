@@ -10,7 +10,9 @@ How it is run:
   virt-v2v documents for a guest of several disks; ``-i disk`` takes one disk only), so one disk and
   several are handled alike; ``--root first`` so that it never stops to ask on a multi-boot guest;
 - ``LIBGUESTFS_BACKEND=direct``: libguestfs boots its small appliance VM with QEMU itself (no libvirtd);
-  under TCG (no usable KVM) that works but is slow, minutes per guest;
+  under the accelerator the agent's probe chose (:mod:`kasou.hypervisor.qemu.accel`): libguestfs itself
+  trusts ``/dev/kvm``, and where KVM is there but guests abort under it, ``force_tcg`` is set. Under
+  TCG it works but is slow, minutes per guest;
 - in a process group of its own, killed whole (the appliance's QEMU with it) on cancel, on timeout
   (:data:`TIMEOUT_S`) and if the agent dies; ``TMPDIR`` and its overlay directory are a fresh directory
   under the agent's own directory, removed afterwards; the appliance it builds once is cached beside it.
@@ -110,9 +112,11 @@ async def convert(
     workdir: Path,
     progress: Callable[[float, str], Awaitable[None]],
     timeout: float | None = None,
+    kvm: bool = False,
 ) -> dict[str, Any]:
     """Run ``virt-v2v-in-place`` on a VM's disks (path, format; boot disk first). ImageError if it fails,
-    OperationTimeout after ``timeout`` (default :data:`TIMEOUT_S`); cancelling kills it."""
+    OperationTimeout after ``timeout`` (default :data:`TIMEOUT_S`); cancelling kills it. Its appliance runs
+    under KVM only if the agent's probe found KVM usable (``kvm``), else under TCG."""
     tool = shutil.which(TOOL)
     if tool is None or not available():
         raise ImageError(f"virt-v2v is not installed on this host: {INSTALL}")
@@ -127,6 +131,8 @@ async def convert(
         xml.write_text(domain_xml(vm, disks))
         env = {**os.environ, "LIBGUESTFS_BACKEND": "direct", "TMPDIR": str(scratch), "VIRT_V2V_TMPDIR": str(scratch),
                "LIBGUESTFS_CACHEDIR": str(cache), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}  # fmt: skip
+        if not kvm:  # libguestfs trusts /dev/kvm; on a host where KVM guests hang or abort, it must not
+            env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
         argv = [tool, "-i", "libvirtxml", "--root", "first", str(xml)]
         started = time.monotonic()
         out = await _run(argv, env, limit, progress)
