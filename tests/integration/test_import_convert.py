@@ -53,7 +53,7 @@ def test_a_vmdk_of_the_debian_image_is_converted_by_virt_v2v_and_boots(kasou: Ka
     out = r.stdout
     print(out)
     assert "convert   virt-v2v in place: VMware drivers and tools out, virtio drivers in" in out, out
-    assert re.search(r"v2v +converted Debian GNU/Linux 12 \(bookworm\) to run on KVM", out), out
+    assert re.search(r"v2v +converted 12\.\d+ to run on KVM", out), out  # libguestfs names Debian by its version
     m = re.search(r"v2v +virt-v2v took ([0-9.]+) s", out)
     assert m, out
     print(f"import --convert of the debian image: virt-v2v {m.group(1)} s, the whole import {took:.0f} s")

@@ -7,12 +7,13 @@ import xml.etree.ElementTree as ET
 from kasou.agent.v2v import domain_xml, parse_output
 from kasou.model.imports import conversion_lines
 
-# what virt-v2v-in-place 2.2 prints (stdout and stderr together) converting a Linux guest
+# virt-v2v-in-place 2.2's output (stdout and stderr together) converting the debian image: its messages as it
+# printed them (libguestfs names a Debian guest by its /etc/debian_version), the times made up
 OUTPUT = """[   0.0] Setting up the source: -i libvirtxml /var/lib/kasou/v2v/run-deb-1a2b3c4d/domain.xml
 [   1.1] Opening the source
 [  42.8] Inspecting the source
 [  77.0] Checking for sufficient free disk space in the guest
-[  77.0] Converting Debian GNU/Linux 12 (bookworm) to run on KVM
+[  77.0] Converting 12.15 to run on KVM
 virt-v2v-in-place: warning: could not determine a way to update the configuration of Grub2
 virt-v2v-in-place: This guest has virtio drivers installed.
 [ 301.5] Finishing off
@@ -32,15 +33,15 @@ def test_the_domain_lists_every_disk_in_boot_order_as_qcow2() -> None:
 def test_what_virt_v2v_says_it_did_is_read_from_its_output() -> None:
     got = parse_output(OUTPUT)
     assert got == {
-        "os": "Debian GNU/Linux 12 (bookworm)",
+        "os": "12.15",
         "changes": [
-            "converted Debian GNU/Linux 12 (bookworm) to run on KVM",
+            "converted 12.15 to run on KVM",
             "This guest has virtio drivers installed",
         ],
         "warnings": ["could not determine a way to update the configuration of Grub2"],
     }
     assert conversion_lines({**got, "seconds": 301.5}) == [
-        "converted Debian GNU/Linux 12 (bookworm) to run on KVM",
+        "converted 12.15 to run on KVM",
         "This guest has virtio drivers installed",
         "warning: could not determine a way to update the configuration of Grub2",
         "virt-v2v took 301.5 s",
