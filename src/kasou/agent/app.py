@@ -98,7 +98,7 @@ class Agent:
         self.backup_dir = backup_dir or disks.disks_dir.parent / "backups"  # KASOU_BACKUP_DIR
         # the files to import and the OVAs exported (KASOU_TRANSFER_DIR; kasou.agent.transfers)
         self.transfer_dir = transfer_dir or disks.disks_dir.parent / "transfer"
-        self.transfers = Transfers(Sources(self.transfer_dir, host), disks)
+        self.transfers = Transfers(Sources(self.transfer_dir, host), disks, accelerator)
         # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
         self.known_hosts: KnownHosts = known_hosts or _no_hosts
         self.firmware = FirmwareState(disks, ovmf or ovmf_dir())  # UEFI variables and TPMs (kasou.agent.firmware)

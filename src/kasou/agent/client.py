@@ -22,6 +22,7 @@ from kasou.agent.models import (
     ExportCreate,
     FirmwareCreate,
     FirmwareFiles,
+    GuestConvert,
     MediaChange,
     TpmRestore,
     TransferStatus,
@@ -311,6 +312,11 @@ class AgentClient:
 
     async def start_import(self, req: DiskImport) -> TransferStatus:
         resp = await self._call("POST", "/transfers/imports", timeout=60, json=req.model_dump())
+        return TransferStatus.model_validate(resp.json())
+
+    async def start_convert(self, req: GuestConvert) -> TransferStatus:
+        """Run virt-v2v in place on a new VM's disks (``vm import --convert``); followed like an import."""
+        resp = await self._call("POST", "/transfers/conversions", timeout=60, json=req.model_dump())
         return TransferStatus.model_validate(resp.json())
 
     async def start_export(self, req: ExportCreate) -> TransferStatus:

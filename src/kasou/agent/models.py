@@ -173,18 +173,28 @@ class ExportCreate(BaseModel):
     ovf: OvfExport  # its disks are filled in by the agent once they are converted
 
 
+class GuestConvert(BaseModel):
+    """Body of ``POST /agent/v1/transfers/conversions``: run virt-v2v in place on a new VM's disks (boot disk
+    first), VMware's drivers and tools out, virtio in (:mod:`kasou.agent.v2v`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    disks: list[str] = Field(min_length=1, max_length=16)  # qcow2 disks of this host, as the import made them
+
+
 class TransferStatus(BaseModel):
-    """An import or export running on a host (``GET /agent/v1/transfers/{id}``)."""
+    """An import, export or conversion running on a host (``GET /agent/v1/transfers/{id}``)."""
 
     id: str
-    kind: Literal["import", "export"]
+    kind: Literal["import", "export", "convert"]
     vm: str
     state: Literal["running", "succeeded", "failed"] = "running"
     progress: float = 0.0
     step: str = ""
     targets: list[str] = []  # the files it makes (removed if it fails or is cancelled)
     error: dict[str, Any] | None = None  # a KasouError's dict
-    result: dict[str, Any] | None = None  # import: a DiskInfo; export: file, bytes
+    result: dict[str, Any] | None = None  # import: a DiskInfo; export: file, bytes; convert: os, changes, warnings
 
 
 class FirmwareCreate(BaseModel):

@@ -24,8 +24,8 @@ from typing import Any
 
 from fastapi import FastAPI, Query
 
-from kasou.agent import ova
-from kasou.agent.models import DiskImport, ExportCreate, TransferStatus
+from kasou.agent import ova, v2v
+from kasou.agent.models import DiskImport, ExportCreate, GuestConvert, TransferStatus
 from kasou.agent.sources import Sources, convert_source
 from kasou.agent.storage import LocalDisks
 from kasou.errors import ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
@@ -92,13 +92,16 @@ class Task:
 class Transfers:
     """The import and export tasks of one host."""
 
-    def __init__(self, sources: Sources, disks: LocalDisks) -> None:
+    def __init__(self, sources: Sources, disks: LocalDisks, accelerator: str = "tcg") -> None:
         self.sources = sources
         self.disks = disks
+        self.accelerator = accelerator  # what the agent's probe decided: virt-v2v's appliance runs under the same
         self._tasks: dict[str, Task] = {}
 
     async def inspect(self, req: ImportInspect) -> ImportSource:
-        return await self.sources.inspect(req)
+        found = await self.sources.inspect(req)
+        found.v2v = v2v.available()  # whether ``vm import --convert`` can run here
+        return found
 
     async def status(self, task_id: str, wait_s: float = 0.0) -> TransferStatus:
         """A task's status; with ``wait_s``, answered as soon as it ends or after that long (a long poll:
@@ -227,6 +230,23 @@ class Transfers:
             await imagefiles.run("qemu-img", "resize", "-q", "-f", "qcow2", str(dest), str(req.size_bytes), timeout=60)
         return (await self.disks.info(dest)).model_dump()
 
+    # -- conversion (virt-v2v) ----------------------------------------------------------------------
+
+    def start_convert(self, req: GuestConvert) -> TransferStatus:
+        """Run virt-v2v in place on a new VM's disks; it makes no file of its own (a failure leaves the disks
+        to the import, which removes them)."""
+        paths = [str(self.disks.check_disk_path(d)) for d in req.disks]
+        status = TransferStatus(id="t" + secrets.token_hex(6), kind="convert", vm=req.vm, step="starting virt-v2v")
+        workdir = self.disks.disks_dir.parent / "v2v"
+
+        async def body(t: Task) -> dict[str, Any]:
+            async def on(fraction: float, step: str) -> None:
+                await t.progress(fraction, step)
+
+            return await v2v.convert(req.vm, [(p, "qcow2") for p in paths], workdir, on, kvm=self.accelerator == "kvm")
+
+        return self._start(status, body)
+
     # -- export ------------------------------------------------------------------------------------
 
     def start_export(self, req: ExportCreate) -> TransferStatus:
@@ -292,6 +312,10 @@ def add_transfer_routes(app: FastAPI, transfers: Transfers) -> None:
     @app.post("/agent/v1/transfers/exports")
     async def start_export(req: ExportCreate) -> TransferStatus:
         return transfers.start_export(req)
+
+    @app.post("/agent/v1/transfers/conversions")
+    async def start_convert(req: GuestConvert) -> TransferStatus:
+        return transfers.start_convert(req)
 
     @app.get("/agent/v1/transfers/{task_id}")
     async def transfer_status(task_id: str, wait_s: float = Query(0.0, ge=0, le=10)) -> TransferStatus:

@@ -23,6 +23,12 @@ def vm_import(
     ovf: str = typer.Option(None, "--ovf", help="An OVF descriptor to import (its disk files beside it)."),
     firmware: str = typer.Option(None, "--firmware", help="bios, uefi or uefi-secure (default: the OVF's, else bios)."),
     tpm: bool = typer.Option(False, "--tpm", help="Give it a TPM 2.0 of its own (swtpm)."),
+    convert: bool = typer.Option(
+        False,
+        "--convert",
+        help="Run virt-v2v on its disks: VMware drivers and tools "
+        "out, virtio in (needs the host's virt-v2v package; minutes under TCG).",
+    ),
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (default: the OVF's, else 1)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (default: the OVF's, else 1024)."),
     network: str = typer.Option("user", "--network", help="Network of its NICs (default: user, QEMU's NAT)."),
@@ -46,6 +52,7 @@ def vm_import(
         fail(f"--firmware takes bios, uefi or uefi-secure, not {firmware!r}")
     body: dict[str, Any] = {
         "name": name, "disks": list(disk) if disk else None, "ova": ova, "ovf": ovf, "firmware": firmware, "tpm": tpm,
+        "convert": convert,
         "vcpus": parse_int(vcpus, "vcpus") if vcpus is not None else None,
         "memory_mib": parse_int(memory, "memory") if memory is not None else None,
         "network": network, "cpu": cpu, "machine": machine, "pool": pool, "host": host, "department": department,
@@ -61,7 +68,10 @@ def vm_import(
     if not wait:
         say(f"vm {name}: import job {res['job']['id']}")
         return
-    follow(c, res["job"], f"importing {name}", timeout=DAY_S)
+    job = follow(c, res["job"], f"importing {name}", timeout=DAY_S)
+    for line in (job.get("result") or {}).get("report") or []:
+        if line.startswith("v2v "):
+            say(f"  {line}")
     disks = res["report"]["disks"]
     size = format_size(sum(d["size_bytes"] for d in disks))
     what = "imported and started" if start else "imported"

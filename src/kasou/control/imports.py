@@ -27,7 +27,15 @@ import uuid
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kasou.agent.models import DiskImport, ExportCreate, ExportDiskSource, FirmwareCreate, FirmwareFiles, TransferStatus
+from kasou.agent.models import (
+    DiskImport,
+    ExportCreate,
+    ExportDiskSource,
+    FirmwareCreate,
+    FirmwareFiles,
+    GuestConvert,
+    TransferStatus,
+)
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
@@ -51,6 +59,7 @@ from kasou.model.imports import (
     VMImport,
     check_firmware,
     check_transfer_path,
+    conversion_lines,
     plan_import,
 )
 from kasou.model.ovf_write import ExportNic, OvfExport
@@ -97,7 +106,7 @@ class Imports:
         found = await self._inspect(req)
         plan = plan_import(req, next(iter(found.values())))
         check_firmware(req, plan)
-        host = await self._place(req, plan, list(found))
+        host = await self._place(req, plan, self._converters(req, found))
         plan.cpu, plan.machine = await cpu_and_machine(svc, req, host)
         job_id = svc.new_job_id()
         rec = VMRecord(
@@ -159,6 +168,17 @@ class Imports:
             raise first or NotFound(f"no host has {req.source} in its transfer directory")
         return found
 
+    @staticmethod
+    def _converters(req: VMImport, found: dict[str, ImportSource]) -> list[str]:
+        """The hosts that can take the import: with ``--convert``, those with virt-v2v (refused if none)."""
+        if not req.convert:
+            return list(found)
+        able = [h for h, src in found.items() if src.v2v]
+        if not able:
+            raise InvalidSpec(f"--convert needs virt-v2v on host {', '.join(found)}: apt-get install virt-v2v "
+                              "nbdkit", field="convert")  # fmt: skip
+        return able
+
     async def _place(self, req: VMImport, plan: ImportPlan, candidates: list[str]) -> str:
         """The host to import onto: one that has the files, by the scheduler's rules."""
         loads = await self.vms.check_fits_some_host(plan.vcpus, plan.memory_mib)
@@ -181,13 +201,14 @@ class Imports:
         agent = svc.agents.get(host)
         made: list[str] = []
         running: str | None = None
+        share = 0.45 if req.convert else 0.95  # of the job's progress: the disks' conversion to qcow2
         try:
             total = plan.virtual_bytes or 1
             done = 0
             disks: list[DiskSpec] = []
             for d in plan.disks:
                 what = d.source.file if d.source else "an empty disk"
-                await ctx.progress(0.95 * done / total, f"{d.id}: {what}")
+                await ctx.progress(share * done / total, f"{d.id}: {what}")
                 st = await agent.start_import(DiskImport(
                     vm=req.name, disk_id=d.id, source=d.source, size_bytes=d.size_bytes, shared=pool.shared,
                     pool=pool.name if pool.path is not None else None, pool_path=pool.path,
@@ -196,7 +217,7 @@ class Imports:
                 made += st.targets
                 partial = [*disks, DiskSpec(id=d.id, size_bytes=d.size_bytes, path=st.targets[0], pool=pool.name)]
                 await svc.records.set(req.name, disks=partial)  # a restart of the control plane removes it too
-                final = await follow(ctx, agent, st, 0.95 * done / total, 0.95 * d.size_bytes / total, d.id)
+                final = await follow(ctx, agent, st, share * done / total, share * d.size_bytes / total, d.id)
                 running = None
                 info = final.result or {}
                 disks.append(DiskSpec(
@@ -204,6 +225,14 @@ class Imports:
                     shared=pool.shared, pool=pool.name,
                 ))  # fmt: skip
                 done += d.size_bytes
+            conversion: dict[str, Any] | None = None
+            if req.convert:  # virt-v2v in place: VMware's drivers and tools out, virtio in
+                st = await agent.start_convert(GuestConvert(vm=req.name, disks=[d.path or "" for d in disks]))
+                running = st.id
+                final = await follow(ctx, agent, st, share, 0.95 - share, "virt-v2v")
+                running = None
+                conversion = final.result or {}
+                plan.converted = conversion_lines(conversion)
             files = FirmwareFiles()
             if plan.firmware != "bios" or plan.tpm:  # its UEFI variables and TPM, beside its boot disk
                 await ctx.progress(0.96, "making its UEFI variable store and TPM")
@@ -214,13 +243,22 @@ class Imports:
             cur = await svc.records.set(req.name, state=VMState.STOPPED, disks=disks, nvram=files.nvram,
                                         tpm_state=files.tpm_state)  # fmt: skip
             detail = (f"imported from {plan.source}: {plan.vcpus} vCPU, {plan.memory_mib} MiB, {len(disks)} disk"
-                      f"{'s' if len(disks) != 1 else ''}, {format_size(plan.virtual_bytes)}")  # fmt: skip
+                      f"{'s' if len(disks) != 1 else ''}, {format_size(plan.virtual_bytes)}"
+                      f"{', converted by virt-v2v' if conversion is not None else ''}")  # fmt: skip
             await svc.ledger.record(req.name, LedgerEvent.DEFINED, host, detail)
             if req.start:
                 await ctx.progress(0.97, "starting")
                 await svc.start_now(cur)
             await ctx.progress(1.0, "done")
-            return {"vm": req.name, "host": host, "disks": [d.model_dump() for d in disks], "report": plan.report()}
+            res: dict[str, Any] = {
+                "vm": req.name,
+                "host": host,
+                "disks": [d.model_dump() for d in disks],
+                "report": plan.report(),
+            }
+            if conversion is not None:
+                res["conversion"] = conversion
+            return res
         except BaseException:
             if running is not None:
                 with contextlib.suppress(KasouError):

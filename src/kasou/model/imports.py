@@ -54,6 +54,7 @@ class VMImport(BaseModel):
     ovf: str | None = None
     firmware: Literal["bios", "uefi", "uefi-secure"] | None = None  # None: the OVF's (BIOS without one)
     tpm: StrictBool = False  # a TPM 2.0 of its own (swtpm), as vm create --tpm
+    convert: StrictBool = False  # run virt-v2v in place on its disks: VMware's drivers out, virtio in
     vcpus: StrictInt | None = None  # None: the OVF's (1 without one)
     memory_mib: StrictInt | None = None  # None: the OVF's (1024 without one)
     cpu: str | None = None  # the virtual CPU model (kasou.model.machine; default x86-64-v2-AES)
@@ -155,6 +156,7 @@ class ImportSource(BaseModel):
     ovf: OvfEnvelope | None = None
     ovf_disks: dict[str, SourceDisk] = {}  # OVF diskId -> its file
     manifest: str | None = None  # what the manifest check found (e.g. "SHA256 of 2 files to check")
+    v2v: bool = False  # the host has virt-v2v (``--convert`` can run there)
 
 
 class PlannedDisk(BaseModel):
@@ -189,6 +191,8 @@ class ImportPlan(BaseModel):
     controllers: list[str] = []
     left_out: list[str] = []  # devices not carried over, and why
     notes: list[str] = []
+    convert: bool = False  # virt-v2v runs on the disks once they are converted
+    converted: list[str] = []  # what virt-v2v said it changed, once it has run
 
     @property
     def virtual_bytes(self) -> int:
@@ -215,6 +219,9 @@ class ImportPlan(BaseModel):
         if not self.nics:
             out.append("nics      none")
         out += [f"left out  {x}" for x in self.left_out]
+        if self.convert and not self.converted:
+            out.append("convert   virt-v2v in place: VMware drivers and tools out, virtio drivers in")
+        out += [f"v2v       {x}" for x in self.converted]
         out += [f"note      {x}" for x in self.notes]
         return out
 
@@ -232,9 +239,22 @@ def plan_import(req: VMImport, src: ImportSource) -> ImportPlan:
 
 
 def check_firmware(req: VMImport, plan: ImportPlan) -> None:
-    """What the imported VM boots with must work in kasou: UEFI's least memory; set the plan's TPM."""
+    """What the imported VM boots with must work in kasou: UEFI's least memory; set the plan's TPM (and
+    whether virt-v2v converts it)."""
     check_memory(plan.firmware, plan.memory_mib)
     plan.tpm = req.tpm
+    plan.convert = req.convert
+
+
+def conversion_lines(result: dict[str, Any]) -> list[str]:
+    """What virt-v2v changed (:func:`kasou.agent.v2v.parse_output`'s answer), as report lines."""
+    lines = [str(c) for c in result.get("changes") or []]
+    if not lines:
+        lines.append("virt-v2v found nothing to change" + (f" in {result['os']}" if result.get("os") else ""))
+    lines += [f"warning: {w}" for w in result.get("warnings") or []]
+    if result.get("seconds") is not None:
+        lines.append(f"virt-v2v took {result['seconds']} s")
+    return lines
 
 
 def _plan_disks(req: VMImport, src: ImportSource) -> ImportPlan:
