@@ -1,6 +1,6 @@
 """cloud-init on the debian image, through the CLI: a template with an SSH key and user-data, and a linked clone
 of it given its own host name and address, which it takes at its first boot (its user-data prints what the
-guest sees on its serial console).
+guest sees on its serial console, and its guest agent tells kasou: ``vm show``'s ``guest``).
 
 Minutes under TCG: ``-m debian``. Run under the machine's QEMU lock.
 """
@@ -55,5 +55,11 @@ def test_a_clone_of_a_template_comes_up_with_its_own_name_and_address(kasou: Kas
         timeout=BOOT_TIMEOUT_S, every=2,
     )  # fmt: skip
     assert line.groups() == ("ward3-emr", "10.0.2.50/24", "1"), kasou.log("ward3-emr")[-3000:]
+    guest = kasou.wait_for(  # and as its guest agent tells kasou
+        "the guest agent's host name and address",
+        lambda: (g := kasou.vm("ward3-emr")["guest"])["agent"] and "10.0.2.50" in g["ips"] and g,
+        timeout=120, every=1,
+    )  # fmt: skip
+    assert guest["hostname"] == "ward3-emr", guest
     print("cloud-init:", json.dumps(shown))
     kasou.run("vm", "stop", "ward3-emr")
