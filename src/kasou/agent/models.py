@@ -30,6 +30,16 @@ class DiskCreate(BaseModel):
     copy_of: str | None = None  # for source=copy: a disk of this host to copy (a mirror's rebuild, offline)
 
 
+class DiskGrow(BaseModel):
+    """Grow a disk: of a running VM (``POST /agent/v1/vms/{name}/disks/{id}/grow``, QMP ``block_resize``) or
+    a file of a stopped one (``POST /agent/v1/disks/grow``, ``qemu-img resize``, ``path`` given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size_bytes: int = Field(gt=0)
+    path: str | None = None
+
+
 class DiskInfo(BaseModel):
     path: str
     format: str

@@ -69,6 +69,7 @@ class DiskSpec(BaseModel):
     shared: bool = False  # on storage every host sees (migration moves no disk data)
     pool: str = "default"  # the storage pool of its file (the copy it runs on)
     mirror: MirrorCopy | None = None  # RAID-1: its second copy in another pool
+    port: int | None = None  # its hot-plug PCIe root port (None: the root bus, where QEMU cannot unplug it)
 
 
 class NicSpec(BaseModel):
@@ -80,6 +81,7 @@ class NicSpec(BaseModel):
     mac: str
     network: str = USER_NETWORK
     vlan: int | None = None  # the network's 802.1Q VLAN when the VM was created (None: untagged)
+    port: int | None = None  # its hot-plug PCIe root port (None: the root bus, where QEMU cannot unplug it)
 
     @field_validator("mac")
     @classmethod
@@ -107,6 +109,8 @@ class VMUpdate(BaseModel):
     priority: StrictInt | None = None
     description: str | None = Field(None, max_length=500)
     department: str | None = None  # the department whose vendor manages it ("" removes the tag)
+    vcpus: StrictInt | None = None  # applied at the VM's next start (kasou.control.devices)
+    memory_mib: StrictInt | None = None  # applied at the VM's next start
 
     @classmethod
     def parse(cls, data: Any) -> VMUpdate:
@@ -122,9 +126,32 @@ class VMUpdate(BaseModel):
             check_priority(spec.priority)
         if spec.department:
             validate_name(spec.department, "department")
-        if spec.ha is None and spec.priority is None and spec.description is None and spec.department is None:
-            raise InvalidSpec("nothing to change: give ha, priority, description or department", field="ha")
+        if spec.vcpus is not None:
+            check_vcpus(spec.vcpus)
+        if spec.memory_mib is not None:
+            check_memory_mib(spec.memory_mib)
+        if not spec.model_dump(exclude_none=True):
+            raise InvalidSpec(
+                "nothing to change: give ha, priority, description, department, vcpus or memory_mib", field="ha"
+            )
         return spec
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The vCPUs and memory asked for (applied at the next start)."""
+        return {k: v for k, v in (("vcpus", self.vcpus), ("memory_mib", self.memory_mib)) if v is not None}
+
+
+def check_vcpus(vcpus: int) -> None:
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise InvalidSpec(f"vcpus must be between 1 and {MAX_VCPUS}, not {vcpus}", field="vcpus")
+
+
+def check_memory_mib(memory_mib: int) -> None:
+    if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
+        raise InvalidSpec(
+            f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not {memory_mib}", field="memory_mib"
+        )
 
 
 class VMCreate(BaseModel):
@@ -165,13 +192,8 @@ class VMCreate(BaseModel):
     def check(self) -> None:
         """The rules that are about the spec alone (the host's limits are checked later)."""
         validate_name(self.name)
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise InvalidSpec(f"vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}", field="vcpus")
-        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
-            raise InvalidSpec(
-                f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not {self.memory_mib}",
-                field="memory_mib",
-            )
+        check_vcpus(self.vcpus)
+        check_memory_mib(self.memory_mib)
         if self.image is None and self.template is None:
             raise InvalidSpec("give an image (--image) or a template (--from)", field="image")
         if self.image is not None and self.template is not None:

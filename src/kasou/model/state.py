@@ -40,6 +40,7 @@ class Action(StrEnum):
     TEMPLATE = "template"
     MIGRATE = "migrate"
     EXPORT = "export"
+    DEVICES = "change the devices of"  # add, remove or grow a disk or NIC (kasou.control.devices)
 
 
 _ALLOWED: dict[Action, frozenset[VMState]] = {
@@ -53,6 +54,7 @@ _ALLOWED: dict[Action, frozenset[VMState]] = {
     Action.TEMPLATE: frozenset({VMState.STOPPED}),
     Action.MIGRATE: frozenset({VMState.RUNNING}),
     Action.EXPORT: frozenset({VMState.STOPPED, VMState.TEMPLATE}),
+    Action.DEVICES: frozenset({VMState.STOPPED, VMState.RUNNING}),
 }
 
 _HINT: dict[Action, str] = {
@@ -66,6 +68,7 @@ _HINT: dict[Action, str] = {
     Action.TEMPLATE: "only a stopped VM can become a template",
     Action.MIGRATE: "only a running VM can be live-migrated",
     Action.EXPORT: "only a stopped VM can be exported (shut it down first)",
+    Action.DEVICES: "devices change on a running VM (hot-plug) or a stopped one; wait until it is one of the two",
 }
 
 # States from which a process exists on a host (or may, while it is changing).

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kasou.hypervisor.base import LaunchSpec
+from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from kasou.hypervisor.qemu import firmware as fw
 from kasou.hypervisor.qemu import tpm
+from kasou.hypervisor.qemu.hotplug import bus_of, root_port_args
 from kasou.hypervisor.qemu.network import tap_name
 from kasou.model.firmware import hyperv_cpu
 from kasou.model.machine import DEFAULT_CPU, qemu_cpu
-from kasou.model.spec import USER_NETWORK
+from kasou.model.spec import USER_NETWORK, NicSpec
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
 
@@ -153,33 +154,47 @@ def build_argv(
         if spec.kernel_args_extra:
             append = f"{append} {spec.kernel_args_extra}"
         argv += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", append]
-    for disk in spec.disks:
-        argv += [
-            "-blockdev",
-            f"driver=file,filename={_opt(disk.path)},node-name={disk.id}-file,"
-            f"read-only={'on' if disk.readonly else 'off'}",
-            "-blockdev",
-            f"driver={disk.format},file={disk.id}-file,node-name={disk.id},"
-            f"read-only={'on' if disk.readonly else 'off'}",
-            # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
-            # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
-            "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev"
-            + (",werror=stop,rerror=stop" if disk.mirror or disk.stop_on_error else ""),
-        ]  # fmt: skip
-    for nic in spec.nics:
-        if nic.network == USER_NETWORK:
-            netdev = f"user,id={nic.id}"
-        else:  # the tap exists already, on its network's bridge (see kasou.hypervisor.qemu.network)
-            netdev = f"tap,id={nic.id},ifname={tap_name(spec.name, nic.id)},script=no,downscript=no"
-        argv += [
-            "-netdev", netdev,
-            "-device", f"virtio-net-pci,netdev={nic.id},mac={nic.mac},id={nic.id}-dev",
-        ]  # fmt: skip
+    # Devices on the root bus first, in the order they always had (a guest names its NICs by PCI address),
+    # then the empty hot-plug root ports, then the devices plugged into them (a device needs its port first).
+    ports = root_port_args(spec.pci_ports)
+    disks = [d for d in spec.disks if d.port is None] + [d for d in spec.disks if d.port is not None]
+    nics = [n for n in spec.nics if n.port is None] + [n for n in spec.nics if n.port is not None]
+    late = [a for d in disks if d.port is not None for a in _disk_args(d)]
+    late += [a for n in nics if n.port is not None for a in _nic_args(spec.name, n)]
+    for disk in disks:
+        if disk.port is not None:
+            continue
+        argv += _disk_args(disk)
+    for nic in nics:
+        if nic.port is None:
+            argv += _nic_args(spec.name, nic)
+    argv += ports + late
     if incoming is not None:
         argv += ["-incoming", incoming]
     if spec.paused or incoming is not None:
         argv.append("-S")
     return argv
+
+
+def _disk_args(disk: LaunchDisk) -> list[str]:
+    ro = "on" if disk.readonly else "off"
+    return [
+        "-blockdev", f"driver=file,filename={_opt(disk.path)},node-name={disk.id}-file,read-only={ro}",
+        "-blockdev", f"driver={disk.format},file={disk.id}-file,node-name={disk.id},read-only={ro}",
+        # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
+        # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
+        "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev{bus_of(disk.port)}"
+        + (",werror=stop,rerror=stop" if disk.mirror or disk.stop_on_error else ""),
+    ]  # fmt: skip
+
+
+def _nic_args(vm: str, nic: NicSpec) -> list[str]:
+    if nic.network == USER_NETWORK:
+        netdev = f"user,id={nic.id}"
+    else:  # the tap exists already, on its network's bridge (see kasou.hypervisor.qemu.network)
+        netdev = f"tap,id={nic.id},ifname={tap_name(vm, nic.id)},script=no,downscript=no"
+    device = f"virtio-net-pci,netdev={nic.id},mac={nic.mac},id={nic.id}-dev{bus_of(nic.port)}"
+    return ["-netdev", netdev, "-device", device]
 
 
 def _opt(value: str) -> str:
