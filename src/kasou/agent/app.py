@@ -381,7 +381,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
         await agent.transfers.cancel_target(path)  # an import still making it stops first
         return {"existed": await agent.disks.delete(path)}
 
-    add_device_routes(app, agent)  # disks grown, disks and NICs plugged in and out (kasou.agent.devices)
+    add_device_routes(app, d, agent.disks)  # disks grown, disks and NICs plugged in and out (kasou.agent.devices)
 
     @app.get("/agent/v1/stats")
     async def stats() -> StatsReport:

@@ -4,22 +4,16 @@ and the others)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fastapi import FastAPI, Query
 
 from kasou.agent.models import DiskGrow, DiskInfo
+from kasou.agent.storage import LocalDisks
 from kasou.errors import InvalidSpec
-from kasou.hypervisor.base import LaunchDisk, validate_disk_id
+from kasou.hypervisor.base import Driver, LaunchDisk, validate_disk_id
 from kasou.model.spec import NicSpec
 
-if TYPE_CHECKING:
-    from kasou.agent.app import Agent
 
-
-def add_device_routes(app: FastAPI, agent: Agent) -> None:
-    d = agent.driver
-
+def add_device_routes(app: FastAPI, d: Driver, disks: LocalDisks) -> None:
     @app.post("/agent/v1/vms/{name}/disks/{disk_id}/grow")
     async def grow_disk(name: str, disk_id: str, req: DiskGrow) -> dict[str, bool]:
         await d.grow_disk(name, validate_disk_id(disk_id), req.size_bytes)
@@ -27,7 +21,7 @@ def add_device_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.post("/agent/v1/vms/{name}/disks")
     async def plug_disk(name: str, disk: LaunchDisk) -> dict[str, bool]:
-        agent.disks.check_disk_path(disk.path)
+        disks.check_disk_path(disk.path)
         await d.plug_disk(name, disk)
         return {"ok": True}
 
@@ -50,4 +44,4 @@ def add_device_routes(app: FastAPI, agent: Agent) -> None:
     async def grow_file(req: DiskGrow) -> DiskInfo:
         if req.path is None:
             raise InvalidSpec("give the path of the disk to grow", field="path")
-        return await agent.disks.grow(req.path, req.size_bytes)
+        return await disks.grow(req.path, req.size_bytes)

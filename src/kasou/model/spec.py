@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kasou.errors import InvalidSpec
+from kasou.model.devices import MAX_DISKS
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.names import NAME_MAX as NAME_MAX
@@ -27,6 +28,7 @@ VLAN_MIN, VLAN_MAX = 1, 4094  # 0 and 4095 are reserved by 802.1Q
 MIN_MEMORY_MIB = 32
 MAX_MEMORY_MIB = 4 * 1024 * 1024  # 4 TiB: a sanity bound; the host check is separate
 MAX_VCPUS = 255
+MAX_CREATE_DISKS = MAX_DISKS  # the boot disk and the data disks given at creation
 
 
 def random_mac() -> str:
@@ -164,7 +166,8 @@ class VMCreate(BaseModel):
     memory_mib: StrictInt = Field(128)
     image: str | None = None
     template: str | None = None  # --from: a linked clone of this template
-    disk: str | int | None = None  # size of the data disk, e.g. "1G"
+    # the boot disk's size, e.g. "1G" (default: the image's); a list: the boot disk's, then one empty data disk each
+    disk: str | int | list[str | int] | None = None
     start: StrictBool = False
     description: str = Field("", max_length=500)
     # shared: the disk lives where every host sees it; replicated: local, with a synchronous copy on another host
@@ -202,8 +205,16 @@ class VMCreate(BaseModel):
             validate_name(self.image, "image")
         if self.template is not None:
             validate_name(self.template, "template")
-        if self.disk is not None:
-            parse_size(self.disk, "disk")
+        if isinstance(self.disk, list):
+            if not 1 <= len(self.disk) <= MAX_CREATE_DISKS:
+                raise InvalidSpec(
+                    f"give between 1 and {MAX_CREATE_DISKS} disk sizes, not {len(self.disk)}", field="disk"
+                )
+            if len(self.disk) > 1 and self.mirror is not None:
+                raise InvalidSpec("a mirrored VM has one disk (its boot disk) for now: give one --disk", field="disk")
+        for size in self.disk if isinstance(self.disk, list) else [self.disk]:
+            if size is not None:
+                parse_size(size, "disk")
         validate_name(self.network, "network")
         if self.anti_affinity is not None:
             validate_name(self.anti_affinity, "anti_affinity")
@@ -238,7 +249,14 @@ class VMCreate(BaseModel):
 
     @property
     def disk_bytes(self) -> int | None:
-        return None if self.disk is None else parse_size(self.disk, "disk")
+        """The boot disk's size (None: the image's)."""
+        first = self.disk[0] if isinstance(self.disk, list) else self.disk
+        return None if first is None else parse_size(first, "disk")
+
+    @property
+    def data_disks(self) -> list[int]:
+        """The sizes of the empty data disks it is created with (``disk1``, ``disk2``, ...)."""
+        return [parse_size(s, "disk") for s in self.disk[1:]] if isinstance(self.disk, list) else []
 
 
 def validate_vlan(vlan: object) -> int | None:

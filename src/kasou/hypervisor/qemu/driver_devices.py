@@ -30,12 +30,10 @@ class DeviceOps(DriverCore):
         super().__init__(*args, **kwargs)
         self._device_waits: dict[tuple[str, str], asyncio.Event] = {}
 
-    def _on_event(self, vm: QemuVm, event: str, data: dict[str, Any]) -> None:
-        super()._on_event(vm, event, data)
-        if event == "DEVICE_DELETED":
-            waiter = self._device_waits.get((vm.name, str(data.get("device") or "")))
-            if waiter is not None:
-                waiter.set()
+    def _device_deleted(self, vm: QemuVm, device: str) -> None:
+        waiter = self._device_waits.get((vm.name, device))
+        if waiter is not None:
+            waiter.set()
 
     def _spec(self, vm: QemuVm) -> LaunchSpec:
         spec = rf.launch_spec(vm.files)
