@@ -74,6 +74,12 @@ class Devices:
             return
         if rec.state in SIZES_LATER or rec.state == VMState.UNKNOWN:
             raise Conflict(f"cannot change the size of VM {rec.name!r} while it is {rec.state.value}")
+        saved = [s.name for s in rec.snapshots if s.memory]
+        if saved:
+            raise Conflict(
+                f"VM {rec.name!r} has snapshots with its memory ({', '.join(saved)}), which restore only with the "
+                "vCPUs and memory it has now: delete them first (kasou snapshot delete)"
+            )
         vcpus = upd.vcpus if upd.vcpus is not None else rec.vcpus
         memory = upd.memory_mib if upd.memory_mib is not None else rec.memory_mib
         check_memory(rec.firmware, memory)
@@ -101,6 +107,8 @@ class Devices:
 
     async def at_start(self, rec: VMRecord) -> VMRecord:
         """Before a start: vCPUs and memory set while it ran become its own, and it gets its hot-plug ports."""
+        if any(s.memory for s in rec.snapshots):  # a saved memory state restores only on the machine it was
+            return rec  # taken on: its sizes and ports stay until those snapshots are deleted
         if not rec.next_start and rec.pci_ports == HOTPLUG_PORTS:
             return rec
         upd = {**rec.next_start, "next_start": {}, "pci_ports": HOTPLUG_PORTS}
