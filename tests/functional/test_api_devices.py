@@ -260,3 +260,11 @@ def test_a_hot_added_disk_migrates_and_is_in_snapshots_and_backups(cluster: Clus
     assert job["state"] == "succeeded", job
     gens = cluster.api.get("/v1/vms/emr/backups").json()
     assert "disk1" in json.dumps(gens)
+
+
+def test_sizes_wait_while_a_snapshot_holds_the_vms_memory(env: Env) -> None:
+    env.create("emr", start=True)
+    r = env.api.post("/v1/vms/emr/snapshots", json={"name": "m1", "memory": True})
+    assert env.wait(r.json()["job"])["state"] == "succeeded"
+    _refused(env.api.patch("/v1/vms/emr", json={"memory_mib": 256}), 409, "snapshots with its memory (m1)")
+    assert _vm(env, "emr")["memory_mib"] == 128
