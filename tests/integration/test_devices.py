@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def _qemu(kasou: Kasou) -> int:
     return pid
 
 
+def _timed(kasou: Kasou, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a kasou command and print how long it took (the CLI's start, the API, the job, the agent, QEMU)."""
+    t0 = time.monotonic()
+    r = kasou.run(*args)
+    print(f"kasou {' '.join(args)}: {time.monotonic() - t0:.2f} s")
+    return r
+
+
 def test_hot_plug_a_disk_and_a_nic_and_new_sizes_at_the_next_start(kasou: Kasou) -> None:
     kasou.run("vm", "create", "dev1", "--image", "tiny", "--disk", "256M", "--disk", "16M", "--start")
     kasou.wait_ready("dev1")
@@ -47,27 +56,27 @@ def test_hot_plug_a_disk_and_a_nic_and_new_sizes_at_the_next_start(kasou: Kasou)
     assert vm["disks"][1]["path"] in _open_files(pid)  # made at creation, on a hot-plug port
 
     # A disk hot-added: QEMU (its own uid: confined) has the new file open, which is that uid's.
-    r = kasou.run("disk", "add", "dev1", "--size", "32M")
+    r = _timed(kasou, "disk", "add", "dev1", "--size", "32M")
     assert "disk disk2 added, 32M (hot-plugged" in r.stdout, r.stdout
     d2 = kasou.vm("dev1")["disks"][2]
     assert d2["port"] == 2 and d2["path"] in _open_files(pid)
     assert os.stat(d2["path"]).st_uid == os.stat(f"/proc/{pid}").st_uid
 
     # Grown online, then refused smaller.
-    r = kasou.run("disk", "resize", "dev1", "disk2", "64M")
+    r = _timed(kasou, "disk", "resize", "dev1", "disk2", "64M")
     assert "disk disk2 is 64 MiB (online" in r.stdout, r.stdout
     assert _virtual_size(d2["path"]) == 64 * MIB
     r = kasou.run("disk", "resize", "dev1", "disk2", "32M", check=False)
     assert r.returncode == 1 and "a disk only grows" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
     # A NIC hot-added with a MAC of its own.
-    r = kasou.run("nic", "add", "dev1", "--network", "user")
+    r = _timed(kasou, "nic", "add", "dev1", "--network", "user")
     assert "NIC net1 on user" in r.stdout and "hot-plugged" in r.stdout, r.stdout
 
     # Both come out again while the guest runs on; the disk's file goes.
-    kasou.run("disk", "remove", "dev1", "disk2")
+    _timed(kasou, "disk", "remove", "dev1", "disk2")
     assert not Path(d2["path"]).exists() and d2["path"] not in _open_files(pid)
-    kasou.run("nic", "remove", "dev1", "net1")
+    _timed(kasou, "nic", "remove", "dev1", "net1")
     assert [n["id"] for n in kasou.vm("dev1")["nics"]] == ["net0"]
     r = kasou.run("disk", "remove", "dev1", "disk0", check=False)
     assert r.returncode == 1 and "boot disk" in r.stderr

@@ -42,6 +42,7 @@ from kasou.model.devices import (
     next_id,
 )
 from kasou.model.firmware import check_memory
+from kasou.model.pools import DEFAULT_POOL
 from kasou.model.spec import DiskSpec, NicSpec, VMUpdate, random_mac
 from kasou.model.state import ACTIVE_STATES, Action, VMState
 from kasou.model.units import format_size
@@ -171,7 +172,9 @@ class Devices:
         wants = [(disk.pool, rec.host or "", grow, 0)]
         if disk.mirror is not None:
             wants.append((disk.mirror.pool, rec.host or "", grow, 0))
-        room = self.vms.pools.reserve(wants)
+        room: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if not (disk.shared and disk.pool == DEFAULT_POOL):  # the shared directory is no host's pool (as at create)
+            room = self.vms.pools.reserve(wants)
         await room.__aenter__()  # a pool without room refuses here, with its numbers
         job_id = self.vms.new_job_id()
         try:
@@ -216,7 +219,7 @@ class Devices:
         boot = rec.disks[0] if rec.disks else None
         shared = boot.shared if boot is not None else False
         try:
-            pool = await self.vms.pools.get_record(req.pool or (boot.pool if boot is not None else "default"))
+            pool = await self.vms.pools.get_record(req.pool or (boot.pool if boot is not None else DEFAULT_POOL))
         except NotFound as e:
             raise InvalidSpec(e.message, field="pool") from None
         if pool.shared != shared and pool.path is not None:
