@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,16 @@ from kasou.config import DEFAULT_STORAGE_ROOTS
 from kasou.lab import etcd as etcd_module
 from kasou.lab.etcd import EtcdCluster
 from tests.doubles.driver import FakeExports
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, ``timeout``, ``kill``) ends the run as Ctrl-C does: the fixtures' teardowns run,
+    so the services, QEMUs, labs and files the tests started do not outlive it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(autouse=True)

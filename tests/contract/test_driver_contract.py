@@ -66,6 +66,7 @@ async def test_unknown_vm_is_not_found_and_harmless_calls_do_nothing(rig: Rig) -
     assert await d.info(name) is None
     assert name not in [i.name for i in await d.list()]
     assert await d.vnc_socket(name) is None
+    assert await d.serial_socket(name) is None
     assert name not in [s.name for s in await d.stats()]
     for op in (d.pause, d.resume, d.reset, d.powerdown, d.stop, d.console_log, d.migration_status, d.abort_out,
                d.finish_incoming, d.replica_status, d.mirror_status):  # fmt: skip
@@ -147,6 +148,10 @@ async def test_display_and_stats_of_a_running_vm(rig: Rig, guest: Guest) -> None
     sock = await rig.driver.vnc_socket(guest.name)
     assert sock is not None and sock.is_socket()
     assert (await banner(sock)).startswith(b"RFB ")
+    serial = await rig.driver.serial_socket(guest.name)  # the serial console takes a terminal
+    assert serial is not None and serial.is_socket()
+    _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(serial)), 5)
+    writer.close()
     [st] = [s for s in await rig.driver.stats() if s.name == guest.name]
     assert st.state == "running" and st.cpu_seconds >= 0 and st.rss_bytes > 0
     assert [x.id for x in st.disks] == ["disk0"] and st.nics == []

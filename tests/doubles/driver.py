@@ -21,6 +21,7 @@ test calls ``degrade_replica``.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import json
@@ -646,9 +647,35 @@ class FakeDriver(FakeDevices, Driver):
             await rfb[name].start()
         return rfb[name].path
 
+    async def serial_socket(self, name: str) -> Path | None:
+        """A serial console that answers each line typed with ``echo: <line>``."""
+        import tempfile
+
+        servers: dict[str, asyncio.base_events.Server] = self.__dict__.setdefault("serial", {})
+        info = self.vms.get(name)
+        if info is None or info.state not in _GUEST:
+            return None
+        if "_rfb_dir" not in self.__dict__:
+            self._rfb_dir = Path(tempfile.mkdtemp(prefix="kasou-fake-vnc-"))
+        path = self._rfb_dir / f"{name}.serial"
+        if name not in servers:
+
+            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                writer.write(f"{name} login: ".encode())
+                with contextlib.suppress(OSError, ConnectionError):
+                    while line := await reader.readline():
+                        writer.write(b"echo: " + line)
+                        await writer.drain()
+                writer.close()
+
+            servers[name] = await asyncio.start_unix_server(serve, str(path))
+        return path
+
     async def close(self) -> None:
         for server in self.__dict__.get("rfb", {}).values():
             await server.close()
+        for srv in self.__dict__.get("serial", {}).values():
+            srv.close()
         if "_rfb_dir" in self.__dict__:
             shutil.rmtree(self._rfb_dir, ignore_errors=True)
 

@@ -55,6 +55,7 @@ class Env:
     driver: FakeDriver
     services: Services
     tmp: Path
+    agent: Agent | None = None  # the host's agent (its state: what a host boot changes)
 
     def wait(self, job: dict) -> dict:
         """Follow a job to its end and return its final record."""
@@ -109,7 +110,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
     app = create_app(factory, TOKEN)
     with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
-        yield Env(api, driver, holder["svc"], tmp_path)
+        yield Env(api, driver, holder["svc"], tmp_path, agent)
 
 
 @dataclass

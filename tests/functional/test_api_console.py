@@ -334,3 +334,26 @@ def test_a_token_console_ends_when_its_token_is_revoked(env: Env, monkeypatch: p
                 ws.receive_bytes()
                 time.sleep(0.05)
     assert e.value.code == 1008 and "token" in (e.value.reason or ""), e.value.reason
+
+
+def test_the_serial_console_carries_a_terminal_one_at_a_time_and_is_audited(env: Env) -> None:
+    env.vm("emr1")
+    op = env.user("op1", "operator")
+    r = env.api.post("/v1/vms/emr1/console-ticket", params={"kind": "serial"}, headers=op)
+    assert r.status_code == 200, r.text
+    with env.api.websocket_connect(r.json()["url"], headers=op) as ws:
+        assert ws.receive_bytes() == b"emr1 login: "
+        ws.send_bytes(b"root\n")
+        assert ws.receive_bytes() == b"echo: root\n"
+        second = env.api.post("/v1/vms/emr1/console-ticket", params={"kind": "serial"}, headers=op).json()
+        with env.api.websocket_connect(second["url"], headers=op) as ws2, pytest.raises(WebSocketDisconnect) as e:
+            ws2.receive_bytes()
+        assert "in use by another terminal" in str(e.value.reason), e.value
+    closed = wait_for_record(env, "console_close", 2)
+    assert [r["details"]["kind"] for r in closed] == ["serial", "serial"], closed
+    assert any("in use by another terminal" in r["details"]["reason"] for r in closed), closed
+    nurse = env.user("nurse", "clinician")
+    r = env.api.post("/v1/vms/emr1/console-ticket", params={"kind": "serial"}, headers=nurse)
+    assert r.status_code == 403, r.text
+    r = env.api.post("/v1/vms/emr1/console-ticket", params={"kind": "ssh"}, headers=op)
+    assert r.status_code == 422, r.text

@@ -172,10 +172,25 @@ def test_a_name_that_exists_and_a_pool_without_room_are_refused(env: Env, transf
     assert not list((env.tmp / "p-small").rglob("*.qcow2"))
 
 
-def test_uefi_is_refused_until_kasou_has_it(env: Env, transfer: Path) -> None:
+def test_a_uefi_import_gets_its_own_variable_store_and_tpm_beside_its_boot_disk(env: Env, transfer: Path) -> None:
     raw_disk(transfer / "a.raw")
-    msg = refused(env, transfer, "x", 422, disks=["a.raw"], firmware="uefi")
-    assert "needs UEFI firmware (given)" in msg and "UEFI is not available in kasou yet" in msg, msg
+    msg = refused(env, transfer, "x", 422, disks=["a.raw"], firmware="uefi", memory_mib=128)
+    assert "UEFI needs at least 256 MiB" in msg, msg
+    res = do_import(env, "uefi-vm", disks=["a.raw"], firmware="uefi-secure", tpm=True, memory_mib=512)
+    lines = res["report"]["lines"]
+    assert "firmware  UEFI with Secure Boot (given)" in lines and "tpm       TPM 2.0 (given)" in lines, lines
+    vm = env.api.get("/v1/vms/uefi-vm").json()
+    assert vm["firmware"] == "uefi-secure", vm
+    beside = Path(vm["disks"][0]["path"]).parent
+    assert sorted(p.name for p in beside.iterdir() if p.name != "disk0.qcow2"), list(beside.iterdir())
+    env.act("uefi-vm", "start")
+    spec = env.driver.specs["uefi-vm"]
+    assert spec.firmware == "uefi-secure" and spec.nvram and spec.tpm_state, spec
+    env.act("uefi-vm", "stop")
+    r = env.api.post("/v1/vms/uefi-vm/export", json={"ova": "uefi.ova"})  # and back: it stays UEFI, Secure Boot
+    assert r.status_code == 202 and env.wait(r.json()["job"])["state"] == "succeeded", r.text
+    back = do_import(env, "uefi-back", ova="uefi.ova", memory_mib=None)
+    assert any(ln.startswith("firmware  UEFI with Secure Boot (the OVF") for ln in back["report"]["lines"]), back
 
 
 # -- OVA and OVF --------------------------------------------------------------------------------------
@@ -253,8 +268,8 @@ def test_bad_packages_are_refused_with_one_line_each(env: Env, transfer: Path) -
     ), msg
     make_ova(transfer / "efi.ova", vmware_ovf(disks=[Disk("disk.vmdk", 1, 8 / 1024)], firmware="efi",
                                               secure_boot=True), [("disk.vmdk", d)])  # fmt: skip
-    msg = refused(env, transfer, "x", 422, ova="efi.ova")
-    assert "needs UEFI firmware (the OVF: vmw:Config firmware=efi, Secure Boot)" in msg, msg
+    msg = refused(env, transfer, "x", 422, ova="efi.ova", memory_mib=128)
+    assert "UEFI needs at least 256 MiB" in msg, msg
     (transfer / "plain.ova").write_text("not a tar")
     msg = refused(env, transfer, "x", 422, ova="plain.ova")
     assert msg.startswith("plain.ova is "), msg

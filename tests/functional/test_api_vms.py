@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.functional.conftest import Env
@@ -211,3 +213,14 @@ def test_a_vm_is_pinned_to_a_cpu_model_and_a_versioned_machine(env: Env) -> None
     assert (vm["cpu"], vm["machine"]) == ("x86-64-v3", "pc-q35-7.1")
     r = env.api.post("/v1/vms", json={"name": "emr", "image": "tiny", "cpu": "host"})
     assert r.status_code == 422 and "needs KVM on every host" in r.json()["message"] and "host1" in r.json()["message"]
+
+
+def test_an_image_that_needs_more_memory_is_refused_with_its_minimum(env: Env) -> None:
+    manifest = env.tmp / "images" / "tiny" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "min_memory_mib": 384}))
+    r = env.api.post("/v1/vms", json={"name": "small", "image": "tiny", "memory_mib": 128})
+    assert r.status_code == 422, r.text
+    assert "needs at least 384 MiB" in r.json()["message"] and "--memory 384" in r.json()["message"]
+    assert env.api.get("/v1/vms/small").status_code == 404
+    assert env.create("big", memory_mib=384)["memory_mib"] == 384

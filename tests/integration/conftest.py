@@ -229,9 +229,42 @@ class Kasou:
         return int(self.paths.pidfile(service).read_text())
 
 
+OWNER_FILE = "test-owner.pid"  # in a kasou fixture's home: the pid of the pytest process that made it
+
+
+def end_leftover_homes() -> list[str]:
+    """The kasou services and QEMUs of fixtures' homes whose pytest process is gone (a run killed before its
+    teardown): killed by pid, their homes removed. Homes of a pytest still running are left alone."""
+    done = []
+    for home in Path("/tmp").glob("kasou-t-*"):
+        try:
+            owner = int((home / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(owner):
+            continue
+        pids = [*qemu_pids_of(home)]
+        paths = Paths.from_env(home)
+        for svc in ("api", "agent"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(paths.pidfile(svc).read_text())
+                if pid_alive(pid) and str(home) in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace"):
+                    pids.append(pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(paths.vm_run, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        done.append(f"{home}: killed {pids}")
+    return done
+
+
 @pytest.fixture
 def kasou(tiny_image: Path) -> Iterator[Kasou]:
+    for line in end_leftover_homes():
+        print(f"leftover kasou home: {line}", file=sys.stderr)
     home = Path(tempfile.mkdtemp(prefix="kasou-t-", dir="/tmp"))
+    (home / OWNER_FILE).write_text(str(os.getpid()))
     pools = Path(tempfile.mkdtemp(prefix="kasou-pools-", dir="/tmp"))
     api = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, KASOU_HOME=str(home), KASOU_API=api, KASOU_IMAGES=str(tiny_image),

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Kasou, qemu_pids_of
-from tests.ovf_samples import vmdk
+from tests.ovf_samples import Disk, make_ova, vmdk, vmware_ovf
 
 pytestmark = pytest.mark.qemu
 
@@ -140,16 +140,27 @@ DEBIAN = Path("/var/lib/kasou/images/debian")
 
 
 @pytest.mark.debian
-@pytest.mark.scenario  # minutes under TCG: run with the scenarios, after kasou image build debian
-@pytest.mark.skipif(not (DEBIAN / "manifest.json").is_file(), reason="the debian image is not built on this host")
-def test_the_debian_image_boots_after_a_vmdk_import(kasou: Kasou, tmp_path: Path) -> None:
+@pytest.mark.scenario  # minutes under TCG: run with the scenarios (it builds the debian image if this host has not)
+@pytest.mark.timeout(2400)
+def test_a_vmware_ova_of_the_debian_image_boots_under_uefi_secure_boot(kasou: Kasou, tmp_path: Path) -> None:
+    """An OVA as VMware writes it (streamOptimized vmdk, vmw:Config firmware=efi and Secure Boot on): the
+    import maps it to uefi-secure, and the guest itself reports Secure Boot enforcing to its writer."""
     import json
 
+    if not (DEBIAN / "manifest.json").is_file():
+        kasou.run("image", "build", "debian", timeout=2700)
     manifest = json.loads((DEBIAN / "manifest.json").read_text())
     disk = DEBIAN / manifest["disk"]
-    vmdk_file = kasou.paths.transfer / "debian.vmdk"
+    vmdk_file = tmp_path / "debian-disk1.vmdk"
     subprocess.run(["qemu-img", "convert", "-q", "-f", manifest.get("disk_format", "qcow2"), "-O", "vmdk", "-o",
                     "subformat=streamOptimized", str(disk), str(vmdk_file)], check=True, timeout=900)  # fmt: skip
-    kasou.run("vm", "import", "deb", "--disk", "debian.vmdk", "--memory", "1024", "--start", timeout=900)
-    kasou.wait_for("the writer's first seq", lambda: len(kasou.seqs("deb")) >= 1, timeout=600)
+    size_gib = int(manifest["disk_size_bytes"]) / (1 << 30)
+    ovf = vmware_ovf(name="deb", disks=[Disk("debian-disk1.vmdk", vmdk_file.stat().st_size, size_gib)], cpus=1,
+                     memory_mib=1024, firmware="efi", secure_boot=True, os_type="debian12_64Guest")  # fmt: skip
+    make_ova(kasou.paths.transfer / "deb.ova", ovf, [("debian-disk1.vmdk", vmdk_file)], ovf_name="deb.ovf")
+    vmdk_file.unlink()
+    out = kasou.run("vm", "import", "deb", "--ova", "deb.ova", "--start", timeout=900).stdout
+    assert "UEFI with Secure Boot (the OVF: vmw:Config firmware=efi, Secure Boot)" in out, out
+    kasou.wait_for("the writer's first seq", lambda: len(kasou.seqs("deb")) >= 1, timeout=900)
+    assert "secureboot 1" in kasou.log("deb"), kasou.log("deb")[-2000:]
     kasou.run("vm", "stop", "deb")

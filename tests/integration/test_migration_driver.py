@@ -20,6 +20,7 @@ import pytest
 from kasou.errors import WrongState
 from kasou.hypervisor.base import LaunchSpec, MigrationStatus, RuntimeState
 from kasou.hypervisor.qemu.driver import QemuDriver
+from kasou.model.cloudinit import CloudInit
 from tests.integration.conftest import pid_alive
 from tests.integration.qemu_rig import (
     DISK_SIZE,
@@ -48,7 +49,9 @@ class Pair:
     image_disk: Path
 
     def spec(self, disk: Path) -> LaunchSpec:
-        return tiny_spec(NAME, "5eb1a5e0-0000-4000-8000-000000000001", disk, size_bytes=DISK_SIZE)
+        """The tiny guest with a cloud-init seed (which it ignores): each end of a migration makes its own."""
+        spec = tiny_spec(NAME, "5eb1a5e0-0000-4000-8000-000000000001", disk, size_bytes=DISK_SIZE)
+        return spec.model_copy(update={"cloud_init": CloudInit(hostname=NAME)})
 
     def disk_from_image(self, path: Path) -> Path:
         return qcow2_copy(self.image_disk, path)
@@ -155,6 +158,7 @@ async def test_shared_storage(pair: Pair) -> None:
     assert inc.migration_uri.startswith("tcp:127.0.0.1:")
     info_b = await p.b.info(NAME)
     assert info_b is not None and info_b.state == RuntimeState.INCOMING and not info_b.guest_ready
+    assert (p.b.run_dir / NAME / "seed.iso").is_file()  # B made the seed from the spec: nothing to copy
 
     t0 = time.monotonic()
     uptime_before = (await p.a.info(NAME)).guest_uptime_s or uptime_before  # type: ignore[union-attr]

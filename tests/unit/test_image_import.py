@@ -162,3 +162,26 @@ def test_detect_firmware_from_mbr_disks() -> None:
     head[446 + 4] = 0xEF  # an EFI system partition on MBR
     assert detect_firmware(bytes(head)) == ("uefi",)
     assert detect_firmware(b"") == ()
+
+
+def test_the_cli_imports_lists_and_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from kasou.cli import main as cli
+
+    monkeypatch.setenv("KASOU_IMAGES", str(tmp_path / "images"))
+    runner = CliRunner()
+    source = _gpt_disk(tmp_path / "emr.raw")
+    r = runner.invoke(cli.app, ["image", "import", "emr", str(source)])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("image emr: imported from") and "firmware bios, uefi" in r.output
+    listed = json.loads(runner.invoke(cli.app, ["image", "list", "--json"]).output)
+    assert [(i["name"], i["origin"], i["firmware"], i["disk_size_bytes"]) for i in listed] == [
+        ("emr", "imported", ["bios", "uefi"], 160 * MIB)
+    ]
+    assert 0 < listed[0]["file_bytes"] < 160 * MIB  # thin
+    table = runner.invoke(cli.app, ["image", "list"]).output
+    assert "emr" in table and "qcow2" in table and "imported" in table
+    again = runner.invoke(cli.app, ["image", "import", "emr", str(source)])
+    assert isinstance(again.exception, AlreadyExists)
+    assert runner.invoke(cli.app, ["image", "delete", "emr"]).output == "image emr: deleted\n"

@@ -227,13 +227,15 @@ def test_a_disk_whose_file_was_not_found_is_refused() -> None:
         plan_import(VMImport(name="x", ova="x.ova"), src)
 
 
-def test_uefi_from_the_ovf_is_recorded_and_refused_for_now() -> None:
+def test_uefi_from_the_ovf_is_mapped_with_its_secure_boot() -> None:
     p = plan(vmware_ovf(firmware="efi", secure_boot=True))
-    assert p.firmware == "uefi"  # type: ignore[attr-defined]
-    assert "firmware  UEFI (the OVF: vmw:Config firmware=efi, Secure Boot)" in p.report()  # type: ignore[attr-defined]
-    with pytest.raises(InvalidSpec, match="UEFI is not available in kasou yet"):
-        check_firmware(VMImport(name="x", ova="x.ova"), p)  # type: ignore[arg-type]
+    assert p.firmware == "uefi-secure"  # type: ignore[attr-defined]
+    assert "firmware  UEFI with Secure Boot (the OVF: vmw:Config firmware=efi, Secure Boot)" in p.report()  # type: ignore[attr-defined]
+    assert plan(vmware_ovf(firmware="efi")).firmware == "uefi"  # type: ignore[attr-defined]
     assert plan(vmware_ovf(firmware="efi"), firmware="bios").firmware == "bios"  # type: ignore[attr-defined]
+    small = plan(vmware_ovf(firmware="efi"), memory_mib=128)
+    with pytest.raises(InvalidSpec, match="UEFI needs at least 256 MiB"):
+        check_firmware(VMImport(name="x", ova="x.ova"), small)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -244,7 +246,7 @@ def test_uefi_from_the_ovf_is_recorded_and_refused_for_now() -> None:
         ({"name": "x", "disks": [""]}, "is not a usable path"),
         ({"name": "x", "disks": ["a"] * 17}, "at most 16 disks"),
         ({"name": "x", "ova": "a.ova", "vcpus": 0}, "vcpus must be between 1 and 255"),
-        ({"name": "x", "ova": "a.ova", "firmware": "uefi-secure"}, "firmware"),
+        ({"name": "x", "ova": "a.ova", "firmware": "efi"}, "firmware"),
         ({"name": "../x", "ova": "a.ova"}, "must not contain '..'"),
     ],
 )

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import stat
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -102,6 +103,8 @@ class Agent:
         # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
         self.known_hosts: KnownHosts = known_hosts or _no_hosts
         self.firmware = FirmwareState(disks, ovmf or ovmf_dir())  # UEFI variables and TPMs (kasou.agent.firmware)
+        self.run_id = uuid.uuid4().hex  # this run of the agent (HostInfo.agent_run)
+        self.started_empty = False  # set at start: no VM was running here (the host booted)
 
     def private_dirs(self) -> list[Path]:
         """The directories that hold guests' data: disks, shared storage, the pools it knows, backups."""
@@ -132,6 +135,8 @@ class Agent:
             qemu_version=self.qemu_version,
             agent_version=__version__,
             vms_running=len(running),
+            agent_run=self.run_id,
+            started_empty=self.started_empty,
         )
 
 
@@ -148,6 +153,8 @@ def create_agent_app(agent: Agent) -> FastAPI:
             with contextlib.suppress(OSError):
                 agent.transfer_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             await agent.driver.attach_all()
+            alive = (RuntimeState.EXITED, RuntimeState.CRASHED)
+            agent.started_empty = not [v for v in await agent.driver.list() if v.state not in alive]
             try:
                 yield
             finally:
@@ -177,7 +184,12 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
         art = load_image(agent.disks.images_dir, image)
         held = art.disk.stat().st_blocks * 512
-        return {"name": image, "disk_size_bytes": art.disk_size_bytes, "allocated_bytes": held}
+        return {
+            "name": image,
+            "disk_size_bytes": art.disk_size_bytes,
+            "allocated_bytes": held,
+            "min_memory_mib": art.min_memory_mib,
+        }
 
     @app.get("/agent/v1/vms")
     async def list_vms() -> list[RuntimeInfo]:

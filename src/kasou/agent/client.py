@@ -355,6 +355,10 @@ class AgentClient:
         """The VM's VNC display as a websocket (kasou.agent.console); the caller bounds the connect."""
         return aconnect_ws(f"/agent/v1/vms/{name}/vnc", self._http, max_message_size_bytes=1024 * 1024)
 
+    def serial(self, name: str) -> AbstractAsyncContextManager[AsyncWebSocketSession]:
+        """The VM's serial console as a websocket (kasou.agent.console); the caller bounds the connect."""
+        return aconnect_ws(f"/agent/v1/vms/{name}/serial", self._http, max_message_size_bytes=1024 * 1024)
+
     async def ping(self, timeout: float = 5.0) -> bool:
         try:
             await self._call("GET", "/ping", timeout=timeout)

@@ -1,4 +1,4 @@
-"""The agent's side of the web console: a websocket that carries a VM's VNC display (RFB bytes).
+"""The agent's side of the consoles: websockets that carry a VM's VNC display (RFB bytes) and its serial console.
 
 ``/agent/v1/vms/{name}/vnc`` connects to the VM's VNC unix socket on this host (the driver says
 where) and pipes bytes both ways until either side ends, the connection stays idle for
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
@@ -26,6 +27,7 @@ READ_CHUNK = 64 * 1024  # one websocket message carries at most this much of the
 #: Close codes (RFC 6455 private range): the VM has no display here, or it did not answer.
 NO_DISPLAY = 4404
 DISPLAY_UNREACHABLE = 4502
+IN_USE = 4409  # the serial console takes one terminal at a time
 
 
 async def pipe_socket(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -72,7 +74,44 @@ async def pipe_socket(ws: WebSocket, reader: asyncio.StreamReader, writer: async
             await asyncio.wait_for(writer.wait_closed(), 2.0)
 
 
+async def proxy(ws: WebSocket, name: str, path: Path, what: str) -> None:
+    """Connect to the VM's socket ``path`` (bounded) and pipe it to the accepted websocket until either ends."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as e:
+        await ws.close(DISPLAY_UNREACHABLE, f"the {what} of VM {name} does not answer: {e}"[:120])
+        return
+    log.info("%s of %s opened", what, name)
+    try:
+        await pipe_socket(ws, reader, writer)
+    finally:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close()
+        log.info("%s of %s closed", what, name)
+
+
 def add_console_routes(app: FastAPI, driver: Driver) -> None:
+    serial_in_use: set[str] = set()
+
+    @app.websocket("/agent/v1/vms/{name}/serial")
+    async def serial(ws: WebSocket, name: str) -> None:
+        """The VM's serial console as a websocket of binary messages (the bytes of its first serial port).
+
+        QEMU's console socket serves one client at a time: a second terminal is refused while one is open."""
+        await ws.accept()
+        path = await driver.serial_socket(name)
+        if path is None:
+            await ws.close(NO_DISPLAY, f"VM {name} has no serial console on this host (is it running?)"[:120])
+            return
+        if name in serial_in_use:
+            await ws.close(IN_USE, f"the serial console of VM {name} is in use by another terminal"[:120])
+            return
+        serial_in_use.add(name)
+        try:
+            await proxy(ws, name, path, "serial console")
+        finally:
+            serial_in_use.discard(name)
+
     @app.websocket("/agent/v1/vms/{name}/vnc")
     async def vnc(ws: WebSocket, name: str) -> None:
         """The VM's VNC display as a websocket of binary messages (RFB as QEMU speaks it)."""
@@ -81,15 +120,4 @@ def add_console_routes(app: FastAPI, driver: Driver) -> None:
         if path is None:
             await ws.close(NO_DISPLAY, f"VM {name} has no display on this host (is it running?)"[:120])
             return
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as e:
-            await ws.close(DISPLAY_UNREACHABLE, f"the display of VM {name} does not answer: {e}"[:120])
-            return
-        log.info("console of %s opened", name)
-        try:
-            await pipe_socket(ws, reader, writer)
-        finally:
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await ws.close()
-            log.info("console of %s closed", name)
+        await proxy(ws, name, path, "display")

@@ -19,6 +19,10 @@ class HostInfo(BaseModel):
     qemu_version: str
     agent_version: str
     vms_running: int = 0
+    #: This run of the agent (new at each start), and whether it found no VM running when it started:
+    #: the host booted (or kasou was started after ``kasou down --vms``); its onboot VMs start then.
+    agent_run: str = ""
+    started_empty: bool = False
 
 
 def meminfo() -> dict[str, int]:

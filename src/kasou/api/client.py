@@ -5,9 +5,11 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
+from httpx_ws import WebSocketSession, connect_ws
 
 from kasou.errors import AgentUnavailable, KasouError, OperationTimeout
 from kasou.wire import raise_for_response
@@ -60,6 +62,10 @@ class Client:
 
     def text(self, path: str, **kw: Any) -> str:
         return self._call("GET", path, **kw).text
+
+    def websocket(self, path: str) -> AbstractContextManager[WebSocketSession]:
+        """A websocket to the API (``path`` as a console ticket names it), with this client's token and TLS."""
+        return connect_ws(path, self._http, max_message_size_bytes=1024 * 1024)
 
     def wait_job(
         self,

@@ -1,4 +1,5 @@
-"""The web console: one-time tickets and the websocket proxy from the browser to a VM's VNC display.
+"""The consoles: one-time tickets and the websocket proxy from the browser to a VM's VNC display, and from
+``kasou vm console`` to its serial console (a ticket of kind ``serial``: plain bytes, no RFB filter).
 
 ::
 
@@ -33,7 +34,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -80,6 +81,7 @@ class Ticket:
     expires: float  # time.monotonic()
     policy: ConsolePolicy
     role: str = ""
+    kind: str = "vnc"  # vnc (the display) or serial (the first serial port, kasou vm console)
 
 
 class ConsoleTicket(BaseModel):
@@ -101,7 +103,7 @@ class ConsoleTickets:
     def ttl_s(self) -> float:
         return self._ttl_s if self._ttl_s is not None else TICKET_TTL_S
 
-    def issue(self, p: Principal, vm: str, policy: ConsolePolicy) -> str:
+    def issue(self, p: Principal, vm: str, policy: ConsolePolicy, kind: str = "vnc") -> str:
         now = time.monotonic()
         for h in [h for h, t in self._by_hash.items() if t.expires <= now]:
             del self._by_hash[h]
@@ -109,7 +111,7 @@ class ConsoleTickets:
             raise Conflict("too many console tickets are waiting to be used; try again in a few seconds")
         secret = secrets.token_urlsafe(32)  # 256 bits
         session = _hash(p.session) if p.session else None
-        self._by_hash[_hash(secret)] = Ticket(p.name, p.via, session, vm, now + self.ttl_s, policy, p.role.value)
+        self._by_hash[_hash(secret)] = Ticket(p.name, p.via, session, vm, now + self.ttl_s, policy, p.role.value, kind)
         return secret
 
     def take(self, secret: str) -> Ticket | None:
@@ -162,21 +164,25 @@ def console_routes(
             s.logout_hooks.append(consoles.on_logout)
             hooked.append(s)
 
-    async def may_open(user: str, role_can_console: bool, vm: str) -> bool:
+    async def may_open(user: str, role_can_console: bool, vm: str, kind: str = "vnc") -> bool:
         if role_can_console:
             return True
+        if kind != "vnc":
+            return False  # a clinician sees their desktop's screen, never a serial console
         desktops = getattr(svc().vms, "desktops", None)
         return desktops is not None and bool(await desktops.user_may_open(user, vm))
 
     @r.post("/v1/vms/{name}/console-ticket")
-    async def console_ticket(name: str, request: Request) -> ConsoleTicket:
+    async def console_ticket(name: str, request: Request, kind: Literal["vnc", "serial"] = "vnc") -> ConsoleTicket:
         """A one-time ticket for the websocket of VM ``name``'s console (valid 10 s, for this session only).
 
-        Administrators and operators may open any VM's console; a clinician only their own desktop's.
+        ``kind``: ``vnc``, its display (the web console), or ``serial``, its serial console
+        (``kasou vm console``). Administrators and operators may open any VM's console; a clinician only
+        their own desktop's display.
         """
         p = await principal(request)
         validate_name(name)
-        if not await may_open(p.name, p.can("console"), name):
+        if not await may_open(p.name, p.can("console"), name, kind):
             raise Forbidden(f"user {p.name!r} may not open the console of VM {name!r}")
         vm = await svc().vms.get(name)
         if vm.state.value not in SHOWN_STATES:
@@ -184,7 +190,7 @@ def console_routes(
         desktops = getattr(svc().vms, "desktops", None)
         policy = await desktops.console_policy(name) if desktops is not None else ConsolePolicy()
         hook()
-        secret = consoles.tickets.issue(p, name, policy)
+        secret = consoles.tickets.issue(p, name, policy, kind)
         return ConsoleTicket(ticket=secret, url=f"/v1/console/ws?ticket={secret}", vm=name,
                              expires_in_s=consoles.tickets.ttl_s, policy=policy)  # fmt: skip
 
@@ -233,7 +239,7 @@ def console_routes(
                     name, can = bp.name, bp.can("console")
             except KasouError:
                 return "the session ended" if t.via != "token" else "the API token was revoked or its user removed"
-            if not await may_open(name, can, t.vm):
+            if not await may_open(name, can, t.vm, t.kind):
                 return f"user {name} may no longer open the console of {t.vm}"
             return None
 
@@ -242,7 +248,8 @@ def console_routes(
                 if not cookie or _hash(cookie) != t.session:
                     return await refused(POLICY_VIOLATION, "the console ticket belongs to another session")
                 user = await svc().users.session_user(cookie)
-                if user.name != t.user or not await may_open(user.name, "console" in PERMISSIONS[user.role], t.vm):
+                can = "console" in PERMISSIONS[user.role]
+                if user.name != t.user or not await may_open(user.name, can, t.vm, t.kind):
                     return await refused(POLICY_VIOLATION, f"user {user.name} may not open this console")
             else:  # the root token, or the API token of the user the ticket was issued to
                 bp = await bearer_principal(authorization, token, lambda: svc().users)
@@ -260,7 +267,9 @@ def console_routes(
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     async with asyncio.timeout(AGENT_CONNECT_TIMEOUT_S):
-                        display = await stack.enter_async_context(agent.vnc(t.vm))
+                        display = await stack.enter_async_context(
+                            agent.serial(t.vm) if t.kind == "serial" else agent.vnc(t.vm)
+                        )
                 except Exception as e:
                     log.warning("console of %s: the agent of %s refused or did not answer: %r", t.vm, vm.host, e)
                     return await refused(UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
@@ -305,7 +314,7 @@ async def _audit(
         await audit.record(
             svc().store, action, actor=actor, source=live.source, target=f"vms/{t.vm}", ok=ok,
             status=None if ok else POLICY_VIOLATION, message=message,
-            details={"console": live.id, "clipboard": t.policy.clipboard, **(details or {})},
+            details={"console": live.id, "kind": t.kind, "clipboard": t.policy.clipboard, **(details or {})},
         )  # fmt: skip
 
 
@@ -324,7 +333,7 @@ async def _pipe(
     """Browser <-> agent until one ends, the console is stopped, it idles too long, or its session or token
     ends (``still_allowed``, every ``SESSION_CHECK_EVERY_S``: with True when there was input since the
     last check, so that a session in use stays alive)."""
-    filt = ClientFilter(clipboard=policy.clipboard)
+    filt = ClientFilter(clipboard=policy.clipboard) if live.ticket.kind == "vnc" else None  # serial: plain bytes
     last_input = time.monotonic()
     idle = console_idle_s()
     stats = {"up": 0, "down": 0, "dropped_cut_text": 0}
@@ -338,11 +347,11 @@ async def _pipe(
                 return
             data = msg.get("bytes") or (msg.get("text") or "").encode()
             try:
-                out = filt.feed(data)
+                out = filt.feed(data) if filt is not None else data
             except RfbProtocolError as e:
                 live.why = f"refused: {e}"
                 return
-            stats["dropped_cut_text"] = filt.dropped_cut_text
+            stats["dropped_cut_text"] = filt.dropped_cut_text if filt is not None else 0
             if out:
                 last_input = time.monotonic()
                 stats["up"] += len(out)

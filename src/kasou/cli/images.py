@@ -8,11 +8,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from kasou.cli.common import out, print_json, progress_bar, say
+from kasou.cli.common import out, print_json, progress_bar
 from kasou.config import Paths
 from kasou.model.units import format_size
 
 image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
+
+
+def say(line: str) -> None:
+    """One line, never wrapped (scripts read it)."""
+    out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @image_app.command("build")

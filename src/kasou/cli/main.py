@@ -17,7 +17,22 @@ from rich.table import Table
 from kasou import __version__, services
 from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
-from kasou.cli.common import client, err, fail, follow, out, parse_int, print_json, progress_bar
+from kasou.cli.common import (
+    client,
+    cloud_init_body,
+    err,
+    fail,
+    follow,
+    out,
+    parse_int,
+    print_json,
+    progress_bar,
+    seed_text,
+    startup_body,
+    startup_text,
+)
+from kasou.cli.console import follow_log
+from kasou.cli.console import register as register_console
 from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.devices import nic_app, say_sizes
 from kasou.cli.events import event_app
@@ -279,6 +294,15 @@ def vm_create(
     os_type: str = typer.Option(
         None, "--os", help="linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, clock in local time."
     ),
+    onboot: bool = typer.Option(None, "--onboot/--no-onboot", help="Start it when its host boots."),
+    order: str = typer.Option(None, "--order", help="With --onboot: start order, 0..1000, lowest first."),
+    delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
+    hostname: str = typer.Option(None, "--hostname", help="cloud-init: the guest's host name (default: its name)."),
+    ssh_key: list[str] = typer.Option(None, "--ssh-key", help="cloud-init: a public key file (.pub) to log in with."),
+    ip: str = typer.Option(None, "--ip", help="cloud-init: the first NIC's address, e.g. 10.20.0.15/24 (else DHCP)."),
+    gateway: str = typer.Option(None, "--gateway", help="cloud-init: with --ip, the default gateway."),
+    dns: list[str] = typer.Option(None, "--dns", help="cloud-init: with --ip, a DNS server (repeat)."),
+    user_data: str = typer.Option(None, "--user-data", help="cloud-init: a user-data file (#cloud-config, ...)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, or a linked clone of a template)."""
@@ -304,6 +328,8 @@ def vm_create(
         "firmware": firmware,
         "tpm": tpm,
         "os": os_type,
+        "startup": startup_body(onboot, order, delay),
+        "cloud_init": cloud_init_body(hostname, ssh_key, ip, gateway, dns, user_data),
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -472,6 +498,8 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("firmware", _firmware_text(v)),
         ("template", v["template"] or "-"),
         ("HA", _ha_text(v)),
+        ("start-up", startup_text(v)),
+        ("cloud-init", seed_text(v)),
         ("anti-affinity", v["anti_affinity"] or "-"),
         (
             "storage",
@@ -511,11 +539,17 @@ def vm_set(
     priority: str = typer.Option(None, "--priority", help="HA restart order, 0..100, highest first."),
     description: str = typer.Option(None, "--description"),
     department: str = typer.Option(None, "--department", help="Department whose vendor manages it ('' removes it)."),
+    onboot: bool = typer.Option(None, "--onboot/--no-onboot", help="Start it when its host boots."),
+    order: str = typer.Option(None, "--order", help="With --onboot: start order, 0..1000, lowest first."),
+    delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (applied at its next start)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (applied at its next start)."),
 ) -> None:
-    """Change a VM's HA setting, restart priority, description, department, or its vCPUs and memory (next start)."""
+    """Change a VM's HA setting, restart priority, description, department, start at host boot, or its vCPUs and
+    memory (at its next start)."""
     body: dict[str, Any] = {}
+    if (startup := startup_body(onboot, order, delay)) is not None:
+        body["startup"] = startup
     if vcpus is not None:
         body["vcpus"] = parse_int(vcpus, "vcpus")
     if memory is not None:
@@ -536,7 +570,7 @@ def vm_set(
         if set(body) <= {"vcpus", "memory_mib"}:
             return
     ha_text = f"HA on, priority {v['priority']}" if v["ha"] else "HA off"
-    out.print(f"vm {name}: {ha_text}", markup=False, highlight=False)
+    out.print(f"vm {name}: {ha_text}; {startup_text(v)}", markup=False, highlight=False)
     if v["ha"] and v.get("ha_blocked"):
         out.print(f"vm {name}: not restarted elsewhere now: {v['ha_blocked']}", markup=False, highlight=False)
 
@@ -556,9 +590,19 @@ def _ha_text(v: dict[str, Any]) -> str:
 
 
 @vm_app.command("log")
-def vm_log(name: str, max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show.")) -> None:
+def vm_log(
+    name: str,
+    max_bytes: int = typer.Option(65536, "--bytes", help="How much of the end to show."),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="Then show what the guest writes, until Ctrl-C."),
+) -> None:
     """The VM's serial console output."""
+    if follow_:
+        follow_log(name, max_bytes)
+        return
     sys.stdout.write(client().text(f"/v1/vms/{name}/console", params={"max_bytes": max_bytes}))
+
+
+register_console(vm_app)  # kasou vm console
 
 
 @vm_app.command("history")

@@ -21,7 +21,8 @@ def vm_import(
     disk: list[str] = typer.Option(None, "--disk", help="A disk file to import (repeat; the boot disk first)."),
     ova: str = typer.Option(None, "--ova", help="An OVA (VMware's appliance archive) to import."),
     ovf: str = typer.Option(None, "--ovf", help="An OVF descriptor to import (its disk files beside it)."),
-    firmware: str = typer.Option(None, "--firmware", help="bios or uefi (default: the OVF's, else bios)."),
+    firmware: str = typer.Option(None, "--firmware", help="bios, uefi or uefi-secure (default: the OVF's, else bios)."),
+    tpm: bool = typer.Option(False, "--tpm", help="Give it a TPM 2.0 of its own (swtpm)."),
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (default: the OVF's, else 1)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (default: the OVF's, else 1024)."),
     network: str = typer.Option("user", "--network", help="Network of its NICs (default: user, QEMU's NAT)."),
@@ -41,10 +42,10 @@ def vm_import(
 
     The files are paths on the host, in its transfer directory (KASOU_TRANSFER_DIR, default
     /var/lib/kasou/transfer); a relative path is taken from there."""
-    if firmware is not None and firmware not in ("bios", "uefi"):
-        fail(f"--firmware takes bios or uefi, not {firmware!r}")
+    if firmware is not None and firmware not in ("bios", "uefi", "uefi-secure"):
+        fail(f"--firmware takes bios, uefi or uefi-secure, not {firmware!r}")
     body: dict[str, Any] = {
-        "name": name, "disks": list(disk) if disk else None, "ova": ova, "ovf": ovf, "firmware": firmware,
+        "name": name, "disks": list(disk) if disk else None, "ova": ova, "ovf": ovf, "firmware": firmware, "tpm": tpm,
         "vcpus": parse_int(vcpus, "vcpus") if vcpus is not None else None,
         "memory_mib": parse_int(memory, "memory") if memory is not None else None,
         "network": network, "cpu": cpu, "machine": machine, "pool": pool, "host": host, "department": department,

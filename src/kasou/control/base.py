@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from kasou.control.jobs import JobContext, Jobs
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
 from kasou.errors import NotFound, StoreConflict, WrongState
-from kasou.model.spec import MirrorCopy, NicSpec, VMCreate, validate_name
+from kasou.model.spec import MirrorCopy, NicSpec, Startup, VMCreate, validate_name
 from kasou.model.state import Action, VMState, check_action
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class VMView(BaseModel):
     anti_affinity: str | None
     ha: bool
     priority: int
+    startup: Startup | None = None  # started when its host boots: in which order, after what delay
+    cloud_init: dict[str, Any] | None = None  # its NoCloud seed: hostname, address, keys (user-data: only whether)
     storage: str  # local, shared or replicated
     replica: ReplicaView | None
     ha_armed: bool  # HA could restart it on another host if its host failed now (see ha_blocked)

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kasou.agent.models import DiskImport, ExportCreate, ExportDiskSource, TransferStatus
+from kasou.agent.models import DiskImport, ExportCreate, ExportDiskSource, FirmwareCreate, FirmwareFiles, TransferStatus
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
@@ -102,7 +102,7 @@ class Imports:
         job_id = svc.new_job_id()
         rec = VMRecord(
             name=req.name, uuid=str(uuid.uuid4()), vcpus=plan.vcpus, memory_mib=plan.memory_mib, image=None,
-            cpu=plan.cpu, machine=plan.machine,
+            cpu=plan.cpu, machine=plan.machine, firmware=plan.firmware,
             description=req.description, department=req.department, anti_affinity=req.anti_affinity, ha=req.ha,
             priority=req.priority, state=VMState.CREATING, host=host, job=job_id,
             nics=[NicSpec(id=n.id, mac=random_mac(), network=n.network, vlan=vlan) for n in plan.nics],
@@ -204,7 +204,15 @@ class Imports:
                     shared=pool.shared, pool=pool.name,
                 ))  # fmt: skip
                 done += d.size_bytes
-            cur = await svc.records.set(req.name, state=VMState.STOPPED, disks=disks)
+            files = FirmwareFiles()
+            if plan.firmware != "bios" or plan.tpm:  # its UEFI variables and TPM, beside its boot disk
+                await ctx.progress(0.96, "making its UEFI variable store and TPM")
+                files = await agent.create_firmware(FirmwareCreate(
+                    vm=req.name, beside=disks[0].path or "", firmware=plan.firmware, tpm=plan.tpm,
+                ))  # fmt: skip
+                made += [p for p in (files.nvram, files.tpm_state) if p]
+            cur = await svc.records.set(req.name, state=VMState.STOPPED, disks=disks, nvram=files.nvram,
+                                        tpm_state=files.tpm_state)  # fmt: skip
             detail = (f"imported from {plan.source}: {plan.vcpus} vCPU, {plan.memory_mib} MiB, {len(disks)} disk"
                       f"{'s' if len(disks) != 1 else ''}, {format_size(plan.virtual_bytes)}")  # fmt: skip
             await svc.ledger.record(req.name, LedgerEvent.DEFINED, host, detail)
@@ -237,6 +245,8 @@ class Imports:
             vm=name, file=file,
             disks=[ExportDiskSource(id=d.id, path=d.path or "", format=d.format) for d in rec.disks],
             ovf=OvfExport(name=name, vcpus=rec.vcpus, memory_mib=rec.memory_mib, description=rec.description,
+                          firmware="bios" if rec.firmware == "bios" else "efi",
+                          secure_boot=rec.firmware == "uefi-secure",
                           disks=[], nics=[ExportNic(network=n.network) for n in rec.nics]),
         )  # fmt: skip
         agent = svc.agents.get(rec.host)

@@ -8,9 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.snapshots import SnapshotRecord
-from kasou.model.spec import DiskSpec, NicSpec
+from kasou.model.spec import DiskSpec, NicSpec, Startup
 from kasou.model.state import VMState
 
 
@@ -53,6 +54,8 @@ class VMRecord(BaseModel):
     anti_affinity: str | None = None  # never on one host with another running VM of this group
     ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
     priority: int = 50  # HA restart order, highest first (0..100)
+    startup: Startup | None = None  # started when its host boots (kasou.control.onboot)
+    cloud_init: CloudInit | None = None  # its NoCloud seed, made by its host at each start
     replicated: bool = False  # its local disks have a synchronous replica on another host while it runs
     replica: ReplicaRecord | None = None
     ha_armed: bool = False  # its running QEMU was launched HA-protected (its host's guard fences it)

@@ -30,6 +30,7 @@ from kasou.errors import (
     StoreConflict,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeState
+from kasou.model.cloudinit import clone_seed
 from kasou.model.devices import HOTPLUG_PORTS
 from kasou.model.firmware import check_memory, check_template, resolve
 from kasou.model.imports import VMImport
@@ -104,7 +105,9 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         have = (template.firmware, template.tpm_state is not None, template.os)
         check_template(template.name, have, (spec.firmware, spec.tpm, spec.os))
         firmware, tpm, guest_os = have
+        cloud_init = clone_seed(template.cloud_init, spec.cloud_init)
     else:
+        cloud_init = spec.cloud_init
         image = spec.image
         firmware, tpm, guest_os = resolve(spec.firmware, spec.tpm, spec.os)
         req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
@@ -122,6 +125,13 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 f"unknown image {image!r} (on host {host}: {built}; build one with kasou image build tiny|debian, "
                 "or import a disk with kasou image import)",
                 field="image",
+            )
+        least = int((await svc.agents.get(host).image_info(image)).get("min_memory_mib", 0))
+        if spec.memory_mib < least:
+            raise InvalidSpec(
+                f"image {image!r} needs at least {least} MiB of memory to boot, not {spec.memory_mib}; "
+                f"give --memory {least} or more",
+                field="memory_mib",
             )
     check_memory(firmware, spec.memory_mib)
     cpu, machine = await cpu_and_machine(svc, spec, host)
@@ -142,6 +152,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         anti_affinity=spec.anti_affinity,
         ha=spec.ha,
         priority=spec.priority,
+        startup=spec.startup,
+        cloud_init=cloud_init,
         replicated=spec.storage == "replicated",
         nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
         state=VMState.CREATING,
@@ -285,6 +297,7 @@ def launch_spec(rec: VMRecord) -> LaunchSpec:
         nvram=rec.nvram,
         tpm_state=rec.tpm_state,
         os=rec.os,
+        cloud_init=rec.cloud_init,
         disks=[launch_disk(rec, d) for d in rec.disks],
         nics=rec.nics,
         ha=rec.ha,

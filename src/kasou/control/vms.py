@@ -36,6 +36,7 @@ from kasou.control.jobs import JobContext, Jobs
 from kasou.control.ledger import Ledger
 from kasou.control.mirrors import Mirrors
 from kasou.control.networks import Networks
+from kasou.control.onboot import OnBoot
 from kasou.control.pools import Pools
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.control.replication import Replication
@@ -53,6 +54,7 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
+from kasou.model import cloudinit
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
@@ -97,6 +99,7 @@ class VMService:
         self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
         self.imports = Imports(self)  # kasou.control.imports: vm import and export
         self.devices = Devices(self)  # kasou.control.devices: sizes, disks and NICs that change
+        self.onboot = OnBoot(self)  # kasou.control.onboot: VMs started when their host boots
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
@@ -147,6 +150,8 @@ class VMService:
             anti_affinity=rec.anti_affinity,
             ha=rec.ha,
             priority=rec.priority,
+            startup=rec.startup,
+            cloud_init=cloudinit.summary(rec.cloud_init),
             ha_armed=rec.ha_armed and active and blocked is None,
             ha_blocked=blocked,
             storage="replicated" if rec.replicated else ("shared" if rec.disks and rec.disks[0].shared else "local"),
@@ -258,6 +263,7 @@ class VMService:
         await self.backups.tick()  # due scheduled backups
         await self.mirrors.tick()
         await self.desktops.tick()  # ended sessions' desktops returned and reset, K kept pre-started
+        await self.onboot.tick()  # a host that booted: its onboot VMs started in order
         self._ticks += 1
         if self._ticks % POOL_CHECK_EVERY_TICKS == 1:
             await self.pools.tick()
@@ -318,6 +324,7 @@ class VMService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reconciler = self._host_checker = None
+        await self.onboot.close()
 
     async def close(self) -> None:
         await self.suspend()
@@ -389,6 +396,8 @@ class VMService:
         """Change a VM's HA setting, restart priority, description, department, vCPUs or memory (next start)."""
         rec = await self.records.get(name)
         changes = upd.model_dump(exclude_none=True, exclude={"vcpus", "memory_mib"})
+        if upd.startup is not None:
+            changes["startup"] = upd.startup
         await self.devices.check_sizes(rec, upd)  # vCPUs and memory: applied at its next start
         if changes.get("department") == "":
             changes["department"] = None

@@ -22,6 +22,7 @@ from kasou.errors import HypervisorError, InvalidSpec
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.snapshots import SnapshotMerge, SnapshotMerged, SnapshotTake, SnapshotTaken
 from kasou.hypervisor.stats import VmStats
+from kasou.model.cloudinit import CloudInit
 from kasou.model.firmware import Firmware, GuestOs
 from kasou.model.spec import NicSpec
 
@@ -64,6 +65,7 @@ class LaunchSpec(BaseModel):
     nics: list[NicSpec] = []
     paused: bool = False  # start with the vCPUs stopped (-S)
     ha: bool = False  # HA-protected: the host's guard kills it when the host loses its cluster lease
+    cloud_init: CloudInit | None = None  # a NoCloud seed disk made at each start (kasou.hypervisor.qemu.seed)
     pci_ports: int = Field(default=0, ge=0, le=32)  # empty PCIe root ports for disks and NICs plugged in later
 
     @model_validator(mode="after")
@@ -504,6 +506,10 @@ class Driver(abc.ABC):
 
     async def vnc_socket(self, name: str) -> Path | None:
         """The unix socket of running VM ``name``'s VNC display on this host; None if it has none now."""
+        return None
+
+    async def serial_socket(self, name: str) -> Path | None:
+        """The unix socket of running VM ``name``'s serial console (one client at a time); None if none now."""
         return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook

@@ -39,6 +39,7 @@ from kasou.image.manifest import (
     replace_dir,
     write_manifest,
 )
+from kasou.image.tools import mounts_under
 from kasou.model.names import validate_name
 
 __all__ = [
@@ -163,7 +164,8 @@ def build_image(
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             raise ImageError(f"building image '{name}' failed: {exc}") from exc
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not mounts_under(tmp):  # never descend into a file system a failed build left mounted
+                shutil.rmtree(tmp, ignore_errors=True)
     art = load_image(images_dir, name)
     report("done", 1.0)
     return art

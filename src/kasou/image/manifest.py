@@ -67,6 +67,8 @@ class ImageArtifacts:
     firmware: tuple[str, ...] = ("bios",)
     #: ``built`` by a recipe (``kasou image build``) or ``imported`` (``kasou image import``).
     origin: str = "built"
+    #: The least memory its OS boots in (0: no minimum recorded); ``vm create`` refuses less.
+    min_memory_mib: int = 0
     #: When it was built or imported (UTC, ISO 8601); not part of what makes two images equal.
     built_at: str = field(default="", compare=False)
 
@@ -83,6 +85,7 @@ class ImageArtifacts:
             "kernel_args": self.kernel_args,
             "firmware": list(self.firmware),
             "origin": self.origin,
+            "min_memory_mib": self.min_memory_mib,
             "built_at": self.built_at,
         }
 
@@ -123,6 +126,7 @@ def read_image(images_dir: Path, name: str, *, rebuild: str) -> ImageArtifacts:
             kernel_args=str(data["kernel_args"]),
             firmware=firmware,
             origin=str(data.get("origin", "built")),
+            min_memory_mib=int(data.get("min_memory_mib", 0)),
             built_at=str(data.get("built_at", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

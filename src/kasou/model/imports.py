@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from kasou.errors import InvalidSpec
+from kasou.model.firmware import check_memory
 from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.names import validate_name
 from kasou.model.ovf import OvfEnvelope, OvfItem, OvfSystem, unit_bytes
@@ -29,6 +30,7 @@ FORMAT_NAMES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vpc": "vhd", "v
 DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MIB = 1024  # a real OS needs more than the tiny guest's 128 MiB
 MAX_SOURCE_DISKS = 16
+FIRMWARE_NAMES = {"bios": "BIOS", "uefi": "UEFI", "uefi-secure": "UEFI with Secure Boot"}
 PATH_MAX = 1024
 
 CONTROLLERS = {5: "IDE", 6: "SCSI", 20: "SATA"}
@@ -50,7 +52,8 @@ class VMImport(BaseModel):
     disks: list[str] | None = None  # disk files, the boot disk first
     ova: str | None = None
     ovf: str | None = None
-    firmware: Literal["bios", "uefi"] | None = None  # None: the OVF's (BIOS without one)
+    firmware: Literal["bios", "uefi", "uefi-secure"] | None = None  # None: the OVF's (BIOS without one)
+    tpm: StrictBool = False  # a TPM 2.0 of its own (swtpm), as vm create --tpm
     vcpus: StrictInt | None = None  # None: the OVF's (1 without one)
     memory_mib: StrictInt | None = None  # None: the OVF's (1024 without one)
     cpu: str | None = None  # the virtual CPU model (kasou.model.machine; default x86-64-v2-AES)
@@ -175,8 +178,9 @@ class ImportPlan(BaseModel):
     vcpus_from: str
     memory_mib: int
     memory_from: str
-    firmware: Literal["bios", "uefi"]
+    firmware: Literal["bios", "uefi", "uefi-secure"]
     firmware_from: str
+    tpm: bool = False
     cpu: str | None = None  # set once the host is chosen (the machine type is pinned to its QEMU)
     machine: str | None = None
     os: str | None = None
@@ -197,7 +201,9 @@ class ImportPlan(BaseModel):
             out.append(f"os        {self.os}")
         out.append(f"vCPUs     {self.vcpus} ({self.vcpus_from})")
         out.append(f"memory    {self.memory_mib} MiB ({self.memory_from})")
-        out.append(f"firmware  {self.firmware.upper()} ({self.firmware_from})")
+        out.append(f"firmware  {FIRMWARE_NAMES[self.firmware]} ({self.firmware_from})")
+        if self.tpm:
+            out.append("tpm       TPM 2.0 (given)")
         if self.cpu or self.machine:
             out.append(f"cpu       {self.cpu or '-'}, machine {self.machine or '-'}")
         for d in self.disks:
@@ -226,12 +232,9 @@ def plan_import(req: VMImport, src: ImportSource) -> ImportPlan:
 
 
 def check_firmware(req: VMImport, plan: ImportPlan) -> None:
-    """UEFI guests cannot be run by kasou yet: refuse them before anything is made."""
-    if plan.firmware == "uefi":
-        raise InvalidSpec(
-            f"cannot import {req.name!r}: it needs UEFI firmware ({plan.firmware_from}), and UEFI is not available "
-            "in kasou yet; only BIOS guests can be imported for now", field="firmware",
-        )  # fmt: skip
+    """What the imported VM boots with must work in kasou: UEFI's least memory; set the plan's TPM."""
+    check_memory(plan.firmware, plan.memory_mib)
+    plan.tpm = req.tpm
 
 
 def _plan_disks(req: VMImport, src: ImportSource) -> ImportPlan:
@@ -275,7 +278,9 @@ def _plan_ovf(req: VMImport, src: ImportSource, problems: list[str]) -> ImportPl
     if req.memory_mib is not None:
         said = f"; the OVF says {plan.memory_mib} MiB" if plan.memory_from == "the OVF" else ""
         plan.memory_mib, plan.memory_from = req.memory_mib, f"given{said}"
-    ovf_fw: Literal["bios", "uefi"] = "uefi" if vs.firmware == "efi" else "bios"
+    ovf_fw: Literal["bios", "uefi", "uefi-secure"] = "bios"
+    if vs.firmware == "efi":
+        ovf_fw = "uefi-secure" if vs.secure_boot else "uefi"
     plan.firmware_from = "the OVF: vmw:Config firmware=" + vs.firmware + (", Secure Boot" if vs.secure_boot else "")
     plan.firmware = ovf_fw
     if req.firmware is not None:
@@ -314,8 +319,8 @@ def _plan_ovf(req: VMImport, src: ImportSource, problems: list[str]) -> ImportPl
         problems.append("it has no disk")
     if len(plan.disks) > 1:
         plan.notes.append("disks in the order of their controllers and addresses; disk0 is the boot disk")
-    if vs.secure_boot:
-        plan.notes.append("the OVF asks for Secure Boot")
+    if vs.secure_boot and plan.firmware != "uefi-secure":
+        plan.notes.append(f"the OVF asks for Secure Boot; it boots {FIRMWARE_NAMES[plan.firmware]} as given")
     return plan
 
 

@@ -40,6 +40,7 @@ class OvfExport(BaseModel):
     vcpus: int
     memory_mib: int
     firmware: str = "bios"  # bios or efi
+    secure_boot: bool = False  # UEFI with Secure Boot enforcing (vmw:Config uefi.secureBoot.enabled)
     description: str = ""
     disks: list[ExportDisk]
     nics: list[ExportNic] = []
@@ -114,5 +115,8 @@ def write_ovf(spec: OvfExport) -> bytes:
         instance += 1
     SubElement(hw, f"{{{VMW_NS}}}Config", {_o("required"): "false", f"{{{VMW_NS}}}key": "firmware",
                                             f"{{{VMW_NS}}}value": spec.firmware})  # fmt: skip
+    if spec.secure_boot:
+        SubElement(hw, f"{{{VMW_NS}}}Config", {_o("required"): "false", f"{{{VMW_NS}}}key": "uefi.secureBoot.enabled",
+                                                f"{{{VMW_NS}}}value": "TRUE"})  # fmt: skip
     indent(env)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + tostring(env, encoding="utf-8", xml_declaration=False) + b"\n"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from kasou.errors import InvalidSpec
+from kasou.model.cloudinit import CloudInit
 from kasou.model.devices import MAX_DISKS
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
@@ -102,6 +103,33 @@ def check_priority(value: int) -> None:
         raise InvalidSpec(f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, not {value}", field="priority")
 
 
+STARTUP_ORDER_MAX = 1000
+STARTUP_DELAY_MAX_S = 600
+
+
+class Startup(BaseModel):
+    """Starting a VM when its host boots (``--onboot --order N --delay S``, as Proxmox's onboot/startup).
+
+    When a host's agent starts and finds no VM running there (the host booted, or kasou was started
+    after ``kasou down --vms``), the VMs of that host marked ``onboot`` start in ``order`` (lowest
+    first; by name within one order), each ``delay_s`` seconds after the one before it started
+    (a database before the application that needs it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    onboot: StrictBool = True
+    order: StrictInt = 0
+    delay_s: StrictInt = 0
+
+    def check(self) -> None:
+        if not 0 <= self.order <= STARTUP_ORDER_MAX:
+            raise InvalidSpec(f"the start-up order must be between 0 and {STARTUP_ORDER_MAX}, not {self.order}",
+                              field="startup")  # fmt: skip
+        if not 0 <= self.delay_s <= STARTUP_DELAY_MAX_S:
+            raise InvalidSpec(f"the start-up delay must be between 0 and {STARTUP_DELAY_MAX_S} s, not {self.delay_s}",
+                              field="startup")  # fmt: skip
+
+
 class VMUpdate(BaseModel):
     """What ``kasou vm set`` and ``PATCH /v1/vms/{name}`` may change on a defined VM."""
 
@@ -111,6 +139,7 @@ class VMUpdate(BaseModel):
     priority: StrictInt | None = None
     description: str | None = Field(None, max_length=500)
     department: str | None = None  # the department whose vendor manages it ("" removes the tag)
+    startup: Startup | None = None  # start it when its host boots (onboot, order, delay)
     vcpus: StrictInt | None = None  # applied at the VM's next start (kasou.control.devices)
     memory_mib: StrictInt | None = None  # applied at the VM's next start
 
@@ -128,13 +157,16 @@ class VMUpdate(BaseModel):
             check_priority(spec.priority)
         if spec.department:
             validate_name(spec.department, "department")
+        if spec.startup is not None:
+            spec.startup.check()
         if spec.vcpus is not None:
             check_vcpus(spec.vcpus)
         if spec.memory_mib is not None:
             check_memory_mib(spec.memory_mib)
         if not spec.model_dump(exclude_none=True):
             raise InvalidSpec(
-                "nothing to change: give ha, priority, description, department, vcpus or memory_mib", field="ha"
+                "nothing to change: give ha, priority, description, department, startup, vcpus or memory_mib",
+                field="ha",
             )
         return spec
 
@@ -184,6 +216,8 @@ class VMCreate(BaseModel):
     firmware: str | None = None  # bios (default), uefi or uefi-secure (kasou.model.firmware); fixed for good
     tpm: StrictBool | None = None  # a TPM 2.0 (swtpm); default: none, but --os windows brings one
     os: str | None = None  # linux, windows or other; windows: uefi-secure, a TPM, Hyper-V, RTC in local time
+    startup: Startup | None = None  # start it when its host boots (--onboot --order N --delay S)
+    cloud_init: CloudInit | None = None  # a NoCloud seed: hostname, SSH keys, address, user-data
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -246,6 +280,10 @@ class VMCreate(BaseModel):
             validate_machine(self.machine)
         firmware, tpm, _ = resolve(self.firmware, self.tpm, self.os)
         check_storage(firmware, tpm, self.storage, self.mirror is not None)
+        if self.startup is not None:
+            self.startup.check()
+        if self.cloud_init is not None:
+            self.cloud_init.check()
 
     @property
     def disk_bytes(self) -> int | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from kasou.hypervisor.qemu import firmware as fw
-from kasou.hypervisor.qemu import tpm
+from kasou.hypervisor.qemu import seed, tpm
 from kasou.hypervisor.qemu.hotplug import bus_of, root_port_args
 from kasou.hypervisor.qemu.network import tap_name
 from kasou.model.firmware import hyperv_cpu
@@ -54,6 +54,11 @@ class RuntimeFiles:
     @property
     def vnc(self) -> Path:
         return self.dir / "vnc.sock"
+
+    @property
+    def seed(self) -> Path:
+        """The VM's cloud-init seed (kasou.hypervisor.qemu.seed), made at each start."""
+        return self.dir / "seed.iso"
 
     @property
     def pidfile(self) -> Path:
@@ -162,9 +167,10 @@ def build_argv(
     late = [a for d in disks if d.port is not None for a in _disk_args(d)]
     late += [a for n in nics if n.port is not None for a in _nic_args(spec.name, n)]
     for disk in disks:
-        if disk.port is not None:
-            continue
-        argv += _disk_args(disk)
+        if disk.port is None:
+            argv += _disk_args(disk)
+    if spec.cloud_init is not None:
+        argv += seed.qemu_args(files.seed)
     for nic in nics:
         if nic.port is None:
             argv += _nic_args(spec.name, nic)

@@ -45,7 +45,7 @@ from kasou.hypervisor.base import (
 )
 from kasou.hypervisor.qemu import confine as cf
 from kasou.hypervisor.qemu import firmware as fw
-from kasou.hypervisor.qemu import guest, mirrors, process, spawn, tpm
+from kasou.hypervisor.qemu import guest, mirrors, process, seed, spawn, tpm
 from kasou.hypervisor.qemu import migration as mig
 from kasou.hypervisor.qemu import replication as repl
 from kasou.hypervisor.qemu import runfiles as rf
@@ -302,6 +302,10 @@ class DriverCore(Driver):
                     log.warning("VM %s runs without a cgroup: this agent sees no cgroup file system", spec.name)
                 setup = cf.child_setup(ident, cgroup)
                 argv = [*argv, *cf.sandbox_args()]
+            if spec.cloud_init is not None:  # its NoCloud seed, made anew from the spec at each start
+                await asyncio.to_thread(seed.make_seed, files.seed, spec.cloud_init, spec.name, spec.uuid, spec.nics)
+                if ident is not None:
+                    cf.hand_over_disk(str(files.seed), ident, spec.name, readonly=True)
             if spec.tpm_state is not None:  # QEMU connects to its TPM as it starts
                 await tpm.start(spec.name, Path(spec.tpm_state), files.dir, setup)
             if taps:  # QEMU opens the taps by name: they must be on their bridges first
@@ -616,10 +620,17 @@ class DriverCore(Driver):
 
     async def vnc_socket(self, name: str) -> Path | None:
         """QEMU's VNC display of a running (or paused) guest: ``-vnc unix:<run dir>/<vm>/vnc.sock``."""
+        return self._guest_socket(name, "vnc")
+
+    async def serial_socket(self, name: str) -> Path | None:
+        """QEMU's serial console of a running (or paused) guest: ``<run dir>/<vm>/serial.sock``."""
+        return self._guest_socket(name, "serial")
+
+    def _guest_socket(self, name: str, which: str) -> Path | None:
         vm = self._vms.get(name)
         if vm is None or vm.state not in GUEST_STATES or not process.alive(vm.pid):
             return None
-        path = self._files(name).vnc
+        path: Path = getattr(self._files(name), which)
         return path if path.is_socket() else None
 
     # -- QMP for the helper modules ------------------------------------------------------

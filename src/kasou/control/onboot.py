@@ -1,0 +1,123 @@
+"""Starting VMs when their host boots (``kasou vm create|set --onboot --order N --delay S``).
+
+A host's agent says, in its host info, which run of it this is (``agent_run``, new at each start) and
+whether it found no VM running when it started (``started_empty``): the host booted, or kasou was
+started again after ``kasou down --vms``. The first time the control plane sees a new run of an agent
+that started empty, it starts the VMs recorded on that host whose start-up settings say ``onboot`` and
+that are stopped or crashed there, lowest ``order`` first (by name within one order), waiting
+``delay_s`` after each start before the next (a database before the application that needs it), as
+Proxmox's ``onboot``/``startup`` do. Each start is an ordinary start job: admission, HA checks and
+the VM's single placement hold, so a VM already started elsewhere (HA restarted it) is not started
+again. A start that fails is an event naming the VM and why; the sequence goes on with the next.
+
+The run of each host that was handled is kept in the store (``onboot/<host>``), so a restart of the
+control plane does not start again the VMs an operator stopped since the host booted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from kasou.agent.hostinfo import HostInfo
+from kasou.control.base import VMControl
+from kasou.control.records import VMRecord
+from kasou.errors import AgentUnavailable, KasouError, OperationTimeout
+from kasou.model.state import Action, VMState
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "onboot/"
+START_TIMEOUT_S = 300.0  # one start job, from its submission to its end
+
+
+def due(records: list[VMRecord], host: str) -> list[VMRecord]:
+    """The VMs to start at ``host``'s boot, in their start-up order."""
+    marked = [
+        r
+        for r in records
+        if r.host == host
+        and r.startup is not None
+        and r.startup.onboot
+        and r.state in (VMState.STOPPED, VMState.CRASHED)
+    ]
+    return sorted(marked, key=lambda r: (r.startup.order if r.startup else 0, r.name))
+
+
+class OnBoot:
+    """Watches the hosts' agents for a new run that found nothing running, and starts that host's onboot VMs."""
+
+    def __init__(self, vms: VMControl, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        self.vms = vms
+        self.start_timeout_s = start_timeout_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def tick(self) -> None:
+        """Called with the reconcile loop, after the records were brought up to date with the hosts."""
+        for host in self.vms.agents.names():
+            task = self._tasks.get(host)
+            if task is not None and not task.done():
+                continue
+            try:
+                info = await self.vms.agents.get(host).host_info()
+            except (AgentUnavailable, OperationTimeout):
+                continue
+            await self._seen(host, info)
+
+    async def _seen(self, host: str, info: HostInfo) -> None:
+        if not info.agent_run:
+            return
+        entry = await self.vms.store.get(KEY_PREFIX + host)
+        if entry is not None and entry.value.get("agent_run") == info.agent_run:
+            return
+        await self.vms.store.put(KEY_PREFIX + host, {"agent_run": info.agent_run, "started_empty": info.started_empty})
+        if not info.started_empty:
+            return
+        order = due(await self.vms.records.all(), host)
+        if order:
+            log.info("host %s booted: starting %s", host, ", ".join(r.name for r in order))
+            self._tasks[host] = asyncio.create_task(self._start_in_order(host, order))
+
+    async def _start_in_order(self, host: str, order: list[VMRecord]) -> None:
+        for i, planned in enumerate(order):
+            try:
+                rec = await self.vms.records.get(planned.name)
+            except KasouError:
+                continue  # deleted meanwhile
+            if rec.host != host or rec.state not in (VMState.STOPPED, VMState.CRASHED) or rec.job is not None:
+                continue  # started, moved or busy meanwhile: nothing to do
+            if not (rec.startup and rec.startup.onboot):
+                continue
+            error = await self._start(rec)
+            if error is not None:
+                await self.vms.events.raise_once(
+                    f"onboot/{rec.name}", "vm_onboot_failed", f"vm/{rec.name}",
+                    f"VM {rec.name} is marked to start when host {host} boots and did not start: {error}",
+                    "critical",
+                )  # fmt: skip
+                continue
+            await self.vms.events.clear(f"onboot/{rec.name}")
+            delay = rec.startup.delay_s
+            if delay and i < len(order) - 1:
+                await asyncio.sleep(delay)
+
+    async def _start(self, rec: VMRecord) -> str | None:
+        """Start one VM as a job and wait for its end (bounded); the reason if it did not start."""
+        try:
+            job = await self.vms.action(rec.name, Action.START)
+            done = await self.vms.jobs.wait(job.id, self.start_timeout_s)
+        except KasouError as e:
+            return e.message
+        if done.state != "succeeded":
+            err: Any = done.error or {}
+            return str(err.get("message") if isinstance(err, dict) else err) or "its start job failed"
+        return None
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
