@@ -134,6 +134,8 @@ async def test_an_unplug_the_guest_never_answers_times_out_and_keeps_the_device(
             rig.driver.unplug_hangs = True  # type: ignore[attr-defined]
         with pytest.raises(OperationTimeout, match="did not release device disk1-dev"):
             await rig.driver.unplug_disk(name, "disk1", timeout_s=2)
+        with pytest.raises(OperationTimeout):  # asked again while the first request is pending: the same answer
+            await rig.driver.unplug_disk(name, "disk1", timeout_s=1)
         with pytest.raises(Conflict):
             await rig.driver.plug_disk(name, LaunchDisk(id="disk2", path=str(d1), port=1))  # still there
     finally:

@@ -108,8 +108,16 @@ Gone = Callable[[str, float], Awaitable[bool]]  # the driver's bounded wait for 
 
 async def unplug(execute: Execute, gone: Gone, device: str, timeout_s: float) -> None:
     """``device_del`` and wait until QEMU says the device is deleted (``gone``: the driver's wait for
-    ``DEVICE_DELETED``, bounded), else OperationTimeout naming the guest."""
-    await execute("device_del", {"id": device})
+    ``DEVICE_DELETED``, bounded), else OperationTimeout naming the guest. A device already gone (a guest that let
+    go after an earlier try timed out) is not asked for again; one whose unplug is still pending is waited for."""
+    if not await device_present(execute, device):
+        return
+    try:
+        await execute("device_del", {"id": device})
+    except MonitorError:
+        if not await device_present(execute, device):
+            return
+        # QEMU refuses a second device_del while the guest has not answered the first: wait for that one
     if not await gone(device, timeout_s):
         raise OperationTimeout(
             f"the guest did not release device {device} within {timeout_s:.0f} s (it still has it; a guest that "
