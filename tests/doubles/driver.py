@@ -72,6 +72,7 @@ from kasou.hypervisor.snapshots import (
 )
 from kasou.hypervisor.stats import DiskIO, NicIO, VmStats
 from kasou.model.firmware import VARS_ID
+from tests.doubles.devices import FakeDevices
 from tests.doubles.exports import FakeExports
 
 _GUEST = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN)
@@ -105,7 +106,7 @@ class _Replica:
     error: str | None = None
 
 
-class FakeDriver(Driver):
+class FakeDriver(FakeDevices, Driver):
     #: Destinations waiting in this process: migration URI -> (driver, VM name).
     _listening: ClassVar[dict[str, tuple[FakeDriver, str]]] = {}
     _next_port: ClassVar[int] = 49152

@@ -60,12 +60,15 @@ HOSTILE_NAMES = [
 ]
 # A valid value for each path parameter, while another one is the hostile one.
 VALID = {"name": "vm1", "snapshot": "s1", "generation": "1", "pool": "p1", "user": "u1", "job_id": "j1",
-         "disk_id": "disk0", "action": "start", "token_id": "t1"}  # fmt: skip
+         "disk_id": "disk0", "nic_id": "net0", "action": "start", "token_id": "t1"}  # fmt: skip
 # Bodies that are right in themselves, so a refusal is about the path.
 BODIES: dict[tuple[str, str], Any] = {
     ("patch", "/v1/vms/{name}"): {"description": "x"},
     ("post", "/v1/vms/{name}/snapshots"): {"name": "s2"},
     ("post", "/v1/vms/{name}/disks/{disk_id}/rebuild"): {"pool": "p1"},
+    ("post", "/v1/vms/{name}/disks/{disk_id}/resize"): {"size": "2G"},
+    ("post", "/v1/vms/{name}/disks"): {"size": "1G"},
+    ("post", "/v1/vms/{name}/nics"): {"network": "user"},
     ("post", "/v1/vms/{name}/backups/{generation}/restore"): {"as": "vm9"},
     ("patch", "/v1/vms/{name}/backup-policy"): {"keep": 3},
     ("patch", "/v1/desktop-pools/{pool}"): {"size": 2},

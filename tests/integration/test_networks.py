@@ -223,6 +223,23 @@ def test_vlan_segments_isolate_and_survive_migration(lab: Lab) -> None:
     print(f"a -> c after the migration: exit {status}, {received} of 2 received")
     assert status != 0 and received == "0"
 
+    # A NIC hot-plugged into c on clinical: its tap is made on h2's clinical bridge first; c moves its address
+    # to the new NIC (eth1) and a reaches it across the hosts; unplugged, its tap goes and c runs on.
+    r = lab.run("nic", "add", "c", "--network", "clinical", host="h1")
+    assert "NIC net1 on clinical" in r.stdout and "hot-plugged" in r.stdout, r.stdout
+    assert tap_name("c", "net1") in lab.links_of("h2")
+    macs = [n["mac"] for v in ("a", "b", "c") for n in lab.vm(v)["nics"]]
+    assert len(macs) == len(set(macs)) == 4
+    hot = "192.168.10.4"
+    lab.type_line("h2", "c", f"ip addr flush dev eth0; ip addr add {hot}/24 dev eth1; ip link set eth1 up; "
+                  "ip -4 -o addr show dev eth1", rf"inet {re.escape(hot)}/24")  # fmt: skip
+    status, received = ping(lab, "h1", "a", hot, 3, 2, "PINGHOT")
+    print(f"a (h1) -> c's hot-plugged NIC (h2, VLAN 10): exit {status}, {received} of 3 received")
+    assert status == 0, f"a could not reach c's hot-plugged NIC ({received} of 3 received)"
+    lab.run("nic", "remove", "c", "net1", host="h1")
+    assert tap_name("c", "net1") not in lab.links_of("h2") and tap_name("c", "net0") in lab.links_of("h2")
+    assert lab.vm("c")["state"] == "running"
+
     # Deleting the VMs removes their taps; then the networks can go.
     for vm in ("a", "b", "c"):
         lab.run("vm", "delete", vm, "--force")

@@ -115,3 +115,27 @@ def test_cpu_model_and_machine_type() -> None:
     argv = build_argv(old, files, "tcg", None)
     assert "-cpu" not in argv and argv[argv.index("-machine") + 1] == "q35"  # a VM made before: as it was
     assert pinned_machine("7.2.22") == "pc-q35-7.2" and pinned_machine("not installed") == "q35"
+
+
+def test_hot_plug_ports_come_after_the_root_bus_devices_and_before_the_devices_on_them() -> None:
+    """A VM's devices on the root bus keep their PCI addresses (its guest names NICs by them) whatever is added
+    later; each port exists before the device plugged into it (also on a migration's destination)."""
+    plain = opt(build_argv(spec(), FILES, "tcg", BOOT), "-device")
+    assert not any(d.startswith("pcie-root-port") for d in plain)
+    s = spec(
+        pci_ports=3,
+        disks=[LaunchDisk(id="disk0", path="/d/0.qcow2"), LaunchDisk(id="disk2", path="/d/2.qcow2", port=2),
+               LaunchDisk(id="disk1", path="/d/1.qcow2")],
+        nics=[NicSpec(id="net0", mac="52:54:00:aa:bb:cc"), NicSpec(id="net1", mac="52:54:00:aa:bb:cd", port=1)],
+    )  # fmt: skip
+    devices = opt(build_argv(s, FILES, "tcg", BOOT), "-device")
+    ports = [d for d in devices if d.startswith("pcie-root-port")]
+    assert ports == ["pcie-root-port,id=hp1,chassis=17", "pcie-root-port,id=hp2,chassis=18",
+                     "pcie-root-port,id=hp3,chassis=19"]  # fmt: skip
+    first_port = devices.index(ports[0])
+    assert devices.index("virtio-blk-pci,drive=disk0,id=disk0-dev") < first_port
+    assert devices.index("virtio-blk-pci,drive=disk1,id=disk1-dev") < first_port
+    assert devices.index("virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,id=net0-dev") < first_port
+    assert devices.index("virtio-blk-pci,drive=disk2,id=disk2-dev,bus=hp2") > devices.index(ports[-1])
+    assert devices.index("virtio-net-pci,netdev=net1,mac=52:54:00:aa:bb:cd,id=net1-dev,bus=hp1") > first_port
+    assert len(devices) == len(set(devices))

@@ -108,3 +108,39 @@ def test_create_parse_is_total(data: dict) -> None:
     assert 1 <= spec.vcpus <= 255
     assert spec.memory_mib >= 32
     assert (spec.image is None) != (spec.template is None)
+
+
+def test_vm_create_disk_takes_one_size_or_a_list() -> None:
+    from kasou.model.spec import VMCreate
+
+    one = VMCreate.parse({"name": "a", "image": "tiny", "disk": "1G"})
+    assert (one.disk_bytes, one.data_disks) == (1 << 30, [])
+    many = VMCreate.parse({"name": "a", "image": "tiny", "disk": ["1G", "10G", 1 << 20]})
+    assert (many.disk_bytes, many.data_disks) == (1 << 30, [10 << 30, 1 << 20])
+    for bad, words in [([], "between 1 and 16"), (["1G"] * 17, "between 1 and 16"), (["1G", "x"], "not a size")]:
+        with pytest.raises(InvalidSpec, match=words):
+            VMCreate.parse({"name": "a", "image": "tiny", "disk": bad})
+
+
+def test_vm_update_takes_sizes_within_the_create_limits() -> None:
+    from kasou.model.spec import VMUpdate
+
+    assert VMUpdate.parse({"vcpus": 2, "memory_mib": 512}).sizes == {"vcpus": 2, "memory_mib": 512}
+    assert VMUpdate.parse({"description": "x"}).sizes == {}
+    for bad, words in [({"vcpus": 0}, "vcpus must be"), ({"memory_mib": 8}, "memory_mib must be"),
+                       ({"vcpus": True}, "vcpus"), ({}, "nothing to change")]:  # fmt: skip
+        with pytest.raises(InvalidSpec, match=words):
+            VMUpdate.parse(bad)
+
+
+def test_device_ids_and_ports() -> None:
+    from kasou.model.devices import check_disk_id, check_nic_id, free_port, next_id
+
+    assert next_id("disk", ["disk0", "disk3"]) == "disk4" and next_id("net", []) == "net0"
+    assert free_port({None, 1, 3}, 4) == 2 and free_port({1, 2}, 2) is None
+    for bad in ("vda", "disk", "disk123", "../disk0"):
+        with pytest.raises(InvalidSpec):
+            check_disk_id(bad)
+    assert check_nic_id("net1") == "net1"
+    with pytest.raises(InvalidSpec):
+        check_nic_id("eth0")

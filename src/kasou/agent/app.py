@@ -27,6 +27,7 @@ from kasou import __version__
 from kasou.agent import pools
 from kasou.agent.backups import BackupFiles, add_backup_routes
 from kasou.agent.console import add_console_routes
+from kasou.agent.devices import add_device_routes
 from kasou.agent.firmware import FirmwareState, add_firmware_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.models import DiskCreate, DiskInfo, MediaChange
@@ -402,6 +403,8 @@ def create_agent_app(agent: Agent) -> FastAPI:
         agent.disks.check_disk_path(path)
         await agent.transfers.cancel_target(path)  # an import still making it stops first
         return {"existed": await agent.disks.delete(path)}
+
+    add_device_routes(app, d, agent.disks)  # disks grown, disks and NICs plugged in and out (kasou.agent.devices)
 
     @app.get("/agent/v1/stats")
     async def stats() -> StatsReport:

@@ -34,6 +34,7 @@ from kasou.hypervisor.base import (
     AbortRequest,
     IncomingInfo,
     IncomingRequest,
+    LaunchDisk,
     LaunchSpec,
     MigrateRequest,
     MigrationStatus,
@@ -55,6 +56,7 @@ from kasou.hypervisor.snapshots import (
 )
 from kasou.hypervisor.stats import StatsReport
 from kasou.model.imports import ImportInspect, ImportSource
+from kasou.model.spec import NicSpec
 from kasou.wire import raise_for_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -290,6 +292,31 @@ class AgentClient:
     async def create_disk(self, req: DiskCreate) -> DiskInfo:
         resp = await self._call("POST", "/disks", timeout=660, json=req.model_dump())
         return DiskInfo.model_validate(resp.json())
+
+    # -- devices that change (kasou.agent.devices) ------------------------------------------------
+
+    async def grow_disk(self, name: str, disk_id: str, size_bytes: int) -> None:
+        """Grow a disk of running VM ``name`` (QMP block_resize)."""
+        await self._call("POST", f"/vms/{name}/disks/{disk_id}/grow", timeout=60, json={"size_bytes": size_bytes})
+
+    async def grow_file(self, path: str, size_bytes: int) -> DiskInfo:
+        """Grow a disk file of a stopped VM (qemu-img resize)."""
+        resp = await self._call("POST", "/disks/grow", timeout=90, json={"size_bytes": size_bytes, "path": path})
+        return DiskInfo.model_validate(resp.json())
+
+    async def plug_disk(self, name: str, disk: LaunchDisk) -> None:
+        await self._call("POST", f"/vms/{name}/disks", timeout=60, json=disk.model_dump())
+
+    async def unplug_disk(self, name: str, disk_id: str, timeout_s: float = 30.0) -> None:
+        params = {"timeout_s": timeout_s}
+        await self._call("DELETE", f"/vms/{name}/disks/{disk_id}", timeout=timeout_s + 30, params=params)
+
+    async def plug_nic(self, name: str, nic: NicSpec) -> None:
+        await self._call("POST", f"/vms/{name}/nics", timeout=60, json=nic.model_dump())
+
+    async def unplug_nic(self, name: str, nic_id: str, timeout_s: float = 30.0) -> None:
+        params = {"timeout_s": timeout_s}
+        await self._call("DELETE", f"/vms/{name}/nics/{nic_id}", timeout=timeout_s + 30, params=params)
 
     async def create_firmware(self, req: FirmwareCreate) -> FirmwareFiles:
         """A new VM's UEFI variable store and TPM (kasou.agent.firmware); making a TPM takes about a second."""

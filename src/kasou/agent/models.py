@@ -39,6 +39,16 @@ class MediaChange(BaseModel):
     iso: str | None = None
 
 
+class DiskGrow(BaseModel):
+    """Grow a disk: of a running VM (``POST /agent/v1/vms/{name}/disks/{id}/grow``, QMP ``block_resize``) or
+    a file of a stopped one (``POST /agent/v1/disks/grow``, ``qemu-img resize``, ``path`` given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size_bytes: int = Field(gt=0)
+    path: str | None = None
+
+
 class DiskInfo(BaseModel):
     path: str
     format: str

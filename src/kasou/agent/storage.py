@@ -150,6 +150,25 @@ class LocalDisks:
         if req.size_bytes is not None and req.size_bytes > art.disk_size_bytes:
             await _run("qemu-img", "resize", "-q", "-f", "qcow2", str(path), str(req.size_bytes))
 
+    async def grow(self, path: str | Path, size_bytes: int) -> DiskInfo:
+        """Grow a disk file of a stopped VM to ``size_bytes`` (``qemu-img resize``, which QEMU's lock refuses
+        while a process has it open); a smaller size is refused: shrinking loses data."""
+        have = await self.info(path)
+        if size_bytes < have.size_bytes:
+            raise InvalidSpec(
+                f"{format_size(size_bytes)} is smaller than the disk ({format_size(have.size_bytes)}): a disk only "
+                "grows (shrinking it would cut off data)",
+                field="size",
+            )
+        if size_bytes > have.size_bytes:
+            try:
+                await _run("qemu-img", "resize", "-q", "-f", have.format, have.path, str(size_bytes), timeout=60)
+            except KasouError as e:
+                if type(e) is not KasouError:
+                    raise
+                raise ImageError(f"cannot grow {have.path}: {e.message}") from None
+        return await self.info(path)
+
     def check_disk_path(self, path: str | Path) -> Path:
         """``path`` if it is inside a disk directory or pool of this host, else InvalidSpec."""
         return self._inside(path)

@@ -85,6 +85,11 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/vms/{name}/backup-policy"): need("vm.read", vm="name"),
     ("PATCH", "/v1/vms/{name}/backup-policy"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/disks/{disk_id}/rebuild"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/disks"): need("operate", vm="name"),
+    ("DELETE", "/v1/vms/{name}/disks/{disk_id}"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/disks/{disk_id}/resize"): need("operate", vm="name"),
+    ("POST", "/v1/vms/{name}/nics"): need("operate", vm="name"),
+    ("DELETE", "/v1/vms/{name}/nics/{nic_id}"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/migrate"): need("hosts"),  # the choice of a host is a host operation
     ("POST", "/v1/imports"): need("operate", lists=True),  # the route keeps a vendor to their departments
     ("POST", "/v1/vms/{name}/export"): need("operate", vm="name"),

@@ -34,6 +34,7 @@ from kasou.cli.common import (
 from kasou.cli.console import follow_log
 from kasou.cli.console import register as register_console
 from kasou.cli.desktops import desktop_pool_app
+from kasou.cli.devices import nic_app, say_sizes
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
@@ -72,7 +73,8 @@ app.add_typer(event_app, name="event")
 app.add_typer(backup_app, name="backup")
 app.add_typer(pool_app, name="pool")
 app.add_typer(desktop_pool_app, name="pool-desktop")
-app.add_typer(disk_app, name="disk")
+app.add_typer(disk_app, name="disk")  # with kasou.cli.devices' add, remove, resize
+app.add_typer(nic_app, name="nic")
 app.add_typer(user_app, name="user")
 app.add_typer(audit_app, name="audit")
 app.add_typer(snapshot_app, name="snapshot")
@@ -251,7 +253,9 @@ def vm_create(
     template: str = typer.Option(None, "--from", help="Template to make a linked clone of."),
     vcpus: str = typer.Option("1", "--vcpus"),
     memory: str = typer.Option("128", "--memory", help="Memory in MiB."),
-    disk: str = typer.Option(None, "--disk", help="Disk size, e.g. 1G (default: the image's size)."),
+    disk: list[str] = typer.Option(
+        None, "--disk", help="Boot disk size, e.g. 1G (default: the image's); again for each empty data disk."
+    ),
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     description: str = typer.Option("", "--description"),
     department: str = typer.Option(
@@ -314,7 +318,7 @@ def vm_create(
         "template": template,
         "vcpus": parse_int(vcpus, "vcpus"),
         "memory_mib": parse_int(memory, "memory"),
-        "disk": disk,
+        "disk": (disk[0] if len(disk) == 1 else disk) if disk else None,
         "start": start,
         "description": description,
         "department": department,
@@ -558,11 +562,18 @@ def vm_set(
     onboot: bool = typer.Option(None, "--onboot/--no-onboot", help="Start it when its host boots."),
     order: str = typer.Option(None, "--order", help="With --onboot: start order, 0..1000, lowest first."),
     delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
+    vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (applied at its next start)."),
+    memory: str = typer.Option(None, "--memory", help="Memory in MiB (applied at its next start)."),
 ) -> None:
-    """Change a VM's HA setting, restart priority, description, department or start at host boot."""
+    """Change a VM's HA setting, restart priority, description, department, start at host boot, or its vCPUs and
+    memory (at its next start)."""
     body: dict[str, Any] = {}
     if (startup := startup_body(onboot, order, delay)) is not None:
         body["startup"] = startup
+    if vcpus is not None:
+        body["vcpus"] = parse_int(vcpus, "vcpus")
+    if memory is not None:
+        body["memory_mib"] = parse_int(memory, "memory")
     if ha is not None:
         if ha not in ("on", "off"):
             fail(f"--ha takes on or off, not {ha!r}")
@@ -574,6 +585,10 @@ def vm_set(
     if department is not None:
         body["department"] = department
     v = client().patch(f"/v1/vms/{name}", json=body)
+    if vcpus is not None or memory is not None:
+        say_sizes(v)
+        if set(body) <= {"vcpus", "memory_mib"}:
+            return
     ha_text = f"HA on, priority {v['priority']}" if v["ha"] else "HA off"
     out.print(f"vm {name}: {ha_text}; {startup_text(v)}", markup=False, highlight=False)
     if v["ha"] and v.get("ha_blocked"):

@@ -42,6 +42,7 @@ class DiskView(BaseModel):
     shared: bool = False
     pool: str = "default"
     mirror: MirrorCopy | None = None  # a mirrored disk's second copy: pool, path, state (syncing, in_sync, degraded)
+    port: int | None = None  # its hot-plug port (None: the root bus, unplugged only while the VM is stopped)
 
 
 class ReplicaView(BaseModel):
@@ -94,6 +95,7 @@ class VMView(BaseModel):
     ha_blocked: str | None = None  # an HA VM that is not armed: why (disk local, replica not in sync, ...)
     disks: list[DiskView]
     nics: list[NicSpec]
+    next_start: dict[str, int] = {}  # vCPUs and memory set while it ran: applied at its next start
     guest_ready: bool
     uptime_s: float | None  # the guest's own uptime, from its heartbeat
     heartbeat_age_s: float | None

@@ -250,7 +250,7 @@ class Migrations:
         dst = self.agents.get(target)
         spec = self.vms.launch_spec(rec)
         if copy:
-            disks = [LaunchDisk(id=d.id, path=new_paths[d.id], format=d.format, size_bytes=d.size_bytes)
+            disks = [LaunchDisk(id=d.id, path=new_paths[d.id], format=d.format, size_bytes=d.size_bytes, port=d.port)
                      for d in rec.disks]  # fmt: skip
             spec = spec.model_copy(update={"disks": disks})
         # The UEFI variables go with the disks; the TPM's state always to a new directory (kasou.model.firmware).

@@ -51,6 +51,7 @@ def launch_disk(rec: VMRecord, d: DiskSpec) -> LaunchDisk:
         format=d.format,
         mirror=m.path if usable and m is not None else None,
         mirror_sync="none" if usable and m is not None and m.clean and rec.state == VMState.STOPPED else "full",
+        port=d.port,
     )
 
 

@@ -65,6 +65,10 @@ class VMRecord(BaseModel):
     disks: list[DiskSpec] = []
     snapshots: list[SnapshotRecord] = []  # oldest first; disks[].path is the newest one's overlay
     nics: list[NicSpec] = []
+    # vCPUs and memory set while it ran (kasou vm set): applied at its next start (kasou.control.devices)
+    next_start: dict[str, int] = {}
+    # hot-plug PCIe root ports its QEMU has (given at a start; None: started before kasou had them, none)
+    pci_ports: int | None = None
     state: VMState = VMState.CREATING
     host: str | None = None
     created_at: float = Field(default_factory=time.time)

@@ -32,6 +32,7 @@ from kasou.errors import (
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeState
 from kasou.model.cloudinit import clone_seed
+from kasou.model.devices import HOTPLUG_PORTS
 from kasou.model.firmware import check_memory, check_template, resolve
 from kasou.model.imports import VMImport
 from kasou.model.machine import DEFAULT_CPU, DEFAULT_MACHINE, KVM_ONLY_CPUS, pinned_machine
@@ -238,6 +239,17 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                 pool=pools[0].name,
                 mirror=mirror,
             )
+            disks = [disk]
+            for n, size in enumerate(spec.data_disks, start=1):  # empty data disks beside it, on hot-plug ports
+                await ctx.progress(0.3, f"creating data disk disk{n}")
+                data = await agent.create_disk(DiskCreate(
+                    vm=spec.name, disk_id=f"disk{n}", size_bytes=size, source="blank", shared=dreq.shared,
+                    pool=pools[0].name if pools[0].path is not None else None, pool_path=pools[0].path,
+                ))  # fmt: skip
+                made.append(data.path)
+                disks.append(DiskSpec(id=f"disk{n}", size_bytes=data.size_bytes, format=data.format, path=data.path,
+                                      shared=dreq.shared, pool=pools[0].name,
+                                      port=n if n <= HOTPLUG_PORTS else None))  # fmt: skip
             files = FirmwareFiles()
             if firmware != "bios" or tpm:  # its UEFI variables and TPM, beside its disk
                 await ctx.progress(0.4, "making its UEFI variable store and TPM")
@@ -246,7 +258,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
                     vars_of=template.nvram if template is not None else None,
                 ))  # fmt: skip
                 made += [p for p in (files.nvram, files.tpm_state) if p]
-            cur = await svc.records.set(spec.name, state=VMState.STOPPED, disks=[disk], nvram=files.nvram,
+            cur = await svc.records.set(spec.name, state=VMState.STOPPED, disks=disks, nvram=files.nvram,
                                         tpm_state=files.tpm_state)  # fmt: skip
             await svc.ledger.record(spec.name, LedgerEvent.DEFINED, host, _defined_detail(spec, vlan))
             if spec.start:
@@ -277,7 +289,8 @@ async def disk_pools(
         return pools, contextlib.nullcontext()  # the shared directory, or an overlay on its template's disk
     info = await svc.agents.get(host).image_info(image)
     size = max(spec.disk_bytes or 0, int(info["disk_size_bytes"]))
-    room = svc.pools.reserve([(p.name, host, size, int(info["allocated_bytes"])) for p in pools])
+    data = [(pools[0].name, host, s, 0) for s in spec.data_disks]
+    room = svc.pools.reserve([(p.name, host, size, int(info["allocated_bytes"])) for p in pools] + data)
     return pools, room
 
 
@@ -302,6 +315,7 @@ def launch_spec(rec: VMRecord) -> LaunchSpec:
         disks=[launch_disk(rec, d) for d in rec.disks],
         nics=rec.nics,
         ha=rec.ha,
+        pci_ports=rec.pci_ports or 0,
     )
 
 

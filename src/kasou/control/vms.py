@@ -27,6 +27,7 @@ from kasou.control import scheduler, shutdown, vm_create
 from kasou.control.backups import UNKNOWN_DEPARTMENT, Backups
 from kasou.control.base import DiskView, GuestView, ReplicaView, VMJobRunner, VMRecords, VMView
 from kasou.control.desktops import Desktops
+from kasou.control.devices import Devices
 from kasou.control.events import Events
 from kasou.control.ha import HOST_CHECK_EVERY_S, HaManager
 from kasou.control.hosts import Agents, maintenance_hosts
@@ -99,6 +100,7 @@ class VMService:
         self.desktops = Desktops(self)  # kasou.control.desktops: desktop pools
         self.imports = Imports(self)  # kasou.control.imports: vm import and export
         self.media = Media(self)  # kasou.control.media: the CD drive
+        self.devices = Devices(self)  # kasou.control.devices: sizes, disks and NICs that change
         self.onboot = OnBoot(self)  # kasou.control.onboot: VMs started when their host boots
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
@@ -172,10 +174,12 @@ class VMService:
                     shared=d.shared,
                     pool=d.pool,
                     mirror=d.mirror,
+                    port=d.port,
                 )
                 for d in rec.disks
             ],
             nics=rec.nics,
+            next_start=rec.next_start,
             guest_ready=bool(live and rt and rt.guest_ready),
             uptime_s=rt.guest_uptime_s if live and rt else None,
             heartbeat_age_s=rt.heartbeat_age_s if live and rt else None,
@@ -395,11 +399,12 @@ class VMService:
     # -- settings --------------------------------------------------------------------
 
     async def update(self, name: str, upd: VMUpdate) -> VMView:
-        """Change a VM's HA setting, restart priority, description or department."""
+        """Change a VM's HA setting, restart priority, description, department, vCPUs or memory (next start)."""
         rec = await self.records.get(name)
-        changes = upd.model_dump(exclude_none=True)
+        changes = upd.model_dump(exclude_none=True, exclude={"vcpus", "memory_mib"})
         if upd.startup is not None:
             changes["startup"] = upd.startup
+        await self.devices.check_sizes(rec, upd)  # vCPUs and memory: applied at its next start
         if changes.get("department") == "":
             changes["department"] = None
         if "department" in changes and changes["department"] != rec.department:
@@ -408,7 +413,7 @@ class VMService:
             self.ha.check_setting(rec)  # in a cluster: refused for a VM whose disk no other host reaches
         if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
             await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
-        await self.records.update(name, lambda r: r.model_copy(update=changes))
+        await self.records.update(name, lambda r: r.model_copy(update={**changes, **self.devices.apply_sizes(r, upd)}))
         return await self.get(name)
 
     # -- create ----------------------------------------------------------------------
@@ -472,6 +477,7 @@ class VMService:
     async def start_now(
         self, rec: VMRecord, event: LedgerEvent = LedgerEvent.STARTED, detail: str = "", admit_ha: bool = True
     ) -> None:
+        rec = await self.devices.at_start(rec)  # sizes set while it ran; its hot-plug ports
         await self.admit(rec, ha_check=admit_ha)
         await self.records.set(rec.name, state=VMState.STARTING)
         try:

@@ -42,6 +42,7 @@ class LaunchDisk(BaseModel):
     # implied by ``mirror``; set alone for a mirrored disk that starts without its second copy yet (the
     # destination of a live migration, which gets a new one once it runs).
     stop_on_error: bool = False
+    port: int | None = None  # on hot-plug root port N (kasou.hypervisor.qemu.hotplug); None: the root bus
 
 
 class LaunchSpec(BaseModel):
@@ -69,6 +70,7 @@ class LaunchSpec(BaseModel):
     paused: bool = False  # start with the vCPUs stopped (-S)
     ha: bool = False  # HA-protected: the host's guard kills it when the host loses its cluster lease
     cloud_init: CloudInit | None = None  # a NoCloud seed disk made at each start (kasou.hypervisor.qemu.seed)
+    pci_ports: int = Field(default=0, ge=0, le=32)  # empty PCIe root ports for disks and NICs plugged in later
 
     @model_validator(mode="after")
     def _uefi_has_vars(self) -> LaunchSpec:
@@ -494,6 +496,29 @@ class Driver(abc.ABC):
         The guest goes on running. On failure no target file, block node, job or new bitmap is left.
         """
         raise HypervisorError(f"{type(self).__name__} cannot back up running VMs")
+
+    # -- devices that change while the guest runs (optional; kasou.hypervisor.qemu.hotplug) ---------
+
+    async def grow_disk(self, name: str, disk_id: str, size_bytes: int) -> None:
+        """Grow disk ``disk_id`` of running VM ``name`` to ``size_bytes`` (never smaller); the guest sees it."""
+        raise HypervisorError(f"{type(self).__name__} cannot resize disks of running VMs")
+
+    async def plug_disk(self, name: str, disk: LaunchDisk) -> None:
+        """Plug ``disk`` (its file exists; ``port`` set) into running VM ``name``. On failure nothing is left."""
+        raise HypervisorError(f"{type(self).__name__} cannot plug disks into running VMs")
+
+    async def unplug_disk(self, name: str, disk_id: str, timeout_s: float = 30.0) -> None:
+        """Unplug disk ``disk_id`` from running VM ``name`` once its guest lets go of it (OperationTimeout if it
+        does not within ``timeout_s``: the disk stays); its file stays."""
+        raise HypervisorError(f"{type(self).__name__} cannot unplug disks from running VMs")
+
+    async def plug_nic(self, name: str, nic: NicSpec) -> None:
+        """Plug ``nic`` (``port`` set; on a named network: its tap made here first) into running VM ``name``."""
+        raise HypervisorError(f"{type(self).__name__} cannot plug NICs into running VMs")
+
+    async def unplug_nic(self, name: str, nic_id: str, timeout_s: float = 30.0) -> None:
+        """Unplug NIC ``nic_id`` from running VM ``name`` (and delete its tap), as :meth:`unplug_disk`."""
+        raise HypervisorError(f"{type(self).__name__} cannot unplug NICs from running VMs")
 
     # -- resource figures (optional; see kasou.hypervisor.stats) -----------------------------------
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from kasou.errors import InvalidSpec
 from kasou.model.cloudinit import CloudInit
+from kasou.model.devices import MAX_DISKS
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
 from kasou.model.media import check_boot, parse_boot
@@ -29,6 +30,7 @@ VLAN_MIN, VLAN_MAX = 1, 4094  # 0 and 4095 are reserved by 802.1Q
 MIN_MEMORY_MIB = 32
 MAX_MEMORY_MIB = 4 * 1024 * 1024  # 4 TiB: a sanity bound; the host check is separate
 MAX_VCPUS = 255
+MAX_CREATE_DISKS = MAX_DISKS  # the boot disk and the data disks given at creation
 
 
 def random_mac() -> str:
@@ -71,6 +73,7 @@ class DiskSpec(BaseModel):
     shared: bool = False  # on storage every host sees (migration moves no disk data)
     pool: str = "default"  # the storage pool of its file (the copy it runs on)
     mirror: MirrorCopy | None = None  # RAID-1: its second copy in another pool
+    port: int | None = None  # its hot-plug PCIe root port (None: the root bus, where QEMU cannot unplug it)
 
 
 class NicSpec(BaseModel):
@@ -82,6 +85,7 @@ class NicSpec(BaseModel):
     mac: str
     network: str = USER_NETWORK
     vlan: int | None = None  # the network's 802.1Q VLAN when the VM was created (None: untagged)
+    port: int | None = None  # its hot-plug PCIe root port (None: the root bus, where QEMU cannot unplug it)
 
     @field_validator("mac")
     @classmethod
@@ -137,6 +141,8 @@ class VMUpdate(BaseModel):
     description: str | None = Field(None, max_length=500)
     department: str | None = None  # the department whose vendor manages it ("" removes the tag)
     startup: Startup | None = None  # start it when its host boots (onboot, order, delay)
+    vcpus: StrictInt | None = None  # applied at the VM's next start (kasou.control.devices)
+    memory_mib: StrictInt | None = None  # applied at the VM's next start
 
     @classmethod
     def parse(cls, data: Any) -> VMUpdate:
@@ -154,9 +160,33 @@ class VMUpdate(BaseModel):
             validate_name(spec.department, "department")
         if spec.startup is not None:
             spec.startup.check()
+        if spec.vcpus is not None:
+            check_vcpus(spec.vcpus)
+        if spec.memory_mib is not None:
+            check_memory_mib(spec.memory_mib)
         if not spec.model_dump(exclude_none=True):
-            raise InvalidSpec("nothing to change: give ha, priority, description, department or startup", field="ha")
+            raise InvalidSpec(
+                "nothing to change: give ha, priority, description, department, startup, vcpus or memory_mib",
+                field="ha",
+            )
         return spec
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The vCPUs and memory asked for (applied at the next start)."""
+        return {k: v for k, v in (("vcpus", self.vcpus), ("memory_mib", self.memory_mib)) if v is not None}
+
+
+def check_vcpus(vcpus: int) -> None:
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise InvalidSpec(f"vcpus must be between 1 and {MAX_VCPUS}, not {vcpus}", field="vcpus")
+
+
+def check_memory_mib(memory_mib: int) -> None:
+    if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
+        raise InvalidSpec(
+            f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not {memory_mib}", field="memory_mib"
+        )
 
 
 class VMCreate(BaseModel):
@@ -169,7 +199,8 @@ class VMCreate(BaseModel):
     memory_mib: StrictInt = Field(128)
     image: str | None = None
     template: str | None = None  # --from: a linked clone of this template
-    disk: str | int | None = None  # size of the data disk, e.g. "1G"
+    # the boot disk's size, e.g. "1G" (default: the image's); a list: the boot disk's, then one empty data disk each
+    disk: str | int | list[str | int] | None = None
     start: StrictBool = False
     description: str = Field("", max_length=500)
     # shared: the disk lives where every host sees it; replicated: local, with a synchronous copy on another host
@@ -201,13 +232,8 @@ class VMCreate(BaseModel):
     def check(self) -> None:
         """The rules that are about the spec alone (the host's limits are checked later)."""
         validate_name(self.name)
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise InvalidSpec(f"vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}", field="vcpus")
-        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
-            raise InvalidSpec(
-                f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, not {self.memory_mib}",
-                field="memory_mib",
-            )
+        check_vcpus(self.vcpus)
+        check_memory_mib(self.memory_mib)
         if self.image is None and self.template is None and self.cdrom is None:
             raise InvalidSpec("give an image (--image), a template (--from) or an ISO to install from (--cdrom)",
                               field="image")  # fmt: skip
@@ -223,8 +249,16 @@ class VMCreate(BaseModel):
             validate_name(self.image, "image")
         if self.template is not None:
             validate_name(self.template, "template")
-        if self.disk is not None:
-            parse_size(self.disk, "disk")
+        if isinstance(self.disk, list):
+            if not 1 <= len(self.disk) <= MAX_CREATE_DISKS:
+                raise InvalidSpec(
+                    f"give between 1 and {MAX_CREATE_DISKS} disk sizes, not {len(self.disk)}", field="disk"
+                )
+            if len(self.disk) > 1 and self.mirror is not None:
+                raise InvalidSpec("a mirrored VM has one disk (its boot disk) for now: give one --disk", field="disk")
+        for size in self.disk if isinstance(self.disk, list) else [self.disk]:
+            if size is not None:
+                parse_size(size, "disk")
         validate_name(self.network, "network")
         if self.anti_affinity is not None:
             validate_name(self.anti_affinity, "anti_affinity")
@@ -263,7 +297,14 @@ class VMCreate(BaseModel):
 
     @property
     def disk_bytes(self) -> int | None:
-        return None if self.disk is None else parse_size(self.disk, "disk")
+        """The boot disk's size (None: the image's)."""
+        first = self.disk[0] if isinstance(self.disk, list) else self.disk
+        return None if first is None else parse_size(first, "disk")
+
+    @property
+    def data_disks(self) -> list[int]:
+        """The sizes of the empty data disks it is created with (``disk1``, ``disk2``, ...)."""
+        return [parse_size(s, "disk") for s in self.disk[1:]] if isinstance(self.disk, list) else []
 
     @property
     def boot_list(self) -> list[str] | None:

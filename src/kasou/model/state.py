@@ -41,6 +41,7 @@ class Action(StrEnum):
     MIGRATE = "migrate"
     EXPORT = "export"
     MEDIA = "media"  # change the disc in its CD drive (kasou.model.media)
+    DEVICES = "change the devices of"  # add, remove or grow a disk or NIC (kasou.control.devices)
 
 
 _ALLOWED: dict[Action, frozenset[VMState]] = {
@@ -55,6 +56,7 @@ _ALLOWED: dict[Action, frozenset[VMState]] = {
     Action.MIGRATE: frozenset({VMState.RUNNING}),
     Action.EXPORT: frozenset({VMState.STOPPED, VMState.TEMPLATE}),
     Action.MEDIA: frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STOPPED, VMState.CRASHED}),
+    Action.DEVICES: frozenset({VMState.STOPPED, VMState.RUNNING}),
 }
 
 _HINT: dict[Action, str] = {
@@ -69,6 +71,7 @@ _HINT: dict[Action, str] = {
     Action.MIGRATE: "only a running VM can be live-migrated",
     Action.EXPORT: "only a stopped VM can be exported (shut it down first)",
     Action.MEDIA: "its CD changes when it runs or is stopped: wait until it does",
+    Action.DEVICES: "devices change on a running VM (hot-plug) or a stopped one; wait until it is one of the two",
 }
 
 # States from which a process exists on a host (or may, while it is changing).

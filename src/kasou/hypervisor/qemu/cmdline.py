@@ -17,14 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kasou.hypervisor.base import LaunchSpec
+from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from kasou.hypervisor.qemu import firmware as fw
 from kasou.hypervisor.qemu import seed, tpm
+from kasou.hypervisor.qemu.hotplug import bus_of, root_port_args
 from kasou.hypervisor.qemu.network import tap_name
 from kasou.model.firmware import hyperv_cpu
 from kasou.model.machine import DEFAULT_CPU, qemu_cpu
 from kasou.model.media import boot_order
-from kasou.model.spec import USER_NETWORK
+from kasou.model.spec import USER_NETWORK, NicSpec
 
 HEARTBEAT_PORT = "org.kasou.heartbeat"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"  # the name qemu-ga looks for (its udev rule makes /dev/virtio-ports/…)
@@ -177,33 +178,25 @@ def build_argv(
     if spec.cdrom is not None and cdrom is None:
         raise ValueError(f"VM {spec.name!r} has ISO image {spec.cdrom!r} in its CD drive: give its file")
     order = boot_order(spec.boot) if spec.cdrom_drive else []
-    for i, disk in enumerate(spec.disks):
-        index = f",bootindex={order.index('disk')}" if order and i == 0 else ""
-        argv += [
-            "-blockdev",
-            f"driver=file,filename={_opt(disk.path)},node-name={disk.id}-file,"
-            f"read-only={'on' if disk.readonly else 'off'}",
-            "-blockdev",
-            f"driver={disk.format},file={disk.id}-file,node-name={disk.id},"
-            f"read-only={'on' if disk.readonly else 'off'}",
-            # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
-            # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
-            "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev{index}"
-            + (",werror=stop,rerror=stop" if disk.mirror or disk.stop_on_error else ""),
-        ]  # fmt: skip
+    # Devices on the root bus first, in the order they always had (a guest names its NICs by PCI address),
+    # then the empty hot-plug root ports, then the devices plugged into them (a device needs its port first).
+    ports = root_port_args(spec.pci_ports)
+    disks = [d for d in spec.disks if d.port is None] + [d for d in spec.disks if d.port is not None]
+    nics = [n for n in spec.nics if n.port is None] + [n for n in spec.nics if n.port is not None]
+    late = [a for d in disks if d.port is not None for a in _disk_args(d)]
+    late += [a for n in nics if n.port is not None for a in _nic_args(spec.name, n)]
+    for disk in disks:
+        if disk.port is None:
+            first = bool(spec.disks) and disk.id == spec.disks[0].id
+            argv += _disk_args(disk, f",bootindex={order.index('disk')}" if order and first else "")
     if spec.cdrom_drive:
         argv += cdrom_args(cdrom if spec.cdrom is not None else None, order.index("cdrom"))
     if spec.cloud_init is not None:
         argv += seed.qemu_args(files.seed)
-    for nic in spec.nics:
-        if nic.network == USER_NETWORK:
-            netdev = f"user,id={nic.id}"
-        else:  # the tap exists already, on its network's bridge (see kasou.hypervisor.qemu.network)
-            netdev = f"tap,id={nic.id},ifname={tap_name(spec.name, nic.id)},script=no,downscript=no"
-        argv += [
-            "-netdev", netdev,
-            "-device", f"virtio-net-pci,netdev={nic.id},mac={nic.mac},id={nic.id}-dev",
-        ]  # fmt: skip
+    for nic in nics:
+        if nic.port is None:
+            argv += _nic_args(spec.name, nic)
+    argv += ports + late
     if incoming is not None:
         argv += ["-incoming", incoming]
     if spec.paused or incoming is not None:
@@ -221,6 +214,27 @@ def cdrom_args(iso: Path | None, bootindex: int) -> list[str]:
         "-blockdev", f"driver=raw,file={CDROM_NODE}-file,node-name={CDROM_NODE},read-only=on",
         "-device", f"{device},drive={CDROM_NODE}",
     ]  # fmt: skip
+
+
+def _disk_args(disk: LaunchDisk, extra: str = "") -> list[str]:
+    ro = "on" if disk.readonly else "off"
+    return [
+        "-blockdev", f"driver=file,filename={_opt(disk.path)},node-name={disk.id}-file,read-only={ro}",
+        "-blockdev", f"driver={disk.format},file={disk.id}-file,node-name={disk.id},read-only={ro}",
+        # A mirrored disk pauses on an I/O error instead of failing the request: the driver then
+        # switches it to its second copy and resumes (see kasou.hypervisor.qemu.mirrors).
+        "-device", f"virtio-blk-pci,drive={disk.id},id={disk.id}-dev{bus_of(disk.port)}{extra}"
+        + (",werror=stop,rerror=stop" if disk.mirror or disk.stop_on_error else ""),
+    ]  # fmt: skip
+
+
+def _nic_args(vm: str, nic: NicSpec) -> list[str]:
+    if nic.network == USER_NETWORK:
+        netdev = f"user,id={nic.id}"
+    else:  # the tap exists already, on its network's bridge (see kasou.hypervisor.qemu.network)
+        netdev = f"tap,id={nic.id},ifname={tap_name(vm, nic.id)},script=no,downscript=no"
+    device = f"virtio-net-pci,netdev={nic.id},mac={nic.mac},id={nic.id}-dev{bus_of(nic.port)}"
+    return ["-netdev", netdev, "-device", device]
 
 
 def _opt(value: str) -> str:

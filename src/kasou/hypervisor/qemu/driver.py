@@ -10,21 +10,23 @@ gone without an exit record is reported as crashed.
 The class is put together from :mod:`kasou.hypervisor.qemu.driver_core` (lifecycle),
 :mod:`kasou.hypervisor.qemu.driver_storage` (replication, mirrors, snapshots, backups),
 :mod:`kasou.hypervisor.qemu.driver_migration`
-(live migration, both sides), :mod:`kasou.hypervisor.qemu.driver_media`
-(the CD drive) and :mod:`kasou.hypervisor.qemu.stats` (resource figures).
+(live migration, both sides), :mod:`kasou.hypervisor.qemu.driver_media` (the CD drive),
+:mod:`kasou.hypervisor.qemu.stats` (resource figures) and
+:mod:`kasou.hypervisor.qemu.driver_devices` (disks grown, disks and NICs plugged in and out).
 """
 
 from __future__ import annotations
 
 from kasou.errors import MonitorError
 from kasou.hypervisor.qemu.driver_core import HEARTBEAT_FRESH_S, MIGRATED, QUIT_TIMEOUT, START_TIMEOUT, QemuVm
+from kasou.hypervisor.qemu.driver_devices import DeviceOps
 from kasou.hypervisor.qemu.driver_media import MediaOps
 from kasou.hypervisor.qemu.driver_migration import MigrationOps
 from kasou.hypervisor.qemu.driver_storage import StorageOps
 from kasou.hypervisor.qemu.stats import StatsOps
 
 
-class QemuDriver(MigrationOps, StorageOps, StatsOps, MediaOps):
+class QemuDriver(MigrationOps, StorageOps, StatsOps, MediaOps, DeviceOps):
     """Runs VMs as QEMU processes on this host."""
 
 

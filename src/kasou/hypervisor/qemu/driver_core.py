@@ -436,11 +436,16 @@ class DriverCore(Driver):
             task = asyncio.create_task(self._disk_guard.recover_io_error(vm), name=f"io-error-{vm.name}")
             self._unplugging.add(task)  # kept referenced until done (close cancels it)
             task.add_done_callback(self._unplugging.discard)
+        elif event == "DEVICE_DELETED":
+            self._device_deleted(vm, str(data.get("device") or ""))
         elif event == "RESET":
             vm.guest_ready = False
             vm.guest_uptime = None
             vm.last_heartbeat = None
             vm.agent_state.forget()  # a reset guest must answer again before it counts (HA, readiness)
+
+    def _device_deleted(self, vm: QemuVm, device: str) -> None:
+        """QEMU took a device out of ``vm`` (an unplug the guest agreed to); see driver_devices."""
 
     def _start_heartbeat(self, vm: QemuVm) -> None:
         vm.heartbeat_task = asyncio.create_task(

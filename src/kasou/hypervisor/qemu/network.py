@@ -196,6 +196,19 @@ class HostNetwork:
                     removed.append(name)
         return removed
 
+    def unplug_one(self, vm: str, nic_id: str) -> bool:
+        """Delete the tap of NIC ``nic_id`` of ``vm`` only (a NIC unplugged while the VM runs on)."""
+        name, alias = tap_name(vm, nic_id), tap_alias(vm, nic_id)
+        with self._lock, self._ipr() as ipr:
+            link = _link(ipr, name)
+            if link is None or link.get_attr("IFLA_IFALIAS") not in (None, "", alias):
+                return False
+            try:
+                _delete(ipr, name)
+            except NetlinkError as e:
+                raise HypervisorError(f"cannot delete tap {name} of VM {vm!r}: {_why(e)}") from None
+        return True
+
     def ensure_network(self, network: str, vlan: int | None) -> str:
         """The bridge of ``network``, with its uplink port: made if missing; its name."""
         with self._lock, self._ipr() as ipr:
