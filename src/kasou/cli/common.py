@@ -146,3 +146,14 @@ def seed_text(v: dict[str, Any]) -> str:
     if ci.get("user_data"):
         parts.append("user-data")
     return ", ".join(parts)
+
+
+def uptime_text(s: float | None) -> str:
+    """A guest's uptime as ``[Nd ]HH:MM:SS`` (``-`` when unknown)."""
+    if s is None:
+        return "-"
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
