@@ -41,6 +41,7 @@ VM_IP = "192.168.10.10"
 CLIENT_NS = "klab-pgc"
 CLIENT_IP = "192.168.10.250"
 LAB_VM_BRIDGE = "klab-vm"
+COMMIT_TIMEOUT_S = 420.0  # from the kill to a commit on the restarted database
 BOOT_TIMEOUT_S = 900  # the debian image's first boot (cloud-init, PostgreSQL's first start) under TCG
 USER_DATA = """#cloud-config
 runcmd:
@@ -199,7 +200,7 @@ def main() -> None:
             acked = list(load.acked)
             next_id = load.next + 1
             first: float | None = None
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + COMMIT_TIMEOUT_S
             while time.monotonic() < deadline:  # reconnect and commit: the first new commit after the kill
                 r = psql(f"INSERT INTO orders VALUES ({next_id}) RETURNING id", timeout=10)
                 if r.returncode == 0 and r.stdout.strip() == str(next_id):
@@ -208,7 +209,13 @@ def main() -> None:
                     break
                 time.sleep(0.2)
             if first is None:
-                raise SystemExit("no commit within 600 s of the kill")
+                lead = leader()
+                print(kasou(lead, "vm", "show", VM), file=sys.stderr)
+                print(kasou(lead, "job", "list"), file=sys.stderr)
+                print(kasou(lead, "event", "list"), file=sys.stderr)
+                for log in sorted(lab_dir.glob(f"h*/home/log/serial/{VM}.log")):
+                    print(f"--- {log}\n" + log.read_text(errors="replace")[-1500:], file=sys.stderr)
+                raise SystemExit(f"no commit within {COMMIT_TIMEOUT_S:.0f} s of the kill")
             present = {int(x) for x in psql("SELECT id FROM orders", timeout=30).stdout.split()}
             lost = sorted(set(acked) - present)
             lost_total += len(lost)
