@@ -19,9 +19,17 @@ from tests.doubles.driver import FakeExports
 
 def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM (a CI timeout, ``timeout``, ``kill``) ends the run as Ctrl-C does: the fixtures' teardowns run,
-    so the services, QEMUs, labs and files the tests started do not outlive it."""
+    so the services, QEMUs, labs and files the tests started do not outlive it. Only in pytest's own process:
+    a forked copy of it (pyroute2 forks to enter a network namespace) ends on SIGTERM as before, and never
+    runs the session's teardowns."""
+
+    main = os.getpid()
 
     def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != main:  # a forked copy of this process (pyroute2's namespace helpers): it just ends
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)

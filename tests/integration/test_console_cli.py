@@ -16,11 +16,13 @@ pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 def test_a_script_runs_a_command_on_the_serial_console_and_follows_the_log(kasou: Kasou) -> None:
     kasou.run("vm", "create", "emr", "--image", "tiny", "--start")
     kasou.wait_ready("emr")
+    t0 = time.monotonic()
     r = subprocess.run([*KASOU, "vm", "console", "emr", "--linger", "3", "--timeout", "60"],
                        input="echo kasou-serial-$((40+2))\n", env=kasou.env, capture_output=True, text=True,
                        timeout=90)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "kasou-serial-42" in r.stdout, r.stdout[-2000:]
+    assert time.monotonic() - t0 < 30, "the console did not end after its input and --linger"  # not at --timeout
     records = kasou.json("audit", "list", "--action", "console_close")
     assert records and records[-1]["details"]["kind"] == "serial", records[-1:]
     follow = subprocess.Popen([*KASOU, "vm", "log", "emr", "--follow", "--bytes", "200"], env=kasou.env,

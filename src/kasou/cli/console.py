@@ -4,8 +4,8 @@ The console goes through the API (a one-time ticket of kind ``serial``, then its
 checks the right and writes ``console_open``/``console_close`` to the audit chain) to the agent of the
 VM's host, which connects to QEMU's serial socket. On a terminal, keys go to the guest as typed (raw
 mode) until the escape key, Ctrl-] as with telnet and virsh; the terminal is restored however it ends.
-Without a terminal (a script), standard input is sent as it comes and the console ends once it is
-exhausted and the guest has been quiet for ``--linger`` seconds, or after ``--timeout``.
+Without a terminal (a script), standard input is sent as it comes and the console ends ``--linger``
+seconds after it is exhausted (what the guest answers meanwhile is shown), or after ``--timeout``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def console(name: str, linger: float = 2.0, timeout: float | None = None) -> Non
         if interactive:
             err.print(f"connected to the serial console of {name}; escape: Ctrl-]", markup=False, highlight=False)
         closed = threading.Event()
-        last_output = [time.monotonic()]
-        reader = threading.Thread(target=_to_stdout, args=(ws, closed, last_output), daemon=True)
+        reader = threading.Thread(target=_to_stdout, args=(ws, closed), daemon=True)
         reader.start()
         fd = sys.stdin.fileno()
         saved = termios.tcgetattr(fd) if interactive else None
@@ -50,7 +49,7 @@ def console(name: str, linger: float = 2.0, timeout: float | None = None) -> Non
         try:
             if saved is not None:
                 tty.setraw(fd)
-            why = _from_stdin(ws, fd, closed, last_output, linger, end, interactive)
+            why = _from_stdin(ws, fd, closed, linger, end, interactive)
         finally:
             if saved is not None:
                 termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -61,17 +60,17 @@ def console(name: str, linger: float = 2.0, timeout: float | None = None) -> Non
         err.print(f"\nserial console of {name} closed{f': {why}' if why else ''}", markup=False, highlight=False)
 
 
-def _from_stdin(ws: Any, fd: int, closed: threading.Event, last_output: list[float], linger: float,
+def _from_stdin(ws: Any, fd: int, closed: threading.Event, linger: float,
                 end: float | None, interactive: bool) -> str:  # fmt: skip
     """Keys to the guest until the escape key, end of input (and quiet), the deadline or the console closing."""
-    stdin_open = True
+    input_ended: float | None = None
     while not closed.is_set():
         now = time.monotonic()
         if end is not None and now >= end:
             return ""
-        if not stdin_open and now - last_output[0] >= linger:
+        if input_ended is not None and now - input_ended >= linger:
             return ""
-        if not stdin_open:
+        if input_ended is not None:
             time.sleep(READ_EVERY_S)
             continue
         ready, _, _ = select.select([fd], [], [], READ_EVERY_S)
@@ -79,8 +78,7 @@ def _from_stdin(ws: Any, fd: int, closed: threading.Event, last_output: list[flo
             continue
         data = os.read(fd, 4096)
         if not data:
-            stdin_open = False
-            last_output[0] = max(last_output[0], time.monotonic())
+            input_ended = time.monotonic()  # what the guest answers meanwhile is shown
             continue
         if interactive and ESCAPE in data:
             data = data[: data.index(ESCAPE)]
@@ -91,12 +89,11 @@ def _from_stdin(ws: Any, fd: int, closed: threading.Event, last_output: list[flo
     return "the console was closed by kasou (the VM stopped, the session ended, or it was idle too long)"
 
 
-def _to_stdout(ws: Any, closed: threading.Event, last_output: list[float]) -> None:
+def _to_stdout(ws: Any, closed: threading.Event) -> None:
     out = sys.stdout.buffer
     try:
         while True:
             data = ws.receive_bytes()
-            last_output[0] = time.monotonic()
             out.write(data)
             out.flush()
     except (WebSocketDisconnect, WebSocketNetworkError, OSError, RuntimeError):
@@ -145,7 +142,7 @@ def register(vm_app: typer.Typer) -> None:
     def vm_console(
         name: str,
         linger: float = typer.Option(
-            2.0, "--linger", help="Without a terminal: seconds of quiet after the input ends before closing."
+            2.0, "--linger", help="Without a terminal: seconds to show the guest's answers after the input ends."
         ),
         timeout: float = typer.Option(None, "--timeout", help="Close after this many seconds."),
     ) -> None:
