@@ -91,7 +91,9 @@ class Load:
         self.acked: list[int] = []
         self.answers: queue.Queue[int] = queue.Queue()
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", CLIENT_NS, "psql", "-h", VM_IP, "-U", "postgres", "-At", "-v", "ON_ERROR_STOP=1"],
+            # stdbuf -oL: psql writes each answer at once (its output to a pipe is otherwise held in a buffer)
+            ["ip", "netns", "exec", CLIENT_NS, "stdbuf", "-oL", "psql", "-h", VM_IP, "-U", "postgres", "-At", "-v",
+             "ON_ERROR_STOP=1"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
             env=dict(os.environ, PGCONNECT_TIMEOUT="2"),
         )  # fmt: skip
