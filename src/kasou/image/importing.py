@@ -17,7 +17,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,40 @@ def import_disk(
     refuse_clash(images_dir, name, reserved)
     report(f"checking {source.name}", 0.02)
     info = _inspect(source)
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        report(f"copying {source.name} ({info['format']})", 0.05)
+        disk = tmp / "disk.qcow2"
+        run(
+            ["qemu-img", "convert", "-q", "-f", str(info["format"]), "-O", "qcow2", str(source), str(disk)],
+            timeout=CONVERT_TIMEOUT_S,
+        )
+        report("reading its partition table", 0.9)
+        found = tuple(firmware) if firmware else (detect_firmware(_read_head(disk, tmp)) or ("bios",))
+        return {
+            "kernel": None,
+            "initrd": None,
+            "disk": disk.name,
+            "disk_format": "qcow2",
+            "disk_size_bytes": int(info["virtual-size"]),
+            "kernel_args": "",
+            "firmware": list(found),
+            "origin": "imported",
+            "source": str(source),
+            "source_format": str(info["format"]),
+        }
+
+    art = place_image(images_dir, name, source, reserved, "image", fill)
+    report("done", 1.0)
+    return art
+
+
+def place_image(
+    images_dir: Path, name: str, source: Path, reserved: Collection[str], what: str,
+    fill: Callable[[Path], dict[str, Any]],
+) -> ImageArtifacts:  # fmt: skip
+    """Make image ``name`` under the images lock: ``fill`` writes its files into a fresh directory (readable by a
+    confined QEMU) and returns its manifest; the directory becomes the image at once, or nothing is left."""
     try:
         images_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -193,38 +227,13 @@ def import_disk(
         remove_leftovers(images_dir, name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=images_dir))
         try:
-            tmp.chmod(0o755)
-            report(f"copying {source.name} ({info['format']})", 0.05)
-            disk = tmp / "disk.qcow2"
-            run(
-                ["qemu-img", "convert", "-q", "-f", str(info["format"]), "-O", "qcow2", str(source), str(disk)],
-                timeout=CONVERT_TIMEOUT_S,
-            )
-            report("reading its partition table", 0.9)
-            found = tuple(firmware) if firmware else (detect_firmware(_read_head(disk, tmp)) or ("bios",))
-            write_manifest(
-                tmp,
-                name,
-                {
-                    "kernel": None,
-                    "initrd": None,
-                    "disk": disk.name,
-                    "disk_format": "qcow2",
-                    "disk_size_bytes": int(info["virtual-size"]),
-                    "kernel_args": "",
-                    "firmware": list(found),
-                    "origin": "imported",
-                    "source": str(source),
-                    "source_format": str(info["format"]),
-                },
-            )
+            tmp.chmod(0o755)  # a confined QEMU reads it as the VM's own user
+            write_manifest(tmp, name, fill(tmp))
             os.rename(tmp, images_dir / name)
         except KasouError:
             raise
         except OSError as exc:
-            raise ImageError(f"importing {source} as image '{name}' failed: {exc}") from exc
+            raise ImageError(f"importing {source} as {what} '{name}' failed: {exc}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    art = read_image(images_dir, name, rebuild="")
-    report("done", 1.0)
-    return art
+    return read_image(images_dir, name, rebuild="")

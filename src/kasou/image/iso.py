@@ -10,16 +10,15 @@ manifest, so a refusal or a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-from kasou.errors import ImageError, InvalidSpec, KasouError
-from kasou.image.importing import refuse_clash
-from kasou.image.manifest import ImageArtifacts, image_lock, read_image, remove_leftovers, write_manifest
+from kasou.errors import InvalidSpec
+from kasou.image.importing import place_image, refuse_clash
+from kasou.image.manifest import ImageArtifacts
 from kasou.image.tools import Progress
 from kasou.model.names import validate_name
 
@@ -132,44 +131,26 @@ def import_iso(
     refuse_clash(images_dir, name, reserved)
     report(f"checking {source.name}", 0.02)
     firmware = inspect_iso(source)
-    try:
-        images_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ImageError(f"cannot create {images_dir}: {exc.strerror}") from exc
-    with image_lock(images_dir, name):
-        refuse_clash(images_dir, name, reserved)
-        remove_leftovers(images_dir, name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=images_dir))
-        try:
-            tmp.chmod(0o755)  # a confined QEMU reads it as the VM's own user
-            report(f"copying {source.name}", 0.05)
-            iso = tmp / ISO_FILE
-            shutil.copyfile(source, iso)
-            iso.chmod(0o444)  # read-only for everyone: a CD is never written
-            write_manifest(
-                tmp,
-                name,
-                {
-                    "kind": "iso",
-                    "kernel": None,
-                    "initrd": None,
-                    "disk": ISO_FILE,
-                    "disk_format": "raw",
-                    "disk_size_bytes": iso.stat().st_size,
-                    "kernel_args": "",
-                    "firmware": list(firmware),
-                    "origin": "imported",
-                    "source": str(source),
-                    "source_format": "iso",
-                },
-            )
-            os.rename(tmp, images_dir / name)
-        except KasouError:
-            raise
-        except OSError as exc:
-            raise ImageError(f"importing {source} as ISO image '{name}' failed: {exc}") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    art = read_image(images_dir, name, rebuild="")
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        report(f"copying {source.name}", 0.05)
+        iso = tmp / ISO_FILE
+        shutil.copyfile(source, iso)
+        iso.chmod(0o444)  # read-only for everyone: a CD is never written
+        return {
+            "kind": "iso",
+            "kernel": None,
+            "initrd": None,
+            "disk": ISO_FILE,
+            "disk_format": "raw",
+            "disk_size_bytes": iso.stat().st_size,
+            "kernel_args": "",
+            "firmware": list(firmware),
+            "origin": "imported",
+            "source": str(source),
+            "source_format": "iso",
+        }
+
+    art = place_image(images_dir, name, source, reserved, "ISO image", fill)
     report("done", 1.0)
     return art
