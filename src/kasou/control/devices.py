@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kasou.agent.models import DiskCreate
@@ -175,37 +176,27 @@ class Devices:
         room: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
         if not (disk.shared and disk.pool == DEFAULT_POOL):  # the shared directory is no host's pool (as at create)
             room = self.vms.pools.reserve(wants)
-        await room.__aenter__()  # a pool without room refuses here, with its numbers
-        job_id = self.vms.new_job_id()
-        try:
-            await self._claim(rec, job_id)
-        except BaseException:
-            await room.__aexit__(None, None, None)
-            raise
 
         async def run(ctx: JobContext) -> dict[str, Any]:
-            try:
-                cur = await self.vms.records.get(name)
-                agent = self.vms.agents.get(cur.host)
-                await ctx.progress(0.2, f"growing {disk_id} to {format_size(size_bytes)}")
-                if running:
-                    await agent.grow_disk(name, disk_id, size_bytes)
-                else:
-                    for path in (disk.path, disk.mirror.path if disk.mirror else None):
-                        if path is not None:
-                            await agent.grow_file(path, size_bytes)
+            cur = await self.vms.records.get(name)
+            agent = self.vms.agents.get(cur.host)
+            await ctx.progress(0.2, f"growing {disk_id} to {format_size(size_bytes)}")
+            if running:
+                await agent.grow_disk(name, disk_id, size_bytes)
+            else:
+                for path in (disk.path, disk.mirror.path if disk.mirror else None):
+                    if path is not None:
+                        await agent.grow_file(path, size_bytes)
 
-                def apply(r: VMRecord) -> VMRecord:
-                    disks = [d.model_copy(update={"size_bytes": size_bytes}) if d.id == disk_id else d for d in r.disks]
-                    return r.model_copy(update={"disks": disks})
+            def apply(r: VMRecord) -> VMRecord:
+                disks = [d.model_copy(update={"size_bytes": size_bytes}) if d.id == disk_id else d for d in r.disks]
+                return r.model_copy(update={"disks": disks})
 
-                await self.vms.records.update(name, apply)
-                await ctx.progress(1.0, "done")
-                return {"vm": name, "disk": disk_id, "size_bytes": size_bytes, "online": running}
-            finally:
-                await room.__aexit__(None, None, None)
+            await self.vms.records.update(name, apply)
+            await ctx.progress(1.0, "done")
+            return {"vm": name, "disk": disk_id, "size_bytes": size_bytes, "online": running}
 
-        return await self.vms.runner.submit("disk-resize", name, run, job_id)
+        return await self._submit_holding(rec, "disk-resize", room, run)
 
     async def add_disk(self, name: str, req: DiskAdd) -> JobRecord:
         """A new empty disk, on the VM's kind of storage (its pool unless given); plugged in if it runs."""
@@ -236,44 +227,34 @@ class Devices:
         room: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
         if not shared:  # the shared directory is not a pool of one host
             room = self.vms.pools.reserve([(pool.name, rec.host or "", size, 0)])
-        await room.__aenter__()
-        job_id = self.vms.new_job_id()
-        try:
-            await self._claim(rec, job_id)
-        except BaseException:
-            await room.__aexit__(None, None, None)
-            raise
 
         async def run(ctx: JobContext) -> dict[str, Any]:
+            cur = await self.vms.records.get(name)
+            agent = self.vms.agents.get(cur.host)
+            await ctx.progress(0.2, f"creating {disk_id} ({format_size(size)})")
+            info = await agent.create_disk(DiskCreate(
+                vm=name, disk_id=disk_id, size_bytes=size, source="blank", shared=shared,
+                pool=pool.name if pool.path is not None else None, pool_path=pool.path,
+            ))  # fmt: skip
+            new = DiskSpec(id=disk_id, size_bytes=info.size_bytes, format=info.format, path=info.path,
+                           shared=shared, pool=pool.name, port=port)  # fmt: skip
             try:
-                cur = await self.vms.records.get(name)
-                agent = self.vms.agents.get(cur.host)
-                await ctx.progress(0.2, f"creating {disk_id} ({format_size(size)})")
-                info = await agent.create_disk(DiskCreate(
-                    vm=name, disk_id=disk_id, size_bytes=size, source="blank", shared=shared,
-                    pool=pool.name if pool.path is not None else None, pool_path=pool.path,
-                ))  # fmt: skip
-                new = DiskSpec(id=disk_id, size_bytes=info.size_bytes, format=info.format, path=info.path,
-                               shared=shared, pool=pool.name, port=port)  # fmt: skip
-                try:
-                    if running:
-                        await ctx.progress(0.6, f"plugging {disk_id} in")
-                        await agent.plug_disk(name, LaunchDisk(id=disk_id, path=info.path, format=info.format,
-                                                               size_bytes=info.size_bytes, port=port))  # fmt: skip
-                    await self.vms.records.update(name, lambda r: r.model_copy(update={"disks": [*r.disks, new]}))
-                except BaseException:
-                    if running:
-                        with contextlib.suppress(KasouError):
-                            await agent.unplug_disk(name, disk_id, timeout_s=10)
+                if running:
+                    await ctx.progress(0.6, f"plugging {disk_id} in")
+                    await agent.plug_disk(name, LaunchDisk(id=disk_id, path=info.path, format=info.format,
+                                                           size_bytes=info.size_bytes, port=port))  # fmt: skip
+                await self.vms.records.update(name, lambda r: r.model_copy(update={"disks": [*r.disks, new]}))
+            except BaseException:
+                if running:
                     with contextlib.suppress(KasouError):
-                        await agent.delete_disk(info.path)
-                    raise
-                await ctx.progress(1.0, "done")
-                return {"vm": name, "disk": disk_id, "path": info.path, "hotplug": running}
-            finally:
-                await room.__aexit__(None, None, None)
+                        await agent.unplug_disk(name, disk_id, timeout_s=10)
+                with contextlib.suppress(KasouError):
+                    await agent.delete_disk(info.path)
+                raise
+            await ctx.progress(1.0, "done")
+            return {"vm": name, "disk": disk_id, "path": info.path, "hotplug": running}
 
-        return await self.vms.runner.submit("disk-add", name, run, job_id)
+        return await self._submit_holding(rec, "disk-add", room, run)
 
     async def remove_disk(self, name: str, disk_id: str) -> JobRecord:
         """Unplug a disk (if the VM runs) and delete its file; never the boot disk."""
@@ -400,6 +381,28 @@ class Devices:
         if running and port is None:
             raise Conflict(self._no_port(rec, what))
         return port
+
+    async def _submit_holding(
+        self, rec: VMRecord, kind: str, room: contextlib.AbstractAsyncContextManager[None],
+        body: Callable[[JobContext], Awaitable[dict[str, Any]]],
+    ) -> JobRecord:  # fmt: skip
+        """Take ``room`` in its pools now (refused with the numbers if there is none), hold the VM for a job of
+        ``kind`` running ``body``, and give the room back when the job ends (or if the VM cannot be held)."""
+        await room.__aenter__()
+        job_id = self.vms.new_job_id()
+        try:
+            await self._claim(rec, job_id)
+        except BaseException:
+            await room.__aexit__(None, None, None)
+            raise
+
+        async def run(ctx: JobContext) -> dict[str, Any]:
+            try:
+                return await body(ctx)
+            finally:
+                await room.__aexit__(None, None, None)
+
+        return await self.vms.runner.submit(kind, rec.name, run, job_id)
 
     async def _claim(self, rec: VMRecord, job_id: str) -> None:
         """Hold the VM for the job, if it is still in the state its checks were made for."""
