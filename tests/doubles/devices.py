@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kasou.errors import Conflict, HypervisorError, NotFound, OperationTimeout
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeInfo
+from kasou.hypervisor.devices import check_new, unpluggable
 from kasou.model.spec import NicSpec
 
 
@@ -61,8 +62,7 @@ class FakeDevices:
 
     async def plug_disk(self, name: str, disk: LaunchDisk) -> None:
         spec = self._running_spec(name)
-        if any(d.id == disk.id for d in spec.disks):
-            raise Conflict(f"VM {name!r} has a disk {disk.id} already")
+        check_new(name, "disk", spec.disks, disk.id)
         self._take_port(spec, disk.port, "disk")
         if not Path(disk.path).exists():
             raise HypervisorError(f"QEMU refused blockdev-add for VM {name!r}: Could not open '{disk.path}'")
@@ -70,33 +70,18 @@ class FakeDevices:
 
     async def unplug_disk(self, name: str, disk_id: str, timeout_s: float = 30.0) -> None:
         spec = self._running_spec(name)
-        disk = next((d for d in spec.disks if d.id == disk_id), None)
-        if disk is None:
-            raise NotFound(f"VM {name!r} has no disk {disk_id}")
-        if disk.port is None:
-            raise Conflict(
-                f"disk {disk_id} of VM {name!r} is on the machine's root bus, where QEMU cannot unplug it: "
-                "stop the VM and remove it then"
-            )
+        unpluggable(name, "disk", spec.disks, disk_id)
         await self._unplug_wait(f"{disk_id}-dev", timeout_s)
         spec.disks = [d for d in spec.disks if d.id != disk_id]
 
     async def plug_nic(self, name: str, nic: NicSpec) -> None:
         spec = self._running_spec(name)
-        if any(n.id == nic.id for n in spec.nics):
-            raise Conflict(f"VM {name!r} has a NIC {nic.id} already")
+        check_new(name, "NIC", spec.nics, nic.id)
         self._take_port(spec, nic.port, "NIC")
         spec.nics = [*spec.nics, nic]
 
     async def unplug_nic(self, name: str, nic_id: str, timeout_s: float = 30.0) -> None:
         spec = self._running_spec(name)
-        nic = next((n for n in spec.nics if n.id == nic_id), None)
-        if nic is None:
-            raise NotFound(f"VM {name!r} has no NIC {nic_id}")
-        if nic.port is None:
-            raise Conflict(
-                f"NIC {nic_id} of VM {name!r} is on the machine's root bus, where QEMU cannot unplug it: "
-                "stop the VM and remove it then"
-            )
+        unpluggable(name, "NIC", spec.nics, nic_id)
         await self._unplug_wait(f"{nic_id}-dev", timeout_s)
         spec.nics = [n for n in spec.nics if n.id != nic_id]

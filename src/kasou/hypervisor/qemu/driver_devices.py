@@ -14,6 +14,7 @@ from typing import Any
 
 from kasou.errors import Conflict, KasouError, NotFound
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
+from kasou.hypervisor.devices import check_new, unpluggable
 from kasou.hypervisor.qemu import blocknodes
 from kasou.hypervisor.qemu import confine as cf
 from kasou.hypervisor.qemu import hotplug as hp
@@ -89,8 +90,7 @@ class DeviceOps(DriverCore):
         async with self._lock(name):
             vm = self._running(name)
             spec = self._spec(vm)
-            if any(d.id == disk.id for d in spec.disks):
-                raise Conflict(f"VM {name!r} has a disk {disk.id} already")
+            check_new(name, "disk", spec.disks, disk.id)
             self._port_free(spec, disk.port, "disk")
             if vm.identity is not None:  # its file is the VM's user's, as the disks it started with
                 cf.hand_over_disk(disk.path, vm.identity, name, readonly=disk.readonly)
@@ -102,14 +102,7 @@ class DeviceOps(DriverCore):
         async with self._lock(name):
             vm = self._running(name)
             spec = self._spec(vm)
-            disk = next((d for d in spec.disks if d.id == disk_id), None)
-            if disk is None:
-                raise NotFound(f"VM {name!r} has no disk {disk_id}")
-            if disk.port is None:
-                raise Conflict(
-                    f"disk {disk_id} of VM {name!r} is on the machine's root bus, where QEMU cannot unplug it: "
-                    "stop the VM and remove it then"
-                )
+            disk = unpluggable(name, "disk", spec.disks, disk_id)
             top = await blocknodes.top_node(self._exec(vm), disk_id)
             await hp.remove_disk(self._exec(vm), self._gone_for(vm), disk_id, str(top["node-name"]), timeout_s)
             spec.disks = [d for d in spec.disks if d.id != disk_id]
@@ -123,8 +116,7 @@ class DeviceOps(DriverCore):
         async with self._lock(name):
             vm = self._running(name)
             spec = self._spec(vm)
-            if any(n.id == nic.id for n in spec.nics):
-                raise Conflict(f"VM {name!r} has a NIC {nic.id} already")
+            check_new(name, "NIC", spec.nics, nic.id)
             port = self._port_free(spec, nic.port, "NIC")
             tapped = nic.network != USER_NETWORK
             fd: int | None = None
@@ -159,14 +151,7 @@ class DeviceOps(DriverCore):
         async with self._lock(name):
             vm = self._running(name)
             spec = self._spec(vm)
-            nic = next((n for n in spec.nics if n.id == nic_id), None)
-            if nic is None:
-                raise NotFound(f"VM {name!r} has no NIC {nic_id}")
-            if nic.port is None:
-                raise Conflict(
-                    f"NIC {nic_id} of VM {name!r} is on the machine's root bus, where QEMU cannot unplug it: "
-                    "stop the VM and remove it then"
-                )
+            nic = unpluggable(name, "NIC", spec.nics, nic_id)
             await hp.remove_nic(self._exec(vm), self._gone_for(vm), nic_id, timeout_s)
             spec.nics = [n for n in spec.nics if n.id != nic_id]
             self._save_spec(vm, spec)
