@@ -120,7 +120,9 @@ class Devices:
 
     # -- disks ---------------------------------------------------------------------------------------
 
-    async def _prepare(self, name: str, what: str) -> VMRecord:
+    async def _prepare(self, name: str, what: str, disks: bool = True) -> VMRecord:
+        """The VM, if its devices may change now; ``disks``: also what only a change of its disks must wait for
+        (snapshots that a revert would undo, a replica that would no longer match)."""
         rec = await self.vms.records.get(name)
         if rec.state not in (VMState.RUNNING, VMState.STOPPED):
             raise Conflict(
@@ -129,12 +131,12 @@ class Devices:
             )
         if rec.job is not None:
             raise Conflict(f"VM {name!r} is busy with job {rec.job}; try again when it ends", job=rec.job)
-        if rec.snapshots:
+        if disks and rec.snapshots:
             raise Conflict(
                 f"cannot {what} of VM {name!r}: it has snapshots ({', '.join(s.name for s in rec.snapshots)}), and a "
                 "revert would bring back its old disks; delete them first (kasou snapshot delete)"
             )
-        if rec.replicated:
+        if disks and rec.replicated:
             raise Conflict(
                 f"cannot {what} of VM {name!r}: its disks are replicated to another host, and the replica would no "
                 "longer match (not supported yet)"
@@ -300,7 +302,7 @@ class Devices:
 
     async def add_nic(self, name: str, req: NicAdd) -> JobRecord:
         """A new NIC on ``req.network`` with a MAC no other VM has; plugged in if the VM runs."""
-        rec = await self._prepare_nic(name, "add a NIC")
+        rec = await self._prepare(name, "add a NIC", disks=False)
         if len(rec.nics) >= MAX_NICS:
             raise InvalidSpec(f"VM {name!r} has {len(rec.nics)} NICs, the most a VM may have", field="network")
         vlan = await self.vms.networks.resolve(req.network, rec.department)
@@ -333,7 +335,7 @@ class Devices:
         return await self.vms.runner.submit("nic-add", name, run, job_id)
 
     async def remove_nic(self, name: str, nic_id: str) -> JobRecord:
-        rec = await self._prepare_nic(name, "remove a NIC")
+        rec = await self._prepare(name, "remove a NIC", disks=False)
         check_nic_id(nic_id)
         nic = next((n for n in rec.nics if n.id == nic_id), None)
         if nic is None:
@@ -359,19 +361,6 @@ class Devices:
             return {"vm": name, "nic": nic_id, "hotplug": running}
 
         return await self.vms.runner.submit("nic-remove", name, run, job_id)
-
-    async def _prepare_nic(self, name: str, what: str) -> VMRecord:
-        rec = await self.vms.records.get(name)
-        if rec.state not in (VMState.RUNNING, VMState.STOPPED):
-            raise Conflict(
-                f"cannot {what} of VM {name!r} while it is {rec.state.value}: devices change on a running VM "
-                "(hot-plug) or a stopped one"
-            )
-        if rec.job is not None:
-            raise Conflict(f"VM {name!r} is busy with job {rec.job}; try again when it ends", job=rec.job)
-        if rec.state == VMState.RUNNING and not self.vms.agents.is_up(rec.host or ""):
-            raise AgentUnavailable(f"the agent of host {rec.host} does not answer; VM {name!r} cannot change now")
-        return rec
 
     def _port(self, rec: VMRecord, running: bool, what: str) -> int | None:
         """A free hot-plug port for a new device: of those its QEMU has (running; none: refused), or of those
