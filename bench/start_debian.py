@@ -179,14 +179,7 @@ def main() -> None:
           "-machine pc-q35-7.2 -cpu x86-64-v2-AES; libvirt: the same machine, CPU model qemu64 (libvirt 9 names "
           "no x86-64-v2-AES)")  # fmt: skip
     bare = Bare(accel)
-    lv: LibvirtDebian | None = None
-    if not args.no_libvirt:
-        lv = LibvirtDebian(accel)
-        try:
-            lv.setup()
-        except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
-            print(f"libvirt: not measured ({e})")
-            lv = None
+    lv = None if args.no_libvirt else LibvirtDebian.ready(accel)
     agent_times: dict[str, list[float]] = {}
     try:
         with kasou_env() as (paths, client, _env):

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -124,6 +125,17 @@ class Libvirt:
         self.started_logd: int | None = None
         self.failures: list[str] = []  # runs libvirt did not finish (virsh create hanging is not unknown here)
         self.dir = Path("/var/lib/libvirt/images/kasou-bench")
+
+    @classmethod
+    def ready(cls, accelerator: str) -> Self | None:
+        """libvirt set up to measure (installed and started if missing), or None, saying why it is not."""
+        lv = cls(accelerator)
+        try:
+            lv.setup()
+        except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
+            print(f"libvirt: not measured ({e})")
+            return None
+        return lv
 
     def setup(self) -> None:
         if shutil.which("virsh") is None or shutil.which("libvirtd") is None:
@@ -245,14 +257,7 @@ def main() -> None:
     accel = asyncio.run(decide(images_dir())).accelerator
     print(f"accelerator: {accel}; runs: {args.runs}")
     bare = Bare(accel)
-    lv: Libvirt | None = None
-    if not args.no_libvirt:
-        lv = Libvirt(accel)
-        try:
-            lv.setup()
-        except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
-            print(f"libvirt: not measured ({e})")
-            lv = None
+    lv = None if args.no_libvirt else Libvirt.ready(accel)
     try:
         with kasou_env() as (paths, client, _env):
             serial = paths.logs / "serial"
