@@ -19,17 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from kasou.agent.hostinfo import HostInfo
 from kasou.control.base import VMControl
 from kasou.control.records import VMRecord
 from kasou.errors import AgentUnavailable, KasouError, OperationTimeout
+from kasou.hypervisor.base import RuntimeInfo, RuntimeState
 from kasou.model.state import Action, VMState
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "onboot/"
+BUSY_CHECK_S = 30.0
+LIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN, RuntimeState.INCOMING)
 START_TIMEOUT_S = 300.0  # one start job, from its submission to its end
 
 
@@ -53,10 +57,20 @@ class OnBoot:
         self.vms = vms
         self.start_timeout_s = start_timeout_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._asked: dict[str, float] = {}  # when each host's agent was last asked for its run (monotonic)
 
-    async def tick(self) -> None:
-        """Called with the reconcile loop, after the records were brought up to date with the hosts."""
-        for host in self.vms.agents.names():
+    async def tick(self, runtimes: dict[str, dict[str, RuntimeInfo]]) -> None:
+        """Called with the reconcile loop, after the records were brought up to date with the hosts' reports
+        (``runtimes``: each host that answered, its VMs). A host that runs no VM now is asked at every tick
+        which run of its agent this is; one that runs VMs did not just boot and is asked only every
+        ``BUSY_CHECK_S`` (so that its run is known when its VMs stop later)."""
+        now = time.monotonic()
+        for host, vms in runtimes.items():
+            busy = any(rt.state in LIVE for rt in vms.values())
+            asked = self._asked.get(host)
+            if busy and asked is not None and now - asked < BUSY_CHECK_S:
+                continue
+            self._asked[host] = now
             task = self._tasks.get(host)
             if task is not None and not task.done():
                 continue

@@ -269,7 +269,7 @@ class VMService:
         await self.backups.tick()  # due scheduled backups
         await self.mirrors.tick()
         await self.desktops.tick()  # ended sessions' desktops returned and reset, K kept pre-started
-        await self.onboot.tick()  # a host that booted: its onboot VMs started in order
+        await self.onboot.tick(runtimes)  # a host that booted: its onboot VMs started in order
         self._ticks += 1
         if self._ticks % POOL_CHECK_EVERY_TICKS == 1:
             await self.pools.tick()
