@@ -73,18 +73,24 @@ async def has_iso(vms: VMControl, host: str, iso: str) -> bool:
         return False
 
 
-async def check_disk_image(agent: AgentClient, host: str | None, image: str) -> None:
-    """An ISO image cannot be a VM's disk: InvalidSpec naming the way to install from it (an unknown image is
-    the caller's to refuse)."""
+async def disk_image(agent: AgentClient, host: str | None, image: str) -> dict[str, Any]:
+    """What the host's agent knows of image ``image`` for a new VM's disk: its details. InvalidSpec if the host
+    has no such image, or if it is an ISO (naming the way to install from it)."""
     try:
         info = await agent.image_info(image)
     except NotFound:
-        return
+        built = ", ".join(await agent.images()) or "none"
+        raise InvalidSpec(
+            f"unknown image {image!r} (on host {host}: {built}; build one with kasou image build tiny|debian, "
+            "or import a disk with kasou image import)",
+            field="image",
+        ) from None
     if info.get("kind", "disk") == "iso":
         raise InvalidSpec(
             f"image {image!r} is an ISO: install from it with --cdrom {image} and a blank disk (--disk SIZE)",
             field="image",
         )
+    return info
 
 
 async def check_iso_on(vms: VMControl, rec: VMRecord, target: str) -> None:

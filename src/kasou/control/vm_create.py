@@ -16,7 +16,7 @@ from kasou.agent.models import DiskCreate, FirmwareCreate, FirmwareFiles
 from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
-from kasou.control.media import check_disk_image, hosts_with_iso, iso_info
+from kasou.control.media import disk_image, hosts_with_iso, iso_info
 from kasou.control.mirrors import launch_disk
 from kasou.control.pools import PoolRecord
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
@@ -91,6 +91,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         await svc.ha.check_storage(spec.name, spec.storage, spec.mirror or [spec.pool or DEFAULT_POOL], spec.template)
     loads = await svc.check_fits_some_host(spec.vcpus, spec.memory_mib)
     template: VMRecord | None = None
+    image_details: dict[str, Any] | None = None  # of the image the disk is copied from
     if spec.template is not None:
         try:
             template = await svc.records.get(spec.template)
@@ -122,17 +123,8 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
             # a VM defined but not started needs only disk space now; it is admitted when started
             host = max(loads, key=lambda h: h.memory_free_mib).name
         if image is not None:
-            await check_disk_image(svc.agents.get(host), host, image)
-        images = await svc.agents.get(host).images()
-        if image is not None and image not in images:
-            built = ", ".join(images) or "none"
-            raise InvalidSpec(
-                f"unknown image {image!r} (on host {host}: {built}; build one with kasou image build tiny|debian, "
-                "or import a disk with kasou image import)",
-                field="image",
-            )
-        if image is not None:
-            least = int((await svc.agents.get(host).image_info(image)).get("min_memory_mib", 0))
+            image_details = await disk_image(svc.agents.get(host), host, image)
+            least = int(image_details.get("min_memory_mib", 0))
             if spec.memory_mib < least:
                 raise InvalidSpec(
                     f"image {image!r} needs at least {least} MiB of memory to boot, not {spec.memory_mib}; "
@@ -173,7 +165,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
     )
     if spec.start:
         await svc.admit(rec)
-    pools, room = await disk_pools(svc, spec, host, image)
+    pools, room = await disk_pools(svc, spec, host, image_details)
     await room.__aenter__()  # a pool without room for the disk refuses the create here, with its numbers
     try:
         try:
@@ -275,9 +267,10 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
 
 
 async def disk_pools(
-    svc: CreateVMs, spec: VMCreate, host: str | None, image: str | None
+    svc: CreateVMs, spec: VMCreate, host: str | None, image: dict[str, Any] | None
 ) -> tuple[list[PoolRecord], contextlib.AbstractAsyncContextManager[None]]:
-    """The pools of the new VM's disk (two if mirrored) and the room held in them, checked now."""
+    """The pools of the new VM's disk (two if mirrored) and the room held in them, checked now (``image``: the
+    details of the image its disk is copied from, None for a clone or a blank disk)."""
     names = spec.mirror or [spec.pool or DEFAULT_POOL]
     try:
         pools = [await svc.pools.get_record(n) for n in names]
@@ -287,10 +280,9 @@ async def disk_pools(
         raise InvalidSpec("both copies of a mirror must be on shared pools or both on local ones", field="mirror")
     if spec.storage == "shared" or spec.template is not None or host is None or image is None:
         return pools, contextlib.nullcontext()  # the shared directory, or an overlay on its template's disk
-    info = await svc.agents.get(host).image_info(image)
-    size = max(spec.disk_bytes or 0, int(info["disk_size_bytes"]))
+    size = max(spec.disk_bytes or 0, int(image["disk_size_bytes"]))
     data = [(pools[0].name, host, s, 0) for s in spec.data_disks]
-    room = svc.pools.reserve([(p.name, host, size, int(info["allocated_bytes"])) for p in pools] + data)
+    room = svc.pools.reserve([(p.name, host, size, int(image["allocated_bytes"])) for p in pools] + data)
     return pools, room
 
 
