@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -80,58 +78,29 @@ def client_network_down() -> None:
 
 
 class Load:
-    """One psql session committing ids one at a time, each sent when the one before was answered, as an
-    application does. ``acked`` are the ids psql printed back: committed. A statement not answered within
-    ``ANSWER_TIMEOUT_S`` (its host died) ends the session: the client then reconnects (see ``main``)."""
+    """Commits ids one at a time, each sent when the one before was answered, as an application does: each a
+    ``psql -c`` of its own (a connection per commit, as a client pool that reconnects would see it). ``acked``
+    are the ids psql printed back: committed. A commit not answered within ``ANSWER_TIMEOUT_S`` (its host
+    died) ends the load: the client then retries until the restarted database commits (see ``main``)."""
 
     ANSWER_TIMEOUT_S = 10.0  # a commit under TCG on a loaded machine can take seconds
 
     def __init__(self, start: int) -> None:
         self.next = start
         self.acked: list[int] = []
-        self.answers: queue.Queue[int] = queue.Queue()
-        self.proc = subprocess.Popen(
-            # stdbuf -oL: psql writes each answer at once (its output to a pipe is otherwise held in a buffer)
-            ["ip", "netns", "exec", CLIENT_NS, "stdbuf", "-oL", "psql", "-h", VM_IP, "-U", "postgres", "-At", "-v",
-             "ON_ERROR_STOP=1"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-            env=dict(os.environ, PGCONNECT_TIMEOUT="2"),
-        )  # fmt: skip
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.strip().isdigit():
-                self.answers.put(int(line))
 
     def commit_one(self) -> bool:
-        """Commit the next id and wait for its answer (False: the session is gone or did not answer)."""
-        if self.proc.poll() is not None:
-            return False
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(f"INSERT INTO orders VALUES ({self.next}) RETURNING id;\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return False
+        """Commit the next id and wait for its answer (False: the database did not answer)."""
         sent = self.next
         self.next += 1
         try:
-            got = self.answers.get(timeout=self.ANSWER_TIMEOUT_S)
-        except queue.Empty:
+            r = psql(f"INSERT INTO orders VALUES ({sent}) RETURNING id", timeout=self.ANSWER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             return False
-        if got != sent:
-            raise SystemExit(f"psql answered {got} for the insert of {sent}")
-        self.acked.append(got)
+        if r.returncode != 0 or r.stdout.split()[:1] != [str(sent)]:
+            return False
+        self.acked.append(sent)
         return True
-
-    def end(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.reader.join(timeout=5)
 
 
 def wait(what: str, cond, timeout: float = 180, every: float = 0.2):  # type: ignore[no-untyped-def]
@@ -200,7 +169,6 @@ def main() -> None:
             while load.commit_one():  # commits answered until the session breaks
                 if time.monotonic() - t_kill > 60:
                     raise SystemExit("the database kept answering 60 s after its host was killed")
-            load.end()
             acked = list(load.acked)
             next_id = load.next + 1
             first: float | None = None
