@@ -11,16 +11,13 @@ from rich.table import Table
 
 from kasou.cli.common import (
     client,
-    cloud_init_body,
     err,
     fail,
     follow,
     out,
     parse_int,
     print_json,
-    seed_text,
-    startup_body,
-    startup_text,
+    read_text_file,
     uptime_text,
 )
 from kasou.cli.console import follow_log
@@ -416,3 +413,54 @@ def vm_history(name: str, as_json: bool = typer.Option(False, "--json")) -> None
     for e in events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         out.print(f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False)
+
+
+def startup_body(onboot: bool | None, order: str | None, delay: str | None) -> dict[str, Any] | None:
+    """The ``startup`` of a VM from ``--onboot/--no-onboot --order N --delay S`` (None: none given)."""
+    if onboot is None and order is None and delay is None:
+        return None
+    return {
+        "onboot": True if onboot is None else onboot,
+        "order": parse_int(order, "order") if order is not None else 0,
+        "delay_s": parse_int(delay, "delay") if delay is not None else 0,
+    }
+
+
+def startup_text(v: dict[str, Any]) -> str:
+    """How ``vm show`` says a VM's start-up settings."""
+    s = v.get("startup")
+    if not s or not s.get("onboot"):
+        return "not started at host boot"
+    delay = f", then {s['delay_s']} s before the next" if s.get("delay_s") else ""
+    return f"at host boot, order {s['order']}{delay}"
+
+
+def cloud_init_body(
+    hostname: str | None, ssh_keys: list[str] | None, ip: str | None, gateway: str | None, dns: list[str] | None,
+    user_data: str | None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """A VM's ``cloud_init`` from ``vm create``'s options; the files (keys, user-data) are read here."""
+    if not (hostname or ssh_keys or ip or gateway or dns or user_data):
+        return None
+    keys: list[str] = []
+    for f in ssh_keys or []:
+        keys += [ln.strip() for ln in read_text_file(f, "--ssh-key").splitlines() if ln.strip()]
+    return {
+        "hostname": hostname, "ssh_keys": keys, "ip": ip, "gateway": gateway, "dns": list(dns or []),
+        "user_data": read_text_file(user_data, "--user-data") if user_data else None,
+    }  # fmt: skip
+
+
+def seed_text(v: dict[str, Any]) -> str:
+    """How ``vm show`` says a VM's cloud-init seed."""
+    ci = v.get("cloud_init")
+    if not ci:
+        return "none"
+    parts = [f"hostname {ci.get('hostname') or v['name']}", f"address {ci.get('ip') or 'DHCP'}"]
+    if ci.get("gateway"):
+        parts.append(f"gateway {ci['gateway']}")
+    if ci.get("ssh_keys"):
+        parts.append(f"{len(ci['ssh_keys'])} SSH key{'s' if len(ci['ssh_keys']) != 1 else ''}")
+    if ci.get("user_data"):
+        parts.append("user-data")
+    return ", ".join(parts)
