@@ -148,7 +148,10 @@ def main() -> None:
               NET, "--ip", f"{VM_IP}/24", "--user-data", str(work / "user-data"), "--start")  # fmt: skip
         client_network_up()
         t0 = time.monotonic()
-        wait("PostgreSQL on the VM", lambda: psql("SELECT 1").returncode == 0, BOOT_TIMEOUT_S, every=2)
+        # its table exists: the user-data made it (the database answers a little before)
+        wait(
+            "PostgreSQL on the VM", lambda: psql("SELECT count(*) FROM orders").returncode == 0, BOOT_TIMEOUT_S, every=2
+        )
         print(f"first boot with cloud-init to PostgreSQL answering: {time.monotonic() - t0:.0f} s", flush=True)
         next_id = 1
         for i in range(args.runs):
