@@ -118,6 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    ap.add_argument("--hold", type=float, default=0, help="on a failure, keep the lab this many seconds to look at")
     args = ap.parse_args()
     if not (images_dir() / "debian" / "manifest.json").is_file():
         subprocess.run([*KASOU, "image", "build", "debian"], check=True, timeout=2700)
@@ -224,6 +225,9 @@ def main() -> None:
             text = log.read_text(errors="replace")
             if "Traceback" in text:
                 print(f"--- {log}\n" + text[text.rfind("Traceback") - 2000 :][:6000], file=sys.stderr)
+        if args.hold:
+            print(f"holding the lab for {args.hold:.0f} s: KASOU_LAB_DIR={lab_dir}", file=sys.stderr, flush=True)
+            time.sleep(args.hold)
         raise
     finally:
         client_network_down()
