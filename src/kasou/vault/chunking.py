@@ -24,12 +24,13 @@ _ZEROS = bytes(CHUNK_SIZE)
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One chunk of a disk: ``id`` None for all zeros; ``data`` the plaintext read, None if it was not read
-    (zeros, or reused from the previous index)."""
+    """One chunk of a disk: ``id`` None for all zeros; ``data`` the plaintext, None for zeros and for a chunk
+    reused from the previous index; ``read`` whether it was read from the image."""
 
     index: int
     id: str | None
     data: bytes | None
+    read: bool = True
 
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
@@ -105,7 +106,7 @@ def split(
         for index in range(chunk_count(size)):
             unchanged = previous is not None and changed is not None and index not in changed
             if unchanged and previous is not None and _reusable(index, size, previous, previous_size):
-                yield Chunk(index, previous[index], None)
+                yield Chunk(index, previous[index], None, read=False)
                 continue
             data = read_chunk(f, index, size)
             yield Chunk(index, None, None) if is_zero(data) else Chunk(index, chunk_id(key, data), data)

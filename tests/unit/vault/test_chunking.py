@@ -81,7 +81,7 @@ def test_incremental_reads_only_the_changed_chunks(key: BackupKey) -> None:
     reader = CountingReader(bytes(after))
     chunks = list(split(reader, len(after), pub, previous=previous, changed={1, 2}))
     assert reader.bytes_read == 2 * CHUNK_SIZE
-    assert [c.data is not None for c in chunks] == [False, True, True, False, False]
+    assert [c.read for c in chunks] == [False, True, True, False, False]
     assert [c.id for c in chunks] == [c.id for c in split(io.BytesIO(bytes(after)), len(after), pub)]
 
 
@@ -100,7 +100,7 @@ def test_a_grown_disk_reads_its_old_last_chunk_and_the_new_ones(key: BackupKey) 
     after = image(b"a", b"b" * MiB, b"c" * MiB)
     reader = CountingReader(after)
     chunks = list(split(reader, len(after), pub, previous=previous, previous_size=len(before), changed=set()))
-    assert [c.data is not None for c in chunks] == [False, True, True]
+    assert [c.read for c in chunks] == [False, True, True]
     assert reader.bytes_read == CHUNK_SIZE + MiB
 
 
