@@ -38,6 +38,7 @@ MISSING_BATCH = 4096  # the server's bound on POST /v1/chunks/missing
 MAX_BLOB = 8 * 1024 * 1024
 BATCH_BYTES = 32 * 1024 * 1024  # plaintext read before asking the server which chunks it lacks
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")  # a chunk id, a certificate's SHA-256
+_DISK_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,21}$")  # the driver's rule (kasou.hypervisor.base), not imported
 
 
 class BackupServerUnavailable(AgentUnavailable):
@@ -60,8 +61,8 @@ class _PinRefused(ssl.SSLCertVerificationError):
 
 
 def normalize_fingerprint(text: str) -> str:
-    """A SHA-256 fingerprint as 64 lower-case hex digits (colons, spaces and case ignored)."""
-    hexed = re.sub(r"[\s:]", "", str(text)).lower()
+    """A SHA-256 fingerprint as 64 lower-case hex digits (colons, spaces, case and a ``sha256:`` prefix ignored)."""
+    hexed = re.sub(r"[\s:]", "", str(text).strip().lower().removeprefix("sha256:"))
     if not _HEX64.fullmatch(hexed):
         raise InvalidSpec(f"{text!r} is not a SHA-256 certificate fingerprint (64 hex digits)", field="fingerprint")
     return hexed
@@ -329,7 +330,9 @@ def backup_disk(
     or that disk's entry; with ``changed`` (chunk indices written since) only those chunks are read. Returns
     the disk's entry of the index, plus ``bytes_sent``, ``bytes_read`` and ``chunks_sent``."""
     validate_name(vm, "vm")
-    validate_name(disk_id, "disk_id")
+    if not _DISK_ID.fullmatch(disk_id):
+        raise InvalidSpec(f"disk id {disk_id[:40]!r} must start with a letter and have at most 22 letters, digits, "
+                          "'-' or '_'", field="disk_id")  # fmt: skip
     prev_chunks, prev_size = _previous_chunks(previous, pub, disk_id)
     uploader = _Uploader(client, pub)
     chunks: list[str | None] = []
