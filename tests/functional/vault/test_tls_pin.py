@@ -8,9 +8,10 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from kasou.vault.client import CertificateMismatch, VaultClient, backup_disk
+from kasou.vault.client import BackupServerUnavailable, CertificateMismatch, VaultClient, backup_disk, pinned_context
 from kasou.vault.crypt import BackupKey
 from tests.doubles.vault import WRITER_TOKEN, VaultDouble, create_vault_double, self_signed, serve
 
@@ -53,7 +54,17 @@ def test_plain_http_to_a_tls_server_fails_in_one_line(
     tls_server: tuple[VaultDouble, str, str, str], tmp_path: Path
 ) -> None:
     _, url, _, _ = tls_server
-    from kasou.vault.client import BackupServerUnavailable
-
     with VaultClient(url.replace("https:", "http:"), WRITER_TOKEN) as client, pytest.raises(BackupServerUnavailable):
         client.info()
+
+
+async def test_the_pin_holds_for_asyncio_streams_too(tls_server: tuple[VaultDouble, str, str, str]) -> None:
+    """httpx's async transport does TLS over a memory BIO (``SSLObject``): the pin is checked there as well."""
+    double, url, fingerprint, other = tls_server
+    double.reset()
+    async with httpx.AsyncClient(verify=pinned_context(fingerprint), trust_env=False) as ok:
+        assert (await ok.get(url + "/v1/info")).status_code == 401  # reached the server (no token given)
+    async with httpx.AsyncClient(verify=pinned_context(other), trust_env=False) as wrong:
+        with pytest.raises(httpx.ConnectError, match="not the pinned"):
+            await wrong.get(url + "/v1/info")
+    assert double.requests == []
