@@ -185,7 +185,7 @@ def main() -> None:
             deadline = time.monotonic() + COMMIT_TIMEOUT_S
             while time.monotonic() < deadline:  # reconnect and commit: the first new commit after the kill
                 r = psql(f"INSERT INTO orders VALUES ({next_id}) RETURNING id", timeout=10)
-                if r.returncode == 0 and r.stdout.strip() == str(next_id):
+                if r.returncode == 0 and r.stdout.split()[:1] == [str(next_id)]:  # then psql's "INSERT 0 1"
                     first = time.monotonic()
                     next_id += 1
                     break
