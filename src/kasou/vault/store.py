@@ -58,15 +58,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, replace: bool = True, mode: int = 0o600) -> bool:
+def atomic_write(
+    path: Path, data: bytes, *, replace: bool = True, mode: int = 0o600, mtime: float | None = None
+) -> bool:
     """Write ``data`` to ``path`` whole or not at all. ``replace=False``: never replace an existing file
-    (the write is linked into place, which fails if the name exists); returns whether it was written."""
+    (the write is linked into place, which fails if the name exists); returns whether it was written.
+    ``mtime``: the file's time (the store's clock, which garbage collection reads)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -275,7 +280,7 @@ class Store:
         if path.exists():
             return False
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        return atomic_write(path, hashlib.sha256(blob).digest() + blob, replace=False)
+        return atomic_write(path, hashlib.sha256(blob).digest() + blob, replace=False, mtime=self.clock())
 
     def read_chunk(self, chunk_id: str) -> tuple[bytes, bytes]:
         """The stored SHA-256 and the blob of a chunk."""
