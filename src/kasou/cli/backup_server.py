@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.common import fail, out, print_json, say
+from kasou.cli.common import fail, out, print_json
 from kasou.errors import InvalidSpec
 from kasou.model.units import format_size
 from kasou.vault import policy as vpolicy
@@ -34,6 +34,12 @@ backup_server_app.add_typer(policy_app, name="policy")
 ENV_DIR = "KASOU_BACKUP_SERVER_DIR"
 DEFAULT_PORT = 8472
 DirOpt = typer.Option(None, "--dir", envvar=ENV_DIR, help=f"The data directory (default: ${ENV_DIR}).")
+
+
+def say(line: str) -> None:
+    """One plain line, as :func:`kasou.cli.common.say` but with no emoji codes either: a fingerprint's
+    ``:AB:`` or ``:CD:`` would otherwise print as a pictogram."""
+    out.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _dir(d: Path | None) -> Path:
@@ -135,7 +141,7 @@ def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")
     data["chunk_bytes"] = format_size(sizes)
     data["immutable"] = "yes (chattr +i)" if data["immutable"] else "no: this file system does not keep the flag"
     for k, v in data.items():
-        out.print(f"{k:12} {v}", markup=False, highlight=False, soft_wrap=True)
+        say(f"{k:12} {v}")
 
 
 # -- clients -------------------------------------------------------------------------------------
