@@ -50,6 +50,8 @@ async def read_json_body(request: Request, limit: int) -> Any:
         return json.loads(raw)
     except ValueError:
         raise InvalidSpec("the body is not valid JSON", field="body") from None
+    except RecursionError:
+        raise InvalidSpec("the body's JSON is nested too deeply", field="body") from None
 
 
 def create_app(store: Store) -> FastAPI:
@@ -92,9 +94,9 @@ def create_app(store: Store) -> FastAPI:
     @app.put("/v1/chunks/{chunk_id}", status_code=201)
     async def put_chunk(chunk_id: str, request: Request, _c: Client = Depends(writer)) -> JSONResponse:
         validate_chunk_id(chunk_id)
-        if store.has_chunk(chunk_id):  # held: not even read (the stored blob stays whatever this one is)
+        blob = await read_body(request, MAX_BLOB)  # read even when held: a client still sending would see a reset
+        if store.has_chunk(chunk_id):  # held: the stored blob stays, whatever this one is
             return JSONResponse({"id": chunk_id, "stored": False}, status_code=200)
-        blob = await read_body(request, MAX_BLOB)
         stored = await call(store.put_chunk, chunk_id, blob)
         return JSONResponse({"id": chunk_id, "stored": stored}, status_code=201 if stored else 200)
 

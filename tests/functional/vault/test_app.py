@@ -129,3 +129,17 @@ def test_generations_through_the_api(store: Store, api: tuple[TestClient, dict[s
     assert one["disks"][0]["chunks"] == [ids[0], None, ids[2]] and one["received"] == state["received"]
     assert c.get("/v1/generations/emr-db/2", headers=r).status_code == 404
     assert c.get("/v1/generations", headers=r).json() == listed
+
+
+def test_hostile_input_is_a_clear_4xx(store: Store, api: tuple[TestClient, dict[str, str], dict[str, str]]) -> None:
+    c, w, _r = api
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/v1/generations", "/v1/chunks/missing"):
+        r = c.post(path, content=deep, headers=w)
+        assert r.status_code == 422 and r.json()["code"] == "invalid_spec"
+    for path in ("/v1/generations/..%2F..%2Fetc/1", "/v1/generations/a%00b/1", f"/v1/chunks/..%2F{'a' * 61}",
+                 "/v1/generations?vm=..", "/v1/generations/emr/-1", "/v1/generations/emr/1000000"):  # fmt: skip
+        r = c.get(path, headers=w)
+        assert r.status_code in (404, 422), (path, r.status_code)
+        assert set(r.json()) == {"code", "message", "details"}
+    assert store.vms() == [] and list(store.chunk_files()) == []

@@ -123,9 +123,13 @@ def test_sync_between_two_servers(servers: tuple[Server, Server]) -> None:
     writer = Store(a.root).add_client("hv1", "writer")
     reader = Store(a.root).add_client("site-b", "reader")
     hv = a.client(writer)
-    backup(hv.http, "emr-db", 1)
+    ids = backup(hv.http, "emr-db", 1)
     backup(hv.http, "emr-db", 2)
     backup(hv.http, "pacs", 1)
+    first = hv.chunk(ids[0])
+    again = hv.http.put(f"/v1/chunks/{ids[0]}", content=blob(256))  # a hypervisor's root tries to overwrite it
+    assert again.status_code == 200 and again.json() == {"id": ids[0], "stored": False}
+    assert hv.chunk(ids[0]) == first
     hv.close()
     with pytest.raises(Conflict, match="not the pinned"):
         Primary(a.url, reader, b.fingerprint)  # site-b's own certificate: a man in the middle
@@ -220,3 +224,15 @@ def test_the_command_line_on_a_data_directory(tmp_path: Path) -> None:
         run("policy", "set", "--keep-daily", "-1", code=1)
     finally:
         immutable.release_tree(tmp_path)
+
+
+def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    d = str(tmp_path / "vault")
+    runner = CliRunner()
+    assert runner.invoke(cli_app, ["backup-server", "init", "--dir", d, "--name", "s"]).exit_code == 0
+    r = kasou("backup-server", "serve", "--dir", d, "--listen", "0.0.0.0:8472", "--plain-http", timeout=30)
+    assert r.returncode == 1 and "loopback" in r.stderr
+    r = kasou("backup-server", "serve", "--dir", d, "--listen", "nonsense", timeout=30)
+    assert r.returncode == 1 and "HOST:PORT" in r.stderr
+    r = kasou("backup-server", "show", "--dir", str(tmp_path / "none"), timeout=30)
+    assert r.returncode == 1 and "backup-server init" in r.stderr
