@@ -156,7 +156,7 @@ def client_add(
     """Issue a token to a new client; it is printed once (the server keeps only its hash)."""
     token = _store(directory).add_client(name, role)
     say(f"client {name} ({role}): token {token}")
-    say("the token is shown only now: give it to the client")
+    say("(shown only now: give it to the client; the server keeps only its hash)")
 
 
 @client_app.command("list")
