@@ -62,8 +62,13 @@ def real_server(tmp: Path) -> Iterator[VaultEndpoint]:
     fingerprint = tlscert.make_certificate(tmp / "vault" / "tls", "contract")
     writer, reader = data.add_client("hv1", "writer"), data.add_client("site2", "reader")
     tls = (tmp / "vault" / "tls" / "cert.pem", tmp / "vault" / "tls" / "key.pem")
-    with serve(app.create_app(data), tls=tls) as url:
-        yield VaultEndpoint(url, writer, reader, fingerprint)
+    try:
+        with serve(app.create_app(data), tls=tls) as url:
+            yield VaultEndpoint(url, writer, reader, fingerprint)
+    finally:  # the generations' files are immutable (chattr +i) where the file system allows: pytest could not remove them
+        from kasou.vault import immutable
+
+        immutable.release_tree(tmp)
 
 
 SERVERS: dict[str, Callable[[Path], Any]] = {"double": double_server}

@@ -16,6 +16,7 @@ from rich.table import Table
 from kasou import __version__, services
 from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
+from kasou.cli.backup_server import backup_server_app
 from kasou.cli.common import (
     client,
     err,
@@ -60,6 +61,7 @@ app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
 app.add_typer(backup_app, name="backup")
+app.add_typer(backup_server_app, name="backup-server")
 app.add_typer(pool_app, name="pool")
 app.add_typer(desktop_pool_app, name="pool-desktop")
 app.add_typer(disk_app, name="disk")  # with kasou.cli.devices' add, remove, resize

@@ -1,0 +1,370 @@
+"""``kasou backup-server``: run and look after a backup server (docs/backup-server.md).
+
+Every command here works on the data directory itself (``--dir``, or ``KASOU_BACKUP_SERVER_DIR``), on the
+backup server's own machine: retention, policy, clients, verification, sync and export are not reachable
+over its API.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from kasou.cli.common import fail, out, print_json
+from kasou.errors import InvalidSpec
+from kasou.model.units import format_size
+from kasou.vault import policy as vpolicy
+from kasou.vault import tlscert
+from kasou.vault.store import Store
+
+backup_server_app = typer.Typer(
+    help="The backup server: generations the hypervisors cannot erase or read (run on the backup server).",
+    no_args_is_help=True,
+)
+client_app = typer.Typer(help="The clients (hypervisors, second sites) and their tokens.", no_args_is_help=True)
+policy_app = typer.Typer(help="Retention and lock policy.", no_args_is_help=True)
+backup_server_app.add_typer(client_app, name="client")
+backup_server_app.add_typer(policy_app, name="policy")
+
+ENV_DIR = "KASOU_BACKUP_SERVER_DIR"
+DEFAULT_PORT = 8472
+DirOpt = typer.Option(None, "--dir", envvar=ENV_DIR, help=f"The data directory (default: ${ENV_DIR}).")
+
+
+def say(line: str) -> None:
+    """One plain line, as :func:`kasou.cli.common.say` but with no emoji codes either: a fingerprint's
+    ``:AB:`` or ``:CD:`` would otherwise print as a pictogram."""
+    out.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def _dir(d: Path | None) -> Path:
+    if d is None:
+        fail(f"give the data directory: --dir DIR or {ENV_DIR}")
+    return d
+
+
+def _store(d: Path | None) -> Store:
+    return Store(_dir(d))
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+@backup_server_app.command("init")
+def init(
+    directory: Path = DirOpt,
+    name: str = typer.Option(..., "--name", help="This backup server's name (in its certificate)."),
+) -> None:
+    """Make a data directory: its id, its own self-signed certificate (prints the fingerprint clients pin)."""
+    root = _dir(directory)
+    existed = root.exists()
+    store = Store.create(root, name)
+    try:
+        fp = tlscert.make_certificate(root / "tls", name)
+        vpolicy.save_policy(store, vpolicy.Policy())
+    except BaseException:  # nothing half-made is left: the directory as it was (absent, or empty)
+        for p in list(root.iterdir()):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if not existed:
+            root.rmdir()
+        raise
+    say(f"backup server {name}: data directory {root}")
+    say(f"certificate fingerprint (SHA-256): {tlscert.display(fp)}")
+    if not store.immutable:
+        say(
+            "note: this file system does not keep the immutable flag (chattr +i): put the data directory on ext4 or XFS"
+        )
+    say(f"next: kasou backup-server client add NAME --role writer --dir {root}")
+
+
+@backup_server_app.command("serve")
+def serve(
+    directory: Path = DirOpt,
+    listen: str = typer.Option(f"0.0.0.0:{DEFAULT_PORT}", "--listen", help="HOST:PORT to serve the API on."),
+    plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP, on a loopback address only."),
+) -> None:
+    """Serve the API (HTTPS with the server's own certificate) in the foreground."""
+    import uvicorn
+
+    from kasou.serving import is_loopback, log_to_stderr, uvicorn_settings
+    from kasou.vault.app import create_app
+
+    store = _store(directory)
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidSpec(f"--listen must be HOST:PORT, not {listen!r}", field="listen")
+    if plain_http and not is_loopback(host):
+        raise InvalidSpec("--plain-http only on a loopback address (127.0.0.1 or ::1)", field="listen")
+    store.probe_immutable()
+    log_to_stderr("backup-server")
+    tls: dict[str, Any] = {}
+    if not plain_http:
+        tls = {"ssl_certfile": str(store.root / "tls" / "cert.pem"), "ssl_keyfile": str(store.root / "tls" / "key.pem")}
+    store.event("serving", listen=listen, tls=not plain_http)
+    uvicorn.run(create_app(store), host=host, port=int(port_text), log_level="warning", **uvicorn_settings(), **tls)
+
+
+@backup_server_app.command("show")
+def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """This backup server: its name, id, certificate fingerprint, whether its files can be made immutable."""
+    store = _store(directory)
+    info = store.info()
+    chunks = sizes = 0
+    for _cid, p in store.chunk_files():
+        chunks += 1
+        sizes += p.stat().st_size
+    gens = sum(len(store.generation_numbers(vm)) for vm in store.vms())
+    data = {
+        "name": info["name"],
+        "server_id": info["server_id"],
+        "directory": str(store.root),
+        "created": info["created"],
+        "fingerprint": tlscert.display(tlscert.cert_fingerprint(store.root / "tls")),
+        "immutable": store.probe_immutable(),
+        "clients": len(store.clients()),
+        "vms": len(store.vms()),
+        "generations": gens,
+        "chunks": chunks,
+        "chunk_bytes": sizes,
+    }
+    if as_json:
+        print_json(data)
+        return
+    data["created"] = _when(info["created"])
+    data["chunk_bytes"] = format_size(sizes)
+    data["immutable"] = "yes (chattr +i)" if data["immutable"] else "no: this file system does not keep the flag"
+    for k, v in data.items():
+        say(f"{k:12} {v}")
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+
+@client_app.command("add")
+def client_add(
+    name: str,
+    role: str = typer.Option(..., "--role", help="writer (a hypervisor's agent) or reader (a second site, a restore)."),
+    directory: Path = DirOpt,
+) -> None:
+    """Issue a token to a new client; it is printed once (the server keeps only its hash)."""
+    token = _store(directory).add_client(name, role)
+    say(f"client {name} ({role}): token {token}")
+    say("(shown only now: give it to the client; the server keeps only its hash)")
+
+
+@client_app.command("list")
+def client_list(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The clients and their roles."""
+    clients = _store(directory).clients()
+    if as_json:
+        print_json(clients)
+        return
+    t = Table("name", "role", "added")
+    for c in clients:
+        t.add_row(c["name"], c["role"], _when(c.get("created")))
+    out.print(t)
+
+
+@client_app.command("remove")
+def client_remove(name: str, directory: Path = DirOpt) -> None:
+    """Revoke a client's token."""
+    _store(directory).remove_client(name)
+    say(f"client {name}: removed")
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+
+@policy_app.command("set")
+def policy_set(
+    vm: str = typer.Option(None, "--vm", help="One VM's policy (else the default)."),
+    keep_daily: int = typer.Option(None, "--keep-daily"),
+    keep_weekly: int = typer.Option(None, "--keep-weekly"),
+    keep_monthly: int = typer.Option(None, "--keep-monthly"),
+    lock_days: int = typer.Option(None, "--lock-days", help="New generations are locked this many days."),
+    reset: bool = typer.Option(False, "--reset", help="The VM follows the default policy again."),
+    directory: Path = DirOpt,
+) -> None:
+    """Set the retention and lock policy (a lock applies to generations added from now on)."""
+    p = vpolicy.set_policy(
+        _store(directory), vm, reset, keep_daily=keep_daily, keep_weekly=keep_weekly,
+        keep_monthly=keep_monthly, lock_days=lock_days,
+    )  # fmt: skip
+    r = p.for_vm(vm) if vm else p.default
+    say(f"policy of {vm or 'every VM (default)'}: {_retention(r)}")
+
+
+def _retention(r: vpolicy.Retention) -> str:
+    return f"keep {r.keep_daily} daily, {r.keep_weekly} weekly, {r.keep_monthly} monthly; locked {r.lock_days} days"
+
+
+@policy_app.command("show")
+def policy_show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The default policy and each VM's own."""
+    p = vpolicy.load_policy(_store(directory))
+    if as_json:
+        print_json(p.to_dict())
+        return
+    t = Table("VM", "keep daily", "keep weekly", "keep monthly", "lock days")
+    for name, r in [("(default)", p.default), *sorted(p.vms.items())]:
+        t.add_row(name, str(r.keep_daily), str(r.keep_weekly), str(r.keep_monthly), str(r.lock_days))
+    out.print(t)
+
+
+# -- maintenance ---------------------------------------------------------------------------------
+
+
+@backup_server_app.command("prune")
+def prune(
+    directory: Path = DirOpt,
+    vm: str = typer.Option(None, "--vm"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; remove nothing."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Apply the retention policy: remove the generations it does not keep (never a locked one)."""
+    result = vpolicy.prune(_store(directory), dry_run=dry_run, vm=vm)
+    if as_json:
+        print_json({v: [d.__dict__ for d in ds] for v, ds in result.items()})
+        return
+    t = Table("VM", "generation", "kept" if not dry_run else "would keep", "why")
+    removed = 0
+    for name, decisions in result.items():
+        for d in decisions:
+            removed += not d.keep
+            t.add_row(name, str(d.generation), "yes" if d.keep else "no", ", ".join(d.reasons) or "-")
+    out.print(t)
+    say(f"{removed} generations {'would be ' if dry_run else ''}removed; chunks go with: kasou backup-server gc")
+
+
+@backup_server_app.command("gc")
+def gc(
+    directory: Path = DirOpt,
+    dry_run: bool = typer.Option(False, "--dry-run"),
+) -> None:
+    """Remove chunks no generation refers to, uploaded more than 24 hours ago."""
+    r = vpolicy.gc(_store(directory), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    say(f"{verb} {r.removed} chunks ({format_size(r.removed_bytes)}); {r.referenced} referenced, "
+        f"{r.kept_young} unreferenced but younger than 24 h")  # fmt: skip
+
+
+@backup_server_app.command("verify")
+def verify(
+    directory: Path = DirOpt,
+    vm: str = typer.Option(None, "--vm"),
+    all_: bool = typer.Option(False, "--all", help="Every generation (else those never verified)."),
+    since: float = typer.Option(None, "--since", help="Those not verified in the last DAYS days."),
+) -> None:
+    """Re-hash every chunk of generations against its stored SHA-256 (no key needed); exit 1 on damage."""
+    if all_ and since is not None:
+        raise InvalidSpec("give --all or --since, not both", field="since")
+    results = vpolicy.verify(_store(directory), vm=vm, all_=all_, since_days=since)
+    bad = [r for r in results if r.damaged]
+    for r in bad:
+        say(f"DAMAGED: {r.vm} generation {r.generation}: {len(r.damaged)} of {r.chunks} chunks (first {r.damaged[0]})")
+    say(f"verified {len(results)} generations: {len(results) - len(bad)} sound, {len(bad)} damaged")
+    if bad:
+        raise typer.Exit(1)
+
+
+# -- copies --------------------------------------------------------------------------------------
+
+
+@backup_server_app.command("sync")
+def sync(
+    url: str = typer.Option(..., "--from", help="The primary backup server's URL (https://HOST:PORT)."),
+    token: str = typer.Option(..., "--token", envvar="KASOU_BACKUP_SYNC_TOKEN", help="A reader token of it."),
+    fingerprint: str = typer.Option(None, "--fingerprint", help="Its certificate's SHA-256 fingerprint."),
+    vm: str = typer.Option(None, "--vm"),
+    directory: Path = DirOpt,
+) -> None:
+    """Pull from a primary backup server every generation this one lacks (locked by this one's policy)."""
+    from kasou.vault.sync import Primary
+    from kasou.vault.sync import sync as run_sync
+
+    store = _store(directory)
+    primary = Primary(url, token, fingerprint)
+    try:
+        r = run_sync(store, primary, vm, progress=lambda s: say(f"copied {s}"))
+    finally:
+        primary.close()
+    for name, gen, why in r.failed:
+        say(f"not copied: {name} generation {gen}: {why}")
+    say(f"{len(r.added)} generations copied ({r.chunks} chunks, {format_size(r.chunk_bytes)}), {len(r.failed)} failed")
+    if r.failed:
+        raise typer.Exit(1)
+
+
+@backup_server_app.command("export")
+def export(
+    to: Path = typer.Option(..., "--to", help="A directory on removable media."),
+    vm: str = typer.Option(None, "--vm"),
+    directory: Path = DirOpt,
+) -> None:
+    """Copy generations to removable media (with a README.txt on how to import them)."""
+    from kasou.vault.export import export as run_export
+
+    r = run_export(_store(directory), to, vm)
+    for name, gen, why in r.skipped:
+        say(f"not exported: {name} generation {gen}: {why}")
+    say(f"{len(r.generations)} generations exported to {to} ({r.chunks} chunks, {format_size(r.chunk_bytes)})")
+    if r.skipped:
+        raise typer.Exit(1)
+
+
+@backup_server_app.command("import")
+def import_(
+    src: Path = typer.Option(..., "--from", help="A directory written by export."),
+    vm: str = typer.Option(None, "--vm"),
+    directory: Path = DirOpt,
+) -> None:
+    """Add the generations of an export this server lacks (each chunk checked, locked by this server's policy)."""
+    from kasou.vault.export import import_from
+
+    r = import_from(_store(directory), src, vm)
+    for name, gen, why in r.skipped:
+        say(f"not imported: {name} generation {gen}: {why}")
+    say(f"{len(r.generations)} generations imported ({r.chunks} chunks, {format_size(r.chunk_bytes)})")
+    if r.skipped:
+        raise typer.Exit(1)
+
+
+@backup_server_app.command("list")
+def list_(
+    directory: Path = DirOpt, vm: str = typer.Option(None, "--vm"), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """The generations held, with their locks and verification."""
+    store = _store(directory)
+    rows = []
+    for name in [vm] if vm else store.vms():
+        for gen in store.generation_numbers(name):
+            idx = store.index(name, gen)
+            st = store.state_fields(name, gen)
+            rows.append({
+                "vm": name, "generation": gen, "created": idx["created"], "received": st["received"],
+                "disks": [{"disk_id": d["disk_id"], "size": d["size"]} for d in idx["disks"]],
+                "bytes_sent": idx["bytes_sent"], "locked_until": st["locked_until"],
+                "verified_at": st["verified_at"], "damaged": st["damaged"] or [], "synced_from": st["synced_from"],
+            })  # fmt: skip
+    if as_json:
+        print_json(rows)
+        return
+    now = store.clock()
+    t = Table("VM", "generation", "received", "disks", "sent", "locked until", "verified", "damaged", "from")
+    for r in rows:
+        lock = _when(r["locked_until"]) if (r["locked_until"] or 0) > now else "-"
+        size = format_size(sum(d["size"] for d in r["disks"]))
+        src = r["synced_from"] or {}
+        t.add_row(
+            r["vm"], str(r["generation"]), _when(r["received"]), size, format_size(r["bytes_sent"]), lock,
+            _when(r["verified_at"]), str(len(r["damaged"])) if r["damaged"] else "-",
+            src.get("url") or src.get("import") or "-",
+        )  # fmt: skip
+    out.print(t)

@@ -1,0 +1,3 @@
+from tests.unit.vault.helpers import clock, store
+
+__all__ = ["clock", "store"]
