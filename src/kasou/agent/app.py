@@ -31,6 +31,7 @@ from kasou.agent.devices import add_device_routes
 from kasou.agent.firmware import FirmwareState, add_firmware_routes
 from kasou.agent.hostinfo import HostInfo, cpu_count, load_1m, memory_mib
 from kasou.agent.models import DiskCreate, DiskInfo, MediaChange
+from kasou.agent.offsite import Offsite, add_offsite_routes
 from kasou.agent.pools import PRIVATE_UMASK, PoolRef, PoolUsage, make_private
 from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, ReplicaRemoval, Replicas
 from kasou.agent.snapshots import AgentSnapshots
@@ -359,6 +360,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
     add_backup_routes(app, BackupFiles(d, agent.disks, agent.backup_dir))  # kasou.agent.backups
     add_firmware_routes(app, agent.firmware, agent.backup_dir)  # kasou.agent.firmware
+    add_offsite_routes(app, Offsite(agent.disks, agent.backup_dir))  # copies on a backup server: kasou.agent.offsite
     add_console_routes(app, d)  # the VNC display as a websocket (kasou.agent.console)
     add_transfer_routes(app, agent.transfers)  # imports and exports (kasou.agent.transfers)
 

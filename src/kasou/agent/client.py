@@ -16,6 +16,8 @@ from kasou.agent.models import (
     BackupMade,
     BackupPrune,
     BackupRestore,
+    BackupSend,
+    BackupSent,
     DiskCreate,
     DiskImport,
     DiskInfo,
@@ -24,6 +26,7 @@ from kasou.agent.models import (
     FirmwareFiles,
     GuestConvert,
     MediaChange,
+    OffsiteRestore,
     TpmRestore,
     TransferStatus,
 )
@@ -260,6 +263,19 @@ class AgentClient:
 
     async def restore_tpm_backup(self, req: TpmRestore) -> FirmwareFiles:
         resp = await self._call("POST", "/backups/restore-tpm", timeout=120, json=req.model_dump())
+        return FirmwareFiles.model_validate(resp.json())
+
+    async def send_backup(self, name: str, req: BackupSend) -> BackupSent:
+        """Copy a generation of this host to a backup server (kasou.agent.offsite)."""
+        resp = await self._call("POST", f"/vms/{name}/backups/send", timeout=86_400, json=req.model_dump())
+        return BackupSent.model_validate(resp.json())
+
+    async def restore_offsite(self, req: OffsiteRestore) -> DiskInfo:
+        resp = await self._call("POST", "/backups/offsite/restore", timeout=86_400, json=req.model_dump())
+        return DiskInfo.model_validate(resp.json())
+
+    async def restore_offsite_tpm(self, req: OffsiteRestore) -> FirmwareFiles:
+        resp = await self._call("POST", "/backups/offsite/restore-tpm", timeout=600, json=req.model_dump())
         return FirmwareFiles.model_validate(resp.json())
 
     async def prune_backup(self, req: BackupPrune) -> None:

@@ -232,3 +232,69 @@ class TpmRestore(BaseModel):
     path: str
     digest: str
     beside: str  # the new VM's first disk (restored already): the state goes in its directory
+
+
+class VaultTarget(BaseModel):
+    """A backup server as a host reaches it (docs/backup-server.md): its URL, a token it issued, its certificate's
+    SHA-256 fingerprint (pinned; None only for a loopback http URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    token: str
+    fingerprint: str | None = None
+
+
+class OffsiteDisk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    disk_id: str
+    path: str  # the generation's file on this host (in its backup directory)
+    format: Literal["qcow2", "raw"] = "qcow2"
+    # the generation whose file is this one's backing file: only the clusters of this file changed since it
+    incremental_of: int | None = None
+
+
+class BackupSend(BaseModel):
+    """Body of ``POST /agent/v1/vms/{name}/backups/send``: copy a generation made on this host to a backup server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: VaultTarget
+    public_key: dict[str, Any]  # kasou.vault.crypt.PublicBackupKey's JSON: encrypts, cannot decrypt
+    vm_uuid: str
+    generation: int = Field(ge=1)
+    created: float
+    disks: list[OffsiteDisk] = Field(min_length=1)
+    tpm_path: str | None = None  # the generation's TPM state tar (in the backup directory)
+    config: dict[str, Any] = {}  # the VM's settings at the generation (sealed with it)
+
+
+class BackupSent(BaseModel):
+    generation: int
+    key_fingerprint: str
+    bytes_logical: int  # the disks' sizes
+    bytes_read: int  # what was read of them (an incremental reads only its changed chunks)
+    bytes_sent: int  # what the backup server did not hold already (deduplicated), compressed and encrypted
+    incremental: bool
+    locked_until: float | None = None
+    seconds: float
+    note: str = ""
+
+
+class OffsiteRestore(BaseModel):
+    """Body of ``POST /agent/v1/backups/offsite/restore``: one disk of a new VM from a backup server's generation.
+
+    ``key`` is the backup key's private part (kasou.vault.crypt.BackupKey JSON), given by the operator for
+    this restore: it is used in memory and never written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: VaultTarget
+    key: dict[str, Any]
+    source_vm: str
+    generation: int = Field(ge=1)
+    vm: str  # the new VM
+    disk_id: str = "root"  # a disk of the generation (unused for the TPM state)
+    format: Literal["qcow2", "raw"] = "qcow2"
+    beside: str | None = None  # the TPM state: the new VM's first disk, whose directory gets it

@@ -11,15 +11,16 @@ auditors). A vendor reaches only generations of their departments (:mod:`kasou.c
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.control.backups import BackupView, PolicyUpdate, PolicyView
+from kasou.control.offsite import OffsiteSet, OffsiteView
 from kasou.control.records import JobRecord
 from kasou.control.vms import VMView
-from kasou.errors import Forbidden
+from kasou.errors import Forbidden, InvalidSpec
 
 if TYPE_CHECKING:
     from kasou.api.deps import Services
@@ -36,6 +37,11 @@ class RestoreRequest(BaseModel):
 
     as_: str = Field(alias="as")  # the new VM's name
     uuid: str | None = None  # a generation of the (deleted) VM with this uuid, not of the one holding the name now
+    # from the backup server's generation (docs/backup-server.md), opened with ``key``: the backup key's private
+    # part (its JSON), which the operator gives for this restore; it is used in memory and never kept
+    from_server: bool = False
+    key: dict[str, Any] | None = None
+    host: str | None = None  # where the restored VM goes (from the server only; default: the scheduler's choice)
 
 
 class BackupJob(BaseModel):
@@ -76,8 +82,37 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
     async def restore_backup(request: Request, name: str, generation: int, body: RestoreRequest) -> RestoreAccepted:
         """A new (stopped) VM ``{"as": NEWNAME}`` from the generation, refused if its files fail verification."""
         scope = _scope(request, body.uuid)
-        vm, job = await svc().vms.backups.restore(name, generation, body.as_, body.uuid, scope)
+        backups = svc().vms.backups
+        if body.from_server:
+            if body.key is None:
+                raise InvalidSpec("a restore from the backup server needs the backup key (--key FILE)", field="key")
+            if scope is not None:
+                raise Forbidden(f"user {request.state.principal.name!r} cannot restore from the backup server")
+            vm, job = await backups.offsite.restore(name, generation, body.as_, body.key, body.host)
+        else:
+            if body.key is not None or body.host is not None:
+                raise InvalidSpec("key and host are for a restore from the backup server (from_server)", field="key")
+            vm, job = await backups.restore(name, generation, body.as_, body.uuid, scope)
         return RestoreAccepted(vm=vm, job=job)
+
+    @r.get("/vms/{name}/backups/server")
+    async def list_server_backups(name: str) -> list[dict[str, Any]]:
+        """The generations of the name the backup server holds, with their locks and verification."""
+        return await svc().vms.backups.offsite.generations(name)
+
+    @r.get("/backup-server")
+    async def get_backup_server() -> OffsiteView | None:
+        """The site's backup server, or null (the token and key are never shown)."""
+        return await svc().vms.backups.offsite.get()
+
+    @r.put("/backup-server")
+    async def set_backup_server(body: OffsiteSet) -> OffsiteView:
+        """Copy every new generation to this backup server, encrypted to this public key (checked first)."""
+        return await svc().vms.backups.offsite.set(body)
+
+    @r.delete("/backup-server")
+    async def remove_backup_server() -> dict[str, bool]:
+        return {"removed": await svc().vms.backups.offsite.clear()}
 
     @r.get("/vms/{name}/backup-policy")
     async def get_backup_policy(name: str) -> PolicyView:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import typer
 from rich.table import Table
 
+from kasou.cli.backup_offsite import key_app, load_key, server_app
 from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -15,6 +17,8 @@ from kasou.model.units import format_size
 backup_app = typer.Typer(
     help="Backups of VMs kept in generations (full and incremental), restored as new VMs.", no_args_is_help=True
 )
+backup_app.add_typer(key_app, name="key")
+backup_app.add_typer(server_app, name="server")
 
 
 def _vm(name: str) -> str:
@@ -45,6 +49,14 @@ def backup_create(
     if r.get("pruned"):
         line += f"; retention pruned generation {', '.join(str(g) for g in r['pruned'])}"
     say(line)
+    if r.get("offsite"):
+        o = r["offsite"]
+        read = "changed chunks only" if o["incremental"] else "whole disks"
+        say(f"copied to the backup server: {format_size(int(o['bytes_sent']))} sent of "
+            f"{format_size(int(o['bytes_read']))} read ({read}), "
+            f"locked until {_when(o.get('locked_until'))}")  # fmt: skip
+    elif r.get("offsite_error"):
+        say(f"warning: not copied to the backup server: {r['offsite_error']}")
     if r.get("note"):
         say(f"note: {r['note']}")
 
@@ -61,11 +73,30 @@ def _consistency(c: str | None) -> str:
 _UUID_HELP = "Those of the earlier (deleted) VM of that name with this uuid (administrators and operators)."
 
 
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
 @backup_app.command("list")
 def backup_list(
-    vm: str, uuid: str = typer.Option(None, "--uuid", help=_UUID_HELP), as_json: bool = typer.Option(False, "--json")
+    vm: str,
+    uuid: str = typer.Option(None, "--uuid", help=_UUID_HELP),
+    server: bool = typer.Option(False, "--server", help="Those the backup server holds (with their locks)."),
+    as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The VM's backup generations, oldest first (of the VM that holds the name now, unless --uuid)."""
+    if server:
+        held = client().get(f"/v1/vms/{_vm(vm)}/backups/server")
+        if as_json:
+            print_json(held)
+            return
+        st = Table("generation", "taken", "disks", "sent", "locked until", "verified", "damaged")
+        for g in held:
+            st.add_row(str(g["generation"]), _when(g.get("created")), format_size(int(g.get("bytes_logical", 0))),
+                       format_size(int(g.get("bytes_sent", 0))), _when(g.get("locked_until")),
+                       _when(g.get("verified_at")), str(len(g.get("damaged") or [])) or "-")  # fmt: skip
+        out.print(st)
+        return
     gens = client().get(f"/v1/vms/{_vm(vm)}/backups", params={"uuid": uuid} if uuid else None)
     if as_json:
         print_json(gens)
@@ -89,21 +120,30 @@ def backup_restore(
     uuid: str = typer.Option(
         None, "--uuid", help="A generation of the earlier (deleted) VM of that name with this uuid."
     ),
+    from_server: bool = typer.Option(False, "--from-server", help="From the backup server's generation."),
+    key: str = typer.Option(None, "--key", help="The backup key's file (a restore from the backup server)."),
+    paper_key: bool = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy."),
+    host: str = typer.Option(None, "--host", help="Where the restored VM goes (from the backup server)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Make a new (stopped) VM from a generation; a backup that fails verification is refused."""
     gen = parse_int(generation, "generation")
     validate_name(as_name)
-    c = client()
     body: dict[str, Any] = {"as": as_name}
     if uuid:
         body["uuid"] = uuid
+    if from_server:
+        body.update(from_server=True, key=json.loads(load_key(key, paper_key).to_json()), host=host)
+    elif key or paper_key or host:
+        fail("--key, --paper-key and --host are for a restore --from-server")
+    c = client()
     res = c.post(f"/v1/vms/{_vm(vm)}/backups/{gen}/restore", json=body)
     if not wait:
         say(f"vm {as_name}: restore job {res['job']['id']}")
         return
     follow(c, res["job"], f"restoring {vm} generation {gen}", timeout=7200)
-    say(f"vm {as_name}: restored from generation {gen} of {vm} on {res['vm']['host']} (stopped)")
+    where = "the backup server's generation" if from_server else "generation"
+    say(f"vm {as_name}: restored from {where} {gen} of {vm} on {res['vm']['host']} (stopped)")
 
 
 @backup_app.command("schedule")

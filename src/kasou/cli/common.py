@@ -22,8 +22,8 @@ from kasou.config import Paths, api_url
 from kasou.errors import InvalidSpec
 from kasou.pki import trust
 
-out = Console()
-err = Console(stderr=True)
+out = Console(emoji=False)  # ":ab:" in a fingerprint or a path is text, not an emoji
+err = Console(stderr=True, emoji=False)
 
 # Tests may swap the client factory (to talk to an in-process app): kasou.cli.common.client_factory
 client_factory: Callable[[], Client] | None = None

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource, TpmBackup, TpmRestore
 from kasou.config import backup_keep_default
 from kasou.control.jobs import JobContext
+from kasou.control.offsite import Offsite, OffsiteCopy
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
 from kasou.hypervisor.backups import bitmap_name
@@ -128,6 +129,8 @@ class BackupRecord(BaseModel):
     firmware: Firmware = "bios"
     os: GuestOs | None = None
     tpm: TpmBackup | None = None  # the TPM's state (its UEFI variables are the disk "efivars")
+    offsite: OffsiteCopy | None = None  # its copy on the backup server (kasou.control.offsite)
+    offsite_error: str | None = None  # why it could not be copied there
 
 
 class BackupView(BaseModel):
@@ -148,6 +151,8 @@ class BackupView(BaseModel):
     duration_s: float
     note: str
     disks: list[BackupDiskRecord]
+    offsite: OffsiteCopy | None = None
+    offsite_error: str | None = None
 
 
 class BackupPolicy(BaseModel):
@@ -244,6 +249,7 @@ def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
         consistency=r.consistency, scheduled=r.scheduled,
         size_bytes=sum(d.size_bytes for d in r.disks), file_bytes=sum(d.file_bytes for d in r.disks),
         bytes_copied=sum(d.bytes_copied for d in r.disks), duration_s=r.duration_s, note=r.note, disks=r.disks,
+        offsite=r.offsite, offsite_error=r.offsite_error,
     )  # fmt: skip
 
 
@@ -256,6 +262,7 @@ class Backups:
         self.clock = clock
         self.grace_s = GRACE_S
         self._locks: dict[str, asyncio.Lock] = {}
+        self.offsite = Offsite(vms)  # the site's backup server, if one is set
 
     def _lock(self, vm: str) -> asyncio.Lock:
         return self._locks.setdefault(vm, asyncio.Lock())
@@ -429,14 +436,35 @@ class Backups:
                     with contextlib.suppress(KasouError):
                         await agent.delete_backup(path)
                 raise
-            await ctx.progress(0.8, "retention")
+            record = await self._copy_offsite(ctx, rec, record, prev)
+            await ctx.progress(0.9, "retention")
             pruned = await self._prune(rec, await self._keep(rec))
         return {
             "vm": vm, "generation": gen, "kind": kind, "note": record.note, "pruned": pruned,
             "consistency": made.consistency,
             "bytes_copied": sum(d.bytes_copied for d in record.disks),
             "file_bytes": sum(d.file_bytes for d in record.disks), "copy_s": made.copy_s, "verify_s": made.verify_s,
+            "offsite": record.offsite.model_dump() if record.offsite else None, "offsite_error": record.offsite_error,
         }  # fmt: skip
+
+    async def _copy_offsite(
+        self, ctx: JobContext, rec: VMRecord, record: BackupRecord, prev: BackupRecord | None
+    ) -> BackupRecord:
+        """The new generation copied to the backup server (before retention merges its files), recorded either way."""
+        try:
+            await ctx.progress(0.7, "copying to the backup server")
+            copy = await self.offsite.send(rec, record, prev)
+        except Exception as e:  # the local generation is good: the copy's failure is an event, not the job's
+            msg = e.message if isinstance(e, KasouError) else f"{type(e).__name__}: {e}"
+            await self._emit("backup_offsite_failed", rec.name, f"generation {record.generation} of VM {rec.name} was "
+                             f"not copied to the backup server: {msg}", "error")  # fmt: skip
+            record = record.model_copy(update={"offsite_error": msg})
+        else:
+            if copy is None:
+                return record
+            record = record.model_copy(update={"offsite": copy})
+        await self.store.put(backup_key(rec.name, record.generation), record.model_dump(mode="json"))
+        return record
 
     async def _keep(self, owner: VMRecord) -> int:
         return (await self._policy(owner)).keep or backup_keep_default()

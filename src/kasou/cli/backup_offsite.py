@@ -1,0 +1,117 @@
+"""``kasou backup key`` (the site's backup key pair, made here) and ``kasou backup server`` (where copies go).
+
+The key pair is made on the machine this command runs on (an administrator's, not a hypervisor): the
+private part is written to a file of mode 0600 and printed once as a paper key, to be kept offline; only the
+public part is given to kasou (``backup server set --public-key``). See docs/backup-server.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from kasou.cli.common import client, fail, out, print_json, say
+from kasou.errors import KasouError
+from kasou.vault.crypt import BackupKey, PublicBackupKey
+
+key_app = typer.Typer(help="The site's backup key: encrypts every copy on the backup server.", no_args_is_help=True)
+server_app = typer.Typer(help="The backup server every new generation is copied to.", no_args_is_help=True)
+
+
+def load_key(path: str | None, paper: bool) -> BackupKey:
+    """The private backup key from a key file, or (``paper``) typed or piped in from its paper copy."""
+    try:
+        if paper:
+            if sys.stdin.isatty():
+                out.print("type the paper key (KASOU-BK1-...), then Enter:")
+            return BackupKey.from_paper(sys.stdin.readline())
+        if path is None:
+            fail("give the backup key: --key FILE, or --paper-key to type it from its paper copy")
+        return BackupKey.load(path)
+    except KasouError as e:
+        fail(e.message)
+    except OSError as e:
+        fail(f"cannot read the backup key {path}: {e.strerror}")
+    raise AssertionError("unreachable")
+
+
+@key_app.command("create")
+def key_create(
+    out_file: Path = typer.Option(..., "--out", help="The private key's file (made with mode 0600; must not exist)."),
+    public_out: Path = typer.Option(None, "--public-out", help="Also write the public part here (default: OUT.pub)."),
+) -> None:
+    """Make the site's backup key pair; print the private key once as a paper key to keep offline."""
+    pub_file = public_out or out_file.with_name(out_file.name + ".pub")
+    for p in (out_file, pub_file):
+        if p.exists():
+            fail(f"{p} exists: a backup key is never overwritten (the backups encrypted to it need it)")
+    key = BackupKey.generate()
+    try:
+        key.save(out_file)
+        key.public().save(pub_file)
+    except (OSError, KasouError) as e:
+        out_file.unlink(missing_ok=True)
+        fail(f"cannot write the backup key: {getattr(e, 'message', None) or e}")
+    say(f"backup key {key.fingerprint}: private part in {out_file} (mode 0600), public part in {pub_file}")
+    say("Write this paper key down and keep it offline, away from every server; restores need it:")
+    out.print(key.paper(), markup=False, highlight=False)
+    say(f"then: kasou backup server set --url URL --token T --fingerprint F --public-key {pub_file}")
+
+
+@key_app.command("export")
+def key_export(
+    key_file: str = typer.Option(..., "--key", help="The private key's file."),
+    paper: bool = typer.Option(False, "--paper", help="Print its paper copy (else its public part, as JSON)."),
+) -> None:
+    """Print a backup key's paper copy, or its public part."""
+    key = load_key(key_file, False)
+    if paper:
+        out.print(key.paper(), markup=False, highlight=False)
+    else:
+        out.print(key.public().to_json(), markup=False, highlight=False)
+
+
+@server_app.command("set")
+def server_set(
+    url: str = typer.Option(..., "--url", help="The backup server, e.g. https://backup1.hospital.local:8472"),
+    token: str = typer.Option(None, "--token", help="A writer token it issued (or --token-stdin)."),
+    token_stdin: bool = typer.Option(False, "--token-stdin", help="Read the token from standard input."),
+    fingerprint: str = typer.Option(None, "--fingerprint", help="Its certificate's SHA-256 (backup-server show)."),
+    public_key: Path = typer.Option(..., "--public-key", help="The site's backup public key (backup key create)."),
+) -> None:
+    """Copy every new backup generation to this backup server (checked before it is kept)."""
+    if token_stdin:
+        token = sys.stdin.readline().strip()
+    if not token:
+        fail("give the backup server's writer token: --token T or --token-stdin")
+    try:
+        pub = PublicBackupKey.load(public_key)
+    except KasouError as e:
+        fail(e.message)
+    except OSError as e:
+        fail(f"cannot read the public key {public_key}: {e.strerror}")
+    body = {"url": url, "token": token, "fingerprint": fingerprint, "public_key": json.loads(pub.to_json())}
+    v = client().put("/v1/backup-server", json=body)
+    say(f"backups are copied to {v['url']} (server {v['server_id']}), encrypted to key {v['key_fingerprint']}")
+
+
+@server_app.command("show")
+def server_show(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The backup server new generations are copied to."""
+    v = client().get("/v1/backup-server")
+    if as_json:
+        print_json(v)
+    elif v is None:
+        say("no backup server is set: generations stay on their hosts only")
+    else:
+        say(f"{v['url']} (server {v['server_id']}, certificate {v['fingerprint'] or '-'}); key {v['key_fingerprint']}")
+
+
+@server_app.command("unset")
+def server_unset() -> None:
+    """Stop copying new generations to the backup server (what it holds stays there)."""
+    removed = client().delete("/v1/backup-server").get("removed")
+    say("no backup server is set any more" if removed else "no backup server was set")

@@ -1,0 +1,108 @@
+"""Generations copied to a real backup server (a ``kasou backup-server serve`` process on loopback) through the
+API, with the fake driver and real qcow2 files: the copy after each backup (an incremental reads only its
+changed chunks), the listing with locks, a restore from the server with the operator's key, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kasou.vault import immutable
+from kasou.vault.crypt import BackupKey
+from tests.functional.conftest import Env
+from tests.functional.test_api_backups import backup, read_ok, write
+from tests.vault_servers import Server, start, stop, writer_token
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = start(tmp_path / "backup-server", "bk1")
+    try:
+        yield s
+    finally:
+        stop(s)
+        immutable.release_tree(tmp_path)
+
+
+def key_json(key: BackupKey) -> dict[str, Any]:
+    return dict(json.loads(key.to_json()))
+
+
+def set_server(env: Env, server: Server, key: BackupKey, **over: Any) -> Any:
+    body = {"url": server.url, "token": writer_token(server), "fingerprint": server.fingerprint,
+            "public_key": json.loads(key.public().to_json()), **over}  # fmt: skip
+    return env.api.put("/v1/backup-server", json=body)
+
+
+def test_copies_on_the_server_and_a_restore_from_it(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    assert env.api.get("/v1/backup-server").json() is None
+    r = set_server(env, server, key)
+    assert r.status_code == 200, r.text
+    assert r.json()["key_fingerprint"] == key.fingerprint and "token" not in r.text
+    disk = env.create("emr", disk="16M")["disks"][0]["path"]
+    write(disk, 0x11, "0")
+    j1 = backup(env, "emr")
+    assert j1["state"] == "succeeded", j1
+    o1 = j1["result"]["offsite"]
+    assert o1["generation"] == 1 and not o1["incremental"] and o1["bytes_sent"] > 0, j1
+    write(disk, 0x22, "8M")
+    j2 = backup(env, "emr", incremental=True)
+    o2 = j2["result"]["offsite"]
+    assert o2["incremental"] and o2["bytes_read"] == 4 << 20, o2  # the one 4 MiB chunk written since
+    held = env.api.get("/v1/vms/emr/backups/server").json()
+    assert [g["generation"] for g in held] == [1, 2] and all(g["locked_until"] for g in held), held
+
+    shutil.rmtree(env.tmp / "backups")  # the host loses its own generations
+    body = {"as": "emr-r", "from_server": True, "key": key_json(key)}
+    r = env.api.post("/v1/vms/emr/backups/2/restore", json=body)
+    assert r.status_code == 202, r.text
+    j = env.wait(r.json()["job"])
+    assert j["state"] == "succeeded", j
+    got = env.api.get("/v1/vms/emr-r").json()
+    assert got["state"] == "stopped" and (got["vcpus"], got["memory_mib"]) == (1, 128)
+    assert read_ok(got["disks"][0]["path"], 0x11, "0") and read_ok(got["disks"][0]["path"], 0x22, "8M")
+
+
+def test_bad_input_changes_nothing(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    env.create("emr")
+    body = {"as": "emr-r", "from_server": True, "key": key_json(key)}
+    r = env.api.post("/v1/vms/emr/backups/1/restore", json=body)
+    assert r.status_code == 409 and "no backup server is set" in r.json()["message"], r.text
+    r = set_server(env, server, key, fingerprint="00" * 32)
+    assert r.status_code >= 400 and "certificate" in r.json()["message"], r.text
+    r = set_server(env, server, key, token="not-a-token")
+    assert r.status_code >= 400, r.text
+    assert env.api.get("/v1/backup-server").json() is None
+    assert set_server(env, server, key).status_code == 200
+    assert backup(env, "emr")["state"] == "succeeded"
+    r = env.api.post("/v1/vms/emr/backups/1/restore", json={**body, "key": key_json(BackupKey.generate())})
+    assert r.status_code == 422 and "encrypted to key" in r.json()["message"], r.text
+    r = env.api.post("/v1/vms/emr/backups/1/restore", json={"as": "emr-r", "from_server": True})
+    assert r.status_code == 422 and "backup key" in r.json()["message"], r.text
+    r = env.api.post("/v1/vms/emr/backups/9/restore", json=body)
+    assert r.status_code == 404, r.text
+    assert [v["name"] for v in env.api.get("/v1/vms").json()] == ["emr"]
+    assert env.api.delete("/v1/backup-server").json() == {"removed": True}
+    j = backup(env, "emr")
+    assert j["state"] == "succeeded" and j["result"]["offsite"] is None, j
+
+
+def test_a_copy_that_fails_keeps_the_generation_and_is_an_event(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    assert set_server(env, server, key).status_code == 200
+    env.create("emr")
+    stop(server)  # the backup server is unreachable at the next backup
+    j = backup(env, "emr")
+    assert j["state"] == "succeeded", j
+    assert j["result"]["offsite"] is None and j["result"]["offsite_error"], j
+    [g] = env.api.get("/v1/vms/emr/backups").json()
+    assert g["offsite_error"] and g["offsite"] is None
+    kinds = [e["kind"] for e in env.api.get("/v1/events").json()]
+    assert "backup_offsite_failed" in kinds, kinds
