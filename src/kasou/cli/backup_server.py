@@ -28,7 +28,9 @@ backup_server_app = typer.Typer(
 )
 client_app = typer.Typer(help="The clients (hypervisors, second sites) and their tokens.", no_args_is_help=True)
 policy_app = typer.Typer(help="Retention and lock policy.", no_args_is_help=True)
+key_app = typer.Typer(help="The backup keys generations must be encrypted to.", no_args_is_help=True)
 backup_server_app.add_typer(client_app, name="client")
+backup_server_app.add_typer(key_app, name="key")
 backup_server_app.add_typer(policy_app, name="policy")
 
 ENV_DIR = "KASOU_BACKUP_SERVER_DIR"
@@ -129,6 +131,7 @@ def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")
         "fingerprint": tlscert.display(tlscert.cert_fingerprint(store.root / "tls")),
         "immutable": store.probe_immutable(),
         "clients": len(store.clients()),
+        "keys": ", ".join(store.allowed_keys()) or "any (allow the site's: kasou backup-server key allow FP)",
         "vms": len(store.vms()),
         "generations": gens,
         "chunks": chunks,
@@ -142,6 +145,33 @@ def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")
     data["immutable"] = "yes (chattr +i)" if data["immutable"] else "no: this file system does not keep the flag"
     for k, v in data.items():
         say(f"{k:12} {v}")
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+@key_app.command("allow")
+def key_allow(fingerprint: str, directory: Path = DirOpt) -> None:
+    """Accept generations encrypted to this backup key (``kasou backup key create`` printed its fingerprint);
+    once one key is allowed, generations encrypted to any other are refused."""
+    _store(directory).allow_key(fingerprint.strip().lower())
+    say(f"generations encrypted to key {fingerprint} are accepted; any other key is refused")
+
+
+@key_app.command("remove")
+def key_remove(fingerprint: str, directory: Path = DirOpt) -> None:
+    """Stop accepting new generations encrypted to this key (those held stay)."""
+    _store(directory).disallow_key(fingerprint.strip().lower())
+    say(f"key {fingerprint} is no longer accepted for new generations")
+
+
+@key_app.command("list")
+def key_list(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    keys = _store(directory).allowed_keys()
+    if as_json:
+        print_json(keys)
+    else:
+        say("\n".join(keys) if keys else "any key is accepted (none allowed yet)")
 
 
 # -- clients -------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from kasou import __version__
-from kasou.errors import AlreadyExists, BackupCorrupt, InvalidSpec, NotFound, TooLarge, WrongState
+from kasou.errors import AlreadyExists, BackupCorrupt, Forbidden, InvalidSpec, NotFound, TooLarge, WrongState
 from kasou.model.names import validate_name
 from kasou.vault import immutable
 from kasou.vault.index import (
+    FINGERPRINT_RE,
     MAGIC,
     MAX_BLOB,
     STATE_KEYS,
@@ -237,6 +238,34 @@ class Store:
             write_json(self.root / "clients.json", {"clients": kept})
         self.event("client_removed", client=name)
 
+    # -- the backup keys generations may be encrypted to ---------------------------------
+
+    def allowed_keys(self) -> list[str]:
+        """The key fingerprints this server accepts generations for (empty: any key, until one is allowed)."""
+        path = self.root / "keys.json"
+        return list(read_json(path)["allowed"]) if path.exists() else []
+
+    def allow_key(self, fingerprint: str) -> None:
+        """Accept generations encrypted to this key. Once a key is allowed, every other key is refused: an
+        attacker holding the hypervisors and kasou's administrator token cannot have new generations
+        encrypted to a key of their own."""
+        if not FINGERPRINT_RE.fullmatch(fingerprint):
+            raise InvalidSpec(f"{fingerprint!r} is not a backup key fingerprint (16 lowercase hex digits)",
+                              field="fingerprint")  # fmt: skip
+        with self.locked():
+            have = self.allowed_keys()
+            if fingerprint not in have:
+                write_json(self.root / "keys.json", {"allowed": [*have, fingerprint]})
+        self.event("key_allowed", key=fingerprint)
+
+    def disallow_key(self, fingerprint: str) -> None:
+        with self.locked():
+            have = self.allowed_keys()
+            if fingerprint not in have:
+                raise NotFound(f"key {fingerprint} is not allowed here")
+            write_json(self.root / "keys.json", {"allowed": [k for k in have if k != fingerprint]})
+        self.event("key_disallowed", key=fingerprint)
+
     def authenticate(self, token: str) -> Client | None:
         """The client holding ``token``, or None. Every stored hash is compared in constant time."""
         presented = token_hash(token).encode()
@@ -373,6 +402,11 @@ class Store:
         vm, gen = index["vm"], index["generation"]
         ipath, spath = self.index_path(vm, gen), self.state_path(vm, gen)
         needed = chunk_ids(index)
+        allowed = self.allowed_keys()
+        if allowed and index["key_fingerprint"] not in allowed:
+            self.event("refused", vm=vm, generation=gen, reason=f"key {index['key_fingerprint']} not allowed")
+            raise Forbidden(f"generation {gen} of {vm} is encrypted to key {index['key_fingerprint']}, which this "
+                            f"backup server does not accept (allowed: {', '.join(allowed)})")  # fmt: skip
         with self.locked():
             if ipath.exists():
                 self.event("refused", vm=vm, generation=gen, reason="exists")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.errors import AlreadyExists, InvalidSpec, NotFound, TooLarge, WrongState
+from kasou.errors import AlreadyExists, Forbidden, InvalidSpec, NotFound, TooLarge, WrongState
 from kasou.vault import immutable, policy
 from kasou.vault.index import MAX_BLOB, summary
 from kasou.vault.store import Store
@@ -53,6 +53,20 @@ def test_a_generation_is_kept_with_the_policys_lock(store: Store, clock: Clock) 
     assert state["locked_until"] == clock.t + 90 * DAY
     added = [e for e in store.events() if e["event"] == "added"]
     assert [(e["vm"], e["generation"]) for e in added] == [("emr-db", 1), ("emr-db", 2)]
+
+
+def test_once_a_key_is_allowed_generations_encrypted_to_another_are_refused(store: Store) -> None:
+    ids = put_blobs(store, 2)
+    policy.add_generation(store, make_index("emr-db", 1, [ids[0]], ids[1]))  # no key allowed yet: any key
+    store.allow_key("0123456789abcdef")
+    policy.add_generation(store, make_index("emr-db", 2, [ids[0]], ids[1]))
+    with pytest.raises(Forbidden, match="does not accept"):  # an attacker's own key
+        policy.add_generation(store, make_index("emr-db", 3, [ids[0]], ids[1], key_fingerprint="f" * 16))
+    assert store.generation_numbers("emr-db") == [1, 2]
+    with pytest.raises(InvalidSpec, match="not a backup key fingerprint"):
+        store.allow_key("../x")
+    store.disallow_key("0123456789abcdef")
+    assert store.allowed_keys() == []
 
 
 def test_a_generation_naming_a_chunk_not_held_is_refused(store: Store) -> None:
