@@ -166,6 +166,7 @@ def main() -> None:
             if victim == lead:  # the leader's host is never the one killed: this measures a host failure
                 victim = next(h for h in ("h1", "h2", "h3") if h != lead)
                 kasou(lead, "vm", "migrate", VM, "--to", victim)
+                wait("PostgreSQL after the migration", lambda: psql("SELECT 1").returncode == 0, 120, every=1)
             load = Load(next_id)
             t_load = time.monotonic()
             while time.monotonic() - t_load < 5.0:  # a steady load before the kill
