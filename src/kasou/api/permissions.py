@@ -86,6 +86,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/backup-server"): need("read"),
     ("PUT", "/v1/backup-server"): need("hosts"),
     ("DELETE", "/v1/backup-server"): need("hosts"),
+    ("POST", "/v1/backup-server/restore-plan"): need("hosts"),
     ("GET", "/v1/vms/{name}/backup-policy"): need("vm.read", vm="name"),
     ("PATCH", "/v1/vms/{name}/backup-policy"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/disks/{disk_id}/rebuild"): need("operate", vm="name"),
