@@ -127,3 +127,18 @@ def test_the_restore_plan_orders_by_priority_and_stops_before_a_time(env: Env, s
     assert r.status_code == 404 and "no generation of 'nope'" in r.json()["message"], r.text
     r = env.api.post("/v1/backup-server/restore-plan", json={"key": key_json(BackupKey.generate())})
     assert r.status_code == 422 and "encrypted to key" in r.json()["message"], r.text
+
+
+def test_status_says_which_vms_are_not_ok(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    env.create("emr")
+    env.create("lab")
+    assert backup(env, "emr")["state"] == "succeeded"
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["state"] == "ok" and rows["lab"]["state"] == "never", rows
+    assert set_server(env, server, key).status_code == 200
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["state"] == "not_copied", rows  # made before the site had a backup server
+    assert backup(env, "emr")["state"] == "succeeded"
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["state"] == "ok" and rows["emr"]["offsite_generation"] == 2 and rows["emr"]["locked_until"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from kasou.control.backup_status import BackupStatus, status
 from kasou.control.backups import BackupView, PolicyUpdate, PolicyView
 from kasou.control.offsite import OffsiteSet, OffsiteView, RestorePlanItem, RestorePlanRequest
 from kasou.control.records import JobRecord
@@ -99,6 +100,11 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
     async def list_server_backups(name: str) -> list[dict[str, Any]]:
         """The generations of the name the backup server holds, with their locks and verification."""
         return await svc().vms.backups.offsite.generations(name)
+
+    @r.get("/backups/status")
+    async def backup_status() -> list[BackupStatus]:
+        """Per VM: its newest generation, its age against its schedule, its copy on the backup server."""
+        return await status(svc().vms.backups)
 
     @r.get("/backup-server")
     async def get_backup_server() -> OffsiteView | None:

@@ -84,6 +84,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/vms/{name}/backups/{generation}/restore"): need("operate", vm="name"),
     ("GET", "/v1/vms/{name}/backups/server"): need("vm.read", vm="name"),
     ("GET", "/v1/backup-server"): need("read"),
+    ("GET", "/v1/backups/status"): need("read"),
     ("PUT", "/v1/backup-server"): need("hosts"),
     ("DELETE", "/v1/backup-server"): need("hosts"),
     ("POST", "/v1/backup-server/restore-plan"): need("hosts"),

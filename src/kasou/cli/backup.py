@@ -146,6 +146,27 @@ def backup_restore(
     say(f"vm {as_name}: restored from {where} {gen} of {vm} on {res['vm']['host']} (stopped)")
 
 
+@backup_app.command("status")
+def backup_status(
+    check: bool = typer.Option(False, "--check", help="Exit 1 if any VM's backups are not ok (for monitoring)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per VM: its newest backup, its age against its schedule, and its copy on the backup server."""
+    rows = client().get("/v1/backups/status")
+    if as_json:
+        print_json(rows)
+    else:
+        t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "why")
+        for s in rows:
+            age = "-" if s["age_s"] is None else f"{s['age_s'] / 3600:.1f} h"
+            t.add_row(s["vm"], s["state"], str(s["last_generation"] or "-"), _when(s["last_at"]), age,
+                      str(s["offsite_generation"] or "-"), _when(s["locked_until"]), s["reason"])  # fmt: skip
+        out.print(t)
+    bad = [s["vm"] for s in rows if s["state"] != "ok"]
+    if check and bad:
+        fail(f"backups not ok for {len(bad)} VM{'s' if len(bad) > 1 else ''}: {', '.join(bad)}")
+
+
 @backup_app.command("restore-all")
 def backup_restore_all(
     from_server: bool = typer.Option(False, "--from-server", help="From the backup server (the only source)."),
