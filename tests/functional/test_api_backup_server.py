@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,38 @@ def test_a_copy_that_fails_keeps_the_generation_and_is_an_event(env: Env, server
     assert g["offsite_error"] and g["offsite"] is None
     kinds = [e["kind"] for e in env.api.get("/v1/events").json()]
     assert "backup_offsite_failed" in kinds, kinds
+
+
+def test_the_restore_plan_orders_by_priority_and_stops_before_a_time(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    assert set_server(env, server, key).status_code == 200
+    env.create("pacs", priority=20)
+    env.create("emr", priority=90)
+    for vm in ("pacs", "emr"):
+        assert backup(env, vm)["state"] == "succeeded"
+    cut = time.time()
+    time.sleep(0.05)
+    assert backup(env, "emr")["state"] == "succeeded"
+    plan = env.api.post("/v1/backup-server/restore-plan", json={"key": key_json(key)}).json()
+    assert [(p["vm"], p["generation"], p["priority"]) for p in plan] == [("emr", 2, 90), ("pacs", 1, 20)], plan
+    plan = env.api.post("/v1/backup-server/restore-plan", json={"key": key_json(key), "before": cut}).json()
+    assert [(p["vm"], p["generation"]) for p in plan] == [("emr", 1), ("pacs", 1)], plan
+    r = env.api.post("/v1/backup-server/restore-plan", json={"key": key_json(key), "vms": ["nope"]})
+    assert r.status_code == 404 and "no generation of 'nope'" in r.json()["message"], r.text
+    r = env.api.post("/v1/backup-server/restore-plan", json={"key": key_json(BackupKey.generate())})
+    assert r.status_code == 422 and "encrypted to key" in r.json()["message"], r.text
+
+
+def test_status_says_which_vms_are_not_ok(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    env.create("emr")
+    env.create("lab")
+    assert backup(env, "emr")["state"] == "succeeded"
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["state"] == "ok" and rows["lab"]["state"] == "never", rows
+    assert set_server(env, server, key).status_code == 200
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["state"] == "not_copied", rows  # made before the site had a backup server
+    assert backup(env, "emr")["state"] == "succeeded"
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["state"] == "ok" and rows["emr"]["offsite_generation"] == 2 and rows["emr"]["locked_until"]

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from kasou.control.backup_status import BackupStatus, status
 from kasou.control.backups import BackupView, PolicyUpdate, PolicyView
-from kasou.control.offsite import OffsiteSet, OffsiteView
+from kasou.control.offsite import OffsiteSet, OffsiteView, RestorePlanItem, RestorePlanRequest
 from kasou.control.records import JobRecord
 from kasou.control.vms import VMView
 from kasou.errors import Forbidden, InvalidSpec
@@ -100,6 +101,11 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
         """The generations of the name the backup server holds, with their locks and verification."""
         return await svc().vms.backups.offsite.generations(name)
 
+    @r.get("/backups/status")
+    async def backup_status() -> list[BackupStatus]:
+        """Per VM: its newest generation, its age against its schedule, its copy on the backup server."""
+        return await status(svc().vms.backups)
+
     @r.get("/backup-server")
     async def get_backup_server() -> OffsiteView | None:
         """The site's backup server, or null (the token and key are never shown)."""
@@ -109,6 +115,11 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
     async def set_backup_server(body: OffsiteSet) -> OffsiteView:
         """Copy every new generation to this backup server, encrypted to this public key (checked first)."""
         return await svc().vms.backups.offsite.set(body)
+
+    @r.post("/backup-server/restore-plan")
+    async def restore_plan(body: RestorePlanRequest) -> list[RestorePlanItem]:
+        """What bringing every VM back from the backup server restores, in order (opened with the given key)."""
+        return await svc().vms.backups.offsite.plan(body.key, body.before, body.vms)
 
     @r.delete("/backup-server")
     async def remove_backup_server() -> dict[str, bool]:

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.backup_offsite import key_app, load_key, server_app
+from kasou.cli.backup_offsite import key_app, load_key, restore_all, server_app
 from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -144,6 +144,45 @@ def backup_restore(
     follow(c, res["job"], f"restoring {vm} generation {gen}", timeout=7200)
     where = "the backup server's generation" if from_server else "generation"
     say(f"vm {as_name}: restored from {where} {gen} of {vm} on {res['vm']['host']} (stopped)")
+
+
+@backup_app.command("status")
+def backup_status(
+    check: bool = typer.Option(False, "--check", help="Exit 1 if any VM's backups are not ok (for monitoring)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per VM: its newest backup, its age against its schedule, and its copy on the backup server."""
+    rows = client().get("/v1/backups/status")
+    if as_json:
+        print_json(rows)
+    else:
+        t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "why")
+        for s in rows:
+            age = "-" if s["age_s"] is None else f"{s['age_s'] / 3600:.1f} h"
+            t.add_row(s["vm"], s["state"], str(s["last_generation"] or "-"), _when(s["last_at"]), age,
+                      str(s["offsite_generation"] or "-"), _when(s["locked_until"]), s["reason"])  # fmt: skip
+        out.print(t)
+    bad = [s["vm"] for s in rows if s["state"] != "ok"]
+    if check and bad:
+        fail(f"backups not ok for {len(bad)} VM{'s' if len(bad) > 1 else ''}: {', '.join(bad)}")
+
+
+@backup_app.command("restore-all")
+def backup_restore_all(
+    from_server: bool = typer.Option(False, "--from-server", help="From the backup server (the only source)."),
+    key: str = typer.Option(None, "--key", help="The backup key's file."),
+    paper_key: bool = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy."),
+    before: str = typer.Option(None, "--before", help="Newest generations from before this time (YYYY-MM-DD HH:MM)."),
+    vms: str = typer.Option(None, "--vms", help="Only these VMs (a,b,c); default: every VM the server holds."),
+    start: bool = typer.Option(False, "--start", help="Start each VM once it is restored."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be restored, in order."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Bring every VM back from the backup server (a site rebuilt after an attack), highest HA priority first,
+    each under its own name (which must be free), from its newest generation (before --before)."""
+    if not from_server:
+        fail("restore-all reads the backup server: give --from-server (and --key or --paper-key)")
+    restore_all(key, paper_key, before, vms, start, dry_run, as_json)
 
 
 @backup_app.command("schedule")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.table import Table
 
-from kasou.cli.common import client, fail, out, print_json, say
+from kasou.cli.common import client, fail, follow, out, print_json, say
 from kasou.errors import KasouError
+from kasou.model.units import format_size
 from kasou.vault.crypt import BackupKey, PublicBackupKey
 
 key_app = typer.Typer(help="The site's backup key: encrypts every copy on the backup server.", no_args_is_help=True)
@@ -115,3 +119,69 @@ def server_unset() -> None:
     """Stop copying new generations to the backup server (what it holds stays there)."""
     removed = client().delete("/v1/backup-server").get("removed")
     say("no backup server is set any more" if removed else "no backup server was set")
+
+
+def parse_time(value: str) -> float:
+    """``YYYY-MM-DD HH:MM[:SS]`` (this machine's local time) or seconds since the epoch."""
+    v = value.strip()
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"):
+        try:
+            return time.mktime(time.strptime(v, fmt))
+        except ValueError:
+            continue
+    fail(f"--before {value!r}: give a time as YYYY-MM-DD HH:MM (local time) or seconds since the epoch")
+    raise AssertionError("unreachable")
+
+
+def restore_all(key: str | None, paper_key: bool, before: str | None, vms: str | None, start: bool,
+                dry_run: bool, as_json: bool) -> None:  # fmt: skip
+    """Bring every VM the backup server holds back, highest HA priority first (see ``backup restore-all``)."""
+    k = json.loads(load_key(key, paper_key).to_json())
+    body: dict[str, Any] = {"key": k}
+    if before is not None:
+        body["before"] = parse_time(before)
+    if vms:
+        body["vms"] = [v.strip() for v in vms.split(",") if v.strip()]
+    c = client()
+    plan = c.post("/v1/backup-server/restore-plan", json=body)
+    t = Table("order", "vm", "generation", "taken", "priority", "memory", "disks")
+    for i, p in enumerate(plan, 1):
+        t.add_row(str(i), p["vm"], str(p["generation"]), _when(p["created"]), str(p["priority"]),
+                  f"{p['memory_mib']} MiB", format_size(p["bytes_logical"]))  # fmt: skip
+    if dry_run:
+        if as_json:
+            print_json(plan)
+        else:
+            out.print(t)
+        return
+    if not as_json:
+        out.print(t)
+    t0 = time.monotonic()
+    done = []
+    for i, p in enumerate(plan, 1):
+        t1 = time.monotonic()
+        res = c.post(f"/v1/vms/{p['vm']}/backups/{p['generation']}/restore",
+                     json={"as": p["vm"], "from_server": True, "key": k})  # fmt: skip
+        follow(c, res["job"], f"[{i}/{len(plan)}] restoring {p['vm']} (generation {p['generation']})", timeout=86_400)
+        if start:
+            job = c.post(f"/v1/vms/{p['vm']}/actions/start")["job"]
+            follow(c, job, f"[{i}/{len(plan)}] starting {p['vm']}", timeout=900)
+        row = {"vm": p["vm"], "generation": p["generation"], "host": res["vm"]["host"],
+               "seconds": round(time.monotonic() - t1, 1)}  # fmt: skip
+        done.append(row)
+        if not as_json:
+            say(f"vm {p['vm']}: restored from generation {p['generation']} on {row['host']}"
+                f"{' and started' if start else ' (stopped)'} in {row['seconds']} s")  # fmt: skip
+    total = round(time.monotonic() - t0, 1)
+    if as_json:
+        print_json({"restored": done, "seconds": total})
+    else:
+        say(f"{len(done)} VMs restored from the backup server in {total} s")
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))

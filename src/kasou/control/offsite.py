@@ -69,6 +69,28 @@ class OffsiteView(BaseModel):
     set_at: float
 
 
+class RestorePlanItem(BaseModel):
+    vm: str
+    generation: int
+    created: float  # the point in time it holds
+    received: float  # when the backup server got it
+    locked_until: float | None
+    priority: int  # the VM's HA priority when it was backed up: restored first when highest
+    vcpus: int
+    memory_mib: int
+    bytes_logical: int
+
+
+class RestorePlanRequest(BaseModel):
+    """Body of ``POST /v1/backup-server/restore-plan``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: dict[str, Any]  # the backup key's private part, for this request only
+    before: float | None = None  # only generations the server received before this time (an attack's start)
+    vms: list[str] | None = None  # only these names (default: every VM the server holds)
+
+
 class OffsiteCopy(BaseModel):
     """What the backup server holds of a generation (in its :class:`BackupRecord`)."""
 
@@ -81,6 +103,13 @@ class OffsiteCopy(BaseModel):
     incremental: bool
     locked_until: float | None
     key_fingerprint: str
+
+
+def _key(key_json: dict[str, Any]) -> BackupKey:
+    try:
+        return BackupKey.from_json(key_json)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidSpec(f"the backup key does not read: {e}", field="key") from None
 
 
 def _what(field: str) -> str:
@@ -176,7 +205,8 @@ class Offsite:
                              incremental_of=prev_files.get(d.backing) if d.backing else None)
                  for d in backup.disks]  # fmt: skip
         config = {"record": backup.model_dump(mode="json", exclude={"offsite", "disks"}),
-                  "digests": {d.disk_id: d.digest for d in backup.disks}}  # fmt: skip
+                  "digests": {d.disk_id: d.digest for d in backup.disks},
+                  "vm": {"priority": rec.priority, "ha": rec.ha}}  # fmt: skip
         req = BackupSend(server=server, public_key=public_key, vm_uuid=rec.uuid, generation=backup.generation,
                          created=backup.created_at, disks=disks, config=config,
                          tpm_path=backup.tpm.path if backup.tpm is not None else None)  # fmt: skip
@@ -188,6 +218,41 @@ class Offsite:
 
     # -- restore from the server -----------------------------------------------------------------------
 
+    async def plan(
+        self, key_json: dict[str, Any], before: float | None = None, names: list[str] | None = None
+    ) -> list[RestorePlanItem]:
+        """What bringing every VM back from the server restores, in order: for each VM name the server holds (or
+        each of ``names``), its newest generation received before ``before`` (a time before an attack: later
+        generations may hold encrypted disks); highest HA priority first, then the name."""
+        key = _key(key_json)
+        server = await self._needed()
+        for n in names or []:
+            validate_name(n)
+
+        def gather() -> list[RestorePlanItem]:
+            out = []
+            with vault.VaultClient(server.url, server.token, fingerprint=server.fingerprint) as c:
+                listed = c.list_all()
+                for vm in sorted({str(g["vm"]) for g in listed} if names is None else set(names)):
+                    fit = [g for g in listed if g["vm"] == vm and (before is None or float(g["received"]) < before)]
+                    if not fit:
+                        raise NotFound(f"the backup server holds no generation of {vm!r}"
+                                       + (" from before that time" if before is not None else ""))  # fmt: skip
+                    g = max(fit, key=lambda x: int(x["generation"]))
+                    index = c.get_generation(vm, int(g["generation"]))
+                    config = vault.restore_config(c, key, index)
+                    rec = dict(config.get("record", {}))
+                    out.append(RestorePlanItem(
+                        vm=vm, generation=int(g["generation"]), created=float(index["created"]),
+                        received=float(g["received"]), locked_until=g.get("locked_until"),
+                        priority=int(dict(config.get("vm", {})).get("priority", 50)),
+                        vcpus=int(rec.get("vcpus", 1)), memory_mib=int(rec.get("memory_mib", 512)),
+                        bytes_logical=int(index.get("bytes_logical", 0)),
+                    ))  # fmt: skip
+            return sorted(out, key=lambda i: (-i.priority, i.vm))
+
+        return await asyncio.to_thread(gather)
+
     async def restore(
         self, vm: str, generation: int, new_name: str, key_json: dict[str, Any], host: str | None = None
     ) -> tuple[VMView, JobRecord]:
@@ -197,10 +262,7 @@ class Offsite:
         generation. Bad input (no such generation, the wrong key) is refused before anything is made."""
         validate_name(vm)
         validate_name(new_name)
-        try:
-            key = BackupKey.from_json(key_json)
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidSpec(f"the backup key does not read: {e}", field="key") from None
+        key = _key(key_json)
         server = await self._needed()
 
         def opened() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -225,6 +287,7 @@ class Offsite:
             description=f"restored from the backup server's generation {generation} of VM {vm}",
             nics=nics, department=src.get("department"), cpu=src.get("cpu"), machine=src.get("machine"),
             firmware=src.get("firmware", "bios"), os=src.get("os"), state=VMState.CREATING, host=host, job=job_id,
+            priority=int(dict(config.get("vm", {})).get("priority", 50)),
         )  # fmt: skip
         try:
             await self.vms.store.create(vm_key(new_name), rec.model_dump(mode="json"))

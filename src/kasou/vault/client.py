@@ -249,6 +249,12 @@ class VaultClient:
         items = body.get("generations", []) if isinstance(body, dict) else body
         return [dict(x) for x in items]
 
+    def list_all(self) -> list[dict[str, Any]]:
+        """Every generation the server holds, of every VM (disks reduced as in :meth:`list_generations`)."""
+        body = self._json("GET", "/v1/generations")
+        items = body.get("generations", []) if isinstance(body, dict) else body
+        return [dict(x) for x in items]
+
     def get_generation(self, vm: str, generation: int) -> dict[str, Any]:
         """The index of one generation with the server's state, as one dict."""
         body = self._json("GET", f"/v1/generations/{validate_name(vm, 'vm')}/{int(generation)}")

@@ -1,0 +1,18 @@
+"""The state of a VM's backups in ``kasou backup status`` (kasou.control.backup_status.judge)."""
+
+from __future__ import annotations
+
+from kasou.control.backup_status import DAY_S, judge
+
+NOW = 1_800_000_000.0
+
+
+def test_states() -> None:
+    assert judge(None, None, False, False, 3600, NOW)[0] == "never"
+    assert judge("02:00", NOW - 3600, True, True, 3600, NOW) == ("ok", "")
+    state, why = judge("02:00", NOW - DAY_S - 7200, True, True, 3600, NOW)
+    assert state == "late" and "26 h old" in why and "02:00" in why
+    assert judge("02:00", NOW - DAY_S - 1800, True, True, 3600, NOW)[0] == "ok"  # within the grace
+    assert judge(None, NOW - 10 * DAY_S, False, False, 3600, NOW)[0] == "ok"  # no schedule: age is not late
+    state, why = judge("02:00", NOW - 60, False, True, 3600, NOW)
+    assert state == "not_copied" and "backup server" in why
