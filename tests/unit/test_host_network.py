@@ -232,6 +232,16 @@ def test_without_an_uplink_a_network_stays_on_the_host(fake: FakeNetlink) -> Non
     assert fake.names("eth1.") == [] and host.tagging is None
 
 
+def test_an_isolated_network_never_gets_the_uplink(fake: FakeNetlink) -> None:
+    host = Host(fake)
+    isolated = NicSpec(id="net0", mac="52:54:00:00:00:01", network="drill", isolated=True)
+    host.plug("a", [isolated])
+    assert fake.master(tap_name("a", "net0")) == "kb-drill"
+    assert fake.master("eth1") is None and fake.names("eth1.") == []  # the uplink is not touched
+    host.plug("m", [nic("mgmt")])  # the one untagged network still takes the uplink
+    assert fake.master("eth1") == "kb-mgmt"
+
+
 def test_a_missing_uplink_is_a_clear_error(fake: FakeNetlink) -> None:
     with pytest.raises(HypervisorError) as e:
         Host(fake, uplink="eth9").plug("a", [nic("clinical", 10)])

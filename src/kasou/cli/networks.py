@@ -24,15 +24,18 @@ def network_create(
     department: list[str] = typer.Option(
         None, "--department", help="Only VMs of this department may use it (repeat for more; default: every one)."
     ),
+    isolated: bool = typer.Option(
+        False, "--isolated", help="Never connected to the hosts' uplink: its VMs reach only each other on a host."
+    ),
 ) -> None:
     """Define a network. Hosts make its bridge (kb-NAME) when a VM on it starts there."""
-    body: dict[str, Any] = {"name": name, "description": description}
+    body: dict[str, Any] = {"name": name, "description": description, "isolated": isolated}
     if vlan is not None:
         body["vlan"] = parse_int(vlan, "vlan")
     if department:
         body["departments"] = list(department)
     n = client().post("/v1/networks", json=body)
-    where = f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
+    where = "isolated: no uplink" if n.get("isolated") else f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
     out.print(f"network {n['name']}: created ({where}{_for_departments(n)})", markup=False, highlight=False)
 
 
@@ -69,7 +72,8 @@ def network_list(as_json: bool = typer.Option(False, "--json")) -> None:
     for n in nets:
         vms = ", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")
         deps = ", ".join(n.get("departments") or []) or "all"
-        t.add_row(n["name"], "-" if n["vlan"] is None else str(n["vlan"]), deps, vms or "-", n["description"])
+        vlan = "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])
+        t.add_row(n["name"], vlan, deps, vms or "-", n["description"])
     out.print(t)
 
 

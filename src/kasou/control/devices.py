@@ -312,7 +312,8 @@ class Devices:
         mac = random_mac()
         while mac in taken:
             mac = random_mac()
-        nic = NicSpec(id=next_id("net", [n.id for n in rec.nics]), mac=mac, network=req.network, vlan=vlan, port=port)
+        nic = NicSpec(id=next_id("net", [n.id for n in rec.nics]), mac=mac, network=req.network, vlan=vlan, port=port,
+                      isolated=await self.vms.networks.is_isolated(req.network))  # fmt: skip
         job_id = self.vms.new_job_id()
         await self._claim(rec, job_id)
 

@@ -99,6 +99,7 @@ class Imports:
         req.check()
         await svc.check_name_free(req.name, req.department, scope)
         vlan = await svc.networks.resolve(req.network, req.department, scope)
+        isolated = await svc.networks.is_isolated(req.network)
         await svc.check_group(req.anti_affinity, req.department, scope)
         pool = await self._pool(req.pool or DEFAULT_POOL)
         if req.ha:
@@ -114,7 +115,8 @@ class Imports:
             cpu=plan.cpu, machine=plan.machine, firmware=plan.firmware,
             description=req.description, department=req.department, anti_affinity=req.anti_affinity, ha=req.ha,
             priority=req.priority, state=VMState.CREATING, host=host, job=job_id,
-            nics=[NicSpec(id=n.id, mac=random_mac(), network=n.network, vlan=vlan) for n in plan.nics],
+            nics=[NicSpec(id=n.id, mac=random_mac(), network=n.network, vlan=vlan, isolated=isolated)
+                  for n in plan.nics],
         )  # fmt: skip
         if req.start:
             await svc.admit(rec)

@@ -43,6 +43,7 @@ class NetworkRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     deleting: bool = False  # a delete is checking that no VM uses it; VM creates refuse it meanwhile
     departments: list[str] | None = None  # the departments whose VMs may use it; None: every department
+    isolated: bool = False  # never connected to a host's uplink
 
     def allows(self, department: str | None) -> bool:
         """May a VM of ``department`` have a NIC on it (a VM without one may: administrators manage it)?"""
@@ -61,6 +62,7 @@ class NetworkView(BaseModel):
     description: str
     created_at: float
     departments: list[str] | None = None  # the departments whose VMs may use it (None: every department)
+    isolated: bool = False  # never connected to a host's uplink: its VMs reach each other on one host only
     vms: list[str]  # the VMs with a NIC on it (a delete is refused while there are any)
 
 
@@ -88,6 +90,7 @@ class Networks:
             description=rec.description,
             created_at=rec.created_at,
             departments=rec.departments,
+            isolated=rec.isolated,
             vms=users.get(rec.name, []),
         )
 
@@ -99,7 +102,8 @@ class Networks:
                 raise AlreadyExists(f"a network named {spec.name!r} already exists")
             if spec.vlan is not None and other.vlan == spec.vlan:
                 raise Conflict(f"VLAN {spec.vlan} already carries network {other.name!r}; a VLAN carries one network")
-        rec = NetworkRecord(name=spec.name, vlan=spec.vlan, description=spec.description, departments=spec.departments)
+        rec = NetworkRecord(name=spec.name, vlan=spec.vlan, description=spec.description, departments=spec.departments,
+                            isolated=spec.isolated)  # fmt: skip
         try:
             rev = await self.store.create(network_key(spec.name), rec.model_dump(mode="json"))
         except StoreConflict:
@@ -193,6 +197,13 @@ class Networks:
             raise InvalidSpec(f"unknown network {name!r} ({listing}{make})", field="network")
         self.check_allows(rec, department)
         return rec.vlan
+
+    async def is_isolated(self, name: str) -> bool:
+        """Is ``name`` an isolated network (its NICs never reach the uplink)? False for an unknown one."""
+        if name == USER_NETWORK:
+            return False
+        e = await self.store.get(network_key(name))
+        return e is not None and bool(NetworkRecord.model_validate(e.value).isolated)
 
     @staticmethod
     def check_allows(rec: NetworkRecord, department: str | None) -> None:

@@ -86,6 +86,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
     spec.check()
     await svc.check_name_free(spec.name, spec.department, scope)
     vlan = await svc.networks.resolve(spec.network, spec.department, scope)
+    isolated = await svc.networks.is_isolated(spec.network)
     await svc.check_group(spec.anti_affinity, spec.department, scope)
     if spec.ha:  # in a cluster HA restarts it on another host: refused for a disk only its own host reaches
         await svc.ha.check_storage(spec.name, spec.storage, spec.mirror or [spec.pool or DEFAULT_POOL], spec.template)
@@ -158,7 +159,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         startup=spec.startup,
         cloud_init=cloud_init,
         replicated=spec.storage == "replicated",
-        nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan)],
+        nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan, isolated=isolated)],
         state=VMState.CREATING,
         host=host,
         job=job_id,

@@ -85,6 +85,7 @@ class NicSpec(BaseModel):
     mac: str
     network: str = USER_NETWORK
     vlan: int | None = None  # the network's 802.1Q VLAN when the VM was created (None: untagged)
+    isolated: bool = False  # its network never reaches the uplink: the VMs of one host only (a restore drill's)
     port: int | None = None  # its hot-plug PCIe root port (None: the root bus, where QEMU cannot unplug it)
 
     @field_validator("mac")
@@ -336,6 +337,7 @@ class NetworkCreate(BaseModel):
     vlan: StrictInt | None = None
     description: str = Field("", max_length=500)
     departments: list[str] | None = None  # the departments whose VMs may use it (None: every department)
+    isolated: bool = False  # never connected to a host's uplink (e.g. where restore drills boot restored VMs)
 
     @classmethod
     def parse(cls, data: Any) -> NetworkCreate:
@@ -347,6 +349,8 @@ class NetworkCreate(BaseModel):
         validate_network_name(self.name)
         validate_vlan(self.vlan)
         check_network_departments(self.departments)
+        if self.isolated and self.vlan is not None:
+            raise InvalidSpec("an isolated network never reaches the uplink: it has no VLAN", field="vlan")
 
 
 class NetworkUpdate(BaseModel):

@@ -169,7 +169,7 @@ class HostNetwork:
         with self._lock, self._ipr() as ipr:
             try:
                 for nic in tap_nics(nics):
-                    bridge = self._ensure_network(ipr, nic.network, nic.vlan)
+                    bridge = self._ensure_network(ipr, nic.network, nic.vlan, nic.isolated)
                     made.append(self._make_tap(ipr, vm, nic.id, bridge, owner))
             except BaseException:
                 for name in made:
@@ -217,11 +217,11 @@ class HostNetwork:
 
     # -- bridges and uplink ports ---------------------------------------------------------
 
-    def _ensure_network(self, ipr: Any, network: str, vlan: int | None) -> str:
+    def _ensure_network(self, ipr: Any, network: str, vlan: int | None, isolated: bool = False) -> str:
         bridge = bridge_name(network)
         fresh = _index(ipr, bridge) is None
         br = _ensure_bridge(ipr, bridge, bridge_alias(network), f"network {network!r}")
-        if self.uplink is None:
+        if self.uplink is None or isolated:  # an isolated network's bridge never gets an uplink port
             return bridge
         try:
             up = _index(ipr, self.uplink)
