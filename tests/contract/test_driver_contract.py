@@ -140,6 +140,8 @@ async def test_a_guest_without_an_agent(rig: Rig, guest: Guest) -> None:
     assert info.guest.hostname is None and info.guest.ips == []
     with pytest.raises(WrongState):
         await rig.driver.guest_shutdown(guest.name)
+    with pytest.raises(WrongState, match="no guest agent answering"):
+        await rig.driver.guest_exec(guest.name, ["/bin/true"], 5)
     assert await state_of(rig, guest.name) == RuntimeState.RUNNING
 
 

@@ -45,6 +45,7 @@ from kasou.hypervisor import imagefiles
 from kasou.hypervisor.backups import BackupDisk, BackupDiskResult
 from kasou.hypervisor.base import (
     Driver,
+    GuestExec,
     GuestInfo,
     IncomingInfo,
     LaunchDisk,
@@ -133,6 +134,9 @@ class FakeDriver(FakeDevices, Driver):
         self.bitmaps: dict[str, dict[str, str]] = {}  # VM -> disk id -> the backup bitmap it keeps
         self.agent_shutdown_exits = True  # a guest whose agent carries out guest-shutdown
         self.agent_shutdowns: list[str] = []  # VMs asked to shut down through their guest agent
+        # guest_exec: program -> (exit code, stdout, stderr) as the guest would answer; runs asked, in order
+        self.guest_programs: dict[str, tuple[int, str, str]] = {"/bin/true": (0, "", "")}
+        self.guest_runs: list[tuple[str, list[str]]] = []
         self.freezes: list[str] = []  # VMs whose file systems were frozen for a snapshot or backup
 
     def set_guest_agent(self, name: str, answering: bool = True, heartbeat: bool = True, **guest: object) -> None:
@@ -231,6 +235,14 @@ class FakeDriver(FakeDevices, Driver):
             self._set(name, RuntimeState.EXITED, pid=None, exit_reason="guest-shutdown")
         else:
             self._set(name, RuntimeState.SHUTTING_DOWN)
+
+    async def guest_exec(self, name: str, argv: list[str], timeout_s: float) -> GuestExec:
+        info = self._active(name)
+        if not info.guest.agent or info.state != RuntimeState.RUNNING:
+            raise WrongState(f"VM {name!r} has no guest agent answering: nothing can run in it")
+        self.guest_runs.append((name, list(argv)))
+        code, out, err = self.guest_programs.get(argv[0], (127, "", f"{argv[0]}: not found"))
+        return GuestExec(exitcode=code, stdout=out, stderr=err, seconds=0.0)
 
     async def stop(self, name: str) -> None:
         if name not in self.vms:

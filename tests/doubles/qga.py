@@ -8,6 +8,7 @@ the connection is accepted and nothing ever comes back (what QEMU does when no a
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from pathlib import Path
@@ -25,6 +26,10 @@ class FakeGuestAgent:
         self.commands: list[str] = []
         self.shutdowns = 0
         self.hostname = "emr-db1"
+        # guest-exec: program -> (exit code, stdout, stderr); a program not listed is not found in the guest
+        self.programs: dict[str, tuple[int, bytes, bytes]] = {"/bin/true": (0, b"", b"")}
+        self.runs: dict[int, tuple[str, list[str], int]] = {}  # pid -> (program, args, status polls left)
+        self.exec_polls = 1  # guest-exec-status answers "still running" this many times first
         self.interfaces: list[dict[str, Any]] = [
             {"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]},
             {"name": "ens3", "ip-addresses": [
@@ -102,6 +107,24 @@ class FakeGuestAgent:
         if cmd == "guest-fsfreeze-thaw":
             was, self.frozen = self.frozen, False
             return _reply({"return": 1 if was else 0})
+        if cmd == "guest-exec":
+            path, args = msg["arguments"]["path"], list(msg["arguments"].get("arg", []))
+            if path not in self.programs:
+                return _reply({"error": {"class": "GenericError", "desc": f"Guest agent command failed, error was "
+                                                                          f"'Failed to execute child process “{path}” "
+                                                                          f"(No such file or directory)'"}})  # fmt: skip
+            pid = 1000 + len(self.runs)
+            self.runs[pid] = (path, args, self.exec_polls)
+            return _reply({"return": {"pid": pid}})
+        if cmd == "guest-exec-status":
+            pid = int(msg["arguments"]["pid"])
+            path, args, left = self.runs[pid]
+            if left > 0:
+                self.runs[pid] = (path, args, left - 1)
+                return _reply({"return": {"exited": False}})
+            code, out, err = self.programs[path]
+            return _reply({"return": {"exited": True, "exitcode": code, "out-data": base64.b64encode(out).decode(),
+                                      "err-data": base64.b64encode(err).decode()}})  # fmt: skip
         if cmd == "guest-fsfreeze-status":
             return _reply({"return": "frozen" if self.frozen else "thawed"})
         return _reply({"error": {"class": "CommandNotFound", "desc": f"command {cmd} not found"}})

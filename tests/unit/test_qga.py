@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.errors import GuestAgentError
+from kasou.errors import GuestAgentError, OperationTimeout
 from kasou.hypervisor.qemu import qga
 from tests.doubles.qga import FakeGuestAgent
 
@@ -155,3 +155,21 @@ async def test_a_refused_freeze_is_crash_consistent_and_a_failing_thaw_is_raised
                 pass
         assert fake.commands.count("guest-fsfreeze-thaw") == 1 + qga.THAW_TRIES
         await agent.close()
+
+
+async def test_a_program_runs_in_the_guest_and_its_output_comes_back(sock: Path) -> None:
+    async with FakeGuestAgent(sock) as fake:
+        fake.programs["/usr/bin/psql"] = (0, b"1\n", b"")
+        fake.programs["/bin/false"] = (1, b"", b"no\n")
+        agent = qga.GuestAgent(sock, timeout_s=2)
+        try:
+            assert await agent.run(["/usr/bin/psql", "-c", "select 1"], 10, every_s=0.01) == (0, b"1\n", b"")
+            assert fake.runs[1000][1] == ["-c", "select 1"]
+            assert await agent.run(["/bin/false"], 10, every_s=0.01) == (1, b"", b"no\n")
+            with pytest.raises(GuestAgentError, match="No such file"):
+                await agent.run(["/nope"], 10)
+            fake.exec_polls = 10_000
+            with pytest.raises(OperationTimeout, match=r"did not end in the guest within 0\.2 s"):
+                await agent.run(["/bin/true"], 0.2, every_s=0.01)
+        finally:
+            await agent.close()

@@ -43,6 +43,8 @@ from kasou.errors import InvalidSpec, NotFound
 from kasou.hypervisor.base import (
     AbortRequest,
     Driver,
+    GuestExec,
+    GuestExecRequest,
     IncomingInfo,
     IncomingRequest,
     LaunchSpec,
@@ -224,6 +226,11 @@ def create_agent_app(agent: Agent) -> FastAPI:
     async def guest_shutdown(name: str) -> RuntimeInfo:
         """Ask the guest's agent to shut the guest down (409 when no guest agent answers)."""
         return await _act(name, d.guest_shutdown)
+
+    @app.post("/agent/v1/vms/{name}/guest/exec")
+    async def guest_exec(name: str, req: GuestExecRequest) -> GuestExec:
+        """Run a command in the guest through its agent and wait for it (409 when no guest agent answers)."""
+        return await d.guest_exec(name, req.argv, req.timeout_s)
 
     @app.post("/agent/v1/vms/{name}/stop")
     async def stop(name: str) -> RuntimeInfo:

@@ -35,6 +35,8 @@ from kasou.agent.replicas import ReplicaCreate, ReplicaInfo, ReplicaPromotion, R
 from kasou.errors import AgentUnavailable, OperationTimeout
 from kasou.hypervisor.base import (
     AbortRequest,
+    GuestExec,
+    GuestExecRequest,
     IncomingInfo,
     IncomingRequest,
     LaunchDisk,
@@ -264,6 +266,12 @@ class AgentClient:
     async def restore_tpm_backup(self, req: TpmRestore) -> FirmwareFiles:
         resp = await self._call("POST", "/backups/restore-tpm", timeout=120, json=req.model_dump())
         return FirmwareFiles.model_validate(resp.json())
+
+    async def guest_exec(self, name: str, argv: builtins.list[str], timeout_s: float = 60.0) -> GuestExec:
+        """Run a command in the VM's guest through its guest agent; its exit code and output."""
+        body = GuestExecRequest(argv=argv, timeout_s=timeout_s)
+        resp = await self._call("POST", f"/vms/{name}/guest/exec", timeout=timeout_s + 30, json=body.model_dump())
+        return GuestExec.model_validate(resp.json())
 
     async def send_backup(self, name: str, req: BackupSend) -> BackupSent:
         """Copy a generation of this host to a backup server (kasou.agent.offsite)."""

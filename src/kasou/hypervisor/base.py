@@ -303,6 +303,22 @@ class ReplicaExports(abc.ABC):
         """End the daemon of ``path`` (bounded); nothing happens if none runs."""
 
 
+class GuestExecRequest(BaseModel):
+    """Body of the agent's ``POST /vms/{name}/guest/exec``: a command run inside the guest by its agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    argv: list[str] = Field(min_length=1, max_length=64)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class GuestExec(BaseModel):
+    exitcode: int  # -1: killed by a signal
+    stdout: str  # at most 64 KiB of each, as UTF-8 (undecodable bytes replaced)
+    stderr: str
+    seconds: float
+
+
 class Driver(abc.ABC):
     """A hypervisor backend. Every method is bounded in time and raises KasouError subclasses."""
 
@@ -323,6 +339,11 @@ class Driver(abc.ABC):
 
         WrongState when no guest agent answers (the caller presses the power button instead).
         """
+        raise WrongState(f"{type(self).__name__} cannot reach guest agents")
+
+    async def guest_exec(self, name: str, argv: list[str], timeout_s: float) -> GuestExec:
+        """Run ``argv`` in the guest through its agent (``guest-exec``) and wait, at most ``timeout_s``, for it to
+        end: its exit code and output. WrongState when no guest agent answers."""
         raise WrongState(f"{type(self).__name__} cannot reach guest agents")
 
     @abc.abstractmethod

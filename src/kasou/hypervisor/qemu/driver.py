@@ -12,7 +12,8 @@ The class is put together from :mod:`kasou.hypervisor.qemu.driver_core` (lifecyc
 :mod:`kasou.hypervisor.qemu.driver_migration`
 (live migration, both sides), :mod:`kasou.hypervisor.qemu.driver_media` (the CD drive),
 :mod:`kasou.hypervisor.qemu.stats` (resource figures) and
-:mod:`kasou.hypervisor.qemu.driver_devices` (disks grown, disks and NICs plugged in and out).
+:mod:`kasou.hypervisor.qemu.driver_devices` (disks grown, disks and NICs plugged in and out) and
+:mod:`kasou.hypervisor.qemu.driver_guest` (commands run in a guest by its agent).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from __future__ import annotations
 from kasou.errors import MonitorError
 from kasou.hypervisor.qemu.driver_core import HEARTBEAT_FRESH_S, MIGRATED, QUIT_TIMEOUT, START_TIMEOUT, QemuVm
 from kasou.hypervisor.qemu.driver_devices import DeviceOps
+from kasou.hypervisor.qemu.driver_guest import GuestOps
 from kasou.hypervisor.qemu.driver_media import MediaOps
 from kasou.hypervisor.qemu.driver_migration import MigrationOps
 from kasou.hypervisor.qemu.driver_storage import StorageOps
 from kasou.hypervisor.qemu.stats import StatsOps
 
 
-class QemuDriver(MigrationOps, StorageOps, StatsOps, MediaOps, DeviceOps):
+class QemuDriver(MigrationOps, StorageOps, StatsOps, MediaOps, DeviceOps, GuestOps):
     """Runs VMs as QEMU processes on this host."""
 
 

@@ -21,6 +21,7 @@ poller and a snapshot's freeze share it).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import itertools
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kasou.errors import GuestAgentError
+from kasou.errors import GuestAgentError, OperationTimeout
 
 CALL_TIMEOUT_S = 3.0  # an agent that answers does so in milliseconds; 3 s allows a busy TCG guest
 FREEZE_TIMEOUT_S = 20.0  # fsfreeze flushes every file system first: it can take seconds under load
@@ -125,6 +126,23 @@ class GuestAgent:
     async def ping(self) -> None:
         await self.execute("guest-ping")
 
+    async def run(self, argv: list[str], timeout_s: float, every_s: float = 0.5) -> tuple[int, bytes, bytes]:
+        """Run a program in the guest (``guest-exec``) and wait for it, at most ``timeout_s``: exit code and output.
+        A program still running then is left to the guest (its agent cannot kill it); the call says so."""
+        started = await self.execute("guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True})
+        pid = int(started["pid"]) if isinstance(started, dict) and "pid" in started else None
+        if pid is None:
+            raise GuestAgentError(f"guest agent: guest-exec: unexpected answer {str(started)[:80]}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = await self.execute("guest-exec-status", {"pid": pid})
+            if isinstance(st, dict) and st.get("exited"):
+                code = int(st["exitcode"]) if "exitcode" in st else -1
+                return code, _b64(st.get("out-data")), _b64(st.get("err-data"))
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"{argv[0]} did not end in the guest within {timeout_s:g} s")
+            await asyncio.sleep(every_s)
+
     async def os_name(self) -> str | None:
         info = await self.execute("guest-get-osinfo")
         if not isinstance(info, dict):
@@ -169,6 +187,10 @@ class GuestAgent:
                 last = e
         assert last is not None
         raise GuestAgentError(f"the guest's file systems may still be frozen: {last.message}")
+
+
+def _b64(data: Any) -> bytes:
+    return base64.b64decode(data) if isinstance(data, str) else b""
 
 
 def _line(command: str, arguments: dict[str, Any] | None) -> bytes:
