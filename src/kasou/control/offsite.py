@@ -254,12 +254,19 @@ class Offsite:
         return await asyncio.to_thread(gather)
 
     async def restore(
-        self, vm: str, generation: int, new_name: str, key_json: dict[str, Any], host: str | None = None
+        self,
+        vm: str,
+        generation: int,
+        new_name: str,
+        key_json: dict[str, Any],
+        host: str | None = None,
+        network: str | None = None,
     ) -> tuple[VMView, JobRecord]:
         """A new (stopped) VM from the server's generation, opened with the operator's private key (a job).
 
         Works with no record of the VM here (a site rebuilt after an attack): the settings come sealed with the
-        generation. Bad input (no such generation, the wrong key) is refused before anything is made."""
+        generation. Bad input (no such generation, the wrong key) is refused before anything is made. ``network``:
+        every NIC on that network instead of the generation's (a restore drill's isolated network)."""
         validate_name(vm)
         validate_name(new_name)
         key = _key(key_json)
@@ -281,6 +288,9 @@ class Offsite:
             raise NotFound(f"no host named {host!r} is up")
         job_id = self.vms.new_job_id()
         nics = [NicSpec.model_validate(n).model_copy(update={"mac": random_mac()}) for n in src.get("nics", [])]
+        if network is not None:  # every NIC on this (isolated) network instead: a drill's copy
+            iso = await self.vms.networks.is_isolated(network)
+            nics = [n.model_copy(update={"network": network, "vlan": None, "isolated": iso}) for n in nics]
         rec = VMRecord(
             name=new_name, uuid=str(uuid.uuid4()), vcpus=int(src.get("vcpus", 1)),
             memory_mib=int(src.get("memory_mib", 512)), image=src.get("image"),
