@@ -137,6 +137,7 @@ class FakeDriver(FakeDevices, Driver):
         # guest_exec: program -> (exit code, stdout, stderr) as the guest would answer; runs asked, in order
         self.guest_programs: dict[str, tuple[int, str, str]] = {"/bin/true": (0, "", "")}
         self.guest_runs: list[tuple[str, list[str]]] = []
+        self.agents_answer = False  # every guest started from now on has its guest agent answering
         self.freezes: list[str] = []  # VMs whose file systems were frozen for a snapshot or backup
 
     def set_guest_agent(self, name: str, answering: bool = True, heartbeat: bool = True, **guest: object) -> None:
@@ -186,6 +187,7 @@ class FakeDriver(FakeDevices, Driver):
             guest_ready=booted,
             guest_uptime_s=0.0 if booted else None,
             heartbeat_age_s=0.0 if booted else None,
+            guest=GuestInfo(agent=True, agent_age_s=0.0) if booted and self.agents_answer else GuestInfo(),
         )
         self.vms[spec.name] = info
         self.specs[spec.name] = spec

@@ -142,3 +142,40 @@ def test_status_says_which_vms_are_not_ok(env: Env, server: Server) -> None:
     assert backup(env, "emr")["state"] == "succeeded"
     rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
     assert rows["emr"]["state"] == "ok" and rows["emr"]["offsite_generation"] == 2 and rows["emr"]["locked_until"]
+
+
+def test_a_restore_drill_boots_each_copy_on_an_isolated_network_and_removes_it(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    assert set_server(env, server, key).status_code == 200
+    env.create("emr", priority=90)
+    env.create("lab")
+    for vm in ("emr", "lab"):
+        assert backup(env, vm)["state"] == "succeeded"
+    env.driver.guest_programs["/usr/bin/psql"] = (0, "1\n", "")
+    env.driver.agents_answer = True
+    body = {"key": key_json(key), "check": {"emr": ["/usr/bin/psql", "-c", "select 1"]}}
+    r = env.api.post("/v1/backup-server/drill", json=body)
+    assert r.status_code == 202, r.text
+    j = env.wait(r.json()["job"])
+    assert j["state"] == "succeeded" and j["result"]["ok"], [d["error"] for d in j["result"]["drills"]]
+    drills = {d["vm"]: d for d in j["result"]["drills"]}
+    assert drills["emr"]["ok"] and drills["emr"]["check"]["stdout"] == "1\n" and drills["lab"]["check"] is None
+    assert env.driver.guest_runs == [("drill-emr", ["/usr/bin/psql", "-c", "select 1"])]
+    nets = {n["name"]: n for n in env.api.get("/v1/networks").json()}
+    assert nets["drill"]["isolated"] and nets["drill"]["vms"] == []
+    assert sorted(v["name"] for v in env.api.get("/v1/vms").json()) == ["emr", "lab"]  # the copies are gone
+    status = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert status["emr"]["drill_ok"] is True and status["emr"]["drill_at"]
+    kinds = [e["kind"] for e in env.api.get("/v1/events").json()]
+    assert kinds.count("backup_drill") == 2, kinds
+
+    # A failing check fails the drill (and says why); a network that is not isolated is refused up front.
+    env.driver.guest_programs["/usr/bin/psql"] = (2, "", 'FATAL: database "emr" does not exist\n')
+    j = env.wait(env.api.post("/v1/backup-server/drill", json={**body, "vms": ["emr"]}).json()["job"])
+    [d] = j["result"]["drills"]
+    assert not d["ok"] and "exited with 2" in d["error"] and "does not exist" in d["error"], d
+    assert env.api.post("/v1/networks", json={"name": "clinical"}).status_code == 201
+    r = env.api.post("/v1/backup-server/drill", json={**body, "network": "clinical"})
+    assert r.status_code == 422 and "not isolated" in r.json()["message"], r.text
+    r = env.api.post("/v1/backup-server/drill", json={**body, "check": {"pacs": ["/bin/true"]}})
+    assert r.status_code == 404 and "pacs" in r.json()["message"], r.text

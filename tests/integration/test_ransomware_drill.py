@@ -1,6 +1,7 @@
 """The ransomware drill, through the CLI with real QEMU, the tiny guests' writers and two real backup servers.
 
-Three VMs are backed up twice (copies on backup server A). Then the attacker, holding root on the hypervisor
+Three VMs are backed up twice (copies on backup server A), and a restore drill boots each copy on an isolated
+network. Then the attacker, holding root on the hypervisor
 and kasou's administrator token, tries everything the hypervisor can reach: the backup server's API with the
 host's own token (delete, overwrite, re-add, a generation encrypted to the attacker's key), re-keying the
 site through kasou's API, the backup server's files (immutable), and finally overwrites every VM disk with
@@ -97,6 +98,11 @@ def test_ransomware_drill(kasou: Kasou, sites: tuple[Server, Server], tmp_path: 
             out = k.run("backup", "create", vm, *(["--incremental"] if incremental else []), timeout=300).stdout
             assert "copied to the backup server" in out, out
             bounds[vm] = (lo, max(k.seqs(vm)) + 1)
+    # The routine restore drill: every VM's newest copy boots on an isolated network, and is removed.
+    out = k.run("backup", "drill", "--key", str(key), timeout=900).stdout
+    assert out.count("passed") == len(VMS), out
+    assert [n for n in k.json("network", "list") if n["name"] == "drill"][0]["isolated"]
+    assert sorted(v["name"] for v in k.json("vm", "list")) == sorted(VMS)
     time.sleep(1.0)
     attack = time.time()
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.control.backup_status import BackupStatus, status
 from kasou.control.backups import BackupView, PolicyUpdate, PolicyView
+from kasou.control.drill import DrillRequest, DrillResult
 from kasou.control.offsite import OffsiteSet, OffsiteView, RestorePlanItem, RestorePlanRequest
 from kasou.control.records import JobRecord
 from kasou.control.vms import VMView
@@ -120,6 +121,17 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
     async def restore_plan(body: RestorePlanRequest) -> list[RestorePlanItem]:
         """What bringing every VM back from the backup server restores, in order (opened with the given key)."""
         return await svc().vms.backups.offsite.plan(body.key, body.before, body.vms)
+
+    @r.post("/backup-server/drill", status_code=202)
+    async def start_drill(body: DrillRequest) -> BackupJob:
+        """A restore drill (a job): each VM's newest generation restored onto an isolated network, booted, checked
+        (optionally by a command run in the guest), and removed; each VM's latest drill is kept."""
+        return BackupJob(job=await svc().vms.backups.drills.start(body))
+
+    @r.get("/backup-server/drills")
+    async def list_drills() -> list[DrillResult]:
+        """Each VM's latest restore drill."""
+        return await svc().vms.backups.drills.last()
 
     @r.delete("/backup-server")
     async def remove_backup_server() -> dict[str, bool]:

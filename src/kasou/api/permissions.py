@@ -88,6 +88,8 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("PUT", "/v1/backup-server"): need("hosts"),
     ("DELETE", "/v1/backup-server"): need("hosts"),
     ("POST", "/v1/backup-server/restore-plan"): need("hosts"),
+    ("POST", "/v1/backup-server/drill"): need("hosts"),
+    ("GET", "/v1/backup-server/drills"): need("read"),
     ("GET", "/v1/vms/{name}/backup-policy"): need("vm.read", vm="name"),
     ("PATCH", "/v1/vms/{name}/backup-policy"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/disks/{disk_id}/rebuild"): need("operate", vm="name"),

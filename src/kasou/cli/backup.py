@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.backup_offsite import key_app, load_key, restore_all, server_app
+from kasou.cli.backup_offsite import drill, key_app, load_key, restore_all, server_app
 from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -156,11 +156,16 @@ def backup_status(
     if as_json:
         print_json(rows)
     else:
-        t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "why")
+        t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "drill", "why")
         for s in rows:
             age = "-" if s["age_s"] is None else f"{s['age_s'] / 3600:.1f} h"
+            drilled = (
+                "-"
+                if s.get("drill_at") is None
+                else f"{'passed' if s['drill_ok'] else 'FAILED'} {_when(s['drill_at'])}"
+            )
             t.add_row(s["vm"], s["state"], str(s["last_generation"] or "-"), _when(s["last_at"]), age,
-                      str(s["offsite_generation"] or "-"), _when(s["locked_until"]), s["reason"])  # fmt: skip
+                      str(s["offsite_generation"] or "-"), _when(s["locked_until"]), drilled, s["reason"])  # fmt: skip
         out.print(t)
     bad = [s["vm"] for s in rows if s["state"] != "ok"]
     if check and bad:
@@ -183,6 +188,24 @@ def backup_restore_all(
     if not from_server:
         fail("restore-all reads the backup server: give --from-server (and --key or --paper-key)")
     restore_all(key, paper_key, before, vms, start, dry_run, as_json)
+
+
+@backup_app.command("drill")
+def backup_drill(
+    key: str = typer.Option(None, "--key", help="The backup key's file."),
+    paper_key: bool = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy."),
+    vms: str = typer.Option(None, "--vms", help="Only these VMs (a,b,c); default: every VM the server holds."),
+    before: str = typer.Option(None, "--before", help="Newest generations from before this time (YYYY-MM-DD HH:MM)."),
+    network: str = typer.Option("drill", "--network", help="The isolated network the copies boot on (made if new)."),
+    check: list[str] = typer.Option(
+        None, "--check", help="VM=COMMAND run in the restored guest by its guest agent; must exit 0 (repeatable)."
+    ),
+    timeout: float = typer.Option(900.0, "--timeout", help="Seconds per VM for restore, boot and check."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Prove the backups restore: each VM's newest generation on the backup server is restored onto an isolated
+    network, booted, optionally checked, and removed; the result is kept per VM (backup status) and is an event."""
+    drill(key, paper_key, vms, before, network, list(check or []), timeout, as_json)
 
 
 @backup_app.command("schedule")

@@ -8,6 +8,7 @@ public part is given to kasou (``backup server set --public-key``). See docs/bac
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -185,3 +186,38 @@ def restore_all(key: str | None, paper_key: bool, before: str | None, vms: str |
 
 def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def drill(key: str | None, paper_key: bool, vms: str | None, before: str | None, network: str,
+          checks: list[str], timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Run a restore drill and print each VM's result (see ``backup drill``); exit 1 if any failed."""
+    body: dict[str, Any] = {"key": json.loads(load_key(key, paper_key).to_json()), "network": network,
+                            "timeout_s": timeout, "check": {}}  # fmt: skip
+    if before is not None:
+        body["before"] = parse_time(before)
+    if vms:
+        body["vms"] = [v.strip() for v in vms.split(",") if v.strip()]
+    for c in checks:
+        vm, sep, command = c.partition("=")
+        if not sep or not vm.strip() or not command.strip():
+            fail(f"--check {c!r}: give VM=COMMAND, e.g. emr-db='/usr/bin/psql -U postgres -c \"select 1\"'")
+        body["check"][vm.strip()] = shlex.split(command)
+    c_ = client()
+    res = c_.post("/v1/backup-server/drill", json=body)
+    job = follow(c_, res["job"], "restore drill", timeout=86_400)
+    results = (job.get("result") or {}).get("drills", [])
+    if as_json:
+        print_json(job.get("result"))
+    else:
+        t = Table("vm", "generation", "taken", "result", "restore", "boot", "check", "why")
+        for r in results:
+            chk = "-" if r.get("check") is None else f"exit {r['check']['exitcode']}"
+            sec = lambda v: "-" if v is None else f"{v} s"  # noqa: E731
+            t.add_row(r["vm"], str(r["generation"]), _when(r["created"]), "passed" if r["ok"] else "FAILED",
+                      sec(r.get("restore_s")), sec(r.get("boot_s")), chk, r.get("error") or "")  # fmt: skip
+        out.print(t)
+    if job.get("state") != "succeeded":
+        fail(f"the drill did not run to its end: {(job.get('error') or {}).get('message', job.get('state'))}")
+    failed = [r["vm"] for r in results if not r["ok"]]
+    if failed:
+        fail(f"restore drill failed for {', '.join(failed)}")

@@ -32,6 +32,8 @@ class BackupStatus(BaseModel):
     age_s: float | None
     offsite_generation: int | None  # the newest generation the backup server holds a copy of (from this site)
     locked_until: float | None
+    drill_at: float | None = None  # its latest restore drill (kasou backup drill)
+    drill_ok: bool | None = None
 
 
 def judge(
@@ -51,6 +53,7 @@ def judge(
 async def status(backups: Backups, now: float | None = None) -> list[BackupStatus]:
     now = time.time() if now is None else now
     server_set = await backups.offsite.get() is not None
+    drills = {d.vm: d for d in await backups.drills.last()}
     out = []
     for rec in sorted(await backups.vms.records.all(), key=lambda r: r.name):
         if rec.state in (VMState.TEMPLATE, VMState.CREATING):
@@ -68,5 +71,7 @@ async def status(backups: Backups, now: float | None = None) -> list[BackupStatu
             age_s=round(now - last.created_at, 1) if last else None,
             offsite_generation=newest_copy.generation if newest_copy else None,
             locked_until=newest_copy.locked_until if newest_copy else None,
+            drill_at=drills[rec.name].at if rec.name in drills else None,
+            drill_ok=drills[rec.name].ok if rec.name in drills else None,
         ))  # fmt: skip
     return out

@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, BackupSource, TpmBackup, TpmRestore
 from kasou.config import backup_keep_default
+from kasou.control.drill import Drills
 from kasou.control.jobs import JobContext
 from kasou.control.offsite import Offsite, OffsiteCopy
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
@@ -263,6 +264,7 @@ class Backups:
         self.grace_s = GRACE_S
         self._locks: dict[str, asyncio.Lock] = {}
         self.offsite = Offsite(vms)  # the site's backup server, if one is set
+        self.drills = Drills(self.offsite)  # restore drills from it (kasou.control.drill)
 
     def _lock(self, vm: str) -> asyncio.Lock:
         return self._locks.setdefault(vm, asyncio.Lock())

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kasou.control.records import JobRecord
+from kasou.control.records import JobRecord, JobState
 from kasou.errors import InvalidSpec, KasouError, NotFound
 from kasou.hypervisor.base import GuestExec
 from kasou.model.spec import NetworkCreate, validate_name
+from kasou.model.state import Action
 
 if TYPE_CHECKING:
     from kasou.control.jobs import JobContext
@@ -113,12 +114,12 @@ class Drills:
         made = False
         try:
             t0 = time.monotonic()
-            view, job = await self.offsite.restore(p.vm, p.generation, name, req.key, network=req.network)
+            _, job = await self.offsite.restore(p.vm, p.generation, name, req.key, network=req.network)
             made = True
             await self._finished(job.id, req.timeout_s, "the restore")
             res.restore_s = round(time.monotonic() - t0, 1)
             t1 = time.monotonic()
-            await self._finished((await self.vms.action(name, "start")).id, req.timeout_s, "the start")
+            await self._finished((await self.vms.action(name, Action.START)).id, req.timeout_s, "the start")
             await self._ready(name, t1 + req.timeout_s)
             res.boot_s = round(time.monotonic() - t1, 1)
             if p.vm in req.check:
@@ -147,8 +148,8 @@ class Drills:
 
     async def _finished(self, job_id: str, timeout_s: float, what: str) -> None:
         job = await self.vms.jobs.wait(job_id, timeout_s)
-        if job.state != "succeeded":
-            raise InvalidSpec(f"{what} failed: {job.error or job.state}")
+        if job.state != JobState.SUCCEEDED:
+            raise InvalidSpec(f"{what} failed: {(job.error or {}).get('message') or job.state}")
 
     async def _ready(self, name: str, deadline: float) -> None:
         while True:

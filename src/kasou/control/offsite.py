@@ -105,6 +105,13 @@ class OffsiteCopy(BaseModel):
     key_fingerprint: str
 
 
+def _received(g: dict[str, Any]) -> float:
+    """When the first backup server got the generation (a second site's copy carries its primary's time)."""
+    synced = g.get("synced_from") or {}
+    first = synced.get("received") if isinstance(synced, dict) else None
+    return float(first if isinstance(first, (int, float)) else g["received"])
+
+
 def _key(key_json: dict[str, Any]) -> BackupKey:
     try:
         return BackupKey.from_json(key_json)
@@ -234,7 +241,7 @@ class Offsite:
             with vault.VaultClient(server.url, server.token, fingerprint=server.fingerprint) as c:
                 listed = c.list_all()
                 for vm in sorted({str(g["vm"]) for g in listed} if names is None else set(names)):
-                    fit = [g for g in listed if g["vm"] == vm and (before is None or float(g["received"]) < before)]
+                    fit = [g for g in listed if g["vm"] == vm and (before is None or _received(g) < before)]
                     if not fit:
                         raise NotFound(f"the backup server holds no generation of {vm!r}"
                                        + (" from before that time" if before is not None else ""))  # fmt: skip
@@ -244,7 +251,7 @@ class Offsite:
                     rec = dict(config.get("record", {}))
                     out.append(RestorePlanItem(
                         vm=vm, generation=int(g["generation"]), created=float(index["created"]),
-                        received=float(g["received"]), locked_until=g.get("locked_until"),
+                        received=_received(g), locked_until=g.get("locked_until"),
                         priority=int(dict(config.get("vm", {})).get("priority", 50)),
                         vcpus=int(rec.get("vcpus", 1)), memory_mib=int(rec.get("memory_mib", 512)),
                         bytes_logical=int(index.get("bytes_logical", 0)),

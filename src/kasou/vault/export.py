@@ -109,6 +109,18 @@ def export(store: Store, to: Path, vm: str | None = None) -> Copied:
     return res
 
 
+def _first_received(src: Path, vm: str, generation: int) -> float | None:
+    """When the exporting server (or its own primary) received the generation, from the media's state file."""
+    try:
+        state = read_json(src / "state" / vm / gen_name(generation))
+    except (OSError, ValueError):
+        return None
+    synced = state.get("synced_from") or {}
+    first = synced.get("received") if isinstance(synced, dict) else None
+    value = first if first is not None else state.get("received")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def import_from(store: Store, src: Path, vm: str | None = None) -> Copied:
     """Add every generation found under ``src`` that this server does not hold."""
     src = Path(src)
@@ -141,7 +153,8 @@ def import_from(store: Store, src: Path, vm: str | None = None) -> Copied:
                 if store.put_chunk(cid, data[HASH_LEN:]):
                     res.chunks += 1
                     res.chunk_bytes += len(data) - HASH_LEN
-            origin = {"import": str(src), "server_id": meta.get("server_id"), "at": store.clock()}
+            origin = {"import": str(src), "server_id": meta.get("server_id"), "at": store.clock(),
+                      "received": _first_received(src, name, gen)}  # fmt: skip
             policy.add_generation(store, index, synced_from=origin)
         except KasouError as e:
             res.skipped.append((name, gen, e.message))

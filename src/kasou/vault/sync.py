@@ -124,7 +124,11 @@ def sync(store: Store, primary: Primary, vm: str | None = None,
                 if store.put_chunk(cid, blob):
                     res.chunks += 1
                     res.chunk_bytes += len(blob)
-            policy.add_generation(store, index, synced_from={**source, "at": store.clock()})
+            # the primary's time of receipt travels with it: "newest before the attack" means the same on both sites
+            first = (full.get("synced_from") or {}).get("received")  # the primary may itself hold a copy
+            received = first if isinstance(first, (int, float)) else full.get("received")
+            received = received if isinstance(received, (int, float)) else None
+            policy.add_generation(store, index, synced_from={**source, "at": store.clock(), "received": received})
         except KasouError as e:
             res.failed.append((name, gen, e.message))
             store.event("sync_failed", vm=name, generation=gen, primary=primary.url, reason=e.message)
