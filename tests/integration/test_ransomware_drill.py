@@ -101,7 +101,7 @@ def test_ransomware_drill(kasou: Kasou, sites: tuple[Server, Server], tmp_path: 
     # The routine restore drill: every VM's newest copy boots on an isolated network, and is removed.
     out = k.run("backup", "drill", "--key", str(key), timeout=900).stdout
     assert out.count("passed") == len(VMS), out
-    assert [n for n in k.json("network", "list") if n["name"] == "drill"][0]["isolated"]
+    assert next(n for n in k.json("network", "list") if n["name"] == "drill")["isolated"]
     assert sorted(v["name"] for v in k.json("vm", "list")) == sorted(VMS)
     time.sleep(1.0)
     attack = time.time()
