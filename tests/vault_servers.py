@@ -3,6 +3,7 @@ server's own certificate), started as processes of their own and ended by pid.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -10,10 +11,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kasou.vault import tlscert
+from kasou.vault import immutable, tlscert
 from kasou.vault.sync import Primary
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -90,3 +92,17 @@ def writer_token(server: Server, name: str | None = None) -> str:
     r = kasou("backup-server", "client", "add", name, "--role", "writer", "--dir", str(server.root))
     assert r.returncode == 0, r.stderr
     return r.stdout.split("token ")[1].split()[0]
+
+
+@contextlib.contextmanager
+def running(root: Path, *names: str) -> Iterator[list[Server]]:
+    """Backup servers named ``names``, each in ``root/NAME``: started, then ended by pid and their files released."""
+    started: list[Server] = []
+    try:
+        for name in names:
+            started.append(start(root / name, name))
+        yield started
+    finally:
+        for s in started:
+            stop(s)
+        immutable.release_tree(root)

@@ -13,21 +13,16 @@ from typing import Any
 
 import pytest
 
-from kasou.vault import immutable
 from kasou.vault.crypt import BackupKey
 from tests.functional.conftest import Env
 from tests.functional.test_api_backups import backup, read_ok, write
-from tests.vault_servers import Server, start, stop, writer_token
+from tests.vault_servers import Server, running, stop, writer_token
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    s = start(tmp_path / "backup-server", "bk1")
-    try:
+    with running(tmp_path / "backup-servers", "bk1") as (s,):
         yield s
-    finally:
-        stop(s)
-        immutable.release_tree(tmp_path)
 
 
 def key_json(key: BackupKey) -> dict[str, Any]:

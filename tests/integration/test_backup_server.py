@@ -17,21 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from kasou.vault import immutable
 from tests.integration.conftest import Kasou
-from tests.vault_servers import Server, start, stop, writer_token
+from tests.vault_servers import Server, running, writer_token
 
 pytestmark = [pytest.mark.qemu]
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    s = start(tmp_path / "backup-server", "bk1")
-    try:
+    with running(tmp_path / "backup-servers", "bk1") as (s,):
         yield s
-    finally:
-        stop(s)
-        immutable.release_tree(tmp_path)
 
 
 def test_generations_on_the_backup_server_restore_after_the_host_lost_them(

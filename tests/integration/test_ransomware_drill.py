@@ -25,7 +25,7 @@ import pytest
 from kasou.vault import immutable
 from kasou.vault.crypt import BackupKey
 from tests.integration.conftest import Kasou
-from tests.vault_servers import Server, start, stop, writer_token
+from tests.vault_servers import Server, running, stop, writer_token
 from tests.vault_servers import kasou as kasou_cmd
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(1200)]
@@ -35,15 +35,8 @@ VMS = {"emr": 90, "lab": 60, "pacs": 30}  # name: HA priority (restored highest 
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[tuple[Server, Server]]:
-    started: list[Server] = []
-    try:
-        started.append(start(tmp_path / "site-a", "site-a"))
-        started.append(start(tmp_path / "site-b", "site-b"))
-        yield started[0], started[1]
-    finally:
-        for s in started:
-            stop(s)
-        immutable.release_tree(tmp_path)
+    with running(tmp_path / "backup-servers", "site-a", "site-b") as (a, b):
+        yield a, b
 
 
 def server_cmd(server: Server, *args: str) -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -66,8 +64,10 @@ class Offsite:
         for d, _ in files:
             validate_disk_id(d.disk_id)
         tpm = self._inside(req.tpm_path).read_bytes() if req.tpm_path else None
+        sizes = [p.stat().st_size if d.format == "raw" else int((await imagefiles.info(p))["virtual-size"])
+                 for d, p in files]  # fmt: skip
         self.scratch.mkdir(parents=True, exist_ok=True)
-        return await asyncio.to_thread(self._send, vm, req, pub, files, tpm)
+        return await asyncio.to_thread(self._send, vm, req, pub, list(zip(files, sizes, strict=True)), tpm)
 
     def _send(self, vm: str, req: BackupSend, pub: PublicBackupKey, files: list[Any], tpm: bytes | None) -> BackupSent:
         t0 = time.monotonic()
@@ -78,7 +78,7 @@ class Offsite:
             if previous is not None and previous.get("key_fingerprint") != pub.fingerprint:
                 previous = None  # encrypted to another key: nothing to reuse
             entries, notes, incremental = [], [], bool(files)
-            for d, path in files:
+            for (d, path), size in files:
                 changed = None
                 if d.incremental_of is not None and d.incremental_of == newest:
                     changed = rawview.changed_chunks(path, CHUNK_SIZE)
@@ -87,7 +87,6 @@ class Offsite:
                     if d.incremental_of is not None:
                         notes.append(f"{d.disk_id}: read whole (the server's newest generation is {newest}, "
                                      f"not {d.incremental_of})")  # fmt: skip
-                size = int(_virtual_size(path, d.format))
                 with rawview.raw_view(path, d.format, self.scratch) as view:
                     entries.append(vault.backup_disk(c, pub, vm, d.disk_id, view, size, previous=previous,
                                                      changed=changed))  # fmt: skip
@@ -157,16 +156,6 @@ class Offsite:
             shutil.rmtree(dest, ignore_errors=True)
             raise
         return FirmwareFiles(tpm_state=str(dest))
-
-
-def _virtual_size(path: Path, fmt: str) -> int:
-    if fmt == "raw":
-        return path.stat().st_size
-    r = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
-    if r.returncode != 0:
-        raise BackupCorrupt(f"backup file {path} cannot be read: {r.stderr.strip()[-200:]}")
-    return int(json.loads(r.stdout)["virtual-size"])
 
 
 def add_offsite_routes(app: FastAPI, offsite: Offsite) -> None:

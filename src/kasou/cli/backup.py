@@ -9,7 +9,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.backup_offsite import drill, key_app, load_key, restore_all, server_app
+from kasou.cli.backup_offsite import (
+    BEFORE_OPT,
+    KEY_OPT,
+    PAPER_OPT,
+    VMS_OPT,
+    drill,
+    key_app,
+    load_key,
+    restore_all,
+    server_app,
+)
 from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -121,8 +131,8 @@ def backup_restore(
         None, "--uuid", help="A generation of the earlier (deleted) VM of that name with this uuid."
     ),
     from_server: bool = typer.Option(False, "--from-server", help="From the backup server's generation."),
-    key: str = typer.Option(None, "--key", help="The backup key's file (a restore from the backup server)."),
-    paper_key: bool = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy."),
+    key: str = KEY_OPT,
+    paper_key: bool = PAPER_OPT,
     host: str = typer.Option(None, "--host", help="Where the restored VM goes (from the backup server)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
@@ -175,10 +185,10 @@ def backup_status(
 @backup_app.command("restore-all")
 def backup_restore_all(
     from_server: bool = typer.Option(False, "--from-server", help="From the backup server (the only source)."),
-    key: str = typer.Option(None, "--key", help="The backup key's file."),
-    paper_key: bool = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy."),
-    before: str = typer.Option(None, "--before", help="Newest generations from before this time (YYYY-MM-DD HH:MM)."),
-    vms: str = typer.Option(None, "--vms", help="Only these VMs (a,b,c); default: every VM the server holds."),
+    key: str = KEY_OPT,
+    paper_key: bool = PAPER_OPT,
+    before: str = BEFORE_OPT,
+    vms: str = VMS_OPT,
     start: bool = typer.Option(False, "--start", help="Start each VM once it is restored."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be restored, in order."),
     as_json: bool = typer.Option(False, "--json"),
@@ -192,10 +202,10 @@ def backup_restore_all(
 
 @backup_app.command("drill")
 def backup_drill(
-    key: str = typer.Option(None, "--key", help="The backup key's file."),
-    paper_key: bool = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy."),
-    vms: str = typer.Option(None, "--vms", help="Only these VMs (a,b,c); default: every VM the server holds."),
-    before: str = typer.Option(None, "--before", help="Newest generations from before this time (YYYY-MM-DD HH:MM)."),
+    key: str = KEY_OPT,
+    paper_key: bool = PAPER_OPT,
+    vms: str = VMS_OPT,
+    before: str = BEFORE_OPT,
     network: str = typer.Option("drill", "--network", help="The isolated network the copies boot on (made if new)."),
     check: list[str] = typer.Option(
         None, "--check", help="VM=COMMAND run in the restored guest by its guest agent; must exit 0 (repeatable)."

@@ -22,6 +22,11 @@ from kasou.errors import KasouError
 from kasou.model.units import format_size
 from kasou.vault.crypt import BackupKey, PublicBackupKey
 
+KEY_OPT = typer.Option(None, "--key", help="The backup key's file (its private part: backup key create --out).")
+PAPER_OPT = typer.Option(False, "--paper-key", help="Type the backup key from its paper copy instead.")
+VMS_OPT = typer.Option(None, "--vms", help="Only these VMs (a,b,c); default: every VM the backup server holds.")
+BEFORE_OPT = typer.Option(None, "--before", help="Newest generations received before this time (YYYY-MM-DD HH:MM).")
+
 key_app = typer.Typer(help="The site's backup key: encrypts every copy on the backup server.", no_args_is_help=True)
 server_app = typer.Typer(help="The backup server every new generation is copied to.", no_args_is_help=True)
 

@@ -116,7 +116,8 @@ def _pin_refusal(exc: BaseException) -> _PinRefused | None:
     return None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A loopback address (or localhost): the only place plain http is allowed (tests, a server on this host)."""
     if host == "localhost":
         return True
     try:
@@ -153,7 +154,7 @@ class VaultClient:
             if fingerprint is None:
                 raise InvalidSpec("a backup server over https needs its certificate's fingerprint", field="fingerprint")
             verify: ssl.SSLContext | bool = pinned_context(fingerprint)
-        elif parts.scheme == "http" and _is_loopback(parts.hostname or ""):
+        elif parts.scheme == "http" and is_loopback(parts.hostname or ""):
             verify = False
         else:
             raise InvalidSpec(f"{url!r}: a backup server is reached over https (http only on loopback)", field="url")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,20 +20,12 @@ import httpx
 from kasou.errors import BackupCorrupt, InvalidSpec, KasouError
 from kasou.model.names import validate_name
 from kasou.vault import policy, tlscert
+from kasou.vault.client import is_loopback
 from kasou.vault.index import MAGIC, MAX_BLOB, STATE_KEYS, chunk_ids, validate_index
 from kasou.vault.store import Store
 from kasou.wire import raise_for_response
 
 TIMEOUT_S = 60.0
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Primary:
@@ -50,7 +41,7 @@ class Primary:
             if not fingerprint:
                 raise InvalidSpec("give the primary's certificate fingerprint (--fingerprint)", field="fingerprint")
             verify = tlscert.pinned_context(parts.hostname, parts.port or 443, fingerprint, timeout=min(timeout, 15))
-        elif transport is None and not _loopback(parts.hostname):
+        elif transport is None and not is_loopback(parts.hostname):
             raise InvalidSpec("plain http only to a server on this machine's loopback", field="from")
         self.url = url.rstrip("/")
         self.http = httpx.Client(

@@ -18,20 +18,13 @@ from kasou.vault import immutable, policy
 from kasou.vault.store import Store
 from kasou.vault.sync import Primary
 from tests.unit.vault.helpers import blob, fake_id, make_index
-from tests.vault_servers import Server, kasou, start, stop
+from tests.vault_servers import Server, kasou, running
 
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[Server, Server]]:
-    started: list[Server] = []
-    try:
-        started.append(start(tmp_path / "site-a", "site-a"))
-        started.append(start(tmp_path / "site-b", "site-b"))
-        yield started[0], started[1]
-    finally:
-        for s in started:
-            stop(s)
-        immutable.release_tree(tmp_path)
+    with running(tmp_path, "site-a", "site-b") as (a, b):
+        yield a, b
 
 
 def backup(http: httpx.Client, vm: str, generation: int, n: int = 3) -> list[str]:
