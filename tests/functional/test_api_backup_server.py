@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,28 @@ def test_a_restore_drill_boots_each_copy_on_an_isolated_network_and_removes_it(e
     assert r.status_code == 422 and "not isolated" in r.json()["message"], r.text
     r = env.api.post("/v1/backup-server/drill", json={**body, "check": {"pacs": ["/bin/true"]}})
     assert r.status_code == 404 and "pacs" in r.json()["message"], r.text
+
+
+def test_one_file_comes_back_from_a_generation(env: Env, server: Server, tmp_path: Path) -> None:
+    key = BackupKey.generate()
+    assert set_server(env, server, key).status_code == 200
+    disk = env.create("emr", disk="32M")["disks"][0]["path"]
+    tree = tmp_path / "tree"
+    (tree / "srv/ward").mkdir(parents=True)
+    (tree / "srv/ward/handover.txt").write_text("bed 12: allergy to penicillin\n")
+    fs = tmp_path / "fs.raw"
+    subprocess.run(["truncate", "-s", "32M", str(fs)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(fs)], check=True, timeout=60)
+    Path(disk).unlink()
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(fs), disk], check=True, timeout=60)
+    assert backup(env, "emr")["state"] == "succeeded"
+    body = {"path": "/srv/ward/handover.txt", "key": key_json(key)}
+    r = env.api.post("/v1/vms/emr/backups/1/file", json=body)
+    assert r.status_code == 200 and r.content == b"bed 12: allergy to penicillin\n", r.text
+    r = env.api.post("/v1/vms/emr/backups/1/file", json={**body, "path": "/srv/none"})
+    assert r.status_code == 404 and "not in its file systems" in r.json()["message"], r.text
+    r = env.api.post("/v1/vms/emr/backups/1/file", json={**body, "path": "../etc/shadow"})
+    assert r.status_code == 422, r.text
+    r = env.api.post("/v1/vms/emr/backups/1/file", json={**body, "key": key_json(BackupKey.generate())})
+    assert r.status_code == 422 and "encrypted to key" in r.json()["message"], r.text
+    assert list((env.tmp / "backups" / ".scratch").glob("file-*")) == []  # the scratch copy is gone

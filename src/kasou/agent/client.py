@@ -26,6 +26,7 @@ from kasou.agent.models import (
     FirmwareFiles,
     GuestConvert,
     MediaChange,
+    OffsiteFile,
     OffsiteRestore,
     TpmRestore,
     TransferStatus,
@@ -281,6 +282,10 @@ class AgentClient:
     async def restore_offsite(self, req: OffsiteRestore) -> DiskInfo:
         resp = await self._call("POST", "/backups/offsite/restore", timeout=86_400, json=req.model_dump())
         return DiskInfo.model_validate(resp.json())
+
+    async def offsite_file(self, req: OffsiteFile) -> bytes:
+        """One file of a backup server's generation, read on this host."""
+        return (await self._call("POST", "/backups/offsite/file", timeout=86_400, json=req.model_dump())).content
 
     async def restore_offsite_tpm(self, req: OffsiteRestore) -> FirmwareFiles:
         resp = await self._call("POST", "/backups/offsite/restore-tpm", timeout=600, json=req.model_dump())

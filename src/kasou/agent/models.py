@@ -298,3 +298,16 @@ class OffsiteRestore(BaseModel):
     disk_id: str = "root"  # a disk of the generation (unused for the TPM state)
     format: Literal["qcow2", "raw"] = "qcow2"
     beside: str | None = None  # the TPM state: the new VM's first disk, whose directory gets it
+
+
+class OffsiteFile(BaseModel):
+    """Body of ``POST /agent/v1/backups/offsite/file``: one file of a generation's disk, read-only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: VaultTarget
+    key: dict[str, Any]  # the backup key's private part, for this request only
+    source_vm: str
+    generation: int = Field(ge=1)
+    disk_id: str | None = None  # None: the first disk
+    path: str  # absolute, in the guest

@@ -19,16 +19,25 @@ import base64
 import contextlib
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from kasou.agent import firmware
-from kasou.agent.models import BackupSend, BackupSent, DiskInfo, FirmwareFiles, OffsiteRestore, VaultTarget
+from kasou.agent.models import (
+    BackupSend,
+    BackupSent,
+    DiskInfo,
+    FirmwareFiles,
+    OffsiteFile,
+    OffsiteRestore,
+    VaultTarget,
+)
 from kasou.agent.storage import LocalDisks
 from kasou.errors import AlreadyExists, BackupCorrupt, InvalidSpec, NotFound
-from kasou.hypervisor import imagefiles, rawview
+from kasou.hypervisor import guestfiles, imagefiles, rawview
 from kasou.hypervisor.base import validate_disk_id
 from kasou.model.firmware import TPM_DIR, VARS_FILE, VARS_ID
 from kasou.model.names import validate_name
@@ -133,6 +142,26 @@ class Offsite:
             raw.unlink(missing_ok=True)
         return await self.disks.info(dest)
 
+    async def read_file(self, req: OffsiteFile) -> bytes:
+        """One file of a generation's disk: the disk restored to a scratch raw file, its file systems mounted
+        read-only one after the other until one holds the path (kasou.hypervisor.guestfiles); the scratch is
+        removed however it ends."""
+        validate_name(req.source_vm)
+        guestfiles.guest_path(req.path)
+        key = BackupKey.from_json(req.key)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        raw = self.scratch / f"file-{uuid.uuid4().hex[:12]}.raw"
+        try:
+            with connect(req.server) as c:
+                index = await asyncio.to_thread(c.get_generation, req.source_vm, req.generation)
+                disks = [str(d["disk_id"]) for d in index.get("disks", []) if d.get("disk_id") != VARS_ID]
+                disk = req.disk_id or (disks[0] if disks else "")
+                validate_disk_id(disk)
+                await asyncio.to_thread(vault.restore_disk, c, key, index, disk, raw)
+            return await asyncio.to_thread(guestfiles.read_file, raw, req.path)
+        finally:
+            raw.unlink(missing_ok=True)
+
     async def restore_tpm(self, req: OffsiteRestore) -> FirmwareFiles:
         """The new VM's TPM state (``beside`` its first disk) from the generation's sealed settings."""
         validate_name(req.source_vm)
@@ -169,6 +198,10 @@ def add_offsite_routes(app: FastAPI, offsite: Offsite) -> None:
     @app.post("/agent/v1/backups/offsite/restore")
     async def restore_offsite(req: OffsiteRestore) -> DiskInfo:
         return await offsite.restore(req)
+
+    @app.post("/agent/v1/backups/offsite/file", response_class=Response)
+    async def offsite_file(req: OffsiteFile) -> Response:
+        return Response(content=await offsite.read_file(req), media_type="application/octet-stream")
 
     @app.post("/agent/v1/backups/offsite/restore-tpm")
     async def restore_offsite_tpm(req: OffsiteRestore) -> FirmwareFiles:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.control.backup_status import BackupStatus, status
@@ -44,6 +44,14 @@ class RestoreRequest(BaseModel):
     from_server: bool = False
     key: dict[str, Any] | None = None
     host: str | None = None  # where the restored VM goes (from the server only; default: the scheduler's choice)
+
+
+class FileRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # absolute, in the guest
+    key: dict[str, Any]  # the backup key's private part, for this request only
+    disk: str | None = None  # default: the first disk
 
 
 class BackupJob(BaseModel):
@@ -96,6 +104,12 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
                 raise InvalidSpec("key and host are for a restore from the backup server (from_server)", field="key")
             vm, job = await backups.restore(name, generation, body.as_, body.uuid, scope)
         return RestoreAccepted(vm=vm, job=job)
+
+    @r.post("/vms/{name}/backups/{generation}/file", response_class=Response)
+    async def backup_file(name: str, generation: int, body: FileRequest) -> Response:
+        """One file of a backup server's generation (its first disk, or ``disk``), read-only, as bytes."""
+        data = await svc().vms.backups.offsite.read_file(name, generation, body.path, body.key, body.disk)
+        return Response(content=data, media_type="application/octet-stream")
 
     @r.get("/vms/{name}/backups/server")
     async def list_server_backups(name: str) -> list[dict[str, Any]]:

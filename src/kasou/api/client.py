@@ -60,6 +60,10 @@ class Client:
     def delete(self, path: str, **kw: Any) -> Any:
         return _json(self._call("DELETE", path, **kw))
 
+    def post_bytes(self, path: str, **kw: Any) -> bytes:
+        """A POST whose answer is a file (application/octet-stream)."""
+        return self._call("POST", path, **kw).content
+
     def text(self, path: str, **kw: Any) -> str:
         return self._call("GET", path, **kw).text
 

@@ -83,6 +83,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/vms/{name}/backups"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/backups/{generation}/restore"): need("operate", vm="name"),
     ("GET", "/v1/vms/{name}/backups/server"): need("vm.read", vm="name"),
+    ("POST", "/v1/vms/{name}/backups/{generation}/file"): need("hosts"),
     ("GET", "/v1/backup-server"): need("read"),
     ("GET", "/v1/backups/status"): need("read"),
     ("PUT", "/v1/backup-server"): need("hosts"),

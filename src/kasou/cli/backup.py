@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import typer
@@ -180,6 +181,29 @@ def backup_status(
     bad = [s["vm"] for s in rows if s["state"] != "ok"]
     if check and bad:
         fail(f"backups not ok for {len(bad)} VM{'s' if len(bad) > 1 else ''}: {', '.join(bad)}")
+
+
+@backup_app.command("restore-file")
+def backup_restore_file(
+    vm: str,
+    generation: str,
+    path: str,
+    to: Path = typer.Option(..., "--to", help="The directory the file is written to (as its own name)."),
+    key: str = KEY_OPT,
+    paper_key: bool = PAPER_OPT,
+    disk: str = typer.Option(None, "--disk", help="The disk it is on (default: the first)."),
+) -> None:
+    """One file from a generation on the backup server (read-only), e.g. a ward's export a user deleted."""
+    gen = parse_int(generation, "generation")
+    dest = to / PurePosixPath(path).name
+    if dest.exists():
+        fail(f"{dest} exists: a restored file never replaces one")
+    body = {"path": path, "key": json.loads(load_key(key, paper_key).to_json()), "disk": disk}
+    data = client().post_bytes(f"/v1/vms/{_vm(vm)}/backups/{gen}/file", json=body, timeout=3600)
+    to.mkdir(parents=True, exist_ok=True)
+    with open(dest, "xb") as f:
+        f.write(data)
+    say(f"{path} of {vm} generation {gen}: {format_size(len(data))} written to {dest}")
 
 
 @backup_app.command("restore-all")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from kasou.agent.models import BackupSend, OffsiteDisk, OffsiteRestore, VaultTarget
+from kasou.agent.models import BackupSend, OffsiteDisk, OffsiteFile, OffsiteRestore, VaultTarget
 from kasou.control import scheduler
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
 from kasou.control.sealed import Sealer, default_key_path
@@ -224,6 +224,20 @@ class Offsite:
                            key_fingerprint=sent.key_fingerprint)  # fmt: skip
 
     # -- restore from the server -----------------------------------------------------------------------
+
+    async def read_file(
+        self, vm: str, generation: int, path: str, key_json: dict[str, Any], disk: str | None = None
+    ) -> bytes:
+        """One file of the generation's disk, read on a host that is up (its agent restores the disk to scratch
+        and mounts its file systems read-only), with the operator's key."""
+        validate_name(vm)
+        _key(key_json)
+        server = await self._needed()
+        hosts = sorted(self.vms.agents.names())
+        if not hosts:
+            raise WrongState("no host is up to read the backup on")
+        req = OffsiteFile(server=server, key=key_json, source_vm=vm, generation=generation, disk_id=disk, path=path)
+        return await self.vms.agents.get(hosts[0]).offsite_file(req)
 
     async def plan(
         self, key_json: dict[str, Any], before: float | None = None, names: list[str] | None = None
