@@ -127,7 +127,14 @@ class Offsite:
         try:
             with connect(req.server) as c:
                 index = await asyncio.to_thread(c.get_generation, req.source_vm, req.generation)
-                await asyncio.to_thread(vault.restore_disk, c, key, index, req.disk_id, raw)
+                written = await asyncio.to_thread(vault.restore_disk, c, key, index, req.disk_id, raw)
+                config = await asyncio.to_thread(vault.restore_config, c, key, index)
+            expect = dict(config.get("digests") or {}).get(req.disk_id)
+            if expect:  # the source's content at the point in time, recorded when the generation was made
+                got = await asyncio.to_thread(imagefiles.digest_raw, raw, int(written["size"]))
+                if got != expect:
+                    raise BackupCorrupt(f"the restored disk {req.disk_id} does not hold what was backed up "
+                                        "(its content digest differs from the source's)")  # fmt: skip
             dest.parent.mkdir(parents=True, exist_ok=True)
             if req.format == "raw":
                 await asyncio.to_thread(shutil.copyfile, raw, dest)

@@ -78,7 +78,8 @@ async def check_chain(path: Path | str) -> list[str]:
     return files
 
 
-def _digest_raw(raw: Path, size: int) -> str:
+def digest_raw(raw: Path, size: int) -> str:
+    """The content digest (see the module notes) of a sparse raw file of ``size`` bytes, holes skipped."""
     h = hashlib.sha256()
     h.update(f"{size}\n".encode())
     with open(raw, "rb") as f:
@@ -113,7 +114,7 @@ async def digest(path: Path | str, scratch: Path, fmt: str = "qcow2") -> str:
     try:
         size = int((await info(path))["virtual-size"])
         await run("qemu-img", "convert", "-q", "-U", "-f", fmt, "-O", "raw", "-S", "4k", str(path), str(raw))
-        return await asyncio.to_thread(_digest_raw, raw, size)
+        return await asyncio.to_thread(digest_raw, raw, size)
     finally:
         raw.unlink(missing_ok=True)
 
@@ -207,7 +208,7 @@ async def restore_verified(src: Path | str, dest: Path, expect: str, scratch: Pa
     try:
         size = int((await info(src))["virtual-size"])
         await run("qemu-img", "convert", "-q", "-U", "-f", "qcow2", "-O", "raw", "-S", "4k", str(src), str(raw))
-        got = await asyncio.to_thread(_digest_raw, raw, size)
+        got = await asyncio.to_thread(digest_raw, raw, size)
         if got != expect:
             raise ImageError(f"{src} does not hold what was backed up: content digest {got}, recorded {expect}")
         dest.parent.mkdir(parents=True, exist_ok=True)
