@@ -136,7 +136,8 @@ class LibvirtDebian(Libvirt):
             deadline = t0 + TIMEOUT
             return wait_seq(log, deadline) - t0, agent_answers(qga, deadline) - t0
         except (subprocess.SubprocessError, TimeoutError) as e:
-            self.failures.append(f"{name}: {e}")
+            why = (getattr(e, "stderr", None) or b"").decode(errors="replace").strip().splitlines()[-1:]
+            self.failures.append(f"{name}: {e}" + (f" ({why[0]})" if why else ""))
             return float("nan"), float("nan")
         finally:
             subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True, timeout=60)
