@@ -132,7 +132,7 @@ def test_ransomware_drill(kasou: Kasou, sites: tuple[Server, Server], tmp_path: 
 
     # -- root on the hypervisor: the backup server's files are immutable; then the disks are destroyed ----
     assert immutable.probe(a.root / "chunks"), "this machine's /tmp keeps chattr +i (ext4): the drill relies on it"
-    chunk = next(p for p in (a.root / "chunks").rglob("*") if p.is_file())
+    chunk = a.root / "chunks" / cid[:4] / cid  # a chunk of generation 2 (chunks of no generation are not locked)
     with pytest.raises(PermissionError):
         chunk.unlink()
     with pytest.raises(PermissionError):
