@@ -200,3 +200,18 @@ def test_one_file_comes_back_from_a_generation(env: Env, server: Server, tmp_pat
     r = env.api.post("/v1/vms/emr/backups/1/file", json={**body, "key": key_json(BackupKey.generate())})
     assert r.status_code == 422 and "encrypted to key" in r.json()["message"], r.text
     assert list((env.tmp / "backups" / ".scratch").glob("file-*")) == []  # the scratch copy is gone
+
+
+def test_isolating_the_backup_server_stops_every_copy_until_rejoin(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    assert set_server(env, server, key).status_code == 200
+    env.create("emr")
+    assert env.api.post("/v1/backup-server/isolate", json={}).json()["isolated"] is True
+    j = backup(env, "emr")
+    assert j["state"] == "succeeded" and "isolated" in j["result"]["offsite_error"], j["result"]
+    r = env.api.post("/v1/vms/emr/backups/1/restore", json={"as": "x", "from_server": True, "key": key_json(key)})
+    assert r.status_code == 409 and "isolated" in r.json()["message"], r.text
+    assert env.api.post("/v1/backup-server/isolate", json={"rejoin": True}).json()["isolated"] is False
+    assert backup(env, "emr")["result"]["offsite"]["generation"] == 2
+    kinds = [e["kind"] for e in env.api.get("/v1/events").json()]
+    assert "backup_server_isolated" in kinds and "backup_server_rejoined" in kinds, kinds

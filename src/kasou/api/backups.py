@@ -54,6 +54,12 @@ class FileRequest(BaseModel):
     disk: str | None = None  # default: the first disk
 
 
+class IsolateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rejoin: bool = False
+
+
 class BackupJob(BaseModel):
     job: JobRecord
 
@@ -146,6 +152,11 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
     async def list_drills() -> list[DrillResult]:
         """Each VM's latest restore drill."""
         return await svc().vms.backups.drills.last()
+
+    @r.post("/backup-server/isolate")
+    async def isolate_backup_server(body: IsolateRequest) -> OffsiteView:
+        """Cut every host off from the backup server (``{"rejoin": true}``: undo)."""
+        return await svc().vms.backups.offsite.isolate(not body.rejoin)
 
     @r.delete("/backup-server")
     async def remove_backup_server() -> dict[str, bool]:

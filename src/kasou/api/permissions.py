@@ -88,6 +88,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/backups/status"): need("read"),
     ("PUT", "/v1/backup-server"): need("hosts"),
     ("DELETE", "/v1/backup-server"): need("hosts"),
+    ("POST", "/v1/backup-server/isolate"): need("hosts"),
     ("POST", "/v1/backup-server/restore-plan"): need("hosts"),
     ("POST", "/v1/backup-server/drill"): need("hosts"),
     ("GET", "/v1/backup-server/drills"): need("read"),

@@ -20,6 +20,7 @@ from kasou.cli.backup_offsite import (
     load_key,
     restore_all,
     server_app,
+    server_isolate,
 )
 from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
 from kasou.model.names import validate_name
@@ -30,6 +31,7 @@ backup_app = typer.Typer(
 )
 backup_app.add_typer(key_app, name="key")
 backup_app.add_typer(server_app, name="server")
+backup_app.command("isolate")(server_isolate)  # the same as "backup server isolate", as a response plan names it
 
 
 def _vm(name: str) -> str:

@@ -120,6 +120,17 @@ def server_show(as_json: bool = typer.Option(False, "--json")) -> None:
         say(f"{v['url']} (server {v['server_id']}, certificate {v['fingerprint'] or '-'}); key {v['key_fingerprint']}")
 
 
+@server_app.command("isolate")
+def server_isolate(rejoin: bool = typer.Option(False, "--rejoin", help="Let the hosts reach it again.")) -> None:
+    """Cut every host off from the backup server at once (copies and restores wait); the backup server's own
+    ``kasou backup-server isolate`` is the cut an attacker holding kasou cannot undo."""
+    v = client().post("/v1/backup-server/isolate", json={"rejoin": rejoin})
+    if v["isolated"]:
+        say(f"the hosts are cut off from {v['url']}; on the backup server, also run: kasou backup-server isolate")
+    else:
+        say(f"the hosts reach {v['url']} again")
+
+
 @server_app.command("unset")
 def server_unset() -> None:
     """Stop copying new generations to the backup server (what it holds stays there)."""

@@ -130,6 +130,7 @@ def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")
         "created": info["created"],
         "fingerprint": tlscert.display(tlscert.cert_fingerprint(store.root / "tls")),
         "immutable": store.probe_immutable(),
+        "isolated": store.isolated,
         "clients": len(store.clients()),
         "keys": ", ".join(store.allowed_keys()) or "any (allow the site's: kasou backup-server key allow FP)",
         "vms": len(store.vms()),
@@ -145,6 +146,19 @@ def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")
     data["immutable"] = "yes (chattr +i)" if data["immutable"] else "no: this file system does not keep the flag"
     for k, v in data.items():
         say(f"{k:12} {v}")
+
+
+@backup_server_app.command("isolate")
+def isolate(rejoin: bool = typer.Option(False, "--rejoin", help="Serve the clients again."),
+            directory: Path = DirOpt) -> None:  # fmt: skip
+    """Cut this backup server off from every hypervisor and second site at once (the first step of a cyber-attack
+    response plan): its API refuses every request until --rejoin. Run here, on the backup server."""
+    store = _store(directory)
+    store.set_isolated(not rejoin)
+    if rejoin:
+        say("the backup server serves its clients again")
+    else:
+        say("the backup server is isolated: every client is refused (kasou backup-server isolate --rejoin to undo)")
 
 
 # -- keys ----------------------------------------------------------------------------------------

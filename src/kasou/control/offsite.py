@@ -59,6 +59,7 @@ class OffsiteRecord(BaseModel):
     key_fingerprint: str
     server_id: str = ""
     set_at: float
+    isolated: bool = False  # kasou backup isolate: no host reaches the server until --rejoin
 
 
 class OffsiteView(BaseModel):
@@ -67,6 +68,7 @@ class OffsiteView(BaseModel):
     key_fingerprint: str  # the backup key every copy is encrypted to
     server_id: str
     set_at: float
+    isolated: bool = False
 
 
 class RestorePlanItem(BaseModel):
@@ -134,7 +136,7 @@ class Offsite:
 
     def _view(self, r: OffsiteRecord) -> OffsiteView:
         return OffsiteView(url=r.url, fingerprint=r.fingerprint, key_fingerprint=r.key_fingerprint,
-                           server_id=r.server_id, set_at=r.set_at)  # fmt: skip
+                           server_id=r.server_id, set_at=r.set_at, isolated=r.isolated)  # fmt: skip
 
     async def get(self) -> OffsiteView | None:
         r = await self._record()
@@ -174,10 +176,26 @@ class Offsite:
                                    "only the hosts' own generations remain", "warning")  # fmt: skip
         return True
 
+    async def isolate(self, on: bool) -> OffsiteView:
+        """Stop (or let again) every host reaching the backup server: copies and restores wait for --rejoin."""
+        r = await self._record()
+        if r is None:
+            raise WrongState("no backup server is set")
+        r = r.model_copy(update={"isolated": on})
+        await self.vms.store.put(KEY, r.model_dump(mode="json"))
+        msg = (f"the hosts are cut off from the backup server {r.url} (kasou backup isolate); on the backup server "
+               "itself, kasou backup-server isolate refuses every client" if on else
+               f"the hosts reach the backup server {r.url} again")  # fmt: skip
+        await self.vms.events.emit("backup_server_isolated" if on else "backup_server_rejoined", "site", msg,
+                                   "warning" if on else "info")  # fmt: skip
+        return self._view(r)
+
     async def target(self) -> tuple[VaultTarget, dict[str, Any]] | None:
         r = await self._record()
         if r is None:
             return None
+        if r.isolated:
+            raise WrongState(f"the backup server {r.url} is isolated from the hosts (kasou backup isolate --rejoin)")
         t = VaultTarget(url=r.url, token=self.sealer.open(r.token, _what("token")), fingerprint=r.fingerprint)
         return t, json.loads(self.sealer.open(r.public_key, _what("public_key")))
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from kasou import __version__
-from kasou.errors import Forbidden, InvalidSpec, TooLarge, Unauthorized
+from kasou.errors import Forbidden, InvalidSpec, TooLarge, Unauthorized, WrongState
 from kasou.model.names import validate_name
 from kasou.vault import policy
 from kasou.vault.index import CHUNK_SIZE, MAX_BLOB, summary, validate_chunk_id, validate_generation
@@ -59,6 +59,9 @@ def create_app(store: Store) -> FastAPI:
     install_error_handlers(app)
 
     def client(request: Request) -> Client:
+        if store.isolated:
+            raise WrongState("this backup server is isolated from every client (kasou backup-server isolate); "
+                             "nothing is read or written until it rejoins")  # fmt: skip
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

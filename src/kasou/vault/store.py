@@ -164,6 +164,18 @@ class Store:
     def immutable(self) -> bool:
         return bool(self.info().get("immutable"))
 
+    @property
+    def isolated(self) -> bool:
+        """Cut off from every client (``kasou backup-server isolate``): the API answers nothing but a refusal."""
+        return bool(self.info().get("isolated"))
+
+    def set_isolated(self, on: bool) -> None:
+        with self.locked():
+            info = self.info()
+            info["isolated"] = on
+            write_json(self.root / "server.json", info)
+        self.event("isolated" if on else "rejoined")
+
     def probe_immutable(self) -> bool:
         """Check again whether the file system keeps the immutable flag (the directory may have moved), and
         record the answer in server.json."""

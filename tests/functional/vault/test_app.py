@@ -143,3 +143,17 @@ def test_hostile_input_is_a_clear_4xx(store: Store, api: tuple[TestClient, dict[
         assert r.status_code in (404, 422), (path, r.status_code)
         assert set(r.json()) == {"code", "message", "details"}
     assert store.vms() == [] and list(store.chunk_files()) == []
+
+
+def test_an_isolated_server_refuses_every_client(
+    store: Store, api: tuple[TestClient, dict[str, str], dict[str, str]]
+) -> None:
+    http, writer, reader = api
+    store.set_isolated(True)
+    for headers in (writer, reader):
+        r = http.get("/v1/info", headers=headers)
+        assert r.status_code == 409 and "isolated" in r.json()["message"], r.text
+    assert http.post("/v1/chunks/missing", json={"ids": []}, headers=writer).status_code == 409
+    store.set_isolated(False)
+    assert http.get("/v1/info", headers=reader).status_code == 200
+    assert [e["event"] for e in store.events()][-2:] == ["isolated", "rejoined"]
