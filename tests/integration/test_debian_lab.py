@@ -33,7 +33,11 @@ def lab(tiny_image: Path) -> Iterator[Lab]:
 
 
 def agent_answers(lab: Lab, vm: str) -> dict[str, object]:
-    return dict(lab.wait(f"{vm}'s guest agent", lambda: (v := lab.vm(vm))["guest"]["agent"] and v, BOOT_TIMEOUT_S))
+    try:
+        return dict(lab.wait(f"{vm}'s guest agent", lambda: (v := lab.vm(vm))["guest"]["agent"] and v, BOOT_TIMEOUT_S))
+    except AssertionError as e:  # what the guest printed says why (its serial console, on its host)
+        host = str(lab.vm(vm).get("host"))
+        raise AssertionError(f"{e}; the end of its console on {host}:\n{lab.serial(host, vm)[-3000:]}") from None
 
 
 def other(lab: Lab, host: str) -> str:
