@@ -17,6 +17,7 @@ PACKAGES+=(novnc chromium)  # the web console's noVNC (served at /ui/novnc/), an
 PACKAGES+=(mmdebstrap fdisk dosfstools mtools)
 PACKAGES+=(grub-pc-bin xorriso mtools)  # the import tests make a BIOS-bootable disk of the tiny guest (grub-mkrescue)
 PACKAGES+=(postgresql-client)  # bench/pg_failover.py: the database client on the lab network
+PACKAGES+=(restic)  # bench/backup_server.py: the backup engine kasou's backup server is measured beside
 PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
 # Debian's installer (kernel and initrd, about 60 MB): the ISO test makes a bootable installer disc of it
 PACKAGES+=(debian-installer-12-netboot-amd64)
