@@ -20,6 +20,7 @@ from kasou.errors import InvalidSpec
 from kasou.model.units import format_size
 from kasou.vault import policy as vpolicy
 from kasou.vault import tlscert
+from kasou.vault.export import Copied
 from kasou.vault.store import Store
 
 backup_server_app = typer.Typer(
@@ -346,6 +347,15 @@ def sync(
         raise typer.Exit(1)
 
 
+def _copied(r: Copied, verb: str) -> None:
+    """What an export or import did: each generation skipped and why, then the totals; exit 1 if any was skipped."""
+    for name, gen, why in r.skipped:
+        say(f"not {verb.split()[0]}: {name} generation {gen}: {why}")
+    say(f"{len(r.generations)} generations {verb} ({r.chunks} chunks, {format_size(r.chunk_bytes)})")
+    if r.skipped:
+        raise typer.Exit(1)
+
+
 @backup_server_app.command("export")
 def export(
     to: Path = typer.Option(..., "--to", help="A directory on removable media."),
@@ -355,12 +365,7 @@ def export(
     """Copy generations to removable media (with a README.txt on how to import them)."""
     from kasou.vault.export import export as run_export
 
-    r = run_export(_store(directory), to, vm)
-    for name, gen, why in r.skipped:
-        say(f"not exported: {name} generation {gen}: {why}")
-    say(f"{len(r.generations)} generations exported to {to} ({r.chunks} chunks, {format_size(r.chunk_bytes)})")
-    if r.skipped:
-        raise typer.Exit(1)
+    _copied(run_export(_store(directory), to, vm), f"exported to {to}")
 
 
 @backup_server_app.command("import")
@@ -372,12 +377,7 @@ def import_(
     """Add the generations of an export this server lacks (each chunk checked, locked by this server's policy)."""
     from kasou.vault.export import import_from
 
-    r = import_from(_store(directory), src, vm)
-    for name, gen, why in r.skipped:
-        say(f"not imported: {name} generation {gen}: {why}")
-    say(f"{len(r.generations)} generations imported ({r.chunks} chunks, {format_size(r.chunk_bytes)})")
-    if r.skipped:
-        raise typer.Exit(1)
+    _copied(import_from(_store(directory), src, vm), "imported")
 
 
 @backup_server_app.command("list")

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -98,10 +98,51 @@ def _write_new(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class _KeyFile:
+    """What both halves of a backup key share: one JSON form (with the fingerprint, checked when read), one file
+    written once (mode 0600), never replaced."""
+
+    KIND: ClassVar[str]
+    FIELD: ClassVar[str]  # the name of the key's raw bytes in the JSON form
+    id_secret: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def _raw(self) -> bytes:
+        raise NotImplementedError
+
+    @classmethod
+    def _of(cls, raw: bytes, id_secret: bytes) -> Self:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        fields = {self.FIELD: self._raw().hex(), "id_secret": self.id_secret.hex()}
+        return json.dumps({"kind": self.KIND, "version": 1, "fingerprint": self.fingerprint, **fields}, indent=2)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> Self:
+        d = _read_json(data, cls.KIND)
+        key = cls._of(_secret(d.get(cls.FIELD), cls.FIELD.replace("_", " ")), _secret(d.get("id_secret"), "id secret"))
+        _check_fingerprint(d, key.fingerprint)
+        return key
+
+    def save(self, path: str | Path) -> None:
+        """Write a new file (mode 0600: the id secret is a secret too); an existing file is refused, never replaced."""
+        _write_new(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        return cls.from_json(_read_file(path))
+
+
 @dataclass(frozen=True, repr=False)
-class PublicBackupKey:
+class PublicBackupKey(_KeyFile):
     """What a hypervisor holds: it seals chunks and computes their ids, it cannot open them."""
 
+    KIND: ClassVar[str] = _PUBLIC_KIND
+    FIELD: ClassVar[str] = "public_key"
     public_key: X25519PublicKey
     id_secret: bytes
 
@@ -117,31 +158,20 @@ class PublicBackupKey:
         """The first 16 hex digits of SHA-256 of the public key; every generation records it."""
         return _fingerprint(self.public_raw)
 
-    def to_json(self) -> str:
-        fields = {"public_key": self.public_raw.hex(), "id_secret": self.id_secret.hex()}
-        return json.dumps({"kind": _PUBLIC_KIND, "version": 1, "fingerprint": self.fingerprint, **fields}, indent=2)
+    def _raw(self) -> bytes:
+        return self.public_raw
 
     @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> PublicBackupKey:
-        d = _read_json(data, _PUBLIC_KIND)
-        key = cls(X25519PublicKey.from_public_bytes(_secret(d.get("public_key"), "public key")),
-                  _secret(d.get("id_secret"), "id secret"))  # fmt: skip
-        _check_fingerprint(d, key.fingerprint)
-        return key
-
-    def save(self, path: str | Path) -> None:
-        """Write a new file (mode 0600; the id secret is a secret too); an existing file is refused."""
-        _write_new(path, self.to_json() + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> PublicBackupKey:
-        return cls.from_json(_read_file(path))
+    def _of(cls, raw: bytes, id_secret: bytes) -> Self:
+        return cls(X25519PublicKey.from_public_bytes(raw), id_secret)
 
 
 @dataclass(frozen=True, repr=False)
-class BackupKey:
+class BackupKey(_KeyFile):
     """The recovery key: the X25519 private key and the id secret. Never kept on a hypervisor."""
 
+    KIND: ClassVar[str] = _KEY_KIND
+    FIELD: ClassVar[str] = "private_key"
     private_key: X25519PrivateKey
     id_secret: bytes
 
@@ -163,6 +193,13 @@ class BackupKey:
     def private_raw(self) -> bytes:
         return self.private_key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
+    def _raw(self) -> bytes:
+        return self.private_raw
+
+    @classmethod
+    def _of(cls, raw: bytes, id_secret: bytes) -> Self:
+        return cls(X25519PrivateKey.from_private_bytes(raw), id_secret)
+
     def paper(self) -> str:
         """``KASOU-BK1-`` then base32 (RFC 4648, no padding) of private key + id secret in groups of 4,
         then a 4-character checksum group (the first 20 bits of SHA-256 of those 64 bytes)."""
@@ -176,26 +213,6 @@ class BackupKey:
         """Read a paper key back (spaces, dashes and case ignored); a mistyped group is refused in one line."""
         payload = _parse_paper(text)
         return cls(X25519PrivateKey.from_private_bytes(payload[:32]), payload[32:])
-
-    def to_json(self) -> str:
-        fields = {"private_key": self.private_raw.hex(), "id_secret": self.id_secret.hex()}
-        return json.dumps({"kind": _KEY_KIND, "version": 1, "fingerprint": self.fingerprint, **fields}, indent=2)
-
-    @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> BackupKey:
-        d = _read_json(data, _KEY_KIND)
-        key = cls(X25519PrivateKey.from_private_bytes(_secret(d.get("private_key"), "private key")),
-                  _secret(d.get("id_secret"), "id secret"))  # fmt: skip
-        _check_fingerprint(d, key.fingerprint)
-        return key
-
-    def save(self, path: str | Path) -> None:
-        """Write a new key file, mode 0600; an existing file is refused, never replaced."""
-        _write_new(path, self.to_json() + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> BackupKey:
-        return cls.from_json(_read_file(path))
 
 
 def _read_file(path: str | Path) -> str:
