@@ -84,8 +84,6 @@ def stop(server: Server) -> None:
         server.proc.stderr.close()
 
 
-
-
 def writer_token(server: Server, name: str | None = None) -> str:
     """A writer token the server issues (``client add NAME --role writer``; a new client each call by default)."""
     name = name or f"hv-{secrets.token_hex(3)}"

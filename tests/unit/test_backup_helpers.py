@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.control.backups import (
+from kasou.control.backup_records import (
     BackupDiskRecord,
     BackupRecord,
     check_keep,

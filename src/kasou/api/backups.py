@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from kasou.control.backup_records import BackupView, PolicyUpdate, PolicyView
 from kasou.control.backup_status import BackupStatus, status
-from kasou.control.backups import BackupView, PolicyUpdate, PolicyView
 from kasou.control.drill import DrillRequest, DrillResult
 from kasou.control.offsite import OffsiteSet, OffsiteView, RestorePlanItem, RestorePlanRequest
 from kasou.control.records import JobRecord

@@ -1,0 +1,197 @@
+"""The backup records in the store and the pure rules over them (unit-tested): which keys, which generations
+belong to a VM, what a backup copies, what retention drops, when a schedule's slot was. Used by
+:mod:`kasou.control.backups`, which runs them."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kasou.agent.models import BackupSource, TpmBackup
+from kasou.control.offsite import OffsiteCopy
+from kasou.control.records import VMRecord
+from kasou.errors import InvalidSpec
+from kasou.model.firmware import VARS_ID, Firmware, GuestOs
+from kasou.model.spec import NicSpec
+
+_DAILY_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def backups_prefix(vm: str) -> str:
+    return f"backups/{vm}/"
+
+
+def backup_key(vm: str, generation: int) -> str:
+    return f"backups/{vm}/{generation:08d}"
+
+
+def policy_key(vm: str) -> str:
+    return f"backup-policy/{vm}"
+
+
+class BackupDiskRecord(BaseModel):
+    disk_id: str
+    path: str
+    backing: str | None  # the previous generation's file (an incremental), None: self-contained
+    kind: Literal["full", "incremental"]
+    size_bytes: int
+    file_bytes: int
+    bytes_copied: int
+    digest: str
+    note: str = ""
+
+
+class BackupRecord(BaseModel):
+    vm: str
+    generation: int  # unique among the generations of the name, whichever VM they belong to
+    vm_uuid: str | None = None  # the VM backed up (None: recorded before kasou kept it)
+    department: str | None = None  # that VM's department when it was backed up
+    id: str
+    host: str
+    kind: Literal["full", "incremental"]  # incremental if any disk is
+    created_at: float
+    duration_s: float
+    running: bool  # taken from the running VM or from a stopped one
+    # a running VM's point in time: application (its guest agent froze the file systems) or crash (no agent
+    # answered); None: a stopped VM's, or recorded before kasou froze guests
+    consistency: Literal["application", "crash"] | None = None
+    scheduled: bool = False
+    bitmap: str | None  # the dirty bitmap that records writes since this generation
+    note: str = ""
+    disks: list[BackupDiskRecord]
+    # what a restore makes (the VM may be gone by then)
+    vcpus: int
+    memory_mib: int
+    image: str | None
+    nics: list[NicSpec]
+    cpu: str | None = None
+    machine: str | None = None
+    firmware: Firmware = "bios"
+    os: GuestOs | None = None
+    tpm: TpmBackup | None = None  # the TPM's state (its UEFI variables are the disk "efivars")
+    offsite: OffsiteCopy | None = None  # its copy on the backup server (kasou.control.offsite)
+    offsite_error: str | None = None  # why it could not be copied there
+
+
+class BackupView(BaseModel):
+    vm: str
+    generation: int
+    vm_uuid: str | None  # the VM it belongs to (None: recorded before kasou kept it)
+    department: str | None
+    kind: Literal["full", "incremental"]
+    based_on: int | None  # the generation an incremental's files rest on (None: self-contained)
+    created_at: float
+    host: str
+    running: bool
+    consistency: Literal["application", "crash"] | None = None
+    scheduled: bool
+    size_bytes: int  # the disks' virtual size
+    file_bytes: int  # what its files take in the backup directory
+    bytes_copied: int
+    duration_s: float
+    note: str
+    disks: list[BackupDiskRecord]
+    offsite: OffsiteCopy | None = None
+    offsite_error: str | None = None
+
+
+class BackupPolicy(BaseModel):
+    daily: str | None = None  # HH:MM, the host's local time; None: no schedule
+    keep: int | None = None  # generations kept; None: KASOU_BACKUP_KEEP
+    vm_uuid: str | None = None  # the VM it was set for: a later VM of the name does not inherit it
+    set_at: float = Field(default_factory=time.time)
+    last_slot: float | None = None  # the latest scheduled slot handled (run, or reported missed)
+
+
+class PolicyView(BaseModel):
+    vm: str
+    daily: str | None
+    keep: int
+    keep_is_default: bool
+    next_run: float | None
+
+
+class PolicyUpdate(BaseModel):
+    """Body of ``PATCH /v1/vms/{name}/backup-policy``: omitted fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    daily: str | None = None  # HH:MM
+    off: bool = False  # no schedule (keeps ``keep``)
+    keep: int | None = None
+
+
+# -- pure helpers (unit-tested) -----------------------------------------------------------
+
+
+def parse_daily(value: str) -> tuple[int, int]:
+    m = _DAILY_RE.fullmatch(value.strip())
+    if m is None:
+        raise InvalidSpec(f"--daily takes a time of day as HH:MM (00:00 to 23:59), not {value!r}", field="daily")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_keep(keep: int) -> int:
+    if not 1 <= keep <= 1000:
+        raise InvalidSpec(f"retention must keep between 1 and 1000 generations, not {keep}", field="keep")
+    return keep
+
+
+def last_slot(daily: str, now: float) -> float:
+    """The latest moment at ``daily`` (local time) that is not after ``now``."""
+    h, m = parse_daily(daily)
+    at = datetime.fromtimestamp(now)
+    slot = at.replace(hour=h, minute=m, second=0, microsecond=0)
+    if slot > at:
+        slot -= timedelta(days=1)
+    return slot.timestamp()
+
+
+def to_prune(generations: list[int], keep: int) -> list[int]:
+    """The generations retention drops, oldest first."""
+    ordered = sorted(generations)
+    return ordered[: max(0, len(ordered) - keep)]
+
+
+def belongs(r: BackupRecord, vm: VMRecord) -> bool:
+    """Is generation ``r`` one of VM ``vm``'s (an unmarked old one: if it is not older than the VM)?"""
+    return r.vm_uuid == vm.uuid or (r.vm_uuid is None and r.created_at >= vm.created_at)
+
+
+def plan_sources(rec: VMRecord, prev: BackupRecord | None, incremental: bool) -> tuple[list[BackupSource], str]:
+    """What to ask the agent for each disk; and why an incremental request cannot be one (or "")."""
+    why = ""
+    if incremental and prev is None:
+        why = "full backup: there is no earlier generation"
+    elif incremental and prev is not None and prev.host != rec.host:
+        why = f"full backup: the previous generation is on host {prev.host}, the VM is on {rec.host}"
+    use = prev if incremental and not why else None
+    out = []
+    for d in rec.disks:
+        old = next((x for x in use.disks if x.disk_id == d.id), None) if use is not None else None
+        out.append(
+            BackupSource(
+                disk_id=d.id, path=d.path or "", format=d.format,
+                backing=old.path if old is not None else None,
+                base_bitmap=use.bitmap if old is not None and use is not None else None,
+            )
+        )  # fmt: skip
+    if rec.nvram is not None:  # the UEFI variables: half a MiB, always copied whole
+        out.append(BackupSource(disk_id=VARS_ID, path=rec.nvram, format="raw"))
+    return out, why
+
+
+def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
+    based = [g for d in r.disks if d.backing is not None and (g := by_path.get(d.backing)) is not None]
+    return BackupView(
+        vm=r.vm, generation=r.generation, vm_uuid=r.vm_uuid, department=r.department, kind=r.kind,
+        based_on=min(based) if based else None, created_at=r.created_at, host=r.host, running=r.running,
+        consistency=r.consistency, scheduled=r.scheduled,
+        size_bytes=sum(d.size_bytes for d in r.disks), file_bytes=sum(d.file_bytes for d in r.disks),
+        bytes_copied=sum(d.bytes_copied for d in r.disks), duration_s=r.duration_s, note=r.note, disks=r.disks,
+        offsite=r.offsite, offsite_error=r.offsite_error,
+    )  # fmt: skip
