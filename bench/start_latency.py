@@ -155,7 +155,9 @@ class Libvirt:
                 ["useradd", "-r", "-g", "libvirt-qemu", "-G", "kvm", "-d", "/var/lib/libvirt", "libvirt-qemu"],
                 check=True,
             )
-        if not Path("/run/libvirt/virtlogd-sock").exists():
+        logd_running = subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True).returncode == 0
+        if not logd_running:  # a socket left by a virtlogd that is gone refuses connections: start a new one
+            Path("/run/libvirt/virtlogd-sock").unlink(missing_ok=True)
             subprocess.run(["virtlogd", "-d"], check=True)  # libvirt logs each guest's console through it
             out = subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True, text=True).stdout.split()
             self.started_logd = int(out[0]) if out else None
