@@ -302,9 +302,13 @@ def vendor_max_priority() -> int:
     return int_setting("KASOU_VENDOR_MAX_PRIORITY", 50, 0, 100)
 
 
-def backup_keep_default() -> int:
-    """``KASOU_BACKUP_KEEP``: backup generations kept per VM unless its own setting says otherwise (default 7)."""
-    return int_setting("KASOU_BACKUP_KEEP", 7, 1, 1000)
+def backup_keep_setting() -> int | None:
+    """``KASOU_BACKUP_KEEP``: backup generations kept per VM where no VM or department policy states a
+    retention; unset (None): by the VM's criticality, 5 for 24h-clinical and 3 for the others
+    (kasou.control.backup_policy)."""
+    if not os.environ.get("KASOU_BACKUP_KEEP", "").strip():
+        return None
+    return int_setting("KASOU_BACKUP_KEEP", 3, 1, 1000)
 
 
 def storage_roots() -> list[str]:
@@ -374,7 +378,7 @@ def check_settings() -> None:
     api_listen()
     ha_times()
     vcpu_ratio_setting()
-    backup_keep_default()
+    backup_keep_setting()
     maintenance_retry()
     vendor_max_priority()
     storage_roots()

@@ -25,6 +25,7 @@ from kasou.errors import InvalidSpec
 from kasou.hypervisor import imagefiles
 from kasou.hypervisor.backups import BackupDisk, bitmap_name
 from kasou.hypervisor.qemu.backups import decide, file_child, format_node, held_by_job, names
+from kasou.model.retention import Counts
 from kasou.model.spec import DiskSpec
 
 
@@ -49,8 +50,9 @@ def test_last_slot_is_the_latest_time_of_day_not_after_now() -> None:
 
 
 def test_retention_drops_the_oldest() -> None:
-    assert to_prune([3, 1, 2, 4], 2) == [1, 2]
-    assert to_prune([1, 2], 2) == [] and to_prune([], 3) == []
+    recs = [_record("h1", g).model_copy(update={"created_at": 1000.0 + g}) for g in (3, 1, 2, 4)]
+    assert to_prune(recs, Counts(keep_last=2), 2000.0) == [1, 2]
+    assert to_prune(recs[:2], Counts(keep_last=2), 2000.0) == [] and to_prune([], Counts(keep_last=3), 0.0) == []
 
 
 def _record(host: str, gen: int = 1) -> BackupRecord:

@@ -62,7 +62,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_defaults_pass(clean_env: Path) -> None:
     config.check_settings()
     assert config.vcpu_ratio_setting() == 4.0
-    assert config.backup_keep_default() == 7
+    assert config.backup_keep_setting() is None
     assert config.accel_setting() == "auto"
 
 

@@ -182,12 +182,14 @@ class BackupFiles:
         backing = (await imagefiles.info(child)).get("backing-filename")
         if backing is None or (child.parent / str(backing)).resolve() != path.resolve():
             raise InvalidSpec(f"{child} is not backed by {path}", field="child")
+        parent_manifest = Path(f"{path}.json")  # the merged file keeps what the dropped one rested on, if anything
+        rests_on = json.loads(parent_manifest.read_text()).get("backing") if parent_manifest.exists() else None
         await imagefiles.merge_into_child(path, child)
-        Path(f"{path}.json").unlink(missing_ok=True)
+        parent_manifest.unlink(missing_ok=True)
         manifest_file = Path(f"{child}.json")
         if manifest_file.exists():
             data = json.loads(manifest_file.read_text())
-            data.update({"backing": None, "merged_at": time.time()})
+            data.update({"backing": rests_on, "merged_at": time.time()})
             imagefiles.write_manifest(child, data)
         if req.child_digest is not None:
             await self.verify(BackupCheck(path=str(child), digest=req.child_digest))

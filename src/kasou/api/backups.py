@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from kasou.control.backup_records import BackupView, PolicyUpdate, PolicyView
+from kasou.control.backup_policy import PolicyUpdate, PolicyView
+from kasou.control.backup_records import BackupView
 from kasou.control.backup_status import BackupStatus, status
 from kasou.control.drill import DrillRequest, DrillResult
 from kasou.control.offsite import OffsiteSet, OffsiteView, RestorePlanItem, RestorePlanRequest
@@ -26,6 +27,11 @@ from kasou.errors import Forbidden, InvalidSpec
 
 if TYPE_CHECKING:
     from kasou.api.deps import Services
+
+
+class PolicyList(BaseModel):
+    departments: list[PolicyView]
+    vms: list[PolicyView]
 
 
 class BackupRequest(BaseModel):
@@ -168,7 +174,24 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
 
     @r.patch("/vms/{name}/backup-policy")
     async def set_backup_policy(name: str, body: PolicyUpdate) -> PolicyView:
-        """The daily schedule (``daily``: HH:MM, or ``off``) and retention (``keep`` generations, at least 1)."""
+        """The VM's own schedule (``daily`` HH:MM or ``off``, ``weekly`` full day), retention (``keep``,
+        ``keep_daily``, ``keep_weekly``, ``keep_monthly``) and ``lock_days`` asked of the backup server."""
         return await svc().vms.backups.set_policy(name, body)
+
+    @r.get("/backup-policies")
+    async def list_backup_policies() -> PolicyList:
+        """Every department's own settings and every VM's effective policy (with where each part comes from)."""
+        b = svc().vms.backups
+        depts = [await b.policies.get_department(d) for d in await b.policies.departments()]
+        return PolicyList(departments=depts, vms=[await b.get_policy(v.name) for v in await svc().vms.records.all()])
+
+    @r.get("/departments/{department}/backup-policy")
+    async def get_department_backup_policy(department: str) -> PolicyView:
+        return await svc().vms.backups.policies.get_department(department)
+
+    @r.patch("/departments/{department}/backup-policy")
+    async def set_department_backup_policy(department: str, body: PolicyUpdate) -> PolicyView:
+        """A department's schedule, retention and lock: its VMs follow them where their own settings say nothing."""
+        return await svc().vms.backups.policies.set_department(department, body)
 
     return r

@@ -22,6 +22,7 @@ from kasou.cli.backup_offsite import (
     server_app,
     server_isolate,
 )
+from kasou.cli.backup_policy import policy_app
 from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
@@ -31,6 +32,7 @@ backup_app = typer.Typer(
 )
 backup_app.add_typer(key_app, name="key")
 backup_app.add_typer(server_app, name="server")
+backup_app.add_typer(policy_app, name="policy")
 backup_app.command("isolate")(server_isolate)  # the same as "backup server isolate", as a response plan names it
 
 

@@ -49,6 +49,9 @@ def vm_create(
     department: str = typer.Option(
         None, "--department", help="Department whose vendor manages it (e.g. lab, pacs, pharmacy)."
     ),
+    criticality: str = typer.Option(
+        None, "--criticality", help="24h-clinical, business-hours or batch (backups keep 5 or 3 generations)."
+    ),
     shared: bool = typer.Option(False, "--shared", help="Put the disk on the shared storage every host sees."),
     replicated: bool = typer.Option(
         False, "--replicated", help="Keep a synchronous copy of the disk on another host (network RAID-1)."
@@ -110,6 +113,7 @@ def vm_create(
         "start": start,
         "description": description,
         "department": department,
+        "criticality": criticality,
         "storage": "shared" if shared else ("replicated" if replicated else "local"),
         "network": network,
         "anti_affinity": anti_affinity,
@@ -276,6 +280,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("name", v["name"]),
         ("uuid", v["uuid"]),
         ("department", v["department"] or "-"),
+        ("criticality", v.get("criticality") or "-"),
         ("state", v["state"] if v["host_reachable"] else f"{v['state']} (host {v['host']} unreachable)"),
         ("host", v["host"] or "-"),
         ("vcpus", v["vcpus"]),
@@ -337,6 +342,7 @@ def vm_set(
     priority: str = typer.Option(None, "--priority", help="HA restart order, 0..100, highest first."),
     description: str = typer.Option(None, "--description"),
     department: str = typer.Option(None, "--department", help="Department whose vendor manages it ('' removes it)."),
+    criticality: str = typer.Option(None, "--criticality", help="24h-clinical, business-hours or batch."),
     onboot: bool = typer.Option(None, "--onboot/--no-onboot", help="Start it when its host boots."),
     order: str = typer.Option(None, "--order", help="With --onboot: start order, 0..1000, lowest first."),
     delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
@@ -362,6 +368,8 @@ def vm_set(
         body["description"] = description
     if department is not None:
         body["department"] = department
+    if criticality is not None:
+        body["criticality"] = criticality
     v = client().patch(f"/v1/vms/{name}", json=body)
     if vcpus is not None or memory is not None:
         say_sizes(v)

@@ -5,17 +5,17 @@ belong to a VM, what a backup copies, what retention drops, when a schedule's sl
 from __future__ import annotations
 
 import re
-import time
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from kasou.agent.models import BackupSource, TpmBackup
 from kasou.control.offsite import OffsiteCopy
 from kasou.control.records import VMRecord
 from kasou.errors import InvalidSpec
 from kasou.model.firmware import VARS_ID, Firmware, GuestOs
+from kasou.model.retention import Counts, Held, select
 from kasou.model.spec import NicSpec
 
 _DAILY_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
@@ -99,32 +99,6 @@ class BackupView(BaseModel):
     offsite_error: str | None = None
 
 
-class BackupPolicy(BaseModel):
-    daily: str | None = None  # HH:MM, the host's local time; None: no schedule
-    keep: int | None = None  # generations kept; None: KASOU_BACKUP_KEEP
-    vm_uuid: str | None = None  # the VM it was set for: a later VM of the name does not inherit it
-    set_at: float = Field(default_factory=time.time)
-    last_slot: float | None = None  # the latest scheduled slot handled (run, or reported missed)
-
-
-class PolicyView(BaseModel):
-    vm: str
-    daily: str | None
-    keep: int
-    keep_is_default: bool
-    next_run: float | None
-
-
-class PolicyUpdate(BaseModel):
-    """Body of ``PATCH /v1/vms/{name}/backup-policy``: omitted fields stay as they are."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    daily: str | None = None  # HH:MM
-    off: bool = False  # no schedule (keeps ``keep``)
-    keep: int | None = None
-
-
 # -- pure helpers (unit-tested) -----------------------------------------------------------
 
 
@@ -151,10 +125,10 @@ def last_slot(daily: str, now: float) -> float:
     return slot.timestamp()
 
 
-def to_prune(generations: list[int], keep: int) -> list[int]:
-    """The generations retention drops, oldest first."""
-    ordered = sorted(generations)
-    return ordered[: max(0, len(ordered) - keep)]
+def to_prune(recs: list[BackupRecord], counts: Counts, now: float) -> list[int]:
+    """The generations retention drops (:mod:`kasou.model.retention`, by the time each was taken), oldest first."""
+    decisions = select([Held(r.generation, r.created_at) for r in recs], counts, now)
+    return sorted(d.generation for d in decisions if not d.keep)
 
 
 def belongs(r: BackupRecord, vm: VMRecord) -> bool:

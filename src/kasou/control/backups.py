@@ -51,20 +51,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, TpmRestore
-from kasou.config import backup_keep_default
+from kasou.control.backup_policy import BackupPolicies, BackupPolicy, PolicyUpdate, PolicyView, effective, full_on
 from kasou.control.backup_records import (
     BackupDiskRecord,
-    BackupPolicy,
     BackupRecord,
     BackupView,
-    PolicyUpdate,
-    PolicyView,
     backup_key,
     backups_prefix,
     belongs,
-    check_keep,
     last_slot,
-    parse_daily,
     plan_sources,
     policy_key,
     to_prune,
@@ -77,6 +72,7 @@ from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
 from kasou.hypervisor.backups import bitmap_name
 from kasou.model.firmware import VARS_ID
+from kasou.model.retention import Counts
 from kasou.model.spec import DiskSpec, random_mac, validate_name
 from kasou.model.state import VMState
 
@@ -101,6 +97,7 @@ class Backups:
         self.clock = clock
         self.grace_s = GRACE_S
         self._locks: dict[str, asyncio.Lock] = {}
+        self.policies = BackupPolicies(vms.store, vms.records.get, lambda: self.clock())  # schedules, retention
         self.offsite = Offsite(vms)  # the site's backup server, if one is set
         self.drills = Drills(self.offsite)  # restore drills from it (kasou.control.drill)
 
@@ -166,45 +163,13 @@ class Backups:
         with contextlib.suppress(Exception):  # an event that cannot be stored is still in the log
             await self.vms.events.emit(kind, f"vm/{vm}", message, severity)
 
-    # -- policy ---------------------------------------------------------------------------
-
-    async def _policy(self, owner: VMRecord) -> BackupPolicy:
-        """The VM's policy (one an earlier VM of the name left is not its)."""
-        e = await self.store.get(policy_key(owner.name))
-        p = BackupPolicy.model_validate(e.value) if e is not None else None
-        if p is None or p.vm_uuid not in (None, owner.uuid):
-            return BackupPolicy(set_at=0.0)
-        return p
-
-    def _policy_view(self, vm: str, p: BackupPolicy) -> PolicyView:
-        nxt = None
-        if p.daily is not None:
-            nxt = last_slot(p.daily, self.clock()) + 86400
-        return PolicyView(vm=vm, daily=p.daily, keep=p.keep or backup_keep_default(), keep_is_default=p.keep is None,
-                          next_run=nxt)  # fmt: skip
+    # -- policy (kasou.control.backup_policy) -----------------------------------------------
 
     async def get_policy(self, vm: str) -> PolicyView:
-        return self._policy_view(vm, await self._policy(await self.vms.records.get(vm)))
+        return await self.policies.get(vm)
 
     async def set_policy(self, vm: str, upd: PolicyUpdate) -> PolicyView:
-        if upd.keep is not None:
-            check_keep(upd.keep)
-        if upd.daily is not None:
-            if upd.off:
-                raise InvalidSpec("give either --daily or --off, not both", field="daily")
-            parse_daily(upd.daily)
-        owner = await self.vms.records.get(vm)
-        p = await self._policy(owner)
-        changes: dict[str, Any] = {"vm_uuid": owner.uuid}
-        if upd.keep is not None:
-            changes["keep"] = upd.keep
-        if upd.off:
-            changes["daily"] = None
-        elif upd.daily is not None and upd.daily != p.daily:
-            changes.update(daily=upd.daily.strip(), set_at=self.clock(), last_slot=None)
-        p = p.model_copy(update=changes)
-        await self.store.put(policy_key(vm), p.model_dump(mode="json"))
-        return self._policy_view(vm, p)
+        return await self.policies.set(vm, upd)
 
     # -- create ---------------------------------------------------------------------------
 
@@ -278,7 +243,7 @@ class Backups:
                 raise
             record = await self._copy_offsite(ctx, rec, record, prev)
             await ctx.progress(0.9, "retention")
-            pruned = await self._prune(rec, await self._keep(rec))
+            pruned = await self._prune(rec, (await self.policies.effective(rec)).retention)
         return {
             "vm": vm, "generation": gen, "kind": kind, "note": record.note, "pruned": pruned,
             "consistency": made.consistency,
@@ -306,17 +271,14 @@ class Backups:
         await self.store.put(backup_key(rec.name, record.generation), record.model_dump(mode="json"))
         return record
 
-    async def _keep(self, owner: VMRecord) -> int:
-        return (await self._policy(owner)).keep or backup_keep_default()
-
-    async def _prune(self, owner: VMRecord, keep: int) -> builtins.list[int]:
-        """Drop the VM's generations beyond ``keep`` (the caller holds the VM's lock)."""
+    async def _prune(self, owner: VMRecord, counts: Counts) -> builtins.list[int]:
+        """Drop the VM's generations its retention does not keep (the caller holds the VM's lock), oldest
+        first; a dropped incremental's parent data goes into its child, which then rests on what it rested on."""
         vm = owner.name
         recs = [r for r in await self.records(vm) if belongs(r, owner)]
-        by_gen = {r.generation: r for r in recs}
         dropped = []
-        for gen in to_prune(list(by_gen), keep):
-            old = by_gen[gen]
+        for gen in to_prune(recs, counts, self.clock()):
+            old = next(r for r in recs if r.generation == gen)  # as an earlier drop may have changed it
             later = [r for r in recs if r.generation > gen]
             child = later[0] if later else None
             agent = self.vms.agents.get(old.host)
@@ -328,7 +290,9 @@ class Backups:
                 if child is not None and cd is not None:
                     child = child.model_copy(
                         update={
-                            "disks": [x.model_copy(update={"backing": None}) if x is cd else x for x in child.disks]
+                            "disks": [
+                                x.model_copy(update={"backing": d.backing}) if x is cd else x for x in child.disks
+                            ]
                         }
                     )
                     await self.store.put(backup_key(vm, child.generation), child.model_dump(mode="json"))
@@ -417,44 +381,66 @@ class Backups:
     # -- schedules (the leader, every reconcile tick) -------------------------------------
 
     async def tick(self) -> None:
+        """Run each VM's scheduled backup once its slot has come (its own schedule, else its department's)."""
         now = self.clock()
-        for e in await self.store.range("backup-policy/"):
-            vm = e.key.removeprefix("backup-policy/")
-            p = BackupPolicy.model_validate(e.value)
-            if p.daily is None:
+        owns = {e.key.removeprefix("backup-policy/"): BackupPolicy.model_validate(e.value)
+                for e in await self.store.range("backup-policy/")}  # fmt: skip
+        depts = {e.key.removeprefix("backup-policy-dept/"): BackupPolicy.model_validate(e.value)
+                 for e in await self.store.range("backup-policy-dept/")}  # fmt: skip
+        current = {r.name: r for r in await self.vms.records.all()}
+        for vm in sorted(set(owns) | set(current)):
+            own, cur = owns.get(vm), current.get(vm)
+            if cur is not None and own is not None and own.vm_uuid not in (None, cur.uuid):
+                cur = None  # the schedule of an earlier VM of the name: that VM is gone
+            if cur is None:
+                if own is not None and own.daily is not None and not own.off:
+                    await self._gone(vm, own, now)
                 continue
-            slot = last_slot(p.daily, now)
-            if slot <= p.set_at or (p.last_slot is not None and p.last_slot >= slot):
+            eff = effective(own, depts.get(cur.department or ""), cur.department, cur.criticality)
+            if eff.daily is None:
                 continue
-            late = now - slot
-            when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
-            try:
-                cur = await self._current(vm)
-                if cur is None or p.vm_uuid not in (None, cur.uuid):  # its VM is gone (a new one may hold the name)
-                    raise NotFound(f"no VM named {vm!r}")
-                job = await self.create(vm, incremental=True, scheduled=True)
-            except NotFound:
-                await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: the VM "
-                                 "no longer exists; its schedule is removed", "error")  # fmt: skip
-                await self.store.delete(policy_key(vm))
+            slot = last_slot(eff.daily, now)
+            if slot <= eff.set_at or (own is not None and own.last_slot is not None and own.last_slot >= slot):
                 continue
-            except KasouError as err:
-                if late <= self.grace_s and isinstance(err, WrongState) and "busy" in err.message:
-                    continue  # try again next tick
-                await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: "
-                                 f"{err.message}", "error")  # fmt: skip
-                await self._mark(vm, slot)
-                continue
-            await self._mark(vm, slot)
-            if late > self.grace_s:
-                await self._emit("backup_late", vm, f"scheduled backup of VM {vm} due {when} was missed "
-                                 f"(the control plane was not running); it runs now, {late / 3600:.1f} h late "
-                                 f"(job {job.id})", "warning")  # fmt: skip
+            await self._run_slot(vm, cur, slot, now, full_on(eff.weekly, slot))
 
-    async def _mark(self, vm: str, slot: float) -> None:
-        e = await self.store.get(policy_key(vm))
-        if e is None:
+    async def _gone(self, vm: str, own: BackupPolicy, now: float) -> None:
+        assert own.daily is not None
+        slot = last_slot(own.daily, now)
+        if slot <= own.set_at or (own.last_slot is not None and own.last_slot >= slot):
             return
-        p = BackupPolicy.model_validate(e.value).model_copy(update={"last_slot": slot})
+        when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
+        await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: the VM "
+                         "no longer exists; its schedule is removed", "error")  # fmt: skip
+        await self.store.delete(policy_key(vm))
+
+    async def _run_slot(self, vm: str, cur: VMRecord, slot: float, now: float, full: bool) -> None:
+        late = now - slot
+        when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
+        try:
+            job = await self.create(vm, incremental=not full, scheduled=True)
+        except NotFound:
+            return  # deleted meanwhile: the next tick sees it gone
+        except KasouError as err:
+            if late <= self.grace_s and isinstance(err, WrongState) and "busy" in err.message:
+                return  # try again next tick
+            await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: "
+                             f"{err.message}", "error")  # fmt: skip
+            await self._mark(cur, slot)
+            return
+        await self._mark(cur, slot)
+        if late > self.grace_s:
+            await self._emit("backup_late", vm, f"scheduled backup of VM {vm} due {when} was missed "
+                             f"(the control plane was not running); it runs now, {late / 3600:.1f} h late "
+                             f"(job {job.id})", "warning")  # fmt: skip
+
+    async def _mark(self, owner: VMRecord, slot: float) -> None:
+        """The slot is handled (kept in the VM's own record, made if its schedule is its department's)."""
+        e = await self.store.get(policy_key(owner.name))
+        p = BackupPolicy.model_validate(e.value) if e is not None else BackupPolicy(vm_uuid=owner.uuid, set_at=0.0)
+        p = p.model_copy(update={"last_slot": slot})
         with contextlib.suppress(StoreConflict):
-            await self.store.put(policy_key(vm), p.model_dump(mode="json"), expect_rev=e.mod_rev)
+            if e is None:
+                await self.store.create(policy_key(owner.name), p.model_dump(mode="json"))
+            else:
+                await self.store.put(policy_key(owner.name), p.model_dump(mode="json"), expect_rev=e.mod_rev)

@@ -84,6 +84,7 @@ class VMView(BaseModel):
     boot: list[str] | None = None  # the firmware's boot order (None: disk, then CD)
     description: str
     department: str | None = None
+    criticality: str | None = None
     anti_affinity: str | None
     ha: bool
     priority: int

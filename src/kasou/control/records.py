@@ -54,6 +54,7 @@ class VMRecord(BaseModel):
     boot: list[str] | None = None  # the firmware's boot order (None: disk, then CD)
     description: str = ""
     department: str | None = None  # its department's vendor may manage it
+    criticality: str | None = None  # 24h-clinical, business-hours or batch (its backups' defaults follow it)
     anti_affinity: str | None = None  # never on one host with another running VM of this group
     ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
     priority: int = 50  # HA restart order, highest first (0..100)

@@ -153,6 +153,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         boot=spec.boot_list,
         description=spec.description,
         department=spec.department,
+        criticality=spec.criticality,
         anti_affinity=spec.anti_affinity,
         ha=spec.ha,
         priority=spec.priority,

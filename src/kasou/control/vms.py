@@ -152,6 +152,7 @@ class VMService:
             boot=rec.boot,
             description=rec.description,
             department=rec.department,
+            criticality=rec.criticality,
             anti_affinity=rec.anti_affinity,
             ha=rec.ha,
             priority=rec.priority,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from kasou.errors import InvalidSpec
 from kasou.model.cloudinit import CloudInit
+from kasou.model.criticality import parse_criticality
 from kasou.model.devices import MAX_DISKS
 from kasou.model.firmware import check_storage, resolve
 from kasou.model.machine import validate_cpu, validate_machine
@@ -141,6 +142,7 @@ class VMUpdate(BaseModel):
     priority: StrictInt | None = None
     description: str | None = Field(None, max_length=500)
     department: str | None = None  # the department whose vendor manages it ("" removes the tag)
+    criticality: str | None = None  # 24h-clinical, business-hours or batch (kasou.model.criticality)
     startup: Startup | None = None  # start it when its host boots (onboot, order, delay)
     vcpus: StrictInt | None = None  # applied at the VM's next start (kasou.control.devices)
     memory_mib: StrictInt | None = None  # applied at the VM's next start
@@ -159,6 +161,8 @@ class VMUpdate(BaseModel):
             check_priority(spec.priority)
         if spec.department:
             validate_name(spec.department, "department")
+        if spec.criticality is not None:
+            spec.criticality = parse_criticality(spec.criticality)
         if spec.startup is not None:
             spec.startup.check()
         if spec.vcpus is not None:
@@ -167,7 +171,8 @@ class VMUpdate(BaseModel):
             check_memory_mib(spec.memory_mib)
         if not spec.model_dump(exclude_none=True):
             raise InvalidSpec(
-                "nothing to change: give ha, priority, description, department, startup, vcpus or memory_mib",
+                "nothing to change: give ha, priority, description, department, criticality, startup, vcpus or "
+                "memory_mib",
                 field="ha",
             )
         return spec
@@ -213,6 +218,7 @@ class VMCreate(BaseModel):
     pool: str | None = None  # the storage pool of its disk (default: the built-in pool, or --mirror's first)
     mirror: list[str] | None = None  # RAID-1: two pools, each holding a copy kept in sync
     department: str | None = None  # e.g. "lab": that department's vendor manages it (kasou.api.permissions)
+    criticality: str | None = None  # 24h-clinical, business-hours or batch; None: not stated (kasou.model.criticality)
     cpu: str | None = None  # the virtual CPU model (kasou.model.machine; default x86-64-v2-AES)
     machine: str | None = None  # a q35 machine type (default: pinned to the creating host's QEMU)
     firmware: str | None = None  # bios (default), uefi or uefi-secure (kasou.model.firmware); fixed for good
@@ -266,6 +272,8 @@ class VMCreate(BaseModel):
         check_priority(self.priority)
         if self.department is not None:
             validate_name(self.department, "department")
+        if self.criticality is not None:
+            self.criticality = parse_criticality(self.criticality)
         if self.pool is not None:
             validate_name(self.pool, "pool")
         if self.mirror is not None:

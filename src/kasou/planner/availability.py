@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from kasou.config import HaTimes
-from kasou.planner.inventory import BATCH, BUSINESS_HOURS, CLINICAL_24H, CRITICALITIES, Server
+from kasou.model.criticality import BATCH, BUSINESS_HOURS, CLINICAL_24H, CRITICALITIES
+from kasou.planner.inventory import Server
 from kasou.planner.prices import Availability
 
 HOURS_PER_YEAR = 8760.0

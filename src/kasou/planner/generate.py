@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kasou.planner.inventory import BATCH, BUSINESS_HOURS, CLINICAL_24H, Server
+from kasou.model.criticality import BATCH, BUSINESS_HOURS, CLINICAL_24H
+from kasou.planner.inventory import Server
 
 _CORES = np.array([1, 2, 4, 8, 16, 32])
 _CORES_P = np.array([0.10, 0.30, 0.30, 0.18, 0.09, 0.03])

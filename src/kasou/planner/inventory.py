@@ -18,18 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kasou.errors import InvalidSpec
+from kasou.model.criticality import ALIASES, CRITICALITIES
 from kasou.model.names import validate_name
-
-# Criticality classes: when a system must be up.
-CLINICAL_24H = "24h-clinical"
-BUSINESS_HOURS = "business-hours"
-BATCH = "batch"
-CRITICALITIES = (CLINICAL_24H, BUSINESS_HOURS, BATCH)
-_CRIT_ALIASES = {
-    "24h": CLINICAL_24H, "24h-clinical": CLINICAL_24H, "clinical": CLINICAL_24H, "24x7": CLINICAL_24H,
-    "business": BUSINESS_HOURS, "business-hours": BUSINESS_HOURS, "office": BUSINESS_HOURS,
-    "batch": BATCH,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,7 +147,7 @@ def _parse_row(row: _Row) -> Server | None:
     if not department:
         row.bad("department is empty")
     crit_raw = row.text("criticality").lower()
-    crit = _CRIT_ALIASES.get(crit_raw)
+    crit = ALIASES.get(crit_raw)
     if crit is None:
         row.bad(f"criticality must be one of {', '.join(CRITICALITIES)}, not {row.text('criticality')!r}")
     group = row.text("anti_affinity") or None

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kasou.errors import InvalidSpec, NotFound
 from kasou.model.names import validate_name
+from kasou.model.retention import Counts, Decision, Held
+from kasou.model.retention import select as retention_select
 from kasou.vault import immutable
 from kasou.vault.index import chunk_ids
 from kasou.vault.store import Store, read_json, write_json
@@ -108,76 +110,14 @@ def add_generation(store: Store, index: dict[str, Any], **extra_state: Any) -> d
     return store.add_generation(index, store.clock() + days * DAY_S, **extra_state)
 
 
-# -- which generations a prune keeps --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Held:
-    """What the selection needs of a generation: its number, when it was received, its lock."""
-
-    generation: int
-    received: float
-    locked_until: float | None = None
-
-
-@dataclass
-class Decision:
-    generation: int
-    keep: bool
-    reasons: list[str] = field(default_factory=list)
-
-
-def _periods(tz: dt.tzinfo | None) -> list[tuple[str, str, Callable[[float], object]]]:
-    def day(t: float) -> object:
-        return dt.datetime.fromtimestamp(t, tz).date()
-
-    def week(t: float) -> object:
-        return dt.datetime.fromtimestamp(t, tz).isocalendar()[:2]
-
-    def month(t: float) -> object:
-        d = dt.datetime.fromtimestamp(t, tz)
-        return (d.year, d.month)
-
-    return [("keep_daily", "daily", day), ("keep_weekly", "weekly", week), ("keep_monthly", "monthly", month)]
+# -- which generations a prune keeps (kasou.model.retention) ---------------------------------------
 
 
 def select(held: Iterable[Held], retention: Retention, now: float, tz: dt.tzinfo | None = None) -> list[Decision]:
-    """Which of one VM's generations a prune keeps, as Proxmox Backup Server's prune does: for daily, then
-    weekly, then monthly, go from the newest down and keep the newest generation of each period not
-    already covered by a kept one, until N periods are kept; a generation that is not the newest of its
-    period is removed. Every generation still locked at ``now`` is kept whatever the selection says.
-    Newest first."""
-    gens = sorted(held, key=lambda h: (h.received, h.generation), reverse=True)
-    marks: dict[int, Decision] = {}
-    keep_all = not (retention.keep_daily or retention.keep_weekly or retention.keep_monthly)
-    for attr, label, period in _periods(tz):
-        keep = getattr(retention, attr)
-        if keep_all or keep == 0:
-            continue
-        covered = {period(h.received) for h in gens if h.generation in marks and marks[h.generation].keep}
-        chosen: set[object] = set()
-        for h in gens:
-            if h.generation in marks:
-                continue
-            p = period(h.received)
-            if p in covered:
-                continue
-            if p not in chosen:
-                if len(chosen) >= keep:
-                    break
-                chosen.add(p)
-                marks[h.generation] = Decision(h.generation, True, [label])
-            else:
-                marks[h.generation] = Decision(h.generation, False)
-    out = []
-    for h in gens:
-        d = marks.get(h.generation) or Decision(h.generation, keep_all, ["keep-all"] if keep_all else [])
-        if h.locked_until is not None and h.locked_until > now:
-            if not d.keep:
-                d.keep = True
-            d.reasons.append("locked")
-        out.append(d)
-    return out
+    """Which of one VM's generations a prune keeps (:func:`kasou.model.retention.select`; no keep-last: the
+    server keeps by days, weeks and months). Every generation still locked at ``now`` is kept. Newest first."""
+    counts = Counts(0, retention.keep_daily, retention.keep_weekly, retention.keep_monthly)
+    return retention_select(held, counts, now, tz)
 
 
 # -- over the store --------------------------------------------------------------------------------
