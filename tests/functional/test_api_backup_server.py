@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from kasou.vault import policy
 from kasou.vault.crypt import BackupKey
+from kasou.vault.store import Store
 from tests.functional.conftest import Env
 from tests.functional.test_api_backups import backup, read_ok, write
 from tests.vault_servers import Server, running, stop, writer_token
@@ -138,6 +140,30 @@ def test_status_says_which_vms_are_not_ok(env: Env, server: Server) -> None:
     assert backup(env, "emr")["state"] == "succeeded"
     rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
     assert rows["emr"]["state"] == "ok" and rows["emr"]["offsite_generation"] == 2 and rows["emr"]["locked_until"]
+    # A second site pulled it and said so; the server verified it: the list and the status show both.
+    site_b = Store(server.root).add_client("site-b", "reader")
+    primary = server.client(site_b)
+    primary.confirm("emr", 2)
+    primary.close()
+    policy.verify(Store(server.root), all_=True)
+    gens = env.api.get("/v1/vms/emr/backups", params={"server": "true"}).json()
+    g = gens[-1]
+    assert (g["server_generation"], g["bytes_sent"] > 0, g["verified_at"] is not None) == (2, True, True), g
+    assert [c["site"] for c in g["copied_to"]] == ["site-b"] and g["locked_until"] and g["time"] == g["created_at"]
+    rows = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
+    assert rows["emr"]["verified_at"] and [c["site"] for c in rows["emr"]["copied_to"]] == ["site-b"], rows
+    # The policy asks a longer lock than the backup server gives (30 days): said, with the server's command.
+    assert env.api.patch("/v1/vms/emr/backup-policy", json={"lock_days": 60}).status_code == 200
+    row = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]
+    assert row["state"] == "lock_short" and "kasou backup-server policy set --vm emr --lock-days 60" in row["reason"]
+    assert env.api.patch("/v1/vms/emr/backup-policy", json={"lock_days": 30}).status_code == 200
+    assert {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]["state"] == "ok"
+    # The backup server cannot be reached: what it holds is not known, and said so.
+    stop(server)
+    row = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]
+    assert row["state"] == "unknown" and "could not be asked" in row["reason"], row
+    gens = env.api.get("/v1/vms/emr/backups", params={"server": "true"}).json()
+    assert "could not be asked" in gens[-1]["server_error"] and gens[-1]["verified_at"] is None
 
 
 def test_a_restore_drill_boots_each_copy_on_an_isolated_network_and_removes_it(env: Env, server: Server) -> None:

@@ -16,3 +16,15 @@ def test_states() -> None:
     assert judge(None, NOW - 10 * DAY_S, False, False, 3600, NOW)[0] == "ok"  # no schedule: age is not late
     state, why = judge("02:00", NOW - 60, False, True, 3600, NOW)
     assert state == "not_copied" and "backup server" in why
+
+
+def test_the_server_state_of_the_newest_copy_against_the_policy() -> None:
+    from kasou.control.backup_status import judge_copy
+
+    copy = {"generation": 4, "received": NOW, "locked_until": NOW + 30 * DAY_S, "damaged": []}
+    assert judge_copy(None, 60, "emr") is None and judge_copy(copy, None, "emr") is None
+    assert judge_copy(copy, 30, "emr") is None
+    state, why = judge_copy(copy, 60, "emr")  # type: ignore[misc]
+    assert state == "lock_short" and "locked 30 days" in why and "--lock-days 60" in why
+    state, why = judge_copy({**copy, "damaged": ["ab" * 32]}, 30, "emr")  # type: ignore[misc]
+    assert state == "damaged" and "1 damaged chunk" in why

@@ -89,10 +89,12 @@ def backup_router(svc: Callable[[], Services]) -> APIRouter:
     r = APIRouter()
 
     @r.get("/vms/{name}/backups")
-    async def list_backups(request: Request, name: str, uuid: str | None = Query(None)) -> list[BackupView]:
+    async def list_backups(
+        request: Request, name: str, uuid: str | None = Query(None), server: bool = Query(False)
+    ) -> list[BackupView]:
         """The VM's backup generations, oldest first (also after the VM was deleted); ``uuid``: those of
-        an earlier VM of that name."""
-        return await svc().vms.backups.list(name, uuid, _scope(request, uuid))
+        an earlier VM of that name; ``server``: with the backup server's lock, verification and second sites."""
+        return await svc().vms.backups.list(name, uuid, _scope(request, uuid), server=server)
 
     @r.post("/vms/{name}/backups", status_code=202)
     async def create_backup(name: str, body: BackupRequest | None = None) -> BackupJob:

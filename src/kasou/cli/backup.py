@@ -112,19 +112,26 @@ def backup_list(
                        _when(g.get("verified_at")), str(len(g.get("damaged") or [])) or "-")  # fmt: skip
         out.print(st)
         return
-    gens = client().get(f"/v1/vms/{_vm(vm)}/backups", params={"uuid": uuid} if uuid else None)
+    params: dict[str, Any] = {"server": "true", **({"uuid": uuid} if uuid else {})}
+    gens = client().get(f"/v1/vms/{_vm(vm)}/backups", params=params)
     if as_json:
         print_json(gens)
         return
-    t = Table("generation", "kind", "based on", "taken", "host", "disk", "file", "note")
+    t = Table("generation", "kind", "based on", "taken", "host", "disk", "file", "locked until", "verified",
+              "copied to", "note")  # fmt: skip
     for g in gens:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["created_at"]))
         kind = g["kind"] + (" (scheduled)" if g["scheduled"] else "")
+        copied = ", ".join(c["site"] for c in g.get("copied_to") or []) or "-"
         t.add_row(
             str(g["generation"]), kind, str(g["based_on"] or "-"), when, g["host"], format_size(g["size_bytes"]),
-            format_size(g["file_bytes"]), g["note"],
+            format_size(g["file_bytes"]), _when(g.get("locked_until")), _when(g.get("verified_at")), copied,
+            g["note"],
         )  # fmt: skip
     out.print(t)
+    errors = {g["server_error"] for g in gens if g.get("server_error")}
+    for e in errors:
+        say(f"warning: {e}; locks, verification and second sites are not known")
 
 
 @backup_app.command("restore")
@@ -171,7 +178,8 @@ def backup_status(
     if as_json:
         print_json(rows)
     else:
-        t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "drill", "why")
+        t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "verified",
+                  "second site", "drill", "why")  # fmt: skip
         for s in rows:
             age = "-" if s["age_s"] is None else f"{s['age_s'] / 3600:.1f} h"
             drilled = (
@@ -180,11 +188,16 @@ def backup_status(
                 else f"{'passed' if s['drill_ok'] else 'FAILED'} {_when(s['drill_at'])}"
             )
             t.add_row(s["vm"], s["state"], str(s["last_generation"] or "-"), _when(s["last_at"]), age,
-                      str(s["offsite_generation"] or "-"), _when(s["locked_until"]), drilled, s["reason"])  # fmt: skip
+                      str(s["offsite_generation"] or "-"), _when(s["locked_until"]), _when(s.get("verified_at")),
+                      _sites(s.get("copied_to")), drilled, s["reason"])  # fmt: skip
         out.print(t)
     bad = [s["vm"] for s in rows if s["state"] != "ok"]
     if check and bad:
         fail(f"backups not ok for {len(bad)} VM{'s' if len(bad) > 1 else ''}: {', '.join(bad)}")
+
+
+def _sites(copied: list[dict[str, Any]] | None) -> str:
+    return ", ".join(f"{c['site']} {_when(c.get('at'))}" for c in copied or []) or "-"
 
 
 @backup_app.command("restore-file")

@@ -342,6 +342,8 @@ def sync(
         primary.close()
     for name, gen, why in r.failed:
         say(f"not copied: {name} generation {gen}: {why}")
+    for name, gen, why in r.unconfirmed:
+        say(f"copied, but the primary was not told (the next sync tells it): {name} generation {gen}: {why}")
     say(f"{len(r.added)} generations copied ({r.chunks} chunks, {format_size(r.chunk_bytes)}), {len(r.failed)} failed")
     if r.failed:
         raise typer.Exit(1)

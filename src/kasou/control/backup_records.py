@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kasou.agent.models import BackupSource, TpmBackup
 from kasou.control.offsite import OffsiteCopy
@@ -97,6 +97,16 @@ class BackupView(BaseModel):
     disks: list[BackupDiskRecord]
     offsite: OffsiteCopy | None = None
     offsite_error: str | None = None
+    # its copy on the backup server, in the words of ``kasou backup list --json`` (the server's state when
+    # the list asked it: ``server_error`` says why it could not; None fields are then not known)
+    time: float = 0.0  # the point in time it holds (= created_at)
+    server_generation: int | None = None  # its number on the backup server
+    bytes_sent: int | None = None  # what its copy sent over the network
+    locked_until: float | None = None
+    verified_at: float | None = None
+    damaged: list[str] = Field(default_factory=list)
+    copied_to: list[dict[str, Any]] = Field(default_factory=list)  # second sites holding it: {site, at}
+    server_error: str | None = None
 
 
 # -- pure helpers (unit-tested) -----------------------------------------------------------
@@ -167,5 +177,27 @@ def view(r: BackupRecord, by_path: dict[str, int]) -> BackupView:
         consistency=r.consistency, scheduled=r.scheduled,
         size_bytes=sum(d.size_bytes for d in r.disks), file_bytes=sum(d.file_bytes for d in r.disks),
         bytes_copied=sum(d.bytes_copied for d in r.disks), duration_s=r.duration_s, note=r.note, disks=r.disks,
-        offsite=r.offsite, offsite_error=r.offsite_error,
+        offsite=r.offsite, offsite_error=r.offsite_error, time=r.created_at,
+        server_generation=r.offsite.generation if r.offsite else None,
+        bytes_sent=r.offsite.bytes_sent if r.offsite else None,
+        locked_until=r.offsite.locked_until if r.offsite else None,
     )  # fmt: skip
+
+
+def with_server(views: list[BackupView], listing: list[dict[str, Any]] | None, error: str | None) -> list[BackupView]:
+    """The views with what the backup server says of each copy (its lock, verification, second sites)."""
+    held = {int(g["generation"]): g for g in listing or []}
+    out = []
+    for v in views:
+        g = held.get(v.server_generation) if v.server_generation is not None else None
+        if error is not None:
+            out.append(v.model_copy(update={"server_error": error}))
+        elif g is None:
+            out.append(v)
+        else:
+            out.append(v.model_copy(update={
+                "locked_until": g.get("locked_until"), "verified_at": g.get("verified_at"),
+                "damaged": list(g.get("damaged") or []),
+                "copied_to": [c for c in g.get("copied_to") or [] if isinstance(c, dict)],
+            }))  # fmt: skip
+    return out

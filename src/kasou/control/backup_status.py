@@ -3,23 +3,30 @@
 A VM is ``ok`` when its newest generation is recent enough for its schedule (a day and the schedule's grace
 for a daily one) and, when the site has a backup server, that generation was copied there. Otherwise it is
 ``late`` (the schedule's slot passed with no generation), ``not_copied`` (the newest generation is only on its
-host) or ``never`` (no generation at all). ``--check`` fails on anything but ``ok`` (for monitoring).
+host), ``never`` (no generation at all), ``damaged`` (the backup server's verification found the newest copy
+damaged), ``lock_short`` (the backup server locks the copy for less than the VM's policy asks: the lock is
+the backup server's to set) or ``unknown`` (the backup server could not be asked: what it holds is not
+known). ``--check`` fails on anything but ``ok`` (for monitoring).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from kasou.errors import KasouError
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
     from kasou.control.backups import Backups
 
 DAY_S = 86_400.0
-State = Literal["ok", "late", "not_copied", "never"]
+State = Literal["ok", "late", "not_copied", "never", "damaged", "lock_short", "unknown"]
+LOCK_SLACK_S = 3600.0  # a lock this much shorter than asked still counts (clocks, the time a copy takes)
+SERVER_ASK_S = 20.0
 
 
 class BackupStatus(BaseModel):
@@ -34,6 +41,25 @@ class BackupStatus(BaseModel):
     locked_until: float | None
     drill_at: float | None = None  # its latest restore drill (kasou backup drill)
     drill_ok: bool | None = None
+    verified_at: float | None = None  # the backup server last re-read the newest copy's chunks (sound)
+    copied_to: list[dict[str, Any]] = Field(default_factory=list)  # second sites holding the newest copy
+    lock_days: int | None = None  # what its policy asks of the backup server's lock
+
+
+def judge_copy(copy: dict[str, Any] | None, lock_days: int | None, vm: str) -> tuple[State, str] | None:
+    """What the backup server's state of the newest copy says against the policy (pure: unit-tested);
+    None: nothing to say."""
+    if copy is None:
+        return None
+    if copy.get("damaged"):
+        return "damaged", (f"the backup server found {len(copy['damaged'])} damaged chunk(s) in generation "
+                           f"{copy.get('generation')} (kasou backup-server verify); back it up again")  # fmt: skip
+    held = (copy.get("locked_until") or 0.0) - float(copy.get("received") or 0.0)
+    if lock_days and held < lock_days * DAY_S - LOCK_SLACK_S:
+        return "lock_short", (f"its copies are locked {max(held, 0) / DAY_S:.0f} days on the backup server; its "
+                              f"policy asks {lock_days}: on the backup server, kasou backup-server policy set "
+                              f"--vm {vm} --lock-days {lock_days}")  # fmt: skip
+    return None
 
 
 def judge(
@@ -50,9 +76,20 @@ def judge(
     return "ok", ""
 
 
+async def _server_listing(backups: Backups) -> tuple[dict[tuple[str, int], dict[str, Any]], str | None]:
+    """Every generation the backup server holds, by (vm, generation), or why it could not be asked."""
+    try:
+        listed = await asyncio.wait_for(backups.offsite.everything(), SERVER_ASK_S)
+    except (KasouError, TimeoutError, OSError) as e:
+        why = e.message if isinstance(e, KasouError) else f"no answer in {SERVER_ASK_S:.0f} s ({type(e).__name__})"
+        return {}, f"the backup server could not be asked: {why}"
+    return {(str(g["vm"]), int(g["generation"])): g for g in listed}, None
+
+
 async def status(backups: Backups, now: float | None = None) -> list[BackupStatus]:
     now = time.time() if now is None else now
     server_set = await backups.offsite.get() is not None
+    held, server_error = await _server_listing(backups) if server_set else ({}, None)
     drills = {d.vm: d for d in await backups.drills.last()}
     out = []
     for rec in sorted(await backups.vms.records.all(), key=lambda r: r.name):
@@ -65,12 +102,19 @@ async def status(backups: Backups, now: float | None = None) -> list[BackupStatu
         newest_copy = copied[-1].offsite if copied else None
         state, reason = judge(policy.daily, last.created_at if last else None, bool(last and last.offsite),
                               server_set, backups.grace_s, now)  # fmt: skip
+        on_server = held.get((rec.name, newest_copy.generation)) if newest_copy is not None else None
+        if state == "ok" and server_error is not None and newest_copy is not None:
+            state, reason = "unknown", server_error
+        elif state == "ok" and (copy_says := judge_copy(on_server, policy.lock_days, rec.name)) is not None:
+            state, reason = copy_says
         out.append(BackupStatus(
             vm=rec.name, state=state, reason=reason, schedule=policy.daily,
             last_generation=last.generation if last else None, last_at=last.created_at if last else None,
             age_s=round(now - last.created_at, 1) if last else None,
             offsite_generation=newest_copy.generation if newest_copy else None,
-            locked_until=newest_copy.locked_until if newest_copy else None,
+            locked_until=(on_server or {}).get("locked_until") or (newest_copy.locked_until if newest_copy else None),
+            verified_at=(on_server or {}).get("verified_at"), lock_days=policy.lock_days,
+            copied_to=[c for c in (on_server or {}).get("copied_to") or [] if isinstance(c, dict)],
             drill_at=drills[rec.name].at if rec.name in drills else None,
             drill_ok=drills[rec.name].ok if rec.name in drills else None,
         ))  # fmt: skip

@@ -64,6 +64,7 @@ from kasou.control.backup_records import (
     policy_key,
     to_prune,
     view,
+    with_server,
 )
 from kasou.control.drill import Drills
 from kasou.control.jobs import JobContext
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BACKUP_STATES = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STOPPED})
+SERVER_ASK_S = 20.0  # how long a list waits for the backup server's answer
 GRACE_S = 3600.0  # a scheduled backup that cannot start within this long after its slot is missed
 UNKNOWN_DEPARTMENT = "?"  # the department of a generation recorded before kasou kept it (never a valid name)
 
@@ -148,12 +150,25 @@ class Backups:
         return recs
 
     async def list(
-        self, vm: str, of_uuid: str | None = None, scope: Collection[str] | None = None
+        self, vm: str, of_uuid: str | None = None, scope: Collection[str] | None = None, server: bool = False
     ) -> builtins.list[BackupView]:
-        """The generations of the VM of that name (see :meth:`_generations`), oldest first."""
+        """The generations of the VM of that name (see :meth:`_generations`), oldest first; ``server``: with
+        what the backup server says of their copies (if one is set)."""
         recs = await self._generations(vm, of_uuid, scope)
         by_path = {d.path: r.generation for r in recs for d in r.disks}
-        return [view(r, by_path) for r in recs]
+        views = [view(r, by_path) for r in recs]
+        if not server or not any(v.server_generation is not None for v in views):
+            return views
+        try:
+            listing = await asyncio.wait_for(self.offsite.generations(vm), SERVER_ASK_S)
+        except WrongState as e:
+            if await self.offsite.get() is None:
+                return views  # no backup server any more: nothing to ask
+            return with_server(views, None, e.message)
+        except (KasouError, TimeoutError, OSError) as e:
+            msg = e.message if isinstance(e, KasouError) else f"no answer in {SERVER_ASK_S:.0f} s ({type(e).__name__})"
+            return with_server(views, None, f"the backup server could not be asked: {msg}")
+        return with_server(views, listing, None)
 
     async def departments_of_name(self, vm: str) -> set[str | None]:
         """The departments of the VMs whose generations carry the name (``UNKNOWN_DEPARTMENT``: an unmarked one)."""

@@ -217,6 +217,16 @@ class Offsite:
 
         return sorted(await asyncio.to_thread(listing), key=lambda g: int(g["generation"]))
 
+    async def everything(self) -> list[dict[str, Any]]:
+        """Every generation the backup server lists, of every VM (its locks, verification, second sites)."""
+        t = await self._needed()
+
+        def listing() -> list[dict[str, Any]]:
+            with vault.VaultClient(t.url, t.token, fingerprint=t.fingerprint) as c:
+                return c.list_all()
+
+        return await asyncio.to_thread(listing)
+
     # -- a copy of a new generation (called by kasou.control.backups with the VM's lock held) -------------
 
     async def send(self, rec: VMRecord, backup: Any, previous: Any | None) -> OffsiteCopy | None:

@@ -125,6 +125,15 @@ def create_app(store: Store) -> FastAPI:
                 out.append({**summary(store.index(name, gen)), **store.state_fields(name, gen)})
         return out
 
+    @app.post("/v1/generations/{vm}/{generation}/copied")
+    async def mark_copied(vm: str, generation: int, c: Client = Depends(client)) -> dict[str, Any]:
+        """A second site (a reader: its sync) holds a verified copy; recorded under the client's own name."""
+        if c.role != "reader":
+            raise Forbidden(f"client {c.name} is a writer: only a second site's reader says it holds a copy")
+        validate_name(vm, "vm")
+        state: dict[str, Any] = await call(store.mark_copied, vm, validate_generation(generation), c.name)
+        return state
+
     @app.get("/v1/generations/{vm}/{generation}")
     def get_generation(vm: str, generation: int, _c: Client = Depends(client)) -> dict[str, Any]:
         validate_name(vm, "vm")

@@ -471,6 +471,22 @@ class Store:
         """The index and the server's state of it, in one object."""
         return {**self.index(vm, generation), **self.state_fields(vm, generation)}
 
+    def mark_copied(self, vm: str, generation: int, site: str) -> dict[str, Any]:
+        """A second site says it holds a verified copy of the generation (``copied_to``: once per site, with
+        the time this server heard it). Appends only: nothing of the generation itself changes."""
+        if not self.has_generation(vm, generation):
+            raise NotFound(f"no generation {generation} of VM {vm!r} on this backup server")
+
+        def add(state: dict[str, Any]) -> None:
+            sites = [c for c in state.get("copied_to") or [] if isinstance(c, dict)]
+            if site not in {c.get("site") for c in sites}:
+                sites.append({"site": site, "at": self.clock()})
+            state["copied_to"] = sites
+
+        state = self.update_state(vm, generation, add)
+        self.event("copied", vm=vm, generation=generation, site=site)
+        return {k: state.get(k) for k in STATE_KEYS}
+
     def state_fields(self, vm: str, generation: int) -> dict[str, Any]:
         s = self.state(vm, generation)
         return {k: s.get(k) for k in STATE_KEYS}

@@ -69,6 +69,10 @@ class Primary:
         data: dict[str, Any] = self._get(f"/v1/generations/{vm}/{generation}").json()
         return data
 
+    def confirm(self, vm: str, generation: int) -> None:
+        """Tell the primary this site holds a verified copy (its ``copied_to``); the only call that writes."""
+        raise_for_response(self.http.post(f"/v1/generations/{vm}/{generation}/copied"))
+
     def chunk(self, chunk_id: str) -> bytes:
         """A chunk's blob, refused unless it hashes to the SHA-256 the primary stored for it."""
         resp = self._get(f"/v1/chunks/{chunk_id}")
@@ -89,6 +93,7 @@ class SyncResult:
     chunks: int = 0
     chunk_bytes: int = 0
     failed: list[tuple[str, int, str]] = field(default_factory=list)  # vm, generation, why
+    unconfirmed: list[tuple[str, int, str]] = field(default_factory=list)  # copied, the primary not told: why
 
 
 def sync(store: Store, primary: Primary, vm: str | None = None,
@@ -104,6 +109,8 @@ def sync(store: Store, primary: Primary, vm: str | None = None,
         name, gen = g["vm"], g["generation"]
         validate_name(name, "vm")
         if store.has_generation(name, gen):
+            if not g.get("copied_to"):  # held, but the primary has not heard so (a receipt lost earlier)
+                _confirm(store, primary, res, name, gen)
             continue
         try:
             full = primary.generation(name, gen)
@@ -126,6 +133,17 @@ def sync(store: Store, primary: Primary, vm: str | None = None,
             continue
         res.added.append((name, gen))
         store.event("synced", vm=name, generation=gen, primary=primary.url, primary_id=info["server_id"])
+        _confirm(store, primary, res, name, gen)
         if progress:
             progress(f"{name} generation {gen}")
     return res
+
+
+def _confirm(store: Store, primary: Primary, res: SyncResult, vm: str, generation: int) -> None:
+    """The receipt to the primary; one that fails is reported (the next sync sends it again), never fatal."""
+    try:
+        primary.confirm(vm, generation)
+    except (KasouError, httpx.HTTPError) as e:
+        why = e.message if isinstance(e, KasouError) else f"{type(e).__name__}: {e}"
+        res.unconfirmed.append((vm, generation, why))
+        store.event("copy_unconfirmed", vm=vm, generation=generation, primary=primary.url, reason=why)

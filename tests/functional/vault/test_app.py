@@ -22,6 +22,7 @@ ROUTES = {
     ("POST", "/v1/generations"),
     ("GET", "/v1/generations"),
     ("GET", "/v1/generations/{vm}/{generation}"),
+    ("POST", "/v1/generations/{vm}/{generation}/copied"),
 }
 
 
@@ -129,6 +130,14 @@ def test_generations_through_the_api(store: Store, api: tuple[TestClient, dict[s
     assert one["disks"][0]["chunks"] == [ids[0], None, ids[2]] and one["received"] == state["received"]
     assert c.get("/v1/generations/emr-db/2", headers=r).status_code == 404
     assert c.get("/v1/generations", headers=r).json() == listed
+    # A second site's receipt: under the reader's own name, once; a writer (a hypervisor) cannot claim one.
+    assert c.post("/v1/generations/emr-db/1/copied", headers=w).status_code == 403
+    assert c.post("/v1/generations/emr-db/2/copied", headers=r).status_code == 404
+    for _ in range(2):
+        got = c.post("/v1/generations/emr-db/1/copied", headers=r)
+        assert got.status_code == 200 and [x["site"] for x in got.json()["copied_to"]] == ["site-b"], got.text
+    listed = c.get("/v1/generations", params={"vm": "emr-db"}, headers=r).json()
+    assert listed[0]["copied_to"][0]["site"] == "site-b" and listed[0]["locked_until"] == state["locked_until"]
 
 
 def test_hostile_input_is_a_clear_4xx(store: Store, api: tuple[TestClient, dict[str, str], dict[str, str]]) -> None:

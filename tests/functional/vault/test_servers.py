@@ -63,6 +63,7 @@ def test_sync_between_two_servers(servers: tuple[Server, Server]) -> None:
     assert [(vm, local.generation_numbers(vm)) for vm in local.vms()] == [("emr-db", [1, 2]), ("pacs", [1])]
     state = local.state("emr-db", 2)
     assert state["synced_from"]["server_id"] == Store(a.root).info()["server_id"]
+    assert [c["site"] for c in Store(a.root).state("emr-db", 2)["copied_to"]] == ["site-b"]  # the receipt
     assert state["locked_until"] == pytest.approx(state["received"] + 30 * 86400)
     # b serves what it pulled to its own readers
     b_reader = Store(b.root).add_client("restore", "reader")
