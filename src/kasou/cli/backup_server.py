@@ -33,6 +33,8 @@ key_app = typer.Typer(help="The backup keys generations must be encrypted to.", 
 backup_server_app.add_typer(client_app, name="client")
 backup_server_app.add_typer(key_app, name="key")
 backup_server_app.add_typer(policy_app, name="policy")
+timetable_app = typer.Typer(help="What serve runs by itself: sync from a primary, prune, verify.", no_args_is_help=True)
+backup_server_app.add_typer(timetable_app, name="timetable")
 
 ENV_DIR = "KASOU_BACKUP_SERVER_DIR"
 DEFAULT_PORT = 8472
@@ -111,7 +113,14 @@ def serve(
     if not plain_http:
         tls = {"ssl_certfile": str(store.root / "tls" / "cert.pem"), "ssl_keyfile": str(store.root / "tls" / "key.pem")}
     store.event("serving", listen=listen, tls=not plain_http)
-    uvicorn.run(create_app(store), host=host, port=int(port_text), log_level="warning", **uvicorn_settings(), **tls)
+    uvicorn.run(
+        create_app(store, timetable=True),
+        host=host,
+        port=int(port_text),
+        log_level="warning",
+        **uvicorn_settings(),
+        **tls,
+    )
 
 
 @backup_server_app.command("show")
@@ -414,3 +423,68 @@ def list_(
             src.get("url") or src.get("import") or "-",
         )  # fmt: skip
     out.print(t)
+
+
+# -- timetable (kasou.vault.timetable) --------------------------------------------------------------
+
+
+@timetable_app.command("set")
+def timetable_set(
+    url: str = typer.Option(None, "--from", help="Pull from this primary backup server (a second site)."),
+    token: str = typer.Option(None, "--token", envvar="KASOU_BACKUP_SYNC_TOKEN", help="A reader token of it."),
+    fingerprint: str = typer.Option(None, "--fingerprint", help="Its certificate's SHA-256 fingerprint."),
+    sync_every: int = typer.Option(None, "--sync-every", help="Pull every N minutes (0: no scheduled sync)."),
+    prune_at: str = typer.Option(None, "--prune-at", help="Prune and gc daily at HH:MM ('' : not)."),
+    verify_at: str = typer.Option(None, "--verify-at", help="Verify daily at HH:MM ('' : not)."),
+    verify_days: int = typer.Option(None, "--verify-days", help="Verify what was not verified within N days."),
+    directory: Path = DirOpt,
+) -> None:
+    """Set what ``serve`` runs by itself (changes take effect within a minute, no restart)."""
+    from dataclasses import replace
+
+    from kasou.vault import timetable as vt
+
+    store = _store(directory)
+    t = vt.load(store)
+    changes: dict[str, Any] = {}
+    if url is not None:
+        changes.update(sync_from=url or None, sync_fingerprint=fingerprint)
+    if token is not None:
+        changes["sync_token"] = token or None
+    if sync_every is not None:
+        changes["sync_every_min"] = sync_every or None
+    for name, value in (("prune_at", prune_at), ("verify_at", verify_at)):
+        if value is not None:
+            changes[name] = value.strip() or None
+    if verify_days is not None:
+        changes["verify_days"] = verify_days
+    t = replace(t, **changes).check()
+    if t.sync_every_min and t.sync_from:
+        from kasou.vault.sync import Primary
+
+        Primary(t.sync_from, str(t.sync_token), t.sync_fingerprint).close()  # a URL or pin that cannot work: now
+    vt.save(store, t)
+    _say_timetable(t.public())
+
+
+@timetable_app.command("show")
+def timetable_show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The timetable and how each task went last."""
+    from dataclasses import asdict
+
+    from kasou.vault import timetable as vt
+
+    store = _store(directory)
+    data = {**vt.load(store).public(), "last": asdict(vt.load_state(store))["results"]}
+    if as_json:
+        print_json(data)
+        return
+    _say_timetable(data)
+    for task, r in sorted(data["last"].items()):
+        say(f"last {task}: {_when(r['at'])}, {'ok' if r['ok'] else 'FAILED'}: {r['summary']}")
+
+
+def _say_timetable(t: dict[str, Any]) -> None:
+    sync = f"every {t['sync_every_min']} min from {t['sync_from']}" if t.get("sync_every_min") else "not scheduled"
+    say(f"sync: {sync}; prune and gc: {t.get('prune_at') or 'not scheduled'}; verify: "
+        f"{t.get('verify_at') or 'not scheduled'} (not verified within {t['verify_days']} days)")  # fmt: skip

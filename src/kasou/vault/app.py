@@ -8,8 +8,10 @@ GET routes and ``POST /v1/chunks/missing``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -20,6 +22,7 @@ from kasou import __version__
 from kasou.errors import Forbidden, InvalidSpec, TooLarge, Unauthorized, WrongState
 from kasou.model.names import validate_name
 from kasou.vault import policy
+from kasou.vault import timetable as vtimetable
 from kasou.vault.index import CHUNK_SIZE, MAX_BLOB, summary, validate_chunk_id, validate_generation
 from kasou.vault.store import Client, Store
 from kasou.wire import install_error_handlers
@@ -27,6 +30,22 @@ from kasou.wire import install_error_handlers
 MAX_MISSING_IDS = 4096
 MAX_JSON_BODY = 1024 * 1024  # a missing-chunks request: 4096 ids of 64 characters and their quotes
 MAX_INDEX_BODY = 64 * 1024 * 1024  # an index: about 4 TiB of disks in 4 MiB chunks
+
+
+async def _timetable_loop(store: Store) -> None:
+    """Every ``TICK_S``: run what the timetable says is due (in a thread: syncs and verifies are long)."""
+    started = store.clock()
+    path = store.root / "timetable.json"
+    while True:
+        try:
+            await run_in_threadpool(vtimetable.run_due, store, started)
+        except Exception as e:  # a broken timetable file is an event, never the server's end
+            store.event("timetable_failed", reason=f"{type(e).__name__}: {e}")
+        seen = path.stat().st_mtime if path.exists() else None
+        for _ in range(int(vtimetable.TICK_S)):  # a timetable just set is read within a second
+            await asyncio.sleep(1.0)
+            if (path.stat().st_mtime if path.exists() else None) != seen:
+                break
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -54,8 +73,21 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise InvalidSpec("the body's JSON is nested too deeply", field="body") from None
 
 
-def create_app(store: Store) -> FastAPI:
-    app = FastAPI(title="kasou backup server", version=__version__, docs_url=None, redoc_url=None)
+def create_app(store: Store, timetable: bool = False) -> FastAPI:
+    """The API over ``store``; ``timetable``: also run the server's own timetable (kasou.vault.timetable)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_timetable_loop(store)) if timetable else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(title="kasou backup server", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     install_error_handlers(app)
 
     def client(request: Request) -> Client:

@@ -5,6 +5,7 @@ import on removable media; the command line on a data directory."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,38 @@ def test_sync_between_two_servers(servers: tuple[Server, Server]) -> None:
     ra.close()
     if local.immutable:
         assert immutable.is_immutable(local.index_path("pacs", 1))
+
+
+def test_the_second_site_pulls_by_its_own_timetable(servers: tuple[Server, Server]) -> None:
+    """The second site's serve pulls on its timetable (no one runs sync by hand) and tells the primary."""
+    a, b = servers
+    hv = a.client(Store(a.root).add_client("hv1", "writer"))
+    backup(hv.http, "emr-db", 1)
+    hv.close()
+    reader = Store(a.root).add_client("site-b", "reader")
+    runner = CliRunner()
+    bad = kasou("backup-server", "timetable", "set", "--sync-every", "60", "--dir", str(b.root))
+    assert bad.returncode != 0 and "needs --from URL and --token" in bad.stderr + bad.stdout, bad
+    args = ["backup-server", "timetable", "set", "--from", a.url, "--token", reader, "--fingerprint", a.fingerprint,
+            "--sync-every", "60", "--prune-at", "03:00", "--verify-at", "04:00", "--dir", str(b.root)]  # fmt: skip
+    r = runner.invoke(cli_app, args)
+    assert r.exit_code == 0 and "sync: every 60 min from" in r.output, r.output
+    assert (
+        reader not in (b.root / "timetable.json").read_text() or (b.root / "timetable.json").stat().st_mode & 0o077 == 0
+    )
+    # b's serve process was started before the timetable was set: it reads it on its next tick (20 s at most)
+    local = Store(b.root)
+    deadline = time.monotonic() + 60
+    while not local.has_generation("emr-db", 1) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert local.has_generation("emr-db", 1), local.events()[-5:]
+    deadline = time.monotonic() + 10
+    while not Store(a.root).state("emr-db", 1).get("copied_to") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [c["site"] for c in Store(a.root).state("emr-db", 1)["copied_to"]] == ["site-b"]
+    shown = runner.invoke(cli_app, ["backup-server", "timetable", "show", "--json", "--dir", str(b.root)])
+    data = json.loads(shown.output)
+    assert data["sync_token"] == "(set)" and data["last"]["sync"]["ok"], data
 
 
 def test_export_import_round_trip(tmp_path: Path, store: Store) -> None:
