@@ -3,7 +3,8 @@
 Only these routes exist: no DELETE, no PATCH, and no PUT but a chunk's (which never replaces what is
 held). Retention, policy, verification and clients are the command line's, on the backup server itself.
 Every request carries a bearer token the server issued: ``writer`` may use every route, ``reader`` the
-GET routes and ``POST /v1/chunks/missing``.
+GET routes, ``POST /v1/chunks/missing`` and ``POST /v1/generations/{vm}/{gen}/copied`` (a second site's
+receipt, which a writer may not send).
 """
 
 from __future__ import annotations
