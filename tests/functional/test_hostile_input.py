@@ -60,7 +60,7 @@ HOSTILE_NAMES = [
 ]
 # A valid value for each path parameter, while another one is the hostile one.
 VALID = {"name": "vm1", "snapshot": "s1", "generation": "1", "pool": "p1", "user": "u1", "job_id": "j1",
-         "disk_id": "disk0", "nic_id": "net0", "action": "start", "token_id": "t1"}  # fmt: skip
+         "disk_id": "disk0", "nic_id": "net0", "action": "start", "token_id": "t1", "department": "lab"}  # fmt: skip
 # Bodies that are right in themselves, so a refusal is about the path.
 BODIES: dict[tuple[str, str], Any] = {
     ("patch", "/v1/vms/{name}"): {"description": "x"},
@@ -71,6 +71,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/v1/vms/{name}/nics"): {"network": "user"},
     ("post", "/v1/vms/{name}/backups/{generation}/restore"): {"as": "vm9"},
     ("patch", "/v1/vms/{name}/backup-policy"): {"keep": 3},
+    ("patch", "/v1/departments/{department}/backup-policy"): {"keep": 3},
     ("patch", "/v1/desktop-pools/{pool}"): {"size": 2},
     ("post", "/v1/users/{user}/password"): {"password": "a long password 1"},
     ("put", "/v1/users/{user}/pools"): {"pools": ["p1"]},
