@@ -127,6 +127,7 @@ class Store:
             raise NotFound(
                 f"{self.root} is not a backup server's data directory (make one with: kasou backup-server init)"
             )
+        self._info_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         self._clients_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
     # -- the directory ------------------------------------------------------------------
@@ -157,8 +158,13 @@ class Store:
         return store
 
     def info(self) -> dict[str, Any]:
-        data: dict[str, Any] = read_json(self.root / "server.json")
-        return data
+        """``server.json`` (read again only when it changed: every request asks whether the server is isolated)."""
+        path = self.root / "server.json"
+        st = path.stat()
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._info_cache is None or self._info_cache[0] != key:
+            self._info_cache = (key, dict(read_json(path)))
+        return dict(self._info_cache[1])
 
     @property
     def immutable(self) -> bool:
