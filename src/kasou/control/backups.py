@@ -50,7 +50,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, TpmRestore
+from kasou.agent.models import BackupCreate, BackupMade, BackupPrune, BackupRestore, DiskInfo, TpmRestore
 from kasou.control.backup_policy import BackupPolicies, BackupPolicy, PolicyUpdate, PolicyView, effective, full_on
 from kasou.control.backup_records import (
     BackupDiskRecord,
@@ -69,12 +69,13 @@ from kasou.control.backup_records import (
 from kasou.control.drill import Drills
 from kasou.control.jobs import JobContext
 from kasou.control.offsite import Offsite
-from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
+from kasou.control.records import JobRecord, VMRecord, vm_key
+from kasou.control.restoring import restore_into
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
 from kasou.hypervisor.backups import bitmap_name
 from kasou.model.firmware import VARS_ID
 from kasou.model.retention import Counts
-from kasou.model.spec import DiskSpec, random_mac, validate_name
+from kasou.model.spec import random_mac, validate_name
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
@@ -358,33 +359,28 @@ class Backups:
         async def run(ctx: JobContext) -> dict[str, Any]:
             made: list[str] = []
             agent = self.vms.agents.get(src.host)
+            detail = f"restored from backup generation {generation} of VM {vm}"
             try:
-                disks, nvram, tpm_state = [], None, None
                 async with self._lock(vm):
                     cur = next((r for r in await self.records(vm) if r.generation == generation), None)
                     if cur is None:
                         raise NotFound(f"backup generation {generation} of VM {vm!r} was pruned meanwhile")
-                    for i, d in enumerate(cur.disks):
-                        await ctx.progress(0.1 + 0.8 * i / len(cur.disks), f"verifying and restoring {d.disk_id}")
-                        info = await agent.restore_backup(BackupRestore(
-                            vm=new_name, disk_id=d.disk_id, path=d.path, digest=d.digest,
-                            format="raw" if d.disk_id == VARS_ID else "qcow2",
+                    by_id = {d.disk_id: d for d in cur.disks}
+
+                    async def disk(disk_id: str) -> DiskInfo:
+                        d = by_id[disk_id]
+                        return await agent.restore_backup(BackupRestore(
+                            vm=new_name, disk_id=disk_id, path=d.path, digest=d.digest,
+                            format="raw" if disk_id == VARS_ID else "qcow2",
                         ))  # fmt: skip
-                        made.append(info.path)
-                        if d.disk_id == VARS_ID:
-                            nvram = info.path
-                        else:
-                            disks.append(DiskSpec(id=d.disk_id, size_bytes=info.size_bytes, format=info.format,
-                                                  path=info.path))  # fmt: skip
-                    if cur.tpm is not None and disks and disks[0].path:
-                        await ctx.progress(0.9, "verifying and restoring the TPM's state")
-                        tpm = TpmRestore(path=cur.tpm.path, digest=cur.tpm.digest, beside=disks[0].path)
-                        tpm_state = (await agent.restore_tpm_backup(tpm)).tpm_state
-                        made += [tpm_state] if tpm_state else []
-                await self.vms.records.set(new_name, state=VMState.STOPPED, disks=disks, nvram=nvram,
-                                           tpm_state=tpm_state)  # fmt: skip
-                detail = f"restored from backup generation {generation} of VM {vm}"
-                await self.vms.ledger.record(new_name, LedgerEvent.DEFINED, src.host, detail)
+
+                    async def tpm(beside: str, t: Any = cur.tpm) -> str | None:
+                        return (await agent.restore_tpm_backup(TpmRestore(path=t.path, digest=t.digest,
+                                                                          beside=beside))).tpm_state  # fmt: skip
+
+                    with_tpm = tpm if cur.tpm is not None else None
+                    await restore_into(self.vms, ctx, new_name, src.host, list(by_id), disk, with_tpm, made,
+                                       "verifying and restoring", detail)  # fmt: skip
                 return {"vm": new_name, "from": vm, "generation": generation, "host": src.host}
             except BaseException:
                 await self.vms.undo_create(new_name, src.host, made)

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from kasou.agent.models import BackupSend, OffsiteDisk, OffsiteFile, OffsiteRestore, VaultTarget
+from kasou.agent.models import BackupSend, DiskInfo, OffsiteDisk, OffsiteFile, OffsiteRestore, VaultTarget
 from kasou.control import scheduler
-from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
+from kasou.control.records import JobRecord, VMRecord, vm_key
+from kasou.control.restoring import restore_into
 from kasou.control.sealed import Sealer, default_key_path
 from kasou.errors import AlreadyExists, InvalidSpec, NotFound, StoreConflict, WrongState
 from kasou.model.firmware import VARS_ID
-from kasou.model.spec import DiskSpec, NicSpec, random_mac, validate_name
+from kasou.model.spec import NicSpec, random_mac, validate_name
 from kasou.model.state import VMState
 from kasou.vault import client as vault
 from kasou.vault.crypt import BackupKey, PublicBackupKey
@@ -357,33 +358,23 @@ class Offsite:
         async def run(ctx: JobContext) -> dict[str, Any]:
             made: list[str] = []
             agent = self.vms.agents.get(host)
-            try:
-                disks, nvram, tpm_state = [], None, None
-                for i, disk_id in enumerate(disk_ids):
-                    await ctx.progress(
-                        0.1 + 0.8 * i / max(1, len(disk_ids)), f"restoring {disk_id} from the backup server"
-                    )
-                    info = await agent.restore_offsite(OffsiteRestore(
-                        server=server, key=key_json, source_vm=vm, generation=generation, vm=new_name,
-                        disk_id=disk_id, format="raw" if disk_id == VARS_ID else "qcow2"))  # fmt: skip
-                    made.append(info.path)
-                    if disk_id == VARS_ID:
-                        nvram = info.path
-                    else:
-                        disks.append(
-                            DiskSpec(id=disk_id, size_bytes=info.size_bytes, format=info.format, path=info.path)
-                        )
-                if "tpm_tar" in config and disks and disks[0].path:
-                    await ctx.progress(0.9, "restoring the TPM's state")
-                    tpm_state = (await agent.restore_offsite_tpm(OffsiteRestore(
-                        server=server, key=key_json, source_vm=vm, generation=generation, vm=new_name,
-                        beside=disks[0].path))).tpm_state  # fmt: skip
-                    made += [tpm_state] if tpm_state else []
-                await self.vms.records.set(
-                    new_name, state=VMState.STOPPED, disks=disks, nvram=nvram, tpm_state=tpm_state
+
+            def req(**kw: Any) -> OffsiteRestore:
+                return OffsiteRestore(server=server, key=key_json, source_vm=vm, generation=generation, vm=new_name,
+                                      **kw)  # fmt: skip
+
+            async def disk(disk_id: str) -> DiskInfo:
+                return await agent.restore_offsite(
+                    req(disk_id=disk_id, format="raw" if disk_id == VARS_ID else "qcow2")
                 )
-                detail = f"restored from the backup server's generation {generation} of VM {vm}"
-                await self.vms.ledger.record(new_name, LedgerEvent.DEFINED, host, detail)
+
+            async def tpm(beside: str) -> str | None:
+                return (await agent.restore_offsite_tpm(req(beside=beside))).tpm_state
+
+            detail = f"restored from the backup server's generation {generation} of VM {vm}"
+            try:
+                await restore_into(self.vms, ctx, new_name, host, disk_ids, disk, tpm if "tpm_tar" in config else None,
+                                   made, "restoring from the backup server:", detail)  # fmt: skip
                 return {"vm": new_name, "from": vm, "generation": generation, "host": host, "source": "backup server"}
             except BaseException:
                 await self.vms.undo_create(new_name, host, made)
