@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from kasou.control.backup_status import watch
 from kasou.vault import policy
 from kasou.vault.crypt import BackupKey
 from kasou.vault.store import Store
@@ -156,12 +157,18 @@ def test_status_says_which_vms_are_not_ok(env: Env, server: Server) -> None:
     assert env.api.patch("/v1/vms/emr/backup-policy", json={"lock_days": 60}).status_code == 200
     row = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]
     assert row["state"] == "lock_short" and "kasou backup-server policy set --vm emr --lock-days 60" in row["reason"]
+    # The hourly watch says it once, as an event.
+    backups, portal = env.services.vms.backups, env.api.portal  # type: ignore[attr-defined]
+    assert portal.call(watch, backups) == ["backup_lock_short"] and portal.call(watch, backups) == []
+    ev = env.api.get("/v1/events", params={"subject": "vm/emr"}).json()
+    assert ev[-1]["kind"] == "backup_lock_short" and ev[-1]["severity"] == "warning", ev
     assert env.api.patch("/v1/vms/emr/backup-policy", json={"lock_days": 30}).status_code == 200
     assert {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]["state"] == "ok"
     # The backup server cannot be reached: what it holds is not known, and said so.
     stop(server)
     row = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]
     assert row["state"] == "unknown" and "could not be asked" in row["reason"], row
+    assert portal.call(watch, backups) == ["backup_server_unreachable"] and portal.call(watch, backups) == []
     gens = env.api.get("/v1/vms/emr/backups", params={"server": "true"}).json()
     assert "could not be asked" in gens[-1]["server_error"] and gens[-1]["verified_at"] is None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -21,7 +21,28 @@ from kasou.errors import KasouError
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
-    from kasou.control.backups import Backups
+    from kasou.control.backup_policy import PolicyView
+    from kasou.control.backup_records import BackupView
+    from kasou.control.base import VMControl
+    from kasou.control.drill import Drills
+    from kasou.control.offsite import Offsite
+
+
+class Backups(Protocol):
+    """What the status and the watch read of :class:`kasou.control.backups.Backups` (which calls them)."""
+
+    vms: VMControl
+    offsite: Offsite
+    drills: Drills
+    grace_s: float
+
+    @property
+    def store(self) -> Any: ...
+
+    async def list(self, vm: str) -> list[BackupView]: ...
+
+    async def get_policy(self, vm: str) -> PolicyView: ...
+
 
 DAY_S = 86_400.0
 State = Literal["ok", "late", "not_copied", "never", "damaged", "lock_short", "unknown"]
@@ -119,3 +140,44 @@ async def status(backups: Backups, now: float | None = None) -> list[BackupStatu
             drill_ok=drills[rec.name].ok if rec.name in drills else None,
         ))  # fmt: skip
     return out
+
+
+# -- the watch: what an operator must act on is an event -----------------------------------------
+
+WATCH_EVERY_S = 3600.0
+WATCH_FIRST_S = 300.0  # the first look, after the control plane starts
+WATCH_KEY = "backup-watch"
+# The states the watch raises (late and missed backups, and failed copies, are events when they happen).
+RAISED: dict[str, tuple[str, Literal["warning", "error"]]] = {
+    "damaged": ("backup_damaged", "error"),
+    "lock_short": ("backup_lock_short", "warning"),
+}
+
+
+async def watch(backups: Backups) -> list[str]:
+    """Look at every VM's backups as ``backup status`` does and raise an event for each VM that has newly
+    come into a state an operator must act on (its copy damaged, locked too short), and once for the site
+    when the backup server cannot be asked. What was raised is kept (``backup-watch``), so each is said once
+    until it clears. Returns the events' kinds (for tests)."""
+    rows = await status(backups)
+    e = await backups.store.get(WATCH_KEY)
+    seen: dict[str, str] = dict(e.value) if e is not None else {}
+    now_seen: dict[str, str] = {}
+    raised = []
+    unknown = [r for r in rows if r.state == "unknown"]
+    if unknown:
+        now_seen["(server)"] = "unknown"
+        if seen.get("(server)") != "unknown":
+            await backups.vms.events.emit("backup_server_unreachable", "backup-server", unknown[0].reason, "error")
+            raised.append("backup_server_unreachable")
+    for r in rows:
+        if r.state not in RAISED:
+            continue
+        now_seen[r.vm] = r.state
+        if seen.get(r.vm) != r.state:
+            kind, severity = RAISED[r.state]
+            await backups.vms.events.emit(kind, f"vm/{r.vm}", f"backups of VM {r.vm}: {r.reason}", severity)
+            raised.append(kind)
+    if now_seen != seen:
+        await backups.store.put(WATCH_KEY, now_seen)
+    return raised

@@ -66,6 +66,7 @@ from kasou.control.backup_records import (
     view,
     with_server,
 )
+from kasou.control.backup_status import WATCH_EVERY_S, WATCH_FIRST_S, watch
 from kasou.control.drill import Drills
 from kasou.control.jobs import JobContext
 from kasou.control.offsite import Offsite
@@ -100,6 +101,8 @@ class Backups:
         self.clock = clock
         self.grace_s = GRACE_S
         self._locks: dict[str, asyncio.Lock] = {}
+        self._watched_at = clock() - WATCH_EVERY_S + WATCH_FIRST_S  # the first look a few minutes after start
+        self._watch_task: asyncio.Task[None] | None = None
         self.policies = BackupPolicies(vms.store, vms.records.get, lambda: self.clock())  # schedules, retention
         self.offsite = Offsite(vms)  # the site's backup server, if one is set
         self.drills = Drills(self.offsite)  # restore drills from it (kasou.control.drill)
@@ -392,8 +395,12 @@ class Backups:
     # -- schedules (the leader, every reconcile tick) -------------------------------------
 
     async def tick(self) -> None:
-        """Run each VM's scheduled backup once its slot has come (its own schedule, else its department's)."""
+        """Run each VM's scheduled backup once its slot has come (its own schedule, else its department's);
+        every hour, in the background, the watch (:func:`kasou.control.backup_status.watch`)."""
         now = self.clock()
+        if now - self._watched_at >= WATCH_EVERY_S and (self._watch_task is None or self._watch_task.done()):
+            self._watched_at = now
+            self._watch_task = asyncio.create_task(self._watch())  # it may wait on the backup server: not here
         owns = {e.key.removeprefix("backup-policy/"): BackupPolicy.model_validate(e.value)
                 for e in await self.store.range("backup-policy/")}  # fmt: skip
         depts = {e.key.removeprefix("backup-policy-dept/"): BackupPolicy.model_validate(e.value)
@@ -414,6 +421,12 @@ class Backups:
             if slot <= eff.set_at or (own is not None and own.last_slot is not None and own.last_slot >= slot):
                 continue
             await self._run_slot(vm, cur, slot, now, full_on(eff.weekly, slot))
+
+    async def _watch(self) -> None:
+        try:
+            await watch(self)
+        except Exception:  # the watch is advice: a failure is logged, the next hour tries again
+            log.exception("the backup watch failed")
 
     async def _gone(self, vm: str, own: BackupPolicy, now: float) -> None:
         assert own.daily is not None
