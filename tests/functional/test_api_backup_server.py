@@ -248,3 +248,16 @@ def test_isolating_the_backup_server_stops_every_copy_until_rejoin(env: Env, ser
     assert backup(env, "emr")["result"]["offsite"]["generation"] == 2
     kinds = [e["kind"] for e in env.api.get("/v1/events").json()]
     assert "backup_server_isolated" in kinds and "backup_server_rejoined" in kinds, kinds
+
+
+def test_a_reader_token_serves_restores_and_copies_nothing(env: Env, server: Server) -> None:
+    key = BackupKey.generate()
+    reader = Store(server.root).add_client("site-b-restore", "reader")
+    r = set_server(env, server, key, token=reader)
+    assert r.status_code == 200 and r.json()["role"] == "reader", r.text
+    ev = env.api.get("/v1/events", params={"subject": "site"}).json()
+    assert ev[-1]["severity"] == "warning" and "no backup is copied there" in ev[-1]["message"], ev
+    env.create("emr")
+    j = backup(env, "emr")
+    assert j["state"] == "succeeded" and "reader token" in j["result"]["offsite_error"], j
+    assert {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}["emr"]["state"] == "not_copied"

@@ -105,6 +105,10 @@ def server_set(
         fail(f"cannot read the public key {public_key}: {e.strerror}")
     body = {"url": url, "token": token, "fingerprint": fingerprint, "public_key": json.loads(pub.to_json())}
     v = client().put("/v1/backup-server", json=body)
+    if v.get("role") == "reader":
+        say(f"{v['url']} (server {v['server_id']}) is set with a reader token: restores and drills read it; no "
+            "backup is copied there (a writer token copies them)")  # fmt: skip
+        return
     say(f"backups are copied to {v['url']} (server {v['server_id']}), encrypted to key {v['key_fingerprint']}")
 
 
@@ -117,7 +121,9 @@ def server_show(as_json: bool = typer.Option(False, "--json")) -> None:
     elif v is None:
         say("no backup server is set: generations stay on their hosts only")
     else:
-        say(f"{v['url']} (server {v['server_id']}, certificate {v['fingerprint'] or '-'}); key {v['key_fingerprint']}")
+        role = "; a reader token: restores only" if v.get("role") == "reader" else ""
+        say(f"{v['url']} (server {v['server_id']}, certificate {v['fingerprint'] or '-'}); key {v['key_fingerprint']}"
+            f"{role}")  # fmt: skip
 
 
 @server_app.command("isolate")

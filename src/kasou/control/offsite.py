@@ -61,6 +61,7 @@ class OffsiteRecord(BaseModel):
     server_id: str = ""
     set_at: float
     isolated: bool = False  # kasou backup isolate: no host reaches the server until --rejoin
+    role: str = "writer"  # the token's role on the server: a reader's serves restores and drills only
 
 
 class OffsiteView(BaseModel):
@@ -70,6 +71,7 @@ class OffsiteView(BaseModel):
     server_id: str
     set_at: float
     isolated: bool = False
+    role: str = "writer"  # reader: restores and drills only, nothing is copied there (a second site)
 
 
 class RestorePlanItem(BaseModel):
@@ -137,7 +139,7 @@ class Offsite:
 
     def _view(self, r: OffsiteRecord) -> OffsiteView:
         return OffsiteView(url=r.url, fingerprint=r.fingerprint, key_fingerprint=r.key_fingerprint,
-                           server_id=r.server_id, set_at=r.set_at, isolated=r.isolated)  # fmt: skip
+                           server_id=r.server_id, set_at=r.set_at, isolated=r.isolated, role=r.role)  # fmt: skip
 
     async def get(self) -> OffsiteView | None:
         r = await self._record()
@@ -161,11 +163,16 @@ class Offsite:
         rec = OffsiteRecord(
             url=req.url, token=self.sealer.seal(req.token, _what("token")), fingerprint=req.fingerprint,
             public_key=self.sealer.seal(pub.to_json(), _what("public_key")), key_fingerprint=pub.fingerprint,
-            server_id=str(info.get("server_id", "")), set_at=time.time(),
+            server_id=str(info.get("server_id", "")), set_at=time.time(), role=str(info.get("role", "writer")),
         )  # fmt: skip
         await self.vms.store.put(KEY, rec.model_dump(mode="json"))
-        await self.vms.events.emit("backup_server_set", "site", f"backups are copied to the backup server at "
-                                   f"{req.url}, encrypted to key {pub.fingerprint}", "info")  # fmt: skip
+        if rec.role == "reader":
+            await self.vms.events.emit("backup_server_set", "site", f"the backup server at {req.url} is set with a "
+                                       "reader token: restores and drills read it; no backup is copied there",
+                                       "warning")  # fmt: skip
+        else:
+            await self.vms.events.emit("backup_server_set", "site", f"backups are copied to the backup server at "
+                                       f"{req.url}, encrypted to key {pub.fingerprint}", "info")  # fmt: skip
         return self._view(rec)
 
     async def clear(self) -> bool:
@@ -232,6 +239,10 @@ class Offsite:
 
     async def send(self, rec: VMRecord, backup: Any, previous: Any | None) -> OffsiteCopy | None:
         """Copy ``backup`` (a BackupRecord just recorded) to the server; None when no server is set."""
+        r = await self._record()
+        if r is not None and r.role == "reader":
+            raise WrongState(f"the backup server {r.url} is set with a reader token (restores only): give a writer "
+                             "token with kasou backup server set to copy backups there")  # fmt: skip
         got = await self.target()
         if got is None:
             return None

@@ -113,9 +113,9 @@ def create_app(store: Store, timetable: bool = False) -> FastAPI:
         return run_in_threadpool(fn, *args)
 
     @app.get("/v1/info")
-    def info(_c: Client = Depends(client)) -> dict[str, Any]:
+    def info(c: Client = Depends(client)) -> dict[str, Any]:
         i = store.info()
-        return {"server_id": i["server_id"], "version": __version__, "chunk_size": CHUNK_SIZE}
+        return {"server_id": i["server_id"], "version": __version__, "chunk_size": CHUNK_SIZE, "role": c.role}
 
     @app.post("/v1/chunks/missing")
     async def missing(request: Request, _c: Client = Depends(client)) -> dict[str, list[str]]:
