@@ -126,6 +126,33 @@ def test_the_restore_plan_orders_by_priority_and_stops_before_a_time(env: Env, s
     assert r.status_code == 404 and "no generation of 'nope'" in r.json()["message"], r.text
     r = env.api.post("/v1/backup-server/restore-plan", json={"key": key_json(BackupKey.generate())})
     assert r.status_code == 422 and "encrypted to key" in r.json()["message"], r.text
+    # Every VM back through the CLI, two at a time: the names must be free, so the VMs go first.
+    for vm in ("pacs", "emr"):
+        env.wait(env.api.delete(f"/v1/vms/{vm}", params={"force": True}).json()["job"])
+    keyfile = env.tmp / "site.key"
+    key.save(keyfile)
+    out = cli(env, "backup", "restore-all", "--from-server", "--key", str(keyfile), "--parallel", "2", "--json")
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert sorted(r["vm"] for r in res["restored"]) == ["emr", "pacs"] and res["parallel"] == 2, res
+    assert {v["name"]: v["state"] for v in env.api.get("/v1/vms").json()} == {"emr": "stopped", "pacs": "stopped"}
+    bad = cli(env, "backup", "restore-all", "--from-server", "--key", str(keyfile), "--parallel", "2")
+    assert bad.exit_code != 0 and "already exists" in bad.output and "0 of 2 VMs restored" in bad.output, bad.output
+
+
+def cli(env: Env, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from kasou.api.client import Client
+    from kasou.cli import common
+    from kasou.cli import main as cli_main
+    from tests.functional.conftest import TOKEN
+
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
+    try:
+        return CliRunner().invoke(cli_main.app, list(args), catch_exceptions=True)
+    finally:
+        common.client_factory = None
 
 
 def test_status_says_which_vms_are_not_ok(env: Env, server: Server) -> None:

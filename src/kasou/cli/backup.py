@@ -232,13 +232,16 @@ def backup_restore_all(
     vms: str = VMS_OPT,
     start: bool = typer.Option(False, "--start", help="Start each VM once it is restored."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be restored, in order."),
+    parallel: int = typer.Option(
+        1, "--parallel", help="Restore this many at once (started in priority order; restores are CPU-bound)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Bring every VM back from the backup server (a site rebuilt after an attack), highest HA priority first,
     each under its own name (which must be free), from its newest generation (before --before)."""
     if not from_server:
         fail("restore-all reads the backup server: give --from-server (and --key or --paper-key)")
-    restore_all(key, paper_key, before, vms, start, dry_run, as_json)
+    restore_all(key, paper_key, before, vms, start, dry_run, as_json, parallel)
 
 
 @backup_app.command("drill")

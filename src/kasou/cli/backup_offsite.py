@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.common import client, fail, follow, out, print_json, say
+from kasou.cli.common import client, fail, follow, out, print_json, progress_bar, say
 from kasou.errors import KasouError
 from kasou.model.units import format_size
 from kasou.vault.crypt import BackupKey, PublicBackupKey
@@ -161,8 +161,11 @@ def parse_time(value: str) -> float:
 
 
 def restore_all(key: str | None, paper_key: bool, before: str | None, vms: str | None, start: bool,
-                dry_run: bool, as_json: bool) -> None:  # fmt: skip
-    """Bring every VM the backup server holds back, highest HA priority first (see ``backup restore-all``)."""
+                dry_run: bool, as_json: bool, parallel: int = 1) -> None:  # fmt: skip
+    """Bring every VM the backup server holds back, highest HA priority first (see ``backup restore-all``):
+    at most ``parallel`` at once, each started in the plan's order."""
+    if not 1 <= parallel <= 16:
+        fail(f"--parallel takes 1 to 16, not {parallel}")
     k = json.loads(load_key(key, paper_key).to_json())
     body: dict[str, Any] = {"key": k}
     if before is not None:
@@ -184,26 +187,61 @@ def restore_all(key: str | None, paper_key: bool, before: str | None, vms: str |
     if not as_json:
         out.print(t)
     t0 = time.monotonic()
-    done = []
-    for i, p in enumerate(plan, 1):
-        t1 = time.monotonic()
-        res = c.post(f"/v1/vms/{p['vm']}/backups/{p['generation']}/restore",
-                     json={"as": p["vm"], "from_server": True, "key": k})  # fmt: skip
-        follow(c, res["job"], f"[{i}/{len(plan)}] restoring {p['vm']} (generation {p['generation']})", timeout=86_400)
-        if start:
-            job = c.post(f"/v1/vms/{p['vm']}/actions/start")["job"]
-            follow(c, job, f"[{i}/{len(plan)}] starting {p['vm']}", timeout=900)
-        row = {"vm": p["vm"], "generation": p["generation"], "host": res["vm"]["host"],
-               "seconds": round(time.monotonic() - t1, 1)}  # fmt: skip
-        done.append(row)
-        if not as_json:
-            say(f"vm {p['vm']}: restored from generation {p['generation']} on {row['host']}"
-                f"{' and started' if start else ' (stopped)'} in {row['seconds']} s")  # fmt: skip
+    done = _restore_each(c, plan, k, start, parallel, as_json)
     total = round(time.monotonic() - t0, 1)
     if as_json:
-        print_json({"restored": done, "seconds": total})
+        print_json({"restored": done, "seconds": total, "parallel": parallel})
     else:
         say(f"{len(done)} VMs restored from the backup server in {total} s")
+
+
+def _restore_each(c: Any, plan: list[dict[str, Any]], k: dict[str, Any], start: bool, parallel: int,
+                  as_json: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Each VM's restore (and start) job, submitted in the plan's order, at most ``parallel`` running; a
+    failure submits nothing more, lets the running ones end, and fails with the first failure's reason."""
+    todo = list(enumerate(plan, 1))
+    running: dict[str, dict[str, Any]] = {}  # job id -> {i, p, t1, phase, host}
+    done: list[dict[str, Any]] = []
+    failed: list[str] = []
+    with progress_bar(f"restoring {len(plan)} VMs, {parallel} at a time") as update:
+        while todo or running:
+            while todo and not failed and len(running) < parallel:
+                i, p = todo.pop(0)
+                try:
+                    res = c.post(f"/v1/vms/{p['vm']}/backups/{p['generation']}/restore",
+                                 json={"as": p["vm"], "from_server": True, "key": k})  # fmt: skip
+                except KasouError as e:  # refused before anything was made (a name not free, ...)
+                    failed.append(f"{p['vm']}: {e.message}")
+                    break
+                running[res["job"]["id"]] = {"i": i, "p": p, "t1": time.monotonic(), "phase": "restore",
+                                             "host": res["vm"]["host"]}  # fmt: skip
+            if failed and not running:
+                break
+            time.sleep(0.2)
+            for job_id, r in list(running.items()):
+                job = c.get(f"/v1/jobs/{job_id}")
+                if job["state"] in ("queued", "running"):
+                    continue
+                del running[job_id]
+                p = r["p"]
+                if job["state"] != "succeeded":
+                    why = (job.get("error") or {}).get("message") or f"job {job_id} {job['state']}"
+                    failed.append(f"{p['vm']}: {r['phase']} failed: {why}")
+                    continue
+                if start and r["phase"] == "restore":
+                    running[c.post(f"/v1/vms/{p['vm']}/actions/start")["job"]["id"]] = {**r, "phase": "start"}
+                    continue
+                row = {"vm": p["vm"], "generation": p["generation"], "host": r["host"],
+                       "seconds": round(time.monotonic() - r["t1"], 1)}  # fmt: skip
+                done.append(row)
+                update(len(done) / max(1, len(plan)), p["vm"])
+                if not as_json:
+                    say(f"vm {p['vm']}: restored from generation {p['generation']} on {row['host']}"
+                        f"{' and started' if start else ' (stopped)'} in {row['seconds']} s ({len(done)} of "
+                        f"{len(plan)}, priority order {r['i']})")  # fmt: skip
+    if failed:
+        fail(f"{failed[0]} ({len(done)} of {len(plan)} VMs restored; nothing more was started)")
+    return done
 
 
 def _when(t: float | None) -> str:
