@@ -65,6 +65,9 @@ def test_apply_defines_every_planned_vm_stopped(env: Env, run: Any, tmp_path: Pa
     emr = env.api.get("/v1/vms/emr").json()
     assert (emr["state"], emr["memory_mib"], emr["vcpus"], emr["ha"], emr["priority"]) == ("stopped", 1024, 1, True, 90)
     assert env.api.get("/v1/vms/dwh").json()["priority"] == 10
+    assert [env.api.get(f"/v1/vms/{n}").json()["criticality"] for n in ("emr", "lab", "dwh")] == [
+        "24h-clinical", "business-hours", "batch"]  # fmt: skip
+    assert env.api.get("/v1/vms/emr/backup-policy").json()["keep"] == 5  # the criticality's default
     # Applying again: every name exists, nothing is touched.
     r = run("plan", "apply", str(path))
     assert isinstance(r.exception, KasouError)

@@ -154,6 +154,7 @@ def _bodies(plan: Any, image: str, disks: bool, network: str, storage: str, ha: 
                 "name": name, "image": image, "vcpus": v.get("vcpus", 1), "memory_mib": v.get("memory_mib"),
                 "network": network, "storage": storage, "anti_affinity": v.get("anti_affinity"),
                 "ha": ha, "priority": _PRIORITY.get(str(v.get("criticality")), 50),
+                "criticality": v.get("criticality") or None,  # its backups' defaults follow it
                 "description": f"{v.get('department', '')} (planned on {h.get('name')})"[:500],
             }  # fmt: skip
             if disks and isinstance(disk, int | float) and disk > 0:
