@@ -320,7 +320,8 @@ function drillCell(d) {
     <div class="small ${d.check && d.check.exitcode !== 0 ? "error" : "muted"}">${esc(check)}</div>${why}`;
 }
 
-const BACKUP_CLASS = { ok: "ok", late: "warning", not_copied: "warning", never: "failed" };
+const BACKUP_CLASS = { ok: "ok", late: "warning", not_copied: "warning", never: "failed", damaged: "failed",
+  lock_short: "warning", unknown: "unknown" };
 
 function backupsTable() {
   const rows = data.backups.map((b) => {
