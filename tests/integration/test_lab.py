@@ -267,7 +267,7 @@ def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab:
         assert (lab.dir / h / "log" / "agent.log").exists() and (lab.dir / h / "home").is_dir()
 
 
-def test_the_backup_server_runs_in_its_own_namespace_and_kasou_copies_to_it(lab: Lab) -> None:
+def test_the_backup_server_runs_in_its_own_namespace_and_kasou_is_set_to_it(lab: Lab) -> None:
     b = lab.status()["backup_server"]
     assert b["alive"] and b["answers"] and b["link"] == "up" and b["netns_exists"], b
     assert b["url"] == "https://10.88.0.5:8472" and pid_alive(b["pid"])
