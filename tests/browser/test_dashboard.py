@@ -1,25 +1,36 @@
 """The operators' dashboard in Debian's real Chromium against kasou running a real tiny guest.
 
 Sign in as an operator through the form, see the VMs, start one from the UI and watch its job's
-progress and its state become running, see its CPU chart, cancel a confirmation, switch to English
-and back; an administrator also sees the audit trail; a clinician who signs in is sent to the portal,
+progress and its state become running, see its CPU chart and its latest restore drill, cancel a confirmation,
+switch to English and back; an administrator also sees the audit trail; a clinician who signs in is sent to the portal,
 and on the account page changes their password and sets up their TOTP second factor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
 from kasou.control import totp
+from kasou.control.drill import PREFIX as DRILLS
+from kasou.store.sqlite import SqliteStore
 from tests.browser.conftest import shot, sign_in
 from tests.integration.conftest import Kasou
 
 pytestmark = pytest.mark.qemu
+
+
+async def put_drill(store: SqliteStore, drill: dict[str, Any]) -> None:
+    try:
+        await store.put(DRILLS + drill["vm"], drill)
+    finally:
+        await store.close()
 
 
 def test_dashboard_start_a_vm_and_watch_it(
@@ -29,6 +40,13 @@ def test_dashboard_start_a_vm_and_watch_it(
     pw_nurse = make_user("nurse1", "clinician")
     pw_admin = make_user("adm1", "admin")
     kasou.run("vm", "create", "emr1", "--image", "tiny", "--vcpus", "1", "--memory", "128", "--disk", "64M")
+    # emr1's latest restore drill as `kasou backup drill` records it (a real drill needs a backup server and boots a
+    # copy: tests/functional/test_api_backup_server.py and tests/integration/test_ransomware_drill.py run them)
+    drill = {"vm": "emr1", "generation": 3, "created": time.time() - 7200, "at": time.time() - 3600, "ok": True,
+             "restore_s": 4.2, "boot_s": 2.5, "error": None,
+             "check": {"exitcode": 0, "stdout": "1\n", "stderr": "", "seconds": 0.3}}  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:  # Playwright runs an event loop in this thread
+        pool.submit(asyncio.run, put_drill(SqliteStore(kasou.paths.state_db), drill)).result(timeout=30)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     requested: list[str] = []
@@ -42,6 +60,13 @@ def test_dashboard_start_a_vm_and_watch_it(
     assert page.locator("#vms-h").inner_text() == "仮想マシン"
     assert page.locator("#hosts tbody tr[data-host]").count() == 1
     assert "稼働中" in page.locator("#hosts tbody tr[data-host]").inner_text()
+    # Its backups: none yet, and its latest restore drill passed (generation, restore and boot times, the check).
+    backups = page.locator('#backups tr[data-backup-vm="emr1"]')
+    assert page.locator("#backups-h").inner_text() == "バックアップと復元訓練"
+    assert "未取得" in backups.inner_text()
+    cell = backups.locator(".drill-cell")
+    assert cell.locator(".drill").get_attribute("data-ok") == "true" and "合格" in cell.inner_text()
+    assert "世代 #3 · 復元 4.2 s · 起動 2.5 s" in cell.inner_text() and "終了コード 0" in cell.inner_text()
 
     # Start it from the UI: the job shows up with its progress, and the VM becomes running.
     t0 = time.monotonic()
@@ -84,6 +109,8 @@ def test_dashboard_start_a_vm_and_watch_it(
     page.click("#lang")
     page.wait_for_function("() => document.querySelector('#vms-h')?.textContent === 'Virtual machines'")
     assert "Running" in page.locator('#vms tr[data-vm="emr1"] .vm-state').inner_text()
+    drill_en = page.locator('#backups tr[data-backup-vm="emr1"] .drill-cell').inner_text()
+    assert "Passed" in drill_en and "check exited 0" in drill_en, drill_en
     shot(page, "dashboard-en")
     page.click("#lang")
     page.wait_for_function("() => document.querySelector('#vms-h')?.textContent === '仮想マシン'")

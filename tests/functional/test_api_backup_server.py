@@ -222,6 +222,12 @@ def test_a_restore_drill_boots_each_copy_on_an_isolated_network_and_removes_it(e
     assert sorted(v["name"] for v in env.api.get("/v1/vms").json()) == ["emr", "lab"]  # the copies are gone
     status = {s["vm"]: s for s in env.api.get("/v1/backups/status").json()}
     assert status["emr"]["drill_ok"] is True and status["emr"]["drill_at"]
+    # the whole latest drill, as the web UI's backups card shows it: generation, when, how long, the check
+    d = status["emr"]["drill"]
+    assert d["ok"] and d["at"] == status["emr"]["drill_at"] and d["generation"] == 1 and d["error"] is None, d
+    assert d["restore_s"] is not None and d["boot_s"] is not None
+    assert d["check"]["exitcode"] == 0 and d["check"]["stdout"] == "1\n"
+    assert status["lab"]["drill"]["ok"] and status["lab"]["drill"]["check"] is None
     kinds = [e["kind"] for e in env.api.get("/v1/events").json()]
     assert kinds.count("backup_drill") == 2, kinds
 
@@ -230,6 +236,11 @@ def test_a_restore_drill_boots_each_copy_on_an_isolated_network_and_removes_it(e
     j = env.wait(env.api.post("/v1/backup-server/drill", json={**body, "vms": ["emr"]}).json()["job"])
     [d] = j["result"]["drills"]
     assert not d["ok"] and "exited with 2" in d["error"] and "does not exist" in d["error"], d
+    shown = {s["vm"]: s["drill"] for s in env.api.get("/v1/backups/status").json()}
+    assert (
+        shown["emr"]["ok"] is False and shown["emr"]["error"] == d["error"] and shown["emr"]["check"]["exitcode"] == 2
+    )
+    assert shown["lab"]["ok"]  # its own latest drill stays
     assert env.api.post("/v1/networks", json={"name": "clinical"}).status_code == 201
     r = env.api.post("/v1/backup-server/drill", json={**body, "network": "clinical"})
     assert r.status_code == 422 and "not isolated" in r.json()["message"], r.text

@@ -91,14 +91,17 @@ class Lab:
         assert self.seqs(dst, vm)[-1] > self.seqs(src, vm)[-1]
 
 
-def make_lab(tiny_image: Path, prefix: str = "kasou-lab-") -> Iterator[Lab]:
-    """A 3-host lab in its own directory, taken down (every process, namespace and file) at the end."""
+def make_lab(tiny_image: Path, prefix: str = "kasou-lab-", backup_server: bool = False) -> Iterator[Lab]:
+    """A 3-host lab in its own directory (with a backup server if asked), taken down (every process, namespace and
+    file) at the end."""
     lab_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     env = dict(os.environ, KASOU_LAB_DIR=str(lab_dir), KASOU_IMAGES=str(tiny_image))
     for k in ("KASOU_API", "KASOU_TOKEN", "KASOU_HOME"):
         env.pop(k, None)
     try:
-        subprocess.run([*KASOU, "lab", "up", "--hosts", "3"], env=env, check=True, capture_output=True, timeout=180)
+        more = ["--backup-server"] if backup_server else []
+        subprocess.run([*KASOU, "lab", "up", "--hosts", "3", *more], env=env, check=True, capture_output=True,
+                       timeout=180)  # fmt: skip
         yield Lab(lab_dir, env)
     finally:
         keep = os.environ.get("KASOU_TEST_KEEP_LOGS")  # a directory to copy the lab's logs into
@@ -113,7 +116,7 @@ def _not_logs(folder: str, names: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab(tiny_image: Path) -> Iterator[Lab]:
-    yield from make_lab(tiny_image)
+    yield from make_lab(tiny_image, backup_server=True)
 
 
 def test_cluster_hosts_and_placement(lab: Lab) -> None:
@@ -122,6 +125,21 @@ def test_cluster_hosts_and_placement(lab: Lab) -> None:
     assert all(h["state"] == "up" for h in hosts)
     info = json.loads(lab.run("api", "openapi").stdout)  # the CLI works against any host
     assert "/v1/vms/{name}/migrate" in info["paths"]
+
+
+def test_a_backup_is_copied_to_the_labs_backup_server(lab: Lab) -> None:
+    """``lab up --backup-server`` sets kasou's backup server: a generation (of a stopped VM: no guest to boot)
+    is copied to it, encrypted to the lab's site key, and ``backup status`` says so."""
+    lab.run("vm", "create", "bk", "--image", "tiny")
+    try:
+        out = lab.run("backup", "create", "bk", host="h1").stdout
+        assert "copied to the backup server" in out, out
+        held = lab.json("backup", "list", "bk", "--server", host="h3")
+        assert [g["generation"] for g in held] == [1], held
+        status = {s["vm"]: s for s in lab.json("backup", "status")}
+        assert status["bk"]["state"] == "ok" and status["bk"]["offsite_generation"] == 1, status["bk"]
+    finally:
+        lab.run("vm", "delete", "bk", check=False)
 
 
 def test_migrate_shared_storage_keeps_the_guest_running(lab: Lab) -> None:

@@ -1,4 +1,5 @@
-"""``kasou lab``: 3 hosts in network namespaces, a 3-member etcd, the real services, real partitions.
+"""``kasou lab``: 3 hosts in network namespaces, a 3-member etcd, the real services, real partitions,
+and a backup server in a namespace of its own (``--backup-server``) that the lab's kasou copies backups to.
 
 The lab starts once for the module (its own KASOU_LAB_DIR under /tmp) and the last tests take it
 down. The fixture's teardown removes whatever a failed test left: it runs ``lab down``, then
@@ -26,6 +27,9 @@ from typing import Any
 
 import httpx
 import pytest
+
+from kasou.vault import immutable
+from kasou.vault.sync import Primary
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
 
@@ -152,6 +156,7 @@ def _recorded_pids(state: dict[str, Any] | None) -> list[int]:
         return []
     pids = [h[k] for h in state["hosts"] for k in ("agent_pid", "api_pid")]
     pids += [m["pid"] for m in state["etcd"]]
+    pids += [state["backup_server"]["pid"]] if state.get("backup_server") else []
     return [p for p in pids if p]
 
 
@@ -185,7 +190,8 @@ def lab() -> Iterator[Lab]:
     env.pop("KASOU_TOKEN", None)
     env.pop("KASOU_API", None)
     t0 = time.monotonic()
-    r = subprocess.run([*LAB, "up", "--hosts", "3"], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*LAB, "up", "--hosts", "3", "--backup-server"], env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
     lab = Lab(base / "lab", env, time.monotonic() - t0, r.stdout)
     state = lab.state()
     try:
@@ -195,6 +201,7 @@ def lab() -> Iterator[Lab]:
         state = lab.state() or state
         subprocess.run([*LAB, "down"], env=env, capture_output=True, timeout=120)
         _scrub(state)
+        immutable.release_tree(base)  # the backup server's generations, should lab down have failed
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -214,8 +221,9 @@ def test_up_returns_when_the_cluster_accepts_work(lab: Lab) -> None:
 
 def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab: Lab) -> None:
     print(f"lab up --hosts 3: {lab.up_seconds:.1f} s\n{lab.up_output}")
-    assert set(klab_links()) == {"klab0", "klab-vm", *(f"klab-{h}" for h in HOSTS), *(f"klabv-{h}" for h in HOSTS)}
-    assert {f"klab-{h}" for h in HOSTS} <= set(netns_list())
+    hosts_links = {*(f"klab-{h}" for h in HOSTS), *(f"klabv-{h}" for h in HOSTS)}
+    assert set(klab_links()) == {"klab0", "klab-vm", "klab-backup", *hosts_links}
+    assert {"klab-backup", *(f"klab-{h}" for h in HOSTS)} <= set(netns_list())
     ca = str(lab.dir / "tls" / "ca.crt")
     for h in HOSTS:
         tls = lab.dir / h / "home" / "tls"
@@ -259,11 +267,36 @@ def test_up_makes_three_hosts_whose_services_answer_from_the_root_namespace(lab:
         assert (lab.dir / h / "log" / "agent.log").exists() and (lab.dir / h / "home").is_dir()
 
 
+def test_the_backup_server_runs_in_its_own_namespace_and_kasou_is_set_to_it(lab: Lab) -> None:
+    b = lab.status()["backup_server"]
+    assert b["alive"] and b["answers"] and b["link"] == "up" and b["netns_exists"], b
+    assert b["url"] == "https://10.88.0.5:8472" and pid_alive(b["pid"])
+    assert f"backup server 10.88.0.5 (netns klab-backup): started pid {b['pid']}" in lab.up_output
+    line = lab.run("status").stdout.splitlines()[-1]
+    assert line.startswith("backup server 10.88.0.5") and "answers" in line, line
+    assert b["pid"] not in pids_in_netns("klab-h1")
+    # kasou is set to it (what `kasou backup server set` does): any host's API says so
+    exports = lab.run("env", "h2").stdout.splitlines()
+    env = dict(lab.env, **dict(ln.removeprefix("export ").split("=", 1) for ln in exports))
+    shown = subprocess.run([sys.executable, "-m", "kasou", "backup", "server", "show", "--json"], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    v = json.loads(shown.stdout)
+    assert v["url"] == b["url"] and v["fingerprint"] and not v["isolated"]
+    # it answers the writer token it gave the lab's kasou, with the certificate kasou pinned
+    token = (lab.dir / "backup-server" / "writer.token").read_text().strip()
+    assert Primary(b["url"], token, v["fingerprint"], timeout=10).info()["server_id"] == v["server_id"]
+    assert oct((lab.dir / "backup-server" / "site-backup.key").stat().st_mode & 0o777) == "0o600"
+
+
 def test_up_again_is_a_no_op_and_a_different_size_is_refused(lab: Lab) -> None:
     before = {h["name"]: (h["agent"]["pid"], h["api"]["pid"]) for h in lab.status()["hosts"]}
+    backup_pid = lab.status()["backup_server"]["pid"]
     out = lab.run("up", "--hosts", "3").stdout
     assert "started" not in out, out
+    assert "(set already)" in out, out  # the lab keeps its backup server without --backup-server
     assert {h["name"]: (h["agent"]["pid"], h["api"]["pid"]) for h in lab.status()["hosts"]} == before
+    assert lab.status()["backup_server"]["pid"] == backup_pid
     r = lab.run("up", "--hosts", "2", check=False)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -334,7 +367,7 @@ def test_env_prints_exports_that_drive_a_hosts_api(lab: Lab) -> None:
 def test_down_leaves_nothing_behind(lab: Lab) -> None:
     state = lab.state()
     pids = _recorded_pids(state)
-    assert len(pids) == 3 * 2 + 3
+    assert len(pids) == 3 * 2 + 3 + 1  # agents and APIs, etcd members, the backup server
     t0 = time.monotonic()
     out = lab.run("down").stdout
     print(f"lab down: {time.monotonic() - t0:.1f} s\n{out}")
@@ -347,8 +380,8 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
 
 
 def test_a_failed_up_removes_what_it_made(lab: Lab) -> None:
-    # After the lab is down: services that cannot answer within 0.5 s make up fail half-way.
-    r = lab.run("up", "--hosts", "2", "--timeout", "0.5", check=False)
+    # After the lab is down: services that cannot answer within 0.5 s make up fail half-way (its backup server too).
+    r = lab.run("up", "--hosts", "2", "--backup-server", "--timeout", "0.5", check=False)
     assert r.returncode == 1
     assert r.stderr.startswith("error: lab up failed:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "removed what it had made" in r.stderr

@@ -64,9 +64,12 @@ def _errors(fn: Callable[P, R]) -> Callable[P, R]:
 def lab_up(
     hosts: int = typer.Option(3, "--hosts", "-n", help="How many hosts (h1..hN)."),
     timeout: float = typer.Option(90, "--timeout", help="Seconds to wait for the services to answer."),
+    backup_server: bool = typer.Option(
+        False, "--backup-server", help="Also a backup server in a namespace of its own; kasou copies backups to it."
+    ),
 ) -> None:
     """Create (or repair) the lab: bridges klab0 and klab-vm, hosts h1..hN in network namespaces, etcd, services."""
-    for line in _lab().up(hosts, timeout=timeout):
+    for line in _lab().up(hosts, timeout=timeout, backup_server=backup_server):
         _say(line)
 
 
@@ -100,6 +103,16 @@ def lab_status(as_json: bool = typer.Option(False, "--json")) -> None:
     for m in st["etcd"]:
         state = "healthy" if m["healthy"] else ("alive" if m["alive"] else "down")
         _say(f"etcd {m['name']:3} {m['client_url']:24} {state}" + (f" (pid {m['pid']})" if m["alive"] else ""))
+    if st.get("backup_server"):
+        _say(backup_server_line(st["backup_server"]))
+
+
+def backup_server_line(b: dict[str, Any]) -> str:
+    """The status line of the lab's backup server."""
+    state = "answers" if b["answers"] else ("alive" if b["alive"] else "down")
+    ns = b["netns"] if b["netns_exists"] else f"{b['netns']} (missing)"
+    pid = f" (pid {b['pid']})" if b["alive"] else ""
+    return f"backup server {b['address']:12} netns {ns} link {b['link']} {b['url']} {state}{pid}"
 
 
 @lab_app.command("kill")

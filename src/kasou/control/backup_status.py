@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from kasou.control.drill import DrillResult
 from kasou.errors import KasouError
 from kasou.model.state import VMState
 
@@ -65,6 +66,7 @@ class BackupStatus(BaseModel):
     verified_at: float | None = None  # the backup server last re-read the newest copy's chunks (sound)
     copied_to: list[dict[str, Any]] = Field(default_factory=list)  # second sites holding the newest copy
     lock_days: int | None = None  # what its policy asks of the backup server's lock
+    drill: DrillResult | None = None  # that drill as recorded: generation, restore and boot seconds, check, error
 
 
 def judge_copy(copy: dict[str, Any] | None, lock_days: int | None, vm: str) -> tuple[State, str] | None:
@@ -138,6 +140,7 @@ async def status(backups: Backups, now: float | None = None) -> list[BackupStatu
             copied_to=[c for c in (on_server or {}).get("copied_to") or [] if isinstance(c, dict)],
             drill_at=drills[rec.name].at if rec.name in drills else None,
             drill_ok=drills[rec.name].ok if rec.name in drills else None,
+            drill=drills.get(rec.name),
         ))  # fmt: skip
     return out
 

@@ -22,6 +22,7 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
       kasou agent --listen 10.88.0.{10+i}:8471
       kasou serve --address 10.88.0.{10+i}:8470
       QEMU processes started by that agent (they inherit its namespace)
+    netns klab-backup          with --backup-server: kasou backup-server serve, 10.88.0.5 (:mod:`kasou.lab.vault`)
 
     LAB/lab.json              state: every name, address and pid made (so down, kill, partition
                               and a re-run of up work after a crash, and are idempotent)
@@ -73,7 +74,7 @@ from kasou import pki
 from kasou.api.auth import ensure_token
 from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles, storage_roots
 from kasou.errors import InvalidSpec, KasouError
-from kasou.lab import net
+from kasou.lab import net, vault
 from kasou.lab.etcd import EtcdCluster
 from kasou.lab.net import LabError
 from kasou.lab.procs import (
@@ -83,6 +84,7 @@ from kasou.lab.procs import (
     kill_all,
     log_tail,
     marked_processes,
+    preflight,
     probe,
     terminate,
 )
@@ -215,9 +217,10 @@ class Lab:
 
     # -- up
 
-    def up(self, count: int, timeout: float = SERVICE_TIMEOUT) -> list[str]:
-        """Make (or repair) a lab of ``count`` hosts; one report line per piece."""
-        _preflight()
+    def up(self, count: int, timeout: float = SERVICE_TIMEOUT, backup_server: bool = False) -> list[str]:
+        """Make (or repair) a lab of ``count`` hosts (and a backup server: :mod:`kasou.lab.vault`); one report
+        line per piece. A lab that has a backup server keeps it."""
+        preflight()
         if not 1 <= count <= MAX_HOSTS:
             raise InvalidSpec(f"--hosts must be between 1 and {MAX_HOSTS}, not {count}", field="hosts")
         made_dir = not self.dir.exists()
@@ -233,6 +236,7 @@ class Lab:
                 )
             if st is None:
                 st = self._plan(count)
+                st.backup_server = vault.plan(self.dir) if backup_server else None
                 try:
                     self._check_free(st)
                 except LabError:
@@ -240,6 +244,8 @@ class Lab:
                         shutil.rmtree(self.dir, ignore_errors=True)
                     raise
                 self._save(st)
+            elif backup_server and st.backup_server is None:
+                st.backup_server = vault.plan(self.dir)
             undo: list[Callable[[], Any]] = []
             try:
                 return self._build(st, undo, timeout)
@@ -269,8 +275,9 @@ class Lab:
     def _check_free(self, st: LabState) -> None:
         """A new lab must not take over another lab's bridge, links or namespaces."""
         links = [st.bridge, st.vm_bridge, *(h.veth for h in st.hosts), *(h.vm_veth for h in st.hosts)]
-        taken = [n for n in links if net.link_exists(n)]
-        taken += [f"netns {h.netns}" for h in st.hosts if net.netns_exists(h.netns)]
+        spaces = [h.netns for h in st.hosts] + ([st.backup_server.netns] if st.backup_server else [])
+        taken = [n for n in links + ([st.backup_server.veth] if st.backup_server else []) if net.link_exists(n)]
+        taken += [f"netns {n}" for n in spaces if net.netns_exists(n)]
         if taken:
             raise LabError(
                 f"{', '.join(taken)} {'exists' if len(taken) == 1 else 'exist'} already, but the lab at "
@@ -317,12 +324,17 @@ class Lab:
                 started[(h.name, service)] = pid
                 undo.append(functools.partial(kill_all, {pid}))
                 self._save(st)
+        if st.backup_server is not None:  # it starts while the hosts' services do
+            report.append(vault.ensure(st.backup_server, st.bridge, undo, timeout))
+            self._save(st)
         t_services = time.monotonic()
         self._wait_answering(st, token, timeout)
         report.append(f"services: all answer after {time.monotonic() - t_services:.1f} s")
         # Answering is not accepting work: wait until the leader counts every agent and would place a VM.
         waited = wait_ready(lambda: self._views(st, token), [h.name for h in st.hosts], timeout)
         report.append(f"cluster: leader elected, {len(st.hosts)} agents registered, ready after {waited:.1f} s more")
+        if st.backup_server is not None:
+            report.append(vault.configure(st.backup_server, st.hosts[0].api_url, self.ca_file, token))
         for h in st.hosts:
             what = {s: ("started" if (h.name, s) in started else "running") + f" pid {h.pid(s)}" for s in SERVICES}
             report.append(
@@ -456,7 +468,7 @@ class Lab:
 
     def revive(self, name: str, timeout: float = SERVICE_TIMEOUT) -> list[str]:
         """Start a killed host's services again (its link stays as it is)."""
-        _preflight()
+        preflight()
         with self._locked():
             st = self.require()
             h = st.host(name)
@@ -525,6 +537,7 @@ class Lab:
             "vm_bridge": {"name": st.vm_bridge, "up": net.link_up(st.vm_bridge)},
             "hosts": hosts,
             "etcd": members,
+            "backup_server": vault.status(st.backup_server) if st.backup_server else None,
         }
 
     def env(self, name: str) -> list[str]:
@@ -539,7 +552,7 @@ class Lab:
 
     def down(self) -> list[str]:
         if not self.dir.exists():
-            strays = net.link_names("klab") + [n for n in _netns_names() if n.startswith("klab-")]
+            strays = net.link_names("klab") + [n for n in net.netns_names() if n.startswith("klab-")]
             if strays:
                 raise LabError(
                     f"there is no lab at {self.dir}, but {', '.join(strays)} exist (a lab of another KASOU_LAB_DIR?)"
@@ -572,7 +585,8 @@ class Lab:
             if left:
                 errors.append(f"processes outlived SIGKILL: {left}")
         report.append(f"stopped {len(etcd)} etcd members")
-        removed = []
+        removed, errs = vault.teardown(st.backup_server) if st.backup_server else ([], [])
+        errors += errs
         for h in st.hosts:
             steps = [
                 (h.veth, functools.partial(net.delete_link, h.veth)),
@@ -601,17 +615,3 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
         report.append(f"removed {self.dir}")
         return report
-
-
-def _netns_names() -> list[str]:
-    from pyroute2 import netns
-
-    return list(netns.listnetns())
-
-
-def _preflight() -> None:
-    if os.geteuid() != 0:
-        raise LabError("kasou lab needs root (network namespaces, a bridge, veth links)")
-    for tool, package in (("ip", "iproute2"), ("etcd", "etcd-server")):
-        if shutil.which(tool) is None:
-            raise LabError(f"{tool} is not installed (apt-get install {package})")

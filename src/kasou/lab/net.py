@@ -34,6 +34,10 @@ def _fail(what: str, e: Exception) -> LabError:
 # -- namespaces --------------------------------------------------------------------------------
 
 
+def netns_names() -> list[str]:
+    return list(netns.listnetns())
+
+
 def netns_exists(name: str) -> bool:
     return name in netns.listnetns()
 

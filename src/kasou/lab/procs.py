@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,15 @@ from kasou.hypervisor.qemu import process
 from kasou.lab import net
 from kasou.lab.net import LabError
 from kasou.lab.state import AGENT_PORT, API_PORT, GONE_TIMEOUT, LabHost
+
+
+def preflight() -> None:
+    """What every lab command that starts something needs: root, ``ip`` and ``etcd``."""
+    if os.geteuid() != 0:
+        raise LabError("kasou lab needs root (network namespaces, a bridge, veth links)")
+    for tool, package in (("ip", "iproute2"), ("etcd", "etcd-server")):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} is not installed (apt-get install {package})")
 
 
 def is_service(h: LabHost, service: str, pid: int | None) -> bool:

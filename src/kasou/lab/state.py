@@ -28,6 +28,9 @@ SERVICE_TIMEOUT = 90.0  # the first agent start of a boot probes KVM (15 s) befo
 ETCD_TIMEOUT = 30.0
 GONE_TIMEOUT = 10.0
 SERVICES = ("agent", "api")
+VAULT_NAME = "backup"  # kasou lab up --backup-server: netns and veth klab-backup, LAB/backup-server
+VAULT_ADDRESS = f"{SUBNET}.5"  # below the hosts' 10.88.0.11..60
+VAULT_PORT = 8472
 
 
 def lab_dir() -> Path:
@@ -99,6 +102,43 @@ class EtcdMember:
 
 
 @dataclass
+class LabVault:
+    """The lab's backup server: a namespace of its own running ``kasou backup-server serve``."""
+
+    dir: str  # LAB/backup-server: data/ (the server's data directory), serve.log, the lab's site backup key
+    netns: str = f"klab-{VAULT_NAME}"
+    veth: str = f"klab-{VAULT_NAME}"
+    address: str = VAULT_ADDRESS
+    port: int = VAULT_PORT
+    pid: int | None = None
+    fingerprint: str = ""  # its certificate's SHA-256 (64 hex digits), pinned by kasou
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.dir) / "data"
+
+    @property
+    def log(self) -> Path:
+        return Path(self.dir) / "serve.log"
+
+    @property
+    def key_file(self) -> Path:
+        """The lab's site backup key (private part, 0600): ``kasou backup drill --key`` and restores need it."""
+        return Path(self.dir) / "site-backup.key"
+
+    @property
+    def token_file(self) -> Path:
+        return Path(self.dir) / "writer.token"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}:{self.port}"
+
+    def argv(self) -> list[str]:
+        return ["backup-server", "serve", "--dir", str(self.data_dir), "--listen", f"{self.address}:{self.port}"]
+
+
+@dataclass
 class LabState:
     dir: str
     images: str
@@ -107,6 +147,7 @@ class LabState:
     bridge: str = BRIDGE
     created: float = field(default_factory=time.time)
     vm_bridge: str = VM_BRIDGE
+    backup_server: LabVault | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabState:
@@ -114,6 +155,7 @@ class LabState:
         return cls(
             dir=d["dir"], images=d["images"], bridge=d.get("bridge", BRIDGE), created=d.get("created", 0.0),
             hosts=hosts, etcd=[EtcdMember(**m) for m in d["etcd"]], vm_bridge=d.get("vm_bridge", VM_BRIDGE),
+            backup_server=LabVault(**d["backup_server"]) if d.get("backup_server") else None,
         )  # fmt: skip
 
     def host(self, name: str) -> LabHost:

@@ -1,5 +1,6 @@
 // The operators' dashboard: hosts, VMs, storage and desktop pools, jobs and events; actions with live job progress;
-// small charts of the last minutes (GET /v1/metrics/history). Refreshes itself every few seconds.
+// small charts of the last minutes (GET /v1/metrics/history); each VM's backups and its latest restore drill
+// (GET /v1/backups/status). Refreshes itself every few seconds.
 import { get, post } from "/ui/api.js";
 import { lang, t } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
@@ -13,7 +14,7 @@ let who = null;
 let timer = null;
 let busy = false;
 let again = false; // a refresh was asked for while one ran
-const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null };
+const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null, backups: null };
 
 const esc = (s) =>
   String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -68,6 +69,8 @@ const FRAME = `
   <div id="live" aria-live="polite"></div></section>
 <section class="card" aria-labelledby="hosts-h"><h2 id="hosts-h" data-i18n="dash.hosts"></h2><div id="hosts-box"></div></section>
 <section class="card" aria-labelledby="vms-h"><h2 id="vms-h" data-i18n="dash.vms"></h2><div id="vms-box"></div></section>
+<section class="card" id="backups-card" hidden aria-labelledby="backups-h"><h2 id="backups-h" data-i18n="dash.backups"></h2>
+  <div id="backups-box"></div></section>
 <div class="two">
   <section class="card" aria-labelledby="pools-h"><h2 id="pools-h" data-i18n="dash.pools"></h2><div id="pools-box"></div></section>
   <section class="card" id="desktops-card" hidden aria-labelledby="desk-h"><h2 id="desk-h" data-i18n="dash.desktops"></h2>
@@ -128,7 +131,7 @@ async function refresh() {
     const audit = can("audit") ? soft(get("/v1/audit/records?limit=12"), null).catch(() => null) : Promise.resolve(null);
     // A department's vendor reads their VMs only: hosts, pools, events and metrics are not theirs.
     const all = (path, none) => (can("read") ? get(path) : Promise.resolve(none));
-    const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records] = await Promise.all([
+    const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records, backups] = await Promise.all([
       all("/v1/hosts", []),
       get("/v1/vms"),
       get("/v1/reports/uptime"),
@@ -138,8 +141,9 @@ async function refresh() {
       all("/v1/events?limit=12", []),
       can("read") ? soft(get("/v1/metrics/history"), null) : Promise.resolve(null),
       audit,
+      can("read") ? soft(get("/v1/backups/status"), null) : Promise.resolve(null),
     ]);
-    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records });
+    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records, backups });
     render();
     root.querySelector("#dash-error").textContent = "";
     root.querySelector(".updated").textContent = t("dash.updated", { time: clock(Date.now() / 1000) });
@@ -160,6 +164,8 @@ function render() {
   const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : null;
   root.querySelector("#hosts-box").innerHTML = hostsTable();
   root.querySelector("#vms-box").innerHTML = vmsTable();
+  root.querySelector("#backups-card").hidden = data.backups === null;
+  if (data.backups !== null) root.querySelector("#backups-box").innerHTML = backupsTable();
   root.querySelector("#pools-box").innerHTML = poolsTable();
   const dc = root.querySelector("#desktops-card");
   dc.hidden = data.desktops === null;
@@ -297,6 +303,35 @@ function vmsTable() {
     rows,
     t("dash.vms"),
   );
+}
+
+// -- backups: each VM's newest generation, its copy on the backup server, its latest restore drill --------------
+
+const when = (epoch) =>
+  epoch ? new Date(epoch * 1000).toLocaleString(lang() === "ja" ? "ja-JP" : "en-GB", { dateStyle: "short", timeStyle: "short" }) : "—";
+const secs = (v) => (v === null || v === undefined ? "—" : `${Number(v).toFixed(1)} s`);
+
+function drillCell(d) {
+  if (!d) return `<span class="muted">${esc(t("drill.never"))}</span>`;
+  const check = d.check ? t("drill.check", { code: d.check.exitcode }) : t("drill.nocheck");
+  const why = !d.ok && d.error ? `<div class="small error">${esc(d.error)}</div>` : "";
+  return `<span class="drill" data-ok="${d.ok}">${badge(d.ok ? "passed" : "failed", d.ok ? "ok" : "failed")}</span> ${esc(when(d.at))}
+    <div class="small">${esc(t("drill.times", { gen: d.generation, restore: secs(d.restore_s), boot: secs(d.boot_s) }))}</div>
+    <div class="small ${d.check && d.check.exitcode !== 0 ? "error" : "muted"}">${esc(check)}</div>${why}`;
+}
+
+const BACKUP_CLASS = { ok: "ok", late: "warning", not_copied: "warning", never: "failed", damaged: "failed",
+  lock_short: "warning", unknown: "unknown" };
+
+function backupsTable() {
+  const rows = data.backups.map((b) => {
+    const newest = b.last_generation === null ? "—" : `#${b.last_generation} · ${when(b.last_at)}`;
+    const copy = b.offsite_generation === null ? "—" : `#${b.offsite_generation}${b.locked_until ? ` · ${t("backup.locked", { until: when(b.locked_until) })}` : ""}`;
+    return `<tr data-backup-vm="${esc(b.vm)}"><th scope="row">${esc(b.vm)}</th>
+      <td>${badge(`backup_${b.state}`, BACKUP_CLASS[b.state])}${b.reason ? `<div class="small muted">${esc(b.reason)}</div>` : ""}</td>
+      <td>${esc(newest)}</td><td>${esc(copy)}</td><td class="drill-cell">${drillCell(b.drill)}</td></tr>`;
+  });
+  return table("backups", ["col.name", "col.state", "col.newest", "col.offsite", "col.drill"], rows, t("dash.backups"));
 }
 
 // -- pools, desktops, jobs, events ---------------------------------------------------------------------------
