@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.functional.conftest import Env
@@ -13,6 +14,13 @@ from tests.functional.conftest import Env
 PW = "correct horse battery"
 CSRF = {"x-kasou-csrf": "1"}
 UNAVAILABLE = "the name 'lis' is not available; choose another name"
+
+
+@pytest.fixture(autouse=True)
+def _no_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Department scope on its own: vendors hold their role's permissions on their departments' VMs at all times
+    here (KASOU_VENDOR_WINDOWS=0); maintenance windows are test_maintenance_windows.py's and test_window_matrix.py's."""
+    monkeypatch.setenv("KASOU_VENDOR_WINDOWS", "0")
 
 
 def vendor(env: Env, name: str, *departments: str) -> TestClient:
