@@ -393,7 +393,6 @@ def check_settings() -> None:
     audit_checkpoint_every()
     signin_rate()
     require_totp_for_admins()
-    vendor_windows_required()
 
 
 def trusted_proxies() -> list[str]:
@@ -450,13 +449,6 @@ def signin_rate() -> float:
 def require_totp_for_admins() -> bool:
     """``KASOU_REQUIRE_TOTP_FOR_ADMINS=1``: an administrator signs in only with a TOTP code."""
     return choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN) in ("1", "yes", "true", "on")
-
-
-def vendor_windows_required() -> bool:
-    """``KASOU_VENDOR_WINDOWS``: 1 (the default) a vendor acts on a VM only inside an approved maintenance window
-    that names it (docs/security.md, "Vendor maintenance windows"); 0 a vendor holds their role's VM permissions on
-    their departments' VMs at all times, as before windows existed."""
-    return choice_setting("KASOU_VENDOR_WINDOWS", _BOOLEAN, "1") in ("1", "yes", "true", "on")
 
 
 @dataclass(frozen=True)

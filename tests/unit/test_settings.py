@@ -40,7 +40,6 @@ BAD: list[tuple[str, str, dict[str, str]]] = [
     ("KASOU_MAINTENANCE_BACKOFF_S", "-1", {}),
     ("KASOU_VENDOR_MAX_PRIORITY", "101", {}),
     ("KASOU_VENDOR_MAX_PRIORITY", "high", {}),
-    ("KASOU_VENDOR_WINDOWS", "sometimes", {}),
     ("KASOU_STORAGE_ROOTS", "srv:relative", {}),
     ("KASOU_SIGNIN_RATE", "lots", {}),
     ("KASOU_CONFINE", "maybe", {}),

@@ -226,7 +226,7 @@ async def check(
     ``path`` is the request's path; it is matched against the table's templates.
     ``department_of_job`` answers (the job exists, the department it belongs to). ``window`` is asked, for a
     scoped principal on a route naming a VM (``"vm"``, its name) or a job (``"job"``, its id) of their
-    departments, which maintenance window lets them do it (its id; None when windows are not required);
+    departments, which maintenance window lets them do it (its id);
     it raises Forbidden when none does. The answer is that window's id.
     """
     path = template_of(method, path)
