@@ -89,6 +89,9 @@ def test_a_vendor_acts_only_inside_an_approved_active_window(env: Env, clock: Cl
     r = env.api.post(f"/v1/maintenance-windows/{w['id']}/approve")
     assert r.status_code == 200 and (r.json()["state"], r.json()["decided_by"]) == ("approved", "root"), r.text
     assert v.get("/v1/vms/lab1").status_code == 403  # approved, not started yet
+    events = env.api.get("/v1/events", params={"subject": f"maintenance-window/{w['id']}"}).json()
+    assert [e["kind"] for e in events] == ["maintenance_window_requested", "maintenance_window_approved"], events
+    assert "v requested maintenance window" in events[0]["message"] and "lab DB's index" in events[0]["message"]
     clock.now += HOUR + 1
     assert v.get(f"/v1/maintenance-windows/{w['id']}").json()["active"] is True
     # Inside: exactly its VMs.

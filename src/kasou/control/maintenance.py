@@ -8,12 +8,15 @@ None. The clock is ``clock`` (``time.time`` by default; tests give another).
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import secrets
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kasou.control import audit
+from kasou.control.events import Events
 from kasou.control.records import VMRecord, vm_key
 from kasou.errors import Conflict, Forbidden, InvalidSpec, NotFound, StoreConflict
 from kasou.model.maintenance import (
@@ -37,6 +40,12 @@ class MaintenanceWindows:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
+        self.events = Events(store)
+
+    async def _tell(self, kind: str, w: WindowView | WindowRecord, message: str) -> None:
+        """An operator event (``kasou event list``): administrators see requests waiting for them."""
+        with contextlib.suppress(Exception):  # an event that cannot be written never undoes the change
+            await self.events.emit(kind, f"maintenance-window/{w.id}", message, "info")
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -105,6 +114,9 @@ class MaintenanceWindows:
             await self.store.create(PREFIX + wid, rec_w.model_dump(mode="json"))
         except StoreConflict:
             raise Conflict("a maintenance window id was taken twice; try again") from None
+        span = f"{_utc(rec_w.starts_at)} to {_utc(rec_w.ends_at)}"
+        await self._tell("maintenance_window_requested", rec_w, f"{by} requested maintenance window {wid} for "
+                         f"{rec_w.vendor} on {', '.join(rec_w.vms)}, {span}: {rec_w.plan[:200]}")  # fmt: skip
         return WindowView.of(rec_w, now)
 
     async def _change(self, window_id: str, change: Callable[[WindowRecord, float], dict[str, Any]]) -> WindowView:
@@ -136,7 +148,9 @@ class MaintenanceWindows:
                 raise Conflict(f"maintenance window {w.id} is {shown.value}: only a requested window is approved")
             return {"state": WindowState.APPROVED, "decided_by": by, "decided_at": now}
 
-        return await self._change(window_id, change)
+        w = await self._change(window_id, change)
+        await self._tell("maintenance_window_approved", w, f"{by} approved maintenance window {w.id} of {w.vendor}")
+        return w
 
     async def deny(self, window_id: str, by: str, by_role: Role) -> WindowView:
         def change(w: WindowRecord, now: float) -> dict[str, Any]:
@@ -149,7 +163,9 @@ class MaintenanceWindows:
                 raise Conflict(f"maintenance window {w.id} is {shown.value}: only a requested window is denied")
             return {"state": WindowState.DENIED, "decided_by": by, "decided_at": now}
 
-        return await self._change(window_id, change)
+        w = await self._change(window_id, change)
+        await self._tell("maintenance_window_denied", w, f"{by} denied maintenance window {w.id} of {w.vendor}")
+        return w
 
     async def revoke(self, window_id: str, by: str, by_role: Role) -> WindowView:
         """End a requested or approved window now: an administrator or operator, or its own vendor (who gives it up)."""
@@ -162,7 +178,9 @@ class MaintenanceWindows:
                 raise Conflict(f"maintenance window {w.id} is {shown.value} already")
             return {"state": WindowState.REVOKED, "revoked_by": by, "revoked_at": now}
 
-        return await self._change(window_id, change)
+        w = await self._change(window_id, change)
+        await self._tell("maintenance_window_revoked", w, f"{by} revoked maintenance window {w.id} of {w.vendor}")
+        return w
 
     # -- what was done ---------------------------------------------------------------------------------
 
@@ -179,3 +197,7 @@ class MaintenanceWindows:
                    for r in mine]  # fmt: skip
         return WindowReport(window=WindowView.of(w, self.clock()), plan=w.plan, actions=actions, summary=summary,
                             refused=refused)  # fmt: skip
+
+
+def _utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
