@@ -379,7 +379,7 @@ def test_a_vendor_imports_into_their_department_only_and_exports_only_their_vms(
     from tests.functional.test_api_tenancy import CSRF, vendor
 
     raw_disk(transfer / "a.raw")
-    lab = vendor(env, "lv", "lab")
+    lab = vendor(env, "lv", "lab")  # inside a maintenance window granting operate (outside: test_window_matrix.py)
     r = lab.post("/v1/imports", json={"name": "lis", "disks": ["a.raw"], "memory_mib": 128}, headers=CSRF)
     assert r.status_code == 202, r.text
     assert env.wait(r.json()["job"])["state"] == "succeeded"

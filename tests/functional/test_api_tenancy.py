@@ -9,6 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from tests.functional.conftest import Env
+from tests.functional.test_role_matrix import open_window
 
 PW = "correct horse battery"
 CSRF = {"x-kasou-csrf": "1"}
@@ -16,13 +17,22 @@ UNAVAILABLE = "the name 'lis' is not available; choose another name"
 
 
 def vendor(env: Env, name: str, *departments: str) -> TestClient:
-    """A browser signed in as a vendor of ``departments``, on the app's own event loop."""
+    """A browser signed in as a vendor of ``departments``, on the app's own event loop, inside an approved
+    maintenance window (every permission) on a VM ``<first department>-base``: they may create VMs; acting on a
+    VM takes a window that names it (:func:`inside`)."""
     body = {"name": name, "role": "vendor", "password": PW, "departments": list(departments)}
     assert env.api.post("/v1/users", json=body).status_code == 201
     c = TestClient(env.api.app, base_url="http://testserver")
     c.portal = env.api.portal
     assert c.post("/v1/auth/login", json={"name": name, "password": PW}).status_code == 200
+    env.create(f"{departments[0]}-base", department=departments[0])
+    open_window(env, c, name, [f"{departments[0]}-base"])
     return c
+
+
+def inside(env: Env, c: TestClient, *vms: str) -> None:
+    """Vendor ``c`` gets an approved window on ``vms`` too."""
+    open_window(env, c, c.get("/v1/auth/me").json()["name"], list(vms))
 
 
 def backup(env: Env, vm: str) -> dict[str, Any]:
@@ -51,6 +61,7 @@ def test_a_vendor_cannot_take_a_deleted_vms_backups_by_reusing_its_name(env: Env
     # Restoring as that name for another department is refused the same way.
     other = env.create("ris", department="pharmacy")
     assert backup(env, "ris")["state"] == "succeeded"
+    inside(env, pharmacy, "ris")
     r = pharmacy.post("/v1/vms/ris/backups/1/restore", json={"as": "lis"}, headers=CSRF)
     assert (r.status_code, r.json()["message"]) == (409, UNAVAILABLE), r.text
     del other
@@ -74,6 +85,7 @@ def test_a_reused_name_does_not_reach_the_old_vms_backups_log_jobs_or_history(en
     r = lab.post("/v1/vms", json={"name": "lis", "image": "tiny"}, headers=CSRF)
     assert r.status_code == 202, r.text
     assert env.wait(r.json()["job"])["state"] == "succeeded"
+    inside(env, lab, "lis")  # the new lis (a window binds the VM's uuid)
     assert lab.get("/v1/vms/lis/backups").json() == []
     r = lab.post("/v1/vms/lis/backups/1/restore", json={"as": "stolen"}, headers=CSRF)
     assert r.status_code == 404 and "no backup generation 1" in r.json()["message"], r.text
@@ -84,8 +96,8 @@ def test_a_reused_name_does_not_reach_the_old_vms_backups_log_jobs_or_history(en
     assert new["uuid"] != old["uuid"]
     hist = lab.get("/v1/vms/lis/history").json()
     assert [h["event"] for h in hist] == ["defined"] and all(h["uuid"] == new["uuid"] for h in hist)
-    # The old VM's jobs were the lab's: the lab sees them; a vendor of another department does not.
-    assert old_jobs <= {j["id"] for j in lab.get("/v1/jobs").json()}
+    # The old VM's jobs were the lab's, but no window of the vendor names that VM: they do not see them.
+    assert not old_jobs & {j["id"] for j in lab.get("/v1/jobs").json()}
     # An administrator reaches the deleted VM's generations by its uuid.
     gens = env.api.get("/v1/vms/lis/backups", params={"uuid": old["uuid"]}).json()
     assert [g["generation"] for g in gens] == [1]
@@ -105,6 +117,7 @@ def test_another_departments_vm_of_a_reused_name_sees_no_old_log_jobs_or_history
     r = pharmacy.post("/v1/vms", json={"name": "lis", "image": "tiny"}, headers=CSRF)
     assert r.status_code == 202, r.text
     assert env.wait(r.json()["job"])["state"] == "succeeded"
+    inside(env, pharmacy, "lis")
     r = pharmacy.get("/v1/vms/lis/console")
     assert r.status_code == 404 and "fake console" not in r.text, r.text
     for job in old_jobs:
@@ -179,6 +192,7 @@ def test_a_vendors_ha_priority_has_a_ceiling(env: Env) -> None:
     assert env.api.get("/v1/vms/x").status_code == 404
     r = pharmacy.post("/v1/vms", json={"name": "x", "image": "tiny", "priority": 50}, headers=CSRF)
     assert r.status_code == 202 and env.wait(r.json()["job"])["state"] == "succeeded"
+    inside(env, pharmacy, "x")
     r = pharmacy.patch("/v1/vms/x", json={"priority": 90}, headers=CSRF)
     assert r.status_code == 403 and "HA priority up to 50" in r.json()["message"], r.text
     assert env.api.get("/v1/vms/x").json()["priority"] == 50
@@ -199,6 +213,7 @@ def test_a_vendors_ha_priority_ceiling_is_a_setting(env: Env, monkeypatch: Any) 
 def test_a_vendor_cannot_hand_a_vm_to_another_department(env: Env) -> None:
     env.create("lis", department="lab")
     lab = vendor(env, "lv", "lab", "micro")
+    inside(env, lab, "lis")
     for dep in ("pharmacy", "micro", ""):
         r = lab.patch("/v1/vms/lis", json={"department": dep}, headers=CSRF)
         assert r.status_code == 403 and "department" in r.json()["message"], (dep, r.text)

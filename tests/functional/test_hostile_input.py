@@ -60,7 +60,8 @@ HOSTILE_NAMES = [
 ]
 # A valid value for each path parameter, while another one is the hostile one.
 VALID = {"name": "vm1", "snapshot": "s1", "generation": "1", "pool": "p1", "user": "u1", "job_id": "j1",
-         "disk_id": "disk0", "nic_id": "net0", "action": "start", "token_id": "t1", "department": "lab"}  # fmt: skip
+         "disk_id": "disk0", "nic_id": "net0", "action": "start", "token_id": "t1", "department": "lab",
+         "window": "mw-0000000000"}  # fmt: skip
 # Bodies that are right in themselves, so a refusal is about the path.
 BODIES: dict[tuple[str, str], Any] = {
     ("patch", "/v1/vms/{name}"): {"description": "x"},
@@ -90,6 +91,7 @@ CREATES: list[tuple[str, str, dict[str, Any]]] = [
     ("/v1/users", "name", {"role": "operator", "password": "a long password 1"}),
     ("/v1/vms/vm1/snapshots", "name", {}),
     ("/v1/desktop-pools", "name", {"template": "t1", "size": 1}),
+    ("/v1/maintenance-windows", "vendor", {"vms": ["vm1"], "starts_at": 0, "ends_at": 3600, "plan": "p"}),
 ]
 
 

@@ -6,6 +6,7 @@ here (and is refused to everyone at run time: kasou.api.permissions fails closed
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -63,11 +64,22 @@ def test_every_route_states_its_permission(env: Env) -> None:
 
 def _fill(path: str, vm: str, job: str) -> str:
     values = {"name": vm, "job_id": job, "user": "nobody", "pool": "nopool", "snapshot": "s1", "generation": "1",
-              "disk_id": "d0", "nic_id": "net9", "action": "start", "department": "lab"}  # fmt: skip
+              "disk_id": "d0", "nic_id": "net9", "action": "start", "department": "lab",
+              "window": "mw-0000000000"}  # fmt: skip
     for k, v in values.items():
         path = path.replace("{" + k + "}", v)
     assert "{" not in path, path
     return path
+
+
+def open_window(env: Env, c: TestClient, vendor: str, vms: list[str]) -> str:
+    """An hour's window of ``vendor`` (signed in as ``c``) on ``vms`` with every permission, approved by root."""
+    now = time.time()
+    body = {"vendor": vendor, "vms": vms, "starts_at": now, "ends_at": now + 3600, "plan": "the role matrix"}
+    r = c.post("/v1/maintenance-windows", json=body, headers=CSRF)
+    assert r.status_code == 201, r.text
+    assert env.api.post(f"/v1/maintenance-windows/{r.json()['id']}/approve").status_code == 200
+    return str(r.json()["id"])
 
 
 def _order(route: tuple[str, str]) -> tuple[int, str, str]:
@@ -93,6 +105,8 @@ def test_each_role_against_each_route(env: Env, role: str) -> None:
     c = TestClient(env.api.app, base_url="http://testserver")
     assert c.post("/v1/auth/login", json={"name": "u", "password": PW}).status_code == 200
     anon = TestClient(env.api.app, base_url="http://testserver")
+    if role == "vendor":  # a vendor acts only inside a window (outside one: test_window_matrix.py)
+        open_window(env, c, "u", ["mine"])
     held = PERMISSIONS[Role(role)]
     checked = 0
     for method, template in sorted((k for k in ROUTES if k[0] != "WS"), key=_order):
@@ -136,6 +150,7 @@ def test_a_vendor_sees_and_makes_only_their_departments_vms(env: Env) -> None:
     r = env.api.post("/v1/users", json={"name": "v", "role": "vendor", "password": PW, "departments": ["lab"]})
     assert r.status_code == 201, r.text
     v = _signed_in(env, "v")
+    open_window(env, v, "v", ["lab1"])
     assert [x["name"] for x in v.get("/v1/vms").json()] == ["lab1"]
     assert {j["vm"] for j in v.get("/v1/jobs").json()} == {"lab1"}
     assert [x["name"] for x in v.get("/v1/reports/uptime").json()] == ["lab1"]
@@ -160,8 +175,11 @@ def test_a_vendor_sees_and_makes_only_their_departments_vms(env: Env) -> None:
     assert v.post("/v1/vms/pacs1/console-ticket", headers=CSRF).status_code == 404
     assert v.delete("/v1/vms/pacs1", headers=CSRF).status_code == 404
     assert env.api.get("/v1/vms/pacs1").json()["state"] == "stopped"
-    # An administrator moves a VM to the lab: the vendor sees it from then on.
+    # An administrator moves a VM to the lab: the vendor knows it from then on, and acts on it inside a window.
     assert env.api.patch("/v1/vms/untagged", json={"department": "lab"}).status_code == 200
+    r = v.get("/v1/vms/untagged")
+    assert r.status_code == 403 and "maintenance window" in r.json()["message"], r.text
+    open_window(env, v, "v", ["untagged"])
     assert v.get("/v1/vms/untagged").status_code == 200
 
 

@@ -33,6 +33,7 @@ from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
 from kasou.api.transfers import transfer_routes
 from kasou.api.users import user_routes
+from kasou.api.windows import create_window, vendor_reach, window_for, window_routes
 from kasou.config import vendor_max_priority
 from kasou.control.events import Event, Severity
 from kasou.control.hosts import HostView
@@ -95,14 +96,17 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     async def route_permission(conn: HTTPConnection) -> None:
         """Every route's permission, from the one table (kasou.api.permissions), before the route runs."""
         method = "WS" if conn.scope["type"] == "websocket" else conn.scope["method"]
-        await permissions.check(
+        window = await permissions.check(
             "GET" if method == "HEAD" else method,
             conn.scope["path"],
             conn.path_params,
             lambda: principal(cast(Request, conn)),
             department_of_vm,
             department_of_job,
+            lambda p, kind, ident, wanted: window_for(svc(), p, kind, ident, wanted),
         )
+        if window is not None:
+            conn.state.window = window  # the vendor's maintenance window: in the audit record (kasou.api.audit)
 
     async def department_of_vm(name: str) -> str | None:
         try:
@@ -222,15 +226,19 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     @v1.get("/reports/uptime")
     async def report_uptime(request: Request) -> list[UptimeRow]:
         rows = []
+        reach = await vendor_reach(svc(), me(request))
         for vm in await svc().vms.list_all():
-            if not me(request).sees(vm.department):
+            if not me(request).sees(vm.department) or (reach is not None and not reach.covers(vm.uuid, "vm.read")):
                 continue
             rows.append(uptime_row(vm.name, await svc().vms.history(vm.name)))
         return rows
 
     @v1.get("/vms")
     async def list_vms(request: Request) -> list[VMView]:
-        return [v for v in await svc().vms.list_all() if me(request).sees(v.department)]
+        """Every VM; a vendor's: their departments' VMs named by an active window of theirs that grants vm.read."""
+        reach = await vendor_reach(svc(), me(request))
+        return [v for v in await svc().vms.list_all() if me(request).sees(v.department)
+                and (reach is None or reach.covers(v.uuid, "vm.read"))]  # fmt: skip
 
     def check_priority_ceiling(p: Principal, priority: int) -> None:
         """A vendor's VMs go no higher in the HA restart order than the ceiling (KASOU_VENDOR_MAX_PRIORITY)."""
@@ -247,6 +255,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         p = me(request)
         scope: tuple[str, ...] | None = None
         if p.scoped:
+            await create_window(svc(), p, request)  # inside an active window granting operate
             scope = p.departments
             if spec.department is None and len(p.departments) == 1:
                 spec = spec.model_copy(update={"department": p.departments[0]})
@@ -344,7 +353,9 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         jobs = await svc().jobs.list(vm, limit)
         if not me(request).scoped:
             return jobs
-        return [j for j in jobs if me(request).sees(await svc().jobs.department_of(j))]  # the job's own department
+        reach = await vendor_reach(svc(), me(request))  # and, for a vendor, of a VM of an active window
+        return [j for j in jobs if me(request).sees(await svc().jobs.department_of(j))  # the job's own department
+                and (reach is None or reach.covers(j.vm_uuid, "vm.read"))]  # fmt: skip
 
     @v1.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobRecord:
@@ -370,6 +381,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     app.include_router(user_routes(svc, principal))
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
     app.include_router(audit_routes(svc, principal))  # /v1/audit: auditors and administrators
+    app.include_router(window_routes(svc, principal))  # /v1/maintenance-windows: vendors' maintenance windows
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))

@@ -289,6 +289,9 @@ async def _record(
     elif body and sent is None:
         details["body_bytes"] = len(body)
     details.update(notes)
+    window = getattr(request.state, "window", None)
+    if isinstance(window, str):
+        details["window"] = window  # the vendor's maintenance window it was done under (kasou.api.windows)
     code, message = None, crash
     if isinstance(answer, dict):
         if not ok:

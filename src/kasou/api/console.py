@@ -18,7 +18,9 @@
    (:mod:`kasou.api.rfb`) so the console's policy can drop clipboard data.
 3. The console ends when either side closes, on sign-out of its session, when its session ends,
    when its API token is revoked or its user deleted or no longer allowed to open it (checked every
-   ``SESSION_CHECK_EVERY_S``), or after ``KASOU_CONSOLE_IDLE`` seconds without input. Its start and end
+   ``SESSION_CHECK_EVERY_S``), or after ``KASOU_CONSOLE_IDLE`` seconds without input. A vendor's console,
+   opened inside a maintenance window (:mod:`kasou.api.windows`), closes within a second of the window's end
+   and at the next check after the window is revoked. Its start and end
    are records in the audit chain (``console_open``, ``console_close``: who, which VM, from where, how
    long, how many bytes each way; a ticket refused at the websocket is a ``console_open`` that failed)
    and operator events (``console_opened``, ``console_closed``).
@@ -82,6 +84,8 @@ class Ticket:
     policy: ConsolePolicy
     role: str = ""
     kind: str = "vnc"  # vnc (the display) or serial (the first serial port, kasou vm console)
+    window: str | None = None  # a vendor's maintenance window it was opened under
+    window_ends: float | None = None  # ... and when that window ends (UNIX time, on the windows' clock)
 
 
 class ConsoleTicket(BaseModel):
@@ -103,7 +107,15 @@ class ConsoleTickets:
     def ttl_s(self) -> float:
         return self._ttl_s if self._ttl_s is not None else TICKET_TTL_S
 
-    def issue(self, p: Principal, vm: str, policy: ConsolePolicy, kind: str = "vnc") -> str:
+    def issue(
+        self,
+        p: Principal,
+        vm: str,
+        policy: ConsolePolicy,
+        kind: str = "vnc",
+        window: str | None = None,
+        window_ends: float | None = None,
+    ) -> str:
         now = time.monotonic()
         for h in [h for h, t in self._by_hash.items() if t.expires <= now]:
             del self._by_hash[h]
@@ -111,7 +123,9 @@ class ConsoleTickets:
             raise Conflict("too many console tickets are waiting to be used; try again in a few seconds")
         secret = secrets.token_urlsafe(32)  # 256 bits
         session = _hash(p.session) if p.session else None
-        self._by_hash[_hash(secret)] = Ticket(p.name, p.via, session, vm, now + self.ttl_s, policy, p.role.value, kind)
+        self._by_hash[_hash(secret)] = Ticket(
+            p.name, p.via, session, vm, now + self.ttl_s, policy, p.role.value, kind, window, window_ends
+        )
         return secret
 
     def take(self, secret: str) -> Ticket | None:
@@ -134,6 +148,7 @@ class LiveConsole:
     why: str = ""
     ended_by_check: bool = False  # its session, token or right ended (closed with 1008)
     id: str = field(default_factory=lambda: secrets.token_hex(8))  # pairs its console_open and console_close
+    clock: Callable[[], float] = time.time  # the clock a maintenance window's end is read on
 
 
 class Consoles:
@@ -190,7 +205,9 @@ def console_routes(
         desktops = getattr(svc().vms, "desktops", None)
         policy = await desktops.console_policy(name) if desktops is not None else ConsolePolicy()
         hook()
-        secret = consoles.tickets.issue(p, name, policy, kind)
+        window = getattr(request.state, "window", None)  # a vendor's maintenance window (kasou.api.windows)
+        ends = (await svc().windows.record(window)).ends_at if isinstance(window, str) else None
+        secret = consoles.tickets.issue(p, name, policy, kind, window if isinstance(window, str) else None, ends)
         return ConsoleTicket(ticket=secret, url=f"/v1/console/ws?ticket={secret}", vm=name,
                              expires_in_s=consoles.tickets.ttl_s, policy=policy)  # fmt: skip
 
@@ -211,7 +228,7 @@ def console_routes(
         cookie = ws.cookies.get(SESSION_COOKIE)
         authorization = ws.headers.get("authorization") or ""
         source = ws.client.host if ws.client else ""
-        live = LiveConsole(t, source)
+        live = LiveConsole(t, source, clock=svc().windows.clock)
 
         async def refused(code: int, reason: str) -> None:
             await _audit(svc, "console_open", live, ok=False, message=reason)
@@ -241,6 +258,10 @@ def console_routes(
                 return "the session ended" if t.via != "token" else "the API token was revoked or its user removed"
             if not await may_open(name, can, t.vm, t.kind):
                 return f"user {name} may no longer open the console of {t.vm}"
+            if t.window is not None:
+                w = await svc().windows.record(t.window)
+                if not w.is_active(svc().windows.clock()):
+                    return f"the maintenance window {t.window} is {w.shown_state(svc().windows.clock()).value}"
             return None
 
         try:
@@ -310,6 +331,8 @@ async def _audit(
     """A console_open / console_close record in the audit chain (never raises: kasou.control.audit.record)."""
     t = live.ticket
     actor = {"name": t.user, "role": t.role or "?", "via": t.via}
+    if t.window:
+        details = {"window": t.window, **(details or {})}  # the vendor's maintenance window
     with contextlib.suppress(Exception):
         await audit.record(
             svc().store, action, actor=actor, source=live.source, target=f"vms/{t.vm}", ok=ok,
@@ -375,6 +398,10 @@ async def _pipe(
             now = time.monotonic()
             if now - last_input > idle:
                 live.why = f"no input for {idle:.0f} s"
+                return
+            ends = live.ticket.window_ends
+            if ends is not None and live.clock() >= ends:
+                live.why, live.ended_by_check = f"the maintenance window {live.ticket.window} ended", True
                 return
             if now - checked > every:
                 in_use = last_input >= checked

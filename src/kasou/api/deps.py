@@ -14,6 +14,7 @@ from kasou.control.hosts import Agents
 from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
 from kasou.control.ledger import Ledger
+from kasou.control.maintenance import MaintenanceWindows
 from kasou.control.migration import Migrations
 from kasou.control.networks import Networks
 from kasou.control.users import Users
@@ -31,6 +32,7 @@ class Services:
     migrations: Migrations
     leadership: Leadership | None = None  # None: a single host, always in charge
     users: Users = field(default=None)  # type: ignore[assignment]  # set by build
+    windows: MaintenanceWindows = field(default=None)  # type: ignore[assignment]  # vendors' maintenance windows
     logout_hooks: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)  # (user, session)
     _election: asyncio.Task[None] | None = None
 
@@ -52,7 +54,8 @@ class Services:
         vms = VMService(
             store, agents, jobs, ledger, shutdown_timeout, vcpu_ratio or vcpu_ratio_setting(), ha or ha_times()
         )
-        svc = cls(store, agents, jobs, ledger, vms, Migrations(vms), users=Users(store))
+        svc = cls(store, agents, jobs, ledger, vms, Migrations(vms), users=Users(store),
+                  windows=MaintenanceWindows(store))  # fmt: skip
         svc.logout_hooks.append(vms.desktops.on_logout)  # a sign-out returns the session's desktops
         return svc
 

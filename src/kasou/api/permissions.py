@@ -13,6 +13,11 @@ VM or job of another department is answered as if it did not exist (404), so a v
 nothing of other departments' systems. Routes marked ``lists`` filter what they
 return (or, for a create, check the department asked for) themselves; any other route is refused
 to a scoped principal even if the role holds its permission.
+
+A vendor also needs an active maintenance window (:mod:`kasou.control.maintenance`) for every route
+naming a VM or a job of their departments: the ``window`` callback of :func:`check` answers the id
+of a window that names the VM and grants the permission (recorded with the request in the audit
+log), or refuses (403) with one line saying that no such window is active.
 """
 
 from __future__ import annotations
@@ -107,6 +112,14 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/imports"): need("operate", lists=True),  # the route keeps a vendor to their departments
     ("POST", "/v1/vms/{name}/export"): need("operate", vm="name"),
     ("GET", "/v1/reports/uptime"): need("vm.read", lists=True),
+    # vendors' maintenance windows: a vendor sees and requests their own (kasou.api.windows)
+    ("GET", "/v1/maintenance-windows"): need("vm.read", lists=True),
+    ("POST", "/v1/maintenance-windows"): need("operate", lists=True),
+    ("GET", "/v1/maintenance-windows/{window}"): need("vm.read", lists=True),
+    ("GET", "/v1/maintenance-windows/{window}/report"): need("vm.read", lists=True),
+    ("POST", "/v1/maintenance-windows/{window}/approve"): need("users"),  # never by its requester
+    ("POST", "/v1/maintenance-windows/{window}/deny"): need("users"),
+    ("POST", "/v1/maintenance-windows/{window}/revoke"): need("operate", lists=True),  # a vendor: their own
     # jobs
     ("GET", "/v1/jobs"): need("vm.read", lists=True),
     ("GET", "/v1/jobs/{job_id}"): need("vm.read", job="job_id"),
@@ -206,34 +219,40 @@ async def check(
     principal: Callable[[], Awaitable[Principal]],
     department_of_vm: Callable[[str], Awaitable[str | None]],
     department_of_job: Callable[[str], Awaitable[tuple[bool, str | None]]],
-) -> None:
+    window: Callable[[Principal, str, str, tuple[str, ...]], Awaitable[str | None]] | None = None,
+) -> str | None:
     """Refuse the request unless its principal holds what the route needs (kasou.errors on refusal).
 
     ``path`` is the request's path; it is matched against the table's templates.
-    ``department_of_job`` answers (the job exists, the department it belongs to).
+    ``department_of_job`` answers (the job exists, the department it belongs to). ``window`` is asked, for a
+    scoped principal on a route naming a VM (``"vm"``, its name) or a job (``"job"``, its id) of their
+    departments, which maintenance window lets them do it (its id);
+    it raises Forbidden when none does. The answer is that window's id.
     """
     path = template_of(method, path)
     n = need_of(method, path)
     if n is None:
         raise Forbidden(f"{method} {path} states no permission (kasou.api.permissions): refused to everyone")
     if n.public:
-        return
+        return None
     p = await principal()
     if SIGNED_IN in n.anyof:
-        return
+        return None
     if not any(p.can(x) for x in n.anyof):
         needs = " or ".join(repr(x) for x in n.anyof)
         raise Forbidden(f"user {p.name!r} ({p.role.value}) may not do this (needs {needs})")
     if not p.scoped or n.lists:
-        return
+        return None
     if n.vm is not None:
         vm = params.get(n.vm)
         if vm is None or not p.sees(await department_of_vm(vm)):
             raise NotFound(f"no VM named {vm!r}")
+        return await window(p, "vm", vm, n.anyof) if window is not None else None
     elif n.job is not None:
         job = params.get(n.job, "")
         found, department = await department_of_job(job)
         if not found or not p.sees(department):
             raise NotFound(f"no job {job!r}")
+        return await window(p, "job", job, n.anyof) if window is not None else None
     else:
         raise Forbidden(f"user {p.name!r} ({p.role.value}) manages only their departments' VMs, not this")

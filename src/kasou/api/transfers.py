@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from kasou.api.windows import create_window
 from kasou.config import vendor_max_priority
 from kasou.control.records import JobRecord
 from kasou.control.vms import VMView
@@ -54,6 +55,7 @@ def transfer_routes(svc: Callable[[], Services]) -> APIRouter:
         p = request.state.principal
         scope: tuple[str, ...] | None = None
         if p.scoped:
+            await create_window(svc(), p, request)  # a vendor: inside an active window granting operate
             scope = tuple(p.departments)
             if spec.department is None and len(p.departments) == 1:
                 spec = spec.model_copy(update={"department": p.departments[0]})

@@ -32,6 +32,7 @@ from kasou.cli.devices import nic_app
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
+from kasou.cli.maintenance import window_app
 from kasou.cli.networks import network_app
 from kasou.cli.plan import plan_app
 from kasou.cli.snapshot import snapshot_app
@@ -67,6 +68,7 @@ app.add_typer(desktop_pool_app, name="pool-desktop")
 app.add_typer(disk_app, name="disk")  # with kasou.cli.devices' add, remove, resize
 app.add_typer(nic_app, name="nic")
 app.add_typer(user_app, name="user")
+app.add_typer(window_app, name="maintenance-window")
 app.add_typer(audit_app, name="audit")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")

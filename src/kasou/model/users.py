@@ -5,7 +5,8 @@ Roles:
 * ``admin``: everything, users included;
 * ``operator``: run, migrate and maintain VMs and hosts, open any console; no user management;
 * ``vendor``: a department system's vendor: full control of the VMs tagged with one of their
-  departments (start, stop, snapshots, backups, console), nothing of other departments' VMs (they
+  departments (start, stop, snapshots, backups, console), but only inside an approved maintenance
+  window that names the VM (:mod:`kasou.model.maintenance`), nothing of other departments' VMs (they
   are not even listed), no host, network, pool or cluster operations;
 * ``auditor``: read everything (the audit log and the reports included), change nothing, no console;
 * ``clinician``: the desktop portal only (a desktop of the pools they are entitled to, its console).

@@ -1,0 +1,139 @@
+"""``kasou maintenance-window``: vendors' maintenance windows (request, approve, deny, revoke, list, show,
+report). A vendor acts on a VM only inside an approved window that names it (docs/security.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from kasou.cli.common import client, out, print_json, say
+from kasou.errors import InvalidSpec
+from kasou.model.maintenance import check_id
+
+window_app = typer.Typer(help="Vendors' maintenance windows: when a vendor may act, on which VMs, with which "
+                         "permissions, against which work plan.", no_args_is_help=True)  # fmt: skip
+
+
+def parse_when(text: str, what: str) -> float:
+    """``2026-12-08 09:00`` (this machine's local time), or ISO 8601 with a zone, as a UNIX time."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidSpec(f"{what} is a date and time like '2026-12-08 09:00', not {text[:60]!r}", field=what) from None
+    return when.timestamp()  # a naive time is local time
+
+
+def when_text(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _line(w: dict[str, Any]) -> str:
+    state = "active" if w.get("active") else w["state"]
+    return (f"maintenance window {w['id']}: {state} (vendor {w['vendor']}; VMs {', '.join(w['vms'])}; "
+            f"{when_text(w['starts_at'])} to {when_text(w['ends_at'])}; {', '.join(w['permissions'])})")  # fmt: skip
+
+
+def _answer(w: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(w)
+    else:
+        say(_line(w))
+
+
+@window_app.command("request")
+def window_request(
+    vendor: str = typer.Option(..., "--vendor", help="The vendor user the window is for."),
+    vms: str = typer.Option(..., "--vms", help="The VMs it names, comma-separated (of the vendor's departments)."),
+    start: str = typer.Option(..., "--from", help="Its start, e.g. '2026-12-08 09:00' (local time)."),
+    end: str = typer.Option(..., "--to", help="Its end (at most 7 days after its start)."),
+    plan: str = typer.Option(..., "--plan", help="The stated work plan: what will be done."),
+    permissions: str = typer.Option(
+        "", "--permissions", help="What it grants, comma-separated: vm.read, operate, console (default: all)."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Request a window (by the vendor for themselves, or by an administrator or operator)."""
+    body: dict[str, Any] = {"vendor": vendor, "vms": _csv(vms), "starts_at": parse_when(start, "--from"),
+                            "ends_at": parse_when(end, "--to"), "plan": plan}  # fmt: skip
+    if permissions:
+        body["permissions"] = _csv(permissions)
+    _answer(client().post("/v1/maintenance-windows", json=body), as_json)
+
+
+@window_app.command("approve")
+def window_approve(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Approve a requested window (an administrator who did not request it)."""
+    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/approve"), as_json)
+
+
+@window_app.command("deny")
+def window_deny(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Deny a requested window (an administrator)."""
+    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/deny"), as_json)
+
+
+@window_app.command("revoke")
+def window_revoke(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """End a requested or approved window now: the vendor's access and consoles end with it."""
+    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/revoke"), as_json)
+
+
+@window_app.command("list")
+def window_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every window (a vendor: their own), by start."""
+    windows = client().get("/v1/maintenance-windows")
+    if as_json:
+        print_json(windows)
+        return
+    t = Table("id", "vendor", "state", "from", "to", "VMs", "grants", "requested by", "approved by")
+    for w in windows:
+        t.add_row(w["id"], w["vendor"], "active" if w["active"] else w["state"], when_text(w["starts_at"]),
+                  when_text(w["ends_at"]), ", ".join(w["vms"]), ", ".join(w["permissions"]), w["requested_by"],
+                  w.get("decided_by") or "-")  # fmt: skip
+    out.print(t)
+
+
+@window_app.command("show")
+def window_show(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    w = client().get(f"/v1/maintenance-windows/{check_id(window_id)}")
+    if as_json:
+        print_json(w)
+        return
+    say(_line(w))
+    say(f"requested by {w['requested_by']} at {when_text(w['requested_at'])}")
+    if w.get("decided_by"):
+        say(f"{'approved' if w['state'] in ('approved', 'expired') else 'decided'} by {w['decided_by']} "
+            f"at {when_text(w['decided_at'])}")  # fmt: skip
+    if w.get("revoked_by"):
+        say(f"revoked by {w['revoked_by']} at {when_text(w['revoked_at'])}")
+    say("plan:")
+    for line in w["plan"].splitlines():
+        say(f"  {line}")
+
+
+@window_app.command("report")
+def window_report(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """What was done inside the window (its audit records) against its stated plan, for the department's sign-off."""
+    r = client().get(f"/v1/maintenance-windows/{check_id(window_id)}/report")
+    if as_json:
+        print_json({"id": r["window"]["id"], "state": r["window"]["state"], **r})
+        return
+    say(_line(r["window"]))
+    say("stated plan:")
+    for line in r["plan"].splitlines():
+        say(f"  {line}")
+    say(f"done ({len(r['actions'])} recorded actions, {r['refused']} refused):")
+    for a in r["actions"]:
+        res = a.get("result") or {}
+        mark = "ok" if res.get("ok") else f"REFUSED {res.get('status') or ''}".strip()
+        say(f"  {a['time']}  {a['action']}  {a['target']}  {mark}")
+    if not r["actions"]:
+        say("  (nothing)")
+    say("signed off by the department: ____________________  date: __________")
