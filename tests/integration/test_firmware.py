@@ -207,9 +207,11 @@ async def _none_left(root: Path) -> bool:
     return swtpm_pids(root) == []
 
 
+@pytest.mark.scenario
 async def test_start_time_bios_and_uefi(tiny_image: Path) -> None:
     """The tiny guest, from the start request to its readiness (its first heartbeat), three times under
-    each firmware in turn, on the same host in the same run; both with 256 MiB."""
+    each firmware in turn, on the same host in the same run; both with 256 MiB. A measurement (half a minute),
+    not a check: a scenario (``pytest -m scenario``); UEFI boots are checked by the other tests here."""
     root = scratch("kasou-fwt-")
     h = AgentHost.make(root, "h", tiny_image, NAME)
     times: dict[str, list[float]] = {"bios": [], "uefi": []}
