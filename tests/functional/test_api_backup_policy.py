@@ -7,7 +7,7 @@ import time
 from datetime import datetime
 
 from kasou.control.backup_policy import WEEKDAYS
-from kasou.control.backup_records import last_slot
+from kasou.model.timeofday import last_slot
 from tests.functional.conftest import Env
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kasou.control.backup_records import last_slot
+from kasou.model.timeofday import last_slot
 from tests.functional.conftest import Env
 
 

@@ -15,7 +15,6 @@ from kasou.control.backup_records import (
     BackupDiskRecord,
     BackupRecord,
     check_keep,
-    last_slot,
     parse_daily,
     plan_sources,
     to_prune,
@@ -27,6 +26,7 @@ from kasou.hypervisor.backups import BackupDisk, bitmap_name
 from kasou.hypervisor.qemu.backups import decide, file_child, format_node, held_by_job, names
 from kasou.model.retention import Counts
 from kasou.model.spec import DiskSpec
+from kasou.model.timeofday import last_slot
 
 
 def test_daily_and_keep_are_checked() -> None:
@@ -127,3 +127,13 @@ def test_content_digest_ignores_allocation(tmp_path: Path) -> None:
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x8 1M 512", str(b)], check=True, capture_output=True)
     assert asyncio.run(imagefiles.digest(b, tmp_path / "s")) != da
     assert list((tmp_path / "s").iterdir()) == []  # no scratch file left
+
+
+def test_a_slot_is_due_once_and_never_from_before_the_schedule() -> None:
+    from kasou.model.timeofday import due_slot
+
+    now = datetime(2026, 3, 10, 14, 0).timestamp()
+    slot = datetime(2026, 3, 10, 13, 30).timestamp()
+    assert due_slot("13:30", now, since=slot - 60, last=None) == slot
+    assert due_slot("13:30", now, since=slot + 60, last=None) is None  # set after the slot: not on first sight
+    assert due_slot("13:30", now, since=0.0, last=slot) is None  # handled already

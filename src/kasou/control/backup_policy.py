@@ -27,12 +27,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kasou.config import backup_keep_setting
-from kasou.control.backup_records import check_keep, last_slot, parse_daily, policy_key
+from kasou.control.backup_records import check_keep, parse_daily, policy_key
 from kasou.control.records import VMRecord
 from kasou.errors import InvalidSpec, NotFound
 from kasou.model.criticality import CLINICAL_24H
 from kasou.model.names import validate_name
 from kasou.model.retention import Counts
+from kasou.model.timeofday import last_slot
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 KEEP_24H_CLINICAL = 5  # the guideline's example for the medical record system

@@ -4,8 +4,6 @@ belong to a VM, what a backup copies, what retention drops, when a schedule's sl
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -17,8 +15,7 @@ from kasou.errors import InvalidSpec
 from kasou.model.firmware import VARS_ID, Firmware, GuestOs
 from kasou.model.retention import Counts, Held, select
 from kasou.model.spec import NicSpec
-
-_DAILY_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+from kasou.model.timeofday import parse_hhmm
 
 
 def backups_prefix(vm: str) -> str:
@@ -113,26 +110,13 @@ class BackupView(BaseModel):
 
 
 def parse_daily(value: str) -> tuple[int, int]:
-    m = _DAILY_RE.fullmatch(value.strip())
-    if m is None:
-        raise InvalidSpec(f"--daily takes a time of day as HH:MM (00:00 to 23:59), not {value!r}", field="daily")
-    return int(m.group(1)), int(m.group(2))
+    return parse_hhmm(value, "--daily", "daily")
 
 
 def check_keep(keep: int) -> int:
     if not 1 <= keep <= 1000:
         raise InvalidSpec(f"retention must keep between 1 and 1000 generations, not {keep}", field="keep")
     return keep
-
-
-def last_slot(daily: str, now: float) -> float:
-    """The latest moment at ``daily`` (local time) that is not after ``now``."""
-    h, m = parse_daily(daily)
-    at = datetime.fromtimestamp(now)
-    slot = at.replace(hour=h, minute=m, second=0, microsecond=0)
-    if slot > at:
-        slot -= timedelta(days=1)
-    return slot.timestamp()
 
 
 def to_prune(recs: list[BackupRecord], counts: Counts, now: float) -> list[int]:

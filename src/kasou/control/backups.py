@@ -59,7 +59,6 @@ from kasou.control.backup_records import (
     backup_key,
     backups_prefix,
     belongs,
-    last_slot,
     plan_sources,
     policy_key,
     to_prune,
@@ -78,6 +77,7 @@ from kasou.model.firmware import VARS_ID
 from kasou.model.retention import Counts
 from kasou.model.spec import random_mac, validate_name
 from kasou.model.state import VMState
+from kasou.model.timeofday import due_slot
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -410,17 +410,17 @@ class Backups:
             own, cur = owns.get(vm), current.get(vm)
             if cur is not None and own is not None and own.vm_uuid not in (None, cur.uuid):
                 cur = None  # the schedule of an earlier VM of the name: that VM is gone
+            last = own.last_slot if own is not None else None
             if cur is None:
                 if own is not None and own.daily is not None and not own.off:
-                    await self._gone(vm, own, now)
+                    slot = due_slot(own.daily, now, own.set_at, last)
+                    if slot is not None:
+                        await self._gone(vm, slot)
                 continue
             eff = effective(own, depts.get(cur.department or ""), cur.department, cur.criticality)
-            if eff.daily is None:
-                continue
-            slot = last_slot(eff.daily, now)
-            if slot <= eff.set_at or (own is not None and own.last_slot is not None and own.last_slot >= slot):
-                continue
-            await self._run_slot(vm, cur, slot, now, full_on(eff.weekly, slot))
+            slot = due_slot(eff.daily, now, eff.set_at, last) if eff.daily is not None else None
+            if slot is not None:
+                await self._run_slot(vm, cur, slot, now, full_on(eff.weekly, slot))
 
     async def _watch(self) -> None:
         try:
@@ -428,11 +428,7 @@ class Backups:
         except Exception:  # the watch is advice: a failure is logged, the next hour tries again
             log.exception("the backup watch failed")
 
-    async def _gone(self, vm: str, own: BackupPolicy, now: float) -> None:
-        assert own.daily is not None
-        slot = last_slot(own.daily, now)
-        if slot <= own.set_at or (own.last_slot is not None and own.last_slot >= slot):
-            return
+    async def _gone(self, vm: str, slot: float) -> None:
         when = datetime.fromtimestamp(slot).strftime("%Y-%m-%d %H:%M")
         await self._emit("backup_missed", vm, f"scheduled backup of VM {vm} due {when} did not run: the VM "
                          "no longer exists; its schedule is removed", "error")  # fmt: skip

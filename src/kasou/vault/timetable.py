@@ -10,17 +10,15 @@ went; every run and every failure is an event in ``events.jsonl``.
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kasou.errors import InvalidSpec, KasouError
+from kasou.model.timeofday import due_slot, parse_hhmm
 from kasou.vault import policy
 from kasou.vault.store import Store, read_json, write_json
 
-_HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
 TICK_S = 20.0  # how often serve looks at the timetable
 
 
@@ -43,8 +41,8 @@ class Timetable:
                                   field="sync_from")  # fmt: skip
         for name in ("prune_at", "verify_at"):
             v = getattr(self, name)
-            if v is not None and not _HHMM.fullmatch(v):
-                raise InvalidSpec(f"--{name.replace('_', '-')} takes HH:MM (00:00 to 23:59), not {v!r}", field=name)
+            if v is not None:
+                parse_hhmm(v, f"--{name.replace('_', '-')}", name)
         if not 1 <= self.verify_days <= 3650:
             raise InvalidSpec("--verify-days takes 1 to 3650", field="verify_days")
         return self
@@ -79,16 +77,6 @@ def load_state(store: Store) -> TimetableState:
     return TimetableState(**read_json(path)) if path.exists() else TimetableState()
 
 
-def _slot(hhmm: str, now: float) -> float:
-    """The latest moment at ``hhmm`` (local time) not after ``now``."""
-    h, m = (int(x) for x in hhmm.split(":"))
-    at = dt.datetime.fromtimestamp(now)
-    slot = at.replace(hour=h, minute=m, second=0, microsecond=0)
-    if slot > at:
-        slot -= dt.timedelta(days=1)
-    return slot.timestamp()
-
-
 def due(t: Timetable, s: TimetableState, now: float, since: float) -> list[str]:
     """The tasks to run now (pure: unit-tested). ``since``: when the timetable was set or serve started, so
     a daily slot from before it does not run on first sight."""
@@ -98,8 +86,7 @@ def due(t: Timetable, s: TimetableState, now: float, since: float) -> list[str]:
     for task, at, last in (("prune", t.prune_at, s.last_prune_slot), ("verify", t.verify_at, s.last_verify_slot)):
         if at is None:
             continue
-        slot = _slot(at, now)
-        if slot > since and (last is None or last < slot):
+        if due_slot(at, now, since, last) is not None:
             out.append(task)
     return out
 
