@@ -11,14 +11,12 @@ known). ``--check`` fails on anything but ``ok`` (for monitoring).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from kasou.control.drill import DrillResult
-from kasou.errors import KasouError
 from kasou.model.state import VMState
 
 if TYPE_CHECKING:
@@ -48,7 +46,6 @@ class Backups(Protocol):
 DAY_S = 86_400.0
 State = Literal["ok", "late", "not_copied", "never", "damaged", "lock_short", "unknown"]
 LOCK_SLACK_S = 3600.0  # a lock this much shorter than asked still counts (clocks, the time a copy takes)
-SERVER_ASK_S = 20.0
 
 
 class BackupStatus(BaseModel):
@@ -99,20 +96,11 @@ def judge(
     return "ok", ""
 
 
-async def _server_listing(backups: Backups) -> tuple[dict[tuple[str, int], dict[str, Any]], str | None]:
-    """Every generation the backup server holds, by (vm, generation), or why it could not be asked."""
-    try:
-        listed = await asyncio.wait_for(backups.offsite.everything(), SERVER_ASK_S)
-    except (KasouError, TimeoutError, OSError) as e:
-        why = e.message if isinstance(e, KasouError) else f"no answer in {SERVER_ASK_S:.0f} s ({type(e).__name__})"
-        return {}, f"the backup server could not be asked: {why}"
-    return {(str(g["vm"]), int(g["generation"])): g for g in listed}, None
-
-
 async def status(backups: Backups, now: float | None = None) -> list[BackupStatus]:
     now = time.time() if now is None else now
     server_set = await backups.offsite.get() is not None
-    held, server_error = await _server_listing(backups) if server_set else ({}, None)
+    listed, server_error = await backups.offsite.held()
+    held = {(str(g["vm"]), int(g["generation"])): g for g in listed}
     drills = {d.vm: d for d in await backups.drills.last()}
     out = []
     for rec in sorted(await backups.vms.records.all(), key=lambda r: r.name):

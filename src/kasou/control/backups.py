@@ -87,7 +87,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BACKUP_STATES = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STOPPED})
-SERVER_ASK_S = 20.0  # how long a list waits for the backup server's answer
 GRACE_S = 3600.0  # a scheduled backup that cannot start within this long after its slot is missed
 UNKNOWN_DEPARTMENT = "?"  # the department of a generation recorded before kasou kept it (never a valid name)
 
@@ -163,16 +162,8 @@ class Backups:
         views = [view(r, by_path) for r in recs]
         if not server or not any(v.server_generation is not None for v in views):
             return views
-        try:
-            listing = await asyncio.wait_for(self.offsite.generations(vm), SERVER_ASK_S)
-        except WrongState as e:
-            if await self.offsite.get() is None:
-                return views  # no backup server any more: nothing to ask
-            return with_server(views, None, e.message)
-        except (KasouError, TimeoutError, OSError) as e:
-            msg = e.message if isinstance(e, KasouError) else f"no answer in {SERVER_ASK_S:.0f} s ({type(e).__name__})"
-            return with_server(views, None, f"the backup server could not be asked: {msg}")
-        return with_server(views, listing, None)
+        listing, why = await self.offsite.held(vm)
+        return with_server(views, listing, why)
 
     async def departments_of_name(self, vm: str) -> set[str | None]:
         """The departments of the VMs whose generations carry the name (``UNKNOWN_DEPARTMENT``: an unmarked one)."""

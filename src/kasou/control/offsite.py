@@ -27,7 +27,7 @@ from kasou.control import scheduler
 from kasou.control.records import JobRecord, VMRecord, vm_key
 from kasou.control.restoring import restore_into
 from kasou.control.sealed import Sealer, default_key_path
-from kasou.errors import AlreadyExists, InvalidSpec, NotFound, StoreConflict, WrongState
+from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
 from kasou.model.firmware import VARS_ID
 from kasou.model.spec import NicSpec, random_mac, validate_name
 from kasou.model.state import VMState
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from kasou.control.jobs import JobContext
 
 KEY = "backup-server"
+ASK_S = 20.0  # how long a listing (backup list, backup status) waits for the backup server's answer
 
 
 class OffsiteSet(BaseModel):
@@ -224,6 +225,18 @@ class Offsite:
                 return c.list_generations(vm)
 
         return sorted(await asyncio.to_thread(listing), key=lambda g: int(g["generation"]))
+
+    async def held(self, vm: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """What the backup server lists (of ``vm``, else of every VM), asked within ``ASK_S``: ``(listing, None)``,
+        or ``([], why)`` when it could not be asked; ``([], None)`` when no backup server is set."""
+        if await self._record() is None:
+            return [], None
+        try:
+            listed = await asyncio.wait_for(self.generations(vm) if vm else self.everything(), ASK_S)
+        except (KasouError, TimeoutError, OSError) as e:
+            why = e.message if isinstance(e, KasouError) else f"no answer in {ASK_S:.0f} s ({type(e).__name__})"
+            return [], f"the backup server could not be asked: {why}"
+        return listed, None
 
     async def everything(self) -> list[dict[str, Any]]:
         """Every generation the backup server lists, of every VM (its locks, verification, second sites)."""
