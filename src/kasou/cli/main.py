@@ -29,6 +29,7 @@ from kasou.cli.common import (
 )
 from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.devices import nic_app
+from kasou.cli.directory import directory_app
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
@@ -68,6 +69,7 @@ app.add_typer(desktop_pool_app, name="pool-desktop")
 app.add_typer(disk_app, name="disk")  # with kasou.cli.devices' add, remove, resize
 app.add_typer(nic_app, name="nic")
 app.add_typer(user_app, name="user")
+app.add_typer(directory_app, name="directory")
 app.add_typer(window_app, name="maintenance-window")
 app.add_typer(audit_app, name="audit")
 app.add_typer(snapshot_app, name="snapshot")
