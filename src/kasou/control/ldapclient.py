@@ -12,6 +12,7 @@ as this client does against Samba AD and OpenLDAP.
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 import time
@@ -125,7 +126,7 @@ class LdapDirectory:
         for url in self.s.urls:
             try:
                 conn = Connection(self._server(url), user=user, password=password, auto_bind=False,
-                                  receive_timeout=self.s.timeout_s, raise_exceptions=False, read_only=True,
+                                  receive_timeout=max(1, math.ceil(self.s.timeout_s)), raise_exceptions=False, read_only=True,
                                   auto_referrals=False)  # fmt: skip
                 conn.open()
                 if not conn.server.ssl and not conn.start_tls():
@@ -166,8 +167,8 @@ class LdapDirectory:
         if len(found) != 1:
             return None  # none, or two users of one name (the filter is not unique): no one signs in
         attrs = found[0].get("attributes") or {}
-        uac = _first(attrs.get("userAccountControl"))
-        disabled = isinstance(uac, int) and bool(uac & ACCOUNT_DISABLE)
+        uac = str(_first(attrs.get("userAccountControl")) or "0")
+        disabled = uac.isdigit() and bool(int(uac) & ACCOUNT_DISABLE)
         shown = _first(attrs.get("displayName")) or _first(attrs.get("cn")) or ""
         return Entry(dn=str(found[0]["dn"]), display_name=str(shown)[:200], disabled=disabled)
 
