@@ -56,15 +56,15 @@ def tools_missing() -> str | None:
 
 
 @dataclass
-class TestCA:
+class DirectoryCA:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 
     @classmethod
-    def make(cls, name: str) -> TestCA:
+    def make(cls, name: str) -> DirectoryCA:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=2))
@@ -80,7 +80,7 @@ class TestCA:
     def issue(self, host: str, ip: str, directory: Path) -> tuple[Path, Path]:
         """A server certificate for ``host`` and ``ip``: (cert file, key file, mode 0600)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         san = x509.SubjectAlternativeName([x509.DNSName(host), x509.IPAddress(ipaddress.ip_address(ip))])
         cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
                 .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -106,25 +106,26 @@ class Namespace:
     name: str
     host_if: str
     host_ip: str
-    inside_ip: str
+    inside_ip: str  # the address the server's certificate names
+    other_ip: str  # a second address of the server, not in its certificate
 
     @classmethod
     def make(cls, kind: str, slot: int) -> Namespace:
-        tag = f"{os.getpid() % 100000}{kind[0]}"
+        tag = f"{os.getpid() % 100000}{kind[:2]}"
         third = (os.getpid() % 100) * 2 + slot
-        ns = cls(f"kdir-{tag}", f"kdir{tag}", f"10.231.{third}.1", f"10.231.{third}.2")
+        ns = cls(f"kdir-{tag}", f"kdir{tag}", f"10.231.{third}.1", f"10.231.{third}.2", f"10.231.{third}.3")
         netns.create(ns.name)
         try:
             with IPRoute() as ipr:
                 ipr.link("add", ifname=ns.host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns.name})
                 idx = ipr.link_lookup(ifname=ns.host_if)[0]
-                ipr.addr("add", index=idx, address=ns.host_ip, prefixlen=30)
+                ipr.addr("add", index=idx, address=ns.host_ip, prefixlen=29)
                 ipr.link("set", index=idx, state="up")
             with IPRoute(netns=ns.name, flags=0) as ipr:
-                for ifname, addr in (("lo", None), ("eth0", ns.inside_ip)):
+                for ifname, addrs in (("lo", ()), ("eth0", (ns.inside_ip, ns.other_ip))):
                     idx = ipr.link_lookup(ifname=ifname)[0]
-                    if addr:
-                        ipr.addr("add", index=idx, address=addr, prefixlen=30)
+                    for addr in addrs:
+                        ipr.addr("add", index=idx, address=addr, prefixlen=29)
                     ipr.link("set", index=idx, state="up")
         except BaseException:
             ns.remove()
@@ -152,7 +153,9 @@ def wait_port(ip: str, port: int, proc: subprocess.Popen[bytes], log: Path, time
         with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=1):
             return
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {ip}:{port} after {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
+    raise RuntimeError(
+        f"nothing listens on {ip}:{port} after {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}"
+    )
 
 
 def end(proc: subprocess.Popen[bytes], ns: Namespace) -> None:
@@ -179,7 +182,7 @@ class Server:
     starttls_url: str
     base_dn: str
     bind_user: str
-    ca: TestCA
+    ca: DirectoryCA
     ns: Namespace
     proc: subprocess.Popen[bytes]
     dir: Path
@@ -228,7 +231,7 @@ SAMBA_POPULATE = textwrap.dedent("""
 """)
 
 
-def start_samba(ca: TestCA, slot: int = 0) -> Server:
+def start_samba(ca: DirectoryCA, slot: int = 0) -> Server:
     t0 = time.monotonic()
     ns = Namespace.make("samba", slot)
     d = Path(tempfile.mkdtemp(prefix="kasou-samba-"))
@@ -236,7 +239,7 @@ def start_samba(ca: TestCA, slot: int = 0) -> Server:
     try:
         crt, key = ca.issue("dc1.kasou.test", ns.inside_ip, d)
         (d / "run").mkdir()
-        opts = {"server services": "ldap", "interfaces": ns.inside_ip, "bind interfaces only": "yes",
+        opts = {"server services": "ldap", "interfaces": f"{ns.inside_ip} {ns.other_ip}", "bind interfaces only": "yes",
                 "tls enabled": "yes", "tls keyfile": str(key), "tls certfile": str(crt), "tls cafile": "",
                 "pid directory": str(d / "run"), "log file": str(d / "samba.log"), "ncalrpc dir": str(d / "run"),
                 "winbindd socket directory": str(d / "run"), "dns forwarder": "127.0.0.1"}  # fmt: skip
@@ -294,7 +297,7 @@ def _slapd_ldif(base: str) -> str:
     return "\n".join(out)
 
 
-def start_slapd(ca: TestCA, slot: int = 1) -> Server:
+def start_slapd(ca: DirectoryCA, slot: int = 1) -> Server:
     t0 = time.monotonic()
     ns = Namespace.make("slapd", slot)
     d = Path(tempfile.mkdtemp(prefix="kasou-slapd-"))
@@ -332,7 +335,7 @@ def start_slapd(ca: TestCA, slot: int = 1) -> Server:
         subprocess.run(["slapadd", "-f", str(conf), "-l", str(d / "data.ldif")], check=True, capture_output=True,
                        timeout=60)  # fmt: skip
         log = d / "slapd.out"
-        urls = f"ldaps://{ns.inside_ip}:636/ ldap://{ns.inside_ip}:389/"
+        urls = f"ldaps://{ns.inside_ip}:636/ ldap://{ns.inside_ip}:389/ ldaps://{ns.other_ip}:636/"
         with log.open("wb") as out:
             proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "slapd", "-d", "0", "-h", urls, "-f", str(conf)],
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -357,7 +360,7 @@ def stop(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def running(kind: str, ca: TestCA) -> Iterator[Server]:
+def running(kind: str, ca: DirectoryCA) -> Iterator[Server]:
     s = start_samba(ca) if kind == "samba" else start_slapd(ca)
     try:
         yield s

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from ldap3 import BASE, NONE, SUBTREE, Connection, Server, Tls
-from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError, LDAPStartTLSError
+from ldap3.core.exceptions import LDAPException, LDAPStartTLSError
 from ldap3.utils.conv import escape_filter_chars
 
 from kasou.errors import DirectoryUnavailable, Unauthorized
@@ -255,7 +255,7 @@ def _first(value: Any) -> Any:
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, LDAPSocketOpenError) and "certificate verify failed" in text:
+    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
         return "its TLS certificate is not trusted (is --ca the directory's CA?): " + text[:200]
     return text[:300]
 
