@@ -61,7 +61,7 @@ class FakeTree:
         return f"CN={cn},CN=Users,{BASE_DN}"
 
     def settings(self, **kw: object) -> Settings:
-        base = {"urls": (URL,), "base_dn": BASE_DN, "bind_user": SERVICE_DN, "bind_password": SERVICE_PASSWORD,
+        base: dict[str, object] = {"urls": (URL,), "base_dn": BASE_DN, "bind_user": SERVICE_DN, "bind_password": SERVICE_PASSWORD,
                 "ca_pem": None, "user_filter": "(&(objectClass=user)(sAMAccountName={name}))", "starttls": False,
                 "timeout_s": 2.0}  # fmt: skip
         base.update(kw)

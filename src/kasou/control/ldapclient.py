@@ -126,8 +126,8 @@ class LdapDirectory:
         for url in self.s.urls:
             try:
                 conn = Connection(self._server(url), user=user, password=password, auto_bind=False,
-                                  receive_timeout=max(1, math.ceil(self.s.timeout_s)), raise_exceptions=False, read_only=True,
-                                  auto_referrals=False)  # fmt: skip
+                                  receive_timeout=max(1, math.ceil(self.s.timeout_s)), raise_exceptions=False,
+                                  read_only=True, auto_referrals=False)  # fmt: skip
                 conn.open()
                 if not conn.server.ssl and not conn.start_tls():
                     conn.unbind()
