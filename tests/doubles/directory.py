@@ -96,6 +96,9 @@ class FakeDirectory:
     def ping(self) -> None:
         self._service()
 
+    def close(self) -> None:
+        pass
+
     def find_user(self, name: str) -> Entry | None:
         self._service()
         u = self.tree.users.get(name.lower())

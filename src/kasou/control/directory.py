@@ -154,7 +154,11 @@ class Directory:
         budget = settings.timeout_s * 3 * len(settings.urls) + 5  # connect, StartTLS/bind, answers
 
         def run() -> T:
-            return fn(type(self).connect(settings))
+            client = type(self).connect(settings)
+            try:
+                return fn(client)
+            finally:
+                client.close()
 
         try:
             return await asyncio.wait_for(asyncio.to_thread(run), budget)

@@ -1,9 +1,11 @@
 """The LDAP client of directory sign-in (ldap3): Active Directory and OpenLDAP, LDAPS or StartTLS only.
 
 Every call is synchronous and bounded (connect and each answer: ``timeout_s``); the control plane runs it in
-a thread (:mod:`kasou.control.directory`). Each call opens its own connection, so calls from several threads
-never share one. The certificate is always verified (``ssl.CERT_REQUIRED`` against the CA given, or the
-system's) and its name checked against the URL's host; a simple bind is never sent before TLS is up.
+a thread (:mod:`kasou.control.directory`), which makes one client per question and closes it after: a client
+keeps its service account's connection for that question only (the user's search and their groups on one TLS
+session), so no connection is ever shared between threads. The certificate is always verified (``ssl.CERT_REQUIRED``
+against the CA given, or the system's) and its name checked against the URL's host; a simple bind is never
+sent before TLS is up.
 
 What the control plane needs is :class:`DirectoryServer`; the functional tests use a double of it
 (``tests/doubles/directory.py``) that passes the same contract tests (``tests/contract/test_directory_contract.py``)
@@ -12,6 +14,7 @@ as this client does against Samba AD and OpenLDAP.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import ssl
@@ -82,6 +85,9 @@ class DirectoryServer(Protocol):
     def ping(self) -> None:
         """Bind as the service account (a wrong service password is DirectoryUnavailable too)."""
 
+    def close(self) -> None:
+        """End the connections this client keeps (after each use: the control plane makes one per question)."""
+
     def find_user(self, name: str) -> Entry | None:
         """The user of that sign-in name (the service account searching), or None."""
 
@@ -104,6 +110,13 @@ class LdapDirectory:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self._answered = ""
+        self._svc: Connection | None = None  # the service account's connection, kept for this client's calls
+
+    def close(self) -> None:
+        if self._svc is not None:
+            with contextlib.suppress(LDAPException, OSError):
+                self._svc.unbind()
+            self._svc = None
 
     @property
     def answered(self) -> str:
@@ -141,16 +154,20 @@ class LdapDirectory:
         raise DirectoryUnavailable("the directory cannot be reached: " + "; ".join(why))
 
     def _service(self) -> Connection:
+        """The service account's bound connection (one per client: a search, then the groups, on one TLS session)."""
+        if self._svc is not None and not self._svc.closed:
+            return self._svc
         conn, url = self._connect(self.s.bind_user, self.s.bind_password)
         if not conn.bound:
             msg = conn.result.get("message", "") or conn.result.get("description", "")
             conn.unbind()
             raise DirectoryUnavailable(f"{url} refused kasou's service account {self.s.bind_user!r} ({msg.strip()}): "
                                        "set its password again (kasou directory set)")  # fmt: skip
+        self._svc = conn
         return conn
 
     def ping(self) -> None:
-        self._service().unbind()
+        self._service()
 
     def find_user(self, name: str) -> Entry | None:
         flt = self.s.user_filter.replace("{name}", escape_filter_chars(name))
@@ -161,9 +178,8 @@ class LdapDirectory:
             _raise_unless(conn, ok, "searching the user")
             found = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
         except (LDAPException, OSError) as e:
+            self.close()
             raise DirectoryUnavailable(f"the directory failed searching a user: {_one_line(e)}") from None
-        finally:
-            conn.unbind()
         if len(found) != 1:
             return None  # none, or two users of one name (the filter is not unique): no one signs in
         attrs = found[0].get("attributes") or {}
@@ -196,9 +212,8 @@ class LdapDirectory:
         try:
             return self._nested(conn, dn)
         except (LDAPException, OSError) as e:
+            self.close()
             raise DirectoryUnavailable(f"the directory failed listing groups: {_one_line(e)}") from None
-        finally:
-            conn.unbind()
 
     def _nested(self, conn: Connection, dn: str) -> list[Group]:
         seen: dict[str, Group] = {}
@@ -232,11 +247,8 @@ class LdapDirectory:
     def read(self, dn: str) -> dict[str, Any]:
         """One entry's attributes (a diagnostic for ``directory test``)."""
         conn = self._service()
-        try:
-            conn.search(dn, "(objectClass=*)", BASE, attributes=["*"], size_limit=1)
-            return dict(conn.response[0].get("attributes") or {}) if conn.response else {}
-        finally:
-            conn.unbind()
+        conn.search(dn, "(objectClass=*)", BASE, attributes=["*"], size_limit=1)
+        return dict(conn.response[0].get("attributes") or {}) if conn.response else {}
 
 
 def _raise_unless(conn: Connection, ok: bool, doing: str) -> None:
