@@ -120,6 +120,14 @@ def test_the_record_follows_the_directory_at_each_sign_in(env: Env, tree: FakeTr
     assert env.api.post("/v1/users/alice/password", json={"password": "a-local-password"}).status_code == 409
     _c, r = _login(env, "ALICE")  # AD's names are without case: the same record
     assert r.status_code == 200 and r.json()["name"] == "alice"
+    _c, r = _login(env, "Bob")  # a first sign-in in another case too
+    assert r.status_code == 200 and r.json()["name"] == "bob"
+    # a local user's name in another case is still no one's, and user@domain is not a kasou name
+    env.api.post("/v1/users", json={"name": "nurse", "role": "clinician", "password": LOCAL_PW})
+    tree.add_user("nurse", LOCAL_PW, "kasou-ops")
+    assert _login(env, "NURSE", LOCAL_PW)[1].json()["message"] == WRONG
+    assert _login(env, "nurse", LOCAL_PW)[1].json()["source"] == "local"  # the local record wins
+    assert _login(env, "alice@kasou.test")[1].json()["message"] == WRONG
 
 
 def _age_check(env: Env, name: str) -> None:

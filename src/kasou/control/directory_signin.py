@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kasou.config import directory_recheck_s
 from kasou.control import audit
 from kasou.control.directory import Directory, DirectoryUser
 from kasou.control.ldapclient import AD_REASONS, AccountRefused
 from kasou.control.user_records import USERS_PREFIX, UserRecord
-from kasou.errors import DirectoryUnavailable, NotFound, StoreConflict, Unauthorized
+from kasou.errors import DirectoryUnavailable, InvalidSpec, NotFound, StoreConflict, Unauthorized
+from kasou.model.names import validate_name
+from kasou.model.users import RESERVED_NAMES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -68,7 +70,7 @@ class DirectorySignIn:
     async def _failed(self, rec: UserRecord, lock: float | None, source: str) -> None:
         raise NotImplementedError
 
-    async def _ghost_attempt(self, name: str, password: str) -> None:
+    async def _ghost_attempt(self, name: str, password: str) -> NoReturn:
         raise NotImplementedError
 
     async def _update(self, name: str, change: Callable[[UserRecord], UserRecord]) -> UserRecord:
@@ -97,10 +99,34 @@ class DirectorySignIn:
         if u.grant.role is None:
             raise no_role(name)
 
+    async def _directory_attempt(self, name: str, password: str, source: str) -> tuple[UserRecord, float | None, bool]:
+        """A sign-in of a name without a local record while a directory is set: the record and the lock-out's
+        charge to go on with (a directory user's) and whether the password was checked already (a first sign-in),
+        or a refusal. Directory names are kept in lower case (AD's are
+        without case): ``Tanaka`` is the directory user ``tanaka``, never a local user of another case."""
+        lower = name.lower()
+        e = await self.store.get(USERS_PREFIX + lower) if lower != name else None
+        if e is not None and e.value.get("source") != DIRECTORY:  # a local user's name in another case: as before
+            await self._ghost_attempt(name, password)
+        first = e is None
+        rec, lock = await (self._directory_first(lower, password, source) if first else self._charge(lower))
+        if rec.source != DIRECTORY:  # a local user of that name was made meanwhile
+            await self._failed(rec, lock, source)
+            raise Unauthorized(WRONG)
+        return rec, lock, first
+
     async def _directory_first(self, name: str, password: str, source: str) -> tuple[UserRecord, float | None]:
         """A name without a kasou record while a directory is set: the directory's user signs in (their record is
         made) and the lock-out is charged on it; a name the directory does not know, or a wrong password, is a
         ghost attempt (always raises)."""
+        try:
+            validate_name(name, "user")
+        except InvalidSpec:
+            valid = False  # (e.g. user@domain: directory users sign in with their account name)
+        else:
+            valid = name not in RESERVED_NAMES
+        if not valid:
+            await self._ghost_attempt(name, password)
         now = time.time()
         _failures, until = self._ghosts.get(name, (0, None))
         if until is not None and until > now:
@@ -113,7 +139,6 @@ class DirectorySignIn:
             u = None
         if u is None:
             await self._ghost_attempt(name, password)
-            raise Unauthorized(WRONG)  # (never reached: the ghost attempt raises)
         self._allowed(name, u)
         self._ghosts.pop(name, None)
         rec = UserRecord.model_validate({"name": name, "password_hash": "", "source": DIRECTORY, "created_at": now,

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -250,7 +251,7 @@ class Users(DirectorySignIn):
             await audit.record(self.store, "lockout", source=source, target=f"users/{rec.name}", details={
                 "failures": LOCK_AFTER, "locked_s": LOCK_S})  # fmt: skip
 
-    async def _ghost_attempt(self, name: str, password: str) -> None:
+    async def _ghost_attempt(self, name: str, password: str) -> NoReturn:
         """An attempt for a name no user has: answered as a real user's wrong password would be, lock included,
         and after as long (the password is checked against a dummy hash). Always raises Unauthorized."""
         now = time.time()
@@ -296,22 +297,18 @@ class Users(DirectorySignIn):
             raise wrong
         if name == breakglass.NAME:
             return await self._login_break_glass(password, source)
+        checked = False  # the password checked already (a directory user's first sign-in)
         try:
             rec, lock = await self._charge(name)
         except (NotFound, InvalidSpec):
             if not await self.directory.enabled():
                 await self._ghost_attempt(name, password)
-                raise wrong from None  # (never reached: the ghost attempt raises)
-            name = name.lower()  # a directory's names are kept in lower case (AD's are without case)
-            try:
-                rec, lock = await self._charge(name)
-            except (NotFound, InvalidSpec):
-                rec, lock = await self._directory_first(name, password, source)
-                if rec.source != DIRECTORY:  # a local user of that name was made meanwhile
-                    await self._failed(rec, lock, source)
-                    raise wrong from None
+            rec, lock, checked = await self._directory_attempt(name, password, source)
+            name = rec.name
         extra: dict[str, object] = {}
-        if rec.source == DIRECTORY:
+        if checked:
+            pass
+        elif rec.source == DIRECTORY:
             extra = await self._directory_password(rec, lock, password, source)
         elif not await asyncio.to_thread(_verify, rec.password_hash, password):
             await self._failed(rec, lock, source)
