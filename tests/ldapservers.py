@@ -2,7 +2,8 @@
 a network namespace of its own (a veth pair to this one), in a temporary directory, with a TLS certificate from
 a test CA. Both hold the same people and groups (:data:`PEOPLE`), so the same tests run against both.
 
-Every server is started by pid (Samba in its single-process model) and ended by pid; its namespace and files
+Samba is provisioned and started as the lab's DC is (:mod:`kasou.lab.directory`). Every server is started by
+pid (Samba in its single-process model) and ended by pid; its namespace and files
 are removed with it. Used by tests/contract/test_directory_contract.py and tests/integration/test_directory.py
 (marker ``directory``).
 """
@@ -31,11 +32,12 @@ from cryptography.x509.oid import NameOID
 from pyroute2 import IPRoute, netns
 
 from kasou.control.ldapclient import Settings
+from kasou.lab import directory as labdir
 
 START_TIMEOUT_S = 90.0
 PASSWORD = "Kasou-Test-Pw-1"  # every test user's (Samba's default complexity rules accept it)
 SERVICE_PASSWORD = "Kasou-Svc-Pw-2"
-ADMIN_PASSWORD = "Kasou-Adm-Pw-3"
+ADMIN_PASSWORD = "Kasou-Adm-Pw-3"  # slapd's rootdn
 #: user -> groups (directly); carol is disabled and dave must change his password (Samba only: slapd knows neither)
 PEOPLE = {"alice": ["kasou-ops"], "bob": ["lab-staff"], "eve": ["canteen"], "carol": ["kasou-ops"],
           "dave": ["kasou-ops"]}  # fmt: skip
@@ -206,30 +208,6 @@ class Server:
 
 # -- Samba AD -----------------------------------------------------------------------------------------
 
-SAMBA_POPULATE = textwrap.dedent("""
-    import sys
-    from samba.auth import system_session
-    from samba.param import LoadParm
-    from samba.samdb import SamDB
-    conf, people, nested, pw, svcpw = sys.argv[1], eval(sys.argv[2]), eval(sys.argv[3]), sys.argv[4], sys.argv[5]
-    lp = LoadParm(); lp.load(conf)
-    db = SamDB(url=lp.private_path("sam.ldb"), session_info=system_session(), lp=lp)
-    groups = {g for gs in people.values() for g in gs} | set(nested) | {m for ms in nested.values() for m in ms}
-    for g in sorted(groups):
-        db.newgroup(g)
-    db.newuser("kasou-svc", svcpw)
-    for u in people:
-        db.newuser(u, pw, givenname=u.capitalize(), surname="Test")
-    for u, gs in people.items():
-        for g in gs:
-            db.add_remove_group_members(g, [u], add_members_operation=True)
-    for g, ms in nested.items():
-        if ms:
-            db.add_remove_group_members(g, ms, add_members_operation=True)
-    db.disable_account("(sAMAccountName=carol)")
-    db.force_password_change_at_next_login("(sAMAccountName=dave)")
-""")
-
 
 def start_samba(ca: DirectoryCA, slot: int = 0) -> Server:
     t0 = time.monotonic()
@@ -238,34 +216,29 @@ def start_samba(ca: DirectoryCA, slot: int = 0) -> Server:
     proc: subprocess.Popen[bytes] | None = None
     try:
         crt, key = ca.issue("dc1.kasou.test", ns.inside_ip, d)
-        (d / "run").mkdir()
-        opts = {"server services": "ldap", "interfaces": f"{ns.inside_ip} {ns.other_ip}", "bind interfaces only": "yes",
-                "tls enabled": "yes", "tls keyfile": str(key), "tls certfile": str(crt), "tls cafile": "",
-                "pid directory": str(d / "run"), "log file": str(d / "samba.log"), "ncalrpc dir": str(d / "run"),
-                "winbindd socket directory": str(d / "run"), "dns forwarder": "127.0.0.1"}  # fmt: skip
-        cmd = ["samba-tool", "domain", "provision", "--use-rfc2307", "--server-role=dc", "--dns-backend=SAMBA_INTERNAL",
-               "--realm=KASOU.TEST", "--domain=KASOU", f"--adminpass={ADMIN_PASSWORD}", "--host-name=dc1",
-               f"--host-ip={ns.inside_ip}", f"--targetdir={d / 'dc'}"]  # fmt: skip
-        cmd += [f"--option={k} = {v}" for k, v in opts.items()]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=180)
-        conf = d / "dc" / "etc" / "smb.conf"
-        subprocess.run(["/usr/bin/python3", "-c", SAMBA_POPULATE, str(conf), repr(PEOPLE), repr(NESTED), PASSWORD,
-                        SERVICE_PASSWORD], check=True, capture_output=True, timeout=120)  # fmt: skip
+        conf = labdir.provision(
+            d,
+            [ns.inside_ip, ns.other_ip],
+            crt,
+            key,
+            PEOPLE,
+            NESTED,
+            PASSWORD,
+            SERVICE_PASSWORD,
+            realm="KASOU.TEST",
+            workgroup="KASOU",
+            disabled=("carol",),
+            must_change=("dave",),
+        )
         log = d / "samba.out"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "samba", "--foreground", "--no-process-group",
-                                     "-M", "single", "-s", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+        proc = labdir.spawn(ns.name, conf, log)
         wait_port(ns.inside_ip, 636, proc, log)
-    except BaseException as e:
+    except BaseException:
         if proc is not None:
             end(proc, ns)
         else:
             ns.remove()
-        detail = getattr(e, "stderr", b"") or b""
         shutil.rmtree(d, ignore_errors=True)
-        if detail:
-            raise RuntimeError(f"samba: {detail.decode(errors='replace')[-2000:]}") from e
         raise
     base = "DC=kasou,DC=test"
     return Server("samba", f"ldaps://{ns.inside_ip}", f"ldap://{ns.inside_ip}", base,
