@@ -148,8 +148,8 @@ def plan(lab_dir: Path) -> LabDirectory:
 def is_serving(d: LabDirectory, pid: int | None) -> bool:
     if pid is None or not process.alive(pid):
         return False
-    args = process.cmdline(pid)
-    return "samba" in " ".join(args[:1]) and str(d.conf) in args
+    # Samba names itself "samba: root process" (its command line is gone): a samba in the lab DC's namespace.
+    return "samba" in " ".join(process.cmdline(pid)) and pid in net.pids_in_netns(d.netns)
 
 
 def passwords(d: LabDirectory) -> dict[str, str]:
@@ -185,8 +185,8 @@ def ensure(d: LabDirectory, bridge: str, ca_dir: Path, undo: list[Callable[[], A
         state = "started"
     deadline = time.monotonic() + timeout
     while not listening(d.address):
-        if not is_serving(d, d.pid):
-            raise LabError(f"samba exited: {log_tail(d.log)}")
+        if not process.alive(d.pid):  # (is_serving may miss it for a moment: ip netns exec is not samba yet)
+            raise LabError(f"samba exited: {log_tail(Path(d.dir) / 'samba.log')}")
         if time.monotonic() > deadline:
             raise LabError(f"samba did not answer on {d.url} within {timeout:.0f} s; see {d.log}")
         time.sleep(0.3)
