@@ -23,6 +23,7 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
       kasou serve --address 10.88.0.{10+i}:8470
       QEMU processes started by that agent (they inherit its namespace)
     netns klab-backup          with --backup-server: kasou backup-server serve, 10.88.0.5 (:mod:`kasou.lab.vault`)
+    netns klab-dir             with --directory: a Samba AD DC, ldaps://10.88.0.6 (:mod:`kasou.lab.directory`)
 
     LAB/lab.json              state: every name, address and pid made (so down, kill, partition
                               and a re-run of up work after a crash, and are idempotent)
