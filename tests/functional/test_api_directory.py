@@ -118,6 +118,10 @@ def test_the_record_follows_the_directory_at_each_sign_in(env: Env, tree: FakeTr
     assert change["details"]["from"]["role"] == "operator" and change["details"]["to"]["role"] == "vendor"
     # kasou keeps no password for them, and an administrator cannot set one
     assert env.api.post("/v1/users/alice/password", json={"password": "a-local-password"}).status_code == 409
+    assert _login(env, "bob")[1].status_code == 200
+    r = env.api.put("/v1/users/bob/departments", json={"departments": ["pacs"]})  # the directory's groups decide
+    assert r.status_code == 409 and "kasou directory map" in r.json()["message"]
+    assert env.api.put("/v1/users/bob/pools", json={"pools": ["ward-a"]}).status_code == 409
     _c, r = _login(env, "ALICE")  # AD's names are without case: the same record
     assert r.status_code == 200 and r.json()["name"] == "alice"
     _c, r = _login(env, "Bob")  # a first sign-in in another case too

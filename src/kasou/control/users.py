@@ -273,11 +273,20 @@ class Users(DirectorySignIn):
     async def set_pools(self, name: str, pools: list[str]) -> UserView:
         for p in pools:
             validate_name(p, "pool")
+        self._not_directory(await self.get(name), "desktop pools")
         return view(await self._update(name, lambda r: r.model_copy(update={"pools": pools})))
 
     async def set_departments(self, name: str, departments: list[str]) -> UserView:
-        check_departments((await self.get(name)).role, departments)
+        rec = await self.get(name)
+        self._not_directory(rec, "departments")
+        check_departments(rec.role, departments)
         return view(await self._update(name, lambda r: r.model_copy(update={"departments": departments})))
+
+    @staticmethod
+    def _not_directory(rec: UserRecord, what: str) -> None:
+        if rec.source == DIRECTORY:
+            raise Conflict(f"user {rec.name!r} gets their {what} from their directory groups at each sign-in: map "
+                           "a group instead (kasou directory map GROUP ...)")  # fmt: skip
 
     # -- sign-in --------------------------------------------------------------------------
 
