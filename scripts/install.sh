@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
-PACKAGES+=(novnc chromium)  # the web console's noVNC (served at /ui/novnc/), and the browser the UI tests drive
+PACKAGES+=(novnc chromium fonts-noto-cjk)  # the web console's noVNC (served at /ui/novnc/), the browser the UI tests drive, and a Japanese font for it (else every Japanese label is a row of empty boxes)
 # The debian image (kasou image build debian): mmdebstrap installs Debian 12 from the host's mirror, and the
 # GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together.
 PACKAGES+=(mmdebstrap fdisk dosfstools mtools)
@@ -45,7 +45,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "installing Python packages into .venv"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,planner]' 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c 'import kasou, qemu.qmp, fastapi, typer' 
   echo "$want" > "$stamp"
 fi

@@ -221,3 +221,24 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert isinstance(r.exception, InvalidSpec) and "N+1 or N+2" in r.exception.message
     r = run("plan", str(inv), "--model", "mainframe")
     assert isinstance(r.exception, InvalidSpec) and "no host model 'mainframe'" in r.exception.message
+
+
+def test_without_the_planner_extra_each_plan_command_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hypervisor installed without ``kasou[planner]`` (no numpy, no OR-Tools): one line with the way out."""
+    import importlib.util
+
+    from kasou.cli import plan as plan_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        plan_cli.importlib.util, "find_spec", lambda name, *a: None if name in ("numpy", "ortools") else real(name, *a)
+    )
+    inv = tmp_path / "inv.csv"
+    inv.write_text(sample_text())
+    for args in (("plan", "make", str(inv)), ("plan", "sample"), ("plan", "prices")):
+        r = run(*args)
+        assert r.exit_code == 1, (args, r.output)
+        assert "the planner is not installed on this machine (missing numpy, ortools)" in r.output, r.output
+        assert "pip install 'kasou[planner]'" in r.output and "Traceback" not in r.output
