@@ -122,7 +122,8 @@ def window_routes(svc: Callable[[], Services], principal: Callable[[Request], Aw
     @r.post("", status_code=201)
     async def request_window(request: Request, body: dict[str, Any] = Body(...)) -> WindowView:
         """Request a window (state ``requested``): a vendor for themselves, an administrator or operator for any
-        vendor, a manager for a vendor of their department. ``starts_at``/``ends_at`` are UNIX times; ``permissions`` default to all the vendor role holds."""
+        vendor, a manager for a vendor of their department.
+        ``starts_at``/``ends_at`` are UNIX times; ``permissions`` default to all the vendor role holds."""
         p = await principal(request)
         spec = WindowRequest.parse(body, svc().windows.clock())
         return await svc().windows.request(spec, p.name, p.role, p.departments)

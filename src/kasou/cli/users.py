@@ -31,7 +31,9 @@ def user_create(
     name: str,
     role: str = typer.Option(..., "--role", help="admin, operator, vendor, manager, auditor or clinician."),
     pool: list[str] = typer.Option([], "--pool", help="Desktop pool the user may use (repeat for several)."),
-    department: list[str] = typer.Option([], "--department", help="A vendor's or manager's department (repeat for several)."),
+    department: list[str] = typer.Option(
+        [], "--department", help="A vendor's or manager's department (repeat for several)."
+    ),
     display_name: str = typer.Option("", "--display-name"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
 ) -> None:

@@ -239,8 +239,9 @@ def decides(w: WindowRecord, verb: str, by: str, by_role: Role, by_departments: 
             raise NotFound(f"no maintenance window {w.id!r}")
         foreign = w.foreign_to(by_departments)
         if foreign:
-            raise Forbidden(f"maintenance window {w.id} names VMs of {', '.join(foreign)}, which user {by!r} does not "
-                            f"manage; an administrator or a manager of every department it names may {verb} it")  # fmt: skip
+            raise Forbidden(f"maintenance window {w.id} names VMs of {', '.join(foreign)}, which user {by!r} "
+                            "does not manage; an administrator or a manager of every department it names "
+                            f"may {verb} it")  # fmt: skip
     if by == w.vendor:
         raise Forbidden(f"user {by!r} is the vendor of maintenance window {w.id} and may not {verb} it")
 
