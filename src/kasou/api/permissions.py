@@ -151,13 +151,14 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/metrics"): need("read"),
     ("GET", "/v1/metrics"): need("read"),
     ("GET", "/v1/metrics/history"): need("read"),
-    # the audit log: auditors and administrators
+    # the audit log: auditors and administrators (and a department's manager, its review)
     ("GET", "/v1/audit/records"): need("audit", "users"),
     ("GET", "/v1/audit/verify"): need("audit", "users"),
     ("GET", "/v1/audit/export"): need("audit", "users"),
     ("GET", "/v1/audit/public-key"): need("audit", "users"),
     ("POST", "/v1/audit/checkpoint"): need("audit", "users"),
     ("GET", "/v1/audit/status"): need("audit", "users"),
+    ("GET", "/v1/audit/review"): need("audit", "users", lists=True),  # a manager: their departments' only
     # the desktop portal: clinicians (and staff who test it)
     ("GET", "/v1/portal/pools"): need("portal"),
     ("GET", "/v1/portal/desktop"): need("portal"),
