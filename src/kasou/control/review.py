@@ -153,7 +153,7 @@ def zone(name: str) -> ZoneInfo:
         if not name or len(name) > 64 or ".." in name:
             raise ValueError(name)
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError, UnicodeError):
         raise InvalidSpec(f"no time zone named {name[:64]!r} (e.g. Asia/Tokyo)", field="tz") from None
 
 
