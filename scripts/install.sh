@@ -17,6 +17,7 @@ PACKAGES+=(novnc chromium fonts-noto-cjk)  # the web console's noVNC (served at 
 PACKAGES+=(mmdebstrap fdisk dosfstools mtools)
 PACKAGES+=(grub-pc-bin xorriso mtools)  # the import tests make a BIOS-bootable disk of the tiny guest (grub-mkrescue)
 PACKAGES+=(libpango-1.0-0 libpangoft2-1.0-0)  # WeasyPrint (kasou[planner]) prints the planner's report to PDF
+PACKAGES+=(groff-base)  # the tests check the manual pages kasou man writes
 PACKAGES+=(postgresql-client)  # bench/pg_failover.py: the database client on the lab network
 PACKAGES+=(restic)  # bench/backup_server.py: the backup engine kasou's backup server is measured beside
 PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
