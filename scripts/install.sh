@@ -11,11 +11,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
-PACKAGES+=(novnc chromium)  # the web console's noVNC (served at /ui/novnc/), and the browser the UI tests drive
+PACKAGES+=(novnc chromium fonts-noto-cjk)  # the web console's noVNC (served at /ui/novnc/), the browser the UI tests drive, and a Japanese font for it (else every Japanese label is a row of empty boxes)
 # The debian image (kasou image build debian): mmdebstrap installs Debian 12 from the host's mirror, and the
 # GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together.
 PACKAGES+=(mmdebstrap fdisk dosfstools mtools)
 PACKAGES+=(grub-pc-bin xorriso mtools)  # the import tests make a BIOS-bootable disk of the tiny guest (grub-mkrescue)
+PACKAGES+=(libpango-1.0-0 libpangoft2-1.0-0)  # WeasyPrint (kasou[planner]) prints the planner's report to PDF
+PACKAGES+=(groff-base)  # the tests check the manual pages kasou man writes
 PACKAGES+=(postgresql-client)  # bench/pg_failover.py: the database client on the lab network
 PACKAGES+=(restic)  # bench/backup_server.py: the backup engine kasou's backup server is measured beside
 PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
@@ -68,7 +70,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "installing Python packages into .venv"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,planner]' 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c 'import kasou, qemu.qmp, fastapi, typer' 
   echo "$want" > "$stamp"
 fi

@@ -454,7 +454,7 @@ def require_totp_for_admins() -> bool:
 
 #: The roles of :class:`kasou.model.users.Role` (config imports no model; tests/unit/test_settings.py checks
 #: that the two lists agree).
-ROLE_NAMES = ("admin", "operator", "vendor", "auditor", "clinician")
+ROLE_NAMES = ("admin", "operator", "vendor", "auditor", "clinician", "manager")
 
 
 def require_totp_for() -> frozenset[str]:

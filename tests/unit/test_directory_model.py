@@ -51,6 +51,9 @@ def test_the_most_powerful_role_wins_and_departments_and_pools_unite() -> None:
     g = resolve([_g("lab-vendors"), _g("kasou-ops"), _g("Ward B")], maps)  # matched by DN too, without case
     assert (g.role, g.departments, g.pools) == (Role.OPERATOR, [], ["ward-a", "ward-b"])
     assert resolve([_g("canteen")], maps).role is None
+    maps["lab-managers"] = GroupMapping.parse({"role": "manager", "departments": ["lab", "pacs"]})
+    g = resolve([_g("lab-vendors"), _g("lab-managers")], maps)  # a manager's departments, not the vendor's
+    assert (g.role, g.departments, g.groups) == (Role.MANAGER, ["lab", "pacs"], ["lab-managers"])
     assert resolve([], maps).role is None
 
 

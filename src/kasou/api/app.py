@@ -25,6 +25,7 @@ from kasou.api.console import console_routes
 from kasou.api.deps import Services
 from kasou.api.devices import device_routes
 from kasou.api.directory import directory_routes
+from kasou.api.document import document_api
 from kasou.api.limits import BodyLimit
 from kasou.api.live import live_routes
 from kasou.api.media import media_router
@@ -133,6 +134,12 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         redoc_url=None,
     )
     install_error_handlers(app)
+    documented = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return document_api(documented())
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def forward_to_leader(request: Request, call_next: Any) -> Response:

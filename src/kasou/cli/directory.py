@@ -98,8 +98,8 @@ def directory_show(as_json: bool = typer.Option(False, "--json")) -> None:
 @directory_app.command("map")
 def directory_map(
     group: str = typer.Argument(..., help="The directory group: its name (CN) or its DN."),
-    role: str = typer.Option(..., "--role", help="admin, operator, vendor, auditor or clinician."),
-    department: list[str] = typer.Option([], "--department", help="A vendor's department (repeat for several)."),
+    role: str = typer.Option(..., "--role", help="admin, operator, auditor, manager, vendor or clinician."),
+    department: list[str] = typer.Option([], "--department", help="A vendor's or manager's department (repeat)."),
     pool: list[str] = typer.Option([], "--pool", help="A desktop pool its members may use (repeat for several)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -29,9 +29,11 @@ def _password(stdin: bool) -> str:
 @user_app.command("create")
 def user_create(
     name: str,
-    role: str = typer.Option(..., "--role", help="admin, operator, vendor, auditor or clinician."),
+    role: str = typer.Option(..., "--role", help="admin, operator, vendor, manager, auditor or clinician."),
     pool: list[str] = typer.Option([], "--pool", help="Desktop pool the user may use (repeat for several)."),
-    department: list[str] = typer.Option([], "--department", help="A vendor's department (repeat for several)."),
+    department: list[str] = typer.Option(
+        [], "--department", help="A vendor's or manager's department (repeat for several)."
+    ),
     display_name: str = typer.Option("", "--display-name"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
 ) -> None:

@@ -27,7 +27,7 @@ AD_USER_FILTER = "(&(objectClass=user)(sAMAccountName={name}))"
 URLS_MAX = 4
 TIMEOUT_DEFAULT_S = 5.0
 #: From the most powerful role down: of several mapped groups, the first role in this order wins.
-ROLE_ORDER: tuple[Role, ...] = (Role.ADMIN, Role.OPERATOR, Role.AUDITOR, Role.VENDOR, Role.CLINICIAN)
+ROLE_ORDER: tuple[Role, ...] = (Role.ADMIN, Role.OPERATOR, Role.AUDITOR, Role.MANAGER, Role.VENDOR, Role.CLINICIAN)
 
 
 def role_rank(role: Role) -> int:
