@@ -25,7 +25,7 @@ PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secur
 PACKAGES+=(debian-installer-12-netboot-amd64)
 # Directory sign-in's tests (marker directory): a Samba AD domain controller and OpenLDAP's slapd, each started by
 # the tests in a namespace of its own; the distribution's own services are kept from starting (below).
-PACKAGES+=(samba samba-ad-dc slapd ldap-utils)
+PACKAGES+=(samba samba-ad-dc samba-ad-provision slapd ldap-utils)  # samba-ad-provision: samba-tool domain provision's files (only recommended)
 DIRECTORY_SERVICES=(samba-ad-dc smbd nmbd winbind slapd)
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)

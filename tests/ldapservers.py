@@ -50,7 +50,9 @@ def tools_missing() -> str | None:
         return "needs root (network namespaces)"
     for tool in ("samba", "samba-tool", "slapd", "slapadd"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            return f"{tool} is not installed (apt-get install samba samba-ad-dc slapd ldap-utils)"
+            return f"{tool} is not installed (apt-get install samba samba-ad-dc samba-ad-provision slapd ldap-utils)"
+    if not Path("/usr/share/samba/setup/ad-schema").is_dir():
+        return "samba-ad-provision is not installed (samba-tool domain provision needs its files)"
     return None
 
 

@@ -111,7 +111,7 @@ def _run(cmd: list[str], what: str, stdin: str | None) -> None:
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, input=stdin, timeout=PROVISION_TIMEOUT)
     except FileNotFoundError:
-        raise LabError(f"{cmd[0]} is missing (apt-get install samba samba-ad-dc)") from None
+        raise LabError(f"{cmd[0]} is missing (apt-get install samba samba-ad-dc samba-ad-provision)") from None
     except subprocess.CalledProcessError as e:
         tail = " ".join((e.stderr or e.stdout or "").strip().splitlines()[-3:])
         raise LabError(f"{what} failed: {tail[-500:]}") from None
@@ -159,7 +159,8 @@ def passwords(d: LabDirectory) -> dict[str, str]:
 def ensure(d: LabDirectory, bridge: str, ca_dir: Path, undo: list[Callable[[], Any]], timeout: float) -> str:
     """Its namespace and link, its domain (provisioned once), its process; waits until LDAPS answers."""
     if shutil.which("samba-tool") is None:
-        raise LabError("samba-tool is missing: apt-get install samba samba-ad-dc (or run scripts/install.sh)")
+        raise LabError("samba-tool is missing: apt-get install samba samba-ad-dc samba-ad-provision (or run "
+                       "scripts/install.sh)")
     if net.ensure_netns(d.netns):
         undo.append(partial(net.remove_netns, d.netns))
     if net.ensure_host_link(d.veth, d.netns, bridge, d.address, PREFIXLEN, GATEWAY):
