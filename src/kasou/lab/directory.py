@@ -159,8 +159,9 @@ def passwords(d: LabDirectory) -> dict[str, str]:
 def ensure(d: LabDirectory, bridge: str, ca_dir: Path, undo: list[Callable[[], Any]], timeout: float) -> str:
     """Its namespace and link, its domain (provisioned once), its process; waits until LDAPS answers."""
     if shutil.which("samba-tool") is None:
-        raise LabError("samba-tool is missing: apt-get install samba samba-ad-dc samba-ad-provision (or run "
-                       "scripts/install.sh)")
+        raise LabError(
+            "samba-tool is missing: apt-get install samba samba-ad-dc samba-ad-provision (or run scripts/install.sh)"
+        )
     if net.ensure_netns(d.netns):
         undo.append(partial(net.remove_netns, d.netns))
     if net.ensure_host_link(d.veth, d.netns, bridge, d.address, PREFIXLEN, GATEWAY):
