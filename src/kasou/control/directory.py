@@ -78,6 +78,7 @@ class Directory:
         self._status = "unknown"
         self._status_at = 0.0
         self._down_until = 0.0
+        self._probe = asyncio.Lock()  # one status probe at a time (the status route is public)
 
     # -- the settings ------------------------------------------------------------------------
 
@@ -198,9 +199,10 @@ class Directory:
         cfg = await self.config()
         if cfg is None:
             return "off"
-        if self._status == "unknown" or time.monotonic() - self._status_at > STATUS_EVERY_S:
-            with contextlib.suppress(DirectoryUnavailable):
-                await self._ask(cfg, lambda d: d.ping())
+        async with self._probe:
+            if self._status == "unknown" or time.monotonic() - self._status_at > STATUS_EVERY_S:
+                with contextlib.suppress(DirectoryUnavailable):
+                    await self._ask(cfg, lambda d: d.ping())
         return self._status
 
     @staticmethod
