@@ -97,7 +97,7 @@ def test_reordered_or_dropped_frames_are_found(tmp_path: Path, monkeypatch: pyte
     record(p, [(0, os.urandom(150)) for _ in range(5)])
     head, f = frames_of(p)
     p.write_bytes(head + f[0] + f[2] + f[1] + b"".join(f[3:]))
-    with pytest.raises(Conflict, match="frame 1 .* does not open"):
+    with pytest.raises(Conflict, match=r"frame 1 .* does not open"):
         read_all(p)
     p.write_bytes(head + f[0] + b"".join(f[2:]))
     with pytest.raises(Conflict, match="does not open"):

@@ -319,8 +319,6 @@ def console_routes(
         except* (AgentDisconnect, WebSocketNetworkError, ConnectionError):
             pass  # the display went away as the console closed
         finally:
-            if rec is not None:
-                await recordings.finish(svc(), live, rec)
             if live in consoles.live:
                 consoles.live.discard(live)
                 took = time.time() - live.started
@@ -333,6 +331,8 @@ def console_routes(
                     "clipboard_dropped": stats.get("dropped_cut_text", 0),
                 })  # fmt: skip
                 await _event(svc, "console_closed", t, msg)
+            if rec is not None:
+                await recordings.finish_shielded(svc(), live, rec)
         return None
 
     return r
@@ -441,7 +441,7 @@ async def _pipe(
         await rec.failed.wait()
         why = rec.error or "the recording failed"
         if live.ticket.role == "vendor":
-            live.why, live.ended_by_check = f"a vendor's console is recorded, and {why}", "recording"
+            live.why, live.ended_by_check = f"a vendor's console is always recorded: {why}", "recording"
             return
         if rec_failed is not None:
             await rec_failed(why)

@@ -81,6 +81,18 @@ async def finish(svc: Services, live: LiveConsole, w: RecordingWriter) -> None:
         await for_store(svc.store).sweep()
 
 
+_closing: set[asyncio.Task[None]] = set()
+
+
+async def finish_shielded(svc: Services, live: LiveConsole, w: RecordingWriter) -> None:
+    """:func:`finish` in a task of its own: a console's handler cancelled as it ends (a server shutting
+    down) still closes the recording with its final frame and writes its audit record."""
+    task = asyncio.create_task(finish(svc, live, w), name=f"recording-close-{w.id}")
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+    await asyncio.shield(task)
+
+
 async def failed(svc: Services, live: LiveConsole, why: str) -> None:
     """An error event: a console whose recording could not be made or written."""
     t = live.ticket

@@ -169,7 +169,7 @@ class RecordingWriter:
             await asyncio.to_thread(write_all, f, frame)
             self._size += len(frame)
         except OSError as e:
-            self.error = f"the recording {self.path.name} could not be written: {e.strerror or e}"
+            self.error = f"the recording could not be written: {e.strerror or e}"
             self.failed.set()
 
     async def close(self) -> dict[str, Any]:
