@@ -12,6 +12,7 @@ const DICT = {
     "signin.totp_enroll": "管理者は確認コード（TOTP）が必要です。他の管理者に登録を依頼してください",
     "signout": "サインアウト",
     "account": "アカウント",
+    "recordings": "コンソール記録",
     "lang.switch": "English",
   },
   en: {
@@ -26,6 +27,7 @@ const DICT = {
     "signin.totp_enroll": "administrators need a TOTP code here; ask another administrator to enroll you",
     "signout": "Sign out",
     "account": "Account",
+    "recordings": "Console recordings",
     "lang.switch": "日本語",
   },
 };
