@@ -6,8 +6,10 @@ A private kasou runs one desktop (a tiny guest, the only desktop of a pool) and 
 path are measured both ways (staff's consoles are always recorded: the pool is how a console goes unrecorded).
 Each round opens a console through the API's websocket proxy (a Python RFB 3.8 client, raw encoding) and:
 
-* latency: a FramebufferUpdateRequest (non-incremental, 64x16 pixels) to the whole FramebufferUpdate back,
-  ``--pings`` times; also straight to QEMU's VNC socket (no proxy) for the proxy's own share;
+* latency: a FramebufferUpdateRequest (non-incremental, 64x16 pixels) to QEMU's first answer (with the
+  ExtendedDesktopSize encoding QEMU answers such a request at once with the desktop's size; its pixels follow
+  at its display refresh, about 150 ms under TCG, which would hide the proxy), ``--pings`` times; also
+  straight to QEMU's VNC socket (no proxy), so the proxy's own share is the difference;
 * CPU: full-screen non-incremental updates as fast as they come for ``--seconds``; the API server's CPU time
   (utime + stime from /proc) divided by the MB that went through.
 
@@ -85,43 +87,62 @@ class Rfb:
         init = await self.read(24)
         self.w, self.h = struct.unpack(">HH", init[:4])
         await self.read(struct.unpack(">I", init[20:24])[0])
-        await self.send(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only (the most bytes per screen)
+        # raw only (the most bytes per screen), and ExtendedDesktopSize: QEMU then answers a non-incremental
+        # update request at once with a desktop-size message (before the pixels, which wait for its refresh timer)
+        await self.send(struct.pack(">BxHii", 2, 2, 0, -308))
 
-    async def update(self, x: int, y: int, w: int, h: int) -> int:
-        """A non-incremental update of the rectangle; the bytes of the answer."""
-        await self.send(struct.pack(">BBHHHH", 3, 0, x, y, w, h))
+    async def message(self) -> tuple[int, bool]:
+        """One FramebufferUpdate (bells skipped): its bytes, and whether it held pixels."""
         while True:
             kind = (await self.read(1))[0]
             if kind == 0:
                 break
-            if kind == 2:  # bell
-                continue
-            raise SystemExit(f"unexpected server message {kind}")
+            if kind != 2:  # 2: bell
+                raise SystemExit(f"unexpected server message {kind}")
         (_, n) = struct.unpack(">BH", await self.read(3))
-        got = 4
+        got, pixels = 4, False
         for _ in range(n):
             _x, _y, rw, rh, enc = struct.unpack(">HHHHi", await self.read(12))
-            if enc != 0:
+            got += 12
+            if enc == 0:
+                await self.read(rw * rh * 4)
+                got, pixels = got + rw * rh * 4, True
+            elif enc == -308:  # ExtendedDesktopSize: u8 screens, 3 pad, 16 bytes a screen
+                screens = (await self.read(4))[0]
+                await self.read(16 * screens)
+                got += 4 + 16 * screens
+            else:
                 raise SystemExit(f"unexpected encoding {enc}")
-            await self.read(rw * rh * 4)
-            got += 12 + rw * rh * 4
-        return got
+        return got, pixels
+
+    async def update(self, x: int, y: int, w: int, h: int) -> tuple[int, float]:
+        """A non-incremental update of the rectangle: the bytes of the answer, and the seconds to its first
+        message (QEMU's immediate desktop-size answer: the round trip through everything but QEMU's timer)."""
+        t0 = time.perf_counter()
+        await self.send(struct.pack(">BBHHHH", 3, 0, x, y, w, h))
+        got, pixels = await self.message()
+        first = time.perf_counter() - t0
+        while not pixels:
+            more, pixels = await self.message()
+            got += more
+        return got, first
 
 
 async def measure(rfb: Rfb, pings: int, seconds: float, api_pid: int | None) -> dict[str, float]:
     await rfb.handshake()
-    for _ in range(5):
+    for _ in range(3):
         await rfb.update(0, 0, 64, 16)
-    rtts = []
+    firsts, wholes = [], []
     for _ in range(pings):
         t0 = time.perf_counter()
-        await rfb.update(0, 0, 64, 16)
-        rtts.append(time.perf_counter() - t0)
-    out = {"rtt_ms": median(rtts) * 1000}
+        _, first = await rfb.update(0, 0, 64, 16)
+        wholes.append(time.perf_counter() - t0)
+        firsts.append(first)
+    out = {"rtt_ms": median(firsts) * 1000, "update_ms": median(wholes) * 1000}
     if api_pid is not None:
         c0, t0, nbytes = cpu_s(api_pid), time.monotonic(), 0
         while time.monotonic() - t0 < seconds:
-            nbytes += await rfb.update(0, 0, rfb.w, rfb.h)
+            nbytes += (await rfb.update(0, 0, rfb.w, rfb.h))[0]
         out["cpu_s_per_mb"] = (cpu_s(api_pid) - c0) / (nbytes / 1e6)
         out["mb_per_s"] = nbytes / 1e6 / (time.monotonic() - t0)
     return out
@@ -204,7 +225,8 @@ def main() -> None:
                 api.patch(f"/v1/desktop-pools/{POOL}", json={"record": mode == "on"}).raise_for_status()
                 m = asyncio.run(through_proxy(base, cookie, vm, args.pings, args.seconds, api_pid))
                 results[mode].append(m)
-                print(f"  round {i + 1} recording {mode:<3}: round trip {m['rtt_ms']:6.2f} ms, "
+                print(f"  round {i + 1} recording {mode:<3}: round trip {m['rtt_ms']:6.2f} ms "
+                      f"(whole update {m['update_ms']:6.1f} ms), "
                       f"API CPU {m['cpu_s_per_mb'] * 1000:6.1f} ms/MB at {m['mb_per_s']:5.1f} MB/s", flush=True)  # fmt: skip
             if sock.exists():
                 with_direct = asyncio.run(direct(sock, args.pings))
@@ -216,11 +238,15 @@ def main() -> None:
     on_cpu = median([m["cpu_s_per_mb"] for m in results["on"]])
     off_cpu = median([m["cpu_s_per_mb"] for m in results["off"]])
     direct_rtt = median([m["rtt_ms"] for m in results["direct"]]) if results["direct"] else float("nan")
+    on_upd = median([m["update_ms"] for m in results["on"]])
+    off_upd = median([m["update_ms"] for m in results["off"]])
     sealed = sum(r["size"] for r in recs)
     plain = sum(r["plain_bytes"] for r in recs)
     print(f"update round trip (median): direct to QEMU {direct_rtt:.2f} ms, through the proxy: recording off "
           f"{off_rtt:.2f} ms, on {on_rtt:.2f} ms; on/off = {on_rtt / off_rtt:.2f}; the proxy adds "
           f"{off_rtt - direct_rtt:.2f} ms (off) / {on_rtt - direct_rtt:.2f} ms (on)")  # fmt: skip
+    print(f"whole 64x16 update (QEMU's refresh timer included): off {off_upd:.1f} ms, on {on_upd:.1f} ms; "
+          f"on/off = {on_upd / off_upd:.3f}")  # fmt: skip
     print(f"API server CPU per MB proxied (median): off {off_cpu * 1000:.1f} ms, on {on_cpu * 1000:.1f} ms; "
           f"on/off = {on_cpu / off_cpu:.2f}")  # fmt: skip
     print(f"recordings: {len(recs)} ({sum(1 for r in recs if r['state'] == 'complete')} complete), "
@@ -229,6 +255,8 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
         "rounds": args.rounds, "pings": args.pings, "seconds": args.seconds,
         "rtt_ms": {"direct": direct_rtt, "off": off_rtt, "on": on_rtt}, "rtt_ratio_on_off": on_rtt / off_rtt,
+        "proxy_added_ms": {"off": off_rtt - direct_rtt, "on": on_rtt - direct_rtt},
+        "update_ms": {"off": off_upd, "on": on_upd},
         "api_cpu_ms_per_mb": {"off": off_cpu * 1000, "on": on_cpu * 1000}, "cpu_ratio_on_off": on_cpu / off_cpu,
         "recordings": len(recs), "plain_mb": plain / 1e6, "sealed_mb": sealed / 1e6, "runs": results,
     }  # fmt: skip

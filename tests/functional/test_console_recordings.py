@@ -208,3 +208,19 @@ def test_retention_deletes_old_recordings_audited_and_keeps_held_ones(env: Env) 
     dels = env.api.get("/v1/audit/records", params={"action": "console_recording_deleted"}, headers=ROOT).json()
     assert [x["details"]["recording"] for x in dels] == [a["details"]["recording"]]
     assert dels[0]["details"]["retention_days"] == 400 and dels[0]["actor"]["role"] == "system"
+
+
+def test_a_serial_console_is_recorded_with_what_was_typed(env: Env) -> None:
+    env.vm("emr1")
+    op = env.user("op1", "operator")
+    r = env.api.post("/v1/vms/emr1/console-ticket", params={"kind": "serial"}, headers=op)
+    with env.api.websocket_connect(r.json()["url"], headers=op) as ws:
+        assert ws.receive_bytes() == b"emr1 login: "
+        ws.send_bytes(b"root\n")
+        assert ws.receive_bytes() == b"echo: root\n"
+    [a] = recorded(env)
+    assert a["details"]["kind"] == "serial" and a["details"]["state"] == "complete"
+    r = env.api.get(f"/v1/recordings/{a['details']['recording']}/export", headers=ROOT)
+    head = json.loads(r.content[len(api_rec.EXPORT_MAGIC) :].split(b"\n", 1)[0])
+    assert head["typed"] == "root\n" and head["digest_ok"]
+    assert b"emr1 login: " in r.content and b"echo: root\n" in r.content  # the events, decrypted

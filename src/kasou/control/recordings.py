@@ -62,7 +62,7 @@ def associated(rec_id: str, index: int, final: bool) -> bytes:
     return FORMAT.encode() + b"\0" + rec_id.encode() + struct.pack(">QB", index, int(final))
 
 
-def seal_frame(key: bytes, rec_id: str, index: int, plaintext: bytes, final: bool = False) -> bytes:
+def seal_frame(key: bytes, rec_id: str, index: int, plaintext: bytes | bytearray, final: bool = False) -> bytes:
     nonce = os.urandom(NONCE_BYTES)
     body = nonce + AESGCM(key).encrypt(nonce, plaintext, associated(rec_id, index, final))
     return FRAME.pack(len(body), int(final)) + body
@@ -101,7 +101,7 @@ class RecordingWriter:
         self._events = 0
         self._index = 0
         self._size = 0
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+        self._queue: asyncio.Queue[bytearray | None] = asyncio.Queue(QUEUE_CHUNKS)
         self._file: BinaryIO | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -135,14 +135,14 @@ class RecordingWriter:
         """One event, now. Waits only when ``QUEUE_CHUNKS`` chunks are already waiting for the disk."""
         if self.error is not None or not data:
             return
-        ev = encode_event(direction, int((time.monotonic() - self._first) * 1e6), data)
-        self._digest.update(ev)
-        self._plain += len(ev)
+        buf = self._buf
+        buf += EVENT.pack(direction, int((time.monotonic() - self._first) * 1e6), len(data))
+        buf += data
+        self._plain += EVENT.size + len(data)
         self._events += 1
-        self._buf += ev
-        if len(self._buf) >= CHUNK_BYTES:
-            chunk, self._buf = bytes(self._buf), bytearray()
-            await self._queue.put(chunk)
+        if len(buf) >= CHUNK_BYTES:
+            self._buf = bytearray()
+            await self._queue.put(buf)
 
     def queued(self) -> int:
         """Chunks waiting for the disk (never more than ``QUEUE_CHUNKS``)."""
@@ -155,19 +155,28 @@ class RecordingWriter:
             except TimeoutError:  # a quiet second: what the buffer holds goes to disk now
                 if not self._buf:
                     continue
-                chunk, self._buf = bytes(self._buf), bytearray()
+                chunk, self._buf = self._buf, bytearray()
             if chunk is None:
                 return
             if self.error is None:
-                await self._write(chunk)
+                await self._write(chunk, events=True)
 
-    async def _write(self, plaintext: bytes, final: bool = False) -> None:
-        frame = self._frame(plaintext, final)
+    async def _write(self, plaintext: bytes | bytearray, final: bool = False, events: bool = False) -> None:
+        """Seal and write one frame in a worker thread (and hash the events it holds there too)."""
+        index = self._index
+        self._index += 1
         f = self._file
         assert f is not None
+
+        def work() -> int:
+            if events:
+                self._digest.update(plaintext)
+            frame = seal_frame(self._key, self.id, index, plaintext, final)
+            write_all(f, frame)
+            return len(frame)
+
         try:
-            await asyncio.to_thread(write_all, f, frame)
-            self._size += len(frame)
+            self._size += await asyncio.to_thread(work)
         except OSError as e:
             self.error = f"the recording could not be written: {e.strerror or e}"
             self.failed.set()
@@ -176,7 +185,7 @@ class RecordingWriter:
         """Write what is left and the final frame; the trailer (end, sizes, digest, error if any)."""
         if self._task is not None and not self._task.done():
             if self._buf:
-                chunk, self._buf = bytes(self._buf), bytearray()
+                chunk, self._buf = self._buf, bytearray()
                 await self._queue.put(chunk)
             await self._queue.put(None)
             await self._task
