@@ -61,6 +61,8 @@ def test_an_operators_console_is_recorded_sealed_and_exported(env: Env, tmp_path
     assert d["state"] == "complete" and d["size"] > 0 and len(d["sha256"]) == 64 and d["ended"] >= d["started"]
     closes = env.api.get("/v1/audit/records", params={"action": "console_close"}, headers=ROOT).json()
     assert closes[-1]["details"]["console"] == d["console"]  # tied to the console's own records
+    opens = env.api.get("/v1/audit/records", params={"action": "console_open"}, headers=ROOT).json()
+    assert opens[-1]["details"]["recording"] == d["recording"]
     f = tmp_path / "recordings" / f"{d['recording']}.kasourec"
     assert oct(f.stat().st_mode & 0o777) == "0o600" and oct(f.parent.stat().st_mode & 0o777) == "0o700"
     assert b"emr1" not in f.read_bytes() and b"nurse-it" not in f.read_bytes()  # sealed, metadata too

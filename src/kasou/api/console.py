@@ -303,14 +303,14 @@ def console_routes(
                     return await refused(UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
                 try:
                     rec = await recordings.start(svc(), live)
-                except OSError as e:
-                    why = f"its recording cannot be written ({e.strerror or e})"
+                except (OSError, KasouError) as e:
+                    why = f"its recording cannot be written ({getattr(e, 'strerror', None) or e})"
                     if t.role == "vendor":
                         return await refused(NOT_RECORDED, f"a vendor's console opens only recorded: {why}")
                     await recordings.failed(svc(), live, why)
                 consoles.live.add(live)
                 live.started = time.time()
-                await _audit(svc, "console_open", live, ok=True)
+                await _audit(svc, "console_open", live, ok=True, details={"recording": rec.id if rec else None})
                 await _event(svc, "console_opened", t, f"{t.user} opened the console of {t.vm} from {source}")
                 stats = await _pipe(ws, display, live, t.policy, still_allowed, rec,
                                     lambda why: recordings.failed(svc(), live, why))  # fmt: skip
