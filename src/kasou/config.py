@@ -393,6 +393,7 @@ def check_settings() -> None:
     audit_checkpoint_every()
     signin_rate()
     require_totp_for_admins()
+    recording_days()
 
 
 def trusted_proxies() -> list[str]:
