@@ -57,6 +57,12 @@ def _storage_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["KASOU_STORAGE_ROOTS"] = before
 
 
+@pytest.fixture(autouse=True)
+def _recordings_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Console recordings (kasou.control.recording_store) go to the test's own directory."""
+    monkeypatch.setenv("KASOU_RECORDING_DIR", str(tmp_path / "recordings"))
+
+
 RUN_ROOT = Path("/run/kasou")
 
 

@@ -394,6 +394,7 @@ def check_settings() -> None:
     signin_rate()
     require_totp_for()
     directory_recheck_s()
+    recording_days()
 
 
 def trusted_proxies() -> list[str]:
@@ -509,3 +510,17 @@ def confine_settings() -> ConfineSettings:
     count = int_setting("KASOU_VM_UID_COUNT", 1000, 1, 65536)
     overhead = int_setting("KASOU_QEMU_MEMORY_OVERHEAD_MIB", 512, 64, 65536)
     return ConfineSettings(enabled, base, count, overhead)
+
+
+def recordings_dir() -> Path:
+    """Where this API server keeps the console recordings it made (``KASOU_RECORDING_DIR``, default
+    ``KASOU_HOME/recordings``; mode 0700, each file 0600, sealed with the site's secrets key)."""
+    env = os.environ.get("KASOU_RECORDING_DIR", "").strip()
+    return Path(env) if env else Paths.from_env().home / "recordings"
+
+
+def recording_days() -> int:
+    """``KASOU_RECORDING_DAYS``: how long a console recording is kept (default 400 days: a full year, so the
+    yearly internal audit and the monthly access-log reviews of the whole year can still replay a session,
+    plus a month to hold that audit; 1..3650). Each deletion is a record in the audit chain."""
+    return int_setting("KASOU_RECORDING_DAYS", 400, 1, 3650)

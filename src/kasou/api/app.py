@@ -31,6 +31,7 @@ from kasou.api.live import live_routes
 from kasou.api.media import media_router
 from kasou.api.metrics import metrics_routes
 from kasou.api.portal import desktop_pool_routes, portal_routes
+from kasou.api.recordings import recording_routes
 from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
 from kasou.api.transfers import transfer_routes
@@ -390,6 +391,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     app.include_router(directory_routes(svc, principal))  # /v1/directory: sign-in with the hospital's directory
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
     app.include_router(audit_routes(svc, principal))  # /v1/audit: auditors and administrators
+    app.include_router(recording_routes(svc, principal))  # /v1/recordings: console recordings (audit)
     app.include_router(window_routes(svc, principal))  # /v1/maintenance-windows: vendors' maintenance windows
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))

@@ -167,6 +167,12 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/audit/checkpoint"): need("audit", "users"),
     ("GET", "/v1/audit/status"): need("audit", "users"),
     ("GET", "/v1/audit/review"): need("audit", "users", lists=True),  # a manager: their departments' only
+    # console recordings (kasou.api.recordings): auditors and administrators
+    ("GET", "/v1/recordings"): need("audit"),
+    ("GET", "/v1/recordings/{rec_id}"): need("audit"),
+    ("POST", "/v1/recordings/{rec_id}/hold"): need("audit"),
+    ("GET", "/v1/recordings/{rec_id}/stream"): need("audit"),
+    ("GET", "/v1/recordings/{rec_id}/export"): need("audit"),
     # the desktop portal: clinicians (and staff who test it)
     ("GET", "/v1/portal/pools"): need("portal"),
     ("GET", "/v1/portal/desktop"): need("portal"),

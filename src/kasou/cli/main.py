@@ -38,6 +38,7 @@ from kasou.cli.lab import lab_app
 from kasou.cli.maintenance import window_app
 from kasou.cli.networks import network_app
 from kasou.cli.plan import plan_app
+from kasou.cli.recordings import console_app
 from kasou.cli.snapshot import snapshot_app
 from kasou.cli.storage import disk_app, pool_app
 from kasou.cli.tls import tls_app
@@ -74,6 +75,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(directory_app, name="directory")
 app.add_typer(window_app, name="maintenance-window")
 app.add_typer(audit_app, name="audit")
+app.add_typer(console_app, name="console")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")
 app.add_typer(tls_app, name="tls")

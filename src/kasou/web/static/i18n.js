@@ -14,6 +14,7 @@ const DICT = {
       "病院のディレクトリ（Active Directory）に接続できません。ディレクトリのアカウントでは現在サインインできません。ローカルアカウントと緊急用アカウントは使えます。",
     "signout": "サインアウト",
     "account": "アカウント",
+    "recordings": "コンソール記録",
     "lang.switch": "English",
   },
   en: {
@@ -30,6 +31,7 @@ const DICT = {
       "The hospital directory cannot be reached: directory accounts cannot sign in now. Local accounts and break-glass still work.",
     "signout": "Sign out",
     "account": "Account",
+    "recordings": "Console recordings",
     "lang.switch": "日本語",
   },
 };

@@ -12,6 +12,7 @@ async function main() {
     return;
   }
   document.getElementById("account").hidden = false;
+  document.getElementById("recordings").hidden = !who.permissions.includes("audit"); // console recordings
   const out = document.getElementById("signout");
   out.hidden = false;
   out.onclick = async () => {
