@@ -11,6 +11,7 @@
 # (default /usr/bin/python3, Debian's: the package depends on it). Needs no root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+unset PYTHONPATH PYTHONHOME PYTHONUSERBASE  # a developer's checkout on the path would stand in for the wheel
 src=$PWD
 out=$(realpath -m "${1:-dist}")
 python=$(readlink -f "${KASOU_DEB_PYTHON:-/usr/bin/python3}")  # python3.11 itself: the package depends on it
@@ -31,6 +32,7 @@ wheel=$(ls "$work"/wheels/kasou-*.whl)
 "$python" -m venv "$venv"
 "$venv/bin/pip" -q --disable-pip-version-check install --no-compile "$wheel" 2>&1 | grep -v '^WARNING: Location' || true
 "$venv/bin/python" -c 'import kasou.cli.main, kasou.agent.server, kasou.api.server, kasou.vault.app'
+test -x "$venv/bin/kasou" || { echo "error: the wheel did not install the kasou command" >&2; exit 1; }
 # pip is left out of the installed environment (kasou is upgraded as a whole, with the package).
 "$venv/bin/python" -m pip -q --disable-pip-version-check uninstall -y pip setuptools >/dev/null 2>&1 || true
 rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1 "$venv"/bin/pip*
