@@ -38,7 +38,9 @@ def root(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def info(deb: Path, field: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_metadata(deb: Path) -> None:
