@@ -22,6 +22,7 @@ PACKAGES+=(restic)  # bench/backup_server.py: the backup engine kasou's backup s
 PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
 # Debian's installer (kernel and initrd, about 60 MB): the ISO test makes a bootable installer disc of it
 PACKAGES+=(debian-installer-12-netboot-amd64)
+PACKAGES+=(systemd)  # systemd-analyze verify checks kasou's units (packaging/systemd), also where PID 1 is not systemd
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
 
