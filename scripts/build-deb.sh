@@ -35,7 +35,10 @@ wheel=$(ls "$work"/wheels/kasou-*.whl)
 test -x "$venv/bin/kasou" || { echo "error: the wheel did not install the kasou command" >&2; exit 1; }
 # pip is left out of the installed environment (kasou is upgraded as a whole, with the package).
 "$venv/bin/python" -m pip -q --disable-pip-version-check uninstall -y pip setuptools >/dev/null 2>&1 || true
-rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1 "$venv"/bin/pip*
+# Of the commands, only kasou's (and the interpreter's links): no fastapi, uvicorn, qmp-shell ... on PATH.
+find "$venv/bin" -mindepth 1 -not -name kasou -not -name 'python*' -delete
+# Debug symbols of the dependencies' compiled modules are of no use on a hospital's server.
+if command -v strip >/dev/null; then find "$venv" -name '*.so' -type f -exec strip --strip-unneeded {} +; fi
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
 rm -f "$venv"/lib/python*/site-packages/kasou-*.dist-info/direct_url.json  # names the build directory
 # A virtual environment names its own path: make it /opt/kasou (scripts' #! lines, pyvenv.cfg).
@@ -77,7 +80,7 @@ Version: $debversion
 Architecture: $arch
 Maintainer: kasou <kasou@localhost>
 Installed-Size: $size
-Depends: python$pyver, qemu-system-x86, qemu-utils, iproute2, procps, ca-certificates, init-system-helpers
+Depends: python$pyver, python3 (>= $pyver~), libc6 (>= 2.28), qemu-system-x86, qemu-utils, iproute2, procps, ca-certificates, init-system-helpers (>= 1.54~)
 Recommends: ovmf, swtpm, swtpm-tools, novnc, etcd-client, busybox-static, cpio, e2fsprogs, fuse3
 Suggests: etcd-server, virt-v2v, nbdkit
 Section: admin

@@ -6,6 +6,7 @@ scripts run against that throwaway root with fake systemd tools. Nothing is inst
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -112,3 +113,24 @@ def test_maintainer_scripts_install_upgrade_remove_in_the_root(root: Path, tmp_p
     assert "deb-systemd-invoke stop" in run("prerm", "remove")
     run("postrm", "purge")
     assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists()
+
+
+# What lintian says of any Python application packaged as a virtual environment in /opt, and accepted:
+# files in /opt (an add-on package's place), the environment's own interpreter in the #! lines, files of
+# the dependencies' wheels as they ship them, and the changelog and maintainer of a site's own build.
+ACCEPTED_LINTIAN_TAGS = (
+    "dir-or-file-in-opt", "wrong-path-for-interpreter", "unusual-interpreter", "script-not-executable",
+    "executable-not-elf-or-script", "no-manual-page", "initial-upload-closes-no-bugs", "bogus-mail-host",
+    "bogus-mail-host-in-debian-changelog", "copyright-without-copyright-notice",
+)  # fmt: skip
+
+
+def test_lintian_finds_no_other_error(deb: Path) -> None:
+    """Where lintian is installed (optional: apt-get install lintian; about 60 s here)."""
+    if shutil.which("lintian") is None:
+        print("lintian is not installed: the package was not linted")
+        return
+    r = subprocess.run(["lintian", "--suppress-tags", ",".join(ACCEPTED_LINTIAN_TAGS), str(deb)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    errors = [ln for ln in r.stdout.splitlines() if ln.startswith("E:")]
+    assert errors == [], r.stdout
