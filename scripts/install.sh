@@ -11,6 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
+PACKAGES+=(systemd)  # systemd-analyze verify checks kasou's units (packaging/systemd), also where PID 1 is not systemd
 PACKAGES+=(novnc chromium fonts-noto-cjk)  # the web console's noVNC (served at /ui/novnc/), the browser the UI tests drive, and a Japanese font for it (else every Japanese label is a row of empty boxes)
 # The debian image (kasou image build debian): mmdebstrap installs Debian 12 from the host's mirror, and the
 # GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together.
@@ -22,7 +23,6 @@ PACKAGES+=(restic)  # bench/backup_server.py: the backup engine kasou's backup s
 PACKAGES+=(ovmf swtpm swtpm-tools)  # UEFI firmware (--firmware uefi, uefi-secure) and each VM's TPM 2.0 (--tpm)
 # Debian's installer (kernel and initrd, about 60 MB): the ISO test makes a bootable installer disc of it
 PACKAGES+=(debian-installer-12-netboot-amd64)
-PACKAGES+=(systemd)  # systemd-analyze verify checks kasou's units (packaging/systemd), also where PID 1 is not systemd
 PACKAGES+=(${KASOU_EXTRA_PACKAGES:-})
 python3 -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv python3-pip)
 
