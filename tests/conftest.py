@@ -79,7 +79,7 @@ def _runtime_dirs_removed() -> Iterator[None]:
 # (pytest.skip in the test or a fixture, a skipif mark, importorskip), is a failure instead, and so
 # is a test module under tests/integration or tests/browser that skips as a whole at collection.
 
-REQUIRED_MARKERS = ("qemu", "etcd", "deb")
+REQUIRED_MARKERS = ("qemu", "etcd")
 BROWSER_DIR = ("tests", "browser")
 REQUIRED_DIRS = (("tests", "integration"), BROWSER_DIR)
 
