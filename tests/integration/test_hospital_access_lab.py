@@ -60,7 +60,9 @@ def test_a_directory_vendor_works_only_inside_a_window_its_manager_approved_and_
     t0 = time.monotonic()
     vendor = _signed_in(url, ca, "dir-vendor", passwords)
     sign_in_s = time.monotonic() - t0
-    me = vendor.get("/v1/auth/me").json()
+    me_r = vendor.get("/v1/auth/me")
+    assert me_r.status_code == 200, (me_r.status_code, me_r.text, dict(vendor.cookies))
+    me = me_r.json()
     assert me["role"] == "vendor" and me["departments"] == ["lab"] and me["source"] == "directory", me
     manager = _signed_in(url, ca, "dir-manager", passwords)
     assert manager.get("/v1/auth/me").json()["role"] == "manager"
