@@ -88,7 +88,7 @@ def test_a_directory_vendor_works_only_inside_a_window_its_manager_approved_and_
     wid = w.json()["id"]
     assert vendor.post(f"/v1/maintenance-windows/{wid}/approve").status_code == 403
     a = manager.post(f"/v1/maintenance-windows/{wid}/approve")
-    assert a.status_code == 200 and a.json()["state"] == "active", a.text
+    assert a.status_code == 200 and a.json()["state"] == "approved" and a.json()["active"] is True, a.text
 
     # Inside it: the console, a real RFB stream, recorded.
     ticket = vendor.post(f"/v1/vms/{VM}/console-ticket")
