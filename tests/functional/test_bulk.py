@@ -6,8 +6,12 @@ import time
 from typing import Any
 
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
-from tests.functional.conftest import Env
+from kasou.api.client import Client
+from kasou.cli import common
+from kasou.cli.main import app as cli_app
+from tests.functional.conftest import TOKEN, Env
 from tests.functional.test_role_matrix import CSRF, PW, open_window
 
 
@@ -152,3 +156,38 @@ def test_a_vendor_bulk_action_stays_inside_their_window(env: Env) -> None:
     m = TestClient(env.api.app, base_url="http://testserver")
     assert m.post("/v1/auth/login", json={"name": "m", "password": PW}).status_code == 200
     assert m.post("/v1/vms/actions/stop", json={"all": True}, headers=CSRF).status_code == 403
+
+
+def test_the_cli(env: Env) -> None:
+    runner = CliRunner()
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=env.api)
+    try:
+
+        def run(*args: str, code: int = 0) -> str:
+            r = runner.invoke(cli_app, list(args))
+            assert r.exit_code == code, (args, r.output)
+            return r.output
+
+        run("vm", "create", "a", "--image", "tiny", "--tag", "emr", "--tag", "ward-a")
+        run("vm", "create", "b", "--image", "tiny", "--tag", "emr", "--department", "lab")
+        assert "emr, ward-a" in run("vm", "show", "a")
+        assert "vm a: tags emr, lab, ward-a" in run("vm", "tag", "add", "a", "lab")
+        assert "vm a: tags emr, lab" in run("vm", "tag", "remove", "a", "ward-a")
+        run("vm", "tag", "add", "a", "bad tag", code=1)
+        run("vm", "set", "b", "--tag", "emr", "--tag", "x")
+        assert env.api.get("/v1/vms/b").json()["tags"] == ["emr", "x"]
+        listed = run("vm", "list", "--tag", "emr", "--department", "lab")
+        assert " b " in listed and " a " not in listed and "emr,x" in listed
+        run("vm", "start", code=2)  # no VM named, no selector: refused before anything is asked
+        out = run("vm", "start", "--tag", "emr")
+        assert "2 succeeded, 0 failed, 0 skipped" in out
+        assert "running" in run("vm", "list", "--state", "running")
+        out = run("vm", "stop", "--all")
+        assert "2 succeeded" in out
+        run("vm", "list", "--state", "runnin", code=1)
+        env.driver.fail_next_start = "no room"
+        out = run("vm", "start", "a", "b", "--parallel", "1", code=1)  # one failed: exit 1
+        assert "1 succeeded, 1 failed" in out and "no room" in out
+        assert "already running" in run("vm", "start", "a", "b", "--json")
+    finally:
+        common.client_factory = None
