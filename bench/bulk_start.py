@@ -48,21 +48,25 @@ from kasou.image import load_image
 TIMEOUT = 300.0
 
 
-def log_sizes(serial: Path, names: list[str]) -> dict[str, int]:
-    return {n: (serial / f"{n}.log").stat().st_size if (serial / f"{n}.log").exists() else 0 for n in names}
+def clear_logs(serial: Path, names: list[str]) -> None:
+    """Empty the stopped VMs' serial logs (QEMU truncates its log when it opens it, which is after a round's
+    clock starts: an old readiness line must not count)."""
+    for n in names:
+        p = serial / f"{n}.log"
+        if p.exists():
+            p.write_bytes(b"")
 
 
-def wait_all_ready(serial: Path, since: dict[str, int], t0: float) -> float:
-    """Seconds from ``t0`` until every VM's serial console (``serial``/NAME.log) shows the readiness line after
-    offset ``since[NAME]`` (read as the bare QEMUs' logs are: nothing asks kasou, whose CPU it would take)."""
+def wait_all_ready(serial: Path, names: list[str], t0: float) -> float:
+    """Seconds from ``t0`` until every VM's serial console (``serial``/NAME.log) shows the readiness line (read as
+    the bare QEMUs' logs are: nothing asks kasou, whose CPU it would take)."""
     deadline = time.monotonic() + TIMEOUT
-    waiting = dict(since)
+    waiting = set(names)
     while time.monotonic() < deadline:
-        for n, off in list(waiting.items()):
+        for n in list(waiting):
             try:
-                data = (serial / f"{n}.log").read_bytes()
-                if READY.encode() in (data[off:] if len(data) >= off else data):  # a new start may begin a new log
-                    del waiting[n]
+                if READY.encode() in (serial / f"{n}.log").read_bytes():
+                    waiting.discard(n)
             except FileNotFoundError:
                 pass
         if not waiting:
@@ -84,12 +88,12 @@ def kasou_mode(
     """Run the CLI commands one after the other; time them, the guests' readiness, and the VMs' own start jobs
     (admission and QEMU's start through the agent: the control plane's part of each start)."""
     since = time.time()
-    offsets = log_sizes(serial, names)
+    clear_logs(serial, names)
     t0 = time.monotonic()
     for argv in argvs:
         subprocess.run([*KASOU, *argv], env=env, check=True, timeout=TIMEOUT, capture_output=True)
     calls = time.monotonic() - t0
-    ready = wait_all_ready(serial, offsets, t0)
+    ready = wait_all_ready(serial, names, t0)
     jobs = [j for j in c.get("/v1/jobs", params={"limit": 1000}) if j["kind"] == "start" and j["created_at"] >= since]
     spans = [j["finished_at"] - j["started_at"] for j in jobs if j.get("finished_at")]
     stop_all(c)
