@@ -91,7 +91,9 @@ def kasou_mode(
     clear_logs(serial, names)
     t0 = time.monotonic()
     for argv in argvs:
-        subprocess.run([*KASOU, *argv], env=env, check=True, timeout=TIMEOUT, capture_output=True)
+        r = subprocess.run([*KASOU, *argv], env=env, timeout=TIMEOUT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"kasou {' '.join(argv)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     calls = time.monotonic() - t0
     ready = wait_all_ready(serial, names, t0)
     jobs = [j for j in c.get("/v1/jobs", params={"limit": 1000}) if j["kind"] == "start" and j["created_at"] >= since]
