@@ -115,9 +115,9 @@ def test_portal_same_desktop_exhaustion_and_release_on_logout(env: Env) -> None:
     assert asyncio.run(svc.user_may_open("nurse1", "ward3-02")) is False
     assert asyncio.run(svc.user_may_open("nurse2", "base")) is False
     assert asyncio.run(svc.console_policy("ward3-01")).model_dump() == {
-        "clipboard": False, "file_transfer": False, "usb": False}  # fmt: skip
+        "clipboard": False, "file_transfer": False, "usb": False, "record": False}  # fmt: skip
     assert asyncio.run(svc.console_policy("base")).model_dump() == {
-        "clipboard": False, "file_transfer": False, "usb": False}  # fmt: skip
+        "clipboard": False, "file_transfer": False, "usb": False, "record": False}  # fmt: skip
     # Sign-out returns the desktop; it is reset (a fresh overlay) and pre-started again.
     before = _disk(env, "ward3-01")
     before.write_bytes(before.read_bytes() + b"session data")  # what the session left on its disk
@@ -244,3 +244,17 @@ def test_names_taken_refused(env: Env) -> None:
     r = env.api.post("/v1/desktop-pools", json={"name": "ward3", "template": "base", "size": 2})
     assert r.status_code == 409 and "ward3-02" in r.json()["message"]
     assert env.api.get("/v1/desktop-pools").json() == []
+
+
+def test_pool_record_setting_at_create_and_set(env: Env) -> None:
+    """Whether a pool's console sessions are recorded: off by default, set at create, changed later."""
+    _template(env)
+    p = _pool(env, "ward4", size=1, prestart=0)
+    assert p["record"] is False
+    r = env.api.patch("/v1/desktop-pools/ward4", json={"record": True})
+    assert r.status_code == 202, r.text
+    assert env.api.get("/v1/desktop-pools/ward4").json()["record"] is True
+    assert env.services.vms.desktops is not None
+    assert env.api.patch("/v1/desktop-pools/ward4", json={"record": "yes"}).status_code == 422
+    _pool(env, "ward5", size=1, prestart=0, record=True)
+    assert env.api.get("/v1/desktop-pools/ward5").json()["record"] is True

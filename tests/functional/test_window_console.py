@@ -54,10 +54,10 @@ def test_a_vendors_console_closes_when_the_window_ends(env: Env) -> None:
     assert code == 1008 and reason == f"the maintenance window {w['id']} ended", (code, reason)
     deadline = time.monotonic() + 5
     recs: list[Any] = []
-    while len(recs) < 2 and time.monotonic() < deadline:  # console_close is written as the proxy ends
+    while len(recs) < 3 and time.monotonic() < deadline:  # console_close is written as the proxy ends
         recs = env.api.get("/v1/audit/records", params={"action": "console_"}, headers=ROOT).json()
         time.sleep(0.05)
-    assert [x["action"] for x in recs] == ["console_open", "console_close"], recs
+    assert [x["action"] for x in recs] == ["console_open", "console_close", "console_recording"], recs
     assert all(x["details"]["window"] == w["id"] for x in recs), recs
     assert env.api.post("/v1/vms/lab1/console-ticket", headers=v).status_code == 403
 

@@ -286,6 +286,8 @@ async def _record(
     details: dict[str, Any] = {}
     if request.query_params:
         details["query"] = dict(request.query_params)
+    if action == "login" and isinstance(answer, dict) and answer.get("source") == "directory":
+        details.update(source="directory", groups=answer.get("groups", []))  # the groups that gave the role
     if isinstance(sent, dict) and action not in ("login", "login_failed"):
         details["body"] = sent
     elif body and sent is None:

@@ -64,6 +64,21 @@ class Client:
         """A POST whose answer is a file (application/octet-stream)."""
         return self._call("POST", path, **kw).content
 
+    def download(self, path: str, dest: Any, **kw: Any) -> int:
+        """A GET whose answer is a file, streamed into ``dest`` (an open binary file); the bytes written."""
+        n = 0
+        try:
+            with self._http.stream("GET", path, **kw) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise_for_response(resp)
+                for chunk in resp.iter_bytes():
+                    dest.write(chunk)
+                    n += len(chunk)
+        except httpx.TransportError:
+            raise AgentUnavailable(f"the kasou API at {self.base_url} is not reachable; is kasou up?") from None
+        return n
+
     def text(self, path: str, **kw: Any) -> str:
         return self._call("GET", path, **kw).text
 

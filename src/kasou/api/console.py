@@ -24,6 +24,9 @@
    are records in the audit chain (``console_open``, ``console_close``: who, which VM, from where, how
    long, how many bytes each way; a ticket refused at the websocket is a ``console_open`` that failed)
    and operator events (``console_opened``, ``console_closed``).
+4. What passes is recorded (:mod:`kasou.api.recordings`: every console of staff and vendors, a clinician's
+   desktop when its pool says so), sealed with the site's secrets key, with a ``console_recording``
+   record in the audit chain; a vendor's console whose recording cannot be written is closed.
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ from httpx_ws import WebSocketDisconnect as AgentDisconnect
 from httpx_ws import WebSocketNetworkError
 from pydantic import BaseModel
 
+from kasou.api import recordings
 from kasou.api.auth import SESSION_COOKIE, Principal, bearer_principal
 from kasou.api.rfb import ClientFilter, RfbProtocolError
 from kasou.config import console_idle_s
 from kasou.control import audit
+from kasou.control.recordings import FROM_CLIENT, FROM_SERVER, RecordingWriter
 from kasou.errors import Conflict, Forbidden, KasouError
 from kasou.model.desktops import ConsolePolicy
 from kasou.model.names import validate_name
@@ -67,6 +72,7 @@ SESSION_CHECK_EVERY_S = 30.0  # while a console is in use, its session is checke
 POLICY_VIOLATION = 1008
 NOT_RUNNING = 4409
 UNREACHABLE = 4503
+NOT_RECORDED = 4507  # a vendor's console whose recording cannot be written
 SHOWN_STATES = ("running", "paused", "migrating", "shutting_down")
 
 
@@ -146,7 +152,7 @@ class LiveConsole:
     started: float = field(default_factory=time.time)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     why: str = ""
-    ended_by_check: bool = False  # its session, token or right ended (closed with 1008)
+    ended_by_check: bool | str = False  # its session, token or right ended (True: 1008), "recording" failed (4507)
     id: str = field(default_factory=lambda: secrets.token_hex(8))  # pairs its console_open and console_close
     clock: Callable[[], float] = time.time  # the clock a maintenance window's end is read on
 
@@ -284,6 +290,7 @@ def console_routes(
             code = POLICY_VIOLATION if e.code in ("unauthorized", "forbidden") else UNREACHABLE
             return await refused(code, str(e))
         stats: dict[str, int] = {}
+        rec: RecordingWriter | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
@@ -294,12 +301,21 @@ def console_routes(
                 except Exception as e:
                     log.warning("console of %s: the agent of %s refused or did not answer: %r", t.vm, vm.host, e)
                     return await refused(UNREACHABLE, f"the console of VM {t.vm} is not reachable now")
+                try:
+                    rec = await recordings.start(svc(), live)
+                except (OSError, KasouError) as e:
+                    why = f"its recording cannot be written ({getattr(e, 'strerror', None) or e})"
+                    if t.role == "vendor":
+                        return await refused(NOT_RECORDED, f"a vendor's console opens only recorded: {why}")
+                    await recordings.failed(svc(), live, why)
                 consoles.live.add(live)
                 live.started = time.time()
-                await _audit(svc, "console_open", live, ok=True)
+                await _audit(svc, "console_open", live, ok=True, details={"recording": rec.id if rec else None})
                 await _event(svc, "console_opened", t, f"{t.user} opened the console of {t.vm} from {source}")
-                stats = await _pipe(ws, display, live, t.policy, still_allowed)
-                await refuse(ws, POLICY_VIOLATION if live.ended_by_check else 1000, live.why or "closed")
+                stats = await _pipe(ws, display, live, t.policy, still_allowed, rec,
+                                    lambda why: recordings.failed(svc(), live, why))  # fmt: skip
+                code = NOT_RECORDED if live.ended_by_check == "recording" else 1000
+                await refuse(ws, POLICY_VIOLATION if live.ended_by_check is True else code, live.why or "closed")
         except* (AgentDisconnect, WebSocketNetworkError, ConnectionError):
             pass  # the display went away as the console closed
         finally:
@@ -315,6 +331,8 @@ def console_routes(
                     "clipboard_dropped": stats.get("dropped_cut_text", 0),
                 })  # fmt: skip
                 await _event(svc, "console_closed", t, msg)
+            if rec is not None:
+                await recordings.finish_shielded(svc(), live, rec)
         return None
 
     return r
@@ -352,6 +370,8 @@ async def _pipe(
     live: LiveConsole,
     policy: ConsolePolicy,
     still_allowed: Callable[[bool], Awaitable[str | None]],
+    rec: RecordingWriter | None = None,
+    rec_failed: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, int]:
     """Browser <-> agent until one ends, the console is stopped, it idles too long, or its session or token
     ends (``still_allowed``, every ``SESSION_CHECK_EVERY_S``: with True when there was input since the
@@ -379,6 +399,8 @@ async def _pipe(
                 last_input = time.monotonic()
                 stats["up"] += len(out)
                 await display.send_bytes(out)
+                if rec is not None:
+                    await rec.add(FROM_CLIENT, out)
 
     async def down() -> None:
         try:
@@ -386,6 +408,8 @@ async def _pipe(
                 data = await display.receive_bytes()
                 stats["down"] += len(data)
                 await ws.send_bytes(data)
+                if rec is not None:
+                    await rec.add(FROM_SERVER, data)
         except AgentDisconnect as e:
             live.why = live.why or f"the display closed ({e.reason or e.code})"
 
@@ -411,7 +435,21 @@ async def _pipe(
                     live.why, live.ended_by_check = why, True
                     return
 
+    async def recording() -> None:
+        """A recording that fails: a vendor's console ends; any other goes on and an error event is raised."""
+        assert rec is not None
+        await rec.failed.wait()
+        why = rec.error or "the recording failed"
+        if live.ticket.role == "vendor":
+            live.why, live.ended_by_check = f"a vendor's console is always recorded: {why}", "recording"
+            return
+        if rec_failed is not None:
+            await rec_failed(why)
+        await asyncio.Event().wait()  # the console goes on, unrecorded
+
     tasks = [asyncio.create_task(c) for c in (up(), down(), watch())]
+    if rec is not None:
+        tasks.append(asyncio.create_task(recording()))
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

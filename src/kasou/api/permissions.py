@@ -65,6 +65,14 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/auth/me/totp"): need(SIGNED_IN),
     ("POST", "/v1/auth/me/totp/confirm"): need(SIGNED_IN),
     ("GET", "/v1/version"): need(SIGNED_IN),
+    # directory sign-in (LDAP / Active Directory): administrators; its status for the sign-in page
+    ("GET", "/v1/directory/status"): need(PUBLIC),  # ok, unreachable or off: nothing of any user
+    ("GET", "/v1/directory"): need("users"),
+    ("PUT", "/v1/directory"): need("users"),
+    ("DELETE", "/v1/directory"): need("users"),
+    ("PUT", "/v1/directory/mappings/{group}"): need("users"),
+    ("DELETE", "/v1/directory/mappings/{group}"): need("users"),
+    ("POST", "/v1/directory/test"): need("users"),
     # VMs and what belongs to them
     ("GET", "/v1/vms"): need("vm.read", lists=True),
     ("POST", "/v1/vms"): need("operate", lists=True),
@@ -160,6 +168,12 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/audit/checkpoint"): need("audit", "users"),
     ("GET", "/v1/audit/status"): need("audit", "users"),
     ("GET", "/v1/audit/review"): need("audit", "users", lists=True),  # a manager: their departments' only
+    # console recordings (kasou.api.recordings): auditors and administrators
+    ("GET", "/v1/recordings"): need("audit"),
+    ("GET", "/v1/recordings/{rec_id}"): need("audit"),
+    ("POST", "/v1/recordings/{rec_id}/hold"): need("audit"),
+    ("GET", "/v1/recordings/{rec_id}/stream"): need("audit"),
+    ("GET", "/v1/recordings/{rec_id}/export"): need("audit"),
     # the desktop portal: clinicians (and staff who test it)
     ("GET", "/v1/portal/pools"): need("portal"),
     ("GET", "/v1/portal/desktop"): need("portal"),

@@ -38,6 +38,7 @@ def create(
     allow_clipboard: bool = typer.Option(False, "--allow-clipboard", help="The console may share the clipboard."),
     allow_file_transfer: bool = typer.Option(False, "--allow-file-transfer", help="The console may move files."),
     allow_usb: bool = typer.Option(False, "--allow-usb", help="The console may redirect USB devices."),
+    record: bool = typer.Option(False, "--record", help="Record the desktops' console sessions (encrypted)."),
     description: str = typer.Option("", "--description", help="Shown to clinicians on the portal."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
@@ -45,7 +46,7 @@ def create(
     body: dict[str, Any] = {
         "name": name, "template": template, "size": size, "prestart": prestart, "persistent": persistent,
         "idle_minutes": idle_minutes, "allow_clipboard": allow_clipboard, "allow_file_transfer": allow_file_transfer,
-        "allow_usb": allow_usb, "description": description,
+        "allow_usb": allow_usb, "record": record, "description": description,
     }  # fmt: skip
     c = client()
     res = c.post("/v1/desktop-pools", json=body)
@@ -60,7 +61,7 @@ def create(
 def _policy(p: dict[str, Any]) -> str:
     allowed = [w for w, k in (("clipboard", "allow_clipboard"), ("files", "allow_file_transfer"),
                               ("usb", "allow_usb")) if p[k]]  # fmt: skip
-    return ", ".join(allowed) or "screen only"
+    return (", ".join(allowed) or "screen only") + (", recorded" if p.get("record") else "")
 
 
 @desktop_pool_app.command("list")
@@ -99,6 +100,18 @@ def resize(
         _finish(c, res, f"resizing desktop pool {name}")
     p = c.get(f"/v1/desktop-pools/{name}")
     say(f"desktop pool {name}: {p['size']} desktops, {p['prestart']} kept pre-started")
+
+
+@desktop_pool_app.command("set")
+def set_pool(
+    name: str,
+    record: bool = typer.Option(..., "--record/--no-record", help="Record the desktops' console sessions."),
+) -> None:
+    """Change a pool's settings: whether its console sessions are recorded (from the next console opened)."""
+    validate_pool_name(name)
+    c = client()
+    c.patch(f"/v1/desktop-pools/{name}", json={"record": record})
+    say(f"desktop pool {name}: console sessions {'recorded' if record else 'not recorded'}")
 
 
 @desktop_pool_app.command("delete")

@@ -51,9 +51,9 @@ def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(users)
         return
-    t = Table("name", "role", "display name", "desktop pools", "departments", "TOTP", "locked")
+    t = Table("name", "role", "source", "display name", "desktop pools", "departments", "TOTP", "locked")
     for u in users:
-        t.add_row(u["name"], u["role"], u["display_name"], ", ".join(u["pools"]) or "-",
+        t.add_row(u["name"], u["role"], u.get("source", "local"), u["display_name"], ", ".join(u["pools"]) or "-",
                   ", ".join(u.get("departments", [])) or "-", "on" if u.get("totp") else "",
                   "yes" if u["locked"] else "")  # fmt: skip
     out.print(t)

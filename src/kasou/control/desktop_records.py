@@ -55,6 +55,7 @@ class DesktopPoolView(BaseModel):
     allow_clipboard: bool
     allow_file_transfer: bool
     allow_usb: bool
+    record: bool = False  # its console sessions are recorded
     description: str
     created_at: float
     in_use: int

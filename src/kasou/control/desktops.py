@@ -179,7 +179,8 @@ class Desktops:
         return DesktopPoolView(
             name=s.name, template=s.template, state=p.state, size=s.size, prestart=s.prestart,
             persistent=s.persistent, idle_minutes=s.idle_minutes, allow_clipboard=s.allow_clipboard,
-            allow_file_transfer=s.allow_file_transfer, allow_usb=s.allow_usb, description=s.description,
+            allow_file_transfer=s.allow_file_transfer, allow_usb=s.allow_usb, record=s.record,
+            description=s.description,
             created_at=p.created_at, in_use=sum(1 for d in views if d.state == "assigned"),
             free_ready=sum(1 for d in views if d.state == "free" and d.user is None and d.guest_ready),
             desktops=views,
@@ -313,7 +314,8 @@ class Desktops:
         in_use = [n for n in drop if n in desktops and desktops[n].state != "free"]
         if in_use:
             raise WrongState(f"cannot shrink desktop pool {name!r} to {size}: {', '.join(in_use)} in use")
-        spec = p.spec.model_copy(update={"size": size, "prestart": prestart})
+        spec = p.spec.model_copy(update={"size": size, "prestart": prestart,
+                                         "record": p.spec.record if upd.record is None else upd.record})  # fmt: skip
         if not add and not drop:
             await self._set_pool(name, spec=spec)
             return await self.get_pool(name), None

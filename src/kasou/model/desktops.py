@@ -30,6 +30,7 @@ class ConsolePolicy(BaseModel):
     clipboard: bool = False
     file_transfer: bool = False
     usb: bool = False
+    record: bool = False  # the console is recorded (staff's and vendors' consoles always are: kasou.api.recordings)
 
 
 def desktop_name(pool: str, index: int) -> str:
@@ -71,6 +72,7 @@ class DesktopPoolCreate(BaseModel):
     allow_clipboard: StrictBool = False
     allow_file_transfer: StrictBool = False
     allow_usb: StrictBool = False
+    record: StrictBool = False  # record the desktops' console sessions (kasou.api.recordings)
     description: str = Field("", max_length=500)
 
     @classmethod
@@ -89,7 +91,8 @@ class DesktopPoolCreate(BaseModel):
             )
 
     def policy(self) -> ConsolePolicy:
-        return ConsolePolicy(clipboard=self.allow_clipboard, file_transfer=self.allow_file_transfer, usb=self.allow_usb)
+        allow = {"clipboard": self.allow_clipboard, "file_transfer": self.allow_file_transfer, "usb": self.allow_usb}
+        return ConsolePolicy(**allow, record=self.record)
 
 
 class DesktopPoolResize(BaseModel):
@@ -99,13 +102,22 @@ class DesktopPoolResize(BaseModel):
 
     size: StrictInt | None = None
     prestart: StrictInt | None = None
+    record: StrictBool | None = None  # record the desktops' console sessions from now on
 
     @classmethod
     def parse(cls, data: Any) -> DesktopPoolResize:
         spec: DesktopPoolResize = parse_model(cls, data)
-        if spec.size is None and spec.prestart is None:
-            raise InvalidSpec("nothing to change: give size or prestart", field="size")
+        if spec.size is None and spec.prestart is None and spec.record is None:
+            raise InvalidSpec("nothing to change: give size, prestart or record", field="size")
         return spec
+
+
+class ReleaseRequest(BaseModel):
+    """``POST /v1/portal/desktop/release``: give back the user's desktops, of this pool only if given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str | None = None
 
 
 class DesktopRequest(BaseModel):
