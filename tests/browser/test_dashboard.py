@@ -39,7 +39,9 @@ def test_dashboard_start_a_vm_and_watch_it(
     pw_op = make_user("op1", "operator")
     pw_nurse = make_user("nurse1", "clinician")
     pw_admin = make_user("adm1", "admin")
-    kasou.run("vm", "create", "emr1", "--image", "tiny", "--vcpus", "1", "--memory", "128", "--disk", "64M")
+    kasou.run(
+        "vm", "create", "emr1", "--image", "tiny", "--vcpus", "1", "--memory", "128", "--disk", "64M", "--tag", "emr"
+    )
     # emr1's latest restore drill as `kasou backup drill` records it (a real drill needs a backup server and boots a
     # copy: tests/functional/test_api_backup_server.py and tests/integration/test_ransomware_drill.py run them)
     drill = {"vm": "emr1", "generation": 3, "created": time.time() - 7200, "at": time.time() - 3600, "ok": True,
@@ -67,6 +69,15 @@ def test_dashboard_start_a_vm_and_watch_it(
     cell = backups.locator(".drill-cell")
     assert cell.locator(".drill").get_attribute("data-ok") == "true" and "合格" in cell.inner_text()
     assert "世代 #3 · 復元 4.2 s · 起動 2.5 s" in cell.inner_text() and "終了コード 0" in cell.inner_text()
+    # Its tags, and the list's filters (state, tags)
+    assert row.locator(".vm-tags").inner_text() == "emr"
+    page.fill("#vm-filter-tag", "ward-a")
+    assert page.locator('#vms tr[data-vm="emr1"]').count() == 0
+    page.fill("#vm-filter-tag", "emr")
+    page.select_option("#vm-filter-state", "running")
+    assert page.locator('#vms tr[data-vm="emr1"]').count() == 0
+    page.select_option("#vm-filter-state", "")
+    row.wait_for()
 
     # Start it from the UI: the job shows up with its progress, and the VM becomes running.
     t0 = time.monotonic()

@@ -21,6 +21,7 @@ from kasou.api import permissions
 from kasou.api.audit import audit_middleware, audit_routes, mark_forwarded, sign_forwarded
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
+from kasou.api.bulk import bulk_routes, keep
 from kasou.api.console import console_routes
 from kasou.api.deps import Services
 from kasou.api.devices import device_routes
@@ -45,8 +46,9 @@ from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.vms import VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
+from kasou.model.selection import VMFilter
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
-from kasou.model.state import Action
+from kasou.model.state import Action, VMState
 from kasou.peers import KasouPeers, forwarded, registry_names
 from kasou.web import SecurityHeaders, web_routes
 from kasou.wire import install_error_handlers
@@ -256,11 +258,17 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return rows
 
     @v1.get("/vms")
-    async def list_vms(request: Request) -> list[VMView]:
-        """Every VM; a vendor's: their departments' VMs named by an active window of theirs that grants vm.read."""
+    async def list_vms(
+        request: Request, state: VMState | None = None, host: str | None = None, department: str | None = None,
+        tag: list[str] = Query([]),
+    ) -> list[VMView]:  # fmt: skip
+        """Every VM; a vendor's: their departments' VMs named by an active window of theirs that grants vm.read.
+        Filters (kasou.api.bulk): ``state``, ``host``, ``department``, ``tag`` (repeated: VMs with all of them)."""
+        f = VMFilter(state=state, host=host, department=department, tags=tag)
+        f.check()
         reach = await vendor_reach(svc(), me(request))
-        return [v for v in await svc().vms.list_all() if me(request).sees(v.department)
-                and (reach is None or reach.covers(v.uuid, "vm.read"))]  # fmt: skip
+        return keep([v for v in await svc().vms.list_all() if me(request).sees(v.department)
+                     and (reach is None or reach.covers(v.uuid, "vm.read"))], f)  # fmt: skip
 
     def check_priority_ceiling(p: Principal, priority: int) -> None:
         """A vendor's VMs go no higher in the HA restart order than the ceiling (KASOU_VENDOR_MAX_PRIORITY)."""
@@ -405,6 +413,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
     app.include_router(audit_routes(svc, principal))  # /v1/audit: auditors and administrators
     app.include_router(recording_routes(svc, principal))  # /v1/recordings: console recordings (audit)
+    app.include_router(bulk_routes(svc, principal))  # /v1/vms/actions/{action}: many VMs as one job
     app.include_router(window_routes(svc, principal))  # /v1/maintenance-windows: vendors' maintenance windows
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))

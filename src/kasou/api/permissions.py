@@ -80,6 +80,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("PATCH", "/v1/vms/{name}"): need("operate", vm="name"),
     ("DELETE", "/v1/vms/{name}"): need("operate", vm="name"),
     ("POST", "/v1/vms/{name}/actions/{action}"): need("operate", vm="name"),
+    ("POST", "/v1/vms/actions/{action}"): need("operate", lists=True),  # a vendor: one window's VMs (kasou.api.bulk)
     ("POST", "/v1/vms/{name}/template"): need("operate", vm="name"),
     ("GET", "/v1/vms/{name}/console"): need("vm.read", vm="name"),
     ("GET", "/v1/vms/{name}/history"): need("vm.read", vm="name"),

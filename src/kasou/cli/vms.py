@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from kasou.cli.bulk import ALL, DEPARTMENT, HOST, JSON, PARALLEL, STATE, TAG, WINDOW, run_bulk, selector, tag_app
 from kasou.cli.common import (
     client,
     err,
@@ -29,6 +30,7 @@ from kasou.model.units import format_size
 
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 vm_app.add_typer(media_app, name="media")
+vm_app.add_typer(tag_app, name="tag")
 
 
 # -- VMs ------------------------------------------------------------------------------
@@ -100,6 +102,7 @@ def vm_create(
     gateway: str = typer.Option(None, "--gateway", help="cloud-init: with --ip, the default gateway."),
     dns: list[str] = typer.Option(None, "--dns", help="cloud-init: with --ip, a DNS server (repeat)."),
     user_data: str = typer.Option(None, "--user-data", help="cloud-init: a user-data file (#cloud-config, ...)."),
+    tags: list[str] = typer.Option(None, "--tag", help="A tag (e.g. emr, ward-a; repeat for more)."),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, a linked clone of a template, or a blank disk and an ISO)."""
@@ -130,6 +133,7 @@ def vm_create(
         "boot": boot,
         "startup": startup_body(onboot, order, delay),
         "cloud_init": cloud_init_body(hostname, ssh_key, ip, gateway, dns, user_data),
+        "tags": list(tags or []),
     }
     c = client()
     res = c.post("/v1/vms", json=body)
@@ -155,27 +159,51 @@ def _action(name: str, action: str, wait: bool, timeout: float | None = None) ->
 WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish.")
 
 
+NAMES = typer.Argument(None, help="The VM (or VMs); or select them with --tag, --host, --department, --state, --all.")
+
+
 @vm_app.command("start")
-def vm_start(name: str, wait: bool = WAIT) -> None:
-    """Start a VM."""
-    _action(name, "start", wait)
+def vm_start(
+    names: list[str] = NAMES, tag: list[str] = TAG, host: str = HOST, department: str = DEPARTMENT,
+    state: str = STATE, all_: bool = ALL, parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:  # fmt: skip
+    """Start a VM; or many as one job, in parallel per host, in start-up order (--onboot --order)."""
+    body = selector(names, tag, host, department, state, all_, parallel, window)
+    if body is None:
+        _action(names[0], "start", wait)
+    else:
+        run_bulk("start", body, wait, as_json)
 
 
 @vm_app.command("shutdown")
 def vm_shutdown(
-    name: str,
+    names: list[str] = NAMES,
     timeout: float = typer.Option(None, "--timeout", help="Seconds to wait before a hard stop (default 60)."),
-    wait: bool = WAIT,
-) -> None:
+    tag: list[str] = TAG, host: str = HOST, department: str = DEPARTMENT, state: str = STATE, all_: bool = ALL,
+    parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT, as_json: bool = JSON,
+) -> None:  # fmt: skip
     """Shut a VM down gracefully (its guest agent if one answers, else the ACPI power button), then stop it
-    hard after a timeout."""
-    _action(name, "shutdown", wait, timeout)
+    hard after a timeout; or many as one job (in reverse start-up order)."""
+    body = selector(names, tag, host, department, state, all_, parallel, window)
+    if body is None:
+        _action(names[0], "shutdown", wait, timeout)
+    else:
+        run_bulk("shutdown", body, wait, as_json, timeout)
 
 
 @vm_app.command("stop")
-def vm_stop(name: str, wait: bool = WAIT) -> None:
-    """Stop a VM at once (like pulling the plug)."""
-    _action(name, "stop", wait)
+def vm_stop(
+    names: list[str] = NAMES, tag: list[str] = TAG, host: str = HOST, department: str = DEPARTMENT,
+    state: str = STATE, all_: bool = ALL, parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:  # fmt: skip
+    """Stop a VM at once (like pulling the plug); or many as one job."""
+    body = selector(names, tag, host, department, state, all_, parallel, window)
+    if body is None:
+        _action(names[0], "stop", wait)
+    else:
+        run_bulk("stop", body, wait, as_json)
 
 
 @vm_app.command("reboot")
@@ -252,19 +280,24 @@ def vm_template(name: str) -> None:
 
 
 @vm_app.command("list")
-def vm_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """All VMs with their state, host and guest uptime."""
-    vms = client().get("/v1/vms")
+def vm_list(
+    as_json: bool = typer.Option(False, "--json"), state: str = STATE, host: str = HOST, tag: list[str] = TAG,
+    department: str = DEPARTMENT,
+) -> None:  # fmt: skip
+    """All VMs (or those in a state, on a host, of a department, with tags) with their state, host, guest uptime
+    and tags."""
+    params = {k: v for k, v in (("state", state), ("host", host), ("department", department)) if v is not None}
+    vms = client().get("/v1/vms", params={**params, "tag": list(tag or [])})
     if as_json:
         print_json(vms)
         return
-    t = Table("name", "state", "host", "vCPU", "memory", "disk", "ready", "uptime")
+    t = Table("name", "state", "host", "vCPU", "memory", "disk", "ready", "uptime", "tags")
     for v in vms:
         disk = format_size(v["disks"][0]["size_bytes"]) if v["disks"] else "-"
         state = v["state"] if v["host_reachable"] else f"{v['state']} (host unreachable)"
         t.add_row(
             v["name"], state, v["host"] or "-", str(v["vcpus"]), f"{v['memory_mib']} MiB", disk,
-            "yes" if v["guest_ready"] else "no", uptime_text(v["uptime_s"]),
+            "yes" if v["guest_ready"] else "no", uptime_text(v["uptime_s"]), ",".join(v.get("tags") or []) or "-",
         )  # fmt: skip
     out.print(t)
 
@@ -280,6 +313,7 @@ def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("name", v["name"]),
         ("uuid", v["uuid"]),
         ("department", v["department"] or "-"),
+        ("tags", ", ".join(v.get("tags") or []) or "-"),
         ("criticality", v.get("criticality") or "-"),
         ("state", v["state"] if v["host_reachable"] else f"{v['state']} (host {v['host']} unreachable)"),
         ("host", v["host"] or "-"),
@@ -348,6 +382,7 @@ def vm_set(
     delay: str = typer.Option(None, "--delay", help="With --onboot: seconds to wait before the next VM starts."),
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (applied at its next start)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (applied at its next start)."),
+    tags: list[str] = typer.Option(None, "--tag", help="Its tags, all of them (repeat; kasou vm tag add|remove)."),
 ) -> None:
     """Change a VM's HA setting, restart priority, description, department, start at host boot, or its vCPUs and
     memory (at its next start)."""
@@ -370,6 +405,8 @@ def vm_set(
         body["department"] = department
     if criticality is not None:
         body["criticality"] = criticality
+    if tags:
+        body["tags"] = list(tags)
     v = client().patch(f"/v1/vms/{name}", json=body)
     if vcpus is not None or memory is not None:
         say_sizes(v)

@@ -89,6 +89,7 @@ class VMView(BaseModel):
     ha: bool
     priority: int
     startup: Startup | None = None  # started when its host boots: in which order, after what delay
+    tags: list[str] = []
     cloud_init: dict[str, Any] | None = None  # its NoCloud seed: hostname, address, keys (user-data: only whether)
     storage: str  # local, shared or replicated
     replica: ReplicaView | None

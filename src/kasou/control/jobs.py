@@ -81,8 +81,13 @@ class Jobs:
         fn: JobFn,
         on_done: Callable[[JobRecord], Awaitable[None]] | None = None,
         job_id: str | None = None,
+        vm_uuid: str | None = None,
+        department: str | None = None,
     ) -> JobRecord:
-        rec = JobRecord(id=job_id or "j" + secrets.token_hex(5), kind=kind, vm=vm)
+        """Run ``fn`` as a job. It belongs to VM ``vm`` (its uuid and department now); a job of no one VM (a bulk
+        action) to ``vm_uuid`` and ``department`` if given: who may follow it (kasou.api.permissions)."""
+        rec = JobRecord(id=job_id or "j" + secrets.token_hex(5), kind=kind, vm=vm, vm_uuid=vm_uuid,
+                        department=department)  # fmt: skip
         if vm is not None:  # the job belongs to this VM (its uuid) and its department, for good
             e = await self.store.get(vm_key(vm))
             if e is not None:

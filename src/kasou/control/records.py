@@ -59,6 +59,7 @@ class VMRecord(BaseModel):
     ha: bool = False  # restarted elsewhere when its host fails; reset when its guest hangs
     priority: int = 50  # HA restart order, highest first (0..100)
     startup: Startup | None = None  # started when its host boots (kasou.control.onboot)
+    tags: list[str] = []  # sorted, each once (kasou.model.selection): lists filter on them, bulk actions select by them
     cloud_init: CloudInit | None = None  # its NoCloud seed, made by its host at each start
     replicated: bool = False  # its local disks have a synchronous replica on another host while it runs
     replica: ReplicaRecord | None = None

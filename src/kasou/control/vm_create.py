@@ -158,6 +158,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         ha=spec.ha,
         priority=spec.priority,
         startup=spec.startup,
+        tags=spec.tags,
         cloud_init=cloud_init,
         replicated=spec.storage == "replicated",
         nics=[NicSpec(id="net0", mac=random_mac(), network=spec.network, vlan=vlan, isolated=isolated)],

@@ -26,6 +26,7 @@ from kasou.config import HaTimes
 from kasou.control import scheduler, shutdown, vm_create
 from kasou.control.backups import UNKNOWN_DEPARTMENT, Backups
 from kasou.control.base import DiskView, GuestView, ReplicaView, VMJobRunner, VMRecords, VMView
+from kasou.control.bulk import Bulk
 from kasou.control.desktops import Desktops
 from kasou.control.devices import Devices
 from kasou.control.events import Events
@@ -56,6 +57,7 @@ from kasou.errors import (
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
 from kasou.model import cloudinit
+from kasou.model.selection import changed_tags
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
 
@@ -102,6 +104,7 @@ class VMService:
         self.media = Media(self)  # kasou.control.media: the CD drive
         self.devices = Devices(self)  # kasou.control.devices: sizes, disks and NICs that change
         self.onboot = OnBoot(self)  # kasou.control.onboot: VMs started when their host boots
+        self.bulk = Bulk(self)  # kasou.control.bulk: start, shut down, stop many VMs as one job
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
@@ -157,6 +160,7 @@ class VMService:
             ha=rec.ha,
             priority=rec.priority,
             startup=rec.startup,
+            tags=rec.tags,
             cloud_init=cloudinit.summary(rec.cloud_init),
             ha_armed=rec.ha_armed and active and blocked is None,
             ha_blocked=blocked,
@@ -402,7 +406,7 @@ class VMService:
     async def update(self, name: str, upd: VMUpdate) -> VMView:
         """Change a VM's HA setting, restart priority, description, department, vCPUs or memory (next start)."""
         rec = await self.records.get(name)
-        changes = upd.model_dump(exclude_none=True, exclude={"vcpus", "memory_mib"})
+        changes = upd.model_dump(exclude_none=True, exclude={"vcpus", "memory_mib", "tags", "add_tags", "remove_tags"})
         if upd.startup is not None:
             changes["startup"] = upd.startup
         await self.devices.check_sizes(rec, upd)  # vCPUs and memory: applied at its next start
@@ -414,7 +418,9 @@ class VMService:
             self.ha.check_setting(rec)  # in a cluster: refused for a VM whose disk no other host reaches
         if upd.ha and not rec.ha and rec.state in ACTIVE_STATES and rec.host is not None:
             await self.ha.check_admission(rec.model_copy(update={"ha": True}), rec.host)
-        await self.records.update(name, lambda r: r.model_copy(update={**changes, **self.devices.apply_sizes(r, upd)}))
+        await self.records.update(name, lambda r: r.model_copy(update={
+            **changes, **self.devices.apply_sizes(r, upd), "tags": changed_tags(r.tags, upd.tags, upd.add_tags,
+                                                                                upd.remove_tags)}))  # fmt: skip
         return await self.get(name)
 
     # -- create ----------------------------------------------------------------------

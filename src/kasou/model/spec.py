@@ -23,6 +23,7 @@ from kasou.model.media import check_boot, parse_boot
 from kasou.model.names import NAME_MAX as NAME_MAX
 from kasou.model.names import validate_name
 from kasou.model.parsing import parse_model
+from kasou.model.selection import check_tags
 from kasou.model.units import parse_size
 
 USER_NETWORK = "user"  # QEMU's user-mode NAT: needs nothing on the host; not a stored network
@@ -146,6 +147,9 @@ class VMUpdate(BaseModel):
     startup: Startup | None = None  # start it when its host boots (onboot, order, delay)
     vcpus: StrictInt | None = None  # applied at the VM's next start (kasou.control.devices)
     memory_mib: StrictInt | None = None  # applied at the VM's next start
+    tags: list[str] | None = None  # its tags, the whole set (kasou.model.selection)
+    add_tags: list[str] | None = None  # tags to add (kasou vm tag add)
+    remove_tags: list[str] | None = None  # tags to remove (kasou vm tag remove)
 
     @classmethod
     def parse(cls, data: Any) -> VMUpdate:
@@ -169,10 +173,13 @@ class VMUpdate(BaseModel):
             check_vcpus(spec.vcpus)
         if spec.memory_mib is not None:
             check_memory_mib(spec.memory_mib)
+        for f in ("tags", "add_tags", "remove_tags"):
+            if getattr(spec, f) is not None:
+                setattr(spec, f, check_tags(getattr(spec, f)))
         if not spec.model_dump(exclude_none=True):
             raise InvalidSpec(
-                "nothing to change: give ha, priority, description, department, criticality, startup, vcpus or "
-                "memory_mib",
+                "nothing to change: give ha, priority, description, department, criticality, startup, vcpus, "
+                "memory_mib or tags",
                 field="ha",
             )
         return spec
@@ -228,6 +235,7 @@ class VMCreate(BaseModel):
     boot: str | list[str] | None = None  # the firmware's boot order, e.g. "cdrom,disk" (default: disk, cdrom)
     startup: Startup | None = None  # start it when its host boots (--onboot --order N --delay S)
     cloud_init: CloudInit | None = None  # a NoCloud seed: hostname, SSH keys, address, user-data
+    tags: list[str] = []  # e.g. emr, ward-a: what lists filter on and bulk actions select (kasou.model.selection)
 
     @classmethod
     def parse(cls, data: Any) -> VMCreate:
@@ -303,6 +311,7 @@ class VMCreate(BaseModel):
             self.startup.check()
         if self.cloud_init is not None:
             self.cloud_init.check()
+        self.tags = check_tags(self.tags)
 
     @property
     def disk_bytes(self) -> int | None:

@@ -70,7 +70,11 @@ const FRAME = `
 <section class="card" id="live-card" hidden aria-labelledby="live-h"><h2 id="live-h" data-i18n="dash.live"></h2>
   <div id="live" aria-live="polite"></div></section>
 <section class="card" aria-labelledby="hosts-h"><h2 id="hosts-h" data-i18n="dash.hosts"></h2><div id="hosts-box"></div></section>
-<section class="card" aria-labelledby="vms-h"><h2 id="vms-h" data-i18n="dash.vms"></h2><div id="vms-box"></div></section>
+<section class="card" aria-labelledby="vms-h"><h2 id="vms-h" data-i18n="dash.vms"></h2>
+  <div class="toolbar" id="vm-filters" role="search"><label><span data-i18n="filter.state"></span> <select id="vm-filter-state">
+    <option value="" data-i18n="filter.any"></option></select></label>
+  <label><span data-i18n="filter.tag"></span> <input id="vm-filter-tag" type="search" size="14" autocomplete="off"></label></div>
+  <div id="vms-box"></div></section>
 <section class="card" id="backups-card" hidden aria-labelledby="backups-h"><h2 id="backups-h" data-i18n="dash.backups"></h2>
   <div id="backups-box"></div></section>
 <div class="two">
@@ -96,6 +100,11 @@ export async function showDashboard(el, me) {
   el.innerHTML = FRAME;
   for (const n of el.querySelectorAll("[data-i18n]")) n.textContent = t(n.dataset.i18n);
   el.querySelector(".who").textContent = t("dash.signedin", { name: me.name, role: t(`role.${me.role}`) });
+  const states = el.querySelector("#vm-filter-state");
+  for (const s of VM_STATES) states.insertAdjacentHTML("beforeend", `<option value="${s}">${esc(t(`state.${s}`))}</option>`);
+  for (const id of ["#vm-filter-state", "#vm-filter-tag"]) {
+    el.querySelector(id).addEventListener("input", () => (el.querySelector("#vms-box").innerHTML = vmsTable()));
+  }
   el.querySelector("#vms-h").closest("section").insertAdjacentHTML("afterend", windowsCard());
   setupWindows(el, me, () => refresh());
   el.querySelector("#refresh").onclick = () => refresh();
@@ -287,16 +296,30 @@ function vmActions(v) {
   return out.join(" ");
 }
 
+// The VM list's filters (state, tag: the tags typed, separated by spaces or commas, all of them), as GET /v1/vms takes them.
+const VM_STATES = ["running", "stopped", "crashed", "paused", "starting", "shutting_down", "migrating", "unknown"];
+
+function vmShown(v) {
+  const state = root.querySelector("#vm-filter-state").value;
+  const tags = root.querySelector("#vm-filter-tag").value.split(/[\s,]+/).filter(Boolean);
+  return (!state || v.state === state) && tags.every((x) => (v.tags || []).includes(x));
+}
+
+function tagChips(v) {
+  return (v.tags || []).map((x) => `<span class="state tag">${esc(x)}</span>`).join(" ");
+}
+
 function vmsTable() {
   const ledger = Object.fromEntries(data.uptime.map((u) => [u.name, u]));
   const rows = data.vms
-    .filter((v) => v.state !== "template")
+    .filter((v) => v.state !== "template" && vmShown(v))
     .map((v) => {
       const u = ledger[v.name];
       const [cpu, io] = vmCharts(v);
       const st = badge(v.state);
       return `<tr data-vm="${esc(v.name)}" data-state="${esc(v.state)}"><th scope="row">${esc(v.name)}
-        ${v.description ? `<div class="muted small">${esc(v.description)}</div>` : ""}</th>
+        ${v.description ? `<div class="muted small">${esc(v.description)}</div>` : ""}
+        ${v.tags && v.tags.length ? `<div class="small vm-tags" aria-label="${esc(t("filter.tag"))}">${tagChips(v)}</div>` : ""}</th>
         <td class="vm-state">${st}${v.last_error && v.state === "crashed" ? `<div class="small error">${esc(v.last_error)}</div>` : ""}</td>
         <td>${esc(v.host || "—")}</td><td>${esc(v.vcpus)} vCPU · ${esc(bytes(v.memory_mib * 1048576))}</td>
         <td>${esc(u && u.running ? duration(u.uptime_s) : "—")}${u && u.crashes ? ` <span class="small error">×${esc(u.crashes)}</span>` : ""}</td>
