@@ -15,6 +15,15 @@ echo "== layers (import-linter: docs/architecture.md, 'What may import what')"
 lint-imports --no-logo --no-cache
 echo "== tiny guest image"
 kasou image build tiny
-echo "== pytest"
 # -rfEs: the summary lists every failure, error and skip with its reason
-exec pytest -p no:cacheprovider -rfEs --durations=30 "$@"
+if [ $# -gt 0 ]; then
+  echo "== pytest $*"
+  exec pytest -p no:cacheprovider -rfEs --durations=30 "$@"
+fi
+# The whole suite in two parts. The unit, functional and contract tests (fakes, in-process) run two at a time
+# (pytest-xdist, one worker per core); then the tests of real parts (QEMU guests, etcd, directory servers,
+# Chromium, the Debian package) one at a time, alone on the machine, as their timings (HA leases, boots) expect.
+echo "== pytest: unit, functional and contract tests (two at a time)"
+pytest -p no:cacheprovider -rfEs --durations=15 -n 2 -m "not scenario and not qemu and not etcd and not directory and not deb"
+echo "== pytest: real QEMU, etcd, directory servers, Chromium, the Debian package (one at a time)"
+exec pytest -p no:cacheprovider -rfEs --durations=40 -m "not scenario and (qemu or etcd or directory or deb)"
