@@ -79,13 +79,14 @@ def _runtime_dirs_removed() -> Iterator[None]:
 
 # -- KASOU_REQUIRE_ALL=1 (CI): the real tests must run ------------------------------------------
 #
-# A test that boots real QEMU or a lab (marker ``qemu``), starts etcd (marker ``etcd``) or drives
+# A test that boots real QEMU or a lab (marker ``qemu``), starts etcd (marker ``etcd``) or a directory
+# server (marker ``directory``: Samba AD, slapd; tests/ldapservers.py) or drives
 # Chromium (anything under tests/browser) may skip on a developer's machine that lacks root, etcd
 # or Chromium. With KASOU_REQUIRE_ALL=1, which .ci/run sets, such a skip, whatever raised it
 # (pytest.skip in the test or a fixture, a skipif mark, importorskip), is a failure instead, and so
 # is a test module under tests/integration or tests/browser that skips as a whole at collection.
 
-REQUIRED_MARKERS = ("qemu", "etcd")
+REQUIRED_MARKERS = ("qemu", "etcd", "directory")
 BROWSER_DIR = ("tests", "browser")
 REQUIRED_DIRS = (("tests", "integration"), BROWSER_DIR)
 
@@ -121,7 +122,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = (
             f"{item.nodeid} skipped ({_skip_reason(report.longrepr)}), but KASOU_REQUIRE_ALL=1: "
-            "real-QEMU, etcd and browser tests must run here"
+            "real-QEMU, etcd, directory and browser tests must run here"
         )
     return report
 
@@ -133,7 +134,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Any:
         report.outcome = "failed"
         report.longrepr = (
             f"{collector.nodeid} skipped ({_skip_reason(report.longrepr)}), but KASOU_REQUIRE_ALL=1: "
-            "real-QEMU, etcd and browser tests must run here"
+            "real-QEMU, etcd, directory and browser tests must run here"
         )
     return report
 
@@ -171,3 +172,37 @@ def _etcd_only_in_etcd_tests() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(EtcdCluster, "start", guarded)
         yield
+
+
+# -- real directory servers (marker ``directory``): one Samba AD DC and one slapd per run ----------------
+
+
+@pytest.fixture(scope="session")
+def directory_ca() -> Any:
+    from tests.ldapservers import DirectoryCA
+
+    return DirectoryCA.make("kasou test directory CA")
+
+
+@pytest.fixture(scope="session")
+def samba_dc(directory_ca: Any) -> Iterator[Any]:
+    """A Samba Active Directory domain controller (provisioned once per run, in a namespace of its own)."""
+    from tests import ldapservers
+
+    why = ldapservers.tools_missing()
+    if why:
+        pytest.skip(why)
+    with ldapservers.running("samba", directory_ca) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def slapd_server(directory_ca: Any) -> Iterator[Any]:
+    """OpenLDAP's slapd with the same people and groups (once per run, in a namespace of its own)."""
+    from tests import ldapservers
+
+    why = ldapservers.tools_missing()
+    if why:
+        pytest.skip(why)
+    with ldapservers.running("slapd", directory_ca) as server:
+        yield server

@@ -392,7 +392,8 @@ def check_settings() -> None:
     audit_checkpoint_minutes()
     audit_checkpoint_every()
     signin_rate()
-    require_totp_for_admins()
+    require_totp_for()
+    directory_recheck_s()
     recording_days()
 
 
@@ -448,8 +449,34 @@ def signin_rate() -> float:
 
 
 def require_totp_for_admins() -> bool:
-    """``KASOU_REQUIRE_TOTP_FOR_ADMINS=1``: an administrator signs in only with a TOTP code."""
-    return choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN) in ("1", "yes", "true", "on")
+    """``KASOU_REQUIRE_TOTP_FOR_ADMINS=1`` (kept working): the same as ``KASOU_REQUIRE_TOTP_FOR=admin``."""
+    return "admin" in require_totp_for()
+
+
+#: The roles of :class:`kasou.model.users.Role` (config imports no model; tests/unit/test_settings.py checks
+#: that the two lists agree).
+ROLE_NAMES = ("admin", "operator", "vendor", "auditor", "clinician", "manager")
+
+
+def require_totp_for() -> frozenset[str]:
+    """``KASOU_REQUIRE_TOTP_FOR=admin,operator,vendor``: the roles that sign in only with a TOTP code (local and
+    directory users alike); ``KASOU_REQUIRE_TOTP_FOR_ADMINS=1``, the older setting, adds ``admin``."""
+    allowed = ROLE_NAMES
+    raw = os.environ.get("KASOU_REQUIRE_TOTP_FOR", "").strip()
+    roles = {r.strip().lower() for r in raw.split(",") if r.strip()}
+    bad = sorted(roles - set(allowed))
+    if bad:
+        raise InvalidSetting(f"KASOU_REQUIRE_TOTP_FOR={raw!r} is not allowed: {', '.join(bad)} is no role; a comma "
+                             f"list of {', '.join(allowed)}", setting="KASOU_REQUIRE_TOTP_FOR")  # fmt: skip
+    if choice_setting("KASOU_REQUIRE_TOTP_FOR_ADMINS", _BOOLEAN) in ("1", "yes", "true", "on"):
+        roles.add("admin")
+    return frozenset(roles)
+
+
+def directory_recheck_s() -> float:
+    """``KASOU_DIRECTORY_RECHECK``: a directory user's sessions and API tokens are checked against the directory
+    again at most this often (seconds, default 300)."""
+    return float_setting("KASOU_DIRECTORY_RECHECK", 300.0, 5.0, 86400.0)
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,12 @@ class OperationTimeout(KasouError):
     code = "timeout"
 
 
+class DirectoryUnavailable(KasouError):
+    """The hospital's directory (LDAP / Active Directory) did not answer, or not in time."""
+
+    code = "directory_unavailable"
+
+
 # Map from code back to class, so a client can re-raise what a server sent.
 _BY_CODE: dict[str, type[KasouError]] = {}
 

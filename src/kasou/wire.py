@@ -33,6 +33,7 @@ STATUS: list[tuple[type[E.KasouError], int]] = [
     (E.StoreConflict, 409),
     (E.StoreError, 503),
     (E.AgentUnavailable, 503),
+    (E.DirectoryUnavailable, 503),
     (E.OperationTimeout, 504),
     (E.HypervisorError, 502),
     (E.ImageError, 500),

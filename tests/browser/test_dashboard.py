@@ -162,3 +162,30 @@ def test_dashboard_start_a_vm_and_watch_it(
     assert r.status_code == 401
     r = httpx.post(f"{base}/v1/auth/login", json={"name": "nurse1", "password": new_pw})
     assert r.status_code == 401 and r.json()["details"]["totp"] == "required"
+
+
+def test_the_japanese_labels_are_drawn_in_a_japanese_font(page: Any, base: str) -> None:
+    """Without a CJK font every Japanese label is a row of empty boxes (each as wide as a glyph, so a width alone
+    cannot tell): the browser says which font drew the label, and it is a CJK one, for every character."""
+    page.goto(f"{base}/ui/?lang=ja")
+    label = page.locator("#signin h2")
+    label.wait_for()
+    text = label.inner_text()
+    assert text == "サインイン", text
+    cdp = page.context.new_cdp_session(page)
+    try:
+        cdp.send("DOM.enable")
+        cdp.send("CSS.enable")
+        root = cdp.send("DOM.getDocument")["root"]["nodeId"]
+        node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "#signin h2"})["nodeId"]
+        fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    finally:
+        cdp.detach()
+    cjk = [f for f in fonts if "CJK" in f["familyName"] or "IPA" in f["familyName"]]
+    assert cjk and sum(f["glyphCount"] for f in cjk) == len(text), fonts
+    # And the label is as wide as its glyphs: full-width kana are one em each.
+    width, size = page.evaluate(
+        "() => { const e = document.querySelector('#signin h2'); const r = document.createRange();"
+        " r.selectNodeContents(e); return [r.getBoundingClientRect().width, parseFloat(getComputedStyle(e).fontSize)]; }"
+    )
+    assert 0.9 * len(text) * size <= width <= 1.1 * len(text) * size, (width, size, fonts)

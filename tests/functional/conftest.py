@@ -175,6 +175,7 @@ def make_cluster(tmp_path: Path, hosts: list[str]) -> Iterator[Cluster]:
             shutdown_timeout=2,
             ha=HaTimes(lease_ttl_s=6, fence_margin_s=0.2, heartbeat_timeout_s=5),
         )  # fmt: skip
+        svc.vms.replication.retry_every_s = 0.5  # a lost replica is rebuilt at once, not 10 s after the last try
         holder["svc"] = svc
         return svc
 

@@ -55,7 +55,9 @@ PW = "auditor password 1"
 
 def _send(client: TestClient, case: Any, extra_headers: dict[str, str]) -> Any:
     kw = case.as_transport_kwargs(base_url="http://testserver")
-    headers = {k: v for k, v in (kw.get("headers") or {}).items() if k.lower() not in ("user-agent",)}
+    # The credentials are the run's own: none that the generator drew from the document's security schemes.
+    mine = {k.lower() for k in extra_headers} | {"user-agent", "authorization", "cookie"}
+    headers = {k: v for k, v in (kw.get("headers") or {}).items() if k.lower() not in mine}
     headers.update(extra_headers)
     send: dict[str, Any] = {"headers": headers}
     if kw.get("params"):

@@ -61,7 +61,8 @@ HOSTILE_NAMES = [
 # A valid value for each path parameter, while another one is the hostile one.
 VALID = {"name": "vm1", "snapshot": "s1", "generation": "1", "pool": "p1", "user": "u1", "job_id": "j1",
          "disk_id": "disk0", "nic_id": "net0", "action": "start", "token_id": "t1", "department": "lab",
-         "window": "mw-0000000000", "rec_id": "0" * 32}  # fmt: skip
+         "window": "mw-0000000000", "group": "kasou-ops",
+         "rec_id": "0" * 32}  # fmt: skip
 # Bodies that are right in themselves, so a refusal is about the path.
 BODIES: dict[tuple[str, str], Any] = {
     ("patch", "/v1/vms/{name}"): {"description": "x"},

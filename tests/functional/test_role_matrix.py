@@ -65,7 +65,8 @@ def test_every_route_states_its_permission(env: Env) -> None:
 def _fill(path: str, vm: str, job: str) -> str:
     values = {"name": vm, "job_id": job, "user": "nobody", "pool": "nopool", "snapshot": "s1", "generation": "1",
               "disk_id": "d0", "nic_id": "net9", "action": "start", "department": "lab",
-              "window": "mw-0000000000", "rec_id": "0" * 32}  # fmt: skip
+              "window": "mw-0000000000", "group": "nogroup",
+              "rec_id": "0" * 32}  # fmt: skip
     for k, v in values.items():
         path = path.replace("{" + k + "}", v)
     assert "{" not in path, path
@@ -99,7 +100,8 @@ def test_each_role_against_each_route(env: Env, role: str) -> None:
     mine = env.create("mine", department="lab")
     env.create("theirs", department="pacs")
     job = env.api.get("/v1/jobs", params={"vm": "mine"}).json()[0]["id"]
-    extra: dict[str, Any] = {"departments": ["lab"]} if role == "vendor" else {}
+    scoped = role in ("vendor", "manager")  # department-scoped roles
+    extra: dict[str, Any] = {"departments": ["lab"]} if scoped else {}
     r = env.api.post("/v1/users", json={"name": "u", "role": role, "password": PW, **extra})
     assert r.status_code == 201, r.text
     c = TestClient(env.api.app, base_url="http://testserver")
@@ -117,7 +119,7 @@ def test_each_role_against_each_route(env: Env, role: str) -> None:
         if template not in STREAMS or method != "GET":
             assert _call(anon, method, path).status_code == 401, f"{method} {template} without signing in"
         allowed = SIGNED_IN in need.anyof or any(x in held for x in need.anyof)
-        scoped_out = role == "vendor" and not (need.vm or need.job or need.lists) and SIGNED_IN not in need.anyof
+        scoped_out = scoped and not (need.vm or need.job or need.lists) and SIGNED_IN not in need.anyof
         if template.endswith("/console-ticket") and "console" not in held:
             allowed = False  # "portal": the route lets a clinician open their own desktop's console only
         if not allowed or scoped_out:
@@ -127,7 +129,7 @@ def test_each_role_against_each_route(env: Env, role: str) -> None:
             if template not in STREAMS:
                 r = _call(c, method, path)
                 assert r.status_code not in (401, 403), f"{role}: {method} {template} -> {r.status_code} {r.text}"
-            if role == "vendor" and need.vm:  # another department's VM does not exist for them
+            if scoped and need.vm:  # another department's VM does not exist for them
                 r = _call(c, method, _fill(template, "theirs", job))
                 assert r.status_code == 404 and r.json()["message"] == "no VM named 'theirs'", (template, r.text)
         checked += 1

@@ -95,3 +95,30 @@ def test_inside_a_window_exactly_its_vms_and_permissions(env: Env, clock: Clock,
     for method, template in SCOPED[:10]:
         if template not in STREAMS:
             _refused_by_window(_call(v, method, _fill(template, mine["name"], job)), f"after: {method} {template}")
+
+
+def test_a_manager_on_every_vm_scoped_route_reads_their_departments_vms_without_a_window(
+    env: Env, clock: Clock
+) -> None:
+    """A manager is scoped to their departments like a vendor, but reads without a window and changes nothing."""
+    mine = env.create("mine", department="lab")
+    env.create("theirs", department="pacs")
+    job = env.api.get("/v1/jobs", params={"vm": "mine"}).json()[0]["id"]
+    m = signed_in(env, "m", "manager", ["lab"])
+    for method, template in SCOPED:
+        need = ROUTES[(method, template)]
+        if template in STREAMS and method == "GET":
+            continue
+        what = f"manager {method} {template}"
+        r = _call(m, method, _fill(template, mine["name"], job))
+        if "vm.read" in need.anyof:
+            assert r.status_code not in (401, 403), f"{what} -> {r.status_code} {r.text[:200]}"
+        else:
+            assert r.status_code == 403 and "maintenance window" not in r.json()["message"], f"{what}: {r.text[:200]}"
+        if need.vm:
+            r = _call(m, method, _fill(template, "theirs", job))
+            assert r.status_code in (403, 404), f"{what} (theirs) -> {r.status_code}"
+            if "vm.read" in need.anyof:
+                assert r.status_code == 404 and r.json()["message"] == "no VM named 'theirs'", what
+    assert [v["name"] for v in m.get("/v1/vms").json()] == ["mine"]
+    assert {j["vm"] for j in m.get("/v1/jobs").json()} == {"mine"}

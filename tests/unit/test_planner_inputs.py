@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pypdf import PdfReader
 from typer.testing import CliRunner
 
 from kasou.cli import main as cli
@@ -23,8 +24,8 @@ from kasou.planner import (
     sample_inventory,
 )
 from kasou.planner.availability import simulate
-from kasou.planner.inventory import COLUMNS, sample_text, to_csv
-from kasou.planner.report import render_pdf, write_report
+from kasou.planner.inventory import COLUMNS, read_inventory, sample_text, to_csv
+from kasou.planner.report import write_report
 from kasou.planner.tco import replacement_year
 
 HEADER = ",".join(c.name for c in COLUMNS)
@@ -167,10 +168,12 @@ def test_the_report_renders(tmp_path: Path) -> None:
     for words in ("Lower bound", "Cost over 6 years", "Availability", "Assumptions", "emr-db1"):
         assert words in html
     data = pdf.read_bytes()
-    assert data.startswith(b"%PDF-1.4") and data.rstrip().endswith(b"%%EOF")
-    pages = int(re.search(rb"/Type /Pages /Kids \[[^\]]*\] /Count (\d+)", data).group(1))  # type: ignore[union-attr]
-    assert pages >= 4 and data.count(b"/Type /Page ") == pages
-    assert render_pdf(plan) == data  # deterministic
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+    pages = PdfReader(pdf).pages
+    assert len(pages) >= 4, len(pages)
+    text = "\n".join(pg.extract_text() for pg in pages)
+    for words in ("Lower bound", "Availability", "Assumptions", "emr-db1"):
+        assert words in text, words
     with pytest.raises(InvalidSpec):
         write_report(plan, tmp_path / "plan.pdf")
 
@@ -221,3 +224,45 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert isinstance(r.exception, InvalidSpec) and "N+1 or N+2" in r.exception.message
     r = run("plan", str(inv), "--model", "mainframe")
     assert isinstance(r.exception, InvalidSpec) and "no host model 'mainframe'" in r.exception.message
+
+
+def test_without_the_planner_extra_each_plan_command_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hypervisor installed without ``kasou[planner]`` (no numpy, no OR-Tools): one line with the way out."""
+    import importlib.util
+
+    from kasou.cli import plan as plan_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        plan_cli.importlib.util, "find_spec", lambda name, *a: None if name in ("numpy", "ortools") else real(name, *a)
+    )
+    inv = tmp_path / "inv.csv"
+    inv.write_text(sample_text())
+    for args in (("plan", "make", str(inv)), ("plan", "sample"), ("plan", "prices")):
+        r = run(*args)
+        assert r.exit_code == 1, (args, r.output)
+        assert "the planner is not installed on this machine (missing numpy, ortools)" in r.output, r.output
+        assert "pip install 'kasou[planner]'" in r.output and "Traceback" not in r.output
+
+
+def test_the_pdf_draws_japanese_names(tmp_path: Path) -> None:
+    """Departments in Japanese, as a hospital writes them: the PDF holds them as text (not as '?')."""
+    rows = sample_text().splitlines()
+    header = next(i for i, ln in enumerate(rows) if ln.startswith("name,"))
+    jp = {"emr-db1": "電子カルテ主系", "pacs1": "放射線画像", "lab": "検体検査"}
+    out = []
+    for ln in rows[header + 1 :]:
+        name, dept, *rest = ln.split(",")
+        out.append(",".join([name, jp.get(name, dept), *rest]))
+    inv = tmp_path / "inv.csv"
+    inv.write_text("\n".join([rows[header], *out]) + "\n", encoding="utf-8")
+    servers = read_inventory(inv)
+    assert {s.department for s in servers} >= set(jp.values())
+    plan = make_plan(servers, default_prices(), Options(time_limit=2, runs=50))
+    pdf = write_report(plan, tmp_path / "plan.html")
+    text = "".join("".join(pg.extract_text().split()) for pg in PdfReader(pdf).pages)
+    missing = [d for d in jp.values() if d not in text]
+    assert not missing, (missing, text[:500])
+    assert "?" * 3 not in text

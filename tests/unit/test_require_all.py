@@ -1,4 +1,4 @@
-"""KASOU_REQUIRE_ALL=1 (set by CI): a real-QEMU, etcd or browser test that skips fails the run.
+"""KASOU_REQUIRE_ALL=1 (set by CI): a real-QEMU, etcd, directory or browser test that skips fails the run.
 
 Each case runs a tiny test module in pytest's own ``pytester`` (in process), with kasou's
 tests/conftest.py hooks imported into its conftest, once with the variable and once without.
@@ -17,6 +17,7 @@ asyncio_default_fixture_loop_scope = function
 markers =
     qemu: boots real QEMU
     etcd: starts real etcd
+    directory: starts real directory servers
 """
 
 
@@ -128,3 +129,26 @@ def test_starts_etcd(tmp_path):
     r = _run(pytester, monkeypatch, False, test_inner=inner)
     r.assert_outcomes(failed=1)
     r.stdout.fnmatch_lines(["*test_starts_etcd starts etcd but is not marked etcd*"])
+
+
+SKIPPED_DIRECTORY = """
+import pytest
+
+@pytest.mark.directory
+def test_signs_in_against_samba(samba_dc):
+    pass
+"""
+
+
+def test_a_directory_test_without_samba_fails_the_run_when_all_are_required(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import ldapservers
+
+    monkeypatch.setattr(ldapservers, "tools_missing", lambda: "samba is not installed")
+    r = _run(pytester, monkeypatch, True, test_inner=SKIPPED_DIRECTORY)
+    r.assert_outcomes(errors=1)  # the session fixture's skip, at the test's setup: the run fails
+    assert r.ret != 0
+    r.stdout.fnmatch_lines(["*test_signs_in_against_samba*skipped (samba is not installed)*KASOU_REQUIRE_ALL=1*"])
+    r = _run(pytester, monkeypatch, False, test_inner=SKIPPED_DIRECTORY)
+    r.assert_outcomes(skipped=1)

@@ -24,6 +24,8 @@ from kasou.api.backups import backup_router
 from kasou.api.console import console_routes
 from kasou.api.deps import Services
 from kasou.api.devices import device_routes
+from kasou.api.directory import directory_routes
+from kasou.api.document import document_api
 from kasou.api.limits import BodyLimit
 from kasou.api.live import live_routes
 from kasou.api.media import media_router
@@ -133,6 +135,12 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         redoc_url=None,
     )
     install_error_handlers(app)
+    documented = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return document_api(documented())
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def forward_to_leader(request: Request, call_next: Any) -> Response:
@@ -380,6 +388,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     v1.include_router(storage_routes(svc))
     v1.include_router(device_routes(svc))  # disks and NICs added, grown, removed
     app.include_router(user_routes(svc, principal))
+    app.include_router(directory_routes(svc, principal))  # /v1/directory: sign-in with the hospital's directory
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
     app.include_router(audit_routes(svc, principal))  # /v1/audit: auditors and administrators
     app.include_router(recording_routes(svc, principal))  # /v1/recordings: console recordings (audit)

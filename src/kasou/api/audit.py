@@ -38,9 +38,11 @@ from fastapi.responses import PlainTextResponse, Response
 
 from kasou.api.auth import Principal
 from kasou.api.limits import BODY_SCOPE_KEY
+from kasou.api.review_html import render as render_review
 from kasou.control import audit
 from kasou.control.audit import Checkpoint, VerifyReport
-from kasou.errors import Forbidden
+from kasou.control.review import DEFAULT_HOURS, DEFAULT_TZ, Review, Reviewer
+from kasou.errors import Forbidden, NotFound
 
 if TYPE_CHECKING:
     from kasou.api.deps import Services
@@ -284,6 +286,8 @@ async def _record(
     details: dict[str, Any] = {}
     if request.query_params:
         details["query"] = dict(request.query_params)
+    if action == "login" and isinstance(answer, dict) and answer.get("source") == "directory":
+        details.update(source="directory", groups=answer.get("groups", []))  # the groups that gave the role
     if isinstance(sent, dict) and action not in ("login", "login_failed"):
         details["body"] = sent
     elif body and sent is None:
@@ -379,6 +383,35 @@ def audit_routes(svc: Callable[[], Services], principal: Callable[[Request], Awa
     async def audit_checkpoint() -> Checkpoint | None:
         """Seal the log as it is now with a signed checkpoint (null while the log is empty)."""
         return await log().checkpoint()
+
+    @r.get("/review", response_model=None,
+           responses={200: {"model": Review, "content": {"text/html": {"schema": {"type": "string"}}}}})  # fmt: skip
+    async def audit_review(
+        request: Request,
+        since: str = Query("30d", max_length=40),
+        until: str | None = Query(None, max_length=40),
+        department: list[str] = Query([]),
+        format: Literal["json", "html"] = "json",
+        lang: Literal["ja", "en"] = "ja",
+        tz: str = Query(DEFAULT_TZ, max_length=64),
+        hours: str = Query(DEFAULT_HOURS, max_length=20),
+        weekends: bool = True,
+    ) -> Review | Response:
+        """The access-log review of a period (the month's report an information-security officer signs): the
+        chain's verification, sign-ins, failures and lock-outs, break-glass uses, vendors' windows, console
+        sessions, permission changes, unusual hours (outside ``hours`` in ``tz``, and weekends). ``since`` and
+        ``until``: 30d, 12h, 2w or an ISO date or time. A department's manager reviews their departments only."""
+        p = await auditor(request)
+        chosen = list(dict.fromkeys(department)) or None
+        if p.scoped:
+            outside = [d for d in chosen or [] if d not in p.departments]
+            if outside:
+                raise NotFound(f"no department {outside[0][:40]!r} among those of user {p.name!r}")
+            chosen = chosen or list(p.departments)
+        rev = await Reviewer(svc().store, svc().windows).review(since, until, chosen, tz, hours, weekends)
+        if format == "html":
+            return Response(render_review(rev, lang), media_type="text/html; charset=utf-8")
+        return rev
 
     @r.get("/status", dependencies=[Depends(auditor)])
     async def audit_status() -> dict[str, Any]:

@@ -5,7 +5,7 @@ or falls under one of :data:`PREFIXES`; a route in neither is refused to everyon
 and ``tests/functional/test_role_matrix.py`` enumerates the app's routes to prove there is none.
 What each role holds is :data:`kasou.model.users.PERMISSIONS`.
 
-A department-scoped principal (a vendor) holds its VM permissions only for VMs whose
+A department-scoped principal (a vendor, a manager) holds its VM permissions only for VMs whose
 ``department`` is one of theirs: for a route naming a VM (``vm``) the check looks the VM up, for
 one naming a job (``job``) it takes the department the job itself carries (the department of its
 VM when it was submitted: a later VM of the same name owns none of an earlier one's jobs), and a
@@ -14,7 +14,7 @@ nothing of other departments' systems. Routes marked ``lists`` filter what they
 return (or, for a create, check the department asked for) themselves; any other route is refused
 to a scoped principal even if the role holds its permission.
 
-A vendor also needs an active maintenance window (:mod:`kasou.control.maintenance`) for every route
+A vendor (not a manager) also needs an active maintenance window (:mod:`kasou.control.maintenance`) for every route
 naming a VM or a job of their departments: the ``window`` callback of :func:`check` answers the id
 of a window that names the VM and grants the permission (recorded with the request in the audit
 log), or refuses (403) with one line saying that no such window is active.
@@ -65,6 +65,14 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/auth/me/totp"): need(SIGNED_IN),
     ("POST", "/v1/auth/me/totp/confirm"): need(SIGNED_IN),
     ("GET", "/v1/version"): need(SIGNED_IN),
+    # directory sign-in (LDAP / Active Directory): administrators; its status for the sign-in page
+    ("GET", "/v1/directory/status"): need(PUBLIC),  # ok, unreachable or off: nothing of any user
+    ("GET", "/v1/directory"): need("users"),
+    ("PUT", "/v1/directory"): need("users"),
+    ("DELETE", "/v1/directory"): need("users"),
+    ("PUT", "/v1/directory/mappings/{group}"): need("users"),
+    ("DELETE", "/v1/directory/mappings/{group}"): need("users"),
+    ("POST", "/v1/directory/test"): need("users"),
     # VMs and what belongs to them
     ("GET", "/v1/vms"): need("vm.read", lists=True),
     ("POST", "/v1/vms"): need("operate", lists=True),
@@ -114,12 +122,13 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/reports/uptime"): need("vm.read", lists=True),
     # vendors' maintenance windows: a vendor sees and requests their own (kasou.api.windows)
     ("GET", "/v1/maintenance-windows"): need("vm.read", lists=True),
-    ("POST", "/v1/maintenance-windows"): need("operate", lists=True),
+    ("POST", "/v1/maintenance-windows"): need("operate", "approve", lists=True),  # a manager: for their vendors
     ("GET", "/v1/maintenance-windows/{window}"): need("vm.read", lists=True),
     ("GET", "/v1/maintenance-windows/{window}/report"): need("vm.read", lists=True),
-    ("POST", "/v1/maintenance-windows/{window}/approve"): need("users"),  # never by its requester
-    ("POST", "/v1/maintenance-windows/{window}/deny"): need("users"),
-    ("POST", "/v1/maintenance-windows/{window}/revoke"): need("operate", lists=True),  # a vendor: their own
+    # approved, denied by an administrator or a manager of every department it names; never by its requester
+    ("POST", "/v1/maintenance-windows/{window}/approve"): need("approve", lists=True),
+    ("POST", "/v1/maintenance-windows/{window}/deny"): need("approve", lists=True),
+    ("POST", "/v1/maintenance-windows/{window}/revoke"): need("operate", "approve", lists=True),  # a vendor: their own
     # jobs
     ("GET", "/v1/jobs"): need("vm.read", lists=True),
     ("GET", "/v1/jobs/{job_id}"): need("vm.read", job="job_id"),
@@ -150,13 +159,14 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/metrics"): need("read"),
     ("GET", "/v1/metrics"): need("read"),
     ("GET", "/v1/metrics/history"): need("read"),
-    # the audit log: auditors and administrators
+    # the audit log: auditors and administrators (and a department's manager, its review)
     ("GET", "/v1/audit/records"): need("audit", "users"),
     ("GET", "/v1/audit/verify"): need("audit", "users"),
     ("GET", "/v1/audit/export"): need("audit", "users"),
     ("GET", "/v1/audit/public-key"): need("audit", "users"),
     ("POST", "/v1/audit/checkpoint"): need("audit", "users"),
     ("GET", "/v1/audit/status"): need("audit", "users"),
+    ("GET", "/v1/audit/review"): need("audit", "users", lists=True),  # a manager: their departments' only
     # console recordings (kasou.api.recordings): auditors and administrators
     ("GET", "/v1/recordings"): need("audit"),
     ("GET", "/v1/recordings/{rec_id}"): need("audit"),

@@ -12,7 +12,13 @@ from pydantic import BaseModel
 from kasou.api.auth import Principal
 from kasou.control.desktop_records import DesktopPoolView, DesktopView, PortalPool
 from kasou.control.records import JobRecord
-from kasou.model.desktops import DesktopPoolCreate, DesktopPoolResize, DesktopRequest, validate_pool_name
+from kasou.model.desktops import (
+    DesktopPoolCreate,
+    DesktopPoolResize,
+    DesktopRequest,
+    ReleaseRequest,
+    validate_pool_name,
+)
 
 if TYPE_CHECKING:
     from kasou.api.deps import Services
@@ -57,9 +63,9 @@ def portal_routes(svc: Callable[[], Services], principal: Callable[[Request], Aw
         return await svc().vms.desktops.my_desktops(p.name)
 
     @r.post("/desktop/release")
-    async def release(p: Principal = Depends(who), body: dict[str, Any] | None = Body(None)) -> Released:
+    async def release(p: Principal = Depends(who), body: ReleaseRequest | None = Body(None)) -> Released:
         """Give the user's desktops back (of one pool if given); non-persistent ones are reset."""
-        pool = (body or {}).get("pool")
+        pool = body.pool if body is not None else None
         if pool is not None:
             validate_pool_name(pool)
         return Released(released=await svc().vms.desktops.release(p.name, None, pool))

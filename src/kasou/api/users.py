@@ -40,6 +40,8 @@ class Me(BaseModel):
     departments: list[str] = []
     permissions: list[str]
     totp: bool | None = None  # the user has the TOTP second factor on (None: no user kept in the store)
+    source: str = "local"  # local, or directory (the hospital's directory signed the user in)
+    groups: list[str] = []  # a directory user: the mapped groups that gave the role
 
 
 class PasswordChange(BaseModel):
@@ -141,7 +143,9 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
         )  # fmt: skip
         p = Principal(name=user.name, role=user.role, via="break_glass" if user.break_glass else "session",
                       session=token, pools=tuple(user.pools), departments=tuple(user.departments))  # fmt: skip
-        return _me(p)
+        out = _me(p)
+        out.source, out.groups = user.source, list(user.dir_groups)
+        return out
 
     @r.post("/auth/logout")
     async def logout(request: Request, response: Response) -> dict[str, bool]:
@@ -161,7 +165,8 @@ def user_routes(svc: Callable[[], Services], principal: Callable[[Request], Awai
         out = _me(p)
         if not p.is_root and p.via != "break_glass":
             with contextlib.suppress(NotFound):
-                out.totp = (await svc().users.get(p.name)).totp_secret is not None
+                rec = await svc().users.get(p.name)
+                out.totp, out.source, out.groups = rec.totp_secret is not None, rec.source, list(rec.dir_groups)
         return out
 
     async def a_user(request: Request) -> Principal:

@@ -7,6 +7,10 @@ and grants the permission the route needs; outside one, every route naming a VM 
 line, lists (``/v1/vms``, ``/v1/jobs``, ``/v1/reports/uptime``) show only the VMs of their active windows that
 grant ``vm.read``, and creating or importing a VM needs an active window granting ``operate``. The windows
 themselves (list, show, request, revoke their own) are open to them at all times.
+
+A department's manager (the ``manager`` role) is scoped to their departments like a vendor but is not confined to
+windows: they see the windows naming a VM of their departments (others answer 404), request them for a vendor of
+their department, and approve, deny or revoke those whose VMs are all of their departments (403 otherwise).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Body, Request
 
 from kasou.api.auth import Principal
+from kasou.control.maintenance import visible
 from kasou.control.records import JobRecord
 from kasou.errors import Forbidden, NotFound
 from kasou.model.maintenance import WindowRecord, WindowReport, WindowRequest, WindowView, check_id
+from kasou.model.users import WINDOW_ROLES
 
 if TYPE_CHECKING:
     from kasou.api.deps import Services
@@ -38,7 +44,7 @@ async def window_for(svc: Services, p: Principal, kind: str, ident: str, wanted:
     """The active window of vendor ``p`` that covers the VM named ``ident`` (``kind`` "vm") or the VM of job
     ``ident`` ("job") for one of ``wanted``; None for a principal not confined to windows; Forbidden when none
     does."""
-    if not p.scoped:
+    if p.role not in WINDOW_ROLES:
         return None
     uuid: str | None = None
     if kind == "vm":
@@ -79,7 +85,7 @@ class Reach:
 
 async def vendor_reach(svc: Services, p: Principal) -> Reach | None:
     """A vendor's reach through their windows; None for everyone else."""
-    if not p.scoped:
+    if p.role not in WINDOW_ROLES:
         return None
     return Reach(await svc.windows.active_for(p.name), svc.windows.clock())
 
@@ -100,22 +106,24 @@ def window_routes(svc: Callable[[], Services], principal: Callable[[Request], Aw
     r = APIRouter(prefix="/v1/maintenance-windows")
 
     async def own(p: Principal, window_id: str) -> WindowView:
-        """The window, if the principal may see it (a vendor: their own; others: any)."""
+        """The window, if the principal may see it (a vendor: their own; a manager: those naming a VM of their
+        departments; others: any)."""
         w = await svc().windows.get(check_id(window_id))
-        if p.scoped and w.vendor != p.name:
+        if not visible(w, p.name, p.role, p.departments):
             raise NotFound(f"no maintenance window {window_id!r}")
         return w
 
     @r.get("")
     async def list_windows(request: Request) -> list[WindowView]:
-        """Every window (a vendor: their own), by start."""
+        """Every window (a vendor: their own; a manager: those naming a VM of their departments), by start."""
         p = await principal(request)
-        return await svc().windows.views(p.name if p.scoped else None)
+        return await svc().windows.views_for(p.name, p.role, p.departments)
 
     @r.post("", status_code=201)
     async def request_window(request: Request, body: dict[str, Any] = Body(...)) -> WindowView:
         """Request a window (state ``requested``): a vendor for themselves, an administrator or operator for any
-        vendor. ``starts_at``/``ends_at`` are UNIX times; ``permissions`` default to all the vendor role holds."""
+        vendor, a manager for a vendor of their department.
+        ``starts_at``/``ends_at`` are UNIX times; ``permissions`` default to all the vendor role holds."""
         p = await principal(request)
         spec = WindowRequest.parse(body, svc().windows.clock())
         return await svc().windows.request(spec, p.name, p.role, p.departments)
@@ -132,20 +140,22 @@ def window_routes(svc: Callable[[], Services], principal: Callable[[Request], Aw
 
     @r.post("/{window}/approve")
     async def approve_window(request: Request, window: str) -> WindowView:
-        """An administrator who did not request it (and is not its vendor) approves a requested window."""
+        """An administrator, or a manager of every department whose VMs it names, who did not request it (and is not
+        its vendor) approves a requested window."""
         p = await principal(request)
-        return await svc().windows.approve(check_id(window), p.name, p.role)
+        return await svc().windows.approve(check_id(window), p.name, p.role, p.departments)
 
     @r.post("/{window}/deny")
     async def deny_window(request: Request, window: str) -> WindowView:
+        """An administrator, or a manager of every department whose VMs it names, denies a requested window."""
         p = await principal(request)
-        return await svc().windows.deny(check_id(window), p.name, p.role)
+        return await svc().windows.deny(check_id(window), p.name, p.role, p.departments)
 
     @r.post("/{window}/revoke")
     async def revoke_window(request: Request, window: str) -> WindowView:
         """End a requested or approved window now (its vendor's access ends with it, consoles included)."""
         p = await principal(request)
         await own(p, window)
-        return await svc().windows.revoke(check_id(window), p.name, p.role)
+        return await svc().windows.revoke(check_id(window), p.name, p.role, p.departments)
 
     return r

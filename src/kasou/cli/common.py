@@ -34,12 +34,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def client() -> Client:
+def client(timeout: float = 30.0) -> Client:
     if client_factory is not None:
         return client_factory()
     paths = Paths.from_env()
     # https: the server is verified with the site CA (KASOU_CA or the home's tls/ca.crt), else the system's CAs
-    return Client(api_url(), read_token(paths.token_file), verify=trust(paths.tls_files()))
+    return Client(api_url(), read_token(paths.token_file), verify=trust(paths.tls_files()), timeout=timeout)
 
 
 def print_json(data: Any) -> None:

@@ -67,9 +67,15 @@ def lab_up(
     backup_server: bool = typer.Option(
         False, "--backup-server", help="Also a backup server in a namespace of its own; kasou copies backups to it."
     ),
+    directory: bool = typer.Option(
+        False,
+        "--directory",
+        help="Also a Samba AD domain controller in a namespace of its own, with test users "
+        "and groups; kasou signs them in (kasou.lab.directory).",
+    ),
 ) -> None:
     """Create (or repair) the lab: bridges klab0 and klab-vm, hosts h1..hN in network namespaces, etcd, services."""
-    for line in _lab().up(hosts, timeout=timeout, backup_server=backup_server):
+    for line in _lab().up(hosts, timeout=timeout, backup_server=backup_server, directory=directory):
         _say(line)
 
 
@@ -105,6 +111,12 @@ def lab_status(as_json: bool = typer.Option(False, "--json")) -> None:
         _say(f"etcd {m['name']:3} {m['client_url']:24} {state}" + (f" (pid {m['pid']})" if m["alive"] else ""))
     if st.get("backup_server"):
         _say(backup_server_line(st["backup_server"]))
+    if st.get("directory"):
+        d = st["directory"]
+        state = "answers" if d["answers"] else ("alive" if d["alive"] else "down")
+        ns = d["netns"] if d["netns_exists"] else f"{d['netns']} (missing)"
+        pid = f" (pid {d['pid']})" if d["alive"] else ""
+        _say(f"directory     {d['address']:12} netns {ns} link {d['link']} {d['url']} {d['realm']} {state}{pid}")
 
 
 def backup_server_line(b: dict[str, Any]) -> str:

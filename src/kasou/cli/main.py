@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from kasou import __version__, services
+from kasou.cli import completion, manpages
 from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
 from kasou.cli.backup_server import backup_server_app
@@ -29,6 +31,7 @@ from kasou.cli.common import (
 )
 from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.devices import nic_app
+from kasou.cli.directory import directory_app
 from kasou.cli.events import event_app
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
@@ -69,6 +72,7 @@ app.add_typer(desktop_pool_app, name="pool-desktop")
 app.add_typer(disk_app, name="disk")  # with kasou.cli.devices' add, remove, resize
 app.add_typer(nic_app, name="nic")
 app.add_typer(user_app, name="user")
+app.add_typer(directory_app, name="directory")
 app.add_typer(window_app, name="maintenance-window")
 app.add_typer(audit_app, name="audit")
 app.add_typer(console_app, name="console")
@@ -334,8 +338,29 @@ def demo(
     )
 
 
+@app.command("completion")
+def completion_script(shell: str = typer.Argument(..., help="bash or zsh.")) -> None:
+    """Print the shell completion script: source <(kasou completion bash); names come from the API."""
+    if shell not in completion.SHELLS:
+        fail(f"no completion for the shell {shell!r}: {' or '.join(completion.SHELLS)}", code=2)
+    typer.echo(completion.script(shell))
+
+
+@app.command("man")
+def man_pages(out_dir: Path = typer.Option(..., "--out", help="Directory to write the pages into (man1).")) -> None:
+    """Write the manual pages of every command (kasou.1, kasou-vm-start.1, ...), made from this command line."""
+    try:
+        n = manpages.write(app, out_dir)
+    except OSError as e:
+        fail(f"cannot write the manual pages into {out_dir}: {e.strerror or e}")
+    out.print(f"{n} manual pages written to {out_dir}", markup=False, highlight=False)
+
+
 def main() -> None:
     try:
+        if completion.wanted():
+            completion.complete(app)
+            return
         app()
     except KasouError as e:
         err.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)

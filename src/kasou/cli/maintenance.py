@@ -59,7 +59,7 @@ def window_request(
     ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Request a window (by the vendor for themselves, or by an administrator or operator)."""
+    """Request a window (by the vendor for themselves, an administrator or operator, or the department's manager)."""
     body: dict[str, Any] = {"vendor": vendor, "vms": _csv(vms), "starts_at": parse_when(start, "--from"),
                             "ends_at": parse_when(end, "--to"), "plan": plan}  # fmt: skip
     if permissions:
@@ -69,13 +69,13 @@ def window_request(
 
 @window_app.command("approve")
 def window_approve(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Approve a requested window (an administrator who did not request it)."""
+    """Approve a requested window (an administrator or the department's manager who did not request it)."""
     _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/approve"), as_json)
 
 
 @window_app.command("deny")
 def window_deny(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Deny a requested window (an administrator)."""
+    """Deny a requested window (an administrator or the department's manager)."""
     _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/deny"), as_json)
 
 
@@ -87,7 +87,7 @@ def window_revoke(window_id: str, as_json: bool = typer.Option(False, "--json"))
 
 @window_app.command("list")
 def window_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Every window (a vendor: their own), by start."""
+    """Every window (a vendor: their own; a manager: those of their departments), by start."""
     windows = client().get("/v1/maintenance-windows")
     if as_json:
         print_json(windows)

@@ -7,6 +7,7 @@ defines the planned VMs in a running kasou through the API; ``kasou plan sample`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from kasou.cli.common import client, err, follow, out, print_json, say
+from kasou.cli.common import client, err, fail, follow, out, print_json, say
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError
 
 
@@ -35,6 +36,19 @@ plan_app = typer.Typer(
     "kasou plan apply PLAN.json.",
     no_args_is_help=True,
 )
+
+
+#: The planner's own packages: an extra (``pip install 'kasou[planner]'``), so that a hypervisor's install stays lean.
+PLANNER_PACKAGES = ("numpy", "ortools")
+
+
+def need_planner() -> None:
+    """Refuse in one line, with the way out, when the planner's extra is not installed on this machine."""
+    missing = [m for m in PLANNER_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"the planner is not installed on this machine (missing {', '.join(missing)}): install it with "
+             "pip install 'kasou[planner]' (from a checkout: .venv/bin/pip install -e '.[planner]'); "
+             "kasou plan apply needs only a plan's JSON and works without it")  # fmt: skip
 
 
 def _yen(v: float) -> str:
@@ -58,6 +72,7 @@ def plan_make(
     seed: int = typer.Option(1, "--seed", help="Seed of the Monte Carlo simulation."),
 ) -> None:
     """Plan hosts for an inventory: model and count, every VM placed, cost over the cycle, availability."""
+    need_planner()
     from kasou.planner import Options, make_plan, parse_reserve, read_inventory, read_prices
     from kasou.planner.inventory import InventoryError
     from kasou.planner.prices import Cycle
@@ -115,6 +130,7 @@ def _show(plan: dict[str, Any]) -> None:
 @plan_app.command("sample")
 def plan_sample() -> None:
     """Print the sample inventory (a 400-bed hospital's department servers) to start from."""
+    need_planner()
     from kasou.planner.inventory import sample_text
 
     typer.echo(sample_text(), nl=False)
@@ -123,6 +139,7 @@ def plan_sample() -> None:
 @plan_app.command("prices")
 def plan_prices() -> None:
     """Print the default price sheet (TOML, every assumption commented) to copy and edit."""
+    need_planner()
     from kasou.planner.prices import default_prices_text
 
     typer.echo(default_prices_text(), nl=False)

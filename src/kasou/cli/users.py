@@ -29,9 +29,11 @@ def _password(stdin: bool) -> str:
 @user_app.command("create")
 def user_create(
     name: str,
-    role: str = typer.Option(..., "--role", help="admin, operator, vendor, auditor or clinician."),
+    role: str = typer.Option(..., "--role", help="admin, operator, vendor, manager, auditor or clinician."),
     pool: list[str] = typer.Option([], "--pool", help="Desktop pool the user may use (repeat for several)."),
-    department: list[str] = typer.Option([], "--department", help="A vendor's department (repeat for several)."),
+    department: list[str] = typer.Option(
+        [], "--department", help="A vendor's or manager's department (repeat for several)."
+    ),
     display_name: str = typer.Option("", "--display-name"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
 ) -> None:
@@ -49,9 +51,9 @@ def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(users)
         return
-    t = Table("name", "role", "display name", "desktop pools", "departments", "TOTP", "locked")
+    t = Table("name", "role", "source", "display name", "desktop pools", "departments", "TOTP", "locked")
     for u in users:
-        t.add_row(u["name"], u["role"], u["display_name"], ", ".join(u["pools"]) or "-",
+        t.add_row(u["name"], u["role"], u.get("source", "local"), u["display_name"], ", ".join(u["pools"]) or "-",
                   ", ".join(u.get("departments", [])) or "-", "on" if u.get("totp") else "",
                   "yes" if u["locked"] else "")  # fmt: skip
     out.print(t)

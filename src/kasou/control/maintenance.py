@@ -1,5 +1,7 @@
 """Vendor maintenance windows kept in the store (``maintenance-windows/<id>``): requested, approved by an
-administrator who is not the requester, denied, revoked; expired at their end (derived from the clock).
+administrator or by a manager of every department whose VMs it names (the MHLW guideline: access follows the
+department's request confirmed by its manager), never by its requester or its vendor; denied, revoked; expired at
+their end (derived from the clock). A manager sees only the windows naming a VM of their departments.
 
 The API asks :meth:`MaintenanceWindows.grant` before every VM-scoped route a vendor calls: the id of an active
 window of theirs that names the VM (by its uuid when the window was requested) and grants the permission, or
@@ -69,6 +71,11 @@ class MaintenanceWindows:
         now = self.clock()
         return [WindowView.of(w, now) for w in await self.all(vendor)]
 
+    async def views_for(self, by: str, by_role: Role, by_departments: tuple[str, ...]) -> list[WindowView]:
+        """The windows this user may see (:func:`visible`), by start."""
+        now = self.clock()
+        return [WindowView.of(w, now) for w in await self.all() if visible(w, by, by_role, by_departments)]
+
     async def active_for(self, vendor: str) -> list[WindowRecord]:
         now = self.clock()
         return [w for w in await self.all(vendor) if w.is_active(now)]
@@ -85,7 +92,8 @@ class MaintenanceWindows:
 
     async def request(self, spec: WindowRequest, by: str, by_role: Role, by_departments: tuple[str, ...]) -> WindowView:
         """A new window in state ``requested``. A vendor asks for themselves only, and for VMs of their departments;
-        administrators and operators for any vendor, for VMs of that vendor's departments."""
+        administrators and operators for any vendor, for VMs of that vendor's departments; a manager for a vendor
+        of one of their departments, for VMs of their departments and the vendor's."""
         now = self.clock()
         spec.check(now)
         if by_role == Role.VENDOR and spec.vendor != by:
@@ -94,19 +102,27 @@ class MaintenanceWindows:
         if e is None or e.value.get("role") != Role.VENDOR.value:
             raise InvalidSpec(f"no vendor user named {spec.vendor!r}", field="vendor")
         departments = [str(d) for d in e.value.get("departments") or []]
+        if by_role == Role.MANAGER and not set(departments) & set(by_departments):
+            raise InvalidSpec(f"no vendor user named {spec.vendor!r} in your departments ({', '.join(by_departments)})",
+                              field="vendor")  # fmt: skip
         uuids: dict[str, str] = {}
+        vm_departments: dict[str, str] = {}
         for name in spec.vms:
             v = await self.store.get(vm_key(name))
             rec = VMRecord.model_validate(v.value) if v is not None else None
+            if by_role == Role.MANAGER and (rec is None or rec.department not in by_departments):
+                raise NotFound(f"no VM named {name!r}")  # a VM of another department: as if it did not exist
             if rec is None or rec.department is None or rec.department not in departments:
                 if by_role == Role.VENDOR or rec is None:
                     raise NotFound(f"no VM named {name!r}")  # as everywhere else for a vendor
                 raise InvalidSpec(f"VM {name!r} is not of the departments of vendor {spec.vendor!r} "
                                   f"({', '.join(departments)})", field="vms")  # fmt: skip
             uuids[name] = rec.uuid
+            vm_departments[name] = rec.department
         wid = ID_PREFIX + secrets.token_hex(5)
         rec_w = WindowRecord(
             id=wid, vendor=spec.vendor, departments=departments, vms=list(spec.vms), vm_uuids=uuids,
+            vm_departments=vm_departments,
             permissions=spec.granted, starts_at=float(spec.starts_at), ends_at=float(spec.ends_at),
             plan=spec.plan.strip(), requested_by=by, requested_at=now,
         )  # fmt: skip
@@ -131,18 +147,16 @@ class MaintenanceWindows:
             return WindowView.of(new, now)
         raise Conflict(f"maintenance window {window_id} changed too often at once; try again")
 
-    async def approve(self, window_id: str, by: str, by_role: Role) -> WindowView:
-        """An administrator who neither requested the window nor is its vendor approves it."""
+    async def approve(self, window_id: str, by: str, by_role: Role, by_departments: tuple[str, ...] = ()) -> WindowView:
+        """An administrator, or a manager of every department whose VMs it names, who neither requested the window
+        nor is its vendor approves it."""
 
         def change(w: WindowRecord, now: float) -> dict[str, Any]:
-            if by_role != Role.ADMIN:
-                raise Forbidden(f"user {by!r} ({by_role.value}) may not approve maintenance windows; "
-                                "an administrator does")  # fmt: skip
+            decides(w, "approve", by, by_role, by_departments)
             if by == w.requested_by:
                 raise Forbidden(f"user {by!r} requested maintenance window {w.id} and may not approve it; "
+                                f"{'a manager of its department or ' if by_role == Role.MANAGER else ''}"
                                 "another administrator does")  # fmt: skip
-            if by == w.vendor:
-                raise Forbidden(f"user {by!r} is the vendor of maintenance window {w.id} and may not approve it")
             shown = w.shown_state(now)
             if shown != WindowState.REQUESTED:
                 raise Conflict(f"maintenance window {w.id} is {shown.value}: only a requested window is approved")
@@ -152,12 +166,13 @@ class MaintenanceWindows:
         await self._tell("maintenance_window_approved", w, f"{by} approved maintenance window {w.id} of {w.vendor}")
         return w
 
-    async def deny(self, window_id: str, by: str, by_role: Role) -> WindowView:
+    async def deny(self, window_id: str, by: str, by_role: Role, by_departments: tuple[str, ...] = ()) -> WindowView:
+        """An administrator, or a manager of every department whose VMs it names, denies a requested window."""
+
         def change(w: WindowRecord, now: float) -> dict[str, Any]:
-            if by_role != Role.ADMIN:
-                raise Forbidden(
-                    f"user {by!r} ({by_role.value}) may not deny maintenance windows; an administrator does"
-                )
+            decides(w, "deny", by, by_role, by_departments)
+            if by_role == Role.MANAGER and by == w.requested_by:
+                raise Forbidden(f"user {by!r} requested maintenance window {w.id} and may not deny it; revoke it")
             shown = w.shown_state(now)
             if shown != WindowState.REQUESTED:
                 raise Conflict(f"maintenance window {w.id} is {shown.value}: only a requested window is denied")
@@ -167,12 +182,15 @@ class MaintenanceWindows:
         await self._tell("maintenance_window_denied", w, f"{by} denied maintenance window {w.id} of {w.vendor}")
         return w
 
-    async def revoke(self, window_id: str, by: str, by_role: Role) -> WindowView:
-        """End a requested or approved window now: an administrator or operator, or its own vendor (who gives it up)."""
+    async def revoke(self, window_id: str, by: str, by_role: Role, by_departments: tuple[str, ...] = ()) -> WindowView:
+        """End a requested or approved window now: an administrator or operator, a manager of every department whose
+        VMs it names (also one they requested), or its own vendor (who gives it up)."""
 
         def change(w: WindowRecord, now: float) -> dict[str, Any]:
             if by_role == Role.VENDOR and by != w.vendor:
                 raise NotFound(f"no maintenance window {w.id!r}")
+            if by_role == Role.MANAGER:
+                decides(w, "revoke", by, by_role, by_departments)
             shown = w.shown_state(now)
             if shown not in (WindowState.REQUESTED, WindowState.APPROVED):
                 raise Conflict(f"maintenance window {w.id} is {shown.value} already")
@@ -197,6 +215,35 @@ class MaintenanceWindows:
                    for r in mine]  # fmt: skip
         return WindowReport(window=WindowView.of(w, self.clock()), plan=w.plan, actions=actions, summary=summary,
                             refused=refused)  # fmt: skip
+
+
+def visible(w: WindowRecord, by: str, by_role: Role, by_departments: tuple[str, ...]) -> bool:
+    """May this user see the window: a vendor their own, a manager those naming a VM of their departments,
+    everyone else (who reads it through the permission table) any."""
+    if by_role == Role.VENDOR:
+        return w.vendor == by
+    if by_role == Role.MANAGER:
+        return w.seen_by(by_departments)
+    return True
+
+
+def decides(w: WindowRecord, verb: str, by: str, by_role: Role, by_departments: tuple[str, ...]) -> None:
+    """Refuse unless ``by`` may ``verb`` (approve, deny, revoke as a manager) the window: an administrator, or a
+    manager of every department whose VMs it names (one who manages none of them does not even see it: 404);
+    never its vendor."""
+    if by_role not in (Role.ADMIN, Role.MANAGER):
+        raise Forbidden(f"user {by!r} ({by_role.value}) may not {verb} maintenance windows; an administrator or "
+                        "the department's manager does")  # fmt: skip
+    if by_role == Role.MANAGER:
+        if not w.seen_by(by_departments):
+            raise NotFound(f"no maintenance window {w.id!r}")
+        foreign = w.foreign_to(by_departments)
+        if foreign:
+            raise Forbidden(f"maintenance window {w.id} names VMs of {', '.join(foreign)}, which user {by!r} "
+                            "does not manage; an administrator or a manager of every department it names "
+                            f"may {verb} it")  # fmt: skip
+    if by == w.vendor:
+        raise Forbidden(f"user {by!r} is the vendor of maintenance window {w.id} and may not {verb} it")
 
 
 def _utc(ts: float) -> str:

@@ -44,6 +44,7 @@ class Replication:
     def __init__(self, vms: VMControl, clock: Any = time.monotonic) -> None:
         self.vms = vms
         self.clock = clock
+        self.retry_every_s = RETRY_EVERY_S
         self._tried_at: dict[str, float] = {}
 
     async def _choose_host(self, rec: VMRecord, records: list[VMRecord], avoid: set[str]) -> str | None:
@@ -138,7 +139,7 @@ class Replication:
             replica = rec.replica.model_copy(update={"state": "degraded", "since": time.time()})
             await self.vms.records.update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
             log.warning("VM %s: its replica on %s is lost; running degraded", rec.name, rec.replica.host)
-        if self.clock() - self._tried_at.get(rec.name, -1e9) < RETRY_EVERY_S:
+        if self.clock() - self._tried_at.get(rec.name, -1e9) < self.retry_every_s:
             return
         self._tried_at[rec.name] = self.clock()
         avoid: set[str] = set()

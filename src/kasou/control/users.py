@@ -10,7 +10,8 @@ attempts sent all at once cannot get past the count, and a failure never shorten
 has is answered and locked the same way (counted in memory), so the answers tell no one which names exist.
 
 Also here: per-user API tokens (:mod:`kasou.control.tokens`), the optional TOTP second factor
-(:mod:`kasou.control.totp`; ``KASOU_REQUIRE_TOTP_FOR_ADMINS=1`` makes it required for administrators)
+(:mod:`kasou.control.totp`; ``KASOU_REQUIRE_TOTP_FOR=admin,operator`` makes it required for those roles,
+directory users included), directory sign-in (:mod:`kasou.control.directory_signin`)
 and the break-glass account (:mod:`kasou.control.breakglass`).
 """
 
@@ -18,29 +19,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from pydantic import BaseModel, Field
 
-from kasou.config import require_totp_for_admins, session_idle_s, session_max_s
+from kasou.config import require_totp_for, session_idle_s, session_max_s
 from kasou.control import audit, breakglass, sealed, totp
+from kasou.control.directory import Directory
+from kasou.control.directory_signin import DIRECTORY, DirectorySignIn
 from kasou.control.events import ACTIVE_PREFIX, Events
 from kasou.control.tokens import TokenCreated, TokenRecord, TokenView, UserTokens
+from kasou.control.user_records import (
+    SESSIONS_PREFIX,
+    USERS_PREFIX,
+    SessionRecord,
+    TotpEnrolment,
+    UserRecord,
+    UserView,
+    sid,
+    view,
+)
 from kasou.errors import AlreadyExists, Conflict, InvalidSpec, NotFound, StoreConflict, StoreError, Unauthorized
 from kasou.model.names import validate_name
 from kasou.model.users import Role, UserCreate, check_departments, check_password
 from kasou.store.base import Store
 
-USERS_PREFIX = "users/"
-SESSIONS_PREFIX = "sessions/"
+__all__ = ["SESSIONS_PREFIX", "USERS_PREFIX", "SessionRecord", "TotpEnrolment", "UserRecord", "UserView", "Users",
+           "view"]  # fmt: skip
+
 LOCK_AFTER = 5
 LOCK_S = 300.0
 TOUCH_EVERY_S = 20.0  # a session's last use is written at most this often
@@ -70,67 +83,16 @@ class _Refused(Exception):
     """A settlement refused by its caller's check (a TOTP code no longer valid)."""
 
 
-class UserRecord(BaseModel):
-    name: str
-    role: Role
-    display_name: str = ""
-    password_hash: str = Field(repr=False)
-    pools: list[str] = []  # desktop pools a clinician is entitled to
-    departments: list[str] = []  # a vendor's departments
-    created_at: float = Field(default_factory=time.time)
-    failures: int = 0
-    locked_until: float | None = None
-    # The second factor, once confirmed, and one enrolled but not confirmed yet: sealed with the site's
-    # secrets key (kasou.control.sealed); a record written before sealing holds them plain.
-    totp_secret: str | None = Field(default=None, repr=False)
-    totp_pending: str | None = Field(default=None, repr=False)
-    totp_last_step: int = 0  # the last TOTP step a code was accepted for (no replay)
-    break_glass: bool = False  # the break-glass account (never stored as a user)
-
-
-class TotpEnrolment(BaseModel):
-    secret: str = Field(repr=False)  # base32, shown this once
-    uri: str = Field(repr=False)  # otpauth://totp/kasou:NAME?secret=...
-
-
-class UserView(BaseModel):
-    name: str
-    role: Role
-    display_name: str
-    pools: list[str]
-    departments: list[str] = []
-    created_at: float
-    locked: bool
-    totp: bool = False  # signs in with a TOTP code
-
-
-class SessionRecord(BaseModel):
-    user: str
-    created_at: float
-    last_used: float
-    source: str = ""
-    break_glass: str | None = None  # a break-glass session: the id of the password it signed in with
-
-
-def _sid(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def view(u: UserRecord) -> UserView:
-    locked = u.locked_until is not None and u.locked_until > time.time()
-    return UserView(name=u.name, role=u.role, display_name=u.display_name, pools=u.pools,
-                    departments=u.departments, created_at=u.created_at, locked=locked,
-                    totp=u.totp_secret is not None)  # fmt: skip
-
-
 def _what(name: str, field: str) -> str:
     return f"the {'pending ' if field == 'totp_pending' else ''}TOTP secret of user {name!r}"
 
 
-class Users:
+class Users(DirectorySignIn):
     def __init__(self, store: Store, secrets_key: Path | None = None) -> None:
         self.store = store
         self.sealer = sealed.Sealer(secrets_key or sealed.default_key_path(store))
+        self.directory = Directory(store, self.sealer)
+        self._rechecking: set[str] = set()  # directory users being re-checked now
         self.tokens = UserTokens(store)
         self.break_glass = breakglass.BreakGlass(store)
         self.events = Events(store)
@@ -171,7 +133,8 @@ class Users:
         """An administrator sets a user's password: the account is unlocked and every session of the user ends
         (someone who had the old password is shut out). The number of sessions ended."""
         check_password(password)
-        await self.get(name)
+        if (await self.get(name)).source == DIRECTORY:
+            raise Conflict(f"user {name!r} signs in with the directory's password: the hospital's directory sets it")
         digest = await asyncio.to_thread(_hasher.hash, password)
         await self._update(name, lambda r: r.model_copy(update={"password_hash": digest, "failures": 0,
                                                                 "locked_until": None}))  # fmt: skip
@@ -186,7 +149,7 @@ class Users:
     async def end_sessions(self, name: str, keep: str | None = None) -> int:
         """End the sessions of user ``name`` but the one of token ``keep``; how many ended. A desktop of an ended
         session goes back to its pool at the pool's next round, a console closes at its next check."""
-        kept = _sid(keep) if keep is not None else None
+        kept = sid(keep) if keep is not None else None
         ended = 0
         for e in await self.store.range(SESSIONS_PREFIX):
             mine = e.value.get("user") == name and e.key.removeprefix(SESSIONS_PREFIX) != kept
@@ -200,6 +163,8 @@ class Users:
 
         The user's other sessions end (a session someone else holds is shut out); ``keep`` is the session
         the change came from. The number of sessions ended."""
+        if (await self.get(name)).source == DIRECTORY:
+            raise Conflict("your password is the directory's: change it there (e.g. on a hospital PC)")
         await self._recheck(name, current, source)
         check_password(password)
         if password == current:
@@ -215,6 +180,12 @@ class Users:
         if not isinstance(password, str) or len(password) > 1024:
             raise wrong
         rec, lock = await self._charge(name)
+        if rec.source == DIRECTORY:
+            await self._settle(name, lock, lambda r: {})  # the directory's own lock-out counts its failures
+            u = await self.directory.authenticate(name, password)
+            if u is None:
+                raise wrong
+            return
         if not await asyncio.to_thread(_verify, rec.password_hash, password):
             await self._failed(rec, lock, source)
             raise wrong
@@ -280,7 +251,7 @@ class Users:
             await audit.record(self.store, "lockout", source=source, target=f"users/{rec.name}", details={
                 "failures": LOCK_AFTER, "locked_s": LOCK_S})  # fmt: skip
 
-    async def _ghost_attempt(self, name: str, password: str) -> None:
+    async def _ghost_attempt(self, name: str, password: str) -> NoReturn:
         """An attempt for a name no user has: answered as a real user's wrong password would be, lock included,
         and after as long (the password is checked against a dummy hash). Always raises Unauthorized."""
         now = time.time()
@@ -302,11 +273,20 @@ class Users:
     async def set_pools(self, name: str, pools: list[str]) -> UserView:
         for p in pools:
             validate_name(p, "pool")
+        self._not_directory(await self.get(name), "desktop pools")
         return view(await self._update(name, lambda r: r.model_copy(update={"pools": pools})))
 
     async def set_departments(self, name: str, departments: list[str]) -> UserView:
-        check_departments((await self.get(name)).role, departments)
+        rec = await self.get(name)
+        self._not_directory(rec, "departments")
+        check_departments(rec.role, departments)
         return view(await self._update(name, lambda r: r.model_copy(update={"departments": departments})))
+
+    @staticmethod
+    def _not_directory(rec: UserRecord, what: str) -> None:
+        if rec.source == DIRECTORY:
+            raise Conflict(f"user {rec.name!r} gets their {what} from their directory groups at each sign-in: map "
+                           "a group instead (kasou directory map GROUP ...)")  # fmt: skip
 
     # -- sign-in --------------------------------------------------------------------------
 
@@ -317,20 +297,29 @@ class Users:
 
         A wrong name or password is one message, and a name no user has locks like a real one (no telling
         which names exist); a missing or wrong TOTP code counts toward the lock-out like a wrong password,
-        and its refusal carries ``details.totp = "required"`` (``"enroll"`` for an administrator without
-        TOTP when ``KASOU_REQUIRE_TOTP_FOR_ADMINS`` is on).
+        and its refusal carries ``details.totp = "required"`` (``"enroll"`` for a user without TOTP whose
+        role ``KASOU_REQUIRE_TOTP_FOR`` names). A name without a local record is asked of the directory, if one
+        is set (:mod:`kasou.control.directory_signin`).
         """
         wrong = Unauthorized(WRONG)
         if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
             raise wrong
         if name == breakglass.NAME:
             return await self._login_break_glass(password, source)
+        checked = False  # the password checked already (a directory user's first sign-in)
         try:
             rec, lock = await self._charge(name)
         except (NotFound, InvalidSpec):
-            await self._ghost_attempt(name, password)
-            raise wrong from None  # (never reached: the ghost attempt raises)
-        if not await asyncio.to_thread(_verify, rec.password_hash, password):
+            if not await self.directory.enabled():
+                await self._ghost_attempt(name, password)
+            rec, lock, checked = await self._directory_attempt(name, password, source)
+            name = rec.name
+        extra: dict[str, object] = {}
+        if checked:
+            pass
+        elif rec.source == DIRECTORY:
+            extra = await self._directory_password(rec, lock, password, source)
+        elif not await asyncio.to_thread(_verify, rec.password_hash, password):
             await self._failed(rec, lock, source)
             raise wrong
         now = time.time()
@@ -343,7 +332,7 @@ class Users:
                 step = totp.match(secret, code, r.totp_last_step, now)
                 if step is None or r.totp_secret is None:
                     return None
-                update: dict[str, object] = {"totp_last_step": step}
+                update: dict[str, object] = {**extra, "totp_last_step": step}
                 if not sealed.Sealer.is_sealed(r.totp_secret):  # written before sealing: sealed now
                     update["totp_secret"] = self._seal(name, "totp_secret", secret)
                 return update
@@ -357,14 +346,14 @@ class Users:
                                        totp="required") from None  # fmt: skip
                 raise Unauthorized("the TOTP code is wrong or was used already", totp="required") from None
         else:
-            rec = await self._settle(name, lock, lambda r: {})
-            if rec.role == Role.ADMIN and require_totp_for_admins():
-                raise Unauthorized(f"administrators sign in with a TOTP code here and user {name!r} has none: "
-                                   f"an administrator enrolls it (kasou user totp enroll {name})",
+            rec = await self._settle(name, lock, lambda r: extra)
+            if rec.role.value in require_totp_for():
+                raise Unauthorized(f"{rec.role.value} users sign in with a TOTP code here and user {name!r} has "
+                                   f"none: an administrator enrolls it (kasou user totp enroll {name})",
                                    totp="enroll")  # fmt: skip
         token = secrets.token_urlsafe(32)
         sess = SessionRecord(user=name, created_at=now, last_used=now, source=source[:100])
-        await self.store.put(SESSIONS_PREFIX + _sid(token), sess.model_dump(mode="json"))
+        await self.store.put(SESSIONS_PREFIX + sid(token), sess.model_dump(mode="json"))
         return token, rec
 
     # -- the break-glass account ----------------------------------------------------------
@@ -390,7 +379,7 @@ class Users:
         token = secrets.token_urlsafe(32)
         sess = SessionRecord(user=breakglass.NAME, created_at=now, last_used=now, source=source[:100],
                              break_glass=bg.id)  # fmt: skip
-        await self.store.put(SESSIONS_PREFIX + _sid(token), sess.model_dump(mode="json"))
+        await self.store.put(SESSIONS_PREFIX + sid(token), sess.model_dump(mode="json"))
         return token, self._break_glass_user()
 
     async def acknowledge_break_glass(self, by: str) -> int:
@@ -430,7 +419,7 @@ class Users:
         if rec.locked_until is not None and rec.locked_until > time.time():
             raise Unauthorized(f"user {t.user!r} is locked after {LOCK_AFTER} failed sign-ins; its API tokens "
                                "work again once it is unlocked")  # fmt: skip
-        return rec, t
+        return await self._directory_recheck(rec), t
 
     # -- TOTP -----------------------------------------------------------------------------
 
@@ -504,7 +493,7 @@ class Users:
 
     async def session_user(self, token: str) -> UserRecord:
         """The user of a live session (and the session's last use noted); Unauthorized if it ended."""
-        key = SESSIONS_PREFIX + _sid(token)
+        key = SESSIONS_PREFIX + sid(token)
         e = await self.store.get(key)
         if e is None:
             raise Unauthorized("not signed in (or the session ended): sign in again")
@@ -521,17 +510,18 @@ class Users:
         if sess.break_glass is not None:
             return self._break_glass_user()
         try:
-            return await self.get(sess.user)
+            rec = await self.get(sess.user)
         except NotFound:
             await self.store.delete(key)
             raise Unauthorized("this user no longer exists") from None
+        return await self._directory_recheck(rec)
 
     async def session_of(self, token: str) -> SessionRecord | None:
-        e = await self.store.get(SESSIONS_PREFIX + _sid(token))
+        e = await self.store.get(SESSIONS_PREFIX + sid(token))
         return SessionRecord.model_validate(e.value) if e is not None else None
 
     async def logout(self, token: str) -> SessionRecord | None:
-        key = SESSIONS_PREFIX + _sid(token)
+        key = SESSIONS_PREFIX + sid(token)
         e = await self.store.get(key)
         await self.store.delete(key)
         return SessionRecord.model_validate(e.value) if e is not None else None

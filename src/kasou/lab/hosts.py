@@ -23,6 +23,7 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
       kasou serve --address 10.88.0.{10+i}:8470
       QEMU processes started by that agent (they inherit its namespace)
     netns klab-backup          with --backup-server: kasou backup-server serve, 10.88.0.5 (:mod:`kasou.lab.vault`)
+    netns klab-dir             with --directory: a Samba AD DC, ldaps://10.88.0.6 (:mod:`kasou.lab.directory`)
 
     LAB/lab.json              state: every name, address and pid made (so down, kill, partition
                               and a re-run of up work after a crash, and are idempotent)
@@ -74,6 +75,7 @@ from kasou import pki
 from kasou.api.auth import ensure_token
 from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles, storage_roots
 from kasou.errors import InvalidSpec, KasouError
+from kasou.lab import directory as labdir
 from kasou.lab import net, vault
 from kasou.lab.etcd import EtcdCluster
 from kasou.lab.net import LabError
@@ -217,7 +219,9 @@ class Lab:
 
     # -- up
 
-    def up(self, count: int, timeout: float = SERVICE_TIMEOUT, backup_server: bool = False) -> list[str]:
+    def up(
+        self, count: int, timeout: float = SERVICE_TIMEOUT, backup_server: bool = False, directory: bool = False
+    ) -> list[str]:
         """Make (or repair) a lab of ``count`` hosts (and a backup server: :mod:`kasou.lab.vault`); one report
         line per piece. A lab that has a backup server keeps it."""
         preflight()
@@ -237,6 +241,7 @@ class Lab:
             if st is None:
                 st = self._plan(count)
                 st.backup_server = vault.plan(self.dir) if backup_server else None
+                st.directory = labdir.plan(self.dir) if directory else None
                 try:
                     self._check_free(st)
                 except LabError:
@@ -246,6 +251,8 @@ class Lab:
                 self._save(st)
             elif backup_server and st.backup_server is None:
                 st.backup_server = vault.plan(self.dir)
+            if not fresh and directory and st.directory is None:
+                st.directory = labdir.plan(self.dir)
             undo: list[Callable[[], Any]] = []
             try:
                 return self._build(st, undo, timeout)
@@ -275,8 +282,9 @@ class Lab:
     def _check_free(self, st: LabState) -> None:
         """A new lab must not take over another lab's bridge, links or namespaces."""
         links = [st.bridge, st.vm_bridge, *(h.veth for h in st.hosts), *(h.vm_veth for h in st.hosts)]
-        spaces = [h.netns for h in st.hosts] + ([st.backup_server.netns] if st.backup_server else [])
-        taken = [n for n in links + ([st.backup_server.veth] if st.backup_server else []) if net.link_exists(n)]
+        extra = [x for x in (st.backup_server, st.directory) if x is not None]
+        spaces = [h.netns for h in st.hosts] + [x.netns for x in extra]
+        taken = [n for n in links + [x.veth for x in extra] if net.link_exists(n)]
         taken += [f"netns {n}" for n in spaces if net.netns_exists(n)]
         if taken:
             raise LabError(
@@ -327,6 +335,9 @@ class Lab:
         if st.backup_server is not None:  # it starts while the hosts' services do
             report.append(vault.ensure(st.backup_server, st.bridge, undo, timeout))
             self._save(st)
+        if st.directory is not None:
+            report.append(labdir.ensure(st.directory, st.bridge, self.ca_file.parent, undo, timeout))
+            self._save(st)
         t_services = time.monotonic()
         self._wait_answering(st, token, timeout)
         report.append(f"services: all answer after {time.monotonic() - t_services:.1f} s")
@@ -335,6 +346,8 @@ class Lab:
         report.append(f"cluster: leader elected, {len(st.hosts)} agents registered, ready after {waited:.1f} s more")
         if st.backup_server is not None:
             report.append(vault.configure(st.backup_server, st.hosts[0].api_url, self.ca_file, token))
+        if st.directory is not None:
+            report.append(labdir.configure(st.directory, st.hosts[0].api_url, self.ca_file, token))
         for h in st.hosts:
             what = {s: ("started" if (h.name, s) in started else "running") + f" pid {h.pid(s)}" for s in SERVICES}
             report.append(
@@ -538,6 +551,7 @@ class Lab:
             "hosts": hosts,
             "etcd": members,
             "backup_server": vault.status(st.backup_server) if st.backup_server else None,
+            "directory": labdir.status(st.directory) if st.directory else None,
         }
 
     def env(self, name: str) -> list[str]:
@@ -587,6 +601,10 @@ class Lab:
         report.append(f"stopped {len(etcd)} etcd members")
         removed, errs = vault.teardown(st.backup_server) if st.backup_server else ([], [])
         errors += errs
+        if st.directory is not None:
+            more, errs = labdir.teardown(st.directory)
+            removed += more
+            errors += errs
         for h in st.hosts:
             steps = [
                 (h.veth, functools.partial(net.delete_link, h.veth)),

@@ -31,6 +31,8 @@ SERVICES = ("agent", "api")
 VAULT_NAME = "backup"  # kasou lab up --backup-server: netns and veth klab-backup, LAB/backup-server
 VAULT_ADDRESS = f"{SUBNET}.5"  # below the hosts' 10.88.0.11..60
 VAULT_PORT = 8472
+DIRECTORY_NAME = "dir"  # kasou lab up --directory: netns and veth klab-dir, LAB/directory
+DIRECTORY_ADDRESS = f"{SUBNET}.6"
 
 
 def lab_dir() -> Path:
@@ -139,6 +141,33 @@ class LabVault:
 
 
 @dataclass
+class LabDirectory:
+    """The lab's directory: a Samba AD domain controller in a namespace of its own (:mod:`kasou.lab.directory`)."""
+
+    dir: str  # LAB/directory: dc/ (the domain), tls/, passwords.json, samba.out
+    netns: str = f"klab-{DIRECTORY_NAME}"
+    veth: str = f"klab-{DIRECTORY_NAME}"
+    address: str = DIRECTORY_ADDRESS
+    pid: int | None = None
+
+    @property
+    def conf(self) -> Path:
+        return Path(self.dir) / "dc" / "etc" / "smb.conf"
+
+    @property
+    def log(self) -> Path:
+        return Path(self.dir) / "samba.out"
+
+    @property
+    def passwords_file(self) -> Path:
+        return Path(self.dir) / "passwords.json"
+
+    @property
+    def url(self) -> str:
+        return f"ldaps://{self.address}"
+
+
+@dataclass
 class LabState:
     dir: str
     images: str
@@ -148,6 +177,7 @@ class LabState:
     created: float = field(default_factory=time.time)
     vm_bridge: str = VM_BRIDGE
     backup_server: LabVault | None = None
+    directory: LabDirectory | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabState:
@@ -156,6 +186,7 @@ class LabState:
             dir=d["dir"], images=d["images"], bridge=d.get("bridge", BRIDGE), created=d.get("created", 0.0),
             hosts=hosts, etcd=[EtcdMember(**m) for m in d["etcd"]], vm_bridge=d.get("vm_bridge", VM_BRIDGE),
             backup_server=LabVault(**d["backup_server"]) if d.get("backup_server") else None,
+            directory=LabDirectory(**d["directory"]) if d.get("directory") else None,
         )  # fmt: skip
 
     def host(self, name: str) -> LabHost:

@@ -112,6 +112,14 @@ class DesktopPoolResize(BaseModel):
         return spec
 
 
+class ReleaseRequest(BaseModel):
+    """``POST /v1/portal/desktop/release``: give back the user's desktops, of this pool only if given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str | None = None
+
+
 class DesktopRequest(BaseModel):
     """``POST /v1/portal/desktop``: a desktop of this pool for the signed-in user."""
 

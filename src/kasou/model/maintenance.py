@@ -2,8 +2,9 @@
 
 A vendor (role ``vendor``) can do nothing on a VM outside an approved window: a window names the vendor, the
 VMs (of the vendor's departments), the permissions it grants (a subset of the vendor role's), a time span and
-the stated work plan. It is requested (by the vendor, an administrator or an operator) and approved by an
-administrator who is not its requester; it can be denied, revoked, and it expires at its end. No I/O here.
+the stated work plan. It is requested (by the vendor, an administrator, an operator or the department's manager)
+and approved by an administrator or a manager of every department it touches who is not its requester; it can be
+denied, revoked, and it expires at its end. No I/O here.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class WindowRecord(BaseModel):
     departments: list[str]  # the vendor's departments when it was requested
     vms: list[str]
     vm_uuids: dict[str, str]  # VM name -> its uuid when requested: a later VM of the same name is not covered
+    vm_departments: dict[str, str] = {}  # VM name -> its department when requested (empty in older records)
     permissions: list[str]
     starts_at: float
     ends_at: float
@@ -127,6 +129,18 @@ class WindowRecord(BaseModel):
     decided_at: float | None = None
     revoked_by: str | None = None
     revoked_at: float | None = None
+
+    def touched_departments(self) -> set[str]:
+        """The departments of the VMs it names (older records: the vendor's departments)."""
+        return set(self.vm_departments.values()) or set(self.departments)
+
+    def seen_by(self, departments: tuple[str, ...] | list[str]) -> bool:
+        """Does it name a VM of one of ``departments`` (a manager of one of them sees it)?"""
+        return bool(self.touched_departments() & set(departments))
+
+    def foreign_to(self, departments: tuple[str, ...] | list[str]) -> list[str]:
+        """The departments it touches that are not among ``departments`` (a manager decides only with none)."""
+        return sorted(self.touched_departments() - set(departments))
 
     def shown_state(self, now: float) -> WindowState:
         if self.state in (WindowState.REQUESTED, WindowState.APPROVED) and self.ends_at <= now:

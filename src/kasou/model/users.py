@@ -9,6 +9,9 @@ Roles:
   window that names the VM (:mod:`kasou.model.maintenance`), nothing of other departments' VMs (they
   are not even listed), no host, network, pool or cluster operations;
 * ``auditor``: read everything (the audit log and the reports included), change nothing, no console;
+* ``manager``: a department's manager: reads the VMs of their departments (no operation, no console),
+  requests, approves, denies and revokes the maintenance windows of their departments (never one they
+  requested), and runs the access-log review (``kasou audit review``) for their departments;
 * ``clinician``: the desktop portal only (a desktop of the pools they are entitled to, its console).
 
 The permission each API route needs is stated in one table, :mod:`kasou.api.permissions`.
@@ -39,6 +42,7 @@ class Role(StrEnum):
     VENDOR = "vendor"
     AUDITOR = "auditor"
     CLINICIAN = "clinician"
+    MANAGER = "manager"
 
 
 #: What each role may do, by permission name. Routes name the permission they need.
@@ -48,20 +52,23 @@ class Role(StrEnum):
 #: * ``operate``: change VMs (create, power, snapshots, backups, rebuild a disk);
 #: * ``hosts``: host, network, storage pool, desktop pool and cluster operations, migration;
 #: * ``console``: open a VM's console; ``users``: manage users; ``audit``: read the audit log;
-#: * ``portal``: the desktop portal.
+#: * ``portal``: the desktop portal; ``approve``: approve, deny and revoke vendors' maintenance windows.
 #:
-#: A department-scoped role (vendor) holds ``vm.read``, ``operate`` and ``console`` only for VMs
-#: whose ``department`` is one of the user's.
+#: A department-scoped role (vendor, manager) holds its permissions only for VMs whose ``department``
+#: is one of the user's (and, for a manager, the windows and the access-log review of those departments).
 PERMISSIONS: dict[Role, frozenset[str]] = {
-    Role.ADMIN: frozenset({"read", "vm.read", "operate", "hosts", "console", "users", "portal", "audit"}),
+    Role.ADMIN: frozenset({"read", "vm.read", "operate", "hosts", "console", "users", "portal", "audit", "approve"}),
     Role.OPERATOR: frozenset({"read", "vm.read", "operate", "hosts", "console", "portal"}),
     Role.VENDOR: frozenset({"vm.read", "operate", "console"}),
     Role.AUDITOR: frozenset({"read", "vm.read", "audit"}),
     Role.CLINICIAN: frozenset({"portal"}),
+    Role.MANAGER: frozenset({"vm.read", "approve", "audit"}),
 }
 
 #: Roles whose VM permissions hold only within their departments.
-SCOPED_ROLES = frozenset({Role.VENDOR})
+SCOPED_ROLES = frozenset({Role.VENDOR, Role.MANAGER})
+#: Roles that act on a VM only inside an approved maintenance window naming it (kasou.model.maintenance).
+WINDOW_ROLES = frozenset({Role.VENDOR})
 
 
 def check_password(password: object) -> str:
@@ -82,7 +89,7 @@ class UserCreate(BaseModel):
     password: str = Field(repr=False)
     display_name: str = Field("", max_length=200)
     pools: list[str] = []  # desktop pools a clinician is entitled to
-    departments: list[str] = []  # a vendor's departments: the VMs tagged with one of them are theirs
+    departments: list[str] = []  # a vendor's or manager's departments: the VMs tagged with one of them
 
     @classmethod
     def parse(cls, data: Any) -> UserCreate:
@@ -98,12 +105,12 @@ class UserCreate(BaseModel):
 
 
 def check_departments(role: Role, departments: list[str]) -> None:
-    """A vendor has one department or more; other roles have none."""
+    """A vendor or a manager has one department or more; other roles have none."""
     for d in departments:
         validate_name(d, "department")
     if role in SCOPED_ROLES and not departments:
         raise InvalidSpec(f"a {role.value} user needs at least one department (--department)", field="departments")
     if role not in SCOPED_ROLES and departments:
-        raise InvalidSpec(f"only a vendor user has departments, not a {role.value}", field="departments")
+        raise InvalidSpec(f"only a vendor or a manager has departments, not a {role.value}", field="departments")
     if len(set(departments)) != len(departments):
         raise InvalidSpec("a department is given twice", field="departments")

@@ -1,4 +1,4 @@
-"""The plan as a report a person reads: an HTML page with inline SVG charts, and a printable PDF.
+"""The plan as a report a person reads: an HTML page with inline SVG charts, and the same page as a PDF.
 
 Both are built from the plan dict alone (what ``kasou plan --json`` prints), so a saved plan can
 be reported again. ``--report plan.html`` writes ``plan.html`` and ``plan.pdf`` beside it.
@@ -13,7 +13,6 @@ from kasou.errors import InvalidSpec
 from kasou.planner.availability import HIST_EDGES
 from kasou.planner.report.charts import AFTER, BEFORE, PALETTE, Chart, bar_chart, line_chart
 from kasou.planner.report.html import render_html
-from kasou.planner.report.pdf import Document, Page
 
 
 def cost_chart(plan: dict[str, Any]) -> Chart:
@@ -61,75 +60,16 @@ def charts(plan: dict[str, Any]) -> dict[str, Chart]:
     return out
 
 
-def _yen(v: float) -> str:
-    return f"{v / 1e6:,.1f} M yen"
-
-
 def render_pdf(plan: dict[str, Any]) -> bytes:
-    ch = charts(plan)
-    doc = Document()
-    m, s, c, a = plan["host_model"], plan["solver"], plan["costs"], plan["availability"]
-    p = doc.page()
-    p.line("kasou consolidation plan", 18, bold=True)
-    p.line(f"inventory {plan['inventory']}: {plan['servers']} physical servers", 10, color="#666666")
-    p.y -= 6
-    for text in (
-        f"{plan['host_count']} hosts of {m['name']} ({m['cores']} cores, {m['memory_gib']} GiB), reserve "
-        f"{plan['reserve']}",
-        f"Lower bound {plan['lower_bound_hosts']} hosts; the plan is {plan['gap_hosts']} host(s) above it "
-        f"({plan['gap_pct']} %). Solver: {s['name']}, {s['status']}, {s['seconds']} s.",
-        f"Placement: {s['placement']}.",
-        f"Cost over {c['years']} years: before {_yen(c['before_total_yen'])}, after {_yen(c['after_total_yen'])}: "
-        f"saving {_yen(c['saving_yen'])} ({c['saving_pct']} %).",
-        f"Planned stops avoided by live migration over the cycle: {a['planned_stops_avoided']}.",
-    ):
-        p.wrapped(text, 10)
-    p.y -= 6
-    p.chart(ch["cost"])
-    _cost_table(p, c)
-    p = doc.page()
-    p.line("Hosts", 14, bold=True)
-    p.chart(ch["utilisation"])
-    for h in plan["hosts"]:
-        names = ", ".join(v["name"] for v in h["vms"]) or "(empty: failover reserve)"
-        p.wrapped(f"{h['name']} ({h['role']}, memory {h['use']['memory']:.0%}, CPU peak {h['use']['cpu']:.0%}): "
-                  f"{names}", 8.5)  # fmt: skip
-        if p.y < 80:
-            p = doc.page()
-    p = doc.page()
-    p.line("Availability", 14, bold=True)
-    p.line(f"{a['runs']} Monte Carlo runs over {a['years']} years (seed {a['seed']}): minutes of downtime a year "
-           "per system", 9)  # fmt: skip
-    p.line(f"{'class':<16}{'systems':>8}{'before mean':>14}{'before p95':>12}{'after mean':>12}{'after p99':>11}", 8,
-           mono=True)  # fmt: skip
-    for crit, e in a["classes"].items():
-        b, f = e["before"], e["after"]
-        p.line(f"{crit:<16}{e['systems']:>8}{b['mean_min_per_year']:>14.1f}{b['p95_min_per_year']:>12.1f}"
-               f"{f['mean_min_per_year']:>12.1f}{f['p99_min_per_year']:>11.1f}", 8, mono=True)  # fmt: skip
-    for key, chart in ch.items():
-        if key.startswith("downtime:"):
-            if p.y < 200:
-                p = doc.page()
-            p.chart(chart, scale=0.85)
-    p = doc.page()
-    p.line("Assumptions", 14, bold=True)
-    for group in ("costs", "availability"):
-        p.line(group, 10, bold=True)
-        for text in plan["assumptions"][group]:
-            p.wrapped("- " + text, 8.5, indent=6)
-            if p.y < 70:
-                p = doc.page()
-    return doc.render(f"kasou plan: {plan['inventory']}")
-
-
-def _cost_table(p: Page, c: dict[str, Any]) -> None:
-    p.line(f"{'million yen over the cycle':<42}{'total':>14}", 8, mono=True)
-    for side in ("before", "after"):
-        p.line(side, 8, mono=True)
-        for line in c[side]:
-            p.line(f"  {line['item']:<40}{line['total'] / 1e6:>12,.1f} M", 8, mono=True)
-    p.line(f"{'before, total':<42}{c['before_total_yen'] / 1e6:>12,.1f} M", 8, mono=True)
-    p.line(f"{'after, total':<42}{c['after_total_yen'] / 1e6:>12,.1f} M", 8, mono=True)
+    """The HTML page printed to A4 by WeasyPrint (HarfBuzz and Pango: any script, Japanese included, drawn with the
+    machine's fonts; Debian's ``fonts-noto-cjk`` for Japanese). The same page as the HTML report, with its charts."""
+    try:
+        from weasyprint import HTML
+    except (ImportError, OSError) as e:  # OSError: Pango, its system library, is missing
+        why = f"cannot print the report to PDF: WeasyPrint is not usable here ({e})"
+        raise InvalidSpec(f"{why}; it comes with pip install 'kasou[planner]' and Debian's libpango-1.0-0",
+                          field="report") from None  # fmt: skip
+    return bytes(HTML(string=render_html(plan, charts(plan))).write_pdf())
 
 
 def write_report(plan: dict[str, Any], html_path: str | Path) -> Path:

@@ -8,13 +8,16 @@ from typing import Any
 from kasou.planner.report.charts import Chart
 
 _CSS = """
-body{font-family:Helvetica,Arial,sans-serif;color:#222;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.45}
+body{font-family:Helvetica,Arial,"Noto Sans CJK JP","IPAexGothic",sans-serif;color:#222;max-width:980px;
+margin:2em auto;padding:0 1em;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ddd}
 .muted{color:#666} .key{font-size:1.1em} .key b{font-size:1.25em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em} th,td{border-bottom:1px solid #e5e5e5;padding:.25em .6em}
 th{text-align:left;background:#f4f4f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
 svg{max-width:100%;height:auto;display:block;margin:.8em 0}
-@media print{body{margin:0} h2{break-before:auto} svg{break-inside:avoid}}
+@page{size:A4;margin:16mm 14mm}
+@media print{body{margin:0;max-width:none;font-size:10pt} h2{break-before:auto} svg{break-inside:avoid}
+tr{break-inside:avoid}}
 """
 
 
@@ -94,7 +97,10 @@ def render_html(plan: dict[str, Any], charts: dict[str, Chart]) -> str:
                     f"{h['use']['cpu']:.0%}",
                     f"{h['use']['cpu_avg']:.0%}",
                     f"{h['use']['vcpus']:.0%}",
-                    ", ".join(f"{v['name']} ({v['vcpus']} vCPU, {v['memory_mib'] // 1024} GiB)" for v in h["vms"])
+                    ", ".join(
+                        f"{v['name']} ({v['department']}, {v['vcpus']} vCPU, {v['memory_mib'] // 1024} GiB)"
+                        for v in h["vms"]
+                    )
                     or "empty: failover reserve",
                 ]
                 for h in plan["hosts"]

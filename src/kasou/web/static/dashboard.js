@@ -1,11 +1,12 @@
 // The operators' dashboard: hosts, VMs, storage and desktop pools, jobs and events; actions with live job progress;
 // small charts of the last minutes (GET /v1/metrics/history); each VM's backups and its latest restore drill
-// (GET /v1/backups/status). Refreshes itself every few seconds.
+// (GET /v1/backups/status); vendors' maintenance windows (windows.js). Refreshes itself every few seconds.
 import { get, post } from "/ui/api.js";
 import { lang, t } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
 import { sparkline } from "/ui/charts.js";
 import { trackJob } from "/ui/jobs-live.js";
+import { renderWindows, setupWindows, windowsCard } from "/ui/windows.js";
 
 const REFRESH_MS = 5000;
 const HEARTBEAT_FRESH_S = 5;
@@ -14,7 +15,8 @@ let who = null;
 let timer = null;
 let busy = false;
 let again = false; // a refresh was asked for while one ran
-const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null, backups: null };
+const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null, backups: null,
+  windows: null };
 
 const esc = (s) =>
   String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -94,6 +96,8 @@ export async function showDashboard(el, me) {
   el.innerHTML = FRAME;
   for (const n of el.querySelectorAll("[data-i18n]")) n.textContent = t(n.dataset.i18n);
   el.querySelector(".who").textContent = t("dash.signedin", { name: me.name, role: t(`role.${me.role}`) });
+  el.querySelector("#vms-h").closest("section").insertAdjacentHTML("afterend", windowsCard());
+  setupWindows(el, me, () => refresh());
   el.querySelector("#refresh").onclick = () => refresh();
   el.addEventListener("click", onClick);
   await refresh();
@@ -131,7 +135,8 @@ async function refresh() {
     const audit = can("audit") ? soft(get("/v1/audit/records?limit=12"), null).catch(() => null) : Promise.resolve(null);
     // A department's vendor reads their VMs only: hosts, pools, events and metrics are not theirs.
     const all = (path, none) => (can("read") ? get(path) : Promise.resolve(none));
-    const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records, backups] = await Promise.all([
+    const windows = can("vm.read") ? get("/v1/maintenance-windows").catch(() => null) : Promise.resolve(null);
+    const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records, backups, mw] = await Promise.all([
       all("/v1/hosts", []),
       get("/v1/vms"),
       get("/v1/reports/uptime"),
@@ -142,8 +147,9 @@ async function refresh() {
       can("read") ? soft(get("/v1/metrics/history"), null) : Promise.resolve(null),
       audit,
       can("read") ? soft(get("/v1/backups/status"), null) : Promise.resolve(null),
+      windows,
     ]);
-    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records, backups });
+    Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records, backups, windows: mw });
     render();
     root.querySelector("#dash-error").textContent = "";
     root.querySelector(".updated").textContent = t("dash.updated", { time: clock(Date.now() / 1000) });
@@ -164,6 +170,7 @@ function render() {
   const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : null;
   root.querySelector("#hosts-box").innerHTML = hostsTable();
   root.querySelector("#vms-box").innerHTML = vmsTable();
+  renderWindows(root, data.windows, who);
   root.querySelector("#backups-card").hidden = data.backups === null;
   if (data.backups !== null) root.querySelector("#backups-box").innerHTML = backupsTable();
   root.querySelector("#pools-box").innerHTML = poolsTable();

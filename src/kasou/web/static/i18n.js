@@ -9,7 +9,9 @@ const DICT = {
     "signin.failed": "サインインできませんでした",
     "signin.totp": "確認コード（認証アプリ）",
     "signin.totp_needed": "認証アプリに表示されている6桁の確認コードを入力してください",
-    "signin.totp_enroll": "管理者は確認コード（TOTP）が必要です。他の管理者に登録を依頼してください",
+    "signin.totp_enroll": "このロールでは確認コード（TOTP）が必要です。管理者に登録を依頼してください",
+    "signin.directory_down":
+      "病院のディレクトリ（Active Directory）に接続できません。ディレクトリのアカウントでは現在サインインできません。ローカルアカウントと緊急用アカウントは使えます。",
     "signout": "サインアウト",
     "account": "アカウント",
     "recordings": "コンソール記録",
@@ -24,7 +26,9 @@ const DICT = {
     "signin.failed": "Could not sign in",
     "signin.totp": "Code (authenticator app)",
     "signin.totp_needed": "enter the 6-digit code your authenticator app shows",
-    "signin.totp_enroll": "administrators need a TOTP code here; ask another administrator to enroll you",
+    "signin.totp_enroll": "your role needs a TOTP code here; ask an administrator to enroll you",
+    "signin.directory_down":
+      "The hospital directory cannot be reached: directory accounts cannot sign in now. Local accounts and break-glass still work.",
     "signout": "Sign out",
     "account": "Account",
     "recordings": "Console recordings",

@@ -23,9 +23,21 @@ async function main() {
   await showDashboard(document.getElementById("app"), who);
 }
 
+// Directory sign-in's state (ok, unreachable, off): a public answer that says nothing of any user.
+async function directoryNotice() {
+  try {
+    const r = await fetch("/v1/directory/status", { credentials: "same-origin" });
+    const s = r.ok ? await r.json() : null;
+    document.getElementById("signin-directory").hidden = !(s && s.directory === "unreachable");
+  } catch (e) {
+    // the notice is a help, not a condition of signing in
+  }
+}
+
 function showSignin() {
   const form = document.getElementById("signin");
   form.hidden = false;
+  directoryNotice();
   const code = form.totp;
   form.onsubmit = async (ev) => {
     ev.preventDefault();
@@ -44,6 +56,7 @@ function showSignin() {
       }
       const text = why === "required" ? t("signin.totp_needed") : why === "enroll" ? t("signin.totp_enroll") : "";
       document.getElementById("signin-error").textContent = `${t("signin.failed")}: ${text || e.message}`;
+      if (e.status === 503) directoryNotice();
     }
   };
 }
