@@ -11,6 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs ca-certificates etcd-server etcd-client iproute2 procps)
+PACKAGES+=(systemd)  # systemd-analyze verify checks kasou's units (packaging/systemd), also where PID 1 is not systemd
 PACKAGES+=(novnc chromium fonts-noto-cjk)  # the web console's noVNC (served at /ui/novnc/), the browser the UI tests drive, and a Japanese font for it (else every Japanese label is a row of empty boxes)
 # The debian image (kasou image build debian): mmdebstrap installs Debian 12 from the host's mirror, and the
 # GPT disk is made in a plain file (sfdisk, mkfs.fat + mtools, mke2fs -d). A few MB together.

@@ -3,11 +3,16 @@
 The services are ordinary processes in their own sessions; their pid files are
 checked against /proc so a reused pid is never signalled. Stopping them never
 stops a VM (QEMU runs daemonized, outside their process groups).
+
+This is for the one-host demo and the tests. A host installed from the Debian package runs the
+same services as systemd units (``kasou-agent.service``, ``kasou-api.service``, docs/install.md);
+while they are active for this home, ``up`` and ``down`` refuse and say to use ``systemctl``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +25,7 @@ import httpx
 
 from kasou.api.auth import ensure_token
 from kasou.config import Paths, api_url, check_settings, host_name
-from kasou.errors import KasouError, OperationTimeout
+from kasou.errors import Conflict, KasouError, OperationTimeout
 from kasou.hypervisor.qemu import process
 from kasou.pki import trust
 
@@ -31,6 +36,59 @@ READY_MEMORY_MIB = 128  # the smallest VM a ready cluster must have room for
 STOP_TIMEOUT = 15.0
 
 SERVICES = ("agent", "api")
+SYSTEMD_UNITS = ("kasou-agent.service", "kasou-api.service")
+SYSTEMCTL_TIMEOUT = 5.0
+DEFAULT_UNIT_HOME = "/var/lib/kasou"  # the units' KASOU_HOME unless /etc/kasou/kasou.env sets one
+
+
+def _systemctl(*args: str) -> subprocess.CompletedProcess[str] | None:
+    exe = shutil.which("systemctl")
+    if exe is None:
+        return None
+    try:
+        return subprocess.run(
+            [exe, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=SYSTEMCTL_TIMEOUT
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _unit_home(unit: str) -> Path:
+    """The KASOU_HOME a running unit's main process has (its environment), else the units' default."""
+    r = _systemctl("show", "--property=MainPID", "--value", unit)
+    pid = r.stdout.strip() if r is not None and r.returncode == 0 else ""
+    if pid.isdigit() and int(pid) > 0:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            env = []
+        for kv in env:
+            if kv.startswith(b"KASOU_HOME=") and kv[len(b"KASOU_HOME=") :]:
+                return Path(kv[len(b"KASOU_HOME=") :].decode(errors="replace")).absolute()
+    return Path(DEFAULT_UNIT_HOME)
+
+
+def systemd_units(paths: Paths) -> list[str]:
+    """kasou's systemd units that are active for this home (none where systemctl is missing or
+    systemd is not running: ``systemctl is-active`` then answers non-zero)."""
+    active = []
+    for unit in SYSTEMD_UNITS:
+        r = _systemctl("is-active", "--quiet", unit)
+        if r is not None and r.returncode == 0 and _unit_home(unit) == paths.home:
+            active.append(unit)
+    return active
+
+
+def refuse_under_systemd(paths: Paths, verb: str) -> None:
+    """``kasou up``/``down`` are for the one-host demo: refused, with the way out, while systemd runs
+    kasou's services for this home."""
+    units = systemd_units(paths)
+    if units:
+        raise Conflict(
+            f"{', '.join(units)} {'is' if len(units) == 1 else 'are'} active: systemd runs kasou's services for "
+            f"{paths.home} on this host, and 'kasou {verb}' is only for the one-host demo; use "
+            f"'systemctl {'start' if verb == 'up' else 'stop'} kasou-agent kasou-api' (VMs keep running either way)"
+        )
 
 
 def _command(service: str, api: str) -> list[str]:
@@ -170,6 +228,7 @@ def _ask_api(url: str, token: str, paths: Paths) -> tuple[dict[str, Any], list[d
 def up(paths: Paths, api: str | None = None) -> dict[str, str]:
     """Start whatever is not running yet. Returns what was done per service."""
     check_settings()  # a bad KASOU_* value is refused here, before anything starts
+    refuse_under_systemd(paths, "up")
     paths.ensure()
     token = ensure_token(paths.token_file)
     url = api_url(api)
@@ -217,6 +276,7 @@ def _terminate(pid: int) -> None:
 
 def down(paths: Paths) -> dict[str, str]:
     """Stop the API, then the agent. VMs keep running."""
+    refuse_under_systemd(paths, "down")
     done = {}
     for service in ("api", "agent"):
         pid = service_pid(paths, service)

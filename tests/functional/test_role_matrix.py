@@ -65,8 +65,7 @@ def test_every_route_states_its_permission(env: Env) -> None:
 def _fill(path: str, vm: str, job: str) -> str:
     values = {"name": vm, "job_id": job, "user": "nobody", "pool": "nopool", "snapshot": "s1", "generation": "1",
               "disk_id": "d0", "nic_id": "net9", "action": "start", "department": "lab",
-              "window": "mw-0000000000", "group": "nogroup",
-              "rec_id": "0" * 32}  # fmt: skip
+              "window": "mw-0000000000", "group": "nogroup", "rec_id": "0" * 32}  # fmt: skip
     for k, v in values.items():
         path = path.replace("{" + k + "}", v)
     assert "{" not in path, path

@@ -91,17 +91,19 @@ class Lab:
         assert self.seqs(dst, vm)[-1] > self.seqs(src, vm)[-1]
 
 
-def make_lab(tiny_image: Path, prefix: str = "kasou-lab-", backup_server: bool = False) -> Iterator[Lab]:
-    """A 3-host lab in its own directory (with a backup server if asked), taken down (every process, namespace and
-    file) at the end."""
+def make_lab(
+    tiny_image: Path, prefix: str = "kasou-lab-", backup_server: bool = False, directory: bool = False
+) -> Iterator[Lab]:
+    """A 3-host lab in its own directory (with a backup server, a Samba AD directory if asked), taken down (every
+    process, namespace and file) at the end."""
     lab_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     env = dict(os.environ, KASOU_LAB_DIR=str(lab_dir), KASOU_IMAGES=str(tiny_image))
     for k in ("KASOU_API", "KASOU_TOKEN", "KASOU_HOME"):
         env.pop(k, None)
     try:
-        more = ["--backup-server"] if backup_server else []
+        more = (["--backup-server"] if backup_server else []) + (["--directory"] if directory else [])
         subprocess.run([*KASOU, "lab", "up", "--hosts", "3", *more], env=env, check=True, capture_output=True,
-                       timeout=180)  # fmt: skip
+                       timeout=300)  # fmt: skip
         yield Lab(lab_dir, env)
     finally:
         keep = os.environ.get("KASOU_TEST_KEEP_LOGS")  # a directory to copy the lab's logs into

@@ -6,7 +6,7 @@ Errors are kasou's JSON shape, mapped to HTTP in :mod:`kasou.wire`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -81,6 +81,16 @@ class ClusterView(BaseModel):
 
 
 PowerAction = Action  # the path parameter; delete and template have their own routes
+
+
+#: Headers of the leader's answer to a forwarded change that its caller needs (a sign-in's session cookie, how long
+#: to wait, a download's name); the rest (length, encoding, the leader's own security headers) are this server's.
+PASSED_BACK = ("set-cookie", "retry-after", "location", "content-disposition")
+
+
+def passed_back(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers of a leader's answer that go back to the caller of a forwarded change."""
+    return [(k, v) for k, v in headers if k.lower() in PASSED_BACK or k.lower().startswith("x-kasou-")]
 
 
 def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) -> FastAPI:
@@ -169,7 +179,10 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             request.state.audit_forwarded = False  # not handled by the leader: audited here
             err = AgentUnavailable(f"the control plane leader {lead.leader_host} does not answer: {e}")
             return JSONResponse(err.to_dict(), status_code=503)
-        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+        answer = Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+        for k, v in passed_back(r.headers.multi_items()):
+            answer.headers.append(k, v)
+        return answer
 
     async def registered_hosts() -> list[str]:
         agents = state["svc"].agents if "svc" in state else None

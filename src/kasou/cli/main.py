@@ -85,7 +85,8 @@ app.add_typer(tls_app, name="tls")
 
 @app.command()
 def up() -> None:
-    """Start the single-host services (host agent, API) in the background."""
+    """Start the single-host services (host agent, API) in the background: the one-host demo (a host
+    installed from the Debian package runs them as systemd units: systemctl start kasou-agent kasou-api)."""
     result = services.up(Paths.from_env())
     for svc, what in result.items():
         out.print(f"{svc}: {what}", markup=False, highlight=False)

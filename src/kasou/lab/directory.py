@@ -10,7 +10,8 @@ Layout (``LAB`` is the lab's directory, see :mod:`kasou.lab.hosts`)::
     LAB/directory/passwords.json   the test users' and kasou's service account's passwords (0600)
 
 Users (password in ``passwords.json``): ``dir-admin`` (group kasou-admins → admin), ``dir-ops`` (kasou-operators
-→ operator), ``dir-vendor`` (lab-staff, a member of kasou-vendors-lab → vendor of department lab), ``dir-nurse``
+→ operator), ``dir-vendor`` (lab-staff, a member of kasou-vendors-lab → vendor of department lab), ``dir-manager``
+(lab-managers → manager of department lab: approves the lab vendor's maintenance windows), ``dir-nurse``
 (ward-a-nurses → clinician, pool ward-a), ``dir-off`` (disabled). :func:`provision` and :func:`spawn` are also
 how the tests start their Samba DC (``tests/ldapservers.py``).
 """
@@ -44,11 +45,13 @@ WORKGROUP = "KASOULAB"
 BASE_DN = "DC=kasou,DC=lab"
 SERVICE = "kasou-svc"
 LAB_PEOPLE = {"dir-admin": ["kasou-admins"], "dir-ops": ["kasou-operators"], "dir-vendor": ["lab-staff"],
-              "dir-nurse": ["ward-a-nurses"], "dir-off": ["kasou-operators"]}  # fmt: skip
+              "dir-manager": ["lab-managers"], "dir-nurse": ["ward-a-nurses"],
+              "dir-off": ["kasou-operators"]}  # fmt: skip
 LAB_NESTED = {"kasou-vendors-lab": ["lab-staff"]}
 LAB_DISABLED = ("dir-off",)
 LAB_MAPPINGS = {"kasou-admins": {"role": "admin"}, "kasou-operators": {"role": "operator"},
                 "kasou-vendors-lab": {"role": "vendor", "departments": ["lab"]},
+                "lab-managers": {"role": "manager", "departments": ["lab"]},
                 "ward-a-nurses": {"role": "clinician", "pools": ["ward-a"]}}  # fmt: skip
 PROVISION_TIMEOUT = 180.0
 

@@ -1,0 +1,136 @@
+"""The Debian package, built from this checkout by scripts/build-deb.sh (about 45 s: pip fetches or
+reuses the dependencies' wheels, xz compresses about 70 MB): its metadata and contents, its units
+verified where they land, its Python environment run from an extracted copy, and its maintainer
+scripts run against that throwaway root with fake systemd tools. Nothing is installed on this machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.packaging.units import REPO, UNITS, fake_tools, verify, verify_root
+
+pytestmark = pytest.mark.deb
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    t0 = time.monotonic()
+    r = subprocess.run([str(REPO / "scripts/build-deb.sh"), str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = Path(r.stdout.strip().splitlines()[-1])
+    print(f"built {path.name}: {path.stat().st_size / 1e6:.1f} MB in {time.monotonic() - t0:.1f} s")
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's files extracted into a throwaway root (dpkg-deb -x), control files in DEBIAN/."""
+    r = tmp_path_factory.mktemp("root")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(r)], check=True, timeout=120)
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(r / "DEBIAN")], check=True, timeout=60)
+    return r
+
+
+def info(deb: Path, field: str) -> str:
+    return subprocess.run(
+        ["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_metadata(deb: Path) -> None:
+    assert info(deb, "Package") == "kasou"
+    assert info(deb, "Architecture") == "amd64"
+    depends = info(deb, "Depends")
+    for dep in ("python3.11", "qemu-system-x86", "qemu-utils", "init-system-helpers"):
+        assert dep in depends
+    listing = subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True, text=True, check=True).stdout
+    for script in ("postinst", "prerm", "postrm", "conffiles"):
+        assert script in listing
+    assert deb.stat().st_size < 40e6
+
+
+def test_contents(deb: Path) -> None:
+    names = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    files = {line.split()[5].removeprefix(".") for line in names.splitlines()}
+    for unit in UNITS:
+        assert f"/lib/systemd/system/{unit}" in files
+    for f in ("/opt/kasou/bin/kasou", "/opt/kasou/pyvenv.cfg", "/usr/bin/kasou", "/etc/kasou/kasou.env",
+              "/usr/share/doc/kasou/copyright", "/usr/share/doc/kasou/docs/install.md"):  # fmt: skip
+        assert f in files, f
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)  # compiled by postinst
+    assert all(" root/root " in line for line in names.splitlines())
+
+
+def test_environment_runs_and_names_only_its_final_path(root: Path) -> None:
+    venv = root / "opt/kasou"
+    assert (venv / "bin/kasou").read_text().splitlines()[0] == "#!/opt/kasou/bin/python3.11"
+    assert os.readlink(venv / "bin/python3.11") == "/usr/bin/python3.11"
+    stray = subprocess.run(["grep", "-rlI", "-e", "/tmp/", str(venv / "bin"), str(venv / "pyvenv.cfg")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert stray.stdout == ""
+    r = subprocess.run([str(venv / "bin/python3"), "-m", "kasou", "version"], capture_output=True, text=True,
+                       timeout=60, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "0.1.0", r.stderr
+    assert (root / "etc/kasou/kasou.env").read_text().count("KASOU_") > 10
+    conffiles = (root / "DEBIAN/conffiles").read_text().split()
+    assert conffiles == ["/etc/kasou/kasou.env", "/etc/kasou/backup-server.env"]
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_installed_units_verify(root: Path, unit: str) -> None:
+    verify_root(root)  # the standard targets beside them; ExecStart is the package's real /opt/kasou/bin/kasou
+    r = verify(root, unit)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def test_maintainer_scripts_install_upgrade_remove_in_the_root(root: Path, tmp_path: Path) -> None:
+    fake_tools(tmp_path / "bin")
+    (root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "log"
+    env = dict(os.environ, DPKG_ROOT=str(root), FAKE_LOG=str(log), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    def run(script: str, *args: str, active: str = "") -> str:
+        log.write_text("")
+        r = subprocess.run([str(root / "DEBIAN" / script), *args], env={**env, "FAKE_ACTIVE": active},
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return log.read_text()
+
+    calls = run("postinst", "configure", "")
+    assert (root / "var/lib/kasou/log").is_dir() and (root / "var/log/kasou").is_symlink()
+    assert "deb-systemd-invoke" not in calls
+    both = "kasou-agent.service kasou-api.service"
+    assert run("prerm", "upgrade", "0.1.0-1", active=both) == ""
+    calls = run("postinst", "configure", "0.1.0-1", active=both)
+    assert "deb-systemd-invoke restart kasou-agent.service" in calls and "stop" not in calls
+    assert "deb-systemd-invoke stop" in run("prerm", "remove")
+    run("postrm", "purge")
+    assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists()
+
+
+# What lintian says of any Python application packaged as a virtual environment in /opt, and accepted:
+# files in /opt (an add-on package's place), the environment's own interpreter in the #! lines, files of
+# the dependencies' wheels as they ship them, and the changelog and maintainer of a site's own build.
+ACCEPTED_LINTIAN_TAGS = (
+    "dir-or-file-in-opt", "wrong-path-for-interpreter", "unusual-interpreter", "script-not-executable",
+    "executable-not-elf-or-script", "no-manual-page", "initial-upload-closes-no-bugs", "bogus-mail-host",
+    "bogus-mail-host-in-debian-changelog", "copyright-without-copyright-notice",
+)  # fmt: skip
+
+
+def test_lintian_finds_no_other_error(deb: Path) -> None:
+    """Where lintian is installed (optional: apt-get install lintian; about 60 s here)."""
+    if shutil.which("lintian") is None:
+        print("lintian is not installed: the package was not linted")
+        return
+    r = subprocess.run(["lintian", "--suppress-tags", ",".join(ACCEPTED_LINTIAN_TAGS), str(deb)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    errors = [ln for ln in r.stdout.splitlines() if ln.startswith("E:")]
+    assert errors == [], r.stdout
