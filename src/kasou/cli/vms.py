@@ -159,6 +159,15 @@ def _action(name: str, action: str, wait: bool, timeout: float | None = None) ->
 WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish.")
 
 
+def _one_or_many(action: str, names: list[str], body: dict[str, Any] | None, wait: bool, as_json: bool,
+                 timeout: float | None = None) -> None:  # fmt: skip
+    """One VM by its name (no selector), or the VMs a selector names as one bulk job."""
+    if body is None:
+        _action(names[0], action, wait, timeout)
+    else:
+        run_bulk(action, body, wait, as_json, timeout)
+
+
 NAMES = typer.Argument(None, help="The VM (or VMs); or select them with --tag, --host, --department, --state, --all.")
 
 
@@ -169,11 +178,7 @@ def vm_start(
     as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """Start a VM; or many as one job, in parallel per host, in start-up order (--onboot --order)."""
-    body = selector(names, tag, host, department, state, all_, parallel, window)
-    if body is None:
-        _action(names[0], "start", wait)
-    else:
-        run_bulk("start", body, wait, as_json)
+    _one_or_many("start", names, selector(names, tag, host, department, state, all_, parallel, window), wait, as_json)
 
 
 @vm_app.command("shutdown")
@@ -185,11 +190,8 @@ def vm_shutdown(
 ) -> None:  # fmt: skip
     """Shut a VM down gracefully (its guest agent if one answers, else the ACPI power button), then stop it
     hard after a timeout; or many as one job (in reverse start-up order)."""
-    body = selector(names, tag, host, department, state, all_, parallel, window)
-    if body is None:
-        _action(names[0], "shutdown", wait, timeout)
-    else:
-        run_bulk("shutdown", body, wait, as_json, timeout)
+    _one_or_many("shutdown", names, selector(names, tag, host, department, state, all_, parallel, window), wait,
+                 as_json, timeout)  # fmt: skip
 
 
 @vm_app.command("stop")
@@ -199,11 +201,7 @@ def vm_stop(
     as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """Stop a VM at once (like pulling the plug); or many as one job."""
-    body = selector(names, tag, host, department, state, all_, parallel, window)
-    if body is None:
-        _action(names[0], "stop", wait)
-    else:
-        run_bulk("stop", body, wait, as_json)
+    _one_or_many("stop", names, selector(names, tag, host, department, state, all_, parallel, window), wait, as_json)
 
 
 @vm_app.command("reboot")

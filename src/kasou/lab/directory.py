@@ -233,12 +233,7 @@ def teardown(d: LabDirectory) -> tuple[list[str], list[str]]:
     elif pids:
         removed.append(f"samba (pid {', '.join(map(str, sorted(pids)))})")
     steps = ((d.veth, partial(net.delete_link, d.veth)), (f"netns {d.netns}", partial(net.remove_netns, d.netns)))
-    for what, step in steps:
-        try:
-            if step():
-                removed.append(what)
-        except (OSError, LabError) as e:
-            errors.append(f"{what}: {e}")
+    net.remove_each(steps, removed, errors)
     return removed, errors
 
 

@@ -611,12 +611,7 @@ class Lab:
                 (h.vm_veth, functools.partial(net.delete_link, h.vm_veth)),
                 (f"netns {h.netns}", functools.partial(net.remove_netns, h.netns)),
             ]
-            for what, step in steps:
-                try:
-                    if step():
-                        removed.append(what)
-                except (OSError, KasouError) as e:
-                    errors.append(f"{what}: {e}")
+            net.remove_each(steps, removed, errors)
         for bridge in (st.bridge, st.vm_bridge):
             try:
                 if net.delete_link(bridge):

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,14 @@ def ensure_vm_link(veth: str, ns: str, bridge: str, inside: str = "vmnet0") -> b
     except NetlinkError as e:
         raise _fail(f"cannot set {inside} up in network namespace {ns}", e) from e
     return created
+
+
+def remove_each(steps: Iterable[tuple[str, Callable[[], bool]]], removed: list[str], errors: list[str]) -> None:
+    """Run each teardown step (a link's or a namespace's removal): what it removed goes to ``removed``, why one
+    failed to ``errors``; a failed step does not stop the others."""
+    for what, step in steps:
+        try:
+            if step():
+                removed.append(what)
+        except (OSError, KasouError) as e:
+            errors.append(f"{what}: {e}")

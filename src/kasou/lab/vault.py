@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 
-from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
 from kasou.lab import net
 from kasou.lab.net import LabError
@@ -222,13 +221,8 @@ def teardown(v: LabVault) -> tuple[list[str], list[str]]:
         errors.append(f"backup server processes outlived SIGKILL: {left}")
     elif pids:
         removed.append(f"backup server (pid {', '.join(map(str, sorted(pids)))})")
-    for what, step in ((v.veth, functools.partial(net.delete_link, v.veth)),
-                       (f"netns {v.netns}", functools.partial(net.remove_netns, v.netns))):  # fmt: skip
-        try:
-            if step():
-                removed.append(what)
-        except (OSError, KasouError) as e:
-            errors.append(f"{what}: {e}")
+    net.remove_each(((v.veth, functools.partial(net.delete_link, v.veth)),
+                     (f"netns {v.netns}", functools.partial(net.remove_netns, v.netns))), removed, errors)  # fmt: skip
     with contextlib.suppress(OSError):
         immutable.release_tree(Path(v.dir))
     return removed, errors
