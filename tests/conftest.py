@@ -184,25 +184,23 @@ def directory_ca() -> Any:
     return DirectoryCA.make("kasou test directory CA")
 
 
-@pytest.fixture(scope="session")
-def samba_dc(directory_ca: Any) -> Iterator[Any]:
-    """A Samba Active Directory domain controller (provisioned once per run, in a namespace of its own)."""
+def _directory_server(kind: str, ca: Any) -> Iterator[Any]:
     from tests import ldapservers
 
     why = ldapservers.tools_missing()
     if why:
         pytest.skip(why)
-    with ldapservers.running("samba", directory_ca) as server:
+    with ldapservers.running(kind, ca) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def samba_dc(directory_ca: Any) -> Iterator[Any]:
+    """A Samba Active Directory domain controller (provisioned once per run, in a namespace of its own)."""
+    yield from _directory_server("samba", directory_ca)
 
 
 @pytest.fixture(scope="session")
 def slapd_server(directory_ca: Any) -> Iterator[Any]:
     """OpenLDAP's slapd with the same people and groups (once per run, in a namespace of its own)."""
-    from tests import ldapservers
-
-    why = ldapservers.tools_missing()
-    if why:
-        pytest.skip(why)
-    with ldapservers.running("slapd", directory_ca) as server:
-        yield server
+    yield from _directory_server("slapd", directory_ca)
