@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kasou.api.auth import read_token
 from kasou.api.client import Client
@@ -99,6 +100,19 @@ def kasou_env() -> Iterator[tuple[Paths, Client, dict[str, str]]]:
         kill_pids(qemu_pids(str(home)) + qemu_pids(str(paths.vm_run)))
         shutil.rmtree(paths.vm_run, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def follow(api: Any, job: dict[str, Any], timeout: float) -> None:
+    """Wait for a job (through an httpx client of the API) to succeed; exit with its error if it fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        j = api.get(f"/v1/jobs/{job['id']}").json()
+        if j["state"] == "succeeded":
+            return
+        if j["state"] == "failed":
+            raise SystemExit(f"job failed: {j.get('error')}")
+        time.sleep(0.3)
+    raise SystemExit("a job did not finish")
 
 
 def median(xs: list[float]) -> float:

@@ -23,31 +23,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_image, kasou_env, median, rss_mib
+from _common import ensure_image, follow, kasou_env, median, rss_mib
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]  # fmt: skip
 PASSWORD = "bench-password-1"
 VMS = ("cb1", "cb2")
-
-
-def follow(api: httpx.Client, job: dict[str, Any], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        j = api.get(f"/v1/jobs/{job['id']}").json()
-        if j["state"] == "succeeded":
-            return
-        if j["state"] == "failed":
-            raise SystemExit(f"job failed: {j.get('error')}")
-        time.sleep(0.3)
-    raise SystemExit("a job did not finish")
 
 
 def wait_ready(api: httpx.Client, vm: str, timeout: float = 120) -> None:
@@ -164,7 +151,7 @@ def main() -> None:
         for vm in VMS:
             r = api.post("/v1/vms", json={"name": vm, "image": "tiny", "vcpus": 1, "memory_mib": 128, "start": True})
             r.raise_for_status()
-            follow(api, r.json()["job"])
+            follow(api, r.json()["job"], 180)
         for vm in VMS:
             wait_ready(api, vm)
         r = api.post("/v1/users", json={"name": "opbench", "role": "operator", "password": PASSWORD})

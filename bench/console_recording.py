@@ -36,24 +36,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_image, kasou_env, median
+from _common import ensure_image, follow, kasou_env, median
 
 RESULT = Path(__file__).resolve().parent / "results" / "console_recording.json"
 PASSWORD = "bench-password-1"
 POOL = "rb"
 CSRF = {"x-kasou-csrf": "1"}
-
-
-def follow(api: httpx.Client, job: dict[str, Any], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        j = api.get(f"/v1/jobs/{job['id']}").json()
-        if j["state"] == "succeeded":
-            return
-        if j["state"] == "failed":
-            raise SystemExit(f"job failed: {j.get('error')}")
-        time.sleep(0.3)
-    raise SystemExit("a job did not finish")
 
 
 def cpu_s(pid: int) -> float:
@@ -197,11 +185,11 @@ def main() -> None:
         api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120)
         r = api.post("/v1/vms", json={"name": "rbase", "image": "tiny", "vcpus": 1, "memory_mib": 128})
         r.raise_for_status()
-        follow(api, r.json()["job"])
+        follow(api, r.json()["job"], 300)
         api.post("/v1/vms/rbase/template").raise_for_status()
         r = api.post("/v1/desktop-pools", json={"name": POOL, "template": "rbase", "size": 1, "prestart": 1})
         r.raise_for_status()
-        follow(api, r.json()["job"])
+        follow(api, r.json()["job"], 300)
         api.post("/v1/users", json={"name": "dr-bench", "role": "clinician", "password": PASSWORD,
                                     "pools": [POOL]}).raise_for_status()  # fmt: skip
         with httpx.Client(base_url=base, timeout=60) as s:
