@@ -15,10 +15,10 @@ import pytest
 
 from tests.packaging.units import REPO, UNITS, fake_tools, verify, verify_root
 
-pytestmark = pytest.mark.deb
+pytestmark = [pytest.mark.deb, pytest.mark.shares_machine]  # beside the fast tests; one build per worker
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     t0 = time.monotonic()
@@ -29,7 +29,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def root(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package's files extracted into a throwaway root (dpkg-deb -x), control files in DEBIAN/."""
     r = tmp_path_factory.mktemp("root")
