@@ -3,7 +3,7 @@
 #   /opt/kasou          a virtual environment (Debian's python3.11) with the wheel of this checkout
 #                       and its dependencies from the Python package index (pip's cache makes a
 #                       rebuild fast); /usr/bin/kasou links to its command
-#   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-backup-server.service
+#   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-guests.service, kasou-backup-server.service
 #   /etc/kasou          kasou.env (the services' settings, commented) and backup-server.env
 #   /usr/share/doc/kasou the README and docs/
 # Usage: scripts/build-deb.sh [OUTDIR]   (default: dist/). Prints the path of the .deb.

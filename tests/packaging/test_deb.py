@@ -105,11 +105,14 @@ def test_maintainer_scripts_install_upgrade_remove_in_the_root(root: Path, tmp_p
 
     calls = run("postinst", "configure", "")
     assert (root / "var/lib/kasou/log").is_dir() and (root / "var/log/kasou").is_symlink()
-    assert "deb-systemd-invoke" not in calls
-    both = "kasou-agent.service kasou-api.service"
+    # a first install starts no service, only kasou-guests (which does nothing until the host shuts down)
+    invoked = [ln for ln in calls.splitlines() if ln.startswith("deb-systemd-invoke")]
+    assert invoked == ["deb-systemd-invoke start kasou-guests.service"], calls
+    both = "kasou-agent.service kasou-api.service kasou-guests.service"
     assert run("prerm", "upgrade", "0.1.0-1", active=both) == ""
     calls = run("postinst", "configure", "0.1.0-1", active=both)
     assert "deb-systemd-invoke restart kasou-agent.service" in calls and "stop" not in calls
+    assert "restart kasou-guests" not in calls  # its ExecStop would run: never on an upgrade
     assert "deb-systemd-invoke stop" in run("prerm", "remove")
     run("postrm", "purge")
     assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists()

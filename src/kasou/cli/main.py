@@ -33,6 +33,7 @@ from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.devices import nic_app
 from kasou.cli.directory import directory_app
 from kasou.cli.events import event_app
+from kasou.cli.host_shutdown import end_guests, shutdown_guests
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
 from kasou.cli.maintenance import window_app
@@ -99,15 +100,8 @@ def down(
     """Stop the single-host services. Running VMs keep running unless --vms is given."""
     paths = Paths.from_env()
     if vms and services.service_pid(paths, "api") is not None:
-        c = client()
-        jobs = []
-        for vm in c.get("/v1/vms"):
-            if vm["state"] in ("running", "paused"):
-                action = "shutdown" if vm["state"] == "running" else "stop"
-                jobs.append((vm["name"], c.post(f"/v1/vms/{vm['name']}/actions/{action}")["job"]))
-        for name, job in jobs:
-            c.wait_job(job["id"], 180)
-            out.print(f"vm {name}: stopped", markup=False, highlight=False)
+        # as at a host's shutdown: one bulk job, the reverse of the start-up order, each VM gracefully
+        end_guests({}, 180)  # every VM of the single host
     for svc, what in services.down(paths).items():
         out.print(f"{svc}: {what}", markup=False, highlight=False)
 
@@ -216,6 +210,9 @@ def host_list(as_json: bool = typer.Option(False, "--json")) -> None:
             f"{h['memory_used_mib']} MiB", f"{h['memory_free_mib']} MiB", str(h["vms_running"]), str(h["load_1m"]),
         )  # fmt: skip
     out.print(t)
+
+
+host_app.command("shutdown-guests")(shutdown_guests)
 
 
 @host_app.command("maintenance")
