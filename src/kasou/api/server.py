@@ -43,9 +43,9 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
         me = host_name()
         if not endpoints:
             agents = Agents({me: AgentClient(me, uds=str(paths.agent_socket))})
-            return Services.build(SqliteStore(paths.state_db), agents)
+            return Services.build(SqliteStore(paths.state_db), agents, tls=files)
         store = EtcdStore(endpoints, tls=etcd_tls(files, endpoints, peers))
-        svc = Services.build(store, Agents(store=store, tls=peers))
+        svc = Services.build(store, Agents(store=store, tls=peers), tls=files)
         svc.leadership = Leadership(
             store, me, f"{scheme}://{url_host(host)}:{port}", on_elected=svc.vms.startup,
             on_deposed=svc.vms.suspend, tls=peers,
