@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from kasou.control.notify import NotifyStatus, TestRequest, TestResult
+from kasou.control.notify import NotifyStatus, NotifyTestRequest, NotifyTestResult
 
 if TYPE_CHECKING:
     from kasou.api.deps import Services
 
 
-class TestAnswer(BaseModel):
-    results: list[TestResult]
+class NotifyTestAnswer(BaseModel):
+    results: list[NotifyTestResult]
 
 
 def notify_routes(svc: Callable[[], Services]) -> APIRouter:
@@ -30,9 +30,9 @@ def notify_routes(svc: Callable[[], Services]) -> APIRouter:
         return svc().notifier.status()
 
     @r.post("/test")
-    async def test(body: TestRequest | None = None) -> TestAnswer:
+    async def test(body: NotifyTestRequest | None = None) -> NotifyTestAnswer:
         """A test event through every channel now (a webhook is tried once). ``severity``: apply the channels'
         minimum severities to an event of this one; ``department``: route it as that department's event."""
-        return TestAnswer(results=await svc().notifier.test(body or TestRequest()))
+        return NotifyTestAnswer(results=await svc().notifier.test(body or NotifyTestRequest()))
 
     return r

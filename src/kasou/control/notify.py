@@ -168,7 +168,7 @@ class NotifyStatus(BaseModel):
     queued: int
 
 
-class TestRequest(BaseModel):
+class NotifyTestRequest(BaseModel):
     """Body of ``POST /v1/notify/test``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -177,7 +177,7 @@ class TestRequest(BaseModel):
     department: str | None = Field(default=None, min_length=1, max_length=63)
 
 
-class TestResult(BaseModel):
+class NotifyTestResult(BaseModel):
     channel: str
     target: str
     outcome: str  # delivered, failed, skipped
@@ -383,7 +383,7 @@ class Notifier:
         return NotifyStatus(host=self.host, channels=[c.status.model_copy() for c in self.channels],
                             dropped=self.dropped, queued=self._queue.qsize())  # fmt: skip
 
-    async def test(self, req: TestRequest) -> list[TestResult]:
+    async def test(self, req: NotifyTestRequest) -> list[NotifyTestResult]:
         """Send a test event through every channel now (a webhook once, no retries) and say what each did.
         Without a severity every channel is tried; without a department each route's channel is tried as if
         the event were its department's."""
@@ -394,13 +394,13 @@ class Notifier:
         message = f"a test notification from kasou on {self.host}, asked for with kasou notify test"
         ev = Event(time=time.time(), severity=severity, kind="notify_test", subject=subject, message=message)
 
-        async def one(ch: Channel) -> TestResult:
+        async def one(ch: Channel) -> NotifyTestResult:
             dept = req.department if req.department is not None else ch.status.department
             why_not = ch.why_not(req.severity, dept)
             if why_not is not None:
-                return TestResult(channel=ch.name, target=ch.status.target, outcome="skipped", reason=why_not)
+                return NotifyTestResult(channel=ch.name, target=ch.status.target, outcome="skipped", reason=why_not)
             why = await ch.deliver(self.notice(ev, dept, test=True), attempts=1)
-            return TestResult(channel=ch.name, target=ch.status.target, outcome="failed" if why else "delivered",
+            return NotifyTestResult(channel=ch.name, target=ch.status.target, outcome="failed" if why else "delivered",
                               reason=why or "")  # fmt: skip
 
         return list(await asyncio.gather(*(one(ch) for ch in self.channels)))
