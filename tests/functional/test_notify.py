@@ -220,3 +220,12 @@ def test_without_channels_nothing_runs_and_the_test_says_so(tmp_path: Path) -> N
         assert r.status_code == 422 and "no notification channel" in r.json()["message"]
         emit(env, "host_down", "host/h1", "critical")  # recorded as ever
         assert env.services.notifier.status().queued == 0
+
+
+def test_what_is_queued_at_shutdown_still_goes_out(tmp_path: Path) -> None:
+    with mail_server() as smtp:
+        cfg = NotifyConfig(smtp_host="127.0.0.1", smtp_port=smtp.port, mail_to=["it@hospital.example"])
+        with kasou(tmp_path, cfg) as env:
+            for i in range(5):
+                emit(env, "host_down", f"host/h{i}", "critical")
+        assert len(smtp.mails) == 5  # the API server's stop waited (bounded) for them

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 QUEUE = 1000  # events waiting for the dispatcher; beyond this they are dropped (and counted)
 CHANNEL_QUEUE = 200  # notices waiting for one channel
+CLOSE_GRACE_S = 2.0  # at shutdown, how long notices still queued have to go out
 FAILED_KIND = "notify_failed"
 RECOVERED_KIND = "notify_recovered"
 OWN_PREFIX = "notify_"  # the notifier's own events: a failure to deliver one raises nothing
@@ -195,6 +196,7 @@ class Channel:
         self.status = ChannelStatus(name=name, kind=kind, target=sender.target, department=department,
                                     min_severity=minimum)  # fmt: skip
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(CHANNEL_QUEUE)
+        self.busy = False  # sending a notice now
 
     @property
     def name(self) -> str:
@@ -272,6 +274,7 @@ class Notifier:
         self.events = Events(store)
         self.records = VMRecords(store)
         self.dropped = 0
+        self._dispatching = False
         self._queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -290,15 +293,23 @@ class Notifier:
             self._tasks.append(asyncio.create_task(self._drain(ch), name=f"notify-{ch.name}"))
 
     async def close(self) -> None:
+        """Stop listening; what is queued gets up to ``CLOSE_GRACE_S`` to go out, then the rest is dropped."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        while self._tasks and time.monotonic() < deadline and self.pending():
+            await asyncio.sleep(0.05)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+
+    def pending(self) -> int:
+        """Events and notices not delivered yet (queued, or the one each channel is sending)."""
+        return self._queue.qsize() + self._dispatching + sum(c.queue.qsize() + c.busy for c in self.channels)
 
     # -- the path of an event --------------------------------------------------------
 
@@ -343,6 +354,7 @@ class Notifier:
     async def _dispatch(self) -> None:
         while True:
             ev = await self._queue.get()
+            self._dispatching = True
             try:
                 dept = await self.department_of(ev.subject)
             except Exception:
@@ -356,11 +368,16 @@ class Notifier:
                     ch.queue.put_nowait(notice)
                 except asyncio.QueueFull:
                     ch.status.dropped += 1
+            self._dispatching = False
 
     async def _drain(self, ch: Channel) -> None:
         while True:
             notice = await ch.queue.get()
-            why = await ch.deliver(notice)
+            ch.busy = True
+            try:
+                why = await ch.deliver(notice)
+            finally:
+                ch.busy = False
             if notice["event"]["kind"].startswith(OWN_PREFIX):
                 continue  # the notifier's own events: their failures raise nothing (no loop)
             try:
