@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
@@ -56,15 +57,21 @@ def kasou(tmp: Path, cfg: NotifyConfig, tls: TlsFiles | None = None) -> Iterator
         yield Env(api, driver, holder["svc"], tmp, agent)
 
 
+def call(env: Env, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run ``fn`` in the app's event loop (where its services live)."""
+    assert env.api.portal is not None
+    return env.api.portal.call(fn, *args)
+
+
 def emit(env: Env, kind: str, subject: str, severity: Severity = "warning", message: str = "") -> None:
-    env.api.portal.call(env.services.vms.events.emit, kind, subject, message or f"{kind} of {subject}", severity)
+    call(env, env.services.vms.events.emit, kind, subject, message or f"{kind} of {subject}", severity)
 
 
 def put_vm(env: Env, name: str, department: str | None) -> None:
     """A VM record of ``department`` (what routing looks up), without a job."""
     rec = {"name": name, "uuid": f"00000000-0000-4000-8000-{abs(hash(name)) % 10**12:012d}", "vcpus": 1,
            "memory_mib": 128, "state": "stopped", "department": department}  # fmt: skip
-    env.api.portal.call(env.services.store.put, vm_key(name), VMRecord.model_validate(rec).model_dump(mode="json"))
+    call(env, env.services.store.put, vm_key(name), VMRecord.model_validate(rec).model_dump(mode="json"))
 
 
 def test_mail_webhook_and_syslog_get_an_event_the_webhook_after_retries(tmp_path: Path) -> None:

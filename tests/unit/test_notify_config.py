@@ -3,15 +3,20 @@ works, and a one-line InvalidSetting naming the setting for what does not."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
+from kasou.control.events import Event, Events, subscribe
 from kasou.control.notify import NotifyConfig, channels_of, notify_config
 from kasou.control.notify_channels import parse_syslog, sign
 from kasou.errors import InvalidSetting
+from kasou.store.sqlite import SqliteStore
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +86,43 @@ def test_syslog_targets_and_signature() -> None:
         parse_syslog("udp://h:0")
     # the signature a receiver recomputes: HMAC-SHA256 of the exact body, hex
     assert sign("key", b"{}") == "sha256=" + hmac.new(b"key", b"{}", hashlib.sha256).hexdigest()
+
+
+def test_the_settings_files_notify_section_reads_as_it_is() -> None:
+    text = """
+[notify]
+min_severity = "warning"
+smtp_host = "mail.hospital.example"
+mail_to = ["it@hospital.example"]
+webhook = "https://alerts.hospital.example/kasou"
+webhook_secret = "s"
+syslog = "local"
+
+[[notify.route]]
+department = "lab"
+mail_to = ["support@lab-vendor.example"]
+min_severity = "error"
+"""
+    cfg = NotifyConfig.model_validate(tomllib.loads(text)["notify"]).check()
+    assert [r.department for r in cfg.routes] == ["lab"] and cfg.syslog == "local"
+
+
+def test_a_listener_that_fails_never_fails_the_emit(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = SqliteStore(tmp_path / "state.db")
+        got: list[str] = []
+
+        def broken(ev: Event) -> None:
+            raise RuntimeError("listener bug")
+
+        off = subscribe(store, broken)
+        off2 = subscribe(store, lambda ev: got.append(ev.kind))
+        await Events(store).emit("host_down", "host/h1", "down", "critical")
+        off()
+        off2()
+        await Events(store).emit("host_up", "host/h1", "up", "info")
+        assert got == ["host_down"]
+        assert [e.kind for e in await Events(store).list()] == ["host_down", "host_up"]
+        await store.close()
+
+    asyncio.run(go())

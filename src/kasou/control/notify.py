@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from kasou.config import host_name, int_setting
 from kasou.control.base import VMRecords
@@ -78,7 +78,8 @@ class NotifyConfig(BaseModel):
     mail_to: list[str] = []
     syslog: str | None = None  # udp://HOST:PORT, tcp://HOST:PORT or local (/dev/log)
     min_severity: Severity = "warning"
-    routes: list[NotifyRoute] = []
+    # ``[[notify.route]]`` in the settings file (one table per route), ``routes`` here
+    routes: list[NotifyRoute] = Field(default=[], validation_alias=AliasChoices("routes", "route"))
 
     def check(self) -> NotifyConfig:
         """Refuse settings that cannot work (InvalidSetting naming the setting), before anything is sent."""
