@@ -126,3 +126,10 @@ def test_a_listener_that_fails_never_fails_the_emit(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_webhooks_shown_target_holds_no_credentials() -> None:
+    from kasou.control.notify_channels import WebhookSender
+
+    hook = WebhookSender("https://bot:pw@chat.hospital.example:8443/hooks/kasou?token=abc", None)
+    assert hook.target == "https://chat.hospital.example:8443/hooks/kasou"

@@ -28,6 +28,7 @@ import ssl
 import time
 from email.message import EmailMessage
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -120,7 +121,8 @@ class WebhookSender:
 
     @property
     def target(self) -> str:
-        return self.url.split("?", 1)[0]  # a query may hold a receiver's token: not shown
+        u = urlsplit(self.url)  # a query or user part may hold a receiver's token: not shown
+        return f"{u.scheme}://{u.hostname or ''}{f':{u.port}' if u.port else ''}{u.path}"
 
     def request(self, notice: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         """The body and headers of the notice's POST."""
