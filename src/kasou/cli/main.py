@@ -38,6 +38,7 @@ from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
 from kasou.cli.maintenance import window_app
 from kasou.cli.networks import network_app
+from kasou.cli.notify import notify_app
 from kasou.cli.plan import plan_app
 from kasou.cli.recordings import console_app
 from kasou.cli.snapshot import snapshot_app
@@ -66,6 +67,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
+app.add_typer(notify_app, name="notify")
 app.add_typer(backup_app, name="backup")
 app.add_typer(backup_server_app, name="backup-server")
 app.add_typer(pool_app, name="pool")
