@@ -82,7 +82,12 @@ def test_after_a_power_cut_the_vms_of_one_order_start_in_parallel_and_a_failure_
     boot_host(env)
     wait_states(env, {"db": "crashed", "ris": "running", "pacs": "running", "lab": "running"})
     bulk = [j for j in env.api.get("/v1/jobs").json() if j.get("kind") == "bulk-start"]
-    assert bulk and bulk[0]["result"]["groups"] == [["db"], ["lab", "pacs", "ris"]], bulk
-    failed = [e for e in env.api.get("/v1/events").json() if e["kind"] == "vm_onboot_failed"]
+    assert bulk, env.api.get("/v1/jobs").json()
+    bulk = [env.wait(bulk[0])]  # its last VM may be running a moment before the job records its results
+    assert bulk[0]["result"]["groups"] == [["db"], ["lab", "pacs", "ris"]], bulk
+    deadline = time.monotonic() + 10
+    while not (failed := [e for e in env.api.get("/v1/events").json() if e["kind"] == "vm_onboot_failed"]):
+        assert time.monotonic() < deadline, "no vm_onboot_failed event"
+        time.sleep(0.1)
     assert len(failed) == 1 and failed[0]["subject"] == "vm/db" and "no room" in failed[0]["message"], failed
     assert failed[0]["severity"] == "critical"
