@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -68,12 +69,17 @@ RUN_ROOT = Path("/run/kasou")
 
 @pytest.fixture(autouse=True, scope="session")
 def _runtime_dirs_removed() -> Iterator[None]:
-    """Each test's kasou home has a runtime directory under /run/kasou (named by the home's hash):
-    those the session made are removed at its end, so no test leaves files behind."""
+    """Each test's kasou home has a runtime directory under /run/kasou (named by the home's hash): those made
+    during the session whose home is gone are removed at its end, so no test leaves files behind. One whose home
+    is still there belongs to a kasou still running: another pytest session's, or another xdist worker's."""
     before = set(os.listdir(RUN_ROOT)) if RUN_ROOT.is_dir() else set()
     yield
     if RUN_ROOT.is_dir():
         for name in set(os.listdir(RUN_ROOT)) - before:
+            home = RUN_ROOT / name / "home"
+            with contextlib.suppress(OSError):
+                if Path(home.read_text().strip()).exists():
+                    continue
             shutil.rmtree(RUN_ROOT / name, ignore_errors=True)
 
 

@@ -160,6 +160,8 @@ class Paths:
         for d in (self.home, self.run, self.vm_run, self.disks, self.logs):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, private_dir_mode())
+        if self.vm_run.parent != self.run:  # /run/kasou/<hash>: which home it serves, for people and clean-ups
+            (self.vm_run.parent / "home").write_text(f"{self.home}\n")
 
 
 def site_file(name: str, env: str, beside: Path | None, elsewhere: Path) -> Path:
