@@ -168,7 +168,7 @@ class Balancer:
         moved = await self._moved_at()
         vms = [
             balancing.BalanceVM(r.name, r.host, r.memory_mib, r.vcpus, cpu.get(r.name, 0.0), r.anti_affinity,
-                                r.ha and r.ha_armed, self.blocker(r, s, moved.get(r.name)))
+                                r.ha, self.blocker(r, s, moved.get(r.name)))
             for r in await self.vms.records.all()
             if r.host is not None and r.state in ACTIVE_STATES
         ]  # fmt: skip
