@@ -120,8 +120,12 @@ class Balancer:
                     use[v.name] = (v.cpu_seconds - b.cpu_seconds) / dt
         return use, set(now)
 
-    async def _moved_at(self) -> dict[str, float]:
-        return {e.key[len(MOVED_PREFIX) :]: float(e.value.get("at", 0)) for e in await self.store.range(MOVED_PREFIX)}
+    async def _moved_at(self) -> dict[str, tuple[float, str]]:
+        """When the balancer last moved each VM, and the uuid of that VM (a new VM of the same name is another)."""
+        out = {}
+        for e in await self.store.range(MOVED_PREFIX):
+            out[e.key[len(MOVED_PREFIX) :]] = (float(e.value.get("at", 0)), str(e.value.get("uuid", "")))
+        return out
 
     def blocker(self, rec: VMRecord, s: BalanceSettings, moved_at: float | None) -> str | None:
         """Why the balancer may not move ``rec`` now, or None."""
@@ -168,7 +172,7 @@ class Balancer:
         moved = await self._moved_at()
         vms = [
             balancing.BalanceVM(r.name, r.host, r.memory_mib, r.vcpus, cpu.get(r.name, 0.0), r.anti_affinity,
-                                r.ha, self.blocker(r, s, moved.get(r.name)))
+                                r.ha, self.blocker(r, s, _at(moved.get(r.name), r.uuid)))
             for r in await self.vms.records.all()
             if r.host is not None and r.state in ACTIVE_STATES
         ]  # fmt: skip
@@ -234,7 +238,8 @@ class Balancer:
             return {"ok": False, "error": e.message}
         if done.error:
             return {"ok": False, "error": str(done.error.get("message", "failed")), "job": done.id}
-        await self.store.put(MOVED_PREFIX + m.vm, {"at": self.clock(), "from": m.source, "to": m.target})
+        await self.store.put(MOVED_PREFIX + m.vm, {"at": self.clock(), "uuid": rec.uuid, "from": m.source,
+                                                   "to": m.target})  # fmt: skip
         r = done.result or {}
         return {"ok": True, "job": done.id, "downtime_ms": r.get("downtime_ms"), "total_ms": r.get("total_ms")}
 
@@ -265,3 +270,8 @@ class Balancer:
         )
         with contextlib.suppress(KasouError):
             await self.vms.events.emit("balance_recommended", "cluster", msg, "info")
+
+
+def _at(moved: tuple[float, str] | None, uuid: str) -> float | None:
+    """When the balancer moved the VM of ``uuid``, or None."""
+    return moved[0] if moved is not None and moved[1] == uuid else None
