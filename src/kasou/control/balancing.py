@@ -96,26 +96,52 @@ class _State:
     hosts: dict[str, BalanceHost]
     vms: dict[str, BalanceVM]
     where: dict[str, str] = field(default_factory=dict)  # VM -> host as planned
+    members: dict[str, list[str]] = field(default_factory=dict)  # host -> its VMs as planned
+    mem: dict[str, int] = field(default_factory=dict)  # host -> MiB its VMs take (with overhead)
+    cpu: dict[str, float] = field(default_factory=dict)  # host -> host CPUs its VMs use
+
+    def __post_init__(self) -> None:
+        self.members = {h: [] for h in self.hosts}
+        self.mem = dict.fromkeys(self.hosts, 0)
+        self.cpu = dict.fromkeys(self.hosts, 0.0)
+        for v in self.vms.values():
+            self._add(v, v.host)
+
+    def _add(self, v: BalanceVM, host: str, sign: int = 1) -> None:
+        self.where[v.name] = host
+        if sign > 0:
+            self.members[host].append(v.name)
+        else:
+            self.members[host].remove(v.name)
+        self.mem[host] += sign * v.memory_need_mib
+        self.cpu[host] += sign * v.cpu_cores
+
+    def move(self, name: str, target: str) -> None:
+        v = self.vms[name]
+        self._add(v, self.where[name], -1)
+        self._add(v, target)
 
     def on(self, host: str) -> list[BalanceVM]:
-        return [v for v in self.vms.values() if self.where[v.name] == host]
+        return [self.vms[n] for n in self.members[host]]
 
     def pressure(self, host: str, extra: BalanceVM | None = None, less: BalanceVM | None = None) -> dict[str, float]:
+        """``host``'s pressure as planned, with ``extra`` added or ``less`` (one of its VMs) taken away."""
         h = self.hosts[host]
-        vms = [v for v in self.on(host) if less is None or v.name != less.name] + ([extra] if extra else [])
-        mem = sum(v.memory_need_mib for v in vms)
-        cpu = sum(v.cpu_cores for v in vms)
+        mem, cpu = self.mem[host], self.cpu[host]
+        for v, sign in ((extra, 1), (less, -1)):
+            if v is not None:
+                mem += sign * v.memory_need_mib
+                cpu += sign * v.cpu_cores
         return {
-            "cpu": 100.0 * cpu / max(h.cpus, 1),
+            "cpu": 100.0 * max(cpu, 0.0) / max(h.cpus, 1),
             "memory": 100.0 * mem / max(h.memory_capacity_mib, 1),
         }
 
-    def load(self, host: str, less: BalanceVM | None = None) -> scheduler.HostLoad:
+    def load(self, host: str) -> scheduler.HostLoad:
         h = self.hosts[host]
         load = scheduler.HostLoad(h.name, h.cpus, h.memory_total_mib, schedulable=h.excluded is None)
         for v in self.on(host):
-            if less is None or v.name != less.name:
-                load.add(v.memory_mib, v.vcpus, v.group)
+            load.add(v.memory_mib, v.vcpus, v.group)
         return load
 
 
@@ -137,7 +163,6 @@ def plan(hosts: list[BalanceHost], vms: list[BalanceVM], policy: Policy) -> Plan
     its reason; VMs that may not move and hosts that take no part, with why."""
     excluded = {h.name: h.excluded for h in hosts if h.excluded is not None}
     state = _State({h.name: h for h in hosts}, {v.name: v for v in vms if v.host in {h.name for h in hosts}})
-    state.where = {v.name: v.host for v in state.vms.values()}
     part = sorted(h.name for h in hosts if h.excluded is None)
     held = {v.name: v.blocker for v in state.vms.values() if v.blocker is not None and v.host in part}
     before = {h: state.pressure(h) for h in part}
@@ -171,7 +196,7 @@ def plan(hosts: list[BalanceHost], vms: list[BalanceVM], policy: Policy) -> Plan
             break
         result.moves.append(move)
         moved.add(move.vm)
-        state.where[move.vm] = move.target
+        state.move(move.vm, move.target)
     after = {h: state.pressure(h) for h in part}
     result.pressure_after = _rounded(after)
     result.spread_after = spreads(after)
@@ -190,16 +215,27 @@ def _ha_violation(state: _State, ratio: float, vm: BalanceVM | None = None, targ
             placed.setdefault(where[v.name], []).append(scheduler.Request(v.name, v.memory_mib, v.vcpus, v.group))
     if not placed:
         return None
-    loads = []
-    for name, h in state.hosts.items():
-        if h.excluded is not None and not any(where[v] == name for v in state.vms):
-            continue
-        load = scheduler.HostLoad(h.name, h.cpus, h.memory_total_mib, schedulable=h.excluded is None)
-        for v in state.vms.values():
-            if where[v.name] == name:
-                load.add(v.memory_mib, v.vcpus, v.group)
-        loads.append(load)
-    return n_plus_one_violation(loads, placed, ratio)
+    loads = {
+        name: scheduler.HostLoad(h.name, h.cpus, h.memory_total_mib, schedulable=h.excluded is None)
+        for name, h in state.hosts.items()
+    }
+    for v in state.vms.values():
+        loads[where[v.name]].add(v.memory_mib, v.vcpus, v.group)
+    # A host that takes no part counts only with VMs on it (its HA VMs' restarts need room elsewhere).
+    kept = [ld for name, ld in loads.items() if state.hosts[name].excluded is None or ld.memory_used_mib]
+    return n_plus_one_violation(kept, placed, ratio)
+
+
+def _spreads_with(
+    ends: dict[str, list[tuple[float, str]]], source: str, src: dict[str, float], target: str, dst: dict[str, float]
+) -> dict[str, float]:
+    """The spreads once a move changed ``source`` to ``src`` and ``target`` to ``dst`` (as :func:`spreads`)."""
+    out = {}
+    for r in RESOURCES:
+        others = [v for v, h in ends[r] if h != source and h != target]
+        values = [src[r], dst[r]] + ([others[0], others[-1]] if others else [])
+        out[r] = round(max(values) - min(values), 1)
+    return out
 
 
 def _best_move(
@@ -213,24 +249,29 @@ def _best_move(
     ha_ok_before: bool,
 ) -> Move | None:
     candidates: list[tuple[float, int, str, str, dict[str, float], dict[str, float]]] = []
-    for source in part:
+    # Each resource's three highest and three lowest hosts: a trial's spread without going over every host.
+    ends = {r: sorted((p[r], h) for h, p in now.items()) for r in RESOURCES}
+    ends = {r: v[:3] + v[-3:] if len(v) > 6 else v for r, v in ends.items()}
+    # From the hosts above the mean of the resource whose spread is widest, to those below it.
+    mean = sum(now[h][resource] for h in part) / max(len(part), 1)
+    sources = [h for h in part if now[h][resource] >= mean]
+    targets = [h for h in part if now[h][resource] < mean]
+    for source in sources:
         for vm in state.on(source):
             if vm.blocker is not None or vm.name in moved:
                 continue
             src_after = state.pressure(source, less=vm)
-            for target in part:
-                if target == source:
-                    continue
+            for target in targets:
                 dst_after = state.pressure(target, extra=vm)
                 # The gap between the two hosts closes by more than the margin (no ping-pong).
                 if dst_after[resource] > now[source][resource] - policy.hysteresis:
                     continue
-                trial = dict(now)
-                trial[source], trial[target] = src_after, dst_after
-                new = spreads(trial)
+                new = _spreads_with(ends, source, src_after, target, dst_after)
                 if any(new[r] > max(spread[r], policy.threshold) for r in RESOURCES):
                     continue  # it would unbalance the other resource beyond the threshold
-                gain = sum(now[h][r] ** 2 - trial[h][r] ** 2 for h in (source, target) for r in RESOURCES)
+                gain = sum(
+                    now[source][r] ** 2 - src_after[r] ** 2 + now[target][r] ** 2 - dst_after[r] ** 2 for r in RESOURCES
+                )
                 if gain <= 0:
                     continue
                 candidates.append((gain, vm.memory_mib, vm.name, target, src_after, dst_after))
