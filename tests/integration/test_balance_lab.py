@@ -11,12 +11,15 @@ import pytest
 
 from tests.integration.test_cluster import Lab, make_lab
 
-pytestmark = [pytest.mark.qemu, pytest.mark.scenario]
+pytestmark = pytest.mark.qemu  # about 50 s on an idle machine, most of it the lab coming up
 
 
 @pytest.fixture(scope="module")
 def lab(tiny_image: Path) -> Iterator[Lab]:
-    yield from make_lab(tiny_image, prefix="kasou-balance-lab-")
+    """A lab in a short directory (``/tmp/kb????????``): its hosts' VM sockets fit under their homes
+    (kasou.config.Paths.vm_run), not under /run/kasou, where the session-end clean-up of another pytest run on a
+    shared machine (tests/conftest.py, _runtime_dirs_removed) would remove them from under the running VMs."""
+    yield from make_lab(tiny_image, prefix="kb")
 
 
 def test_balance_moves_one_of_two_vms_off_a_crowded_host(lab: Lab) -> None:
