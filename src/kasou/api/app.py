@@ -21,6 +21,7 @@ from kasou.api import permissions
 from kasou.api.audit import audit_middleware, audit_routes, mark_forwarded, sign_forwarded
 from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_principal
 from kasou.api.backups import backup_router
+from kasou.api.balance import balance_routes
 from kasou.api.bulk import bulk_routes, keep
 from kasou.api.console import console_routes
 from kasou.api.deps import Services
@@ -419,6 +420,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     app.include_router(portal_routes(svc, principal))
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))
+    v1.include_router(balance_routes(svc))  # /v1/cluster/balance: the load balancer
     v1.include_router(transfer_routes(svc))  # vm import and export
     v1.include_router(notify_routes(svc))  # /v1/notify: mail, webhooks, syslog (kasou.control.notify)
     app.include_router(v1)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from kasou.config import HaTimes, TlsFiles, ha_times, vcpu_ratio_setting
+from kasou.control.balance import Balancer
 from kasou.control.certwatch import CertWatch
 from kasou.control.hosts import Agents
 from kasou.control.jobs import Jobs
@@ -35,6 +36,7 @@ class Services:
     leadership: Leadership | None = None  # None: a single host, always in charge
     users: Users = field(default=None)  # type: ignore[assignment]  # set by build
     windows: MaintenanceWindows = field(default=None)  # type: ignore[assignment]  # vendors' maintenance windows
+    balancer: Balancer = field(default=None)  # type: ignore[assignment]  # kasou cluster balance, its automatic mode
     logout_hooks: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)  # (user, session)
     notifier: Notifier = field(default=None)  # type: ignore[assignment]  # set by build: events to mail, webhooks, syslog
     certs: CertWatch = field(default=None)  # type: ignore[assignment]  # set by build: certificates that will expire
@@ -64,6 +66,8 @@ class Services:
         )
         svc = cls(store, agents, jobs, ledger, vms, Migrations(vms), users=Users(store),
                   windows=MaintenanceWindows(store))  # fmt: skip
+        svc.balancer = Balancer(svc.migrations)
+        vms.periodic.append(svc.balancer.tick)  # recommend and automatic mode: the leader's reconciler
         svc.logout_hooks.append(vms.desktops.on_logout)  # a sign-out returns the session's desktops
         svc.notifier = Notifier(store, notify or notify_config())
         svc.certs = CertWatch(store, tls)

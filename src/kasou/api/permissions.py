@@ -137,6 +137,10 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/jobs/{job_id}/events"): need("vm.read", job="job_id"),
     # hosts, cluster, networks, storage and desktop pools
     ("GET", "/v1/hosts"): need("read"),
+    # the load balancer (kasou.api.balance)
+    ("POST", "/v1/cluster/balance"): need("hosts"),  # also a dry run: it measures every host
+    ("GET", "/v1/cluster/balance/settings"): need("read"),
+    ("PUT", "/v1/cluster/balance/settings"): need("hosts"),
     ("POST", "/v1/hosts/{name}/maintenance"): need("hosts"),
     ("GET", "/v1/cluster"): need("read"),
     ("GET", "/v1/networks"): need("read"),

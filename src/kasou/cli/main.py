@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from kasou import __version__, services
-from kasou.cli import completion, manpages
+from kasou.cli import balance, completion, manpages
 from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
 from kasou.cli.backup_server import backup_server_app
@@ -147,9 +147,17 @@ def serve(
     run_api(Paths.from_env(), address, plain_http)
 
 
-@app.command()
-def cluster(as_json: bool = typer.Option(False, "--json")) -> None:
+cluster_app = typer.Typer(help="The virtual environment: its hosts, its leader, balancing.")
+app.add_typer(cluster_app, name="cluster")
+cluster_app.command("balance")(balance.balance)
+cluster_app.command("balance-settings")(balance.balance_settings)
+
+
+@cluster_app.callback(invoke_without_command=True)
+def cluster(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """The virtual environment: the hosts that are up and whose control plane leads."""
+    if ctx.invoked_subcommand is not None:
+        return
     c = client().get("/v1/cluster")
     if as_json:
         print_json(c)

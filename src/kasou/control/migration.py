@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kasou.config import maintenance_retry
-from kasou.control import scheduler
+from kasou.control import balancing, scheduler
 from kasou.control.base import VMControl
 from kasou.control.hosts import HostView, flags_key, maintenance_hosts
 from kasou.control.jobs import JobContext
@@ -170,7 +170,7 @@ class Migrations:
             return to
         if not loads:
             raise InsufficientResources(f"there is no other host to migrate {rec.name!r} to")
-        return scheduler.place(req, loads, self.vms.vcpu_ratio).name
+        return balancing.place_spread(req, loads, self.vms.vcpu_ratio).name
 
     async def _migrate(
         self,
@@ -439,13 +439,17 @@ class Migrations:
         return await self.vms.jobs.submit("maintenance", None, run)
 
     async def _plan_evacuation(self, host: str, records: list[VMRecord]) -> dict[str, str]:
-        """Where each VM goes, decided up front: refuse before moving anything if they cannot all fit."""
+        """Where each VM goes, decided up front: refuse before moving anything if they cannot all fit.
+
+        Largest first, each to the host its arrival leaves least loaded with the ones placed before it counted
+        (:func:`kasou.control.balancing.place_spread`, the balancer's scoring): the VMs spread over all the
+        remaining hosts by load, never all onto the one that looked emptiest."""
         loads = [h for h in await self.vms.host_loads() if h.name != host]
         plan: dict[str, str] = {}
-        for r in sorted(records, key=lambda r: -r.memory_mib):
+        for r in sorted(records, key=lambda r: (-r.memory_mib, r.name)):
             req = scheduler.Request.of(r)
             try:
-                target = scheduler.place(req, loads, self.vms.vcpu_ratio)
+                target = balancing.place_spread(req, loads, self.vms.vcpu_ratio)
             except InsufficientResources as e:
                 raise InsufficientResources(
                     f"cannot put {host} in maintenance: the other hosts cannot take its VMs ({e.message})"

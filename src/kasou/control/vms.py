@@ -19,7 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 from kasou.config import HaTimes
@@ -105,6 +105,9 @@ class VMService:
         self.devices = Devices(self)  # kasou.control.devices: sizes, disks and NICs that change
         self.onboot = OnBoot(self)  # kasou.control.onboot: VMs started when their host boots
         self.bulk = Bulk(self)  # kasou.control.bulk: start, shut down, stop many VMs as one job
+        #: Work of other services done at every reconcile round of the leader (the balancer's recommend and
+        #: automatic modes); each checks its own interval.
+        self.periodic: list[Callable[[], Awaitable[None]]] = []
         self._ticks = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._host_checker: asyncio.Task[None] | None = None
@@ -275,6 +278,11 @@ class VMService:
         await self.mirrors.tick()
         await self.desktops.tick()  # ended sessions' desktops returned and reset, K kept pre-started
         await self.onboot.tick(runtimes)  # a host that booted: its onboot VMs started in order
+        for periodic in self.periodic:  # the balancer's rounds (kasou.control.balance)
+            try:
+                await periodic()
+            except KasouError as e:
+                log.warning("%s", e.message)
         self._ticks += 1
         if self._ticks % POOL_CHECK_EVERY_TICKS == 1:
             await self.pools.tick()
