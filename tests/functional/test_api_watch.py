@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from kasou.agent.app import Agent, create_agent_app
 from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
+from kasou.api import watches as watches_module
 from kasou.api.app import create_app
 from kasou.api.deps import Services
 from kasou.control.hosts import Agents
@@ -102,6 +103,7 @@ def watching(client: TestClient, path: str = "/v1/vms", **params: Any) -> Iterat
     reader = threading.Thread(target=read, name="sse-reader", daemon=True)
     reader.start()
     assert ready.wait(WAIT_S), "the stream did not start"
+    assert stream.status == 200, f"{path}: {stream.status}"
     try:
         yield stream
     finally:
@@ -282,3 +284,17 @@ def test_etcd_a_change_by_another_control_plane_process_shows(
             assert view["description"] == text
         print("etcd watch: a change by another process shows after", [f"{x * 1000:.1f} ms" for x in latencies])
         assert max(latencies) < WAIT_S
+
+
+def test_a_session_signed_out_ends_its_streams(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watches_module, "REFRESH_S", 0.3)  # credentials checked again this often (30 s in service)
+    env.create("lab1", department="lab")
+    manager = signed_in(env, "m", "manager", ["lab"])
+    auditor = signed_in(env, "a", "auditor")
+    with watching(manager) as s, watching(auditor, "/v1/events") as e:
+        assert s.next()[1] == "list" and e.next()[1] == "list"
+        for user in ("m", "a"):  # an administrator ends the users' sessions
+            assert env.api.post(f"/v1/users/{user}/signout").status_code == 200
+        for stream in (s, e):
+            _, event, data = stream.next()
+            assert event == "error" and data["code"] == "unauthorized", data

@@ -446,7 +446,15 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))
     v1.include_router(transfer_routes(svc))  # vm import and export
-    app.include_router(watch_routes(svc, visibility))  # ?watch=true on /v1/vms and /v1/events: before the plain ones
+
+    async def recheck(request: Request) -> None:
+        """A long stream's credentials and permission, checked again (a session signed out since: refused)."""
+        request.state.principal = None
+        await route_permission(request)
+
+    app.include_router(
+        watch_routes(svc, visibility, recheck)
+    )  # ?watch=true on /v1/vms and /v1/events: before the plain ones
     app.include_router(v1)
     app.include_router(live_routes(svc, principal))  # server-sent events: job progress, operator events
     app.include_router(metrics_routes(svc, principal))  # /metrics (Prometheus), /v1/metrics, /v1/metrics/history

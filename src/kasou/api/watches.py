@@ -16,7 +16,9 @@ VMs (``/v1/vms?watch=true``):
   (``retry``: 2 s) and gets a fresh ``list``.
 
 What the caller may see is decided exactly as for the list (``vm.read``, a department-scoped user's
-departments, a vendor's active windows), for every change again. What only the hosts know (guest readiness,
+departments, a vendor's active windows), for every change again; and every ``REFRESH_S`` the caller's
+credentials and permission are checked again, so a session signed out or a user disabled since the stream
+began ends it (``error``) within that time. What only the hosts know (guest readiness,
 the guest agent's report) is not in the store: every ``REFRESH_S`` the whole list is read again and what
 changed is sent (the guest's uptime and heartbeat age, which change every second, do not count as a change).
 
@@ -59,6 +61,8 @@ TRUE = {"1", "true", "t", "yes", "y", "on"}  # what pydantic reads as true
 
 #: For one request: a predicate "may the caller see this VM" (scope and, for a vendor, active windows, as the list).
 Visibility = Callable[[Request], Awaitable[Callable[[VMView], bool]]]
+#: For one request: check its credentials and the route's permission again (raises KasouError when refused now).
+Recheck = Callable[[Request], Awaitable[None]]
 
 
 class WatchRoute(APIRoute):
@@ -109,7 +113,7 @@ class _Changes:
             self._next = None
 
 
-def watch_routes(svc: Callable[[], Services], visibility: Visibility) -> APIRouter:
+def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: Recheck) -> APIRouter:
     r = APIRouter(prefix="/v1", route_class=WatchRoute)
 
     @r.get("/vms", response_class=EventSourceResponse, include_in_schema=False)
@@ -170,6 +174,7 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility) -> APIRout
                         if time.monotonic() < refresh and ev is None:
                             continue
                         refresh = time.monotonic() + REFRESH_S
+                        await recheck(request)
                         now = await shown()
                         for name in sorted(set(sent) | set(now)):
                             out = change(sent, name, now.get(name))
@@ -188,6 +193,7 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility) -> APIRout
 
     @r.get("/events", response_class=EventSourceResponse, include_in_schema=False)
     async def watch_events(
+        request: Request,
         subject: str | None = None,
         severity: Severity | None = None,
         limit: int = Query(200, ge=1, le=5000),
@@ -201,11 +207,15 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility) -> APIRout
                     event="list", data=[e.model_dump(mode="json") for e in first], id="0", retry=RETRY_MS
                 )
                 deadline, n = time.monotonic() + timeout, 0
+                refresh = time.monotonic() + REFRESH_S
                 while (left := deadline - time.monotonic()) > 0:
                     try:
-                        ev = await changes.get(left)
+                        ev = await changes.get(min(left, refresh - time.monotonic()))
                     except StopAsyncIteration:
                         return
+                    if time.monotonic() >= refresh:
+                        refresh = time.monotonic() + REFRESH_S
+                        await recheck(request)
                     if ev is None or ev.kind != "put" or ev.value is None:
                         continue  # a trimmed old event, or a resync: nothing new to show
                     event = Event.model_validate(ev.value)
