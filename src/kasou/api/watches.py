@@ -170,9 +170,13 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: R
                         ev = await changes.get(min(left, refresh - time.monotonic()))
                     except StopAsyncIteration:
                         return
-                    if ev is None or ev.kind == "resync":
-                        if time.monotonic() < refresh and ev is None:
-                            continue
+                    if ev is not None and ev.kind != "resync":
+                        name = ev.key.removeprefix(VMS_PREFIX)
+                        out = change(sent, name, await one(name, ev.kind == "delete"))
+                        if out is not None:
+                            yield out
+                    if (ev is not None and ev.kind == "resync") or time.monotonic() >= refresh:
+                        # also while changes keep coming: what only the hosts know, and the caller's credentials
                         refresh = time.monotonic() + REFRESH_S
                         await recheck(request)
                         now = await shown()
@@ -180,11 +184,6 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: R
                             out = change(sent, name, now.get(name))
                             if out is not None:
                                 yield out
-                        continue
-                    name = ev.key.removeprefix(VMS_PREFIX)
-                    out = change(sent, name, await one(name, ev.kind == "delete"))
-                    if out is not None:
-                        yield out
                 yield ServerSentEvent(event="timeout", data={"after_s": timeout})
             except KasouError as e:  # the store or a host failed mid-stream: say why; the client opens it again
                 yield ServerSentEvent(event="error", data=e.to_dict())
