@@ -33,7 +33,7 @@ from kasou.store import sqlite as sqlite_module
 from kasou.store.etcd import EtcdStore
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, Env, make_fake_image
-from tests.functional.test_maintenance_windows import signed_in
+from tests.functional.test_maintenance_windows import Clock, clock, opened, signed_in  # noqa: F401 - clock: a fixture
 from tests.unit.test_store_contract import etcd_endpoints  # noqa: F401 - the session's etcd (marker etcd)
 
 WAIT_S = 3.0  # a change shows on the stream within this (measured: a few milliseconds)
@@ -298,3 +298,19 @@ def test_a_session_signed_out_ends_its_streams(env: Env, monkeypatch: pytest.Mon
         for stream in (s, e):
             _, event, data = stream.next()
             assert event == "error" and data["code"] == "unauthorized", data
+
+
+def test_a_vendors_stream_follows_their_windows(
+    env: Env,
+    clock: Clock,  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watches_module, "WINDOWED_REFRESH_S", 0.3)  # 5 s in service
+    env.create("lab1", department="lab")
+    vendor = signed_in(env, "v", "vendor", ["lab"])
+    with watching(vendor) as s:
+        assert s.next()[1:] == ("list", [])
+        window = opened(env, vendor, clock, ["lab1"])  # approved, active now: lab1 comes into their view
+        s.until("added", "lab1")
+        clock.now = window["ends_at"] + 1  # it ended: out of their view again
+        s.until("deleted", "lab1")

@@ -18,9 +18,11 @@ VMs (``/v1/vms?watch=true``):
 What the caller may see is decided exactly as for the list (``vm.read``, a department-scoped user's
 departments, a vendor's active windows), for every change again; and every ``REFRESH_S`` the caller's
 credentials and permission are checked again, so a session signed out or a user disabled since the stream
-began ends it (``error``) within that time. What only the hosts know (guest readiness,
-the guest agent's report) is not in the store: every ``REFRESH_S`` the whole list is read again and what
-changed is sent (the guest's uptime and heartbeat age, which change every second, do not count as a change).
+began ends it (``error``) within that time. What only the hosts know (guest readiness, the guest agent's
+report) is not in the store: every ``REFRESH_S`` the whole list is read again and what changed is sent (the
+guest's uptime and heartbeat age, which change every second, do not count as a change). A vendor's stream is
+read again every ``WINDOWED_REFRESH_S`` (as often as the dashboard polled before), since their windows start
+and end with the clock.
 
 Events (``/v1/events?watch=true``): ``list`` (as ``GET /v1/events`` with the same ``subject``, ``severity`` and
 ``limit``), then ``event`` for each new one it would show, then ``timeout``.
@@ -50,10 +52,12 @@ from kasou.control.events import EVENTS_PREFIX, Event, Severity, kept
 from kasou.errors import KasouError, NotFound
 from kasou.model.selection import VMFilter
 from kasou.model.state import VMState
+from kasou.model.users import WINDOW_ROLES
 from kasou.store.base import Watch, WatchEvent
 
 VMS_PREFIX = "vms/"
 REFRESH_S = 30.0  # what only the hosts know is read again this often
+WINDOWED_REFRESH_S = 5.0  # for a vendor, whose reach changes when a maintenance window starts or ends
 RETRY_MS = 2000  # how long an EventSource waits before it opens an ended stream again
 DEFAULT_TIMEOUT_S = 300.0
 VOLATILE = ("uptime_s", "heartbeat_age_s")  # change every second: not a change of the VM
@@ -163,8 +167,10 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: R
                 yield ServerSentEvent(
                     event="list", data=[v.model_dump(mode="json") for v in sent.values()], id="0", retry=RETRY_MS
                 )
+                windowed = getattr(getattr(request.state, "principal", None), "role", None) in WINDOW_ROLES
+                every = WINDOWED_REFRESH_S if windowed else REFRESH_S
                 deadline = time.monotonic() + timeout
-                refresh = time.monotonic() + REFRESH_S
+                refresh = time.monotonic() + every
                 while (left := deadline - time.monotonic()) > 0:
                     try:
                         ev = await changes.get(min(left, refresh - time.monotonic()))
@@ -177,7 +183,7 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: R
                             yield out
                     if (ev is not None and ev.kind == "resync") or time.monotonic() >= refresh:
                         # also while changes keep coming: what only the hosts know, and the caller's credentials
-                        refresh = time.monotonic() + REFRESH_S
+                        refresh = time.monotonic() + every
                         await recheck(request)
                         now = await shown()
                         for name in sorted(set(sent) | set(now)):
