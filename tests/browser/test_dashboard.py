@@ -58,6 +58,8 @@ def test_dashboard_start_a_vm_and_watch_it(
     row = page.locator('#vms tr[data-vm="emr1"]')
     row.wait_for()
     assert row.get_attribute("data-state") == "stopped"
+    # The VM list follows GET /v1/vms?watch=true (server-sent events) instead of polling GET /v1/vms.
+    page.wait_for_selector('[data-vm-stream="live"]', state="attached", timeout=10_000)
     assert "停止" in row.locator(".vm-state").inner_text()
     assert page.locator("#vms-h").inner_text() == "仮想マシン"
     assert page.locator("#hosts tbody tr[data-host]").count() == 1
@@ -90,6 +92,8 @@ def test_dashboard_start_a_vm_and_watch_it(
     shown_running = time.monotonic() - t0
     assert "実行中" in row.locator(".vm-state").inner_text()
     assert any(u.endswith(f"/v1/jobs/{job.get_attribute('data-job')}/events") for u in requested)  # SSE, not polling
+    assert any("/v1/vms?watch=true" in u for u in requested)  # the state came over the VM stream
+    assert sum(u.endswith("/v1/vms") for u in requested) <= 2, requested  # the first refresh only, not every 5 s
 
     # A CPU chart appears once the collector has two samples of the VM (5 s apart).
     page.wait_for_selector('#vms tr[data-vm="emr1"] svg.spark polyline', timeout=60_000)

@@ -49,7 +49,8 @@ CHECKS = [
     response_schema_conformance,
 ]
 # The streams end after ``timeout`` seconds: kept short so a generated 3600 does not hold the run.
-FIXED_QUERY = {"/v1/events/stream": {"timeout": 0.05}, "/v1/jobs/{job_id}/events": {"timeout": 0.05}}
+FIXED_QUERY = {"/v1/events/stream": {"timeout": 0.05}, "/v1/jobs/{job_id}/events": {"timeout": 0.05},
+               "/v1/vms": {"timeout": 0.05}, "/v1/events": {"timeout": 0.05}}  # fmt: skip
 PW = "auditor password 1"
 
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route, WebSocketRoute
 
@@ -34,7 +35,7 @@ def app_routes(app: Any) -> list[tuple[str, str]]:
                 out.append(("WS", prefix + r.path))
             elif isinstance(r, Mount):
                 out.append(("PAGE", prefix + r.path))
-            elif type(r).__name__ == "APIRoute":
+            elif isinstance(r, APIRoute):  # also kasou.api.watches.WatchRoute
                 out.extend((m, prefix + r.path) for m in sorted(r.methods - {"HEAD"}))
             elif isinstance(r, Route):
                 out.append(("PAGE", prefix + r.path))

@@ -39,6 +39,7 @@ from kasou.api.snapshots import snapshot_router
 from kasou.api.storage import storage_routes
 from kasou.api.transfers import transfer_routes
 from kasou.api.users import user_routes
+from kasou.api.watches import DEFAULT_TIMEOUT_S, vm_filter, watch_routes
 from kasou.api.windows import create_window, vendor_reach, window_for, window_routes
 from kasou.config import vendor_max_priority
 from kasou.control.events import Event, Severity
@@ -50,7 +51,7 @@ from kasou.control.vms import VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
 from kasou.model.selection import VMFilter
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
-from kasou.model.state import Action, VMState
+from kasou.model.state import Action
 from kasou.peers import KasouPeers, forwarded, registry_names
 from kasou.web import SecurityHeaders, web_routes
 from kasou.wire import install_error_handlers
@@ -83,6 +84,17 @@ class ClusterView(BaseModel):
     leader: str | None  # the host whose control plane is active
     hosts: list[str]  # hosts that are up
 
+
+#: A server-sent event as OpenAPI 3.2 describes one (FastAPI's own schema for them, kasou.api.watches).
+SSE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
 
 PowerAction = Action  # the path parameter; delete and template have their own routes
 
@@ -259,18 +271,27 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             rows.append(uptime_row(vm.name, await svc().vms.history(vm.name)))
         return rows
 
-    @v1.get("/vms")
+    async def visibility(request: Request) -> Callable[[VMView], bool]:
+        """Which VMs the principal sees: their departments' (scoped users); a vendor's, those an active window of
+        theirs grants vm.read on. The one rule of the list and of its watch (kasou.api.watches)."""
+        p = me(request)
+        reach = await vendor_reach(svc(), p)
+        return lambda v: p.sees(v.department) and (reach is None or bool(reach.covers(v.uuid, "vm.read")))
+
+    @v1.get("/vms", responses={200: {"content": {"text/event-stream": {"schema": SSE_SCHEMA}},
+                                     "description": "the VMs; with watch=true: list, then added, modified, deleted, "
+                                                    "timeout events (kasou.api.watches)"}})  # fmt: skip
     async def list_vms(
-        request: Request, state: VMState | None = None, host: str | None = None, department: str | None = None,
-        tag: list[str] = Query([]),
+        request: Request, f: VMFilter = Depends(vm_filter), watch: bool = False,
+        timeout: float = Query(DEFAULT_TIMEOUT_S, gt=0, le=3600),
     ) -> list[VMView]:  # fmt: skip
         """Every VM; a vendor's: their departments' VMs named by an active window of theirs that grants vm.read.
-        Filters (kasou.api.bulk): ``state``, ``host``, ``department``, ``tag`` (repeated: VMs with all of them)."""
-        f = VMFilter(state=state, host=host, department=department, tags=tag)
-        f.check()
-        reach = await vendor_reach(svc(), me(request))
-        return keep([v for v in await svc().vms.list_all() if me(request).sees(v.department)
-                     and (reach is None or reach.covers(v.uuid, "vm.read"))], f)  # fmt: skip
+        Filters (kasou.api.bulk): ``state``, ``host``, ``department``, ``tag`` (repeated: VMs with all of them).
+        ``watch=true``: a stream of server-sent events instead (the list, then each change, for ``timeout``
+        seconds; ``kasou.api.watches``)."""
+        del watch, timeout  # a watch is answered by kasou.api.watches, routed there before this route
+        sees = await visibility(request)
+        return keep([v for v in await svc().vms.list_all() if sees(v)], f)
 
     def check_priority_ceiling(p: Principal, priority: int) -> None:
         """A vendor's VMs go no higher in the HA restart order than the ceiling (KASOU_VENDOR_MAX_PRIORITY)."""
@@ -364,11 +385,17 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         """Refused (409) while a VM has a NIC on it."""
         return await svc().networks.delete(name)
 
-    @v1.get("/events")
+    @v1.get("/events", responses={200: {"content": {"text/event-stream": {"schema": SSE_SCHEMA}},
+                                        "description": "the events; with watch=true: list, then event and timeout "
+                                                       "events (kasou.api.watches)"}})  # fmt: skip
     async def list_events(
-        subject: str | None = None, severity: Severity | None = None, limit: int = Query(200, ge=1, le=5000)
-    ) -> list[Event]:
-        """What an operator must hear of (degraded disks, pools low on space, failed backups), oldest first."""
+        subject: str | None = None, severity: Severity | None = None, limit: int = Query(200, ge=1, le=5000),
+        watch: bool = False, timeout: float = Query(DEFAULT_TIMEOUT_S, gt=0, le=3600),
+    ) -> list[Event]:  # fmt: skip
+        """What an operator must hear of (degraded disks, pools low on space, failed backups), oldest first.
+        ``watch=true``: a stream of server-sent events instead (the list, then each new event, for ``timeout``
+        seconds; ``kasou.api.watches``)."""
+        del watch, timeout  # a watch is answered by kasou.api.watches
         return await svc().vms.events.list(subject, severity, limit)
 
     @v1.get("/events/active")
@@ -423,6 +450,15 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     v1.include_router(balance_routes(svc))  # /v1/cluster/balance: the load balancer
     v1.include_router(transfer_routes(svc))  # vm import and export
     v1.include_router(notify_routes(svc))  # /v1/notify: mail, webhooks, syslog (kasou.control.notify)
+
+    async def recheck(request: Request) -> None:
+        """A long stream's credentials and permission, checked again (a session signed out since: refused)."""
+        request.state.principal = None
+        await route_permission(request)
+
+    app.include_router(
+        watch_routes(svc, visibility, recheck)
+    )  # ?watch=true on /v1/vms and /v1/events: before the plain ones
     app.include_router(v1)
     app.include_router(live_routes(svc, principal))  # server-sent events: job progress, operator events
     app.include_router(metrics_routes(svc, principal))  # /metrics (Prometheus), /v1/metrics, /v1/metrics/history

@@ -60,6 +60,13 @@ def severity_at_least(severity: Severity, minimum: Severity) -> bool:
     return SEVERITIES.index(severity) >= SEVERITIES.index(minimum)
 
 
+def kept(ev: Event, subject: str | None, severity: Severity | None) -> bool:
+    """Whether :meth:`Events.list` with ``subject`` and ``severity`` (at least) keeps ``ev``."""
+    if subject is not None and ev.subject != subject:
+        return False
+    return severity is None or severity_at_least(ev.severity, severity)
+
+
 _LOG_LEVEL = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
@@ -114,15 +121,11 @@ class Events:
 
     async def list(self, subject: str | None = None, severity: Severity | None = None, limit: int = 200) -> list[Event]:
         """The latest ``limit`` events, oldest first, optionally of one subject or at least one severity."""
-        order = list(SEVERITIES)
         out = []
         for e in await self.store.range(EVENTS_PREFIX):
             ev = Event.model_validate(e.value)
-            if subject is not None and ev.subject != subject:
-                continue
-            if severity is not None and order.index(ev.severity) < order.index(severity):
-                continue
-            out.append(ev)
+            if kept(ev, subject, severity):
+                out.append(ev)
         return out[-limit:]
 
     async def _trim(self) -> None:

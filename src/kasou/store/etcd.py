@@ -62,7 +62,8 @@ from typing import Any, Literal
 import httpx
 
 from kasou.errors import StoreConflict, StoreError
-from kasou.store.base import Entry, Store
+from kasou.store.base import Entry, Store, Watch
+from kasou.store.etcdwatch import EtcdWatch
 
 # gRPC codes the gateway reports that mean "this member cannot serve now, another may".
 _UNAVAILABLE = 14
@@ -215,7 +216,8 @@ class EtcdStore(Store):
     def _key(self, key: str) -> str:
         return _b64(self._pfx + key.encode())
 
-    def _entry(self, kv: dict[str, Any]) -> Entry:
+    def entry(self, kv: dict[str, Any]) -> Entry:
+        """The :class:`Entry` of an etcd ``KeyValue`` (base64 key and value, this store's prefix taken off)."""
         raw = _unb64(kv.get("key"))
         key = raw[len(self._pfx) :].decode()
         try:
@@ -230,7 +232,8 @@ class EtcdStore(Store):
     def _value(value: dict[str, Any]) -> str:
         return _b64(json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode())
 
-    def _prefix_range(self, prefix: str) -> dict[str, str]:
+    def prefix_range(self, prefix: str) -> dict[str, str]:
+        """The base64 ``key`` and ``range_end`` that select every key under ``prefix`` (in this store)."""
         full = self._pfx + prefix.encode()
         return {"key": _b64(full or b"\0"), "range_end": _b64(range_end(full))}
 
@@ -244,13 +247,13 @@ class EtcdStore(Store):
     async def get(self, key: str) -> Entry | None:
         reply = await self._call("kv/range", {"key": self._key(key)})
         kvs = reply.get("kvs") or []
-        return self._entry(kvs[0]) if kvs else None
+        return self.entry(kvs[0]) if kvs else None
 
     async def range(self, prefix: str) -> list[Entry]:
         reply = await self._call(
-            "kv/range", {**self._prefix_range(prefix), "sort_order": "ASCEND", "sort_target": "KEY"}
+            "kv/range", {**self.prefix_range(prefix), "sort_order": "ASCEND", "sort_target": "KEY"}
         )
-        return [self._entry(kv) for kv in reply.get("kvs") or []]
+        return [self.entry(kv) for kv in reply.get("kvs") or []]
 
     async def put(
         self, key: str, value: dict[str, Any], expect_rev: int | None = None, *, lease: int | None = None
@@ -298,11 +301,15 @@ class EtcdStore(Store):
         raise StoreConflict(f"{key} changed concurrently", key=key)
 
     async def delete_prefix(self, prefix: str) -> int:
-        reply = await self._call("kv/deleterange", self._prefix_range(prefix), retry="never")
+        reply = await self._call("kv/deleterange", self.prefix_range(prefix), retry="never")
         return _int(reply.get("deleted"))
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    def watch(self, prefix: str) -> Watch:
+        """An etcd watch (``/v3/watch``) on ``prefix``: :class:`kasou.store.etcdwatch.EtcdWatch`."""
+        return EtcdWatch(self, prefix)
 
     # -- leases ----------------------------------------------------------------------------------------
 
@@ -390,7 +397,7 @@ class EtcdStore(Store):
             return True
         kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
         return bool(
-            kvs and _int(kvs[0].get("lease")) == lease_id and self._entry(kvs[0]).value.get("leader") == candidate
+            kvs and _int(kvs[0].get("lease")) == lease_id and self.entry(kvs[0]).value.get("leader") == candidate
         )
 
     async def leader(self, name: str) -> str | None:

@@ -1,6 +1,8 @@
 // The operators' dashboard: hosts, VMs, storage and desktop pools, jobs and events; actions with live job progress;
 // small charts of the last minutes (GET /v1/metrics/history); each VM's backups and its latest restore drill
-// (GET /v1/backups/status); vendors' maintenance windows (windows.js). Refreshes itself every few seconds.
+// (GET /v1/backups/status); vendors' maintenance windows (windows.js). The VM list follows GET /v1/vms?watch=true
+// (server-sent events: each change as it happens); the rest refreshes every few seconds. If the stream fails, the
+// VM list is read with the rest again (every REFRESH_MS) until the stream can be opened again.
 import { get, post } from "/ui/api.js";
 import { lang, t } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
@@ -9,12 +11,15 @@ import { trackJob } from "/ui/jobs-live.js";
 import { renderWindows, setupWindows, windowsCard } from "/ui/windows.js";
 
 const REFRESH_MS = 5000;
+const LIVE_REFRESH_MS = 15000; // while the VM list streams: hosts, charts, jobs, ...
+const STREAM_RETRY_MS = 30000; // after a failed stream: polling until then
 const HEARTBEAT_FRESH_S = 5;
 let root = null;
 let who = null;
 let timer = null;
 let busy = false;
 let again = false; // a refresh was asked for while one ran
+let vmStream = null; // the EventSource of GET /v1/vms?watch=true, once its list has come
 const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null, backups: null,
   windows: null };
 
@@ -110,16 +115,59 @@ export async function showDashboard(el, me) {
   el.querySelector("#refresh").onclick = () => refresh();
   el.addEventListener("click", onClick);
   await refresh();
+  watchVms();
   listenEvents();
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refresh();
   });
 }
 
-// Operator events (a degraded disk, a pool low on space, ...) refresh the page at once (GET /v1/events/stream).
+// The VM list as it changes (GET /v1/vms?watch=true): first the whole list, then added, modified and deleted VMs.
+// The stream is bounded (timeout): the next one is opened at once. On a failure the dashboard polls again.
+function watchVms() {
+  if (!window.EventSource || !can("vm.read")) return;
+  const es = new EventSource("/v1/vms?watch=true&timeout=600");
+  const apply = (fn) => (ev) => {
+    fn(JSON.parse(ev.data));
+    render();
+  };
+  es.addEventListener(
+    "list",
+    apply((vms) => {
+      data.vms = vms;
+      vmStream = es;
+      root.dataset.vmStream = "live"; // for the browser tests and anyone curious
+    }),
+  );
+  const put = (v) => {
+    const i = data.vms.findIndex((x) => x.name === v.name);
+    if (i >= 0) data.vms[i] = v;
+    else data.vms = [...data.vms, v].sort((a, b) => (a.name < b.name ? -1 : 1));
+  };
+  es.addEventListener("added", apply(put));
+  es.addEventListener("modified", apply(put));
+  es.addEventListener("deleted", apply((v) => (data.vms = data.vms.filter((x) => x.name !== v.name))));
+  let over = false;
+  const ended = (retryMs) => {
+    if (over) return;
+    over = true;
+    es.close();
+    if (vmStream === es) vmStream = null;
+    root.dataset.vmStream = "polling";
+    if (retryMs) {
+      refresh(); // poll meanwhile
+      setTimeout(watchVms, retryMs);
+    } else watchVms();
+  };
+  es.addEventListener("timeout", () => ended(0));
+  // The connection failed (the server restarts, the session ended) or the server sent an "error" event.
+  es.onerror = () => ended(STREAM_RETRY_MS);
+}
+
+// Operator events (a degraded disk, a pool low on space, ...) refresh the page at once (GET /v1/events?watch=true).
 function listenEvents() {
   if (!window.EventSource || !can("read")) return;
-  const es = new EventSource("/v1/events/stream?timeout=600");
+  const es = new EventSource("/v1/events?watch=true&limit=12&timeout=600");
   es.addEventListener("event", () => refresh());
   es.addEventListener("timeout", () => {
     es.close();
@@ -147,7 +195,7 @@ async function refresh() {
     const windows = can("vm.read") ? get("/v1/maintenance-windows").catch(() => null) : Promise.resolve(null);
     const [hosts, vms, uptime, pools, desktops, jobs, events, hist, records, backups, mw] = await Promise.all([
       all("/v1/hosts", []),
-      get("/v1/vms"),
+      vmStream ? Promise.resolve(data.vms) : get("/v1/vms"), // streamed: watchVms keeps it
       get("/v1/reports/uptime"),
       can("read") ? soft(get("/v1/pools"), []) : Promise.resolve([]),
       can("read") ? soft(get("/v1/desktop-pools"), null) : Promise.resolve(null),
@@ -170,7 +218,7 @@ async function refresh() {
     root.querySelector("#dash-error").textContent = `${t("dash.failed")}: ${e.message}`;
   } finally {
     busy = false;
-    timer = setTimeout(refresh, again ? 200 : REFRESH_MS);
+    timer = setTimeout(refresh, again ? 200 : vmStream ? LIVE_REFRESH_MS : REFRESH_MS);
   }
 }
 
