@@ -266,14 +266,14 @@ def host_maintenance(
     c = client()
     res = c.post(f"/v1/hosts/{name}/maintenance", params={"on": not off})
     if off or not res["job"]:
-        if v.table:
+        if v.human:
             say(f"host {name}: back in service" if off else f"host {name}: in maintenance")
         else:
             render_one({"host": name, "maintenance": not off}, [Col("host"), Col("maintenance")], View(v.format))
         return
     job = act(c, res["job"], f"emptying {name}", v, wait, timeout=3600,
               queued=lambda j: f"host {name}: entering maintenance (job {j['id']})")  # fmt: skip
-    if job is not None:
+    if job is not None and v.human:
         result = job.get("result") or {}
         moved = result.get("moved", [])
         retried = result.get("retried") or {}
@@ -324,7 +324,7 @@ def job_wait(
     v = view(output, column, as_json, JOB_COLS)
     c = client()
     job = act(c, c.get(f"/v1/jobs/{job_id}"), f"job {job_id}", v, timeout=timeout)
-    if job is not None:
+    if job is not None and v.human:
         say(f"job {job_id}: {job['state']}")
 
 

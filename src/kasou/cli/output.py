@@ -33,7 +33,7 @@ A command that starts a job (see :func:`act`)::
         v = view(output, column, as_json, JOB_COLS)
         c = client()
         job = act(c, c.post(f"/v1/vms/{name}/actions/start")["job"], f"starting {name}", v, wait)
-        if job is not None:  # waited, and the table format: the usual line
+        if job is not None and v.human:  # it waited, and json/yaml/value/-c printed the job already
             say(f"vm {name}: {(job.get('result') or {}).get('state')}")
 
 It waits by default with a progress bar; ``-o json`` prints the finished job; ``--no-wait`` prints the job
@@ -155,6 +155,11 @@ class View:
     @property
     def table(self) -> bool:
         return self.format == "table"
+
+    @property
+    def human(self) -> bool:
+        """The table format with no column asked for: the command's usual lines for people."""
+        return self.format == "table" and not self.columns
 
     def check(self, cols: Sequence[Col]) -> None:
         """An unknown column is a usage error (exit 2) that lists the valid ones."""
@@ -303,12 +308,12 @@ def act(
 ) -> dict[str, Any] | None:  # fmt: skip
     """Follow a job the API accepted: a progress bar while it runs (on stderr unless the table format).
 
-    Returns the finished job when the command should now say what happened in its own words (the table
-    format, it waited, no -c); else prints the job itself and returns None: with ``--no-wait`` at once (the
-    table format: ``queued(job)``, default ``TITLE: job ID``; ``-o value``: the id alone), else when it ended.
-    A job that failed raises its error (its exit code); with -o json/yaml the failed job is printed first."""
+    Returns the finished job, or None with ``--no-wait``. Unless ``v.human`` (the table format, no -c: the
+    command then says what happened in its own words), it prints the job itself: the finished one, or with
+    ``--no-wait`` the job at once (``-o value``: its id alone; the table format: ``queued(job)``, by default
+    ``TITLE: job ID``). A job that failed raises its error (its exit code); -o json/yaml print it first."""
     if not wait:
-        if v.table and not v.columns:
+        if v.human:
             say(queued(job) if queued is not None else f"{title}: job {job['id']}")
         else:
             render_one(job, JOB_COLS, v, default=["id"])
@@ -320,7 +325,6 @@ def act(
             with contextlib.suppress(KasouError):  # the job's own error is the one to report
                 render_one(c.get(f"/v1/jobs/{job['id']}"), JOB_COLS, v)
         raise
-    if v.table and not v.columns:
-        return done
-    render_one(done, JOB_COLS, v, default=["id"])
-    return None
+    if not v.human:
+        render_one(done, JOB_COLS, v, default=["id"])
+    return done
