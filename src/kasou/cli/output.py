@@ -93,7 +93,7 @@ def exit_code(e: KasouError) -> int:
 class KasouGroup(TyperGroup):
     """The root group: a kasou error anywhere below is one line on stderr and its exit code."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer.Context: typer declares click's own
         try:
             return super().invoke(ctx)
         except KasouError as e:
