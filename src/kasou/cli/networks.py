@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, out, parse_int, print_json
+from kasou.cli.common import client, fail, out, parse_int
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, view
 from kasou.model.names import validate_name
 
 network_app = typer.Typer(
@@ -61,20 +61,25 @@ def network_set(
     out.print(f"network {name}: for {who}", markup=False, highlight=False)
 
 
+def _vms(n: dict[str, Any]) -> str:
+    return (", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")) or "-"
+
+
+NET_COLS = [
+    Col("name"),
+    Col("vlan", "VLAN", lambda n: "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])),
+    Col("departments", text=lambda n: ", ".join(n.get("departments") or []) or "all"),
+    Col("vms", "VMs", _vms),
+    Col("description", text=lambda n: n["description"]),
+    Col("isolated", hidden=True),
+]
+
+
 @network_app.command("list")
-def network_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def network_list(output: str = OUTPUT, column: list[str] = columns(NET_COLS), as_json: bool = JSON) -> None:
     """The networks, their VLANs and the VMs on each (user, QEMU's NAT, is always there)."""
-    nets = client().get("/v1/networks")
-    if as_json:
-        print_json(nets)
-        return
-    t = Table("name", "VLAN", "departments", "VMs", "description")
-    for n in nets:
-        vms = ", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")
-        deps = ", ".join(n.get("departments") or []) or "all"
-        vlan = "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])
-        t.add_row(n["name"], vlan, deps, vms or "-", n["description"])
-    out.print(t)
+    v = view(output, column, as_json, NET_COLS)
+    render(client().get("/v1/networks"), NET_COLS, v)
 
 
 @network_app.command("delete")

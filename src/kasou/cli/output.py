@@ -138,6 +138,11 @@ class Col:
         return self.text(row) if self.text is not None else text_of(self.get(row))
 
 
+def cols(*keys: str, hidden: Iterable[str] = ()) -> list[Col]:
+    """Plain columns by their keys (``hidden``: selectable with -c, not shown by default)."""
+    return [Col(k) for k in keys] + [Col(k, hidden=True) for k in hidden]
+
+
 def columns(cols: Sequence[Col]) -> Any:
     """The ``-c/--column`` option with the command's column names in its help."""
     names = ", ".join(c.key for c in cols)

@@ -6,9 +6,9 @@ import sys
 import time
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, out, print_json, say
+from kasou.cli.common import client, fail, say
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, view
 from kasou.model.names import validate_name
 
 user_app = typer.Typer(help="Users of the API, the web UI and the desktop portal: admin, operator, vendor, auditor, "
@@ -45,18 +45,19 @@ def user_create(
     say(f"user {u['name']}: created ({u['role']})")
 
 
+USER_COLS = [
+    Col("name"), Col("role"), Col("source", text=lambda u: u.get("source", "local")),
+    Col("display_name", "display name", lambda u: u["display_name"]), Col("pools", "desktop pools"),
+    Col("departments"), Col("totp", "TOTP", lambda u: "on" if u.get("totp") else ""),
+    Col("locked", text=lambda u: "yes" if u["locked"] else ""), Col("created_at", hidden=True),
+]  # fmt: skip
+
+
 @user_app.command("list")
-def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    users = client().get("/v1/users")
-    if as_json:
-        print_json(users)
-        return
-    t = Table("name", "role", "source", "display name", "desktop pools", "departments", "TOTP", "locked")
-    for u in users:
-        t.add_row(u["name"], u["role"], u.get("source", "local"), u["display_name"], ", ".join(u["pools"]) or "-",
-                  ", ".join(u.get("departments", [])) or "-", "on" if u.get("totp") else "",
-                  "yes" if u["locked"] else "")  # fmt: skip
-    out.print(t)
+def user_list(output: str = OUTPUT, column: list[str] = columns(USER_COLS), as_json: bool = JSON) -> None:
+    """The users: role, where they sign in from (local or the directory), second factor, locked."""
+    v = view(output, column, as_json, USER_COLS)
+    render(client().get("/v1/users"), USER_COLS, v)
 
 
 @user_app.command("delete")
@@ -129,19 +130,20 @@ def token_create(
     say(t["token"])
 
 
+TOKEN_COLS = [
+    Col("id"), Col("label", text=lambda x: x["label"]), Col("created_at", "created", lambda x: _when(x["created_at"])),
+    Col("expires_at", "expires", lambda x: _when(x["expires_at"])),
+    Col("last_used", "last used", lambda x: _when(x["last_used"])),
+    Col("expired", "state", lambda x: "expired" if x["expired"] else "valid"), Col("user", hidden=True),
+]  # fmt: skip
+
+
 @token_app.command("list")
-def token_list(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def token_list(name: str, output: str = OUTPUT, column: list[str] = columns(TOKEN_COLS), as_json: bool = JSON) -> None:
     """A user's API tokens (never the tokens themselves)."""
+    v = view(output, column, as_json, TOKEN_COLS)
     validate_name(name, "user")
-    tokens = client().get(f"/v1/users/{name}/tokens")
-    if as_json:
-        print_json(tokens)
-        return
-    t = Table("id", "label", "created", "expires", "last used", "state")
-    for x in tokens:
-        t.add_row(x["id"], x["label"], _when(x["created_at"]), _when(x["expires_at"]), _when(x["last_used"]),
-                  "expired" if x["expired"] else "valid")  # fmt: skip
-    out.print(t)
+    render(client().get(f"/v1/users/{name}/tokens"), TOKEN_COLS, v)
 
 
 @token_app.command("revoke")
