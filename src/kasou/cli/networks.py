@@ -6,14 +6,28 @@ from typing import Any
 
 import typer
 
-from kasou.cli.common import client, fail, out, parse_int
-from kasou.cli.output import JSON, OUTPUT, Col, columns, render, view
+from kasou.cli.common import client, fail, out, parse_int, say
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, render_one, view
 from kasou.model.names import validate_name
 
 network_app = typer.Typer(
     help="VM networks (segments such as clinical, imaging, mgmt): a bridge per host, optionally on an 802.1Q VLAN.",
     no_args_is_help=True,
 )
+
+
+def _vms(n: dict[str, Any]) -> str:
+    return (", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")) or "-"
+
+
+NET_COLS = [
+    Col("name"),
+    Col("vlan", "VLAN", lambda n: "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])),
+    Col("departments", text=lambda n: ", ".join(n.get("departments") or []) or "all"),
+    Col("vms", "VMs", _vms),
+    Col("description", text=lambda n: n["description"]),
+    Col("isolated", hidden=True),
+]
 
 
 @network_app.command("create")
@@ -27,8 +41,12 @@ def network_create(
     isolated: bool = typer.Option(
         False, "--isolated", help="Never connected to the hosts' uplink: its VMs reach only each other on a host."
     ),
+    output: str = OUTPUT,
+    column: list[str] = columns(NET_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Define a network. Hosts make its bridge (kb-NAME) when a VM on it starts there."""
+    v = view(output, column, as_json, NET_COLS)
     body: dict[str, Any] = {"name": name, "description": description, "isolated": isolated}
     if vlan is not None:
         body["vlan"] = parse_int(vlan, "vlan")
@@ -36,7 +54,7 @@ def network_create(
         body["departments"] = list(department)
     n = client().post("/v1/networks", json=body)
     where = "isolated: no uplink" if n.get("isolated") else f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
-    out.print(f"network {n['name']}: created ({where}{_for_departments(n)})", markup=False, highlight=False)
+    render_one(n, NET_COLS, v, human=lambda: say(f"network {n['name']}: created ({where}{_for_departments(n)})"))
 
 
 def _for_departments(n: dict[str, Any]) -> str:
@@ -59,20 +77,6 @@ def network_set(
     n = client().patch(f"/v1/networks/{name}", json={"departments": None if every else list(department)})
     who = "every department" if n["departments"] is None else f"departments {', '.join(n['departments'])} only"
     out.print(f"network {name}: for {who}", markup=False, highlight=False)
-
-
-def _vms(n: dict[str, Any]) -> str:
-    return (", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")) or "-"
-
-
-NET_COLS = [
-    Col("name"),
-    Col("vlan", "VLAN", lambda n: "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])),
-    Col("departments", text=lambda n: ", ".join(n.get("departments") or []) or "all"),
-    Col("vms", "VMs", _vms),
-    Col("description", text=lambda n: n["description"]),
-    Col("isolated", hidden=True),
-]
 
 
 @network_app.command("list")

@@ -405,9 +405,13 @@ def vm_set(
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (applied at its next start)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (applied at its next start)."),
     tags: list[str] = typer.Option(None, "--tag", help="Its tags, all of them (repeat; kasou vm tag add|remove)."),
+    output: str = OUTPUT,
+    column: list[str] = columns(VM_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Change a VM's HA setting, restart priority, description, department, start at host boot, or its vCPUs and
     memory (at its next start)."""
+    view_ = view(output, column, as_json, VM_COLS)
     body: dict[str, Any] = {}
     if (startup := startup_body(onboot, order, delay)) is not None:
         body["startup"] = startup
@@ -430,6 +434,9 @@ def vm_set(
     if tags:
         body["tags"] = list(tags)
     v = client().patch(f"/v1/vms/{name}", json=body)
+    if not view_.human:
+        render_one(v, VM_COLS, view_)
+        return
     if vcpus is not None or memory is not None:
         say_sizes(v)
         if set(body) <= {"vcpus", "memory_mib"}:
