@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,3 +110,34 @@ def test_exit_codes(env: Env, run: Run) -> None:
     job_id = run("vm", "shutdown", "a", "--timeout", "2", "--no-wait", "-o", "value").strip()
     run("job", "wait", job_id, "--timeout", "0.2", code=5)  # not ended in time
     run("job", "wait", job_id, "--timeout", "10")  # stopped hard after its 2 s
+
+
+def test_audit_export_writes_its_file_with_to_and_still_with_output(env: Env, run: Run, tmp_path: Path) -> None:
+    env.create("a")  # something in the audit log
+    records = json.loads(run("audit", "export"))["records"]
+    assert records
+    assert yaml.safe_load(run("audit", "export", "-o", "yaml"))["records"] == records
+    assert "records written to" in run("audit", "export", "--to", str(tmp_path / "a.json"))
+    assert json.loads((tmp_path / "a.json").read_text())["records"] == records
+    run("audit", "export", "--output", str(tmp_path / "b.json"))  # the old --output FILE
+    assert json.loads((tmp_path / "b.json").read_text())["records"] == records
+    run("audit", "export", "-o", str(tmp_path / "c.csv"), "--format", "csv")
+    assert (tmp_path / "c.csv").read_text().count("\n") == len(records) + 1
+    run("audit", "export", "--to", "x", "--output", "y", code=2)
+
+
+def test_other_lists_and_shows(env: Env, run: Run) -> None:
+    env.create("a")
+    env.act("a", "start")
+    events = [ln.split("\t") for ln in run("vm", "history", "a", "-o", "value", "-c", "event").splitlines()]
+    assert events == [["defined"], ["started"]]
+    assert "started" in run("vm", "history", "a")  # the usual lines
+    jobs = run("job", "list", "-o", "value", "-c", "kind", "-c", "state").splitlines()
+    assert "start\tsucceeded" in jobs
+    assert json.loads(run("host", "list", "-o", "json", "-c", "name"))[0] == {"name": "host1"}
+    assert run("cluster", "-o", "value", "-c", "clustered") == "false\n"
+    assert json.loads(run("network", "create", "clinical", "--vlan", "10", "-o", "json"))["vlan"] == 10
+    assert yaml.safe_load(run("network", "list", "-o", "yaml", "-c", "name", "-c", "vlan")) == [
+        {"name": "clinical", "vlan": 10}
+    ]
+    assert json.loads(run("report", "uptime", "--json"))[0]["name"] == "a"
