@@ -46,6 +46,7 @@ def client(timeout: float = 30.0) -> Client:
 
 
 def print_json(data: Any) -> None:
+    """JSON on stdout, plain. A command's data goes through :func:`kasou.cli.output.render` instead (-o, -c)."""
     # Plain print: machine output must not be wrapped or coloured.
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
