@@ -3,9 +3,10 @@
 #   /opt/kasou          a virtual environment (Debian's python3.11) with the wheel of this checkout
 #                       and its dependencies from the Python package index (pip's cache makes a
 #                       rebuild fast); /usr/bin/kasou links to its command
-#   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-backup-server.service
+#   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-guests.service, kasou-backup-server.service
 #   /etc/kasou          kasou.env (the services' settings, commented) and backup-server.env
 #   /usr/share/doc/kasou the README and docs/
+#   /usr/share/man/man1 kasou.1.gz and a page per command (kasou man)
 # Usage: scripts/build-deb.sh [OUTDIR]   (default: dist/). Prints the path of the .deb.
 # KASOU_DEB_REVISION (default 1) is the Debian revision; KASOU_DEB_PYTHON the interpreter
 # (default /usr/bin/python3, Debian's: the package depends on it). Needs no root.
@@ -50,6 +51,11 @@ fi
 
 install -d "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/kasou" "$root/usr/share/doc/kasou/docs"
 ln -s /opt/kasou/bin/kasou "$root/usr/bin/kasou"
+# The manual pages, generated from the command line itself (man kasou, man kasou-vm-start), compressed as
+# Debian's policy asks (gzip -n: no time stamp, so a rebuild gives the same files).
+install -d "$root/usr/share/man/man1"
+PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m kasou man --out "$root/usr/share/man/man1" >/dev/null
+gzip -9n "$root"/usr/share/man/man1/*.1
 install -m 0644 packaging/systemd/*.service "$root/lib/systemd/system/"
 install -m 0644 packaging/kasou.env packaging/backup-server.env "$root/etc/kasou/"
 install -m 0644 README.md "$root/usr/share/doc/kasou/"

@@ -21,9 +21,12 @@ if [ $# -gt 0 ]; then
   exec pytest -p no:cacheprovider -rfEs --durations=30 "$@"
 fi
 # The whole suite in two parts. The unit, functional and contract tests (fakes, in-process) run two at a time
-# (pytest-xdist, one worker per core); then the tests of real parts (QEMU guests, etcd, directory servers,
-# Chromium, the Debian package) one at a time, alone on the machine, as their timings (HA leases, boots) expect.
-echo "== pytest: unit, functional and contract tests (two at a time)"
-pytest -p no:cacheprovider -rfEs --durations=15 -n 2 -m "not scenario and not qemu and not etcd and not directory and not deb"
-echo "== pytest: real QEMU, etcd, directory servers, Chromium, the Debian package (one at a time)"
-exec pytest -p no:cacheprovider -rfEs --durations=40 -m "not scenario and (qemu or etcd or directory or deb)"
+# (pytest-xdist, one worker per core), and with them the real-part tests that boot no guest and depend on no
+# timing (marker shares_machine: the directory servers, the Debian package, a kasou without guests). A file's
+# tests go to one worker (--dist loadfile), so a file's servers and package are set up once. Then the tests of real parts (QEMU guests, etcd,
+# Chromium) one at a time, alone on the machine, as their timings (HA leases, boots) expect.
+echo "== pytest: unit, functional and contract tests, and real parts that share the machine (two at a time)"
+pytest -p no:cacheprovider -rfEs --durations=15 -n 2 --dist loadfile \
+  -m "not scenario and (shares_machine or not (qemu or etcd or directory or deb))"
+echo "== pytest: real QEMU, etcd, Chromium (one at a time)"
+exec pytest -p no:cacheprovider -rfEs --durations=40 -m "not scenario and (qemu or etcd or directory or deb) and not shares_machine"

@@ -39,8 +39,11 @@ class Dir:
         return self.make(s)
 
 
+REAL = [pytest.mark.directory, pytest.mark.shares_machine]  # the real servers (beside the fast tests)
+
+
 def _params(kinds: list[str]) -> list[object]:
-    return [pytest.param(k, marks=[pytest.mark.directory] if k != "fake" else []) for k in kinds]
+    return [pytest.param(k, marks=REAL if k != "fake" else []) for k in kinds]
 
 
 @pytest.fixture

@@ -70,3 +70,19 @@ def test_startup_settings_are_checked_and_changed_with_vm_set(env: Env) -> None:
     assert r.status_code == 200 and r.json()["startup"] == {"onboot": True, "order": 5, "delay_s": 30}, r.text
     r = env.api.patch("/v1/vms/x", json={"startup": {"onboot": False}})
     assert r.json()["startup"]["onboot"] is False
+
+
+def test_after_a_power_cut_the_vms_of_one_order_start_in_parallel_and_a_failure_is_an_event(env: Env) -> None:
+    """Not one at a time: the host's VMs of one start-up order start as one bulk start (its groups in the job's
+    result); one that does not start is a critical event naming it and why, and the others still start."""
+    env.create("db", start=True, startup={"onboot": True, "order": 1})
+    for n in ("ris", "pacs", "lab"):
+        env.create(n, start=True, startup={"onboot": True, "order": 2})
+    env.driver.fail_next_start = "no room for its memory"  # the first start after the boot: db's
+    boot_host(env)
+    wait_states(env, {"db": "crashed", "ris": "running", "pacs": "running", "lab": "running"})
+    bulk = [j for j in env.api.get("/v1/jobs").json() if j.get("kind") == "bulk-start"]
+    assert bulk and bulk[0]["result"]["groups"] == [["db"], ["lab", "pacs", "ris"]], bulk
+    failed = [e for e in env.api.get("/v1/events").json() if e["kind"] == "vm_onboot_failed"]
+    assert len(failed) == 1 and failed[0]["subject"] == "vm/db" and "no room" in failed[0]["message"], failed
+    assert failed[0]["severity"] == "critical"

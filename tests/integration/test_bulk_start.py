@@ -38,9 +38,16 @@ def test_vm_start_by_tag_starts_several_vms_in_parallel(kasou: Kasou) -> None:
     assert kasou.vm("other")["state"] == "stopped"
     again = json.loads(kasou.run("vm", "start", "--tag", "ward-a", "--json").stdout)["result"]
     assert again["skipped"] == 4 and {x["reason"] for x in again["vms"]} == {"already running"}
-    out = kasou.run("vm", "stop", "--tag", "ward-a").stdout
-    assert "4 succeeded, 0 failed, 0 skipped" in out
+    # the host's shutdown (kasou-guests.service): nothing unless the system is going down (here it is not) ...
+    out = kasou.run("host", "shutdown-guests", "--if-system-stopping").stdout
+    assert "the system is not shutting down" in out and all(kasou.vm(n)["state"] == "running" for n in names)
+    # ... then every running guest shut down gracefully, as one job, in the reverse of the start-up order
+    down_began = time.monotonic()
+    out = kasou.run("host", "shutdown-guests", "--host", kasou.vm("w1")["host"], "--timeout", "60", timeout=300).stdout
+    down = time.monotonic() - down_began
+    assert "shutdown: 4 succeeded, 0 failed, 0 skipped" in out, out
+    assert all(kasou.vm(n)["state"] == "stopped" for n in names)
     print(
         f"vm start --tag: 4 VMs started in {took:.1f} s (QEMU starts {starts[-1] - starts[0]:.2f} s apart "
-        f"at most, {overlap} start jobs at once)"
+        f"at most, {overlap} start jobs at once); host shutdown-guests: 4 VMs shut down in {down:.1f} s"
     )

@@ -18,7 +18,7 @@ from tests.functional import conftest as functional
 from tests.functional.conftest import Env
 from tests.ldapservers import PASSWORD, SERVICE_PASSWORD, DirectoryCA, Server
 
-pytestmark = pytest.mark.directory
+pytestmark = [pytest.mark.directory, pytest.mark.shares_machine]  # scripts/test.sh runs these beside the fast tests
 env = functional.env  # the in-process API on the fake driver (a fixture)
 LOCAL_PW = "correct horse battery"
 

@@ -18,7 +18,8 @@ import pytest
 from kasou.api.spec import CHECKED_IN
 from tests.integration.conftest import Kasou
 
-pytestmark = pytest.mark.qemu  # a running kasou (root, the tiny image); no guest is booted
+# a running kasou (root, the tiny image); no guest is booted, so it runs beside the fast tests
+pytestmark = [pytest.mark.qemu, pytest.mark.shares_machine]
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ EXEMPT = {
     "kasou backup key export": "a key file's content (JSON or its paper copy)",
     "kasou image build": "a build's progress and one line",
     "kasou image import": "an import's progress and one line",
+    "kasou host shutdown-guests": "run by systemd as the host shuts down: lines for the journal",
 }
 
 

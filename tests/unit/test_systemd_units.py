@@ -104,7 +104,11 @@ def test_first_install_makes_directories_and_enables_without_starting(root: Path
     assert os.readlink(root / "var/log/kasou") == "/var/lib/kasou/log"
     assert "deb-systemd-helper update-state kasou-agent.service" in calls
     assert "deb-systemd-helper update-state kasou-api.service" in calls
-    assert "deb-systemd-invoke" not in calls  # enabled (update-state + preset), never started unasked
+    # enabled (update-state + preset), never started unasked; only kasou-guests, which does nothing until the host
+    # shuts down, is started so that this host's next shutdown moves or shuts down its VMs
+    assert [ln for ln in calls.splitlines() if ln.startswith("deb-systemd-invoke")] == [
+        "deb-systemd-invoke start kasou-guests.service"
+    ]
     assert "enable kasou-backup-server" not in calls
     # Asked to start: KASOU_START=1 for dpkg.
     os.environ["KASOU_START"] = "1"
@@ -122,12 +126,17 @@ def test_upgrade_restarts_only_the_running_agent_and_api(root: Path, tmp_path: P
     calls = run_script("postinst", root, tmp_path / "log", "configure", "0.1.0-1", active=active, enabled=active)
     assert "deb-systemd-helper enable kasou-agent.service" in calls  # stays enabled
     invoked = [ln for ln in calls.splitlines() if ln.startswith("deb-systemd-invoke")]
-    assert invoked == ["deb-systemd-invoke restart kasou-agent.service", "deb-systemd-invoke restart kasou-api.service"]
+    assert invoked == [
+        "deb-systemd-invoke restart kasou-agent.service",
+        "deb-systemd-invoke restart kasou-api.service",
+        "deb-systemd-invoke start kasou-guests.service",  # a no-op when active: never restarted (its ExecStop)
+    ]
     assert "stop" not in calls
     # A unit the operator had stopped is not started by an upgrade.
     calls = run_script("postinst", root, tmp_path / "log", "configure", "0.1.0-1", active="kasou-api.service")
     assert [ln for ln in calls.splitlines() if ln.startswith("deb-systemd-invoke")] == [
-        "deb-systemd-invoke restart kasou-api.service"
+        "deb-systemd-invoke restart kasou-api.service",
+        "deb-systemd-invoke start kasou-guests.service",
     ]
 
 
@@ -136,7 +145,10 @@ def test_remove_stops_services_and_purge_keeps_vm_disks(root: Path, tmp_path: Pa
     (root / "var/lib/kasou/disks").mkdir()
     (root / "var/lib/kasou/disks/emr1.qcow2").write_bytes(b"QFI\xfb")
     calls = run_script("prerm", root, tmp_path / "log", "remove")
-    assert "deb-systemd-invoke stop kasou-api.service kasou-agent.service kasou-backup-server.service" in calls
+    assert (
+        "deb-systemd-invoke stop kasou-guests.service kasou-api.service kasou-agent.service kasou-backup-server.service"
+        in calls
+    )
     calls = run_script("postrm", root, tmp_path / "log", "purge")
     assert "deb-systemd-helper purge kasou-agent.service" in calls
     assert not (root / "var/log/kasou").is_symlink()
@@ -151,3 +163,14 @@ def test_postinst_warns_of_accounts_in_the_vm_uid_range(root: Path, tmp_path: Pa
     r = subprocess.run(["sh", "-e", str(PACKAGING / "debian/postinst"), "configure", ""], env=env,
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 0 and "legacy(64010)" in r.stderr and "KASOU_VM_UID_BASE" in r.stderr
+
+
+def test_the_guests_unit_acts_only_at_the_hosts_shutdown_while_the_agent_and_api_still_answer() -> None:
+    u = read_unit(UNIT_DIR / "kasou-guests.service")
+    after = " ".join(u["Unit"]["After"])
+    assert "kasou-agent.service" in after and "kasou-api.service" in after  # stopped before them
+    assert one(u, "Service", "Type") == "oneshot" and one(u, "Service", "RemainAfterExit") == "yes"
+    assert one(u, "Service", "ExecStart") is None  # starting it does nothing
+    stop = one(u, "Service", "ExecStop") or ""
+    assert stop.endswith("kasou host shutdown-guests --if-system-stopping"), stop
+    assert one(u, "Service", "TimeoutStopSec") == "30min"

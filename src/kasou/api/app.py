@@ -31,6 +31,7 @@ from kasou.api.limits import BodyLimit
 from kasou.api.live import live_routes
 from kasou.api.media import media_router
 from kasou.api.metrics import metrics_routes
+from kasou.api.notify import notify_routes
 from kasou.api.portal import desktop_pool_routes, portal_routes
 from kasou.api.recordings import recording_routes
 from kasou.api.snapshots import snapshot_router
@@ -419,6 +420,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     v1.include_router(desktop_pool_routes(svc))
     v1.include_router(backup_router(svc))
     v1.include_router(transfer_routes(svc))  # vm import and export
+    v1.include_router(notify_routes(svc))  # /v1/notify: mail, webhooks, syslog (kasou.control.notify)
     app.include_router(v1)
     app.include_router(live_routes(svc, principal))  # server-sent events: job progress, operator events
     app.include_router(metrics_routes(svc, principal))  # /metrics (Prometheus), /v1/metrics, /v1/metrics/history

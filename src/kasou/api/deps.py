@@ -9,7 +9,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from kasou.config import HaTimes, ha_times, vcpu_ratio_setting
+from kasou.config import HaTimes, TlsFiles, ha_times, vcpu_ratio_setting
+from kasou.control.certwatch import CertWatch
 from kasou.control.hosts import Agents
 from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
@@ -17,6 +18,7 @@ from kasou.control.ledger import Ledger
 from kasou.control.maintenance import MaintenanceWindows
 from kasou.control.migration import Migrations
 from kasou.control.networks import Networks
+from kasou.control.notify import Notifier, NotifyConfig, notify_config
 from kasou.control.users import Users
 from kasou.control.vms import VMService
 from kasou.store.base import Store
@@ -34,6 +36,8 @@ class Services:
     users: Users = field(default=None)  # type: ignore[assignment]  # set by build
     windows: MaintenanceWindows = field(default=None)  # type: ignore[assignment]  # vendors' maintenance windows
     logout_hooks: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)  # (user, session)
+    notifier: Notifier = field(default=None)  # type: ignore[assignment]  # set by build: events to mail, webhooks, syslog
+    certs: CertWatch = field(default=None)  # type: ignore[assignment]  # set by build: certificates that will expire
     _election: asyncio.Task[None] | None = None
 
     @property
@@ -48,7 +52,11 @@ class Services:
         shutdown_timeout: float = 60.0,
         vcpu_ratio: float | None = None,
         ha: HaTimes | None = None,
+        tls: TlsFiles | None = None,
+        notify: NotifyConfig | None = None,
     ) -> Services:
+        """``tls``: this host's TLS files, whose certificates are watched; ``notify``: the notification
+        settings (default: :func:`kasou.control.notify.notify_config`)."""
         jobs = Jobs(store)
         ledger = Ledger(store)
         vms = VMService(
@@ -57,9 +65,15 @@ class Services:
         svc = cls(store, agents, jobs, ledger, vms, Migrations(vms), users=Users(store),
                   windows=MaintenanceWindows(store))  # fmt: skip
         svc.logout_hooks.append(vms.desktops.on_logout)  # a sign-out returns the session's desktops
+        svc.notifier = Notifier(store, notify or notify_config())
+        svc.certs = CertWatch(store, tls)
         return svc
 
     async def start(self) -> None:
+        # every API server tells of the events it records, and watches its own host's certificates
+        await self.notifier.start()
+        if self.certs.files is not None:
+            self.certs.start()
         if self.leadership is None:
             await self.vms.startup()
         else:
@@ -71,6 +85,8 @@ class Services:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._election
         await self.vms.close()
+        await self.certs.close()
+        await self.notifier.close()
         if self.leadership is not None:
             await self.leadership.resign()
         await self.agents.close()

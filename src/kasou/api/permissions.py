@@ -157,6 +157,8 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/v1/events"): need("read"),
     ("GET", "/v1/events/active"): need("read"),
     ("GET", "/v1/events/stream"): need("read"),
+    ("GET", "/v1/notify/status"): need("read"),  # the channels, never a secret
+    ("POST", "/v1/notify/test"): need("users"),  # administrators: it sends to every receiver
     ("GET", "/metrics"): need("read"),
     ("GET", "/v1/metrics"): need("read"),
     ("GET", "/v1/metrics/history"): need("read"),

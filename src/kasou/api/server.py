@@ -14,6 +14,7 @@ from kasou.api.deps import Services
 from kasou.config import Paths, api_listen, etcd_endpoints, host_name
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
+from kasou.control.notify import notify_config
 from kasou.pki import TlsError, host_client_context, require
 from kasou.serving import etcd_tls, is_loopback, log_to_stderr, tls_config, url_host, uvicorn_settings
 from kasou.store.etcd import EtcdStore
@@ -28,6 +29,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
     CLI have none); the control plane presents its host's certificate to agents and to the leader."""
     host, port = api_listen(address)
     proxies = uvicorn_settings()  # a bad KASOU_TRUSTED_PROXIES is refused before anything starts
+    notify = notify_config()  # so are bad notification settings (one line, not a failed start-up)
     if plain_http and not is_loopback(host):
         raise TlsError(f"plain HTTP is served only on 127.0.0.1, not on {host}; leave out --plain-http to serve HTTPS")
     files = paths.tls_files()
@@ -43,9 +45,9 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
         me = host_name()
         if not endpoints:
             agents = Agents({me: AgentClient(me, uds=str(paths.agent_socket))})
-            return Services.build(SqliteStore(paths.state_db), agents)
+            return Services.build(SqliteStore(paths.state_db), agents, tls=files, notify=notify)
         store = EtcdStore(endpoints, tls=etcd_tls(files, endpoints, peers))
-        svc = Services.build(store, Agents(store=store, tls=peers))
+        svc = Services.build(store, Agents(store=store, tls=peers), tls=files, notify=notify)
         svc.leadership = Leadership(
             store, me, f"{scheme}://{url_host(host)}:{port}", on_elected=svc.vms.startup,
             on_deposed=svc.vms.suspend, tls=peers,

@@ -36,10 +36,12 @@ from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.devices import nic_app
 from kasou.cli.directory import directory_app
 from kasou.cli.events import event_app
+from kasou.cli.host_shutdown import end_guests, shutdown_guests
 from kasou.cli.images import image_app
 from kasou.cli.lab import lab_app
 from kasou.cli.maintenance import window_app
 from kasou.cli.networks import network_app
+from kasou.cli.notify import notify_app
 from kasou.cli.output import (
     EPILOG,
     JOB_COLS,
@@ -88,6 +90,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
 app.add_typer(lab_app, name="lab")
 app.add_typer(event_app, name="event")
+app.add_typer(notify_app, name="notify")
 app.add_typer(backup_app, name="backup")
 app.add_typer(backup_server_app, name="backup-server")
 app.add_typer(pool_app, name="pool")
@@ -122,15 +125,8 @@ def down(
     """Stop the single-host services. Running VMs keep running unless --vms is given."""
     paths = Paths.from_env()
     if vms and services.service_pid(paths, "api") is not None:
-        c = client()
-        jobs = []
-        for vm in c.get("/v1/vms"):
-            if vm["state"] in ("running", "paused"):
-                action = "shutdown" if vm["state"] == "running" else "stop"
-                jobs.append((vm["name"], c.post(f"/v1/vms/{vm['name']}/actions/{action}")["job"]))
-        for name, job in jobs:
-            c.wait_job(job["id"], 180)
-            out.print(f"vm {name}: stopped", markup=False, highlight=False)
+        # as at a host's shutdown: one bulk job, the reverse of the start-up order, each VM gracefully
+        end_guests({}, 180)  # every VM of the single host
     for svc, what in services.down(paths).items():
         out.print(f"{svc}: {what}", markup=False, highlight=False)
 
@@ -250,6 +246,9 @@ def host_list(output: str = OUTPUT, column: list[str] = columns(HOST_COLS), as_j
     """The hosts of this environment: state, capacity and load."""
     v = view(output, column, as_json, HOST_COLS)
     render(client().get("/v1/hosts"), HOST_COLS, v)
+
+
+host_app.command("shutdown-guests")(shutdown_guests)
 
 
 @host_app.command("maintenance")

@@ -4,12 +4,18 @@ a backup that failed or did not run, and, critical, a host down or a VM it left 
 Each event is kept in the store under ``events/<time in ns>`` (so the list is in order) and written
 to the log. Repeated conditions are raised once: :meth:`Events.raise_once` keeps a key per condition
 until :meth:`Events.clear` says it is over, so a pool that stays full does not flood the list.
+
+Whoever must hear of every event recorded in a store (the notifier, :mod:`kasou.control.notify`) subscribes
+to it with :func:`subscribe`: each listener is called with the event once it is recorded, and must only
+hand it on (put it on a queue): a listener that raises is logged and never fails the emit.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel
@@ -33,6 +39,27 @@ class Event(BaseModel):
     message: str
 
 
+Listener = Callable[["Event"], None]
+_listeners: weakref.WeakKeyDictionary[Store, list[Listener]] = weakref.WeakKeyDictionary()
+
+
+def subscribe(store: Store, listener: Listener) -> Callable[[], None]:
+    """Call ``listener`` with every event recorded in ``store`` from now on; returns the unsubscribe."""
+    _listeners.setdefault(store, []).append(listener)
+
+    def unsubscribe() -> None:
+        with_store = _listeners.get(store, [])
+        if listener in with_store:
+            with_store.remove(listener)
+
+    return unsubscribe
+
+
+def severity_at_least(severity: Severity, minimum: Severity) -> bool:
+    """Whether ``severity`` is ``minimum`` or above (info < warning < error < critical)."""
+    return SEVERITIES.index(severity) >= SEVERITIES.index(minimum)
+
+
 _LOG_LEVEL = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
@@ -48,6 +75,11 @@ class Events:
         ev = Event(time=now_ns / 1e9, severity=severity, kind=kind, subject=subject, message=message)
         await self.store.put(f"{EVENTS_PREFIX}{now_ns:020d}", ev.model_dump(mode="json"))
         log.log(_LOG_LEVEL[severity], "%s %s: %s", kind, subject, message)
+        for listener in list(_listeners.get(self.store, ())):
+            try:
+                listener(ev)
+            except Exception:  # a listener's bug never loses an event: it is recorded already
+                log.exception("an event listener failed on %s %s", kind, subject)
         if now_ns % 100 == 0:  # now and then, keep the list bounded
             await self._trim()
         return ev

@@ -4,11 +4,13 @@ A host's agent says, in its host info, which run of it this is (``agent_run``, n
 whether it found no VM running when it started (``started_empty``): the host booted, or kasou was
 started again after ``kasou down --vms``. The first time the control plane sees a new run of an agent
 that started empty, it starts the VMs recorded on that host whose start-up settings say ``onboot`` and
-that are stopped or crashed there, lowest ``order`` first (by name within one order), waiting
-``delay_s`` after each start before the next (a database before the application that needs it), as
-Proxmox's ``onboot``/``startup`` do. Each start is an ordinary start job: admission, HA checks and
-the VM's single placement hold, so a VM already started elsewhere (HA restarted it) is not started
-again. A start that fails is an event naming the VM and why; the sequence goes on with the next.
+that are stopped or crashed there, as one bulk start (:mod:`kasou.control.bulk`, as ``kasou vm start
+--all``): lowest ``order`` first, the VMs of one order in parallel within the host's limit (its CPUs,
+2 to 8 at once), the next order after the largest ``delay_s`` of the order before (a database before
+the application that needs it), as Proxmox's ``onboot``/``startup`` do, but a power cut's dozens of
+VMs do not come back one at a time. Each start is an ordinary start job: admission (taken one VM at a
+time), HA checks and the VM's single placement hold, so a VM already started elsewhere (HA restarted
+it) is not started again. A start that fails is an event naming the VM and why; the sequence goes on with the next.
 
 The run of each host that was handled is kept in the store (``onboot/<host>``), so a restart of the
 control plane does not start again the VMs an operator stopped since the host booted.
@@ -24,10 +26,12 @@ from typing import Any
 
 from kasou.agent.hostinfo import HostInfo
 from kasou.control.base import VMControl
+from kasou.control.bulk import Bulk
 from kasou.control.records import VMRecord
 from kasou.errors import AgentUnavailable, KasouError, OperationTimeout
 from kasou.hypervisor.base import RuntimeInfo, RuntimeState
-from kasou.model.state import Action, VMState
+from kasou.model.selection import BulkAction
+from kasou.model.state import VMState
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ KEY_PREFIX = "onboot/"
 BUSY_CHECK_S = 30.0
 LIVE = (RuntimeState.RUNNING, RuntimeState.PAUSED, RuntimeState.SHUTTING_DOWN, RuntimeState.INCOMING)
 START_TIMEOUT_S = 300.0  # one start job, from its submission to its end
+MAX_DELAYS_S = 600.0 * 10  # the delays between start-up groups, generously bounded
 
 
 def due(records: list[VMRecord], host: str) -> list[VMRecord]:
@@ -95,39 +100,42 @@ class OnBoot:
             self._tasks[host] = asyncio.create_task(self._start_in_order(host, order))
 
     async def _start_in_order(self, host: str, order: list[VMRecord]) -> None:
-        for i, planned in enumerate(order):
+        """Start the VMs still due as one bulk start (:mod:`kasou.control.bulk`): start-up order groups, lowest
+        first, the VMs of one order in parallel within the host's limit, the group's delay before the next."""
+        still: set[str] = set()
+        for planned in order:
             try:
                 rec = await self.vms.records.get(planned.name)
             except KasouError:
                 continue  # deleted meanwhile
             if rec.host != host or rec.state not in (VMState.STOPPED, VMState.CRASHED) or rec.job is not None:
                 continue  # started, moved or busy meanwhile: nothing to do
-            if not (rec.startup and rec.startup.onboot):
-                continue
-            error = await self._start(rec)
-            if error is not None:
+            if rec.startup and rec.startup.onboot:
+                still.add(rec.name)
+        views = [v for v in await self.vms.list_all() if v.name in still]
+        if not views:
+            return
+        try:
+            job = await Bulk(self.vms).run(BulkAction.START, views, owner=(None, None))
+            done = await self.vms.jobs.wait(job.id, self.start_timeout_s * len(views) + MAX_DELAYS_S)
+        except KasouError as e:
+            results = [{"vm": v.name, "outcome": "failed", "reason": e.message} for v in views]
+        else:
+            results = list((done.result or {}).get("vms") or [])
+            if done.state != "succeeded" and not results:
+                err: Any = done.error or {}
+                why = str(err.get("message") if isinstance(err, dict) else err) or "the start job failed"
+                results = [{"vm": v.name, "outcome": "failed", "reason": why} for v in views]
+        for r in results:
+            name = r["vm"]
+            if r["outcome"] == "failed":
                 await self.vms.events.raise_once(
-                    f"onboot/{rec.name}", "vm_onboot_failed", f"vm/{rec.name}",
-                    f"VM {rec.name} is marked to start when host {host} boots and did not start: {error}",
+                    f"onboot/{name}", "vm_onboot_failed", f"vm/{name}",
+                    f"VM {name} is marked to start when host {host} boots and did not start: {r.get('reason')}",
                     "critical",
                 )  # fmt: skip
-                continue
-            await self.vms.events.clear(f"onboot/{rec.name}")
-            delay = rec.startup.delay_s
-            if delay and i < len(order) - 1:
-                await asyncio.sleep(delay)
-
-    async def _start(self, rec: VMRecord) -> str | None:
-        """Start one VM as a job and wait for its end (bounded); the reason if it did not start."""
-        try:
-            job = await self.vms.action(rec.name, Action.START)
-            done = await self.vms.jobs.wait(job.id, self.start_timeout_s)
-        except KasouError as e:
-            return e.message
-        if done.state != "succeeded":
-            err: Any = done.error or {}
-            return str(err.get("message") if isinstance(err, dict) else err) or "its start job failed"
-        return None
+            elif r["outcome"] == "succeeded":
+                await self.vms.events.clear(f"onboot/{name}")
 
     async def close(self) -> None:
         for task in self._tasks.values():
