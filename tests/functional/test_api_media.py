@@ -26,6 +26,7 @@ from kasou.control.hosts import Agents
 from kasou.image import import_image
 from kasou.model.state import VMState
 from kasou.store.sqlite import SqliteStore
+from tests.cli_errors import error_of
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import TOKEN, Cluster, Env, make_fake_image
 
@@ -133,11 +134,11 @@ def test_cli_create_insert_eject_show(env: Env) -> None:
         r = runner.invoke(cli_app, ["vm", "media", "eject", "db"])
         assert r.exit_code == 0 and "CD drive empty" in r.output, r.output
         r = runner.invoke(cli_app, ["vm", "media", "eject", "db"])  # kasou.cli.main.main prints the error's line
-        assert r.exit_code != 0 and "already empty" in str(r.exception), r.output
+        assert r.exit_code == 4 and "already empty" in error_of(r), r.output
         r = runner.invoke(cli_app, ["vm", "media", "insert", "db", ISO])
         assert r.exit_code == 0 and "from its next start" in r.output, r.output
         r = runner.invoke(cli_app, ["vm", "media", "insert", "db", "nope"])
-        assert r.exit_code != 0 and "kasou image import nope FILE.iso" in str(r.exception), r.output
+        assert r.exit_code != 0 and "kasou image import nope FILE.iso" in error_of(r), r.output
     finally:
         common.client_factory = None
 

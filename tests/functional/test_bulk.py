@@ -173,7 +173,7 @@ def test_the_cli(env: Env) -> None:
         assert "emr, ward-a" in run("vm", "show", "a")
         assert "vm a: tags emr, lab, ward-a" in run("vm", "tag", "add", "a", "lab")
         assert "vm a: tags emr, lab" in run("vm", "tag", "remove", "a", "ward-a")
-        run("vm", "tag", "add", "a", "bad tag", code=1)
+        run("vm", "tag", "add", "a", "bad tag", code=2)  # bad input (HTTP 422): a usage error
         run("vm", "set", "b", "--tag", "emr", "--tag", "x")
         assert env.api.get("/v1/vms/b").json()["tags"] == ["emr", "x"]
         listed = run("vm", "list", "--tag", "emr", "--department", "lab")
@@ -184,7 +184,7 @@ def test_the_cli(env: Env) -> None:
         assert "running" in run("vm", "list", "--state", "running")
         out = run("vm", "stop", "--all")
         assert "2 succeeded" in out
-        run("vm", "list", "--state", "runnin", code=1)
+        run("vm", "list", "--state", "runnin", code=2)
         env.driver.fail_next_start = "no room"
         out = run("vm", "start", "a", "b", "--parallel", "1", code=1)  # one failed: exit 1
         assert "1 succeeded, 1 failed" in out and "no room" in out

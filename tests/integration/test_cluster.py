@@ -207,18 +207,18 @@ def test_migrate_a_mirrored_vm_it_gets_a_new_second_copy(lab: Lab) -> None:
 def test_migration_bad_input_changes_nothing(lab: Lab) -> None:
     lab.run("vm", "create", "rx", "--image", "tiny", "--shared", "--start")
     v = lab.ready("rx")
-    for args, text in (
-        (["--to", "nosuch"], "no host named"),
-        (["--to", v["host"]], "already runs on"),
-        (["--to", "../h1"], "must not contain"),
-        (["--downtime-ms", "0"], "downtime_ms"),
+    for args, text, code in (
+        (["--to", "nosuch"], "no host named", 3),  # not found
+        (["--to", v["host"]], "already runs on", 2),  # bad input
+        (["--to", "../h1"], "must not contain", 2),
+        (["--downtime-ms", "0"], "downtime_ms", 2),
     ):
         r = lab.run("vm", "migrate", "rx", *args, check=False)
-        assert r.returncode == 1 and text in r.stderr, (args, r.stderr)
+        assert r.returncode == code and text in r.stderr, (args, r.stderr)
     assert lab.vm("rx")["host"] == v["host"]
     lab.run("vm", "stop", "rx")
     r = lab.run("vm", "migrate", "rx", check=False)
-    assert r.returncode == 1 and "only a running VM" in r.stderr
+    assert r.returncode == 4 and "only a running VM" in r.stderr  # the wrong state: a conflict
     assert [e["event"] for e in lab.json("vm", "history", "rx")] == ["defined", "started", "stopped"]
     lab.run("vm", "delete", "rx")
 
@@ -232,7 +232,7 @@ def test_aborted_migration_stays_on_the_source(lab: Lab) -> None:
     lab.wait("migration running", lambda: lab.json("job", "list", "--vm", "slow")[-1]["progress"] > 0.05, timeout=60)
     # A second migration of the same VM while one runs is refused.
     r2 = lab.run("vm", "migrate", "slow", check=False)
-    assert r2.returncode == 1 and "busy" in r2.stderr
+    assert r2.returncode == 4 and "busy" in r2.stderr
     lab.run("job", "cancel", job)
     after = lab.ready("slow")
     assert after["host"] == src and after["state"] == "running"

@@ -60,6 +60,6 @@ def test_lose_a_copy_then_rebuild_online(kasou: Kasou) -> None:
 
     # Bad input changes nothing.
     r = k.run("disk", "rebuild", "emr", "disk0", "--pool", "a", check=False)
-    assert r.returncode == 1 and "give another pool" in r.stderr, r.stderr
+    assert r.returncode == 2 and "give another pool" in r.stderr, r.stderr
     r = k.run("vm", "create", "x", "--image", "tiny", "--mirror", "a,a", check=False)
-    assert r.returncode == 1 and "two pools" in r.stderr, r.stderr
+    assert r.returncode == 2 and "two pools" in r.stderr, r.stderr

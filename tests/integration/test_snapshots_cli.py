@@ -42,7 +42,7 @@ def test_memory_snapshot_revert_and_delete_through_the_cli(kasou: Kasou) -> None
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
 
     bad = k.run("snapshot", "create", "emr", "../x", check=False)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: snapshot '../x'"), bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: snapshot '../x'"), bad.stderr
     k.run("snapshot", "create", "emr", "s2")
     k.run("vm", "delete", "emr", "--force")
     assert not list((k.paths.disks).rglob("*"))

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from kasou.api.client import Client
 from kasou.cli import recordings as cli_rec
 from kasou.cli.main import app
+from tests.cli_errors import error_of
 
 REC = {"id": "a" * 32, "vm": "emr1", "user": "v1", "started": 1.0, "ended": 61.0}
 
@@ -41,7 +42,7 @@ def test_a_refused_or_damaged_export_leaves_nothing(tmp_path: Path, monkeypatch:
     fake(monkeypatch, lambda req: httpx.Response(409, json=err))
     out = tmp_path / "r.export"
     r = CliRunner().invoke(app, ["console", "recordings", "export", "a" * 32, "--out", str(out)])
-    assert "does not open" in str(r.exception) and not out.exists()  # the CLI's main prints kasou's errors
+    assert "does not open" in error_of(r) and r.exit_code == 4 and not out.exists()
     head = {"recording": REC, "digest_ok": False, "sha256": "cd" * 32}
     fake(monkeypatch, lambda req: httpx.Response(200, content=cli_rec.EXPORT_MAGIC + json.dumps(head).encode() + b"\n"))
     r = CliRunner().invoke(app, ["console", "recordings", "export", "a" * 32, "--out", str(out)])

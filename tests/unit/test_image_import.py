@@ -12,6 +12,7 @@ import pytest
 from kasou.errors import AlreadyExists, ImageNotFound, InvalidSpec
 from kasou.image import delete_image, disk, import_image, list_images, load_image
 from kasou.image.importing import detect_firmware, parse_firmware
+from tests.cli_errors import error_of
 
 MIB = 1024 * 1024
 
@@ -183,5 +184,5 @@ def test_the_cli_imports_lists_and_refuses(tmp_path: Path, monkeypatch: pytest.M
     table = runner.invoke(cli.app, ["image", "list"]).output
     assert "emr" in table and "qcow2" in table and "imported" in table
     again = runner.invoke(cli.app, ["image", "import", "emr", str(source)])
-    assert isinstance(again.exception, AlreadyExists)
+    assert again.exit_code == 4 and "exists" in error_of(again)
     assert runner.invoke(cli.app, ["image", "delete", "emr"]).output == "image emr: deleted\n"

@@ -7,20 +7,27 @@ import sys
 from pathlib import Path
 
 import typer
+import yaml
 from rich.table import Table
 
-from kasou.cli.common import client, err, fail, out, print_json, say
+from kasou.cli.common import client, err, fail, out, say
+from kasou.cli.output import FORMATS, JSON, OUTPUT, Col, cols, columns, render, render_one, view
 
 audit_app = typer.Typer(help="The audit log: verify its chain, list and export records.", no_args_is_help=True)
 
 
+VERIFY_COLS = cols("ok", "records", "first_seq", "last_seq", "head_hash", "checkpoints", "last_checkpoint", "unsealed",
+                   "problem", "anchor_file", "anchors", "last_anchor")  # fmt: skip
+
+
 @audit_app.command("verify")
-def audit_verify(as_json: bool = typer.Option(False, "--json")) -> None:
+def audit_verify(output: str = OUTPUT, column: list[str] = columns(VERIFY_COLS), as_json: bool = JSON) -> None:
     """Walk the hash chain and the signed checkpoints, and hold the store against the checkpoints anchored
     outside it (the anchor file); exit 0 only when the log is intact."""
+    v = view(output, column, as_json, VERIFY_COLS)
     rep = client().get("/v1/audit/verify")
-    if as_json:
-        print_json(rep)
+    if not v.human:
+        render_one(rep, VERIFY_COLS, v)
     elif rep["ok"]:
         say(f"intact: {rep['records']} records ({rep['first_seq'] or '-'}..{rep['last_seq'] or '-'}), "
             f"{rep['checkpoints']} signed checkpoints, the last at {rep['last_checkpoint'] or '-'}; "
@@ -32,9 +39,26 @@ def audit_verify(as_json: bool = typer.Option(False, "--json")) -> None:
             err.print(warning, markup=False, highlight=False)
     if not rep["ok"]:
         p = rep["problem"]
-        if not as_json:
+        if v.human:
             err.print(f"TAMPERED: {p['kind']} at seq {p['seq']}: {p['message']}", markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+def _who(r: dict) -> str:
+    a = r.get("actor") or {}
+    return f"{a.get('name')} ({a.get('role')})" if a else "-"
+
+
+def _outcome(r: dict) -> str:
+    res = r.get("result") or {}
+    return "ok" if res.get("ok") else f"{res.get('status') or ''} {res.get('code') or ''} {res.get('message')}".strip()
+
+
+RECORD_COLS = [
+    Col("seq"), Col("time", "time (UTC)", lambda r: str(r.get("time", ""))[:19]), Col("actor", text=_who),
+    Col("source", "from"), Col("action"), Col("target"), Col("result", text=_outcome),
+    Col("hash", hidden=True), Col("prev", hidden=True),
+]  # fmt: skip
 
 
 @audit_app.command("list")
@@ -44,39 +68,44 @@ def audit_list(
     target: str | None = typer.Option(None, "--target", help="vms/NAME, users/NAME, hosts/NAME (or a prefix)."),
     action: str | None = typer.Option(None, "--action", help="A part of the action (login, DELETE, ha_)."),
     limit: int = typer.Option(1000, "--limit", min=1),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(RECORD_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Records, oldest first."""
+    view_ = view(output, column, as_json, RECORD_COLS)
     params = {k: v for k, v in {"since": since, "actor": actor, "target": target, "action": action}.items() if v}
-    recs = client().get("/v1/audit/records", params={**params, "limit": limit})
-    if as_json:
-        print_json(recs)
-        return
-    t = Table("seq", "time (UTC)", "actor", "from", "action", "target", "result")
-    for r in recs:
-        a, res = r.get("actor") or {}, r.get("result") or {}
-        who = f"{a.get('name')} ({a.get('role')})" if a else "-"
-        outcome = "ok" if res.get("ok") else f"{res.get('status') or ''} {res.get('code') or ''} {res.get('message')}"
-        t.add_row(str(r.get("seq")), str(r.get("time", ""))[:19], who, r.get("source") or "-", r.get("action"),
-                  r.get("target") or "-", outcome.strip())  # fmt: skip
-    out.print(t)
+    render(client().get("/v1/audit/records", params={**params, "limit": limit}), RECORD_COLS, view_)
 
 
 @audit_app.command("export")
 def audit_export(
     fmt: str = typer.Option("json", "--format", help="csv or json (json holds the checkpoints too)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="File to write (default: standard output)."),
-) -> None:
-    """The whole log for review or archiving."""
+    to: Path | None = typer.Option(None, "--to", "--file", help="File to write (default: standard output)."),
+    output: str | None = typer.Option(
+        None, "-o", "--output", metavar="FORMAT|FILE",
+        help="json or yaml: the export printed in that format (table and value: as --format says). Any other "
+        "value is the file to write, as before (--to FILE says it better).",
+    ),
+) -> None:  # fmt: skip
+    """The whole log for review or archiving (as it is: no -c; kasou audit list -c ... picks columns)."""
+    if output is not None and output.lower() not in FORMATS:  # the old --output FILE
+        if to is not None:
+            fail("give the file once: --to FILE (or the old --output FILE)", 2)
+        to, output = Path(output), None
+    if output is not None and output.lower() in ("json", "yaml"):
+        fmt = "json"
     if fmt not in ("csv", "json"):
-        fail(f"--format is csv or json, not {fmt!r}")
+        fail(f"--format is csv or json, not {fmt!r}", 2)
     text = client().text("/v1/audit/export", params={"format": fmt})
-    if output is None:
+    n = len(json.loads(text)["records"]) if fmt == "json" else max(0, text.count("\n") - 1)
+    if output is not None and output.lower() == "yaml":
+        text = yaml.safe_dump(json.loads(text), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    if to is None:
         sys.stdout.write(text)
         return
-    output.write_text(text)
-    n = len(json.loads(text)["records"]) if fmt == "json" else max(0, text.count("\n") - 1)
-    say(f"{n} records written to {output}")
+    to.write_text(text)
+    say(f"{n} records written to {to}")
 
 
 @audit_app.command("public-key")
@@ -92,6 +121,11 @@ def audit_checkpoint() -> None:
     say("the audit log is empty" if cp is None else f"checkpoint at {cp['seq']} signed by key {cp['key_id']}")
 
 
+REVIEW_COLS = cols("since", "until", "since_local", "until_local", "tz", "department", "generated_at", "verify",
+                   "records", "signins", "failed_signins", "failed_total", "lockouts", "break_glass", "windows",
+                   "consoles", "permission_changes", "unusual", "truncated")  # fmt: skip
+
+
 @audit_app.command("review")
 def audit_review(
     since: str = typer.Option("30d", "--since", help="30d, 12h, 2w, or an ISO date or time (local time)."),
@@ -102,13 +136,16 @@ def audit_review(
     tz: str = typer.Option("Asia/Tokyo", "--tz", help="The hospital's time zone (unusual hours, times shown)."),
     hours: str = typer.Option("07:00-20:00", "--hours", help="Working hours; sign-ins and actions outside are listed."),
     weekends: bool = typer.Option(True, "--weekends/--no-weekends", help="Weekends count as unusual hours."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(REVIEW_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """The access-log review of a period, the report the information-security officer signs each month: the audit
     chain's verification first, sign-ins, failures and lock-outs, break-glass uses, vendors' maintenance windows,
     console sessions, permission changes, unusual hours. Exit 1 if the chain is not intact."""
+    v = view(output, column, as_json, REVIEW_COLS)
     if lang not in ("ja", "en"):
-        fail(f"--lang is ja or en, not {lang!r}")
+        fail(f"--lang is ja or en, not {lang!r}", 2)
     params: dict[str, object] = {"since": since, "tz": tz, "hours": hours, "weekends": str(weekends).lower()}
     if until:
         params["until"] = until
@@ -118,10 +155,7 @@ def audit_review(
     if report is not None:
         html = client().text("/v1/audit/review", params={**params, "format": "html", "lang": lang})
         report.write_text(html, encoding="utf-8")
-    if as_json:
-        print_json(rev)
-    else:
-        _review_text(rev, report)
+    render_one(rev, REVIEW_COLS, v, human=lambda: _review_text(rev, report))
     if not rev["verify"]["ok"]:
         raise typer.Exit(1)
 

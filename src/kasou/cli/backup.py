@@ -12,8 +12,10 @@ from rich.table import Table
 
 from kasou.cli.backup_offsite import (
     BEFORE_OPT,
+    DRILL_COLS,
     KEY_OPT,
     PAPER_OPT,
+    PLAN_COLS,
     VMS_OPT,
     drill,
     key_app,
@@ -22,8 +24,22 @@ from kasou.cli.backup_offsite import (
     server_app,
     server_isolate,
 )
-from kasou.cli.backup_policy import policy_app
-from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
+from kasou.cli.backup_policy import POLICY_COLS, policy_app
+from kasou.cli.common import client, fail, out, parse_int, say
+from kasou.cli.output import (
+    JOB_COLS,
+    JOB_COLUMN,
+    JSON,
+    OUTPUT,
+    WAIT,
+    Col,
+    act,
+    cols,
+    columns,
+    render,
+    render_one,
+    view,
+)
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
@@ -47,15 +63,19 @@ def backup_create(
     incremental: bool = typer.Option(
         False, "--incremental", help="Copy only what changed since the latest generation (else a full backup)."
     ),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Back a VM up now (it keeps running); the new generation is verified before it counts."""
+    v = view(output, column, as_json, JOB_COLS)
     c = client()
     res = c.post(f"/v1/vms/{_vm(vm)}/backups", json={"incremental": incremental})
-    if not wait:
-        say(f"vm {vm}: backup job {res['job']['id']}")
+    job = act(c, res["job"], f"backing up {vm}", v, wait, timeout=7200,
+              queued=lambda j: f"vm {vm}: backup job {j['id']}")  # fmt: skip
+    if job is None or not v.human:
         return
-    job = follow(c, res["job"], f"backing up {vm}", timeout=7200)
     r: dict[str, Any] = job.get("result") or {}
     line = (
         f"vm {vm}: backup generation {r.get('generation')} ({r.get('kind')}, "
@@ -92,43 +112,48 @@ def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
+HELD_COLS = [
+    Col("generation"), Col("created", "taken", lambda g: _when(g.get("created"))),
+    Col("bytes_logical", "disks", lambda g: format_size(int(g.get("bytes_logical", 0)))),
+    Col("bytes_sent", "sent", lambda g: format_size(int(g.get("bytes_sent", 0)))),
+    Col("locked_until", "locked until", lambda g: _when(g.get("locked_until"))),
+    Col("verified_at", "verified", lambda g: _when(g.get("verified_at"))),
+    Col("damaged", text=lambda g: str(len(g.get("damaged") or [])) or "-"),
+]  # fmt: skip
+GEN_COLS = [
+    Col("generation"), Col("kind", text=lambda g: g["kind"] + (" (scheduled)" if g["scheduled"] else "")),
+    Col("based_on", "based on"),
+    Col("created_at", "taken", lambda g: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["created_at"]))),
+    Col("host"), Col("size_bytes", "disk", lambda g: format_size(g["size_bytes"])),
+    Col("file_bytes", "file", lambda g: format_size(g["file_bytes"])),
+    Col("locked_until", "locked until", lambda g: _when(g.get("locked_until"))),
+    Col("verified_at", "verified", lambda g: _when(g.get("verified_at"))),
+    Col("copied_to", "copied to", lambda g: ", ".join(c["site"] for c in g.get("copied_to") or []) or "-"),
+    Col("note", text=lambda g: g["note"]),
+    *cols(hidden=("vm", "vm_uuid", "department", "scheduled", "consistency", "running", "duration_s", "disks",
+                  "server_generation", "server_error")),
+]  # fmt: skip
+
+
 @backup_app.command("list")
 def backup_list(
     vm: str,
     uuid: str = typer.Option(None, "--uuid", help=_UUID_HELP),
     server: bool = typer.Option(False, "--server", help="Those the backup server holds (with their locks)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(GEN_COLS + [c for c in HELD_COLS if c.key not in {g.key for g in GEN_COLS}]),
+    as_json: bool = JSON,
 ) -> None:
     """The VM's backup generations, oldest first (of the VM that holds the name now, unless --uuid)."""
+    v = view(output, column, as_json, HELD_COLS if server else GEN_COLS)
     if server:
-        held = client().get(f"/v1/vms/{_vm(vm)}/backups/server")
-        if as_json:
-            print_json(held)
-            return
-        st = Table("generation", "taken", "disks", "sent", "locked until", "verified", "damaged")
-        for g in held:
-            st.add_row(str(g["generation"]), _when(g.get("created")), format_size(int(g.get("bytes_logical", 0))),
-                       format_size(int(g.get("bytes_sent", 0))), _when(g.get("locked_until")),
-                       _when(g.get("verified_at")), str(len(g.get("damaged") or [])) or "-")  # fmt: skip
-        out.print(st)
+        render(client().get(f"/v1/vms/{_vm(vm)}/backups/server"), HELD_COLS, v)
         return
     params: dict[str, Any] = {"server": "true", **({"uuid": uuid} if uuid else {})}
     gens = client().get(f"/v1/vms/{_vm(vm)}/backups", params=params)
-    if as_json:
-        print_json(gens)
+    render(gens, GEN_COLS, v)
+    if not v.human:
         return
-    t = Table("generation", "kind", "based on", "taken", "host", "disk", "file", "locked until", "verified",
-              "copied to", "note")  # fmt: skip
-    for g in gens:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["created_at"]))
-        kind = g["kind"] + (" (scheduled)" if g["scheduled"] else "")
-        copied = ", ".join(c["site"] for c in g.get("copied_to") or []) or "-"
-        t.add_row(
-            str(g["generation"]), kind, str(g["based_on"] or "-"), when, g["host"], format_size(g["size_bytes"]),
-            format_size(g["file_bytes"]), _when(g.get("locked_until")), _when(g.get("verified_at")), copied,
-            g["note"],
-        )  # fmt: skip
-    out.print(t)
     errors = {g["server_error"] for g in gens if g.get("server_error")}
     for e in errors:
         say(f"warning: {e}; locks, verification and second sites are not known")
@@ -146,9 +171,13 @@ def backup_restore(
     key: str = KEY_OPT,
     paper_key: bool = PAPER_OPT,
     host: str = typer.Option(None, "--host", help="Where the restored VM goes (from the backup server)."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Make a new (stopped) VM from a generation; a backup that fails verification is refused."""
+    v = view(output, column, as_json, JOB_COLS)
     gen = parse_int(generation, "generation")
     validate_name(as_name)
     body: dict[str, Any] = {"as": as_name}
@@ -160,24 +189,31 @@ def backup_restore(
         fail("--key, --paper-key and --host are for a restore --from-server")
     c = client()
     res = c.post(f"/v1/vms/{_vm(vm)}/backups/{gen}/restore", json=body)
-    if not wait:
-        say(f"vm {as_name}: restore job {res['job']['id']}")
+    job = act(c, res["job"], f"restoring {vm} generation {gen}", v, wait, timeout=7200,
+              queued=lambda j: f"vm {as_name}: restore job {j['id']}")  # fmt: skip
+    if job is None or not v.human:
         return
-    follow(c, res["job"], f"restoring {vm} generation {gen}", timeout=7200)
     where = "the backup server's generation" if from_server else "generation"
     say(f"vm {as_name}: restored from {where} {gen} of {vm} on {res['vm']['host']} (stopped)")
+
+
+STATUS_COLS = cols("vm", "state", "last_generation", "last_at", "age_s", "offsite_generation", "locked_until",
+                   "verified_at", "copied_to", "drill_at", "drill_ok", "reason", hidden=("schedule", "lock_days",
+                                                                                        "drill"))  # fmt: skip
 
 
 @backup_app.command("status")
 def backup_status(
     check: bool = typer.Option(False, "--check", help="Exit 1 if any VM's backups are not ok (for monitoring)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(STATUS_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Per VM: its newest backup, its age against its schedule, and its copy on the backup server."""
+    v = view(output, column, as_json, STATUS_COLS)
     rows = client().get("/v1/backups/status")
-    if as_json:
-        print_json(rows)
-    else:
+
+    def human() -> None:
         t = Table("vm", "state", "newest", "taken", "age", "on the backup server", "locked until", "verified",
                   "second site", "drill", "why")  # fmt: skip
         for s in rows:
@@ -191,6 +227,8 @@ def backup_status(
                       str(s["offsite_generation"] or "-"), _when(s["locked_until"]), _when(s.get("verified_at")),
                       _sites(s.get("copied_to")), drilled, s["reason"])  # fmt: skip
         out.print(t)
+
+    render(rows, STATUS_COLS, v, human=human)
     bad = [s["vm"] for s in rows if s["state"] != "ok"]
     if check and bad:
         fail(f"backups not ok for {len(bad)} VM{'s' if len(bad) > 1 else ''}: {', '.join(bad)}")
@@ -235,13 +273,16 @@ def backup_restore_all(
     parallel: int = typer.Option(
         1, "--parallel", help="Restore this many at once (started in priority order; restores are CPU-bound)."
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(PLAN_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Bring every VM back from the backup server (a site rebuilt after an attack), highest HA priority first,
     each under its own name (which must be free), from its newest generation (before --before)."""
+    v = view(output, column, as_json, PLAN_COLS)
     if not from_server:
         fail("restore-all reads the backup server: give --from-server (and --key or --paper-key)")
-    restore_all(key, paper_key, before, vms, start, dry_run, as_json, parallel)
+    restore_all(key, paper_key, before, vms, start, dry_run, v, parallel)
 
 
 @backup_app.command("drill")
@@ -255,11 +296,13 @@ def backup_drill(
         None, "--check", help="VM=COMMAND run in the restored guest by its guest agent; must exit 0 (repeatable)."
     ),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds per VM for restore, boot and check."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(DRILL_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Prove the backups restore: each VM's newest generation on the backup server is restored onto an isolated
     network, booted, optionally checked, and removed; the result is kept per VM (backup status) and is an event."""
-    drill(key, paper_key, vms, before, network, list(check or []), timeout, as_json)
+    drill(key, paper_key, vms, before, network, list(check or []), timeout, view(output, column, as_json, DRILL_COLS))
 
 
 @backup_app.command("schedule")
@@ -268,9 +311,12 @@ def backup_schedule(
     daily: str = typer.Option(None, "--daily", help="Back it up every day at HH:MM (the host's local time)."),
     keep: str = typer.Option(None, "--keep", help="Keep this many generations (default: KASOU_BACKUP_KEEP, 7)."),
     off: bool = typer.Option(False, "--off", help="No scheduled backups any more (retention stays)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(POLICY_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Show or set a VM's daily backup schedule and its retention."""
+    v = view(output, column, as_json, POLICY_COLS)
     path = f"/v1/vms/{_vm(vm)}/backup-policy"
     if daily is None and keep is None and not off:
         p = client().get(path)
@@ -283,9 +329,6 @@ def backup_schedule(
         if keep is not None:
             body["keep"] = parse_int(keep, "keep")
         p = client().patch(path, json=body)
-    if as_json:
-        print_json(p)
-        return
     when = f"daily at {p['daily']}" if p["daily"] else "no schedule"
     keep_text = f"keeps {p['keep']} generations" + (" (the default)" if p["keep_is_default"] else "")
-    say(f"vm {vm}: backups {when}, {keep_text}")
+    render_one(p, POLICY_COLS, v, human=lambda: say(f"vm {vm}: backups {when}, {keep_text}"))

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, follow, out, print_json, progress_bar, say
+from kasou.cli.common import client, err, fail, follow, out, progress_bar, say
+from kasou.cli.output import JSON, OUTPUT, Col, View, cols, columns, render, render_one, view
 from kasou.errors import KasouError
 from kasou.model.units import format_size
 from kasou.vault.crypt import BackupKey, PublicBackupKey
@@ -112,12 +112,16 @@ def server_set(
     say(f"backups are copied to {v['url']} (server {v['server_id']}), encrypted to key {v['key_fingerprint']}")
 
 
+SERVER_COLS = cols("url", "server_id", "fingerprint", "key_fingerprint", "role", hidden=("isolated",))
+
+
 @server_app.command("show")
-def server_show(as_json: bool = typer.Option(False, "--json")) -> None:
+def server_show(output: str = OUTPUT, column: list[str] = columns(SERVER_COLS), as_json: bool = JSON) -> None:
     """The backup server new generations are copied to."""
+    view_ = view(output, column, as_json, SERVER_COLS)
     v = client().get("/v1/backup-server")
-    if as_json:
-        print_json(v)
+    if not view_.human:
+        render_one(v or {}, SERVER_COLS, view_, data=v)
     elif v is None:
         say("no backup server is set: generations stay on their hosts only")
     else:
@@ -160,8 +164,27 @@ def parse_time(value: str) -> float:
     raise AssertionError("unreachable")
 
 
+PLAN_COLS = [
+    Col("order"), Col("vm"), Col("generation"), Col("created", "taken", lambda p: _when(p["created"])),
+    Col("priority"), Col("memory_mib", "memory", lambda p: f"{p['memory_mib']} MiB"),
+    Col("bytes_logical", "disks", lambda p: format_size(p["bytes_logical"])), *cols(hidden=("host", "seconds")),
+]  # fmt: skip
+DRILL_COLS = [
+    Col("vm"), Col("generation"), Col("created", "taken", lambda r: _when(r["created"])),
+    Col("ok", "result", lambda r: "passed" if r["ok"] else "FAILED"),
+    Col("restore_s", "restore", lambda r: _seconds(r.get("restore_s"))),
+    Col("boot_s", "boot", lambda r: _seconds(r.get("boot_s"))),
+    Col("check", text=lambda r: "-" if r.get("check") is None else f"exit {r['check']['exitcode']}"),
+    Col("error", "why", lambda r: r.get("error") or ""),
+]  # fmt: skip
+
+
+def _seconds(v: float | None) -> str:
+    return "-" if v is None else f"{v} s"
+
+
 def restore_all(key: str | None, paper_key: bool, before: str | None, vms: str | None, start: bool,
-                dry_run: bool, as_json: bool, parallel: int = 1) -> None:  # fmt: skip
+                dry_run: bool, v: View, parallel: int = 1) -> None:  # fmt: skip
     """Bring every VM the backup server holds back, highest HA priority first (see ``backup restore-all``):
     at most ``parallel`` at once, each started in the plan's order."""
     if not 1 <= parallel <= 16:
@@ -174,36 +197,32 @@ def restore_all(key: str | None, paper_key: bool, before: str | None, vms: str |
         body["vms"] = [v.strip() for v in vms.split(",") if v.strip()]
     c = client()
     plan = c.post("/v1/backup-server/restore-plan", json=body)
-    t = Table("order", "vm", "generation", "taken", "priority", "memory", "disks")
-    for i, p in enumerate(plan, 1):
-        t.add_row(str(i), p["vm"], str(p["generation"]), _when(p["created"]), str(p["priority"]),
-                  f"{p['memory_mib']} MiB", format_size(p["bytes_logical"]))  # fmt: skip
+    rows = [{"order": i, **p} for i, p in enumerate(plan, 1)]
     if dry_run:
-        if as_json:
-            print_json(plan)
-        else:
-            out.print(t)
+        render(rows, PLAN_COLS, v, data=plan)
         return
-    if not as_json:
-        out.print(t)
+    if v.human:
+        render(rows, PLAN_COLS, v)
     t0 = time.monotonic()
-    done = _restore_each(c, plan, k, start, parallel, as_json)
+    done = _restore_each(c, plan, k, start, parallel, v)
     total = round(time.monotonic() - t0, 1)
-    if as_json:
-        print_json({"restored": done, "seconds": total, "parallel": parallel})
-    else:
+    if v.human:
         say(f"{len(done)} VMs restored from the backup server in {total} s")
+    else:
+        by = {p["vm"]: p for p in rows}
+        render([{**by.get(d["vm"], {}), **d} for d in done], PLAN_COLS, v,
+               data={"restored": done, "seconds": total, "parallel": parallel})  # fmt: skip
 
 
 def _restore_each(c: Any, plan: list[dict[str, Any]], k: dict[str, Any], start: bool, parallel: int,
-                  as_json: bool) -> list[dict[str, Any]]:  # fmt: skip
+                  v: View) -> list[dict[str, Any]]:  # fmt: skip
     """Each VM's restore (and start) job, submitted in the plan's order, at most ``parallel`` running; a
     failure submits nothing more, lets the running ones end, and fails with the first failure's reason."""
     todo = list(enumerate(plan, 1))
     running: dict[str, dict[str, Any]] = {}  # job id -> {i, p, t1, phase, host}
     done: list[dict[str, Any]] = []
     failed: list[str] = []
-    with progress_bar(f"restoring {len(plan)} VMs, {parallel} at a time") as update:
+    with progress_bar(f"restoring {len(plan)} VMs, {parallel} at a time", out if v.table else err) as update:
         while todo or running:
             while todo and not failed and len(running) < parallel:
                 i, p = todo.pop(0)
@@ -235,7 +254,7 @@ def _restore_each(c: Any, plan: list[dict[str, Any]], k: dict[str, Any], start: 
                        "seconds": round(time.monotonic() - r["t1"], 1)}  # fmt: skip
                 done.append(row)
                 update(len(done) / max(1, len(plan)), p["vm"])
-                if not as_json:
+                if v.human:
                     say(f"vm {p['vm']}: restored from generation {p['generation']} on {row['host']}"
                         f"{' and started' if start else ' (stopped)'} in {row['seconds']} s ({len(done)} of "
                         f"{len(plan)}, priority order {r['i']})")  # fmt: skip
@@ -249,7 +268,7 @@ def _when(t: float | None) -> str:
 
 
 def drill(key: str | None, paper_key: bool, vms: str | None, before: str | None, network: str,
-          checks: list[str], timeout: float, as_json: bool) -> None:  # fmt: skip
+          checks: list[str], timeout: float, v: View) -> None:  # fmt: skip
     """Run a restore drill and print each VM's result (see ``backup drill``); exit 1 if any failed."""
     body: dict[str, Any] = {"key": json.loads(load_key(key, paper_key).to_json()), "network": network,
                             "timeout_s": timeout, "check": {}}  # fmt: skip
@@ -264,18 +283,9 @@ def drill(key: str | None, paper_key: bool, vms: str | None, before: str | None,
         body["check"][vm.strip()] = shlex.split(command)
     c_ = client()
     res = c_.post("/v1/backup-server/drill", json=body)
-    job = follow(c_, res["job"], "restore drill", timeout=86_400)
+    job = follow(c_, res["job"], "restore drill", timeout=86_400, console=out if v.table else err)
     results = (job.get("result") or {}).get("drills", [])
-    if as_json:
-        print_json(job.get("result"))
-    else:
-        t = Table("vm", "generation", "taken", "result", "restore", "boot", "check", "why")
-        for r in results:
-            chk = "-" if r.get("check") is None else f"exit {r['check']['exitcode']}"
-            sec = lambda v: "-" if v is None else f"{v} s"  # noqa: E731
-            t.add_row(r["vm"], str(r["generation"]), _when(r["created"]), "passed" if r["ok"] else "FAILED",
-                      sec(r.get("restore_s")), sec(r.get("boot_s")), chk, r.get("error") or "")  # fmt: skip
-        out.print(t)
+    render(results, DRILL_COLS, v, data=job.get("result"))
     if job.get("state") != "succeeded":
         fail(f"the drill did not run to its end: {(job.get('error') or {}).get('message', job.get('state'))}")
     failed = [r["vm"] for r in results if not r["ok"]]

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, out, parse_int, print_json, say
+from kasou.cli.common import client, fail, parse_int, say
+from kasou.cli.output import JSON, OUTPUT, Col, cols, columns, render, render_one, view
 from kasou.model.names import validate_name
 
 policy_app = typer.Typer(
@@ -18,6 +18,8 @@ policy_app = typer.Typer(
 )
 
 DEPT_OPT = typer.Option(None, "--department", help="A department's policy (its VMs follow it where theirs is silent).")
+POLICY_COLS = cols("vm", "department", "criticality", "daily", "weekly", "keep", "keep_is_default", "keep_daily",
+                   "keep_weekly", "keep_monthly", "lock_days", "next_run", "sources")  # fmt: skip
 
 
 def _path(vm: str | None, department: str | None) -> str:
@@ -47,49 +49,48 @@ def policy_set(
     ),
     off: bool = typer.Option(False, "--off", help="No scheduled backups (a VM's: even if its department has some)."),
     reset: bool = typer.Option(False, "--reset", help="Forget the settings here first (then follow the defaults)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(POLICY_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Set when a VM or a department's VMs are backed up and what is kept; unset parts come from the department,
     then the defaults (5 generations for 24h-clinical VMs, 3 for the others)."""
+    v = view(output, column, as_json, POLICY_COLS)
     body: dict[str, Any] = {"off": off, "reset": reset}
     for name, value in (("daily", daily), ("weekly", weekly)):
         if value is not None:
             body[name] = value
     for name, raw in (("keep", keep), ("keep_daily", keep_daily), ("keep_weekly", keep_weekly),
                       ("keep_monthly", keep_monthly), ("lock_days", lock_days)):  # fmt: skip
-        v = _count(raw, name.replace("_", "-"))
-        if v is not None:
-            body[name] = v
+        n = _count(raw, name.replace("_", "-"))
+        if n is not None:
+            body[name] = n
     p = client().patch(_path(vm, department), json=body)
-    if as_json:
-        print_json(p)
-        return
-    say(_line(p))
+    render_one(p, POLICY_COLS, v, human=lambda: say(_line(p)))
 
 
 @policy_app.command("show")
 def policy_show(
     vm: str = typer.Argument(None, help="One VM (its effective policy); none: every department and VM."),
     department: str = DEPT_OPT,
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(POLICY_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """The effective policy and where each part comes from (the VM, its department, or the defaults)."""
+    v = view(output, column, as_json, POLICY_COLS)
     if vm is None and department is None:
         data = client().get("/v1/backup-policies")
-        if as_json:
-            print_json(data)
-            return
-        t = Table("vm / department", "criticality", "schedule", "keeps", "lock", "from")
-        for p in data["departments"] + data["vms"]:
-            name = p["vm"] or f"department {p['department']}"
-            t.add_row(name, p.get("criticality") or "-", _schedule(p), _keeps(p), _lock(p), _sources(p))
-        out.print(t)
+        rows = data["departments"] + data["vms"]
+        table = [
+            Col("vm", "vm / department", lambda p: p["vm"] or f"department {p['department']}"), Col("criticality"),
+            Col("daily", "schedule", _schedule), Col("keep", "keeps", _keeps), Col("lock_days", "lock", _lock),
+            Col("sources", "from", _sources),
+        ]  # fmt: skip
+        render(rows, POLICY_COLS if v.columns else table, v, data=data)
         return
     p = client().get(_path(vm, department))
-    if as_json:
-        print_json(p)
-        return
-    say(_line(p))
+    render_one(p, POLICY_COLS, v, human=lambda: say(_line(p)))
 
 
 def _schedule(p: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.common import fail, out, print_json
+from kasou.cli.common import fail, out
+from kasou.cli.output import COLUMN, JSON, OUTPUT, Col, cols, columns, render, render_one, view
 from kasou.errors import InvalidSpec
 from kasou.model.units import format_size
 from kasou.vault import policy as vpolicy
@@ -123,9 +124,16 @@ def serve(
     )
 
 
+SHOW_COLS = cols("name", "server_id", "directory", "created", "fingerprint", "immutable", "isolated", "clients", "keys",
+                 "vms", "generations", "chunks", "chunk_bytes")  # fmt: skip
+
+
 @backup_server_app.command("show")
-def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def show(
+    directory: Path = DirOpt, output: str = OUTPUT, column: list[str] = columns(SHOW_COLS), as_json: bool = JSON
+) -> None:
     """This backup server: its name, id, certificate fingerprint, whether its files can be made immutable."""
+    v = view(output, column, as_json, SHOW_COLS)
     store = _store(directory)
     info = store.info()
     chunks = sizes = 0
@@ -148,14 +156,14 @@ def show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")
         "chunks": chunks,
         "chunk_bytes": sizes,
     }
-    if as_json:
-        print_json(data)
+    if not v.human:
+        render_one(data, SHOW_COLS, v)
         return
     data["created"] = _when(info["created"])
     data["chunk_bytes"] = format_size(sizes)
     data["immutable"] = "yes (chattr +i)" if data["immutable"] else "no: this file system does not keep the flag"
-    for k, v in data.items():
-        say(f"{k:12} {v}")
+    for k, x in data.items():
+        say(f"{k:12} {x}")
 
 
 @backup_server_app.command("isolate")
@@ -189,13 +197,18 @@ def key_remove(fingerprint: str, directory: Path = DirOpt) -> None:
     say(f"key {fingerprint} is no longer accepted for new generations")
 
 
+KEY_COLS = cols("fingerprint")
+
+
 @key_app.command("list")
-def key_list(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def key_list(
+    directory: Path = DirOpt, output: str = OUTPUT, column: list[str] = columns(KEY_COLS), as_json: bool = JSON
+) -> None:
+    """The backup keys whose generations are accepted (none: any)."""
+    v = view(output, column, as_json, KEY_COLS)
     keys = _store(directory).allowed_keys()
-    if as_json:
-        print_json(keys)
-    else:
-        say("\n".join(keys) if keys else "any key is accepted (none allowed yet)")
+    human = lambda: say("\n".join(keys) if keys else "any key is accepted (none allowed yet)")  # noqa: E731
+    render([{"fingerprint": k} for k in keys], KEY_COLS, v, human=human, data=keys)
 
 
 # -- clients -------------------------------------------------------------------------------------
@@ -213,17 +226,16 @@ def client_add(
     say("(shown only now: give it to the client; the server keeps only its hash)")
 
 
+CLIENT_COLS = [Col("name"), Col("role"), Col("created", "added", lambda c: _when(c.get("created")))]
+
+
 @client_app.command("list")
-def client_list(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def client_list(
+    directory: Path = DirOpt, output: str = OUTPUT, column: list[str] = columns(CLIENT_COLS), as_json: bool = JSON
+) -> None:
     """The clients and their roles."""
-    clients = _store(directory).clients()
-    if as_json:
-        print_json(clients)
-        return
-    t = Table("name", "role", "added")
-    for c in clients:
-        t.add_row(c["name"], c["role"], _when(c.get("created")))
-    out.print(t)
+    v = view(output, column, as_json, CLIENT_COLS)
+    render(_store(directory).clients(), CLIENT_COLS, v)
 
 
 @client_app.command("remove")
@@ -259,20 +271,26 @@ def _retention(r: vpolicy.Retention) -> str:
     return f"keep {r.keep_daily} daily, {r.keep_weekly} weekly, {r.keep_monthly} monthly; locked {r.lock_days} days"
 
 
+RETENTION_COLS = [Col("vm", "VM"), Col("keep_daily", "keep daily"), Col("keep_weekly", "keep weekly"),
+                  Col("keep_monthly", "keep monthly"), Col("lock_days", "lock days")]  # fmt: skip
+
+
 @policy_app.command("show")
-def policy_show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def policy_show(
+    directory: Path = DirOpt, output: str = OUTPUT, column: list[str] = columns(RETENTION_COLS), as_json: bool = JSON
+) -> None:
     """The default policy and each VM's own."""
+    v = view(output, column, as_json, RETENTION_COLS)
     p = vpolicy.load_policy(_store(directory))
-    if as_json:
-        print_json(p.to_dict())
-        return
-    t = Table("VM", "keep daily", "keep weekly", "keep monthly", "lock days")
-    for name, r in [("(default)", p.default), *sorted(p.vms.items())]:
-        t.add_row(name, str(r.keep_daily), str(r.keep_weekly), str(r.keep_monthly), str(r.lock_days))
-    out.print(t)
+    rows = [{"vm": name, "keep_daily": r.keep_daily, "keep_weekly": r.keep_weekly, "keep_monthly": r.keep_monthly,
+             "lock_days": r.lock_days} for name, r in [("(default)", p.default), *sorted(p.vms.items())]]  # fmt: skip
+    render(rows, RETENTION_COLS, v, data=p.to_dict())
 
 
 # -- maintenance ---------------------------------------------------------------------------------
+
+
+PRUNE_COLS = cols("vm", "generation", "keep", "reasons")
 
 
 @backup_server_app.command("prune")
@@ -280,12 +298,16 @@ def prune(
     directory: Path = DirOpt,
     vm: str = typer.Option(None, "--vm"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; remove nothing."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(PRUNE_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Apply the retention policy: remove the generations it does not keep (never a locked one)."""
+    v = view(output, column, as_json, PRUNE_COLS)
     result = vpolicy.prune(_store(directory), dry_run=dry_run, vm=vm)
-    if as_json:
-        print_json({v: [d.__dict__ for d in ds] for v, ds in result.items()})
+    if not v.human:
+        rows = [{"vm": name, **d.__dict__} for name, ds in result.items() for d in ds]
+        render(rows, PRUNE_COLS, v, data={name: [d.__dict__ for d in ds] for name, ds in result.items()})
         return
     t = Table("VM", "generation", "kept" if not dry_run else "would keep", "why")
     removed = 0
@@ -391,11 +413,20 @@ def import_(
     _copied(import_from(_store(directory), src, vm), "imported")
 
 
+HELD_COLS = cols("vm", "generation", "created", "received", "disks", "bytes_sent", "locked_until", "verified_at",
+                 "damaged", "synced_from")  # fmt: skip
+
+
 @backup_server_app.command("list")
 def list_(
-    directory: Path = DirOpt, vm: str = typer.Option(None, "--vm"), as_json: bool = typer.Option(False, "--json")
+    directory: Path = DirOpt,
+    vm: str = typer.Option(None, "--vm"),
+    output: str = OUTPUT,
+    column: list[str] = columns(HELD_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """The generations held, with their locks and verification."""
+    v = view(output, column, as_json, HELD_COLS)
     store = _store(directory)
     rows = []
     for name in [vm] if vm else store.vms():
@@ -408,8 +439,8 @@ def list_(
                 "bytes_sent": idx["bytes_sent"], "locked_until": st["locked_until"],
                 "verified_at": st["verified_at"], "damaged": st["damaged"] or [], "synced_from": st["synced_from"],
             })  # fmt: skip
-    if as_json:
-        print_json(rows)
+    if not v.human:
+        render(rows, HELD_COLS, v)
         return
     now = store.clock()
     t = Table("VM", "generation", "received", "disks", "sent", "locked until", "verified", "damaged", "from")
@@ -468,16 +499,20 @@ def timetable_set(
 
 
 @timetable_app.command("show")
-def timetable_show(directory: Path = DirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """The timetable and how each task went last."""
+def timetable_show(
+    directory: Path = DirOpt, output: str = OUTPUT, column: list[str] = COLUMN,
+    as_json: bool = JSON,
+) -> None:  # fmt: skip
+    """The timetable and how each task went last (-c: any of its settings, or last)."""
     from dataclasses import asdict
 
     from kasou.vault import timetable as vt
 
     store = _store(directory)
     data = {**vt.load(store).public(), "last": asdict(vt.load_state(store))["results"]}
-    if as_json:
-        print_json(data)
+    v = view(output, column, as_json, cols(*data))
+    if not v.human:
+        render_one(data, cols(*data), v)
         return
     _say_timetable(data)
     for task, r in sorted(data["last"].items()):

@@ -9,7 +9,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.common import client, err, follow, out, print_json, say
+from kasou.cli.common import client, err, follow, out, say
+from kasou.cli.output import JSON, OUTPUT, WAIT, Col, cols, columns, dump, render, render_one, view
 from kasou.errors import KasouError
 
 
@@ -44,35 +45,50 @@ def _print_results(rows: list[dict[str, Any]]) -> None:
                       soft_wrap=True)  # fmt: skip
 
 
+def _move_spread(m: dict[str, Any]) -> str:
+    return f"{m['resource']} {m['spread_before']:g} → {m['spread_after']:g}"
+
+
+MOVE_COLS = [Col("vm", "VM"), Col("source", "FROM"), Col("target", "TO"), Col("spread", "SPREAD", text=_move_spread,
+             value=_move_spread), Col("reason", "REASON"), Col("resource", hidden=True)]  # fmt: skip
+SETTINGS_COLS = cols("mode", "threshold", "hysteresis", "max_parallel", "max_moves", "cooldown_s", "interval_s",
+                     "local_disks")  # fmt: skip
+
+
 def balance(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only; move nothing."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job to its end."),
-    as_json: bool = typer.Option(False, "--json"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = columns(MOVE_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Even out the hosts' CPU and memory pressure by live migration: the plan, then (without --dry-run) the moves,
-    at most balance max_parallel at once."""
+    at most balance max_parallel at once. -o json: the plan (and the finished job); -c: the moves' columns."""
+    v = view(output, column, as_json, MOVE_COLS)
     c = client()
     res = c.post("/v1/cluster/balance", json={"dry_run": dry_run})
     job = res.get("job")
-    if as_json and (dry_run or not job or not wait):
-        print_json(res)
-        return
-    if not as_json:
-        print_plan(res["plan"])
+    plan = res["plan"]
+    if not v.human and (dry_run or not job or not wait or v.columns):
+        render(plan["moves"], MOVE_COLS, v, data=res)
+        if dry_run or not job or not wait:
+            return
+    if v.human:
+        print_plan(plan)
     if not job:
         return
     if not wait:
         say(f"balancing: job {job['id']}")
         return
     try:
-        done = follow(c, job, f"balancing: {len(res['plan']['moves'])} moves", timeout=3600)
+        done = follow(c, job, f"balancing: {len(plan['moves'])} moves", timeout=3600, console=out if v.table else err)
     except KasouError as e:
         _print_results(e.details.get("moves") or [])
         raise
-    if as_json:
-        print_json({**res, "job": done})
-        return
-    _print_results((done.get("result") or {}).get("moves", []))
+    if v.format in ("json", "yaml") and not v.columns:
+        dump({**res, "job": done}, v.format)
+    elif v.human:
+        _print_results((done.get("result") or {}).get("moves", []))
 
 
 def balance_settings(
@@ -84,9 +100,12 @@ def balance_settings(
     cooldown: int = typer.Option(None, "--cooldown", help="Seconds a VM the balancer moved stays where it is."),
     interval: int = typer.Option(None, "--interval", help="Seconds between rounds in recommend and automatic mode."),
     local_disks: bool = typer.Option(None, "--local-disks/--no-local-disks", help="Move VMs whose disks are local."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(SETTINGS_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Show the balancer's settings, or change those given."""
+    v = view(output, column, as_json, SETTINGS_COLS)
     c = client()
     s = dict(c.get("/v1/cluster/balance/settings"))
     changes = {"mode": mode, "threshold": threshold, "hysteresis": hysteresis, "max_parallel": max_parallel,
@@ -95,7 +114,4 @@ def balance_settings(
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes:
         s = dict(c.put("/v1/cluster/balance/settings", json={**s, **changes}))
-    if as_json:
-        print_json(s)
-        return
-    say(" ".join(f"{k}={v}" for k, v in s.items()))
+    render_one(s, SETTINGS_COLS, v, human=lambda: say(" ".join(f"{k}={val}" for k, val in s.items())))

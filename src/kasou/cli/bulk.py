@@ -8,7 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.common import client, fail, follow, out, parse_int, print_json, say
+from kasou.cli.common import client, fail, out, parse_int, say
+from kasou.cli.output import View, act
 
 tag_app = typer.Typer(help="Tags on VMs (e.g. emr, ward-a): lists filter on them, bulk actions select by them.",
                       no_args_is_help=True)  # fmt: skip
@@ -35,7 +36,6 @@ STATE = typer.Option(None, "--state", help="The VMs in this state (e.g. crashed)
 ALL = typer.Option(False, "--all", help="Every VM (templates never).")
 PARALLEL = typer.Option(None, "--parallel", help="Operations at once per host (default: from its CPUs).")
 WINDOW = typer.Option(None, "--window", help="A vendor: the maintenance window to act under.")
-JSON = typer.Option(False, "--json", help="Print the job as JSON.")
 
 
 def selector(
@@ -53,27 +53,21 @@ def selector(
     return {k: v for k, v in body.items() if v not in (None, [], False)}
 
 
-def run_bulk(action: str, body: dict[str, Any], wait: bool, as_json: bool, timeout: float | None = None) -> None:
-    """Submit a bulk action, follow its job and print a line per VM; exit 1 if a VM failed."""
+def run_bulk(action: str, body: dict[str, Any], wait: bool, v: View, timeout: float | None = None) -> None:
+    """Submit a bulk action, follow its job and print a line per VM (or the job: -o); exit 1 if a VM failed."""
     if not body:
         fail(f"say which VMs to {action}: a name, --tag, --host, --department, --state, or --all for every VM", 2)
     if timeout is not None:
         body["timeout"] = int(timeout)
     c = client()
     res = c.post(f"/v1/vms/actions/{action}", json=body)
-    if not wait:
-        if as_json:
-            print_json(res["job"])
-        else:
-            say(f"{action} of {len(res['vms'])} VMs: job {res['job']['id']}")
+    n = len(res["vms"])
+    job = act(c, res["job"], f"{action} {n} VMs", v, wait, timeout=3600,
+              queued=lambda j: f"{action} of {n} VMs: job {j['id']}")  # fmt: skip
+    if job is None:
         return
-    job = follow(c, res["job"], f"{action} {len(res['vms'])} VMs", timeout=3600)
-    if as_json:
-        print_json(job)
     r = job.get("result") or {}
-    if job.get("state") != "succeeded":
-        fail(f"{action}: {(job.get('error') or {}).get('message', 'the job failed')}")
-    if not as_json:
+    if v.human:
         t = Table("name", "host", "outcome", "why")
         for x in r.get("vms", []):
             t.add_row(x["vm"], x.get("host") or "-", x["outcome"], x.get("reason") or x.get("detail") or "")

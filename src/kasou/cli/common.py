@@ -1,4 +1,6 @@
-"""What every ``kasou`` command module shares: the API client, the consoles, JSON output, progress bars.
+"""What every ``kasou`` command module shares: the API client, the consoles, progress bars.
+
+Formats (-o/-c), jobs (wait, --no-wait) and exit codes: :mod:`kasou.cli.output`.
 
 Sub-apps (``kasou pool``, ``kasou disk``, ...) live in modules of their own and import these;
 :mod:`kasou.cli.main` adds them with ``app.add_typer``.
@@ -30,6 +32,7 @@ client_factory: Callable[[], Client] | None = None
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and the exit code (kasou.cli.output's EXIT_*: 2 for usage, ...)."""
     err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -43,19 +46,21 @@ def client(timeout: float = 30.0) -> Client:
 
 
 def print_json(data: Any) -> None:
+    """JSON on stdout, plain. A command's data goes through :func:`kasou.cli.output.render` instead (-o, -c)."""
     # Plain print: machine output must not be wrapped or coloured.
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @contextmanager
-def progress_bar(title: str) -> Iterator[Callable[[float, str], None]]:
-    """A progress bar on a terminal; nothing when the output is piped."""
-    if not out.is_terminal:
+def progress_bar(title: str, console: Console | None = None) -> Iterator[Callable[[float, str], None]]:
+    """A progress bar on a terminal (``console``: stdout's by default); nothing when it is piped."""
+    console = console or out
+    if not console.is_terminal:
         yield lambda _f, _s: None
         return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
-        console=out, transient=True,
+        console=console, transient=True,
     ) as bar:  # fmt: skip
         task = bar.add_task(title, total=1.0, step="")
 
@@ -65,8 +70,11 @@ def progress_bar(title: str) -> Iterator[Callable[[float, str], None]]:
         yield update
 
 
-def follow(c: Client, job: dict[str, Any], title: str, timeout: float = 900) -> dict[str, Any]:
-    with progress_bar(title) as update:
+def follow(
+    c: Client, job: dict[str, Any], title: str, timeout: float = 900, console: Console | None = None
+) -> dict[str, Any]:
+    """Wait for a job with a progress bar; its error (:mod:`kasou.errors`) if it failed or did not end in time."""
+    with progress_bar(title, console) as update:
         return c.wait_job(job["id"], timeout, lambda j: update(j.get("progress", 0.0), j.get("step", "")))
 
 

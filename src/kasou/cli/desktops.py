@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, follow, out, print_json, say
+from kasou.cli.common import client, err, follow, out, say
+from kasou.cli.output import JOB_COLS, JOB_COLUMN, JSON, OUTPUT, WAIT, Col, View, act, columns, render, render_one, view
 from kasou.model.desktops import validate_pool_name
 
 desktop_pool_app = typer.Typer(
@@ -20,11 +20,10 @@ desktop_pool_app = typer.Typer(
 )
 
 
-def _finish(c: Any, res: dict[str, Any], title: str) -> dict[str, Any]:
-    job = follow(c, res["job"], title)
-    if job.get("state") != "succeeded":
-        fail((job.get("error") or {}).get("message", f"{title} failed"))
-    return job
+def _finish(c: Any, res: dict[str, Any], title: str, v: View, wait: bool = True) -> dict[str, Any] | None:
+    """The finished job when the command is to say it in words (else act printed it, or --no-wait)."""
+    job = act(c, res["job"], title, v, wait)
+    return job if job is not None and v.human else None
 
 
 @desktop_pool_app.command("create")
@@ -40,9 +39,13 @@ def create(
     allow_usb: bool = typer.Option(False, "--allow-usb", help="The console may redirect USB devices."),
     record: bool = typer.Option(False, "--record", help="Record the desktops' console sessions (encrypted)."),
     description: str = typer.Option("", "--description", help="Shown to clinicians on the portal."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Define a desktop pool and make its desktops."""
+    v = view(output, column, as_json, JOB_COLS)
     body: dict[str, Any] = {
         "name": name, "template": template, "size": size, "prestart": prestart, "persistent": persistent,
         "idle_minutes": idle_minutes, "allow_clipboard": allow_clipboard, "allow_file_transfer": allow_file_transfer,
@@ -50,10 +53,12 @@ def create(
     }  # fmt: skip
     c = client()
     res = c.post("/v1/desktop-pools", json=body)
-    if not wait:
+    if v.human and not wait:
         say(f"desktop pool {name}: making {size} desktops (job {res['job']['id']})")
         return
-    job = _finish(c, res, f"making {size} desktops of pool {name}")
+    job = _finish(c, res, f"making {size} desktops of pool {name}", v, wait)
+    if job is None:
+        return
     made = (job.get("result") or {}).get("desktops", [])
     say(f"desktop pool {name}: {len(made)} desktops ({', '.join(made)}); {prestart} kept pre-started")
 
@@ -64,26 +69,33 @@ def _policy(p: dict[str, Any]) -> str:
     return (", ".join(allowed) or "screen only") + (", recorded" if p.get("record") else "")
 
 
+def _desktops(p: dict[str, Any]) -> str:
+    desks = []
+    for d in p["desktops"]:
+        who = f" {d['user']} {time.strftime('%H:%M', time.localtime(d['since']))}" if d["since"] else ""
+        desks.append(f"{d['vm']} {d['state']}{who}" + ("" if d["guest_ready"] or d["state"] != "free" else
+                                                       f" ({d['vm_state']})"))  # fmt: skip
+    return "\n".join(desks)
+
+
+def _kind(p: dict[str, Any]) -> str:
+    kind = "persistent" if p["persistent"] else "reset at sign-out"
+    return kind + (f", idle {p['idle_minutes']} min" if p["idle_minutes"] else "")
+
+
+DESKTOP_COLS = [
+    Col("name", "pool"), Col("template"), Col("state"), Col("size"), Col("in_use", "in use"),
+    Col("free_ready", "ready"), Col("prestart"), Col("persistent", "kind", _kind), Col("console", value=_policy),
+    Col("desktops", text=_desktops, value=lambda p: [d["vm"] for d in p["desktops"]]),
+    Col("idle_minutes", hidden=True), Col("record", hidden=True), Col("description", hidden=True),
+]  # fmt: skip
+
+
 @desktop_pool_app.command("list")
-def list_pools(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_pools(output: str = OUTPUT, column: list[str] = columns(DESKTOP_COLS), as_json: bool = JSON) -> None:
     """Desktop pools: size, in use, pre-started and ready, and who has which desktop."""
-    pools = client().get("/v1/desktop-pools")
-    if as_json:
-        print_json(pools)
-        return
-    t = Table("pool", "template", "state", "size", "in use", "ready", "prestart", "kind", "console", "desktops")
-    for p in pools:
-        desks = []
-        for d in p["desktops"]:
-            who = f" {d['user']} {time.strftime('%H:%M', time.localtime(d['since']))}" if d["since"] else ""
-            desks.append(f"{d['vm']} {d['state']}{who}" + ("" if d["guest_ready"] or d["state"] != "free" else
-                                                           f" ({d['vm_state']})"))  # fmt: skip
-        kind = "persistent" if p["persistent"] else "reset at sign-out"
-        if p["idle_minutes"]:
-            kind += f", idle {p['idle_minutes']} min"
-        t.add_row(p["name"], p["template"], p["state"], str(p["size"]), str(p["in_use"]), str(p["free_ready"]),
-                  str(p["prestart"]), kind, _policy(p), "\n".join(desks))  # fmt: skip
-    out.print(t)
+    v = view(output, column, as_json, DESKTOP_COLS)
+    render(client().get("/v1/desktop-pools"), DESKTOP_COLS, v)
 
 
 @desktop_pool_app.command("resize")
@@ -91,15 +103,24 @@ def resize(
     name: str,
     size: int = typer.Option(None, "--size", help="New number of desktops (free ones with the highest numbers go)."),
     prestart: int = typer.Option(None, "--prestart", help="New number kept pre-started."),
+    output: str = OUTPUT,
+    column: list[str] = columns(DESKTOP_COLS),
+    as_json: bool = JSON,
 ) -> None:
-    """Change a pool's size or the number of desktops kept pre-started."""
+    """Change a pool's size or the number of desktops kept pre-started (it waits for the new desktops)."""
+    v = view(output, column, as_json, DESKTOP_COLS)
     validate_pool_name(name)
     c = client()
     res = c.patch(f"/v1/desktop-pools/{name}", json={"size": size, "prestart": prestart})
     if res.get("job"):
-        _finish(c, res, f"resizing desktop pool {name}")
+        follow(c, res["job"], f"resizing desktop pool {name}", console=out if v.table else err)
     p = c.get(f"/v1/desktop-pools/{name}")
-    say(f"desktop pool {name}: {p['size']} desktops, {p['prestart']} kept pre-started")
+    render_one(
+        p,
+        DESKTOP_COLS,
+        v,
+        human=lambda: say(f"desktop pool {name}: {p['size']} desktops, {p['prestart']} kept pre-started"),
+    )
 
 
 @desktop_pool_app.command("set")
@@ -118,10 +139,15 @@ def set_pool(
 def delete(
     name: str,
     force: bool = typer.Option(False, "--force", help="Delete even while clinicians use its desktops."),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Delete a pool and its desktops (refused while desktops are in use unless --force)."""
+    v = view(output, column, as_json, JOB_COLS)
     validate_pool_name(name)
     c = client()
     res = c.delete(f"/v1/desktop-pools/{name}", params={"force": force})
-    _finish(c, res, f"deleting desktop pool {name}")
-    say(f"desktop pool {name}: deleted with its desktops")
+    if _finish(c, res, f"deleting desktop pool {name}", v, wait):
+        say(f"desktop pool {name}: deleted with its desktops")

@@ -10,12 +10,17 @@ from urllib.parse import quote
 import typer
 from rich.table import Table
 
-from kasou.cli.common import client, fail, out, print_json, say
+from kasou.cli.common import client, fail, out, say
+from kasou.cli.output import JSON, OUTPUT, cols, columns, render_one, view
 
 directory_app = typer.Typer(help="Sign-in with the hospital's directory (LDAP / Active Directory): its servers, which "
                             "groups give which kasou role, a test of one user.", no_args_is_help=True)  # fmt: skip
 
 AD_FILTER = "(&(objectClass=user)(sAMAccountName={name}))"
+DIR_COLS = cols("enabled", "status", "urls", "base_dn", "bind_user", "ca", "user_filter", "starttls", "timeout_s",
+                "mappings")  # fmt: skip
+OFF_COLS = cols("ok", "was_on")
+TEST_COLS = cols("user", "found", "dn", "display_name", "disabled", "groups", "grant", "bind", "url", "elapsed_ms")
 
 
 def _group(group: str) -> str:
@@ -63,9 +68,12 @@ def directory_set(
     ),
     starttls: bool = typer.Option(False, "--starttls", help="ldap:// URLs upgraded with StartTLS."),
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds for each connect and each answer (1-30)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(DIR_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Point kasou at the directory; the service account must bind (over verified TLS) before anything changes."""
+    view_ = view(output, column, as_json, DIR_COLS)
     if bind_password_stdin:
         pw = sys.stdin.readline().rstrip("\n")
     else:
@@ -81,18 +89,20 @@ def directory_set(
     body = {"urls": url, "base_dn": base_dn, "bind_user": bind_user, "bind_password": pw, "ca_pem": ca_pem,
             "user_filter": user_filter, "starttls": starttls, "timeout_s": timeout}  # fmt: skip
     v = client().put("/v1/directory", json=body)
-    if as_json:
-        print_json(v)
-        return
-    say("directory set: the service account signed in")
-    _show(v)
+
+    def human() -> None:
+        say("directory set: the service account signed in")
+        _show(v)
+
+    render_one(v, DIR_COLS, view_, human=human)
 
 
 @directory_app.command("show")
-def directory_show(as_json: bool = typer.Option(False, "--json")) -> None:
+def directory_show(output: str = OUTPUT, column: list[str] = columns(DIR_COLS), as_json: bool = JSON) -> None:
     """The directory settings (never the password), whether it answers, and the group mappings."""
+    view_ = view(output, column, as_json, DIR_COLS)
     v = client().get("/v1/directory")
-    print_json(v) if as_json else _show(v)
+    render_one(v, DIR_COLS, view_, human=lambda: _show(v))
 
 
 @directory_app.command("map")
@@ -101,26 +111,26 @@ def directory_map(
     role: str = typer.Option(..., "--role", help="admin, operator, auditor, manager, vendor or clinician."),
     department: list[str] = typer.Option([], "--department", help="A vendor's or manager's department (repeat)."),
     pool: list[str] = typer.Option([], "--pool", help="A desktop pool its members may use (repeat for several)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(DIR_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Members of GROUP (nested groups' members too) get ROLE. Of several mapped groups the most powerful role
     wins; departments and pools are united."""
+    view_ = view(output, column, as_json, DIR_COLS)
     v = client().put(f"/v1/directory/mappings/{_group(group)}", json={"role": role, "departments": department,
                                                                          "pools": pool})  # fmt: skip
-    if as_json:
-        print_json(v)
-        return
-    say(f"directory group {group}: {role}")
+    render_one(v, DIR_COLS, view_, human=lambda: say(f"directory group {group}: {role}"))
 
 
 @directory_app.command("unmap")
-def directory_unmap(group: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def directory_unmap(
+    group: str, output: str = OUTPUT, column: list[str] = columns(DIR_COLS), as_json: bool = JSON
+) -> None:
     """GROUP gives no kasou role any more (its members lose it at their next sign-in or re-check)."""
+    view_ = view(output, column, as_json, DIR_COLS)
     v = client().delete(f"/v1/directory/mappings/{_group(group)}")
-    if as_json:
-        print_json(v)
-        return
-    say(f"directory group {group}: no longer mapped")
+    render_one(v, DIR_COLS, view_, human=lambda: say(f"directory group {group}: no longer mapped"))
 
 
 @directory_app.command("test")
@@ -129,16 +139,19 @@ def directory_test(
     password_stdin: bool = typer.Option(
         False, "--password-stdin", help="Also try the user's bind (password from stdin)."
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(TEST_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """USER as the directory has them: DN, groups (nested ones too), and the role, departments and pools kasou
     would give; with --password-stdin, whether their password binds."""
+    view_ = view(output, column, as_json, TEST_COLS)
     body: dict[str, Any] = {"user": user}
     if password_stdin:
         body["password"] = sys.stdin.readline().rstrip("\n")
     r = client().post("/v1/directory/test", json=body)
-    if as_json:
-        print_json(r)
+    if not view_.human:
+        render_one(r, TEST_COLS, view_)
         return
     if not r["found"]:
         say(f"{user}: not found in the directory ({r.get('url') or 'no server'}, {r['elapsed_ms']:.0f} ms)")
@@ -160,10 +173,9 @@ def directory_test(
 
 
 @directory_app.command("off")
-def directory_off(as_json: bool = typer.Option(False, "--json")) -> None:
+def directory_off(output: str = OUTPUT, column: list[str] = columns(OFF_COLS), as_json: bool = JSON) -> None:
     """Stop directory sign-in (local users and break-glass are not touched)."""
+    view_ = view(output, column, as_json, OFF_COLS)
     r = client().delete("/v1/directory")
-    if as_json:
-        print_json(r)
-        return
-    say("directory sign-in: off" + ("" if r["was_on"] else " (it was not on)"))
+    render_one(r, OFF_COLS, view_, human=lambda: say("directory sign-in: off" + ("" if r["was_on"] else
+                                                                                  " (it was not on)")))  # fmt: skip

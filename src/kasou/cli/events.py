@@ -5,14 +5,23 @@ from __future__ import annotations
 import time
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, out, print_json
+from kasou.cli.common import client
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, view
 
 event_app = typer.Typer(
     help="Events: hosts down, VMs left without a restart, degraded disks, pools low on space, failed backups.",
     no_args_is_help=True,
 )
+
+
+EVENT_COLS = [
+    Col("time", text=lambda e: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))),
+    Col("severity"),
+    Col("kind"),
+    Col("subject"),
+    Col("message", text=lambda e: e["message"]),
+]
 
 
 @event_app.command("list")
@@ -21,9 +30,12 @@ def event_list(
     severity: str = typer.Option(None, "--severity", help="At least this severity: info, warning, error or critical."),
     active: bool = typer.Option(False, "--active", help="Only conditions raised and not over yet."),
     limit: int = typer.Option(200, "--limit", min=1, max=5000),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(EVENT_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Recent events, oldest first."""
+    v = view(output, column, as_json, EVENT_COLS)
     if active:
         events = client().get("/v1/events/active")
     else:
@@ -33,11 +45,4 @@ def event_list(
         if severity:
             params["severity"] = severity
         events = client().get("/v1/events", params=params)
-    if as_json:
-        print_json(events)
-        return
-    t = Table("time", "severity", "kind", "subject", "message")
-    for e in events:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
-        t.add_row(when, e["severity"], e["kind"], e["subject"], e["message"])
-    out.print(t)
+    render(events, EVENT_COLS, v)

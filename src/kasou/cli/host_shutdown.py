@@ -26,6 +26,7 @@ import typer
 
 from kasou.cli.bulk import run_bulk
 from kasou.cli.common import client, err, fail, follow, say
+from kasou.cli.output import View
 from kasou.config import host_name
 
 SYSTEM_STATE_TIMEOUT_S = 10.0
@@ -90,6 +91,6 @@ def end_guests(where: dict[str, Any], timeout: int) -> None:
     of the start-up order; then stop the paused ones, whose guests cannot act on a shutdown request."""
     states = {v["state"] for v in client().get("/v1/vms", params={k: v for k, v in where.items() if k == "host"})}
     if "running" in states:
-        run_bulk("shutdown", {**where, "state": "running"}, wait=True, as_json=False, timeout=timeout)
+        run_bulk("shutdown", {**where, "state": "running"}, wait=True, v=View(), timeout=timeout)
     if "paused" in states:
-        run_bulk("stop", {**where, "state": "paused"}, wait=True, as_json=False, timeout=timeout)
+        run_bulk("stop", {**where, "state": "paused"}, wait=True, v=View(), timeout=timeout)

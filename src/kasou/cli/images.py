@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import out, print_json, progress_bar
+from kasou.cli.common import out, progress_bar
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, view
 from kasou.config import Paths
 from kasou.model.units import format_size
 
@@ -39,21 +39,24 @@ def image_build(
         f"file {format_size(held)}; firmware {', '.join(art.firmware)})")  # fmt: skip
 
 
+IMAGE_COLS = [
+    Col("name"), Col("kind"), Col("disk_format", "format"),
+    Col("disk_size_bytes", "size", lambda a: format_size(a["disk_size_bytes"])),
+    Col("file_bytes", "on disk", lambda a: format_size(a["file_bytes"])),
+    Col("firmware", text=lambda a: " ".join(a["firmware"]) or "-"),
+    Col("built_at", "made (UTC)", lambda a: f"{a['origin']} {a['built_at'][:16].replace('T', ' ')}"),
+    Col("origin", hidden=True),
+]  # fmt: skip
+
+
 @image_app.command("list")
-def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def image_list(output: str = OUTPUT, column: list[str] = columns(IMAGE_COLS), as_json: bool = JSON) -> None:
     """The images of this host: built and imported."""
     from kasou.image import list_images
 
+    v = view(output, column, as_json, IMAGE_COLS)
     found = list_images(Paths.from_env().images)
-    if as_json:
-        print_json([{**a.to_dict(), "file_bytes": _held(a.disk)} for a in found])
-        return
-    t = Table("name", "kind", "format", "size", "on disk", "firmware", "made (UTC)")
-    for a in found:
-        made = f"{a.origin} {a.built_at[:16].replace('T', ' ')}"
-        t.add_row(a.name, a.kind, a.disk_format, format_size(a.disk_size_bytes), format_size(_held(a.disk)),
-                  " ".join(a.firmware) or "-", made)  # fmt: skip
-    out.print(t)
+    render([{**a.to_dict(), "file_bytes": _held(a.disk)} for a in found], IMAGE_COLS, v)
 
 
 def _held(path: Path) -> int:

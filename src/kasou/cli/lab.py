@@ -2,19 +2,20 @@
 
 Registered in the main CLI with ``app.add_typer(lab_app, name="lab")``. The lab code (and
 pyroute2, ~0.4 s to import) is imported only when a lab command runs, so the rest of the CLI
-does not pay for it. Errors print one line (``error: ...``) on stderr and exit with status 1.
+does not pay for it. Errors print one line (``error: ...``) on stderr and exit with their status
+(:func:`kasou.cli.output.exit_code`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 
+from kasou.cli.output import COLUMN, JSON, OUTPUT, cols, exit_code, render_one, view
 from kasou.errors import KasouError
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def _errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except KasouError as e:
             sys.stderr.write(f"error: {e.message}\n")
-            raise typer.Exit(1) from None
+            raise typer.Exit(exit_code(e)) from None
         except KeyboardInterrupt:
             sys.stderr.write("error: interrupted\n")
             raise typer.Exit(130) from None
@@ -89,11 +90,12 @@ def lab_down() -> None:
 
 @lab_app.command("status")
 @_errors
-def lab_status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Hosts (address, namespace, services, link) and etcd members."""
+def lab_status(output: str = OUTPUT, column: list[str] = COLUMN, as_json: bool = JSON) -> None:
+    """Hosts (address, namespace, services, link) and etcd members (-c: dir, bridge, hosts, etcd, ...)."""
+    v = view(output, column, as_json)
     st = _lab().status()
-    if as_json:
-        _say(json.dumps(st, indent=2))
+    if not v.human:
+        render_one(st, cols(*st), v)
         return
     br, vm_br = st["bridge"], st["vm_bridge"]
     _say(f"lab {st['dir']}  bridge {br['name']} {br['address']}, VM bridge {vm_br['name']}")

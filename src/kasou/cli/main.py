@@ -1,7 +1,9 @@
 """The ``kasou`` command line. VM commands are clients of the REST API.
 
-Errors print one line (``error: ...``) on stderr and exit with status 1.
-Long operations show a progress bar on a terminal.
+Errors print one line (``error: ...``) on stderr and exit with a status that says what went wrong (0 ok,
+1 error, 2 usage, 3 not found, 4 conflict, 5 timeout); every command that prints data takes
+``-o table|json|yaml|value`` and ``-c COLUMN``; actions wait with a progress bar unless ``--no-wait``
+(:mod:`kasou.cli.output`, docs/cli.md).
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.table import Table
 
 from kasou import __version__, services
 from kasou.cli import balance, completion, manpages
@@ -25,8 +28,8 @@ from kasou.cli.common import (
     fail,
     follow,
     out,
-    print_json,
     progress_bar,
+    say,
     uptime_text,
 )
 from kasou.cli.desktops import desktop_pool_app
@@ -39,6 +42,24 @@ from kasou.cli.lab import lab_app
 from kasou.cli.maintenance import window_app
 from kasou.cli.networks import network_app
 from kasou.cli.notify import notify_app
+from kasou.cli.output import (
+    EPILOG,
+    JOB_COLS,
+    JOB_COLUMN,
+    JSON,
+    OUTPUT,
+    WAIT,
+    Col,
+    KasouGroup,
+    View,
+    act,
+    columns,
+    dump,
+    exit_code,
+    render,
+    render_one,
+    view,
+)
 from kasou.cli.plan import plan_app
 from kasou.cli.recordings import console_app
 from kasou.cli.snapshot import snapshot_app
@@ -52,6 +73,8 @@ from kasou.errors import KasouError
 app = typer.Typer(
     name="kasou",
     help="kasou (仮想): virtualization for hospital information systems.",
+    epilog=EPILOG,
+    cls=KasouGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -147,6 +170,7 @@ def serve(
     run_api(Paths.from_env(), address, plain_http)
 
 
+CLUSTER_COLS = [Col("clustered"), Col("leader"), Col("hosts")]
 cluster_app = typer.Typer(help="The virtual environment: its hosts, its leader, balancing.")
 app.add_typer(cluster_app, name="cluster")
 cluster_app.command("balance")(balance.balance)
@@ -154,16 +178,17 @@ cluster_app.command("balance-settings")(balance.balance_settings)
 
 
 @cluster_app.callback(invoke_without_command=True)
-def cluster(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+def cluster(
+    ctx: typer.Context, output: str = OUTPUT, column: list[str] = columns(CLUSTER_COLS), as_json: bool = JSON
+) -> None:
     """The virtual environment: the hosts that are up and whose control plane leads."""
     if ctx.invoked_subcommand is not None:
         return
+    v = view(output, column, as_json, CLUSTER_COLS)
     c = client().get("/v1/cluster")
-    if as_json:
-        print_json(c)
-        return
     kind = "cluster (etcd)" if c["clustered"] else "single host (SQLite)"
-    out.print(f"{kind}; leader: {c['leader'] or '-'}; hosts up: {', '.join(c['hosts'])}", markup=False)
+    render_one(c, CLUSTER_COLS, v, human=lambda: say(f"{kind}; leader: {c['leader'] or '-'}; hosts up: "
+                                                      f"{', '.join(c['hosts'])}"))  # fmt: skip
 
 
 @app.command()
@@ -175,17 +200,22 @@ def version() -> None:
 # -- host -----------------------------------------------------------------------------
 
 
+CHECK_COLS = [Col(k) for k in ("accelerator", "reason", "kvm_device", "kvm_probe_seconds", "qemu_version", "cpus",
+                                "memory_total_mib", "memory_free_mib")]  # fmt: skip
+
+
 @host_app.command("check")
 def host_check(
-    as_json: bool = typer.Option(False, "--json"),
     refresh: bool = typer.Option(False, "--refresh", help="Probe KVM again instead of using this boot's answer."),
-) -> None:
+    output: str = OUTPUT, column: list[str] = columns(CHECK_COLS), as_json: bool = JSON,
+) -> None:  # fmt: skip
     """The accelerator this host will use and why, the QEMU version, CPUs and free memory."""
     from kasou.agent.hostinfo import cpu_count, memory_mib
     from kasou.hypervisor.qemu import accel
 
+    v = view(output, column, as_json, CHECK_COLS)
     paths = Paths.from_env()
-    with progress_bar("probing the accelerator") as update:
+    with progress_bar("probing the accelerator", out if v.table else err) as update:
         update(0.1, "booting a probe guest under KVM")
         d = asyncio.run(accel.decide(paths.images, refresh=refresh))
     total, avail = memory_mib()
@@ -199,27 +229,31 @@ def host_check(
         "memory_total_mib": total,
         "memory_free_mib": avail,
     }
-    if as_json:
-        print_json(data)
-        return
-    for k, v in data.items():
-        out.print(f"{k:18} {v}", markup=False, highlight=False)
+
+    def human() -> None:
+        for k, x in data.items():
+            say(f"{k:18} {x}")
+
+    render_one(data, CHECK_COLS, v, human=human)
+
+
+def _mib(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r[key]} MiB"
+
+
+HOST_COLS = [
+    Col("name"), Col("state"), Col("cpus", "CPUs"), Col("vcpus_used", "vCPUs used"),
+    Col("memory_capacity_mib", "memory for VMs", _mib("memory_capacity_mib")),
+    Col("memory_used_mib", "used", _mib("memory_used_mib")), Col("memory_free_mib", "free", _mib("memory_free_mib")),
+    Col("vms_running", "VMs"), Col("load_1m", "load"),
+]  # fmt: skip
 
 
 @host_app.command("list")
-def host_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def host_list(output: str = OUTPUT, column: list[str] = columns(HOST_COLS), as_json: bool = JSON) -> None:
     """The hosts of this environment: state, capacity and load."""
-    hosts = client().get("/v1/hosts")
-    if as_json:
-        print_json(hosts)
-        return
-    t = Table("name", "state", "CPUs", "vCPUs used", "memory for VMs", "used", "free", "VMs", "load")
-    for h in hosts:
-        t.add_row(
-            h["name"], h["state"], str(h["cpus"]), str(h["vcpus_used"]), f"{h['memory_capacity_mib']} MiB",
-            f"{h['memory_used_mib']} MiB", f"{h['memory_free_mib']} MiB", str(h["vms_running"]), str(h["load_1m"]),
-        )  # fmt: skip
-    out.print(t)
+    v = view(output, column, as_json, HOST_COLS)
+    render(client().get("/v1/hosts"), HOST_COLS, v)
 
 
 host_app.command("shutdown-guests")(shutdown_guests)
@@ -229,16 +263,24 @@ host_app.command("shutdown-guests")(shutdown_guests)
 def host_maintenance(
     name: str,
     off: bool = typer.Option(False, "--off", help="Return the host to service."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Empty a host by live-migrating its VMs elsewhere, and place nothing there (--off returns it)."""
+    v = view(output, column, as_json, JOB_COLS)
     c = client()
     res = c.post(f"/v1/hosts/{name}/maintenance", params={"on": not off})
-    if off:
-        out.print(f"host {name}: back in service", markup=False, highlight=False)
+    if off or not res["job"]:
+        if v.human:
+            say(f"host {name}: back in service" if off else f"host {name}: in maintenance")
+        else:
+            render_one({"host": name, "maintenance": not off}, [Col("host"), Col("maintenance")], View(v.format))
         return
-    if wait and res["job"]:
-        job = follow(c, res["job"], f"emptying {name}", timeout=3600)
+    job = act(c, res["job"], f"emptying {name}", v, wait, timeout=3600,
+              queued=lambda j: f"host {name}: entering maintenance (job {j['id']})")  # fmt: skip
+    if job is not None and v.human:
         result = job.get("result") or {}
         moved = result.get("moved", [])
         retried = result.get("retried") or {}
@@ -246,8 +288,6 @@ def host_maintenance(
         out.print(f"host {name}: in maintenance, {len(moved)} VMs moved{again}", markup=False, highlight=False)
         for w in result.get("warnings") or []:
             err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
-    else:
-        out.print(f"host {name}: entering maintenance (job {res['job']['id']})", markup=False, highlight=False)
 
 
 # -- reports -------------------------------------------------------------------------
@@ -256,48 +296,67 @@ report_app = typer.Typer(help="Reports.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
 
 
+UPTIME_COLS = [Col("name"), Col("running"), Col("uptime_s", "uptime", lambda r: uptime_text(r["uptime_s"])),
+               Col("stops"), Col("crashes"), Col("migrations")]  # fmt: skip
+
+
 @report_app.command("uptime")
-def reportuptime_text(as_json: bool = typer.Option(False, "--json")) -> None:
+def report_uptime(output: str = OUTPUT, column: list[str] = columns(UPTIME_COLS), as_json: bool = JSON) -> None:
     """Per VM: time since its last real stop, and how often it stopped (a migration is not a stop)."""
-    rows = client().get("/v1/reports/uptime")
-    if as_json:
-        print_json(rows)
-        return
-    t = Table("name", "running", "uptime", "stops", "crashes", "migrations")
-    for r in rows:
-        t.add_row(
-            r["name"], "yes" if r["running"] else "no", uptime_text(r["uptime_s"]), str(r["stops"]), str(r["crashes"]),
-            str(r["migrations"]),
-        )  # fmt: skip
-    out.print(t)
+    v = view(output, column, as_json, UPTIME_COLS)
+    render(client().get("/v1/reports/uptime"), UPTIME_COLS, v)
 
 
 # -- jobs and the API -----------------------------------------------------------------
 
 
 @job_app.command("show")
-def job_show(job_id: str) -> None:
-    """One job."""
-    print_json(client().get(f"/v1/jobs/{job_id}"))
+def job_show(
+    job_id: str, output: str = typer.Option("json", "-o", "--output", metavar="FORMAT",
+                                            help="json (the default here), yaml, value or table."),
+    column: list[str] = JOB_COLUMN, as_json: bool = JSON,
+) -> None:  # fmt: skip
+    """One job (as JSON unless -o says otherwise)."""
+    v = view(output, column, as_json, JOB_COLS)
+    render_one(client().get(f"/v1/jobs/{job_id}"), JOB_COLS, v)
+
+
+@job_app.command("wait")
+def job_wait(
+    job_id: str,
+    timeout: float = typer.Option(900, "--timeout", help="Seconds to wait (then exit 5)."),
+    output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON,
+) -> None:  # fmt: skip
+    """Wait for a job (one started with --no-wait) to end; exit with its outcome's code."""
+    v = view(output, column, as_json, JOB_COLS)
+    c = client()
+    job = act(c, c.get(f"/v1/jobs/{job_id}"), f"job {job_id}", v, timeout=timeout)
+    if job is not None and v.human:
+        say(f"job {job_id}: {job['state']}")
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: str) -> None:
+def job_cancel(job_id: str, output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON) -> None:
     """Cancel a running job (a cancelled migration leaves the VM running where it was)."""
+    v = view(output, column, as_json, JOB_COLS)
     j = client().post(f"/v1/jobs/{job_id}/cancel")
-    out.print(f"job {job_id}: {j['state']}", markup=False, highlight=False)
+    render_one(j, JOB_COLS, v, human=lambda: say(f"job {job_id}: {j['state']}"))
 
 
 @job_app.command("list")
-def job_list(vm: str = typer.Option(None, "--vm"), as_json: bool = typer.Option(False, "--json")) -> None:
+def job_list(
+    vm: str = typer.Option(None, "--vm"), output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON
+) -> None:
     """Recent jobs."""
+    v = view(output, column, as_json, JOB_COLS)
     jobs = client().get("/v1/jobs", params={"vm": vm} if vm else {})
-    if as_json:
-        print_json(jobs)
-        return
-    for j in jobs:
-        error = (j.get("error") or {}).get("message", "")
-        out.print(f"{j['id']}  {j['kind']:9} {j['vm'] or '-':16} {j['state']:9} {error}", markup=False)
+
+    def human() -> None:
+        for j in jobs:
+            error = (j.get("error") or {}).get("message", "")
+            out.print(f"{j['id']}  {j['kind']:9} {j['vm'] or '-':16} {j['state']:9} {error}", markup=False)
+
+    render(jobs, JOB_COLS, v, human=human)
 
 
 @api_app.command("openapi")
@@ -305,7 +364,7 @@ def api_openapi() -> None:
     """Print the API's OpenAPI document (the checked-in copy is src/kasou/api/openapi.json)."""
     from kasou.api.spec import openapi_document
 
-    print_json(openapi_document())
+    dump(openapi_document(), "json")
 
 
 @app.command()
@@ -370,9 +429,9 @@ def main() -> None:
             completion.complete(app)
             return
         app()
-    except KasouError as e:
+    except KasouError as e:  # raised outside a command (KasouGroup handles those inside)
         err.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(exit_code(e))
     except KeyboardInterrupt:
         err.print("error: interrupted", markup=False, highlight=False)
         sys.exit(130)

@@ -7,9 +7,9 @@ import datetime as dt
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, out, print_json, say
+from kasou.cli.common import client, say
+from kasou.cli.output import JSON, OUTPUT, Col, View, cols, columns, render, render_one, view
 from kasou.errors import InvalidSpec
 from kasou.model.maintenance import check_id
 
@@ -40,11 +40,19 @@ def _line(w: dict[str, Any]) -> str:
             f"{when_text(w['starts_at'])} to {when_text(w['ends_at'])}; {', '.join(w['permissions'])})")  # fmt: skip
 
 
-def _answer(w: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(w)
-    else:
-        say(_line(w))
+WINDOW_COLS = [
+    Col("id"), Col("vendor"), Col("state", text=lambda w: "active" if w["active"] else w["state"]),
+    Col("starts_at", "from", lambda w: when_text(w["starts_at"])),
+    Col("ends_at", "to", lambda w: when_text(w["ends_at"])),
+    Col("vms", "VMs"), Col("permissions", "grants"), Col("requested_by", "requested by"),
+    Col("decided_by", "approved by"),
+    *cols(hidden=("departments", "plan", "active", "requested_at", "decided_at", "revoked_by", "revoked_at")),
+]  # fmt: skip
+REPORT_COLS = cols("id", "state", "window", "plan", "actions", "summary", "refused")
+
+
+def _answer(w: dict[str, Any], v: View) -> None:
+    render_one(w, WINDOW_COLS, v, human=lambda: say(_line(w)))
 
 
 @window_app.command("request")
@@ -57,55 +65,64 @@ def window_request(
     permissions: str = typer.Option(
         "", "--permissions", help="What it grants, comma-separated: vm.read, operate, console (default: all)."
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(WINDOW_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Request a window (by the vendor for themselves, an administrator or operator, or the department's manager)."""
+    v = view(output, column, as_json, WINDOW_COLS)
     body: dict[str, Any] = {"vendor": vendor, "vms": _csv(vms), "starts_at": parse_when(start, "--from"),
                             "ends_at": parse_when(end, "--to"), "plan": plan}  # fmt: skip
     if permissions:
         body["permissions"] = _csv(permissions)
-    _answer(client().post("/v1/maintenance-windows", json=body), as_json)
+    _answer(client().post("/v1/maintenance-windows", json=body), v)
 
 
 @window_app.command("approve")
-def window_approve(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def window_approve(
+    window_id: str, output: str = OUTPUT, column: list[str] = columns(WINDOW_COLS), as_json: bool = JSON
+) -> None:
     """Approve a requested window (an administrator or the department's manager who did not request it)."""
-    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/approve"), as_json)
+    v = view(output, column, as_json, WINDOW_COLS)
+    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/approve"), v)
 
 
 @window_app.command("deny")
-def window_deny(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def window_deny(
+    window_id: str, output: str = OUTPUT, column: list[str] = columns(WINDOW_COLS), as_json: bool = JSON
+) -> None:
     """Deny a requested window (an administrator or the department's manager)."""
-    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/deny"), as_json)
+    v = view(output, column, as_json, WINDOW_COLS)
+    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/deny"), v)
 
 
 @window_app.command("revoke")
-def window_revoke(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def window_revoke(
+    window_id: str, output: str = OUTPUT, column: list[str] = columns(WINDOW_COLS), as_json: bool = JSON
+) -> None:
     """End a requested or approved window now: the vendor's access and consoles end with it."""
-    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/revoke"), as_json)
+    v = view(output, column, as_json, WINDOW_COLS)
+    _answer(client().post(f"/v1/maintenance-windows/{check_id(window_id)}/revoke"), v)
 
 
 @window_app.command("list")
-def window_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def window_list(output: str = OUTPUT, column: list[str] = columns(WINDOW_COLS), as_json: bool = JSON) -> None:
     """Every window (a vendor: their own; a manager: those of their departments), by start."""
-    windows = client().get("/v1/maintenance-windows")
-    if as_json:
-        print_json(windows)
-        return
-    t = Table("id", "vendor", "state", "from", "to", "VMs", "grants", "requested by", "approved by")
-    for w in windows:
-        t.add_row(w["id"], w["vendor"], "active" if w["active"] else w["state"], when_text(w["starts_at"]),
-                  when_text(w["ends_at"]), ", ".join(w["vms"]), ", ".join(w["permissions"]), w["requested_by"],
-                  w.get("decided_by") or "-")  # fmt: skip
-    out.print(t)
+    v = view(output, column, as_json, WINDOW_COLS)
+    render(client().get("/v1/maintenance-windows"), WINDOW_COLS, v)
 
 
 @window_app.command("show")
-def window_show(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def window_show(
+    window_id: str, output: str = OUTPUT, column: list[str] = columns(WINDOW_COLS), as_json: bool = JSON
+) -> None:
+    """One window: its state, who requested and decided it, and its plan."""
+    v = view(output, column, as_json, WINDOW_COLS)
     w = client().get(f"/v1/maintenance-windows/{check_id(window_id)}")
-    if as_json:
-        print_json(w)
-        return
+    render_one(w, WINDOW_COLS, v, human=lambda: _show(w))
+
+
+def _show(w: dict[str, Any]) -> None:
     say(_line(w))
     say(f"requested by {w['requested_by']} at {when_text(w['requested_at'])}")
     if w.get("decided_by"):
@@ -119,12 +136,17 @@ def window_show(window_id: str, as_json: bool = typer.Option(False, "--json")) -
 
 
 @window_app.command("report")
-def window_report(window_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def window_report(
+    window_id: str, output: str = OUTPUT, column: list[str] = columns(REPORT_COLS), as_json: bool = JSON
+) -> None:
     """What was done inside the window (its audit records) against its stated plan, for the department's sign-off."""
+    v = view(output, column, as_json, REPORT_COLS)
     r = client().get(f"/v1/maintenance-windows/{check_id(window_id)}/report")
-    if as_json:
-        print_json({"id": r["window"]["id"], "state": r["window"]["state"], **r})
-        return
+    r = {"id": r["window"]["id"], "state": r["window"]["state"], **r}
+    render_one(r, REPORT_COLS, v, human=lambda: _report(r))
+
+
+def _report(r: dict[str, Any]) -> None:
     say(_line(r["window"]))
     say("stated plan:")
     for line in r["plan"].splitlines():

@@ -5,15 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, out, parse_int, print_json
+from kasou.cli.common import client, fail, out, parse_int, say
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, render_one, view
 from kasou.model.names import validate_name
 
 network_app = typer.Typer(
     help="VM networks (segments such as clinical, imaging, mgmt): a bridge per host, optionally on an 802.1Q VLAN.",
     no_args_is_help=True,
 )
+
+
+def _vms(n: dict[str, Any]) -> str:
+    return (", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")) or "-"
+
+
+NET_COLS = [
+    Col("name"),
+    Col("vlan", "VLAN", lambda n: "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])),
+    Col("departments", text=lambda n: ", ".join(n.get("departments") or []) or "all"),
+    Col("vms", "VMs", _vms),
+    Col("description", text=lambda n: n["description"]),
+    Col("isolated", hidden=True),
+]
 
 
 @network_app.command("create")
@@ -27,8 +41,12 @@ def network_create(
     isolated: bool = typer.Option(
         False, "--isolated", help="Never connected to the hosts' uplink: its VMs reach only each other on a host."
     ),
+    output: str = OUTPUT,
+    column: list[str] = columns(NET_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Define a network. Hosts make its bridge (kb-NAME) when a VM on it starts there."""
+    v = view(output, column, as_json, NET_COLS)
     body: dict[str, Any] = {"name": name, "description": description, "isolated": isolated}
     if vlan is not None:
         body["vlan"] = parse_int(vlan, "vlan")
@@ -36,7 +54,7 @@ def network_create(
         body["departments"] = list(department)
     n = client().post("/v1/networks", json=body)
     where = "isolated: no uplink" if n.get("isolated") else f"VLAN {n['vlan']}" if n["vlan"] is not None else "untagged"
-    out.print(f"network {n['name']}: created ({where}{_for_departments(n)})", markup=False, highlight=False)
+    render_one(n, NET_COLS, v, human=lambda: say(f"network {n['name']}: created ({where}{_for_departments(n)})"))
 
 
 def _for_departments(n: dict[str, Any]) -> str:
@@ -62,19 +80,10 @@ def network_set(
 
 
 @network_app.command("list")
-def network_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def network_list(output: str = OUTPUT, column: list[str] = columns(NET_COLS), as_json: bool = JSON) -> None:
     """The networks, their VLANs and the VMs on each (user, QEMU's NAT, is always there)."""
-    nets = client().get("/v1/networks")
-    if as_json:
-        print_json(nets)
-        return
-    t = Table("name", "VLAN", "departments", "VMs", "description")
-    for n in nets:
-        vms = ", ".join(n["vms"][:5]) + (f" +{len(n['vms']) - 5}" if len(n["vms"]) > 5 else "")
-        deps = ", ".join(n.get("departments") or []) or "all"
-        vlan = "isolated" if n.get("isolated") else "-" if n["vlan"] is None else str(n["vlan"])
-        t.add_row(n["name"], vlan, deps, vms or "-", n["description"])
-    out.print(t)
+    v = view(output, column, as_json, NET_COLS)
+    render(client().get("/v1/networks"), NET_COLS, v)
 
 
 @network_app.command("delete")

@@ -7,14 +7,27 @@ from __future__ import annotations
 import time
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, out, print_json, say
+from kasou.cli.common import client, say
+from kasou.cli.output import JSON, OUTPUT, Col, cols, columns, render, view
 from kasou.model.names import validate_name
 
 notify_app = typer.Typer(help="Notifications: mail, webhooks and syslog for operator events.", no_args_is_help=True)
 
 SEVERITIES = ("info", "warning", "error", "critical")
+RESULT_COLS = cols("channel", "target", "outcome", "reason")
+CHANNEL_COLS = [
+    Col("name", "channel"), Col("target"), Col("department", text=lambda c: c["department"] or "(all)"),
+    Col("min_severity", "min severity"), Col("delivered"), Col("failures"), Col("dropped"),
+    Col("last_time", "last", lambda c: _last(c)), *cols(hidden=("last_ok", "last_error")),
+]  # fmt: skip
+
+
+def _last(c: dict) -> str:
+    if c["last_time"] is None:
+        return "-"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["last_time"]))
+    return f"{when} ok" if c["last_ok"] else f"{when} failed: {c['last_error']}"
 
 
 @notify_app.command("test")
@@ -23,9 +36,10 @@ def notify_test(
                                  "of this one (info, warning, error, critical); default: try every channel."),
     department: str = typer.Option(None, "--department", help="Route the test event as this department's "
                                    "(its route's contacts get it, other departments' do not)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT, column: list[str] = columns(RESULT_COLS), as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """Send a test event through every configured channel; exit 1 if one failed."""
+    v = view(output, column, as_json, RESULT_COLS)
     if severity is not None and severity not in SEVERITIES:
         raise typer.BadParameter(f"{severity!r} is not one of {', '.join(SEVERITIES)}", param_hint="--severity")
     if department is not None:
@@ -36,32 +50,25 @@ def notify_test(
     if department:
         body["department"] = department
     results = client(timeout=60.0).post("/v1/notify/test", json=body)["results"]
-    if as_json:
-        print_json(results)
-    else:
+
+    def human() -> None:
         for r in results:
             why = f": {r['reason']}" if r["reason"] else ""
             say(f"{r['channel']} ({r['target']}): {r['outcome']}{why}")
+
+    render(results, RESULT_COLS, v, human=human)
     if any(r["outcome"] == "failed" for r in results):
         raise typer.Exit(1)
 
 
 @notify_app.command("status")
-def notify_status(as_json: bool = typer.Option(False, "--json")) -> None:
+def notify_status(output: str = OUTPUT, column: list[str] = columns(CHANNEL_COLS), as_json: bool = JSON) -> None:
     """The channels configured on the API server, their last delivery and their failures."""
+    v = view(output, column, as_json, CHANNEL_COLS)
     st = client().get("/v1/notify/status")
-    if as_json:
-        print_json(st)
+    render(st["channels"], CHANNEL_COLS, v, data=st)
+    if not v.human:
         return
-    t = Table("channel", "target", "department", "min severity", "delivered", "failures", "dropped", "last")
-    for c in st["channels"]:
-        last = "-"
-        if c["last_time"] is not None:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["last_time"]))
-            last = f"{when} ok" if c["last_ok"] else f"{when} failed: {c['last_error']}"
-        t.add_row(c["name"], c["target"], c["department"] or "(all)", c["min_severity"], str(c["delivered"]),
-                  str(c["failures"]), str(c["dropped"]), last)  # fmt: skip
-    out.print(t)
     if not st["channels"]:
         say("no notification channel is configured (docs/notifications.md)")
     if st["dropped"]:

@@ -16,7 +16,8 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from kasou.cli.common import client, err, fail, follow, out, print_json, say
+from kasou.cli.common import client, err, fail, follow, out, say
+from kasou.cli.output import COLUMN, JSON, OUTPUT, cols, columns, render, render_one, view
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError
 
 
@@ -32,8 +33,8 @@ class _DefaultCommandGroup(TyperGroup):
 
 plan_app = typer.Typer(
     cls=_DefaultCommandGroup,
-    help="Plan consolidation: kasou plan INVENTORY.csv [--prices P] [--reserve N+1|N+2] [--report plan.html] [--json]; "
-    "kasou plan apply PLAN.json.",
+    help="Plan consolidation: kasou plan INVENTORY.csv [--prices P] [--reserve N+1|N+2] [--report plan.html] "
+    "[-o json]; kasou plan apply PLAN.json.",
     no_args_is_help=True,
 )
 
@@ -63,7 +64,15 @@ def plan_make(
     ),
     reserve: str = typer.Option("N+1", "--reserve", help="Failover reserve: N+1 or N+2 hosts' worth (N+0: none)."),
     report: Path = typer.Option(None, "--report", help="Write this HTML report and a PDF beside it (.pdf)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (the input of kasou plan apply)."),
+    output: str = typer.Option(
+        "table",
+        "-o",
+        "--output",
+        metavar="FORMAT",
+        help="table, json (the input of kasou plan apply), yaml or value.",
+    ),
+    column: list[str] = COLUMN,
+    as_json: bool = JSON,
     solver: str = typer.Option("auto", "--solver", help="auto (CP-SAT up to 300 VMs), exact or heuristic."),
     time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, max=3600, help="CP-SAT seconds per host model."),
     model: str = typer.Option(None, "--model", help="Only this host model of the price sheet."),
@@ -71,7 +80,9 @@ def plan_make(
     runs: int = typer.Option(None, "--runs", min=1, max=1_000_000, help="Monte Carlo runs (price sheet: 2000)."),
     seed: int = typer.Option(1, "--seed", help="Seed of the Monte Carlo simulation."),
 ) -> None:
-    """Plan hosts for an inventory: model and count, every VM placed, cost over the cycle, availability."""
+    """Plan hosts for an inventory: model and count, every VM placed, cost over the cycle, availability (-c: a
+    part of the plan: servers, host_count, hosts, costs, availability, ...)."""
+    v = view(output, column, as_json)
     need_planner()
     from kasou.planner import Options, make_plan, parse_reserve, read_inventory, read_prices
     from kasou.planner.inventory import InventoryError
@@ -94,10 +105,7 @@ def plan_make(
 
         pdf = write_report(plan, report)
         plan["report"] = {"html": str(report), "pdf": str(pdf)}
-    if as_json:
-        print_json(plan)
-        return
-    _show(plan)
+    render_one(plan, cols(*plan), v, human=lambda: _show(plan))
 
 
 def _show(plan: dict[str, Any]) -> None:
@@ -186,6 +194,9 @@ def _bodies(plan: Any, image: str, disks: bool, network: str, storage: str, ha: 
     return bodies
 
 
+APPLY_COLS = cols("name", "host", "state")
+
+
 @plan_app.command("apply")
 def plan_apply(
     plan_file: Path = typer.Argument(..., help="A plan from kasou plan INVENTORY.csv --json > plan.json."),
@@ -199,9 +210,12 @@ def plan_apply(
         help="High availability (restart priority from criticality); in a cluster it needs "
         "--storage replicated or shared.",
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(APPLY_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Define the planned VMs (stopped) with their sizes and anti-affinity groups; all or nothing."""
+    v = view(output, column, as_json, APPLY_COLS)
     try:
         plan = json.loads(plan_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -226,16 +240,16 @@ def plan_apply(
             current = b["name"]
             res = c.post("/v1/vms", json=b)
             made.append(current)
-            follow(c, res["job"], f"creating {current}")
+            follow(c, res["job"], f"creating {current}", console=out if v.table else err)
     except KasouError as e:
         undone = _undo(c, made)
         raise type(e)(
             f"creating {current} failed: {e.message}; removed the {undone} VM(s) this apply had made"
         ) from None
     vms = {v["name"]: v for v in c.get("/v1/vms") if v["name"] in set(made)}
-    if as_json:
-        print_json([{"name": n, "host": vms.get(n, {}).get("host"), "state": vms.get(n, {}).get("state")}
-                    for n in made])  # fmt: skip
+    if not v.human:
+        render([{"name": n, "host": vms.get(n, {}).get("host"), "state": vms.get(n, {}).get("state")} for n in made],
+               APPLY_COLS, v)  # fmt: skip
         return
     for n in made:
         say(f"vm {n}: defined on {vms.get(n, {}).get('host')}")

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, out, print_json, say
+from kasou.cli.common import client, fail, say
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, view
 
 console_app = typer.Typer(help="Web and serial console sessions.", no_args_is_help=True)
 recordings_app = typer.Typer(help="Recorded console sessions: list (the default) and export.")
@@ -24,29 +24,36 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _minutes(r: dict) -> str:
+    return f"{((r['ended'] or time.time()) - r['started']) / 60:.1f}"
+
+
+REC_COLS = [
+    Col("id"), Col("vm"), Col("user", text=lambda r: f"{r['user']} ({r['role']})"), Col("kind"), Col("window"),
+    Col("started", text=lambda r: _when(r["started"])), Col("minutes", value=_minutes, text=_minutes),
+    Col("size", text=lambda r: f"{r['size'] / 1024:.0f} KiB"),
+    Col("state", text=lambda r: r["state"] + (" (held)" if r.get("hold") else "")), Col("host"),
+    *[Col(k, hidden=True) for k in ("role", "via", "source", "console", "ended", "plain_bytes", "events", "sha256",
+                                    "error", "hold")],
+]  # fmt: skip
+
+
 @recordings_app.callback(invoke_without_command=True)
 def recordings(
     ctx: typer.Context,
     vm: str | None = typer.Option(None, "--vm", help="Of this VM."),
     user: str | None = typer.Option(None, "--user", help="Of this user."),
     window: str | None = typer.Option(None, "--window", help="Opened in this vendor maintenance window."),
-    as_json: bool = typer.Option(False, "--json"),
+    output: str = OUTPUT,
+    column: list[str] = columns(REC_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Recorded console sessions, oldest first."""
     if ctx.invoked_subcommand is not None:
         return
+    view_ = view(output, column, as_json, REC_COLS)
     params = {k: v for k, v in {"vm": vm, "user": user, "window": window}.items() if v}
-    recs = client().get("/v1/recordings", params=params)
-    if as_json:
-        print_json(recs)
-        return
-    t = Table("id", "vm", "user", "kind", "window", "started", "minutes", "size", "state", "host")
-    for r in recs:
-        mins = f"{((r['ended'] or time.time()) - r['started']) / 60:.1f}"
-        state = r["state"] + (" (held)" if r.get("hold") else "")
-        t.add_row(r["id"], r["vm"], f"{r['user']} ({r['role']})", r["kind"], r.get("window") or "-",
-                  _when(r["started"]), mins, f"{r['size'] / 1024:.0f} KiB", state, r["host"])  # fmt: skip
-    out.print(t)
+    render(client().get("/v1/recordings", params=params), REC_COLS, view_)
 
 
 @recordings_app.command("export")

@@ -7,7 +7,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kasou.cli.common import client, fail, follow, out, print_json, say
+from kasou.cli.common import client, out, say
+from kasou.cli.output import JOB_COLS, JOB_COLUMN, JSON, OUTPUT, WAIT, Col, act, columns, render, view
 from kasou.model.names import validate_name
 from kasou.model.units import format_size
 
@@ -55,18 +56,29 @@ def _row(p: dict[str, Any], h: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+POOL_COLS = [
+    Col("pool"), Col("host"), Col("state"), Col("capacity_bytes", "capacity"), Col("allocated_bytes", "allocated"),
+    Col("free_bytes", "free"), Col("provisioned_bytes", "provisioned"), Col("overcommit_ratio", "over-commit"),
+    Col("path"), Col("shared", hidden=True), Col("overcommit", hidden=True), Col("error", hidden=True),
+]  # fmt: skip
+
+
 @pool_app.command("list")
-def pool_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def pool_list(output: str = OUTPUT, column: list[str] = columns(POOL_COLS), as_json: bool = JSON) -> None:
     """Pools: capacity, allocated (what files hold), free, provisioned (virtual sizes), over-commit ratio."""
+    v = view(output, column, as_json, POOL_COLS)
     pools = client().get("/v1/pools")
-    if as_json:
-        print_json(pools)
-        return
-    t = Table("pool", "host", "state", "capacity", "allocated", "free", "provisioned", "over-commit", "path")
-    for p in pools:
-        for h in p["hosts"]:
-            t.add_row(*_row(p, h))
-    out.print(t)
+    rows = [{**h, "pool": p["name"], "shared": p.get("shared"), "overcommit": p.get("overcommit")}
+            for p in pools for h in p["hosts"]]  # fmt: skip  # a row per pool and host
+
+    def human() -> None:
+        t = Table("pool", "host", "state", "capacity", "allocated", "free", "provisioned", "over-commit", "path")
+        for p in pools:
+            for h in p["hosts"]:
+                t.add_row(*_row(p, h))
+        out.print(t)
+
+    render(rows, POOL_COLS, v, human=human, data=pools)
 
 
 @pool_app.command("delete")
@@ -77,20 +89,26 @@ def pool_delete(name: str) -> None:
     say(f"pool {name}: deleted")
 
 
+def _second(d: dict[str, Any]) -> str:
+    m = d.get("mirror")
+    return "-" if not m else f"pool {m['pool']}: {m['path'] or 'lost ' + (m['failed'] or '')}"
+
+
+DISK_COLS = [
+    Col("id", "disk"), Col("size_bytes", "size", lambda d: format_size(d["size_bytes"])), Col("pool"), Col("path"),
+    Col("mirror", value=lambda d: (d.get("mirror") or {}).get("state"),
+        text=lambda d: (d.get("mirror") or {}).get("state") or "-"),
+    Col("second_copy", "second copy", _second, value=lambda d: d.get("mirror")),
+    Col("format", hidden=True), Col("backing", hidden=True), Col("linked", hidden=True),
+]  # fmt: skip
+
+
 @disk_app.command("list")
-def disk_list(vm: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def disk_list(vm: str, output: str = OUTPUT, column: list[str] = columns(DISK_COLS), as_json: bool = JSON) -> None:
     """A VM's disks, their pools and the state of their mirrored copies."""
+    v = view(output, column, as_json, DISK_COLS)
     validate_name(vm)
-    disks = client().get(f"/v1/vms/{vm}")["disks"]
-    if as_json:
-        print_json(disks)
-        return
-    t = Table("disk", "size", "pool", "path", "mirror", "second copy")
-    for d in disks:
-        m = d.get("mirror")
-        second = "-" if not m else f"pool {m['pool']}: {m['path'] or 'lost ' + (m['failed'] or '')}"
-        t.add_row(d["id"], format_size(d["size_bytes"]), d["pool"], d["path"] or "-", m["state"] if m else "-", second)
-    out.print(t)
+    render(client().get(f"/v1/vms/{vm}")["disks"], DISK_COLS, v)
 
 
 @disk_app.command("rebuild")
@@ -98,18 +116,20 @@ def disk_rebuild(
     vm: str,
     disk: str,
     pool: str = typer.Option(..., "--pool", help="Pool of the new second copy."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Build a new second copy of a mirrored disk (online: the guest keeps running and writing)."""
+    v = view(output, column, as_json, JOB_COLS)
     validate_name(vm)
     c = client()
     res = c.post(f"/v1/vms/{vm}/disks/{disk}/rebuild", json={"pool": pool})
-    if not wait:
-        say(f"disk {disk} of {vm}: rebuilding in pool {pool} (job {res['job']['id']})")
+    job = act(c, res["job"], f"rebuilding {disk} of {vm} in pool {pool}", v, wait,
+              queued=lambda j: f"disk {disk} of {vm}: rebuilding in pool {pool} (job {j['id']})")  # fmt: skip
+    if job is None or not v.human:
         return
-    job = follow(c, res["job"], f"rebuilding {disk} of {vm} in pool {pool}")
     r = job.get("result") or {}
-    if job.get("state") != "succeeded":
-        fail((job.get("error") or {}).get("message", "the rebuild failed"))
     say(f"disk {disk} of {vm}: two copies again, the new one in pool {pool} "
         f"({r.get('seconds', '?')} s, {r.get('mib_s', '?')} MiB/s)")  # fmt: skip

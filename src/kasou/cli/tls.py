@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from rich.text import Text
 
 from kasou import pki
 from kasou.cli.common import out, say
+from kasou.cli.output import JSON, OUTPUT, Col, cols, columns, render, view
 from kasou.config import Paths, host_name
 
 tls_app = typer.Typer(help="TLS: the site CA and the hosts' certificates.", no_args_is_help=True)
@@ -71,9 +71,18 @@ def tls_renew(
     say(f"{crt}: renewed, valid until {c.not_after:%Y-%m-%d} ({c.days_left} days); restart kasou to use it")
 
 
+TLS_COLS = [
+    Col("role"), Col("subject"), Col("sans", "SANs", value=lambda r: r.get("dns", []) + r.get("ips", [])),
+    Col("not_after", "expires"), Col("sha256", "SHA-256"), Col("verified_by_ca", "chain"),
+    Col("kasou_host", "kasou host"),
+    *cols(hidden=("path", "issuer", "days_left", "dns", "ips", "missing")),
+]  # fmt: skip
+
+
 @tls_app.command("show")
-def tls_show(as_json: bool = typer.Option(False, "--json")) -> None:
+def tls_show(output: str = OUTPUT, column: list[str] = columns(TLS_COLS), as_json: bool = JSON) -> None:
     """The CA and the certificates this host uses or issued: subjects, SANs, expiry, fingerprints."""
+    v = view(output, column, as_json, TLS_COLS)
     paths = Paths.from_env()
     files = paths.tls_files()
     found: list[tuple[str, Path]] = [("ca", files.ca), ("host", files.cert)]
@@ -98,8 +107,8 @@ def tls_show(as_json: bool = typer.Option(False, "--json")) -> None:
             "dns": c.dns, "ips": c.ips, "verified_by_ca": verified,
             "kasou_host": role != "ca" and pki.is_kasou_host(pki.load_cert(path)),
         })  # fmt: skip
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+    if not v.human:
+        render(rows, TLS_COLS, v)
         return
     t = Table("role", "subject", "SANs", "expires", "SHA-256", "chain", "kasou host")
     for r in rows:

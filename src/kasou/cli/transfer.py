@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from kasou.cli.common import client, err, fail, follow, parse_int, say
+from kasou.cli.common import client, err, fail, parse_int, say
+from kasou.cli.output import JOB_COLS, JOB_COLUMN, JSON, OUTPUT, WAIT, act, view
 from kasou.model.units import format_size
 
 DAY_S = 24 * 3600.0  # a conversion of terabytes takes hours; the job itself fails when qemu-img stalls
@@ -42,12 +43,16 @@ def vm_import(
     anti_affinity: str = typer.Option(None, "--anti-affinity", help="Group whose VMs never share a host."),
     description: str = typer.Option("", "--description"),
     start: bool = typer.Option(False, "--start", help="Start it once imported."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Import a VM from disk files (qcow2, raw, vmdk, vhd, vhdx) or a VMware OVA/OVF, converted into a pool.
 
     The files are paths on the host, in its transfer directory (KASOU_TRANSFER_DIR, default
     /var/lib/kasou/transfer); a relative path is taken from there."""
+    v = view(output, column, as_json, JOB_COLS)
     if firmware is not None and firmware not in ("bios", "uefi", "uefi-secure"):
         fail(f"--firmware takes bios, uefi or uefi-secure, not {firmware!r}")
     body: dict[str, Any] = {
@@ -62,13 +67,14 @@ def vm_import(
     c = client()
     res = c.post("/v1/imports", json=body)
     host_name = res["vm"]["host"]
-    say(f"importing {name} on host {host_name}:")
-    for line in res["report"]["lines"]:
-        say(f"  {line}")
-    if not wait:
-        say(f"vm {name}: import job {res['job']['id']}")
+    if v.human:
+        say(f"importing {name} on host {host_name}:")
+        for line in res["report"]["lines"]:
+            say(f"  {line}")
+    job = act(c, res["job"], f"importing {name}", v, wait, timeout=DAY_S,
+              queued=lambda j: f"vm {name}: import job {j['id']}")  # fmt: skip
+    if job is None or not v.human:
         return
-    job = follow(c, res["job"], f"importing {name}", timeout=DAY_S)
     for line in (job.get("result") or {}).get("report") or []:
         if line.startswith("v2v "):
             say(f"  {line}")
@@ -81,18 +87,23 @@ def vm_import(
 def vm_export(
     name: str,
     ova: str = typer.Option(..., "--ova", help="The OVA to write, in the host's transfer directory."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Export a stopped VM as an OVA (streamOptimized vmdk disks, OVF descriptor, SHA256 manifest).
 
     The file is written on the VM's host, in its transfer directory (KASOU_TRANSFER_DIR)."""
+    v = view(output, column, as_json, JOB_COLS)
     c = client()
     res = c.post(f"/v1/vms/{name}/export", json={"ova": ova})
-    if not wait:
-        say(f"vm {name}: export job {res['job']['id']}")
+    job = act(c, res["job"], f"exporting {name}", v, wait, timeout=DAY_S,
+              queued=lambda j: f"vm {name}: export job {j['id']}")  # fmt: skip
+    if job is None:
         return
-    job = follow(c, res["job"], f"exporting {name}", timeout=DAY_S)
     r = job.get("result") or {}
-    say(f"vm {name}: exported to {r.get('file')} on host {r.get('host')} ({format_size(int(r.get('bytes') or 0))})")
+    if v.human:
+        say(f"vm {name}: exported to {r.get('file')} on host {r.get('host')} ({format_size(int(r.get('bytes') or 0))})")
     for w in r.get("warnings") or []:
         err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)

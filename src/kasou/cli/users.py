@@ -6,9 +6,9 @@ import sys
 import time
 
 import typer
-from rich.table import Table
 
-from kasou.cli.common import client, fail, out, print_json, say
+from kasou.cli.common import client, fail, say
+from kasou.cli.output import JSON, OUTPUT, Col, columns, render, render_one, view
 from kasou.model.names import validate_name
 
 user_app = typer.Typer(help="Users of the API, the web UI and the desktop portal: admin, operator, vendor, auditor, "
@@ -26,6 +26,14 @@ def _password(stdin: bool) -> str:
     return pw
 
 
+USER_COLS = [
+    Col("name"), Col("role"), Col("source", text=lambda u: u.get("source", "local")),
+    Col("display_name", "display name", lambda u: u["display_name"]), Col("pools", "desktop pools"),
+    Col("departments"), Col("totp", "TOTP", lambda u: "on" if u.get("totp") else ""),
+    Col("locked", text=lambda u: "yes" if u["locked"] else ""), Col("created_at", hidden=True),
+]  # fmt: skip
+
+
 @user_app.command("create")
 def user_create(
     name: str,
@@ -36,27 +44,24 @@ def user_create(
     ),
     display_name: str = typer.Option("", "--display-name"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
+    output: str = OUTPUT,
+    column: list[str] = columns(USER_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Add a user (the password is asked for, or read from stdin)."""
+    v = view(output, column, as_json, USER_COLS)
     validate_name(name, "user")
     body = {"name": name, "role": role, "password": _password(password_stdin), "pools": pool,
             "departments": department, "display_name": display_name}  # fmt: skip
     u = client().post("/v1/users", json=body)
-    say(f"user {u['name']}: created ({u['role']})")
+    render_one(u, USER_COLS, v, human=lambda: say(f"user {u['name']}: created ({u['role']})"))
 
 
 @user_app.command("list")
-def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    users = client().get("/v1/users")
-    if as_json:
-        print_json(users)
-        return
-    t = Table("name", "role", "source", "display name", "desktop pools", "departments", "TOTP", "locked")
-    for u in users:
-        t.add_row(u["name"], u["role"], u.get("source", "local"), u["display_name"], ", ".join(u["pools"]) or "-",
-                  ", ".join(u.get("departments", [])) or "-", "on" if u.get("totp") else "",
-                  "yes" if u["locked"] else "")  # fmt: skip
-    out.print(t)
+def user_list(output: str = OUTPUT, column: list[str] = columns(USER_COLS), as_json: bool = JSON) -> None:
+    """The users: role, where they sign in from (local or the directory), second factor, locked."""
+    v = view(output, column, as_json, USER_COLS)
+    render(client().get("/v1/users"), USER_COLS, v)
 
 
 @user_app.command("delete")
@@ -115,33 +120,46 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
 
+TOKEN_COLS = [
+    Col("id"), Col("label", text=lambda x: x["label"]), Col("created_at", "created", lambda x: _when(x["created_at"])),
+    Col("expires_at", "expires", lambda x: _when(x["expires_at"])),
+    Col("last_used", "last used", lambda x: _when(x["last_used"])),
+    Col("expired", "state", lambda x: "expired" if x["expired"] else "valid"), Col("user", hidden=True),
+]  # fmt: skip
+
+
+CREATED_COLS = [*TOKEN_COLS, Col("token", hidden=True)]
+
+
 @token_app.command("create")
 def token_create(
     name: str,
     label: str = typer.Option("", "--label", help="What the token is for (shown in the list)."),
     expires: int = typer.Option(None, "--expires", min=1, max=3650, help="Days until it expires (default: never)."),
+    output: str = OUTPUT,
+    column: list[str] = columns(CREATED_COLS),
+    as_json: bool = JSON,
 ) -> None:
-    """Make an API token acting as the user (their role and departments); it is printed this once."""
+    """Make an API token acting as the user (their role and departments); it is printed this once (-o value:
+    the token alone)."""
+    v = view(output, column, as_json, CREATED_COLS)
     validate_name(name, "user")
     t = client().post(f"/v1/users/{name}/tokens", json={"label": label, "expires_days": expires})
     until = f"expires {_when(t['expires_at'])}" if t["expires_at"] else "does not expire"
-    say(f"user {name}: API token {t['id']} created ({until}); it is shown only now:")
-    say(t["token"])
+
+    def human() -> None:
+        say(f"user {name}: API token {t['id']} created ({until}); it is shown only now:")
+        say(t["token"])
+
+    render_one(t, CREATED_COLS, v, human=human, default=["token"] if v.format == "value" else None)
 
 
 @token_app.command("list")
-def token_list(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def token_list(name: str, output: str = OUTPUT, column: list[str] = columns(TOKEN_COLS), as_json: bool = JSON) -> None:
     """A user's API tokens (never the tokens themselves)."""
+    v = view(output, column, as_json, TOKEN_COLS)
     validate_name(name, "user")
-    tokens = client().get(f"/v1/users/{name}/tokens")
-    if as_json:
-        print_json(tokens)
-        return
-    t = Table("id", "label", "created", "expires", "last used", "state")
-    for x in tokens:
-        t.add_row(x["id"], x["label"], _when(x["created_at"]), _when(x["expires_at"]), _when(x["last_used"]),
-                  "expired" if x["expired"] else "valid")  # fmt: skip
-    out.print(t)
+    render(client().get(f"/v1/users/{name}/tokens"), TOKEN_COLS, v)
 
 
 @token_app.command("revoke")

@@ -7,24 +7,23 @@ import time
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from kasou.cli.bulk import ALL, DEPARTMENT, HOST, JSON, PARALLEL, STATE, TAG, WINDOW, run_bulk, selector, tag_app
+from kasou.cli.bulk import ALL, DEPARTMENT, HOST, PARALLEL, STATE, TAG, WINDOW, run_bulk, selector, tag_app
 from kasou.cli.common import (
     client,
     err,
     fail,
-    follow,
     out,
     parse_int,
-    print_json,
     read_text_file,
+    say,
     uptime_text,
 )
 from kasou.cli.console import follow_log
 from kasou.cli.console import register as register_console
 from kasou.cli.devices import say_sizes
 from kasou.cli.media import cd_text, media_app
+from kasou.cli.output import JOB_COLS, JOB_COLUMN, JSON, OUTPUT, WAIT, Col, View, act, columns, render, render_one, view
 from kasou.cli.transfer import vm_export, vm_import
 from kasou.model.units import format_size
 
@@ -103,9 +102,13 @@ def vm_create(
     dns: list[str] = typer.Option(None, "--dns", help="cloud-init: with --ip, a DNS server (repeat)."),
     user_data: str = typer.Option(None, "--user-data", help="cloud-init: a user-data file (#cloud-config, ...)."),
     tags: list[str] = typer.Option(None, "--tag", help="A tag (e.g. emr, ward-a; repeat for more)."),
-    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Define a VM (thin qcow2 disk from an image, a linked clone of a template, or a blank disk and an ISO)."""
+    v = view(output, column, as_json, JOB_COLS)
     body = {
         "name": name,
         "image": image,
@@ -137,35 +140,31 @@ def vm_create(
     }
     c = client()
     res = c.post("/v1/vms", json=body)
-    if wait:
-        follow(c, res["job"], f"creating {name}")
-    what = "created and started" if start else "created"
-    out.print(f"vm {name}: {what} on {res['vm']['host']}", markup=False, highlight=False)
+    host = res["vm"]["host"]
+    job = act(c, res["job"], f"creating {name}", v, wait, queued=lambda j: f"vm {name}: being created on {host} "
+              f"(job {j['id']})")  # fmt: skip
+    if job is not None and v.human:
+        say(f"vm {name}: {'created and started' if start else 'created'} on {host}")
 
 
-def _action(name: str, action: str, wait: bool, timeout: float | None = None) -> None:
+def _action(name: str, action: str, wait: bool, v: View, timeout: float | None = None) -> None:
     c = client()
     params = {} if timeout is None else {"timeout": timeout}
     res = c.post(f"/v1/vms/{name}/actions/{action}", params=params)
-    if not wait:
-        out.print(f"vm {name}: {action} job {res['job']['id']}", markup=False, highlight=False)
-        return
-    job = follow(c, res["job"], f"{action} {name}")
-    result = job.get("result") or {}
-    how = f" ({result['detail']})" if result.get("detail") else ""  # a shutdown says what ended the guest
-    out.print(f"vm {name}: {result.get('state', 'done')}{how}", markup=False, highlight=False)
+    job = act(c, res["job"], f"{action} {name}", v, wait, queued=lambda j: f"vm {name}: {action} job {j['id']}")
+    if job is not None and v.human:
+        result = job.get("result") or {}
+        how = f" ({result['detail']})" if result.get("detail") else ""  # a shutdown says what ended the guest
+        say(f"vm {name}: {result.get('state', 'done')}{how}")
 
 
-WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish.")
-
-
-def _one_or_many(action: str, names: list[str], body: dict[str, Any] | None, wait: bool, as_json: bool,
+def _one_or_many(action: str, names: list[str], body: dict[str, Any] | None, wait: bool, v: View,
                  timeout: float | None = None) -> None:  # fmt: skip
     """One VM by its name (no selector), or the VMs a selector names as one bulk job."""
     if body is None:
-        _action(names[0], action, wait, timeout)
+        _action(names[0], action, wait, v, timeout)
     else:
-        run_bulk(action, body, wait, as_json, timeout)
+        run_bulk(action, body, wait, v, timeout)
 
 
 NAMES = typer.Argument(None, help="The VM (or VMs); or select them with --tag, --host, --department, --state, --all.")
@@ -175,10 +174,11 @@ NAMES = typer.Argument(None, help="The VM (or VMs); or select them with --tag, -
 def vm_start(
     names: list[str] = NAMES, tag: list[str] = TAG, host: str = HOST, department: str = DEPARTMENT,
     state: str = STATE, all_: bool = ALL, parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT,
-    as_json: bool = JSON,
+    output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """Start a VM; or many as one job, in parallel per host, in start-up order (--onboot --order)."""
-    _one_or_many("start", names, selector(names, tag, host, department, state, all_, parallel, window), wait, as_json)
+    v = view(output, column, as_json, JOB_COLS)
+    _one_or_many("start", names, selector(names, tag, host, department, state, all_, parallel, window), wait, v)
 
 
 @vm_app.command("shutdown")
@@ -186,40 +186,49 @@ def vm_shutdown(
     names: list[str] = NAMES,
     timeout: float = typer.Option(None, "--timeout", help="Seconds to wait before a hard stop (default 60)."),
     tag: list[str] = TAG, host: str = HOST, department: str = DEPARTMENT, state: str = STATE, all_: bool = ALL,
-    parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT, as_json: bool = JSON,
+    parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT, output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN, as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """Shut a VM down gracefully (its guest agent if one answers, else the ACPI power button), then stop it
     hard after a timeout; or many as one job (in reverse start-up order)."""
+    v = view(output, column, as_json, JOB_COLS)
     _one_or_many("shutdown", names, selector(names, tag, host, department, state, all_, parallel, window), wait,
-                 as_json, timeout)  # fmt: skip
+                 v, timeout)  # fmt: skip
 
 
 @vm_app.command("stop")
 def vm_stop(
     names: list[str] = NAMES, tag: list[str] = TAG, host: str = HOST, department: str = DEPARTMENT,
     state: str = STATE, all_: bool = ALL, parallel: str = PARALLEL, window: str = WINDOW, wait: bool = WAIT,
-    as_json: bool = JSON,
+    output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """Stop a VM at once (like pulling the plug); or many as one job."""
-    _one_or_many("stop", names, selector(names, tag, host, department, state, all_, parallel, window), wait, as_json)
+    v = view(output, column, as_json, JOB_COLS)
+    _one_or_many("stop", names, selector(names, tag, host, department, state, all_, parallel, window), wait, v)
 
 
 @vm_app.command("reboot")
-def vm_reboot(name: str, wait: bool = WAIT) -> None:
+def vm_reboot(
+    name: str, wait: bool = WAIT, output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON
+) -> None:
     """Reset a VM (a hard reset of the virtual machine)."""
-    _action(name, "reboot", wait)
+    _action(name, "reboot", wait, view(output, column, as_json, JOB_COLS))
 
 
 @vm_app.command("pause")
-def vm_pause(name: str, wait: bool = WAIT) -> None:
+def vm_pause(
+    name: str, wait: bool = WAIT, output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON
+) -> None:
     """Pause a VM's vCPUs."""
-    _action(name, "pause", wait)
+    _action(name, "pause", wait, view(output, column, as_json, JOB_COLS))
 
 
 @vm_app.command("resume")
-def vm_resume(name: str, wait: bool = WAIT) -> None:
+def vm_resume(
+    name: str, wait: bool = WAIT, output: str = OUTPUT, column: list[str] = JOB_COLUMN, as_json: bool = JSON
+) -> None:
     """Resume a paused VM."""
-    _action(name, "resume", wait)
+    _action(name, "resume", wait, view(output, column, as_json, JOB_COLS))
 
 
 @vm_app.command("delete")
@@ -228,13 +237,16 @@ def vm_delete(
     keep_disks: bool = typer.Option(False, "--keep-disks", help="Keep the disk files."),
     force: bool = typer.Option(False, "--force", help="Stop it first if it runs."),
     wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Delete a VM: its process, its disks (unless --keep-disks) and its record."""
+    v = view(output, column, as_json, JOB_COLS)
     c = client()
     res = c.delete(f"/v1/vms/{name}", params={"keep_disks": keep_disks, "force": force})
-    if wait:
-        follow(c, res["job"], f"deleting {name}")
-    out.print(f"vm {name}: deleted", markup=False, highlight=False)
+    if act(c, res["job"], f"deleting {name}", v, wait, queued=lambda j: f"vm {name}: delete job {j['id']}") and v.human:
+        say(f"vm {name}: deleted")
 
 
 @vm_app.command("migrate")
@@ -244,24 +256,25 @@ def vm_migrate(
     downtime_ms: str = typer.Option("100", "--downtime-ms", help="Longest pause the guest may see."),
     bandwidth: str = typer.Option(None, "--bandwidth", help="Cap the migration stream, MiB/s."),
     wait: bool = WAIT,
+    output: str = OUTPUT,
+    column: list[str] = JOB_COLUMN,
+    as_json: bool = JSON,
 ) -> None:
     """Live-migrate a running VM to another host (its disks too, unless they are on shared storage)."""
+    v = view(output, column, as_json, JOB_COLS)
     c = client()
     body: dict[str, Any] = {"to": to, "downtime_ms": parse_int(downtime_ms, "downtime_ms")}
     if bandwidth is not None:
         body["bandwidth_mib_s"] = parse_int(bandwidth, "bandwidth")
     res = c.post(f"/v1/vms/{name}/migrate", json=body)
-    if not wait:
-        out.print(f"vm {name}: migrate job {res['job']['id']}", markup=False, highlight=False)
+    job = act(c, res["job"], f"migrating {name}", v, wait, timeout=1800,
+              queued=lambda j: f"vm {name}: migrate job {j['id']}")  # fmt: skip
+    if job is None:
         return
-    job = follow(c, res["job"], f"migrating {name}", timeout=1800)
     r = job.get("result") or {}
-    out.print(
-        f"vm {name}: migrated {r.get('from')} -> {r.get('to')} ({r.get('storage')} storage, "
-        f"downtime {r.get('downtime_ms')} ms, total {r.get('total_ms')} ms)",
-        markup=False,
-        highlight=False,
-    )
+    if v.human:
+        say(f"vm {name}: migrated {r.get('from')} -> {r.get('to')} ({r.get('storage')} storage, "
+            f"downtime {r.get('downtime_ms')} ms, total {r.get('total_ms')} ms)")  # fmt: skip
     for w in r.get("warnings") or []:  # e.g. its old copy could not be ended: an operator must act
         err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
 
@@ -277,36 +290,47 @@ def vm_template(name: str) -> None:
     out.print(f"vm {name}: is now a template", markup=False, highlight=False)
 
 
+def _disk0(v: dict[str, Any]) -> int | None:
+    return v["disks"][0]["size_bytes"] if v.get("disks") else None
+
+
+VM_COLS = [
+    Col("name"),
+    Col("state", text=lambda v: v["state"] if v["host_reachable"] else f"{v['state']} (host unreachable)"),
+    Col("host"),
+    Col("vcpus", "vCPU"),
+    Col("memory_mib", "memory", lambda v: f"{v['memory_mib']} MiB"),
+    Col("disk", value=_disk0, text=lambda v: "-" if _disk0(v) is None else format_size(_disk0(v) or 0)),
+    Col("guest_ready", "ready"),
+    Col("uptime_s", "uptime", lambda v: uptime_text(v["uptime_s"])),
+    Col("tags", text=lambda v: ",".join(v.get("tags") or []) or "-"),
+    *[Col(k, hidden=True) for k in ("uuid", "department", "criticality", "description", "image", "template", "cpu",
+                                     "machine", "firmware", "storage", "ha", "priority", "anti_affinity",
+                                     "accelerator", "host_reachable", "job", "last_error")],
+]  # fmt: skip
+
+
 @vm_app.command("list")
 def vm_list(
-    as_json: bool = typer.Option(False, "--json"), state: str = STATE, host: str = HOST, tag: list[str] = TAG,
-    department: str = DEPARTMENT,
+    state: str = STATE, host: str = HOST, tag: list[str] = TAG, department: str = DEPARTMENT, output: str = OUTPUT,
+    column: list[str] = columns(VM_COLS), as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """All VMs (or those in a state, on a host, of a department, with tags) with their state, host, guest uptime
     and tags."""
+    view_ = view(output, column, as_json, VM_COLS)
     params = {k: v for k, v in (("state", state), ("host", host), ("department", department)) if v is not None}
-    vms = client().get("/v1/vms", params={**params, "tag": list(tag or [])})
-    if as_json:
-        print_json(vms)
-        return
-    t = Table("name", "state", "host", "vCPU", "memory", "disk", "ready", "uptime", "tags")
-    for v in vms:
-        disk = format_size(v["disks"][0]["size_bytes"]) if v["disks"] else "-"
-        state = v["state"] if v["host_reachable"] else f"{v['state']} (host unreachable)"
-        t.add_row(
-            v["name"], state, v["host"] or "-", str(v["vcpus"]), f"{v['memory_mib']} MiB", disk,
-            "yes" if v["guest_ready"] else "no", uptime_text(v["uptime_s"]), ",".join(v.get("tags") or []) or "-",
-        )  # fmt: skip
-    out.print(t)
+    render(client().get("/v1/vms", params={**params, "tag": list(tag or [])}), VM_COLS, view_)
 
 
 @vm_app.command("show")
-def vm_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def vm_show(name: str, output: str = OUTPUT, column: list[str] = columns(VM_COLS), as_json: bool = JSON) -> None:
     """One VM in detail."""
+    view_ = view(output, column, as_json, VM_COLS)
     v = client().get(f"/v1/vms/{name}")
-    if as_json:
-        print_json(v)
-        return
+    render_one(v, VM_COLS, view_, human=lambda: _show(v))
+
+
+def _show(v: dict[str, Any]) -> None:
     rows = [
         ("name", v["name"]),
         ("uuid", v["uuid"]),
@@ -381,9 +405,13 @@ def vm_set(
     vcpus: str = typer.Option(None, "--vcpus", help="vCPUs (applied at its next start)."),
     memory: str = typer.Option(None, "--memory", help="Memory in MiB (applied at its next start)."),
     tags: list[str] = typer.Option(None, "--tag", help="Its tags, all of them (repeat; kasou vm tag add|remove)."),
+    output: str = OUTPUT,
+    column: list[str] = columns(VM_COLS),
+    as_json: bool = JSON,
 ) -> None:
     """Change a VM's HA setting, restart priority, description, department, start at host boot, or its vCPUs and
     memory (at its next start)."""
+    view_ = view(output, column, as_json, VM_COLS)
     body: dict[str, Any] = {}
     if (startup := startup_body(onboot, order, delay)) is not None:
         body["startup"] = startup
@@ -406,6 +434,9 @@ def vm_set(
     if tags:
         body["tags"] = list(tags)
     v = client().patch(f"/v1/vms/{name}", json=body)
+    if not view_.human:
+        render_one(v, VM_COLS, view_)
+        return
     if vcpus is not None or memory is not None:
         say_sizes(v)
         if set(body) <= {"vcpus", "memory_mib"}:
@@ -446,16 +477,26 @@ def vm_log(
 register_console(vm_app)  # kasou vm console
 
 
+def _time(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+HISTORY_COLS = [Col("time", text=lambda e: _time(e["time"])), Col("event"), Col("host"), Col("detail")]
+
+
 @vm_app.command("history")
-def vm_history(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def vm_history(
+    name: str, output: str = OUTPUT, column: list[str] = columns(HISTORY_COLS), as_json: bool = JSON
+) -> None:
     """The VM's uptime ledger: every state transition with its time and host."""
+    v = view(output, column, as_json, HISTORY_COLS)
     events = client().get(f"/v1/vms/{name}/history")
-    if as_json:
-        print_json(events)
-        return
-    for e in events:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
-        out.print(f"{when}  {e['event']:10} {e['host'] or '-':12} {e['detail']}", markup=False, highlight=False)
+
+    def human() -> None:
+        for e in events:
+            say(f"{_time(e['time'])}  {e['event']:10} {e['host'] or '-':12} {e['detail']}")
+
+    render(events, HISTORY_COLS, v, human=human)
 
 
 def startup_body(onboot: bool | None, order: str | None, delay: str | None) -> dict[str, Any] | None:

@@ -159,7 +159,7 @@ def test_the_command_line_on_a_data_directory(tmp_path: Path) -> None:
         token = run("client", "add", "hv1", "--role", "writer").split("token ")[1].split()[0]
         assert "writer" in run("client", "list")
         assert json.loads(run("client", "list", "--json"))[0]["name"] == "hv1"
-        run("client", "add", "x", "--role", "admin", code=1)
+        run("client", "add", "x", "--role", "admin", code=2)  # bad input: a usage error
         assert "yes (chattr +i)" in run("show") or "no:" in run("show")
         store = Store(Path(d))
         assert store.authenticate(token) is not None
@@ -177,7 +177,7 @@ def test_the_command_line_on_a_data_directory(tmp_path: Path) -> None:
         assert json.loads(run("policy", "show", "--json"))["vms"]["emr-db"]["lock_days"] == 60
         assert "0 generations would be removed" in run("prune", "--dry-run")
         assert "removed 0 chunks" in run("gc")
-        run("policy", "set", "--keep-daily", "-1", code=1)
+        run("policy", "set", "--keep-daily", "-1", code=2)
     finally:
         immutable.release_tree(tmp_path)
 
@@ -187,8 +187,8 @@ def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(cli_app, ["backup-server", "init", "--dir", d, "--name", "s"]).exit_code == 0
     r = kasou("backup-server", "serve", "--dir", d, "--listen", "0.0.0.0:8472", "--plain-http", timeout=30)
-    assert r.returncode == 1 and "loopback" in r.stderr
+    assert r.returncode == 2 and "loopback" in r.stderr
     r = kasou("backup-server", "serve", "--dir", d, "--listen", "nonsense", timeout=30)
-    assert r.returncode == 1 and "HOST:PORT" in r.stderr
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr
     r = kasou("backup-server", "show", "--dir", str(tmp_path / "none"), timeout=30)
-    assert r.returncode == 1 and "backup-server init" in r.stderr
+    assert r.returncode == 3 and "backup-server init" in r.stderr
