@@ -33,7 +33,8 @@ def etcd_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[st
         cluster.stop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+# the etcd half: one member of its own per worker, no timing: beside the fast tests (scripts/test.sh)
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=[pytest.mark.etcd, pytest.mark.shares_machine])])
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     """Opens a store on the same backing data each time it is called (a file, or an etcd prefix)."""
     if request.param == "sqlite":
