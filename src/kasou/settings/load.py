@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from kasou.errors import InvalidSetting
-from kasou.settings.model import BY_DOTTED, BY_ENV, KEYS, SECTIONS, Key, Settings
+from kasou.settings.model import BY_DOTTED, BY_ENV, KEYS, SECTIONS, Detail, Key, Settings
 from kasou.settings.sources import config_path, env_values, nearest, read_file, unknown_env
 
 
@@ -67,11 +67,12 @@ class Loaded:
         return first + [self.errors[k.dotted] for k in KEYS if k.dotted in self.errors] + self.unknown
 
 
-def bad_value(key: Key, raw: Any, origin: Origin, allowed: str | None = None) -> InvalidSetting:
+def bad_value(key: Key, raw: Any, origin: Origin, allowed: str | None = None, detail: str = "") -> InvalidSetting:
     """The one line for a value kasou cannot use: the key as it was given, the value, what is allowed."""
     head = f"{key.env}={raw!r}" if origin.source == "environment" else f"{key.dotted}={raw!r} in {origin.where}"
+    what = f"{detail}; " if detail else ""
     return InvalidSetting(
-        f"{head} is not allowed: {allowed or key.allowed} (default {key.default_text()})",
+        f"{head} is not allowed: {what}{allowed or key.allowed} (default {key.default_text()})",
         setting=key.env, key=key.dotted,
     )  # fmt: skip
 
@@ -141,7 +142,11 @@ def load(environ: Mapping[str, str], path: Path | None = None, named: bool | Non
                 for err in e.errors():
                     dotted = f"{name}.{err['loc'][0]}" if err["loc"] else ""
                     if dotted in raw and given.pop(str(err["loc"][0]), None) is not None:
-                        errors.setdefault(dotted, bad_value(BY_DOTTED[dotted], raw[dotted], origins[dotted]))
+                        cause = (err.get("ctx") or {}).get("error")
+                        detail = str(cause) if isinstance(cause, Detail) else ""
+                        errors.setdefault(
+                            dotted, bad_value(BY_DOTTED[dotted], raw[dotted], origins[dotted], None, detail)
+                        )
     # each section checked on its own (BaseSettings' own validation would read the sources again)
     settings = Settings.model_construct(**sections)
     _cross_checks(settings, raw, origins, errors)
@@ -158,7 +163,7 @@ def _cross_checks(
         allowed = f"a number from 0.5 to {s.ha.lease_ttl / 2:g} (half of ha.lease_ttl)"
         errors[key.dotted] = bad_value(key, raw[key.dotted], origins[key.dotted], allowed)
     members = len(s.cluster.etcd)
-    if "cluster.etcd_metrics" not in errors and len(s.cluster.etcd_metrics) > members:
+    if members and "cluster.etcd_metrics" not in errors and len(s.cluster.etcd_metrics) > members:
         key = BY_DOTTED["cluster.etcd_metrics"]
         allowed = f"at most one URL per member of cluster.etcd ({members}), in its order"
         errors[key.dotted] = bad_value(key, raw[key.dotted], origins[key.dotted], allowed)

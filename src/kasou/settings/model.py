@@ -60,7 +60,11 @@ def text(default: Any, env: str, allowed: str, doc: str, *, kind: str = "string"
     return Field(default, json_schema_extra=_meta(env, allowed, kind, doc, shown, secret))
 
 
-# -- value checks (a ValueError's text is not shown: the key's ``allowed`` sentence is) ---------------
+# -- value checks (a ValueError's text is not shown: the key's ``allowed`` sentence is, after a Detail's) -----
+
+
+class Detail(ValueError):
+    """A check's finding worth saying before what is allowed: which entry of a list is wrong."""
 
 
 def _strip(v: Any) -> Any:
@@ -103,27 +107,31 @@ def _roots(roots: list[str]) -> list[str]:
         raise ValueError("no directory")
     for r in roots:
         if not r.startswith("/") or ".." in r.split("/") or "\n" in r:
-            raise ValueError(f"{r!r} is not an absolute directory path")
+            raise Detail(f"{r!r} is not an absolute directory path")
     return roots
 
 
 def _networks(items: list[str]) -> list[str]:
     for p in items:
-        ipaddress.ip_network(p)  # ValueError
+        try:
+            ipaddress.ip_network(p)
+        except ValueError:
+            raise Detail(f"{p!r} is no IP address or network") from None
     return items
 
 
 def _urls(items: list[str]) -> list[str]:
     for u in items:
         if u and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", u):
-            raise ValueError(f"{u!r} is no http(s) URL")
+            raise Detail(f"{u!r} is no http(s) URL")
     return items
 
 
 def _roles(items: list[str]) -> list[str]:
     items = [r.lower() for r in items]
-    if set(items) - set(ROLE_NAMES):
-        raise ValueError("no role")
+    bad = sorted(set(items) - set(ROLE_NAMES))
+    if bad:
+        raise Detail(f"{', '.join(bad)} is no role")
     return items
 
 
@@ -178,7 +186,8 @@ def _email(a: str | None) -> str | None:
 
 def _emails(items: list[str]) -> list[str]:
     for a in items:
-        _email(a)
+        if not re.fullmatch(r"[^@\s<>,]+@[^@\s<>,]+", a):
+            raise Detail(f"{a!r} is no mail address")
     return items
 
 
