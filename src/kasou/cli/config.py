@@ -7,6 +7,7 @@ else /etc/kasou/kasou.toml), then the defaults (docs/configuration.md). Secrets 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import typer
 from kasou import config, settings
 from kasou.cli.common import err, print_json, say
 from kasou.errors import KasouError
+from kasou.settings import reference
 
 config_app = typer.Typer(help="The settings: what is in effect, and a check of them.", no_args_is_help=True)
 
@@ -121,3 +123,10 @@ def check(
     from_file = sum(1 for k in settings.KEYS if loaded.origin(k.dotted).source == "file")
     from_env = sum(1 for k in settings.KEYS if loaded.origin(k.dotted).source == "environment")
     say(f"settings OK: {loaded.file} ({loaded.file_state}); {from_file} from the file, {from_env} from the environment")
+
+
+@config_app.command("example")
+def example() -> None:
+    """Print a commented settings file with every key and its default (the package installs it as
+    /etc/kasou/kasou.toml): kasou config example > kasou.toml"""
+    sys.stdout.write(reference.example_file())

@@ -69,7 +69,8 @@ class Loaded:
 
 def bad_value(key: Key, raw: Any, origin: Origin, allowed: str | None = None, detail: str = "") -> InvalidSetting:
     """The one line for a value kasou cannot use: the key as it was given, the value, what is allowed."""
-    head = f"{key.env}={raw!r}" if origin.source == "environment" else f"{key.dotted}={raw!r} in {origin.where}"
+    shown = f"<hidden, {len(str(raw))} characters>" if key.kind == "secret" else repr(raw)  # never a secret
+    head = f"{key.env}={shown}" if origin.source == "environment" else f"{key.dotted}={shown} in {origin.where}"
     what = f"{detail}; " if detail else ""
     return InvalidSetting(
         f"{head} is not allowed: {what}{allowed or key.allowed} (default {key.default_text()})",

@@ -191,6 +191,12 @@ def _emails(items: list[str]) -> list[str]:
     return items
 
 
+def _long_secret(v: str | None) -> str | None:
+    if v is not None and len(v) < 16:
+        raise ValueError("too short")
+    return v
+
+
 def _http_url(u: str | None) -> str | None:
     if u is not None:
         _urls([u])
@@ -407,14 +413,10 @@ class NotifySection(Section):
     webhook: Annotated[OptText, AfterValidator(_http_url)] = text(
         None, "KASOU_NOTIFY_WEBHOOK", "an http(s) URL", "events are POSTed there as JSON", shown="none", secret=True
     )
-    webhook_secret: OptText = text(
-        None,
-        "KASOU_NOTIFY_WEBHOOK_SECRET",
-        "any text",
-        "signs each webhook request (HMAC-SHA256)",
-        shown="none",
-        secret=True,
-    )
+    webhook_secret: Annotated[OptText, AfterValidator(_long_secret)] = text(
+        None, "KASOU_NOTIFY_WEBHOOK_SECRET", "text of at least 16 characters",
+        "signs each webhook request (HMAC-SHA256 of the body)", kind="secret", shown="none", secret=True,
+    )  # fmt: skip
     smtp_host: Annotated[OptText, AfterValidator(_hostaddr)] = text(
         None, "KASOU_NOTIFY_SMTP_HOST", "a host name or IP address", "the mail relay", shown="none"
     )
