@@ -62,7 +62,8 @@ def test_contents(deb: Path) -> None:
     for unit in UNITS:
         assert f"/lib/systemd/system/{unit}" in files
     for f in ("/opt/kasou/bin/kasou", "/opt/kasou/pyvenv.cfg", "/usr/bin/kasou", "/etc/kasou/kasou.env",
-              "/usr/share/doc/kasou/copyright", "/usr/share/doc/kasou/docs/install.md"):  # fmt: skip
+              "/usr/share/doc/kasou/copyright", "/usr/share/doc/kasou/docs/install.md",
+              "/usr/share/kasou/kasou.toml.example", "/usr/share/doc/kasou/docs/configuration.md"):  # fmt: skip
         assert f in files, f
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)  # compiled by postinst
     assert all(" root/root " in line for line in names.splitlines())
@@ -105,14 +106,19 @@ def test_maintainer_scripts_install_upgrade_remove_in_the_root(root: Path, tmp_p
 
     calls = run("postinst", "configure", "")
     assert (root / "var/lib/kasou/log").is_dir() and (root / "var/log/kasou").is_symlink()
+    settings = root / "etc/kasou/kasou.toml"  # the example, where there was none; an upgrade keeps it as it is
+    assert settings.read_text() == (REPO / "packaging/kasou.toml.example").read_text()
+    assert settings.stat().st_mode & 0o777 == 0o640
+    settings.write_text("[ha]\nlease_ttl = 9\n")
     assert "deb-systemd-invoke" not in calls
     both = "kasou-agent.service kasou-api.service"
     assert run("prerm", "upgrade", "0.1.0-1", active=both) == ""
     calls = run("postinst", "configure", "0.1.0-1", active=both)
     assert "deb-systemd-invoke restart kasou-agent.service" in calls and "stop" not in calls
+    assert settings.read_text() == "[ha]\nlease_ttl = 9\n"
     assert "deb-systemd-invoke stop" in run("prerm", "remove")
     run("postrm", "purge")
-    assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists()
+    assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists() and not settings.exists()
 
 
 # What lintian says of any Python application packaged as a virtual environment in /opt, and accepted:
