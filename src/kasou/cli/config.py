@@ -97,11 +97,12 @@ def show(
     else:
         say(f"settings file: {loaded.file} ({loaded.file_state})")
         width = max(len(r["key"]) for r in rows)
-        for r in rows:
-            value = settings.show(r["value"]) if r["value"] not in (None, []) else "none"
+        values = [settings.show(r["value"]) if r["value"] not in (None, []) else "none" for r in rows]
+        vwidth = min(40, max(len(v) for v in values))
+        for r, value in zip(rows, values, strict=True):
             where = "default" if r["source"] == "default" else f"{r['source']} {r['from']}"
             flag = "  NOT ALLOWED" if r["error"] else ""
-            say(f"{r['key']:<{width}}  {value}   [{where}]{flag}")
+            say(f"{r['key']:<{width}}  {value:<{vwidth}}  [{where}]{flag}")
     for line in problems:
         err.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
     if problems:
