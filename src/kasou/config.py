@@ -19,6 +19,7 @@ service refuses to start on a bad one.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -244,6 +245,53 @@ class HaTimes:
     @property
     def fence_after_s(self) -> float:
         return self.lease_ttl_s - self.fence_margin_s
+
+
+def float_setting(name: str, default: float, low: float, high: float) -> float:
+    """For a variable that is no key of the settings model (kasou's own are read with :func:`setting`): the
+    number in the environment variable ``name`` (``default`` when unset or empty), which must lie
+    in ``[low, high]``; anything else raises :class:`InvalidSetting` naming the variable, the value
+    and what is allowed."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidSetting(
+            f"{name}={raw!r} is not allowed: a number from {low:g} to {high:g} (default {default:g})",
+            setting=name,
+        )
+    return value
+
+
+def int_setting(name: str, default: int, low: int, high: int) -> int:
+    """Like :func:`float_setting` for a whole number."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise InvalidSetting(
+            f"{name}={raw!r} is not allowed: a whole number from {low} to {high} (default {default})",
+            setting=name,
+        )
+    return value
+
+
+def choice_setting(name: str, choices: tuple[str, ...], default: str = "") -> str:
+    """One of ``choices`` (case-insensitive) in the environment variable ``name``; unset or empty: ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise InvalidSetting(f"{name}={raw!r} is not allowed: one of {', '.join(choices)}", setting=name)
+    return raw.lower()
 
 
 def ha_times() -> HaTimes:
