@@ -4,7 +4,8 @@
 #                       and its dependencies from the Python package index (pip's cache makes a
 #                       rebuild fast); /usr/bin/kasou links to its command
 #   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-guests.service, kasou-backup-server.service
-#   /etc/kasou          kasou.env (the services' settings, commented) and backup-server.env
+#   /etc/kasou          kasou.env (the services' environment, commented) and backup-server.env; postinst
+#                       makes kasou.toml (the settings file) from /usr/share/kasou/kasou.toml.example
 #   /usr/share/doc/kasou the README and docs/
 #   /usr/share/man/man1 kasou.1.gz and a page per command (kasou man)
 # Usage: scripts/build-deb.sh [OUTDIR]   (default: dist/). Prints the path of the .deb.
@@ -49,7 +50,7 @@ if grep -rqI -F "$work" "$venv"; then
   exit 1
 fi
 
-install -d "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/kasou" "$root/usr/share/doc/kasou/docs"
+install -d "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/kasou" "$root/usr/share/doc/kasou/docs" "$root/usr/share/kasou"
 ln -s /opt/kasou/bin/kasou "$root/usr/bin/kasou"
 # The manual pages, generated from the command line itself (man kasou, man kasou-vm-start), compressed as
 # Debian's policy asks (gzip -n: no time stamp, so a rebuild gives the same files).
@@ -59,6 +60,10 @@ gzip -9n "$root"/usr/share/man/man1/*.1
 install -m 0644 packaging/systemd/*.service "$root/lib/systemd/system/"
 install -m 0644 packaging/kasou.env packaging/backup-server.env "$root/etc/kasou/"
 install -m 0644 README.md "$root/usr/share/doc/kasou/"
+# The settings file's example: postinst installs it as /etc/kasou/kasou.toml where there is none (not a
+# conffile: an upgrade never touches the file; docs/configuration.md).
+install -m 0644 packaging/kasou.toml.example "$root/usr/share/kasou/"
+install -m 0644 packaging/kasou.toml.example "$root/usr/share/doc/kasou/"
 install -m 0644 docs/*.md "$root/usr/share/doc/kasou/docs/"
 ln -s docs/install.md "$root/usr/share/doc/kasou/install.md"
 ln -s docs/backup-server.md "$root/usr/share/doc/kasou/backup-server.md"

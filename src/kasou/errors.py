@@ -10,7 +10,7 @@ carries a one-line ``message`` meant for a person, a machine-readable
     KasouError
      ├── InvalidSpec            bad input: a name, a size, a count (HTTP 422)
      │    └── InventoryError    a planner inventory file that cannot be read (kasou.planner)
-     ├── InvalidSetting         a KASOU_* environment variable with a value kasou cannot use
+     ├── InvalidSetting         a setting (KASOU_* variable, key of /etc/kasou/kasou.toml) kasou cannot use
      ├── NotFound               no such VM / image / job / host (HTTP 404)
      │    └── ImageNotFound
      ├── Conflict               exists already, or the wrong state (HTTP 409)
@@ -61,8 +61,9 @@ class InvalidSpec(KasouError):
 
 
 class InvalidSetting(KasouError, ValueError):
-    """A ``KASOU_*`` environment variable holds a value kasou cannot use: the message names the
-    variable, the value and what is allowed. A server that reads it answers 500 (its own set-up is
+    """A setting (a ``KASOU_*`` environment variable or a key of the settings file) holds a value kasou cannot
+    use, or is unknown, or the file cannot be read: the message names the variable or key, the value and
+    what is allowed (kasou.settings). A server that reads it answers 500 (its own set-up is
     wrong). It is a ValueError too, for callers that read a setting with ``except ValueError``."""
 
     code = "invalid_setting"

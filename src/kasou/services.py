@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from kasou import settings
 from kasou.api.auth import ensure_token
 from kasou.config import Paths, api_url, check_settings, host_name
 from kasou.errors import Conflict, KasouError, OperationTimeout
@@ -38,7 +39,7 @@ STOP_TIMEOUT = 15.0
 SERVICES = ("agent", "api")
 SYSTEMD_UNITS = ("kasou-agent.service", "kasou-api.service")
 SYSTEMCTL_TIMEOUT = 5.0
-DEFAULT_UNIT_HOME = "/var/lib/kasou"  # the units' KASOU_HOME unless /etc/kasou/kasou.env sets one
+DEFAULT_UNIT_HOME = "/var/lib/kasou"  # the units' KASOU_HOME unless kasou.env or kasou.toml sets one
 
 
 def _systemctl(*args: str) -> subprocess.CompletedProcess[str] | None:
@@ -54,17 +55,23 @@ def _systemctl(*args: str) -> subprocess.CompletedProcess[str] | None:
 
 
 def _unit_home(unit: str) -> Path:
-    """The KASOU_HOME a running unit's main process has (its environment), else the units' default."""
+    """The kasou home a running unit's main process has: its environment's KASOU_HOME, else the settings file
+    it reads (its KASOU_CONFIG, else /etc/kasou/kasou.toml), else the units' default."""
     r = _systemctl("show", "--property=MainPID", "--value", unit)
     pid = r.stdout.strip() if r is not None and r.returncode == 0 else ""
+    env: dict[str, str] = {}
     if pid.isdigit() and int(pid) > 0:
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
-            env = []
-        for kv in env:
-            if kv.startswith(b"KASOU_HOME=") and kv[len(b"KASOU_HOME=") :]:
-                return Path(kv[len(b"KASOU_HOME=") :].decode(errors="replace")).absolute()
+            pairs = []
+        for kv in pairs:
+            k, sep, v = kv.decode(errors="replace").partition("=")
+            if sep and k.startswith("KASOU_"):
+                env[k] = v
+    loaded = settings.load(env)
+    if loaded.fatal is None and "paths.home" not in loaded.errors:
+        return Path(loaded.settings.paths.home).absolute()
     return Path(DEFAULT_UNIT_HOME)
 
 

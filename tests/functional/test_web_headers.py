@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from kasou.web import NOVNC, STATIC
+from kasou.config import novnc_dir
+from kasou.web import STATIC
 from tests.functional.conftest import Env
 
 EXTERNAL = re.compile(rb"""(?:src|href)\s*=\s*["']?(?:https?:)?//|cdn\.|unpkg|jsdelivr""", re.IGNORECASE)
@@ -30,7 +31,7 @@ def test_the_openapi_document_is_still_served(env: Env) -> None:
 def pages(env: Env) -> list[str]:
     out = ["/", "/openapi.json", "/v1/vms", "/v1/no-such-thing", "/v1/version", "/ui/", "/ui/console.html",
            "/ui/portal.html", "/ui/account.html", "/ui/kasou.css", "/ui/api.js", "/ui/no-such-page"]  # fmt: skip
-    if (NOVNC / "vnc.html").exists():
+    if (novnc_dir() / "vnc.html").exists():
         out += ["/ui/novnc/vnc.html", "/ui/novnc/core/rfb.js"]
     return out
 

@@ -62,7 +62,8 @@ def test_contents(deb: Path) -> None:
     for unit in UNITS:
         assert f"/lib/systemd/system/{unit}" in files
     for f in ("/opt/kasou/bin/kasou", "/opt/kasou/pyvenv.cfg", "/usr/bin/kasou", "/etc/kasou/kasou.env",
-              "/usr/share/doc/kasou/copyright", "/usr/share/doc/kasou/docs/install.md"):  # fmt: skip
+              "/usr/share/doc/kasou/copyright", "/usr/share/doc/kasou/docs/install.md",
+              "/usr/share/kasou/kasou.toml.example", "/usr/share/doc/kasou/docs/configuration.md"):  # fmt: skip
         assert f in files, f
     # the manual pages, from the command line: man kasou, man kasou-vm-start, man kasou-host-shutdown-guests
     for page in ("kasou.1.gz", "kasou-vm-start.1.gz", "kasou-host-shutdown-guests.1.gz"):
@@ -108,6 +109,10 @@ def test_maintainer_scripts_install_upgrade_remove_in_the_root(root: Path, tmp_p
 
     calls = run("postinst", "configure", "")
     assert (root / "var/lib/kasou/log").is_dir() and (root / "var/log/kasou").is_symlink()
+    settings = root / "etc/kasou/kasou.toml"  # the example, where there was none; an upgrade keeps it as it is
+    assert settings.read_text() == (REPO / "packaging/kasou.toml.example").read_text()
+    assert settings.stat().st_mode & 0o777 == 0o640
+    settings.write_text("[ha]\nlease_ttl = 9\n")
     # a first install starts no service, only kasou-guests (which does nothing until the host shuts down)
     invoked = [ln for ln in calls.splitlines() if ln.startswith("deb-systemd-invoke")]
     assert invoked == ["deb-systemd-invoke start kasou-guests.service"], calls
@@ -116,9 +121,10 @@ def test_maintainer_scripts_install_upgrade_remove_in_the_root(root: Path, tmp_p
     calls = run("postinst", "configure", "0.1.0-1", active=both)
     assert "deb-systemd-invoke restart kasou-agent.service" in calls and "stop" not in calls
     assert "restart kasou-guests" not in calls  # its ExecStop would run: never on an upgrade
+    assert settings.read_text() == "[ha]\nlease_ttl = 9\n"
     assert "deb-systemd-invoke stop" in run("prerm", "remove")
     run("postrm", "purge")
-    assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists()
+    assert (root / "var/lib/kasou").is_dir() and not (root / "var/log/kasou").exists() and not settings.exists()
 
 
 # What lintian says of any Python application packaged as a virtual environment in /opt, and accepted:

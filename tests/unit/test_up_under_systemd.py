@@ -82,3 +82,19 @@ def test_units_of_another_home_or_inactive_units_do_not_count(
 def test_no_systemctl_no_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no systemctl at all
     assert services.systemd_units(Paths.from_env(tmp_path)) == []
+
+
+def test_a_units_home_from_its_settings_file(systemctl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit whose environment names no KASOU_HOME has the home of its settings file ([paths] home)."""
+    file = tmp_path / "kasou.toml"
+    file.write_text(f'[paths]\nhome = "{tmp_path / "unit-home"}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KASOU_")}
+    p = subprocess.Popen(["sleep", "60"], env=dict(env, KASOU_CONFIG=str(file)))
+    try:
+        monkeypatch.setenv("FAKE_ACTIVE", "kasou-api.service")
+        monkeypatch.setenv("FAKE_MAINPID", str(p.pid))
+        assert services.systemd_units(Paths.from_env(tmp_path / "unit-home")) == ["kasou-api.service"]
+        assert services.systemd_units(Paths.from_env("/var/lib/kasou")) == []
+    finally:
+        p.kill()
+        p.wait(5)

@@ -51,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from kasou.config import HaTimes, Paths
+from kasou.config import HaTimes, Paths, ha_watchdog
 from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
 from kasou.peers import registry_names
@@ -442,7 +442,7 @@ def run_guard(
     async def main() -> None:
         store = EtcdStore(endpoints, timeout=times.renew_every_s, tls=tls)
         guard = HostGuard(store, host, paths, times, record, metrics=metrics)
-        device = os.environ.get("KASOU_HA_WATCHDOG", "").strip()
+        device = str(ha_watchdog() or "")  # KASOU_HA_WATCHDOG
         if device:
             guard.watchdog = Watchdog(device, times.fence_after_s)
             log.info("feeding the watchdog %s (timeout %g s)", device, times.fence_after_s)

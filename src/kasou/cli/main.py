@@ -32,6 +32,7 @@ from kasou.cli.common import (
     say,
     uptime_text,
 )
+from kasou.cli.config import config_app
 from kasou.cli.desktops import desktop_pool_app
 from kasou.cli.devices import nic_app
 from kasou.cli.directory import directory_app
@@ -105,6 +106,7 @@ app.add_typer(console_app, name="console")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")
 app.add_typer(tls_app, name="tls")
+app.add_typer(config_app, name="config")
 
 # -- services -------------------------------------------------------------------------
 

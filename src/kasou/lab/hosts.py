@@ -73,7 +73,7 @@ import httpx
 
 from kasou import pki
 from kasou.api.auth import ensure_token
-from kasou.config import DEFAULT_IMAGES, Paths, TlsFiles, storage_roots
+from kasou.config import Paths, TlsFiles, storage_roots
 from kasou.errors import InvalidSpec, KasouError
 from kasou.lab import directory as labdir
 from kasou.lab import net, vault
@@ -203,7 +203,7 @@ class Lab:
                 cluster.names, cluster.endpoints, cluster.peer_urls, cluster.metrics_urls, strict=True
             )
         ]
-        images = Path(os.environ.get("KASOU_IMAGES") or DEFAULT_IMAGES).absolute()
+        images = Paths.from_env().images
         return LabState(dir=str(self.dir), images=str(images), hosts=hosts, etcd=members)
 
     def _cluster(self) -> EtcdCluster:

@@ -18,7 +18,6 @@ are not served; the OpenAPI document stays at ``/openapi.json``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -26,10 +25,10 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kasou.config import novnc_dir
 from kasou.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent / "static"
-NOVNC = Path(os.environ.get("KASOU_NOVNC_DIR", "/usr/share/novnc"))
 _TYPES = {
     ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css",
     ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json", ".ico": "image/x-icon",
@@ -97,7 +96,7 @@ def web_routes() -> APIRouter:
 
     @r.get("/ui/novnc/{path:path}")
     async def novnc(path: str) -> Response:
-        return _file(NOVNC, path)
+        return _file(novnc_dir(), path)  # KASOU_NOVNC_DIR
 
     @r.get("/ui/{path:path}")
     async def static(path: str) -> Response:

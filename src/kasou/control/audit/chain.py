@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kasou.config import audit_checkpoint_every, audit_checkpoint_minutes, host_name
+from kasou.config import audit_checkpoint_every, audit_checkpoint_minutes, audit_syslog, host_name
 from kasou.control.audit import anchors, keys
 from kasou.control.audit.records import (
     CHECKPOINT_MSG_ID,
@@ -64,7 +64,7 @@ class AuditLog:
         self.host = host or host_name()
         self.checkpoint_every = max(1, int(checkpoint_every or audit_checkpoint_every()))
         self.checkpoint_s = 60 * (checkpoint_minutes or audit_checkpoint_minutes())
-        target = syslog if syslog is not None else os.environ.get("KASOU_AUDIT_SYSLOG", "")
+        target = syslog if syslog is not None else audit_syslog()
         self.syslog = SyslogForwarder(target) if target else None
         # Checkpoints go to syslog too: the configured one, else the host's own (/dev/log) if it has one.
         local = not target and os.path.exists(LOCAL_SYSLOG)

@@ -1,0 +1,163 @@
+"""Where settings come from: the ``KASOU_*`` environment and the TOML file, as pydantic-settings sources.
+
+Both give ``{section: {key: raw value}}``: the environment's values as the strings they are (an empty one
+counts as unset, so ``KASOU_X=`` in a unit's environment file leaves the file's value), the file's as TOML
+typed them. The model (:class:`kasou.settings.model.Settings`) turns them into values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from kasou.errors import InvalidSetting
+
+DEFAULT_FILE = Path("/etc/kasou/kasou.toml")
+CONFIG_ENV = "KASOU_CONFIG"
+MAX_FILE_BYTES = 1024 * 1024
+
+
+#: ``KASOU_*`` variables that are no setting of this model but are kasou's all the same: the file's name, the
+#: CLI's token, the systemd units' command-line options, the backup server's, the lab's, the build's and the
+#: tests'. Every other ``KASOU_*`` variable is refused as unknown.
+OTHER_VARIABLES: dict[str, str] = {
+    "KASOU_CONFIG": "the settings file (default /etc/kasou/kasou.toml)",
+    "KASOU_TOKEN": "the API token a client sends (else the token file)",
+    "KASOU_SERVE_OPTS": "kasou-api.service's options for kasou serve",
+    "KASOU_AGENT_OPTS": "kasou-agent.service's options for kasou agent",
+    "KASOU_BACKUP_SERVER_LISTEN": "kasou-backup-server.service's listening address",
+    "KASOU_BACKUP_SERVER_DIR": "the backup server's data directory (kasou backup-server --dir)",
+    "KASOU_BACKUP_SYNC_TOKEN": "a reader token of a primary backup server (kasou backup-server --token)",
+    "KASOU_LAB_DIR": "the directory of kasou lab (default /var/lib/kasou/lab)",
+    "KASOU_GUESTS_TIMEOUT": "kasou-guests.service: seconds for each VM's graceful shutdown",
+    # read by the notifications (kasou.control.notify) on their own for now; to become keys of [notify]
+    "KASOU_NOTIFY_ROUTES": "notifications: routes per department",
+    "KASOU_NOTIFY_SMTP_USER": "notifications: the mail relay's user",
+    "KASOU_NOTIFY_SMTP_PASSWORD": "notifications: the mail relay's password",
+    "KASOU_NOTIFY_SMTP_STARTTLS": "notifications: STARTTLS to the mail relay",
+    "KASOU_NOTIFY_WEBHOOK_ATTEMPTS": "notifications: webhook attempts",
+    "KASOU_NOTIFY_WEBHOOK_BACKOFF": "notifications: webhook back-off",
+    "KASOU_START": "the package's postinst: start the services on first install",
+    "KASOU_DEB_REVISION": "scripts/build-deb.sh: the Debian revision",
+    "KASOU_DEB_PYTHON": "scripts/build-deb.sh: the interpreter",
+    "KASOU_EXTRA_PACKAGES": "scripts/install.sh: more Debian packages",
+    "KASOU_REQUIRE_ALL": "tests: no real test may skip (CI)",
+    "KASOU_TEST_KEEP_LOGS": "tests: keep the services' logs",
+    "KASOU_TEST_SHOTS": "tests: where the browser tests save screenshots",
+    "KASOU_CHROMIUM": "tests: the browser the browser tests drive",
+    # the Debian guest image's scripts, in their own tests
+    "KASOU_CONSOLE": "guest image tests",
+    "KASOU_DATA": "guest image tests",
+    "KASOU_EFI": "guest image tests",
+    "KASOU_TPM_DEV": "guest image tests",
+    "KASOU_TPM_CLASS": "guest image tests",
+    "KASOU_PORTS": "guest image tests",
+    "KASOU_DEV": "guest image tests",
+}
+
+
+def nearest(name: str, names: list[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``names``, or nothing."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def env_names(settings_cls: type[BaseSettings]) -> dict[str, tuple[str, str]]:
+    """Each setting's variable → (section, key), from the model's fields (their ``env``)."""
+    out = {}
+    for section, sfield in settings_cls.model_fields.items():
+        model = sfield.annotation
+        for name, f in getattr(model, "model_fields", {}).items():
+            extra = f.json_schema_extra
+            if isinstance(extra, dict) and isinstance(extra.get("env"), str):
+                out[str(extra["env"])] = (section, name)
+    return out
+
+
+def config_path(environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """The settings file and whether it was named (``KASOU_CONFIG``): a named file must exist, the default
+    /etc/kasou/kasou.toml need not."""
+    named = environ.get(CONFIG_ENV, "").strip()
+    return (Path(named), True) if named else (DEFAULT_FILE, False)
+
+
+def env_values(environ: Mapping[str, str], names: Mapping[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """The settings in ``environ`` (``names``: :func:`env_names`), by section and key (empty values left out)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        where = names.get(name)
+        if where is not None and value.strip():
+            out.setdefault(where[0], {})[where[1]] = value.strip()
+    return out
+
+
+def unknown_env(environ: Mapping[str, str], names: Mapping[str, tuple[str, str]]) -> list[InvalidSetting]:
+    """One error for each ``KASOU_*`` variable kasou does not know, with the nearest name it does."""
+    known = [*names, *OTHER_VARIABLES]
+    return [
+        InvalidSetting(f"{name} is no setting of kasou{nearest(name, known)}; see docs/configuration.md", setting=name)
+        for name in sorted(environ)
+        if name.startswith("KASOU_") and name not in names and name not in OTHER_VARIABLES
+    ]
+
+
+def read_file(path: Path, named: bool) -> dict[str, Any] | None:
+    """The file's tables; None when the default file is absent (or not readable: a user's CLI without root).
+    A named file that is missing or unreadable, a file that is no TOML: :class:`InvalidSetting`, one line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        if named:
+            raise InvalidSetting(f"{CONFIG_ENV}={str(path)!r}: no such file", setting=CONFIG_ENV) from None
+        return None
+    except PermissionError:
+        if named:
+            raise InvalidSetting(f"cannot read the settings file {path}: permission denied (run as root?)") from None
+        return None
+    except OSError as e:
+        raise InvalidSetting(f"cannot read the settings file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidSetting(f"the settings file {path} is larger than {MAX_FILE_BYTES // 1024} KiB")
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError:
+        raise InvalidSetting(f"the settings file {path} is not text (UTF-8)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidSetting(f"the settings file {path} is not valid TOML: {e}") from None
+
+
+class EnvSource(PydanticBaseSettingsSource):
+    """The ``KASOU_*`` variables, each under its key's section and name."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, True
+
+    def __call__(self) -> dict[str, Any]:
+        environ = os.environ if self.environ is None else self.environ
+        return dict(env_values(environ, env_names(self.settings_cls)))
+
+
+class TomlSource(PydanticBaseSettingsSource):
+    """The settings file (``KASOU_CONFIG``, else /etc/kasou/kasou.toml), as it is."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None = None, named: bool = True) -> None:
+        super().__init__(settings_cls)
+        self.path, self.named = (path, named) if path is not None else config_path(os.environ)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, True
+
+    def __call__(self) -> dict[str, Any]:
+        return read_file(self.path, self.named) or {}
