@@ -12,7 +12,7 @@ from kasou import pki
 from tests.functional.test_server import free_port, home, serve_api  # noqa: F401 - the fixture
 from tests.notify_receivers import wait_for, webhook_receiver
 
-SECRET = "serve-secret"
+SECRET = "serve-secret-long-enough"
 
 
 def test_kasou_serve_tells_the_webhook_of_its_expiring_certificate(home: Path) -> None:  # noqa: F811
@@ -35,4 +35,4 @@ def test_kasou_serve_refuses_a_bad_notification_setting(home: Path) -> None:  # 
                        capture_output=True, timeout=60)  # fmt: skip
     assert r.returncode != 0
     err = r.stderr.decode().strip()
-    assert err.startswith("error: ") and "min_severity" in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "KASOU_NOTIFY_MIN_SEVERITY" in err and len(err.splitlines()) == 1, err

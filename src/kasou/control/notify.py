@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from kasou.config import host_name, int_setting
+from kasou.config import host_name, int_setting, notify_settings
 from kasou.control.base import VMRecords
 from kasou.control.events import SEVERITIES, Event, Events, Severity, severity_at_least, subscribe
 from kasou.control.notify_channels import DeliveryFailed, MailSender, SyslogSender, WebhookSender, parse_syslog
@@ -119,22 +119,24 @@ def notify_config() -> NotifyConfig:
     ``_SMTP_PASSWORD``, ``_MAIL_FROM``, ``_MAIL_TO`` (comma list), ``_SYSLOG``, ``_MIN_SEVERITY`` and
     ``_ROUTES`` (a JSON list of routes). The one place they are read: the settings file's ``[notify]``
     section takes its place."""
+    section = notify_settings()  # [notify] of the settings file, then KASOU_NOTIFY_* (kasou.settings)
     raw: dict[str, Any] = {
-        "webhook": _env("KASOU_NOTIFY_WEBHOOK"),
-        "webhook_secret": _env("KASOU_NOTIFY_WEBHOOK_SECRET"),
+        "webhook": section.webhook,
+        "webhook_secret": section.webhook_secret,
         "webhook_attempts": int_setting("KASOU_NOTIFY_WEBHOOK_ATTEMPTS", 5, 1, 20),
-        "smtp_host": _env("KASOU_NOTIFY_SMTP_HOST"),
-        "smtp_port": int_setting("KASOU_NOTIFY_SMTP_PORT", 25, 1, 65535),
+        "smtp_host": section.smtp_host,
+        "smtp_port": section.smtp_port,
         "smtp_starttls": (_env("KASOU_NOTIFY_SMTP_STARTTLS") or "0").lower() in ("1", "yes", "true", "on"),
         "smtp_user": _env("KASOU_NOTIFY_SMTP_USER"),
         "smtp_password": _env("KASOU_NOTIFY_SMTP_PASSWORD"),
-        "mail_to": [a.strip() for a in (_env("KASOU_NOTIFY_MAIL_TO") or "").split(",") if a.strip()],
-        "syslog": _env("KASOU_NOTIFY_SYSLOG"),
+        "mail_to": list(section.mail_to),
+        "syslog": section.syslog,
+        "min_severity": section.min_severity,
     }
-    for key, var in (("mail_from", "KASOU_NOTIFY_MAIL_FROM"), ("min_severity", "KASOU_NOTIFY_MIN_SEVERITY"),
-                     ("webhook_backoff_s", "KASOU_NOTIFY_WEBHOOK_BACKOFF")):  # fmt: skip
-        if _env(var) is not None:
-            raw[key] = _env(var)
+    if section.mail_from is not None:
+        raw["mail_from"] = section.mail_from
+    if _env("KASOU_NOTIFY_WEBHOOK_BACKOFF") is not None:
+        raw["webhook_backoff_s"] = _env("KASOU_NOTIFY_WEBHOOK_BACKOFF")
     routes = _env("KASOU_NOTIFY_ROUTES")
     try:
         raw["routes"] = json.loads(routes) if routes else []

@@ -166,6 +166,17 @@ def _syslog(target: str | None) -> str | None:
     return target
 
 
+def _notify_syslog(target: str | None) -> str | None:
+    """As kasou.control.notify_channels.parse_syslog takes it: udp://HOST:PORT, tcp://HOST:PORT or local."""
+    if target is None or target == "local":
+        return target
+    scheme, sep, rest = target.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not (sep and scheme in ("udp", "tcp") and colon and host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("neither udp://HOST:PORT, tcp://HOST:PORT nor local")
+    return target
+
+
 def _hostname(name: str | None) -> str | None:
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", name):
         raise ValueError("not a host name")
@@ -432,10 +443,10 @@ class NotifySection(Section):
         kind="list",
         shown="none",
     )
-    syslog: Annotated[OptText, AfterValidator(_syslog)] = text(
+    syslog: Annotated[OptText, AfterValidator(_notify_syslog)] = text(
         None,
         "KASOU_NOTIFY_SYSLOG",
-        "host:port (UDP) or a socket path such as /dev/log",
+        "udp://HOST:PORT, tcp://HOST:PORT or local (/dev/log)",
         "notifications to syslog",
         shown="none",
     )

@@ -56,7 +56,7 @@ EXAMPLES: dict[str, Any] = {
     "notify.smtp_host": "mail.hospital.example",
     "notify.mail_from": "kasou@hospital.example",
     "notify.mail_to": ["it-oncall@hospital.example", "infra@hospital.example"],
-    "notify.syslog": "10.0.0.9:514",
+    "notify.syslog": "udp://10.0.0.9:514",
 }
 
 
