@@ -19,6 +19,7 @@ from kasou.cli import completion, manpages
 from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
 from kasou.cli.backup_server import backup_server_app
+from kasou.cli.cluster import cluster_app
 from kasou.cli.common import (
     client,
     err,
@@ -79,6 +80,7 @@ app.add_typer(console_app, name="console")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")
 app.add_typer(tls_app, name="tls")
+app.add_typer(cluster_app, name="cluster")  # kasou cluster alone: the cluster's view
 
 # -- services -------------------------------------------------------------------------
 
@@ -149,17 +151,6 @@ def serve(
 
     check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_api(Paths.from_env(), address, plain_http)
-
-
-@app.command()
-def cluster(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The virtual environment: the hosts that are up and whose control plane leads."""
-    c = client().get("/v1/cluster")
-    if as_json:
-        print_json(c)
-        return
-    kind = "cluster (etcd)" if c["clustered"] else "single host (SQLite)"
-    out.print(f"{kind}; leader: {c['leader'] or '-'}; hosts up: {', '.join(c['hosts'])}", markup=False)
 
 
 @app.command()
