@@ -23,7 +23,7 @@ from kasou.config import Paths
 from kasou.control import breakglass, sealed
 from kasou.control.audit import keys as audit_keys
 from kasou.control.membership import JoinTokens, Membership, add_member, members_of, remove_member
-from kasou.errors import Conflict, InvalidSpec
+from kasou.errors import Conflict, InvalidSpec, NotFound
 from kasou.model.cluster import (
     TOKEN_TTL_S,
     JoinAnswer,
@@ -80,6 +80,8 @@ def cluster_routes(svc: Callable[[], Services], principal: Callable[[Request], A
     async def site_ca() -> dict[str, str]:
         """The site CA's certificate (PEM): a joining host checks its fingerprint against its join token."""
         ca = Paths.from_env().tls_files().ca
+        if not ca.is_file():
+            raise NotFound("this host has no site CA (a cluster is set up with kasou cluster init)")
         return {"ca": pki.pem_of(ca).decode()}
 
     @r.post("/tokens", status_code=201)

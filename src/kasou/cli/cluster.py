@@ -257,13 +257,20 @@ def join(
     with tempfile.NamedTemporaryFile(suffix=".crt") as f:
         f.write(ca_pem)
         f.flush()
-        site = Client(api, "", verify=pki.client_context(Path(f.name)), timeout=60)
-        body = {"token": str(token), "name": me, "address": address, "host_csr": host_csr.decode(),
-                "etcd_csr": etcd_csr.decode()}  # fmt: skip
+        verify = pki.client_context(Path(f.name))
+    body = {"token": str(token), "name": me, "address": address, "host_csr": host_csr.decode(),
+            "etcd_csr": etcd_csr.decode()}  # fmt: skip
+    try:
+        r = httpx.post(f"{api}/v1/cluster/join", json=body, verify=verify, timeout=60)
+    except httpx.HTTPError as e:
+        fail(f"the join request to {api} failed: {e or type(e).__name__} (nothing changed here)")
+    if r.status_code != 200:
         try:
-            answer = JoinAnswer.model_validate(site.post("/v1/cluster/join", json=body))
-        except KasouError as e:
-            fail(f"the first host refused the join: {e.message} (nothing changed here)")
+            why = str(r.json().get("message"))
+        except ValueError:
+            why = f"HTTP {r.status_code}"
+        fail(f"the first host refused the join: {why} (nothing changed here)")
+    answer = JoinAnswer.model_validate(r.json())
     undo: list[Callable[[], Any]] = []
     api_token = answer.site_files["api.token"].strip()
 
