@@ -136,7 +136,10 @@ def test_remove_stops_services_and_purge_keeps_vm_disks(root: Path, tmp_path: Pa
     (root / "var/lib/kasou/disks").mkdir()
     (root / "var/lib/kasou/disks/emr1.qcow2").write_bytes(b"QFI\xfb")
     calls = run_script("prerm", root, tmp_path / "log", "remove")
-    assert "deb-systemd-invoke stop kasou-api.service kasou-agent.service kasou-backup-server.service kasou-etcd.service" in calls
+    assert (
+        "deb-systemd-invoke stop kasou-api.service kasou-agent.service kasou-backup-server.service kasou-etcd.service"
+        in calls
+    )
     calls = run_script("postrm", root, tmp_path / "log", "purge")
     assert "deb-systemd-helper purge kasou-agent.service" in calls
     assert not (root / "var/log/kasou").is_symlink()
