@@ -61,7 +61,7 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> N
     line = f"{kind}; leader: {c['leader'] or '-'}; hosts up: {', '.join(c['hosts'])}"
     members = c.get("etcd_members")
     if members is not None:
-        line += f"; etcd members ({len(members)}): {', '.join(m['name'] for m in members)}"
+        line += f"; etcd members ({len(members)}): {', '.join(sorted(m['name'] for m in members))}"
     say(line)
 
 
@@ -310,7 +310,7 @@ def join(
         if isinstance(e, KasouError):
             fail(f"cluster join failed: {e.message} (undone: the etcd member removed, the files deleted)")
         raise
-    say(f"etcd members ({len(members)}): {', '.join(m.name for m in members)}")
+    say(f"etcd members ({len(members)}): {', '.join(sorted(m.name for m in members))}")
     if len(members) == 2:
         say(QUORUM_NOTE)
     say(f"the CLI here: set -a; . {cfg / ch.SETTINGS_FILE}; set +a   (then: kasou cluster)")
@@ -346,7 +346,7 @@ def leave(
         fail(f"{me} holds the site CA's key ({paths.tls_dir / 'ca.key'}), which joins and renewals need: "
              "remove the other hosts first, or move the CA by hand (docs/install.md)")  # fmt: skip
     left = c.post("/v1/cluster/leave", json={"host": me})["members"]
-    say(f"etcd member {me} removed; members left ({len(left)}): {', '.join(m['name'] for m in left)}")
+    say(f"etcd member {me} removed; members left ({len(left)}): {', '.join(sorted(m['name'] for m in left))}")
     for line in ch.stop_services(paths, sd):
         say(line)
     say(ch.stop_etcd(paths, sd))
