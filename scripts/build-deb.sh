@@ -3,7 +3,8 @@
 #   /opt/kasou          a virtual environment (Debian's python3.11) with the wheel of this checkout
 #                       and its dependencies from the Python package index (pip's cache makes a
 #                       rebuild fast); /usr/bin/kasou links to its command
-#   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-guests.service, kasou-backup-server.service
+#   /lib/systemd/system kasou-agent.service, kasou-api.service, kasou-guests.service, kasou-backup-server.service,
+#                       kasou-etcd.service (a cluster's etcd member: kasou cluster init/join)
 #   /etc/kasou          kasou.env (the services' environment, commented) and backup-server.env; postinst
 #                       makes kasou.toml (the settings file) from /usr/share/kasou/kasou.toml.example
 #   /usr/share/doc/kasou the README and docs/
@@ -92,8 +93,8 @@ Architecture: $arch
 Maintainer: kasou <kasou@localhost>
 Installed-Size: $size
 Depends: python$pyver, python3 (>= $pyver~), libc6 (>= 2.28), qemu-system-x86, qemu-utils, iproute2, procps, ca-certificates, init-system-helpers (>= 1.54~)
-Recommends: ovmf, swtpm, swtpm-tools, novnc, etcd-client, busybox-static, cpio, e2fsprogs, fuse3
-Suggests: etcd-server, virt-v2v, nbdkit
+Recommends: ovmf, swtpm, swtpm-tools, novnc, etcd-server, etcd-client, busybox-static, cpio, e2fsprogs, fuse3
+Suggests: virt-v2v, nbdkit
 Section: admin
 Priority: optional
 Homepage: https://example.invalid/kasou

@@ -180,36 +180,29 @@ def _sans(ips: list[str], dns: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def issue(
-    ca_dir: Path,
+def _host_cert(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
     host: str,
     ips: list[str],
     dns: list[str],
-    out_dir: Path,
-    days: int = HOST_DAYS,
-    kasou_host: bool = True,
-) -> tuple[Path, Path]:
-    """Sign a certificate for ``host`` (server and client use) with the CA in ``ca_dir``.
-
-    Writes ``out_dir/host.crt``, ``out_dir/host.key`` (0600) and a copy of ``ca.crt``: the
-    directory to install as that host's ``KASOU_TLS_DIR``. Issuing again renews (a new key).
-    ``kasou_host``: with kasou's host marker (``OU=kasou host``); without it for a service that is not
-    a kasou host (etcd, a monitoring client), which agents and the leader then refuse."""
+    days: int,
+    kasou_host: bool,
+) -> x509.Certificate:
+    """A certificate for ``host`` (server and client use) on ``public_key``, signed by the CA."""
     if not host or any(c in host for c in "/\\ ") or host.startswith("."):
         raise InvalidSpec(f"{host!r} is not a host name", field="host")
-    ca_cert = load_cert(ca_dir / "ca.crt")
-    ca_key = _load_key(ca_dir / "ca.key")
     names = _sans(ips, sorted({host, *dns}))
-    key = ec.generate_private_key(ec.SECP256R1())
     not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kasou")]
     if kasou_host:
         subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, KASOU_HOST_OU))
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([*subject, x509.NameAttribute(NameOID.COMMON_NAME, host)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(not_after)
@@ -232,15 +225,94 @@ def issue(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def issue(
+    ca_dir: Path,
+    host: str,
+    ips: list[str],
+    dns: list[str],
+    out_dir: Path,
+    days: int = HOST_DAYS,
+    kasou_host: bool = True,
+) -> tuple[Path, Path]:
+    """Sign a certificate for ``host`` (server and client use) with the CA in ``ca_dir``.
+
+    Writes ``out_dir/host.crt``, ``out_dir/host.key`` (0600) and a copy of ``ca.crt``: the
+    directory to install as that host's ``KASOU_TLS_DIR``. Issuing again renews (a new key).
+    ``kasou_host``: with kasou's host marker (``OU=kasou host``); without it for a service that is not
+    a kasou host (etcd, a monitoring client), which agents and the leader then refuse."""
+    if not host or any(c in host for c in "/\\ ") or host.startswith("."):
+        raise InvalidSpec(f"{host!r} is not a host name", field="host")
+    ca_cert = load_cert(ca_dir / "ca.crt")
+    ca_key = _load_key(ca_dir / "ca.key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _host_cert(ca_cert, ca_key, key.public_key(), host, ips, dns, days, kasou_host)
     _write_private(out_dir / "host.key", _key_pem(key))
     _write_public(out_dir / "host.crt", _cert_pem(cert))
     if out_dir.absolute() != ca_dir.absolute():
         _write_public(out_dir / "ca.crt", _cert_pem(ca_cert))
     return out_dir / "host.crt", out_dir / "host.key"
+
+
+# -- joining a host: its key never leaves it -----------------------------------------------------
+
+
+def make_request(host: str) -> tuple[bytes, bytes]:
+    """A new key (PEM, to keep on this host) and a certificate signing request for ``host`` (PEM, to send)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_request(
+    ca_dir: Path, csr_pem: str | bytes, host: str, ips: list[str], dns: list[str], kasou_host: bool = True
+) -> bytes:
+    """Sign a host's certificate signing request with the CA in ``ca_dir``: the names and addresses are the
+    ones given here (what the CA vouches for), never the request's own; the request only brings the public
+    key, and its signature proves the requester holds the private one. Returns the certificate (PEM)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode() if isinstance(csr_pem, str) else csr_pem)
+    except ValueError as e:
+        raise InvalidSpec(f"the certificate signing request is not PEM ({e})", field="csr") from None
+    if not csr.is_signature_valid:
+        raise InvalidSpec("the certificate signing request's signature does not verify", field="csr")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise InvalidSpec("the certificate signing request must hold an EC key", field="csr")
+    cert = _host_cert(
+        load_cert(ca_dir / "ca.crt"), _load_key(ca_dir / "ca.key"), public_key, host, ips, dns, HOST_DAYS, kasou_host
+    )
+    return _cert_pem(cert)
+
+
+def pem_of(path: Path) -> bytes:
+    """The certificate at ``path``, checked, as PEM."""
+    return _cert_pem(load_cert(path))
+
+
+def fingerprint(cert_pem: str | bytes) -> str:
+    """The SHA-256 of a certificate (its DER), in hex: what a join token carries of the site CA."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode() if isinstance(cert_pem, str) else cert_pem)
+    except ValueError as e:
+        raise TlsError(f"not a PEM certificate ({e})") from None
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def write_host_files(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+    """Install a host's TLS files (``ca.crt``, ``host.crt``, ``host.key`` 0600) in ``directory`` (0700)."""
+    _write_public(directory / "ca.crt", ca_pem)
+    _write_public(directory / "host.crt", cert_pem)
+    _write_private(directory / "host.key", key_pem)
 
 
 def sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:

@@ -28,7 +28,7 @@ from kasou.api.auth import ensure_token
 from kasou.config import Paths, api_url, check_settings, host_name
 from kasou.errors import Conflict, KasouError, OperationTimeout
 from kasou.hypervisor.qemu import process
-from kasou.pki import trust
+from kasou.pki import host_client_context, trust
 
 AGENT_START_TIMEOUT = 90.0  # the first start of a boot probes KVM (up to 15 s) before listening
 API_START_TIMEOUT = 30.0
@@ -98,11 +98,21 @@ def refuse_under_systemd(paths: Paths, verb: str) -> None:
         )
 
 
-def _command(service: str, api: str) -> list[str]:
+def agent_listen_setting() -> str | None:
+    """The agent's TCP address in a cluster: ``--listen ADDRESS:PORT`` in ``KASOU_AGENT_OPTS`` (what its unit
+    runs it with); None for the root-only unix socket of one host."""
+    opts = os.environ.get("KASOU_AGENT_OPTS", "").split()
+    if "--listen" in opts[:-1]:
+        value = opts[opts.index("--listen") + 1]
+        return None if value.startswith("unix:") else value
+    return None
+
+
+def _command(service: str, api: str, agent_listen: str | None = None) -> list[str]:
     """``api`` is KASOU_API as a URL: http:// on a loopback address is served as plain HTTP, explicitly;
-    anything else (https://) with this host's certificate."""
+    anything else (https://) with this host's certificate. ``agent_listen``: the agent on TCP (mutual TLS)."""
     if service == "agent":
-        return [sys.executable, "-m", "kasou", "agent"]
+        return [sys.executable, "-m", "kasou", "agent", *(["--listen", agent_listen] if agent_listen else [])]
     scheme, _, address = api.partition("://")
     plain = ["--plain-http"] if scheme == "http" else []
     return [sys.executable, "-m", "kasou", "serve", "--address", address, *plain]
@@ -121,8 +131,11 @@ def service_pid(paths: Paths, service: str) -> int | None:
     return None
 
 
-def _agent_ok(paths: Paths) -> bool:
+def _agent_ok(paths: Paths, listen: str | None = None) -> bool:
     try:
+        if listen:  # mutual TLS: this host's own certificate is a kasou host's
+            with httpx.Client(timeout=3, verify=host_client_context(paths.tls_files())) as c:
+                return c.get(f"https://{listen}/agent/v1/ping").status_code == 200
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(paths.agent_socket)), timeout=3) as c:
             return c.get("http://agent/agent/v1/ping").status_code == 200
     except httpx.HTTPError:
@@ -138,6 +151,11 @@ def _api_ok(url: str, token: str, paths: Paths) -> bool:
         return False
 
 
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a service's log, on one line."""
+    return _tail(path, lines)
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     try:
         text = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -146,12 +164,12 @@ def _tail(path: Path, lines: int = 3) -> str:
         return ""
 
 
-def _spawn(paths: Paths, service: str, api: str) -> int:
+def _spawn(paths: Paths, service: str, api: str, agent_listen: str | None = None) -> int:
     log = paths.logs / f"{service}.log"
     env = dict(os.environ, KASOU_HOME=str(paths.home), KASOU_IMAGES=str(paths.images))
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            _command(service, api),
+            _command(service, api, agent_listen),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -232,22 +250,24 @@ def _ask_api(url: str, token: str, paths: Paths) -> tuple[dict[str, Any], list[d
     return dict(cluster.json()), list(hosts.json())
 
 
-def up(paths: Paths, api: str | None = None) -> dict[str, str]:
-    """Start whatever is not running yet. Returns what was done per service."""
+def up(paths: Paths, api: str | None = None, agent_listen: str | None = None) -> dict[str, str]:
+    """Start whatever is not running yet. Returns what was done per service. ``agent_listen``: the agent's
+    TCP address (a cluster's host), default from ``KASOU_AGENT_OPTS``; else its unix socket."""
     check_settings()  # a bad KASOU_* value is refused here, before anything starts
     refuse_under_systemd(paths, "up")
     paths.ensure()
     token = ensure_token(paths.token_file)
     url = api_url(api)
+    listen = agent_listen or agent_listen_setting()
     done = {}
     pid = service_pid(paths, "agent")
-    if pid is not None and _agent_ok(paths):
+    if pid is not None and _agent_ok(paths, listen):
         done["agent"] = f"already running (pid {pid})"
     else:
         if pid is not None:
             _terminate(pid)
-        pid = _spawn(paths, "agent", url)
-        _wait(lambda: _agent_ok(paths), pid, AGENT_START_TIMEOUT, "agent", paths)
+        pid = _spawn(paths, "agent", url, listen)
+        _wait(lambda: _agent_ok(paths, listen), pid, AGENT_START_TIMEOUT, "agent", paths)
         done["agent"] = f"started (pid {pid})"
     pid = service_pid(paths, "api")
     if pid is not None and _api_ok(url, token, paths):
@@ -261,6 +281,11 @@ def up(paths: Paths, api: str | None = None) -> dict[str, str]:
     # Answering is not enough: return once a `vm create` would be placed (this host's agent counted).
     wait_ready(lambda: _ask_api(url, token, paths), [host_name()], READY_TIMEOUT)
     return done
+
+
+def terminate(pid: int) -> None:
+    """SIGTERM, then SIGKILL after 15 s (by pid)."""
+    _terminate(pid)
 
 
 def _terminate(pid: int) -> None:

@@ -11,7 +11,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
 UNIT_DIR = PACKAGING / "systemd"
-UNITS = ("kasou-agent.service", "kasou-api.service", "kasou-backup-server.service", "kasou-guests.service")
+UNITS = (
+    "kasou-agent.service",
+    "kasou-api.service",
+    "kasou-backup-server.service",
+    "kasou-guests.service",
+    "kasou-etcd.service",
+)
 SYSTEM_UNITS = Path("/lib/systemd/system")  # the standard targets (multi-user, network-online) verify resolves
 
 

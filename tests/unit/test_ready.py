@@ -84,7 +84,7 @@ def test_kasou_up_returns_only_once_the_host_would_take_a_vm(tmp_path: Path, mon
             monkeypatch.delenv(name)
     monkeypatch.setenv("KASOU_HOST_NAME", "solo")
     monkeypatch.setattr(services, "service_pid", lambda paths, s: 4242)
-    monkeypatch.setattr(services, "_agent_ok", lambda paths: True)
+    monkeypatch.setattr(services, "_agent_ok", lambda paths, listen=None: True)
     monkeypatch.setattr(services, "_api_ok", lambda url, token, paths: True)
     ask = scripted([({"leader": "solo"}, []), ({"leader": "solo"}, [host("solo")])])
     monkeypatch.setattr(services, "_ask_api", lambda url, token, paths: ask())

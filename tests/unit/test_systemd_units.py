@@ -22,10 +22,10 @@ def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     verify_root(root)
     for u in UNITS:
         shutil.copy(UNIT_DIR / u, root / "lib/systemd/system" / u)
-    exe = root / "opt/kasou/bin/kasou"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    for exe in (root / "opt/kasou/bin/kasou", root / "usr/bin/etcd"):
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     return root
 
 
@@ -54,7 +54,7 @@ def test_agent_unit_never_stops_a_vm() -> None:
     assert one(u, "Service", "KillMode") == "process"
     assert one(u, "Service", "Restart") == "on-failure"
     assert float(one(u, "Service", "RestartSec") or 0) >= 1
-    assert one(u, "Service", "EnvironmentFile") == "-/etc/kasou/kasou.env"
+    assert u["Service"]["EnvironmentFile"] == ["-/etc/kasou/kasou.env", "-/etc/kasou/cluster.env"]
     assert (one(u, "Service", "ExecStart") or "").startswith("/opt/kasou/bin/kasou agent")
     assert one(u, "Service", "TasksMax") == "infinity"
     # Nothing that gives the agent (and so every QEMU it starts, which outlives it) a mount namespace
@@ -64,7 +64,7 @@ def test_agent_unit_never_stops_a_vm() -> None:
         assert one(u, "Service", key) is None, key
 
 
-@pytest.mark.parametrize("unit", ["kasou-api.service", "kasou-backup-server.service"])
+@pytest.mark.parametrize("unit", ["kasou-api.service", "kasou-backup-server.service", "kasou-etcd.service"])
 def test_other_units_are_hardened(unit: str) -> None:
     u = read_unit(UNIT_DIR / unit)
     assert one(u, "Service", "KillMode") == "control-group"
@@ -147,7 +147,7 @@ def test_remove_stops_services_and_purge_keeps_vm_disks(root: Path, tmp_path: Pa
     calls = run_script("prerm", root, tmp_path / "log", "remove")
     assert (
         "deb-systemd-invoke stop kasou-guests.service kasou-api.service kasou-agent.service kasou-backup-server.service"
-        in calls
+        " kasou-etcd.service" in calls
     )
     calls = run_script("postrm", root, tmp_path / "log", "purge")
     assert "deb-systemd-helper purge kasou-agent.service" in calls

@@ -23,6 +23,7 @@ from kasou.api.auth import CSRF_HEADER, SESSION_COOKIE, Principal, resolve_princ
 from kasou.api.backups import backup_router
 from kasou.api.balance import balance_routes
 from kasou.api.bulk import bulk_routes, keep
+from kasou.api.cluster import NOT_FORWARDED, cluster_routes
 from kasou.api.console import console_routes
 from kasou.api.deps import Services
 from kasou.api.devices import device_routes
@@ -44,11 +45,13 @@ from kasou.api.windows import create_window, vendor_reach, window_for, window_ro
 from kasou.config import vendor_max_priority
 from kasou.control.events import Event, Severity
 from kasou.control.hosts import HostView
+from kasou.control.membership import members_of
 from kasou.control.networks import NetworkView
 from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.vms import VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
+from kasou.model.cluster import Member
 from kasou.model.selection import VMFilter
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
@@ -83,6 +86,7 @@ class ClusterView(BaseModel):
     clustered: bool
     leader: str | None  # the host whose control plane is active
     hosts: list[str]  # hosts that are up
+    etcd_members: list[Member] | None = None  # the cluster's etcd members (kasou cluster join); None: one host
 
 
 #: A server-sent event as OpenAPI 3.2 describes one (FastAPI's own schema for them, kasou.api.watches).
@@ -176,6 +180,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         if lead is None or lead.is_leader or request.method in ("GET", "HEAD"):
             return cast(Response, await call_next(request))
         if request.url.path.endswith("/console-ticket"):  # kept by the server that proxies its websocket
+            return cast(Response, await call_next(request))
+        if request.url.path in NOT_FORWARDED:  # signed by the host that holds the site CA's key
             return cast(Response, await call_next(request))
         if not request.url.path.startswith("/v1/"):
             return cast(Response, await call_next(request))
@@ -431,7 +437,10 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
             names = svc().agents.names()
             return ClusterView(clustered=False, leader=names[0] if names else None, hosts=names)
         await svc().agents.refresh(force=True)
-        return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names())
+        members, etcd = None, svc().membership
+        if etcd is not None:
+            members = members_of(await etcd.member_list())
+        return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names(), etcd_members=members)
 
     v1.include_router(snapshot_router(svc))
     v1.include_router(media_router(svc))  # the CD drive
@@ -442,6 +451,7 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
     app.include_router(console_routes(svc, principal, token))  # console tickets and the websocket proxy
     app.include_router(audit_routes(svc, principal))  # /v1/audit: auditors and administrators
     app.include_router(recording_routes(svc, principal))  # /v1/recordings: console recordings (audit)
+    app.include_router(cluster_routes(svc, principal))  # /v1/cluster/join, leave, tokens: hosts join and leave
     app.include_router(bulk_routes(svc, principal))  # /v1/vms/actions/{action}: many VMs as one job
     app.include_router(window_routes(svc, principal))  # /v1/maintenance-windows: vendors' maintenance windows
     app.include_router(portal_routes(svc, principal))

@@ -17,6 +17,7 @@ from kasou.control.jobs import Jobs
 from kasou.control.leader import Leadership
 from kasou.control.ledger import Ledger
 from kasou.control.maintenance import MaintenanceWindows
+from kasou.control.membership import Membership
 from kasou.control.migration import Migrations
 from kasou.control.networks import Networks
 from kasou.control.notify import Notifier, NotifyConfig, notify_config
@@ -34,6 +35,7 @@ class Services:
     vms: VMService
     migrations: Migrations
     leadership: Leadership | None = None  # None: a single host, always in charge
+    membership: Membership | None = None  # a cluster's etcd members (kasou cluster join, leave); None: one host
     users: Users = field(default=None)  # type: ignore[assignment]  # set by build
     windows: MaintenanceWindows = field(default=None)  # type: ignore[assignment]  # vendors' maintenance windows
     balancer: Balancer = field(default=None)  # type: ignore[assignment]  # kasou cluster balance, its automatic mode

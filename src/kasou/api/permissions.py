@@ -143,6 +143,12 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("PUT", "/v1/cluster/balance/settings"): need("hosts"),
     ("POST", "/v1/hosts/{name}/maintenance"): need("hosts"),
     ("GET", "/v1/cluster"): need("read"),
+    # joining hosts (kasou.api.cluster): the CA is public; a join is authenticated by its one-time join token;
+    # a join token hands out the site's secrets, so only administrators make one or remove a host
+    ("GET", "/v1/cluster/ca"): need(PUBLIC),
+    ("POST", "/v1/cluster/join"): need(PUBLIC),
+    ("POST", "/v1/cluster/tokens"): need("users"),
+    ("POST", "/v1/cluster/leave"): need("users"),
     ("GET", "/v1/networks"): need("read"),
     ("POST", "/v1/networks"): need("hosts"),
     ("GET", "/v1/networks/{name}"): need("read"),

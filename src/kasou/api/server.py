@@ -48,6 +48,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
             return Services.build(SqliteStore(paths.state_db), agents, tls=files, notify=notify)
         store = EtcdStore(endpoints, tls=etcd_tls(files, endpoints, peers))
         svc = Services.build(store, Agents(store=store, tls=peers), tls=files, notify=notify)
+        svc.membership = store  # etcd's member add and remove (kasou cluster join, leave)
         svc.leadership = Leadership(
             store, me, f"{scheme}://{url_host(host)}:{port}", on_elected=svc.vms.startup,
             on_deposed=svc.vms.suspend, tls=peers,

@@ -22,6 +22,7 @@ from kasou.cli import balance, completion, manpages
 from kasou.cli.audit import audit_app
 from kasou.cli.backup import backup_app
 from kasou.cli.backup_server import backup_server_app
+from kasou.cli.cluster import cluster_app
 from kasou.cli.common import (
     client,
     err,
@@ -107,6 +108,9 @@ app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(plan_app, name="plan")
 app.add_typer(tls_app, name="tls")
 app.add_typer(config_app, name="config")
+app.add_typer(cluster_app, name="cluster")  # kasou cluster alone: the cluster's view
+cluster_app.command("balance")(balance.balance)
+cluster_app.command("balance-settings")(balance.balance_settings)
 
 # -- services -------------------------------------------------------------------------
 
@@ -170,27 +174,6 @@ def serve(
 
     check_settings()  # a bad KASOU_* value: one line now, not a traceback from a running service
     run_api(Paths.from_env(), address, plain_http)
-
-
-CLUSTER_COLS = [Col("clustered"), Col("leader"), Col("hosts")]
-cluster_app = typer.Typer(help="The virtual environment: its hosts, its leader, balancing.")
-app.add_typer(cluster_app, name="cluster")
-cluster_app.command("balance")(balance.balance)
-cluster_app.command("balance-settings")(balance.balance_settings)
-
-
-@cluster_app.callback(invoke_without_command=True)
-def cluster(
-    ctx: typer.Context, output: str = OUTPUT, column: list[str] = columns(CLUSTER_COLS), as_json: bool = JSON
-) -> None:
-    """The virtual environment: the hosts that are up and whose control plane leads."""
-    if ctx.invoked_subcommand is not None:
-        return
-    v = view(output, column, as_json, CLUSTER_COLS)
-    c = client().get("/v1/cluster")
-    kind = "cluster (etcd)" if c["clustered"] else "single host (SQLite)"
-    render_one(c, CLUSTER_COLS, v, human=lambda: say(f"{kind}; leader: {c['leader'] or '-'}; hosts up: "
-                                                      f"{', '.join(c['hosts'])}"))  # fmt: skip
 
 
 @app.command()

@@ -404,3 +404,32 @@ class EtcdStore(Store):
         """The current leader of ``name``, or None if nobody leads."""
         entry = await self.get(self._election_key(name))
         return None if entry is None else str(entry.value.get("leader"))
+
+    # -- cluster membership (kasou cluster join / leave) ------------------------------------------------
+
+    @staticmethod
+    def _member(m: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": _int(m.get("ID")),
+            "name": str(m.get("name") or ""),  # empty for a member added but not started yet
+            "peer_urls": list(m.get("peerURLs") or []),
+            "client_urls": list(m.get("clientURLs") or []),
+        }
+
+    async def member_list(self) -> list[dict[str, Any]]:
+        """The cluster's members: ``id``, ``name``, ``peer_urls``, ``client_urls``."""
+        reply = await self._call("cluster/member/list", {})
+        return [self._member(m) for m in reply.get("members") or []]
+
+    async def member_add(self, peer_urls: list[str]) -> tuple[int, list[dict[str, Any]]]:
+        """Add a member (etcd's ``member add``: the new member then starts with
+        ``--initial-cluster-state existing``); its id and the members after the change. Not repeated on
+        an unclear answer: a second add would make a second member."""
+        reply = await self._call("cluster/member/add", {"peerURLs": peer_urls}, retry="never")
+        added = self._member(reply.get("member") or {})
+        return added["id"], [self._member(m) for m in reply.get("members") or []]
+
+    async def member_remove(self, member_id: int) -> list[dict[str, Any]]:
+        """Remove a member (it shuts itself down); the members left."""
+        reply = await self._call("cluster/member/remove", {"ID": str(member_id)}, retry="never")
+        return [self._member(m) for m in reply.get("members") or []]

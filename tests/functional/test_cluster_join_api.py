@@ -1,0 +1,123 @@
+"""``POST /v1/cluster/join`` and its neighbours with the in-process API: the site CA here, etcd's
+membership a stand-in (the real one: tests/integration/test_cluster_join.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from fastapi.testclient import TestClient
+
+from kasou import pki
+from tests.functional.conftest import TOKEN, Env
+
+
+class FakeMembers:
+    """etcd's member list, add and remove, as the JSON gateway answers them (via EtcdStore)."""
+
+    def __init__(self) -> None:
+        self.members: list[dict[str, Any]] = [
+            {
+                "id": 1,
+                "name": "host1",
+                "peer_urls": ["https://10.0.0.11:2380"],
+                "client_urls": ["https://10.0.0.11:2379"],
+            }
+        ]
+
+    async def member_list(self) -> list[dict[str, Any]]:
+        return [dict(m) for m in self.members]
+
+    async def member_add(self, peer_urls: list[str]) -> tuple[int, list[dict[str, Any]]]:
+        new = {"id": len(self.members) + 1, "name": "", "peer_urls": peer_urls, "client_urls": []}
+        self.members.append(new)
+        return int(new["id"]), await self.member_list()
+
+    async def member_remove(self, member_id: int) -> list[dict[str, Any]]:
+        self.members = [m for m in self.members if m["id"] != member_id]
+        return await self.member_list()
+
+
+@pytest.fixture
+def site(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeMembers:
+    tls = tmp_path / "tls"
+    pki.init_ca(tls, "test site")
+    pki.issue(tls, "host1", ["10.0.0.11"], [], tls)
+    (tmp_path / "api.token").write_text(TOKEN + "\n")
+    monkeypatch.setenv("KASOU_TLS_DIR", str(tls))
+    monkeypatch.setenv("KASOU_TOKEN_FILE", str(tmp_path / "api.token"))
+    members = FakeMembers()
+    env.services.membership = members
+    return members
+
+
+def join_body(token: str, name: str = "host2", address: str = "10.0.0.12") -> dict[str, Any]:
+    _, host_csr = pki.make_request(name)
+    _, etcd_csr = pki.make_request(f"etcd-{name}")
+    return {"token": token, "name": name, "address": address, "host_csr": host_csr.decode(),
+            "etcd_csr": etcd_csr.decode()}  # fmt: skip
+
+
+def test_join_signs_the_hosts_requests_and_adds_its_member(env: Env, site: FakeMembers) -> None:
+    ca = env.api.get("/v1/cluster/ca").json()["ca"]
+    token = env.api.post("/v1/cluster/tokens", json={"ttl_s": 600}).json()["token"]
+    assert token.endswith(pki.fingerprint(ca))
+    anonymous = TestClient(env.api.app)  # the joining host has no API token, only the join token
+    r = anonymous.post("/v1/cluster/join", json=join_body(token))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["ca"] == ca
+    cert = x509.load_pem_x509_certificate(answer["host_cert"].encode())
+    dns, ips = pki.sans_of(cert)
+    assert "host2" in dns and ips == ["10.0.0.12", "127.0.0.1"] and pki.is_kasou_host(cert)
+    assert not pki.is_kasou_host(x509.load_pem_x509_certificate(answer["etcd_cert"].encode()))
+    assert [(m["name"], m["peer_url"]) for m in answer["members"]] == [
+        ("host1", "https://10.0.0.11:2380"), ("host2", "https://10.0.0.12:2380")
+    ]  # fmt: skip
+    assert answer["site_files"]["api.token"].strip() == TOKEN  # the same API token on every host
+    # used up: a second join with it is refused, and etcd is not touched again
+    again = anonymous.post("/v1/cluster/join", json=join_body(token, "host3", "10.0.0.13"))
+    assert again.status_code == 401 and "used already" in again.json()["message"]
+    assert len(site.members) == 2
+    view = env.api.get("/v1/cluster").json()
+    assert view["etcd_members"] is None  # a single host's view (no leadership): its members are not asked
+
+
+def test_a_refused_join_changes_nothing_and_keeps_the_token(env: Env, site: FakeMembers) -> None:
+    token = env.api.post("/v1/cluster/tokens").json()["token"]
+    anonymous = TestClient(env.api.app)
+    # a member of that address exists already: 409, the token stays usable
+    r = anonymous.post("/v1/cluster/join", json=join_body(token, "hostx", "10.0.0.11"))
+    assert r.status_code == 409 and "already" in r.json()["message"], r.text
+    bad = join_body(token)
+    bad["host_csr"] = "not a request"
+    r = anonymous.post("/v1/cluster/join", json=bad)
+    assert r.status_code == 422 and len(site.members) == 1
+    assert anonymous.post("/v1/cluster/join", json=join_body(token)).status_code == 200
+    wrong = token[:-64] + "0" * 64
+    r = anonymous.post("/v1/cluster/join", json=join_body(wrong, "host3", "10.0.0.13"))
+    assert r.status_code == 401 and "another CA" in r.json()["message"]
+
+
+def test_only_administrators_make_tokens_and_a_host_with_vms_cannot_leave(env: Env, site: FakeMembers) -> None:
+    assert TestClient(env.api.app).post("/v1/cluster/tokens").status_code == 401
+    env.create("emr1", start=True)
+    host = env.api.get("/v1/vms/emr1").json()["host"]
+    site.members.append({"id": 9, "name": host, "peer_urls": ["https://10.0.0.19:2380"], "client_urls": []})
+    site.members[0]["name"] = "other"
+    r = env.api.post("/v1/cluster/leave", json={"host": host})
+    assert r.status_code == 409 and "emr1" in r.json()["message"]
+    env.wait(env.api.post("/v1/vms/emr1/actions/stop").json()["job"])
+    r = env.api.post("/v1/cluster/leave", json={"host": host})
+    assert r.status_code == 200 and [m["name"] for m in r.json()["members"]] == ["other"]
+    r = env.api.post("/v1/cluster/leave", json={"host": "other"})
+    assert r.status_code == 409 and "only etcd member" in r.json()["message"]
+
+
+def test_a_single_host_is_no_cluster_to_join(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki.init_ca(tmp_path / "tls", "test site")
+    monkeypatch.setenv("KASOU_TLS_DIR", str(tmp_path / "tls"))
+    r = env.api.post("/v1/cluster/tokens")
+    assert r.status_code == 409 and "kasou cluster init" in r.json()["message"]

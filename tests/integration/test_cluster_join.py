@@ -1,0 +1,177 @@
+"""``kasou cluster init`` on one host, ``join`` on a second, ``leave``: the real commands, each host a network
+namespace of its own with its own home and settings directory, joined by a bridge; etcd with TLS, the
+production agent and API, started without systemd (as on a machine where PID 1 is not systemd). No VM is
+booted. The teardown SIGKILLs every process left in the namespaces (by pid) and removes the namespaces,
+links and directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kasou.lab import net
+from kasou.lab.procs import kill_all
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(600)]
+
+BRIDGE = "kjoin0"
+GATEWAY = "10.89.0.1"
+HOSTS = {"h1": "10.89.0.11", "h2": "10.89.0.12"}
+STEP_TIMEOUT = 240
+
+
+@dataclass
+class Host:
+    name: str
+    address: str
+    dir: Path
+
+    @property
+    def netns(self) -> str:
+        return f"kjoin-{self.name}"
+
+    @property
+    def etc(self) -> Path:
+        return self.dir / "etc"
+
+    @property
+    def home(self) -> Path:
+        return self.dir / "home"
+
+    def env(self, settings: bool = True) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KASOU_", "ETCD_"))}
+        env.update(
+            PYTHONPATH=os.pathsep.join(sys.path),
+            KASOU_HOME=str(self.home),
+            KASOU_IMAGES=str(self.dir / "images"),
+            KASOU_CONFIG_DIR=str(self.etc),
+            KASOU_HOST_NAME=self.name,
+            KASOU_ACCEL="tcg",  # no KVM probe: no VM boots here
+            KASOU_SYSTEMD="0",
+        )
+        if settings:  # what "set -a; . /etc/kasou/cluster.env" gives a root shell
+            for line in (
+                (self.etc / "cluster.env").read_text().splitlines() if (self.etc / "cluster.env").exists() else []
+            ):
+                if line and not line.startswith("#"):
+                    k, _, v = line.partition("=")
+                    env[k] = v
+        return env
+
+    def kasou(self, *args: str, check: bool = True, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            ["ip", "netns", "exec", self.netns, sys.executable, "-m", "kasou", *args],
+            env=self.env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if check and r.returncode != 0:
+            raise AssertionError(f"kasou {' '.join(args)} on {self.name} failed: {r.stdout}\n{r.stderr}")
+        return r
+
+    def cluster(self) -> dict[str, Any]:
+        return dict(json.loads(self.kasou("cluster", "--json").stdout))
+
+
+def wait_for(what: str, check: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError):
+            last = check()
+            if last:
+                return last
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not within {timeout:.0f} s (last: {last})")
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[dict[str, Host]]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (network namespaces)")
+    if shutil.which("etcd") is None:
+        pytest.skip("needs etcd (apt-get install etcd-server)")
+    made = {n: Host(n, a, tmp_path / n) for n, a in HOSTS.items()}
+    try:
+        net.ensure_bridge(BRIDGE, GATEWAY, 24)
+        for h in made.values():
+            for d in (h.home, h.etc, h.dir / "images"):
+                d.mkdir(parents=True)
+            net.ensure_netns(h.netns)
+            net.ensure_host_link(h.netns, h.netns, BRIDGE, h.address, 24, GATEWAY)
+        yield made
+    finally:
+        pids: set[int] = set()
+        for h in made.values():
+            if net.netns_exists(h.netns):
+                pids |= set(net.pids_in_netns(h.netns))
+        left = kill_all(pids)
+        for h in made.values():
+            with contextlib.suppress(Exception):
+                net.delete_link(h.netns)
+            with contextlib.suppress(Exception):
+                net.remove_netns(h.netns)
+        with contextlib.suppress(Exception):
+            net.delete_link(BRIDGE)
+        assert not left, f"processes outlived SIGKILL: {left}"
+
+
+def token_of(output: str) -> str:
+    return next(ln.split()[-1] for ln in output.splitlines() if ln.startswith("join token"))
+
+
+def test_init_join_leave(hosts: dict[str, Host]) -> None:
+    h1, h2 = hosts["h1"], hosts["h2"]
+    t0 = time.monotonic()
+    init = h1.kasou("cluster", "init", "--name", "test site", "--address", h1.address, "--no-systemd")
+    t_init = time.monotonic() - t0
+    token = token_of(init.stdout)
+    api = f"https://{h1.address}:8470"
+    assert f"kasou cluster join {api} --token {token}" in init.stdout
+    assert (h1.etc / "cluster.env").exists() and (h1.etc / "etcd.env").exists()
+    assert oct((h1.etc / "api.token").stat().st_mode & 0o777) == "0o600"
+    view = h1.cluster()
+    assert view["clustered"] and view["hosts"] == ["h1"] and [m["name"] for m in view["etcd_members"]] == ["h1"]
+
+    # A token whose CA fingerprint is not the site's: refused before anything is sent, nothing changes on h2.
+    wrong = token[:-64] + ("0" * 64)
+    r = h2.kasou("cluster", "join", api, "--token", wrong, "--address", h2.address, "--no-systemd", check=False)
+    assert r.returncode == 1 and "fingerprint" in r.stderr, r.stderr
+    assert not (h2.etc / "cluster.env").exists() and not (h2.home / "tls").exists()
+
+    t1 = time.monotonic()
+    join = h2.kasou("cluster", "join", api, "--token", token, "--address", h2.address, "--no-systemd")
+    t_join = time.monotonic() - t1
+    assert "etcd members (2): h1, h2" in join.stdout and "3 members survive" in join.stdout, join.stdout
+    assert (h2.home / "tls" / "host.key").exists() and (h2.etc / "api.token").read_text() == (
+        h1.etc / "api.token"
+    ).read_text()
+    for h in (h1, h2):
+        view = wait_for("both hosts up", lambda h=h: (v := h.cluster())["hosts"] == ["h1", "h2"] and v)
+        assert sorted(m["name"] for m in view["etcd_members"]) == ["h1", "h2"]
+
+    # The token worked once: a second use is refused (the site CA from h1's own files, over verified TLS).
+    ca = h1.home / "tls" / "ca.crt"
+    body = {"token": token, "name": "h3", "address": "10.89.0.13", "host_csr": "x", "etcd_csr": "x"}
+    again = httpx.post(f"{api}/v1/cluster/join", json=body, verify=str(ca), timeout=30)
+    assert again.status_code == 401 and "used already" in again.json()["message"], again.text
+
+    t2 = time.monotonic()
+    leave = h2.kasou("cluster", "leave", "--no-systemd")
+    t_leave = time.monotonic() - t2
+    assert "members left (1): h1" in leave.stdout, leave.stdout
+    assert not (h2.etc / "cluster.env").exists() and not (h2.etc / "api.token").exists()
+    view = wait_for("h2's lease to end", lambda: (v := h1.cluster())["hosts"] == ["h1"] and v, timeout=30)
+    assert [m["name"] for m in view["etcd_members"]] == ["h1"]
+    print(f"\ninit {t_init:.1f} s, join {t_join:.1f} s, leave {t_leave:.1f} s")
