@@ -14,7 +14,8 @@ from typing import Any
 import typer
 
 from kasou import config, settings
-from kasou.cli.common import err, print_json, say
+from kasou.cli.common import err, say
+from kasou.cli.output import JSON, OUTPUT, Col, columns, dump, render, view
 from kasou.errors import KasouError
 from kasou.settings import reference
 
@@ -79,21 +80,34 @@ def _load(file: Path | None) -> settings.Loaded:
     return settings.load(dict(os.environ), file, True)
 
 
+def _value_text(r: dict[str, Any]) -> str:
+    return settings.show(r["value"]) if r["value"] not in (None, []) else "none"
+
+
+SETTING_COLS = [
+    Col("key"), Col("value", text=_value_text), Col("source"), Col("from"),
+    Col("env", hidden=True), Col("default", hidden=True), Col("error", hidden=True),
+]  # fmt: skip
+
+
 @config_app.command("show")
 def show(
-    as_json: bool = typer.Option(False, "--json", help="JSON instead of text."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json."),
     file: Path = typer.Option(None, "--file", help="Read this settings file instead of KASOU_CONFIG's."),
+    output: str = OUTPUT,
+    column: list[str] = columns(SETTING_COLS),
+    as_json: bool = JSON,
 ) -> None:
-    """Every setting in effect, and where it came from: default, the file, or the environment (secrets masked)."""
-    if output not in ("text", "json"):
-        err.print(f"error: --output {output!r}: text or json", markup=False, highlight=False)
-        raise typer.Exit(2)
+    """Every setting in effect, and where it came from: default, the file, or the environment (secrets masked).
+    -o json|yaml: the file, every setting and the problems; -c: the settings' columns."""
+    v = view(output, column, as_json, SETTING_COLS)
     loaded = _load(file)
     rows = _rows(loaded)
     problems = [p.message for p in loaded.problems()]
-    if as_json or output == "json":
-        print_json({"file": str(loaded.file), "file_state": loaded.file_state, "settings": rows, "problems": problems})
+    if v.format in ("json", "yaml") and not v.columns:
+        dump({"file": str(loaded.file), "file_state": loaded.file_state, "settings": rows, "problems": problems},
+             v.format)  # fmt: skip
+    elif not v.human:
+        render(rows, SETTING_COLS, v)
     else:
         say(f"settings file: {loaded.file} ({loaded.file_state})")
         width = max(len(r["key"]) for r in rows)
