@@ -157,8 +157,12 @@ def test_a_hung_receiver_never_holds_up_an_emit_nor_another_channel(tmp_path: Pa
             assert took < 60 and slowest < 5, f"300 emits took {took:.1f} s, the slowest {slowest:.2f} s"
             events = env.api.get("/v1/events", params={"limit": 5000}).json()
             assert len([e for e in events if e["kind"] == "vm_restarted"]) == 300  # all recorded
-            wait_for("every mail", lambda: len(smtp.mails) == 300, timeout=60)
-            st = {c["name"]: c for c in env.api.get("/v1/notify/status").json()["channels"]}
+            status = lambda: {c["name"]: c for c in env.api.get("/v1/notify/status").json()["channels"]}  # noqa: E731
+            # the mail channel goes on while the webhook hangs: every notice is mailed, or dropped and counted
+            # when mail itself falls behind a burst (its queue holds 200: those at least are mailed)
+            wait_for("every mail", lambda: len(smtp.mails) + status()["mail"]["dropped"] == 300, timeout=60)
+            assert len(smtp.mails) >= 200, len(smtp.mails)
+            st = status()
             assert st["webhook"]["dropped"] > 0  # its queue was full: dropped, counted, never waited on
             assert st["webhook"]["delivered"] == 0
 
