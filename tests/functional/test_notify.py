@@ -160,7 +160,7 @@ def test_a_hung_receiver_never_holds_up_an_emit_nor_another_channel(tmp_path: Pa
             status = lambda: {c["name"]: c for c in env.api.get("/v1/notify/status").json()["channels"]}  # noqa: E731
             # the mail channel goes on while the webhook hangs: every notice is mailed, or dropped and counted
             # when mail itself falls behind a burst (its queue holds 200: those at least are mailed)
-            wait_for("every mail", lambda: len(smtp.mails) + status()["mail"]["dropped"] == 300, timeout=60)
+            wait_for("every mail", lambda: len(smtp.mails) + status()["mail"]["dropped"] == 300, timeout=180)
             assert len(smtp.mails) >= 200, len(smtp.mails)
             st = status()
             assert st["webhook"]["dropped"] > 0  # its queue was full: dropped, counted, never waited on
