@@ -36,6 +36,8 @@ OTHER_VARIABLES: dict[str, str] = {
     "KASOU_BACKUP_SERVER_DIR": "the backup server's data directory (kasou backup-server --dir)",
     "KASOU_BACKUP_SYNC_TOKEN": "a reader token of a primary backup server (kasou backup-server --token)",
     "KASOU_LAB_DIR": "the directory of kasou lab (default /var/lib/kasou/lab)",
+    "KASOU_CONFIG_DIR": "where kasou cluster init|join write the host's settings and the site's secrets (/etc/kasou)",
+    "KASOU_SYSTEMD": "kasou cluster init|join: 0 starts the services as processes even where systemd runs",
     "KASOU_GUESTS_TIMEOUT": "kasou-guests.service: seconds for each VM's graceful shutdown",
     # read by the notifications (kasou.control.notify) on their own for now; to become keys of [notify]
     "KASOU_NOTIFY_ROUTES": "notifications: routes per department",
