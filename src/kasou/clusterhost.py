@@ -318,10 +318,4 @@ def stop_services(paths: Paths, systemd: bool) -> list[str]:
 
 def write_site_file(path: Path, text: str) -> None:
     """A site file (the API token, a key) with mode 0600 from its first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    pki.write_secret(path, text.encode())

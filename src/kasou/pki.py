@@ -78,6 +78,12 @@ def _private_dir(d: Path) -> None:
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret with mode 0600 from its first byte (never readable by others, even briefly)."""
     _private_dir(path.parent)
+    write_secret(path, data)
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """``path`` with mode 0600 from its first byte, replaced at once (its directory as it is)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -147,16 +147,17 @@ def join_command(api: str, token: str) -> str:
 # -- init ----------------------------------------------------------------------------------------------
 
 
+SYSTEMD = typer.Option(
+    None, "--systemd/--no-systemd", help="Run the services as systemd units (default: under systemd)."
+)
+
+
 @cluster_app.command("init")
 def init(
     name: str = typer.Option("kasou site", "--name", help="The site's name (in its CA's subject)."),
     address: str = typer.Option(None, "--address", help="This host's address on the management network."),
     ttl: int = typer.Option(TOKEN_TTL_S, "--ttl", help="Seconds the printed join token stays valid (one use)."),
-    systemd: bool = typer.Option(
-        None,
-        "--systemd/--no-systemd",
-        help="Run the services as systemd units (default: when systemd is the service manager).",
-    ),
+    systemd: bool = SYSTEMD,
 ) -> None:
     """Make this host the first of a cluster: the site CA (if absent), its certificate, a 1-member etcd with
     TLS, its settings, its services; then print a join token and the command the other hosts run."""
@@ -239,11 +240,7 @@ def join(
     api: str = typer.Argument(..., help="The first host's API, as kasou cluster init printed it (https://HOST:8470)."),
     token_text: str = typer.Option(..., "--token", help="A join token (kasou cluster init or kasou cluster token)."),
     address: str = typer.Option(None, "--address", help="This host's address on the management network."),
-    systemd: bool = typer.Option(
-        None,
-        "--systemd/--no-systemd",
-        help="Run the services as systemd units (default: when systemd is the service manager).",
-    ),
+    systemd: bool = SYSTEMD,
 ) -> None:
     """Join this host to a cluster: its certificates signed by the site CA (its keys never leave it), its etcd
     member added, its services started."""
