@@ -25,7 +25,7 @@ from typing import Any
 from kasou.config import HaTimes
 from kasou.control import scheduler, shutdown, vm_create
 from kasou.control.backups import UNKNOWN_DEPARTMENT, Backups
-from kasou.control.base import DiskView, GuestView, ReplicaView, VMJobRunner, VMRecords, VMView
+from kasou.control.base import VMJobRunner, VMRecords, VMView
 from kasou.control.bulk import Bulk
 from kasou.control.desktops import Desktops
 from kasou.control.devices import Devices
@@ -43,6 +43,7 @@ from kasou.control.pools import Pools
 from kasou.control.records import JobRecord, LedgerEntry, LedgerEvent, VMRecord, vm_key
 from kasou.control.replication import Replication
 from kasou.control.snapshots import Snapshots
+from kasou.control.vm_view import vm_view
 from kasou.errors import (
     AgentUnavailable,
     AlreadyExists,
@@ -56,7 +57,6 @@ from kasou.errors import (
     WrongState,
 )
 from kasou.hypervisor.base import LaunchSpec, RuntimeInfo, RuntimeState
-from kasou.model import cloudinit
 from kasou.model.selection import changed_tags
 from kasou.model.spec import VMCreate, VMUpdate
 from kasou.model.state import ACTIVE_STATES, Action, VMState, check_action
@@ -130,76 +130,8 @@ class VMService:
     def view(
         self, rec: VMRecord, rt: RuntimeInfo | None, reachable: bool, maintenance: set[str] | None = None
     ) -> VMView:
-        live = rt is not None and rt.state in (
-            RuntimeState.RUNNING,
-            RuntimeState.PAUSED,
-            RuntimeState.SHUTTING_DOWN,
-        )
-        active = rec.state in ACTIVE_STATES
-        blocked = self.ha.restart_blocker(rec, maintenance or set()) if rec.ha and active else None
-        return VMView(
-            name=rec.name,
-            uuid=rec.uuid,
-            state=rec.state if reachable or not active else VMState.UNKNOWN,  # its host does not answer
-            host=rec.host,
-            vcpus=rec.vcpus,
-            memory_mib=rec.memory_mib,
-            image=rec.image,
-            cpu=rec.cpu,
-            machine=rec.machine,
-            firmware=rec.firmware,
-            tpm=rec.tpm_state is not None,
-            os=rec.os,
-            nvram=rec.nvram,
-            tpm_state=rec.tpm_state,
-            template=rec.template,
-            cdrom_drive=rec.cdrom_drive,
-            cdrom=rec.cdrom,
-            boot=rec.boot,
-            description=rec.description,
-            department=rec.department,
-            criticality=rec.criticality,
-            anti_affinity=rec.anti_affinity,
-            ha=rec.ha,
-            priority=rec.priority,
-            startup=rec.startup,
-            tags=rec.tags,
-            cloud_init=cloudinit.summary(rec.cloud_init),
-            ha_armed=rec.ha_armed and active and blocked is None,
-            ha_blocked=blocked,
-            storage="replicated" if rec.replicated else ("shared" if rec.disks and rec.disks[0].shared else "local"),
-            replica=ReplicaView(host=rec.replica.host, state=rec.replica.state, since=rec.replica.since)
-            if rec.replica is not None
-            else None,
-            disks=[
-                DiskView(
-                    id=d.id,
-                    size_bytes=d.size_bytes,
-                    format=d.format,
-                    path=d.path,
-                    backing=d.backing,
-                    linked=d.linked,
-                    shared=d.shared,
-                    pool=d.pool,
-                    mirror=d.mirror,
-                    port=d.port,
-                )
-                for d in rec.disks
-            ],
-            nics=rec.nics,
-            next_start=rec.next_start,
-            guest_ready=bool(live and rt and rt.guest_ready),
-            uptime_s=rt.guest_uptime_s if live and rt else None,
-            heartbeat_age_s=rt.heartbeat_age_s if live and rt else None,
-            guest=GuestView.model_validate(rt.guest.model_dump()) if live and rt else GuestView(),
-            accelerator=rt.accelerator if live and rt else None,
-            started_at=rec.started_at if rec.state in ACTIVE_STATES else None,
-            created_at=rec.created_at,
-            state_since=rec.state_since,
-            job=rec.job,
-            last_error=rec.last_error,
-            host_reachable=reachable,
-        )
+        blocked = self.ha.restart_blocker(rec, maintenance or set()) if rec.ha and rec.state in ACTIVE_STATES else None
+        return vm_view(rec, rt, reachable, blocked)
 
     async def list_all(self) -> list[VMView]:
         await self.agents.refresh()
