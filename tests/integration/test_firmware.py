@@ -309,7 +309,7 @@ async def test_qemu_takes_the_windows_command_line(tiny_image: Path) -> None:
 def test_through_kasou(kasou: Kasou) -> None:
     """The whole stack: vm create --firmware uefi --tpm --start, vm show, a refusal of one line, vm delete."""
     r = kasou.run("vm", "create", "w", "--image", "tiny", "--os", "windows", "--firmware", "bios", check=False)
-    assert r.returncode == 1 and r.stderr.strip().startswith("error: --os windows needs --firmware uefi-secure")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --os windows needs --firmware uefi-secure")
     assert len(r.stderr.strip().splitlines()) == 1 and kasou.json("vm", "list") == []
     kasou.run("vm", "create", "emr1", "--image", "tiny", "--memory", "256", "--firmware", "uefi", "--tpm", "--start",
               timeout=180)  # fmt: skip
