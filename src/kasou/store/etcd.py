@@ -57,6 +57,7 @@ import base64
 import json
 import math
 import ssl
+import time
 from typing import Any, Literal
 
 import httpx
@@ -99,6 +100,9 @@ def range_end(prefix: bytes) -> bytes:
         return b"\0"
     p[-1] += 1
     return bytes(p)
+
+
+REMOVE_WAIT_S = 30.0  # etcd counts a newly started member as active after 5 s
 
 
 class _Unsent(Exception):
@@ -430,6 +434,16 @@ class EtcdStore(Store):
         return added["id"], [self._member(m) for m in reply.get("members") or []]
 
     async def member_remove(self, member_id: int) -> list[dict[str, Any]]:
-        """Remove a member (it shuts itself down); the members left."""
-        reply = await self._call("cluster/member/remove", {"ID": str(member_id)}, retry="never")
-        return [self._member(m) for m in reply.get("members") or []]
+        """Remove a member (it shuts itself down); the members left. etcd refuses the removal ("unhealthy
+        cluster", before applying anything) while a member started in the last seconds is not yet counted as
+        active: that refusal is asked again, for at most ``REMOVE_WAIT_S``."""
+        deadline = time.monotonic() + REMOVE_WAIT_S
+        while True:
+            try:
+                reply = await self._call("cluster/member/remove", {"ID": str(member_id)}, retry="never")
+            except StoreError as e:
+                if "unhealthy cluster" not in str(e) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+                continue
+            return [self._member(m) for m in reply.get("members") or []]
