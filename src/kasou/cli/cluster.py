@@ -129,6 +129,20 @@ def remove(*paths: Path) -> Callable[[], None]:
     return run
 
 
+def configure(
+    paths: Paths, cfg: Path, me: str, address: str, members: list[Member], state: str, fp: str,
+    undo: list[Callable[[], Any]],
+) -> Path:  # fmt: skip
+    """This host's etcd member settings (``state``: new or existing, the cluster's token from the CA's
+    fingerprint ``fp``) and its kasou settings, written and applied to this process; the settings file."""
+    undo.append(remove(cfg / ch.ETCD_FILE, cfg / ch.SETTINGS_FILE, ch.etcd_data(paths)))
+    ch.write_etcd_settings(cfg, ch.etcd_settings(me, address, paths, members, state, f"kasou-{fp[:16]}"))
+    settings = ch.host_settings(me, address, paths, cfg, members)
+    written = ch.write_settings(cfg, settings)
+    ch.apply_settings(settings)
+    return written
+
+
 def bring_up(paths: Paths, cfg: Path, systemd: bool, expected: list[str], undo: list[Callable[[], Any]]) -> float:
     """Start the etcd member, then the agent and the API; wait until the control plane would place a VM."""
     undo.append(lambda: ch.stop_etcd(paths, systemd))
@@ -187,11 +201,8 @@ def init(
         sealed.load_or_create(cfg / "secrets.key")
         fp = pki.fingerprint((tls / "ca.crt").read_bytes())
         members = [Member(name=me, peer_url=url(address, ETCD_PEER_PORT), client_url=url(address, ETCD_CLIENT_PORT))]
-        undo.append(remove(cfg / ch.ETCD_FILE, cfg / ch.SETTINGS_FILE, ch.etcd_data(paths)))
-        ch.write_etcd_settings(cfg, ch.etcd_settings(me, address, paths, members, "new", f"kasou-{fp[:16]}"))
-        settings = ch.host_settings(me, address, paths, cfg, members)
-        say(f"settings: {ch.write_settings(cfg, settings)}, {cfg / ch.ETCD_FILE}")
-        ch.apply_settings(settings)
+        written = configure(paths, cfg, me, address, members, "new", fp, undo)
+        say(f"settings: {written}, {cfg / ch.ETCD_FILE}")
         waited = bring_up(paths, cfg, sd, [me], undo)
         say(f"cluster: {me} leads, ready after {waited:.1f} s more")
         c = Client(api_url(), read_token(paths.token_file), verify=pki.trust(paths.tls_files()))
@@ -299,11 +310,8 @@ def join(
         mine = url(address, ETCD_CLIENT_PORT)
         members = [m if m.name != me else m.model_copy(update={"client_url": mine}) for m in answer.members]
         fp = token.ca_sha256
-        undo.append(remove(cfg / ch.ETCD_FILE, cfg / ch.SETTINGS_FILE, ch.etcd_data(paths)))
-        ch.write_etcd_settings(cfg, ch.etcd_settings(me, address, paths, members, "existing", f"kasou-{fp[:16]}"))
-        settings = ch.host_settings(me, address, paths, cfg, members)
-        say(f"joined: certificates in {tls}, settings in {ch.write_settings(cfg, settings)}")
-        ch.apply_settings(settings)
+        written = configure(paths, cfg, me, address, members, "existing", fp, undo)
+        say(f"joined: certificates in {tls}, settings in {written}")
         waited = bring_up(paths, cfg, sd, [me], undo)
         say(f"cluster: {me} registered, ready after {waited:.1f} s more")
     except BaseException as e:
