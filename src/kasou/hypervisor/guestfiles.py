@@ -13,12 +13,14 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 
 from kasou.errors import ImageError, InvalidSpec, NotFound, TooLarge
 
 STEP_TIMEOUT_S = 60.0
 MAX_BYTES = 256 << 20
+PARTITION_WAIT_S = 10.0
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -45,8 +47,7 @@ def read_file(image: Path, path: str, limit: int = MAX_BYTES) -> bytes:
     loop = r.stdout.strip()
     tried: list[str] = []
     try:
-        _run("udevadm", "settle", "--timeout=10")
-        parts = sorted(str(p) for p in Path("/dev").glob(f"{Path(loop).name}p*"))
+        parts = _partitions(loop)
         for dev in parts or [loop]:
             with tempfile.TemporaryDirectory(prefix="guestfile-") as mnt:
                 if not _mount(dev, mnt):
@@ -65,6 +66,18 @@ def read_file(image: Path, path: str, limit: int = MAX_BYTES) -> bytes:
         _run("losetup", "--detach", loop)
     where = f"its file systems ({len(tried)} mounted)" if tried else "it (no file system could be mounted)"
     raise NotFound(f"{path} is not in {where}")
+
+
+def _partitions(loop: str) -> list[str]:
+    """The partitions the kernel found on ``loop`` (its sysfs entries: ``losetup --partscan`` has scanned them
+    when it returns), once their device nodes are there (devtmpfs makes them; no udev needed). Bounded."""
+    name = Path(loop).name
+    deadline = time.monotonic() + PARTITION_WAIT_S
+    while True:
+        devs = [f"/dev/{p.name}" for p in sorted(Path("/sys/block", name).glob(f"{name}p*"))]
+        if all(Path(d).exists() for d in devs) or time.monotonic() > deadline:
+            return [d for d in devs if Path(d).exists()]
+        time.sleep(0.05)
 
 
 def _mount(dev: str, mnt: str) -> bool:
