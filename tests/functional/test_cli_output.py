@@ -112,6 +112,21 @@ def test_exit_codes(env: Env, run: Run) -> None:
     run("job", "wait", job_id, "--timeout", "10")  # stopped hard after its 2 s
 
 
+def test_vm_wait_for_ready_or_a_state(env: Env, run: Run) -> None:
+    env.create("a")
+    run("vm", "wait", "a", "--for", "ready", "--timeout", "0.3", code=5)  # stopped, and nobody starts it
+    assert run("vm", "wait", "a", "--for", "stopped", "-o", "value", "-c", "state") == "stopped\n"
+    run("vm", "start", "a", "--no-wait")
+    v = json.loads(run("vm", "wait", "a", "-o", "json", "--timeout", "30"))
+    assert v["name"] == "a" and v["state"] == "running" and v["guest_ready"] is True
+    assert run("vm", "wait", "a", "--for", "running") == "a: running\n"
+    env.driver.crash("a")
+    run("vm", "wait", "a", "--for", "ready", "--timeout", "30", code=1)  # crashed: it will not be ready by itself
+    run("vm", "wait", "nosuch", code=3)
+    run("vm", "wait", "a", "--for", "happy", code=2)
+    run("vm", "wait", "a", "--timeout", "0", code=2)
+
+
 def test_audit_export_writes_its_file_with_to_and_still_with_output(env: Env, run: Run, tmp_path: Path) -> None:
     env.create("a")  # something in the audit log
     records = json.loads(run("audit", "export"))["records"]
