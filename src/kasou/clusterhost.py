@@ -43,6 +43,7 @@ from kasou.model.cluster import (
     metrics_url,
     url,
 )
+from kasou.settings import sources as settings_sources
 
 SETTINGS_FILE = "cluster.env"
 ETCD_FILE = "etcd.env"
@@ -57,7 +58,7 @@ class ClusterSetupError(KasouError):
 
 
 def config_dir() -> Path:
-    return Path(os.environ.get("KASOU_CONFIG_DIR", "").strip() or "/etc/kasou").absolute()
+    return settings_sources.config_dir(os.environ)
 
 
 def under_systemd() -> bool:
@@ -89,8 +90,8 @@ def write_settings(directory: Path, values: dict[str, str]) -> Path:
     (an environment file the units read today) can change in one place."""
     header = (
         "# This host's cluster settings, written by kasou cluster init/join (kasou cluster leave removes them).\n"
-        "# Read by kasou-agent.service and kasou-api.service after kasou.env. In a root shell:\n"
-        f"#   set -a; . {directory / SETTINGS_FILE}; set +a"
+        "# Read by kasou-agent.service and kasou-api.service after kasou.env, and by every kasou command on\n"
+        "# this host under its own environment (docs/configuration.md)."
     )
     return _write_env(directory / SETTINGS_FILE, values, header)
 

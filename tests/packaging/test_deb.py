@@ -5,14 +5,19 @@ scripts run against that throwaway root with fake systemd tools. Nothing is inst
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kasou.image.debian import debian_sources
+from tests.packaging.systemd_container import ADDRESS, Container, build_root
 from tests.packaging.units import REPO, UNITS, fake_tools, verify, verify_root
 
 pytestmark = [pytest.mark.deb, pytest.mark.shares_machine]  # beside the fast tests; one build per worker
@@ -151,3 +156,77 @@ def test_lintian_finds_no_other_error(deb: Path) -> None:
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     errors = [ln for ln in r.stdout.splitlines() if ln.startswith("E:")]
     assert errors == [], r.stdout
+
+
+@pytest.fixture
+def machine(deb: Path, tmp_path: Path) -> Iterator[Container]:
+    """A fresh Debian 12 with systemd as its PID 1 (tests/packaging/systemd_container.py), the package in /root."""
+    if os.geteuid() != 0:
+        pytest.skip("a systemd container needs root")
+    sources = tmp_path / "sources.list"
+    policy = subprocess.run(["apt-cache", "policy"], capture_output=True, text=True, check=True, timeout=120).stdout
+    sources.write_text("\n".join(debian_sources(policy)) + "\n")
+    root = tmp_path / "root"
+    t0 = time.monotonic()
+    build_root(root, deb, sources, tmp_path / "mmdebstrap.log")
+    # kasou's tiny guest, as built on this machine (its kernel is the host's: the container has none)
+    images = Path(os.environ.get("KASOU_IMAGES") or "/var/lib/kasou/images")
+    subprocess.run([sys.executable, "-m", "kasou", "image", "build", "tiny"], check=True, capture_output=True,
+                   timeout=900)  # fmt: skip
+    shutil.copytree(images / "tiny", root / "var/lib/kasou/images/tiny")
+    c = Container(root, tmp_path / "console.log")
+    try:
+        c.start()
+        print(f"container: built and booted in {time.monotonic() - t0:.1f} s")
+        yield c
+    finally:
+        c.end()
+
+
+def qemu_pids(c: Container) -> list[str]:
+    return c.run("pgrep", "-f", "^qemu-system-x86_64 ", check=False).stdout.split()
+
+
+def test_apt_install_then_cluster_init_runs_a_vm_under_systemd_and_restarts_upgrades_keep_it(
+    machine: Container, deb: Path
+) -> None:
+    """The issue's check, on a fresh Debian 12 under systemd: apt install ./kasou_*.deb, kasou cluster init,
+    a VM created and started; then a restart of the agent, and an upgrade of the package, leave it running."""
+    c = machine
+    t0 = time.monotonic()
+    c.run("apt-get", "install", "-y", "--no-download", f"/root/{deb.name}", timeout=600)
+    installed = time.monotonic() - t0
+    assert c.run("systemctl", "is-active", "kasou-guests.service").stdout.strip() == "active"
+    assert c.run("systemctl", "is-active", "kasou-agent.service", check=False).stdout.strip() == "inactive"
+    t0 = time.monotonic()
+    r = c.run("kasou", "cluster", "init", "--address", ADDRESS, timeout=300)
+    initialized = time.monotonic() - t0
+    assert "kasou cluster join" in r.stdout, r.stdout
+    for unit in ("kasou-etcd", "kasou-agent", "kasou-api"):
+        state = c.run("systemctl", "is-active", unit, check=False).stdout.strip()
+        assert state == "active", f"{unit}: {state}\n{c.journal(unit)}"
+    # The CLI finds the API, its token and CA from the settings cluster init wrote.
+    hosts = json.loads(c.run("kasou", "host", "list", "-o", "json").stdout)
+    assert [h["state"] for h in hosts] == ["up"], hosts
+    t0 = time.monotonic()
+    c.run("kasou", "vm", "create", "demo", "--image", "tiny", "--memory", "128", "--start", timeout=300)
+    vm = json.loads(c.run("kasou", "vm", "wait", "demo", "--timeout", "180", "-o", "json", timeout=200).stdout)
+    started = time.monotonic() - t0
+    assert vm["state"] == "running" and vm["guest_ready"], vm
+    pid = qemu_pids(c)
+    assert len(pid) == 1, pid
+
+    def still_running(after: str) -> None:
+        v = json.loads(c.run("kasou", "vm", "wait", "demo", "--timeout", "120", "-o", "json", timeout=150).stdout)
+        assert qemu_pids(c) == pid and v["started_at"] == vm["started_at"], f"{after}: the VM was restarted"
+
+    c.run("systemctl", "restart", "kasou-agent.service")
+    still_running("after systemctl restart kasou-agent")
+    t0 = time.monotonic()
+    c.run("apt-get", "install", "-y", "--no-download", "--reinstall", f"/root/{deb.name}", timeout=600)
+    upgraded = time.monotonic() - t0
+    for unit in ("kasou-agent", "kasou-api"):
+        assert c.run("systemctl", "is-active", unit, check=False).stdout.strip() == "active", c.journal(unit)
+    still_running("after the package was installed again (prerm upgrade, postinst configure)")
+    print(f"apt install {installed:.1f} s, cluster init {initialized:.1f} s, VM created and ready {started:.1f} s, "
+          f"reinstall {upgraded:.1f} s")  # fmt: skip

@@ -96,6 +96,7 @@ def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     file.write_text("")
     monkeypatch.setenv("KASOU_CONFIG", str(file))
     monkeypatch.setenv("KASOU_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KASOU_CONFIG_DIR", str(tmp_path / "etc"))  # no environment files (this host's /etc/kasou)
     return file
 
 
@@ -206,6 +207,34 @@ def test_precedence_environment_then_file_then_default(clean: Path, monkeypatch:
     assert re.search(r"ha\.lease_ttl\s+20\s+\[environment KASOU_HA_LEASE_TTL\]", text), text
     assert re.search(rf"ha\.fence_margin\s+3\s+\[file {re.escape(str(clean))}\]", text), text
     assert CliRunner().invoke(app, ["config", "show", "-o", "json"]).stdout == r.stdout
+
+
+def test_the_services_environment_files_are_read_under_the_process_environment(
+    clean: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a host set up by the package and kasou cluster init, a root shell's kasou has its services' settings:
+    kasou.env, then cluster.env (as the units read them), under the process's own environment."""
+    etc = clean.parent / "etc"
+    etc.mkdir()
+    clean.write_text('[api]\nlisten = "127.0.0.1:9000"\n[ha]\nlease_ttl = 12\n')
+    (etc / "kasou.env").write_text("# comments\n#KASOU_API=127.0.0.1:8470\nKASOU_SERVE_OPTS=--plain-http\n"
+                                   "KASOU_HA_LEASE_TTL=14\nKASOU_SESSION_IDLE=600\nPATH=/nothing\n")  # fmt: skip
+    (etc / "cluster.env").write_text('KASOU_API="https://10.0.0.11:8470"\nKASOU_HA_LEASE_TTL=16\n')
+    assert config.api_url() == "https://10.0.0.11:8470" and config.ha_times().lease_ttl_s == 16
+    assert config.session_idle_s() == 600 and os.environ.get("PATH") != "/nothing"
+    monkeypatch.setenv("KASOU_HA_LEASE_TTL", "18")  # the process's own environment wins
+    assert config.ha_times().lease_ttl_s == 18
+    rows = {row["key"]: row for row in json.loads(CliRunner().invoke(app, ["config", "show", "-o", "json"]).stdout)
+            ["settings"]}  # fmt: skip
+    assert rows["api.listen"]["from"] == f"KASOU_API in {etc / 'cluster.env'}"
+    assert rows["session.idle"]["from"] == f"KASOU_SESSION_IDLE in {etc / 'kasou.env'}"
+    assert rows["ha.lease_ttl"]["from"] == "KASOU_HA_LEASE_TTL"
+    # a bad value names its file; an unknown name in a file too
+    (etc / "cluster.env").write_text("KASOU_API=10.0.0.11:http\nKASOU_HA_LEASE_TTI=16\n")
+    r = CliRunner().invoke(app, ["config", "check"])
+    assert r.exit_code != 0
+    assert f"KASOU_API='10.0.0.11:http' in {etc / 'cluster.env'} is not allowed" in r.output, r.output
+    assert "KASOU_HA_LEASE_TTI is no setting of kasou (did you mean KASOU_HA_LEASE_TTL?)" in r.output, r.output
 
 
 def test_no_stale_reading(clean: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -215,7 +215,7 @@ def init(
     say(f"join token (one use, valid {ttl // 60} minutes): {answer['token']}")
     say("on each other host, as root:")
     say(f"  {join_command(api_url(), answer['token'])}")
-    say(f"the CLI here: set -a; . {cfg / ch.SETTINGS_FILE}; set +a   (then: kasou cluster)")
+    say(f"kasou commands on this host read {cfg / ch.SETTINGS_FILE} (try: kasou host list)")
     say("a cluster wants 3 hosts: 2 etcd members need both to work; 3 survive the loss of one")
 
 
@@ -322,7 +322,7 @@ def join(
     say(f"etcd members ({len(members)}): {', '.join(sorted(m.name for m in members))}")
     if len(members) == 2:
         say(QUORUM_NOTE)
-    say(f"the CLI here: set -a; . {cfg / ch.SETTINGS_FILE}; set +a   (then: kasou cluster)")
+    say(f"kasou commands on this host read {cfg / ch.SETTINGS_FILE} (try: kasou host list)")
 
 
 # -- leave ---------------------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from pydantic import BaseModel, ValidationError
 
 from kasou.errors import InvalidSetting
 from kasou.settings.model import BY_DOTTED, BY_ENV, KEYS, SECTIONS, Detail, Key, Settings
-from kasou.settings.sources import config_path, env_values, nearest, read_file, unknown_env
+from kasou.settings.sources import (
+    config_path,
+    env_values,
+    host_env,
+    host_env_stamp,
+    nearest,
+    read_file,
+    unknown_env,
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,10 @@ class Loaded:
 def bad_value(key: Key, raw: Any, origin: Origin, allowed: str | None = None, detail: str = "") -> InvalidSetting:
     """The one line for a value kasou cannot use: the key as it was given, the value, what is allowed."""
     shown = f"<hidden, {len(str(raw))} characters>" if key.kind == "secret" else repr(raw)  # never a secret
-    head = f"{key.env}={shown}" if origin.source == "environment" else f"{key.dotted}={shown} in {origin.where}"
+    if origin.source == "environment":  # "KASOU_X" or "KASOU_X in /etc/kasou/cluster.env"
+        head = f"{key.env}={shown}" + origin.where.removeprefix(key.env)
+    else:
+        head = f"{key.dotted}={shown} in {origin.where}"
     what = f"{detail}; " if detail else ""
     return InvalidSetting(
         f"{head} is not allowed: {what}{allowed or key.allowed} (default {key.default_text()})",
@@ -121,13 +132,21 @@ def load(environ: Mapping[str, str], path: Path | None = None, named: bool | Non
     raw: dict[str, Any] = {}
     origins: dict[str, Origin] = {}
     merged: dict[str, dict[str, Any]] = {}
-    for values, source in ((file_values, "file"), (env_values(environ, names), "environment")):
-        for section, table in values.items():
+    layers: list[tuple[dict[str, dict[str, Any]], Origin | Path | None]] = [(file_values, Origin("file", str(path)))]
+    for env_file, file_env in host_env(environ):  # the services' environment files, under the process's own
+        unknown += unknown_env({k: v for k, v in file_env.items() if k not in environ}, names)
+        layers.append((env_values(file_env, names), env_file))
+    layers.append((env_values(environ, names), None))
+    for layer, where in layers:
+        for section, table in layer.items():
             for name, value in table.items():
                 key = BY_DOTTED[f"{section}.{name}"]
                 merged.setdefault(section, {})[name] = value
                 raw[key.dotted] = value
-                origins[key.dotted] = Origin(source, str(path) if source == "file" else key.env)  # type: ignore[arg-type]
+                if isinstance(where, Origin):
+                    origins[key.dotted] = where
+                else:
+                    origins[key.dotted] = Origin("environment", key.env if where is None else f"{key.env} in {where}")
 
     errors: dict[str, InvalidSetting] = {}
     sections: dict[str, Any] = {}
@@ -184,7 +203,7 @@ def current() -> Loaded:
         stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
     except OSError as e:
         stamp = ("missing", e.errno)
-    key = (tuple(sorted(env.items())), str(path), stamp)
+    key = (tuple(sorted(env.items())), str(path), stamp, host_env_stamp(env))
     cached = _cache
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -22,6 +22,13 @@ from kasou.errors import InvalidSetting
 DEFAULT_FILE = Path("/etc/kasou/kasou.toml")
 CONFIG_ENV = "KASOU_CONFIG"
 MAX_FILE_BYTES = 1024 * 1024
+CONFIG_DIR_ENV = "KASOU_CONFIG_DIR"
+DEFAULT_CONFIG_DIR = Path("/etc/kasou")
+#: The services' environment files, in the order their units read them (``EnvironmentFile=``): what the
+#: package ships, then what ``kasou cluster init|join`` wrote. kasou reads them too, under the process's own
+#: environment, so that a command on a host (``kasou vm list`` in a root shell) has the settings its services
+#: have, without ``set -a; . /etc/kasou/cluster.env``.
+HOST_ENV_FILES = ("kasou.env", "cluster.env")
 
 
 #: ``KASOU_*`` variables that are no setting of this model but are kasou's all the same: the file's name, the
@@ -88,6 +95,56 @@ def config_path(environ: Mapping[str, str]) -> tuple[Path, bool]:
     /etc/kasou/kasou.toml need not."""
     named = environ.get(CONFIG_ENV, "").strip()
     return (Path(named), True) if named else (DEFAULT_FILE, False)
+
+
+def config_dir(environ: Mapping[str, str]) -> Path:
+    """Where a host's settings files and secrets are: ``KASOU_CONFIG_DIR``, else /etc/kasou."""
+    return Path(environ.get(CONFIG_DIR_ENV, "").strip() or DEFAULT_CONFIG_DIR).absolute()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of an environment file as systemd reads them (comments, blank lines and
+    surrounding quotes left out); nothing when it is absent or not readable (a user's CLI without root)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
+def host_env(environ: Mapping[str, str]) -> list[tuple[Path, dict[str, str]]]:
+    """The ``KASOU_*`` values of :data:`HOST_ENV_FILES`, each file with its own, in order."""
+    directory = config_dir(environ)
+    out = []
+    for name in HOST_ENV_FILES:
+        path = directory / name
+        values = {k: v for k, v in read_env_file(path).items() if k.startswith("KASOU_")}
+        if values:
+            out.append((path, values))
+    return out
+
+
+def host_env_stamp(environ: Mapping[str, str]) -> tuple[Any, ...]:
+    """What changes when one of the host's environment files does (for a cache of the settings)."""
+    directory = config_dir(environ)
+    stamp: list[Any] = []
+    for name in HOST_ENV_FILES:
+        try:
+            st = os.stat(directory / name)
+            stamp.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError as e:
+            stamp.append((name, e.errno))
+    return tuple(stamp)
 
 
 def env_values(environ: Mapping[str, str], names: Mapping[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
