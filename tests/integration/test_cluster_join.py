@@ -7,6 +7,7 @@ links and directories.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,8 +23,11 @@ from typing import Any
 import httpx
 import pytest
 
+from kasou.config import Paths
 from kasou.lab import net
 from kasou.lab.procs import kill_all
+from kasou.pki import host_client_context
+from kasou.store.etcd import EtcdStore
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(600)]
 
@@ -160,6 +164,18 @@ def test_init_join_leave(hosts: dict[str, Host]) -> None:
     for h in (h1, h2):
         view = wait_for("both hosts up", lambda h=h: (v := h.cluster())["hosts"] == ["h1", "h2"] and v)
         assert sorted(m["name"] for m in view["etcd_members"]) == ["h1", "h2"]
+
+    # h1 was set up when its etcd was the only member: its store learns h2's member (and fails over to it).
+    async def endpoints_learnt() -> list[str]:
+        tls = host_client_context(Paths.from_env(h1.home).tls_files())
+        store = EtcdStore([f"https://{h1.address}:2379"], tls=tls)
+        try:
+            await store.get("hosts/h1")
+            return store.endpoints
+        finally:
+            await store.close()
+
+    assert asyncio.run(endpoints_learnt()) == [f"https://{h1.address}:2379", f"https://{h2.address}:2379"]
 
     # The token worked once: a second use is refused (the site CA from h1's own files, over verified TLS).
     ca = h1.home / "tls" / "ca.crt"

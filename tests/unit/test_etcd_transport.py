@@ -30,3 +30,34 @@ async def test_a_tls_failure_is_a_store_error(reason: str) -> None:
             await store.get("vms/a")
     finally:
         await store.close()
+
+
+async def test_endpoints_are_learnt_from_the_member_list_and_a_removed_member_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first host of a cluster is configured with its own member only; it learns the others' client URLs
+    (as etcd's client auto-sync), and forgets a removed member's."""
+    members = [["http://10.0.0.1:2379"], ["http://10.0.0.2:2379"], ["https://10.0.0.3:2379"]]
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host} {request.url.path}")
+        if request.url.path.endswith("/cluster/member/list"):
+            return httpx.Response(200, json={"members": [{"ID": str(i + 1), "clientURLs": u}
+                                                          for i, u in enumerate(members)]})  # fmt: skip
+        return httpx.Response(200, json={"header": {"revision": "1"}})
+
+    store = EtcdStore(["http://10.0.0.1:2379"], timeout=2)
+    store._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    try:
+        assert await store.get("vms/a") is None
+        assert store.endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]  # not another scheme's
+        assert seen == ["10.0.0.1 /v3/kv/range", "10.0.0.1 /v3/cluster/member/list"]
+        await store.get("vms/a")
+        assert len(seen) == 3  # not again before SYNC_EVERY_S
+        del members[1]
+        monkeypatch.setattr("kasou.store.etcd.SYNC_EVERY_S", 0.0)
+        await store.get("vms/a")
+        assert store.endpoints == ["http://10.0.0.1:2379"]
+    finally:
+        await store.close()

@@ -6,13 +6,15 @@ import ssl
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from httpx_ws import WebSocketSession, connect_ws
 
 from kasou.errors import AgentUnavailable, KasouError, OperationTimeout
 from kasou.wire import raise_for_response
+
+if TYPE_CHECKING:  # httpx_ws is imported by the commands that open a websocket only (a console): 50 ms less
+    from httpx_ws import WebSocketSession
 
 
 class Client:
@@ -84,6 +86,8 @@ class Client:
 
     def websocket(self, path: str) -> AbstractContextManager[WebSocketSession]:
         """A websocket to the API (``path`` as a console ticket names it), with this client's token and TLS."""
+        from httpx_ws import connect_ws
+
         return connect_ws(path, self._http, max_message_size_bytes=1024 * 1024)
 
     def wait_job(

@@ -21,7 +21,6 @@ import tty
 from typing import Any
 
 import typer
-from httpx_ws import WebSocketDisconnect, WebSocketNetworkError
 
 from kasou.cli.common import client, err, fail
 
@@ -90,6 +89,8 @@ def _from_stdin(ws: Any, fd: int, closed: threading.Event, linger: float,
 
 
 def _to_stdout(ws: Any, closed: threading.Event) -> None:
+    from httpx_ws import WebSocketDisconnect, WebSocketNetworkError  # here: the other commands start faster
+
     out = sys.stdout.buffer
     try:
         while True:

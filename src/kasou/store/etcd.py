@@ -36,6 +36,13 @@ delete_prefix are not repeated: they raise that StoreError at once, as etcd's
 own client does. If no endpoint answers, StoreError names them all. A call
 takes at most ``len(endpoints) * timeout`` seconds.
 
+The endpoints given are where the store starts; every ``SYNC_EVERY_S`` (and after
+the first request that succeeds) it asks the cluster for its members and adds
+their client URLs after the configured ones (and drops those of members
+removed), as etcd's own client does with auto-sync. So the first host of a
+cluster, configured when its etcd was the only member, fails over to the
+members that joined later.
+
 When the etcd *leader* dies, a follower keeps forwarding proposals to it until
 it notices (one election timeout, 1 s by default) and the request is lost; etcd
 answers it only after its own 7 s request timeout. Keep ``timeout`` above the
@@ -72,6 +79,7 @@ _NOT_FOUND = 5
 _UNKNOWN = "the write may or may not have been applied"
 
 _Retry = Literal["always", "never", "verify"]
+SYNC_EVERY_S = 60.0  # how often the endpoints are learnt again from the cluster's member list
 
 
 def _b64(data: bytes) -> str:
@@ -136,6 +144,8 @@ class EtcdStore(Store):
         self.tls = tls
         self._pfx = prefix.encode()
         self._preferred = 0  # index of the endpoint that answered last
+        self._configured = list(self.endpoints)
+        self._synced_at: float | None = None  # when the member list last gave the endpoints
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), verify=tls if tls is not None else True)
 
     # -- transport -------------------------------------------------------------------------------------
@@ -171,6 +181,10 @@ class EtcdStore(Store):
                 failures.append(f"{endpoint}: {e}")
                 continue
             self._preferred = index
+            if path != "cluster/member/list" and (
+                self._synced_at is None or time.monotonic() - self._synced_at >= SYNC_EVERY_S
+            ):
+                await self.sync_endpoints()
             return reply, ambiguous
         unknown = f"; {_UNKNOWN}" if ambiguous and path != "kv/range" else ""
         raise StoreError(f"no etcd endpoint answered {path} ({'; '.join(failures)}){unknown}")
@@ -419,6 +433,27 @@ class EtcdStore(Store):
             "peer_urls": list(m.get("peerURLs") or []),
             "client_urls": list(m.get("clientURLs") or []),
         }
+
+    async def sync_endpoints(self) -> list[str]:
+        """Learn the endpoints from the cluster's members: the configured ones first, then the other members'
+        client URLs (of the same scheme); a removed member's URL is dropped unless configured. Best effort: if
+        the member list cannot be read, the endpoints stay as they are (tried again after ``SYNC_EVERY_S``)."""
+        self._synced_at = time.monotonic()
+        try:
+            members = await self.member_list()
+        except StoreError:
+            return self.endpoints
+        schemes = {e.split("://", 1)[0] for e in self._configured}
+        learnt = [
+            u.rstrip("/")
+            for m in members
+            for u in m["client_urls"]
+            if u.split("://", 1)[0] in schemes and u.rstrip("/") not in self._configured
+        ]
+        current = self.endpoints[self._preferred] if self._preferred < len(self.endpoints) else None
+        self.endpoints = [*self._configured, *dict.fromkeys(learnt)]
+        self._preferred = self.endpoints.index(current) if current in self.endpoints else 0
+        return self.endpoints
 
     async def member_list(self) -> list[dict[str, Any]]:
         """The cluster's members: ``id``, ``name``, ``peer_urls``, ``client_urls``."""
