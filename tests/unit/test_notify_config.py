@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,7 @@ def test_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SMTP_PORT", "70000", "KASOU_NOTIFY_SMTP_PORT"),
         ("ROUTES", "[{", "not JSON"),
         ("ROUTES", '[{"department": "lab"}]', "give mail_to or webhook"),
-        ("ROUTES", '[{"department": "lab", "webhook": "http://x", "color": 1}]', "routes.0.color"),
+        ("ROUTES", '[{"department": "lab", "webhook": "http://x", "color": 1}]', "route 1: color: not a field of a route"),
     ],
 )
 def test_refused(monkeypatch: pytest.MonkeyPatch, var: str, value: str, words: str) -> None:
@@ -88,14 +87,19 @@ def test_syslog_targets_and_signature() -> None:
     assert sign("key", b"{}") == "sha256=" + hmac.new(b"key", b"{}", hashlib.sha256).hexdigest()
 
 
-def test_the_settings_files_notify_section_reads_as_it_is() -> None:
+def test_the_settings_files_notify_section_reads_as_it_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     text = """
 [notify]
 min_severity = "warning"
 smtp_host = "mail.hospital.example"
+smtp_starttls = true
+smtp_user = "kasou"
+smtp_password = "relay password"
 mail_to = ["it@hospital.example"]
 webhook = "https://alerts.hospital.example/kasou"
-webhook_secret = "s"
+webhook_secret = "a long random text, also the receiver's"
+webhook_attempts = 3
+webhook_backoff = 0.5
 syslog = "local"
 
 [[notify.route]]
@@ -103,8 +107,13 @@ department = "lab"
 mail_to = ["support@lab-vendor.example"]
 min_severity = "error"
 """
-    cfg = NotifyConfig.model_validate(tomllib.loads(text)["notify"]).check()
-    assert [r.department for r in cfg.routes] == ["lab"] and cfg.syslog == "local"
+    (tmp_path / "kasou.toml").write_text(text)
+    monkeypatch.setenv("KASOU_CONFIG", str(tmp_path / "kasou.toml"))
+    monkeypatch.setenv("KASOU_CONFIG_DIR", str(tmp_path))
+    cfg = notify_config()
+    assert [r.department for r in cfg.routes] == ["lab"] and cfg.routes[0].min_severity == "error"
+    assert cfg.syslog == "local" and cfg.smtp_starttls and cfg.smtp_user == "kasou"
+    assert cfg.smtp_password == "relay password" and cfg.webhook_attempts == 3 and cfg.webhook_backoff_s == 0.5
 
 
 def test_a_listener_that_fails_never_fails_the_emit(tmp_path: Path) -> None:

@@ -82,6 +82,12 @@ BAD: dict[str, tuple[str, Any]] = {
     "notify.mail_to": ("a@h.example,nobody", ["nobody"]),
     "notify.syslog": ("loghost", "loghost:syslog"),
     "notify.min_severity": ("loud", "debug"),
+    "notify.webhook_attempts": ("0", 21),
+    "notify.webhook_backoff": ("-1", "soon"),
+    "notify.smtp_starttls": ("maybe", "yes please"),
+    "notify.smtp_user": ("x" * 256, "a\nb"),
+    "notify.smtp_password": ("p" * 256, "a\x00b"),
+    "notify.route": ('[{"department": "lab", "pager": "x"}]', [{"mail_to": ["a@h.example"]}]),
 }
 CASES = [(k, src) for k in BAD for src in ("env", "file")]
 
@@ -149,7 +155,8 @@ def test_a_bad_value_is_one_line_in_config_check_and_at_start(
     assert line.startswith(f"error: {name}="), line
     assert "is not allowed: " in line and key.allowed in line, line
     if key.kind == "secret":
-        assert BAD[dotted][0] not in line and "<hidden, 5 characters>" in line
+        raw = str(BAD[dotted][0 if source == "env" else 1])
+        assert raw not in line and f"<hidden, {len(raw)} characters>" in line
     else:
         assert shown in line, line
     if source == "file":

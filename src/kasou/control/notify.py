@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -31,11 +29,12 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from kasou.config import host_name, int_setting, notify_settings
+from kasou.config import host_name, notify_settings
 from kasou.control.base import VMRecords
 from kasou.control.events import SEVERITIES, Event, Events, Severity, severity_at_least, subscribe
 from kasou.control.notify_channels import DeliveryFailed, MailSender, SyslogSender, WebhookSender, parse_syslog
 from kasou.errors import InvalidSetting, InvalidSpec, KasouError, NotFound
+from kasou.settings.model import NotifyRoute
 from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -46,18 +45,6 @@ CLOSE_GRACE_S = 2.0  # at shutdown, how long notices still queued have to go out
 FAILED_KIND = "notify_failed"
 RECOVERED_KIND = "notify_recovered"
 OWN_PREFIX = "notify_"  # the notifier's own events: a failure to deliver one raises nothing
-
-
-class NotifyRoute(BaseModel):
-    """One department's events to that department's contacts (``[[notify.route]]``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    department: str = Field(min_length=1, max_length=63)
-    mail_to: list[str] = []
-    webhook: str | None = None
-    webhook_secret: str | None = Field(default=None, repr=False)
-    min_severity: Severity | None = None  # None: the site's ``min_severity``
 
 
 class NotifyConfig(BaseModel):
@@ -109,39 +96,28 @@ class NotifyConfig(BaseModel):
         return self
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get(name, "").strip() or None
-
-
 def notify_config() -> NotifyConfig:
-    """The notification settings: ``KASOU_NOTIFY_WEBHOOK``, ``_WEBHOOK_SECRET``, ``_WEBHOOK_ATTEMPTS``,
-    ``_WEBHOOK_BACKOFF``, ``_SMTP_HOST``, ``_SMTP_PORT``, ``_SMTP_STARTTLS`` (1/0), ``_SMTP_USER``,
-    ``_SMTP_PASSWORD``, ``_MAIL_FROM``, ``_MAIL_TO`` (comma list), ``_SYSLOG``, ``_MIN_SEVERITY`` and
-    ``_ROUTES`` (a JSON list of routes). The one place they are read: the settings file's ``[notify]``
-    section takes its place."""
+    """The notification settings: the ``[notify]`` section of the settings (docs/configuration.md), each key
+    checked there (a bad value names its key), then checked together (what cannot work: mail without a relay,
+    two routes of one department) before anything is sent."""
     section = notify_settings()  # [notify] of the settings file, then KASOU_NOTIFY_* (kasou.settings)
     raw: dict[str, Any] = {
         "webhook": section.webhook,
         "webhook_secret": section.webhook_secret,
-        "webhook_attempts": int_setting("KASOU_NOTIFY_WEBHOOK_ATTEMPTS", 5, 1, 20),
+        "webhook_attempts": section.webhook_attempts,
+        "webhook_backoff_s": section.webhook_backoff,
         "smtp_host": section.smtp_host,
         "smtp_port": section.smtp_port,
-        "smtp_starttls": (_env("KASOU_NOTIFY_SMTP_STARTTLS") or "0").lower() in ("1", "yes", "true", "on"),
-        "smtp_user": _env("KASOU_NOTIFY_SMTP_USER"),
-        "smtp_password": _env("KASOU_NOTIFY_SMTP_PASSWORD"),
+        "smtp_starttls": section.smtp_starttls,
+        "smtp_user": section.smtp_user,
+        "smtp_password": section.smtp_password,
         "mail_to": list(section.mail_to),
         "syslog": section.syslog,
         "min_severity": section.min_severity,
+        "routes": list(section.route),
     }
     if section.mail_from is not None:
         raw["mail_from"] = section.mail_from
-    if _env("KASOU_NOTIFY_WEBHOOK_BACKOFF") is not None:
-        raw["webhook_backoff_s"] = _env("KASOU_NOTIFY_WEBHOOK_BACKOFF")
-    routes = _env("KASOU_NOTIFY_ROUTES")
-    try:
-        raw["routes"] = json.loads(routes) if routes else []
-    except ValueError as e:
-        raise InvalidSetting(f"KASOU_NOTIFY_ROUTES is not JSON: {e}", setting="KASOU_NOTIFY_ROUTES") from None
     try:
         return NotifyConfig.model_validate(raw).check()
     except ValidationError as e:

@@ -9,11 +9,12 @@ bad value's one-line error says, and docs/configuration.md is made from the same
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kasou.settings.sources import EnvSource, TomlSource
@@ -208,6 +209,13 @@ def _long_secret(v: str | None) -> str | None:
     return v
 
 
+def _one_line(v: str | None) -> str | None:
+    """Text for one protocol line (an SMTP login): no control characters, at most 255 characters."""
+    if v is not None and (len(v) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in v)):
+        raise ValueError("not one line")
+    return v
+
+
 def _http_url(u: str | None) -> str | None:
     if u is not None:
         _urls([u])
@@ -225,6 +233,40 @@ OptPath = Annotated[str | None, BeforeValidator(_none_if_empty), AfterValidator(
 AbsPath = Annotated[str, BeforeValidator(_strip), AfterValidator(_absolute)]
 OptText = Annotated[str | None, BeforeValidator(_none_if_empty)]
 CommaList = Annotated[list[str], BeforeValidator(_split(","))]
+
+
+def _routes(v: Any) -> Any:
+    """Route tables as the file gives them, or the environment's JSON text; each checked, the first fault named
+    (``route 2: color: not a field of a route``)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip() else []
+        except ValueError as e:
+            raise Detail(f"not JSON ({e})") from None
+    if not isinstance(v, list):
+        raise Detail("not a list of tables")
+    routes = []
+    for i, item in enumerate(v, 1):
+        try:
+            routes.append(NotifyRoute.model_validate(item))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "the route"
+            what = "not a field of a route" if err["type"] == "extra_forbidden" else err["msg"].lower()
+            raise Detail(f"route {i}: {where}: {what}") from None
+    return routes
+
+
+class NotifyRoute(BaseModel):
+    """One department's events to that department's contacts (``[[notify.route]]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    department: str = Field(min_length=1, max_length=63)
+    mail_to: list[str] = []
+    webhook: str | None = None
+    webhook_secret: str | None = Field(default=None, repr=False)
+    min_severity: Literal["info", "warning", "error", "critical"] | None = None  # None: the site's
 
 
 class Section(BaseModel):
@@ -453,6 +495,27 @@ class NotifySection(Section):
     min_severity: Annotated[Literal["info", "warning", "error", "critical"], Choice] = choice(
         "warning", "KASOU_NOTIFY_MIN_SEVERITY", SEVERITIES, "events below this severity are not sent"
     )
+    webhook_attempts: int = whole(5, "KASOU_NOTIFY_WEBHOOK_ATTEMPTS", 1, 20, "tries of each webhook request")
+    webhook_backoff: float = number(
+        1.0, "KASOU_NOTIFY_WEBHOOK_BACKOFF", 0, 600, "seconds before the second try of a webhook, doubled each time"
+    )
+    smtp_starttls: bool = flag(False, "KASOU_NOTIFY_SMTP_STARTTLS", "STARTTLS to the mail relay before sending")
+    smtp_user: Annotated[OptText, AfterValidator(_one_line)] = text(
+        None, "KASOU_NOTIFY_SMTP_USER", "a user name (one line, at most 255 characters)", "the mail relay's login",
+        shown="none",
+    )  # fmt: skip
+    smtp_password: Annotated[OptText, AfterValidator(_one_line)] = text(
+        None, "KASOU_NOTIFY_SMTP_PASSWORD", "text (one line, at most 255 characters)",
+        "the mail relay's password (with smtp_user)",
+        kind="secret", shown="none", secret=True,
+    )  # fmt: skip
+    route: Annotated[list[NotifyRoute], BeforeValidator(_routes)] = text(
+        [], "KASOU_NOTIFY_ROUTES",
+        "tables with department and mail_to and/or webhook (webhook_secret, min_severity); in the environment "
+        "a JSON list of objects",
+        "one department's events also to its own contacts ([[notify.route]] tables)",
+        kind="list of tables", shown="none", secret=True,
+    )  # fmt: skip
 
 
 class Settings(BaseSettings):

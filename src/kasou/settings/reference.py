@@ -57,17 +57,22 @@ EXAMPLES: dict[str, Any] = {
     "notify.mail_from": "kasou@hospital.example",
     "notify.mail_to": ["it-oncall@hospital.example", "infra@hospital.example"],
     "notify.syslog": "udp://10.0.0.9:514",
+    "notify.smtp_user": "kasou",
+    "notify.smtp_password": "the relay's password",
+    "notify.route": [{"department": "lab", "mail_to": ["lab-it@hospital.example"], "min_severity": "error"}],
 }
 
 
 def toml_value(value: Any) -> str:
-    """A value as TOML writes it (strings, numbers, booleans, lists of strings)."""
+    """A value as TOML writes it (strings, numbers, booleans, lists, inline tables)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return f"{value:g}" if isinstance(value, float) and not value.is_integer() else str(int(value))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return json.dumps(str(value), ensure_ascii=False)
 
 

@@ -46,13 +46,6 @@ OTHER_VARIABLES: dict[str, str] = {
     "KASOU_CONFIG_DIR": "where kasou cluster init|join write the host's settings and the site's secrets (/etc/kasou)",
     "KASOU_SYSTEMD": "kasou cluster init|join: 0 starts the services as processes even where systemd runs",
     "KASOU_GUESTS_TIMEOUT": "kasou-guests.service: seconds for each VM's graceful shutdown",
-    # read by the notifications (kasou.control.notify) on their own for now; to become keys of [notify]
-    "KASOU_NOTIFY_ROUTES": "notifications: routes per department",
-    "KASOU_NOTIFY_SMTP_USER": "notifications: the mail relay's user",
-    "KASOU_NOTIFY_SMTP_PASSWORD": "notifications: the mail relay's password",
-    "KASOU_NOTIFY_SMTP_STARTTLS": "notifications: STARTTLS to the mail relay",
-    "KASOU_NOTIFY_WEBHOOK_ATTEMPTS": "notifications: webhook attempts",
-    "KASOU_NOTIFY_WEBHOOK_BACKOFF": "notifications: webhook back-off",
     "KASOU_START": "the package's postinst: start the services on first install",
     "KASOU_DEB_REVISION": "scripts/build-deb.sh: the Debian revision",
     "KASOU_DEB_PYTHON": "scripts/build-deb.sh: the interpreter",
