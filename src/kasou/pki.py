@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +34,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kasou.config import TlsFiles
-from kasou.errors import InvalidSpec, KasouError
+from kasou.errors import InvalidSpec
+
+# ssl-only contexts, in kasou.tlsctx so that a command line need not load cryptography; exported here too
+from kasou.tlsctx import TlsError as TlsError
+from kasou.tlsctx import client_context as client_context
+from kasou.tlsctx import host_client_context as host_client_context
+from kasou.tlsctx import require as require
+from kasou.tlsctx import server_context as server_context
+from kasou.tlsctx import trust as trust
 
 CA_DAYS = 3650
 HOST_DAYS = 825  # renew with `kasou tls issue` (or `kasou tls renew`) before; `kasou tls show` says when
 RENEW_WARN_DAYS = 30
 KASOU_HOST_OU = "kasou host"  # the subject's OU of a kasou host's certificate: what agents and the leader accept
-
-
-class TlsError(KasouError):
-    """A certificate or key is missing, unreadable or does not fit."""
 
 
 @dataclass(frozen=True)
@@ -410,50 +412,6 @@ def verify(cert_path: Path, ca_path: Path) -> None:
 # -- TLS contexts -------------------------------------------------------------------------------
 
 
-def require(files: TlsFiles, what: str) -> TlsFiles:
-    """The files, or a one-line error saying how to make them."""
-    missing = [str(p) for p in (files.ca, files.cert, files.key) if not p.is_file()]
-    if missing:
-        raise TlsError(
-            f"{what} needs this host's certificate; missing {', '.join(missing)} "
-            "(make them with `kasou tls init` or `kasou tls issue`, or set KASOU_CA, KASOU_TLS_CERT, KASOU_TLS_KEY)"
-        )
-    return files
-
-
-def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """A client context that trusts only ``ca`` (the site CA or the hospital's bundle) and
-    verifies host names; with ``cert``/``key`` it presents them (mutual TLS)."""
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-        if cert is not None and key is not None:
-            ctx.load_cert_chain(str(cert), str(key))
-    except (OSError, ssl.SSLError) as e:
-        raise TlsError(f"cannot use the TLS files ({ca}, {cert}): {e}") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-def host_client_context(files: TlsFiles) -> ssl.SSLContext:
-    """This host's client context for agents and other API servers: the site CA, its own certificate."""
-    require(files, "calling other hosts over TCP")
-    return client_context(files.ca, files.cert, files.key)
-
-
-def server_context(files: TlsFiles, client_certs: str = "required") -> ssl.SSLContext:
-    """A server context with this host's certificate; ``client_certs``: required, optional or none."""
-    require(files, "serving over TCP")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(files.cert), str(files.key))
-        ctx.load_verify_locations(cafile=str(files.ca))
-    except (OSError, ssl.SSLError) as e:
-        raise TlsError(f"cannot use the TLS files ({files.cert}, {files.key}): {e}") from None
-    ctx.verify_mode = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL}.get(client_certs, ssl.CERT_NONE)
-    return ctx
-
-
 def renew(ca_dir: Path, cert_dir: Path, days: int = HOST_DAYS, kasou_host: bool = True) -> tuple[Path, Path]:
     """Issue the certificate in ``cert_dir`` again (same host name and SANs, a new key and expiry); a host's
     certificate made before kasou's host marker existed gets it."""
@@ -463,9 +421,3 @@ def renew(ca_dir: Path, cert_dir: Path, days: int = HOST_DAYS, kasou_host: bool 
         raise TlsError(f"{cert_dir / 'host.crt'} has no common name to renew")
     dns, ips = sans_of(old)
     return issue(ca_dir, str(cn[0].value), ips, dns, cert_dir, days, kasou_host)
-
-
-def trust(files: TlsFiles) -> ssl.SSLContext | bool:
-    """What a client of the API verifies its server with: the site CA (or the hospital's bundle) when
-    there is one, else the system's trusted CAs. Never nothing."""
-    return client_context(files.ca) if files.ca.is_file() else True

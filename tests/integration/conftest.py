@@ -217,7 +217,11 @@ class Kasou:
             time.sleep(every)
 
     def wait_ready(self, name: str, timeout: float = 90) -> dict[str, Any]:
-        return dict(self.wait_for(f"{name} guest ready", lambda: (v := self.vm(name))["guest_ready"] and v, timeout))
+        """``kasou vm wait NAME``: one process that polls the API (not a CLI process per poll)."""
+        r = self.run("vm", "wait", name, "--timeout", f"{timeout:g}", "-o", "json", check=False, timeout=timeout + 60)
+        if r.returncode != 0:
+            raise AssertionError(f"waiting for {name}'s guest to be ready ({r.returncode}): {r.stderr.strip()}")
+        return dict(json.loads(r.stdout))
 
     def log(self, name: str) -> str:
         return self.run("vm", "log", name).stdout

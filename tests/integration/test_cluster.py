@@ -28,6 +28,7 @@ class Lab:
     def __init__(self, lab_dir: Path, env: dict[str, str]) -> None:
         self.dir = lab_dir
         self.base_env = env
+        self._host_env: dict[str, tuple[int | None, dict[str, str]]] = {}
 
     def run(
         self, *args: str, host: str = "h2", check: bool = True, timeout: float = 300
@@ -40,14 +41,23 @@ class Lab:
         return r
 
     def host_env(self, host: str) -> dict[str, str]:
+        """``kasou lab env HOST``, asked again only when the lab's state changed (a lab up, kill or revive)."""
+        try:
+            stamp = (self.dir / "lab.json").stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        cached = self._host_env.get(host)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         out = subprocess.run(
-            [*KASOU, "lab", "env", host], env=self.base_env, capture_output=True, text=True, check=True
+            [*KASOU, "lab", "env", host], env=self.base_env, capture_output=True, text=True, check=True, timeout=60
         )
         env = {}
         for line in out.stdout.splitlines():
             line = line.removeprefix("export ").strip()
             k, _, v = line.partition("=")
             env[k] = v.strip("'\"")
+        self._host_env[host] = (stamp, env)
         return env
 
     def json(self, *args: str, host: str = "h2") -> Any:
@@ -66,8 +76,13 @@ class Lab:
                 raise AssertionError(f"timed out waiting for {what}")
             time.sleep(0.3)
 
-    def ready(self, name: str, host: str = "h2") -> dict[str, Any]:
-        return dict(self.wait(f"{name} ready", lambda: (v := self.vm(name, host))["guest_ready"] and v))
+    def ready(self, name: str, host: str = "h2", timeout: float = 120) -> dict[str, Any]:
+        """``kasou vm wait NAME``: one process that polls the API (not a CLI process per poll)."""
+        r = self.run("vm", "wait", name, "--timeout", f"{timeout:g}", "-o", "json", host=host, check=False,
+                     timeout=timeout + 60)  # fmt: skip
+        if r.returncode != 0:
+            raise AssertionError(f"waiting for {name}'s guest to be ready ({r.returncode}): {r.stderr.strip()}")
+        return dict(json.loads(r.stdout))
 
     def serial(self, host: str, vm: str) -> str:
         p = self.dir / host / "home" / "log" / "serial" / f"{vm}.log"

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from kasou.cli import common, completion, manpages
 from kasou.cli import main as cli
+from kasou.cli.output import subcommands
 from kasou.errors import Unauthorized
 
 
@@ -60,10 +61,11 @@ def test_names_come_from_the_api_and_nothing_when_it_cannot_answer(monkeypatch: 
     monkeypatch.setattr(common, "client_factory", lambda: Api())
     assert completion.names("vms") == ["emr-ap1", "emr-db1", "pacs1"]
     cmd = completion.with_names(cli.typer.main.get_command(cli.app))
-    start = cmd.commands["vm"].commands["start"]
+    groups = dict(subcommands(cmd))  # the groups load as they are asked for, and get their names then
+    start = groups["vm"].commands["start"]
     arg = next(p for p in start.params if p.param_type_name == "argument")
     assert [c.value for c in arg.shell_complete(None, "emr")] == ["emr-ap1", "emr-db1"]
-    host = cmd.commands["host"].commands["maintenance"]
+    host = groups["host"].commands["maintenance"]
     harg = next(p for p in host.params if p.param_type_name == "argument")
     assert [c.value for c in harg.shell_complete(None, "")] == ["h1", "h2"]
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from kasou import errors as E
 from kasou.cli import output
 from kasou.cli.main import app
-from kasou.cli.output import Col, View, exit_code, render, render_one, view
+from kasou.cli.output import Col, View, exit_code, render, render_one, subcommands, view
 
 # What a command's code does when it prints data: a Rich table, JSON, a job followed, the shared renderers.
 PRINTS_DATA = re.compile(r"\bTable\(|print_json\(|json\.dumps\(|\brender(_one)?\(|\bact\(|\bfollow\(|--json")
@@ -38,11 +38,10 @@ EXEMPT = {
 
 def commands() -> Iterator[tuple[str, Any]]:
     def walk(cmd: Any, path: str) -> Iterator[tuple[str, Any]]:
-        subs = getattr(cmd, "commands", None)
-        if subs is not None:
+        if hasattr(cmd, "commands"):
             if cmd.callback is not None and getattr(cmd, "invoke_without_command", False):
                 yield path, cmd  # a group that lists when run alone (kasou console recordings)
-            for name, sub in subs.items():
+            for name, sub in subcommands(cmd):  # the lazily loaded groups too
                 yield from walk(sub, f"{path} {name}")
         else:
             yield path, cmd

@@ -61,7 +61,11 @@ def test_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SMTP_PORT", "70000", "KASOU_NOTIFY_SMTP_PORT"),
         ("ROUTES", "[{", "not JSON"),
         ("ROUTES", '[{"department": "lab"}]', "give mail_to or webhook"),
-        ("ROUTES", '[{"department": "lab", "webhook": "http://x", "color": 1}]', "route 1: color: not a field of a route"),
+        (
+            "ROUTES",
+            '[{"department": "lab", "webhook": "http://x", "color": 1}]',
+            "route 1: color: not a field of a route",
+        ),
     ],
 )
 def test_refused(monkeypatch: pytest.MonkeyPatch, var: str, value: str, words: str) -> None:

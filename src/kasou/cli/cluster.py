@@ -23,6 +23,7 @@ from kasou import clusterhost as ch
 from kasou import pki, services
 from kasou.api.auth import ensure_token, read_token
 from kasou.api.client import Client
+from kasou.cli import balance
 from kasou.cli.common import client, fail, say
 from kasou.cli.output import JSON, OUTPUT, Col, columns, render_one, view
 from kasou.config import Paths, api_url, host_name
@@ -367,3 +368,7 @@ def leave(
         say(QUORUM_NOTE)
     for k in settings:
         os.environ.pop(k, None)
+
+
+cluster_app.command("balance")(balance.balance)
+cluster_app.command("balance-settings")(balance.balance_settings)

@@ -22,7 +22,7 @@ from kasou.api.auth import read_token
 from kasou.api.client import Client
 from kasou.config import Paths, api_url
 from kasou.errors import InvalidSpec
-from kasou.pki import trust
+from kasou.tlsctx import trust
 
 out = Console(emoji=False)  # ":ab:" in a fingerprint or a path is text, not an emoji
 err = Console(stderr=True, emoji=False)

@@ -21,6 +21,7 @@ import typer
 import typer.completion
 import typer.main
 
+from kasou.cli.output import KasouGroup
 from kasou.errors import KasouError
 
 COMPLETE_VAR = "_KASOU_COMPLETE"
@@ -84,6 +85,8 @@ def with_names(command: Any, path: tuple[str, ...] = ()) -> Any:
             p.shell_complete = _completer(kind)
     for name, sub in getattr(command, "commands", {}).items():
         with_names(sub, (*path, name))
+    if not path:  # the root: its groups loaded later (kasou.cli.output.KasouGroup) get their names as they load
+        KasouGroup.on_load = lambda name, group: with_names(group, (name,))
     return command
 
 

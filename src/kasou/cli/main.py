@@ -8,7 +8,6 @@ Errors print one line (``error: ...``) on stderr and exit with a status that say
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -17,12 +16,8 @@ from typing import Any
 
 import typer
 
-from kasou import __version__, services
-from kasou.cli import balance, completion, manpages
-from kasou.cli.audit import audit_app
-from kasou.cli.backup import backup_app
-from kasou.cli.backup_server import backup_server_app
-from kasou.cli.cluster import cluster_app
+from kasou import __version__
+from kasou.cli import completion, manpages
 from kasou.cli.common import (
     client,
     err,
@@ -33,17 +28,7 @@ from kasou.cli.common import (
     say,
     uptime_text,
 )
-from kasou.cli.config import config_app
-from kasou.cli.desktops import desktop_pool_app
-from kasou.cli.devices import nic_app
-from kasou.cli.directory import directory_app
-from kasou.cli.events import event_app
 from kasou.cli.host_shutdown import end_guests, shutdown_guests
-from kasou.cli.images import image_app
-from kasou.cli.lab import lab_app
-from kasou.cli.maintenance import window_app
-from kasou.cli.networks import network_app
-from kasou.cli.notify import notify_app
 from kasou.cli.output import (
     EPILOG,
     JOB_COLS,
@@ -62,15 +47,39 @@ from kasou.cli.output import (
     render_one,
     view,
 )
-from kasou.cli.plan import plan_app
-from kasou.cli.recordings import console_app
-from kasou.cli.snapshot import snapshot_app
-from kasou.cli.storage import disk_app, pool_app
-from kasou.cli.tls import tls_app
-from kasou.cli.users import user_app
-from kasou.cli.vms import vm_app
 from kasou.config import Paths, check_settings
 from kasou.errors import KasouError
+
+# The command groups, loaded when a command line names them (KasouGroup), in the order kasou --help lists them;
+# "" marks a group defined here.
+KasouGroup.LAZY = {
+    "vm": "kasou.cli.vms:vm_app",
+    "network": "kasou.cli.networks:network_app",
+    "host": "",
+    "image": "kasou.cli.images:image_app",
+    "job": "",
+    "api": "",
+    "lab": "kasou.cli.lab:lab_app",
+    "event": "kasou.cli.events:event_app",
+    "notify": "kasou.cli.notify:notify_app",
+    "backup": "kasou.cli.backup:backup_app",
+    "backup-server": "kasou.cli.backup_server:backup_server_app",
+    "pool": "kasou.cli.storage:pool_app",
+    "pool-desktop": "kasou.cli.desktops:desktop_pool_app",
+    "disk": "kasou.cli.storage:disk_app",  # with kasou.cli.devices' add, remove, resize
+    "nic": "kasou.cli.devices:nic_app",
+    "user": "kasou.cli.users:user_app",
+    "directory": "kasou.cli.directory:directory_app",
+    "maintenance-window": "kasou.cli.maintenance:window_app",
+    "audit": "kasou.cli.audit:audit_app",
+    "console": "kasou.cli.recordings:console_app",
+    "snapshot": "kasou.cli.snapshot:snapshot_app",
+    "plan": "kasou.cli.plan:plan_app",
+    "tls": "kasou.cli.tls:tls_app",
+    "config": "kasou.cli.config:config_app",
+    "cluster": "kasou.cli.cluster:cluster_app",  # kasou cluster alone: the cluster's view; balance too
+    "report": "",
+}
 
 app = typer.Typer(
     name="kasou",
@@ -84,33 +93,9 @@ app = typer.Typer(
 host_app = typer.Typer(help="Virtual hosts.", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs (long operations).", no_args_is_help=True)
 api_app = typer.Typer(help="The REST API.", no_args_is_help=True)
-app.add_typer(vm_app, name="vm")
-app.add_typer(network_app, name="network")
 app.add_typer(host_app, name="host")
-app.add_typer(image_app, name="image")
 app.add_typer(job_app, name="job")
 app.add_typer(api_app, name="api")
-app.add_typer(lab_app, name="lab")
-app.add_typer(event_app, name="event")
-app.add_typer(notify_app, name="notify")
-app.add_typer(backup_app, name="backup")
-app.add_typer(backup_server_app, name="backup-server")
-app.add_typer(pool_app, name="pool")
-app.add_typer(desktop_pool_app, name="pool-desktop")
-app.add_typer(disk_app, name="disk")  # with kasou.cli.devices' add, remove, resize
-app.add_typer(nic_app, name="nic")
-app.add_typer(user_app, name="user")
-app.add_typer(directory_app, name="directory")
-app.add_typer(window_app, name="maintenance-window")
-app.add_typer(audit_app, name="audit")
-app.add_typer(console_app, name="console")
-app.add_typer(snapshot_app, name="snapshot")
-app.add_typer(plan_app, name="plan")
-app.add_typer(tls_app, name="tls")
-app.add_typer(config_app, name="config")
-app.add_typer(cluster_app, name="cluster")  # kasou cluster alone: the cluster's view
-cluster_app.command("balance")(balance.balance)
-cluster_app.command("balance-settings")(balance.balance_settings)
 
 # -- services -------------------------------------------------------------------------
 
@@ -119,6 +104,8 @@ cluster_app.command("balance-settings")(balance.balance_settings)
 def up() -> None:
     """Start the single-host services (host agent, API) in the background: the one-host demo (a host
     installed from the Debian package runs them as systemd units: systemctl start kasou-agent kasou-api)."""
+    from kasou import services
+
     result = services.up(Paths.from_env())
     for svc, what in result.items():
         out.print(f"{svc}: {what}", markup=False, highlight=False)
@@ -129,6 +116,8 @@ def down(
     vms: bool = typer.Option(False, "--vms", help="Shut the running VMs down too (gracefully)."),
 ) -> None:
     """Stop the single-host services. Running VMs keep running unless --vms is given."""
+    from kasou import services
+
     paths = Paths.from_env()
     if vms and services.service_pid(paths, "api") is not None:
         # as at a host's shutdown: one bulk job, the reverse of the start-up order, each VM gracefully
@@ -140,6 +129,8 @@ def down(
 @app.command()
 def status() -> None:
     """Show whether the single-host services run."""
+    from kasou import services
+
     for svc, pid in services.status(Paths.from_env()).items():
         out.print(f"{svc}: " + (f"running (pid {pid})" if pid else "not running"), markup=False)
 
@@ -195,6 +186,8 @@ def host_check(
     output: str = OUTPUT, column: list[str] = columns(CHECK_COLS), as_json: bool = JSON,
 ) -> None:  # fmt: skip
     """The accelerator this host will use and why, the QEMU version, CPUs and free memory."""
+    import asyncio
+
     from kasou.agent.hostinfo import cpu_count, memory_mib
     from kasou.hypervisor.qemu import accel
 
@@ -358,6 +351,7 @@ def demo(
     timeout: float = typer.Option(120, help="Seconds to wait for the guest to be ready."),
 ) -> None:
     """The main job on one host: start kasou, build the tiny image, boot a sample VM."""
+    from kasou import services
     from kasou.image import build_image
 
     paths = Paths.from_env()

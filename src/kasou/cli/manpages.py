@@ -19,6 +19,7 @@ import typer
 import typer.main
 
 from kasou import __version__
+from kasou.cli.output import subcommands
 
 SECTION = "1"
 
@@ -84,13 +85,13 @@ def page(path: tuple[str, ...], command: Any, date: str) -> str:
         lines += [_option(p, ctx) for p in opts]
     if _is_group(command):
         lines.append(".SH COMMANDS")
-        for sub_name, sub in sorted(command.commands.items()):
+        for sub_name, sub in sorted(subcommands(command)):
             if sub.hidden:
                 continue
             lines += [".TP", f"\\fB{_roff(sub_name)}\\fR", _roff(sub.get_short_help_str(200)) or "\\&"]
     see = [f"{_page_name(path[:-1])}({SECTION})"] if len(path) > 1 else []
     if _is_group(command):
-        see += [f"{_page_name((*path, n))}({SECTION})" for n, c in sorted(command.commands.items()) if not c.hidden]
+        see += [f"{_page_name((*path, n))}({SECTION})" for n, c in sorted(subcommands(command)) if not c.hidden]
     if see:
         lines += [".SH SEE ALSO", _roff(", ".join(see))]
     return "\n".join(lines) + "\n"
@@ -104,7 +105,7 @@ def pages(app: typer.Typer, date: str | None = None) -> dict[str, str]:
     def walk(path: tuple[str, ...], command: Any) -> None:
         out[f"{_page_name(path)}.{SECTION}"] = page(path, command, when)
         if _is_group(command):
-            for n, sub in command.commands.items():
+            for n, sub in subcommands(command):
                 if not sub.hidden:
                     walk((*path, n), sub)
 

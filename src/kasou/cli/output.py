@@ -48,11 +48,12 @@ own HTTP mapping (:func:`kasou.wire.status_for`), by :class:`KasouGroup`, the ro
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import typer
 import yaml
@@ -91,7 +92,32 @@ def exit_code(e: KasouError) -> int:
 
 
 class KasouGroup(TyperGroup):
-    """The root group: a kasou error anywhere below is one line on stderr and its exit code."""
+    """The root group: a kasou error anywhere below is one line on stderr and its exit code.
+
+    Its command groups (``vm``, ``backup``, ...) are imported when a command line names them (:data:`LAZY`,
+    set by :mod:`kasou.cli.main`), so ``kasou vm show`` does not import the backup server's or the cluster set-up's
+    modules (a third of the start-up time). Whoever walks the whole tree (manual pages, completion, tests) asks
+    through ``list_commands``/``get_command``, as click's own help and completion do."""
+
+    #: group name -> "module:attribute" of its Typer app ("" for a group added as it is), in the order
+    #: ``kasou --help`` lists them (after the single commands)
+    LAZY: ClassVar[dict[str, str]] = {}
+    #: called with each group as it is loaded (completion: its name arguments complete from the API)
+    on_load: ClassVar[Callable[[str, Any], Any] | None] = None
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*(n for n in super().list_commands(ctx) if n not in self.LAZY), *self.LAZY]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None and self.LAZY.get(cmd_name):
+            module, _, attr = self.LAZY[cmd_name].partition(":")
+            cmd = typer.main.get_command(getattr(importlib.import_module(module), attr))
+            cmd.name = cmd_name
+            self.commands[cmd_name] = cmd
+            if KasouGroup.on_load is not None:
+                KasouGroup.on_load(cmd_name, cmd)
+        return cmd
 
     def invoke(self, ctx: Any) -> Any:  # typer.Context: typer declares click's own
         try:
@@ -99,6 +125,14 @@ class KasouGroup(TyperGroup):
         except KasouError as e:
             err.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exit_code(e)) from None
+
+
+def subcommands(command: Any) -> list[tuple[str, Any]]:
+    """A group's commands, lazy ones loaded (the whole tree: manual pages, completion, tests)."""
+    if not hasattr(command, "commands"):
+        return []
+    ctx = typer.Context(command)
+    return [(n, c) for n in command.list_commands(ctx) if (c := command.get_command(ctx, n)) is not None]
 
 
 # -- the options ----------------------------------------------------------------------------------------
