@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import re
 import secrets
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +28,7 @@ from kasou.agent.sources import Sources, convert_source
 from kasou.agent.storage import LocalDisks
 from kasou.errors import ImageError, InvalidSpec, KasouError, NotFound, OperationTimeout
 from kasou.hypervisor import imagefiles
+from kasou.hypervisor.qemu.process import die_with_parent
 from kasou.model.imports import ImportInspect, ImportSource
 from kasou.model.ovf_write import ExportDisk, write_ovf
 
@@ -38,19 +37,15 @@ log = logging.getLogger(__name__)
 STALL_S = 1800.0  # qemu-img reports every 1 %: a run silent this long is stuck (a dead NFS mount, say)
 KEEP_DONE_S = 3600.0  # a finished task nobody collected is forgotten after this
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: qemu-img ends if the agent dies, instead of writing on into a deleted file."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 async def run_with_progress(argv: list[str], progress: Callable[[float], Awaitable[None]]) -> None:
     """Run ``qemu-img ... -p`` and pass on its progress (0..1); its last error line becomes an ImageError."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent,  # qemu-img ends if the agent dies
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:

@@ -38,6 +38,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from kasou.errors import ImageError, OperationTimeout
+from kasou.hypervisor.qemu.process import die_with_parent
 
 TOOL = "virt-v2v-in-place"
 NEEDS = ("nbdkit",)  # virt-v2v 2.x reads every input through nbdkit; bookworm's package does not pull it in
@@ -148,7 +149,7 @@ async def _run(
 ) -> str:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env=env, start_new_session=True, preexec_fn=_die_with_parent, limit=1 << 20,
+        env=env, start_new_session=True, preexec_fn=die_with_parent, limit=1 << 20,
     )  # fmt: skip
     assert proc.stdout is not None
     lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
@@ -198,11 +199,3 @@ async def _run(
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: it ends if the agent dies (its process group is its own)."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -11,6 +11,7 @@ emulation). The decision is cached per boot of the host and QEMU version
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -111,23 +112,27 @@ async def probe_kvm(images_dir: Path, timeout: float = PROBE_TIMEOUT, binary: st
         files = RuntimeFiles(dir=tmp, serial_log=tmp / "serial.log")
         argv = build_argv(spec, files, "kvm", BootFiles(art.kernel, art.initrd, art.kernel_args), binary)
         t0 = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True
-        )
-        _o, err = await asyncio.wait_for(proc.communicate(), timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(err.decode(errors="replace").strip().splitlines()[-1] if err else "QEMU failed")
-        pid = int(files.pidfile.read_text())
+        # A child of this process (QEMU's own output in a file: a pipe nobody reads could fill and stop it), killed
+        # by the kernel if this process dies first (PR_SET_PDEATHSIG): a probe never outlives what started it.
+        with open(tmp / "stderr.log", "wb") as errfile:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=errfile,
+                start_new_session=True, preexec_fn=process.die_with_parent,
+            )  # fmt: skip
+        pid = proc.pid
         while time.monotonic() - t0 < timeout:
             if files.serial_log.exists() and READY_LINE in files.serial_log.read_text(errors="replace"):
                 return time.monotonic() - t0
-            if not process.alive(pid):
-                raise RuntimeError("the probe guest's QEMU exited")
+            if proc.returncode is not None or not process.alive(pid):
+                lines = (tmp / "stderr.log").read_text(errors="replace").strip().splitlines()
+                raise RuntimeError(lines[-1] if lines else "the probe guest's QEMU exited")
             await asyncio.sleep(0.1)
         raise TimeoutError(f"the probe guest did not boot under KVM within {timeout:.0f} s")
     finally:
         if pid is not None:
             await process.kill_hard(pid)
+            with contextlib.suppress(TimeoutError, ProcessLookupError, ChildProcessError):
+                await asyncio.wait_for(proc.wait(), 5)  # reaped: no zombie left
         shutil.rmtree(tmp, ignore_errors=True)
 
 

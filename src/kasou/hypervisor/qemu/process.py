@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -93,3 +95,13 @@ async def kill_hard(pid: int, timeout: float = 10.0) -> bool:
         if await wait_gone(pid, timeout * share):
             return True
     return not alive(pid)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``, in the child before exec: the kernel sends it SIGKILL when the process that started
+    it dies (PR_SET_PDEATHSIG), so a helper (a KVM probe, qemu-img, virt-v2v) never outlives the agent."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
