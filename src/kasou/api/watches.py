@@ -93,7 +93,7 @@ def _same(a: VMView, b: VMView) -> bool:
     return a.model_dump(mode="json", exclude=set(VOLATILE)) == b.model_dump(mode="json", exclude=set(VOLATILE))
 
 
-class _Changes:
+class Changes:
     """A store watch read one event at a time with a bound on each wait, the pending read kept across waits."""
 
     def __init__(self, watch: Watch) -> None:
@@ -161,7 +161,7 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: R
             return None if _same(before, view) else sse("modified", view.model_dump(mode="json"))
 
         async with svc().store.watch(VMS_PREFIX) as watch:  # first the watch, then the list: nothing in between lost
-            changes = _Changes(watch)
+            changes = Changes(watch)
             try:
                 sent = await shown()
                 yield ServerSentEvent(
@@ -205,7 +205,7 @@ def watch_routes(svc: Callable[[], Services], visibility: Visibility, recheck: R
         timeout: float = Query(DEFAULT_TIMEOUT_S, gt=0, le=3600),
     ) -> AsyncIterator[ServerSentEvent]:
         async with svc().store.watch(EVENTS_PREFIX) as watch:
-            changes = _Changes(watch)
+            changes = Changes(watch)
             try:
                 first = await svc().vms.events.list(subject, severity, limit)
                 yield ServerSentEvent(
