@@ -5,7 +5,7 @@ snapshot freezes the guest's file systems (application-consistent) and the guest
 
 Slow under TCG (a minute or two), and what it checks is in the default suite through the CLI already
 (``test_debian_image.py``: the agent in ``vm show``, an application-consistent snapshot, a shutdown through
-the agent; ``test_cloudinit_debian.py``: host name and address from the agent), so it runs with the
+the agent, and the host name and address cloud-init gave it, from the agent), so it runs with the
 scenarios (``-m scenario``) to keep the default suite within its 30 minutes. Run under the machine's QEMU lock:
 ``flock /tmp/kasou-qemu.lock .venv/bin/pytest -s -m scenario tests/integration/test_guest_agent_debian.py``.
 """
