@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from kasou.api.client import Client
 from kasou.cli import common
 from kasou.cli.main import app as cli_app
+from kasou.errors import AgentUnavailable
 from tests.functional.conftest import TOKEN, Env
 
 Run = Callable[..., str]
@@ -123,6 +124,24 @@ def test_vm_wait_for_ready_or_a_state(env: Env, run: Run) -> None:
     env.driver.crash("a")
     run("vm", "wait", "a", "--for", "ready", "--timeout", "30", code=1)  # crashed: it will not be ready by itself
     run("vm", "wait", "nosuch", code=3)
+    # an API that does not answer for a moment (restarted by an upgrade) is waited for; for ever, it times out
+    run("vm", "start", "a")
+    real, fails = common.client_factory, [2]
+    assert real is not None
+
+    class Restarting:
+        def get(self, path: str, **kw: object) -> object:
+            if fails[0]:
+                fails[0] -= 1
+                raise AgentUnavailable("the kasou API at http://testserver is not reachable; is kasou up?")
+            return real().get(path, **kw)
+
+    common.client_factory = lambda: Restarting()  # type: ignore[assignment]
+    assert run("vm", "wait", "a", "--timeout", "30") == "a: ready\n"
+    fails[0] = 10**6
+    out = CliRunner().invoke(cli_app, ["vm", "wait", "a", "--timeout", "1.5"], env={"COLUMNS": "200"})
+    assert out.exit_code == 5 and "not reachable" in out.output, out.output
+    common.client_factory = real
     run("vm", "wait", "a", "--for", "happy", code=2)
     run("vm", "wait", "a", "--timeout", "0", code=2)
 

@@ -24,9 +24,6 @@ from kasou.cli.console import register as register_console
 from kasou.cli.devices import say_sizes
 from kasou.cli.media import cd_text, media_app
 from kasou.cli.output import (
-    EXIT_ERROR,
-    EXIT_TIMEOUT,
-    EXIT_USAGE,
     JOB_COLS,
     JOB_COLUMN,
     JSON,
@@ -41,7 +38,7 @@ from kasou.cli.output import (
     view,
 )
 from kasou.cli.transfer import vm_export, vm_import
-from kasou.model.state import VMState
+from kasou.cli.vm_wait import register as register_wait
 from kasou.model.units import format_size
 
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
@@ -347,45 +344,6 @@ def vm_show(name: str, output: str = OUTPUT, column: list[str] = columns(VM_COLS
     render_one(v, VM_COLS, view_, human=lambda: _show(v))
 
 
-WAIT_FOR = ("ready", *(s.value for s in VMState))
-
-
-@vm_app.command("wait")
-def vm_wait(
-    name: str,
-    for_: str = typer.Option("ready", "--for", metavar="CONDITION",
-                             help="ready (running, and its guest answers), or a state: " + ", ".join(WAIT_FOR[1:])),
-    timeout: float = typer.Option(300, "--timeout", help="Seconds to wait (then exit 5)."),
-    output: str = OUTPUT, column: list[str] = columns(VM_COLS), as_json: bool = JSON,
-) -> None:  # fmt: skip
-    """Wait until a VM is ready or in a state (for scripts: start the database, wait, then its applications).
-
-    Exits 0 and prints the VM (as ``vm show`` does); 5 after --timeout; 1 when the VM crashes, or stops after
-    having been seen up, before it gets there (it will not get there by itself); 3 when there is no such VM.
-    A host that does not answer makes its VMs ``unknown``: never taken for the state waited for."""
-    if for_ not in WAIT_FOR:
-        fail(f"--for {for_!r}: expected one of {', '.join(WAIT_FOR)}", EXIT_USAGE)
-    if not 0 < timeout <= 86400:
-        fail(f"--timeout {timeout:g}: expected more than 0 and at most 86400 seconds", EXIT_USAGE)
-    view_ = view(output, column, as_json, VM_COLS)
-    c = client()
-    deadline = time.monotonic() + timeout
-    seen_up = False
-    while True:
-        v = c.get(f"/v1/vms/{name}")
-        state = v["state"] if v.get("host_reachable", True) else VMState.UNKNOWN.value
-        if (state == VMState.RUNNING and v["guest_ready"]) if for_ == "ready" else state == for_:
-            break
-        seen_up = seen_up or state in (VMState.STARTING, VMState.RUNNING)
-        if state == VMState.CRASHED or (state == VMState.STOPPED and seen_up):
-            fail(f"{name} is {state}: it will not be {for_} by itself", EXIT_ERROR)
-        if time.monotonic() >= deadline:
-            not_yet = ", its guest not answering yet" if state == VMState.RUNNING and for_ == "ready" else ""
-            fail(f"{name} was not {for_} after {timeout:g} s (it is {state}{not_yet})", EXIT_TIMEOUT)
-        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-    render_one(v, VM_COLS, view_, human=lambda: say(f"{name}: {for_}"))
-
-
 def _show(v: dict[str, Any]) -> None:
     rows = [
         ("name", v["name"]),
@@ -531,6 +489,7 @@ def vm_log(
 
 
 register_console(vm_app)  # kasou vm console
+register_wait(vm_app, VM_COLS)  # kasou vm wait
 
 
 def _time(t: float | None) -> str:
