@@ -24,6 +24,9 @@ def log_to_stderr(name: str) -> None:
         level=logging.INFO,
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: each store read and agent call of the control plane, several a second
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def tls_config(files: TlsFiles, client_certs: str) -> dict[str, Any]:

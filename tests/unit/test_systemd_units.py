@@ -169,6 +169,7 @@ def test_the_guests_unit_acts_only_at_the_hosts_shutdown_while_the_agent_and_api
     u = read_unit(UNIT_DIR / "kasou-guests.service")
     after = " ".join(u["Unit"]["After"])
     assert "kasou-agent.service" in after and "kasou-api.service" in after  # stopped before them
+    assert "kasou-etcd.service" in after  # and before the store they need to move VMs away
     assert one(u, "Service", "Type") == "oneshot" and one(u, "Service", "RemainAfterExit") == "yes"
     assert one(u, "Service", "ExecStart") is None  # starting it does nothing
     stop = one(u, "Service", "ExecStop") or ""
