@@ -6,8 +6,9 @@ This machine's own PID 1 is not systemd, so the package's units cannot be starte
   host's own apt mirror; the host's package cache is lent to it (bind-mounted, so packages already
   downloaded are not fetched again, and nothing of the cache is deleted);
 - systemd boots in it as PID 1 of new PID, mount, UTS, IPC, network and cgroup namespaces (what container
-  managers do): its network is a loopback and one dummy interface (10.250.0.2/24), its cgroups are a subtree
-  of the host's of its own, ``kasou-sdtest-<pid>``, mounted as the container's cgroup file systems;
+  managers do): its host name is kasou1, its network a loopback and a veth pair (10.250.0.2/24 on eth0), its
+  cgroups a subtree of this machine's of its own, ``kasou-sdtest-<pid>``, mounted as the container's cgroup
+  file systems;
 - commands run in it with ``nsenter``.
 
 Ending it kills its PID 1 (the kernel then kills every process of the PID namespace: systemd's, kasou's,
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 ADDRESS = "10.250.0.2"
+HOSTNAME = "kasou1"
 BUILD_TIMEOUT_S = 1200  # downloads what the host's cache lacks (qemu, etcd, ...) on a cold machine
 BOOT_TIMEOUT_S = 120
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -34,9 +36,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 BOOT_SCRIPT = r"""
 set -eu
 R=$1; CG=$2
-for h in $3; do echo $$ > /sys/fs/cgroup/$h/$CG/cgroup.procs; done
+for h in $3; do echo 0 > /sys/fs/cgroup/$h/$CG/cgroup.procs; done
+hostname kasou1
 ip link set lo up
-ip link add eth0 type dummy
+ip link add eth0 type veth peer name eth0-peer  # (no dummy driver on every machine: a veth pair, both ends here)
+ip link set eth0-peer up
 ip addr add {address}/24 dev eth0
 ip link set eth0 up
 exec unshare --cgroup -- sh -eu -c '
@@ -55,7 +59,7 @@ mount --rbind /dev $R/dev
 cd $R
 exec chroot . /usr/bin/env -i container=kasou-test TERM=dumb /lib/systemd/systemd --log-target=console
 ' boot "$R" "$CG" "$3"
-""".replace("{address}", ADDRESS)
+""".replace("{address}", ADDRESS).replace("hostname kasou1", f"hostname {HOSTNAME}")
 
 
 def hierarchies() -> list[str]:
@@ -93,6 +97,11 @@ def build_root(root: Path, deb: Path, sources: Path, log: Path) -> None:
     with log.open("w") as f:
         r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S)
     assert r.returncode == 0, f"mmdebstrap failed ({r.returncode}): {log.read_text()[-3000:]}"
+    # udev would act on this machine's devices (the container shares /dev): masked, as container managers do
+    for unit in ("systemd-udevd.service", "systemd-udevd-control.socket", "systemd-udevd-kernel.socket",
+                 "systemd-udev-trigger.service", "systemd-udev-settle.service"):  # fmt: skip
+        (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
+    (root / "etc/hostname").write_text(f"{HOSTNAME}\n")  # systemd sets it at boot (mmdebstrap copied this machine's)
     shutil.copy(deb, root / "root" / deb.name)
 
 
@@ -108,7 +117,11 @@ class Container:
 
     def start(self) -> None:
         for h in self.hierarchies:
-            (CGROUP_ROOT / h / self.cgroup).mkdir(exist_ok=True)
+            d = CGROUP_ROOT / h / self.cgroup
+            d.mkdir(exist_ok=True)
+            for name in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset takes no process before these are set
+                if (d / name).exists() and not (d / name).read_text().strip():
+                    (d / name).write_text((d.parent / name).read_text())
         self._log = self.log.open("wb")
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--propagation", "private", "--",
@@ -158,6 +171,15 @@ class Container:
 
     def journal(self, unit: str) -> str:
         return self.run("journalctl", "-u", unit, "--no-pager", "-n", "60", check=False).stdout
+
+    def follow_journal(self, identifier: str, out: Path) -> subprocess.Popen[bytes]:
+        """``journalctl -f -t IDENTIFIER`` into ``out`` (the journal is in the container's /run: gone with it). By
+        the syslog identifier, not the unit: after the package's daemon-reload, a unit's ExecStop lines were not
+        found by ``-u`` here."""
+        env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
+        return subprocess.Popen(["nsenter", "-t", str(self.pid), "-a", "-r", "-w", "--", "/usr/bin/env", "-i", *env,
+                                 "journalctl", "-f", "-n", "0", "-o", "cat", "-t", identifier],
+                                stdout=out.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
 
     def end(self) -> None:
         """Kill everything in it (its PID 1 first), then remove its cgroups and its root."""

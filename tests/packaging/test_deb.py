@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kasou.image.debian import debian_sources
-from tests.packaging.systemd_container import ADDRESS, Container, build_root
+from tests.packaging.systemd_container import ADDRESS, HOSTNAME, Container, build_root
 from tests.packaging.units import REPO, UNITS, fake_tools, verify, verify_root
 
 pytestmark = [pytest.mark.deb, pytest.mark.shares_machine]  # beside the fast tests; one build per worker
@@ -168,13 +168,17 @@ def machine(deb: Path, tmp_path: Path) -> Iterator[Container]:
     sources.write_text("\n".join(debian_sources(policy)) + "\n")
     root = tmp_path / "root"
     t0 = time.monotonic()
-    build_root(root, deb, sources, tmp_path / "mmdebstrap.log")
-    # kasou's tiny guest, as built on this machine (its kernel is the host's: the container has none)
-    images = Path(os.environ.get("KASOU_IMAGES") or "/var/lib/kasou/images")
-    subprocess.run([sys.executable, "-m", "kasou", "image", "build", "tiny"], check=True, capture_output=True,
-                   timeout=900)  # fmt: skip
-    shutil.copytree(images / "tiny", root / "var/lib/kasou/images/tiny")
     c = Container(root, tmp_path / "console.log")
+    try:
+        build_root(root, deb, sources, tmp_path / "mmdebstrap.log")
+        # kasou's tiny guest, as built on this machine (its kernel is the host's: the container has none)
+        images = Path(os.environ.get("KASOU_IMAGES") or "/var/lib/kasou/images")
+        subprocess.run([sys.executable, "-m", "kasou", "image", "build", "tiny"], check=True, capture_output=True,
+                       timeout=900)  # fmt: skip
+        shutil.copytree(images / "tiny", root / "var/lib/kasou/images/tiny")
+    except BaseException:
+        c.end()  # the root directory (about 1 GB) goes too
+        raise
     try:
         c.start()
         print(f"container: built and booted in {time.monotonic() - t0:.1f} s")
@@ -194,7 +198,7 @@ def test_apt_install_then_cluster_init_runs_a_vm_under_systemd_and_restarts_upgr
     a VM created and started; then a restart of the agent, and an upgrade of the package, leave it running."""
     c = machine
     t0 = time.monotonic()
-    c.run("apt-get", "install", "-y", "--no-download", f"/root/{deb.name}", timeout=600)
+    c.run("apt-get", "install", "-y", f"/root/{deb.name}", timeout=600)  # everything it needs is there: no download
     installed = time.monotonic() - t0
     assert c.run("systemctl", "is-active", "kasou-guests.service").stdout.strip() == "active"
     assert c.run("systemctl", "is-active", "kasou-agent.service", check=False).stdout.strip() == "inactive"
@@ -207,7 +211,7 @@ def test_apt_install_then_cluster_init_runs_a_vm_under_systemd_and_restarts_upgr
         assert state == "active", f"{unit}: {state}\n{c.journal(unit)}"
     # The CLI finds the API, its token and CA from the settings cluster init wrote.
     hosts = json.loads(c.run("kasou", "host", "list", "-o", "json").stdout)
-    assert [h["state"] for h in hosts] == ["up"], hosts
+    assert [(h["name"], h["state"]) for h in hosts] == [(HOSTNAME, "up")], hosts
     t0 = time.monotonic()
     c.run("kasou", "vm", "create", "demo", "--image", "tiny", "--memory", "128", "--start", timeout=300)
     vm = json.loads(c.run("kasou", "vm", "wait", "demo", "--timeout", "180", "-o", "json", timeout=200).stdout)
@@ -223,10 +227,27 @@ def test_apt_install_then_cluster_init_runs_a_vm_under_systemd_and_restarts_upgr
     c.run("systemctl", "restart", "kasou-agent.service")
     still_running("after systemctl restart kasou-agent")
     t0 = time.monotonic()
-    c.run("apt-get", "install", "-y", "--no-download", "--reinstall", f"/root/{deb.name}", timeout=600)
+    c.run("apt-get", "install", "-y", "--reinstall", f"/root/{deb.name}", timeout=600)
     upgraded = time.monotonic() - t0
     for unit in ("kasou-agent", "kasou-api"):
         assert c.run("systemctl", "is-active", unit, check=False).stdout.strip() == "active", c.journal(unit)
     still_running("after the package was installed again (prerm upgrade, postinst configure)")
+
+    # The host shuts down: kasou-guests' ExecStop shuts the VM down gracefully before the agent, API and store stop.
+    log = c.root.parent / "kasou-guests.log"
+    follow = c.follow_journal("kasou", log)
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        c.run("systemctl", "poweroff", check=False)
+        deadline = time.monotonic() + 120
+        while "shutdown: " not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shut = time.monotonic() - t0
+    finally:
+        follow.kill()
+        follow.wait(timeout=10)
+    text = log.read_text(errors="replace")
+    assert "shutdown: 1 succeeded, 0 failed" in text and "graceful shutdown" in text, text
     print(f"apt install {installed:.1f} s, cluster init {initialized:.1f} s, VM created and ready {started:.1f} s, "
-          f"reinstall {upgraded:.1f} s")  # fmt: skip
+          f"reinstall {upgraded:.1f} s, VMs shut down at poweroff {shut:.1f} s")  # fmt: skip
