@@ -23,20 +23,7 @@ from kasou.cli.console import follow_log
 from kasou.cli.console import register as register_console
 from kasou.cli.devices import say_sizes
 from kasou.cli.media import cd_text, media_app
-from kasou.cli.output import (
-    JOB_COLS,
-    JOB_COLUMN,
-    JSON,
-    OUTPUT,
-    WAIT,
-    Col,
-    View,
-    act,
-    columns,
-    render,
-    render_one,
-    view,
-)
+from kasou.cli.output import JOB_COLS, JOB_COLUMN, JSON, OUTPUT, WAIT, Col, View, act, columns, render, render_one, view
 from kasou.cli.transfer import vm_export, vm_import
 from kasou.cli.vm_wait import register as register_wait
 from kasou.model.units import format_size
