@@ -32,7 +32,7 @@ from kasou.hypervisor.qemu.driver import QemuDriver
 from kasou.image import import_image, load_image
 from tests.integration.qemu_rig import AgentHost, end_processes, make_driver, scratch, wait_for
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.qemu, pytest.mark.shares_machine, pytest.mark.timeout(300)]  # beside the fast tests
 
 INSTALLER = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
 NAME = "inst1"

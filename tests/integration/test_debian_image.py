@@ -24,7 +24,9 @@ from tests.integration.conftest import KASOU, Kasou
 BUILD_TIMEOUT_S = 1800  # a cold build takes 1-2.5 minutes here (docs/images.md); a slow mirror, more
 BOOT_TIMEOUT_S = 420  # to the writer's first "seq" under TCG on a loaded 2-core machine
 # The first test also builds the image (its fixture's time counts against the test's timeout).
-pytestmark = [pytest.mark.qemu, pytest.mark.debian, pytest.mark.timeout(BUILD_TIMEOUT_S + 3 * BOOT_TIMEOUT_S)]
+# shares_machine: beside the fast tests in scripts/test.sh (a boot-bound guest with minutes of timeouts, its own home)
+pytestmark = [pytest.mark.qemu, pytest.mark.debian, pytest.mark.shares_machine,
+              pytest.mark.timeout(BUILD_TIMEOUT_S + 3 * BOOT_TIMEOUT_S)]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from tests.integration.conftest import KASOU
 from tests.integration.qemu_rig import AgentHost, end_processes, scratch, wait_for
 
-pytestmark = [pytest.mark.qemu, pytest.mark.debian, pytest.mark.timeout(900)]
+# shares_machine: beside the fast tests in scripts/test.sh (a boot-bound guest with minutes of timeouts, its own home)
+pytestmark = [pytest.mark.qemu, pytest.mark.debian, pytest.mark.shares_machine, pytest.mark.timeout(900)]
 
 BUILD_TIMEOUT_S = 2700  # a cold build downloads Debian's packages
 BOOT_TIMEOUT_S = 600  # OVMF with SMM, shim, GRUB and systemd under TCG on a loaded 2-core machine

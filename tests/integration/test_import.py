@@ -27,7 +27,7 @@ import pytest
 from tests.integration.conftest import Kasou, qemu_pids_of
 from tests.ovf_samples import Disk, make_ova, vmdk, vmware_ovf
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.shares_machine]  # beside the fast tests (scripts/test.sh): no timing
 
 GRUB_CFG = """set timeout=0
 set default=0

@@ -66,7 +66,7 @@ KasouGroup.LAZY = {
     "backup-server": "kasou.cli.backup_server:backup_server_app",
     "pool": "kasou.cli.storage:pool_app",
     "pool-desktop": "kasou.cli.desktops:desktop_pool_app",
-    "disk": "kasou.cli.storage:disk_app",  # with kasou.cli.devices' add, remove, resize
+    "disk": "kasou.cli.devices:disk_app",  # kasou.cli.storage's, with kasou.cli.devices' add, remove, resize
     "nic": "kasou.cli.devices:nic_app",
     "user": "kasou.cli.users:user_app",
     "directory": "kasou.cli.directory:directory_app",

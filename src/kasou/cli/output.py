@@ -112,7 +112,8 @@ class KasouGroup(TyperGroup):
         cmd = super().get_command(ctx, cmd_name)
         if cmd is None and self.LAZY.get(cmd_name):
             module, _, attr = self.LAZY[cmd_name].partition(":")
-            cmd = typer.main.get_command(getattr(importlib.import_module(module), attr))
+            # a group even with one command (kasou event list), as add_typer makes it; get_command would not
+            cmd = typer.main.get_group(getattr(importlib.import_module(module), attr))
             cmd.name = cmd_name
             self.commands[cmd_name] = cmd
             if KasouGroup.on_load is not None:
