@@ -36,6 +36,23 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of real parts that share the machine (marker shares_machine: guests booting for minutes, the
+    Debian package and its systemd machine, directory servers) first, in their order; then the rest. Two at a
+    time (scripts/test.sh, pytest-xdist, a file per worker), the long ones then start at once beside the
+    fast ones instead of last, when one worker would run on alone."""
+
+    def rank(item: pytest.Item) -> tuple[bool, int]:
+        return item.get_closest_marker("shares_machine") is None, -LONGEST.get(item.path.name, 0)
+
+    items.sort(key=rank)  # stable: each group in its order
+
+
+# Files of shares_machine tests that take minutes (seconds measured in a whole run, 2026-12-07): the longest
+# first, one per worker, so that neither is left for the end.
+LONGEST = {"test_debian_image.py": 209, "test_deb.py": 140, "test_firmware_debian.py": 35}
+
+
 @pytest.fixture(autouse=True)
 def _no_fake_replicas_across_tests() -> Iterator[None]:
     """The fake hosts' replica daemons live in a process-wide registry: each test starts with none."""
