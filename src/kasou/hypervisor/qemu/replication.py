@@ -480,13 +480,24 @@ async def wait_in_sync(
 async def _end_job(execute: Execute, pid: int, disk_id: str, record: Attached | None) -> None:
     """Cancel the job (force: the replica's content does not matter any more) and dismiss it, bounded.
 
-    A job with a write hanging on the replica cannot end: its connection is cut after CANCEL_S.
+    A job with a write hanging on the replica cannot end: its connection is cut after CANCEL_S. QEMU drains the
+    job's requests inside the cancel command itself, so a replica that does not answer holds the monitor there:
+    the cut is made beside the pending command (from the host, on QEMU's sockets), which then returns.
     """
-    with contextlib.suppress(MonitorError):  # concluded already, or never started
-        await execute("block-job-cancel", {"device": job_id(disk_id), "force": True})
+
+    async def cancel() -> None:
+        with contextlib.suppress(MonitorError):  # concluded already, or never started
+            await execute("block-job-cancel", {"device": job_id(disk_id), "force": True})
+
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     cut = False
+    pending = asyncio.ensure_future(cancel())
+    done, _ = await asyncio.wait({pending}, timeout=CANCEL_S)
+    if not done and record is not None:
+        cut = True
+        await asyncio.to_thread(cut_connections, pid, record.nbd_host, record.nbd_port)
+    await pending  # bounded by the command's own QMP timeout
     while True:
         job = _job(await execute("query-block-jobs", None), disk_id)
         if job is None or job.get("status") == "concluded":
