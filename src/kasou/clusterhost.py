@@ -97,17 +97,8 @@ def write_settings(directory: Path, values: dict[str, str]) -> Path:
 
 
 def read_env(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return values
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            k, _, v = line.partition("=")
-            values[k.strip()] = v.strip()
-    return values
+    """One of the files this module writes (or any environment file), as the units read it."""
+    return settings_sources.read_env_file(path, unreadable_ok=False)
 
 
 def read_settings(directory: Path) -> dict[str, str]:

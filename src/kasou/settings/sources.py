@@ -95,13 +95,18 @@ def config_dir(environ: Mapping[str, str]) -> Path:
     return Path(environ.get(CONFIG_DIR_ENV, "").strip() or DEFAULT_CONFIG_DIR).absolute()
 
 
-def read_env_file(path: Path) -> dict[str, str]:
+def read_env_file(path: Path, unreadable_ok: bool = True) -> dict[str, str]:
     """The ``NAME=value`` lines of an environment file as systemd reads them (comments, blank lines and
-    surrounding quotes left out); nothing when it is absent or not readable (a user's CLI without root)."""
+    surrounding quotes left out); nothing when it is absent, or not readable (a user's CLI without root) unless
+    ``unreadable_ok`` is false: then that error is raised."""
     try:
         text = path.read_text(errors="replace")
-    except OSError:
+    except FileNotFoundError:
         return {}
+    except OSError:
+        if unreadable_ok:
+            return {}
+        raise
     values: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
