@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # Files of shares_machine tests that take minutes (seconds measured in a whole run, 2026-12-07): the longest
 # first, one per worker, so that neither is left for the end.
-LONGEST = {"test_debian_image.py": 209, "test_deb.py": 140, "test_firmware_debian.py": 35}
+LONGEST = {"test_debian_image.py": 150, "test_deb.py": 140, "test_firmware_debian.py": 35}
 
 
 @pytest.fixture(autouse=True)

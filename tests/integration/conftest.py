@@ -223,8 +223,9 @@ class Kasou:
             raise AssertionError(f"waiting for {name}'s guest to be ready ({r.returncode}): {r.stderr.strip()}")
         return dict(json.loads(r.stdout))
 
-    def log(self, name: str) -> str:
-        return self.run("vm", "log", name).stdout
+    def log(self, name: str, tail: int = 1 << 20) -> str:
+        """The end of the guest's console (a Debian boot prints tens of KiB before its writer's lines)."""
+        return self.run("vm", "log", name, "--bytes", str(tail)).stdout
 
     def seqs(self, name: str) -> list[int]:
         return [int(ln.split()[1]) for ln in self.log(name).splitlines() if ln.startswith("seq ")]

@@ -1,26 +1,27 @@
 """One file read out of a disk image's file systems, read-only (a single file restored from a backup).
 
-The raw image is attached as a read-only loop device with its partitions (``losetup --read-only --partscan``);
-each partition (or the whole device, when it has none) is mounted read-only (ext4 without replaying its journal:
-``noload``) in a private directory until one holds the path. The path is resolved inside that mount only: a
+The raw image's partition table (GPT or MBR) is read by ``sfdisk``; each partition in turn (or the whole image,
+when it has no table) is attached as a read-only loop device of its own (``losetup --offset --sizelimit``: no
+kernel partition scan, no udev) and mounted read-only (ext4 without replaying its journal: ``noload``) in a
+private directory until one holds the path. The path is resolved inside that mount only: a
 symbolic link in the guest's file system that points outside it is refused, never followed onto the host. The
-mounts and the loop device are undone however it ends; every step is bounded in time.
+mounts and the loop devices are undone however it ends; every step is bounded in time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from kasou.errors import ImageError, InvalidSpec, NotFound, TooLarge
 
 STEP_TIMEOUT_S = 60.0
 MAX_BYTES = 256 << 20
-PARTITION_WAIT_S = 10.0
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -41,43 +42,55 @@ def guest_path(path: str) -> PurePosixPath:
 def read_file(image: Path, path: str, limit: int = MAX_BYTES) -> bytes:
     """The bytes of ``path`` in one of ``image``'s file systems (a raw image). NotFound if none holds it."""
     want = guest_path(path)
-    r = _run("losetup", "--find", "--show", "--read-only", "--partscan", str(image))
-    if r.returncode != 0:
-        raise ImageError(f"cannot attach {image.name} read-only: {r.stderr.strip()[-200:]}")
-    loop = r.stdout.strip()
     tried: list[str] = []
-    try:
-        parts = _partitions(loop)
-        for dev in parts or [loop]:
-            with tempfile.TemporaryDirectory(prefix="guestfile-") as mnt:
-                if not _mount(dev, mnt):
-                    continue
-                tried.append(dev)
-                try:
-                    found = _inside(Path(mnt), want)
-                    if found is not None:
-                        size = found.stat().st_size
-                        if size > limit:
-                            raise TooLarge(f"{path} is {size} bytes; at most {limit} are restored this way")
-                        return found.read_bytes()
-                finally:
-                    _run("umount", mnt)
-    finally:
-        _run("losetup", "--detach", loop)
+    whole: list[tuple[int, int | None]] = [(0, None)]  # no table: one file system on the whole disk
+    for offset, size in partitions(image) or whole:
+        with _attached(image, offset, size) as dev, tempfile.TemporaryDirectory(prefix="guestfile-") as mnt:
+            if not _mount(dev, mnt):
+                continue
+            tried.append(dev)
+            try:
+                found = _inside(Path(mnt), want)
+                if found is not None:
+                    n = found.stat().st_size
+                    if n > limit:
+                        raise TooLarge(f"{path} is {n} bytes; at most {limit} are restored this way")
+                    return found.read_bytes()
+            finally:
+                _run("umount", mnt)
     where = f"its file systems ({len(tried)} mounted)" if tried else "it (no file system could be mounted)"
     raise NotFound(f"{path} is not in {where}")
 
 
-def _partitions(loop: str) -> list[str]:
-    """The partitions the kernel found on ``loop`` (its sysfs entries: ``losetup --partscan`` has scanned them
-    when it returns), once their device nodes are there (devtmpfs makes them; no udev needed). Bounded."""
-    name = Path(loop).name
-    deadline = time.monotonic() + PARTITION_WAIT_S
-    while True:
-        devs = [f"/dev/{p.name}" for p in sorted(Path("/sys/block", name).glob(f"{name}p*"))]
-        if all(Path(d).exists() for d in devs) or time.monotonic() > deadline:
-            return [d for d in devs if Path(d).exists()]
-        time.sleep(0.05)
+def partitions(image: Path) -> list[tuple[int, int]]:
+    """The partitions of ``image``'s table (GPT or MBR) as (offset, size) in bytes, read by ``sfdisk`` (not by
+    the kernel: a host kernel built without partition support, or a container without partition device nodes,
+    reads them the same). [] when the image has no partition table (one file system on the whole disk)."""
+    r = _run("sfdisk", "--json", str(image))
+    if r.returncode != 0:
+        return []
+    try:
+        table = json.loads(r.stdout)["partitiontable"]
+        sector = int(table.get("sectorsize", 512))
+        return [(int(p["start"]) * sector, int(p["size"]) * sector) for p in table.get("partitions", [])]
+    except (ValueError, KeyError, TypeError):
+        raise ImageError(f"cannot read the partition table of {image.name}") from None
+
+
+@contextlib.contextmanager
+def _attached(image: Path, offset: int, size: int | None) -> Iterator[str]:
+    """A read-only loop device of ``image`` from ``offset`` (``size`` bytes, or to its end), detached after."""
+    argv = ["losetup", "--find", "--show", "--read-only", "--offset", str(offset)]
+    if size is not None:
+        argv += ["--sizelimit", str(size)]
+    r = _run(*argv, str(image))
+    if r.returncode != 0:
+        raise ImageError(f"cannot attach {image.name} read-only: {r.stderr.strip()[-200:]}")
+    loop = r.stdout.strip()
+    try:
+        yield loop
+    finally:
+        _run("losetup", "--detach", loop)
 
 
 def _mount(dev: str, mnt: str) -> bool:
