@@ -60,3 +60,11 @@ def test_bad_group_name_is_refused(cluster: Cluster) -> None:
     r = cluster.api.post("/v1/vms", json={"name": "x", "image": "tiny", "anti_affinity": "../etc"})
     assert r.status_code == 422, r.text
     assert "anti_affinity" in r.json()["message"]
+
+
+def test_vms_made_stopped_spread_over_the_hosts(cluster: Cluster) -> None:
+    """Six VMs defined before any starts (an import, a plan applied): two on each host, not six on the emptiest."""
+    for i in range(6):
+        cluster.create(f"ward{i}")
+    hosts = [cluster.host_of(f"ward{i}") for i in range(6)]
+    assert sorted(hosts.count(h) for h in ("h1", "h2", "h3")) == [2, 2, 2], hosts

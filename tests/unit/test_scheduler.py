@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from kasou.control.scheduler import VM_OVERHEAD_MIB, HostLoad, Placer, Request, place, why_not
+from kasou.control.scheduler import VM_OVERHEAD_MIB, HostLoad, Placer, Request, place, place_new, why_not
 from kasou.errors import InsufficientResources
 
 
@@ -87,3 +87,14 @@ def test_a_vcpu_refusal_names_vcpus_with_numbers() -> None:
     with pytest.raises(InsufficientResources) as e:
         place(Request("ris", 128, 1), [h])
     assert "8 of 8 vCPUs" in e.value.message and "MiB free" not in e.value.message, e.value.message
+
+
+def test_a_new_vm_goes_where_the_fewest_vms_are_defined() -> None:
+    """Stopped VMs count when a new one is placed (they will start there), running ones bind (they run now)."""
+    same = [HostLoad("h1", 8, 16384), HostLoad("h2", 8, 16384), HostLoad("h3", 8, 16384)]
+    assert place_new(Request("a", 1024, 1), same, {}).name == "h1"
+    assert place_new(Request("a", 1024, 1), same, {"h1": 4096, "h3": 1024}).name == "h2"
+    same[1].add(14000, 1)  # h2 is nearly full of running VMs: it cannot run this one now, however few it has
+    assert place_new(Request("a", 1024, 1), same, {"h1": 4096, "h2": 14096, "h3": 1024}).name == "h3"
+    with pytest.raises(InsufficientResources, match="no host has"):
+        place_new(Request("big", 20000, 1), same, {})

@@ -40,7 +40,7 @@ from kasou.control import scheduler
 from kasou.control.base import VMControl
 from kasou.control.jobs import JobContext
 from kasou.control.records import JobRecord, LedgerEvent, VMRecord, vm_key
-from kasou.control.vm_create import cpu_and_machine, undo_create
+from kasou.control.vm_create import cpu_and_machine, place_new, undo_create
 from kasou.errors import (
     AgentUnavailable,
     AlreadyExists,
@@ -188,13 +188,8 @@ class Imports:
         if not loads:
             raise InsufficientResources(f"no host that has {req.source} can take a VM of {plan.vcpus} vCPUs and "
                                         f"{plan.memory_mib} MiB now")  # fmt: skip
-        try:
-            return scheduler.place(scheduler.Request(req.name, plan.memory_mib, plan.vcpus, req.anti_affinity),
-                                   loads, self.vms.vcpu_ratio).name  # fmt: skip
-        except InsufficientResources:
-            if req.start:
-                raise
-            return max(loads, key=lambda h: h.memory_free_mib).name  # defined now, admitted when started
+        want = scheduler.Request(req.name, plan.memory_mib, plan.vcpus, req.anti_affinity)
+        return await place_new(self.vms, want, loads, req.start)
 
     async def _convert(
         self, ctx: JobContext, req: VMImport, plan: ImportPlan, host: str, pool: PoolRecord

@@ -27,6 +27,7 @@ from kasou.control import scheduler
 from kasou.control.records import JobRecord, VMRecord, vm_key
 from kasou.control.restoring import restore_into
 from kasou.control.sealed import Sealer, default_key_path
+from kasou.control.vm_create import place_new
 from kasou.errors import AlreadyExists, InvalidSpec, KasouError, NotFound, StoreConflict, WrongState
 from kasou.model.firmware import VARS_ID
 from kasou.model.spec import NicSpec, random_mac, validate_name
@@ -357,7 +358,7 @@ class Offsite:
         loads = await self.vms.host_loads()
         if host is None:
             memory, vcpus = int(src.get("memory_mib", 512)), int(src.get("vcpus", 1))
-            host = scheduler.place(scheduler.Request(new_name, memory, vcpus, None), loads, self.vms.vcpu_ratio).name
+            host = await place_new(self.vms, scheduler.Request(new_name, memory, vcpus, None), loads, start=True)
         elif host not in {h.name for h in loads}:
             raise NotFound(f"no host named {host!r} is up")
         job_id = self.vms.new_job_id()

@@ -94,6 +94,20 @@ def place(req: Request, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_
     raise refusal(req, hosts, vcpu_ratio)
 
 
+def place_new(
+    req: Request, hosts: list[HostLoad], defined: dict[str, int], vcpu_ratio: float = DEFAULT_VCPU_RATIO
+) -> HostLoad:
+    """The host a new VM is made on: among the hosts that could run it now (every rule of :func:`why_not` on what
+    runs there), the one with the most memory left once the VMs already defined there count too, running or not
+    (``defined``: MiB per host, overhead included). VMs made stopped and started later (an import, a plan
+    applied, a site restored) so spread over the hosts, instead of all landing on the host that is emptiest at
+    that moment and not fitting there when they start. Refused as :func:`place` when no host could run it."""
+    able = [h for h in hosts if why_not(h, req, vcpu_ratio) is None]
+    if not able:
+        raise refusal(req, hosts, vcpu_ratio)
+    return max(able, key=lambda h: (h.memory_capacity_mib - defined.get(h.name, 0), h.memory_free_mib))
+
+
 def refusal(req: Request, hosts: list[HostLoad], vcpu_ratio: float = DEFAULT_VCPU_RATIO) -> InsufficientResources:
     """Why none of ``hosts`` can take ``req``: the resource that binds (memory, CPUs, vCPUs, anti-affinity),
     with its numbers; one reason per host when they differ."""

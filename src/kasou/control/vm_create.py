@@ -79,6 +79,23 @@ async def cpu_and_machine(svc: VMControl, spec: VMCreate | VMImport, host: str |
     return cpu, machine
 
 
+async def place_new(svc: VMControl, req: scheduler.Request, loads: list[scheduler.HostLoad], start: bool) -> str:
+    """The host a new VM (created, imported, restored) is made on: :func:`kasou.control.scheduler.place_new`, the
+    VMs defined on each host counted (templates never run). One that is not started needs only disk space now
+    (it is admitted when started): when no host could run it now, the host with the most memory left for the
+    VMs defined there."""
+    defined: dict[str, int] = {}
+    for r in await svc.records.all():
+        if r.host and r.state != VMState.TEMPLATE:
+            defined[r.host] = defined.get(r.host, 0) + r.memory_mib + scheduler.VM_OVERHEAD_MIB
+    try:
+        return scheduler.place_new(req, loads, defined, svc.vcpu_ratio).name
+    except InsufficientResources:
+        if start or not loads:
+            raise
+        return max(loads, key=lambda h: h.memory_capacity_mib - defined.get(h.name, 0)).name
+
+
 async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None = None) -> tuple[VMView, JobRecord]:
     """Define a VM (and start it if asked). Returns at once; the disks are made by a job.
 
@@ -116,13 +133,7 @@ async def create(svc: CreateVMs, spec: VMCreate, scope: Collection[str] | None =
         if spec.cdrom is not None:  # only a host with the ISO in its image store can run it with the disc in
             loads = await hosts_with_iso(svc, loads, spec.cdrom)
         req = scheduler.Request(spec.name, spec.memory_mib, spec.vcpus, spec.anti_affinity)
-        try:
-            host = scheduler.place(req, loads, svc.vcpu_ratio).name
-        except InsufficientResources:
-            if spec.start:
-                raise
-            # a VM defined but not started needs only disk space now; it is admitted when started
-            host = max(loads, key=lambda h: h.memory_free_mib).name
+        host = await place_new(svc, req, loads, spec.start)
         if image is not None:
             image_details = await disk_image(svc.agents.get(host), host, image)
             least = int(image_details.get("min_memory_mib", 0))
