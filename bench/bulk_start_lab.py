@@ -105,7 +105,7 @@ class LabRun:
     def kasou(self, *argv: str, timeout: float = TIMEOUT) -> str:
         r = subprocess.run([*KASOU, *argv], env=self.env, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
-            raise SystemExit(f"kasou {' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+            raise SystemExit(f"kasou {' '.join(argv)} failed ({r.returncode}):\n{r.stdout.strip()}\n{r.stderr.strip()}")
         return r.stdout
 
     def logs(self, name: str) -> list[Path]:
@@ -196,9 +196,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/bulk_start_lab.json")
     args = ap.parse_args()
     ensure_image()
-    # N one-vCPU guests over 3 hosts of this 2-core machine, with one host's HA VMs kept room for on the others:
-    # allow what is asked (the hosts share one machine; admission would otherwise refuse the third group)
-    os.environ.setdefault("KASOU_VCPU_RATIO", str(max(4, -(-args.vms // 2 // (os.cpu_count() or 1)) + 1)))
+    # N one-vCPU guests over 3 hosts that each report this machine's cores, with room kept for one host's HA VMs
+    # on the hosts of their replicas (half of them on each other host): allow what that needs (the hosts share
+    # one machine; admission would otherwise refuse the last VMs, naming the vCPUs)
+    per_host = -(-args.vms // len(HOSTS))
+    os.environ.setdefault(
+        "KASOU_VCPU_RATIO", str(max(4, -(-(per_host + -(-per_host // 2)) // (os.cpu_count() or 1)) + 1))
+    )
     accel = asyncio.run(decide(images_dir())).accelerator
     lab_dir = Path(tempfile.mkdtemp(prefix="kasou-bench-lab-", dir="/tmp"))
     names = [f"s{i:02d}" for i in range(args.vms)]

@@ -151,3 +151,17 @@ def test_a_migration_to_a_host_whose_pool_has_no_room_is_refused_with_nothing_ch
     after = cluster.api.get("/v1/vms/a").json()
     assert {k: after[k] for k in ("host", "state", "disks")} == {k: before[k] for k in ("host", "state", "disks")}
     assert not list((cluster.tmp / "ssd" / "a").glob("disk0-2*"))
+
+
+def test_replicas_of_one_hosts_vms_spread_over_the_other_hosts(cluster: Cluster) -> None:
+    """Six replicated VMs started together (one bulk start): each host's two VMs keep their replicas on the two
+    other hosts, so a host's failure restarts one VM on each, not both on one (its HA reserve holds)."""
+    names = [f"ward{i}" for i in range(6)]
+    for n in names:
+        cluster.create(n, storage="replicated")
+    r = cluster.api.post("/v1/vms/actions/start", json={"names": names})
+    assert cluster.wait(r.json()["job"])["state"] == "succeeded"
+    vms = [_in_sync(cluster, n) for n in names]
+    for host in ("h1", "h2", "h3"):
+        mine = [v["replica"]["host"] for v in vms if v["host"] == host]
+        assert len(mine) == 2 and len(set(mine)) == 2, (host, mine)

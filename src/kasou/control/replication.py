@@ -46,20 +46,26 @@ class Replication:
         self.clock = clock
         self.retry_every_s = RETRY_EVERY_S
         self._tried_at: dict[str, float] = {}
+        self._built: dict[str, tuple[str | None, str]] = {}  # this tick's new replicas: VM -> (its host, replica's)
 
     async def _choose_host(self, rec: VMRecord, records: list[VMRecord], avoid: set[str]) -> str | None:
-        agents = self.vms.agents
+        """The host for ``rec``'s replica: the one holding the fewest replicas of VMs of ``rec``'s own host (the
+        host a replicated VM restarts on is its replica's, so this spreads one host's failure over all the
+        others), then the fewest replicas in all. The replicas built since ``records`` were read count too (one
+        tick builds many after a bulk start)."""
         maintenance = await maintenance_hosts(self.vms.store)
+        where = {r.name: (r.host, r.replica.host) for r in records if r.replica is not None}
+        where.update(self._built)
         held: dict[str, int] = {}
-        for r in records:
-            if r.replica is not None:
-                held[r.replica.host] = held.get(r.replica.host, 0) + 1
-        candidates = [
-            h for h in agents.names() if h != rec.host and h not in avoid and h not in maintenance
-        ]  # fmt: skip
+        same: dict[str, int] = {}
+        for primary, replica in where.values():
+            held[replica] = held.get(replica, 0) + 1
+            if primary == rec.host:
+                same[replica] = same.get(replica, 0) + 1
+        candidates = [h for h in self.vms.agents.names() if h != rec.host and h not in avoid and h not in maintenance]
         if not candidates:
             return None
-        return min(candidates, key=lambda h: (held.get(h, 0), h))
+        return min(candidates, key=lambda h: (same.get(h, 0), held.get(h, 0), h))
 
     async def build(self, rec: VMRecord, records: list[VMRecord], avoid: set[str] | None = None) -> str | None:
         """Give a running replicated VM a replica on another host; the host, or None if none can."""
@@ -83,6 +89,7 @@ class Replication:
             raise
         replica = ReplicaRecord(host=host, state="syncing", paths=paths)
         await self.vms.records.update(rec.name, lambda r: r.model_copy(update={"replica": replica}))
+        self._built[rec.name] = (rec.host, host)
         log.info("VM %s: replicating its disks to %s", rec.name, host)
         return host
 
@@ -112,6 +119,7 @@ class Replication:
     async def tick(self, records: list[VMRecord]) -> None:
         """Follow every running replicated VM's replica: state, rebuild when lost, build when missing."""
         agents = self.vms.agents
+        self._built = {}  # read again in records
         for rec in records:
             if not rec.replicated or rec.state != VMState.RUNNING or rec.job is not None:
                 continue
