@@ -36,7 +36,9 @@ Layout (``LAB`` is ``KASOU_LAB_DIR``, default ``/var/lib/kasou/lab``)::
     LAB/h{i}/home/            the host's KASOU_HOME
     LAB/h{i}/log/             agent.log, api.log (the services' output)
 
-Each service runs as ``ip netns exec klab-h{i} <python> -m kasou ...`` in its own session,
+Each service runs in the host's network namespace ``klab-h{i}`` (:func:`kasou.lab.net.in_netns`: a /sys of that
+namespace, as ``ip netns exec`` gives, with the machine's cgroups kept, so its QEMUs are confined in cgroups as on
+a real host) in its own session,
 with ``KASOU_HOME``, ``KASOU_HOST_NAME=h{i}``, ``KASOU_IMAGES`` (the caller's),
 ``KASOU_SHARED_DIR=LAB/shared``, ``KASOU_ETCD`` (the member URLs), ``KASOU_TOKEN_FILE=LAB/api.token``,
 ``KASOU_API`` (its own https URL), ``KASOU_UPLINK=vmnet0`` and ``KASOU_STORAGE_ROOTS`` (the caller's, and
@@ -75,6 +77,7 @@ from kasou import pki
 from kasou.api.auth import ensure_token
 from kasou.config import Paths, TlsFiles, storage_roots
 from kasou.errors import InvalidSpec, KasouError
+from kasou.hypervisor.qemu import confine
 from kasou.lab import directory as labdir
 from kasou.lab import net, vault
 from kasou.lab.etcd import EtcdCluster
@@ -406,10 +409,7 @@ class Lab:
         return env
 
     def _spawn(self, st: LabState, h: LabHost, service: str) -> int:
-        ip = shutil.which("ip")
-        if ip is None:
-            raise LabError("the ip command is missing (apt-get install iproute2)")
-        argv = [ip, "netns", "exec", h.netns, sys.executable, "-m", "kasou", *h.argv(service)]
+        argv = [*net.in_netns(h.netns, Path(h.dir) / ".cgroup"), sys.executable, "-m", "kasou", *h.argv(service)]
         with open(h.log_dir / f"{service}.log", "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -421,7 +421,7 @@ class Lab:
                 start_new_session=True,
                 close_fds=True,
             )
-        return proc.pid  # ip netns exec execs the command: this is kasou's pid
+        return proc.pid  # nsenter, unshare and sh exec the command: this is kasou's pid
 
     def _wait_answering(self, st: LabState, token: str, timeout: float, only: str | None = None) -> None:
         pending = [(h, s) for h in st.hosts for s in SERVICES if only in (None, h.name)]
@@ -621,6 +621,7 @@ class Lab:
         report.append("removed " + (", ".join(removed) or "no links or namespaces"))
         for h in st.hosts:
             run = Paths(home=h.home, images=Path(st.images)).vm_run
+            confine.remove_leftovers(set(), confine.host_tag(run))  # its QEMUs' cgroups (they were killed above)
             if not run.is_relative_to(h.home) and run.parent.parent == Path("/run/kasou"):
                 shutil.rmtree(run.parent, ignore_errors=True)
         if errors:

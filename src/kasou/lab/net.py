@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -272,3 +273,24 @@ def remove_each(steps: Iterable[tuple[str, Callable[[], bool]]], removed: list[s
                 removed.append(what)
         except (OSError, KasouError) as e:
             errors.append(f"{what}: {e}")
+
+
+# A lab host's services run in its network namespace and a mount namespace of their own, with a /sys of that
+# network namespace (its links' counters, as ``ip netns exec`` gives) but the machine's cgroup file system kept in
+# it (``ip netns exec`` loses it): the hosts' QEMUs are confined in cgroups as on a real host, so that 33 guests
+# booting at once do not starve the agents, the APIs and the control plane's leader of CPU (they did: its lease
+# expired, and a bulk start was cut short by the new leader).
+_KEEP_CGROUPS = (
+    '{ mount --rbind /sys/fs/cgroup "$0" && kept=1; } 2>/dev/null; mount -t sysfs sysfs /sys || exit 111; '
+    '[ -z "$kept" ] || mount --move "$0" /sys/fs/cgroup || exit 112; exec "$@"'
+)
+
+
+def in_netns(netns: str, scratch: Path) -> list[str]:
+    """The command prefix that runs a service in ``netns`` (``scratch``: an empty directory of the lab's)."""
+    for tool in ("nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            raise LabError(f"the {tool} command is missing (apt-get install util-linux)")
+    scratch.mkdir(exist_ok=True)
+    return ["nsenter", f"--net=/run/netns/{netns}", "--", "unshare", "--mount", "--propagation", "slave", "--",
+            "sh", "-c", _KEEP_CGROUPS, str(scratch)]  # fmt: skip

@@ -318,8 +318,8 @@ def host_tag(run_dir: Path) -> str:
 def cgroups_visible(root: Path = CGROUP_ROOT) -> bool:
     """Does this process see a cgroup file system (v2, or a v1 memory hierarchy)?
 
-    A process started by ``ip netns exec`` (the hosts of ``kasou lab``) gets a fresh /sys without
-    the cgroup mounts.
+    A process started by ``ip netns exec`` gets a fresh /sys without the cgroup mounts (``kasou lab`` starts
+    its hosts' services so that they keep them: :func:`kasou.lab.net.in_netns`).
     """
     return (root / "cgroup.controllers").exists() or (root / "memory" / "cgroup.procs").exists()
 

@@ -318,7 +318,7 @@ class DriverCore(Driver):
                 memory = (spec.memory_mib + self.confine.memory_overhead_mib) * 1024 * 1024
                 if cf.cgroups_visible():
                     cgroup = cf.make_cgroup(spec.name, self._cgroup_tag, memory, spec.vcpus)
-                else:  # no cgroup file system here at all (a lab host in its network namespace): said, not hidden
+                else:  # no cgroup file system here at all (a service started by ip netns exec): said, not hidden
                     log.warning("VM %s runs without a cgroup: this agent sees no cgroup file system", spec.name)
                 setup = cf.child_setup(ident, cgroup)
                 argv = [*argv, *cf.sandbox_args()]
