@@ -222,6 +222,13 @@ def main() -> None:
             runners["serial"] = lambda _i: run.round("serial", [["vm", "start", n] for n in names])
         times = interleave(args.rounds, runners)
         detail = run.detail
+    except BaseException:
+        keep = Path(tempfile.mkdtemp(prefix="kasou-bench-lab-logs-", dir="/tmp"))
+        for log in [*lab_dir.glob("*/log/*.log"), *lab_dir.glob("*/home/log/*.log"), *lab_dir.glob("etcd/*.log")]:
+            host = next(p.name for p in log.parents if p.parent == lab_dir)  # the services' logs, not the consoles
+            shutil.copy(log, keep / f"{host}-{log.name}")
+        print(f"the lab's service logs are kept in {keep}", flush=True)
+        raise
     finally:
         bare.close()
         subprocess.run([*KASOU, "lab", "down"], env=dict(os.environ, KASOU_LAB_DIR=str(lab_dir)),
