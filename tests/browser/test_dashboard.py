@@ -22,6 +22,7 @@ from kasou.control.drill import PREFIX as DRILLS
 from kasou.store.sqlite import SqliteStore
 from tests.browser.conftest import shot, sign_in
 from tests.integration.conftest import Kasou
+from tests.notify_receivers import webhook_receiver
 
 pytestmark = pytest.mark.qemu
 
@@ -204,3 +205,57 @@ def test_the_japanese_labels_are_drawn_in_a_japanese_font(page: Any, base: str) 
         " r.selectNodeContents(e); return [r.getBoundingClientRect().width, parseFloat(getComputedStyle(e).fontSize)]; }"
     )
     assert 0.9 * len(text) * size <= width <= 1.1 * len(text) * size, (width, size, fonts)
+
+
+def test_the_balancer_and_the_notification_channels_on_the_dashboard(
+    kasou: Kasou, base: str, page: Any, make_user: Callable[..., str]
+) -> None:
+    """kasou started with a webhook: an administrator sees the channel, sends a test event (the receiver gets it,
+    signed) and sees it delivered; asks the balancer for its recommendations (one host: nothing to move) and turns
+    it to recommend mode; an auditor sees both cards and can change neither."""
+    secret = "dashboard-webhook-secret"
+    with webhook_receiver(secret) as hook:
+        kasou.env.update(KASOU_NOTIFY_WEBHOOK=hook.url, KASOU_NOTIFY_WEBHOOK_SECRET=secret)
+        kasou.run("down", timeout=60)
+        kasou.run("up", timeout=120)
+        pw_admin = make_user("adm2", "admin")
+        pw_auditor = make_user("aud1", "auditor")
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        sign_in(page, base, "adm2", pw_admin)
+        channel = page.locator("#notify-channels tbody tr[data-channel]")
+        channel.first.wait_for()
+        assert page.locator("#notify-h").inner_text().startswith("通知")
+        assert channel.count() == 1 and "Webhook" in channel.inner_text() and "127.0.0.1" in channel.inner_text()
+        page.click("#ntf-test")
+        result = page.locator("#ntf-test-results tbody tr[data-outcome]")
+        result.first.wait_for(timeout=30_000)
+        assert result.get_attribute("data-outcome") == "delivered", result.inner_text()
+        assert "配信済み" in result.inner_text()
+        assert hook.kinds() == ["notify_test"] and hook.bad_signatures == 0
+        page.wait_for_function(
+            "() => document.querySelector('#notify-channels tbody tr')?.textContent.includes('1 / 0')"
+        )
+
+        # The balancer: its recommendations on one host, then recommend mode saved.
+        page.click("#bal-recommend")
+        page.locator("#bal-hosts tbody tr[data-host]").first.wait_for()
+        assert page.locator("#bal-moves tbody tr[data-move]").count() == 0
+        assert page.locator("#bal-run").is_hidden() and page.locator(".bal-summary").inner_text()
+        page.select_option("#bal-mode", "recommend")
+        page.fill("#bal-threshold", "25")
+        page.click("#bal-save")
+        page.wait_for_selector('#balance-card[data-saved="recommend"]')
+        settings = kasou.json("cluster", "balance-settings")
+        assert (settings["mode"], settings["threshold"]) == ("recommend", 25.0), settings
+        page.locator("#balance-card").scroll_into_view_if_needed()
+        shot(page, "dashboard-ops-ja")
+
+        page.click("#signout")
+        page.wait_for_selector("#signin:not([hidden])")
+        sign_in(page, base, "aud1", pw_auditor)
+        page.wait_for_selector('#balance-card[data-mode="recommend"]')
+        assert page.locator("#bal-threshold").input_value() == "25"
+        assert page.locator("#bal-save").is_disabled() and page.locator("#bal-recommend").is_hidden()
+        assert page.locator("#ntf-test").is_hidden() and page.locator("#notify-channels tbody tr").count() == 1
+        assert errors == [], errors

@@ -66,3 +66,19 @@ def test_the_account_page_has_words_in_both_languages() -> None:
     assert len(used) > 15
     for lang in ("ja", "en"):
         assert not sorted(used - have[lang]), (lang, sorted(used - have[lang]))
+
+
+def test_the_balancer_and_notification_cards_have_words_in_both_languages() -> None:
+    have = labels("ops-labels.js", "dashboard-labels.js")
+    src = (STATIC / "ops.js").read_text()
+    used = set(re.findall(r'\bt\("([a-z_]+\.[a-z_.]+)"', src)) | set(re.findall(r'"((?:ntf|bal|col)\.[a-z_]+)"', src))
+    # the labels built from values: modes, resources, channel kinds, severities, test outcomes
+    used |= {f"bal.mode.{m}" for m in ("off", "recommend", "automatic")} | {"bal.res.cpu", "bal.res.memory"}
+    used |= {f"ntf.kind.{k}" for k in ("mail", "webhook", "syslog")}
+    used |= {f"ntf.severity.{s}" for s in ("info", "warning", "error", "critical")}
+    used |= {f"ntf.outcome.{o}" for o in ("delivered", "failed", "skipped")}
+    assert len(used) > 40
+    for lang in ("ja", "en"):
+        assert not sorted(used - have[lang]), (lang, sorted(used - have[lang]))
+    ops = labels("ops-labels.js")
+    assert ops["ja"] == ops["en"], sorted(ops["ja"] ^ ops["en"])

@@ -8,6 +8,7 @@ import { lang, t } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
 import { sparkline } from "/ui/charts.js";
 import { trackJob } from "/ui/jobs-live.js";
+import { opsCards, refreshOps, setupOps } from "/ui/ops.js";
 import { renderWindows, setupWindows, windowsCard } from "/ui/windows.js";
 
 const REFRESH_MS = 5000;
@@ -112,6 +113,8 @@ export async function showDashboard(el, me) {
   }
   el.querySelector("#vms-h").closest("section").insertAdjacentHTML("afterend", windowsCard());
   setupWindows(el, me, () => refresh());
+  el.querySelector("#audit-card").insertAdjacentHTML("beforebegin", opsCards());
+  setupOps(el, me, { confirm: (m) => confirmDialog(m), track: (job, title) => trackLive(job, title), refresh: () => refresh() });
   el.querySelector("#refresh").onclick = () => refresh();
   el.addEventListener("click", onClick);
   await refresh();
@@ -208,6 +211,7 @@ async function refresh() {
     ]);
     Object.assign(data, { hosts, vms, uptime, pools, desktops, jobs, events, hist, audit: records, backups, windows: mw });
     render();
+    refreshOps(root);
     root.querySelector("#dash-error").textContent = "";
     root.querySelector(".updated").textContent = t("dash.updated", { time: clock(Date.now() / 1000) });
   } catch (e) {
@@ -501,6 +505,12 @@ function confirmDialog(message, hosts) {
   });
 }
 
+// A job in the live card, followed to its end (then the dashboard is read again).
+function trackLive(job, title) {
+  root.querySelector("#live-card").hidden = false;
+  trackJob(root.querySelector("#live"), job, title, () => refresh());
+}
+
 async function onClick(ev) {
   const btn = ev.target.closest("button[data-act]");
   if (!btn) return;
@@ -534,8 +544,7 @@ async function onClick(ev) {
   root.querySelector("#live-card").hidden = false;
   try {
     const res = await post(path, body);
-    const title = t("act.label", { action: label, target });
-    if (res && res.job) trackJob(live, res.job, title, () => refresh());
+    if (res && res.job) trackLive(res.job, t("act.label", { action: label, target }));
     refresh();
   } catch (e) {
     const p = document.createElement("p");
