@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from kasou.config import DEFAULT_STORAGE_ROOTS
+from kasou.hypervisor.qemu import confine
 from kasou.lab import etcd as etcd_module
 from kasou.lab.etcd import EtcdCluster
 from tests.doubles.driver import FakeExports
@@ -51,6 +52,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Files of shares_machine tests that take minutes (seconds measured in a whole run, 2026-12-07): the longest
 # first, one per worker, so that neither is left for the end.
 LONGEST = {"test_debian_image.py": 150, "test_deb.py": 140, "test_firmware_debian.py": 35}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_runtime_dirs_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A kasou home deep in pytest's temporary directory gets its VMs' socket directory under
+    /run/kasou/<hash of the home> (kasou.config.Paths.vm_run, a Unix socket path's limit). At the end of the
+    session those of its own homes are removed, with their VMs' cgroups (their QEMUs ended with the tests)."""
+    yield
+    base = tmp_path_factory.getbasetemp().resolve()
+    for marker in Path("/run/kasou").glob("*/home"):
+        with contextlib.suppress(OSError, ValueError):
+            if Path(marker.read_text().strip()).is_relative_to(base):
+                confine.remove_all(confine.host_tag(marker.parent / "vms"))
+                shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from kasou.config import DEFAULT_IMAGES, Paths
+from kasou.hypervisor.qemu import confine
 from kasou.lab import net
 from kasou.lab.hosts import STATE_FILE, Lab, lab_dir
 
@@ -234,6 +235,13 @@ class Kasou:
         return int(self.paths.pidfile(service).read_text())
 
 
+def remove_cgroups(run_dir: Path) -> None:
+    """The cgroups of the VMs of the agent whose runtime directory is ``run_dir`` (their QEMUs ended): a QEMU
+    killed, or its agent gone, leaves its cgroup; only that agent's next start would remove it."""
+    left = confine.remove_all(confine.host_tag(run_dir))
+    assert not left, f"cgroups still in use after their QEMUs were ended: {left}"
+
+
 OWNER_FILE = "test-owner.pid"  # in a kasou fixture's home: the pid of the pytest process that made it
 
 
@@ -293,6 +301,7 @@ def kasou(tiny_image: Path) -> Iterator[Kasou]:
             deadline = time.monotonic() + 10
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+        remove_cgroups(k.paths.vm_run)
         shutil.rmtree(k.paths.vm_run, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(pools, ignore_errors=True)

@@ -29,7 +29,7 @@ from kasou.agent.client import AgentClient
 from kasou.agent.storage import LocalDisks
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec, RuntimeState
 from kasou.hypervisor.qemu.driver import QemuDriver
-from tests.integration.conftest import command_lines, pid_alive
+from tests.integration.conftest import command_lines, pid_alive, remove_cgroups
 
 DISK_SIZE = 64 * 1024 * 1024
 T = TypeVar("T")
@@ -137,6 +137,9 @@ async def end_processes(root: Path, storage_daemons: bool = True, check: bool = 
     deadline = time.monotonic() + 10
     while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    # the drivers' runtime directories (ROOT/run, ROOT/x/run; a driver may have removed its own): their QEMUs' cgroups
+    for run in [root / "run", *(d / "run" for d in (root.iterdir() if root.is_dir() else ()) if d.is_dir())]:
+        remove_cgroups(run)
     if check:
         assert not any(pid_alive(x) for x in pids)
 

@@ -149,3 +149,18 @@ def test_a_host_without_a_cgroup_file_system_is_seen(tmp_path: Path) -> None:
     (tmp_path / "memory").mkdir()
     (tmp_path / "memory" / "cgroup.procs").write_text("")
     assert cf.cgroups_visible(tmp_path)
+
+
+def test_remove_all_takes_one_agents_cgroups_and_names_those_in_use(tmp_path: Path) -> None:
+    for ctrl in ("memory", "cpu", "blkio"):
+        (tmp_path / ctrl).mkdir()
+        (tmp_path / ctrl / "cgroup.procs").write_text("")
+        for leaf in ("vm-a.abc123", "vm-b.abc123", "vm-a.def456"):
+            (tmp_path / ctrl / "kasou" / leaf).mkdir(parents=True)
+    busy = tmp_path / "memory" / "kasou" / "vm-b.abc123" / "tasks"  # a directory rmdir cannot remove: in use
+    busy.write_text("42\n")
+    left = cf.remove_all("abc123", timeout=0.2, root=tmp_path)
+    assert left == [busy.parent]
+    assert sorted(p.name for p in (tmp_path / "cpu" / "kasou").iterdir()) == ["vm-a.def456"]
+    busy.unlink()
+    assert cf.remove_all("abc123", timeout=0.2, root=tmp_path) == []

@@ -621,7 +621,8 @@ class Lab:
         report.append("removed " + (", ".join(removed) or "no links or namespaces"))
         for h in st.hosts:
             run = Paths(home=h.home, images=Path(st.images)).vm_run
-            confine.remove_leftovers(set(), confine.host_tag(run))  # its QEMUs' cgroups (they were killed above)
+            for d in confine.remove_all(confine.host_tag(run)):  # its QEMUs' cgroups (they were killed above)
+                errors.append(f"cgroup {d} is still in use")
             if not run.is_relative_to(h.home) and run.parent.parent == Path("/run/kasou"):
                 shutil.rmtree(run.parent, ignore_errors=True)
         if errors:

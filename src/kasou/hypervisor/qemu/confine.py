@@ -379,6 +379,19 @@ def remove_leftovers(keep: set[str], tag: str, root: Path = CGROUP_ROOT) -> None
                     d.rmdir()
 
 
+def remove_all(tag: str, timeout: float = 5.0, root: Path = CGROUP_ROOT) -> list[Path]:
+    """Remove every VM cgroup of ``tag``, whose QEMUs all ended (a lab taken down, a test's agent). A QEMU still
+    exiting holds its cgroup for a moment: tried again until ``timeout``. Returns the directories left."""
+    parents = [root / CGROUP_PARENT] if cgroup_v2(root) else [root / c / CGROUP_PARENT for c in V1_CONTROLLERS]
+    deadline = time.monotonic() + timeout
+    while True:
+        remove_leftovers(set(), tag, root)
+        left = [d for p in parents if p.is_dir() for d in p.glob(f"vm-*.{tag}")]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 def child_setup(ident: Identity, cgroup: Cgroup | None) -> Callable[[], None]:
     """What the child does before it execs QEMU: enter the cgroup (as root), then become the VM's user."""
 
