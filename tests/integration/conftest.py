@@ -238,8 +238,8 @@ class Kasou:
 def remove_cgroups(run_dir: Path) -> None:
     """The cgroups of the VMs of the agent whose runtime directory is ``run_dir`` (their QEMUs ended): a QEMU
     killed, or its agent gone, leaves its cgroup; only that agent's next start would remove it."""
-    left = confine.remove_all(confine.host_tag(run_dir))
-    assert not left, f"cgroups still in use after their QEMUs were ended: {left}"
+    for d in confine.remove_all(confine.host_tag(run_dir)):  # a QEMU the teardown could not end: it says so
+        print(f"cgroup still in use after its QEMU was ended: {d}", file=sys.stderr)
 
 
 OWNER_FILE = "test-owner.pid"  # in a kasou fixture's home: the pid of the pytest process that made it
