@@ -23,7 +23,8 @@ fi
 # The whole suite in two parts. The unit, functional and contract tests (fakes, in-process) run two at a time
 # (pytest-xdist, one worker per core), and with them the real-part tests that boot no guest and depend on no
 # timing (marker shares_machine: the directory servers, the Debian package and its systemd machine, a kasou
-# without guests, and the guests whose checks allow minutes: the Debian boots, an import, an installer CD). A file's
+# without guests, and the guests whose checks allow minutes: the Debian boots, an import, an installer CD, the
+# backups, snapshots, devices, firmware and TPM, mirrors, QEMU's TLS and its confinement). A file's
 # tests go to one worker (--dist loadfile), so a file's servers and package are set up once. Then the tests of real parts (QEMU guests, etcd,
 # Chromium) one at a time, alone on the machine, as their timings (HA leases, boots) expect.
 echo "== pytest: unit, functional and contract tests, and real parts that share the machine (two at a time)"

@@ -20,7 +20,10 @@ import pytest
 from tests.integration.conftest import Kasou
 from tests.vault_servers import Server, running, writer_token
 
-pytestmark = [pytest.mark.qemu]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 
 @pytest.fixture

@@ -11,7 +11,11 @@ import pytest
 
 from tests.integration.conftest import Kasou
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+    pytest.mark.timeout(600),
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 
 def take(k: Kasou, incremental: bool) -> tuple[int, int]:

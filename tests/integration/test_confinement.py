@@ -22,7 +22,11 @@ from kasou.hypervisor.qemu.driver import QemuDriver
 from kasou.store.sqlite import SqliteStore
 from tests.integration.qemu_rig import end_processes, qcow2_copy, scratch, tiny_disk, tiny_spec, wait_for
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+    pytest.mark.timeout(300),
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 UID_BASE = 65100  # clear of the default range (64000-64999), so a kasou on this machine never shares these users
 

@@ -15,7 +15,10 @@ import pytest
 
 from tests.integration.conftest import Kasou, qemu_pids_of
 
-pytestmark = pytest.mark.qemu
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 MIB = 1024 * 1024
 

@@ -43,7 +43,11 @@ from tests.integration.qemu_rig import (
     writes_go_on,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+    pytest.mark.timeout(300),
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 NAME = "fw1"
 UUID = "5eb1a5e0-0000-4000-8000-0000000000f1"

@@ -34,7 +34,11 @@ from tests.integration.qemu_rig import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+    pytest.mark.timeout(300),
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 NAME = "mirror1"
 

@@ -42,7 +42,11 @@ from tests.integration.qemu_rig import (
     writes_go_on,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+    pytest.mark.timeout(300),
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 NAME = "tls1"
 

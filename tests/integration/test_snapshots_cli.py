@@ -6,7 +6,11 @@ import pytest
 
 from tests.integration.conftest import Kasou
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.shares_machine,
+    pytest.mark.timeout(300),
+]  # beside the fast tests (scripts/test.sh): tiny guests, no timing
 
 
 def test_memory_snapshot_revert_and_delete_through_the_cli(kasou: Kasou) -> None:
