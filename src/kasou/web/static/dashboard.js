@@ -4,6 +4,7 @@
 // (server-sent events: each change as it happens); the rest refreshes every few seconds. If the stream fails, the
 // VM list is read with the rest again (every REFRESH_MS) until the stream can be opened again.
 import { get, post } from "/ui/api.js";
+import { esc, table } from "/ui/html.js";
 import { lang, t } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
 import { sparkline } from "/ui/charts.js";
@@ -24,8 +25,6 @@ let vmStream = null; // the EventSource of GET /v1/vms?watch=true, once its list
 const data = { hosts: [], vms: [], uptime: [], pools: [], desktops: null, jobs: [], events: [], hist: null, audit: null, backups: null,
   windows: null };
 
-const esc = (s) =>
-  String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const can = (perm) => who && who.permissions.includes(perm);
 
 function bytes(n) {
@@ -58,12 +57,6 @@ function button(act, target, label, extra = "") {
   const aria = esc(t("act.label", { action: label, target }));
   return `<button type="button" class="action ${extra}" data-act="${esc(act)}" data-target="${esc(target)}"
     data-key="${esc(`${act}:${target}`)}" aria-label="${aria}" title="${aria}">${esc(label)}</button>`;
-}
-
-function table(id, heads, rows, caption) {
-  const th = heads.map((h) => `<th scope="col">${esc(t(h))}</th>`).join("");
-  const body = rows.length ? rows.join("") : `<tr><td colspan="${heads.length}" class="muted">${esc(t("dash.none"))}</td></tr>`;
-  return `<table id="${id}" aria-label="${esc(caption)}"><thead><tr>${th}</tr></thead><tbody>${body}</tbody></table>`;
 }
 
 // -- the page's frame --------------------------------------------------------------------------------------

@@ -5,20 +5,13 @@
 // Notifications (GET /v1/notify/status, POST /v1/notify/test): each channel, what it receives, how its deliveries
 // went; an administrator sends a test event and sees, per channel, delivered, failed (why) or skipped (why).
 import { get, post, put } from "/ui/api.js";
+import { esc, table } from "/ui/html.js";
 import { lang, t } from "/ui/i18n.js";
 import "/ui/ops-labels.js";
 
-const esc = (s) =>
-  String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const when = (epoch) => new Date(epoch * 1000).toLocaleString(lang() === "ja" ? "ja-JP" : "en-GB", { dateStyle: "short", timeStyle: "medium" });
 const pct = (v) => (v === undefined || v === null ? "—" : `${Number(v).toFixed(0)}%`);
 const MODES = ["off", "recommend", "automatic"];
-
-function tableOf(id, caption, heads, rows) {
-  const th = heads.map((h) => `<th scope="col">${esc(t(h))}</th>`).join("");
-  const body = rows.length ? rows.join("") : `<tr><td colspan="${heads.length}" class="muted">${esc(t("dash.none"))}</td></tr>`;
-  return `<table id="${id}" aria-label="${esc(caption)}"><thead><tr>${th}</tr></thead><tbody>${body}</tbody></table>`;
-}
 
 export function opsCards() {
   return `<div class="two">
@@ -100,7 +93,7 @@ export function setupOps(root, who, helpers) {
           <td>${esc(r.target)}</td><td><span class="state ${r.outcome === "delivered" ? "ok" : r.outcome === "failed" ? "failed" : "stopped"}">
           ${esc(t(`ntf.outcome.${r.outcome}`))}</span></td><td class="small">${esc(r.reason)}</td></tr>`,
       );
-      out.innerHTML = tableOf("ntf-test-results", t("ntf.test"), ["ntf.channel", "ntf.target", "ntf.outcome", "ntf.reason"], rows);
+      out.innerHTML = table("ntf-test-results", ["ntf.channel", "ntf.target", "ntf.outcome", "ntf.reason"], rows, t("ntf.test"));
       refreshOps(root);
     } catch (e) {
       root.querySelector("#ntf-error").textContent = `${t("ntf.test")} — ${e.message}`;
@@ -137,8 +130,8 @@ function showPlan(root, plan) {
   const excluded = Object.entries(plan.excluded || {}).map(([h, why]) => `<li>${esc(h)}: ${esc(why)}</li>`).join("");
   const held = Object.keys(plan.held || {}).length;
   root.querySelector("#bal-plan").innerHTML = `<p class="bal-summary">${esc(plan.summary)}</p>
-    ${tableOf("bal-hosts", t("bal.pressure"), ["col.host", "col.cpu", "col.memory"], hostRows)}
-    ${tableOf("bal-moves", t("bal.moves"), ["bal.vm", "bal.fromto", "bal.resource", "bal.reason"], moves)}
+    ${table("bal-hosts", ["col.host", "col.cpu", "col.memory"], hostRows, t("bal.pressure"))}
+    ${table("bal-moves", ["bal.vm", "bal.fromto", "bal.resource", "bal.reason"], moves, t("bal.moves"))}
     ${held ? `<p class="muted small">${esc(t("bal.held", { n: held }))}</p>` : ""}
     ${excluded ? `<ul class="small muted">${excluded}</ul>` : ""}`;
   const bal = root.querySelector("#balance-card");
@@ -167,7 +160,7 @@ export async function refreshOps(root) {
     const rows = status.channels.map(channelRow);
     const heads = ["ntf.channel", "ntf.kind", "ntf.target", "ntf.department", "ntf.min_severity", "ntf.counts", "ntf.last"];
     root.querySelector("#notify-box").innerHTML = status.channels.length
-      ? tableOf("notify-channels", t("ntf.title"), heads, rows)
+      ? table("notify-channels", heads, rows, t("ntf.title"))
       : `<p class="muted" id="notify-none">${esc(t("ntf.none"))}</p>`;
   } catch (e) {
     root.querySelector("#ntf-error").textContent = e.message;
