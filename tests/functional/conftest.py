@@ -49,6 +49,17 @@ def make_fake_image(images: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
+def client_of(api: TestClient, **kw: Any) -> TestClient:
+    """A second client of ``api``'s app that runs its requests on ``api``'s event loop, as one server does.
+
+    A TestClient used outside ``with`` gives every request an event loop of its own and cancels what is left of it
+    when the response is read: a job a request started (a desktop's reset at sign-out) would be cancelled half-way,
+    and a cancelled task that waits on the app's loop hangs the test (seen in CI: a 300 s timeout)."""
+    c = TestClient(api.app, **kw)
+    c.portal = api.portal
+    return c
+
+
 @dataclass
 class Env:
     api: TestClient
@@ -56,6 +67,10 @@ class Env:
     services: Services
     tmp: Path
     agent: Agent | None = None  # the host's agent (its state: what a host boot changes)
+
+    def client(self, **kw: Any) -> TestClient:
+        """Another client (a browser, an anonymous caller) of the same API: see ``client_of``."""
+        return client_of(self.api, **kw)
 
     def wait(self, job: dict) -> dict:
         """Follow a job to its end and return its final record."""

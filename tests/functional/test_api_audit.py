@@ -35,7 +35,7 @@ def one_more(env: Env, before: int) -> dict[str, Any]:
 
 
 def session(env: Env, name: str, password: str = PW) -> TestClient:
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     r = c.post("/v1/auth/login", json={"name": name, "password": password})
     assert r.status_code == 200, r.text
     return c
@@ -86,7 +86,7 @@ def test_every_change_leaves_one_record(env: Env) -> None:
 
 def test_sign_in_failures_lockout_and_refusals(env: Env) -> None:
     assert env.api.post("/v1/users", json={"name": "ope", "role": "operator", "password": PW}).status_code == 201
-    anon = TestClient(env.api.app)
+    anon = env.client()
     before = len(records(env))
     op = session(env, "ope")
     rec = one_more(env, before)
@@ -120,7 +120,7 @@ def test_sign_in_failures_lockout_and_refusals(env: Env) -> None:
 
 def test_secrets_never_reach_the_log(env: Env) -> None:
     env.api.post("/v1/users", json={"name": "boss", "role": "admin", "password": PW})
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     r = c.post("/v1/auth/login", json={"name": "boss", "password": PW})
     cookie = r.cookies.get("kasou_session")
     assert cookie

@@ -50,7 +50,7 @@ def _user(env: Env, name: str, pools: list[str], role: str = "clinician") -> Non
 
 
 def _session(env: Env, name: str) -> TestClient:
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     r = c.post("/v1/auth/login", json={"name": name, "password": PW})
     assert r.status_code == 200, r.text
     return c

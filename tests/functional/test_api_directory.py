@@ -49,7 +49,7 @@ def tree(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTree]:
 
 
 def _login(env: Env, name: str, password: str = PW, **kw: Any) -> tuple[TestClient, Any]:
-    c = TestClient(env.api.app)
+    c = env.client()
     return c, c.post("/v1/auth/login", json={"name": name, "password": password, **kw})
 
 
@@ -143,7 +143,7 @@ def _age_check(env: Env, name: str) -> None:
 def test_sessions_and_tokens_are_rechecked_against_the_directory(env: Env, tree: FakeTree) -> None:
     c, r = _login(env, "alice")
     token = env.api.post("/v1/users/alice/tokens", json={"label": "script"}).json()["token"]
-    bearer = TestClient(env.api.app, headers={"Authorization": f"Bearer {token}"})
+    bearer = env.client(headers={"Authorization": f"Bearer {token}"})
     assert bearer.get("/v1/hosts").status_code == 200
     # not due yet: nothing is asked of the directory
     calls = tree.calls
@@ -177,7 +177,7 @@ def test_the_directory_unreachable(env: Env, tree: FakeTree) -> None:
     env.api.post("/v1/users", json={"name": "nurse", "role": "clinician", "password": LOCAL_PW})
     c, r = _login(env, "alice")
     assert r.status_code == 200
-    assert TestClient(env.api.app).get("/v1/directory/status").json() == {"directory": "ok"}
+    assert env.client().get("/v1/directory/status").json() == {"directory": "ok"}
     tree.reachable = False
     _c, r = _login(env, "bob")  # a first sign-in
     assert r.status_code == 503 and r.json()["message"] == ("the directory cannot be reached: local accounts and "
@@ -192,7 +192,7 @@ def test_the_directory_unreachable(env: Env, tree: FakeTree) -> None:
     assert len(active) == 1
     # the public status says it, and nothing else
     env.services.users.directory._status_at = 0.0
-    anon = TestClient(env.api.app)
+    anon = env.client()
     assert anon.get("/v1/directory/status").json() == {"directory": "unreachable"}
     tree.reachable = True
     env.services.users.directory._status_at = 0.0

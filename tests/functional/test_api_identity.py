@@ -40,11 +40,11 @@ def _records(env: Env, **params: Any) -> list[dict[str, Any]]:
 
 
 def _bearer(env: Env, token: str) -> TestClient:
-    return TestClient(env.api.app, headers={"Authorization": f"Bearer {token}"})
+    return env.client(headers={"Authorization": f"Bearer {token}"})
 
 
 def _login(env: Env, name: str, password: str = PW, code: str | None = None) -> tuple[TestClient, Any]:
-    c = TestClient(env.api.app)  # a browser: no token
+    c = env.client()  # a browser: no token
     body: dict[str, Any] = {"name": name, "password": password}
     if code is not None:
         body["totp"] = code

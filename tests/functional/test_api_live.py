@@ -7,8 +7,6 @@ import json
 import re
 from pathlib import Path
 
-from fastapi.testclient import TestClient
-
 from kasou.hypervisor.base import LaunchDisk, LaunchSpec
 from tests.doubles.driver import FakeDriver
 from tests.functional.conftest import Env
@@ -69,7 +67,7 @@ def test_job_events_stream_until_the_job_ends(env: Env) -> None:
 
 def test_job_events_unknown_job_and_credentials(env: Env) -> None:
     assert env.api.get("/v1/jobs/jnope/events").status_code == 404
-    bare = TestClient(env.api.app)
+    bare = env.client()
     assert bare.get("/v1/jobs/jnope/events").status_code == 401
     assert bare.get("/v1/events/stream").status_code == 401
 
@@ -101,13 +99,13 @@ def test_metrics_page_parses_and_holds_every_running_vm(env: Env) -> None:
     assert info["emr1"]["state"] == "running" and info["emr1"]["host"] == "host1"
     assert {labels["vm"]: v for labels, v in m["kasou_vm_vcpus"]}["emr1"] == 2
     # The page needs credentials: nothing without, 403 for a clinician's session.
-    assert TestClient(env.api.app).get("/metrics").status_code == 401
+    assert env.client().get("/metrics").status_code == 401
 
 
 def test_metrics_refused_to_a_clinician(env: Env) -> None:
     r = env.api.post("/v1/users", json={"name": "nurse1", "password": "pw-nurse-123456", "role": "clinician"})
     assert r.status_code in (200, 201), r.text
-    c = TestClient(env.api.app)
+    c = env.client()
     assert c.post("/v1/auth/login", json={"name": "nurse1", "password": "pw-nurse-123456"}).status_code == 200
     assert c.get("/metrics").status_code == 403
     assert c.get("/v1/metrics/history").status_code == 403

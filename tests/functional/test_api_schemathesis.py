@@ -157,7 +157,7 @@ def test_schemathesis_against_the_checked_in_document(env: Env, capsys: pytest.C
 
     r = env.api.post("/v1/users", json={"name": "aud", "role": "auditor", "password": PW})
     assert r.status_code == 201, r.text
-    browser = TestClient(env.api.app, base_url="http://testserver")
+    browser = env.client(base_url="http://testserver")
     assert browser.post("/v1/auth/login", json={"name": "aud", "password": PW}).status_code == 200
     session = browser.cookies.get("kasou_session")
     assert session

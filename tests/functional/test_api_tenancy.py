@@ -22,7 +22,7 @@ def vendor(env: Env, name: str, *departments: str) -> TestClient:
     VM takes a window that names it (:func:`inside`)."""
     body = {"name": name, "role": "vendor", "password": PW, "departments": list(departments)}
     assert env.api.post("/v1/users", json=body).status_code == 201
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     c.portal = env.api.portal
     assert c.post("/v1/auth/login", json={"name": name, "password": PW}).status_code == 200
     env.create(f"{departments[0]}-base", department=departments[0])

@@ -27,7 +27,7 @@ def _user(env: Env, name: str, role: str, **kw: object) -> None:
 
 
 def _session(env: Env, name: str, password: str = PW) -> TestClient:
-    c = TestClient(env.api.app, base_url="http://testserver")  # no token: a browser with a cookie
+    c = env.client(base_url="http://testserver")  # no token: a browser with a cookie
     r = c.post("/v1/auth/login", json={"name": name, "password": password})
     assert r.status_code == 200, r.text
     return c
@@ -58,7 +58,7 @@ def test_sign_in_and_roles(env: Env) -> None:
 
 def test_wrong_passwords_lock_the_account(env: Env) -> None:
     _user(env, "ope", "operator")
-    c = TestClient(env.api.app)
+    c = env.client()
     for _ in range(5):
         r = c.post("/v1/auth/login", json={"name": "ope", "password": "wrong password!"})
         assert r.status_code == 401 and r.json()["message"] == "wrong user name or password"
@@ -243,7 +243,7 @@ def test_an_anonymous_flood_adds_a_bounded_number_of_audit_records(env: Env, mon
 
     monkeypatch.setattr(api_audit, "ANON_WINDOW_S", 600.0, raising=False)
     burst = getattr(api_audit, "ANON_BURST", 5)
-    anon = TestClient(env.api.app, headers={"Authorization": "Bearer not-the-token"})
+    anon = env.client(headers={"Authorization": "Bearer not-the-token"})
     before = len(env.api.get("/v1/audit/records").json())
     for _ in range(100):
         assert anon.post("/v1/networks", json={"name": "x"}).status_code == 401

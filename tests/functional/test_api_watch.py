@@ -187,7 +187,7 @@ def test_bad_input_is_refused_before_any_stream(env: Env) -> None:
     assert env.api.get("/v1/vms", params={"watch": "perhaps"}).status_code == 422
     assert env.api.get("/v1/vms", params={"watch": "true", "timeout": 0}).status_code == 422
     assert env.api.get("/v1/vms", params={"watch": "false"}).json() == []
-    assert TestClient(env.api.app).get("/v1/vms", params={"watch": "true"}).status_code == 401
+    assert env.client().get("/v1/vms", params={"watch": "true"}).status_code == 401
     r = env.api.get("/v1/vms", params={"watch": "1", "timeout": 0.2})  # bounded: list, then timeout
     assert r.status_code == 200
     assert [line for line in r.text.splitlines() if line.startswith("event: ")] == ["event: list", "event: timeout"]

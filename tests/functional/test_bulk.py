@@ -131,7 +131,7 @@ def test_a_vendor_bulk_action_stays_inside_their_window(env: Env) -> None:
     env.create("pacs1", department="pacs", tags=["t"])
     r = env.api.post("/v1/users", json={"name": "v", "role": "vendor", "password": PW, "departments": ["lab"]})
     assert r.status_code == 201
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     c.portal = env.api.portal
     assert c.post("/v1/auth/login", json={"name": "v", "password": PW}).status_code == 200
     r = c.post("/v1/vms/actions/start", json={"all": True}, headers=CSRF)
@@ -153,7 +153,7 @@ def test_a_vendor_bulk_action_stays_inside_their_window(env: Env) -> None:
     assert r.status_code == 404 and r.json()["message"] == "no VM named 'pacs1'"
     # a manager holds no operate
     env.api.post("/v1/users", json={"name": "m", "role": "manager", "password": PW, "departments": ["lab"]})
-    m = TestClient(env.api.app, base_url="http://testserver")
+    m = env.client(base_url="http://testserver")
     assert m.post("/v1/auth/login", json={"name": "m", "password": PW}).status_code == 200
     assert m.post("/v1/vms/actions/stop", json={"all": True}, headers=CSRF).status_code == 403
 

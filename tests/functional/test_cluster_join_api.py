@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from fastapi.testclient import TestClient
 
 from kasou import pki
 from tests.functional.conftest import TOKEN, Env
@@ -64,7 +63,7 @@ def test_join_signs_the_hosts_requests_and_adds_its_member(env: Env, site: FakeM
     ca = env.api.get("/v1/cluster/ca").json()["ca"]
     token = env.api.post("/v1/cluster/tokens", json={"ttl_s": 600}).json()["token"]
     assert token.endswith(pki.fingerprint(ca))
-    anonymous = TestClient(env.api.app)  # the joining host has no API token, only the join token
+    anonymous = env.client()  # the joining host has no API token, only the join token
     r = anonymous.post("/v1/cluster/join", json=join_body(token))
     assert r.status_code == 200, r.text
     answer = r.json()
@@ -87,7 +86,7 @@ def test_join_signs_the_hosts_requests_and_adds_its_member(env: Env, site: FakeM
 
 def test_a_refused_join_changes_nothing_and_keeps_the_token(env: Env, site: FakeMembers) -> None:
     token = env.api.post("/v1/cluster/tokens").json()["token"]
-    anonymous = TestClient(env.api.app)
+    anonymous = env.client()
     # a member of that address exists already: 409, the token stays usable
     r = anonymous.post("/v1/cluster/join", json=join_body(token, "hostx", "10.0.0.11"))
     assert r.status_code == 409 and "already" in r.json()["message"], r.text
@@ -102,7 +101,7 @@ def test_a_refused_join_changes_nothing_and_keeps_the_token(env: Env, site: Fake
 
 
 def test_only_administrators_make_tokens_and_a_host_with_vms_cannot_leave(env: Env, site: FakeMembers) -> None:
-    assert TestClient(env.api.app).post("/v1/cluster/tokens").status_code == 401
+    assert env.client().post("/v1/cluster/tokens").status_code == 401
     env.create("emr1", start=True)
     host = env.api.get("/v1/vms/emr1").json()["host"]
     site.members.append({"id": 9, "name": host, "peer_urls": ["https://10.0.0.19:2380"], "client_urls": []})

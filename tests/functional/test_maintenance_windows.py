@@ -45,7 +45,7 @@ def signed_in(env: Env, name: str, role: str, departments: list[str] | None = No
     if departments:
         body["departments"] = departments
     assert env.api.post("/v1/users", json=body).status_code == 201
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     c.portal = env.api.portal
     assert c.post("/v1/auth/login", json={"name": name, "password": PW}).status_code == 200
     return c

@@ -104,9 +104,9 @@ def test_each_role_against_each_route(env: Env, role: str) -> None:
     extra: dict[str, Any] = {"departments": ["lab"]} if scoped else {}
     r = env.api.post("/v1/users", json={"name": "u", "role": role, "password": PW, **extra})
     assert r.status_code == 201, r.text
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     assert c.post("/v1/auth/login", json={"name": "u", "password": PW}).status_code == 200
-    anon = TestClient(env.api.app, base_url="http://testserver")
+    anon = env.client(base_url="http://testserver")
     if role == "vendor":  # a vendor acts only inside a window (outside one: test_window_matrix.py)
         open_window(env, c, "u", ["mine"])
     held = PERMISSIONS[Role(role)]
@@ -139,7 +139,7 @@ def test_each_role_against_each_route(env: Env, role: str) -> None:
 def _signed_in(env: Env, name: str) -> TestClient:
     """A browser signed in as ``name``, whose requests run on the app's own event loop (so the jobs
     they start go on after the request, as in a server)."""
-    c = TestClient(env.api.app, base_url="http://testserver")
+    c = env.client(base_url="http://testserver")
     c.portal = env.api.portal
     assert c.post("/v1/auth/login", json={"name": name, "password": PW}).status_code == 200
     return c

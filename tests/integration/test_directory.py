@@ -46,7 +46,7 @@ def kasou_dir(env: Env, server: Server, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def _login(env: Env, name: str, password: str = PASSWORD) -> tuple[TestClient, Any]:
-    c = TestClient(env.api.app)
+    c = env.client()
     return c, c.post("/v1/auth/login", json={"name": name, "password": password})
 
 
@@ -103,7 +103,7 @@ def test_the_directory_cut_off(kasou_dir: Env, server: Server) -> None:
         assert r.status_code == 200 and r.json()["source"] == "local"
         assert c.get("/v1/auth/me").status_code == 200  # the directory user's session continues
         env.services.users.directory._status_at = 0.0
-        assert TestClient(env.api.app).get("/v1/directory/status").json() == {"directory": "unreachable"}
+        assert env.client().get("/v1/directory/status").json() == {"directory": "unreachable"}
         kinds = [e["kind"] for e in env.api.get("/v1/events/active").json()]
         assert kinds.count("directory_unreachable") == 1
     finally:
