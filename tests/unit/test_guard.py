@@ -225,3 +225,35 @@ def test_metrics_urls_follow_the_members(monkeypatch: Any) -> None:
     monkeypatch.setenv("KASOU_ETCD_METRICS", "http://a,http://b")
     with pytest.raises(ValueError, match="2 URLs for 1 etcd members"):
         etcd_metrics_endpoints(1)
+
+
+def test_members_learnt_later_are_asked_on_kasous_metrics_port() -> None:
+    from kasou.agent.guard import member_metrics
+
+    first = {"https://10.0.0.11:2379": "https://10.0.0.11:2381"}  # the first host's settings: its own member
+    learnt = ["https://10.0.0.11:2379", "https://10.0.0.12:2379", "https://[fd00::13]:2379"]
+    assert member_metrics(learnt, first) == [
+        "https://10.0.0.11:2381", "https://10.0.0.12:2381", "https://[fd00::13]:2381"]  # fmt: skip
+    # Settings that follow another rule (a hand-made cluster, the lab's ports): a learnt member has none.
+    own = {"https://10.0.0.11:2379": "https://10.0.0.11:9000"}
+    assert member_metrics(learnt, own) == ["https://10.0.0.11:9000", None, None]
+    # No metrics URL in the settings: none learnt either; a configured member without one keeps none.
+    assert member_metrics(learnt, {"https://10.0.0.11:2379": None}) == [None, None, None]
+    both = {"https://10.0.0.11:2379": "https://10.0.0.11:2381", "https://10.0.0.12:2379": None}
+    assert member_metrics(learnt, both) == ["https://10.0.0.11:2381", None, "https://[fd00::13]:2381"]
+
+
+async def test_the_quorum_proof_asks_a_learnt_member_on_its_metrics_port(setup: Any, monkeypatch: Any) -> None:
+    g, store, _, _ = setup
+    asked: list[tuple[str, str | None]] = []
+
+    async def probe(endpoint: str, metrics: str | None = None, tls: Any = None) -> str:
+        asked.append((endpoint, metrics))
+        return "no-leader"
+
+    monkeypatch.setattr(guard_mod, "probe_member", probe)
+    g.metrics = {"https://10.0.0.11:2379": "https://10.0.0.11:2381"}
+    monkeypatch.setattr(store, "endpoints", ["https://10.0.0.11:2379", "https://10.0.0.12:2379"], raising=False)
+    assert await g.quorum_lost_everywhere()
+    assert asked == [("https://10.0.0.11:2379", "https://10.0.0.11:2381"),
+                     ("https://10.0.0.12:2379", "https://10.0.0.12:2381")]  # fmt: skip

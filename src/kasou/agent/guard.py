@@ -20,7 +20,8 @@ Quorum loss is not isolation: when no etcd member can have a leader (every
 member either answers "no leader" or refuses connections, so fewer than a quorum
 are unaccounted for), no lease can expire and nobody can restart anything, so
 the guard holds its fence: losing quorum stops changes, not VMs. Each member is
-asked on its metrics listener (``KASOU_ETCD_METRICS``; ``etcd_server_has_leader``)
+asked on its metrics listener (``KASOU_ETCD_METRICS``, or kasou's port for a member
+learnt later: ``member_metrics``; ``etcd_server_has_leader``)
 when it has one: a member restarting after quorum loss accepts connections on
 its client port but answers nothing there until it has joined a working
 cluster (etcd serves clients only once ready), so asked there, two members
@@ -54,6 +55,7 @@ import httpx
 from kasou.config import HaTimes, Paths, ha_watchdog
 from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
+from kasou.model.cluster import metrics_url
 from kasou.peers import registry_names
 from kasou.store.etcd import EtcdStore
 
@@ -139,7 +141,10 @@ class HostGuard:
         metrics: list[str | None] | None = None,
     ) -> None:
         self.store = store
-        self.metrics = metrics or []  # each member's metrics URL, in the order of store.endpoints
+        # Each configured member's metrics URL, in the order of the endpoints the store starts with; the members
+        # the store learns later get theirs from ``member_metrics``.
+        given = list(metrics or [])
+        self.metrics = {e: given[i] if i < len(given) else None for i, e in enumerate(store.endpoints)}
         self.host = host
         self.paths = paths
         self.times = times
@@ -284,9 +289,9 @@ class HostGuard:
 
     async def quorum_lost_everywhere(self) -> bool:
         """True only if fewer than a quorum of etcd members could be part of a working cluster."""
-        metrics = self.metrics + [None] * (len(self.store.endpoints) - len(self.metrics))
+        metrics = member_metrics(self.store.endpoints, self.metrics)
         tls = self.store.tls
-        probes = (probe_member(e, m, tls) for e, m in zip(self.store.endpoints, metrics, strict=False))
+        probes = (probe_member(e, m, tls) for e, m in zip(self.store.endpoints, metrics, strict=True))
         results = await asyncio.gather(*probes)
         unknown = sum(1 for r in results if r == "unknown")
         quorum = len(results) // 2 + 1
@@ -311,6 +316,24 @@ class HostGuard:
                 await asyncio.sleep(self.times.renew_every_s if self.renewed else RETRY_AFTER_FAILURE_S)
         finally:
             self._stop.set()
+
+
+def member_metrics(endpoints: list[str], configured: dict[str, str | None]) -> list[str | None]:
+    """Each endpoint's metrics URL: the one the settings give (``KASOU_ETCD_METRICS``); for a member the store
+    learnt from the member list, kasou's own (port 2381 on its client URL's host, as ``kasou cluster`` starts
+    every member) when the settings' URLs all follow that rule, else none (the client port then decides).
+
+    So the first host of a cluster, whose settings name only its own member, proves a quorum loss with every
+    member's metrics listener like the hosts that joined later."""
+    given = [(e, m) for e, m in configured.items() if m]
+    kasou_made = bool(given) and all(m.rstrip("/") == metrics_url(e) for e, m in given)
+    out: list[str | None] = []
+    for e in endpoints:
+        if e in configured:
+            out.append(configured[e])
+        else:
+            out.append(metrics_url(e) if kasou_made else None)
+    return out
 
 
 async def probe_member(endpoint: str, metrics: str | None = None, tls: ssl.SSLContext | None = None) -> str:
