@@ -4,7 +4,7 @@
 // (server-sent events: each change as it happens); the rest refreshes every few seconds. If the stream fails, the
 // VM list is read with the rest again (every REFRESH_MS) until the stream can be opened again.
 import { get, post } from "/ui/api.js";
-import { esc, table } from "/ui/html.js";
+import { esc, table, when } from "/ui/html.js";
 import { lang, t } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
 import { sparkline } from "/ui/charts.js";
@@ -382,8 +382,6 @@ function vmsTable() {
 
 // -- backups: each VM's newest generation, its copy on the backup server, its latest restore drill --------------
 
-const when = (epoch) =>
-  epoch ? new Date(epoch * 1000).toLocaleString(lang() === "ja" ? "ja-JP" : "en-GB", { dateStyle: "short", timeStyle: "short" }) : "—";
 const secs = (v) => (v === null || v === undefined ? "—" : `${Number(v).toFixed(1)} s`);
 
 function drillCell(d) {

@@ -5,11 +5,10 @@
 // Notifications (GET /v1/notify/status, POST /v1/notify/test): each channel, what it receives, how its deliveries
 // went; an administrator sends a test event and sees, per channel, delivered, failed (why) or skipped (why).
 import { get, post, put } from "/ui/api.js";
-import { esc, table } from "/ui/html.js";
-import { lang, t } from "/ui/i18n.js";
+import { esc, table, when } from "/ui/html.js";
+import { t } from "/ui/i18n.js";
 import "/ui/ops-labels.js";
 
-const when = (epoch) => new Date(epoch * 1000).toLocaleString(lang() === "ja" ? "ja-JP" : "en-GB", { dateStyle: "short", timeStyle: "medium" });
 const pct = (v) => (v === undefined || v === null ? "—" : `${Number(v).toFixed(0)}%`);
 const MODES = ["off", "recommend", "automatic"];
 
@@ -141,7 +140,7 @@ function showPlan(root, plan) {
 
 function channelRow(c) {
   const last = c.last_time
-    ? `${esc(when(c.last_time))} <span class="state ${c.last_ok ? "ok" : "failed"}">${esc(t(c.last_ok ? "ntf.ok" : "ntf.failed"))}</span>`
+    ? `${esc(when(c.last_time, "medium"))} <span class="state ${c.last_ok ? "ok" : "failed"}">${esc(t(c.last_ok ? "ntf.ok" : "ntf.failed"))}</span>`
     : esc(t("ntf.never"));
   const error = c.last_error ? `<br><span class="small error">${esc(c.last_error)}</span>` : "";
   return `<tr data-channel="${esc(c.name)}"><th scope="row">${esc(c.name)}</th><td>${esc(t(`ntf.kind.${c.kind}`))}</td>

@@ -1,14 +1,11 @@
 // One maintenance window's report (GET /v1/maintenance-windows/{id}/report): its stated plan and the actions
 // recorded under it in the audit log, for the department's sign-off.
 import { get } from "/ui/api.js";
-import { lang, t, translate } from "/ui/i18n.js";
+import { esc, when } from "/ui/html.js";
+import { t, translate } from "/ui/i18n.js";
 import "/ui/dashboard-labels.js";
 import "/ui/windows-labels.js";
 
-const esc = (s) =>
-  String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-const when = (epoch) =>
-  new Date(epoch * 1000).toLocaleString(lang() === "ja" ? "ja-JP" : "en-GB", { dateStyle: "short", timeStyle: "short" });
 
 async function main() {
   translate();

@@ -2,13 +2,10 @@
 // state, vendor, VMs, span and plan; approve, deny and revoke for those allowed (the server decides: an administrator
 // or the department's manager, never the requester); a form to request one; a link to each window's report.
 import { post } from "/ui/api.js";
-import { lang, t } from "/ui/i18n.js";
+import { esc, when } from "/ui/html.js";
+import { t } from "/ui/i18n.js";
 import "/ui/windows-labels.js";
 
-const esc = (s) =>
-  String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-const when = (epoch) =>
-  new Date(epoch * 1000).toLocaleString(lang() === "ja" ? "ja-JP" : "en-GB", { dateStyle: "short", timeStyle: "short" });
 
 // The card's frame: the table's box and the request form (kept across refreshes, so typing is not lost).
 export function windowsCard() {
