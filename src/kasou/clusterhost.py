@@ -130,7 +130,7 @@ def host_settings(name: str, address: str, paths: Paths, directory: Path, member
 
 
 def etcd_tls(paths: Paths) -> TlsFiles:
-    d = paths.tls_dir / "etcd"
+    d = paths.etcd_tls_dir
     return TlsFiles(ca=d / "ca.crt", cert=d / "host.crt", key=d / "host.key")
 
 
@@ -139,13 +139,16 @@ def etcd_data(paths: Paths) -> Path:
 
 
 def etcd_settings(
-    name: str, address: str, paths: Paths, members: list[Member], state: str, cluster_token: str
+    name: str, address: str, paths: Paths, members: list[Member], state: str, cluster_token: str, crl: bool = True
 ) -> dict[str, str]:
     """The member's settings as etcd reads them from its environment (``ETCD_*``): mutual TLS with the site
-    CA for clients and peers, its metrics listener for the hosts' guards (docs/operations.md)."""
+    CA for clients and peers, its metrics listener for the hosts' guards (docs/operations.md); with ``crl``,
+    the site's revocation list, which etcd reads at each new connection (it must exist before etcd starts)."""
     tls = etcd_tls(paths)
     cert, key, ca = str(tls.cert), str(tls.key), str(tls.ca)
+    revocations = {"ETCD_CLIENT_CRL_FILE": str(paths.etcd_crl), "ETCD_PEER_CRL_FILE": str(paths.etcd_crl)}
     return {
+        **(revocations if crl else {}),
         "ETCD_NAME": name,
         "ETCD_DATA_DIR": str(etcd_data(paths)),
         "ETCD_LISTEN_CLIENT_URLS": url(address, ETCD_CLIENT_PORT),

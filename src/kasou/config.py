@@ -144,6 +144,17 @@ class Paths:
         """This host's TLS files (``KASOU_TLS_DIR``, default ``HOME/tls``): ``ca.crt``, ``host.crt``, ``host.key``."""
         return _opt_path("tls.dir") or self.home / "tls"
 
+    @property
+    def etcd_tls_dir(self) -> Path:
+        """This host's etcd member's certificate and key (``kasou cluster init``/``join``), and the site's
+        revocation list etcd reads (``crl.pem``, :mod:`kasou.control.revocation`)."""
+        return self.tls_dir / "etcd"
+
+    @property
+    def etcd_crl(self) -> Path:
+        """The site's certificate revocation list this host's etcd member reads at each new connection."""
+        return self.etcd_tls_dir / "crl.pem"
+
     def tls_files(self) -> TlsFiles:
         """The site CA to trust and this host's certificate and key (``KASOU_CA``, ``KASOU_TLS_CERT``,
         ``KASOU_TLS_KEY`` name the hospital's own files; each defaults to the file in :attr:`tls_dir`)."""

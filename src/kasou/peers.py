@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 from kasou import pki
-from kasou.errors import Forbidden
+from kasou.errors import Forbidden, KasouError
 from kasou.wire import error_body, status_for
+
+log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 KnownHosts = Callable[[], Awaitable[Iterable[str]]]  # names and addresses of the hosts of the registry
+Revoked = Callable[[], Awaitable[set[int]]]  # the serial numbers of the revoked certificates
+REVOKED_FRESH_S = 5.0  # how old the revoked serials a peer is checked against may be
 
 _NO_CERT = object()
 
@@ -89,6 +95,32 @@ def tls_peer(scope: Scope) -> object:
     return pki.peer_of(chain[0]) if chain else _NO_CERT
 
 
+def revoked_cache(read: Revoked, fresh_s: float = REVOKED_FRESH_S) -> Revoked:
+    """``read``, again in the background once the last read is ``fresh_s`` old: a request waits for the first read
+    only, never for a slow store after that. A failed read keeps the last set (a revocation is never undone)."""
+    cache: dict[str, Any] = {"at": None, "serials": set(), "task": None}
+
+    async def refresh() -> None:
+        try:
+            cache["serials"] = await read()
+            cache["at"] = time.monotonic()
+        except KasouError as e:
+            log.warning("the revoked certificates could not be read (%s); using the last list", e.message)
+            cache["at"] = cache["at"] if cache["at"] is not None else time.monotonic() - fresh_s / 2
+        finally:
+            cache["task"] = None
+
+    async def serials() -> set[int]:
+        first = cache["at"] is None
+        if cache["task"] is None and (first or time.monotonic() - cache["at"] >= fresh_s):
+            cache["task"] = asyncio.create_task(refresh())
+        if first and cache["task"] is not None:
+            await asyncio.shield(cache["task"])
+        return set(cache["serials"])
+
+    return serials
+
+
 def registry_names(records: Iterable[tuple[str, dict[str, Any]]]) -> list[str]:
     """The names and agent addresses of host records (``hosts/<name>``: ``agent_url``)."""
     out = []
@@ -110,10 +142,16 @@ class KasouPeers:
     kasou host is answered 403 with the reason; nothing behind it runs."""
 
     def __init__(
-        self, app: ASGIApp, known_hosts: KnownHosts, applies: Callable[[Scope], bool] | None = None, what: str = ""
+        self,
+        app: ASGIApp,
+        known_hosts: KnownHosts,
+        applies: Callable[[Scope], bool] | None = None,
+        what: str = "",
+        revoked: Revoked | None = None,
     ) -> None:
         self.app = app
         self.known_hosts = known_hosts
+        self.revoked = revoked
         self.applies = applies
         self.what = what  # e.g. "a forwarded call: "
 
@@ -121,6 +159,10 @@ class KasouPeers:
         peer = tls_peer(scope)
         if peer is None or (self.applies is not None and not self.applies(scope)):
             return None
+        revoked = await self.revoked() if self.revoked is not None else set()
+        if isinstance(peer, pki.Peer) and peer.serial in revoked:
+            return (f"{self.what}the certificate {peer.subject} (serial {peer.serial:x}) was revoked: its host "
+                    "left the cluster or was removed from it")  # fmt: skip
         if isinstance(peer, pki.Peer) and peer.kasou_host:
             return None  # the marker decides without asking the registry
         why = pki.peer_refusal(peer if isinstance(peer, pki.Peer) else None, await self.known_hosts())

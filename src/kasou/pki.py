@@ -345,6 +345,7 @@ class Peer:
     dns: tuple[str, ...]
     ips: tuple[str, ...]
     kasou_host: bool
+    serial: int | None = None  # the certificate's serial number: what a revocation names
 
 
 def peer_of(pem: str | bytes) -> Peer:
@@ -354,7 +355,7 @@ def peer_of(pem: str | bytes) -> Peer:
     except ValueError:
         return Peer(subject="an unreadable certificate", dns=(), ips=(), kasou_host=False)
     dns, ips = sans_of(cert)
-    return Peer(cert.subject.rfc4514_string(), tuple(dns), tuple(ips), is_kasou_host(cert))
+    return Peer(cert.subject.rfc4514_string(), tuple(dns), tuple(ips), is_kasou_host(cert), cert.serial_number)
 
 
 def _address(text: str) -> str:
@@ -381,6 +382,50 @@ def peer_refusal(peer: Peer | None, known: Iterable[str]) -> str | None:
         f"the certificate {peer.subject} (SANs: {sans}) is not a kasou host's: it lacks the kasou host marker "
         f"(OU={KASOU_HOST_OU}, made by kasou tls issue) and names no registered host"
     )
+
+
+def serial_of(pem: str | bytes) -> int:
+    """A certificate's serial number (PEM); InvalidSpec if it is not one."""
+    try:
+        return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem).serial_number
+    except ValueError as e:
+        raise InvalidSpec(f"not a PEM certificate ({e})", field="certificate") from None
+
+
+def not_after_of(pem: str | bytes) -> float:
+    """When a certificate (PEM) stops being valid (UNIX time)."""
+    cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    return cert.not_valid_after_utc.timestamp()
+
+
+def make_crl(ca_dir: Path, serials: Iterable[int], number: int) -> bytes:
+    """A certificate revocation list (PEM) of ``serials``, signed by the CA in ``ca_dir`` (its ``ca.key``), valid
+    as long as the CA: etcd reads it at each new connection (``--client-crl-file``, ``--peer-crl-file``)."""
+    ca_cert = load_cert(ca_dir / "ca.crt")
+    ca_key = _load_key(ca_dir / "ca.key")
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(max(ca_cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def crl_serials(pem: bytes, ca_pem: bytes) -> set[int]:
+    """The serials a CRL (PEM) revokes, once its signature is checked against the CA (PEM)."""
+    crl = x509.load_pem_x509_crl(pem)
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    public_key = ca.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(public_key):
+        raise TlsError("the revocation list is not signed by the site CA")
+    return {r.serial_number for r in crl}
 
 
 def info(path: Path) -> CertInfo:

@@ -120,3 +120,30 @@ def test_a_single_host_is_no_cluster_to_join(env: Env, tmp_path: Path, monkeypat
     monkeypatch.setenv("KASOU_TLS_DIR", str(tmp_path / "tls"))
     r = env.api.post("/v1/cluster/tokens")
     assert r.status_code == 409 and "kasou cluster init" in r.json()["message"]
+
+
+def test_a_host_that_leaves_has_its_certificates_revoked_in_etcds_list(
+    env: Env, site: FakeMembers, tmp_path: Path
+) -> None:
+    from kasou.control.revocation import Revocations
+
+    ca_pem = (tmp_path / "tls" / "ca.crt").read_bytes()
+    token = env.api.post("/v1/cluster/tokens").json()["token"]
+    answer = env.client().post("/v1/cluster/join", json=join_body(token)).json()
+    assert pki.crl_serials(answer["crl"].encode(), ca_pem) == set()  # the new member's etcd reads it from its start
+    issued = {pki.serial_of(answer["host_cert"]), pki.serial_of(answer["etcd_cert"])}
+    site.members[-1]["name"] = "host2"  # its member started
+    r = env.api.post("/v1/cluster/leave", json={"host": "host2"})
+    assert r.status_code == 200, r.text
+    assert {int(s, 16) for s in r.json()["revoked"]} == issued
+    # The CA's host signs the new list into the store; every host writes it where its etcd reads it.
+    crl_file = tmp_path / "etcd" / "crl.pem"
+    other = Revocations(env.services.store, None, crl_file)  # a host without the CA's key: it only writes
+    call = env.api.portal.call  # type: ignore[union-attr]
+    signer = Revocations(env.services.store, tmp_path / "tls", None)
+    assert call(signer.sign_if_changed) is True and call(signer.sign_if_changed) is False
+    assert call(other.sign_if_changed) is False and call(other.write_local) is True
+    assert pki.crl_serials(crl_file.read_bytes(), ca_pem) == issued
+    assert call(other.write_local) is False  # unchanged: not written again
+    # A refused leave revokes nothing; leaving again finds nothing left to revoke.
+    assert env.api.post("/v1/cluster/leave", json={"host": "host2"}).status_code == 422

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -131,6 +132,26 @@ def hosts(tmp_path: Path) -> Iterator[dict[str, Host]]:
         assert not left, f"processes outlived SIGKILL: {left}"
 
 
+def _client(h: Host, cert_dir: Path) -> httpx.Client:
+    ctx = ssl.create_default_context(cafile=str(h.home / "tls" / "ca.crt"))
+    ctx.load_cert_chain(cert_dir / "host.crt", cert_dir / "host.key")
+    return httpx.Client(verify=ctx, timeout=10)
+
+
+def _etcd_answers(h: Host, cert_dir: Path) -> bool:
+    """Does h's etcd member answer a new connection that presents the certificate in ``cert_dir``?"""
+    try:
+        with _client(h, cert_dir) as c:
+            return c.post(f"https://{h.address}:2379/v3/maintenance/status", json={}).status_code == 200
+    except httpx.HTTPError:
+        return False  # the TLS handshake was refused
+
+
+def _agent_status(h: Host, cert_dir: Path) -> int:
+    with _client(h, cert_dir) as c:
+        return c.get(f"https://{h.address}:8471/agent/v1/host").status_code
+
+
 def token_of(output: str) -> str:
     return next(ln.split()[-1] for ln in output.splitlines() if ln.startswith("join token"))
 
@@ -183,6 +204,16 @@ def test_init_join_leave(hosts: dict[str, Host]) -> None:
     again = httpx.post(f"{api}/v1/cluster/join", json=body, verify=str(ca), timeout=30)
     assert again.status_code == 401 and "used already" in again.json()["message"], again.text
 
+    # etcd reads the site's revocation list from the start on both hosts (empty: nothing revoked yet).
+    for h in (h1, h2):
+        assert "ETCD_CLIENT_CRL_FILE=" in (h.etc / "etcd.env").read_text()
+        assert (h.home / "tls" / "etcd" / "crl.pem").exists()
+    kept = hosts["h1"].dir.parent / "h2-certificate"  # what a stolen disk of h2 would hold
+    kept.mkdir()
+    for f in ("host.crt", "host.key"):
+        shutil.copy(h2.home / "tls" / f, kept / f)
+    assert _etcd_answers(h1, kept) and _agent_status(h1, kept) == 200
+
     t2 = time.monotonic()
     leave = h2.kasou("cluster", "leave", "--no-systemd")
     t_leave = time.monotonic() - t2
@@ -190,4 +221,11 @@ def test_init_join_leave(hosts: dict[str, Host]) -> None:
     assert not (h2.etc / "cluster.env").exists() and not (h2.etc / "api.token").exists()
     view = wait_for("h2's lease to end", lambda: (v := h1.cluster())["hosts"] == ["h1"] and v, timeout=30)
     assert [m["name"] for m in view["etcd_members"]] == ["h1"]
-    print(f"\ninit {t_init:.1f} s, join {t_join:.1f} s, leave {t_leave:.1f} s")
+    # h2's certificates are revoked: h1's etcd refuses a new connection with them, h1's agent answers 403.
+    assert "certificates revoked (2)" in leave.stdout, leave.stdout
+    wait_for("h1's etcd to refuse h2's certificate", lambda: not _etcd_answers(h1, kept), timeout=30)
+    t_refused = time.monotonic() - t2 - t_leave
+    assert _agent_status(h1, kept) == 403
+    assert _etcd_answers(h1, h1.home / "tls") and _agent_status(h1, h1.home / "tls") == 200
+    print(f"\ninit {t_init:.1f} s, join {t_join:.1f} s, leave {t_leave:.1f} s; h2's certificate refused by etcd "
+          f"{t_refused:.1f} s after leave returned")  # fmt: skip

@@ -67,7 +67,7 @@ from kasou.hypervisor.snapshots import (
     SnapshotTaken,
 )
 from kasou.hypervisor.stats import StatsReport, host_stats
-from kasou.peers import KasouPeers, KnownHosts
+from kasou.peers import KasouPeers, KnownHosts, Revoked
 from kasou.wire import install_error_handlers
 
 log = logging.getLogger("kasou.agent")
@@ -90,6 +90,7 @@ class Agent:
         known_hosts: KnownHosts | None = None,
         transfer_dir: Path | None = None,
         ovmf: Path | None = None,
+        revoked: Revoked | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -105,6 +106,7 @@ class Agent:
         self.transfers = Transfers(Sources(self.transfer_dir, host), disks, accelerator)
         # the cluster's host registry (names and addresses): a peer without kasou's marker must name one
         self.known_hosts: KnownHosts = known_hosts or _no_hosts
+        self.revoked = revoked  # the revoked certificates' serials (kasou.control.revocation): refused as peers
         self.firmware = FirmwareState(disks, ovmf or ovmf_dir())  # UEFI variables and TPMs (kasou.agent.firmware)
         self.run_id = uuid.uuid4().hex  # this run of the agent (HostInfo.agent_run)
         self.started_empty = False  # set at start: no VM was running here (the host booted)
@@ -169,7 +171,7 @@ def create_agent_app(agent: Agent) -> FastAPI:
 
     app = FastAPI(title="kasou host agent", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(KasouPeers, known_hosts=agent.known_hosts)  # over TLS: kasou hosts only
+    app.add_middleware(KasouPeers, known_hosts=agent.known_hosts, revoked=agent.revoked)  # over TLS: kasou hosts only
     d = agent.driver
 
     @app.get("/agent/v1/host")

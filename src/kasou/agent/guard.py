@@ -55,8 +55,8 @@ import httpx
 from kasou.config import HaTimes, Paths, ha_watchdog
 from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
-from kasou.model.cluster import metrics_url
-from kasou.peers import registry_names
+from kasou.model.cluster import REVOKED_PREFIX, metrics_url
+from kasou.peers import Revoked, registry_names, revoked_cache
 from kasou.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -504,3 +504,17 @@ def host_registry(
         return list(cache["names"])
 
     return names
+
+
+def revoked_registry(endpoints: list[str], tls: ssl.SSLContext | None = None) -> Revoked:
+    """The serial numbers of the certificates revoked in etcd (``cluster/revoked/<serial>``, written by
+    ``kasou cluster leave`` and ``remove``): peers an agent refuses (:mod:`kasou.peers`)."""
+
+    async def read() -> set[int]:
+        store = EtcdStore(endpoints, timeout=3.0, tls=tls)
+        try:
+            return {int(e.key.removeprefix(REVOKED_PREFIX), 16) for e in await store.range(REVOKED_PREFIX)}
+        finally:
+            await store.close()
+
+    return revoked_cache(read)

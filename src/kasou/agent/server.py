@@ -61,6 +61,7 @@ def run_agent(paths: Paths, listen: str | None = None) -> None:
         known_hosts=guard.host_registry(etcd, etcd_tls(paths.tls_files(), etcd))
         if tcp and etcd
         else None,  # kasou.peers
+        revoked=guard.revoked_registry(etcd, etcd_tls(paths.tls_files(), etcd)) if tcp and etcd else None,
     )
     app = create_agent_app(agent)
     if listen and not listen.startswith("unix:"):

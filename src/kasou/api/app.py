@@ -43,6 +43,7 @@ from kasou.api.users import user_routes
 from kasou.api.watches import DEFAULT_TIMEOUT_S, vm_filter, watch_routes
 from kasou.api.windows import create_window, vendor_reach, window_for, window_routes
 from kasou.config import vendor_max_priority
+from kasou.control import revocation
 from kasou.control.events import Event, Severity
 from kasou.control.hosts import HostView
 from kasou.control.membership import members_of
@@ -55,7 +56,7 @@ from kasou.model.cluster import Member
 from kasou.model.selection import VMFilter
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
-from kasou.peers import KasouPeers, forwarded, registry_names
+from kasou.peers import KasouPeers, forwarded, registry_names, revoked_cache
 from kasou.web import SecurityHeaders, web_routes
 from kasou.wire import install_error_handlers
 
@@ -214,7 +215,11 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         return registry_names((h, agents.record(h)) for h in agents.known())
 
     # a forwarded change comes from a kasou host's certificate, not from anything the site CA signed (kasou.peers)
-    app.add_middleware(KasouPeers, known_hosts=registered_hosts, applies=forwarded, what="a forwarded call: ")
+    async def revoked_serials() -> set[int]:
+        return await revocation.revoked_serials(state["svc"].store) if "svc" in state else set()
+
+    app.add_middleware(KasouPeers, known_hosts=registered_hosts, applies=forwarded, what="a forwarded call: ",
+                       revoked=revoked_cache(revoked_serials))  # fmt: skip
     app.add_middleware(BodyLimit)  # bodies over 1 MiB: 413 (kasou.api.limits), inside the audit so it is recorded
     app.middleware("http")(audit_middleware(lambda: state.get("svc"), token))  # every change recorded (kasou.api.audit)
 

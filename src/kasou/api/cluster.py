@@ -20,9 +20,19 @@ from kasou import pki
 from kasou.api.auth import Principal
 from kasou.api.deps import Services
 from kasou.config import Paths
-from kasou.control import breakglass, sealed
+from kasou.control import breakglass, revocation, sealed
 from kasou.control.audit import keys as audit_keys
-from kasou.control.membership import JoinTokens, Membership, add_member, members_of, remove_member
+from kasou.control.hosts import flags_key
+from kasou.control.membership import (
+    JoinTokens,
+    Membership,
+    add_member,
+    clear_removed,
+    mark_removed,
+    members_of,
+    remove_member,
+    restore_removed,
+)
 from kasou.errors import Conflict, InvalidSpec, NotFound
 from kasou.model.cluster import (
     TOKEN_TTL_S,
@@ -30,6 +40,7 @@ from kasou.model.cluster import (
     JoinRequest,
     LeaveAnswer,
     LeaveRequest,
+    RemoveRequest,
     TokenAnswer,
     TokenRequest,
     check_address,
@@ -117,15 +128,33 @@ def cluster_routes(svc: Callable[[], Services], principal: Callable[[Request], A
                     files[key] = path.read_text()
             if "api.token" not in files:
                 raise Conflict(f"this host has no API token file ({site_paths(svc())['api.token']}) to share")
-            after = await add_member(members, name, address)  # the last step: nothing to undo after it
+            crl = await revocation.current_crl(svc().store, d)
+            # What leave and remove revoke. Written before the member is added: from then on, until the new member
+            # runs, etcd has no quorum for any write (a failed join's certificates stay recorded, and are revoked
+            # by the leave that takes its member out again).
+            await revocation.record_issued(svc().store, name, [host_cert, etcd_cert])
+            was_removed = await clear_removed(svc().store, name)  # a new machine under a removed host's name
+            try:
+                after = await add_member(members, name, address)  # the last step: nothing to undo after it
+            except BaseException:
+                await restore_removed(svc().store, was_removed)
+                raise
+            svc().agents.welcome(name)
         except BaseException:
             await tokens.give_back(token)
             raise
         return JoinAnswer(ca=ca_pem.decode(), host_cert=host_cert.decode(), etcd_cert=etcd_cert.decode(),
-                          members=after, site_files=files)  # fmt: skip
+                          members=after, site_files=files, crl=crl.decode())  # fmt: skip
+
+    async def revoke(host: str, by: str) -> list[str]:
+        """The host's certificates revoked (leave and remove): the CA's host signs the list etcd reads."""
+        serials = await revocation.revoke_host(svc().store, host, by)
+        if svc().revocations is not None:
+            svc().revocations.nudge()  # type: ignore[union-attr]
+        return serials
 
     @r.post("/leave")
-    async def leave(body: LeaveRequest) -> LeaveAnswer:
+    async def leave(request: Request, body: LeaveRequest) -> LeaveAnswer:
         """Remove a host's etcd member; refused while VMs run on it (migrate them, or kasou host maintenance)."""
         host = validate_name(body.host, "host")
         members = membership(svc())
@@ -135,6 +164,44 @@ def cluster_routes(svc: Callable[[], Services], principal: Callable[[Request], A
                            "or shut them down")  # fmt: skip
         if not any(m.name == host for m in members_of(await members.member_list())):
             raise InvalidSpec(f"{host} has no etcd member in this cluster", field="host")
-        return LeaveAnswer(members=await remove_member(members, host))
+        after = await remove_member(members, host)
+        return LeaveAnswer(members=after, revoked=await revoke(host, (await principal(request)).name))
+
+    @r.post("/remove")
+    async def remove(request: Request, body: RemoveRequest) -> LeaveAnswer:
+        """Take a host that is down for good (dead hardware, stolen) out of the cluster, from any other host: its
+        etcd member removed, its name forgotten. Refused while it is up (it leaves by itself: kasou cluster
+        leave) and while VMs are recorded on it (they would be lost with it: delete or restore them first)."""
+        host = validate_name(body.host, "host")
+        s = svc()
+        members = membership(s)
+        await s.agents.refresh(force=True)
+        if s.agents.is_up(host):
+            raise Conflict(f"{host} is up (its guard renews its lease): run kasou cluster leave on {host}; "
+                           "remove is for a host that is gone for good")  # fmt: skip
+        raw = await members.member_list()
+        in_etcd = any(m.get("name") == host for m in raw)
+        flagged = await s.store.get(flags_key(host)) is not None
+        on_it = sorted(v.name for v in await s.vms.list_all() if v.host == host)
+        if not (in_etcd or flagged or on_it or host in s.agents.known()):
+            raise NotFound(f"no host {host} in this cluster (kasou cluster lists its hosts and etcd members)")
+        if on_it:
+            raise Conflict(f"VMs are recorded on {host}: {', '.join(on_it)}; they would be lost with it: delete them "
+                           "(kasou vm delete) or restore them onto another host from their backups (kasou backup "
+                           "restore VM GENERATION --as NAME --from-server --host HOST) first")  # fmt: skip
+        who = (await principal(request)).name
+        await mark_removed(s.store, host, who)  # first: the old machine's record is ignored from now on
+        try:
+            after = await remove_member(members, host) if in_etcd else members_of(raw)
+        except BaseException:
+            await clear_removed(s.store, host)
+            raise
+        s.agents.forget(host)
+        if flagged:
+            await s.store.delete(flags_key(host))
+        await s.vms.events.clear(
+            f"host-down/{host}", "host_removed", f"host {host} was removed from the cluster by {who}"
+        )
+        return LeaveAnswer(members=after, revoked=await revoke(host, who))
 
     return r

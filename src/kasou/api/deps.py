@@ -21,6 +21,7 @@ from kasou.control.membership import Membership
 from kasou.control.migration import Migrations
 from kasou.control.networks import Networks
 from kasou.control.notify import Notifier, NotifyConfig, notify_config
+from kasou.control.revocation import Revocations
 from kasou.control.users import Users
 from kasou.control.vms import VMService
 from kasou.store.base import Store
@@ -42,6 +43,7 @@ class Services:
     logout_hooks: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)  # (user, session)
     notifier: Notifier = field(default=None)  # type: ignore[assignment]  # set by build: events to mail, webhooks, syslog
     certs: CertWatch = field(default=None)  # type: ignore[assignment]  # set by build: certificates that will expire
+    revocations: Revocations | None = None  # a cluster's: the revocation list signed (the CA's host) and written
     _election: asyncio.Task[None] | None = None
 
     @property
@@ -80,6 +82,8 @@ class Services:
         await self.notifier.start()
         if self.certs.files is not None:
             self.certs.start()
+        if self.revocations is not None:
+            self.revocations.start()
         if self.leadership is None:
             await self.vms.startup()
         else:
@@ -92,6 +96,8 @@ class Services:
                 await self._election
         await self.vms.close()
         await self.certs.close()
+        if self.revocations is not None:
+            await self.revocations.close()
         await self.notifier.close()
         if self.leadership is not None:
             await self.leadership.resign()

@@ -149,6 +149,7 @@ ROUTES: dict[tuple[str, str], Need] = {
     ("POST", "/v1/cluster/join"): need(PUBLIC),
     ("POST", "/v1/cluster/tokens"): need("users"),
     ("POST", "/v1/cluster/leave"): need("users"),
+    ("POST", "/v1/cluster/remove"): need("users"),
     ("GET", "/v1/networks"): need("read"),
     ("POST", "/v1/networks"): need("hosts"),
     ("GET", "/v1/networks/{name}"): need("read"),

@@ -15,6 +15,7 @@ from kasou.config import Paths, api_listen, etcd_endpoints, host_name
 from kasou.control.hosts import Agents
 from kasou.control.leader import Leadership
 from kasou.control.notify import notify_config
+from kasou.control.revocation import Revocations
 from kasou.pki import TlsError, host_client_context, require
 from kasou.serving import etcd_tls, is_loopback, log_to_stderr, tls_config, url_host, uvicorn_settings
 from kasou.store.etcd import EtcdStore
@@ -49,6 +50,7 @@ def run_api(paths: Paths, address: str | None = None, plain_http: bool = False) 
         store = EtcdStore(endpoints, tls=etcd_tls(files, endpoints, peers))
         svc = Services.build(store, Agents(store=store, tls=peers), tls=files, notify=notify)
         svc.membership = store  # etcd's member add and remove (kasou cluster join, leave)
+        svc.revocations = Revocations(store, files.ca.parent, paths.etcd_crl)
         svc.leadership = Leadership(
             store, me, f"{scheme}://{url_host(host)}:{port}", on_elected=svc.vms.startup,
             on_deposed=svc.vms.suspend, tls=peers,

@@ -27,7 +27,7 @@ from kasou.cli import balance
 from kasou.cli.common import client, fail, say
 from kasou.cli.output import JSON, OUTPUT, Col, columns, render_one, view
 from kasou.config import Paths, api_url, host_name
-from kasou.control import sealed
+from kasou.control import revocation, sealed
 from kasou.errors import KasouError
 from kasou.model.cluster import (
     ETCD_CLIENT_PORT,
@@ -42,7 +42,7 @@ from kasou.model.cluster import (
 from kasou.model.names import validate_name
 from kasou.model.state import ACTIVE_STATES
 
-cluster_app = typer.Typer(help="The cluster: its hosts and etcd members; hosts join and leave it.")
+cluster_app = typer.Typer(help="The cluster: its hosts and etcd members; hosts join and leave it (or are removed).")
 
 QUORUM_NOTE = (
     "note: with 2 etcd members the cluster needs both: if either host fails, nothing can change until it is "
@@ -132,12 +132,16 @@ def remove(*paths: Path) -> Callable[[], None]:
 
 def configure(
     paths: Paths, cfg: Path, me: str, address: str, members: list[Member], state: str, fp: str,
-    undo: list[Callable[[], Any]],
+    undo: list[Callable[[], Any]], crl: bytes | None,
 ) -> Path:  # fmt: skip
     """This host's etcd member settings (``state``: new or existing, the cluster's token from the CA's
-    fingerprint ``fp``) and its kasou settings, written and applied to this process; the settings file."""
-    undo.append(remove(cfg / ch.ETCD_FILE, cfg / ch.SETTINGS_FILE, ch.etcd_data(paths)))
-    ch.write_etcd_settings(cfg, ch.etcd_settings(me, address, paths, members, state, f"kasou-{fp[:16]}"))
+    fingerprint ``fp``; ``crl``: the site's revocation list, none from a first host that keeps none) and its
+    kasou settings, written and applied to this process; the settings file."""
+    undo.append(remove(cfg / ch.ETCD_FILE, cfg / ch.SETTINGS_FILE, ch.etcd_data(paths), paths.etcd_crl))
+    if crl is not None:
+        revocation.write_file(paths.etcd_crl, crl)
+    settings = ch.etcd_settings(me, address, paths, members, state, f"kasou-{fp[:16]}", crl=crl is not None)
+    ch.write_etcd_settings(cfg, settings)
     settings = ch.host_settings(me, address, paths, cfg, members)
     written = ch.write_settings(cfg, settings)
     ch.apply_settings(settings)
@@ -202,7 +206,8 @@ def init(
         sealed.load_or_create(cfg / "secrets.key")
         fp = pki.fingerprint((tls / "ca.crt").read_bytes())
         members = [Member(name=me, peer_url=url(address, ETCD_PEER_PORT), client_url=url(address, ETCD_CLIENT_PORT))]
-        written = configure(paths, cfg, me, address, members, "new", fp, undo)
+        crl = pki.make_crl(tls, [], 1)  # none revoked yet; the API signs the store's list from now on
+        written = configure(paths, cfg, me, address, members, "new", fp, undo, crl)
         say(f"settings: {written}, {cfg / ch.ETCD_FILE}")
         waited = bring_up(paths, cfg, sd, [me], undo)
         say(f"cluster: {me} leads, ready after {waited:.1f} s more")
@@ -311,7 +316,8 @@ def join(
         mine = url(address, ETCD_CLIENT_PORT)
         members = [m if m.name != me else m.model_copy(update={"client_url": mine}) for m in answer.members]
         fp = token.ca_sha256
-        written = configure(paths, cfg, me, address, members, "existing", fp, undo)
+        crl = answer.crl.encode() if answer.crl is not None else None
+        written = configure(paths, cfg, me, address, members, "existing", fp, undo, crl)
         say(f"joined: certificates in {tls}, settings in {written}")
         waited = bring_up(paths, cfg, sd, [me], undo)
         say(f"cluster: {me} registered, ready after {waited:.1f} s more")
@@ -355,8 +361,10 @@ def leave(
     if (paths.tls_dir / "ca.key").exists() and others:
         fail(f"{me} holds the site CA's key ({paths.tls_dir / 'ca.key'}), which joins and renewals need: "
              "remove the other hosts first, or move the CA by hand (docs/install.md)")  # fmt: skip
-    left = c.post("/v1/cluster/leave", json={"host": me})["members"]
+    answer = c.post("/v1/cluster/leave", json={"host": me})
+    left = answer["members"]
     say(f"etcd member {me} removed; members left ({len(left)}): {', '.join(sorted(m['name'] for m in left))}")
+    say(revoked_line(me, answer.get("revoked") or []))
     for line in ch.stop_services(paths, sd):
         say(line)
     say(ch.stop_etcd(paths, sd))
@@ -368,6 +376,31 @@ def leave(
         say(QUORUM_NOTE)
     for k in settings:
         os.environ.pop(k, None)
+
+
+def revoked_line(host: str, serials: list[str]) -> str:
+    if not serials:
+        return (f"no certificate of {host} was recorded (it did not join with kasou cluster join): none revoked; "
+                "its certificates stay valid until they expire")  # fmt: skip
+    return (f"{host}'s certificates revoked ({len(serials)}): {', '.join(serials)}; etcd and the agents refuse them "
+            "(the CA's host signs the new list within seconds)")  # fmt: skip
+
+
+@cluster_app.command("remove")
+def remove_host(host: str = typer.Argument(..., help="The host that is gone for good (its name).")) -> None:
+    """Take a host that is down for good (dead hardware, stolen) out of the cluster, from another host: its etcd
+    member is removed, so the others' quorum no longer counts it. Refused while it is up (leave from it) and while
+    VMs are recorded on it."""
+    answer = client().post("/v1/cluster/remove", json={"host": host})
+    left = answer["members"]
+    say(f"etcd member {host} removed; members left ({len(left)}): {', '.join(sorted(m['name'] for m in left))}")
+    say(f"{host} is forgotten: if the old machine comes back, its record is ignored; a new machine of that name "
+        "joins with a join token (kasou cluster token)")  # fmt: skip
+    say(revoked_line(host, answer.get("revoked") or []))
+    say(f"{host} held the site's API token, secrets key and audit key: if the machine may be in other hands, see "
+        "docs/install.md, 'Removing a host that is gone'")  # fmt: skip
+    if len(left) == 2:
+        say(QUORUM_NOTE)
 
 
 cluster_app.command("balance")(balance.balance)

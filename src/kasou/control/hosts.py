@@ -15,10 +15,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from kasou.agent.client import AgentClient
+from kasou.control.membership import removed_hosts
 from kasou.errors import AgentUnavailable
 from kasou.store.base import Store
 
 REFRESH_EVERY_S = 0.5
+REMOVED_EVERY_S = 5.0  # how often the removed hosts are read again (this control plane forgets at once: forget())
 
 
 class HostView(BaseModel):
@@ -55,6 +57,8 @@ class Agents:
         self._up: set[str] = set(self._clients)
         self._known: set[str] = set(self._clients)
         self._refreshed = 0.0
+        self._removed: set[str] = set()
+        self._removed_read = -REMOVED_EVERY_S
 
     @property
     def clustered(self) -> bool:
@@ -64,9 +68,14 @@ class Agents:
         if self._store is None or (not force and time.monotonic() - self._refreshed < REFRESH_EVERY_S):
             return
         self._refreshed = time.monotonic()
+        if self._refreshed - self._removed_read >= REMOVED_EVERY_S:
+            self._removed = await removed_hosts(self._store)
+            self._removed_read = self._refreshed
         up = set()
         for e in await self._store.range("hosts/"):
             name = str(e.value.get("name") or e.key.split("/", 1)[1])
+            if name in self._removed:
+                continue  # taken out of the cluster for good: the old machine's record is not believed
             url = str(e.value.get("agent_url", ""))
             self._records[name] = e.value
             if name not in self._clients or self._urls.get(name) != url:
@@ -79,7 +88,7 @@ class Agents:
                 self._urls[name] = url
             up.add(name)
         self._up = up
-        self._known |= up
+        self._known = (self._known | up) - self._removed
 
     def names(self) -> list[str]:
         """Hosts that are up."""
@@ -88,6 +97,16 @@ class Agents:
     def known(self) -> list[str]:
         """Every host seen since this control plane started, up or not."""
         return sorted(self._known)
+
+    def forget(self, host: str) -> None:
+        """``host`` was removed from the cluster (:func:`kasou.control.membership.mark_removed`): from now on."""
+        self._removed.add(host)
+        self._known.discard(host)
+        self._up.discard(host)
+
+    def welcome(self, host: str) -> None:
+        """A host of a removed host's name joined again (its removal record cleared): its record counts again."""
+        self._removed.discard(host)
 
     def is_up(self, host: str | None) -> bool:
         return host in self._up

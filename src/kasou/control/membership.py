@@ -21,10 +21,34 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kasou.errors import Conflict, InvalidSpec, StoreConflict, Unauthorized
-from kasou.model.cluster import ETCD_PEER_PORT, JoinToken, Member, url
+from kasou.model.cluster import ETCD_PEER_PORT, REMOVED_PREFIX, JoinToken, Member, url
 from kasou.store.base import Store
 
 TOKENS = "cluster/join-tokens/"
+
+
+async def removed_hosts(store: Store) -> set[str]:
+    """The hosts taken out of the cluster while down (``kasou cluster remove``) and not joined again since."""
+    return {e.key.removeprefix(REMOVED_PREFIX) for e in await store.range(REMOVED_PREFIX)}
+
+
+async def mark_removed(store: Store, host: str, by: str) -> None:
+    await store.put(REMOVED_PREFIX + host, {"host": host, "at": time.time(), "by": by})
+
+
+async def clear_removed(store: Store, host: str) -> dict[str, Any] | None:
+    """A host of this name joins again: it counts from now on. The record it had, if any (to put back)."""
+    e = await store.get(REMOVED_PREFIX + host)
+    if e is None:
+        return None
+    await store.delete(e.key)
+    return dict(e.value)
+
+
+async def restore_removed(store: Store, record: dict[str, Any] | None) -> None:
+    """After a failed join: the name is removed again, as it was."""
+    if record is not None:
+        await store.put(REMOVED_PREFIX + str(record["host"]), record)
 
 
 class Membership(Protocol):

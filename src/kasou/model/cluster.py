@@ -25,6 +25,16 @@ TOKEN_TTL_S = 3600  # a join token's default life (one hour); at most a day
 TOKEN_TTL_MAX_S = 86400
 MIN_TOKEN_TTL_S = 60
 
+#: ``cluster/removed/<host>``: a host taken out of the cluster for good while it was down (``kasou cluster remove``):
+#: the control plane ignores a record the old machine may still publish under that name, until a host of that name
+#: joins again (with a join token, which clears it).
+REMOVED_PREFIX = "cluster/removed/"
+#: Revocation (:mod:`kasou.control.revocation`): the serials of the certificates signed for each joined host, the
+#: revoked serials (one key each, hex), and the site's signed revocation list.
+CERTS_PREFIX = "cluster/certs/"
+REVOKED_PREFIX = "cluster/revoked/"
+CRL_KEY = "cluster/crl"
+
 _TOKEN = re.compile(r"^K1\.([0-9a-f]{8})\.([A-Za-z0-9_-]{32})\.([0-9a-f]{64})$")
 
 
@@ -97,6 +107,7 @@ class JoinAnswer(BaseModel):
     etcd_cert: str  # PEM, for etcd_csr's key: its etcd member's certificate (no host marker)
     members: list[Member]  # every member after the new one was added (the new one included)
     site_files: dict[str, str] = Field(repr=False)  # api.token, secrets.key, ...: the same on every host
+    crl: str | None = None  # PEM: the site's revocation list, which the new member's etcd reads
 
 
 class TokenRequest(BaseModel):
@@ -116,5 +127,14 @@ class LeaveRequest(BaseModel):
     host: str
 
 
+class RemoveRequest(BaseModel):
+    """``POST /v1/cluster/remove``: take a host that is down for good out of the cluster, from another host."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+
+
 class LeaveAnswer(BaseModel):
     members: list[Member]  # what is left
+    revoked: list[str] = []  # the serial numbers (hex) of the host's certificates revoked; none: set up by hand

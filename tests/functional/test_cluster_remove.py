@@ -1,0 +1,98 @@
+"""``kasou cluster remove``: a host that is gone for good taken out of the cluster from another host, with the
+in-process API on three fake hosts and etcd's membership a stand-in (the real one: tests/integration/
+test_cluster_join.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from kasou import pki
+from kasou.control.hosts import Agents
+from kasou.control.membership import mark_removed
+from kasou.store.sqlite import SqliteStore
+from tests.functional.conftest import TOKEN, Cluster, client_of
+from tests.functional.test_cluster_join_api import FakeMembers, join_body
+
+
+@pytest.fixture
+def members(cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeMembers:
+    tls = tmp_path / "tls"
+    pki.init_ca(tls, "test site")
+    pki.issue(tls, "h1", ["10.0.0.1"], [], tls)
+    (tmp_path / "api.token").write_text(TOKEN + "\n")
+    monkeypatch.setenv("KASOU_TLS_DIR", str(tls))
+    monkeypatch.setenv("KASOU_TOKEN_FILE", str(tmp_path / "api.token"))
+    fake = FakeMembers()
+    fake.members = [
+        {"id": i, "name": h, "peer_urls": [f"https://10.0.0.{i}:2380"], "client_urls": [f"https://10.0.0.{i}:2379"]}
+        for i, h in enumerate(["h1", "h2", "h3"], 1)
+    ]
+    cluster.services.membership = fake
+    return fake
+
+
+def test_a_dead_host_is_removed_only_once_it_is_down_and_holds_no_vm(cluster: Cluster, members: FakeMembers) -> None:
+    cluster.create("emr1")
+    busy = cluster.host_of("emr1")
+    empty = next(h for h in ("h1", "h2", "h3") if h != busy)
+    r = cluster.api.post("/v1/cluster/remove", json={"host": empty})
+    assert r.status_code == 409 and f"run kasou cluster leave on {empty}" in r.json()["message"], r.text
+
+    cluster.fail_host(busy)  # its lease expired: the stopped VM is recorded there, and would be lost with it
+    r = cluster.api.post("/v1/cluster/remove", json={"host": busy})
+    assert r.status_code == 409 and "emr1" in r.json()["message"] and "kasou vm delete" in r.json()["message"]
+    assert len(members.members) == 3
+
+    cluster.fail_host(empty)
+    events, call = cluster.services.vms.events, cluster.api.portal.call  # type: ignore[union-attr]
+    call(events.raise_once, f"host-down/{empty}", "host_down", f"host/{empty}", "down", "critical")
+    r = cluster.api.post("/v1/cluster/remove", json={"host": empty})
+    assert r.status_code == 200, r.text
+    left = sorted(m["name"] for m in r.json()["members"])
+    assert left == sorted({"h1", "h2", "h3"} - {empty}) and len(members.members) == 2
+    assert empty not in [h["name"] for h in cluster.api.get("/v1/hosts").json()]
+    assert f"host-down/{empty}" not in call(events.active_keys)
+    kinds = [e["kind"] for e in cluster.api.get("/v1/events").json()]
+    assert "host_removed" in kinds
+    r = cluster.api.post("/v1/cluster/remove", json={"host": empty})
+    assert r.status_code == 404 and f"no host {empty}" in r.json()["message"]
+    assert cluster.api.post("/v1/cluster/remove", json={"host": "../h1"}).status_code == 422
+
+    # A new machine under the removed name joins with a token: the name counts again.
+    token = cluster.api.post("/v1/cluster/tokens").json()["token"]
+    r = cluster.api.post("/v1/cluster/join", json=join_body(token, empty, "10.0.0.42"))
+    assert r.status_code == 200, r.text
+    assert call(cluster.services.store.get, f"cluster/removed/{empty}") is None
+
+
+def test_only_administrators_remove_hosts(cluster: Cluster, members: FakeMembers) -> None:
+    anon = client_of(cluster.api)
+    anon.headers.pop("Authorization", None)
+    assert anon.post("/v1/cluster/remove", json={"host": "h2"}).status_code == 401
+    assert len(members.members) == 3
+
+
+def test_the_control_plane_ignores_a_removed_hosts_record(tmp_path: Path) -> None:
+    async def run() -> tuple[list[str], list[str], list[str]]:
+        store = SqliteStore(tmp_path / "state.db")
+        for h in ("h1", "h2"):
+            await store.put(f"hosts/{h}", {"name": h, "agent_url": f"https://10.0.0.{h[1]}:8471"})
+        agents = Agents(store=store)
+        await agents.refresh(force=True)
+        before = agents.names()
+        await mark_removed(store, "h2", "admin")  # the old machine still publishes its record
+        fresh = Agents(store=store)
+        await fresh.refresh(force=True)
+        agents.forget("h2")
+        await agents.refresh(force=True)
+        out = before, fresh.names(), agents.known()
+        await agents.close()
+        await fresh.close()
+        await store.close()
+        return out
+
+    before, fresh, known = asyncio.run(run())
+    assert before == ["h1", "h2"] and fresh == ["h1"] and known == ["h1"]
