@@ -96,3 +96,26 @@ def test_the_control_plane_ignores_a_removed_hosts_record(tmp_path: Path) -> Non
 
     before, fresh, known = asyncio.run(run())
     assert before == ["h1", "h2"] and fresh == ["h1"] and known == ["h1"]
+
+
+def test_the_cli_removes_a_dead_host_and_says_what_it_could_not_revoke(cluster: Cluster, members: FakeMembers) -> None:
+    from typer.testing import CliRunner
+
+    from kasou.api.client import Client
+    from kasou.cli import common, main
+
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=cluster.api)
+    try:
+        runner = CliRunner()
+        r = runner.invoke(main.app, ["cluster", "remove", "h3"])
+        assert r.exit_code == 4 and "run kasou cluster leave on h3" in r.output, r.output  # 4: a conflict
+        cluster.fail_host("h3")
+        r = runner.invoke(main.app, ["cluster", "remove", "h3"])
+        assert r.exit_code == 0, r.output
+        assert "members left (2): h1, h2" in r.output and "h3 is forgotten" in r.output
+        assert "no certificate of h3 was recorded" in r.output  # set up without kasou cluster join
+        assert "3 members survive the loss of any one" in r.output  # two members left: the quorum note
+        r = runner.invoke(main.app, ["cluster", "remove", "h3"])
+        assert r.exit_code == 3 and "no host h3" in r.output  # 3: not found
+    finally:
+        common.client_factory = None
