@@ -39,17 +39,22 @@ class FakeMembers:
         return await self.member_list()
 
 
-@pytest.fixture
-def site(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeMembers:
+def make_site(services: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, address: str) -> FakeMembers:
+    """This host the CA's (its key, its certificate, the API token file) with etcd's membership a stand-in."""
     tls = tmp_path / "tls"
     pki.init_ca(tls, "test site")
-    pki.issue(tls, "host1", ["10.0.0.11"], [], tls)
+    pki.issue(tls, host, [address], [], tls)
     (tmp_path / "api.token").write_text(TOKEN + "\n")
     monkeypatch.setenv("KASOU_TLS_DIR", str(tls))
     monkeypatch.setenv("KASOU_TOKEN_FILE", str(tmp_path / "api.token"))
     members = FakeMembers()
-    env.services.membership = members
+    services.membership = members
     return members
+
+
+@pytest.fixture
+def site(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeMembers:
+    return make_site(env.services, tmp_path, monkeypatch, "host1", "10.0.0.11")
 
 
 def join_body(token: str, name: str = "host2", address: str = "10.0.0.12") -> dict[str, Any]:

@@ -9,28 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from kasou import pki
 from kasou.control.hosts import Agents
 from kasou.control.membership import mark_removed
 from kasou.store.sqlite import SqliteStore
 from tests.functional.conftest import TOKEN, Cluster, client_of
-from tests.functional.test_cluster_join_api import FakeMembers, join_body
+from tests.functional.test_cluster_join_api import FakeMembers, join_body, make_site
 
 
 @pytest.fixture
 def members(cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeMembers:
-    tls = tmp_path / "tls"
-    pki.init_ca(tls, "test site")
-    pki.issue(tls, "h1", ["10.0.0.1"], [], tls)
-    (tmp_path / "api.token").write_text(TOKEN + "\n")
-    monkeypatch.setenv("KASOU_TLS_DIR", str(tls))
-    monkeypatch.setenv("KASOU_TOKEN_FILE", str(tmp_path / "api.token"))
-    fake = FakeMembers()
+    fake = make_site(cluster.services, tmp_path, monkeypatch, "h1", "10.0.0.1")
     fake.members = [
         {"id": i, "name": h, "peer_urls": [f"https://10.0.0.{i}:2380"], "client_urls": [f"https://10.0.0.{i}:2379"]}
         for i, h in enumerate(["h1", "h2", "h3"], 1)
     ]
-    cluster.services.membership = fake
     return fake
 
 

@@ -11,7 +11,6 @@ its own files every ``CHECK_EVERY_S`` and at start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from kasou.config import TlsFiles, host_name
+from kasou.control.background import BackgroundTask
 from kasou.control.events import Events, Severity
 from kasou.control.offsite import KEY as BACKUP_SERVER_KEY
 from kasou.control.offsite import OffsiteRecord
@@ -79,7 +79,7 @@ class CertWatch:
         self.files = files
         self.host = host or host_name()
         self.events = Events(store)
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask("certificate-check")
 
     def local(self) -> list[Watched]:
         """This host's certificates: the CA bundle's and its own."""
@@ -157,12 +157,7 @@ class CertWatch:
             await asyncio.sleep(every)
 
     def start(self, every: float = CHECK_EVERY_S) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(every), name="certificate-check")
+        self._background.start(lambda: self._loop(every))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.close()

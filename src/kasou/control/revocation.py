@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from kasou import pki
+from kasou.control.background import BackgroundTask
 from kasou.errors import KasouError, StoreConflict
 from kasou.model.cluster import CERTS_PREFIX, CRL_KEY, REVOKED_PREFIX
 from kasou.store.base import Store
@@ -94,7 +95,7 @@ class Revocations:
         self.store = store
         self.ca_dir = ca_dir if ca_dir is not None and (ca_dir / "ca.key").is_file() else None
         self.crl_file = crl_file
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask("revocations")
         self._wake = asyncio.Event()
 
     async def sign_if_changed(self) -> bool:
@@ -146,12 +147,7 @@ class Revocations:
             self._wake.clear()
 
     def start(self, every: float = EVERY_S) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(every), name="revocations")
+        self._background.start(lambda: self._loop(every))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.close()
