@@ -111,3 +111,22 @@ def test_the_cli_removes_a_dead_host_and_says_what_it_could_not_revoke(cluster: 
         assert r.exit_code == 3 and "no host h3" in r.output  # 3: not found
     finally:
         common.client_factory = None
+
+
+def test_the_cli_prints_what_remove_did_for_a_script(cluster: Cluster, members: FakeMembers) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from kasou.api.client import Client
+    from kasou.cli import common, main
+
+    common.client_factory = lambda: Client("http://testserver", TOKEN, http=cluster.api)
+    try:
+        cluster.fail_host("h2")
+        r = CliRunner().invoke(main.app, ["cluster", "remove", "h2", "-o", "json"])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output)
+        assert sorted(m["name"] for m in out["members"]) == ["h1", "h3"] and out["revoked"] == []
+    finally:
+        common.client_factory = None

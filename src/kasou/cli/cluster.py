@@ -386,21 +386,33 @@ def revoked_line(host: str, serials: list[str]) -> str:
             "(the CA's host signs the new list within seconds)")  # fmt: skip
 
 
+REMOVE_COLS = [Col("members"), Col("revoked")]
+
+
 @cluster_app.command("remove")
-def remove_host(host: str = typer.Argument(..., help="The host that is gone for good (its name).")) -> None:
+def remove_host(
+    host: str = typer.Argument(..., help="The host that is gone for good (its name)."),
+    output: str = OUTPUT,
+    column: list[str] = columns(REMOVE_COLS),
+) -> None:
     """Take a host that is down for good (dead hardware, stolen) out of the cluster, from another host: its etcd
-    member is removed, so the others' quorum no longer counts it. Refused while it is up (leave from it) and while
-    VMs are recorded on it."""
+    member is removed, so the others' quorum no longer counts it, and its certificates are revoked. Refused while
+    it is up (leave from it) and while VMs are recorded on it."""
+    v = view(output, column, False, REMOVE_COLS)
     answer = client().post("/v1/cluster/remove", json={"host": host})
     left = answer["members"]
-    say(f"etcd member {host} removed; members left ({len(left)}): {', '.join(sorted(m['name'] for m in left))}")
-    say(f"{host} is forgotten: if the old machine comes back, its record is ignored; a new machine of that name "
-        "joins with a join token (kasou cluster token)")  # fmt: skip
-    say(revoked_line(host, answer.get("revoked") or []))
-    say(f"{host} held the site's API token, secrets key and audit key: if the machine may be in other hands, see "
-        "docs/install.md, 'Removing a host that is gone'")  # fmt: skip
-    if len(left) == 2:
-        say(QUORUM_NOTE)
+
+    def human() -> None:
+        say(f"etcd member {host} removed; members left ({len(left)}): {', '.join(sorted(m['name'] for m in left))}")
+        say(f"{host} is forgotten: if the old machine comes back, its record is ignored; a new machine of that "
+            "name joins with a join token (kasou cluster token)")  # fmt: skip
+        say(revoked_line(host, answer.get("revoked") or []))
+        say(f"{host} held the site's API token, secrets key and audit key: if the machine may be in other hands, "
+            "see docs/install.md, 'Removing a host that is gone'")  # fmt: skip
+        if len(left) == 2:
+            say(QUORUM_NOTE)
+
+    render_one(answer, REMOVE_COLS, v, human=human)
 
 
 cluster_app.command("balance")(balance.balance)
