@@ -152,3 +152,34 @@ def test_a_host_that_leaves_has_its_certificates_revoked_in_etcds_list(
     assert call(other.write_local) is False  # unchanged: not written again
     # A refused leave revokes nothing; leaving again finds nothing left to revoke.
     assert env.api.post("/v1/cluster/leave", json={"host": "host2"}).status_code == 422
+
+
+def test_the_ca_host_signs_and_every_host_writes_the_list_moments_after_a_revocation(
+    env: Env, site: FakeMembers, tmp_path: Path
+) -> None:
+    import time
+
+    from kasou.control.revocation import Revocations
+
+    ca_pem = (tmp_path / "tls" / "ca.crt").read_bytes()
+    token = env.api.post("/v1/cluster/tokens").json()["token"]
+    answer = env.client().post("/v1/cluster/join", json=join_body(token)).json()
+    site.members[-1]["name"] = "host2"
+    crl_file = tmp_path / "etcd" / "crl.pem"
+    # Like the CA's host's API server (it signs and writes), with rounds far apart: the watch brings the change.
+    running = Revocations(env.services.store, tmp_path / "tls", crl_file)
+    call = env.api.portal.call  # type: ignore[union-attr]
+    call(running.start, 60.0)
+    try:
+        deadline = time.monotonic() + 10
+        while not crl_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pki.crl_serials(crl_file.read_bytes(), ca_pem) == set()  # the first round: an empty list
+        assert env.api.post("/v1/cluster/leave", json={"host": "host2"}).status_code == 200
+        issued = {pki.serial_of(answer["host_cert"]), pki.serial_of(answer["etcd_cert"])}
+        t0 = time.monotonic()
+        while pki.crl_serials(crl_file.read_bytes(), ca_pem) != issued:
+            assert time.monotonic() - t0 < 5, "the list was not rewritten within 5 s of the revocation"
+            time.sleep(0.05)
+    finally:
+        call(running.close)

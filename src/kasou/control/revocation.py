@@ -12,7 +12,8 @@ been valid). Two places then refuse them:
 * etcd, which reads a certificate revocation list at each new connection (``--client-crl-file`` and
   ``--peer-crl-file``, written by ``kasou cluster init`` and ``join``). Only the host that holds the CA's key can
   sign that list: its API server (:class:`Revocations`) signs a new one into the store (``cluster/crl``) when
-  the revoked serials change, and every API server writes the store's list to its own host's file.
+  the revoked serials change, and every API server writes the store's list to its own host's file. Each follows
+  ``cluster/`` with a watch, so both happen within moments of the revocation, whichever host recorded it.
 
 A host set up by hand (the hospital's own CA, ``docs/operations.md``) has no recorded serials: nothing is revoked
 for it, and leave and remove say so.
@@ -146,8 +147,24 @@ class Revocations:
                 await asyncio.wait_for(self._wake.wait(), every)
             self._wake.clear()
 
+    async def _follow(self) -> None:
+        """Look at once when a serial is revoked or the list changes, whichever host recorded it (a watch of
+        ``cluster/``); the rounds every ``EVERY_S`` stay, for the changes a broken watch missed."""
+        while True:
+            try:
+                async with self.store.watch("cluster/") as changes:
+                    async for event in changes:
+                        if event.key.startswith(REVOKED_PREFIX) or event.key == CRL_KEY or event.kind == "resync":
+                            self.nudge()
+            except KasouError as e:
+                log.warning("following the revocations: %s; looking every %.0f s meanwhile", e.message, EVERY_S)
+            await asyncio.sleep(EVERY_S)
+
+    async def _run(self, every: float) -> None:
+        await asyncio.gather(self._loop(every), self._follow())
+
     def start(self, every: float = EVERY_S) -> None:
-        self._background.start(lambda: self._loop(every))
+        self._background.start(lambda: self._run(every))
 
     async def close(self) -> None:
         await self._background.close()
