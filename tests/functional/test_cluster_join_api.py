@@ -130,6 +130,7 @@ def test_a_single_host_is_no_cluster_to_join(env: Env, tmp_path: Path, monkeypat
 def test_a_host_that_leaves_has_its_certificates_revoked_in_etcds_list(
     env: Env, site: FakeMembers, tmp_path: Path
 ) -> None:
+    from kasou.control import revocation
     from kasou.control.revocation import Revocations
 
     ca_pem = (tmp_path / "tls" / "ca.crt").read_bytes()
@@ -146,7 +147,11 @@ def test_a_host_that_leaves_has_its_certificates_revoked_in_etcds_list(
     other = Revocations(env.services.store, None, crl_file)  # a host without the CA's key: it only writes
     call = env.api.portal.call  # type: ignore[union-attr]
     signer = Revocations(env.services.store, tmp_path / "tls", None)
+    before = call(revocation.state, env.services.store)
+    assert before.revoked == 2 and before.listed == 0  # revoked, not yet in the list (signed empty at the join)
     assert call(signer.sign_if_changed) is True and call(signer.sign_if_changed) is False
+    after = call(revocation.state, env.services.store)
+    assert after.listed == 2 and after.list_number == before.list_number + 1  # type: ignore[operator]
     assert call(other.sign_if_changed) is False and call(other.write_local) is True
     assert pki.crl_serials(crl_file.read_bytes(), ca_pem) == issued
     assert call(other.write_local) is False  # unchanged: not written again

@@ -227,5 +227,6 @@ def test_init_join_leave(hosts: dict[str, Host]) -> None:
     assert _etcd_answers(h1, h1.home / "tls") and _agent_status(h1, h1.home / "tls") == 200
     view = wait_for("h2's lease to end", lambda: (v := h1.cluster())["hosts"] == ["h1"] and v, timeout=30)
     assert [m["name"] for m in view["etcd_members"]] == ["h1"]
+    assert view["revocation"]["revoked"] == 2 and view["revocation"]["listed"] == 2, view["revocation"]
     print(f"\ninit {t_init:.1f} s, join {t_join:.1f} s, leave {t_leave:.1f} s; h2's certificate refused by etcd "
           f"{t_refused:.2f} s after leave returned")  # fmt: skip

@@ -90,3 +90,29 @@ def test_the_cache_reads_in_the_background_after_the_first_read() -> None:
         return out
 
     assert asyncio.run(run()) == [{1}, {1}, {1}, {1, 2}]
+
+
+def test_kasou_cluster_says_when_etcds_list_lags_the_revocations() -> None:
+    from typer.testing import CliRunner
+
+    from kasou.cli import common, main
+
+    view: dict[str, Any] = {"clustered": True, "leader": "h1", "hosts": ["h1", "h3"], "etcd_members": None,
+                            "revocation": {"revoked": 2, "list_number": 1, "listed": 0, "signed_at": 1.0}}  # fmt: skip
+
+    class Api:
+        def get(self, path: str, params: Any = None) -> Any:
+            assert path == "/v1/cluster"
+            return view
+
+    common.client_factory = lambda: Api()  # type: ignore[assignment,return-value]
+    try:
+        out = CliRunner().invoke(main.app, ["cluster"]).output
+        assert "certificates revoked: 2 (2 not yet in etcd's list: the CA's host signs it when it is up)" in out, out
+        view["revocation"]["listed"] = 2
+        out = CliRunner().invoke(main.app, ["cluster"]).output
+        assert "certificates revoked: 2" in out and "not yet" not in out
+        out = CliRunner().invoke(main.app, ["cluster", "-o", "json", "-c", "revocation"]).output
+        assert json.loads(out) == {"revocation": view["revocation"]}
+    finally:
+        common.client_factory = None

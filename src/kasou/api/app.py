@@ -52,7 +52,7 @@ from kasou.control.records import JobRecord, LedgerEntry
 from kasou.control.report import UptimeRow, uptime_row
 from kasou.control.vms import VMView
 from kasou.errors import AgentUnavailable, Forbidden, NotFound
-from kasou.model.cluster import Member
+from kasou.model.cluster import Member, RevocationState
 from kasou.model.selection import VMFilter
 from kasou.model.spec import NetworkCreate, NetworkUpdate, VMCreate, VMUpdate, validate_name
 from kasou.model.state import Action
@@ -88,6 +88,7 @@ class ClusterView(BaseModel):
     leader: str | None  # the host whose control plane is active
     hosts: list[str]  # hosts that are up
     etcd_members: list[Member] | None = None  # the cluster's etcd members (kasou cluster join); None: one host
+    revocation: RevocationState | None = None  # revoked certificates and the list etcd reads; None: one host
 
 
 #: A server-sent event as OpenAPI 3.2 describes one (FastAPI's own schema for them, kasou.api.watches).
@@ -445,7 +446,8 @@ def create_app(services_factory: Callable[[], Awaitable[Services]], token: str) 
         members, etcd = None, svc().membership
         if etcd is not None:
             members = members_of(await etcd.member_list())
-        return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names(), etcd_members=members)
+        return ClusterView(clustered=True, leader=lead.leader_host, hosts=svc().agents.names(), etcd_members=members,
+                           revocation=await revocation.state(svc().store))  # fmt: skip
 
     v1.include_router(snapshot_router(svc))
     v1.include_router(media_router(svc))  # the CD drive

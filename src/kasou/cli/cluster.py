@@ -50,7 +50,8 @@ QUORUM_NOTE = (
 )
 
 
-CLUSTER_COLS = [Col("clustered"), Col("leader"), Col("hosts"), Col("etcd_members", hidden=True)]
+CLUSTER_COLS = [Col("clustered"), Col("leader"), Col("hosts"), Col("etcd_members", hidden=True),
+                Col("revocation", hidden=True)]  # fmt: skip
 
 
 @cluster_app.callback(invoke_without_command=True)
@@ -67,6 +68,11 @@ def show(
     members = c.get("etcd_members")
     if members is not None:
         line += f"; etcd members ({len(members)}): {', '.join(sorted(m['name'] for m in members))}"
+    rev = c.get("revocation")
+    if rev and rev["revoked"]:
+        line += f"; certificates revoked: {rev['revoked']}"
+        if rev["listed"] < rev["revoked"]:
+            line += f" ({rev['revoked'] - rev['listed']} not yet in etcd's list: the CA's host signs it when it is up)"
     render_one(c, CLUSTER_COLS, v, human=lambda: say(line))
 
 

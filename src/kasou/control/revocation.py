@@ -31,7 +31,7 @@ from pathlib import Path
 from kasou import pki
 from kasou.control.background import BackgroundTask
 from kasou.errors import KasouError, StoreConflict
-from kasou.model.cluster import CERTS_PREFIX, CRL_KEY, REVOKED_PREFIX
+from kasou.model.cluster import CERTS_PREFIX, CRL_KEY, REVOKED_PREFIX, RevocationState
 from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ async def current_crl(store: Store, ca_dir: Path) -> bytes:
     if e is None:
         raise KasouError("the revocation list could not be signed into the store")
     return str(e.value["pem"]).encode()
+
+
+async def state(store: Store) -> RevocationState:
+    e = await store.get(CRL_KEY)
+    revoked = len(await revoked_serials(store))
+    if e is None:
+        return RevocationState(revoked=revoked)
+    return RevocationState(revoked=revoked, list_number=int(e.value.get("number", 0)),
+                           listed=len(e.value.get("serials") or []), signed_at=e.value.get("at"))  # fmt: skip
 
 
 class Revocations:

@@ -135,6 +135,15 @@ class RemoveRequest(BaseModel):
     host: str
 
 
+class RevocationState(BaseModel):
+    """What the store says of revocation (``GET /v1/cluster``): the serials revoked, and the list etcd reads."""
+
+    revoked: int  # certificates revoked
+    list_number: int | None = None  # the signed list's number; None: none signed yet
+    listed: int = 0  # certificates in that list: fewer than ``revoked`` until the CA's host signs again
+    signed_at: float | None = None
+
+
 class LeaveAnswer(BaseModel):
     members: list[Member]  # what is left
     revoked: list[str] = []  # the serial numbers (hex) of the host's certificates revoked; none: set up by hand
