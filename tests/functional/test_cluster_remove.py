@@ -35,7 +35,7 @@ def test_a_dead_host_is_removed_only_once_it_is_down_and_holds_no_vm(cluster: Cl
 
     cluster.fail_host(busy)  # its lease expired: the stopped VM is recorded there, and would be lost with it
     r = cluster.api.post("/v1/cluster/remove", json={"host": busy})
-    assert r.status_code == 409 and "emr1" in r.json()["message"] and "kasou vm delete" in r.json()["message"]
+    assert r.status_code == 409 and "emr1" in r.json()["message"] and "--drop-vms" in r.json()["message"]
     assert len(members.members) == 3
 
     cluster.fail_host(empty)
@@ -130,3 +130,37 @@ def test_the_cli_prints_what_remove_did_for_a_script(cluster: Cluster, members: 
         assert sorted(m["name"] for m in out["members"]) == ["h1", "h3"] and out["revoked"] == []
     finally:
         common.client_factory = None
+
+
+def test_drop_vms_moves_a_replicated_vm_to_its_replica_and_drops_the_others(
+    cluster: Cluster, members: FakeMembers
+) -> None:
+    from tests.functional.test_api_replication import _in_sync
+
+    cluster.create("pacs", start=True, storage="replicated")
+    v = _in_sync(cluster, "pacs")
+    gone, replica_host = v["host"], v["replica"]["host"]
+    local = None
+    for i in range(6):  # a VM with its disk on the same host
+        cluster.create(f"lab{i}")
+        if cluster.host_of(f"lab{i}") == gone:
+            local = f"lab{i}"
+            break
+    assert local is not None
+    cluster.fail_host(gone)
+    r = cluster.api.post("/v1/cluster/remove", json={"host": gone})
+    assert r.status_code == 409 and "pacs" in r.json()["message"] and "--drop-vms" in r.json()["message"], r.text
+    r = cluster.api.post("/v1/cluster/remove", json={"host": gone, "drop_vms": True})
+    assert r.status_code == 200, r.text
+    lost = {x["vm"]: x for x in r.json()["lost_vms"]}
+    assert lost["pacs"]["moved_to"] == replica_host and lost["pacs"]["replica_state"] == "in_sync"
+    assert lost[local]["moved_to"] is None and set(lost) == {"pacs", local}
+    v = cluster.api.get("/v1/vms/pacs").json()
+    assert v["host"] == replica_host and v["state"] == "stopped" and v["disks"][0]["path"].endswith("replica.qcow2")
+    assert cluster.api.get(f"/v1/vms/{local}").status_code == 404
+    history = cluster.api.get("/v1/vms/pacs/history").json()
+    assert f"host {gone} was removed" in history[-1]["detail"] and "moved, stopped" in history[-1]["detail"]
+    # The moved VM starts on its new host from the promoted copy, and gets a replica again.
+    assert cluster.wait(cluster.api.post("/v1/vms/pacs/actions/start").json()["job"])["state"] == "succeeded"
+    v = _in_sync(cluster, "pacs")
+    assert v["host"] == replica_host and v["replica"]["host"] not in (gone, replica_host)

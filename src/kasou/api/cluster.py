@@ -20,7 +20,7 @@ from kasou import pki
 from kasou.api.auth import Principal
 from kasou.api.deps import Services
 from kasou.config import Paths
-from kasou.control import breakglass, revocation, sealed
+from kasou.control import breakglass, hostremoval, revocation, sealed
 from kasou.control.audit import keys as audit_keys
 from kasou.control.hosts import flags_key
 from kasou.control.membership import (
@@ -185,10 +185,14 @@ def cluster_routes(svc: Callable[[], Services], principal: Callable[[Request], A
         on_it = sorted(v.name for v in await s.vms.list_all() if v.host == host)
         if not (in_etcd or flagged or on_it or host in s.agents.known()):
             raise NotFound(f"no host {host} in this cluster (kasou cluster lists its hosts and etcd members)")
-        if on_it:
-            raise Conflict(f"VMs are recorded on {host}: {', '.join(on_it)}; they would be lost with it: delete them "
-                           "(kasou vm delete) or restore them onto another host from their backups (kasou backup "
-                           "restore VM GENERATION --as NAME --from-server --host HOST) first")  # fmt: skip
+        if on_it and not body.drop_vms:
+            raise Conflict(f"VMs are recorded on {host}: {', '.join(on_it)}; their disks were there: with "
+                           f"--drop-vms, a replicated one moves, stopped, to its replica's host and the others' "
+                           f"records are dropped (restore those from their backups: kasou backup restore)")  # fmt: skip
+        records = await s.vms.records.all()
+        waiting = hostremoval.busy(records, host)
+        if waiting:
+            raise Conflict(f"VMs on {host} have jobs under way: {', '.join(waiting)}; remove {host} when they end")
         who = (await principal(request)).name
         await mark_removed(s.store, host, who)  # first: the old machine's record is ignored from now on
         try:
@@ -196,12 +200,13 @@ def cluster_routes(svc: Callable[[], Services], principal: Callable[[Request], A
         except BaseException:
             await clear_removed(s.store, host)
             raise
+        lost = await hostremoval.give_up(s.vms, host, who) if on_it else []
         s.agents.forget(host)
         if flagged:
             await s.store.delete(flags_key(host))
         await s.vms.events.clear(
             f"host-down/{host}", "host_removed", f"host {host} was removed from the cluster by {who}"
         )
-        return LeaveAnswer(members=after, revoked=await revoke(host, who))
+        return LeaveAnswer(members=after, revoked=await revoke(host, who), lost_vms=lost)
 
     return r

@@ -392,12 +392,15 @@ def revoked_line(host: str, serials: list[str]) -> str:
             "(the CA's host signs the new list within seconds)")  # fmt: skip
 
 
-REMOVE_COLS = [Col("members"), Col("revoked")]
+REMOVE_COLS = [Col("members"), Col("revoked"), Col("lost_vms")]
+DROP_VMS_HELP = ("The VMs recorded on it are lost with it: a replicated one moves, stopped, to its replica's host; "
+                 "the others' records are dropped (restore them from their backups).")  # fmt: skip
 
 
 @cluster_app.command("remove")
 def remove_host(
     host: str = typer.Argument(..., help="The host that is gone for good (its name)."),
+    drop_vms: bool = typer.Option(False, "--drop-vms", help=DROP_VMS_HELP),
     output: str = OUTPUT,
     column: list[str] = columns(REMOVE_COLS),
 ) -> None:
@@ -405,7 +408,7 @@ def remove_host(
     member is removed, so the others' quorum no longer counts it, and its certificates are revoked. Refused while
     it is up (leave from it) and while VMs are recorded on it."""
     v = view(output, column, False, REMOVE_COLS)
-    answer = client().post("/v1/cluster/remove", json={"host": host})
+    answer = client().post("/v1/cluster/remove", json={"host": host, "drop_vms": drop_vms})
     left = answer["members"]
 
     def human() -> None:
@@ -413,6 +416,13 @@ def remove_host(
         say(f"{host} is forgotten: if the old machine comes back, its record is ignored; a new machine of that "
             "name joins with a join token (kasou cluster token)")  # fmt: skip
         say(revoked_line(host, answer.get("revoked") or []))
+        for lost in answer.get("lost_vms") or []:
+            if lost["moved_to"]:
+                say(f"{lost['vm']}: moved, stopped, to {lost['moved_to']} on its disk replica ({lost['replica_state']} "
+                    f"when {host} was lost); start it with kasou vm start {lost['vm']}")  # fmt: skip
+            else:
+                say(f"{lost['vm']}: its record is dropped (its disks were on {host}); restore it from its backups: "
+                    f"kasou backup list {lost['vm']}, kasou backup restore")  # fmt: skip
         say(f"{host} held the site's API token, secrets key and audit key: if the machine may be in other hands, "
             "see docs/install.md, 'Removing a host that is gone'")  # fmt: skip
         if len(left) == 2:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from kasou.errors import InvalidSpec
 
@@ -128,11 +128,22 @@ class LeaveRequest(BaseModel):
 
 
 class RemoveRequest(BaseModel):
-    """``POST /v1/cluster/remove``: take a host that is down for good out of the cluster, from another host."""
+    """``POST /v1/cluster/remove``: take a host that is down for good out of the cluster, from another host.
+    ``drop_vms``: the VMs recorded on it are lost with it: a replicated one moves, stopped, to its replica's host,
+    the others' records are dropped (:mod:`kasou.control.hostremoval`); without it, VMs there refuse the removal."""
 
     model_config = ConfigDict(extra="forbid")
 
     host: str
+    drop_vms: StrictBool = False
+
+
+class LostVM(BaseModel):
+    """A VM of a removed host (``drop_vms``)."""
+
+    vm: str
+    moved_to: str | None = None  # the replica's host, where it is now (stopped); None: its record was dropped
+    replica_state: str | None = None  # the replica's state when the host died (a moved VM)
 
 
 class RevocationState(BaseModel):
@@ -147,3 +158,4 @@ class RevocationState(BaseModel):
 class LeaveAnswer(BaseModel):
     members: list[Member]  # what is left
     revoked: list[str] = []  # the serial numbers (hex) of the host's certificates revoked; none: set up by hand
+    lost_vms: list[LostVM] = []  # remove --drop-vms: the VMs that were recorded on the host, moved or dropped
