@@ -1,4 +1,5 @@
-"""``kasou cluster init`` on one host, ``join`` on a second, ``leave``: the real commands, each host a network
+"""``kasou cluster init`` on one host, ``join`` on a second and a third, ``remove`` of the third once it is dead,
+``leave`` of the second: the real commands, each host a network
 namespace of its own with its own home and settings directory, joined by a bridge; etcd with TLS, the
 production agent and API, started without systemd (as on a machine where PID 1 is not systemd). No VM is
 booted. The teardown SIGKILLs every process left in the namespaces (by pid) and removes the namespaces,
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.etcd, pytest.mark.timeout(600)]
 
 BRIDGE = "kjoin0"
 GATEWAY = "10.89.0.1"
-HOSTS = {"h1": "10.89.0.11", "h2": "10.89.0.12"}
+HOSTS = {"h1": "10.89.0.11", "h2": "10.89.0.12", "h3": "10.89.0.13"}
 STEP_TIMEOUT = 240
 
 
@@ -156,8 +157,8 @@ def token_of(output: str) -> str:
     return next(ln.split()[-1] for ln in output.splitlines() if ln.startswith("join token"))
 
 
-def test_init_join_leave(hosts: dict[str, Host]) -> None:
-    h1, h2 = hosts["h1"], hosts["h2"]
+def test_init_join_remove_leave(hosts: dict[str, Host]) -> None:
+    h1, h2, h3 = hosts["h1"], hosts["h2"], hosts["h3"]
     t0 = time.monotonic()
     init = h1.kasou("cluster", "init", "--name", "test site", "--address", h1.address, "--no-systemd")
     t_init = time.monotonic() - t0
@@ -214,6 +215,27 @@ def test_init_join_leave(hosts: dict[str, Host]) -> None:
         shutil.copy(h2.home / "tls" / f, kept / f)
     assert _etcd_answers(h1, kept) and _agent_status(h1, kept) == 200
 
+    # h3 joins, then dies (every process in its namespace killed): removed from h1, its certificate refused.
+    token3 = token_of(h1.kasou("cluster", "token").stdout)
+    join3 = h3.kasou("cluster", "join", api, "--token", token3, "--address", h3.address, "--no-systemd")
+    assert "etcd members (3): h1, h2, h3" in join3.stdout, join3.stdout
+    lost = hosts["h1"].dir.parent / "h3-certificate"
+    lost.mkdir()
+    for f in ("host.crt", "host.key"):
+        shutil.copy(h3.home / "tls" / f, lost / f)
+    wait_for("h3 up", lambda: "h3" in h1.cluster()["hosts"])
+    refused = h1.kasou("cluster", "remove", "h3", check=False)
+    assert refused.returncode == 4 and "run kasou cluster leave on h3" in refused.stderr, refused.stderr
+    assert not kill_all(set(net.pids_in_netns(h3.netns)))
+    wait_for("h3 down", lambda: h1.cluster()["hosts"] == ["h1", "h2"], timeout=30)
+    t3 = time.monotonic()
+    removed = h1.kasou("cluster", "remove", "h3")
+    t_remove = time.monotonic() - t3
+    assert "members left (2): h1, h2" in removed.stdout and "certificates revoked (2)" in removed.stdout, removed.stdout
+    assert sorted(m["name"] for m in h1.cluster()["etcd_members"]) == ["h1", "h2"]
+    wait_for("h1's etcd to refuse h3's certificate", lambda: not _etcd_answers(h1, lost), timeout=30)
+    wait_for("h2's agent to refuse h3's certificate", lambda: _agent_status(h2, lost) == 403, timeout=15)
+
     t2 = time.monotonic()
     leave = h2.kasou("cluster", "leave", "--no-systemd")
     t_leave = time.monotonic() - t2
@@ -223,10 +245,10 @@ def test_init_join_leave(hosts: dict[str, Host]) -> None:
     assert "certificates revoked (2)" in leave.stdout, leave.stdout
     wait_for("h1's etcd to refuse h2's certificate", lambda: not _etcd_answers(h1, kept), timeout=30)
     t_refused = time.monotonic() - t2 - t_leave  # from the moment leave returned
-    assert _agent_status(h1, kept) == 403
+    wait_for("h1's agent to refuse h2's certificate", lambda: _agent_status(h1, kept) == 403, timeout=15)
     assert _etcd_answers(h1, h1.home / "tls") and _agent_status(h1, h1.home / "tls") == 200
     view = wait_for("h2's lease to end", lambda: (v := h1.cluster())["hosts"] == ["h1"] and v, timeout=30)
     assert [m["name"] for m in view["etcd_members"]] == ["h1"]
-    assert view["revocation"]["revoked"] == 2 and view["revocation"]["listed"] == 2, view["revocation"]
-    print(f"\ninit {t_init:.1f} s, join {t_join:.1f} s, leave {t_leave:.1f} s; h2's certificate refused by etcd "
-          f"{t_refused:.2f} s after leave returned")  # fmt: skip
+    assert view["revocation"]["revoked"] == 4 and view["revocation"]["listed"] == 4, view["revocation"]
+    print(f"\ninit {t_init:.1f} s, join {t_join:.1f} s, remove {t_remove:.1f} s, leave {t_leave:.1f} s; h2's "
+          f"certificate refused by etcd {t_refused:.2f} s after leave returned")  # fmt: skip

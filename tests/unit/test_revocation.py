@@ -116,3 +116,37 @@ def test_kasou_cluster_says_when_etcds_list_lags_the_revocations() -> None:
         assert json.loads(out) == {"revocation": view["revocation"]}
     finally:
         common.client_factory = None
+
+
+def test_a_join_waits_while_etcd_calls_the_cluster_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kasou.control import membership
+
+    class Members:
+        def __init__(self, refusals: list[str]) -> None:
+            self.refusals = refusals
+            self.adds = 0
+
+        async def member_list(self) -> list[dict[str, Any]]:
+            return [{"id": 1, "name": "h1", "peer_urls": ["https://10.0.0.1:2380"], "client_urls": []}]
+
+        async def member_add(self, peer_urls: list[str]) -> tuple[int, list[dict[str, Any]]]:
+            self.adds += 1
+            if self.refusals:
+                raise StoreError(self.refusals.pop(0))
+            return 2, [*await self.member_list(), {"id": 2, "name": "", "peer_urls": peer_urls, "client_urls": []}]
+
+        async def member_remove(self, member_id: int) -> list[dict[str, Any]]:
+            raise AssertionError("not here")
+
+    monkeypatch.setattr(membership, "ADD_RETRY_S", 0.0)
+    unhealthy = "etcd at https://10.0.0.1:2379 did not complete cluster/member/add: etcdserver: unhealthy cluster"
+    m = Members([unhealthy, unhealthy])
+    after = asyncio.run(membership.add_member(m, "h3", "10.0.0.3"))
+    assert [x.name for x in after] == ["h1", "h3"] and m.adds == 3
+    other = Members(["etcd at https://10.0.0.1:2379 did not complete cluster/member/add: no answer within 5s"])
+    with pytest.raises(StoreError, match="no answer"):
+        asyncio.run(membership.add_member(other, "h3", "10.0.0.3"))
+    assert other.adds == 1  # an add that may have happened is never made twice
+    monkeypatch.setattr(membership, "ADD_WAIT_S", 0.0)
+    with pytest.raises(membership.Conflict, match="join again in a minute"):
+        asyncio.run(membership.add_member(Members([unhealthy] * 3), "h3", "10.0.0.3"))

@@ -13,6 +13,7 @@ etcd's own procedure has it, ``member add`` of its peer URL first, then the new 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -20,11 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from kasou.errors import Conflict, InvalidSpec, StoreConflict, Unauthorized
+from kasou.errors import Conflict, InvalidSpec, StoreConflict, StoreError, Unauthorized
 from kasou.model.cluster import ETCD_PEER_PORT, REMOVED_PREFIX, JoinToken, Member, url
 from kasou.store.base import Store
 
 TOKENS = "cluster/join-tokens/"
+ADD_WAIT_S = 30.0  # how long a join waits for etcd to take a new member (the join request allows 60 s)
+ADD_RETRY_S = 1.0
 
 
 async def removed_hosts(store: Store) -> set[str]:
@@ -132,8 +135,21 @@ async def add_member(members: Membership, name: str, address: str) -> list[Membe
         if m.name == name or m.peer_url == peer:
             raise Conflict(f"the cluster has an etcd member {m.name} at {m.peer_url} already: a host joins once "
                            "(kasou cluster leave on it first, or give this host another name or address)")  # fmt: skip
-    _, after = await members.member_add([peer])
-    return members_of(after, new_name=name)
+    deadline = time.monotonic() + ADD_WAIT_S
+    while True:
+        try:
+            _, after = await members.member_add([peer])
+            return members_of(after, new_name=name)
+        except StoreError as e:
+            # etcd refuses to add a member until every member has been up for a few seconds (its strict
+            # reconfiguration check), before it proposes anything: nothing was added, so asking again is safe.
+            if "unhealthy cluster" not in e.message:
+                raise
+            if time.monotonic() >= deadline:
+                raise Conflict(f"etcd refused a new member for {ADD_WAIT_S:.0f} s: {e.message.split(';')[0]} (a "
+                               "member that joined or restarted moments ago is not counted yet); join again in a "
+                               "minute") from None  # fmt: skip
+            await asyncio.sleep(ADD_RETRY_S)
 
 
 async def remove_member(members: Membership, name: str) -> list[Member]:
