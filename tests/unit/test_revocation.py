@@ -150,3 +150,19 @@ def test_a_join_waits_while_etcd_calls_the_cluster_unhealthy(monkeypatch: pytest
     monkeypatch.setattr(membership, "ADD_WAIT_S", 0.0)
     with pytest.raises(membership.Conflict, match="join again in a minute"):
         asyncio.run(membership.add_member(Members([unhealthy] * 3), "h3", "10.0.0.3"))
+
+
+def test_revocations_of_expired_certificates_are_forgotten(tmp_path: Path) -> None:
+    from kasou.control.revocation import prune_expired, revoked_serials
+    from kasou.store.sqlite import SqliteStore
+
+    async def run() -> tuple[int, set[int]]:
+        store = SqliteStore(tmp_path / "state.db")
+        try:
+            await store.put("cluster/revoked/a1", {"host": "h2", "not_after": 100.0})
+            await store.put("cluster/revoked/b2", {"host": "h3", "not_after": 300.0})
+            return await prune_expired(store, now=200.0), await revoked_serials(store)
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == (1, {0xB2})

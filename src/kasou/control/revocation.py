@@ -65,6 +65,19 @@ async def revoked_serials(store: Store) -> set[int]:
     return {int(e.key.removeprefix(REVOKED_PREFIX), 16) for e in await store.range(REVOKED_PREFIX)}
 
 
+async def prune_expired(store: Store, now: float | None = None) -> int:
+    """Forget the revocations of certificates that have expired since (no one can use them): the list stays
+    short over the years. How many were forgotten."""
+    now = time.time() if now is None else now
+    gone = 0
+    for e in await store.range(REVOKED_PREFIX):
+        not_after = e.value.get("not_after")
+        if not_after is not None and float(not_after) < now:
+            await store.delete(e.key, expect_rev=e.mod_rev)
+            gone += 1
+    return gone
+
+
 def write_file(path: Path, data: bytes) -> bool:
     """Write ``data`` to ``path`` in one step (etcd may read it at any moment); False if it was there already."""
     with contextlib.suppress(OSError):
@@ -112,6 +125,7 @@ class Revocations:
         """The CA's host: a new list in the store when the revoked serials are not the stored list's."""
         if self.ca_dir is None:
             return False
+        await prune_expired(self.store)
         revoked = await revoked_serials(self.store)
         e = await self.store.get(CRL_KEY)
         listed = {int(s, 16) for s in (e.value.get("serials") or [])} if e is not None else None
