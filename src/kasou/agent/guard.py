@@ -55,8 +55,9 @@ import httpx
 from kasou.config import HaTimes, Paths, ha_watchdog
 from kasou.errors import KasouError
 from kasou.hypervisor.qemu import process
-from kasou.model.cluster import REVOKED_PREFIX, metrics_url
+from kasou.model.cluster import REVOKED_PREFIX, metrics_url, revoked_serial
 from kasou.peers import Revoked, registry_names, revoked_cache
+from kasou.store.base import Entry
 from kasou.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -481,6 +482,15 @@ def run_guard(
 REGISTRY_FRESH_S = 5.0
 
 
+async def read_prefix(endpoints: list[str], tls: ssl.SSLContext | None, prefix: str) -> list[Entry]:
+    """One read of ``prefix`` in etcd, on a connection of its own (the agent keeps no store open)."""
+    store = EtcdStore(endpoints, timeout=3.0, tls=tls)
+    try:
+        return await store.range(prefix)
+    finally:
+        await store.close()
+
+
 def host_registry(
     endpoints: list[str], tls: ssl.SSLContext | None = None, fresh_s: float = REGISTRY_FRESH_S
 ) -> Callable[[], Awaitable[list[str]]]:
@@ -492,15 +502,12 @@ def host_registry(
     async def names() -> list[str]:
         if time.monotonic() - cache["at"] < fresh_s:
             return list(cache["names"])
-        store = EtcdStore(endpoints, timeout=3.0, tls=tls)
         try:
-            entries = await store.range("hosts/")
+            entries = await read_prefix(endpoints, tls, "hosts/")
             cache["names"] = registry_names((e.key.split("/", 1)[1], e.value) for e in entries)
             cache["at"] = time.monotonic()
         except KasouError as e:
             log.warning("cannot read the host registry (%s); using the last one read", e)
-        finally:
-            await store.close()
         return list(cache["names"])
 
     return names
@@ -511,10 +518,6 @@ def revoked_registry(endpoints: list[str], tls: ssl.SSLContext | None = None) ->
     ``kasou cluster leave`` and ``remove``): peers an agent refuses (:mod:`kasou.peers`)."""
 
     async def read() -> set[int]:
-        store = EtcdStore(endpoints, timeout=3.0, tls=tls)
-        try:
-            return {int(e.key.removeprefix(REVOKED_PREFIX), 16) for e in await store.range(REVOKED_PREFIX)}
-        finally:
-            await store.close()
+        return {revoked_serial(e.key) for e in await read_prefix(endpoints, tls, REVOKED_PREFIX)}
 
     return revoked_cache(read)

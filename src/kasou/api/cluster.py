@@ -182,14 +182,14 @@ def cluster_routes(svc: Callable[[], Services], principal: Callable[[Request], A
         raw = await members.member_list()
         in_etcd = any(m.get("name") == host for m in raw)
         flagged = await s.store.get(flags_key(host)) is not None
-        on_it = sorted(v.name for v in await s.vms.list_all() if v.host == host)
+        records = await s.vms.records.all()
+        on_it = sorted(r.name for r in records if r.host == host)
         if not (in_etcd or flagged or on_it or host in s.agents.known()):
             raise NotFound(f"no host {host} in this cluster (kasou cluster lists its hosts and etcd members)")
         if on_it and not body.drop_vms:
             raise Conflict(f"VMs are recorded on {host}: {', '.join(on_it)}; their disks were there: with "
                            f"--drop-vms, a replicated one moves, stopped, to its replica's host and the others' "
                            f"records are dropped (restore those from their backups: kasou backup restore)")  # fmt: skip
-        records = await s.vms.records.all()
         waiting = hostremoval.busy(records, host)
         if waiting:
             raise Conflict(f"VMs on {host} have jobs under way: {', '.join(waiting)}; remove {host} when they end")

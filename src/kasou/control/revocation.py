@@ -31,7 +31,7 @@ from pathlib import Path
 from kasou import pki
 from kasou.control.background import BackgroundTask
 from kasou.errors import KasouError, StoreConflict
-from kasou.model.cluster import CERTS_PREFIX, CRL_KEY, REVOKED_PREFIX, RevocationState
+from kasou.model.cluster import CERTS_PREFIX, CRL_KEY, REVOKED_PREFIX, RevocationState, revoked_serial
 from kasou.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ async def revoke_host(store: Store, host: str, by: str) -> list[str]:
 
 
 async def revoked_serials(store: Store) -> set[int]:
-    return {int(e.key.removeprefix(REVOKED_PREFIX), 16) for e in await store.range(REVOKED_PREFIX)}
+    return {revoked_serial(e.key) for e in await store.range(REVOKED_PREFIX)}
 
 
 async def prune_expired(store: Store, now: float | None = None) -> int:
@@ -91,10 +91,31 @@ def write_file(path: Path, data: bytes) -> bool:
     return True
 
 
+async def sign_if_changed(store: Store, ca_dir: Path) -> bool:
+    """Sign a new list into the store (with the CA in ``ca_dir``) when the revoked serials are not the stored
+    list's; the revocations of certificates expired since are forgotten first. False when nothing changed."""
+    await prune_expired(store)
+    revoked = await revoked_serials(store)
+    e = await store.get(CRL_KEY)
+    listed = {int(s, 16) for s in (e.value.get("serials") or [])} if e is not None else None
+    if listed == revoked:
+        return False
+    number = int(e.value.get("number", 0)) + 1 if e is not None else 1
+    pem = pki.make_crl(ca_dir, revoked, number)
+    value = {"pem": pem.decode(), "number": number, "serials": sorted(format(s, "x") for s in revoked),
+             "at": time.time()}  # fmt: skip
+    try:
+        await store.put(CRL_KEY, value, expect_rev=e.mod_rev if e is not None else 0)
+    except StoreConflict:
+        return False  # another signer was quicker: the next round compares again
+    log.info("revocation list %d signed: %d certificate(s) revoked", number, len(revoked))
+    return True
+
+
 async def current_crl(store: Store, ca_dir: Path) -> bytes:
     """The site's revocation list (PEM) for a joining host's etcd: the store's, signed now (by the CA in
     ``ca_dir``, this host's) if it is missing or behind the revoked serials."""
-    await Revocations(store, ca_dir, None).sign_if_changed()
+    await sign_if_changed(store, ca_dir)
     e = await store.get(CRL_KEY)
     if e is None:
         raise KasouError("the revocation list could not be signed into the store")
@@ -123,24 +144,7 @@ class Revocations:
 
     async def sign_if_changed(self) -> bool:
         """The CA's host: a new list in the store when the revoked serials are not the stored list's."""
-        if self.ca_dir is None:
-            return False
-        await prune_expired(self.store)
-        revoked = await revoked_serials(self.store)
-        e = await self.store.get(CRL_KEY)
-        listed = {int(s, 16) for s in (e.value.get("serials") or [])} if e is not None else None
-        if listed == revoked:
-            return False
-        number = int(e.value.get("number", 0)) + 1 if e is not None else 1
-        pem = pki.make_crl(self.ca_dir, revoked, number)
-        value = {"pem": pem.decode(), "number": number, "serials": sorted(format(s, "x") for s in revoked),
-                 "at": time.time()}  # fmt: skip
-        try:
-            await self.store.put(CRL_KEY, value, expect_rev=e.mod_rev if e is not None else 0)
-        except StoreConflict:
-            return False  # another signer was quicker: the next round compares again
-        log.info("revocation list %d signed: %d certificate(s) revoked", number, len(revoked))
-        return True
+        return await sign_if_changed(self.store, self.ca_dir) if self.ca_dir is not None else False
 
     async def write_local(self) -> bool:
         """Every host: this host's etcd reads the store's list (a missing file would make etcd refuse everyone:

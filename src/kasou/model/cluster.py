@@ -35,6 +35,12 @@ CERTS_PREFIX = "cluster/certs/"
 REVOKED_PREFIX = "cluster/revoked/"
 CRL_KEY = "cluster/crl"
 
+
+def revoked_serial(key: str) -> int:
+    """The serial number a ``cluster/revoked/<serial>`` key names."""
+    return int(key.removeprefix(REVOKED_PREFIX), 16)
+
+
 _TOKEN = re.compile(r"^K1\.([0-9a-f]{8})\.([A-Za-z0-9_-]{32})\.([0-9a-f]{64})$")
 
 
